@@ -1,0 +1,192 @@
+"""A plain folder of images with one captions file: ``captions.csv`` or ``captions.jsonl``.
+
+``captions.csv`` has a header with (at least) the columns ``file,caption``; each line of
+``captions.jsonl`` is ``{"file": ..., "caption": ...}``. ``file`` is the image's path
+relative to the folder; other columns or fields go to ``Record.meta``. The column names
+are configurable (``file_column``, ``caption_column``), and so is the captions file
+(``captions``, relative to the folder or absolute).
+
+The key of a record is its file path without suffix (``"cats/001"``). A record is a row of
+the captions file; an image under the folder that no row names is reported as a
+``missing caption`` reject, after the rows. Sharding is by record: row ``i`` (then the
+unlisted images, in walk order) goes to rank ``i % world_size``. The captions file is read
+as a stream; the set of listed paths is kept to find unlisted images and duplicates.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import posixpath
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.data.assemble import clean_caption, decode_or_reject
+from pipeline.data.errors import DataConfigError
+from pipeline.data.files import IMAGE_SUFFIXES
+from pipeline.data.record import Record
+from pipeline.data.rejects import RejectLog
+from pipeline.data.sharding import check_shard, owns
+from pipeline.data.walk import walk_sorted
+
+CAPTION_FILES = ("captions.csv", "captions.jsonl")
+
+
+def iter_imagefolder(
+    path: str | Path,
+    rank: int = 0,
+    world_size: int = 1,
+    rejects: RejectLog | None = None,
+    decode: bool = True,
+    captions: str | None = None,
+    file_column: str = "file",
+    caption_column: str = "caption",
+) -> Iterator[Record]:
+    """Stream the records of shard ``rank`` of ``world_size`` of the image folder at ``path``.
+
+    Checks at once: the folder, the captions file (``data.captions``) and, for a CSV, its
+    header (``data.file_column``, ``data.caption_column``). Reading is lazy.
+    """
+    rank, world_size = check_shard(rank, world_size)
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"data.path: {root} does not exist")
+    if not root.is_dir():
+        raise DataConfigError(f"data.path: {root} is not a folder; the imagefolder format reads a folder of images")
+    captions_path = find_captions(root, captions)
+    if captions_path.suffix.lower() == ".csv":
+        check_csv_header(captions_path, file_column, caption_column)
+    rejects = rejects if rejects is not None else RejectLog()
+    return _iter_imagefolder(root, captions_path, file_column, caption_column, rank, world_size, rejects, decode)
+
+
+def find_captions(root: Path, captions: str | None) -> Path:
+    if captions is not None:
+        path = root / captions  # an absolute ``captions`` replaces ``root``
+        if not path.is_file():
+            raise DataConfigError(f"data.captions: {path} does not exist")
+        if path.suffix.lower() not in (".csv", ".jsonl"):
+            raise DataConfigError(f"data.captions: {path} must be a .csv or .jsonl file")
+        return path
+    found = [root / name for name in CAPTION_FILES if (root / name).is_file()]
+    if not found:
+        raise DataConfigError(
+            f"data.path: {root} has neither {' nor '.join(CAPTION_FILES)}; the imagefolder format needs one "
+            "(or set data.captions to the captions file)"
+        )
+    if len(found) > 1:
+        raise DataConfigError(f"data.captions: {root} has both {' and '.join(CAPTION_FILES)}; set data.captions to the one to read")
+    return found[0]
+
+
+def check_csv_header(path: Path, file_column: str, caption_column: str) -> None:
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), None)
+    if header is None:
+        return  # an empty file: an empty data set, reported when read
+    for key, column in (("data.file_column", file_column), ("data.caption_column", caption_column)):
+        if column not in header:
+            raise DataConfigError(f"{key}: no column {column!r} in {path} (columns: {', '.join(header)})")
+
+
+def _rows(path: Path) -> Iterator[tuple[str, dict | None, str]]:
+    """``(row label, fields, problem)`` per row of the captions file; ``fields`` is None when the row is unreadable."""
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            for fields in reader:
+                yield f"line {reader.line_num}", fields, ""
+        return
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                fields = json.loads(line)
+            except ValueError as err:
+                yield f"line {line_number}", None, f"line {line_number} is not JSON: {err}"
+                continue
+            if not isinstance(fields, dict):
+                yield f"line {line_number}", None, f"line {line_number} is not a JSON object"
+                continue
+            yield f"line {line_number}", fields, ""
+
+
+def _iter_imagefolder(
+    root: Path, captions_path: Path, file_column: str, caption_column: str,
+    rank: int, world_size: int, rejects: RejectLog, decode: bool,
+) -> Iterator[Record]:  # fmt: skip
+    listed: set[str] = set()  # every listed path, all ranks' (to find unlisted images)
+    keys: set[str] = set()
+    index = 0
+    try:
+        for label, fields, problem in _rows(captions_path):
+            index += 1
+            source = f"{captions_path}:{label}"
+            rel = _relative_path(fields.get(file_column)) if fields is not None else None
+            key = posixpath.splitext(rel)[0] if rel else f"{captions_path.name}:{label}"
+            duplicate = key in keys
+            if rel:
+                listed.add(rel)
+                keys.add(key)
+            if not owns(index - 1, rank, world_size):
+                continue
+            if fields is None:
+                rejects.add(key, source, f"unreadable caption: {problem}")
+            elif not rel:
+                value = fields.get(file_column)
+                what = "no file" if not value else f"the file {value!r} is outside {root}"
+                rejects.add(key, source, f"missing image: {what}")
+            elif duplicate:
+                rejects.add(key, source, f"duplicate key: {key!r} is listed twice in {captions_path.name}")
+            else:
+                record = _make_record(root, rel, key, fields, file_column, caption_column, source, rejects, decode)
+                if record is not None:
+                    yield record
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        if owns(index, rank, world_size):
+            rejects.add(f"{captions_path.name}:*", str(captions_path), f"unreadable caption: {err}; the rows after the first {index} are lost")
+        return  # the unread rows' images would all look unlisted: one reject says it instead
+
+    for folder, names in walk_sorted(root):
+        for name in names:
+            if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+                continue
+            rel = (folder / name).relative_to(root).as_posix()
+            if rel in listed:
+                continue
+            index += 1
+            if owns(index - 1, rank, world_size):
+                rejects.add(posixpath.splitext(rel)[0], str(folder / name), f"missing caption: {rel} is not listed in {captions_path.name}")
+
+
+def _relative_path(value) -> str | None:
+    """``value`` as a normalised path inside the folder, or None when it is empty or leaves it."""
+    if value is None or not str(value).strip():
+        return None
+    rel = posixpath.normpath(str(value).strip())
+    if posixpath.isabs(rel) or rel == ".." or rel.startswith("../"):
+        return None
+    return rel
+
+
+def _make_record(
+    root: Path, rel: str, key: str, fields: dict, file_column: str, caption_column: str,
+    source: str, rejects: RejectLog, decode: bool,
+) -> Record | None:  # fmt: skip
+    image_path = root / rel
+    caption = clean_caption(fields.get(caption_column))
+    if not caption:
+        rejects.add(key, source, f"missing caption: {caption_column!r} is empty or absent")
+        return None
+    if not image_path.is_file():
+        rejects.add(key, str(image_path), "unreadable file: no such file")
+        return None
+    image = None
+    if decode:
+        image = decode_or_reject(image_path.read_bytes, key, str(image_path), rejects)
+        if image is None:
+            return None
+    meta = {k: v for k, v in fields.items() if k not in (file_column, caption_column)}
+    return Record(key=key, caption=caption, image=image, meta=meta)

@@ -1,0 +1,199 @@
+"""Parquet files of image bytes and captions, as img2dataset's ``parquet`` output writes them.
+
+img2dataset's columns: ``key`` (str), ``jpg`` (encoded image bytes, null for a failed
+download), ``txt`` and ``caption`` (the caption), ``status``, ``error_message``, ``url``,
+``width``, ``height`` ... The image column may also be a Hugging Face ``Image`` struct
+(``{"bytes": ..., "path": ...}``). Files are read in batches of ``batch_size`` rows with
+pyarrow (never the whole file), and only the columns needed.
+
+The key of a record is the ``key_column`` value when the file has that column, else
+``<file stem>/<row index>``. Sharding: by file when there are at least ``world_size``
+files, else by row (see :mod:`pipeline.data.sharding`). Other columns (except binary ones)
+go to ``Record.meta``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.data.assemble import clean_caption, decode_or_reject
+from pipeline.data.errors import DataConfigError
+from pipeline.data.record import Record
+from pipeline.data.rejects import RejectLog
+from pipeline.data.shards import find_shards
+from pipeline.data.sharding import check_shard, owns, split_files
+
+PARQUET_SUFFIXES = (".parquet",)
+# Tried in order when ``caption_column`` is not set; img2dataset writes both.
+DEFAULT_CAPTION_COLUMNS = ("caption", "txt")
+READ_ERRORS = (OSError, pa.ArrowException)
+
+
+@dataclass(frozen=True)
+class Columns:
+    image: str
+    caption: str
+    key: str | None
+
+
+def iter_parquet(
+    path: str | Path,
+    rank: int = 0,
+    world_size: int = 1,
+    rejects: RejectLog | None = None,
+    decode: bool = True,
+    image_column: str = "jpg",
+    caption_column: str | None = None,
+    key_column: str | None = "key",
+    batch_size: int = 256,
+) -> Iterator[Record]:
+    """Stream the records of shard ``rank`` of ``world_size`` from the parquet file(s) at ``path``.
+
+    ``path`` is a folder (its ``.parquet`` files, sub-folders included, in name order) or
+    one file. ``caption_column=None`` takes ``caption``, else ``txt``. The columns are checked
+    at once against the first readable file: a missing one raises ``DataConfigError`` naming
+    ``data.image_column`` or ``data.caption_column``. Reading is lazy.
+    """
+    rank, world_size = check_shard(rank, world_size)
+    try:
+        batch_size = operator.index(batch_size)
+    except TypeError:
+        batch_size = 0
+    if batch_size < 1:
+        raise DataConfigError(f"data.batch_size: must be a positive integer, got {batch_size!r}")
+    shards = find_shards(path, PARQUET_SUFFIXES, "parquet")
+    rejects = rejects if rejects is not None else RejectLog()
+    columns = resolve_columns(shards, image_column, caption_column, key_column)
+    files, by_record = split_files(shards, rank, world_size)
+    return _iter_parquet(files, columns, rank, world_size if by_record else 1, rejects, decode, batch_size)
+
+
+def is_image_type(type_: pa.DataType) -> bool:
+    """Encoded bytes, or a struct with a ``bytes`` field (the Hugging Face ``Image`` feature)."""
+    if pa.types.is_binary(type_) or pa.types.is_large_binary(type_):
+        return True
+    return pa.types.is_struct(type_) and type_.get_field_index("bytes") >= 0
+
+
+def resolve_columns(shards: list[Path], image_column: str, caption_column: str | None, key_column: str | None) -> Columns:
+    """Check the configured columns against the first readable file's schema."""
+    schema = None
+    for shard in shards:
+        try:
+            schema, where = pq.read_schema(shard), shard
+            break
+        except READ_ERRORS:
+            continue  # reported as a reject when the reader reaches it
+    if schema is None:  # no file, or none readable: nothing to check against
+        return Columns(image_column, caption_column or DEFAULT_CAPTION_COLUMNS[0], key_column)
+    names = schema.names
+    listing = f"(columns: {', '.join(names)})"
+    if image_column not in names:
+        raise DataConfigError(f"data.image_column: no column {image_column!r} in {where} {listing}")
+    if not is_image_type(schema.field(image_column).type):
+        raise DataConfigError(
+            f"data.image_column: column {image_column!r} in {where} holds {schema.field(image_column).type}, "
+            "not encoded image bytes"
+        )
+    if caption_column is None:
+        caption_column = next((c for c in DEFAULT_CAPTION_COLUMNS if c in names), None)
+        if caption_column is None:
+            raise DataConfigError(
+                f"data.caption_column: not set and none of {', '.join(DEFAULT_CAPTION_COLUMNS)} is a column of {where}; "
+                f"set it to the caption column {listing}"
+            )
+    elif caption_column not in names:
+        raise DataConfigError(f"data.caption_column: no column {caption_column!r} in {where} {listing}")
+    return Columns(image_column, caption_column, key_column)
+
+
+def _iter_parquet(
+    files: list[Path], columns: Columns, rank: int, world_size: int, rejects: RejectLog, decode: bool, batch_size: int
+) -> Iterator[Record]:
+    # With world_size 1 here every row of ``files`` is ours (the split was by file).
+    rank = rank if world_size > 1 else 0
+    offset = 0  # rows in the files before this one, the same on every rank
+    for shard in files:
+        stem = shard.stem
+        try:
+            parquet_file = pq.ParquetFile(shard)
+            schema = parquet_file.schema_arrow
+        except READ_ERRORS as err:
+            if owns(offset, rank, world_size):  # one rank reports it
+                rejects.add(f"{stem}/*", str(shard), f"unreadable file: {type(err).__name__}: {err}")
+            continue
+        n_rows = parquet_file.metadata.num_rows
+        missing = [c for c in (columns.image, columns.caption) if c not in schema.names]
+        if missing:
+            if owns(offset, rank, world_size):
+                rejects.add(f"{stem}/*", str(shard), f"unreadable file: no column {missing[0]!r}; its {n_rows} rows are skipped")
+            offset += n_rows
+            continue
+        key_column = columns.key if columns.key in schema.names else None
+        wanted = [
+            f.name
+            for f in schema
+            if f.name in (columns.image, columns.caption, key_column) or not is_image_type(f.type)
+        ]
+        row = 0
+        seen: set[str] = set()
+        try:
+            for batch in parquet_file.iter_batches(batch_size=batch_size, columns=wanted):
+                for values in batch.to_pylist():
+                    row_index, row = row, row + 1  # ``row`` counts the rows read so far
+                    key = _key(values, key_column, stem, row_index)
+                    duplicate = key in seen
+                    seen.add(key)
+                    if not owns(offset + row_index, rank, world_size):
+                        continue
+                    source = f"{shard}:row {row_index}"
+                    if duplicate:
+                        rejects.add(key, source, f"duplicate key: {key!r} appears twice in {shard.name}")
+                        continue
+                    record = _make_record(key, values, columns, source, rejects, decode)
+                    if record is not None:
+                        yield record
+        except READ_ERRORS as err:
+            if owns(offset + row, rank, world_size):
+                rejects.add(
+                    f"{stem}/*", str(shard),
+                    f"unreadable file: {type(err).__name__}: {err}; rows {row} to {n_rows - 1} of this file are lost",
+                )  # fmt: skip
+        offset += n_rows
+
+
+def _key(values: dict, key_column: str | None, stem: str, row: int) -> str:
+    if key_column is not None and values.get(key_column) is not None:
+        return str(values[key_column])
+    return f"{stem}/{row}"
+
+
+def _make_record(key: str, values: dict, columns: Columns, source: str, rejects: RejectLog, decode: bool) -> Record | None:
+    image = values[columns.image]
+    if isinstance(image, dict):  # Hugging Face Image struct
+        image = image.get("bytes")
+    if image is None:
+        status = values.get("status")
+        if status is not None and status != "success":  # an img2dataset download that failed
+            error = values.get("error_message")
+            rejects.add(key, source, f"not downloaded: status {status}" + (f" ({error})" if error else ""))
+        else:
+            rejects.add(key, source, f"missing image: column {columns.image!r} is null")
+        return None
+    caption = clean_caption(values[columns.caption])
+    if not caption:
+        rejects.add(key, source, f"missing caption: column {columns.caption!r} is empty")
+        return None
+    decoded = None
+    if decode:
+        decoded = decode_or_reject(image, key, source, rejects)
+        if decoded is None:
+            return None
+    meta = {k: v for k, v in values.items() if k not in (columns.image, columns.caption, columns.key)}
+    return Record(key=key, caption=caption, image=decoded, meta=meta)

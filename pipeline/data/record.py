@@ -1,0 +1,31 @@
+"""The unit every stage reads: one captioned training image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+
+@dataclass
+class Record:
+    """One captioned image of a training set.
+
+    Attributes:
+        key: stable identifier, unique within the data set and the same on every run:
+            ``files``: the path under the root without suffix (``"000123"``,
+            ``"00000/000000123"``); ``webdataset``: ``"<shard stem>/<key in the tar>"``;
+            ``parquet``: the ``key`` column, else ``"<file stem>/<row index>"``;
+            ``imagefolder``: the listed file path without suffix.
+        caption: the image's caption, stripped of surrounding whitespace.
+        image: the decoded image, always RGB. ``None`` only when a reader was asked not
+            to decode images (e.g. when embeddings are precomputed).
+        meta: whatever else the data set stores for the record (img2dataset's ``.json``,
+            the other parquet columns or captions-file fields).
+    """
+
+    key: str
+    caption: str
+    image: Image.Image | None
+    meta: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,53 @@
+"""Records a stage skipped, with the reason, so that no input is lost silently."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+
+class RejectLog:
+    """Collects skipped records; optionally appends each one to a JSON-lines file.
+
+    Each line of the file is ``{"key": ..., "source": ..., "reason": ...}``; a reason reads
+    ``"kind: detail"`` (``"corrupt image: ..."``, ``"missing caption: ..."``) and the summary
+    counts by kind. With a file, only the first ``keep_in_memory`` entries stay in
+    ``entries`` (a LAION shard can have millions of failed downloads); ``len()`` and the
+    counts always cover all. Give each rank its own file (e.g. ``rejects_<rank>.jsonl``).
+    """
+
+    def __init__(self, path: str | Path | None = None, keep_in_memory: int = 10_000):
+        self.path = Path(path) if path is not None else None
+        self.reasons: Counter[str] = Counter()
+        self.entries: list[dict[str, str]] = []
+        self.keep_in_memory = keep_in_memory
+        self._count = 0
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, key: str, source: str, reason: str) -> None:
+        """Record that ``key`` (read from ``source``) was skipped, and why."""
+        entry = {"key": key, "source": source, "reason": reason}
+        self._count += 1
+        if self.path is None or len(self.entries) < self.keep_in_memory:
+            self.entries.append(entry)
+        # The counter groups by the kind of problem, not its full message.
+        self.reasons[reason.split(":", 1)[0]] += 1
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def __len__(self) -> int:
+        return self._count
+
+    def counts(self) -> dict[str, int]:
+        """Rejects per kind of problem (``"corrupt image"``, ``"missing caption"`` ...), most first."""
+        return dict(self.reasons.most_common())
+
+    def summary(self) -> str:
+        if not self._count:
+            return "0 records rejected"
+        kinds = ", ".join(f"{n} {reason}" for reason, n in self.reasons.most_common())
+        where = f" (see {self.path})" if self.path is not None else ""
+        return f"{self._count} records rejected: {kinds}{where}"

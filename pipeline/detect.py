@@ -1,0 +1,288 @@
+"""Stage 3: flag the prompts whose samples are copies of one image, then verify them.
+
+For each prompt, the samples form a graph with an edge between two samples closer than
+``threshold`` (the paper's tiled L2, or a CLIP cosine distance); a prompt is flagged when the
+largest clique of that graph has at least ``min_clique`` members (Carlini et al. 2023: many
+seeds converging on the same image is the signature of a memorized training image). Flagged
+prompts are then compared with the training set (:mod:`pipeline.verify`).
+
+    python -m pipeline.detect run_name=demo                 # reads <run_dir>/generations
+    python -m pipeline.detect generations_dir=/elsewhere data=files data.path=/laion
+
+Outputs in ``<run_dir>/detect/``: ``memorized.parquet`` (a row per prompt), ``extracted.parquet``
+(when a training set is given), ``summary.json``, ``rejects_<rank>.jsonl`` (unreadable
+samples), and per-prompt results under ``prompts/`` so that a rerun skips finished prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pipeline.clique import MAX_STEPS, max_clique
+from pipeline.data.rejects import RejectLog
+from pipeline.data.sharding import check_shard
+from pipeline.distance import clip_distance, tiled_l2
+from pipeline.embedders.base import Embedder
+from pipeline.generations import PROMPTS_FILE, list_samples, load_samples, read_prompts
+from pipeline.io import is_done, mark_done, marker_path, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+METRICS = ("tiled_l2", "clip")
+DEFAULT_THRESHOLDS = {"tiled_l2": 0.15, "clip": 0.05}
+
+MEMORIZED_COLUMNS = [
+    "prompt_id", "caption", "n_samples", "n_rejected", "clique_size", "flagged", "members",
+    "member_files", "representative", "representative_file", "max_pair_distance",
+    "median_pair_distance", "clique_exact",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DetectSettings:
+    """What decides a verdict; a stored result is reused only when these are unchanged."""
+
+    metric: str = "tiled_l2"
+    threshold: float = DEFAULT_THRESHOLDS["tiled_l2"]
+    min_clique: int = 10
+    grid: int = 4
+    size: int | None = None
+    max_clique_steps: int = MAX_STEPS
+    embedder: str | None = None  # the embedder's name, for the clip metric
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"metric: unknown metric {self.metric!r}; expected one of {list(METRICS)}")
+        if not self.threshold > 0:
+            raise ValueError(f"threshold: must be positive, got {self.threshold}")
+        if self.min_clique < 2:
+            raise ValueError(f"min_clique: must be at least 2, got {self.min_clique}")
+        if self.grid < 1:
+            raise ValueError(f"grid: must be at least 1, got {self.grid}")
+
+
+def find_memorized(distances: np.ndarray, threshold: float, min_clique: int, max_steps: int = MAX_STEPS) -> dict[str, Any]:
+    """The verdict on one prompt from the distances between its samples.
+
+    Args:
+        distances: (n, n) symmetric matrix of sample distances.
+        threshold: two samples are near-copies (an edge) when their distance is below it.
+        min_clique: clique size from which the prompt is flagged.
+
+    Returns:
+        ``clique_size``, ``flagged``, ``members`` (positions in the matrix, increasing),
+        ``representative`` (the member with the smallest mean distance to the other members;
+        -1 when n == 0), ``max_pair_distance`` (largest distance within the clique, 0 for one
+        member), ``median_pair_distance`` (over all pairs of samples; NaN when n < 2) and
+        ``clique_exact`` (False when the clique search ran out of budget: size is a lower bound).
+    """
+    distances = np.asarray(distances, dtype=np.float64)
+    n = distances.shape[0]
+    clique = max_clique(distances < threshold, max_steps=max_steps)
+    members = clique.members
+    if members:
+        within = distances[np.ix_(members, members)]
+        mean_to_others = within.sum(axis=1) / max(1, len(members) - 1)
+        representative = members[int(np.argmin(mean_to_others))]
+        max_pair = float(within.max())
+    else:
+        representative, max_pair = -1, float("nan")
+    upper = distances[np.triu_indices(n, k=1)]
+    return {
+        "clique_size": len(members),
+        "flagged": len(members) >= min_clique,
+        "members": members,
+        "representative": representative,
+        "max_pair_distance": max_pair,
+        "median_pair_distance": float(np.median(upper)) if upper.size else float("nan"),
+        "clique_exact": clique.exact,
+    }
+
+
+def sample_distances(images: list[np.ndarray], settings: DetectSettings, embedder: Embedder | None = None, device: str = "auto") -> np.ndarray:
+    """All-pairs distances of one prompt's samples under ``settings.metric``: (n, n)."""
+    if settings.metric == "clip":
+        if embedder is None:
+            raise ValueError("metric=clip needs an embedder: pass embedder=<name> (see conf/embedder/)")
+        return clip_distance(images, embedder=embedder)
+    return tiled_l2(images, grid=settings.grid, size=settings.size, device=device)
+
+
+def detect_prompt(
+    generations_dir: str | Path,
+    prompt_id: str,
+    caption: str,
+    settings: DetectSettings,
+    embedder: Embedder | None = None,
+    rejects: RejectLog | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Read one prompt's samples and decide; returns its row of ``memorized.parquet``."""
+    rejects = rejects if rejects is not None else RejectLog()
+    listed = list_samples(generations_dir, prompt_id)
+    before = len(rejects)
+    samples, images = load_samples(generations_dir, listed, rejects)
+    if images:
+        distances = sample_distances(images, settings, embedder, device)
+    else:
+        distances = np.zeros((0, 0))
+    verdict = find_memorized(distances, settings.threshold, settings.min_clique, settings.max_clique_steps)
+    positions = verdict.pop("members")
+    position = verdict.pop("representative")
+    return {
+        "prompt_id": prompt_id,
+        "caption": caption,
+        "n_samples": len(samples),
+        "n_rejected": len(rejects) - before,
+        **verdict,
+        "members": [samples[i].index for i in positions],
+        "member_files": [samples[i].file for i in positions],
+        "representative": samples[position].index if position >= 0 else -1,
+        "representative_file": samples[position].file if position >= 0 else "",
+    }
+
+
+def _stored_result(results_dir: Path, prompt_id: str, settings: dict) -> dict | None:
+    """A finished prompt's row, when it was computed with the same settings."""
+    if not is_done(results_dir, prompt_id):
+        return None
+    marker = json.loads(marker_path(results_dir, prompt_id).read_text(encoding="utf-8"))
+    if marker.get("settings") != settings:
+        return None
+    return json.loads((results_dir / f"{prompt_id}.json").read_text(encoding="utf-8"))
+
+
+def run_detect(
+    generations_dir: str | Path,
+    out_dir: str | Path,
+    settings: DetectSettings,
+    embedder: Embedder | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str = "auto",
+    progress: bool = True,
+) -> pd.DataFrame | None:
+    """Screen this shard's prompts, then write ``memorized.parquet`` once every shard is done.
+
+    Prompt ``i`` (in prompt id order) belongs to shard ``i % world_size``. Each finished prompt
+    is stored under ``<out_dir>/prompts/`` with a completion marker, so a rerun skips it (and
+    recomputes it if the settings changed).
+
+    Returns:
+        The ``memorized.parquet`` table when all prompts are done, else ``None``.
+    """
+    rank, world_size = check_shard(rank, world_size)
+    generations_dir, out_dir = Path(generations_dir), Path(out_dir)
+    prompts = read_prompts(generations_dir)
+    if prompts.empty:
+        raise ValueError(f"generations_dir: no prompts in {generations_dir} (no sub-folders and no {PROMPTS_FILE})")
+    settings_dict = asdict(settings)
+    results_dir = out_dir / "prompts"
+    rejects = RejectLog(out_dir / f"rejects_{rank}.jsonl")
+
+    mine = prompts.iloc[rank::world_size]
+    todo = [row for row in mine.itertuples(index=False) if _stored_result(results_dir, row.prompt_id, settings_dict) is None]
+    log.info("shard %d/%d: %d prompts, %d already done", rank, world_size, len(mine), len(mine) - len(todo))
+    for row in tqdm(todo, desc=f"detect [{rank}/{world_size}]", unit="prompt", disable=not progress):
+        result = detect_prompt(generations_dir, row.prompt_id, row.caption, settings, embedder, rejects, device)
+        write_json(result, results_dir / f"{row.prompt_id}.json")
+        mark_done(results_dir, row.prompt_id, {"settings": settings_dict})
+    if len(rejects):
+        log.warning("%s", rejects.summary())
+
+    rows = [_stored_result(results_dir, pid, settings_dict) for pid in prompts["prompt_id"]]
+    missing = sum(row is None for row in rows)
+    if missing:
+        log.info("%d of %d prompts are not screened yet (other shards); memorized.parquet is written "
+                 "by the last shard to finish, or by a rerun with world_size=1", missing, len(rows))
+        return None
+    memorized = pd.DataFrame(rows, columns=MEMORIZED_COLUMNS)
+    write_parquet(memorized, out_dir / "memorized.parquet")
+    write_json(
+        {
+            "generations_dir": str(generations_dir.resolve()),
+            "settings": settings_dict,
+            "prompts": len(memorized),
+            "flagged": int(memorized["flagged"].sum()),
+            "samples": int(memorized["n_samples"].sum()),
+            "rejected_samples": int(memorized["n_rejected"].sum()),
+        },
+        out_dir / "summary.json",
+    )
+    log.info("%d of %d prompts flagged; wrote %s", int(memorized["flagged"].sum()), len(memorized), out_dir / "memorized.parquet")
+    return memorized
+
+
+
+def settings_from_config(cfg, embedder_name: str | None = None) -> DetectSettings:
+    """Build :class:`DetectSettings` from the Hydra config, naming the config key on errors."""
+    metric = str(cfg.metric)
+    if metric not in METRICS:
+        raise ValueError(f"metric: unknown metric {metric!r}; expected one of {list(METRICS)}")
+    threshold = cfg.threshold if cfg.threshold is not None else cfg.thresholds[metric]
+    return DetectSettings(
+        metric=metric,
+        threshold=float(threshold),
+        min_clique=int(cfg.min_clique),
+        grid=int(cfg.grid),
+        size=None if cfg.size is None else int(cfg.size),
+        max_clique_steps=int(cfg.max_clique_steps),
+        embedder=embedder_name if metric == "clip" else None,
+    )
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="detect")
+    def _run(cfg: DictConfig) -> None:
+        from pipeline.verify import run_verify
+
+        embedder_cfg = cfg.get("embedder")
+        embedder_cache: list[Embedder] = []
+
+        def get_embedder() -> Embedder | None:
+            if embedder_cfg is None:
+                return None
+            if not embedder_cache:
+                embedder_cache.append(hydra.utils.instantiate(embedder_cfg))
+            return embedder_cache[0]
+
+        metric_embedder = get_embedder() if cfg.metric == "clip" else None
+        settings = settings_from_config(cfg, getattr(metric_embedder, "name", None))
+        out_dir = Path(cfg.out_dir)
+        memorized = run_detect(
+            cfg.generations_dir, out_dir, settings, embedder=metric_embedder, rank=cfg.rank,
+            world_size=cfg.world_size, device=cfg.device, progress=cfg.progress,
+        )
+        if memorized is None:
+            return
+        print(f"{int(memorized['flagged'].sum())} of {len(memorized)} prompts flagged -> {out_dir / 'memorized.parquet'}")
+        data = cfg.get("data")
+        if data is None:
+            print("no training set given (data=...): verification skipped")
+            return
+        extracted = run_verify(
+            memorized, cfg.generations_dir, out_dir, data=OmegaConf.to_container(data, resolve=True),
+            dedup_dir=cfg.verify.dedup_dir, embedder_factory=get_embedder,
+            n_candidates=cfg.verify.n_candidates, delta=cfg.verify.delta, exhaustive=cfg.verify.exhaustive,
+            grid=settings.grid, device=cfg.device, progress=cfg.progress,
+        )
+        print(f"{int(extracted['extracted'].sum())} of {len(extracted)} flagged prompts match a training image "
+              f"-> {out_dir / 'extracted.parquet'}")
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Loading a diffusers text-to-image pipeline and making it fast, from config values.
+
+``load_pipeline`` takes any ``DiffusionPipeline.from_pretrained`` source: a local directory
+(``models/demo``, a ``save_pretrained`` output) or a Hugging Face hub id
+(``CompVis/stable-diffusion-v1-4``). It never downloads unless asked (``allow_download``):
+an audit should run on exactly the weights the user put on disk, and the machines this runs
+on are often offline. ``optimize_pipeline`` applies the speed options (SDPA attention, fused
+QKV projections, channels-last, TF32, ``torch.compile``); every option it applies is
+returned, so that ``regenerate`` can load the model the same way and get the same pixels.
+
+The safety checker is always removed: it replaces images it flags with black ones, and an
+audit of memorization has to see the model's raw outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Spellings accepted in config, mapped to the names above.
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+class ModelLoadError(RuntimeError):
+    """The model named by ``model.path`` could not be loaded; the message says why and what to do."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"``: the first CUDA GPU when there is one, else the CPU; otherwise ``torch.device(device)``."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device: {device!r} is not a torch device ({err})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA GPU")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"``: float16 on CUDA (what SD v1.x is run in; half the memory traffic of float32,
+    full tensor-core speed), float32 elsewhere (CPUs have no fast half-precision path)."""
+    name = _DTYPE_ALIASES.get(str(dtype), str(dtype))
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype: must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _looks_like_local_path(path: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything else can only be a directory.
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+
+
+def load_pipeline(
+    path: str,
+    *,
+    allow_download: bool = False,
+    torch_dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    scheduler: str | None = None,
+    scheduler_kwargs: dict[str, Any] | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+):
+    """Load a diffusers pipeline from a directory or hub id, move it to ``device`` in ``torch_dtype``.
+
+    ``scheduler`` is a diffusers scheduler class name (``"DDIMScheduler"``, ``"PNDMScheduler"``...)
+    built from the pipeline's own scheduler config plus ``scheduler_kwargs``; ``None`` keeps
+    the pipeline's own. Raises :class:`ModelLoadError` naming ``model.path`` when nothing is
+    there, and ``ValueError`` naming ``model.scheduler`` for an unknown scheduler.
+    """
+    from diffusers import DiffusionPipeline
+
+    path = str(path)
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"model.path: {path!r} exists but is not a saved diffusers pipeline (no model_index.json in it)"
+            )
+        source, local_only = str(local), True
+    elif _looks_like_local_path(path):
+        raise ModelLoadError(f"model.path: no such directory {path!r}")
+    else:
+        source, local_only = path, not allow_download
+    options = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    if revision:
+        options["revision"] = revision
+    if variant:
+        options["variant"] = variant
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local_only, **options)
+    except (OSError, ValueError) as err:
+        if local.exists():
+            raise ModelLoadError(f"model.path: could not load the pipeline in {path!r}: {err}") from err
+        if local_only:
+            raise ModelLoadError(
+                f"model.path: {path!r} is neither a local directory nor a model in the Hugging Face cache. "
+                "Point model.path at a saved pipeline, or set model.allow_download=true to download it "
+                "(and unset HF_HUB_OFFLINE)."
+            ) from err
+        raise ModelLoadError(f"model.path: could not download {path!r}: {err}") from err
+    if scheduler:
+        pipe.scheduler = build_scheduler(scheduler, dict(pipe.scheduler.config), scheduler_kwargs or {})
+    elif scheduler_kwargs:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **scheduler_kwargs)
+    if hasattr(pipe, "safety_checker"):
+        pipe.safety_checker = None
+    pipe.set_progress_bar_config(disable=True)  # the generator shows its own bar over samples
+    return pipe.to(device)
+
+
+def build_scheduler(name: str, config: dict[str, Any], overrides: dict[str, Any] | None = None):
+    """A diffusers scheduler of class ``name`` from a (possibly other class's) scheduler config."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"model.scheduler: {name!r} is not a diffusers scheduler class (e.g. DDIMScheduler, PNDMScheduler)")
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    return cls.from_config({**config, **(overrides or {})})
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a pipeline runs: what, besides the weights and the seed, decides the exact pixels.
+
+    ``attention``: ``"sdpa"`` sets PyTorch's scaled-dot-product attention (diffusers'
+    ``AttnProcessor2_0``, flash/memory-efficient kernels on GPU) on every attention layer;
+    ``"default"`` keeps whatever the pipeline has. ``fuse_qkv`` fuses the query/key/value
+    projections into one matmul where the model supports it. ``channels_last`` stores the
+    UNet's conv activations NHWC (what cuDNN's fast convolutions want). ``tf32`` lets float32
+    matmuls use TF32 tensor cores on Ampere and newer (ignored elsewhere). ``compile`` wraps
+    the UNet in ``torch.compile`` (minutes of warm-up; pays off on long GPU runs).
+    """
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    attention: str = "sdpa"
+    fuse_qkv: bool = True
+    channels_last: bool = True
+    tf32: bool = True
+    compile: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def optimize_pipeline(pipe, runtime: Runtime):
+    """Apply ``runtime``'s speed options to ``pipe`` in place; returns ``pipe``.
+
+    Options a model does not support (fused QKV on a VAE without attention, say) are skipped
+    with a log line rather than failing: they change speed, not what is computed.
+    """
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if runtime.attention not in ("sdpa", "default"):
+        raise ValueError(f"attention: must be sdpa or default, got {runtime.attention!r}")
+    if runtime.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    models = [m for m in (denoiser, getattr(pipe, "vae", None)) if m is not None]
+    if runtime.attention == "sdpa":
+        for model in models:
+            if hasattr(model, "set_attn_processor") and getattr(model, "attn_processors", None):
+                try:
+                    model.set_attn_processor(AttnProcessor2_0())
+                except (ValueError, TypeError) as err:
+                    log.info("attention: kept %s's own attention processors (%s)", type(model).__name__, err)
+    if runtime.fuse_qkv:
+        for model in models:
+            if hasattr(model, "fuse_qkv_projections") and getattr(model, "attn_processors", None):
+                try:
+                    model.fuse_qkv_projections()
+                except (ValueError, NotImplementedError, AttributeError) as err:
+                    log.info("fuse_qkv: not supported by %s (%s)", type(model).__name__, err)
+    if runtime.channels_last and denoiser is not None:
+        denoiser.to(memory_format=torch.channels_last)
+    if runtime.compile and denoiser is not None:
+        compiled = torch.compile(denoiser, mode="max-autotune-no-cudagraphs", fullgraph=False)
+        if getattr(pipe, "unet", None) is not None:
+            pipe.unet = compiled
+        else:
+            pipe.transformer = compiled
+    return pipe

@@ -1,0 +1,211 @@
+"""First-step prescreen: rank prompts by how strongly the text steers the first denoising step.
+
+Wen et al. (ICLR 2024, "Detecting, Explaining, and Mitigating Memorization in Diffusion
+Models") observe that a memorized prompt gives an unusually large text-conditional noise
+prediction, ``|| eps(x_T, c) - eps(x_T, "") ||``, already at the first sampling step. The
+score costs two UNet evaluations per prompt and seed, against ``n_samples * steps * 2`` for
+brute-force sampling, so it decides which prompts are worth sampling at all.
+
+    python -m pipeline.prescreen experiment=demo          # or: make prescreen
+
+Writes ``<run_dir>/prescreen/prescreen.parquet`` (every prompt, its score and whether it is
+kept) and ``<run_dir>/prescreen/selected.parquet`` (the kept prompts, in the duplicate
+finder's schema, for ``python -m pipeline.generate prompts=<that file>``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline.prompts import Prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrescreenSettings:
+    """``seeds`` noise draws per prompt; ``steps`` sets the scheduler's first timestep (as sampling would)."""
+
+    seeds: int = 4
+    steps: int = 50
+    batch_size: int = 64
+    base_seed: int = 0
+    # Keep the `keep_top` highest-scoring prompts, or those scoring at least `score_threshold`.
+    keep_top: int | None = None
+    score_threshold: float | None = None
+    height: int | None = None
+    width: int | None = None
+
+
+def latent_shape(pipe, height: int | None, width: int | None) -> tuple[int, int, int]:
+    """(channels, h, w) of the pipeline's initial latents at the requested image size."""
+    scale = pipe.vae_scale_factor
+    default = pipe.unet.config.sample_size * scale
+    height, width = height or default, width or default
+    return pipe.unet.config.in_channels, height // scale, width // scale
+
+
+@torch.no_grad()
+def text_conditional_noise_norm(pipe, captions: list[str], settings: PrescreenSettings, progress: bool = True) -> np.ndarray:
+    """The Wen et al. score for each caption and seed.
+
+    For seed ``s``, x_T is the pipeline's initial noise drawn from ``torch.Generator().manual_seed(base_seed + s)``
+    (the same for every caption, so scores differ only through the text), scaled as the
+    scheduler does at its first timestep.
+
+    Returns:
+        float64 array (len(captions), seeds): the L2 norm over the whole latent of
+        ``eps(x_T, caption) - eps(x_T, "")``.
+    """
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    pipe.scheduler.set_timesteps(settings.steps, device=device)
+    timestep = pipe.scheduler.timesteps[0]
+    shape = latent_shape(pipe, settings.height, settings.width)
+    noise = torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(settings.base_seed + s)) for s in range(settings.seeds)]
+    )
+    noise = pipe.scheduler.scale_model_input(noise.to(device, dtype) * pipe.scheduler.init_noise_sigma, timestep)
+
+    empty, _ = pipe.encode_prompt([""], device, 1, False)
+    pairs = [(c, s) for c in range(len(captions)) for s in range(settings.seeds)]
+    scores = np.zeros((len(captions), settings.seeds))
+    bar = tqdm(total=len(pairs), desc="prescreen", unit="pair", disable=not progress)
+    embeds_cache: dict[int, torch.Tensor] = {}
+    for start in range(0, len(pairs), settings.batch_size):
+        batch = pairs[start : start + settings.batch_size]
+        needed = sorted({c for c, _ in batch} - embeds_cache.keys())
+        if needed:  # each caption is encoded once, however many seeds it has
+            embeds, _ = pipe.encode_prompt([captions[c] for c in needed], device, 1, False)
+            embeds_cache.update(zip(needed, embeds))
+        cond = torch.stack([embeds_cache[c] for c, _ in batch])
+        latents = torch.stack([noise[s] for _, s in batch])
+        both = pipe.unet(
+            torch.cat([latents, latents]),
+            timestep,
+            encoder_hidden_states=torch.cat([empty.expand(len(batch), -1, -1), cond]),
+        ).sample
+        uncond_eps, cond_eps = both.float().chunk(2)
+        norms = (cond_eps - uncond_eps).flatten(1).norm(dim=1).cpu().numpy()
+        for (c, s), value in zip(batch, norms):
+            scores[c, s] = value
+        # Seeds of a caption come together: drop embeddings no later pair needs.
+        last = batch[-1][0]
+        for c in [c for c in embeds_cache if c < last]:
+            del embeds_cache[c]
+        bar.update(len(batch))
+    bar.close()
+    return scores
+
+
+def unet_evaluations(n_prompts: int, settings: PrescreenSettings) -> int:
+    """UNet evaluations (one image each) the prescreen spends: conditional + unconditional per pair."""
+    return 2 * n_prompts * settings.seeds
+
+
+def choose_kept(scores: np.ndarray, settings: PrescreenSettings) -> np.ndarray:
+    """Boolean mask of prompts to keep: top ``keep_top`` by score, and/or score >= threshold."""
+    if settings.keep_top is None and settings.score_threshold is None:
+        raise ValueError("prescreen: set keep_top (a count) or score_threshold (a score), or both")
+    keep = np.zeros(len(scores), dtype=bool)
+    if settings.keep_top is not None:
+        if settings.keep_top < 0:
+            raise ValueError(f"prescreen.keep_top: must be >= 0, got {settings.keep_top}")
+        keep[np.argsort(-scores, kind="stable")[: settings.keep_top]] = True
+    if settings.score_threshold is not None:
+        above = scores >= settings.score_threshold
+        keep = keep & above if settings.keep_top is not None else above
+    return keep
+
+
+def prescreen(pipe, prompts: list[Prompt], settings: PrescreenSettings, progress: bool = True) -> pd.DataFrame:
+    """Score and rank ``prompts``; one row per prompt, highest score first.
+
+    Columns: prompt_id, caption, dup_count, score (mean over seeds), score_std, rank (0 = highest),
+    kept.
+    """
+    per_seed = text_conditional_noise_norm(pipe, [p.caption for p in prompts], settings, progress)
+    table = pd.DataFrame(
+        {
+            "prompt_id": [p.prompt_id for p in prompts],
+            "caption": [p.caption for p in prompts],
+            "dup_count": pd.array([p.dup_count for p in prompts], dtype="Int64"),
+            "score": per_seed.mean(axis=1),
+            "score_std": per_seed.std(axis=1),
+        }
+    )
+    table["kept"] = choose_kept(table.score.to_numpy(), settings)
+    table = table.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    table["rank"] = np.arange(len(table))
+    return table
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for telling ``positive`` from the rest."""
+    from sklearn.metrics import roc_auc_score
+
+    positive = np.asarray(positive, dtype=bool)
+    if positive.all() or not positive.any():
+        raise ValueError("ROC AUC needs both positive and negative prompts")
+    return float(roc_auc_score(positive, scores))
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    from pipeline.io import write_json, write_parquet
+    from pipeline.models import Runtime, load_pipeline, optimize_pipeline, resolve_device, resolve_dtype
+    from pipeline.prompts import read_prompts, shard_prompts
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="prescreen")
+    def _run(cfg: DictConfig) -> None:
+        out_dir = Path(cfg.run_dir) / "prescreen"
+        prompts_path = cfg.prompts or str(Path(cfg.run_dir) / "dedup" / "selected.parquet")
+        prompts = shard_prompts(read_prompts(prompts_path), cfg.rank, cfg.world_size)
+        settings = PrescreenSettings(**OmegaConf.to_container(cfg.prescreen, resolve=True))
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.model.dtype, device)
+        pipe = load_pipeline(cfg.model.path, allow_download=cfg.model.allow_download, torch_dtype=dtype, device=device)
+        optimize_pipeline(pipe, Runtime(device=str(device), dtype=str(dtype).removeprefix("torch."), fuse_qkv=False))
+        started = time.perf_counter()
+        table = prescreen(pipe, prompts, settings)
+        seconds = time.perf_counter() - started
+        suffix = "" if cfg.world_size == 1 else f"_{cfg.rank:05d}"
+        write_parquet(table, out_dir / f"prescreen{suffix}.parquet")
+        kept = table[table.kept].sort_values("rank")
+        selected = kept[["prompt_id", "caption", "dup_count", "score"]]
+        write_parquet(selected, out_dir / f"selected{suffix}.parquet")
+        summary = {
+            "prompts": len(table),
+            "kept": int(table.kept.sum()),
+            "unet_evaluations": unet_evaluations(len(table), settings),
+            "seconds": round(seconds, 2),
+            "model": cfg.model.path,
+            "settings": OmegaConf.to_container(cfg.prescreen, resolve=True),
+        }
+        if table.dup_count.notna().all() and table.dup_count.nunique() > 1:
+            heavy = table.dup_count >= cfg.heavy_dup_count
+            if heavy.any() and not heavy.all():
+                summary["roc_auc_heavy_vs_rest"] = roc_auc(table.score.to_numpy(), heavy.to_numpy())
+        write_json(summary, out_dir / f"summary{suffix}.json")
+        print(table.head(15)[["rank", "prompt_id", "dup_count", "score", "kept", "caption"]].to_string(index=False))
+        print(
+            f"prescreen: {summary['kept']} of {summary['prompts']} prompts kept, "
+            f"{summary['unet_evaluations']} UNet evaluations in {seconds:.1f} s"
+            + (f", ROC AUC (dup_count >= {cfg.heavy_dup_count} vs rest) {summary['roc_auc_heavy_vs_rest']:.3f}" if "roc_auc_heavy_vs_rest" in summary else "")
+        )
+        print(f"written {out_dir / f'prescreen{suffix}.parquet'}; generate from {out_dir / f'selected{suffix}.parquet'}")
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()

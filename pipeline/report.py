@@ -1,0 +1,258 @@
+"""The audit report: one self-contained HTML file per run directory.
+
+    python -m pipeline.report run_name=demo        (or: make report ARGS="run_name=demo")
+
+Reads ``<run_dir>/detect/`` (``memorized.parquet``, ``summary.json``, and ``extracted.parquet``
+with ``matches/`` when verification ran) and, when present, ``<run_dir>/dedup/selected.parquet``
+for duplicate counts. Writes ``<run_dir>/report/index.html``: images are inlined as base64 PNG
+data URIs and the page has no external CSS, scripts or fonts, so it opens offline and can be
+mailed as one file. Captions are untrusted web text and are HTML-escaped (jinja2 autoescape).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline.io import atomic_write, marker_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResults:
+    """What the detect stage found, with paths to the images it refers to."""
+
+    memorized: pd.DataFrame  # memorized.parquet, a row per prompt
+    extracted: pd.DataFrame | None  # extracted.parquet, a row per flagged prompt; None if not verified
+    summary: dict[str, Any]  # summary.json: settings, generations_dir, counts
+    detect_dir: Path
+    generations_dir: Path
+    dup_counts: pd.DataFrame | None  # prompt_id, dup_count (from selected.parquet), if any
+
+    def sample_path(self, file: str) -> Path:
+        """Path of a sample named as in ``member_files`` / ``sample_file``."""
+        return self.generations_dir / file
+
+    def match_path(self, prompt_id: str) -> Path:
+        """The matched training image saved by verification."""
+        return self.detect_dir / "matches" / f"{prompt_id}.png"
+
+
+def load_run(detect_dir: str | Path, dedup_dir: str | Path | None = None) -> RunResults:
+    """Load the detect stage's outputs (and the dedup stage's duplicate counts, if any)."""
+    detect_dir = Path(detect_dir)
+    memorized_path = detect_dir / "memorized.parquet"
+    if not memorized_path.exists():
+        raise FileNotFoundError(f"{memorized_path} does not exist: run `python -m pipeline.detect` for this run first")
+    memorized = pd.read_parquet(memorized_path)
+    summary_path = detect_dir / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
+    extracted_path = detect_dir / "extracted.parquet"
+    extracted = pd.read_parquet(extracted_path) if extracted_path.exists() else None
+    dup_counts = None
+    if dedup_dir is not None and (Path(dedup_dir) / "selected.parquet").exists():
+        selected = pd.read_parquet(Path(dedup_dir) / "selected.parquet")
+        if {"prompt_id", "dup_count"} <= set(selected.columns):
+            dup_counts = selected[["prompt_id", "dup_count"]].astype({"prompt_id": str})
+    generations_dir = Path(summary.get("generations_dir", detect_dir.parent / "generations"))
+    return RunResults(memorized, extracted, summary, detect_dir, generations_dir, dup_counts)
+
+
+def flagged_prompts(results: RunResults) -> pd.DataFrame:
+    """The flagged prompts with their verification and duplicate count, extractions first.
+
+    Columns: those of memorized.parquet, plus ``train_key``, ``distance``, ``extracted``,
+    ``verified`` and ``dup_count`` (NaN/None where unknown).
+    """
+    table = results.memorized[results.memorized["flagged"]].copy()
+    if results.extracted is not None:
+        table = table.merge(results.extracted[["prompt_id", "train_key", "distance", "extracted"]], on="prompt_id", how="left")
+        table["verified"] = table["train_key"].notna()
+    else:
+        table["train_key"], table["distance"], table["extracted"], table["verified"] = None, np.nan, False, False
+    table["extracted"] = table["extracted"].fillna(False).astype(bool)
+    if results.dup_counts is not None:
+        table = table.merge(results.dup_counts, on="prompt_id", how="left")
+    else:
+        table["dup_count"] = np.nan
+    return table.sort_values(["extracted", "clique_size", "prompt_id"], ascending=[False, False, True]).reset_index(drop=True)
+
+
+def rates_by_duplicates(results: RunResults, max_bins: int = 10) -> pd.DataFrame | None:
+    """Flag and extraction rates of the screened prompts, grouped by duplicate count.
+
+    Distinct counts are their own group when there are at most ``max_bins`` of them; otherwise
+    the groups are powers of two (1, 2-3, 4-7, ...). Returns ``None`` without duplicate counts.
+    Columns: ``bin`` (label), ``low`` (smallest count of the bin), ``prompts``, ``flagged``,
+    ``extracted``, ``flag_rate``, ``extraction_rate``.
+    """
+    if results.dup_counts is None:
+        return None
+    table = results.memorized[["prompt_id", "flagged"]].merge(results.dup_counts, on="prompt_id", how="inner")
+    table = table[table["dup_count"].notna()]
+    if table.empty:
+        return None
+    extracted = set()
+    if results.extracted is not None:
+        extracted = set(results.extracted.loc[results.extracted["extracted"], "prompt_id"])
+    table["extracted"] = table["prompt_id"].isin(extracted)
+    counts = table["dup_count"].astype(int)
+    if counts.nunique() <= max_bins:
+        table["low"], table["bin"] = counts, counts.astype(str)
+    else:
+        power = np.floor(np.log2(np.maximum(counts, 1))).astype(int)
+        low, high = 2**power, 2 ** (power + 1) - 1
+        table["low"] = low
+        table["bin"] = [f"{a}" if a == b else f"{a}-{b}" for a, b in zip(low, high)]
+    grouped = table.groupby(["low", "bin"], sort=True).agg(
+        prompts=("prompt_id", "size"), flagged=("flagged", "sum"), extracted=("extracted", "sum")
+    ).reset_index()
+    grouped["flag_rate"] = grouped["flagged"] / grouped["prompts"]
+    grouped["extraction_rate"] = grouped["extracted"] / grouped["prompts"]
+    return grouped
+
+
+def plot_rates(rates: pd.DataFrame, verified: bool = True) -> bytes:
+    """A bar chart of flag (and extraction) rate per duplicate-count group, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    x = np.arange(len(rates))
+    width = 0.4 if verified else 0.6
+    ax.bar(x - (width / 2 if verified else 0), rates["flag_rate"], width, label="flagged", color="#ef6c00")
+    if verified:
+        ax.bar(x + width / 2, rates["extraction_rate"], width, label="extracted", color="#c62828")
+    for xi, n in zip(x, rates["prompts"]):
+        ax.annotate(f"n={n}", (xi, 1.0), ha="center", va="bottom", fontsize=8, color="#555")
+    ax.set_xticks(x, rates["bin"])
+    ax.set_ylim(0, 1.12)
+    ax.set_xlabel("duplicates of the prompt's image in the training set")
+    ax.set_ylabel("share of prompts")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def png_data_uri(image: Image.Image | bytes) -> str:
+    """A ``data:image/png;base64,...`` URI of a PIL image or of PNG bytes."""
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        image = buffer.getvalue()
+    return "data:image/png;base64," + base64.b64encode(image).decode("ascii")
+
+
+def load_thumbnail(path: Path, size: int) -> Image.Image | None:
+    """The image at ``path`` shrunk to fit ``size`` x ``size`` (small images stay as they are;
+    the page scales them up pixelated); ``None`` when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (OSError, ValueError) as err:
+        log.warning("cannot read %s for the report: %s", path, err)
+        return None
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return image
+
+
+def _uri(path: Path, size: int) -> str | None:
+    thumb = load_thumbnail(path, size)
+    return png_data_uri(thumb) if thumb is not None else None
+
+
+def render_report(results: RunResults, title: str, thumbnails: int = 6, thumb_size: int = 128, max_prompts: int = 200) -> str:
+    """The report as an HTML string (see the module docstring)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("pipeline", "templates"),
+        autoescape=True,  # captions are untrusted web text
+        undefined=jinja2.StrictUndefined,
+    )
+    flagged = flagged_prompts(results)
+    verified = results.extracted is not None
+    prompts = []
+    for row in flagged.head(max_prompts).itertuples(index=False):
+        # The representative first, then the other members in index order.
+        files = [row.representative_file] + [f for f in row.member_files if f != row.representative_file]
+        samples = [row.representative] + [m for m in row.members if m != row.representative]
+        thumbs = [
+            {"uri": _uri(results.sample_path(f), thumb_size), "label": f"#{s}" + (" (central)" if i == 0 else "")}
+            for i, (f, s) in enumerate(zip(files[:thumbnails], samples[:thumbnails]))
+        ]
+        has_match = verified and isinstance(row.train_key, str) and row.train_key != ""
+        prompts.append({
+            "prompt_id": row.prompt_id, "caption": row.caption, "clique_size": row.clique_size,
+            "n_samples": row.n_samples, "clique_exact": row.clique_exact,
+            "max_pair_distance": row.max_pair_distance, "median_pair_distance": row.median_pair_distance,
+            "dup_count": None if pd.isna(row.dup_count) else int(row.dup_count),
+            "thumbs": thumbs, "verified": verified, "extracted": bool(row.extracted),
+            "train_key": row.train_key if has_match else "", "distance": row.distance if has_match else float("nan"),
+            "match_uri": _uri(results.match_path(row.prompt_id), thumb_size) if has_match else None,
+        })  # fmt: skip
+    rates = rates_by_duplicates(results)
+    plot = png_data_uri(plot_rates(rates, verified)) if rates is not None else None
+    memorized = results.memorized
+    summary = {
+        "prompts": len(memorized),
+        "samples": int(memorized["n_samples"].sum()),
+        "rejected": int(memorized["n_rejected"].sum()) if "n_rejected" in memorized else 0,
+        "flagged": int(memorized["flagged"].sum()),
+        "verified": verified,
+        "extracted": int(results.extracted["extracted"].sum()) if verified else 0,
+    }
+    settings = results.summary.get("settings", {"min_clique": "?", "threshold": "?", "metric": "?"})
+    template = env.get_template("report.html.j2")
+    return template.render(
+        title=title, summary=summary, settings=settings, delta=_verify_delta(results.detect_dir),
+        plot=plot, prompts=prompts, hidden=max(0, len(flagged) - max_prompts), thumb_size=thumb_size,
+    )
+
+
+def _verify_delta(detect_dir: Path) -> float | None:
+    marker = marker_path(detect_dir, "verify")
+    if marker.exists():
+        return json.loads(marker.read_text(encoding="utf-8")).get("delta")
+    return None
+
+
+def write_report(results: RunResults, out: str | Path, **options) -> Path:
+    """Render and write the report atomically; returns its path."""
+    html = render_report(results, **options)
+    return atomic_write(out, lambda tmp: tmp.write_text(html, encoding="utf-8"))
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+    def _run(cfg: DictConfig) -> None:
+        results = load_run(cfg.detect_dir, cfg.dedup_dir)
+        out = write_report(
+            results, cfg.out, title=cfg.title, thumbnails=cfg.thumbnails, thumb_size=cfg.thumb_size,
+            max_prompts=cfg.max_prompts,
+        )
+        print(f"report written to {out}")
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()

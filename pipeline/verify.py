@@ -1,0 +1,324 @@
+"""Verification: does a flagged prompt's representative sample copy a training image?
+
+A flagged prompt says "the model keeps producing one image"; it is an *extraction* when that
+image is (close to) a training image. Each flagged prompt's clique representative is compared,
+with the tiled L2 distance, against candidate training images:
+
+- the duplicate finder's group behind the prompt (``keys`` in ``<run_dir>/dedup/selected.parquet``),
+- plus the ``n_candidates`` nearest training images by embedding, from a faiss index over the
+  duplicate finder's embeddings (``<run_dir>/dedup/embeddings/``), when there are some;
+- or, with no duplicate-finder outputs at all (``exhaustive: auto``), every training image,
+  streamed once: exact, and fine for small data sets.
+
+Training images are center-cropped to the sample's aspect ratio and resized to its size first,
+the way Stable Diffusion's training data was prepared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from pipeline.data import open_dataset
+from pipeline.data.files import IMAGE_SUFFIXES
+from pipeline.data.images import BadImage, decode_image
+from pipeline.data.rejects import RejectLog
+from pipeline.distance import embed_images, tiled_l2
+from pipeline.embedders.base import Embedder
+from pipeline.io import atomic_write, is_done, mark_done, marker_path, write_parquet
+
+log = logging.getLogger(__name__)
+
+EXTRACTED_COLUMNS = ["prompt_id", "sample", "sample_file", "train_key", "distance", "extracted", "n_candidates"]
+# Longest side of the matched training image kept in <out_dir>/matches/ for the report.
+MATCH_IMAGE_SIDE = 512
+
+
+def fit_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Center-crop ``image`` to the aspect ratio of ``size`` = (height, width) and resize to it."""
+    height, width = size
+    return ImageOps.fit(image.convert("RGB"), (width, height), method=Image.Resampling.BICUBIC)
+
+
+def _crop_for_display(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The crop :func:`fit_to` makes, at the training image's resolution (longest side capped)."""
+    height, width = size
+    scale = min(image.width / width, image.height / height, MATCH_IMAGE_SIDE / max(height, width))
+    return fit_to(image, (max(1, round(height * scale)), max(1, round(width * scale))))
+
+
+def group_candidates(selected: pd.DataFrame | None, prompt_ids: Iterable[str]) -> dict[str, list[str]]:
+    """Training keys of the duplicate group behind each prompt (from ``selected.parquet``)."""
+    out: dict[str, list[str]] = {pid: [] for pid in prompt_ids}
+    if selected is None or "keys" not in selected.columns:
+        return out
+    keys = dict(zip(selected["prompt_id"].astype(str), selected["keys"]))
+    for pid in out:
+        if pid in keys and keys[pid] is not None:
+            out[pid] = [str(k) for k in keys[pid]]
+    return out
+
+
+class EmbeddingIndex:
+    """A faiss inner-product index over the duplicate finder's (unit-length) embeddings."""
+
+    def __init__(self, vectors: np.ndarray, keys: list[str]):
+        import faiss
+
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if len(vectors) != len(keys):
+            raise ValueError(f"{len(vectors)} embeddings but {len(keys)} keys")
+        self.keys = keys
+        self.dim = vectors.shape[1]
+        self.index = faiss.IndexFlatIP(self.dim)
+        self.index.add(vectors)
+
+    @classmethod
+    def load(cls, embeddings_dir: str | Path) -> EmbeddingIndex | None:
+        """Read ``img_emb/img_emb_<rank>.npy`` + ``metadata/metadata_<rank>.parquet`` (column ``key``).
+
+        Returns ``None`` when the folder has no embeddings.
+        """
+        root = Path(embeddings_dir)
+        parts = sorted((root / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+        if not parts:
+            return None
+        vectors, keys = [], []
+        for part in parts:
+            rank = part.stem.rsplit("_", 1)[1]
+            meta_path = root / "metadata" / f"metadata_{rank}.parquet"
+            if not meta_path.exists():
+                raise FileNotFoundError(f"{part} has no metadata file {meta_path}")
+            meta = pd.read_parquet(meta_path)
+            if "key" not in meta.columns:
+                raise ValueError(f"{meta_path}: no 'key' column (columns: {list(meta.columns)})")
+            emb = np.load(part)
+            if len(emb) != len(meta):
+                raise ValueError(f"{part} has {len(emb)} rows but {meta_path} has {len(meta)}")
+            vectors.append(emb.astype(np.float32))
+            keys.extend(meta["key"].astype(str))
+        return cls(np.concatenate(vectors), keys)
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[str]]:
+        """The keys of the ``k`` nearest embeddings of each query row, nearest first."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise ValueError(
+                f"embedder: gives {queries.shape[1]}-dimensional embeddings but the duplicate finder's "
+                f"index has {self.dim}; use the embedder the dedup stage used"
+            )
+        _, ids = self.index.search(queries, min(k, len(self.keys)))
+        return [[self.keys[i] for i in row if i >= 0] for row in ids]
+
+
+def fetch_training_images(
+    data: Mapping[str, Any], keys: Iterable[str], rejects: RejectLog | None = None, progress: bool = False
+) -> dict[str, Image.Image]:
+    """Decode the training images with the given keys from the data set ``data`` (a ``data`` config).
+
+    The ``files`` layout is opened by key directly (``<path>/<key>.jpg``); other formats, and
+    keys not found that way, are collected while streaming the data set once. Keys not found at
+    all, or that do not decode, go to ``rejects``.
+    """
+    rejects = rejects if rejects is not None else RejectLog()
+    wanted = set(keys)
+    found: dict[str, Image.Image] = {}
+    if data.get("format") == "files" and data.get("path"):
+        root = Path(data["path"])
+        for key in sorted(wanted):
+            for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
+                path = root / f"{key}{suffix}"
+                if path.is_file():
+                    try:
+                        found[key] = decode_image(path.read_bytes())
+                    except (BadImage, OSError) as err:
+                        rejects.add(key, str(path), str(err))
+                    break
+    remaining = wanted - found.keys() - {entry["key"] for entry in rejects.entries}
+    if remaining:
+        # Records that do not decode are not ours to report unless we wanted them.
+        stream_rejects = RejectLog()
+        for record in open_dataset(data, rejects=stream_rejects, progress=progress, require_nonempty=False):
+            if record.key in remaining:
+                found[record.key] = record.image
+                remaining.discard(record.key)
+                if not remaining:
+                    break
+        for entry in stream_rejects.entries:
+            if entry["key"] in remaining:
+                rejects.add(entry["key"], entry["source"], entry["reason"])
+                remaining.discard(entry["key"])
+    for key in sorted(remaining):
+        rejects.add(key, str(data.get("path")), "missing training image: no record with this key in the data set")
+    return found
+
+
+class _BestMatch:
+    """The closest training image seen so far for each prompt."""
+
+    def __init__(self, prompt_ids: list[str]):
+        self.best: dict[str, tuple[float, str, Image.Image]] = {}
+        self.counts = dict.fromkeys(prompt_ids, 0)
+
+    def update(self, prompt_id: str, distances: np.ndarray, keys: list[str], images: list[Image.Image]) -> None:
+        self.counts[prompt_id] += len(keys)
+        if not len(keys):
+            return
+        i = int(np.argmin(distances))
+        if prompt_id not in self.best or distances[i] < self.best[prompt_id][0]:
+            self.best[prompt_id] = (float(distances[i]), keys[i], images[i])
+
+
+def compare(representative: np.ndarray, images: list[Image.Image], grid: int, device: str) -> np.ndarray:
+    """Tiled L2 from one (H, W, 3) sample to each training image fitted to its size: (len(images),)."""
+    size = representative.shape[:2]
+    fitted = np.stack([np.asarray(fit_to(image, size)) for image in images])
+    return tiled_l2(representative[None], fitted, grid=grid, device=device)[0]
+
+
+def run_verify(
+    memorized: pd.DataFrame,
+    generations_dir: str | Path,
+    out_dir: str | Path,
+    data: Mapping[str, Any],
+    dedup_dir: str | Path | None = None,
+    embedder_factory: Callable[[], Embedder | None] | None = None,
+    n_candidates: int = 20,
+    delta: float = 0.15,
+    exhaustive: str | bool = "auto",
+    grid: int = 4,
+    device: str = "auto",
+    progress: bool = True,
+    batch_size: int = 256,
+) -> pd.DataFrame:
+    """Compare each flagged prompt's representative with its candidate training images.
+
+    Writes ``<out_dir>/extracted.parquet`` (a row per flagged prompt: the closest candidate,
+    ``train_key`` empty and ``distance`` NaN when it had none) and the matched training images
+    as ``<out_dir>/matches/<prompt_id>.png``. A rerun with the same inputs and settings reuses
+    the stored result.
+
+    Args:
+        data: the training set, as a ``data`` config (``format``, ``path``, reader options).
+        dedup_dir: the duplicate finder's output folder (``selected.parquet``, ``embeddings/``).
+        embedder_factory: called (once, if needed) for the embedder of the dedup embeddings.
+        n_candidates: nearest training images by embedding added to each prompt's candidates.
+        delta: a representative at most this far from a training image is an extraction.
+        exhaustive: ``True`` compares against every training image; ``"auto"`` does so only
+            when ``dedup_dir`` offers no candidates (no ``selected.parquet``, no embeddings).
+    """
+    out_dir, generations_dir = Path(out_dir), Path(generations_dir)
+    if exhaustive not in (True, False, "auto"):
+        raise ValueError(f"verify.exhaustive: expected true, false or auto, got {exhaustive!r}")
+    flagged = memorized[memorized["flagged"]].reset_index(drop=True)
+    settings = {
+        "data": {k: str(v) for k, v in data.items()}, "dedup_dir": str(dedup_dir),
+        "n_candidates": n_candidates, "delta": delta, "exhaustive": exhaustive, "grid": grid,
+        "representatives": dict(zip(flagged["prompt_id"], flagged["representative_file"])),
+    }  # fmt: skip
+    target = out_dir / "extracted.parquet"
+    if is_done(out_dir, "verify") and target.exists():
+        if json.loads(marker_path(out_dir, "verify").read_text(encoding="utf-8")) == settings:
+            log.info("verification already done with these settings: %s", target)
+            return pd.read_parquet(target)
+
+    rejects = RejectLog(out_dir / "rejects_verify.jsonl")
+    prompt_ids = list(flagged["prompt_id"])
+    representatives: dict[str, np.ndarray] = {}
+    for row in flagged.itertuples(index=False):
+        path = generations_dir / row.representative_file
+        try:
+            representatives[row.prompt_id] = np.asarray(decode_image(path.read_bytes()))
+        except (BadImage, OSError) as err:
+            rejects.add(row.prompt_id, str(path), f"unreadable representative sample: {err}")
+
+    dedup_dir = Path(dedup_dir) if dedup_dir is not None else None
+    selected_path = dedup_dir / "selected.parquet" if dedup_dir is not None else None
+    selected = pd.read_parquet(selected_path) if selected_path is not None and selected_path.exists() else None
+    candidates = group_candidates(selected, prompt_ids)
+    index = EmbeddingIndex.load(dedup_dir / "embeddings") if dedup_dir is not None else None
+    if index is not None and representatives and n_candidates > 0:
+        embedder = embedder_factory() if embedder_factory is not None else None
+        if embedder is None:
+            log.warning("dedup embeddings found but no embedder configured (embedder=...): nearest-neighbour candidates skipped")
+        else:
+            ids = list(representatives)
+            nearest = index.search(embed_images([representatives[p] for p in ids], embedder), n_candidates)
+            for pid, keys in zip(ids, nearest):
+                candidates[pid] = list(dict.fromkeys(candidates[pid] + keys))
+    scan_all = exhaustive is True or (exhaustive == "auto" and selected is None and index is None)
+
+    best = _BestMatch(prompt_ids)
+    if scan_all:
+        log.info("comparing %d representative(s) with every training image in %s", len(representatives), data.get("path"))
+        records = open_dataset(data, rejects=rejects, progress=False) if representatives else []
+        _scan(best, representatives, records, grid, device, progress, batch_size)
+    else:
+        images = fetch_training_images(data, {k for keys in candidates.values() for k in keys}, rejects, progress)
+        for pid in tqdm(list(representatives), desc="verify", unit="prompt", disable=not progress):
+            keys = [k for k in candidates[pid] if k in images]
+            if keys:
+                best.update(pid, compare(representatives[pid], [images[k] for k in keys], grid, device), keys, [images[k] for k in keys])
+    if len(rejects):
+        log.warning("%s", rejects.summary())
+
+    rows = []
+    for row in flagged.itertuples(index=False):
+        distance, key, image = best.best.get(row.prompt_id, (float("nan"), "", None))
+        if image is not None:
+            display = _crop_for_display(image, representatives[row.prompt_id].shape[:2])
+            atomic_write(out_dir / "matches" / f"{row.prompt_id}.png", lambda tmp, im=display: im.save(tmp, format="PNG"))
+        rows.append({
+            "prompt_id": row.prompt_id, "sample": int(row.representative), "sample_file": row.representative_file,
+            "train_key": key, "distance": distance, "extracted": bool(distance <= delta),
+            "n_candidates": best.counts[row.prompt_id],
+        })  # fmt: skip
+    extracted = pd.DataFrame(rows, columns=EXTRACTED_COLUMNS)
+    write_parquet(extracted, target)
+    mark_done(out_dir, "verify", settings)
+    return extracted
+
+
+def _scan(
+    best: _BestMatch,
+    representatives: dict[str, np.ndarray],
+    records: Iterable[Any],
+    grid: int,
+    device: str,
+    progress: bool,
+    batch_size: int,
+) -> None:
+    """Stream the whole training set once, comparing every image with every representative."""
+    if not representatives:
+        return
+    ids = list(representatives)
+    # Representatives of one size are compared together, in one matrix product per batch.
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for pid in ids:
+        by_size.setdefault(representatives[pid].shape[:2], []).append(pid)
+
+    def flush(keys: list[str], images: list[Image.Image]) -> None:
+        for size, pids in by_size.items():
+            fitted = np.stack([np.asarray(fit_to(image, size)) for image in images])
+            distances = tiled_l2(np.stack([representatives[p] for p in pids]), fitted, grid=grid, device=device)
+            for pid, row in zip(pids, distances):
+                best.update(pid, row, keys, images)
+
+    keys: list[str] = []
+    images: list[Image.Image] = []
+    for record in tqdm(records, desc="verify (all training images)", unit="image", disable=not progress):
+        keys.append(record.key)
+        images.append(record.image)
+        if len(keys) == batch_size:
+            flush(keys, images)
+            keys, images = [], []
+    if keys:
+        flush(keys, images)

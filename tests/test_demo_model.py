@@ -1,0 +1,88 @@
+"""The demo model: its parts, the shipped weights, and resumable training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from pipeline.demo.dataset import build_demo_dataset
+from pipeline.demo.model import DemoModelConfig, build_pipeline, build_tokenizer, pixels_to_latents
+from pipeline.demo.train import TrainConfig, train
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "demo"
+TINY = dict(unet_channels=(16, 32), cross_attention_levels=(False, True), norm_num_groups=8, resolution=16, text_width=32)
+
+
+def test_identity_vae_decodes_latents_back_to_pixels():
+    pipe = build_pipeline(DemoModelConfig(**TINY))
+    pixels = torch.rand(3, 3, 16, 16) * 2 - 1
+    decoded = pipe.vae.decode(pixels_to_latents(pixels)).sample
+    assert torch.allclose(decoded, pixels, atol=1e-5)
+    assert pipe.vae_scale_factor == 1
+
+
+def test_tokenizer_keeps_captions_apart_and_truncates():
+    tokenizer = build_tokenizer(n_merges=4000, max_tokens=24)
+    a = tokenizer("zubrak melino tesh").input_ids
+    b = tokenizer("zubrak melino tash").input_ids
+    assert a != b
+    assert a[0] == tokenizer.bos_token_id and a[-1] == tokenizer.eos_token_id
+    long = tokenizer(" ".join(["word"] * 100), truncation=True, max_length=24).input_ids
+    assert len(long) == 24
+
+
+def test_shipped_model_loads_offline_and_samples(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert (SHIPPED / "model_index.json").exists(), f"the shipped demo model is missing from {SHIPPED}"
+    pipe = DiffusionPipeline.from_pretrained(SHIPPED, local_files_only=True)
+    assert isinstance(pipe, StableDiffusionPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    def sample(seeds):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return pipe(["a caption"] * len(seeds), generator=generators, num_inference_steps=4, output_type="np").images
+
+    first = sample([1, 2])
+    assert first.shape == (2, size, size, 3)
+    assert 0.0 <= first.min() and first.max() <= 1.0
+    again = sample([2])
+    np.testing.assert_allclose(again[0], first[1], atol=1e-5)  # a sample depends on its seed only
+    assert np.abs(first[0] - first[1]).mean() > 1e-3
+
+
+def test_shipped_model_is_small_and_documented():
+    size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
+    assert size < 30 * 2**20
+    info = json.loads((SHIPPED / "training.json").read_text())
+    for key in ("command", "commit", "steps", "seed", "train_seconds"):
+        assert key in info
+
+
+@pytest.fixture(scope="module")
+def tiny_demo_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    build_demo_dataset(out, seed=1, image_size=16, bands={"heavy": (2, 6), "single": (6, 1)})
+    return out / "images"
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tiny_demo_set, tmp_path):
+    model = DemoModelConfig(**TINY)
+    common = dict(data_path=str(tiny_demo_set), batch_size=4, checkpoint_every=2, log_every=1, warm_start=False, model=model)
+    straight = train(TrainConfig(out_dir=str(tmp_path / "straight"), steps=4, **common))
+    train(TrainConfig(out_dir=str(tmp_path / "resumed"), steps=2, **common))  # "interrupted" after step 2
+    resumed = train(TrainConfig(out_dir=str(tmp_path / "resumed"), steps=4, **common))
+    a = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    info = json.loads((resumed / "training.json").read_text())
+    assert info["steps"] == 4
+    assert DiffusionPipeline.from_pretrained(resumed, local_files_only=True).unet.config.sample_size == 16
