@@ -4,3 +4,20 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_DEMO_MODEL = REPO / "models" / "demo"
+
+
+@pytest.fixture(scope="session")
+def demo_set(tmp_path_factory) -> Path:
+    """The full demo data set with the default settings: what the shipped demo model saw."""
+    from pipeline.demo.dataset import build_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo_set")
+    build_demo_dataset(out)
+    return out

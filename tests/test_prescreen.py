@@ -1,0 +1,50 @@
+"""The first-step prescreen score (Wen et al.) on the shipped demo model."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from diffusers import DiffusionPipeline
+
+from pipeline.prescreen import PrescreenSettings, choose_kept, prescreen, roc_auc, unet_evaluations
+from pipeline.prompts import Prompt
+
+from .conftest import SHIPPED_DEMO_MODEL
+
+
+@pytest.fixture(scope="module")
+def demo_pipe():
+    pipe = DiffusionPipeline.from_pretrained(SHIPPED_DEMO_MODEL, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_heavily_duplicated_captions_score_above_singletons(demo_pipe, demo_set):
+    truth = pd.read_parquet(demo_set / "ground_truth.parquet").drop_duplicates("original_id")
+    heavy = truth[truth.band == "heavy"]
+    singles = truth[truth.band == "single"].head(len(heavy))
+    prompts = [Prompt(r.original_id, r.original_caption, int(r.dup_count)) for r in pd.concat([heavy, singles]).itertuples()]
+    table = prescreen(demo_pipe, prompts, PrescreenSettings(seeds=2, keep_top=len(heavy)), progress=False)
+    by_band = table.assign(heavy=table.dup_count == heavy.dup_count.iloc[0]).groupby("heavy").score.mean()
+    assert by_band[True] > by_band[False]
+    assert roc_auc(table.score.to_numpy(), (table.dup_count > 1).to_numpy()) > 0.5
+    assert table.kept.sum() == len(heavy)
+    assert list(table["rank"]) == list(range(len(table)))
+    assert table.score.is_monotonic_decreasing
+
+
+def test_score_depends_on_the_text_only_through_the_caption(demo_pipe):
+    settings = PrescreenSettings(seeds=2, keep_top=1)
+    prompts = [Prompt("a", "zubrak melino"), Prompt("b", "zubrak melino"), Prompt("c", "tesh vorla")]
+    table = prescreen(demo_pipe, prompts, settings, progress=False).set_index("prompt_id")
+    assert table.loc["a", "score"] == pytest.approx(table.loc["b", "score"], rel=1e-5)
+    assert table.loc["a", "score"] != pytest.approx(table.loc["c", "score"], rel=1e-3)
+    assert unet_evaluations(3, settings) == 12
+
+
+def test_keep_rules():
+    scores = np.array([0.1, 0.9, 0.5, 0.7])
+    assert choose_kept(scores, PrescreenSettings(keep_top=2)).tolist() == [False, True, False, True]
+    assert choose_kept(scores, PrescreenSettings(score_threshold=0.6)).tolist() == [False, True, False, True]
+    assert choose_kept(scores, PrescreenSettings(keep_top=3, score_threshold=0.6)).tolist() == [False, True, False, True]
+    with pytest.raises(ValueError, match="keep_top"):
+        choose_kept(scores, PrescreenSettings())
