@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -24,7 +26,8 @@
 import os
 from pathlib import Path
 
-RUN_DIR = Path(os.environ.get("MEMAUDIT_RUN_DIR", "outputs/demo"))
+# Jupyter starts the kernel in notebooks/, hence the "..".
+RUN_DIR = Path(os.environ.get("MEMAUDIT_RUN_DIR", "../outputs/demo"))
 MEMBERS_SHOWN = 4  # clique members per flagged prompt
 MAX_PROMPTS = 20
 

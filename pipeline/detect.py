@@ -10,24 +10,27 @@ prompts are then compared with the training set (:mod:`pipeline.verify`).
     python -m pipeline.detect generations_dir=/elsewhere data=files data.path=/laion
 
 Outputs in ``<run_dir>/detect/``: ``memorized.parquet`` (a row per prompt), ``extracted.parquet``
-(when a training set is given), ``summary.json``, ``rejects_<rank>.jsonl`` (unreadable
-samples), and per-prompt results under ``prompts/`` so that a rerun skips finished prompts.
+and ``matches/`` (when a training set is given), ``summary.json``, ``rejects.jsonl`` (unreadable
+samples; ``rejects_<rank>.jsonl`` per shard), and per-prompt results under ``prompts/`` so that
+a rerun skips finished prompts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
 import pandas as pd
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline.clique import MAX_STEPS, max_clique
+from pipeline.data.errors import EmptyDatasetError
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
 from pipeline.distance import clip_distance, tiled_l2
@@ -136,6 +139,9 @@ def detect_prompt(
     else:
         distances = np.zeros((0, 0))
     verdict = find_memorized(distances, settings.threshold, settings.min_clique, settings.max_clique_steps)
+    if not verdict["clique_exact"]:
+        log.warning("prompt %s: the clique search stopped after max_clique_steps=%d; clique_size %d is a lower bound",
+                    prompt_id, settings.max_clique_steps, verdict["clique_size"])
     positions = verdict.pop("members")
     position = verdict.pop("representative")
     return {
@@ -187,7 +193,8 @@ def run_detect(
         raise ValueError(f"generations_dir: no prompts in {generations_dir} (no sub-folders and no {PROMPTS_FILE})")
     settings_dict = asdict(settings)
     results_dir = out_dir / "prompts"
-    rejects = RejectLog(out_dir / f"rejects_{rank}.jsonl")
+    # One file per shard: processes of an array job must not append to the same file.
+    rejects = RejectLog(out_dir / ("rejects.jsonl" if world_size == 1 else f"rejects_{rank}.jsonl"))
 
     mine = prompts.iloc[rank::world_size]
     todo = [row for row in mine.itertuples(index=False) if _stored_result(results_dir, row.prompt_id, settings_dict) is None]
@@ -222,8 +229,7 @@ def run_detect(
     return memorized
 
 
-
-def settings_from_config(cfg, embedder_name: str | None = None) -> DetectSettings:
+def settings_from_config(cfg: DictConfig, embedder_name: str | None = None) -> DetectSettings:
     """Build :class:`DetectSettings` from the Hydra config, naming the config key on errors."""
     metric = str(cfg.metric)
     if metric not in METRICS:
@@ -240,48 +246,60 @@ def settings_from_config(cfg, embedder_name: str | None = None) -> DetectSetting
     )
 
 
-def main() -> None:
-    import hydra
-    from omegaconf import DictConfig, OmegaConf
+def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """The stage from its Hydra config: screen, then verify when ``data`` is given.
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="detect")
-    def _run(cfg: DictConfig) -> None:
-        from pipeline.verify import run_verify
+    Returns (memorized, extracted); memorized is None while other shards are unfinished,
+    extracted is None without a training set.
+    """
+    from pipeline.verify import run_verify
 
-        embedder_cfg = cfg.get("embedder")
-        embedder_cache: list[Embedder] = []
+    embedder_cfg = cfg.get("embedder")
+    embedders: list[Embedder] = []
 
-        def get_embedder() -> Embedder | None:
-            if embedder_cfg is None:
-                return None
-            if not embedder_cache:
-                embedder_cache.append(hydra.utils.instantiate(embedder_cfg))
-            return embedder_cache[0]
+    def get_embedder() -> Embedder | None:
+        """Instantiated on first use only: the tiled L2 path needs no embedder."""
+        if embedder_cfg is None:
+            return None
+        if not embedders:
+            embedders.append(hydra.utils.instantiate(embedder_cfg))
+        return embedders[0]
 
-        metric_embedder = get_embedder() if cfg.metric == "clip" else None
-        settings = settings_from_config(cfg, getattr(metric_embedder, "name", None))
-        out_dir = Path(cfg.out_dir)
-        memorized = run_detect(
-            cfg.generations_dir, out_dir, settings, embedder=metric_embedder, rank=cfg.rank,
-            world_size=cfg.world_size, device=cfg.device, progress=cfg.progress,
-        )
-        if memorized is None:
-            return
-        print(f"{int(memorized['flagged'].sum())} of {len(memorized)} prompts flagged -> {out_dir / 'memorized.parquet'}")
-        data = cfg.get("data")
-        if data is None:
-            print("no training set given (data=...): verification skipped")
-            return
-        extracted = run_verify(
-            memorized, cfg.generations_dir, out_dir, data=OmegaConf.to_container(data, resolve=True),
-            dedup_dir=cfg.verify.dedup_dir, embedder_factory=get_embedder,
-            n_candidates=cfg.verify.n_candidates, delta=cfg.verify.delta, exhaustive=cfg.verify.exhaustive,
-            grid=settings.grid, device=cfg.device, progress=cfg.progress,
-        )
-        print(f"{int(extracted['extracted'].sum())} of {len(extracted)} flagged prompts match a training image "
-              f"-> {out_dir / 'extracted.parquet'}")
+    if cfg.metric == "clip" and embedder_cfg is None:
+        raise ValueError("embedder: metric=clip needs an embedder; pass embedder=<name> (see conf/embedder/)")
+    metric_embedder = get_embedder() if cfg.metric == "clip" else None
+    settings = settings_from_config(cfg, getattr(metric_embedder, "name", None))
+    out_dir = Path(cfg.out_dir)
+    memorized = run_detect(
+        cfg.generations_dir, out_dir, settings, embedder=metric_embedder, rank=cfg.rank,
+        world_size=cfg.world_size, device=cfg.device, progress=cfg.progress,
+    )  # fmt: skip
+    if memorized is None:
+        return None, None
+    print(f"{int(memorized['flagged'].sum())} of {len(memorized)} prompts flagged -> {out_dir / 'memorized.parquet'}")
+    data = cfg.get("data")
+    if data is None:
+        print("no training set given (data=...): verification skipped")
+        return memorized, None
+    extracted = run_verify(
+        memorized, cfg.generations_dir, out_dir, data=OmegaConf.to_container(data, resolve=True),
+        dedup_dir=cfg.verify.dedup_dir, embedder_factory=get_embedder, n_candidates=int(cfg.verify.n_candidates),
+        delta=float(cfg.verify.delta), exhaustive=cfg.verify.exhaustive, grid=settings.grid, device=cfg.device,
+        progress=cfg.progress,
+    )  # fmt: skip
+    print(f"{int(extracted['extracted'].sum())} of {len(extracted)} flagged prompts match a training image "
+          f"-> {out_dir / 'extracted.parquet'}")
+    return memorized, extracted
 
-    _run()
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="detect")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError, EmptyDatasetError) as err:
+        # A config or input mistake: the message names the key or file; a traceback would bury it.
+        log.error("%s", err)
+        raise SystemExit(f"detect: {err}") from None
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ def _as_tensor(array) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
-def _as_hwc_float(image: np.ndarray | torch.Tensor | Image.Image) -> torch.Tensor:
-    """One image to a float32 (H, W, 3) tensor with values in [0, 1]."""
+def _as_hwc(image: np.ndarray | torch.Tensor | Image.Image) -> torch.Tensor:
+    """One image to an (H, W, 3) tensor: uint8 as is, float checked to be in [0, 1] (float32)."""
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     tensor = _as_tensor(image)
@@ -63,7 +63,13 @@ def _as_hwc_float(image: np.ndarray | torch.Tensor | Image.Image) -> torch.Tenso
         tensor = tensor[:, :, None]
     if tensor.ndim != 3:
         raise ValueError(f"expected an image of shape (H, W) or (H, W, C), got {tuple(tensor.shape)}")
-    return _channels_to_rgb(_to_unit_float(tensor))
+    tensor = _channels_to_rgb(tensor)
+    return tensor if tensor.dtype == torch.uint8 else _to_unit_float(tensor)
+
+
+def _as_hwc_float(image: np.ndarray | torch.Tensor | Image.Image) -> torch.Tensor:
+    """One image to a float32 (H, W, 3) tensor with values in [0, 1]."""
+    return _unit(_as_hwc(image)[None])[0]
 
 
 def _to_unit_float(tensor: torch.Tensor) -> torch.Tensor:
@@ -93,48 +99,72 @@ def _channels_to_rgb(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _resize(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, 3, *size), antialiased bilinear."""
-    if tuple(batch.shape[-2:]) == tuple(size):
+    """(N, H, W, 3) -> float32 (N, *size, 3) in [0, 1], antialiased bilinear; as is if already that size."""
+    if tuple(batch.shape[1:3]) == tuple(size):
         return batch
-    return F.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
+    if len(batch) == 0:
+        return torch.zeros((0, *size, 3), dtype=batch.dtype)
+    nchw = _unit(batch).permute(0, 3, 1, 2)
+    resized = F.interpolate(nchw, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return resized.clamp_(0, 1).permute(0, 2, 3, 1)
+
+
+def _unit(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 or float (N, H, W, 3) -> float32 in [0, 1]."""
+    return batch.to(torch.float32).div_(255.0) if batch.dtype == torch.uint8 else batch.to(torch.float32)
 
 
 def to_batch(images: ImageBatch, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Images to a float32 (N, 3, H, W) tensor in [0, 1], all of one size.
+    """Images to one (N, H, W, 3) tensor, all of one size.
 
     Args:
         images: a (N, H, W, C) or (H, W, C) array or tensor (uint8 in [0, 255] or float in
             [0, 1]; C is 1, 3 or 4), or a sequence of such images or of PIL images, possibly
             of different sizes.
         size: (height, width) to resize to; ``None`` keeps the size of the first image.
+
+    Returns:
+        uint8 values in [0, 255] when the input was uint8 (or PIL) and needed no resizing
+        (four times less memory than float), else float32 values in [0, 1].
     """
     if isinstance(images, np.ndarray | torch.Tensor) and np.ndim(images) == 4:
-        tensor = _as_tensor(images)
-        batch = _channels_to_rgb(_to_unit_float(tensor)).permute(0, 3, 1, 2)
-        return _resize(batch, size or tuple(batch.shape[-2:]))
+        batch = _channels_to_rgb(_as_tensor(images))
+        if batch.dtype != torch.uint8:
+            batch = _to_unit_float(batch)
+        return _resize(batch, size or tuple(batch.shape[1:3]))
     if isinstance(images, np.ndarray | torch.Tensor) and np.ndim(images) in (2, 3):
         images = [images]
-    images = list(images)
+    images = [_as_hwc(image) for image in images]
     if not images:
         height, width = size or (0, 0)
-        return torch.zeros((0, 3, height, width), dtype=torch.float32)
-    converted = [_as_hwc_float(image).permute(2, 0, 1)[None] for image in images]
-    size = size or tuple(converted[0].shape[-2:])
-    return torch.cat([_resize(image, size) for image in converted])
+        return torch.zeros((0, height, width, 3), dtype=torch.uint8)
+    size = size or tuple(images[0].shape[:2])
+    if all(image.dtype == torch.uint8 and tuple(image.shape[:2]) == tuple(size) for image in images):
+        return torch.stack(images)
+    return torch.cat([_resize(_unit(image)[None], size) for image in images])
 
 
-def common_size(batch: torch.Tensor, grid: int) -> tuple[int, int]:
-    """The batch's (H, W) rounded to the nearest multiple of ``grid`` (so tiles are equal)."""
-    height, width = batch.shape[-2:]
+def common_size(height: int, width: int, grid: int) -> tuple[int, int]:
+    """(H, W) rounded to the nearest multiple of ``grid`` (so that all tiles are equal)."""
     return (max(grid, round(height / grid) * grid), max(grid, round(width / grid) * grid))
 
 
-def to_tiles(batch: torch.Tensor, grid: int) -> torch.Tensor:
-    """(N, 3, H, W) with H, W multiples of ``grid`` -> (grid * grid, N, 3 * H/grid * W/grid)."""
-    n, channels, height, width = batch.shape
+def _tile_view(batch: torch.Tensor, grid: int) -> torch.Tensor:
+    """(N, H, W, C) -> a (grid, grid, N, H/grid, W/grid, C) view: tile (i, j) of every image."""
+    n, height, width, channels = batch.shape
+    return batch.reshape(n, grid, height // grid, grid, width // grid, channels).permute(1, 3, 0, 2, 4, 5)
+
+
+def to_tiles(batch: torch.Tensor, grid: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, H, W, C) with H, W multiples of ``grid`` -> (grid * grid, N, H/grid * W/grid * C) in ``dtype``.
+
+    Converts while copying, in one pass: at 500 x 512 x 512 these are gigabytes.
+    """
+    n, height, width, channels = batch.shape
     th, tw = height // grid, width // grid
-    tiles = batch.reshape(n, channels, grid, th, grid, tw).permute(2, 4, 0, 1, 3, 5)
-    return tiles.reshape(grid * grid, n, channels * th * tw)
+    tiles = torch.empty((grid * grid, n, th * tw * channels), dtype=dtype, device=batch.device)
+    tiles.view(grid, grid, n, th, tw, channels).copy_(_tile_view(batch, grid))
+    return tiles
 
 
 @contextlib.contextmanager
@@ -151,12 +181,15 @@ def _exact_float32_matmul(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _tile_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(T, n, D) and (T, m, D) -> (n, m): max over tiles of the RMS difference."""
-    sq_a = (a * a).sum(-1)
-    sq_b = (b * b).sum(-1)
-    d2 = torch.baddbmm(sq_a[:, :, None] + sq_b[:, None, :], a, b.transpose(1, 2), alpha=-2)
-    return d2.clamp_(min=0).div_(a.shape[-1]).amax(0).sqrt_()
+def _squared_norms(tiles: torch.Tensor) -> torch.Tensor:
+    """(T, N, D) -> (T, N): ||tile||^2 (vector_norm reduces without a squared temporary)."""
+    return torch.linalg.vector_norm(tiles, dim=-1).square_()
+
+
+def _max_tile_ssd(a: torch.Tensor, b: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
+    """(T, n, D), (T, m, D) and their squared norms -> (n, m): max over tiles of ||a - b||^2."""
+    ssd = torch.baddbmm(sq_a[:, :, None] + sq_b[:, None, :], a, b.transpose(1, 2), alpha=-2)
+    return ssd.clamp_(min=0).amax(0)
 
 
 def tiled_l2(
@@ -192,27 +225,40 @@ def tiled_l2(
     if isinstance(size, int):
         size = (size, size)
     xb = to_batch(x)
-    target = tuple(size) if size is not None else common_size(xb, grid)
+    target = tuple(size) if size is not None else common_size(*xb.shape[1:3], grid)
     if target[0] % grid or target[1] % grid:
         raise ValueError(f"size {target} must be a multiple of grid={grid} on both sides")
     xb = _resize(xb, target)
-    yb = None if y is None else to_batch(y, size=target)
+    yb = None if y is None else _resize(to_batch(y), target)
+    if yb is not None and xb.dtype != yb.dtype:  # one uint8, one float: compare in [0, 1]
+        xb, yb = _unit(xb), _unit(yb)
     n = len(xb)
     m = n if yb is None else len(yb)
     if n == 0 or m == 0:
         return np.zeros((n, m), dtype=np.float64)
+    # uint8 images are compared in [0, 255] (no scaling pass) and the result divided by 255.
+    scale = 255.0 if xb.dtype == torch.uint8 else 1.0
 
     with torch.no_grad(), _exact_float32_matmul(device):
         xb = xb.to(device)
         yb = None if yb is None else yb.to(device)
-        # Centre on the mean image of both batches: differences are unchanged, and the
-        # norms that cancel in ||a||^2 + ||b||^2 - 2ab get small. Any constant would be exact.
-        total = xb.sum(dim=0) if yb is None else xb.sum(dim=0) + yb.sum(dim=0)
-        mean = (total / (n if yb is None else n + m)).to(dtype)
-        x_tiles = to_tiles(xb.to(dtype) - mean, grid)
-        del xb
-        y_tiles = x_tiles if yb is None else to_tiles(yb.to(dtype) - mean, grid)
-        del yb
+        x_tiles = to_tiles(xb, grid, dtype)
+        y_tiles = x_tiles if yb is None else to_tiles(yb, grid, dtype)
+        del xb, yb
+        # Centre every tile on the mean tile of both batches: differences are unchanged, and the
+        # norms that cancel in ||a||^2 + ||b||^2 - 2ab get small. (Any constant would be exact.)
+        total = x_tiles.sum(dim=1, keepdim=True)
+        if y is not None:
+            total += y_tiles.sum(dim=1, keepdim=True)
+        mean = total / (n if y is None else n + m)
+        x_tiles.sub_(mean)
+        if y is not None:
+            y_tiles.sub_(mean)
+        sq_x = _squared_norms(x_tiles)
+        sq_y = sq_x if y is None else _squared_norms(y_tiles)
+        normaliser = x_tiles.shape[-1] * scale**2  # sum of squares -> mean square in [0, 1] units
+        # Compare squared sums, not distances, when choosing pairs to refine.
+        refine_ssd = refine_below**2 * normaliser if dtype != torch.float64 else 0.0
 
         tiles = x_tiles.shape[0]
         rows = max(1, min(n, max_chunk_elements // max(1, tiles * m)))
@@ -221,22 +267,23 @@ def tiled_l2(
             # Several row chunks, each against the columns from its start on, skip about
             # half the products: 8 chunks compute ~56% of the matrix.
             rows = min(rows, max(32, -(-n // 8)))
-        out = torch.empty((n, m), dtype=torch.float64, device=device)
+        out = torch.zeros((n, m), dtype=torch.float64, device=device)
         for start in range(0, n, rows):
             stop = min(n, start + rows)
             # All pairs within x: a row chunk only needs the columns from its own start on.
-            col_start = start if symmetric else 0
-            block = _tile_distances(x_tiles[:, start:stop], y_tiles[:, col_start:]).to(torch.float64)
-            if dtype != torch.float64 and refine_below > 0:
-                close = block < refine_below
+            cols = slice(start if symmetric else 0, m)
+            a, b = x_tiles[:, start:stop], y_tiles[:, cols]
+            block = _max_tile_ssd(a, b, sq_x[:, start:stop], sq_y[:, cols]).to(torch.float64)
+            if refine_ssd > 0:
+                close = block < refine_ssd
                 if symmetric:  # the diagonal and what lies below it are not used
                     close = torch.triu(close, diagonal=1)
-                _refine(block, close, x_tiles[:, start:stop], y_tiles[:, col_start:])
-            out[start:stop, col_start:] = block
+                _refine(block, close, a, b)
+            out[start:stop, cols] = block
+        out = out.div_(normaliser).sqrt_()
         if symmetric:
-            upper = torch.triu(out)
+            upper = torch.triu(out, diagonal=1)
             out = upper + upper.T
-            out.fill_diagonal_(0.0)
     return out.cpu().numpy()
 
 
@@ -247,7 +294,8 @@ def _refine(block: torch.Tensor, close: torch.Tensor, a: torch.Tensor, b: torch.
         return
     rows = close.any(dim=1).nonzero().squeeze(1)
     cols = close.any(dim=0).nonzero().squeeze(1)
-    exact = _tile_distances(a[:, rows].to(torch.float64), b[:, cols].to(torch.float64))
+    a64, b64 = a[:, rows].to(torch.float64), b[:, cols].to(torch.float64)
+    exact = _max_tile_ssd(a64, b64, (a64 * a64).sum(-1), (b64 * b64).sum(-1))
     sub = block[rows[:, None], cols[None, :]]
     sub_close = close[rows[:, None], cols[None, :]]
     block[rows[:, None], cols[None, :]] = torch.where(sub_close, exact, sub)

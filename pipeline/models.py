@@ -15,6 +15,7 @@ audit of memorization has to see the model's raw outputs.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,10 @@ def load_pipeline(
     if variant:
         options["variant"] = variant
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local_only, **options)
+        with warnings.catch_warnings():
+            # Newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local_only, **options)
     except (OSError, ValueError) as err:
         if local.exists():
             raise ModelLoadError(f"model.path: could not load the pipeline in {path!r}: {err}") from err
@@ -193,7 +197,7 @@ def optimize_pipeline(pipe, runtime: Runtime):
     if runtime.channels_last and denoiser is not None:
         denoiser.to(memory_format=torch.channels_last)
     if runtime.compile and denoiser is not None:
-        compiled = torch.compile(denoiser, mode="max-autotune-no-cudagraphs", fullgraph=False)
+        compiled = torch.compile(denoiser)
         if getattr(pipe, "unet", None) is not None:
             pipe.unet = compiled
         else:

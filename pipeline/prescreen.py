@@ -38,8 +38,10 @@ class PrescreenSettings:
     steps: int = 50
     batch_size: int = 64
     base_seed: int = 0
-    # Keep the `keep_top` highest-scoring prompts, or those scoring at least `score_threshold`.
+    # Keep the `keep_top` highest-scoring prompts (or the top `keep_fraction` of them), and/or
+    # those scoring at least `score_threshold`.
     keep_top: int | None = None
+    keep_fraction: float | None = None
     score_threshold: float | None = None
     height: int | None = None
     width: int | None = None
@@ -111,17 +113,24 @@ def unet_evaluations(n_prompts: int, settings: PrescreenSettings) -> int:
 
 
 def choose_kept(scores: np.ndarray, settings: PrescreenSettings) -> np.ndarray:
-    """Boolean mask of prompts to keep: top ``keep_top`` by score, and/or score >= threshold."""
-    if settings.keep_top is None and settings.score_threshold is None:
-        raise ValueError("prescreen: set keep_top (a count) or score_threshold (a score), or both")
-    keep = np.zeros(len(scores), dtype=bool)
-    if settings.keep_top is not None:
-        if settings.keep_top < 0:
-            raise ValueError(f"prescreen.keep_top: must be >= 0, got {settings.keep_top}")
-        keep[np.argsort(-scores, kind="stable")[: settings.keep_top]] = True
+    """Boolean mask of prompts to keep: the top ``keep_top`` (or ``keep_fraction``) by score,
+    and, when ``score_threshold`` is set, only those scoring at least that."""
+    top = settings.keep_top
+    if settings.keep_fraction is not None:
+        if not 0 < settings.keep_fraction <= 1:
+            raise ValueError(f"prescreen.keep_fraction: must be in (0, 1], got {settings.keep_fraction}")
+        by_fraction = int(np.ceil(settings.keep_fraction * len(scores)))
+        top = by_fraction if top is None else max(top, by_fraction)
+    if top is None and settings.score_threshold is None:
+        raise ValueError("prescreen: set keep_top (a count), keep_fraction or score_threshold")
+    if top is not None and top < 0:
+        raise ValueError(f"prescreen.keep_top: must be >= 0, got {top}")
+    keep = np.ones(len(scores), dtype=bool)
+    if top is not None:
+        keep[:] = False
+        keep[np.argsort(-scores, kind="stable")[:top]] = True
     if settings.score_threshold is not None:
-        above = scores >= settings.score_threshold
-        keep = keep & above if settings.keep_top is not None else above
+        keep &= scores >= settings.score_threshold
     return keep
 
 
@@ -172,7 +181,7 @@ def main() -> None:
         prompts = shard_prompts(read_prompts(prompts_path), cfg.rank, cfg.world_size)
         settings = PrescreenSettings(**OmegaConf.to_container(cfg.prescreen, resolve=True))
         device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.model.dtype, device)
+        dtype = resolve_dtype(cfg.dtype, device)
         pipe = load_pipeline(cfg.model.path, allow_download=cfg.model.allow_download, torch_dtype=dtype, device=device)
         optimize_pipeline(pipe, Runtime(device=str(device), dtype=str(dtype).removeprefix("torch."), fuse_qkv=False))
         started = time.perf_counter()

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
 import pandas as pd
+from omegaconf import DictConfig
 from PIL import Image
 
 from pipeline.io import atomic_write, marker_path
@@ -59,6 +61,14 @@ def load_run(detect_dir: str | Path, dedup_dir: str | Path | None = None) -> Run
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
     extracted_path = detect_dir / "extracted.parquet"
     extracted = pd.read_parquet(extracted_path) if extracted_path.exists() else None
+    if extracted is not None:
+        # A verification of an earlier detection (other settings) must not be shown as this one's.
+        current = set(zip(memorized.loc[memorized["flagged"], "prompt_id"], memorized.loc[memorized["flagged"], "representative"]))
+        fresh = [(pid, sample) in current for pid, sample in zip(extracted["prompt_id"], extracted["sample"])]
+        if not all(fresh) or len(extracted) != len(current):
+            log.warning("%s does not match %s (detection rerun since?): rerun `python -m pipeline.detect data=...` "
+                        "to verify again; ignoring the stale rows", extracted_path, memorized_path)
+            extracted = extracted[fresh].reset_index(drop=True)
     dup_counts = None
     if dedup_dir is not None and (Path(dedup_dir) / "selected.parquet").exists():
         selected = pd.read_parquet(Path(dedup_dir) / "selected.parquet")
@@ -129,7 +139,7 @@ def plot_rates(rates: pd.DataFrame, verified: bool = True) -> bytes:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
     x = np.arange(len(rates))
     width = 0.4 if verified else 0.6
     ax.bar(x - (width / 2 if verified else 0), rates["flag_rate"], width, label="flagged", color="#ef6c00")
@@ -141,7 +151,7 @@ def plot_rates(rates: pd.DataFrame, verified: bool = True) -> bytes:
     ax.set_ylim(0, 1.12)
     ax.set_xlabel("duplicates of the prompt's image in the training set")
     ax.set_ylabel("share of prompts")
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -184,6 +194,8 @@ def render_report(results: RunResults, title: str, thumbnails: int = 6, thumb_si
         loader=jinja2.PackageLoader("pipeline", "templates"),
         autoescape=True,  # captions are untrusted web text
         undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
     flagged = flagged_prompts(results)
     verified = results.extracted is not None
@@ -238,20 +250,18 @@ def write_report(results: RunResults, out: str | Path, **options) -> Path:
     return atomic_write(out, lambda tmp: tmp.write_text(html, encoding="utf-8"))
 
 
-def main() -> None:
-    import hydra
-    from omegaconf import DictConfig
-
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
-    def _run(cfg: DictConfig) -> None:
+@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+def main(cfg: DictConfig) -> None:
+    try:
         results = load_run(cfg.detect_dir, cfg.dedup_dir)
         out = write_report(
-            results, cfg.out, title=cfg.title, thumbnails=cfg.thumbnails, thumb_size=cfg.thumb_size,
-            max_prompts=cfg.max_prompts,
-        )
-        print(f"report written to {out}")
-
-    _run()
+            results, cfg.out, title=cfg.title, thumbnails=int(cfg.thumbnails), thumb_size=int(cfg.thumb_size),
+            max_prompts=int(cfg.max_prompts),
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as err:
+        log.error("%s", err)
+        raise SystemExit(f"report: {err}") from None
+    print(f"report written to {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""Scoring an audit of the demo model against the demo set's ground truth.
+
+The demo set plants its duplicates, so for every screened prompt we know which original it
+captions and how many copies of it the training set holds. A prompt is *planted* when its
+original has at least ``planted_min_copies`` copies (the heavy band); the audit should flag
+and extract those and nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+
+def prompt_originals(selected: pd.DataFrame, ground_truth: pd.DataFrame) -> pd.DataFrame:
+    """For each selected prompt: the original most of its group's keys copy, and its band.
+
+    Returns columns prompt_id, original_id, band, true_dup_count.
+    """
+    truth = ground_truth.set_index("key")
+    rows = []
+    for prompt in selected.itertuples():
+        originals = truth.loc[[k for k in prompt.keys if k in truth.index], "original_id"]
+        original = originals.mode().iloc[0] if len(originals) else None
+        info = truth[truth.original_id == original].iloc[0] if original is not None else None
+        rows.append(
+            {
+                "prompt_id": prompt.prompt_id,
+                "original_id": original,
+                "band": None if info is None else info.band,
+                "true_dup_count": None if info is None else int(info.dup_count),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _precision_recall(predicted: pd.Series, actual: pd.Series) -> tuple[float | None, float | None]:
+    hits = int((predicted & actual).sum())
+    precision = hits / int(predicted.sum()) if predicted.any() else None
+    recall = hits / int(actual.sum()) if actual.any() else None
+    return precision, recall
+
+
+def score_run(run_dir: str | Path, ground_truth: pd.DataFrame, planted_min_copies: int = 100) -> tuple[dict, pd.DataFrame]:
+    """Precision and recall of flagged and of extracted prompts; and a per-band table.
+
+    A flagged prompt counts as correctly extracted only when its matched training image is a
+    copy of the prompt's own original.
+    """
+    run_dir = Path(run_dir)
+    selected = pd.read_parquet(run_dir / "dedup" / "selected.parquet")
+    memorized = pd.read_parquet(run_dir / "detect" / "memorized.parquet")
+    table = prompt_originals(selected, ground_truth).merge(memorized[["prompt_id", "flagged", "clique_size"]], on="prompt_id", how="inner")
+    extracted_path = run_dir / "detect" / "extracted.parquet"
+    truth = ground_truth.set_index("key")
+    table["extracted"] = False
+    if extracted_path.exists():
+        extracted = pd.read_parquet(extracted_path)
+        extracted = extracted[extracted.extracted]
+        correct = {
+            row.prompt_id
+            for row in extracted.itertuples()
+            if row.train_key in truth.index
+            and truth.loc[row.train_key, "original_id"] == table.set_index("prompt_id").loc[row.prompt_id, "original_id"]
+        }
+        table["extracted"] = table.prompt_id.isin(correct)
+    table["planted"] = table.true_dup_count.fillna(0) >= planted_min_copies
+    flag_p, flag_r = _precision_recall(table.flagged.astype(bool), table.planted)
+    ext_p, ext_r = _precision_recall(table.extracted, table.planted)
+    summary = {
+        "prompts_screened": len(table),
+        "planted_prompts": int(table.planted.sum()),
+        "flagged": int(table.flagged.sum()),
+        "extracted": int(table.extracted.sum()),
+        "flagged_precision": flag_p,
+        "flagged_recall": flag_r,
+        "extracted_precision": ext_p,
+        "extracted_recall": ext_r,
+        "planted_min_copies": planted_min_copies,
+    }
+    per_band = (
+        table.groupby(["band", "true_dup_count"], dropna=False)
+        .agg(prompts=("prompt_id", "size"), flagged=("flagged", "sum"), extracted=("extracted", "sum"), median_clique=("clique_size", "median"))
+        .reset_index()
+        .sort_values("true_dup_count", ascending=False)
+    )
+    return summary, per_band
+
+
+def format_summary(summary: dict) -> str:
+    def pct(value):
+        return "n/a" if value is None else f"{value:.2f}"
+
+    return (
+        f"{summary['prompts_screened']} prompts screened, {summary['planted_prompts']} planted "
+        f"(>= {summary['planted_min_copies']} copies); flagged {summary['flagged']} "
+        f"(precision {pct(summary['flagged_precision'])}, recall {pct(summary['flagged_recall'])}); "
+        f"extracted {summary['extracted']} (precision {pct(summary['extracted_precision'])}, "
+        f"recall {pct(summary['extracted_recall'])})"
+    )

@@ -1,0 +1,389 @@
+"""The detector and verification on hand-made generation sets and a tiny training set.
+
+``build_run`` writes a small audit run (generations, a training set in the files layout, the
+duplicate finder's selected.parquet); test_report.py and test_notebook.py reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline import detect as detect_module
+from pipeline.clique import max_clique
+from pipeline.data.rejects import RejectLog
+from pipeline.detect import DetectSettings, find_memorized, run_detect
+from pipeline.embedders.base import Embedder
+from pipeline.generations import list_samples, read_prompts
+from pipeline.verify import EmbeddingIndex, fetch_training_images, run_verify
+
+GEN_SIZE = 32
+TRAIN_SIZE = 64
+SAMPLES = 30
+# prompt id -> planted near-copies of one image among SAMPLES samples.
+PLANTED = {"00000": 12, "00001": 9, "00002": 0}
+CAPTIONS = {"00000": "<script>alert('x')</script> a memorized caption", "00001": "nine copies", "00002": "all different"}
+ORIGINAL_KEY = {"00000": "part0/00007", "00001": "part1/00003"}
+
+
+def smooth_image(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A random smooth colour image, uint8 (size, size, 3): far (> 0.2 tiled L2) from any other."""
+    small = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    return np.asarray(small.resize((size, size), Image.Resampling.BICUBIC))
+
+
+def near_copy(rng: np.random.Generator, image: np.ndarray, sigma: float = 4.0) -> np.ndarray:
+    return np.clip(image + rng.normal(0, sigma, image.shape), 0, 255).astype(np.uint8)
+
+
+def build_generations(root: Path, originals: dict[str, np.ndarray], rng: np.random.Generator, table: bool = True) -> dict[str, list[int]]:
+    """Write the generator's layout; returns the sample indices of each prompt's near-copies."""
+    planted_at = {}
+    for prompt_id, copies in PLANTED.items():
+        folder = root / prompt_id
+        folder.mkdir(parents=True)
+        positions = sorted(rng.choice(SAMPLES, size=copies, replace=False).tolist())
+        planted_at[prompt_id] = positions
+        for index in range(SAMPLES):
+            if index in positions:
+                image = near_copy(rng, originals[prompt_id])
+            else:
+                image = smooth_image(rng, GEN_SIZE)
+            Image.fromarray(image).save(folder / f"{index:05d}.png")
+    if table:
+        rows = [
+            {"prompt_id": pid, "caption": CAPTIONS[pid], "seed": seed, "sample": seed}
+            for pid in PLANTED for seed in range(SAMPLES)
+        ]  # fmt: skip
+        pd.DataFrame(rows).to_parquet(root / "prompts.parquet")
+    return planted_at
+
+
+def build_training_set(root: Path, originals: dict[str, np.ndarray], rng: np.random.Generator) -> None:
+    """img2dataset files layout in two sub-folders; the originals at TRAIN_SIZE among distractors."""
+    for part in ("part0", "part1"):
+        (root / part).mkdir(parents=True)
+        for i in range(10):
+            image = smooth_image(rng, TRAIN_SIZE)
+            Image.fromarray(image).save(root / part / f"{i:05d}.jpg", quality=95)
+            (root / part / f"{i:05d}.txt").write_text(f"distractor {part} {i}", encoding="utf-8")
+    for prompt_id, key in ORIGINAL_KEY.items():
+        big = Image.fromarray(originals[prompt_id]).resize((TRAIN_SIZE, TRAIN_SIZE), Image.Resampling.BICUBIC)
+        big.save(root / f"{key}.jpg", quality=95)
+        (root / f"{key}.txt").write_text(CAPTIONS[prompt_id], encoding="utf-8")
+    # A shifted copy of the first original: related, but not the training image itself.
+    shifted = np.roll(np.asarray(Image.open(root / f"{ORIGINAL_KEY['00000']}.jpg")), TRAIN_SIZE // 3, axis=1)
+    Image.fromarray(shifted).save(root / "part0/00009.jpg", quality=95)
+
+
+def build_run(root: Path, seed: int = 0, table: bool = True, selected: bool = True) -> dict:
+    """A run directory with generations, a training set and the duplicate finder's selection."""
+    rng = np.random.default_rng(seed)
+    originals = {pid: smooth_image(rng, GEN_SIZE) for pid in PLANTED}
+    run_dir = root / "run"
+    planted_at = build_generations(run_dir / "generations", originals, rng, table=table)
+    train = root / "train"
+    build_training_set(train, originals, rng)
+    if selected:
+        rows = [
+            {"prompt_id": "00000", "caption": CAPTIONS["00000"], "dup_count": 40,
+             "keys": [ORIGINAL_KEY["00000"], "part0/00009", "part0/00001"]},
+            {"prompt_id": "00001", "caption": CAPTIONS["00001"], "dup_count": 10, "keys": ["part1/00004"]},
+            {"prompt_id": "00002", "caption": CAPTIONS["00002"], "dup_count": 1, "keys": ["part1/00005"]},
+        ]  # fmt: skip
+        (run_dir / "dedup").mkdir(parents=True)
+        pd.DataFrame(rows).to_parquet(run_dir / "dedup" / "selected.parquet")
+    return {"run_dir": run_dir, "train": train, "planted_at": planted_at, "originals": originals}
+
+
+@pytest.fixture
+def run(tmp_path):
+    return build_run(tmp_path)
+
+
+def detect(run, **settings):
+    return run_detect(run["run_dir"] / "generations", run["run_dir"] / "detect", DetectSettings(**settings), progress=False)
+
+
+def test_flags_exactly_the_prompt_with_twelve_near_copies(run):
+    memorized = detect(run).set_index("prompt_id")
+    assert list(memorized.index) == ["00000", "00001", "00002"]
+    assert memorized["flagged"].to_dict() == {"00000": True, "00001": False, "00002": False}
+    assert memorized.loc["00000", "clique_size"] == 12
+    assert memorized.loc["00001", "clique_size"] == 9
+    assert memorized.loc["00002", "clique_size"] == 1
+    assert list(memorized.loc["00000", "members"]) == run["planted_at"]["00000"]
+    assert list(memorized.loc["00001", "members"]) == run["planted_at"]["00001"]
+    assert memorized.loc["00000", "representative"] in run["planted_at"]["00000"]
+    assert memorized.loc["00000", "representative_file"] == f"00000/{memorized.loc['00000', 'representative']:05d}.png"
+    assert memorized.loc["00000", "max_pair_distance"] < 0.15 < memorized.loc["00000", "median_pair_distance"]
+    assert (memorized["n_samples"] == SAMPLES).all() and (memorized["n_rejected"] == 0).all()
+    assert memorized.loc["00000", "caption"] == CAPTIONS["00000"]
+    summary = json.loads((run["run_dir"] / "detect" / "summary.json").read_text())
+    assert summary["flagged"] == 1 and summary["prompts"] == 3
+
+
+def test_min_clique_and_threshold_decide(run):
+    assert detect(run, min_clique=9)["flagged"].tolist() == [True, True, False]
+    # At a threshold below the near-copies' distances no prompt has a clique.
+    tight = detect(run, threshold=0.005)
+    assert not tight["flagged"].any() and (tight["clique_size"] == 1).all()
+
+
+def test_rerun_skips_done_prompts_and_redoes_changed_settings(run, monkeypatch):
+    first = detect(run)
+    calls = []
+    original = detect_module.detect_prompt
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(detect_module, "detect_prompt", counting)
+    again = detect(run)
+    assert calls == []
+    pd.testing.assert_frame_equal(first, again)
+    # A prompt whose result was lost is redone alone.
+    (run["run_dir"] / "detect" / "prompts" / ".done" / "00001.json").unlink()
+    detect(run)
+    assert calls == ["00001"]
+    calls.clear()
+    detect(run, min_clique=9)
+    assert sorted(calls) == ["00000", "00001", "00002"]
+
+
+def test_shards_split_prompts_and_the_last_one_writes_the_table(run):
+    gen, out = run["run_dir"] / "generations", run["run_dir"] / "detect"
+    assert run_detect(gen, out, DetectSettings(), rank=0, world_size=2, progress=False) is None
+    assert not (out / "memorized.parquet").exists()
+    done = sorted(p.stem for p in (out / "prompts" / ".done").glob("*.json"))
+    assert done == ["00000", "00002"]
+    sharded = run_detect(gen, out, DetectSettings(), rank=1, world_size=2, progress=False)
+    whole = run_detect(gen, run["run_dir"] / "detect_whole", DetectSettings(), progress=False)
+    pd.testing.assert_frame_equal(sharded, whole)
+    with pytest.raises(ValueError, match="rank"):
+        run_detect(gen, out, DetectSettings(), rank=2, world_size=2)
+
+
+def test_corrupt_samples_are_skipped_and_recorded(run):
+    gen = run["run_dir"] / "generations"
+    diverse = next(i for i in range(SAMPLES) if i not in run["planted_at"]["00000"])
+    (gen / "00000" / f"{diverse:05d}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (gen / "00002" / "00004.png").write_bytes(b"")
+    memorized = detect(run).set_index("prompt_id")
+    assert memorized.loc["00000", "n_samples"] == SAMPLES - 1
+    assert memorized.loc["00000", "n_rejected"] == 1 and memorized.loc["00002", "n_rejected"] == 1
+    assert bool(memorized.loc["00000", "flagged"])
+    rejects = [json.loads(line) for line in (run["run_dir"] / "detect" / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in rejects) == sorted([f"00000/{diverse:05d}.png", "00002/00004.png"])
+    assert all(r["reason"] for r in rejects)
+
+
+def test_folder_without_prompts_table_uses_folder_names(tmp_path):
+    run = build_run(tmp_path, table=False)
+    prompts = read_prompts(run["run_dir"] / "generations")
+    assert prompts["prompt_id"].tolist() == list(PLANTED) and (prompts["caption"] == "").all()
+    assert detect(run)["flagged"].tolist() == [True, False, False]
+
+
+def test_samples_of_other_tools_are_numbered_by_name_order(tmp_path):
+    folder = tmp_path / "p"
+    folder.mkdir()
+    for name in ("b.png", "a.jpg", "c.webp", "notes.txt"):
+        (folder / name).write_bytes(b"")
+    assert [(s.index, s.file) for s in list_samples(tmp_path, "p")] == [(0, "p/a.jpg"), (1, "p/b.png"), (2, "p/c.webp")]
+    with pytest.raises(FileNotFoundError, match="generations_dir"):
+        read_prompts(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no prompts"):
+        run_detect(tmp_path / "p", tmp_path / "out", DetectSettings(), progress=False)
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="metric"):
+        DetectSettings(metric="l1")
+    with pytest.raises(ValueError, match="min_clique"):
+        DetectSettings(min_clique=1)
+
+
+class CentredPixels(Embedder):
+    """A real, if crude, embedder: the centred 8 x 8 thumbnail as a unit vector."""
+
+    name = "centred-pixels-8"
+    dim = 8 * 8 * 3
+
+    def embed(self, images):
+        vectors = np.stack([np.asarray(im.convert("RGB").resize((8, 8), Image.Resampling.BOX), dtype=np.float32) / 255 - 0.5 for im in images])
+        vectors = vectors.reshape(len(images), -1)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_clip_metric_goes_through_the_embedder(run):
+    memorized = run_detect(
+        run["run_dir"] / "generations", run["run_dir"] / "detect", DetectSettings(metric="clip", threshold=0.05, embedder="t"),
+        embedder=CentredPixels(), progress=False,
+    )  # fmt: skip
+    assert memorized["flagged"].tolist() == [True, False, False]
+    assert memorized["clique_size"].tolist()[:2] == [12, 9]
+    with pytest.raises(ValueError, match="embedder"):
+        run_detect(run["run_dir"] / "generations", run["run_dir"] / "d2", DetectSettings(metric="clip"), progress=False)
+
+
+def test_find_memorized_on_a_hand_made_matrix():
+    # Samples 0-3 pairwise close, 4 close to 0 only, 5 far from all.
+    d = np.full((6, 6), 0.5)
+    d[np.ix_([0, 1, 2, 3], [0, 1, 2, 3])] = 0.05
+    d[0, 1] = d[1, 0] = 0.02
+    d[0, 2] = d[2, 0] = 0.03
+    d[0, 4] = d[4, 0] = 0.1
+    np.fill_diagonal(d, 0)
+    verdict = find_memorized(d, threshold=0.15, min_clique=4)
+    assert verdict["members"] == [0, 1, 2, 3] and verdict["flagged"]
+    assert verdict["representative"] == 0  # smallest mean distance to the other members
+    assert verdict["max_pair_distance"] == pytest.approx(0.05)
+    assert verdict["median_pair_distance"] == pytest.approx(np.median(d[np.triu_indices(6, 1)]))
+    assert not find_memorized(d, threshold=0.15, min_clique=5)["flagged"]
+    empty = find_memorized(np.zeros((0, 0)), 0.15, 10)
+    assert empty["clique_size"] == 0 and empty["representative"] == -1 and not empty["flagged"]
+
+
+def random_graph(rng, n, p):
+    a = np.triu(rng.random((n, n)) < p, 1)
+    return a | a.T
+
+
+def test_max_clique_matches_networkx_on_random_graphs():
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        n, p = int(rng.integers(1, 35)), float(rng.uniform(0.05, 0.95))
+        adjacency = random_graph(rng, n, p)
+        result = max_clique(adjacency)
+        reference, _ = nx.max_weight_clique(nx.from_numpy_array(adjacency.astype(int)), weight=None)
+        assert result.exact and result.size == len(reference)
+        assert all(adjacency[i, j] for i in result.members for j in result.members if i != j)
+
+
+def test_max_clique_is_fast_on_the_graphs_detection_makes():
+    rng = np.random.default_rng(1)
+    sparse = random_graph(rng, 500, 0.02)
+    planted = rng.choice(500, 15, replace=False)
+    sparse[np.ix_(planted, planted)] = True
+    np.fill_diagonal(sparse, False)
+    result = max_clique(sparse)
+    assert result.exact and result.members == sorted(planted.tolist())
+    complete = ~np.eye(500, dtype=bool)
+    assert max_clique(complete).size == 500
+
+
+def test_max_clique_budget_gives_a_valid_lower_bound():
+    adjacency = random_graph(np.random.default_rng(2), 200, 0.5)
+    result = max_clique(adjacency, max_steps=10)
+    assert not result.exact and result.size >= 2
+    assert all(adjacency[i, j] for i in result.members for j in result.members if i != j)
+    with pytest.raises(ValueError, match="symmetric"):
+        max_clique(np.triu(np.ones((3, 3), dtype=bool), 1))
+
+
+# --- verification -----------------------------------------------------------------------
+
+
+def verify(run, memorized, **options):
+    data = {"format": "files", "path": str(run["train"])}
+    return run_verify(memorized, run["run_dir"] / "generations", run["run_dir"] / "detect", data, progress=False, **options)
+
+
+def test_verification_finds_the_training_image_among_the_group(run):
+    memorized = detect(run, min_clique=9)
+    extracted = verify(run, memorized, dedup_dir=run["run_dir"] / "dedup").set_index("prompt_id")
+    assert list(extracted.index) == ["00000", "00001"]
+    assert extracted.loc["00000", "train_key"] == ORIGINAL_KEY["00000"]
+    assert bool(extracted.loc["00000", "extracted"]) and extracted.loc["00000", "distance"] < 0.05
+    assert extracted.loc["00000", "n_candidates"] == 3
+    # 00001's group does not hold its original: compared, but not extracted.
+    assert extracted.loc["00001", "train_key"] == "part1/00004"
+    assert not extracted.loc["00001", "extracted"] and extracted.loc["00001", "distance"] > 0.15
+    rep = memorized.set_index("prompt_id").loc["00000"]
+    assert extracted.loc["00000", "sample"] == rep["representative"]
+    assert extracted.loc["00000", "sample_file"] == rep["representative_file"]
+    match = Image.open(run["run_dir"] / "detect" / "matches" / "00000.png")
+    assert match.size == (TRAIN_SIZE, TRAIN_SIZE)
+
+
+def test_verification_scans_everything_without_dedup_outputs(run):
+    memorized = detect(run, min_clique=9)
+    extracted = verify(run, memorized, dedup_dir=run["run_dir"] / "no-dedup-here").set_index("prompt_id")
+    assert extracted["train_key"].to_dict() == ORIGINAL_KEY
+    assert extracted["extracted"].all()
+    assert (extracted["n_candidates"] == 20).all()  # every training image
+
+
+def test_verification_uses_the_embedding_index(run):
+    memorized = detect(run)
+    embedder = CentredPixels()
+    dedup = run["run_dir"] / "dedup2"
+    records = sorted(p.relative_to(run["train"]).with_suffix("").as_posix() for p in run["train"].rglob("*.jpg"))
+    images = [Image.open(run["train"] / f"{key}.jpg") for key in records]
+    for rank, part in enumerate((slice(0, 12), slice(12, None))):
+        (dedup / "embeddings" / "img_emb").mkdir(parents=True, exist_ok=True)
+        (dedup / "embeddings" / "metadata").mkdir(parents=True, exist_ok=True)
+        np.save(dedup / "embeddings" / "img_emb" / f"img_emb_{rank}.npy", embedder.embed(images[part]).astype(np.float16))
+        pd.DataFrame({"key": records[part]}).to_parquet(dedup / "embeddings" / "metadata" / f"metadata_{rank}.parquet")
+    index = EmbeddingIndex.load(dedup / "embeddings")
+    assert len(index.keys) == len(records) == 20
+    extracted = verify(run, memorized, dedup_dir=dedup, embedder_factory=lambda: embedder, n_candidates=4, exhaustive=False)
+    assert extracted["train_key"].tolist() == [ORIGINAL_KEY["00000"]]
+    assert extracted["n_candidates"].tolist() == [4] and extracted["extracted"].tolist() == [True]
+    with pytest.raises(ValueError, match="embedder"):
+        index.search(np.ones((1, 5), dtype=np.float32), 3)
+
+
+def test_verification_is_reused_when_nothing_changed(run):
+    memorized = detect(run)
+    first = verify(run, memorized, dedup_dir=run["run_dir"] / "dedup")
+    (run["run_dir"] / "detect" / "matches" / "00000.png").unlink()
+    again = verify(run, memorized, dedup_dir=run["run_dir"] / "dedup")
+    pd.testing.assert_frame_equal(first, again)
+    assert not (run["run_dir"] / "detect" / "matches" / "00000.png").exists()  # not recomputed
+    verify(run, memorized, dedup_dir=run["run_dir"] / "dedup", delta=0.01)
+    assert (run["run_dir"] / "detect" / "matches" / "00000.png").exists()
+
+
+def test_fetch_training_images_reports_missing_and_corrupt_keys(run):
+    (run["train"] / "part0" / "00002.jpg").write_bytes(b"garbage")
+    rejects = RejectLog()
+    data = {"format": "files", "path": str(run["train"])}
+    found = fetch_training_images(data, ["part0/00001", "part0/00002", "nope/123"], rejects)
+    assert set(found) == {"part0/00001"}
+    assert {e["key"]: e["reason"].split(":")[0] for e in rejects.entries} == {
+        "part0/00002": "corrupt image", "nope/123": "missing training image",
+    }  # fmt: skip
+
+
+def test_command_line_detect(run, tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = run["run_dir"]
+    shutil.rmtree(run_dir / "detect", ignore_errors=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.detect", f"run_dir={run_dir}", "data=files", f"data.path={run['train']}",
+         "progress=false"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 of 3 prompts flagged" in result.stdout
+    memorized = pd.read_parquet(run_dir / "detect" / "memorized.parquet")
+    assert memorized["flagged"].tolist() == [True, False, False]
+    extracted = pd.read_parquet(run_dir / "detect" / "extracted.parquet")
+    assert extracted["train_key"].tolist() == [ORIGINAL_KEY["00000"]] and extracted["extracted"].all()
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline.detect", f"run_dir={run_dir}", "metric=l1"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "detect: metric: unknown metric 'l1'" in bad.stderr and "Traceback" not in bad.stderr

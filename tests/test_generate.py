@@ -1,0 +1,325 @@
+"""The generator: seeded, batched sampling on a tiny random SD-structured model, resumable and sharded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.generate import (
+    PROMPTS_FILE,
+    consolidate_prompts,
+    generate,
+    load_prompts,
+    regenerate,
+    sample_path,
+)
+from pipeline.io import is_done, marker_path
+from pipeline.models import ModelLoadError, Runtime, load_pipeline, optimize_pipeline, resolve_dtype
+from pipeline.prompts import Prompt, PromptsError, read_prompts, shard_prompts
+from pipeline.sampling import PromptEncoder, SampleTask, SamplingSettings, sample_batch, sample_seed
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 16
+SETTINGS = SamplingSettings(steps=2, guidance_scale=5.0, height=SIZE, width=SIZE)
+RUNTIME = Runtime()  # the defaults: sdpa, fused QKV, channels-last, float32 on the CPU
+PROMPTS = [Prompt("00000", "a red barn in a snowy field", 150), Prompt("00001", "portrait of an astronaut cat", 40)]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random demo-architecture pipeline saved to disk, loaded back as a user would."""
+    from pipeline.demo.model import DemoModelConfig, build_pipeline
+
+    config = DemoModelConfig(unet_channels=(16, 32), cross_attention_levels=(False, True), norm_num_groups=8, resolution=SIZE)
+    out = tmp_path_factory.mktemp("tiny_model")
+    build_pipeline(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pipe(model_dir):
+    return optimize_pipeline(load_pipeline(str(model_dir)), RUNTIME)
+
+
+def run(pipe, model_dir, out_dir, prompts=PROMPTS, **kwargs):
+    options = dict(model=str(model_dir), settings=SETTINGS, runtime=RUNTIME, n_samples=3, batch_size=4, progress=False)
+    return generate(pipe, prompts, out_dir, **{**options, **kwargs})
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def all_samples(out_dir: Path) -> dict[str, np.ndarray]:
+    return {str(p.relative_to(out_dir)): pixels(p) for p in sorted(out_dir.glob("*/*.png"))}
+
+
+def expected_files(prompts, n):
+    return sorted(f"{p.prompt_id}/{i:05d}.png" for p in prompts for i in range(n))
+
+
+# --- seeds and prompts -------------------------------------------------------------------
+
+
+def test_sample_seed_is_stable_distinct_and_fits_int64():
+    seeds = {sample_seed(base, pid, i) for base in (0, 1) for pid in ("00000", "00001") for i in range(50)}
+    assert len(seeds) == 200
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert sample_seed(0, "00003", 7) == sample_seed(0, "00003", 7)
+
+
+def test_read_prompts_from_each_format(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("a cat\n\n  \na dog on a sofa\n", encoding="utf-8")
+    got = read_prompts(txt)
+    assert [(p.prompt_id, p.caption) for p in got] == [("00000", "a cat"), ("00001", "a dog on a sofa")]
+
+    selected = tmp_path / "selected.parquet"
+    pd.DataFrame({"prompt_id": ["00007", "00002"], "caption": ["x", "y"], "dup_count": [9, 3], "keys": [["a"], ["b"]]}).to_parquet(selected)
+    got = read_prompts(selected)
+    assert [(p.prompt_id, p.caption, p.dup_count) for p in got] == [("00007", "x", 9), ("00002", "y", 3)]
+    assert [p.prompt_id for p in read_prompts(selected, limit=1)] == ["00007"]
+
+    csv = tmp_path / "p.csv"
+    pd.DataFrame({"text": ["one", "", "three"]}).to_csv(csv, index=False)
+    assert [p.caption for p in read_prompts(csv, caption_column="text")] == ["one", "three"]
+    with pytest.raises(PromptsError, match="caption_column"):
+        read_prompts(csv)
+
+
+def test_read_prompts_errors_name_the_config_key(tmp_path):
+    with pytest.raises(PromptsError, match="prompts: no such file"):
+        read_prompts(tmp_path / "missing.parquet")
+    bad = tmp_path / "dups.csv"
+    pd.DataFrame({"prompt_id": ["a", "a"], "caption": ["x", "y"]}).to_csv(bad, index=False)
+    with pytest.raises(PromptsError, match="duplicate prompt ids"):
+        read_prompts(bad)
+    unsafe = tmp_path / "unsafe.csv"
+    pd.DataFrame({"prompt_id": ["../x"], "caption": ["x"]}).to_csv(unsafe, index=False)
+    with pytest.raises(PromptsError, match="not plain file names"):
+        read_prompts(unsafe)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(PromptsError, match="no non-empty caption"):
+        read_prompts(empty)
+
+
+def test_shards_split_prompts_exactly_once():
+    prompts = [Prompt(f"{i:05d}", f"c{i}") for i in range(7)]
+    shards = [shard_prompts(prompts, r, 3) for r in range(3)]
+    ids = [p.prompt_id for shard in shards for p in shard]
+    assert sorted(ids) == [p.prompt_id for p in prompts]
+    with pytest.raises(ValueError, match="rank"):
+        shard_prompts(prompts, 3, 3)
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def test_load_pipeline_errors_name_model_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="model.path: no such directory"):
+        load_pipeline(str(tmp_path / "nowhere" / "model"))
+    (tmp_path / "not_a_model").mkdir()
+    with pytest.raises(ModelLoadError, match="model.path: .*no model_index.json"):
+        load_pipeline(str(tmp_path / "not_a_model"))
+    with pytest.raises(ModelLoadError, match="allow_download"):
+        load_pipeline("memaudit-tests/no-such-model")
+
+
+def test_scheduler_from_config_and_dtype_rules(model_dir):
+    pipe = load_pipeline(str(model_dir), scheduler="PNDMScheduler", scheduler_kwargs={"skip_prk_steps": True})
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler" and pipe.scheduler.config.skip_prk_steps
+    assert pipe.safety_checker is None
+    with pytest.raises(ValueError, match="model.scheduler"):
+        load_pipeline(str(model_dir), scheduler="NoSuchScheduler")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int8", torch.device("cpu"))
+
+
+# --- sampling ----------------------------------------------------------------------------
+
+
+def test_a_sample_does_not_depend_on_its_batch(pipe):
+    """The same (caption, seed) alone or in a mixed batch gives the same pixels; seeds and captions matter."""
+    encoder = PromptEncoder(pipe, SETTINGS.guidance_scale)
+    tasks = [SampleTask(p.prompt_id, p.caption, i, sample_seed(0, p.prompt_id, i)) for i in range(3) for p in PROMPTS]
+    batch = sample_batch(pipe, tasks, SETTINGS, encoder)
+    assert batch.shape == (6, SIZE, SIZE, 3) and batch.dtype == np.uint8
+    for k in (0, 3, 5):
+        alone = sample_batch(pipe, [tasks[k]], SETTINGS, encoder)[0]
+        np.testing.assert_array_equal(alone, batch[k])
+    assert not np.array_equal(batch[0], batch[2])  # same caption, other seed
+    other_caption = SampleTask("x", PROMPTS[1].caption, 0, tasks[0].seed)
+    assert not np.array_equal(sample_batch(pipe, [other_caption], SETTINGS, encoder)[0], batch[0])
+
+
+# --- the stage ---------------------------------------------------------------------------
+
+
+def test_generates_every_sample_with_a_recipe_that_regenerates_it(pipe, model_dir, tmp_path):
+    out = tmp_path / "generations"
+    summary = run(pipe, model_dir, out)
+    assert summary.images == 6 and summary.prompts_skipped == 0
+    assert sorted(all_samples(out)) == expected_files(PROMPTS, 3)
+    assert all(is_done(out, p.prompt_id) for p in PROMPTS)
+
+    table = pd.read_parquet(out / PROMPTS_FILE)
+    assert table["prompt_id"].tolist() == ["00000", "00001"]
+    assert table["caption"].tolist() == [p.caption for p in PROMPTS]
+    assert table["dup_count"].tolist() == [150, 40]
+    row = table.iloc[1]
+    assert list(row["seeds"]) == [sample_seed(0, "00001", i) for i in range(3)]
+    assert (row["scheduler"], row["steps"], row["guidance_scale"], row["height"], row["width"], row["dtype"]) == (
+        "DDIMScheduler", 2, 5.0, SIZE, SIZE, "float32",
+    )  # fmt: skip
+    assert json.loads(row["scheduler_config"])["num_train_timesteps"] == 1000
+    assert row["model"] == str(model_dir) and row["generator_device"] == "cpu"
+
+    # Sample 2 of prompt 00001 was made in a batch with another prompt's samples; remade alone
+    # from its row, by a pipeline loaded afresh from the recorded model path, it is identical.
+    np.testing.assert_array_equal(regenerate(row, 2), pixels(sample_path(out, "00001", 2)))
+    np.testing.assert_array_equal(regenerate(table.iloc[0].to_dict(), 0, pipe=pipe), pixels(sample_path(out, "00000", 0)))
+    with pytest.raises(IndexError, match="sample_index"):
+        regenerate(row, 3, pipe=pipe)
+
+    again = run(pipe, model_dir, out)  # everything is marked done: nothing to make
+    assert again.images == 0 and again.prompts_skipped == 2
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+def test_interrupted_run_resumes_with_no_lost_or_duplicated_samples(pipe, model_dir, tmp_path):
+    reference = tmp_path / "reference"
+    run(pipe, model_dir, reference, n_samples=5, batch_size=10)
+
+    def stop_after_first_batch(batch):
+        raise Interrupt("killed")
+
+    out = tmp_path / "generations"
+    with pytest.raises(Interrupt):
+        run(pipe, model_dir, out, n_samples=5, batch_size=3, on_batch=stop_after_first_batch)
+    partial = all_samples(out)
+    assert len(partial) == 3 and not is_done(out, "00000")
+    # A process killed mid-write leaves a temporary file beside the samples.
+    (out / "00000" / ".00004.png.abc123.tmp").write_bytes(b"half a png")
+
+    summary = run(pipe, model_dir, out, n_samples=5, batch_size=4)
+    assert summary.images == 7
+    final = all_samples(out)
+    assert sorted(final) == expected_files(PROMPTS, 5)
+    assert not list(out.glob("*/.*.tmp"))
+    for name, image in all_samples(reference).items():
+        np.testing.assert_array_equal(final[name], image, err_msg=name)
+
+    # Deleted samples and marker: only those are made again, with the same pixels.
+    for name in ("00000/00001.png", "00000/00004.png"):
+        (out / name).unlink()
+    marker_path(out, "00000").unlink()
+    summary = run(pipe, model_dir, out, n_samples=5, batch_size=4)
+    assert summary.images == 2 and summary.prompts_skipped == 1
+    assert {k: v.tobytes() for k, v in all_samples(out).items()} == {k: v.tobytes() for k, v in final.items()}
+
+    # More samples later: only the new indexes are made.
+    summary = run(pipe, model_dir, out, n_samples=6, batch_size=4)
+    assert summary.images == 2 and sorted(all_samples(out)) == expected_files(PROMPTS, 6)
+    assert pd.read_parquet(out / PROMPTS_FILE)["n_samples"].tolist() == [6, 6]
+
+
+def test_refuses_to_mix_settings_in_one_folder(pipe, model_dir, tmp_path):
+    out = tmp_path / "generations"
+    run(pipe, model_dir, out, n_samples=1)
+    other = SamplingSettings(steps=2, guidance_scale=7.5, height=SIZE, width=SIZE)
+    with pytest.raises(ValueError, match="run_dir: .*guidance_scale"):
+        run(pipe, model_dir, out, n_samples=1, settings=other)
+
+
+def test_two_shards_cover_every_prompt_once(pipe, model_dir, tmp_path):
+    prompts = PROMPTS + [Prompt("00002", "a bowl of fruit"), Prompt("00003", "a lighthouse at dusk")]
+    out = tmp_path / "generations"
+    assert consolidate_prompts(out).empty  # safe before anything exists
+    made = {}
+    for rank in (1, 0):
+        run(pipe, model_dir, out, prompts=prompts, n_samples=2, rank=rank, world_size=2)
+        made[rank] = {p.parent.name for p in out.glob("*/*.png")} - set().union(*made.values())
+    assert made[0] & made[1] == set()
+    assert made[0] | made[1] == {p.prompt_id for p in prompts}
+    assert sorted(all_samples(out)) == expected_files(prompts, 2)
+    table = load_prompts(out, complete_only=True)
+    assert table["prompt_id"].tolist() == [p.prompt_id for p in prompts]
+    assert sorted((out / f).name for f in os.listdir(out) if f.startswith("prompts_")) == [
+        "prompts_0-of-2.parquet", "prompts_1-of-2.parquet",
+    ]  # fmt: skip
+    pd.testing.assert_frame_equal(consolidate_prompts(out), table)
+
+
+# --- config and command line -------------------------------------------------------------
+
+
+def compose(overrides, hydra=False):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="generate", overrides=overrides, return_hydra_config=hydra)
+
+
+def test_model_configs_follow_the_paper_and_the_demo():
+    sd = compose(["model=sd14"]).model
+    assert (sd.path, sd.steps, sd.guidance_scale, sd.height, sd.width, sd.scheduler) == (
+        "CompVis/stable-diffusion-v1-4", 50, 7.5, 512, 512, None,
+    )  # fmt: skip
+    assert sd.allow_download is False
+    demo = compose([]).model
+    assert (demo.path, demo.height, demo.steps) == ("models/demo", 32, 50)
+
+
+def test_launcher_configs_compose():
+    cfg = compose(["hydra/launcher=slurm", "world_size=8"], hydra=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1
+    assert cfg.hydra.sweeper.params.rank == "range(0,8)"
+    cfg = compose(["hydra/launcher=local", "world_size=3"], hydra=True)
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 3
+
+
+def test_run_from_config_reports_a_missing_model(tmp_path):
+    from pipeline.generate import run as run_stage
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n", encoding="utf-8")
+    cfg = compose([f"run_dir={tmp_path}", f"prompts={prompts}", f"model.path={tmp_path / 'no' / 'model'}"])
+    with pytest.raises(ModelLoadError, match="model.path"):
+        run_stage(cfg)
+
+
+@pytest.mark.slow
+def test_local_multirun_two_processes(model_dir, tmp_path):
+    """`-m hydra/launcher=local`: two joblib processes, one shard each, every sample once."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red barn\nan astronaut cat\na bowl of fruit\n", encoding="utf-8")
+    cmd = [
+        sys.executable, "-m", "pipeline.generate", "-m", "hydra/launcher=local", "world_size=2", "rank=range(0,2)",
+        f"run_dir={tmp_path / 'run'}", f"prompts={prompts}", f"model.path={model_dir}",
+        f"model.height={SIZE}", f"model.width={SIZE}", "model.steps=2", "n_samples=2", "batch_size=4", "progress=false",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "run" / "generations"
+    assert sorted(all_samples(out)) == expected_files([Prompt(f"{i:05d}", "") for i in range(3)], 2)
+    assert (out / "prompts_0-of-2.parquet").exists() and (out / "prompts_1-of-2.parquet").exists()
+    assert load_prompts(out, complete_only=True)["caption"].tolist() == ["a red barn", "an astronaut cat", "a bowl of fruit"]
