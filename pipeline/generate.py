@@ -408,7 +408,7 @@ def main(cfg: DictConfig) -> None:
     except (PromptsError, ModelLoadError, ValueError) as err:
         # A config mistake: the message names the key; a traceback would only bury it.
         log.error("%s", err)
-        raise SystemExit(f"generate: {err}") from None
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -41,11 +41,8 @@ class EvalConfig:
 def pick_originals(ground_truth: pd.DataFrame, per_band: int, seed: int) -> pd.DataFrame:
     """Up to ``per_band`` originals of each band: original_id, original_caption, band, dup_count."""
     originals = ground_truth.drop_duplicates("original_id")[["original_id", "original_caption", "band", "dup_count"]]
-    picked = (
-        originals.groupby("band", group_keys=False)
-        .apply(lambda g: g.sample(n=min(per_band, len(g)), random_state=seed))
-        .sort_values(["dup_count", "original_id"], ascending=[False, True])
-    )
+    per_band_picks = [g.sample(n=min(per_band, len(g)), random_state=seed) for _, g in originals.groupby("band")]
+    picked = pd.concat(per_band_picks).sort_values(["dup_count", "original_id"], ascending=[False, True])
     return picked.reset_index(drop=True)
 
 

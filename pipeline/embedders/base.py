@@ -11,11 +11,15 @@ from PIL import Image
 class Embedder(ABC):
     """Maps images to unit-length vectors; cosine similarity is then a dot product.
 
-    Subclasses set ``name`` (recorded with the embeddings) and ``dim``.
+    Subclasses set ``name`` (recorded with the embeddings) and ``dim``, and may set
+    ``threshold``: the cosine similarity at or above which two images count as
+    near-duplicates in this embedding space (the duplicate finder's default; None when the
+    space has no calibrated value).
     """
 
     name: str = "embedder"
     dim: int
+    threshold: float | None = None
 
     @abstractmethod
     def embed(self, images: list[Image.Image]) -> np.ndarray:

@@ -1,0 +1,144 @@
+"""Embeddings on disk in the layout clip-retrieval writes (and LAION ships its CLIP embeddings in).
+
+::
+
+    <root>/img_emb/img_emb_<n>.npy            float16 (rows, dim), each row of L2 norm 1
+    <root>/metadata/metadata_<n>.parquet      one row per embedding row, same order:
+                                              at least ``key`` and ``caption``
+
+Shard ``n`` of the duplicate finder is rank ``n``'s part of the data set. Any folder in this
+layout can be read instead of embedding (``embeddings_dir=...``), e.g. LAION's precomputed
+CLIP embeddings, whose metadata files carry ``key`` and ``caption``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.io import atomic_write, write_parquet
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("key", "caption")
+_SHARD_NAME = re.compile(r"^img_emb_(\d+)\.npy$")
+
+
+def embedding_path(root: str | Path, shard: int) -> Path:
+    return Path(root) / "img_emb" / f"img_emb_{shard}.npy"
+
+
+def metadata_path(root: str | Path, shard: int) -> Path:
+    return Path(root) / "metadata" / f"metadata_{shard}.parquet"
+
+
+def write_shard(root: str | Path, shard: int, embeddings: np.ndarray, metadata: pd.DataFrame) -> None:
+    """Write one shard: ``embeddings`` (N, dim) as float16, ``metadata`` (N rows, key + caption).
+
+    The metadata is written last; a shard is complete when both files exist (the caller's
+    completion marker says so for certain).
+    """
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2 or len(embeddings) != len(metadata):
+        raise ValueError(f"shard {shard}: {embeddings.shape} embeddings for {len(metadata)} metadata rows")
+    missing = [c for c in REQUIRED_COLUMNS if c not in metadata.columns]
+    if missing:
+        raise ValueError(f"shard {shard}: metadata lacks columns {missing}")
+    atomic_write(embedding_path(root, shard), lambda tmp: _save_npy(tmp, embeddings.astype(np.float16)))
+    write_parquet(metadata.reset_index(drop=True), metadata_path(root, shard))
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    # Through a file object: np.save given a name would append ".npy" to the temporary name.
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
+def list_shards(root: str | Path) -> list[int]:
+    """Shard numbers of ``root/img_emb/img_emb_<n>.npy``, ascending."""
+    folder = Path(root) / "img_emb"
+    if not folder.is_dir():
+        return []
+    found = (_SHARD_NAME.match(p.name) for p in folder.iterdir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def read_metadata(root: str | Path, shards: list[int] | None = None, columns=REQUIRED_COLUMNS) -> pd.DataFrame:
+    """The metadata of ``shards`` (all by default) concatenated in shard order, with a
+    ``shard`` column; row ``i`` describes row ``i`` of :func:`read_embeddings`."""
+    root = Path(root)
+    shards = list_shards(root) if shards is None else shards
+    if not shards:
+        raise FileNotFoundError(f"embeddings_dir: no img_emb/img_emb_<n>.npy files in {root}")
+    parts = []
+    for shard in shards:
+        path = metadata_path(root, shard)
+        if not path.exists():
+            raise FileNotFoundError(f"embeddings_dir: {embedding_path(root, shard)} has no metadata file {path}")
+        present = _parquet_columns(path)
+        missing = [c for c in columns if c not in present]
+        if missing:
+            raise ValueError(f"embeddings_dir: {path} lacks columns {missing} (it has {sorted(present)})")
+        frame = pd.read_parquet(path, columns=list(columns))
+        frame["shard"] = shard
+        parts.append(frame)
+    metadata = pd.concat(parts, ignore_index=True)
+    metadata["key"] = metadata["key"].astype(str)
+    metadata["caption"] = metadata["caption"].fillna("").astype(str)
+    duplicated = metadata["key"].duplicated()
+    if duplicated.any():
+        example = metadata.loc[duplicated, "key"].iloc[0]
+        log.warning("embeddings_dir: %d keys occur more than once (e.g. %r); groups.parquet will repeat them", int(duplicated.sum()), example)
+    return metadata
+
+
+def _parquet_columns(path: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    return set(pq.read_schema(path).names)
+
+
+def read_embeddings(root: str | Path, shards: list[int] | None = None) -> np.ndarray:
+    """All embeddings of ``shards`` (all by default) as one float32 (N, dim) array of unit rows.
+
+    Rows are re-normalised in float32 (float16 storage leaves them ~1e-3 off unit length);
+    a file whose rows are far from unit length (not normalised at all) is normalised too,
+    with a warning. Raises, naming the file, on a row-count or dimension mismatch.
+    """
+    root = Path(root)
+    shards = list_shards(root) if shards is None else shards
+    if not shards:
+        raise FileNotFoundError(f"embeddings_dir: no img_emb/img_emb_<n>.npy files in {root}")
+    sizes, dim = [], None
+    for shard in shards:
+        path = embedding_path(root, shard)
+        if not path.exists():
+            raise FileNotFoundError(f"embeddings_dir: {path} is missing")
+        array = np.load(path, mmap_mode="r")
+        if array.ndim != 2:
+            raise ValueError(f"embeddings_dir: {path} holds an array of shape {array.shape}, not (rows, dim)")
+        if dim is not None and array.shape[1] != dim:
+            raise ValueError(f"embeddings_dir: {path} has dimension {array.shape[1]}, other shards {dim}")
+        dim = array.shape[1]
+        meta = metadata_path(root, shard)
+        if meta.exists():
+            import pyarrow.parquet as pq
+
+            rows = pq.read_metadata(meta).num_rows
+            if rows != array.shape[0]:
+                raise ValueError(f"embeddings_dir: {path} has {array.shape[0]} rows but {meta} has {rows}")
+        sizes.append(array.shape[0])
+    out = np.empty((sum(sizes), dim), dtype=np.float32)
+    start = 0
+    for shard, size in zip(shards, sizes):
+        out[start : start + size] = np.load(embedding_path(root, shard), mmap_mode="r")
+        start += size
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    if len(out) and np.abs(norms - 1).max() > 0.02:
+        log.warning("embeddings_dir: %s holds rows that are not unit length; normalising them", root)
+    np.divide(out, np.maximum(norms, 1e-12), out=out)
+    return out

@@ -1,0 +1,183 @@
+"""From near-duplicate pairs to groups, the selected top groups, and their evaluation.
+
+A group is a connected component of the pair graph: near-duplicates of near-duplicates
+belong together, whatever their captions. Groups are numbered by size (0 the largest); the
+top ``K`` with at least ``min_group_size`` members become the generator's prompts, each
+with its most common caption.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+
+def connected_groups(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Component label of each of ``n`` rows, given edges ``i[e] -- j[e]`` (int arrays).
+
+    Labels are ``0..n_components-1`` in no particular order; see :func:`group_table`.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+    if len(i) and (min(i.min(), j.min()) < 0 or max(i.max(), j.max()) >= n):
+        raise ValueError(f"pairs refer to rows outside 0..{n - 1}")
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n)).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    return labels.astype(np.int64)
+
+
+def group_table(keys: Sequence[str], captions: Sequence[str], labels: np.ndarray) -> pd.DataFrame:
+    """One row per record: ``key``, ``group_id``, ``caption``, ``group_size``.
+
+    ``group_id`` ranks groups by size, largest first (ties: the group whose first row comes
+    first), so that ids are the same on every run and group 0 is the most duplicated image.
+    """
+    labels = np.asarray(labels)
+    if not len(keys) == len(captions) == len(labels):
+        raise ValueError(f"{len(keys)} keys, {len(captions)} captions and {len(labels)} labels")
+    sizes = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
+    first_row = np.full(len(sizes), len(labels), dtype=np.int64)
+    np.minimum.at(first_row, labels, np.arange(len(labels)))
+    present = np.flatnonzero(sizes)
+    ranked = present[np.lexsort((first_row[present], -sizes[present]))]
+    group_id = np.empty(len(sizes), dtype=np.int64)
+    group_id[ranked] = np.arange(len(ranked))
+    return pd.DataFrame(
+        {
+            "key": pd.Series(keys, dtype=str).to_numpy(),
+            "group_id": group_id[labels],
+            "caption": pd.Series(captions, dtype=str).to_numpy(),
+            "group_size": sizes[labels].astype(np.int64),
+        }
+    )
+
+
+def most_common_caption(captions: Sequence[str]) -> str:
+    """The caption most members carry (ties: the alphabetically first, for determinism)."""
+    counts = Counter(captions)
+    best = max(counts.values())
+    return min(c for c, n in counts.items() if n == best)
+
+
+def select_top(groups: pd.DataFrame, top_k: int, min_group_size: int = 2) -> pd.DataFrame:
+    """The ``top_k`` largest groups with at least ``min_group_size`` members, largest first.
+
+    Returns one row per group: ``prompt_id`` (zero-padded rank, "00000" the largest),
+    ``caption`` (the group's most common caption), ``dup_count``, ``keys`` (its members,
+    sorted), ``group_id``, ``n_captions`` (distinct captions in the group).
+    """
+    if top_k < 0:
+        raise ValueError(f"top_k: must be >= 0, got {top_k}")
+    if min_group_size < 1:
+        raise ValueError(f"min_group_size: must be >= 1, got {min_group_size}")
+    big = groups[groups["group_size"] >= min_group_size]
+    chosen = np.sort(big["group_id"].unique())[:top_k]  # group ids are already ranked by size
+    rows = []
+    members = big[big["group_id"].isin(chosen)].groupby("group_id", sort=True)
+    width = max(5, len(str(max(len(chosen) - 1, 0))))
+    for rank, (group_id, frame) in enumerate(members):
+        captions = frame["caption"].tolist()
+        rows.append(
+            {
+                "prompt_id": f"{rank:0{width}d}",
+                "caption": most_common_caption(captions),
+                "dup_count": int(len(frame)),
+                "keys": sorted(frame["key"].tolist()),
+                "group_id": int(group_id),
+                "n_captions": int(len(set(captions))),
+            }
+        )
+    columns = ["prompt_id", "caption", "dup_count", "keys", "group_id", "n_captions"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation against a ground truth (the demo set's, or any labelled sample)
+
+
+def pair_scores(predicted: Sequence, truth: Sequence) -> dict[str, float]:
+    """Pair precision and recall of a grouping against true groups (labels per record).
+
+    A pair of records is a *predicted* pair when they share a predicted group and a *true*
+    pair when they share a true group. Precision: correct / predicted pairs; recall:
+    correct / true pairs (1.0 when there are none). Counted from the contingency table, so
+    a 150-member group costs nothing.
+    """
+    if len(predicted) != len(truth):
+        raise ValueError(f"{len(predicted)} predicted labels but {len(truth)} true labels")
+    pred_codes = pd.factorize(pd.Series(predicted))[0]
+    true_codes = pd.factorize(pd.Series(truth))[0]
+
+    def pairs(counts: np.ndarray) -> int:
+        counts = counts.astype(np.int64)
+        return int((counts * (counts - 1) // 2).sum())
+
+    joint = pd.DataFrame({"predicted": pred_codes, "true": true_codes}).value_counts()
+    correct = pairs(joint.to_numpy())
+    predicted_pairs = pairs(np.bincount(pred_codes)) if len(pred_codes) else 0
+    true_pairs = pairs(np.bincount(true_codes)) if len(true_codes) else 0
+    return {
+        "precision": correct / predicted_pairs if predicted_pairs else 1.0,
+        "recall": correct / true_pairs if true_pairs else 1.0,
+        "correct_pairs": correct,
+        "predicted_pairs": predicted_pairs,
+        "true_pairs": true_pairs,
+    }
+
+
+def evaluate_groups(
+    groups: pd.DataFrame,
+    ground_truth: pd.DataFrame,
+    selected: pd.DataFrame | None = None,
+    truth_column: str = "original_id",
+) -> dict:
+    """Score ``groups`` (key, group_id) against ``ground_truth`` (key, ``truth_column``).
+
+    Ground-truth records missing from ``groups`` (rejected, or not embedded) count as
+    singletons, so they cost recall. With ``selected``, also checks the selection: for each
+    selected group its majority true label, and whether the selected groups are the most
+    duplicated true groups (``top_k_match``: the share of the top-K true labels, by true
+    count, that the selection found; ties in true count are resolved in the selection's
+    favour).
+
+    Returns a dict: precision, recall, correct/predicted/true pairs, n_records, n_missing
+    (and ``selection``, ``top_k_match`` with ``selected``).
+    """
+    for frame, name, column in ((groups, "groups", "group_id"), (ground_truth, "ground truth", truth_column)):
+        for needed in ("key", column):
+            if needed not in frame.columns:
+                raise ValueError(f"{name}: no {needed!r} column (columns: {list(frame.columns)})")
+    truth = ground_truth[["key", truth_column]].astype({"key": str})
+    merged = truth.merge(groups[["key", "group_id"]].astype({"key": str}), on="key", how="left")
+    missing = merged["group_id"].isna()
+    predicted = merged["group_id"].astype("object").where(~missing, ["missing:" + k for k in merged["key"]])
+    scores = pair_scores(predicted.astype(str).tolist(), merged[truth_column].astype(str).tolist())
+    scores.update({"n_records": int(len(merged)), "n_missing": int(missing.sum())})
+    if selected is not None and len(selected):
+        label_of = dict(zip(truth["key"], truth[truth_column].astype(str)))
+        true_count = truth[truth_column].astype(str).value_counts()
+        rows = []
+        for row in selected.itertuples():
+            labels = Counter(label_of.get(str(k)) for k in row.keys)
+            label, hits = labels.most_common(1)[0]
+            rows.append(
+                {
+                    "prompt_id": row.prompt_id,
+                    "dup_count": int(row.dup_count),
+                    "true_label": label,
+                    "true_count": int(true_count.get(label, 0)) if label is not None else 0,
+                    "purity": hits / len(row.keys),
+                }
+            )
+        scores["selection"] = rows
+        k = len(selected)
+        kth_count = true_count.iloc[min(k, len(true_count)) - 1]
+        eligible = set(true_count[true_count >= kth_count].index)  # the top K, ties included
+        found = {r["true_label"] for r in rows} & eligible
+        scores["top_k_match"] = len(found) / min(k, len(true_count))
+    return scores
