@@ -8,7 +8,9 @@ there. The rule is deliberately weak (one close pair suffices) so that recall st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -65,3 +67,30 @@ def close_pairs(images: np.ndarray, settings: AdaptiveSettings) -> int:
 def keep_sampling(images: np.ndarray, settings: AdaptiveSettings) -> bool:
     """The early-stop rule: continue only when the samples so far show a forming clique."""
     return close_pairs(images, settings) >= settings.min_close_pairs
+
+
+def adaptive_outcome(first: Callable[[int], np.ndarray], n_samples: int, settings: AdaptiveSettings) -> tuple[int, bool]:
+    """What adaptive sampling makes of one prompt: ``(samples made, stopped early)``.
+
+    ``first(k)`` returns the prompt's first ``k`` samples (uint8 (k, H, W, 3)). Since sample
+    ``i`` comes from its own seed, the samples of a brute-force run give the adaptive run's
+    decisions exactly, without sampling again (what the budget report uses).
+    """
+    ends = round_ends(int(n_samples), settings)
+    for end in ends[:-1]:
+        if not keep_sampling(first(end), settings):
+            return end, True
+    return ends[-1], False
+
+
+def adaptive_settings(values: Mapping[str, Any] | None) -> AdaptiveSettings:
+    """:class:`AdaptiveSettings` from a config mapping (the ``adaptive:`` section); unknown keys are errors."""
+    values = dict(values or {})
+    known = [f.name for f in fields(AdaptiveSettings)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"adaptive.{unknown[0]}: unknown key; the adaptive section takes {', '.join(known)}")
+    return AdaptiveSettings(
+        enabled=bool(values.get("enabled", False)),
+        **{k: type(getattr(AdaptiveSettings, k))(values[k]) for k in known if k != "enabled" and k in values},
+    )

@@ -44,14 +44,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from pipeline.data import Record, RejectLog
 from pipeline.embedders.base import Embedder
 from pipeline.embeddings_store import list_shards, read_embeddings, read_metadata, write_shard
 from pipeline.grouping import connected_groups, evaluate_groups, group_table, select_top
 from pipeline.index import Cells, IndexSettings, Pairs, find_pairs, train_cells
-from pipeline.io import atomic_write, is_done, marker_path, mark_done, write_json, write_parquet
+from pipeline.io import atomic_write, marker_path, mark_done, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +216,7 @@ class _Stage:
         self.rank = rank
         self.world_size = world_size
         self.progress = progress
+        self._vectors: np.ndarray | None = None
 
     # Where things are ---------------------------------------------------------------------
 
@@ -310,7 +310,9 @@ class _Stage:
     def _load_vectors(self) -> np.ndarray:
         if self.precomputed is None:
             self._require([f"embed_{r}" for r in range(self.world_size)], [self.embed_settings(r) for r in range(self.world_size)], "index/search")
-        return read_embeddings(self.embeddings_root, self.shards())
+        if self._vectors is None:  # phase=all reads them once for index and search
+            self._vectors = read_embeddings(self.embeddings_root, self.shards())
+        return self._vectors
 
     def index(self) -> None:
         settings = self.index_settings()
@@ -392,15 +394,17 @@ class _Stage:
         sizes = groups.drop_duplicates("group_id")["group_size"]
         largest = selected.head(10) if len(selected) else selected
         index_info = self._marker("index")
-        timing = {"group": group_seconds, "index": index_info.get("seconds", 0.0)}
+        timing = {}
         if self.precomputed is None:
             embeds = [self._marker(f"embed_{r}") for r in range(self.world_size)]
             timing["embed"] = sum(m.get("seconds", 0.0) for m in embeds)
             embedder = {"name": embeds[0].get("embedder"), "dim": embeds[0].get("dim")}
         else:
             embedder = {"name": "precomputed", "embeddings_dir": str(self.precomputed)}
+        timing["index"] = index_info.get("seconds", 0.0)
         timing["search"] = sum(self._marker(f"search_{r}").get("seconds", 0.0) for r in range(self.world_size))
-        timing["total"] = sum(timing.values())
+        timing["group"] = group_seconds
+        timing["total"] = sum(timing.values())  # summed over ranks: compute time, not wall time
         reasons = Counter(e.get("reason", "").split(":", 1)[0] for e in rejects)
         lo, hi = np.minimum(pairs.i, pairs.j), np.maximum(pairs.i, pairs.j)
         return {

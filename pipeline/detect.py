@@ -167,6 +167,39 @@ def _stored_result(results_dir: Path, prompt_id: str, settings: dict) -> dict | 
     return json.loads((results_dir / f"{prompt_id}.json").read_text(encoding="utf-8"))
 
 
+def _still_valid(result: dict | None, generations_dir: Path) -> bool:
+    """A stored result still describes the prompt's samples (none were added since, e.g. by a
+    generator run with a larger n_samples)."""
+    if result is None:
+        return False
+    listed = len(list_samples(generations_dir, result["prompt_id"]))
+    return listed == int(result["n_samples"]) + int(result["n_rejected"])
+
+
+def screenable_prompts(generations_dir: Path) -> pd.DataFrame:
+    """The prompts of a generations folder that are ready to screen: (prompt_id, caption).
+
+    For the generator's folders, first union its shard files into ``prompts.parquet`` (the
+    shards may still be running), then keep only prompts with a completion marker: a prompt
+    still being sampled would be screened on part of its samples. Folders of other tools
+    (no shard files, no markers) are read whole.
+    """
+    from pipeline.generate import consolidate_prompts, load_prompts
+
+    if any(generations_dir.glob("prompts_*-of-*.parquet")):
+        consolidate_prompts(generations_dir)
+    prompts = read_prompts(generations_dir)
+    if (generations_dir / ".done").is_dir() and (generations_dir / PROMPTS_FILE).is_file():
+        table = load_prompts(generations_dir)
+        complete = set(load_prompts(generations_dir, complete_only=True)["prompt_id"].astype(str))
+        waiting = prompts["prompt_id"].isin(set(table["prompt_id"].astype(str)) - complete)
+        if waiting.any():
+            log.warning("%d of %d prompts in %s are not complete yet (still being generated): not screened this time, "
+                        "rerun detect when the generator has finished", int(waiting.sum()), len(prompts), generations_dir)
+            prompts = prompts[~waiting].reset_index(drop=True)
+    return prompts
+
+
 def run_detect(
     generations_dir: str | Path,
     out_dir: str | Path,
@@ -188,7 +221,7 @@ def run_detect(
     """
     rank, world_size = check_shard(rank, world_size)
     generations_dir, out_dir = Path(generations_dir), Path(out_dir)
-    prompts = read_prompts(generations_dir)
+    prompts = screenable_prompts(generations_dir)
     if prompts.empty:
         raise ValueError(f"generations_dir: no prompts in {generations_dir} (no sub-folders and no {PROMPTS_FILE})")
     settings_dict = asdict(settings)
@@ -197,7 +230,7 @@ def run_detect(
     rejects = RejectLog(out_dir / ("rejects.jsonl" if world_size == 1 else f"rejects_{rank}.jsonl"))
 
     mine = prompts.iloc[rank::world_size]
-    todo = [row for row in mine.itertuples(index=False) if _stored_result(results_dir, row.prompt_id, settings_dict) is None]
+    todo = [row for row in mine.itertuples(index=False) if not _still_valid(_stored_result(results_dir, row.prompt_id, settings_dict), generations_dir)]
     log.info("shard %d/%d: %d prompts, %d already done", rank, world_size, len(mine), len(mine) - len(todo))
     for row in tqdm(todo, desc=f"detect [{rank}/{world_size}]", unit="prompt", disable=not progress):
         result = detect_prompt(generations_dir, row.prompt_id, row.caption, settings, embedder, rejects, device)
@@ -207,6 +240,7 @@ def run_detect(
         log.warning("%s", rejects.summary())
 
     rows = [_stored_result(results_dir, pid, settings_dict) for pid in prompts["prompt_id"]]
+    rows = [row if _still_valid(row, generations_dir) else None for row in rows]
     missing = sum(row is None for row in rows)
     if missing:
         log.info("%d of %d prompts are not screened yet (other shards); memorized.parquet is written "

@@ -5,6 +5,7 @@
     python -m pipeline.generate prompts=my_prompts.txt n_samples=16
     python -m pipeline.generate -m hydra/launcher=local world_size=2      # 2 local processes
     python -m pipeline.generate -m hydra/launcher=slurm world_size=64     # a 64-task SLURM array
+    python -m pipeline.generate adaptive.enabled=true                     # stop unpromising prompts early
 
 Reads ``prompts`` (default ``<run_dir>/dedup/selected.parquet``; or a .txt/.csv/.parquet list,
 see :mod:`pipeline.prompts`) and writes, for this shard's prompts (``rank`` of ``world_size``):
@@ -13,10 +14,20 @@ see :mod:`pipeline.prompts`) and writes, for this shard's prompts (``rank`` of `
 * ``<out_dir>/prompts_<rank>-of-<world_size>.parquet``: the recipe of every sample (below),
   written before sampling starts, and ``<out_dir>/prompts.parquet``, the union of all shards'
   files (:func:`consolidate_prompts`, run at the end of every shard; safe to run any time);
-* ``<out_dir>/.done/<prompt_id>.json``: written once all of a prompt's images exist.
+* ``<out_dir>/.done/<prompt_id>.json``: written once all of a prompt's images exist, or once
+  adaptive sampling stopped it;
+* ``<out_dir>/budget.json``: UNet evaluations spent against brute force (:mod:`pipeline.budget`),
+  also printed at the end of a run.
 
 A rerun skips prompts with a marker and, for the others, makes only the missing images, which
 are the same images since each one comes from its own seed. Every PNG is written atomically.
+
+Adaptive sampling (``adaptive.enabled=true``, :mod:`pipeline.adaptive`): a prompt's samples come
+in rounds (16, 32, 64, ... by default), all active prompts' round together so that batches
+still mix prompts; after a round, a prompt whose samples so far have no pair of near-copies
+stops there (marked done with ``stopped_early``). Its samples are the first ones of the
+brute-force run, with the same seeds. A brute-force rerun over the folder fills stopped prompts
+up; an adaptive rerun with another rule decides again from the samples on disk.
 
 Recipe columns of ``prompts.parquet``, enough for :func:`regenerate` to remake any sample:
 ``prompt_id``, ``prompt_index`` (position in the prompt list), ``caption``, ``dup_count``,
@@ -24,7 +35,9 @@ Recipe columns of ``prompts.parquet``, enough for :func:`regenerate` to remake a
 ``base_seed``, prompt id and index, see ``seed_rule``), ``model`` (``model.path`` as given),
 ``pipeline_class``, ``scheduler`` (class name), ``scheduler_config`` (JSON), ``steps``,
 ``guidance_scale``, ``height``, ``width``, ``negative_prompt``, ``dtype``, ``generator_device``
-and ``runtime`` (JSON: device and speed options, see :class:`pipeline.models.Runtime`).
+and ``runtime`` (JSON: device and speed options, see :class:`pipeline.models.Runtime`); then
+``adaptive`` (JSON of the rule, or null when off), ``n_generated`` (samples made so far, of
+``n_samples``) and ``stopped_early``.
 """
 
 from __future__ import annotations
@@ -32,9 +45,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +58,8 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from pipeline.adaptive import AdaptiveSettings, adaptive_settings, keep_sampling, round_ends
+from pipeline.budget import format_budget, write_generation_budget
 from pipeline.io import atomic_write, is_done, mark_done, marker_path, write_json, write_parquet
 from pipeline.models import ModelLoadError, Runtime, build_scheduler, dtype_name, load_pipeline, optimize_pipeline, resolve_device, resolve_dtype
 from pipeline.prompts import Prompt, PromptsError, read_prompts, shard_prompts
@@ -52,7 +68,6 @@ from pipeline.sampling import (
     PromptEncoder,
     SampleTask,
     SamplingSettings,
-    iter_batches,
     resolve_size,
     sample_batch,
     sample_seed,
@@ -141,11 +156,41 @@ def missing_samples(out_dir: Path, prompt_id: str, n_samples: int) -> list[int]:
     return [i for i in range(n_samples) if not sample_path(out_dir, prompt_id, i).exists()]
 
 
-def prompt_done(out_dir: Path, prompt_id: str, n_samples: int) -> bool:
+def marker_info(out_dir: Path, prompt_id: str) -> dict[str, Any] | None:
+    """The completion marker's content for ``prompt_id``, or None when it has none."""
     if not is_done(out_dir, prompt_id):
+        return None
+    return json.loads(marker_path(out_dir, prompt_id).read_text(encoding="utf-8") or "{}")
+
+
+def prompt_done(out_dir: Path, prompt_id: str, n_samples: int, adaptive: AdaptiveSettings | None = None, *, any_rule: bool = True) -> bool:
+    """Whether ``prompt_id`` needs no more samples for a budget of ``n_samples``.
+
+    A prompt that adaptive sampling stopped early counts as done for readers (``any_rule``,
+    the default: the detector, :func:`load_prompts`); for the generator (``any_rule=False``)
+    only when this run is adaptive with the same rule, so a brute-force rerun fills it up.
+    """
+    info = marker_info(out_dir, prompt_id)
+    if info is None or int(info.get("n_samples", 0)) < n_samples:
         return False
-    info = json.loads(marker_path(out_dir, prompt_id).read_text(encoding="utf-8") or "{}")
-    return int(info.get("n_samples", 0)) >= n_samples
+    if not info.get("stopped_early") or any_rule:
+        return True
+    return adaptive is not None and adaptive.enabled and info.get("adaptive") == asdict(adaptive)
+
+
+def read_samples(out_dir: Path, prompt_id: str, count: int) -> np.ndarray:
+    """The first ``count`` samples of ``prompt_id`` as uint8 (count, H, W, 3); they must exist."""
+    from PIL import Image
+
+    images = []
+    for index in range(count):
+        path = sample_path(out_dir, prompt_id, index)
+        try:
+            with Image.open(path) as image:
+                images.append(np.asarray(image.convert("RGB")))
+        except OSError as err:  # PIL's UnidentifiedImageError is an OSError too
+            raise ValueError(f"{path}: unreadable sample ({err}); delete it and rerun to make it again") from err
+    return np.stack(images)
 
 
 @dataclass
@@ -154,10 +199,21 @@ class GenerationSummary:
     prompts_skipped: int  # already complete before this run
     images: int  # images made by this run
     seconds: float
+    stopped_early: int = 0  # prompts this run stopped early (adaptive sampling)
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Progress:
+    """Where one unfinished prompt stands: its current round and the writes that round awaits."""
+
+    prompt: Prompt
+    seeds: list[int]
+    round: int = 0
+    waiting: int = 0
 
 
 def generate(
@@ -177,15 +233,28 @@ def generate(
     png_compress_level: int = 6,
     progress: bool = True,
     on_batch: Callable[[list[SampleTask]], None] | None = None,
+    adaptive: AdaptiveSettings | None = None,
 ) -> GenerationSummary:
     """Make the missing samples of this shard's ``prompts`` into ``out_dir``; see the module doc.
 
     ``prompts`` is the full list (every rank passes the same); this call takes shard ``rank``.
     ``on_batch(tasks)`` is called after each batch is handed to the PNG writers (for tests and
     monitoring; an exception there stops the run as a crash would, leaving it resumable).
+
+    With ``adaptive`` enabled, samples come in rounds (:func:`pipeline.adaptive.round_ends`):
+    round ``r`` of every active prompt is queued together, so batches still mix prompts, and
+    once a prompt's round is written its samples so far go through
+    :func:`pipeline.adaptive.keep_sampling`; a prompt that fails it is marked done (stopped
+    early) and gets no more samples.
     """
     if int(n_samples) < 1:
         raise ValueError(f"n_samples: must be at least 1, got {n_samples}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
+    n_samples, batch_size = int(n_samples), int(batch_size)
+    if adaptive is not None and not adaptive.enabled:
+        adaptive = None
+    ends = round_ends(n_samples, adaptive) if adaptive is not None else [n_samples]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index_of = {p.prompt_id: i for i, p in enumerate(prompts)}
@@ -198,75 +267,135 @@ def generate(
             "prompt_index": index_of[p.prompt_id],
             "caption": p.caption,
             "dup_count": p.dup_count,
-            "n_samples": int(n_samples),
+            "n_samples": n_samples,
             "seeds": [sample_seed(base_seed, p.prompt_id, i) for i in range(n_samples)],
             **run_recipe,
+            "adaptive": _json(asdict(adaptive)) if adaptive is not None else None,
         }
         for p in mine
     ]
-    write_parquet(pd.DataFrame(rows, columns=list(rows[0]) if rows else None), shard_file(out_dir, rank, world_size))
 
-    tasks: list[SampleTask] = []
-    remaining: dict[str, int] = {}
+    def write_shard_file() -> None:
+        """The recipe rows plus each prompt's state: samples made so far, stopped early or not."""
+        for row in rows:
+            info = marker_info(out_dir, row["prompt_id"])
+            if info is not None and int(info.get("n_samples", 0)) >= n_samples:
+                row["n_generated"] = min(int(info.get("n_generated", n_samples)), n_samples)
+                row["stopped_early"] = bool(info.get("stopped_early", False))
+            else:
+                row["n_generated"] = sum(sample_path(out_dir, row["prompt_id"], i).exists() for i in range(n_samples))
+                row["stopped_early"] = False
+        write_parquet(pd.DataFrame(rows, columns=list(rows[0]) if rows else None), shard_file(out_dir, rank, world_size))
+
+    queue: deque[SampleTask] = deque()
+    queued_per_caption: Counter[str] = Counter()
+    active: dict[str, _Progress] = {}
+    counts = {"stopped": 0, "queued": 0}
+    bar = tqdm(total=0, unit="img", desc=f"generate {rank}/{world_size}", disable=not progress, dynamic_ncols=True)
+
+    def finish(prompt_id: str, made: int, stopped: bool) -> None:
+        info: dict[str, Any] = {"n_samples": n_samples, "n_generated": made, "stopped_early": stopped, "rank": rank}
+        if stopped:
+            info["adaptive"] = asdict(adaptive)
+            counts["stopped"] += 1
+        mark_done(out_dir, prompt_id, info)
+        del active[prompt_id]
+
+    def advance(prompt_id: str) -> None:
+        """Move a prompt past its rounds whose samples all exist: finish it, stop it, or queue its next samples."""
+        state = active[prompt_id]
+        while True:
+            start, end = (ends[state.round - 1] if state.round else 0), ends[state.round]
+            if state.round == 0:
+                todo = missing_samples(out_dir, prompt_id, end)
+            else:
+                todo = [i for i in range(start, end) if not sample_path(out_dir, prompt_id, i).exists()]
+            if todo:
+                queue.extend(SampleTask(prompt_id, state.prompt.caption, i, state.seeds[i]) for i in todo)
+                queued_per_caption[state.prompt.caption] += len(todo)
+                state.waiting = len(todo)
+                counts["queued"] += len(todo)
+                bar.total += len(todo)
+                bar.refresh()
+                return
+            if end == n_samples:
+                return finish(prompt_id, end, stopped=False)
+            if not keep_sampling(read_samples(out_dir, prompt_id, end), adaptive):
+                return finish(prompt_id, end, stopped=True)
+            state.round += 1
+
     skipped = 0
     for p, row in zip(mine, rows):
-        if prompt_done(out_dir, p.prompt_id, n_samples):
+        if prompt_done(out_dir, p.prompt_id, n_samples, adaptive, any_rule=False):
             skipped += 1
             continue
-        todo = missing_samples(out_dir, p.prompt_id, n_samples)
-        if not todo:  # all images were written but the run stopped before the marker
-            mark_done(out_dir, p.prompt_id, {"n_samples": int(n_samples)})
-            continue
-        remaining[p.prompt_id] = len(todo)
-        tasks += [SampleTask(p.prompt_id, p.caption, i, row["seeds"][i]) for i in todo]
+        active[p.prompt_id] = _Progress(p, row["seeds"])
+    write_shard_file()  # before sampling starts: the recipe is on disk whatever happens next
+    for prompt_id in list(active):
+        advance(prompt_id)
     log.info(
-        "generate: shard %d/%d: %d prompts, %d already complete, %d images to make",
-        rank, world_size, len(mine), skipped, len(tasks),
+        "generate: shard %d/%d: %d prompts, %d already complete, %d images to make%s",
+        rank, world_size, len(mine), skipped, len(queue),
+        f" in the first round (adaptive: rounds end at {ends})" if adaptive is not None else "",
     )  # fmt: skip
 
+    encoder = PromptEncoder(pipe, settings.guidance_scale, settings.negative_prompt)
     start = time.perf_counter()
     made = 0
     pending: list[tuple[str, Future]] = []
 
     def settle(wait_all: bool) -> None:
-        """Check finished writes (raising any write error) and mark prompts whose images all exist."""
+        """Check finished writes (raising any write error) and move on prompts whose round is written."""
         nonlocal pending
-        still = []
+        still, finished = [], []
         for prompt_id, future in pending:
             if wait_all or future.done():
                 future.result()
-                remaining[prompt_id] -= 1
-                if remaining[prompt_id] == 0:
-                    mark_done(out_dir, prompt_id, {"n_samples": int(n_samples), "rank": rank})
+                active[prompt_id].waiting -= 1
+                if active[prompt_id].waiting == 0:
+                    finished.append(prompt_id)
             else:
                 still.append((prompt_id, future))
         pending = still
+        for prompt_id in finished:
+            advance(prompt_id)
 
-    bar = tqdm(total=len(tasks), unit="img", desc=f"generate {rank}/{world_size}", disable=not progress, dynamic_ncols=True)
     # PNG encoding runs in threads (zlib releases the GIL), so the accelerator never waits on it.
     with ThreadPoolExecutor(max_workers=max(1, int(png_workers)), thread_name_prefix="png") as writers:
         try:
-            for batch, images in iter_batches(pipe, tasks, settings, batch_size):
+            while queue or pending:
+                if len(queue) < batch_size and pending:
+                    # Prompts whose round is being written may queue their next round: wait, so
+                    # that batches stay full (with adaptive off, this happens once, at the end).
+                    settle(wait_all=True)
+                    continue
+                batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
+                images = sample_batch(pipe, batch, settings, encoder)
+                queued_per_caption.subtract(t.caption for t in batch)
+                # Embeddings of a caption are dropped once none of its samples is queued, so
+                # memory stays flat over long prompt lists (a later round encodes it again).
+                encoder.forget({t.caption for t in batch if queued_per_caption[t.caption] <= 0})
                 for task, image in zip(batch, images):
                     path = sample_path(out_dir, task.prompt_id, task.index)
                     pending.append((task.prompt_id, writers.submit(write_png, path, image, png_compress_level)))
                 made += len(batch)
                 settle(wait_all=False)
                 # Bound the images held in memory when the writers fall behind.
-                while len(pending) > 4 * max(int(batch_size), int(png_workers)):
+                while len(pending) > 4 * max(batch_size, int(png_workers)):
                     pending[0][1].result()
                     settle(wait_all=False)
                 bar.update(len(batch))
                 bar.set_postfix({"images/s": f"{made / (time.perf_counter() - start):.2f}"}, refresh=False)
                 if on_batch is not None:
                     on_batch(batch)
-            settle(wait_all=True)
         finally:
             bar.close()
     seconds = time.perf_counter() - start
+    write_shard_file()
     consolidate_prompts(out_dir)
-    summary = GenerationSummary(len(mine), skipped, made, seconds)
-    log.info("generate: made %d images in %.1f s (%.2f images/s)", made, seconds, summary.images_per_s)
+    summary = GenerationSummary(len(mine), skipped, made, seconds, counts["stopped"])
+    log.info("generate: made %d images in %.1f s (%.2f images/s)%s", made, seconds, summary.images_per_s,
+             f"; {counts['stopped']} prompts stopped early" if adaptive is not None else "")
     return summary
 
 
@@ -291,10 +420,18 @@ def consolidate_prompts(out_dir: str | Path) -> pd.DataFrame:
 
 
 def load_prompts(out_dir: str | Path, complete_only: bool = False) -> pd.DataFrame:
-    """The consolidated prompt table; with ``complete_only``, only prompts whose marker exists."""
+    """The consolidated prompt table; with ``complete_only``, only prompts whose marker exists
+    (for a budget of the row's ``n_samples``; a prompt stopped early by adaptive sampling is complete).
+
+    Without shard files (a folder copied without them) ``prompts.parquet`` is read as it is.
+    """
+    out_dir = Path(out_dir)
     table = consolidate_prompts(out_dir)
+    if table.empty and (out_dir / PROMPTS_FILE).is_file():
+        table = pd.read_parquet(out_dir / PROMPTS_FILE)
     if complete_only and len(table):
-        done = [prompt_done(Path(out_dir), pid, n) for pid, n in zip(table["prompt_id"], table["n_samples"])]
+        budgets = table["n_samples"] if "n_samples" in table.columns else [0] * len(table)
+        done = [prompt_done(out_dir, str(pid), int(n)) for pid, n in zip(table["prompt_id"], budgets)]
         table = table[np.asarray(done, dtype=bool)].reset_index(drop=True)
     return table
 
@@ -383,7 +520,8 @@ def run(cfg) -> GenerationSummary:
         negative_prompt=cfg.negative_prompt,
         generator_device=cfg.generator_device,
     )
-    return generate(
+    adaptive = adaptive_settings(cfg.get("adaptive"))
+    summary = generate(
         pipe,
         prompts,
         cfg.out_dir,
@@ -398,7 +536,15 @@ def run(cfg) -> GenerationSummary:
         png_workers=int(cfg.png_workers),
         png_compress_level=int(cfg.png_compress_level),
         progress=bool(cfg.progress),
+        adaptive=adaptive,
     )
+    # The budget covers every prompt of the folder so far (other shards' too).
+    budget_cfg = cfg.get("budget") or {}
+    report = write_generation_budget(
+        cfg.out_dir, load_prompts(cfg.out_dir), cfg.prompts, budget_cfg.get("brute_force_memorized")
+    )
+    print(format_budget(report))
+    return summary
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")

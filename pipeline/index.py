@@ -16,9 +16,10 @@ Two kinds of index:
   ``nprobe`` nearest cells, the way ``faiss.IndexIVFFlat`` does. Because the queries *are*
   the database (a self-join), the comparison runs cell by cell: all queries probing a cell
   against all rows stored in it, one matrix product each. That is the same arithmetic as
-  ``IndexIVFFlat.search`` but at BLAS speed; on 1M x 512 vectors on two cores it took 75 s
-  where ``IndexIVFFlat.search`` took about 500 s (benchmarks/dedup_bench.py measures it).
-  Cost about N * dim * (nlist + nprobe * N / nlist), least at ``nlist = sqrt(nprobe * N)``.
+  ``IndexIVFFlat.search`` but at BLAS speed: on 1M x 512 vectors on a busy 2-core machine
+  the join took 27-37 s where ``IndexIVFFlat.search`` with the same cells would take
+  430-650 s (benchmarks/dedup_bench.py measures both). Cost about
+  N * dim * (nlist + nprobe * N / nlist), least at ``nlist = sqrt(nprobe * N)``.
 
 ``auto`` picks ``exact`` up to ``exact_max`` rows and ``ivf`` above.
 """
@@ -27,11 +28,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
@@ -54,16 +58,18 @@ class IndexSettings:
         niter: k-means iterations.
         seed: sampling and k-means seed.
         query_batch: queries per batch of the exact search.
+        threads: IVF cells searched at once; None: the CPUs this process may use.
     """
 
     kind: str = "auto"
-    exact_max: int = 200_000
+    exact_max: int = 50_000
     nlist: int | None = None
     nprobe: int = 4
     train_size: int | None = None
     niter: int = 10
     seed: int = 0
     query_batch: int = 16384
+    threads: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -71,7 +77,7 @@ class IndexSettings:
         for name in ("exact_max", "nprobe", "niter", "query_batch"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"index.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("nlist", "train_size"):
+        for name in ("nlist", "train_size", "threads"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"index.{name}: must be >= 1 or null, got {getattr(self, name)}")
 
@@ -170,7 +176,7 @@ def exact_pairs(
         queries = vectors[lo:hi]
         if k is None:
             lims, sims, ids = index.range_search(queries, radius)
-            i = np.repeat(np.arange(lo, hi), np.diff(lims))
+            i = np.repeat(np.arange(lo, hi), np.diff(lims.astype(np.int64)))
             j, s = ids.astype(np.int64), sims
         else:
             sims, ids = index.search(queries, min(k + 1, n))  # + 1: the query finds itself
@@ -261,8 +267,12 @@ def cell_pairs(
     start: int = 0,
     stop: int | None = None,
     progress: bool = False,
+    threads: int | None = None,
 ) -> Pairs:
-    """Pairs of query rows ``[start, stop)``: each against the rows stored in its nprobe cells."""
+    """Pairs of query rows ``[start, stop)``: each against the rows stored in its nprobe cells.
+
+    ``threads``: cells joined at once (None: the CPUs this process may use).
+    """
     vectors = _as_float32(vectors)
     n = len(vectors)
     stop = n if stop is None else stop
@@ -279,28 +289,59 @@ def cell_pairs(
     probers = probe_rows[order]
     prober_bounds = np.searchsorted(probe_cells[order], np.arange(nlist + 1))
 
-    parts = []
-    for cell in tqdm(range(nlist), desc="searching cells", unit="cell", disable=not progress, mininterval=1.0):
+    def join(cell: int) -> list[Pairs]:
         mem = members[member_bounds[cell] : member_bounds[cell + 1]]
         pro = probers[prober_bounds[cell] : prober_bounds[cell + 1]]
+        found = []
         if len(mem) == 0 or len(pro) == 0:
-            continue
+            return found
         member_block = min(len(mem), BLOCK_ENTRIES)
         query_block = max(1, BLOCK_ENTRIES // member_block)
         for q0 in range(0, len(pro), query_block):
             q_rows = pro[q0 : q0 + query_block]
             queries = vectors[q_rows]
-            block_parts = []
             for m0 in range(0, len(mem), member_block):
                 m_rows = mem[m0 : m0 + member_block]
                 sims = queries @ vectors[m_rows].T
-                r, c = np.nonzero(sims >= threshold)
+                r, c = _above(sims, threshold, k)
                 i, j = q_rows[r], m_rows[c]
                 keep = i != j
-                block_parts.append(Pairs(i[keep], j[keep], sims[r[keep], c[keep]]))
-            # Cap as we go, so a cell full of copies of one image cannot pile up pairs.
-            parts.append(cap_per_query(Pairs.concat(block_parts), k))
+                found.append(Pairs(i[keep], j[keep], sims[r[keep], c[keep]]))
+        return found
+
+    # Cells are joined in parallel, each product on one BLAS thread: per-cell products are
+    # small, and BLAS's own threads on them cost more than they give (3x slower measured on
+    # a busy 2-core machine).
+    parts: list[Pairs] = []
+    bar = tqdm(total=nlist, desc="searching cells", unit="cell", disable=not progress, mininterval=1.0)
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max(1, threads or _cpus())) as pool:
+        for found in pool.map(join, range(nlist)):
+            parts.extend(found)
+            bar.update()
+    bar.close()
     return cap_per_query(Pairs.concat(parts), k)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (SLURM, taskset)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _above(sims: np.ndarray, threshold: float, k: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of ``sims >= threshold``; with ``k``, at most ``k + 1`` per row
+    (the most similar; + 1 as the query may find itself), so that a cell full of copies of
+    one image cannot pile up pairs."""
+    mask = sims >= threshold
+    if k is not None and sims.shape[1] > k + 1:
+        heavy = np.flatnonzero(np.count_nonzero(mask, axis=1) > k + 1)
+        if len(heavy):
+            top = np.argpartition(-sims[heavy], k, axis=1)[:, : k + 1]
+            capped = np.zeros((len(heavy), sims.shape[1]), dtype=bool)
+            np.put_along_axis(capped, top, True, axis=1)
+            mask[heavy] &= capped
+    return np.nonzero(mask)
 
 
 def find_pairs(
@@ -327,7 +368,7 @@ def find_pairs(
     if kind == "exact":
         return exact_pairs(vectors, threshold, k, start, stop, settings.query_batch, progress)
     cells = cells if cells is not None else train_cells(vectors, settings, progress)
-    return cell_pairs(vectors, cells, threshold, k, start, stop, progress)
+    return cell_pairs(vectors, cells, threshold, k, start, stop, progress, settings.threads)
 
 
 def _as_float32(vectors: np.ndarray) -> np.ndarray:

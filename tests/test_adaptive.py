@@ -36,3 +36,33 @@ def test_diverse_samples_stop_early_and_repeats_continue():
 def test_bad_settings_name_the_key(bad):
     with pytest.raises(ValueError, match="adaptive."):
         AdaptiveSettings(**bad)
+
+
+def test_outcome_replays_the_rounds_on_existing_samples():
+    from pipeline.adaptive import adaptive_outcome
+
+    rng = np.random.default_rng(1)
+    settings = AdaptiveSettings(first_round=4, growth=2.0)
+    diverse = _diverse(10, rng)
+    asked = []
+
+    def first(k, images=diverse):
+        asked.append(k)
+        return images[:k]
+
+    assert adaptive_outcome(first, 10, settings) == (4, True) and asked == [4]
+    repeated = diverse.copy()
+    repeated[1] = repeated[0]  # a near-copy pair in the first round: sample to the end
+    asked.clear()
+    assert adaptive_outcome(lambda k: first(k, repeated), 10, settings) == (10, False) and asked == [4, 8]
+    assert adaptive_outcome(first, 3, settings) == (3, False)  # a budget below one round: no decision
+
+
+def test_settings_from_config_name_unknown_keys():
+    from pipeline.adaptive import adaptive_settings
+
+    assert adaptive_settings(None) == AdaptiveSettings()
+    got = adaptive_settings({"enabled": True, "first_round": "8", "threshold": 0.1})
+    assert got == AdaptiveSettings(enabled=True, first_round=8, threshold=0.1)
+    with pytest.raises(ValueError, match="adaptive.first_rounds: unknown key"):
+        adaptive_settings({"first_rounds": 8})

@@ -4,7 +4,8 @@ Near-duplicates on the web differ by what leaves a picture's coarse layout alone
 re-encoding, rescaling, small crops and shifts, colour tweaks, a caption burned in. A
 thumbnail of a few pixels a side keeps the layout and averages those changes away, so it
 finds such copies; it does not find semantic duplicates (the same scene photographed twice),
-for which use a CLIP embedder (``embedder=open_clip``).
+for which use a CLIP embedder (``embedder=open_clip``). Its weak spot is a caption drawn
+on a nearly flat image (a moon, a star field): the text is then most of the picture.
 
 For each scale ``s`` (4x4 and 8x8 by default) the image is shrunk to ``s x s`` with an
 antialiasing filter, then per channel the mean is removed (brightness changes cancel), the
