@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.embedders.base import Embedder
+from pipeline.models import resolve_device
 
 ImageBatch = np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor | Image.Image]
 
@@ -37,13 +38,6 @@ ImageBatch = np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor | Im
 REFINE_BELOW = 0.02
 # Largest number of float32 elements in one chunk of the (tiles, rows, columns) product.
 MAX_CHUNK_ELEMENTS = 2**25
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` or ``"auto"``: CUDA when there is a GPU, else the CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _as_tensor(array) -> torch.Tensor:

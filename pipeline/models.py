@@ -33,9 +33,9 @@ class ModelLoadError(RuntimeError):
     """The model named by ``model.path`` could not be loaded; the message says why and what to do."""
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"``: the first CUDA GPU when there is one, else the CPU; otherwise ``torch.device(device)``."""
-    if device in (None, "auto"):
+    if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
