@@ -16,6 +16,7 @@ runs exactly the same code on it as on Stable Diffusion v1.x.
 from __future__ import annotations
 
 import gzip
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -193,6 +194,24 @@ def build_pipeline(config: DemoModelConfig | None = None, **overrides) -> Stable
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def save_pipeline(pipe: StableDiffusionPipeline, directory: str | Path) -> None:
+    """``save_pretrained``, minus the one config entry diffusers would warn about on loading.
+
+    ``AutoencoderTiny`` records ``block_out_channels`` in its config (for the pipeline's
+    ``vae_scale_factor``) but does not take it as an argument, so loading the saved config
+    warns; it is rebuilt from ``decoder_block_out_channels`` anyway.
+    """
+    pipe.save_pretrained(directory, safe_serialization=True)
+    strip_vae_config(Path(directory))
+
+
+def strip_vae_config(directory: Path) -> None:
+    config_path = directory / "vae" / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("_class_name") == "AutoencoderTiny" and config.pop("block_out_channels", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def config_dict(config: DemoModelConfig) -> dict:

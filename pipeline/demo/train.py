@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.data import RejectLog, iter_records
-from pipeline.demo.model import DemoModelConfig, build_pipeline, config_dict, pixels_to_latents
+from pipeline.demo.model import DemoModelConfig, build_pipeline, config_dict, pixels_to_latents, save_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def export_pipeline(pipe: StableDiffusionPipeline, ema: EMAModel, out_dir: Path,
         shutil.rmtree(staging)
     online = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     ema.copy_to(pipe.unet.parameters())
-    pipe.save_pretrained(staging, safe_serialization=True)
+    save_pipeline(pipe, staging)
     pipe.unet.load_state_dict(online)
     (staging / "training.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     checkpoints = out_dir / "checkpoints"
