@@ -40,7 +40,7 @@ def test_tokenizer_keeps_captions_apart_and_truncates():
 def test_shipped_model_loads_offline_and_samples(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert (SHIPPED / "model_index.json").exists(), f"the shipped demo model is missing from {SHIPPED}"
-    pipe = DiffusionPipeline.from_pretrained(SHIPPED, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(str(SHIPPED), local_files_only=True)
     assert isinstance(pipe, StableDiffusionPipeline)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -85,4 +85,4 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_demo_set, tmp_pat
         assert torch.equal(a[name], b[name]), name
     info = json.loads((resumed / "training.json").read_text())
     assert info["steps"] == 4
-    assert DiffusionPipeline.from_pretrained(resumed, local_files_only=True).unet.config.sample_size == 16
+    assert DiffusionPipeline.from_pretrained(str(resumed), local_files_only=True).unet.config.sample_size == 16

@@ -13,7 +13,8 @@ from .conftest import SHIPPED_DEMO_MODEL
 
 @pytest.fixture(scope="module")
 def demo_pipe():
-    pipe = DiffusionPipeline.from_pretrained(SHIPPED_DEMO_MODEL, local_files_only=True)
+    assert (SHIPPED_DEMO_MODEL / "model_index.json").exists(), f"the shipped demo model is missing from {SHIPPED_DEMO_MODEL}"
+    pipe = DiffusionPipeline.from_pretrained(str(SHIPPED_DEMO_MODEL), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

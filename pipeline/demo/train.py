@@ -150,7 +150,7 @@ def train(cfg: TrainConfig) -> Path:
         step, elapsed, history = state["step"], state["elapsed"], state["history"]
         started_from = f"checkpoint at step {step}"
     elif cfg.warm_start and (out_dir / "unet").exists():
-        shipped = StableDiffusionPipeline.from_pretrained(out_dir, local_files_only=True).unet
+        shipped = StableDiffusionPipeline.from_pretrained(str(out_dir), local_files_only=True).unet
         unet.load_state_dict(shipped.state_dict())
         ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
         info = json.loads((out_dir / "training.json").read_text()) if (out_dir / "training.json").exists() else {}
