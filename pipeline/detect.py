@@ -184,15 +184,16 @@ def screenable_prompts(generations_dir: Path) -> pd.DataFrame:
     still being sampled would be screened on part of its samples. Folders of other tools
     (no shard files, no markers) are read whole.
     """
-    from pipeline.generate import consolidate_prompts, load_prompts
+    from pipeline.generate import consolidate_prompts, prompt_done
 
     if any(generations_dir.glob("prompts_*-of-*.parquet")):
         consolidate_prompts(generations_dir)
-    prompts = read_prompts(generations_dir)
-    if (generations_dir / ".done").is_dir() and (generations_dir / PROMPTS_FILE).is_file():
-        table = load_prompts(generations_dir)
-        complete = set(load_prompts(generations_dir, complete_only=True)["prompt_id"].astype(str))
-        waiting = prompts["prompt_id"].isin(set(table["prompt_id"].astype(str)) - complete)
+    prompts = read_prompts(generations_dir)  # checks the folder and the table, with clear errors
+    table = pd.read_parquet(generations_dir / PROMPTS_FILE) if (generations_dir / PROMPTS_FILE).is_file() else pd.DataFrame()
+    if (generations_dir / ".done").is_dir() and {"prompt_id", "n_samples"} <= set(table.columns):
+        generator_ids = table["prompt_id"].astype(str)
+        complete = {pid for pid, n in zip(generator_ids, table["n_samples"]) if prompt_done(generations_dir, pid, int(n))}
+        waiting = prompts["prompt_id"].isin(set(generator_ids) - complete)
         if waiting.any():
             log.warning("%d of %d prompts in %s are not complete yet (still being generated): not screened this time, "
                         "rerun detect when the generator has finished", int(waiting.sum()), len(prompts), generations_dir)

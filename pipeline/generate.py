@@ -290,7 +290,7 @@ def generate(
     queue: deque[SampleTask] = deque()
     queued_per_caption: Counter[str] = Counter()
     active: dict[str, _Progress] = {}
-    counts = {"stopped": 0, "queued": 0}
+    counts = {"stopped": 0}
     bar = tqdm(total=0, unit="img", desc=f"generate {rank}/{world_size}", disable=not progress, dynamic_ncols=True)
 
     def finish(prompt_id: str, made: int, stopped: bool) -> None:
@@ -314,9 +314,7 @@ def generate(
                 queue.extend(SampleTask(prompt_id, state.prompt.caption, i, state.seeds[i]) for i in todo)
                 queued_per_caption[state.prompt.caption] += len(todo)
                 state.waiting = len(todo)
-                counts["queued"] += len(todo)
-                bar.total += len(todo)
-                bar.refresh()
+                bar.total += len(todo)  # shown at the next update
                 return
             if end == n_samples:
                 return finish(prompt_id, end, stopped=False)

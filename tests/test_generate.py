@@ -328,6 +328,7 @@ def test_local_multirun_two_processes(model_dir, tmp_path):
 # --- adaptive sampling -------------------------------------------------------------------
 
 ADAPTIVE_PROMPTS = PROMPTS + [Prompt("00002", "a bowl of fruit on a table", 1)]
+FULL = 4  # the sample budget: rounds of 2 and 4 under the rule below
 
 
 def first_pair_distances(folder: Path, prompts, count: int = 2) -> dict[str, float]:
@@ -339,13 +340,13 @@ def first_pair_distances(folder: Path, prompts, count: int = 2) -> dict[str, flo
 
 @pytest.fixture(scope="module")
 def brute(pipe, model_dir, tmp_path_factory):
-    """A brute-force reference run (6 samples per prompt) and an adaptive rule under which exactly
+    """A brute-force reference run (FULL samples per prompt) and an adaptive rule under which exactly
     one prompt's first pair is close (the threshold sits between the two smallest first-pair
     distances), so that prompt continues and the others stop after their first round."""
     from pipeline.adaptive import AdaptiveSettings
 
     out = tmp_path_factory.mktemp("brute")
-    run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=6, batch_size=8)
+    run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=8)
     distances = first_pair_distances(out, ADAPTIVE_PROMPTS)
     order = sorted(distances, key=distances.get)
     threshold = (distances[order[0]] + distances[order[1]]) / 2
@@ -357,11 +358,11 @@ def brute(pipe, model_dir, tmp_path_factory):
 def test_adaptive_sampling_stops_unpromising_prompts_after_their_first_round(pipe, model_dir, tmp_path, brute):
     batches = []
     out = tmp_path / "adaptive"
-    summary = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=6, batch_size=4, adaptive=brute["rule"],
+    summary = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=4, adaptive=brute["rule"],
                   on_batch=lambda batch: batches.append([(t.prompt_id, t.index) for t in batch]))  # fmt: skip
     keep, stop = brute["continues"], brute["stop"]
-    assert summary.images == 6 + 2 * len(stop) and summary.stopped_early == len(stop)
-    expected = sorted([f"{keep}/{i:05d}.png" for i in range(6)] + [f"{pid}/{i:05d}.png" for pid in stop for i in range(2)])
+    assert summary.images == FULL + 2 * len(stop) and summary.stopped_early == len(stop)
+    expected = sorted([f"{keep}/{i:05d}.png" for i in range(FULL)] + [f"{pid}/{i:05d}.png" for pid in stop for i in range(2)])
     assert sorted(all_samples(out)) == expected
     # Same seeds: every adaptive sample is the brute-force run's sample, pixel for pixel.
     reference = all_samples(brute["out"])
@@ -376,25 +377,25 @@ def test_adaptive_sampling_stops_unpromising_prompts_after_their_first_round(pip
     assert any(len({pid for pid, _ in batch}) > 1 for batch in batches)
 
     table = pd.read_parquet(out / PROMPTS_FILE).set_index("prompt_id")
-    assert table.loc[keep, "n_generated"] == 6 and not table.loc[keep, "stopped_early"]
+    assert table.loc[keep, "n_generated"] == FULL and not table.loc[keep, "stopped_early"]
     assert table.loc[stop, "n_generated"].tolist() == [2] * len(stop) and table.loc[stop, "stopped_early"].all()
-    assert (table["n_samples"] == 6).all() and all(len(s) == 6 for s in table["seeds"])
+    assert (table["n_samples"] == FULL).all() and all(len(s) == FULL for s in table["seeds"])
     assert json.loads(table.loc[keep, "adaptive"])["first_round"] == 2
     assert all(is_done(out, p.prompt_id) for p in ADAPTIVE_PROMPTS)
     assert json.loads(marker_path(out, stop[0]).read_text())["stopped_early"] is True
     assert load_prompts(out, complete_only=True)["prompt_id"].tolist() == [p.prompt_id for p in ADAPTIVE_PROMPTS]
     # A stopped sample not made can still be remade from its recorded seed, as brute force made it.
-    np.testing.assert_array_equal(regenerate(table.loc[stop[0]].to_dict() | {"prompt_id": stop[0]}, 4, pipe=pipe),
-                                  reference[f"{stop[0]}/00004.png"])  # fmt: skip
+    np.testing.assert_array_equal(regenerate(table.loc[stop[0]].to_dict() | {"prompt_id": stop[0]}, 3, pipe=pipe),
+                                  reference[f"{stop[0]}/00003.png"])  # fmt: skip
 
     # The same rule again: nothing to do. Brute force over the folder: the stopped prompts are filled up.
-    again = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=6, batch_size=4, adaptive=brute["rule"])
+    again = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=4, adaptive=brute["rule"])
     assert again.images == 0 and again.prompts_skipped == 3
-    filled = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=6, batch_size=4)
-    assert filled.images == 4 * len(stop) and filled.prompts_skipped == 1
+    filled = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=4)
+    assert filled.images == (FULL - 2) * len(stop) and filled.prompts_skipped == 1
     assert {k: v.tobytes() for k, v in all_samples(out).items()} == {k: v.tobytes() for k, v in reference.items()}
     table = pd.read_parquet(out / PROMPTS_FILE)
-    assert table["n_generated"].tolist() == [6, 6, 6] and not table["stopped_early"].any()
+    assert table["n_generated"].tolist() == [FULL] * 3 and not table["stopped_early"].any()
 
 
 def test_interrupted_adaptive_run_resumes_to_the_same_samples(pipe, model_dir, tmp_path, brute):
@@ -404,15 +405,15 @@ def test_interrupted_adaptive_run_resumes_to_the_same_samples(pipe, model_dir, t
             raise Interrupt("killed")
 
     out = tmp_path / "adaptive"
-    options = dict(prompts=ADAPTIVE_PROMPTS, n_samples=6, batch_size=3, adaptive=brute["rule"])
+    options = dict(prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=3, adaptive=brute["rule"])
     with pytest.raises(Interrupt):
         run(pipe, model_dir, out, on_batch=stop_after_second_batch, **options)
     assert len(all_samples(out)) == 6  # the first round of every prompt
     summary = run(pipe, model_dir, out, **options)
-    assert summary.images == 4  # only the continuing prompt's later rounds
+    assert summary.images == FULL - 2  # only the continuing prompt's later rounds
     reference = all_samples(brute["out"])
     final = all_samples(out)
-    assert len(final) == 6 + 2 * len(brute["stop"])
+    assert len(final) == FULL + 2 * len(brute["stop"])
     for name, image in final.items():
         np.testing.assert_array_equal(image, reference[name], err_msg=name)
     table = pd.read_parquet(out / PROMPTS_FILE).set_index("prompt_id")
@@ -424,7 +425,7 @@ def test_interrupted_adaptive_run_resumes_to_the_same_samples(pipe, model_dir, t
     from pipeline.adaptive import AdaptiveSettings
 
     strict = AdaptiveSettings(enabled=True, first_round=2, threshold=1e-9)
-    again = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=6, batch_size=3, adaptive=strict)
+    again = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=3, adaptive=strict)
     assert again.images == 0 and again.stopped_early == len(brute["stop"])  # re-decided, same verdict
     assert again.prompts_skipped == 1
 
@@ -466,7 +467,7 @@ def test_detect_screens_complete_prompts_only_and_every_shard(pipe, model_dir, t
 
     out = tmp_path / "generations"
     for rank in (0, 1):
-        run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=6, batch_size=8, adaptive=brute["rule"], rank=rank, world_size=2)
+        run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=8, adaptive=brute["rule"], rank=rank, world_size=2)
     # As if shard 1 had not consolidated yet and were still sampling its prompt 00001.
     (out / PROMPTS_FILE).unlink()
     marker_path(out, "00001").unlink()
@@ -474,12 +475,12 @@ def test_detect_screens_complete_prompts_only_and_every_shard(pipe, model_dir, t
     memorized = run_detect(out, tmp_path / "detect", settings, progress=False).set_index("prompt_id")
     assert sorted(memorized.index) == sorted({"00000", "00002"})  # 00001 waits for its marker
     assert (out / PROMPTS_FILE).exists()  # the shard files were consolidated first
-    expected = {pid: 6 if pid == brute["continues"] else 2 for pid in memorized.index}
+    expected = {pid: FULL if pid == brute["continues"] else 2 for pid in memorized.index}
     assert memorized["n_samples"].to_dict() == expected  # the PNGs that exist, not n_samples
     assert memorized["flagged"].to_dict() == {pid: pid == brute["continues"] for pid in memorized.index}
 
     # Shard 1 finishes (its marker comes back) and a later run adds samples: detect rescreens.
-    run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=6, batch_size=8, adaptive=brute["rule"], rank=1, world_size=2)
-    run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=6, batch_size=8, rank=0, world_size=2)
+    run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=8, adaptive=brute["rule"], rank=1, world_size=2)
+    run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=8, rank=0, world_size=2)
     memorized = run_detect(out, tmp_path / "detect", settings, progress=False).set_index("prompt_id")
-    assert memorized["n_samples"].to_dict() == {"00000": 6, "00001": 6 if "00001" == brute["continues"] else 2, "00002": 6}
+    assert memorized["n_samples"].to_dict() == {"00000": FULL, "00001": FULL if "00001" == brute["continues"] else 2, "00002": FULL}
