@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 # The decoder computes image = (tanh(z / 3) * 3 + 1) / 2 (see ``identity_vae``). Training data
 # in [-1, 1] is mapped through the inverse, so that decoding gives the pixels back exactly.
 VAE_TANH_SCALE = 3.0
+# Largest |latent| of a training image: pixels_to_latents(+-1).
+LATENT_RANGE = VAE_TANH_SCALE * math.atanh(1.0 / VAE_TANH_SCALE)
 
 
 @dataclass
@@ -164,12 +167,18 @@ def pixels_to_latents(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def build_scheduler() -> DDIMScheduler:
-    """DDIM over the cosine schedule ("squaredcos_cap_v2"), epsilon prediction, 1000 steps."""
+    """DDIM over the cosine schedule ("squaredcos_cap_v2"), epsilon prediction, 1000 steps.
+
+    The predicted clean image is clipped to the range training latents have: near t = 1000 the
+    cosine schedule leaves almost no signal, and dividing by its tiny sqrt(alpha_bar) would
+    blow small epsilon errors up into saturated pixels. Pixel-space models clip for this reason.
+    """
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
         prediction_type="epsilon",
-        clip_sample=False,
+        clip_sample=True,
+        clip_sample_range=LATENT_RANGE,
         set_alpha_to_one=False,
         steps_offset=1,
         timestep_spacing="trailing",
