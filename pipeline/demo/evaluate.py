@@ -31,7 +31,7 @@ class EvalConfig:
     out_dir: str | None = None
     originals_per_band: int = 6
     seeds: int = 4
-    steps: int = 50
+    steps: int = 25
     guidance_scale: float = 5.0
     threshold: float = 0.15
     batch_size: int = 64
