@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,8 +27,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 # The decoder computes image = (tanh(z / 3) * 3 + 1) / 2 (see ``identity_vae``). Training data
 # in [-1, 1] is mapped through the inverse, so that decoding gives the pixels back exactly.
 VAE_TANH_SCALE = 3.0
-# Largest |latent| of a training image: pixels_to_latents(+-1).
-LATENT_RANGE = VAE_TANH_SCALE * math.atanh(1.0 / VAE_TANH_SCALE)
 
 
 @dataclass
@@ -169,16 +166,21 @@ def pixels_to_latents(pixels: torch.Tensor) -> torch.Tensor:
 def build_scheduler() -> DDIMScheduler:
     """DDIM over the cosine schedule ("squaredcos_cap_v2"), epsilon prediction, 1000 steps.
 
-    The predicted clean image is clipped to the range training latents have: near t = 1000 the
-    cosine schedule leaves almost no signal, and dividing by its tiny sqrt(alpha_bar) would
-    blow small epsilon errors up into saturated pixels. Pixel-space models clip for this reason.
+    The predicted clean image is clipped to [-1, 1] at every step: near t = 1000 the cosine
+    schedule leaves almost no signal, and dividing by its tiny sqrt(alpha_bar) blows small
+    epsilon errors up into saturated pixels (pixel-space models clip for this reason).
+    ``StableDiffusionPipeline`` resets ``clip_sample`` to False (right for SD's latents), so
+    the clip is expressed as dynamic thresholding with its ceiling at 1, which is the same
+    thing and which the pipeline leaves alone. Latents of 1.0 decode to pixel 250 of 255.
     """
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
         prediction_type="epsilon",
-        clip_sample=True,
-        clip_sample_range=LATENT_RANGE,
+        clip_sample=False,
+        thresholding=True,
+        dynamic_thresholding_ratio=0.995,
+        sample_max_value=1.0,
         set_alpha_to_one=False,
         steps_offset=1,
         timestep_spacing="trailing",
