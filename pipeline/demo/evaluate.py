@@ -32,7 +32,7 @@ class EvalConfig:
     originals_per_band: int = 6
     seeds: int = 4
     steps: int = 25
-    guidance_scale: float = 5.0
+    guidance_scale: float = 3.0
     threshold: float = 0.15
     batch_size: int = 64
     seed: int = 0
