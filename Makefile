@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo demo-data demo-model dedup generate prescreen detect report bench clean
+.PHONY: venv test demo demo-data demo-model demo-eval dedup generate prescreen detect report bench clean
 
 venv: $(STAMP)
 
@@ -26,8 +26,12 @@ test: $(STAMP)
 demo-data: $(STAMP)
 	$(PY) -m pipeline.demo.dataset $(ARGS)
 
-demo-model: $(STAMP)
+# Continues from models/demo/checkpoints/state.pt, or warm-starts from the shipped weights.
+demo-model: $(STAMP) data/demo/ground_truth.parquet
 	$(PY) -m pipeline.demo.train $(ARGS)
+
+data/demo/ground_truth.parquet: | $(STAMP)
+	$(PY) -m pipeline.demo.dataset
 
 dedup: $(STAMP)
 	$(PY) -m pipeline.dedup $(ARGS)
@@ -43,6 +47,16 @@ detect: $(STAMP)
 
 report: $(STAMP)
 	$(PY) -m pipeline.report $(ARGS)
+
+# Reproduction rate of the shipped model against duplicate count (memorization.csv/png).
+demo-eval: $(STAMP) data/demo/ground_truth.parquet
+	$(PY) -m pipeline.demo.evaluate $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/dedup_bench.py
+	$(PY) benchmarks/detect_bench.py
+	$(PY) benchmarks/generate_bench.py
+	$(PY) benchmarks/screen_bench.py
 
 demo: $(STAMP)
 	$(PY) -m pipeline.demo.run $(ARGS)
