@@ -4,9 +4,10 @@ A sample is named by ``(prompt_id, index)`` and made from its own seed (:func:`s
 with its own ``torch.Generator``: diffusers draws each image's initial noise (and, for
 stochastic samplers, each step's noise) from that image's generator, so a sample does not
 depend on which other samples shared its batch. Regenerating sample ``i`` alone gives the
-same pixels as the batched run (bit for bit on the CPU, which the tests check; on a GPU,
-kernels chosen per batch size may round differently, so expect at most rare 1-level
-differences there, far below the detector's threshold).
+same noise and the same pixels as the batched run up to rounding: convolution kernels
+(oneDNN on the CPU, cuDNN on a GPU) sum in an order that depends on the batch size, which can
+move a rare pixel by one grey level (the tests allow at most 1 level on 1% of values), far
+below the detector's threshold. Regenerating the same batch gives identical pixels.
 
 Batches mix prompts freely: each caption is encoded by the text encoder once (alone, so its
 embedding does not depend on its batch either) and its embeddings are repeated for its
