@@ -21,3 +21,13 @@ def demo_set(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo_set")
     build_demo_dataset(out)
     return out
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` (not a package) as a module, for tests of its pieces."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

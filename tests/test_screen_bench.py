@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "screen_bench.py"
+from .conftest import load_benchmark
+
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("screen_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("screen_bench")
 
 
 @pytest.fixture(scope="module")
