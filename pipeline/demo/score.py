@@ -58,11 +58,11 @@ def score_run(run_dir: str | Path, ground_truth: pd.DataFrame, planted_min_copie
     if extracted_path.exists():
         extracted = pd.read_parquet(extracted_path)
         extracted = extracted[extracted.extracted]
+        prompt_original = dict(zip(table.prompt_id, table.original_id))
         correct = {
             row.prompt_id
             for row in extracted.itertuples()
-            if row.train_key in truth.index
-            and truth.loc[row.train_key, "original_id"] == table.set_index("prompt_id").loc[row.prompt_id, "original_id"]
+            if row.train_key in truth.index and truth.loc[row.train_key, "original_id"] == prompt_original.get(row.prompt_id)
         }
         table["extracted"] = table.prompt_id.isin(correct)
     table["planted"] = table.true_dup_count.fillna(0) >= planted_min_copies
