@@ -38,7 +38,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline.adaptive import AdaptiveSettings, adaptive_outcome
+from pipeline.adaptive import NO_SIGN, AdaptiveSettings, adaptive_outcome
 from pipeline.budget import brute_force_evaluations, generation_budget, missed_by_shortcuts
 from pipeline.detect import DetectSettings, run_detect
 from pipeline.generate import generate, load_prompts, read_samples
@@ -49,7 +49,7 @@ from pipeline.sampling import SamplingSettings
 
 TINY_BANDS = {"heavy": (2, 8), "mid": (2, 3), "single": (6, 1)}
 TINY_DEFAULTS = dict(
-    prompts=8, n_samples=6, steps=2, batch_size=16, min_clique=3, keep_fraction=0.5, prescreen_seeds=2, first_round=2,
+    prompts=8, n_samples=6, steps=2, batch_size=16, min_clique=3, keep_fraction=0.5, keep_z=None, prescreen_seeds=2, first_round=2,
     heavy_dup_count=TINY_BANDS["heavy"][1],
 )  # fmt: skip
 
@@ -113,8 +113,8 @@ def adaptive_alone(generations: Path, table: pd.DataFrame, rule: AdaptiveSetting
     """What adaptive sampling would have done to every prompt, replayed on brute-force samples."""
     rows = []
     for prompt_id, n in zip(table.prompt_id, table.n_samples):
-        made, stopped = adaptive_outcome(lambda k, pid=prompt_id: read_samples(generations, pid, k), int(n), rule)
-        rows.append({"prompt_id": prompt_id, "n_generated": made, "stopped_early": stopped})
+        made, reason = adaptive_outcome(lambda k, pid=prompt_id: read_samples(generations, pid, k), int(n), rule)
+        rows.append({"prompt_id": prompt_id, "n_generated": made, "stopped_early": reason == NO_SIGN, "stop_reason": reason})
     return pd.DataFrame(rows)
 
 
@@ -130,10 +130,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=None, help="image side; default: the model's")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--min-clique", type=int, default=10, help="the detector's clique size for a flag")
-    parser.add_argument("--keep-fraction", type=float, default=0.25, help="prescreen: share of prompts kept for sampling")
+    parser.add_argument("--keep-fraction", type=float, default=None, help="prescreen: share of prompts kept for sampling")
+    parser.add_argument("--keep-z", type=lambda v: None if v.lower() == "none" else float(v), default=3.5,
+                        help="prescreen: keep prompts whose robust z-score is at least this (the usual outlier cut 3.5); "
+                             "with --keep-fraction, both must hold")
     parser.add_argument("--prescreen-seeds", type=int, default=4)
     parser.add_argument("--first-round", type=int, default=AdaptiveSettings.first_round, help="adaptive: samples in the first round")
     parser.add_argument("--growth", type=float, default=AdaptiveSettings.growth, help="adaptive: round growth factor")
+    parser.add_argument("--min-close-pairs", type=int, default=AdaptiveSettings.min_close_pairs,
+                        help="adaptive: near-copy pairs a round needs to go on")
+    parser.add_argument("--no-stop-when-flagged", dest="stop_when_flagged", action="store_false",
+                        help="adaptive: sample flagged prompts to the full budget (default: stop once a clique of --min-clique exists)")
     parser.add_argument("--heavy-dup-count", type=int, default=100, help="dup_count from which a prompt is heavy (ROC AUC)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -193,13 +200,14 @@ def main(argv=None) -> dict:
     brute_s = brute["generate_s"] + brute["detect_s"]
 
     # (b) prescreen, then adaptive sampling of the kept prompts
-    ps = PrescreenSettings(seeds=args.prescreen_seeds, steps=args.steps, keep_fraction=args.keep_fraction, base_seed=args.seed,
-                           height=args.size, width=args.size)  # fmt: skip
+    ps = PrescreenSettings(seeds=args.prescreen_seeds, steps=args.steps, keep_fraction=args.keep_fraction, min_robust_z=args.keep_z,
+                           base_seed=args.seed, height=args.size, width=args.size)  # fmt: skip
     started = time.perf_counter()
     scores = prescreen(pipe, prompts, ps, progress=args.progress)
     prescreen_s = time.perf_counter() - started
     kept = set(scores.loc[scores.kept, "prompt_id"])
-    rule = AdaptiveSettings(enabled=True, first_round=args.first_round, growth=args.growth, threshold=args.threshold)
+    rule = AdaptiveSettings(enabled=True, first_round=args.first_round, growth=args.growth, threshold=args.threshold,
+                            min_close_pairs=args.min_close_pairs, stop_when_flagged=args.stop_when_flagged, min_clique=args.min_clique)
     screened = audit(pipe, [p for p in prompts if p.prompt_id in kept], out / "screened", args, runtime, adaptive=rule)
     screened_s = prescreen_s + screened["generate_s"] + screened["detect_s"]
 
@@ -216,7 +224,7 @@ def main(argv=None) -> dict:
     found = len(brute["flagged"] & screened["flagged"])
     recall = found / len(brute["flagged"]) if brute["flagged"] else float("nan")
     fraction = screened_budget["unet_evaluations"] / brute_budget["unet_evaluations"]
-    # Any method that samples the flagged prompts fully spends at least this share.
+    # What sampling only the flagged prompts to the full budget would cost (stop_when_flagged can go below it).
     floor = len(brute["flagged"]) / n
 
     rows = [
@@ -228,13 +236,17 @@ def main(argv=None) -> dict:
         ("  detect (s)", brute["detect_s"], screened["detect_s"]),
         ("prompts sampled", n, screened_budget["prompts_sampled"]),
         ("  stopped early", 0, screened_budget["prompts_stopped_early"]),
+        ("  stopped once flagged", 0, screened_budget["prompts_stopped_flagged"]),
         ("samples", brute_budget["samples"], screened_budget["samples"]),
         ("prompts flagged", len(brute["flagged"]), len(screened["flagged"])),
     ]
     print(f"screen_bench: {n} prompts, {args.n_samples} samples x {args.steps} steps, guidance {args.guidance}, "
           f"model {args.model}, {device.type} ({platform.processor() or platform.machine()}, torch {torch.__version__})")
-    print(f"(b): prescreen {args.prescreen_seeds} seeds, keep {args.keep_fraction:.0%} ({len(kept)} prompts); "
-          f"adaptive rounds {rule.first_round} x{rule.growth:g}; detector clique >= {args.min_clique}")
+    keep_rule = " and ".join(([f"top {args.keep_fraction:.0%}"] if args.keep_fraction is not None else [])
+                             + ([f"robust z >= {args.keep_z:g}"] if args.keep_z is not None else []))
+    print(f"(b): prescreen {args.prescreen_seeds} seeds, keep {keep_rule} ({len(kept)} prompts); adaptive rounds {rule.first_round} "
+          f"x{rule.growth:g}, go on with >= {rule.min_close_pairs} near-copy pair(s)"
+          + (", stop once flagged" if rule.stop_when_flagged else "") + f"; detector clique >= {args.min_clique}")
     print(f"{'':26s}{'(a) brute force':>18s}{'(b) screened':>18s}{'(b)/(a)':>10s}")
     for label, a, b in rows:
         ratio = b / a if a else float("nan")
@@ -242,7 +254,7 @@ def main(argv=None) -> dict:
         print(f"{label:26s}{fmt(a, digits):>18s}{fmt(b, digits):>18s}{fmt(ratio):>10s}")
     print(f"recall of (b) against (a)'s flagged prompts: {found}/{len(brute['flagged'])} = {fmt(recall)}"
           + ("  (brute force flagged nothing: recall undefined)" if not brute["flagged"] else ""))
-    print(f"evaluation fraction (b)/(a): {fmt(fraction, 4)}   (floor when (a)'s flagged prompts get the full budget: {fmt(floor, 4)})")
+    print(f"evaluation fraction (b)/(a): {fmt(fraction, 4)}   ((a)'s flagged prompts alone, at the full budget: {fmt(floor, 4)})")
     print(f"prescreen ROC AUC, dup_count >= {args.heavy_dup_count} ({int(heavy.sum())} prompts) vs the rest: {fmt(auc)}")
     print("missed of (a)'s flagged prompts: " + ", ".join(
         f"{name} {missed[name]['n_missed']}" for name in ("prescreen", "adaptive", "both")
@@ -264,7 +276,8 @@ def main(argv=None) -> dict:
                         "flagged": sorted(brute["flagged"])},
         "screened": {"unet_evaluations": screened_budget["unet_evaluations"], "seconds": screened_s, "samples": screened_budget["samples"],
                      "prescreen_evaluations": screened_budget["prescreen_evaluations"], "kept": sorted(kept),
-                     "stopped_early": screened_budget["prompts_stopped_early"], "flagged": sorted(screened["flagged"])},
+                     "stopped_early": screened_budget["prompts_stopped_early"],
+                     "stopped_flagged": screened_budget["prompts_stopped_flagged"], "flagged": sorted(screened["flagged"])},
         "recall": recall,
         "evaluation_fraction": fraction,
         "time_fraction": screened_s / brute_s if brute_s else float("nan"),

@@ -55,7 +55,8 @@ def generation_budget(prompts: pd.DataFrame, prescreen: Mapping[str, Any] | None
 
     Returns:
         A dict: ``prompts`` (brute force's prompt count), ``prompts_sampled``,
-        ``prompts_stopped_early``, ``samples``, ``samples_brute_force``,
+        ``prompts_stopped_early`` (no sign of memorization), ``prompts_stopped_flagged`` (stopped
+        once a clique was found), ``samples``, ``samples_brute_force``,
         ``generation_evaluations``, ``prescreen_evaluations``, ``unet_evaluations`` (their
         sum), ``brute_force_evaluations`` and ``fraction`` (spent / brute force; NaN when
         brute force costs nothing).
@@ -69,9 +70,10 @@ def generation_budget(prompts: pd.DataFrame, prescreen: Mapping[str, Any] | None
         per_sample = [evaluations_per_sample(s, g) for s, g in zip(prompts["steps"], prompts["guidance_scale"])]
         per_sample = pd.Series(per_sample, index=prompts.index)
         stopped = int(prompts["stopped_early"].fillna(False).astype(bool).sum()) if "stopped_early" in prompts.columns else 0
+        flagged_early = int((prompts["stop_reason"] == "flagged").sum()) if "stop_reason" in prompts.columns else 0
     else:
         budget = made = per_sample = pd.Series(dtype=int)
-        stopped = 0
+        stopped = flagged_early = 0
     spent = int((made * per_sample).sum())
     brute = int((budget * per_sample).sum())
     samples_brute = int(budget.sum())
@@ -92,6 +94,7 @@ def generation_budget(prompts: pd.DataFrame, prescreen: Mapping[str, Any] | None
         "prompts": n_prompts,
         "prompts_sampled": n_sampled,
         "prompts_stopped_early": stopped,
+        "prompts_stopped_flagged": flagged_early,
         "samples": int(made.sum()),
         "samples_brute_force": samples_brute,
         "generation_evaluations": spent,
@@ -165,6 +168,8 @@ def format_budget(report: Mapping[str, Any]) -> str:
         f"samples, {report['prompts_sampled']} of {report['prompts']} prompts sampled, "
         f"{report['prompts_stopped_early']} stopped early"
     )
+    if report.get("prompts_stopped_flagged"):
+        line += f", {report['prompts_stopped_flagged']} stopped once flagged"
     if report.get("prescreen_evaluations"):
         line += f"; prescreen {report['prescreen_evaluations']:,}"
     missed = report.get("missed")

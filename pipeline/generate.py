@@ -58,7 +58,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.adaptive import AdaptiveSettings, adaptive_settings, keep_sampling, round_ends
+from pipeline.adaptive import CONTINUE, NO_SIGN, AdaptiveSettings, adaptive_settings, round_ends, round_verdict
 from pipeline.budget import format_budget, write_generation_budget
 from pipeline.io import atomic_write, is_done, mark_done, marker_path, write_json, write_parquet
 from pipeline.models import ModelLoadError, Runtime, build_scheduler, dtype_name, load_pipeline, optimize_pipeline, resolve_device, resolve_dtype
@@ -173,7 +173,9 @@ def prompt_done(out_dir: Path, prompt_id: str, n_samples: int, adaptive: Adaptiv
     info = marker_info(out_dir, prompt_id)
     if info is None or int(info.get("n_samples", 0)) < n_samples:
         return False
-    if not info.get("stopped_early") or any_rule:
+    # Stopped by adaptive sampling (no sign of a clique, or flagged already): fewer samples than the budget.
+    partial = info.get("stopped_early") or int(info.get("n_generated", n_samples)) < n_samples
+    if not partial or any_rule:
         return True
     return adaptive is not None and adaptive.enabled and info.get("adaptive") == asdict(adaptive)
 
@@ -199,7 +201,8 @@ class GenerationSummary:
     prompts_skipped: int  # already complete before this run
     images: int  # images made by this run
     seconds: float
-    stopped_early: int = 0  # prompts this run stopped early (adaptive sampling)
+    stopped_early: int = 0  # prompts this run stopped early with no sign of memorization (adaptive sampling)
+    stopped_flagged: int = 0  # prompts this run stopped early because they were already flagged
 
     @property
     def images_per_s(self) -> float:
@@ -282,22 +285,31 @@ def generate(
             if info is not None and int(info.get("n_samples", 0)) >= n_samples:
                 row["n_generated"] = min(int(info.get("n_generated", n_samples)), n_samples)
                 row["stopped_early"] = bool(info.get("stopped_early", False))
+                row["stop_reason"] = info.get("stop_reason", NO_SIGN if row["stopped_early"] else None)
             else:
                 row["n_generated"] = sum(sample_path(out_dir, row["prompt_id"], i).exists() for i in range(n_samples))
                 row["stopped_early"] = False
+                row["stop_reason"] = None
         write_parquet(pd.DataFrame(rows, columns=list(rows[0]) if rows else None), shard_file(out_dir, rank, world_size))
 
     queue: deque[SampleTask] = deque()
     queued_per_caption: Counter[str] = Counter()
     active: dict[str, _Progress] = {}
-    counts = {"stopped": 0}
+    counts = {"stopped": 0, "flagged": 0}
     bar = tqdm(total=0, unit="img", desc=f"generate {rank}/{world_size}", disable=not progress, dynamic_ncols=True)
 
-    def finish(prompt_id: str, made: int, stopped: bool) -> None:
-        info: dict[str, Any] = {"n_samples": n_samples, "n_generated": made, "stopped_early": stopped, "rank": rank}
-        if stopped:
+    def finish(prompt_id: str, made: int, reason: str | None = None) -> None:
+        """Mark a prompt done; ``reason`` is why adaptive sampling stopped it before the budget.
+
+        ``stopped_early`` means "stopped with no sign of memorization" (what a shortcut can
+        miss); a prompt stopped because it is already flagged has ``stop_reason`` "flagged".
+        """
+        info: dict[str, Any] = {
+            "n_samples": n_samples, "n_generated": made, "stopped_early": reason == NO_SIGN, "stop_reason": reason, "rank": rank,
+        }  # fmt: skip
+        if reason is not None:
             info["adaptive"] = asdict(adaptive)
-            counts["stopped"] += 1
+            counts["stopped" if reason == NO_SIGN else "flagged"] += 1
         mark_done(out_dir, prompt_id, info)
         del active[prompt_id]
 
@@ -317,9 +329,10 @@ def generate(
                 bar.total += len(todo)  # shown at the next update
                 return
             if end == n_samples:
-                return finish(prompt_id, end, stopped=False)
-            if not keep_sampling(read_samples(out_dir, prompt_id, end), adaptive):
-                return finish(prompt_id, end, stopped=True)
+                return finish(prompt_id, end)
+            verdict = round_verdict(read_samples(out_dir, prompt_id, end), adaptive)
+            if verdict != CONTINUE:
+                return finish(prompt_id, end, verdict)
             state.round += 1
 
     skipped = 0
@@ -391,9 +404,10 @@ def generate(
     seconds = time.perf_counter() - start
     write_shard_file()
     consolidate_prompts(out_dir)
-    summary = GenerationSummary(len(mine), skipped, made, seconds, counts["stopped"])
+    summary = GenerationSummary(len(mine), skipped, made, seconds, counts["stopped"], counts["flagged"])
     log.info("generate: made %d images in %.1f s (%.2f images/s)%s", made, seconds, summary.images_per_s,
-             f"; {counts['stopped']} prompts stopped early" if adaptive is not None else "")
+             f"; {counts['stopped']} prompts stopped early with no near-copy pair, {counts['flagged']} once flagged"
+             if adaptive is not None else "")
     return summary
 
 

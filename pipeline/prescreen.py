@@ -39,10 +39,12 @@ class PrescreenSettings:
     batch_size: int = 64
     base_seed: int = 0
     # Keep the `keep_top` highest-scoring prompts (or the top `keep_fraction` of them), and/or
-    # those scoring at least `score_threshold`.
+    # those scoring at least `score_threshold`, and/or those whose robust z-score (distance
+    # from the median score in scaled median absolute deviations) is at least `min_robust_z`.
     keep_top: int | None = None
     keep_fraction: float | None = None
     score_threshold: float | None = None
+    min_robust_z: float | None = None
     height: int | None = None
     width: int | None = None
 
@@ -112,17 +114,37 @@ def unet_evaluations(n_prompts: int, settings: PrescreenSettings) -> int:
     return 2 * n_prompts * settings.seeds
 
 
+def robust_z(scores: np.ndarray) -> np.ndarray:
+    """How far each score lies above the median, in units of 1.4826 x the median absolute deviation.
+
+    Memorized prompts are rare outliers in a large audit; the median and the MAD describe the
+    unmemorized bulk and barely move with the outliers, unlike the mean and the standard
+    deviation. Falls back to the mean absolute deviation (x 1.2533) when more than half of the
+    scores are equal; all zeros when every score is.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        return scores
+    deviation = np.abs(scores - np.median(scores))
+    scale = 1.4826 * np.median(deviation)
+    if scale == 0:
+        scale = 1.2533 * deviation.mean()
+    if scale == 0:
+        return np.zeros_like(scores)
+    return (scores - np.median(scores)) / scale
+
+
 def choose_kept(scores: np.ndarray, settings: PrescreenSettings) -> np.ndarray:
     """Boolean mask of prompts to keep: the top ``keep_top`` (or ``keep_fraction``) by score,
-    and, when ``score_threshold`` is set, only those scoring at least that."""
+    and, when ``score_threshold`` / ``min_robust_z`` are set, only those reaching them."""
     top = settings.keep_top
     if settings.keep_fraction is not None:
         if not 0 < settings.keep_fraction <= 1:
             raise ValueError(f"prescreen.keep_fraction: must be in (0, 1], got {settings.keep_fraction}")
         by_fraction = int(np.ceil(settings.keep_fraction * len(scores)))
         top = by_fraction if top is None else max(top, by_fraction)
-    if top is None and settings.score_threshold is None:
-        raise ValueError("prescreen: set keep_top (a count), keep_fraction or score_threshold")
+    if top is None and settings.score_threshold is None and settings.min_robust_z is None:
+        raise ValueError("prescreen: set keep_top (a count), keep_fraction, score_threshold or min_robust_z")
     if top is not None and top < 0:
         raise ValueError(f"prescreen.keep_top: must be >= 0, got {top}")
     keep = np.ones(len(scores), dtype=bool)
@@ -131,14 +153,16 @@ def choose_kept(scores: np.ndarray, settings: PrescreenSettings) -> np.ndarray:
         keep[np.argsort(-scores, kind="stable")[:top]] = True
     if settings.score_threshold is not None:
         keep &= scores >= settings.score_threshold
+    if settings.min_robust_z is not None:
+        keep &= robust_z(scores) >= settings.min_robust_z
     return keep
 
 
 def prescreen(pipe, prompts: list[Prompt], settings: PrescreenSettings, progress: bool = True) -> pd.DataFrame:
     """Score and rank ``prompts``; one row per prompt, highest score first.
 
-    Columns: prompt_id, caption, dup_count, score (mean over seeds), score_std, rank (0 = highest),
-    kept.
+    Columns: prompt_id, caption, dup_count, score (mean over seeds), score_std, robust_z
+    (:func:`robust_z` of the score), rank (0 = highest), kept.
     """
     per_seed = text_conditional_noise_norm(pipe, [p.caption for p in prompts], settings, progress)
     table = pd.DataFrame(
@@ -150,6 +174,7 @@ def prescreen(pipe, prompts: list[Prompt], settings: PrescreenSettings, progress
             "score_std": per_seed.std(axis=1),
         }
     )
+    table["robust_z"] = robust_z(table.score.to_numpy())
     table["kept"] = choose_kept(table.score.to_numpy(), settings)
     table = table.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     table["rank"] = np.arange(len(table))
@@ -205,7 +230,7 @@ def main() -> None:
             if heavy.any() and not heavy.all():
                 summary["roc_auc_heavy_vs_rest"] = roc_auc(table.score.to_numpy(), heavy.to_numpy())
         write_json(summary, out_dir / f"summary{suffix}.json")
-        print(table.head(15)[["rank", "prompt_id", "dup_count", "score", "kept", "caption"]].to_string(index=False))
+        print(table.head(15)[["rank", "prompt_id", "dup_count", "score", "robust_z", "kept", "caption"]].to_string(index=False))
         print(
             f"prescreen: {summary['kept']} of {summary['prompts']} prompts kept, "
             f"{summary['unet_evaluations']} UNet evaluations in {seconds:.1f} s"

@@ -22,6 +22,7 @@ from pipeline.generate import (
     regenerate,
     sample_path,
 )
+from pipeline.budget import generation_budget
 from pipeline.io import is_done, marker_path
 from pipeline.models import ModelLoadError, Runtime, load_pipeline, optimize_pipeline, resolve_dtype
 from pipeline.prompts import Prompt, PromptsError, read_prompts, shard_prompts
@@ -404,6 +405,33 @@ def test_adaptive_sampling_stops_unpromising_prompts_after_their_first_round(pip
     assert {k: v.tobytes() for k, v in all_samples(out).items()} == {k: v.tobytes() for k, v in reference.items()}
     table = pd.read_parquet(out / PROMPTS_FILE)
     assert table["n_generated"].tolist() == [FULL] * 3 and not table["stopped_early"].any()
+
+
+def test_stop_when_flagged_ends_a_prompt_at_its_clique_and_brute_force_fills_it_up(pipe, model_dir, tmp_path, brute):
+    """With cliques of 2, the continuing prompt's first pair is already a flag: it stops there too,
+    as "flagged" and not as a miss; a brute-force rerun still completes every prompt."""
+    from dataclasses import replace
+
+    rule = replace(brute["rule"], stop_when_flagged=True, min_clique=2)
+    out = tmp_path / "flagged"
+    summary = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=4, adaptive=rule)
+    assert summary.images == 2 * len(ADAPTIVE_PROMPTS)
+    assert (summary.stopped_early, summary.stopped_flagged) == (len(brute["stop"]), 1)
+    table = pd.read_parquet(out / PROMPTS_FILE).set_index("prompt_id")
+    keep = brute["continues"]
+    assert table.loc[keep, "stop_reason"] == "flagged" and not table.loc[keep, "stopped_early"]
+    assert (table.loc[brute["stop"], "stop_reason"] == "no_close_pairs").all()
+    marker = json.loads(marker_path(out, keep).read_text())
+    assert marker["n_generated"] == 2 and marker["stop_reason"] == "flagged" and marker["adaptive"]["stop_when_flagged"]
+    assert len(load_prompts(out, complete_only=True)) == len(ADAPTIVE_PROMPTS)
+    budget = generation_budget(table.reset_index())
+    assert (budget["prompts_stopped_early"], budget["prompts_stopped_flagged"]) == (len(brute["stop"]), 1)
+
+    again = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=4, adaptive=rule)
+    assert again.images == 0 and again.prompts_skipped == len(ADAPTIVE_PROMPTS)
+    filled = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=4)
+    assert filled.images == (FULL - 2) * len(ADAPTIVE_PROMPTS)
+    assert sorted(all_samples(out)) == sorted(all_samples(brute["out"]))
 
 
 def test_interrupted_adaptive_run_resumes_to_the_same_samples(pipe, model_dir, tmp_path, brute):

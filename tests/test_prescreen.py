@@ -49,3 +49,23 @@ def test_keep_rules():
     assert choose_kept(scores, PrescreenSettings(keep_top=3, score_threshold=0.6)).tolist() == [False, True, False, True]
     with pytest.raises(ValueError, match="keep_top"):
         choose_kept(scores, PrescreenSettings())
+
+
+def test_robust_z_keeps_the_outliers_of_a_bulk():
+    from pipeline.prescreen import robust_z
+
+    rng = np.random.default_rng(0)
+    bulk = rng.normal(0.33, 0.02, size=200)  # unmemorized prompts
+    scores = np.concatenate([bulk, [0.6, 0.9, 1.2]])  # three memorized outliers
+    z = robust_z(scores)
+    assert z[-3:].min() > 10 and np.median(z) == pytest.approx(0.0, abs=1e-9)
+    kept = choose_kept(scores, PrescreenSettings(min_robust_z=3.5))
+    assert kept[-3:].all() and kept[:200].sum() <= 2  # a normal bulk has ~0.02% beyond 3.5 sigma
+    # The outliers barely move the scale: the same cut with ten times as many outliers keeps them all.
+    crowded = np.concatenate([bulk, np.linspace(0.6, 1.2, 30)])
+    assert choose_kept(crowded, PrescreenSettings(min_robust_z=3.5))[200:].all()
+    # Combined with a count, both must hold.
+    assert choose_kept(scores, PrescreenSettings(keep_top=2, min_robust_z=3.5)).sum() == 2
+    # Ties: more than half equal falls back to the mean deviation; all equal gives zeros.
+    assert robust_z(np.array([1.0, 1.0, 1.0, 5.0]))[-1] > 0
+    assert not robust_z(np.full(4, 2.0)).any()

@@ -42,6 +42,11 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 200
+    # Memorization needs a low learning rate at the end: from ``decay_start`` the rate falls
+    # linearly to ``learning_rate * decay_to`` over ``decay_steps`` steps, then stays there.
+    decay_start: int = 0  # 0: constant learning rate after warm-up
+    decay_steps: int = 4000
+    decay_to: float = 0.1
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
@@ -87,6 +92,15 @@ def encode_captions(pipe: StableDiffusionPipeline, captions: list[str], batch_si
         ).input_ids
         out.append(pipe.text_encoder(ids)[0])
     return torch.cat(out)
+
+
+def learning_rate_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier on ``cfg.learning_rate`` at ``step``: linear warm-up, then optional linear decay."""
+    factor = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.decay_start and step > cfg.decay_start:
+        progress = min(1.0, (step - cfg.decay_start) / max(1, cfg.decay_steps))
+        factor *= 1.0 - progress * (1.0 - cfg.decay_to)
+    return factor
 
 
 def git_commit() -> str:
@@ -135,7 +149,7 @@ def train(cfg: TrainConfig) -> Path:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(cfg, s))
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     step, elapsed, history = 0, 0.0, []
@@ -161,7 +175,9 @@ def train(cfg: TrainConfig) -> Path:
 
     def save(final: bool = False) -> None:
         info = {
-            "command": f"python -m pipeline.demo.train steps={cfg.steps}",
+            "command": (f"python -m pipeline.demo.train steps={cfg.steps}"
+                        + (f" decay_start={cfg.decay_start} decay_steps={cfg.decay_steps} decay_to={cfg.decay_to}"
+                           if cfg.decay_start else "")),
             "commit": git_commit(),
             "steps": step,
             "train_seconds": round(elapsed, 1),
@@ -170,6 +186,7 @@ def train(cfg: TrainConfig) -> Path:
             "seed": cfg.seed,
             "batch_size": cfg.batch_size,
             "learning_rate": cfg.learning_rate,
+            "learning_rate_now": optimizer.param_groups[0]["lr"],
             "ema_decay": cfg.ema_decay,
             "caption_dropout": cfg.caption_dropout,
             "model": config_dict(cfg.model),
