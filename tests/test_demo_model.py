@@ -74,12 +74,26 @@ def tiny_demo_set(tmp_path_factory):
     return out / "images"
 
 
+def test_learning_rate_warms_up_then_decays_linearly():
+    from pipeline.demo.train import learning_rate_factor
+
+    cfg = TrainConfig(warmup_steps=10, decay_start=100, decay_steps=50, decay_to=0.2)
+    assert learning_rate_factor(cfg, 0) == pytest.approx(0.1)
+    assert learning_rate_factor(cfg, 100) == 1.0
+    assert learning_rate_factor(cfg, 125) == pytest.approx(0.6)
+    assert learning_rate_factor(cfg, 150) == learning_rate_factor(cfg, 10_000) == pytest.approx(0.2)
+    assert learning_rate_factor(TrainConfig(warmup_steps=10), 10_000) == 1.0  # no decay by default
+
+
 def test_interrupted_training_resumes_to_the_same_weights(tiny_demo_set, tmp_path):
     model = DemoModelConfig(**TINY)
-    common = dict(data_path=str(tiny_demo_set), batch_size=4, checkpoint_every=2, log_every=1, warm_start=False, model=model)
+    common = dict(data_path=str(tiny_demo_set), batch_size=4, checkpoint_every=2, log_every=1, warm_start=False, model=model,
+                  warmup_steps=1, decay_start=1, decay_steps=2, decay_to=0.1)  # fmt: skip
     straight = train(TrainConfig(out_dir=str(tmp_path / "straight"), steps=4, **common))
     train(TrainConfig(out_dir=str(tmp_path / "resumed"), steps=2, **common))  # "interrupted" after step 2
+    (tmp_path / "resumed" / "memorization.csv").write_text("kept\n")  # an evaluation's output beside the model
     resumed = train(TrainConfig(out_dir=str(tmp_path / "resumed"), steps=4, **common))
+    assert (resumed / "memorization.csv").read_text() == "kept\n"  # the export keeps what it does not write
     a = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys()
@@ -87,6 +101,8 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_demo_set, tmp_pat
         assert torch.equal(a[name], b[name]), name
     info = json.loads((resumed / "training.json").read_text())
     assert info["steps"] == 4
+    assert info["learning_rate_now"] == pytest.approx(1e-4)  # decayed to a tenth by step 3, resumed with it
+    assert "decay_start=1" in info["command"]
     assert DiffusionPipeline.from_pretrained(str(resumed), local_files_only=True).unet.config.sample_size == 16
 
 

@@ -120,9 +120,11 @@ def export_pipeline(pipe: StableDiffusionPipeline, ema: EMAModel, out_dir: Path,
     save_pipeline(pipe, staging)
     pipe.unet.load_state_dict(online)
     (staging / "training.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    checkpoints = out_dir / "checkpoints"
-    if checkpoints.exists():
-        checkpoints.rename(staging / "checkpoints")
+    # Whatever the export does not write (checkpoints, the evaluation's table and plot) stays.
+    if out_dir.exists():
+        for item in out_dir.iterdir():
+            if not (staging / item.name).exists():
+                item.rename(staging / item.name)
     old = out_dir.parent / f".{out_dir.name}.old"
     if out_dir.exists():
         out_dir.rename(old)
