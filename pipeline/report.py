@@ -232,9 +232,23 @@ def render_report(results: RunResults, title: str, thumbnails: int = 6, thumb_si
     settings = results.summary.get("settings", {"min_clique": "?", "threshold": "?", "metric": "?"})
     template = env.get_template("report.html.j2")
     return template.render(
-        title=title, summary=summary, settings=settings, delta=_verify_delta(results.detect_dir),
+        title=title, summary=summary, settings=settings, delta=_verify_delta(results.detect_dir), budget=_budget(results),
         plot=plot, prompts=prompts, hidden=max(0, len(flagged) - max_prompts), thumb_size=thumb_size,
     )
+
+
+def _budget(results: RunResults) -> dict[str, Any] | None:
+    """The generator's ``budget.json`` (UNet evaluations against brute force), when it wrote one."""
+    from pipeline.budget import BUDGET_FILE
+
+    path = results.generations_dir / BUDGET_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        log.warning("report: %s unreadable (%s); the sampling cost is left out", path, err)
+        return None
 
 
 def _verify_delta(detect_dir: Path) -> float | None:

@@ -477,6 +477,26 @@ def test_generate_config_has_adaptive_off_by_default():
         adaptive_settings(compose(["adaptive.first_round=1"]).adaptive)
 
 
+def test_demo_experiment_screens_cheaply():
+    """experiment=demo: adaptive sampling on, stopping flagged prompts at the detector's clique size."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pipeline.adaptive import adaptive_settings
+    from omegaconf import OmegaConf
+
+    from pipeline.prescreen import PrescreenSettings
+
+    settings = adaptive_settings(compose(["experiment=demo"]).adaptive)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        detect = hydra_compose(config_name="detect", overrides=["experiment=demo"])
+        prescreen = hydra_compose(config_name="prescreen", overrides=["experiment=demo"])
+    assert settings.enabled and settings.stop_when_flagged
+    assert (settings.min_clique, settings.threshold, settings.grid) == (detect.min_clique, detect.thresholds.tiled_l2, detect.grid)
+    kept = PrescreenSettings(**OmegaConf.to_container(prescreen.prescreen, resolve=True))
+    assert kept.keep_fraction is None and kept.min_robust_z == 3.5
+
+
 def test_run_from_config_writes_and_prints_the_budget(model_dir, tmp_path, capsys):
     from pipeline.generate import run as run_stage
 

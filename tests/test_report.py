@@ -119,3 +119,22 @@ def test_command_line_report(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     html = (run_dir / "report" / "index.html").read_text(encoding="utf-8")
     assert len(image_sources(html)) == 2 + 1 + 1
+
+
+def test_report_shows_the_sampling_cost_when_the_generator_wrote_a_budget(tmp_path, caplog):
+    from pipeline.budget import BUDGET_FILE, write_generation_budget
+    run_dir = audited_run(tmp_path, verified=False)
+    generations = run_dir / "generations"
+    report = lambda: write_report(load_run(run_dir / "detect"), tmp_path / "r.html", title="t").read_text()  # noqa: E731
+    assert "Sampling cost" not in report()  # hand-made samples: no budget.json
+    prompts = pd.DataFrame({
+        "prompt_id": ["a", "b", "c", "d"], "n_samples": 32, "steps": 25, "guidance_scale": 3.0,
+        "n_generated": [32, 8, 8, 16], "stopped_early": [False, True, True, False], "stop_reason": [None, "no_close_pairs", "no_close_pairs", "flagged"],
+    })  # fmt: skip
+    budget = write_generation_budget(generations, prompts)
+    html = report()
+    assert "Sampling cost</td><td>3,200 UNet evaluations, 50.0% of brute force" in html  # (32+8+8+16) x 25 x 2 of 4 x 32 x 25 x 2
+    assert "2 prompt(s) stopped early with no near-copy pair; 1 stopped once flagged" in html
+    assert f"{budget['unet_evaluations']:,} UNet evaluations" in html
+    (generations / BUDGET_FILE).write_text("{not json")
+    assert "Sampling cost" not in report() and "unreadable" in caplog.text
