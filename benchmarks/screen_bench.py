@@ -1,16 +1,18 @@
 """Benchmark: cheap screening (prescreen + adaptive sampling) against brute-force sampling.
 
     .venv/bin/python benchmarks/screen_bench.py --tiny                  # a tiny random model, seconds
-    nice -n 10 .venv/bin/python benchmarks/screen_bench.py --model models/demo --data data/demo \\
-        --prompts 44 --n-samples 32 --steps 25
+    .venv/bin/python benchmarks/screen_bench.py --model models/demo --data data/demo \\
+        --prompts 120 --n-samples 24 --steps 25
 
 Issue 8. Two audits of the same prompts on the same model, in one process:
 
 (a) brute force (Carlini et al.): every prompt gets ``--n-samples`` samples, then the detector;
 (b) the Wen et al. first-step prescreen scores every prompt (``2 * seeds`` UNet evaluations
-    each), the top ``--keep-fraction`` are sampled with adaptive sampling (rounds of
-    ``--first-round``, x2, ...; a prompt stops after a round whose samples have no near-copy
-    pair), then the detector.
+    each); the outliers (robust z-score >= ``--keep-z``, and/or the top ``--keep-fraction``)
+    are sampled with adaptive sampling (rounds of ``--first-round``, x``--growth``, ...; a
+    prompt stops after a round whose samples have no near-copy pair, or, unless
+    ``--no-stop-when-flagged``, whose samples already hold a clique of ``--min-clique``), then
+    the detector.
 
 Prompts are the originals' captions of the demo set's ground truth (every duplicated original,
 then singletons up to ``--prompts``; a round-robin over the bands when ``--prompts`` is
@@ -49,7 +51,7 @@ from pipeline.sampling import SamplingSettings
 
 TINY_BANDS = {"heavy": (2, 8), "mid": (2, 3), "single": (6, 1)}
 TINY_DEFAULTS = dict(
-    prompts=8, n_samples=6, steps=2, batch_size=16, min_clique=3, keep_fraction=0.5, keep_z=None, prescreen_seeds=2, first_round=2,
+    prompts=8, n_samples=6, steps=2, batch_size=16, min_clique=3, keep_fraction=0.5, keep_z=None, prescreen_seeds=2, first_round=2, growth=2.0,
     heavy_dup_count=TINY_BANDS["heavy"][1],
 )  # fmt: skip
 
@@ -123,8 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="models/demo", help="a saved diffusers pipeline (the demo model)")
     parser.add_argument("--data", default="data/demo", help="the demo set: its ground_truth.parquet gives prompts and dup counts")
     parser.add_argument("--selected", default=None, help="a duplicate finder's selected.parquet to take prompts from instead")
-    parser.add_argument("--prompts", type=int, default=44, help="number of prompts")
-    parser.add_argument("--n-samples", type=int, default=32, help="samples per prompt (brute force; adaptive's budget)")
+    parser.add_argument("--prompts", type=int, default=120, help="number of prompts (the 32 duplicated originals, then singletons)")
+    parser.add_argument("--n-samples", type=int, default=24, help="samples per prompt (brute force; adaptive's budget)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (the demo model's config: 3)")
     parser.add_argument("--size", type=int, default=None, help="image side; default: the model's")
@@ -135,8 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="prescreen: keep prompts whose robust z-score is at least this (the usual outlier cut 3.5); "
                              "with --keep-fraction, both must hold")
     parser.add_argument("--prescreen-seeds", type=int, default=4)
-    parser.add_argument("--first-round", type=int, default=AdaptiveSettings.first_round, help="adaptive: samples in the first round")
-    parser.add_argument("--growth", type=float, default=AdaptiveSettings.growth, help="adaptive: round growth factor")
+    parser.add_argument("--first-round", type=int, default=8, help="adaptive: samples in the first round")
+    parser.add_argument("--growth", type=float, default=1.5, help="adaptive: round growth factor")
     parser.add_argument("--min-close-pairs", type=int, default=AdaptiveSettings.min_close_pairs,
                         help="adaptive: near-copy pairs a round needs to go on")
     parser.add_argument("--no-stop-when-flagged", dest="stop_when_flagged", action="store_false",
