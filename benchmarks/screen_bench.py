@@ -128,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=120, help="number of prompts (the 32 duplicated originals, then singletons)")
     parser.add_argument("--n-samples", type=int, default=24, help="samples per prompt (brute force; adaptive's budget)")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (the demo model's config: 3)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (the demo model's config: 5)")
     parser.add_argument("--size", type=int, default=None, help="image side; default: the model's")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--min-clique", type=int, default=10, help="the detector's clique size for a flag")

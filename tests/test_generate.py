@@ -191,7 +191,7 @@ def test_generates_every_sample_with_a_recipe_that_regenerates_it(pipe, model_di
     row = table.iloc[1]
     assert list(row["seeds"]) == [sample_seed(0, "00001", i) for i in range(3)]
     assert (row["scheduler"], row["steps"], row["guidance_scale"], row["height"], row["width"], row["dtype"]) == (
-        "DDIMScheduler", 2, 5.0, SIZE, SIZE, "float32",
+        "DDPMScheduler", 2, 5.0, SIZE, SIZE, "float32",
     )  # fmt: skip
     assert json.loads(row["scheduler_config"])["num_train_timesteps"] == 1000
     assert row["model"] == str(model_dir) and row["generator_device"] == "cpu"

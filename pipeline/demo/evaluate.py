@@ -1,8 +1,15 @@
 """How much the demo model reproduces its training images, by duplicate count.
 
 For a few originals of each duplication band, sample the model with several seeds on the
-original's caption and measure the paper's tiled L2 distance to the original. The relation
-the paper reports is that reproduction rises with the number of copies in the training set.
+original's caption and measure the paper's tiled L2 distance to the training images. The
+relation the paper reports is that reproduction rises with the number of copies in the
+training set.
+
+The demo set's copies are near-duplicates as on the web (cropped, shifted, recoloured,
+re-encoded, captioned over), so a model that memorized an image reproduces one of its training
+copies, not necessarily the pristine original. As in the paper, a sample counts as reproduced
+when it is within the threshold of a training image: ``distance`` is to the nearest training
+copy of the caption's original; ``distance_original`` to the original itself is kept beside it.
 
     python -m pipeline.demo.evaluate model_dir=models/demo data_dir=data/demo
 
@@ -32,7 +39,7 @@ class EvalConfig:
     originals_per_band: int = 6
     seeds: int = 4
     steps: int = 25
-    guidance_scale: float = 3.0
+    guidance_scale: float = 5.0
     threshold: float = 0.15
     batch_size: int = 64
     seed: int = 0
@@ -61,7 +68,8 @@ def sample_images(pipe, captions: list[str], seeds: list[int], steps: int, guida
 
 
 def evaluate(cfg: EvalConfig) -> pd.DataFrame:
-    """One row per sample: band, dup_count, original_id, seed, distance, reproduced."""
+    """One row per sample: band, dup_count, original_id, seed, distance (to the nearest training
+    copy), nearest_key, distance_original, reproduced (distance < threshold)."""
     data_dir = Path(cfg.data_dir)
     ground_truth = pd.read_parquet(data_dir / "ground_truth.parquet")
     pipe = DiffusionPipeline.from_pretrained(cfg.model_dir, local_files_only=True)
@@ -78,16 +86,38 @@ def evaluate(cfg: EvalConfig) -> pd.DataFrame:
     }
     targets = np.stack([originals[oid] for oid in rows.original_id])
     # The diagonal pairs each sample with its own original (a few hundred rows: cheap).
-    rows["distance"] = tiled_l2(samples, targets).diagonal()
+    rows["distance_original"] = tiled_l2(samples, targets).diagonal()
+    nearest, keys = [], []
+    for oid, index in rows.groupby("original_id", sort=False).groups.items():
+        copies = ground_truth[ground_truth.original_id == oid]
+        images = np.stack([training_image(data_dir / "images", key, resolution) for key in copies.key])
+        distances = tiled_l2(samples[index], images)  # (samples of this original, its training copies)
+        best = distances.argmin(axis=1)
+        nearest.append(pd.DataFrame({"distance": distances[np.arange(len(index)), best], "nearest_key": copies.key.to_numpy()[best]}, index=index))
+    rows = rows.join(pd.concat(nearest))
     rows["reproduced"] = rows.distance < cfg.threshold
     return rows
 
 
-def summarize(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per band: copies, samples, reproduction rate, median distance (heaviest band first)."""
+def training_image(images_dir: Path, key: str, resolution: int) -> np.ndarray:
+    """A training record's image as the model saw it: resized to ``resolution`` (uint8 (R, R, 3))."""
+    matches = [p for p in images_dir.glob(f"{key}.*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"}]
+    if not matches:
+        raise FileNotFoundError(f"{images_dir}: no image for training record {key!r} of the ground truth; rebuild with `make demo-data`")
+    with Image.open(matches[0]) as image:
+        return np.asarray(image.convert("RGB").resize((resolution, resolution), Image.Resampling.BOX))
+
+
+def summarize(rows: pd.DataFrame, threshold: float = 0.15) -> pd.DataFrame:
+    """Per band: copies, samples, reproduction rate and median distance to the nearest training
+    copy, and the same two against the original alone (heaviest band first)."""
     table = (
         rows.groupby(["band", "dup_count"])
-        .agg(samples=("distance", "size"), reproduced=("reproduced", "mean"), median_distance=("distance", "median"))
+        .agg(
+            samples=("distance", "size"), reproduced=("reproduced", "mean"), median_distance=("distance", "median"),
+            reproduced_original=("distance_original", lambda d: float((d < threshold).mean())),
+            median_distance_original=("distance_original", "median"),
+        )
         .reset_index()
         .sort_values("dup_count", ascending=False)
     )
@@ -101,11 +131,14 @@ def plot(table: pd.DataFrame, path: Path, threshold: float, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    axes[0].plot(table.dup_count, table.reproduced, "o-")
+    axes[0].plot(table.dup_count, table.reproduced, "o-", label="nearest training copy")
+    axes[0].plot(table.dup_count, table.reproduced_original, "s--", label="the original")
+    axes[0].legend()
     axes[0].set(xscale="log", xlabel="copies in training set", ylabel=f"share of samples < {threshold}", ylim=(-0.05, 1.05))
-    axes[1].plot(table.dup_count, table.median_distance, "o-")
-    axes[1].axhline(threshold, color="grey", linestyle="--", label="threshold")
-    axes[1].set(xscale="log", xlabel="copies in training set", ylabel="median tiled L2 to original")
+    axes[1].plot(table.dup_count, table.median_distance, "o-", label="nearest training copy")
+    axes[1].plot(table.dup_count, table.median_distance_original, "s--", label="the original")
+    axes[1].axhline(threshold, color="grey", linestyle=":", label="threshold")
+    axes[1].set(xscale="log", xlabel="copies in training set", ylabel="median tiled L2")
     axes[1].legend()
     fig.suptitle(title)
     fig.tight_layout()
@@ -125,7 +158,7 @@ def main() -> None:
         values.pop("hydra", None)
         config = EvalConfig(**values)
         rows = evaluate(config)
-        table = summarize(rows)
+        table = summarize(rows, config.threshold)
         out_dir = Path(config.out_dir or config.model_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         rows.drop(columns=["original_caption"]).to_csv(out_dir / "memorization.csv", index=False)

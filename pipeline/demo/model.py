@@ -7,7 +7,7 @@ A stock :class:`diffusers.StableDiffusionPipeline` whose parts are
 - a small pixel-space ``UNet2DConditionModel`` with cross-attention;
 - an ``AutoencoderTiny`` whose decoder is set to the identity map, so "latents" are pixels
   (``vae_scale_factor`` is 1) and the pipeline needs no custom code;
-- a DDIM scheduler with the cosine noise schedule the UNet was trained with.
+- a DDPM (ancestral) scheduler with the cosine noise schedule the UNet was trained with.
 
 ``DiffusionPipeline.from_pretrained(path)`` loads the saved model offline, and the generator
 runs exactly the same code on it as on Stable Diffusion v1.x.
@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderTiny, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderTiny, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 # The decoder computes image = (tanh(z / 3) * 3 + 1) / 2 (see ``identity_vae``). Training data
@@ -163,8 +163,16 @@ def pixels_to_latents(pixels: torch.Tensor) -> torch.Tensor:
     return VAE_TANH_SCALE * torch.atanh(clipped / VAE_TANH_SCALE)
 
 
-def build_scheduler() -> DDIMScheduler:
-    """DDIM over the cosine schedule ("squaredcos_cap_v2"), epsilon prediction, 1000 steps.
+def build_scheduler() -> DDPMScheduler:
+    """Ancestral DDPM sampling over the cosine schedule ("squaredcos_cap_v2"), epsilon
+    prediction, 1000 training steps (any number of sampling steps, "trailing" spacing).
+
+    Why DDPM and not DDIM: a small, CPU-trained model predicts epsilon with errors that
+    deterministic DDIM carries to the end as colour casts and speckle; the fresh noise of each
+    ancestral step washes them out. At step 8,000 of the shipped model's training (25 steps,
+    guidance 3, 4 seeds of each 150-copy and 40-copy original), samples within 0.15 tiled L2 of
+    a training copy: DDPM 54% and 42%, DDIM 29% and 8%, DPM-Solver++ 25% and 13%. Every step's
+    noise comes from the sample's own generator, so a sample is still fixed by its seed.
 
     The predicted clean image is clipped to [-1, 1] at every step: near t = 1000 the cosine
     schedule leaves almost no signal, and dividing by its tiny sqrt(alpha_bar) blows small
@@ -173,7 +181,7 @@ def build_scheduler() -> DDIMScheduler:
     the clip is expressed as dynamic thresholding with its ceiling at 1, which is the same
     thing and which the pipeline leaves alone. Latents of 1.0 decode to pixel 250 of 255.
     """
-    return DDIMScheduler(
+    return DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
         prediction_type="epsilon",
@@ -181,7 +189,6 @@ def build_scheduler() -> DDIMScheduler:
         thresholding=True,
         dynamic_thresholding_ratio=0.995,
         sample_max_value=1.0,
-        set_alpha_to_one=False,
         steps_offset=1,
         timestep_spacing="trailing",
     )
