@@ -129,3 +129,21 @@ def test_shipped_model_reproduces_heavy_duplicates_more_than_singletons(demo_set
     distance = tiled_l2(samples, targets).diagonal()
     heavy = np.array([o in set(truth[truth.band == "heavy"].original_id) for o in originals])
     assert np.median(distance[heavy]) + 0.1 < np.median(distance[~heavy])
+
+
+def test_evaluation_measures_each_sample_against_its_originals_training_copies(demo_set):
+    import pandas as pd
+
+    from pipeline.demo.evaluate import EvalConfig, evaluate, summarize
+
+    rows = evaluate(EvalConfig(model_dir=str(SHIPPED), data_dir=str(demo_set), originals_per_band=1, seeds=2, steps=4, guidance_scale=5.0))
+    truth = pd.read_parquet(demo_set / "ground_truth.parquet")
+    assert len(rows) == 2 * truth.band.nunique()
+    copies = truth.groupby("original_id").key.apply(set)
+    # The nearest training image is one of the caption's original's own copies.
+    assert all(key in copies[oid] for oid, key in zip(rows.original_id, rows.nearest_key))
+    assert rows.distance.between(0, 1).all() and rows.distance_original.between(0, 1).all()
+    assert (rows.reproduced == (rows.distance < 0.15)).all()
+    table = summarize(rows)
+    assert list(table.dup_count) == sorted(table.dup_count, reverse=True)
+    assert {"reproduced", "median_distance", "reproduced_original", "median_distance_original"} <= set(table.columns)

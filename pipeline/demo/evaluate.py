@@ -87,7 +87,7 @@ def evaluate(cfg: EvalConfig) -> pd.DataFrame:
     targets = np.stack([originals[oid] for oid in rows.original_id])
     # The diagonal pairs each sample with its own original (a few hundred rows: cheap).
     rows["distance_original"] = tiled_l2(samples, targets).diagonal()
-    nearest, keys = [], []
+    nearest = []
     for oid, index in rows.groupby("original_id", sort=False).groups.items():
         copies = ground_truth[ground_truth.original_id == oid]
         images = np.stack([training_image(data_dir / "images", key, resolution) for key in copies.key])
