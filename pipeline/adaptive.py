@@ -74,11 +74,16 @@ def close_pair_matrix(images: np.ndarray, settings: AdaptiveSettings) -> np.ndar
     return close
 
 
+def _pair_count(close: np.ndarray) -> int:
+    """Pairs in a symmetric boolean near-copy matrix (each counted once)."""
+    return int(np.triu(close, k=1).sum())
+
+
 def close_pairs(images: np.ndarray, settings: AdaptiveSettings) -> int:
     """Number of sample pairs closer than the threshold."""
     if len(images) < 2:
         return 0
-    return int(np.triu(close_pair_matrix(images, settings), k=1).sum())
+    return _pair_count(close_pair_matrix(images, settings))
 
 
 def round_verdict(images: np.ndarray, settings: AdaptiveSettings) -> str:
@@ -87,7 +92,7 @@ def round_verdict(images: np.ndarray, settings: AdaptiveSettings) -> str:
     if len(images) < 2:
         return NO_SIGN
     close = close_pair_matrix(images, settings)
-    if int(np.triu(close, k=1).sum()) < settings.min_close_pairs:
+    if _pair_count(close) < settings.min_close_pairs:
         return NO_SIGN
     if settings.stop_when_flagged and len(images) >= settings.min_clique:
         # The search may stop at its step budget with a smaller clique: then sampling goes on, as without the switch.

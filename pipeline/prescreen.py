@@ -125,13 +125,14 @@ def robust_z(scores: np.ndarray) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0:
         return scores
-    deviation = np.abs(scores - np.median(scores))
+    centred = scores - np.median(scores)
+    deviation = np.abs(centred)
     scale = 1.4826 * np.median(deviation)
     if scale == 0:
         scale = 1.2533 * deviation.mean()
     if scale == 0:
         return np.zeros_like(scores)
-    return (scores - np.median(scores)) / scale
+    return centred / scale
 
 
 def choose_kept(scores: np.ndarray, settings: PrescreenSettings) -> np.ndarray:
