@@ -7,21 +7,23 @@
 Issue 8. Two audits of the same prompts on the same model, in one process:
 
 (a) brute force (Carlini et al.): every prompt gets ``--n-samples`` samples, then the detector;
-(b) the Wen et al. first-step prescreen scores every prompt (``2 * seeds`` UNet evaluations
-    each); the outliers (robust z-score >= ``--keep-z``, and/or the top ``--keep-fraction``)
-    are sampled with adaptive sampling (rounds of ``--first-round``, x``--growth``, ...; a
-    prompt stops after a round whose samples have no near-copy pair, or, unless
-    ``--no-stop-when-flagged``, whose samples already hold a clique of ``--min-clique``), then
-    the detector.
+(b) the Wen et al. first-step prescreen scores every prompt (``seeds`` UNet evaluations each,
+    plus ``seeds`` unconditional ones shared by all); the outliers (robust z-score >=
+    ``--keep-z``, and/or the top ``--keep-fraction``) are sampled with adaptive sampling (rounds
+    of ``--first-round``, x``--growth``, ...; a prompt stops after a round whose samples have no
+    near-copy pair, or, unless ``--no-stop-when-flagged``, whose samples already hold a clique
+    of ``--min-clique``, or, unless ``--no-stop-when-out-of-reach``, whose remaining budget can
+    no longer complete one; rounds end early where those stops could first apply), then the
+    detector.
 
 Prompts are the originals' captions of the demo set's ground truth (every duplicated original,
 then singletons up to ``--prompts``; a round-robin over the bands when ``--prompts`` is
 smaller), or the top of a duplicate finder's ``--selected`` ranking. Printed side by side:
 UNet evaluations, wall time, samples, prompts flagged, recall of (b) against (a)'s flagged
 prompts, the evaluation fraction (b)/(a), and the prescreen's ROC AUC for telling heavy
-prompts (``dup_count >= --heavy-dup-count``) from the rest. Since a sample is fixed by its seed,
-(b)'s samples are (a)'s first ones, and what adaptive sampling alone would have missed is
-replayed exactly on (a)'s samples. The issue's targets: ROC AUC >= 0.95, and (b) flags >= 95%
+prompts (``dup_count >= --heavy-dup-count``) from the singletons (and from every other
+prompt). Since a sample is fixed by its seed, (b)'s samples are (a)'s first ones, and what
+adaptive sampling alone would have missed is replayed exactly on (a)'s samples. The issue's targets: ROC AUC >= 0.95, and (b) flags >= 95%
 of what (a) flags for <= 10% of its UNet evaluations. The last line, ``RESULT {...}``, is the
 same as JSON.
 """
@@ -45,7 +47,7 @@ from pipeline.budget import brute_force_evaluations, generation_budget, missed_b
 from pipeline.detect import DetectSettings, run_detect
 from pipeline.generate import generate, load_prompts, read_samples
 from pipeline.models import Runtime, load_pipeline, optimize_pipeline, resolve_device
-from pipeline.prescreen import PrescreenSettings, prescreen, roc_auc, unet_evaluations
+from pipeline.prescreen import PrescreenSettings, heavy_prompt_aucs, prescreen, unet_evaluations
 from pipeline.prompts import Prompt, read_prompts
 from pipeline.sampling import SamplingSettings
 
@@ -143,6 +145,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="adaptive: near-copy pairs a round needs to go on")
     parser.add_argument("--no-stop-when-flagged", dest="stop_when_flagged", action="store_false",
                         help="adaptive: sample flagged prompts to the full budget (default: stop once a clique of --min-clique exists)")
+    parser.add_argument("--no-stop-when-out-of-reach", dest="stop_when_out_of_reach", action="store_false",
+                        help="adaptive: sample on when the budget left can no longer complete a clique of --min-clique")
     parser.add_argument("--heavy-dup-count", type=int, default=100, help="dup_count from which a prompt is heavy (ROC AUC)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -209,7 +213,8 @@ def main(argv=None) -> dict:
     prescreen_s = time.perf_counter() - started
     kept = set(scores.loc[scores.kept, "prompt_id"])
     rule = AdaptiveSettings(enabled=True, first_round=args.first_round, growth=args.growth, threshold=args.threshold,
-                            min_close_pairs=args.min_close_pairs, stop_when_flagged=args.stop_when_flagged, min_clique=args.min_clique)
+                            min_close_pairs=args.min_close_pairs, stop_when_flagged=args.stop_when_flagged, min_clique=args.min_clique,
+                            stop_when_out_of_reach=args.stop_when_out_of_reach)
     screened = audit(pipe, [p for p in prompts if p.prompt_id in kept], out / "screened", args, runtime, adaptive=rule)
     screened_s = prescreen_s + screened["generate_s"] + screened["detect_s"]
 
@@ -218,11 +223,9 @@ def main(argv=None) -> dict:
     assert brute_budget["unet_evaluations"] == brute_force_evaluations(n, args.n_samples, args.steps, args.guidance)
     replay = adaptive_alone(out / "brute" / "generations", brute["table"], rule)
     missed = missed_by_shortcuts(brute["memorized"], scores, replay)
-    heavy = (scores.dup_count.fillna(0) >= args.heavy_dup_count).to_numpy()
-    try:
-        auc = roc_auc(scores.score.to_numpy(), heavy)
-    except ValueError:  # no heavy prompt, or only heavy ones
-        auc = float("nan")
+    dup_counts = scores.dup_count.to_numpy(dtype=float, na_value=math.nan)
+    aucs = heavy_prompt_aucs(scores.score.to_numpy(), dup_counts, args.heavy_dup_count)
+    auc = aucs["heavy_vs_singletons"]
     found = len(brute["flagged"] & screened["flagged"])
     recall = found / len(brute["flagged"]) if brute["flagged"] else float("nan")
     fraction = screened_budget["unet_evaluations"] / brute_budget["unet_evaluations"]
@@ -237,8 +240,9 @@ def main(argv=None) -> dict:
         ("  generate (s)", brute["generate_s"], screened["generate_s"]),
         ("  detect (s)", brute["detect_s"], screened["detect_s"]),
         ("prompts sampled", n, screened_budget["prompts_sampled"]),
-        ("  stopped early", 0, screened_budget["prompts_stopped_early"]),
+        ("  stopped, no near-copies", 0, screened_budget["prompts_stopped_early"]),
         ("  stopped once flagged", 0, screened_budget["prompts_stopped_flagged"]),
+        ("  stopped, out of reach", 0, screened_budget["prompts_stopped_out_of_reach"]),
         ("samples", brute_budget["samples"], screened_budget["samples"]),
         ("prompts flagged", len(brute["flagged"]), len(screened["flagged"])),
     ]
@@ -248,7 +252,8 @@ def main(argv=None) -> dict:
                              + ([f"robust z >= {args.keep_z:g}"] if args.keep_z is not None else []))
     print(f"(b): prescreen {args.prescreen_seeds} seeds, keep {keep_rule} ({len(kept)} prompts); adaptive rounds {rule.first_round} "
           f"x{rule.growth:g}, go on with >= {rule.min_close_pairs} near-copy pair(s)"
-          + (", stop once flagged" if rule.stop_when_flagged else "") + f"; detector clique >= {args.min_clique}")
+          + (", stop once flagged" if rule.stop_when_flagged else "")
+          + (", stop once a clique is out of reach" if rule.stop_when_out_of_reach else "") + f"; detector clique >= {args.min_clique}")
     print(f"{'':26s}{'(a) brute force':>18s}{'(b) screened':>18s}{'(b)/(a)':>10s}")
     for label, a, b in rows:
         ratio = b / a if a else float("nan")
@@ -257,7 +262,9 @@ def main(argv=None) -> dict:
     print(f"recall of (b) against (a)'s flagged prompts: {found}/{len(brute['flagged'])} = {fmt(recall)}"
           + ("  (brute force flagged nothing: recall undefined)" if not brute["flagged"] else ""))
     print(f"evaluation fraction (b)/(a): {fmt(fraction, 4)}   ((a)'s flagged prompts alone, at the full budget: {fmt(floor, 4)})")
-    print(f"prescreen ROC AUC, dup_count >= {args.heavy_dup_count} ({int(heavy.sum())} prompts) vs the rest: {fmt(auc)}")
+    n_heavy, n_single = int((dup_counts >= args.heavy_dup_count).sum()), int((dup_counts <= 1).sum())
+    print(f"prescreen ROC AUC, dup_count >= {args.heavy_dup_count} ({n_heavy} prompts) vs singletons ({n_single}): {fmt(auc)}"
+          f"   (vs every other prompt: {fmt(aucs['heavy_vs_rest'])})")
     print("missed of (a)'s flagged prompts: " + ", ".join(
         f"{name} {missed[name]['n_missed']}" for name in ("prescreen", "adaptive", "both")
     ) + " (adaptive alone replayed on (a)'s samples)")  # fmt: skip
@@ -279,12 +286,14 @@ def main(argv=None) -> dict:
         "screened": {"unet_evaluations": screened_budget["unet_evaluations"], "seconds": screened_s, "samples": screened_budget["samples"],
                      "prescreen_evaluations": screened_budget["prescreen_evaluations"], "kept": sorted(kept),
                      "stopped_early": screened_budget["prompts_stopped_early"],
-                     "stopped_flagged": screened_budget["prompts_stopped_flagged"], "flagged": sorted(screened["flagged"])},
+                     "stopped_flagged": screened_budget["prompts_stopped_flagged"],
+                     "stopped_out_of_reach": screened_budget["prompts_stopped_out_of_reach"], "flagged": sorted(screened["flagged"])},
         "recall": recall,
         "evaluation_fraction": fraction,
         "time_fraction": screened_s / brute_s if brute_s else float("nan"),
         "floor_fraction": floor,
-        "roc_auc_heavy_vs_rest": auc,
+        "roc_auc_heavy_vs_singletons": auc,
+        "roc_auc_heavy_vs_rest": aucs["heavy_vs_rest"],
         "missed": {name: missed[name]["missed"] for name in ("prescreen", "adaptive", "both")},
         "targets": targets,
         "out": str(out),

@@ -5,13 +5,24 @@ some pairs are already closer than the detector's threshold. A prompt whose firs
 such pair is very unlikely to grow a clique of ``min_clique`` members later; sampling stops
 there. The rule is deliberately weak (one close pair suffices) so that recall stays high.
 
-With ``stop_when_flagged``, sampling also stops on success: once the samples so far hold a
-clique of ``min_clique`` near-copies, the detector will flag the prompt whatever the later
-samples are, so a memorized prompt costs the samples that show it rather than the full budget.
+Two further stops end a prompt as soon as the detector's verdict on it is decided, so they
+cannot change what is flagged (given the detector's ``threshold`` and ``min_clique``):
+
+* ``stop_when_flagged``: the samples so far hold a clique of ``min_clique`` near-copies; the
+  detector will flag the prompt whatever the later samples are.
+* ``stop_when_out_of_reach``: the largest clique so far has ``c`` members (proven maximum) and
+  only ``r`` samples of the budget remain, with ``c + r < min_clique``. Any clique among all the
+  samples is, restricted to the present ones, a clique here, so it has at most ``c + r``
+  members: the prompt can no longer be flagged.
+
+With either stop on, a round also ends early at the first sample count where that stop could
+apply (``min_clique - c`` more samples for a flag; ``budget - min_clique + c + 1`` for out of
+reach), since no check before it can decide anything and none after it should wait.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -21,7 +32,10 @@ import numpy as np
 from pipeline.clique import max_clique
 from pipeline.distance import tiled_l2
 
-CONTINUE, NO_SIGN, FLAGGED = "continue", "no_close_pairs", "flagged"
+CONTINUE, NO_SIGN, FLAGGED, OUT_OF_REACH = "continue", "no_close_pairs", "flagged", "out_of_reach"
+# A check re-reads and re-measures every sample so far; a round of at least this share of them
+# keeps the checks a small cost next to sampling, however close a prompt hovers to a decision.
+MIN_ROUND_SHARE = 1 / 16
 
 
 @dataclass(frozen=True)
@@ -30,7 +44,8 @@ class AdaptiveSettings:
 
     Sampling continues after a round while the samples so far have at least
     ``min_close_pairs`` pairs under ``threshold`` (tiled L2, as the detector measures), and,
-    with ``stop_when_flagged``, no clique of ``min_clique`` of them yet (the detector's flag).
+    with ``stop_when_flagged``, no clique of ``min_clique`` of them yet (the detector's flag),
+    and, with ``stop_when_out_of_reach``, the remaining budget could still complete one.
     """
 
     enabled: bool = False
@@ -41,6 +56,7 @@ class AdaptiveSettings:
     grid: int = 4
     stop_when_flagged: bool = False
     min_clique: int = 10
+    stop_when_out_of_reach: bool = False
 
     def __post_init__(self):
         if self.first_round < 2:
@@ -52,9 +68,24 @@ class AdaptiveSettings:
         if self.min_clique < 2:
             raise ValueError(f"adaptive.min_clique: a clique needs at least 2 samples, got {self.min_clique}")
 
+    @property
+    def needs_clique(self) -> bool:
+        """Whether a check searches the largest clique (only the stops on the verdict need it)."""
+        return self.stop_when_flagged or self.stop_when_out_of_reach
+
+
+@dataclass(frozen=True)
+class RoundCheck:
+    """What a check after a round found: the ``verdict`` and, when searched, the size of the
+    largest clique of near-copies among the samples so far (``clique_exact``: proven maximum)."""
+
+    verdict: str
+    clique_size: int | None = None
+    clique_exact: bool = False
+
 
 def round_ends(n_samples: int, settings: AdaptiveSettings) -> list[int]:
-    """Cumulative sample counts after each round, ending at ``n_samples``.
+    """The geometric schedule: cumulative sample counts after each round, ending at ``n_samples``.
 
     >>> round_ends(500, AdaptiveSettings(first_round=16, growth=2.0))
     [16, 32, 64, 128, 256, 500]
@@ -86,41 +117,75 @@ def close_pairs(images: np.ndarray, settings: AdaptiveSettings) -> int:
     return _pair_count(close_pair_matrix(images, settings))
 
 
-def round_verdict(images: np.ndarray, settings: AdaptiveSettings) -> str:
-    """The rule after a round, from the samples so far: ``CONTINUE``, ``NO_SIGN`` (stop: no
-    forming clique) or ``FLAGGED`` (stop: a clique of ``min_clique`` is already there)."""
+def check_round(images: np.ndarray, settings: AdaptiveSettings, n_samples: int | None = None) -> RoundCheck:
+    """The rule after a round, from the samples so far (uint8 (N, H, W, 3)).
+
+    The verdict is ``CONTINUE``, ``NO_SIGN`` (stop: fewer than ``min_close_pairs`` near-copy
+    pairs), ``FLAGGED`` (stop: a clique of ``min_clique`` is already there) or ``OUT_OF_REACH``
+    (stop: ``n_samples``, the prompt's budget, leaves too few samples to complete one; needs
+    ``n_samples``).
+    """
     if len(images) < 2:
-        return NO_SIGN
+        return RoundCheck(NO_SIGN)
     close = close_pair_matrix(images, settings)
     if _pair_count(close) < settings.min_close_pairs:
-        return NO_SIGN
-    if settings.stop_when_flagged and len(images) >= settings.min_clique:
-        # The search may stop at its step budget with a smaller clique: then sampling goes on, as without the switch.
-        if len(max_clique(close).members) >= settings.min_clique:
-            return FLAGGED
-    return CONTINUE
+        return RoundCheck(NO_SIGN)
+    if not settings.needs_clique:
+        return RoundCheck(CONTINUE)
+    clique = max_clique(close)
+    # A search stopped at its step budget gives a smaller clique than the largest: a sound flag
+    # (it exists), but no proof that a clique is out of reach.
+    if settings.stop_when_flagged and clique.size >= settings.min_clique:
+        return RoundCheck(FLAGGED, clique.size, clique.exact)
+    remaining = None if n_samples is None else int(n_samples) - len(images)
+    if settings.stop_when_out_of_reach and clique.exact and remaining is not None and clique.size + remaining < settings.min_clique:
+        return RoundCheck(OUT_OF_REACH, clique.size, clique.exact)
+    return RoundCheck(CONTINUE, clique.size, clique.exact)
 
 
-def keep_sampling(images: np.ndarray, settings: AdaptiveSettings) -> bool:
-    """Whether the prompt gets its next round (:func:`round_verdict` is ``CONTINUE``)."""
-    return round_verdict(images, settings) == CONTINUE
+def round_verdict(images: np.ndarray, settings: AdaptiveSettings, n_samples: int | None = None) -> str:
+    """The verdict of :func:`check_round`."""
+    return check_round(images, settings, n_samples).verdict
+
+
+def next_round_end(made: int, check: RoundCheck, n_samples: int, settings: AdaptiveSettings) -> int:
+    """Where the next round ends, for a prompt with ``made`` samples that ``check`` let go on.
+
+    The next end of the geometric schedule (:func:`round_ends`), or sooner: at the first count
+    at which a stop on the verdict could apply (see the module doc), but no sooner than
+    ``MIN_ROUND_SHARE`` of ``made`` more samples.
+    """
+    scheduled = next(end for end in round_ends(n_samples, settings) if end > made)
+    if check.clique_size is None:
+        return scheduled
+    decisive = []
+    if settings.stop_when_flagged:
+        decisive.append(made + settings.min_clique - check.clique_size)
+    if settings.stop_when_out_of_reach:
+        decisive.append(n_samples - settings.min_clique + check.clique_size + 1)
+    if not decisive:
+        return scheduled
+    shortest = made + max(1, math.ceil(made * MIN_ROUND_SHARE))
+    return min(scheduled, max(min(decisive), shortest))
 
 
 def adaptive_outcome(first: Callable[[int], np.ndarray], n_samples: int, settings: AdaptiveSettings) -> tuple[int, str | None]:
     """What adaptive sampling makes of one prompt: ``(samples made, stop reason)``.
 
-    The reason is ``NO_SIGN`` or ``FLAGGED`` for a prompt stopped before ``n_samples``, None
-    for one sampled in full. ``first(k)`` returns the prompt's first ``k`` samples (uint8
-    (k, H, W, 3)). Since sample ``i`` comes from its own seed, the samples of a brute-force
-    run give the adaptive run's decisions exactly, without sampling again (what the budget
-    report uses).
+    The reason is ``NO_SIGN``, ``FLAGGED`` or ``OUT_OF_REACH`` for a prompt stopped before
+    ``n_samples``, None for one sampled in full. ``first(k)`` returns the prompt's first ``k``
+    samples (uint8 (k, H, W, 3)). Since sample ``i`` comes from its own seed, the samples of a
+    brute-force run give the adaptive run's decisions exactly, without sampling again (what
+    the budget report uses).
     """
-    ends = round_ends(int(n_samples), settings)
-    for end in ends[:-1]:
-        verdict = round_verdict(first(end), settings)
-        if verdict != CONTINUE:
-            return end, verdict
-    return ends[-1], None
+    n_samples = int(n_samples)
+    made = round_ends(n_samples, settings)[0]
+    while made < n_samples:
+        check = check_round(first(made), settings, n_samples)
+        if check.verdict != CONTINUE:
+            return made, check.verdict
+        made = next_round_end(made, check, n_samples, settings)
+    return made, None
 
 
 def adaptive_settings(values: Mapping[str, Any] | None) -> AdaptiveSettings:

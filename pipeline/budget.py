@@ -4,10 +4,12 @@ Brute force (Carlini et al. 2023) gives every prompt ``n_samples`` samples of ``
 denoising steps; a step is one UNet evaluation per image, two with classifier-free guidance
 (``guidance_scale > 1``: a conditional and an unconditional one). The shortcuts of issue 8:
 
-* the prescreen (:mod:`pipeline.prescreen`) scores every prompt with ``2 * seeds`` UNet
-  evaluations and keeps only the top ones for sampling;
+* the prescreen (:mod:`pipeline.prescreen`) scores every prompt with one conditional UNet
+  evaluation per seed (plus one unconditional evaluation per seed, shared by all prompts) and
+  keeps only the top ones for sampling;
 * adaptive sampling (:mod:`pipeline.adaptive`) stops a prompt after its first round(s) unless
-  its samples so far look like a forming clique.
+  its samples so far look like a forming clique, and (optionally) as soon as the detector's
+  verdict on it is decided.
 
 The functions here are pure (numbers and DataFrames in, a JSON-ready dict out);
 :func:`write_generation_budget` is the file-reading edge the generator calls at the end of a run.
@@ -22,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.adaptive import FLAGGED, OUT_OF_REACH
 from pipeline.io import write_json
 
 BUDGET_FILE = "budget.json"
@@ -38,8 +41,9 @@ def brute_force_evaluations(n_prompts: int, n_samples: int, steps: int, guidance
 
 
 def prescreen_evaluations(n_prompts: int, seeds: int) -> int:
-    """The prescreen's cost: a conditional and an unconditional evaluation per prompt and seed."""
-    return 2 * int(n_prompts) * int(seeds)
+    """The prescreen's cost: a conditional evaluation per prompt and seed, and one unconditional
+    evaluation per seed (the same for every prompt, since every prompt sees the same noise)."""
+    return (int(n_prompts) + 1) * int(seeds) if int(n_prompts) > 0 else 0
 
 
 def generation_budget(prompts: pd.DataFrame, prescreen: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -56,7 +60,8 @@ def generation_budget(prompts: pd.DataFrame, prescreen: Mapping[str, Any] | None
     Returns:
         A dict: ``prompts`` (brute force's prompt count), ``prompts_sampled``,
         ``prompts_stopped_early`` (no sign of memorization), ``prompts_stopped_flagged`` (stopped
-        once a clique was found), ``samples``, ``samples_brute_force``,
+        once a clique was found), ``prompts_stopped_out_of_reach`` (stopped once the budget left
+        could no longer complete a clique), ``samples``, ``samples_brute_force``,
         ``generation_evaluations``, ``prescreen_evaluations``, ``unet_evaluations`` (their
         sum), ``brute_force_evaluations`` and ``fraction`` (spent / brute force; NaN when
         brute force costs nothing).
@@ -70,10 +75,11 @@ def generation_budget(prompts: pd.DataFrame, prescreen: Mapping[str, Any] | None
         per_sample = [evaluations_per_sample(s, g) for s, g in zip(prompts["steps"], prompts["guidance_scale"])]
         per_sample = pd.Series(per_sample, index=prompts.index)
         stopped = int(prompts["stopped_early"].fillna(False).astype(bool).sum()) if "stopped_early" in prompts.columns else 0
-        flagged_early = int((prompts["stop_reason"] == "flagged").sum()) if "stop_reason" in prompts.columns else 0
+        reasons = prompts["stop_reason"] if "stop_reason" in prompts.columns else pd.Series(dtype=object)
+        flagged_early, out_of_reach = int((reasons == FLAGGED).sum()), int((reasons == OUT_OF_REACH).sum())
     else:
         budget = made = per_sample = pd.Series(dtype=int)
-        stopped = flagged_early = 0
+        stopped = flagged_early = out_of_reach = 0
     spent = int((made * per_sample).sum())
     brute = int((budget * per_sample).sum())
     samples_brute = int(budget.sum())
@@ -95,6 +101,7 @@ def generation_budget(prompts: pd.DataFrame, prescreen: Mapping[str, Any] | None
         "prompts_sampled": n_sampled,
         "prompts_stopped_early": stopped,
         "prompts_stopped_flagged": flagged_early,
+        "prompts_stopped_out_of_reach": out_of_reach,
         "samples": int(made.sum()),
         "samples_brute_force": samples_brute,
         "generation_evaluations": spent,
@@ -124,8 +131,10 @@ def missed_by_shortcuts(
         memorized: the brute-force run's ``memorized.parquet`` (``prompt_id``, ``flagged``).
         prescreen: a prescreen table over those prompts (``prompt_id``, ``kept``): a flagged
             prompt it did not keep is missed.
-        adaptive: adaptive sampling's outcome per prompt (``prompt_id``, ``stopped_early``),
-            e.g. an adaptive run's ``prompts.parquet``: a flagged prompt stopped early is missed.
+        adaptive: adaptive sampling's outcome per prompt (``prompt_id``, ``stopped_early`` and,
+            when known, ``stop_reason``), e.g. an adaptive run's ``prompts.parquet``: a flagged
+            prompt stopped for any reason but "flagged" is missed (an "out_of_reach" stop can
+            only miss one when the detector ran with another threshold or clique size).
         on: the column that names a prompt in all three tables.
 
     Returns:
@@ -145,6 +154,9 @@ def missed_by_shortcuts(
         verdicts["prescreen"] = ((flagged & listed) - kept, flagged - listed)
     if adaptive is not None:
         listed, stopped = _ids(adaptive, "stopped_early", on)
+        if "stop_reason" in adaptive.columns:
+            short = adaptive["stop_reason"].notna() & (adaptive["stop_reason"] != FLAGGED)
+            stopped |= set(adaptive.loc[short, on].astype(str))
         verdicts["adaptive"] = (flagged & stopped, flagged - listed)
     if prescreen is not None and adaptive is not None:
         missed = verdicts["prescreen"][0] | verdicts["adaptive"][0]
@@ -170,6 +182,8 @@ def format_budget(report: Mapping[str, Any]) -> str:
     )
     if report.get("prompts_stopped_flagged"):
         line += f", {report['prompts_stopped_flagged']} stopped once flagged"
+    if report.get("prompts_stopped_out_of_reach"):
+        line += f", {report['prompts_stopped_out_of_reach']} once a clique was out of reach"
     if report.get("prescreen_evaluations"):
         line += f"; prescreen {report['prescreen_evaluations']:,}"
     missed = report.get("missed")

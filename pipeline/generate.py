@@ -25,8 +25,11 @@ are the same images since each one comes from its own seed. Every PNG is written
 Adaptive sampling (``adaptive.enabled=true``, :mod:`pipeline.adaptive`): a prompt's samples come
 in rounds (16, 32, 64, ... by default), all active prompts' round together so that batches
 still mix prompts; after a round, a prompt whose samples so far have no pair of near-copies
-stops there (marked done with ``stopped_early``). Its samples are the first ones of the
-brute-force run, with the same seeds. A brute-force rerun over the folder fills stopped prompts
+stops there (marked done with ``stopped_early``). Optional stops end a prompt once the
+detector's verdict is decided: a clique of ``min_clique`` exists (``stop_when_flagged``), or
+the remaining budget can no longer complete one (``stop_when_out_of_reach``); rounds then also
+end where such a stop could first apply. Its samples are the first ones of the brute-force
+run, with the same seeds. A brute-force rerun over the folder fills stopped prompts
 up; an adaptive rerun with another rule decides again from the samples on disk.
 
 Recipe columns of ``prompts.parquet``, enough for :func:`regenerate` to remake any sample:
@@ -37,7 +40,9 @@ Recipe columns of ``prompts.parquet``, enough for :func:`regenerate` to remake a
 ``guidance_scale``, ``height``, ``width``, ``negative_prompt``, ``dtype``, ``generator_device``
 and ``runtime`` (JSON: device and speed options, see :class:`pipeline.models.Runtime`); then
 ``adaptive`` (JSON of the rule, or null when off), ``n_generated`` (samples made so far, of
-``n_samples``) and ``stopped_early``.
+``n_samples``), ``stopped_early`` (stopped with no near-copy pair) and ``stop_reason``
+(:mod:`pipeline.adaptive`'s ``no_close_pairs``, ``flagged`` or ``out_of_reach``; null when
+sampled in full).
 """
 
 from __future__ import annotations
@@ -58,7 +63,17 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.adaptive import CONTINUE, NO_SIGN, AdaptiveSettings, adaptive_settings, round_ends, round_verdict
+from pipeline.adaptive import (
+    CONTINUE,
+    FLAGGED,
+    NO_SIGN,
+    OUT_OF_REACH,
+    AdaptiveSettings,
+    adaptive_settings,
+    check_round,
+    next_round_end,
+    round_ends,
+)
 from pipeline.budget import format_budget, write_generation_budget
 from pipeline.io import atomic_write, is_done, mark_done, marker_path, write_json, write_parquet
 from pipeline.models import ModelLoadError, Runtime, build_scheduler, dtype_name, load_pipeline, optimize_pipeline, resolve_device, resolve_dtype
@@ -203,6 +218,7 @@ class GenerationSummary:
     seconds: float
     stopped_early: int = 0  # prompts this run stopped early with no sign of memorization (adaptive sampling)
     stopped_flagged: int = 0  # prompts this run stopped early because they were already flagged
+    stopped_out_of_reach: int = 0  # prompts this run stopped because their budget could no longer complete a clique
 
     @property
     def images_per_s(self) -> float:
@@ -211,11 +227,13 @@ class GenerationSummary:
 
 @dataclass
 class _Progress:
-    """Where one unfinished prompt stands: its current round and the writes that round awaits."""
+    """Where one unfinished prompt stands: its current round, samples ``[start, end)``, and the
+    writes that round awaits."""
 
     prompt: Prompt
     seeds: list[int]
-    round: int = 0
+    end: int
+    start: int = 0
     waiting: int = 0
 
 
@@ -245,10 +263,10 @@ def generate(
     monitoring; an exception there stops the run as a crash would, leaving it resumable).
 
     With ``adaptive`` enabled, samples come in rounds (:func:`pipeline.adaptive.round_ends`):
-    round ``r`` of every active prompt is queued together, so batches still mix prompts, and
-    once a prompt's round is written its samples so far go through
-    :func:`pipeline.adaptive.keep_sampling`; a prompt that fails it is marked done (stopped
-    early) and gets no more samples.
+    every active prompt's round is queued together, so batches still mix prompts, and once a
+    prompt's round is written its samples so far go through :func:`pipeline.adaptive.check_round`;
+    a prompt it stops is marked done with the reason and gets no more samples, the others get
+    the round that :func:`pipeline.adaptive.next_round_end` gives.
     """
     if int(n_samples) < 1:
         raise ValueError(f"n_samples: must be at least 1, got {n_samples}")
@@ -295,7 +313,7 @@ def generate(
     queue: deque[SampleTask] = deque()
     queued_per_caption: Counter[str] = Counter()
     active: dict[str, _Progress] = {}
-    counts = {"stopped": 0, "flagged": 0}
+    counts = {NO_SIGN: 0, FLAGGED: 0, OUT_OF_REACH: 0}
     bar = tqdm(total=0, unit="img", desc=f"generate {rank}/{world_size}", disable=not progress, dynamic_ncols=True)
 
     def finish(prompt_id: str, made: int, reason: str | None = None) -> None:
@@ -309,7 +327,7 @@ def generate(
         }  # fmt: skip
         if reason is not None:
             info["adaptive"] = asdict(adaptive)
-            counts["stopped" if reason == NO_SIGN else "flagged"] += 1
+            counts[reason] += 1
         mark_done(out_dir, prompt_id, info)
         del active[prompt_id]
 
@@ -317,37 +335,37 @@ def generate(
         """Move a prompt past its rounds whose samples all exist: finish it, stop it, or queue its next samples."""
         state = active[prompt_id]
         while True:
-            start, end = (ends[state.round - 1] if state.round else 0), ends[state.round]
-            if state.round == 0:
-                todo = missing_samples(out_dir, prompt_id, end)
+            if state.start == 0:
+                todo = missing_samples(out_dir, prompt_id, state.end)
             else:
-                todo = [i for i in range(start, end) if not sample_path(out_dir, prompt_id, i).exists()]
+                todo = [i for i in range(state.start, state.end) if not sample_path(out_dir, prompt_id, i).exists()]
             if todo:
                 queue.extend(SampleTask(prompt_id, state.prompt.caption, i, state.seeds[i]) for i in todo)
                 queued_per_caption[state.prompt.caption] += len(todo)
                 state.waiting = len(todo)
                 bar.total += len(todo)  # shown at the next update
                 return
-            if end == n_samples:
-                return finish(prompt_id, end)
-            verdict = round_verdict(read_samples(out_dir, prompt_id, end), adaptive)
-            if verdict != CONTINUE:
-                return finish(prompt_id, end, verdict)
-            state.round += 1
+            if state.end == n_samples:
+                return finish(prompt_id, state.end)
+            check = check_round(read_samples(out_dir, prompt_id, state.end), adaptive, n_samples)
+            if check.verdict != CONTINUE:
+                return finish(prompt_id, state.end, check.verdict)
+            state.start, state.end = state.end, next_round_end(state.end, check, n_samples, adaptive)
 
     skipped = 0
     for p, row in zip(mine, rows):
         if prompt_done(out_dir, p.prompt_id, n_samples, adaptive, any_rule=False):
             skipped += 1
             continue
-        active[p.prompt_id] = _Progress(p, row["seeds"])
+        active[p.prompt_id] = _Progress(p, row["seeds"], end=ends[0])
     write_shard_file()  # before sampling starts: the recipe is on disk whatever happens next
     for prompt_id in list(active):
         advance(prompt_id)
     log.info(
         "generate: shard %d/%d: %d prompts, %d already complete, %d images to make%s",
         rank, world_size, len(mine), skipped, len(queue),
-        f" in the first round (adaptive: rounds end at {ends})" if adaptive is not None else "",
+        f" in the first round (adaptive: rounds end at {ends}"
+        + (", or sooner where a stop on the verdict could apply)" if adaptive.needs_clique else ")") if adaptive is not None else "",
     )  # fmt: skip
 
     encoder = PromptEncoder(pipe, settings.guidance_scale, settings.negative_prompt)
@@ -404,9 +422,10 @@ def generate(
     seconds = time.perf_counter() - start
     write_shard_file()
     consolidate_prompts(out_dir)
-    summary = GenerationSummary(len(mine), skipped, made, seconds, counts["stopped"], counts["flagged"])
+    summary = GenerationSummary(len(mine), skipped, made, seconds, counts[NO_SIGN], counts[FLAGGED], counts[OUT_OF_REACH])
     log.info("generate: made %d images in %.1f s (%.2f images/s)%s", made, seconds, summary.images_per_s,
-             f"; {counts['stopped']} prompts stopped early with no near-copy pair, {counts['flagged']} once flagged"
+             f"; {counts[NO_SIGN]} prompts stopped early with no near-copy pair, {counts[FLAGGED]} once flagged, "
+             f"{counts[OUT_OF_REACH]} once a clique was out of reach"
              if adaptive is not None else "")
     return summary
 

@@ -3,7 +3,22 @@
 import numpy as np
 import pytest
 
-from pipeline.adaptive import AdaptiveSettings, close_pairs, keep_sampling, round_ends
+from pipeline.adaptive import (
+    CONTINUE,
+    FLAGGED,
+    NO_SIGN,
+    OUT_OF_REACH,
+    AdaptiveSettings,
+    RoundCheck,
+    adaptive_outcome,
+    check_round,
+    close_pair_matrix,
+    close_pairs,
+    next_round_end,
+    round_ends,
+    round_verdict,
+)
+from pipeline.clique import max_clique
 
 
 def _diverse(n: int, rng) -> np.ndarray:
@@ -22,14 +37,14 @@ def test_diverse_samples_stop_early_and_repeats_continue():
     settings = AdaptiveSettings(first_round=8)
     diverse = _diverse(8, rng)
     assert close_pairs(diverse, settings) == 0
-    assert not keep_sampling(diverse, settings)
+    assert round_verdict(diverse, settings) == NO_SIGN
 
     repeated = diverse.copy()
     noise = rng.integers(-5, 6, size=repeated[0].shape)
     repeated[3] = np.clip(repeated[0].astype(int) + noise, 0, 255).astype(np.uint8)  # one near-copy
     assert close_pairs(repeated, settings) == 1
-    assert keep_sampling(repeated, settings)
-    assert not keep_sampling(repeated, AdaptiveSettings(first_round=8, min_close_pairs=2))
+    assert round_verdict(repeated, settings) == CONTINUE
+    assert round_verdict(repeated, AdaptiveSettings(first_round=8, min_close_pairs=2)) == NO_SIGN
 
 
 @pytest.mark.parametrize("bad", [dict(first_round=1), dict(growth=1.0), dict(min_close_pairs=0)])
@@ -39,8 +54,6 @@ def test_bad_settings_name_the_key(bad):
 
 
 def test_outcome_replays_the_rounds_on_existing_samples():
-    from pipeline.adaptive import adaptive_outcome
-
     rng = np.random.default_rng(1)
     settings = AdaptiveSettings(first_round=4, growth=2.0)
     diverse = _diverse(10, rng)
@@ -68,14 +81,14 @@ def _with_copies(n: int, copies: int, rng) -> np.ndarray:
 
 
 def test_stop_when_flagged_ends_a_prompt_once_its_clique_is_complete():
-    from pipeline.adaptive import FLAGGED, adaptive_outcome, round_verdict
-
     rng = np.random.default_rng(2)
     rule = AdaptiveSettings(first_round=4, growth=2.0, stop_when_flagged=True, min_clique=5)
     images = _with_copies(16, 6, rng)  # a clique of 6 among the first 8
     assert round_verdict(images[:4], rule) == "continue"  # 4 copies: not yet a clique of 5
     assert round_verdict(images[:8], rule) == FLAGGED
-    assert adaptive_outcome(lambda k: images[:k], 16, rule) == (8, FLAGGED)
+    # After 4 samples (a clique of 4) one more could complete the clique: the round ends at 5, not 8.
+    asked = []
+    assert adaptive_outcome(lambda k: asked.append(k) or images[:k], 16, rule) == (5, FLAGGED) and asked == [4, 5]
     # Without the switch the same prompt is sampled to the end.
     plain = AdaptiveSettings(first_round=4, growth=2.0, min_clique=5)
     assert adaptive_outcome(lambda k: images[:k], 16, plain) == (16, None)
@@ -84,6 +97,62 @@ def test_stop_when_flagged_ends_a_prompt_once_its_clique_is_complete():
     assert adaptive_outcome(lambda k: short[:k], 16, rule) == (16, None)
     with pytest.raises(ValueError, match="adaptive.min_clique"):
         AdaptiveSettings(min_clique=1)
+
+
+def test_rounds_end_where_a_stop_on_the_verdict_could_first_apply():
+    both = AdaptiveSettings(first_round=8, growth=1.5, stop_when_flagged=True, stop_when_out_of_reach=True, min_clique=10)
+    assert round_ends(24, both) == [8, 12, 18, 24]
+    # (made, largest clique) -> next end, budget 24: the geometric end unless a flag (made + 10 - c)
+    # or an out-of-reach stop (24 - 10 + c + 1) could come first.
+    # (20, 6): out of reach could apply at 21, but a round is at least ceil(20 / 16) = 2 samples.
+    cases = {(8, 3): 12, (12, 4): 18, (18, 5): 20, (13, 9): 14, (20, 6): 22, (12, 8): 14}
+    for (made, clique), end in cases.items():
+        assert next_round_end(made, RoundCheck(CONTINUE, clique, True), 24, both) == end, (made, clique)
+    # No clique searched (neither stop on): the geometric schedule.
+    assert next_round_end(18, RoundCheck(CONTINUE), 24, AdaptiveSettings(first_round=8, growth=1.5)) == 24
+    # Only the flag stop: no early end for out of reach.
+    flag_only = AdaptiveSettings(first_round=8, growth=1.5, stop_when_flagged=True, min_clique=10)
+    assert next_round_end(18, RoundCheck(CONTINUE, 5, True), 24, flag_only) == 23
+    # A round is at least MIN_ROUND_SHARE of the samples so far: checks stay cheap at large budgets.
+    big = AdaptiveSettings(first_round=16, growth=2.0, stop_when_flagged=True, min_clique=10)
+    assert next_round_end(320, RoundCheck(CONTINUE, 9, True), 500, big) == 340
+
+
+def _clustered(rng, n: int, weights: list[float]) -> np.ndarray:
+    """``n`` 16 x 16 samples, each a near-copy of one of ``len(weights)`` modes (drawn with those
+    weights) or, with the remaining probability, an image of its own."""
+    modes = _diverse(len(weights), rng)[:, :16, :16]
+    images = _diverse(n, rng)[:, :16, :16]
+    picks = rng.choice(len(weights) + 1, size=n, p=[*weights, 1 - sum(weights)])
+    for i, mode in enumerate(picks):
+        if mode < len(weights):
+            images[i] = np.clip(modes[mode].astype(int) + rng.integers(-5, 6, size=modes[mode].shape), 0, 255)
+    return images
+
+
+def test_stops_on_the_verdict_never_change_what_the_detector_flags():
+    """A prompt stopped as "flagged" is flagged by the full budget's samples, one stopped as "out of
+    reach" is not; the decisions use only the samples made so far (replayed on a full set)."""
+    rng = np.random.default_rng(5)
+    rule = AdaptiveSettings(first_round=4, growth=1.5, stop_when_flagged=True, stop_when_out_of_reach=True, min_clique=6)
+    seen = {FLAGGED: 0, OUT_OF_REACH: 0, None: 0}
+    for _ in range(40):
+        n = 16
+        weights = list(rng.dirichlet(np.ones(3)) * rng.uniform(0.4, 1.0))
+        images = _clustered(rng, n, weights)
+        full_clique = max_clique(close_pair_matrix(images, rule)).size
+        made, reason = adaptive_outcome(lambda k: images[:k], n, rule)
+        if reason == FLAGGED:
+            assert full_clique >= rule.min_clique and made < n
+        elif reason == OUT_OF_REACH:
+            assert full_clique < rule.min_clique and made < n
+            # Lossless, and as late as the bound allows: at the stop, clique + remaining < min_clique.
+            assert check_round(images[:made], rule, n).clique_size + (n - made) < rule.min_clique
+        if reason in seen:
+            seen[reason] += 1
+    assert all(seen.values()), seen  # every outcome occurred, so the assertions above were exercised
+    # Without the budget, the out-of-reach stop cannot decide.
+    assert round_verdict(_clustered(rng, 12, [0.2]), rule) in (CONTINUE, NO_SIGN)
 
 
 def test_settings_from_config_name_unknown_keys():

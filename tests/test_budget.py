@@ -31,7 +31,9 @@ def test_evaluation_counts_follow_the_sampler():
     assert evaluations_per_sample(50, 7.5) == 100  # classifier-free guidance: two UNet calls a step
     assert evaluations_per_sample(50, 1.0) == 50
     assert brute_force_evaluations(1000, 500, 50, 7.5) == 50_000_000
-    assert prescreen_evaluations(44, 4) == unet_evaluations(44, PrescreenSettings(seeds=4)) == 352
+    # One conditional evaluation per prompt and seed, one unconditional per seed shared by all prompts.
+    assert prescreen_evaluations(44, 4) == unet_evaluations(44, PrescreenSettings(seeds=4)) == 44 * 4 + 4
+    assert prescreen_evaluations(0, 4) == 0
 
 
 def test_adaptive_run_against_brute_force():

@@ -19,6 +19,7 @@ from pipeline.generate import (
     consolidate_prompts,
     generate,
     load_prompts,
+    read_samples,
     regenerate,
     sample_path,
 )
@@ -432,6 +433,36 @@ def test_stop_when_flagged_ends_a_prompt_at_its_clique_and_brute_force_fills_it_
     filled = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=4)
     assert filled.images == (FULL - 2) * len(ADAPTIVE_PROMPTS)
     assert sorted(all_samples(out)) == sorted(all_samples(brute["out"]))
+
+
+@pytest.mark.parametrize("min_clique", [3, 5])
+def test_stops_on_the_verdict_match_their_replay_on_brute_force_samples(pipe, model_dir, tmp_path, brute, min_clique):
+    """With both stops on the verdict, the generator makes exactly what :func:`adaptive_outcome`
+    replays on the brute-force samples: the same samples per prompt and the same stop reason.
+    Cliques of 5 cannot form among 4 samples: the continuing prompt stops as out of reach after
+    its first round; with cliques of 3 its next round ends after one sample (where a flag could
+    first come), not at the geometric end."""
+    from dataclasses import replace
+
+    from pipeline.adaptive import OUT_OF_REACH, adaptive_outcome
+
+    rule = replace(brute["rule"], stop_when_flagged=True, stop_when_out_of_reach=True, min_clique=min_clique)
+    out = tmp_path / f"verdict{min_clique}"
+    summary = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=4, adaptive=rule)
+    table = pd.read_parquet(out / PROMPTS_FILE).set_index("prompt_id")
+    for p in ADAPTIVE_PROMPTS:
+        made, reason = adaptive_outcome(lambda k, pid=p.prompt_id: read_samples(brute["out"], pid, k), FULL, rule)
+        recorded = table.loc[p.prompt_id, "stop_reason"]
+        assert (table.loc[p.prompt_id, "n_generated"], None if pd.isna(recorded) else recorded) == (made, reason), p.prompt_id
+    assert sorted(all_samples(out)) == sorted(f"{pid}/{i:05d}.png" for pid, n in table.n_generated.items() for i in range(n))
+    keep = brute["continues"]
+    if min_clique == 5:
+        assert table.loc[keep, "stop_reason"] == OUT_OF_REACH and table.loc[keep, "n_generated"] == 2
+        assert summary.stopped_out_of_reach == 1 and not table.loc[keep, "stopped_early"]
+        assert generation_budget(table.reset_index())["prompts_stopped_out_of_reach"] == 1
+    else:
+        assert table.loc[keep, "n_generated"] in (3, 4)  # 3 if the third sample completed a clique of 3
+        assert summary.stopped_flagged == int((table.stop_reason == "flagged").sum())
 
 
 def test_interrupted_adaptive_run_resumes_to_the_same_samples(pipe, model_dir, tmp_path, brute):

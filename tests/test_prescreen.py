@@ -39,7 +39,48 @@ def test_score_depends_on_the_text_only_through_the_caption(demo_pipe):
     table = prescreen(demo_pipe, prompts, settings, progress=False).set_index("prompt_id")
     assert table.loc["a", "score"] == pytest.approx(table.loc["b", "score"], rel=1e-5)
     assert table.loc["a", "score"] != pytest.approx(table.loc["c", "score"], rel=1e-3)
-    assert unet_evaluations(3, settings) == 12
+
+
+def test_shared_unconditional_prediction_gives_the_direct_score_for_fewer_evaluations(demo_pipe):
+    """eps(x_T, "") is computed once per seed for all captions: the score is still the norm of
+    eps(x_T, c) - eps(x_T, "") computed directly, and the UNet sees (captions + 1) * seeds images."""
+    import torch
+
+    from pipeline.prescreen import latent_shape, text_conditional_noise_norm
+
+    settings = PrescreenSettings(seeds=2, steps=25, batch_size=4)
+    captions = ["zubrak melino", "tesh vorla", "quen dasso"]
+    images_seen = []
+    hook = demo_pipe.unet.register_forward_hook(lambda module, args, output: images_seen.append(len(args[0])))
+    try:
+        per_seed = text_conditional_noise_norm(demo_pipe, captions, settings, progress=False)
+    finally:
+        hook.remove()
+    assert sum(images_seen) == unet_evaluations(len(captions), settings) == (3 + 1) * 2
+
+    # The direct computation for caption 1, seed 1: both predictions in one batch of two.
+    scheduler, unet = demo_pipe.scheduler, demo_pipe.unet
+    scheduler.set_timesteps(settings.steps)
+    timestep = scheduler.timesteps[0]
+    x = torch.randn(latent_shape(demo_pipe, None, None), generator=torch.Generator().manual_seed(settings.base_seed + 1))
+    x = scheduler.scale_model_input(x[None] * scheduler.init_noise_sigma, timestep)
+    with torch.no_grad():
+        text, _ = demo_pipe.encode_prompt([captions[1]], "cpu", 1, False)
+        empty, _ = demo_pipe.encode_prompt([""], "cpu", 1, False)
+        eps = unet(torch.cat([x, x]), timestep, encoder_hidden_states=torch.cat([empty, text])).sample
+    assert per_seed[1, 1] == pytest.approx(float((eps[1] - eps[0]).norm()), rel=1e-4)
+
+
+def test_heavy_prompt_aucs_leave_the_middle_out_against_singletons():
+    from pipeline.prescreen import heavy_prompt_aucs
+
+    dup = np.array([150, 150, 40, 40, 1, 1, 1])
+    scores = np.array([0.9, 0.8, 0.95, 0.85, 0.2, 0.3, 0.1])  # moderately duplicated prompts score high too
+    aucs = heavy_prompt_aucs(scores, dup, heavy_dup_count=100)
+    assert aucs["heavy_vs_singletons"] == 1.0
+    assert aucs["heavy_vs_rest"] == pytest.approx((4 + 3) / 10)  # 0.9 and 0.8 outrank 4 and 3 of the 5 others
+    assert np.isnan(heavy_prompt_aucs(scores, np.full(7, 150.0), 100)["heavy_vs_singletons"])
+    assert np.isnan(heavy_prompt_aucs(scores, np.array([150, np.nan, 1, 1, 1, 1, 1]), 100)["heavy_vs_rest"])
 
 
 def test_keep_rules():

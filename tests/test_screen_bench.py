@@ -35,14 +35,17 @@ def test_budget_figures_follow_from_the_runs(tiny_run):
     screened = result["screened"]
     table = pd.read_parquet(out / "screened" / "generations" / "prompts.parquet")
     assert sorted(table.prompt_id) == screened["kept"] and len(screened["kept"]) == n // 2  # keep 50% (--tiny: no z cut)
-    assert screened["prescreen_evaluations"] == 2 * n * 2  # 2 seeds a prompt
+    assert screened["prescreen_evaluations"] == (n + 1) * 2  # 2 seeds a prompt, and 2 unconditional ones for all
     assert screened["unet_evaluations"] == screened["prescreen_evaluations"] + int(table.n_generated.sum()) * steps * 2
     assert result["evaluation_fraction"] == pytest.approx(screened["unet_evaluations"] / result["brute_force"]["unet_evaluations"])
-    # Rounds end at 2, 4, 6 samples; a prompt stopped before the budget did so for a reason.
-    assert set(table.n_generated) <= {2, 4, samples}
+    # Rounds end at 2, 4, 6 samples (or sooner where a stop on the verdict could apply); a prompt
+    # stopped before the budget did so for a reason.
+    assert set(table.n_generated) <= set(range(2, samples + 1))
     assert screened["stopped_early"] == int(table.stopped_early.sum()) == int((table.stop_reason == "no_close_pairs").sum())
     assert screened["stopped_flagged"] == int((table.stop_reason == "flagged").sum())
-    assert screened["stopped_early"] + screened["stopped_flagged"] == int((table.n_generated < samples).sum())
+    assert screened["stopped_out_of_reach"] == int((table.stop_reason == "out_of_reach").sum())
+    stopped = screened["stopped_early"] + screened["stopped_flagged"] + screened["stopped_out_of_reach"]
+    assert stopped == int((table.n_generated < samples).sum())
 
 
 def test_screened_samples_are_the_brute_force_samples(tiny_run):
@@ -70,7 +73,7 @@ def test_recall_and_the_replayed_misses_agree(tiny_run):
 
 def test_printed_table_and_result_line(bench, tiny_run, capsys, tmp_path):
     result, _ = tiny_run
-    assert 0.0 <= result["roc_auc_heavy_vs_rest"] <= 1.0
+    assert 0.0 <= result["roc_auc_heavy_vs_rest"] <= 1.0 and 0.0 <= result["roc_auc_heavy_vs_singletons"] <= 1.0
     assert set(result["targets"]) == {"roc_auc>=0.95", "recall>=0.95", "fraction<=0.10"}
     json.dumps(result)  # JSON-ready
     (tmp_path / "busy").mkdir()
