@@ -201,6 +201,34 @@ def screenable_prompts(generations_dir: Path) -> pd.DataFrame:
     return prompts
 
 
+def stopped_under_another_rule(prompts_table: pd.DataFrame, settings: DetectSettings) -> list[str]:
+    """Prompts that adaptive sampling stopped on a verdict it took with another rule than these settings.
+
+    A stop "flagged" or "out_of_reach" (:mod:`pipeline.adaptive`) cannot change the detector's
+    verdict only when both judge near-copies alike: tiled L2 on the same ``grid``, the same
+    ``threshold`` and ``min_clique``. Such a prompt judged otherwise may deserve the samples it
+    was spared; these are its ids (sorted).
+    """
+    from pipeline.adaptive import FLAGGED, OUT_OF_REACH
+
+    if not {"prompt_id", "stop_reason", "adaptive"} <= set(prompts_table.columns):
+        return []
+    ids = set()
+    for prompt_id, reason, rule in zip(prompts_table["prompt_id"], prompts_table["stop_reason"], prompts_table["adaptive"]):
+        if reason not in (FLAGGED, OUT_OF_REACH) or not isinstance(rule, (str, dict)):
+            continue
+        rule = json.loads(rule) if isinstance(rule, str) else rule
+        same = (
+            settings.metric == "tiled_l2"
+            and np.isclose(float(rule.get("threshold", np.nan)), settings.threshold)
+            and int(rule.get("min_clique", -1)) == settings.min_clique
+            and int(rule.get("grid", -1)) == settings.grid
+        )
+        if not same:
+            ids.add(str(prompt_id))
+    return sorted(ids)
+
+
 def run_detect(
     generations_dir: str | Path,
     out_dir: str | Path,
@@ -230,6 +258,16 @@ def run_detect(
     # One file per shard: processes of an array job must not append to the same file.
     rejects = RejectLog(out_dir / ("rejects.jsonl" if world_size == 1 else f"rejects_{rank}.jsonl"))
 
+    table_path = generations_dir / PROMPTS_FILE
+    other_rule = stopped_under_another_rule(pd.read_parquet(table_path), settings) if table_path.is_file() else []
+    if other_rule:
+        log.warning(
+            "%d prompt(s) were stopped by adaptive sampling on a verdict taken with another near-copy rule than this "
+            "detector's (metric %s, threshold %g, min_clique %d, grid %d), e.g. %s: their verdicts here may differ from "
+            "a full run's; rerun the generator without adaptive sampling (or with the detector's rule) to complete them",
+            len(other_rule), settings.metric, settings.threshold, settings.min_clique, settings.grid, other_rule[0],
+        )  # fmt: skip
+
     mine = prompts.iloc[rank::world_size]
     todo = [row for row in mine.itertuples(index=False) if not _still_valid(_stored_result(results_dir, row.prompt_id, settings_dict), generations_dir)]
     log.info("shard %d/%d: %d prompts, %d already done", rank, world_size, len(mine), len(mine) - len(todo))
@@ -257,6 +295,7 @@ def run_detect(
             "flagged": int(memorized["flagged"].sum()),
             "samples": int(memorized["n_samples"].sum()),
             "rejected_samples": int(memorized["n_rejected"].sum()),
+            "stopped_under_another_rule": other_rule,
         },
         out_dir / "summary.json",
     )

@@ -130,6 +130,36 @@ def test_flags_exactly_the_prompt_with_twelve_near_copies(run):
     assert summary["flagged"] == 1 and summary["prompts"] == 3
 
 
+def test_verdict_stops_taken_under_another_rule_are_named(run, caplog):
+    """Adaptive sampling's "flagged"/"out_of_reach" stops are lossless only under the detector's
+    own rule; prompts stopped under another one are warned about and listed in summary.json."""
+    from pipeline.detect import stopped_under_another_rule
+
+    rule = {"threshold": 0.15, "min_clique": 10, "grid": 4}
+    table = pd.DataFrame({
+        "prompt_id": ["a", "b", "c", "d", "e"],
+        "stop_reason": ["flagged", "out_of_reach", "no_close_pairs", None, "out_of_reach"],
+        "adaptive": [json.dumps(rule), json.dumps(rule | {"min_clique": 8}), json.dumps(rule | {"min_clique": 8}), None,
+                     json.dumps(rule | {"threshold": 0.2})],
+    })  # fmt: skip
+    assert stopped_under_another_rule(table, DetectSettings()) == ["b", "e"]
+    assert stopped_under_another_rule(table, DetectSettings(min_clique=8)) == ["a", "e"]
+    assert stopped_under_another_rule(table, DetectSettings(metric="clip", threshold=0.05)) == ["a", "b", "e"]
+    assert stopped_under_another_rule(table.drop(columns="stop_reason"), DetectSettings()) == []
+
+    # In a run: the generations' table says prompt 00001 was stopped out of reach under min_clique 8.
+    path = run["run_dir"] / "generations" / "prompts.parquet"
+    generations = pd.read_parquet(path)
+    generations["stop_reason"] = np.where(generations.prompt_id == "00001", "out_of_reach", None)
+    generations["adaptive"] = json.dumps(rule | {"min_clique": 8})
+    generations.to_parquet(path)
+    with caplog.at_level("WARNING", logger="pipeline.detect"):
+        detect(run)
+    assert "1 prompt(s) were stopped by adaptive sampling" in caplog.text and "00001" in caplog.text
+    summary = json.loads((run["run_dir"] / "detect" / "summary.json").read_text())
+    assert summary["stopped_under_another_rule"] == ["00001"]
+
+
 def test_min_clique_and_threshold_decide(run):
     assert detect(run, min_clique=9)["flagged"].tolist() == [True, True, False]
     # At a threshold below the near-copies' distances no prompt has a clique.
