@@ -77,11 +77,10 @@ class AdaptiveSettings:
 @dataclass(frozen=True)
 class RoundCheck:
     """What a check after a round found: the ``verdict`` and, when searched, the size of the
-    largest clique of near-copies among the samples so far (``clique_exact``: proven maximum)."""
+    largest clique of near-copies found among the samples so far."""
 
     verdict: str
     clique_size: int | None = None
-    clique_exact: bool = False
 
 
 def round_ends(n_samples: int, settings: AdaptiveSettings) -> list[int]:
@@ -136,11 +135,11 @@ def check_round(images: np.ndarray, settings: AdaptiveSettings, n_samples: int |
     # A search stopped at its step budget gives a smaller clique than the largest: a sound flag
     # (it exists), but no proof that a clique is out of reach.
     if settings.stop_when_flagged and clique.size >= settings.min_clique:
-        return RoundCheck(FLAGGED, clique.size, clique.exact)
+        return RoundCheck(FLAGGED, clique.size)
     remaining = None if n_samples is None else int(n_samples) - len(images)
     if settings.stop_when_out_of_reach and clique.exact and remaining is not None and clique.size + remaining < settings.min_clique:
-        return RoundCheck(OUT_OF_REACH, clique.size, clique.exact)
-    return RoundCheck(CONTINUE, clique.size, clique.exact)
+        return RoundCheck(OUT_OF_REACH, clique.size)
+    return RoundCheck(CONTINUE, clique.size)
 
 
 def round_verdict(images: np.ndarray, settings: AdaptiveSettings, n_samples: int | None = None) -> str:

@@ -107,15 +107,15 @@ def test_rounds_end_where_a_stop_on_the_verdict_could_first_apply():
     # (20, 6): out of reach could apply at 21, but a round is at least ceil(20 / 16) = 2 samples.
     cases = {(8, 3): 12, (12, 4): 18, (18, 5): 20, (13, 9): 14, (20, 6): 22, (12, 8): 14}
     for (made, clique), end in cases.items():
-        assert next_round_end(made, RoundCheck(CONTINUE, clique, True), 24, both) == end, (made, clique)
+        assert next_round_end(made, RoundCheck(CONTINUE, clique), 24, both) == end, (made, clique)
     # No clique searched (neither stop on): the geometric schedule.
     assert next_round_end(18, RoundCheck(CONTINUE), 24, AdaptiveSettings(first_round=8, growth=1.5)) == 24
     # Only the flag stop: no early end for out of reach.
     flag_only = AdaptiveSettings(first_round=8, growth=1.5, stop_when_flagged=True, min_clique=10)
-    assert next_round_end(18, RoundCheck(CONTINUE, 5, True), 24, flag_only) == 23
+    assert next_round_end(18, RoundCheck(CONTINUE, 5), 24, flag_only) == 23
     # A round is at least MIN_ROUND_SHARE of the samples so far: checks stay cheap at large budgets.
     big = AdaptiveSettings(first_round=16, growth=2.0, stop_when_flagged=True, min_clique=10)
-    assert next_round_end(320, RoundCheck(CONTINUE, 9, True), 500, big) == 340
+    assert next_round_end(320, RoundCheck(CONTINUE, 9), 500, big) == 340
 
 
 def _clustered(rng, n: int, weights: list[float]) -> np.ndarray:
