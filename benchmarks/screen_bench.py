@@ -23,9 +23,9 @@ UNet evaluations, wall time, samples, prompts flagged, recall of (b) against (a)
 prompts, the evaluation fraction (b)/(a), and the prescreen's ROC AUC for telling heavy
 prompts (``dup_count >= --heavy-dup-count``) from the singletons (and from every other
 prompt). Since a sample is fixed by its seed, (b)'s samples are (a)'s first ones, and what
-adaptive sampling alone would have missed is replayed exactly on (a)'s samples. The issue's targets: ROC AUC >= 0.95, and (b) flags >= 95%
-of what (a) flags for <= 10% of its UNet evaluations. The last line, ``RESULT {...}``, is the
-same as JSON.
+adaptive sampling alone would have missed is replayed exactly on (a)'s samples. The issue's
+targets: ROC AUC >= 0.95, and (b) flags >= 95% of what (a) flags for <= 10% of its UNet
+evaluations. The last line, ``RESULT {...}``, is the same as JSON.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from pipeline.adaptive import FLAGGED, OUT_OF_REACH
 from pipeline.clique import MAX_STEPS, max_clique
 from pipeline.data.errors import EmptyDatasetError
 from pipeline.data.rejects import RejectLog
@@ -176,8 +177,9 @@ def _still_valid(result: dict | None, generations_dir: Path) -> bool:
     return listed == int(result["n_samples"]) + int(result["n_rejected"])
 
 
-def screenable_prompts(generations_dir: Path) -> pd.DataFrame:
-    """The prompts of a generations folder that are ready to screen: (prompt_id, caption).
+def screenable_prompts(generations_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The prompts of a generations folder that are ready to screen: (prompt_id, caption), and
+    the generator's prompt table as read (empty for folders without one).
 
     For the generator's folders, first union its shard files into ``prompts.parquet`` (the
     shards may still be running), then keep only prompts with a completion marker: a prompt
@@ -198,7 +200,7 @@ def screenable_prompts(generations_dir: Path) -> pd.DataFrame:
             log.warning("%d of %d prompts in %s are not complete yet (still being generated): not screened this time, "
                         "rerun detect when the generator has finished", int(waiting.sum()), len(prompts), generations_dir)
             prompts = prompts[~waiting].reset_index(drop=True)
-    return prompts
+    return prompts, table
 
 
 def stopped_under_another_rule(prompts_table: pd.DataFrame, settings: DetectSettings) -> list[str]:
@@ -209,8 +211,6 @@ def stopped_under_another_rule(prompts_table: pd.DataFrame, settings: DetectSett
     ``threshold`` and ``min_clique``. Such a prompt judged otherwise may deserve the samples it
     was spared; these are its ids (sorted).
     """
-    from pipeline.adaptive import FLAGGED, OUT_OF_REACH
-
     if not {"prompt_id", "stop_reason", "adaptive"} <= set(prompts_table.columns):
         return []
     ids = set()
@@ -250,7 +250,7 @@ def run_detect(
     """
     rank, world_size = check_shard(rank, world_size)
     generations_dir, out_dir = Path(generations_dir), Path(out_dir)
-    prompts = screenable_prompts(generations_dir)
+    prompts, generator_table = screenable_prompts(generations_dir)
     if prompts.empty:
         raise ValueError(f"generations_dir: no prompts in {generations_dir} (no sub-folders and no {PROMPTS_FILE})")
     settings_dict = asdict(settings)
@@ -258,8 +258,7 @@ def run_detect(
     # One file per shard: processes of an array job must not append to the same file.
     rejects = RejectLog(out_dir / ("rejects.jsonl" if world_size == 1 else f"rejects_{rank}.jsonl"))
 
-    table_path = generations_dir / PROMPTS_FILE
-    other_rule = stopped_under_another_rule(pd.read_parquet(table_path), settings) if table_path.is_file() else []
+    other_rule = stopped_under_another_rule(generator_table, settings)
     if other_rule:
         log.warning(
             "%d prompt(s) were stopped by adaptive sampling on a verdict taken with another near-copy rule than this "
