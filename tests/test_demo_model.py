@@ -56,7 +56,9 @@ def test_shipped_model_loads_offline_and_samples(monkeypatch):
     assert ((first < 0.02) | (first > 0.98)).mean() < 0.2
     assert 0.0 <= first.min() and first.max() <= 1.0
     again = sample([2])
-    np.testing.assert_allclose(again[0], first[1], atol=1e-5)  # a sample depends on its seed only
+    # A sample depends on its seed only, up to the batch-size rounding the README documents:
+    # within one grey level (1/255) of the same seed made inside a batch.
+    assert np.abs(again[0] - first[1]).max() <= 1 / 255
     assert np.abs(first[0] - first[1]).mean() > 1e-3
 
 

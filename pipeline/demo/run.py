@@ -34,7 +34,8 @@ STAGES = [
 
 
 def run_stage(module: str, overrides: list[str]) -> None:
-    command = [sys.executable, "-m", module, "experiment=demo", *overrides]
+    """Run ``python -m <module> <overrides>``; stop the demo when it fails."""
+    command = [sys.executable, "-m", module, *overrides]
     print(f"\n=== {' '.join(command[1:])}", flush=True)
     started = time.perf_counter()
     result = subprocess.run(command)
@@ -43,14 +44,23 @@ def run_stage(module: str, overrides: list[str]) -> None:
     print(f"=== {module} done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
+def demo_commands(extra: list[str], build_data: bool) -> list[tuple[str, list[str]]]:
+    """``(module, overrides)`` of each stage ``make demo`` runs, in order.
+
+    ``extra`` (the user's overrides) goes to every audit stage; the data-set builder, which
+    is not a stage of the audit, runs with its own defaults when ``build_data``.
+    """
+    commands = [("pipeline.demo.dataset", [])] if build_data else []
+    return commands + [(module, ["experiment=demo", *overrides, *extra]) for module, overrides in STAGES]
+
+
 def main(argv: list[str] | None = None) -> None:
     extra = list(sys.argv[1:] if argv is None else argv)
-    if not (DATA_DIR / "ground_truth.parquet").exists():
-        run_stage("pipeline.demo.dataset", [])
-    else:
+    build_data = not (DATA_DIR / "ground_truth.parquet").exists()
+    if not build_data:
         print(f"demo data set already at {DATA_DIR} (delete it or run `make demo-data` to rebuild)")
-    for module, overrides in STAGES:
-        run_stage(module, overrides + extra)
+    for module, overrides in demo_commands(extra, build_data):
+        run_stage(module, overrides)
 
     ground_truth = pd.read_parquet(DATA_DIR / "ground_truth.parquet")
     summary, per_band = score_run(RUN_DIR, ground_truth)

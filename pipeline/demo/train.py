@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import shutil
 import subprocess
 import time
@@ -157,7 +158,7 @@ def train(cfg: TrainConfig) -> Path:
     step, elapsed, history = 0, 0.0, []
     started_from = "scratch"
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = load_checkpoint(state_path)
         unet.load_state_dict(state["unet"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -247,6 +248,23 @@ def train(cfg: TrainConfig) -> Path:
         save()
     print(f"demo model at {out_dir} (step {step}, {elapsed / 60:.1f} min of training)", flush=True)
     return out_dir
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The training state at ``path``, loaded without unpickling arbitrary objects.
+
+    ``weights_only`` admits tensors, numbers, strings and containers, which is all the trainer
+    writes; a file that holds anything else (a planted pickle runs code when fully unpickled)
+    is refused with a message naming it.
+    """
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{path}: not a training state this trainer wrote ({first_line}); "
+            "delete it to warm-start from the shipped weights"
+        ) from None
 
 
 def main() -> None:
