@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.assemble import clean_caption, decode_or_reject, parse_meta
+from pipeline.data.assemble import caption_or_reject, decode_or_reject, parse_meta
 from pipeline.data.errors import DataConfigError
 from pipeline.data.record import Record
 from pipeline.data.rejects import RejectLog
@@ -106,12 +106,12 @@ def _read_record(root: Path, folder: Path, stem: str, group: dict, rejects: Reje
         return None
     caption_path = folder / group["txt"]
     try:
-        caption = clean_caption(caption_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
+        raw_caption = caption_path.read_bytes()
+    except OSError as err:
         rejects.add(key, str(caption_path), f"unreadable caption: {err}")
         return None
-    if not caption:
-        rejects.add(key, str(caption_path), "missing caption: the caption file is empty")
+    caption = caption_or_reject(raw_caption, key, str(caption_path), rejects, "the caption file is empty")
+    if caption is None:
         return None
 
     meta: dict | None = {}

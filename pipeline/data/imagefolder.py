@@ -11,10 +11,17 @@ the captions file; an image under the folder that no row names is reported as a
 ``missing caption`` reject, after the rows. Sharding is by record: row ``i`` (then the
 unlisted images, in walk order) goes to rank ``i % world_size``. The captions file is read
 as a stream; the set of listed paths is kept to find unlisted images and duplicates.
+
+The captions file should be UTF-8: a row with a field that is not (an invalid byte) is
+rejected as ``unreadable caption`` and the reading goes on; a header that is not raises
+``DataConfigError``. A file that cannot be read further (an I/O error, a CSV field over
+the csv module's limit) loses its remaining rows: one reject, counted as the one row known
+lost, the reason saying it is a lower bound.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
@@ -22,7 +29,7 @@ import posixpath
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.assemble import clean_caption, decode_or_reject
+from pipeline.data.assemble import caption_or_reject, decode_or_reject, utf8_problem
 from pipeline.data.errors import DataConfigError
 from pipeline.data.files import IMAGE_SUFFIXES
 from pipeline.data.record import Record
@@ -81,36 +88,59 @@ def find_captions(root: Path, captions: str | None) -> Path:
 
 
 def check_csv_header(path: Path, file_column: str, caption_column: str) -> None:
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        header = next(csv.reader(f), None)
+    try:
+        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            header = next(csv.reader(f), None)
+    except csv.Error as err:
+        raise DataConfigError(f"data.captions: cannot read the header of {path}: {err}") from None
     if header is None:
         return  # an empty file: an empty data set, reported when read
+    problem = utf8_problem(header)
+    if problem is not None:
+        raise DataConfigError(f"data.captions: the header of {path} is not valid UTF-8 ({problem}); save it as UTF-8")
     for key, column in (("data.file_column", file_column), ("data.caption_column", caption_column)):
         if column not in header:
             raise DataConfigError(f"{key}: no column {column!r} in {path} (columns: {', '.join(header)})")
 
 
 def _rows(path: Path) -> Iterator[tuple[str, dict | None, str]]:
-    """``(row label, fields, problem)`` per row of the captions file; ``fields`` is None when the row is unreadable."""
+    """``(row label, fields, problem)`` per row of the captions file; ``problem`` is "" for a good row.
+
+    A row that is not valid UTF-8 is a problem of that row alone: the file is decoded with
+    ``surrogateescape`` (CSV) or line by line (JSON lines), so an invalid byte never stops
+    the reading, and its row's ``fields`` are still given (to know which image it lists).
+    ``fields`` is None when the row cannot be parsed at all.
+    """
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as f:
+        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.DictReader(f)
             for fields in reader:
-                yield f"line {reader.line_num}", fields, ""
+                label = f"line {reader.line_num}"
+                yield label, fields, _not_utf8(label, fields)
         return
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, 1):
+            label = f"line {line_number}"
+            if line_number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            line = raw.decode("utf-8", errors="surrogateescape")
             if not line.strip():
                 continue
             try:
                 fields = json.loads(line)
             except ValueError as err:
-                yield f"line {line_number}", None, f"line {line_number} is not JSON: {err}"
+                yield label, None, f"{label} is not JSON: {err}"
                 continue
             if not isinstance(fields, dict):
-                yield f"line {line_number}", None, f"line {line_number} is not a JSON object"
+                yield label, None, f"{label} is not a JSON object"
                 continue
-            yield f"line {line_number}", fields, ""
+            yield label, fields, _not_utf8(label, fields)
+
+
+def _not_utf8(label: str, fields: dict) -> str:
+    """The problem of a row with a field that is not valid UTF-8, or ""."""
+    problem = utf8_problem(fields)
+    return "" if problem is None else f"not valid UTF-8 ({label}, {problem})"
 
 
 def _iter_imagefolder(
@@ -125,14 +155,17 @@ def _iter_imagefolder(
             index += 1
             source = f"{captions_path}:{label}"
             rel = _relative_path(fields.get(file_column)) if fields is not None else None
-            key = posixpath.splitext(rel)[0] if rel else f"{captions_path.name}:{label}"
+            # A path with an undecodable byte still names its image (file names are read
+            # the same way), but cannot be a key: keys are written as UTF-8.
+            readable = rel is not None and utf8_problem(rel) is None
+            key = posixpath.splitext(rel)[0] if readable else f"{captions_path.name}:{label}"
             duplicate = key in keys
             if rel:
                 listed.add(rel)
                 keys.add(key)
             if not owns(index - 1, rank, world_size):
                 continue
-            if fields is None:
+            if problem:
                 rejects.add(key, source, f"unreadable caption: {problem}")
             elif not rel:
                 value = fields.get(file_column)
@@ -144,10 +177,17 @@ def _iter_imagefolder(
                 record = _make_record(root, rel, key, fields, file_column, caption_column, source, rejects, decode)
                 if record is not None:
                     yield record
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
+    except (OSError, csv.Error) as err:
+        # The rows after the break cannot be counted without parsing them; the one that
+        # broke is known lost. Its owner reports it (the unread rows' images would all look
+        # unlisted: this one reject says it instead).
         if owns(index, rank, world_size):
-            rejects.add(f"{captions_path.name}:*", str(captions_path), f"unreadable caption: {err}; the rows after the first {index} are lost")
-        return  # the unread rows' images would all look unlisted: one reject says it instead
+            rejects.add(
+                f"{captions_path.name}:*", str(captions_path),
+                f"unreadable caption: {err}; the rows after the first {index} are lost: at least 1 row "
+                "(the rest of the file cannot be read to count them)",
+            )  # fmt: skip
+        return
 
     for folder, names in walk_sorted(root):
         for name in names:
@@ -176,9 +216,8 @@ def _make_record(
     source: str, rejects: RejectLog, decode: bool,
 ) -> Record | None:  # fmt: skip
     image_path = root / rel
-    caption = clean_caption(fields.get(caption_column))
-    if not caption:
-        rejects.add(key, source, f"missing caption: {caption_column!r} is empty or absent")
+    caption = caption_or_reject(fields.get(caption_column), key, source, rejects, f"{caption_column!r} is empty or absent")
+    if caption is None:
         return None
     if not image_path.is_file():
         rejects.add(key, str(image_path), "unreadable file: no such file")

@@ -10,6 +10,11 @@ The key of a record is the ``key_column`` value when the file has that column, e
 ``<file stem>/<row index>``. Sharding: by file when there are at least ``world_size``
 files, else by row (see :mod:`pipeline.data.sharding`). Other columns (except binary ones)
 go to ``Record.meta``.
+
+A caption (text or bytes) or another string that is not valid UTF-8 rejects its row. A file
+that cannot be read is logged as one ``unreadable file`` entry counting the rows it loses:
+all of them when the image or caption column is missing, those after the break when it
+breaks part-way, and "at least 1" when even its footer (the row count) is unreadable.
 """
 
 from __future__ import annotations
@@ -22,12 +27,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.assemble import clean_caption, decode_or_reject
+from pipeline.data.assemble import caption_or_reject, decode_or_reject, utf8_problem
 from pipeline.data.errors import DataConfigError
 from pipeline.data.record import Record
 from pipeline.data.rejects import RejectLog
 from pipeline.data.shards import find_shards
-from pipeline.data.sharding import check_shard, owns, split_files
+from pipeline.data.sharding import add_lost, check_shard, owns, split_files
 
 PARQUET_SUFFIXES = (".parquet",)
 # Tried in order when ``caption_column`` is not set; img2dataset writes both.
@@ -125,14 +130,15 @@ def _iter_parquet(
             parquet_file = pq.ParquetFile(shard)
             schema = parquet_file.schema_arrow
         except READ_ERRORS as err:
-            if owns(offset, rank, world_size):  # one rank reports it
-                rejects.add(f"{stem}/*", str(shard), f"unreadable file: {type(err).__name__}: {err}")
+            # Its row count is in the footer that failed, so its rows take no record numbers.
+            reason = f"unreadable file: {type(err).__name__}: {err}; at least 1 record lost (its row count is unreadable)"
+            add_lost(rejects, f"{stem}/*", str(shard), reason, offset, 1, rank, world_size)
             continue
         n_rows = parquet_file.metadata.num_rows
         missing = [c for c in (columns.image, columns.caption) if c not in schema.names]
         if missing:
-            if owns(offset, rank, world_size):
-                rejects.add(f"{stem}/*", str(shard), f"unreadable file: no column {missing[0]!r}; its {n_rows} rows are skipped")
+            reason = f"unreadable file: no column {missing[0]!r}; its {n_rows} rows are skipped"
+            add_lost(rejects, f"{stem}/*", str(shard), reason, offset, n_rows, rank, world_size)
             offset += n_rows
             continue
         key_column = columns.key if columns.key in schema.names else None
@@ -145,7 +151,7 @@ def _iter_parquet(
         seen: set[str] = set()
         try:
             for batch in parquet_file.iter_batches(batch_size=batch_size, columns=wanted):
-                for values in batch.to_pylist():
+                for values, bad_text in _rows(batch):
                     row_index, row = row, row + 1  # ``row`` counts the rows read so far
                     key = _key(values, key_column, stem, row_index)
                     duplicate = key in seen
@@ -155,17 +161,43 @@ def _iter_parquet(
                     source = f"{shard}:row {row_index}"
                     if duplicate:
                         rejects.add(key, source, f"duplicate key: {key!r} appears twice in {shard.name}")
-                        continue
-                    record = _make_record(key, values, columns, source, rejects, decode)
-                    if record is not None:
-                        yield record
+                    elif bad_text is not None:
+                        column, problem = bad_text
+                        kind = "unreadable caption" if column == columns.caption else "unreadable metadata"
+                        rejects.add(key, source, f"{kind}: not valid UTF-8 (column {column!r}: {problem})")
+                    else:
+                        record = _make_record(key, values, columns, source, rejects, decode)
+                        if record is not None:
+                            yield record
         except READ_ERRORS as err:
-            if owns(offset + row, rank, world_size):
-                rejects.add(
-                    f"{stem}/*", str(shard),
-                    f"unreadable file: {type(err).__name__}: {err}; rows {row} to {n_rows - 1} of this file are lost",
-                )  # fmt: skip
+            reason = f"unreadable file: {type(err).__name__}: {err}; rows {row} to {n_rows - 1} of this file are lost"
+            add_lost(rejects, f"{stem}/*", str(shard), reason, offset + row, n_rows - row, rank, world_size)
         offset += n_rows
+
+
+def _rows(batch: pa.RecordBatch) -> Iterator[tuple[dict, tuple[str, str] | None]]:
+    """``(values, bad_text)`` per row of ``batch``; ``bad_text`` is ``(column, problem)`` for a
+    row with a string that is not valid UTF-8, whose value then reads as None.
+
+    pyarrow does not check the strings a parquet file holds, and converting a batch fails
+    as a whole on one bad string: such a batch is converted value by value instead.
+    """
+    try:
+        rows = batch.to_pylist()
+    except UnicodeDecodeError:
+        rows = None
+    if rows is not None:
+        yield from ((values, None) for values in rows)
+        return
+    for i in range(batch.num_rows):
+        values, bad_text = {}, None
+        for name, column in zip(batch.schema.names, batch.columns):
+            try:
+                values[name] = column[i].as_py()
+            except UnicodeDecodeError as err:
+                values[name] = None
+                bad_text = bad_text or (name, utf8_problem(err.object))
+        yield values, bad_text
 
 
 def _key(values: dict, key_column: str | None, stem: str, row: int) -> str:
@@ -186,9 +218,8 @@ def _make_record(key: str, values: dict, columns: Columns, source: str, rejects:
         else:
             rejects.add(key, source, f"missing image: column {columns.image!r} is null")
         return None
-    caption = clean_caption(values[columns.caption])
-    if not caption:
-        rejects.add(key, source, f"missing caption: column {columns.caption!r} is empty")
+    caption = caption_or_reject(values[columns.caption], key, source, rejects, f"column {columns.caption!r} is empty")
+    if caption is None:
         return None
     decoded = None
     if decode:

@@ -15,6 +15,8 @@ import operator
 from collections.abc import Sequence
 from typing import TypeVar
 
+from pipeline.data.rejects import RejectLog
+
 T = TypeVar("T")
 
 
@@ -49,3 +51,22 @@ def split_files(files: Sequence[T], rank: int, world_size: int) -> tuple[list[T]
 def owns(index: int, rank: int, world_size: int) -> bool:
     """Whether record number ``index`` (in the order every rank sees) belongs to ``rank``."""
     return index % world_size == rank
+
+
+def owned_count(start: int, count: int, rank: int, world_size: int) -> int:
+    """How many of the record numbers ``start`` to ``start + count - 1`` belong to ``rank``."""
+    first = start + (rank - start) % world_size  # the first number from ``start`` on that is ours
+    return max(0, (start + count - first + world_size - 1) // world_size)
+
+
+def add_lost(
+    rejects: RejectLog, key: str, source: str, reason: str, start: int, count: int, rank: int, world_size: int
+) -> None:
+    """Log the records numbered ``start`` to ``start + count - 1``, lost together, that ``rank`` owns.
+
+    For a shard that broke part-way: one entry on each rank that owns some of them, with its
+    share as the count, so the ranks' counts add up to ``count`` and no record is counted twice.
+    """
+    share = owned_count(start, count, rank, world_size)
+    if share:
+        rejects.add(key, source, reason, count=share)

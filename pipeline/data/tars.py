@@ -7,23 +7,36 @@ base name (``a/b/000123.jpg`` and ``a/b/000123.txt`` make the record ``a/b/00012
 
 The key of a record is ``<shard stem>/<key in the tar>``, e.g. ``00003/000030017``.
 Sharding: by file when there are at least ``world_size`` tar files, else by record (see
-:mod:`pipeline.data.sharding`). A shard that breaks part-way (truncated download) keeps the
-records read before the break; the loss is one ``unreadable file`` reject for that shard.
+:mod:`pipeline.data.sharding`).
+
+A shard that breaks part-way (a truncated download, also one cut at a member boundary: a
+tar must end with its end-of-archive marker) keeps the records read before the break; the
+record being read at the break is lost with those after it. They are logged as one
+``unreadable file`` entry whose count is the records lost: img2dataset's sidecar beside
+``{shard}.tar`` (``{shard}_stats.json`` or the metadata table ``{shard}.parquet``, which are
+never read as data) says how many the shard holds; without one the count is the one record
+known lost, and the reason says it is a lower bound.
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
 import tarfile
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data.assemble import clean_caption, decode_or_reject, parse_meta
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.data.assemble import caption_or_reject, decode_or_reject, parse_meta
 from pipeline.data.record import Record
 from pipeline.data.rejects import RejectLog
 from pipeline.data.shards import find_shards, shard_stem
-from pipeline.data.sharding import check_shard, owns, split_files
+from pipeline.data.sharding import add_lost, check_shard, owns, split_files
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")  # in order of preference
@@ -58,9 +71,8 @@ def _iter_tars(files: list[Path], rank: int, world_size: int, rejects: RejectLog
         seen: set[str] = set()  # keys of this shard so far (every rank tracks all)
         seen_all = 0  # records of this shard, all ranks'
         for sample in _tar_samples(tar_path, decode):
-            if isinstance(sample, Exception):  # the shard broke; the rest of it is lost
-                if owns(index, rank, world_size):  # one rank reports it
-                    rejects.add(f"{stem}/*", str(tar_path), f"unreadable file: {sample}; the records after the first {seen_all} of this shard are lost")
+            if isinstance(sample, _Break):  # the shard broke; the rest of it is lost
+                _add_break(tar_path, stem, sample, seen_all, index, rank, world_size, rejects)
                 break
             tar_key, members = sample
             seen_all += 1
@@ -78,14 +90,39 @@ def _iter_tars(files: list[Path], rank: int, world_size: int, rejects: RejectLog
                 yield record
 
 
-def _tar_samples(tar_path: Path, read_images: bool) -> Iterator[tuple[str, dict[str, bytes | None]] | Exception]:
-    """Yield ``(key, {extension: bytes})`` per record in tar order; an error is yielded last.
+@dataclass(frozen=True)
+class _Break:
+    """Where a shard stopped being readable: why, and the record it was reading (None before the first)."""
 
-    Image bytes are only read when ``read_images`` (else the value is ``None``).
+    error: str
+    pending: str | None
+
+
+class _TarInfo(tarfile.TarInfo):
+    """Notes on its ``TarFile`` whether the last header it read was the archive's end marker.
+
+    tarfile ends a stream quietly when the file stops at or inside a header, as a truncated
+    download can; only an all-zero block (``EOFHeaderError``) is the archive's real end.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as err:
+            tar.reached_end_marker = isinstance(err, tarfile.EOFHeaderError)
+            raise
+
+
+def _tar_samples(tar_path: Path, read_images: bool) -> Iterator[tuple[str, dict[str, bytes | None]] | _Break]:
+    """Yield ``(key, {extension: bytes})`` per record in tar order; a ``_Break`` ends a damaged shard.
+
+    Image bytes are only read when ``read_images`` (else the value is ``None``). At a break,
+    the record being read is not yielded: it may lack members.
     """
     key, members = None, {}
     try:
-        with tarfile.open(tar_path, mode="r|*") as tar:
+        with tarfile.open(tar_path, mode="r|*", tarinfo=_TarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -103,11 +140,59 @@ def _tar_samples(tar_path: Path, read_images: bool) -> Iterator[tuple[str, dict[
                     members[extension] = None
                 else:
                     members[extension] = tar.extractfile(member).read()
+            if not getattr(tar, "reached_end_marker", False):
+                raise tarfile.ReadError("the file ends without the tar end-of-archive marker (truncated)")
     except READ_ERRORS as err:
-        yield RuntimeError(f"{tar_path} is damaged ({type(err).__name__}: {err})")
+        yield _Break(f"{tar_path} is damaged ({type(err).__name__}: {err})", key)
         return
     if key is not None:
         yield key, members
+
+
+def _add_break(
+    tar_path: Path, stem: str, broken: _Break, read: int, start: int, rank: int, world_size: int, rejects: RejectLog
+) -> None:
+    """Log the records a shard lost where it broke: ``read`` were read; the next is record number ``start``.
+
+    The records after the break cannot be seen in the tar. img2dataset's sidecar says how
+    many it wrote; without one, the record being read (when there was one) is the count
+    known, and the reason says it is a lower bound.
+    """
+    reason = f"unreadable file: {broken.error}; the records after the first {read} of this shard are lost"
+    written = _sidecar_successes(tar_path, stem)
+    if written is not None:
+        n_written, sidecar = written
+        lost = max(n_written - read, 1 if broken.pending is not None else 0)
+        if not lost:
+            return  # the sidecar says every record was read before the break
+        reason += f": {lost} records ({sidecar} says the shard has {n_written})"
+    else:
+        lost = 1
+        what = f"{broken.pending!r}, being read at the break" if broken.pending is not None else "the shard's first"
+        reason += f": at least 1 record ({what}; no {stem}_stats.json or {stem}.parquet beside it says how many followed)"
+    add_lost(rejects, f"{stem}/*", str(tar_path), reason, start, lost, rank, world_size)
+
+
+def _sidecar_successes(tar_path: Path, stem: str) -> tuple[int, str] | None:
+    """How many records img2dataset wrote into the shard, and the sidecar file that says so.
+
+    img2dataset writes beside ``{stem}.tar`` its stats, ``{stem}_stats.json`` (``successes``),
+    and its metadata table, ``{stem}.parquet`` (one row per URL, ``status`` ``success`` for
+    those in the tar). None when neither is there and readable.
+    """
+    stats = tar_path.with_name(f"{stem}_stats.json")
+    try:
+        successes = json.loads(stats.read_bytes())["successes"]
+        if isinstance(successes, int) and not isinstance(successes, bool) and successes >= 0:
+            return successes, stats.name
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no stats, or not img2dataset's: try the table
+    table = tar_path.with_name(f"{stem}.parquet")
+    try:
+        status = pq.read_table(table, columns=["status"]).column("status")
+        return pc.sum(pc.equal(status, "success")).as_py() or 0, table.name
+    except (OSError, pa.ArrowException):
+        return None
 
 
 def _make_record(key: str, members: dict[str, bytes | None], source: str, rejects: RejectLog, decode: bool) -> Record | None:
@@ -118,9 +203,8 @@ def _make_record(key: str, members: dict[str, bytes | None], source: str, reject
     if "txt" not in members:
         rejects.add(key, source, "missing caption: no .txt in the record")
         return None
-    caption = clean_caption(members["txt"])
-    if not caption:
-        rejects.add(key, source, "missing caption: the .txt is empty")
+    caption = caption_or_reject(members["txt"], key, source, rejects, "the .txt is empty")
+    if caption is None:
         return None
     meta: dict | None = {}
     if "json" in members:
