@@ -394,3 +394,24 @@ def test_unreadable_parquet_says_its_count_is_a_lower_bound(tmp_path):
     [entry] = rejects.entries
     assert entry["key"] == "00001/*" and "at least 1 record" in entry["reason"]
     assert len(rejects) == 1
+
+
+def test_names_that_are_not_utf8_give_storable_keys(tmp_path):
+    """A file or tar member named with bytes that are not UTF-8 is still a record, with a key
+    that parquet can store (it once crashed the duplicate finder when it wrote its tables)."""
+    files = tmp_path / "files"
+    files.mkdir()
+    for stem in ("\udcff\udcfe", "ok"):  # Python's spelling of the bytes ff fe in a file name
+        (files / f"{stem}.jpg").write_bytes(jpeg_bytes(colour(1)))
+        (files / f"{stem}.txt").write_text("a caption")
+    shard = tmp_path / "tars" / "00000.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w", encoding="utf-8", errors="surrogateescape") as tar:
+        for stem in ("\udcff\udcfe", "ok"):
+            add_member(tar, f"{stem}.jpg", jpeg_bytes(colour(2)))
+            add_member(tar, f"{stem}.txt", b"a caption")
+    for fmt, path in (("files", files), ("webdataset", shard)):
+        keys = sorted(record.key for record in iter_records(fmt, path))
+        assert len(keys) == 2, fmt
+        pa.table({"key": keys})  # storable: raises on a lone surrogate
+        assert any("\\xff\\xfe" in key for key in keys), keys

@@ -17,7 +17,8 @@ class Record:
             ``files``: the path under the root without suffix (``"000123"``,
             ``"00000/000000123"``); ``webdataset``: ``"<shard stem>/<key in the tar>"``;
             ``parquet``: the ``key`` column, else ``"<file stem>/<row index>"``;
-            ``imagefolder``: the listed file path without suffix.
+            ``imagefolder``: the listed file path without suffix. Bytes of a name that
+            are not UTF-8 appear as ``\\xNN`` escapes.
         caption: the image's caption, stripped of surrounding whitespace.
         image: the decoded image, always RGB. ``None`` only when a reader was asked not
             to decode images (e.g. when embeddings are precomputed).
@@ -29,3 +30,12 @@ class Record:
     caption: str
     image: Image.Image | None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        # A key made of a file or tar member name may hold bytes that are not UTF-8 (read as
+        # lone surrogates), which parquet and JSON cannot store: they are spelled as escapes
+        # (\xff), the same on every run, so that the record is kept and found again by key.
+        try:
+            self.key.encode("utf-8")
+        except UnicodeEncodeError:
+            self.key = self.key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
