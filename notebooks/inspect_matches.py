@@ -35,6 +35,7 @@ MAX_PROMPTS = 20
 import matplotlib.pyplot as plt
 
 from pipeline.report import flagged_prompts, load_run, load_thumbnail
+from pipeline.text import display_text
 
 results = load_run(RUN_DIR / "detect", RUN_DIR / "dedup")
 memorized = results.memorized
@@ -48,10 +49,16 @@ print("settings:", results.summary.get("settings"))
 # %% [markdown]
 # ## Prompts by clique size
 # Every prompt screened, largest cliques first; `flagged` marks a clique of at least `min_clique`.
+# Prompt ids, captions, file names and training keys come from other tools' folders and the web:
+# `display_text` shows their control and bidi-control characters as escapes and shortens them.
 
 # %%
 columns = ["prompt_id", "caption", "n_samples", "clique_size", "flagged", "max_pair_distance", "median_pair_distance"]
-memorized.sort_values("clique_size", ascending=False)[columns].head(20)
+table = memorized.sort_values("clique_size", ascending=False)[columns].head(20)
+table.assign(
+    prompt_id=table["prompt_id"].map(lambda v: display_text(v, 40)),
+    caption=table["caption"].map(lambda v: display_text(v, 80)),
+)
 
 # %% [markdown]
 # ## Flagged prompts: generations beside the closest training image
@@ -68,18 +75,18 @@ for row in flagged.itertuples(index=False):
         image = load_thumbnail(results.sample_path(file), 256)
         if image is not None:
             ax.imshow(image, interpolation="nearest")
-        ax.set_title(file.rsplit("/", 1)[-1], fontsize=8)
+        ax.set_title(display_text(file.rsplit("/", 1)[-1], 30), fontsize=8)
     if verified:
         ax = axes[0][-1]
         image = load_thumbnail(results.match_path(row.prompt_id), 256)
         if image is not None:
             ax.imshow(image, interpolation="nearest")
         verdict = "extracted" if row.extracted else "not a match"
-        ax.set_title(f"train {row.train_key}\nL2 {row.distance:.3f} ({verdict})", fontsize=8)
+        ax.set_title(f"train {display_text(row.train_key, 30)}\nL2 {row.distance:.3f} ({verdict})", fontsize=8)
     for ax in axes[0]:
         ax.axis("off")
     fig.suptitle(
-        f"{row.prompt_id}: {row.caption[:60]!r}\nclique {row.clique_size}/{row.n_samples}, "
+        f"{display_text(row.prompt_id, 40)}: \"{display_text(row.caption, 60)}\"\nclique {row.clique_size}/{row.n_samples}, "
         f"max distance in clique {row.max_pair_distance:.3f}",
         fontsize=9,
     )

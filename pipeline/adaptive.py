@@ -28,7 +28,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
+from pipeline.cli import ConfigError, config_int, config_number
 from pipeline.clique import max_clique
 from pipeline.distance import tiled_l2
 
@@ -194,8 +196,17 @@ def adaptive_settings(values: Mapping[str, Any] | None) -> AdaptiveSettings:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"adaptive.{unknown[0]}: unknown key; the adaptive section takes {', '.join(known)}")
-    flags = {k for k in known if isinstance(getattr(AdaptiveSettings, k), bool)}
-    return AdaptiveSettings(
-        **{k: bool(values[k]) for k in flags if k in values},
-        **{k: type(getattr(AdaptiveSettings, k))(values[k]) for k in known if k not in flags and k in values},
-    )
+    section = OmegaConf.create({"adaptive": values})  # so that errors name adaptive.<key>
+    parsed = {}
+    for key in known:
+        if key not in values:
+            continue
+        kind = type(getattr(AdaptiveSettings, key))
+        if kind is bool:
+            if not isinstance(values[key], bool):
+                raise ConfigError(f"adaptive.{key}: expected true or false, got {values[key]!r}")
+            parsed[key] = values[key]
+        else:
+            read = config_int if kind is int else config_number
+            parsed[key] = read(section, f"adaptive.{key}")
+    return AdaptiveSettings(**parsed)

@@ -45,12 +45,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.cli import ConfigError, config_int, config_number, stage_main
 from pipeline.data import Record, RejectLog
+from pipeline.data.sharding import check_shard
 from pipeline.embedders.base import Embedder
 from pipeline.embeddings_store import list_shards, read_embeddings, read_metadata, write_shard
 from pipeline.grouping import connected_groups, evaluate_groups, group_table, select_top
 from pipeline.index import Cells, IndexSettings, Pairs, find_pairs, train_cells
 from pipeline.io import atomic_write, marker_path, mark_done, write_json, write_parquet
+from pipeline.text import display_text
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +183,7 @@ def run_dedup(
     """
     if phase not in PHASES:
         raise ValueError(f"phase: must be one of {', '.join(PHASES)}; got {phase!r}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank: must be in 0..world_size-1 = 0..{world_size - 1}, got {rank}")
+    rank, world_size = check_shard(rank, world_size)
     if phase == "all" and world_size != 1:
         raise ValueError(
             "phase=all runs every phase in this process and needs world_size=1; with "
@@ -405,12 +407,15 @@ class _Stage:
         timing["search"] = sum(self._marker(f"search_{r}").get("seconds", 0.0) for r in range(self.world_size))
         timing["group"] = group_seconds
         timing["total"] = sum(timing.values())  # summed over ranks: compute time, not wall time
-        reasons = Counter(e.get("reason", "").split(":", 1)[0] for e in rejects)
+        reasons: Counter[str] = Counter()
+        for entry in rejects:  # an entry may stand for several records (a shard that broke part-way)
+            reasons[entry.get("reason", "").split(":", 1)[0]] += int(entry.get("count", 1))
+        rejected = sum(reasons.values())
         lo, hi = np.minimum(pairs.i, pairs.j), np.maximum(pairs.i, pairs.j)
         return {
-            "records_read": int(len(metadata) + len(rejects)),
+            "records_read": int(len(metadata) + rejected),
             "records_embedded": int(len(metadata)),
-            "rejected": int(len(rejects)),
+            "rejected": int(rejected),
             "rejected_by_reason": dict(reasons),
             "pairs": int(len(np.unique(lo * len(metadata) + hi))) if len(pairs) else 0,
             "groups": int(len(sizes)),
@@ -446,7 +451,7 @@ def format_summary(summary: dict) -> str:
         f"threshold {summary['settings']['threshold']}, {summary['settings']['index']['resolved_kind']} search)",
     ]
     for group in summary["largest_groups"][:5]:
-        lines.append(f"  {group['prompt_id']}  x{group['dup_count']:<5d} {group['caption'][:70]}")
+        lines.append(f"  {display_text(group['prompt_id'], 20)}  x{group['dup_count']:<5d} {display_text(group['caption'], 70)}")
     lines.append(f"  {summary['selected']} groups selected -> {summary['outputs']['selected.parquet']}")
     lines.append(f"  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["timing_seconds"].items()))
     if "evaluation" in summary:
@@ -474,16 +479,22 @@ def _digest(value: Any) -> str:
 
 
 def settings_from_config(cfg) -> DedupSettings:
+    """:class:`DedupSettings` from the stage's config; a value of the wrong type raises a ConfigError naming its key."""
     from omegaconf import OmegaConf
 
     index = OmegaConf.to_container(cfg.index, resolve=True)
     index.setdefault("seed", cfg.get("seed", 0))
-    unknown = set(index) - set(IndexSettings.__dataclass_fields__)
+    fields = IndexSettings.__dataclass_fields__
+    unknown = set(index) - set(fields)
     if unknown:
-        raise ValueError(f"index: unknown keys {sorted(unknown)}; known: {sorted(IndexSettings.__dataclass_fields__)}")
+        raise ConfigError(f"index: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+    # Every index setting but kind is a count; those defaulting to None may be null.
+    counts = {name: config_int(cfg, f"index.{name}", optional=fields[name].default is None) for name in cfg.index if name != "kind"}
+    # The ranges are DedupSettings' to check; a null threshold gets its hint there.
     return DedupSettings(
-        threshold=cfg.threshold, k=cfg.k, top_k=cfg.top_k, min_group_size=cfg.min_group_size,
-        batch_size=cfg.batch_size, index=IndexSettings(**index),
+        threshold=config_number(cfg, "threshold", optional=True), k=config_int(cfg, "k", optional=True),
+        top_k=config_int(cfg, "top_k"), min_group_size=config_int(cfg, "min_group_size"),
+        batch_size=config_int(cfg, "batch_size"), index=IndexSettings(**{**index, **counts}),
     )  # fmt: skip
 
 
@@ -500,6 +511,7 @@ def main() -> None:
     from omegaconf import DictConfig, OmegaConf
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="dedup")
+    @stage_main("dedup")
     def _run(cfg: DictConfig) -> None:
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build: noise here
         settings = settings_from_config(cfg)
@@ -507,13 +519,18 @@ def main() -> None:
         needs_embedder = not cfg.embeddings_dir and cfg.phase in ("all", "embed")
         if needs_embedder:
             if "_target_" not in cfg.embedder:
-                raise ValueError(f"embedder={cfg.embedder.get('name', '?')} reads precomputed embeddings: pass embeddings_dir=<folder>")
+                raise ConfigError(f"embedder={cfg.embedder.get('name', '?')} reads precomputed embeddings: pass embeddings_dir=<folder>")
             embedder = hydra.utils.instantiate(cfg.embedder)
         data = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=False) if cfg.get("data") else None
+        ground_truth = (data or {}).get("ground_truth") if cfg.evaluate else None
+        if ground_truth and cfg.embeddings_dir and not Path(ground_truth).exists():
+            # Precomputed embeddings need no data set, so the data group (data=demo by default) may not exist here.
+            log.info("groups not evaluated: data.ground_truth %s does not exist", ground_truth)
+            ground_truth = None
         summary = run_dedup(
             cfg.out_dir, settings, data=data, embedder=embedder, embedder_id=embedder_identity(cfg.embedder),
             embeddings_dir=cfg.embeddings_dir, phase=cfg.phase, rank=cfg.rank, world_size=cfg.world_size,
-            ground_truth=(data or {}).get("ground_truth") if cfg.evaluate else None, progress=cfg.progress,
+            ground_truth=ground_truth, progress=cfg.progress,
         )  # fmt: skip
         if summary is not None:
             print(format_summary(summary))

@@ -30,14 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline.adaptive import FLAGGED, OUT_OF_REACH
+from pipeline.cli import ConfigError, config_int, config_number, stage_main
 from pipeline.clique import MAX_STEPS, max_clique
-from pipeline.data.errors import EmptyDatasetError
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
 from pipeline.distance import clip_distance, tiled_l2
 from pipeline.embedders.base import Embedder
-from pipeline.generations import PROMPTS_FILE, list_samples, load_samples, read_prompts
-from pipeline.io import is_done, mark_done, marker_path, write_json, write_parquet
+from pipeline.generations import PROMPTS_FILE, list_samples, load_samples, read_prompts, sample_files
+from pipeline.io import is_done, mark_done, marker_path, unsafe_name, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,8 @@ def detect_prompt(
 ) -> dict[str, Any]:
     """Read one prompt's samples and decide; returns its row of ``memorized.parquet``."""
     rejects = rejects if rejects is not None else RejectLog()
-    listed = list_samples(generations_dir, prompt_id)
     before = len(rejects)
+    listed = list_samples(generations_dir, prompt_id, rejects)
     samples, images = load_samples(generations_dir, listed, rejects)
     if images:
         distances = sample_distances(images, settings, embedder, device)
@@ -173,11 +173,11 @@ def _still_valid(result: dict | None, generations_dir: Path) -> bool:
     generator run with a larger n_samples)."""
     if result is None:
         return False
-    listed = len(list_samples(generations_dir, result["prompt_id"]))
+    listed = len(sample_files(generations_dir, result["prompt_id"]))
     return listed == int(result["n_samples"]) + int(result["n_rejected"])
 
 
-def screenable_prompts(generations_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def screenable_prompts(generations_dir: Path, rejects: RejectLog | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The prompts of a generations folder that are ready to screen: (prompt_id, caption), and
     the generator's prompt table as read (empty for folders without one).
 
@@ -190,11 +190,16 @@ def screenable_prompts(generations_dir: Path) -> tuple[pd.DataFrame, pd.DataFram
 
     if any(generations_dir.glob("prompts_*-of-*.parquet")):
         consolidate_prompts(generations_dir)
-    prompts = read_prompts(generations_dir)  # checks the folder and the table, with clear errors
+    # Checks the folder and the table, with clear errors; unsafe prompt ids go to ``rejects``.
+    prompts = read_prompts(generations_dir, rejects)
     table = pd.read_parquet(generations_dir / PROMPTS_FILE) if (generations_dir / PROMPTS_FILE).is_file() else pd.DataFrame()
     if (generations_dir / ".done").is_dir() and {"prompt_id", "n_samples"} <= set(table.columns):
         generator_ids = table["prompt_id"].astype(str)
-        complete = {pid for pid, n in zip(generator_ids, table["n_samples"]) if prompt_done(generations_dir, pid, int(n))}
+        counts = pd.to_numeric(table["n_samples"], errors="coerce")
+        complete = {
+            pid for pid, n in zip(generator_ids, counts)
+            if unsafe_name(pid) is None and n == n and prompt_done(generations_dir, pid, int(n))
+        }  # fmt: skip
         waiting = prompts["prompt_id"].isin(set(generator_ids) - complete)
         if waiting.any():
             log.warning("%d of %d prompts in %s are not complete yet (still being generated): not screened this time, "
@@ -215,15 +220,18 @@ def stopped_under_another_rule(prompts_table: pd.DataFrame, settings: DetectSett
         return []
     ids = set()
     for prompt_id, reason, rule in zip(prompts_table["prompt_id"], prompts_table["stop_reason"], prompts_table["adaptive"]):
-        if reason not in (FLAGGED, OUT_OF_REACH) or not isinstance(rule, (str, dict)):
+        if reason not in (FLAGGED, OUT_OF_REACH) or not isinstance(rule, (str, dict)) or unsafe_name(str(prompt_id)):
             continue
-        rule = json.loads(rule) if isinstance(rule, str) else rule
-        same = (
-            settings.metric == "tiled_l2"
-            and np.isclose(float(rule.get("threshold", np.nan)), settings.threshold)
-            and int(rule.get("min_clique", -1)) == settings.min_clique
-            and int(rule.get("grid", -1)) == settings.grid
-        )
+        try:
+            rule = json.loads(rule) if isinstance(rule, str) else rule
+            same = (
+                settings.metric == "tiled_l2"
+                and np.isclose(float(rule.get("threshold", np.nan)), settings.threshold)
+                and int(rule.get("min_clique", -1)) == settings.min_clique
+                and int(rule.get("grid", -1)) == settings.grid
+            )
+        except (ValueError, TypeError, AttributeError):  # a rule nobody can read is not this one
+            same = False
         if not same:
             ids.add(str(prompt_id))
     return sorted(ids)
@@ -250,13 +258,18 @@ def run_detect(
     """
     rank, world_size = check_shard(rank, world_size)
     generations_dir, out_dir = Path(generations_dir), Path(out_dir)
-    prompts, generator_table = screenable_prompts(generations_dir)
+    # One file per shard: processes of an array job must not append to the same file. A rerun
+    # meets the same unsafe prompt ids again: the file lists each once.
+    rejects = RejectLog(out_dir / ("rejects.jsonl" if world_size == 1 else f"rejects_{rank}.jsonl"), once=True)
+    # Every shard reads the whole prompt table; rank 0 alone records the ids it skips.
+    prompts, generator_table = screenable_prompts(generations_dir, rejects if rank == 0 else None)
     if prompts.empty:
-        raise ValueError(f"generations_dir: no prompts in {generations_dir} (no sub-folders and no {PROMPTS_FILE})")
+        raise ValueError(
+            f"generations_dir: no prompts ready to screen in {generations_dir} (no sub-folders, no {PROMPTS_FILE}, "
+            "or every prompt still being generated)"
+        )
     settings_dict = asdict(settings)
     results_dir = out_dir / "prompts"
-    # One file per shard: processes of an array job must not append to the same file.
-    rejects = RejectLog(out_dir / ("rejects.jsonl" if world_size == 1 else f"rejects_{rank}.jsonl"))
 
     other_rule = stopped_under_another_rule(generator_table, settings)
     if other_rule:
@@ -306,15 +319,15 @@ def settings_from_config(cfg: DictConfig, embedder_name: str | None = None) -> D
     """Build :class:`DetectSettings` from the Hydra config, naming the config key on errors."""
     metric = str(cfg.metric)
     if metric not in METRICS:
-        raise ValueError(f"metric: unknown metric {metric!r}; expected one of {list(METRICS)}")
-    threshold = cfg.threshold if cfg.threshold is not None else cfg.thresholds[metric]
+        raise ConfigError(f"metric: unknown metric {metric!r}; expected one of {list(METRICS)}")
+    threshold = config_number(cfg, "threshold", optional=True)
     return DetectSettings(
         metric=metric,
-        threshold=float(threshold),
-        min_clique=int(cfg.min_clique),
-        grid=int(cfg.grid),
-        size=None if cfg.size is None else int(cfg.size),
-        max_clique_steps=int(cfg.max_clique_steps),
+        threshold=config_number(cfg, f"thresholds.{metric}") if threshold is None else threshold,
+        min_clique=config_int(cfg, "min_clique"),
+        grid=config_int(cfg, "grid"),
+        size=config_int(cfg, "size", minimum=1, optional=True),
+        max_clique_steps=config_int(cfg, "max_clique_steps", minimum=1),
         embedder=embedder_name if metric == "clip" else None,
     )
 
@@ -339,9 +352,11 @@ def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
         return embedders[0]
 
     if cfg.metric == "clip" and embedder_cfg is None:
-        raise ValueError("embedder: metric=clip needs an embedder; pass embedder=<name> (see conf/embedder/)")
+        raise ConfigError("embedder: metric=clip needs an embedder; pass embedder=<name> (see conf/embedder/)")
     metric_embedder = get_embedder() if cfg.metric == "clip" else None
     settings = settings_from_config(cfg, getattr(metric_embedder, "name", None))
+    # Read before screening, which may take hours: a wrong value is reported at once.
+    n_candidates, delta = config_int(cfg, "verify.n_candidates", minimum=0), config_number(cfg, "verify.delta")
     out_dir = Path(cfg.out_dir)
     memorized = run_detect(
         cfg.generations_dir, out_dir, settings, embedder=metric_embedder, rank=cfg.rank,
@@ -356,8 +371,8 @@ def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
         return memorized, None
     extracted = run_verify(
         memorized, cfg.generations_dir, out_dir, data=OmegaConf.to_container(data, resolve=True),
-        dedup_dir=cfg.verify.dedup_dir, embedder_factory=get_embedder, n_candidates=int(cfg.verify.n_candidates),
-        delta=float(cfg.verify.delta), exhaustive=cfg.verify.exhaustive, grid=settings.grid, device=cfg.device,
+        dedup_dir=cfg.verify.dedup_dir, embedder_factory=get_embedder, n_candidates=n_candidates,
+        delta=delta, exhaustive=cfg.verify.exhaustive, grid=settings.grid, device=cfg.device,
         progress=cfg.progress,
     )  # fmt: skip
     print(f"{int(extracted['extracted'].sum())} of {len(extracted)} flagged prompts match a training image "
@@ -366,13 +381,9 @@ def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="detect")
+@stage_main("detect")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError, EmptyDatasetError) as err:
-        # A config or input mistake: the message names the key or file; a traceback would bury it.
-        log.error("%s", err)
-        raise SystemExit(f"detect: {err}") from None
+    run(cfg)
 
 
 if __name__ == "__main__":

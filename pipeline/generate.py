@@ -75,9 +75,11 @@ from pipeline.adaptive import (
     round_ends,
 )
 from pipeline.budget import format_budget, write_generation_budget
+from pipeline.cli import config_int, config_number, stage_main
+from pipeline.data.sharding import check_shard
 from pipeline.io import atomic_write, is_done, mark_done, marker_path, write_json, write_parquet
 from pipeline.models import ModelLoadError, Runtime, build_scheduler, dtype_name, load_pipeline, optimize_pipeline, resolve_device, resolve_dtype
-from pipeline.prompts import Prompt, PromptsError, read_prompts, shard_prompts
+from pipeline.prompts import Prompt, read_prompts, shard_prompts
 from pipeline.sampling import (
     SEED_RULE,
     PromptEncoder,
@@ -518,8 +520,29 @@ def regenerate(row, sample_index: int, pipe=None, *, device: str | None = None, 
 
 
 def run(cfg) -> GenerationSummary:
-    """Everything ``python -m pipeline.generate`` does, from a composed config."""
-    prompts = read_prompts(cfg.prompts, caption_column=cfg.caption_column, limit=cfg.max_prompts)
+    """Everything ``python -m pipeline.generate`` does, from a composed config.
+
+    The config is read first, so that a wrong value is reported (a ConfigError naming its key)
+    before the prompts are read or the model is loaded.
+    """
+    n_samples = config_int(cfg, "n_samples", minimum=1)
+    batch_size = config_int(cfg, "batch_size", minimum=1)
+    base_seed = config_int(cfg, "seed")
+    rank, world_size = check_shard(cfg.rank, cfg.world_size)
+    max_prompts = config_int(cfg, "max_prompts", minimum=1, optional=True)
+    png_workers = config_int(cfg, "png_workers")
+    png_compress_level = config_int(cfg, "png_compress_level", minimum=0, maximum=9)
+    m = cfg.model
+    settings = SamplingSettings(
+        steps=config_int(cfg, "model.steps", minimum=1),
+        guidance_scale=config_number(cfg, "model.guidance_scale"),
+        height=config_int(cfg, "model.height", minimum=1, optional=True),
+        width=config_int(cfg, "model.width", minimum=1, optional=True),
+        negative_prompt=cfg.negative_prompt,
+        generator_device=cfg.generator_device,
+    )
+    adaptive = adaptive_settings(cfg.get("adaptive"))
+    prompts = read_prompts(cfg.prompts, caption_column=cfg.caption_column, limit=max_prompts)
     device = resolve_device(cfg.device)
     torch_dtype = resolve_dtype(cfg.dtype, device)
     runtime = Runtime(
@@ -531,7 +554,6 @@ def run(cfg) -> GenerationSummary:
         tf32=bool(cfg.tf32),
         compile=bool(cfg.compile),
     )
-    m = cfg.model
     pipe = load_pipeline(
         m.path,
         allow_download=bool(m.allow_download),
@@ -543,15 +565,6 @@ def run(cfg) -> GenerationSummary:
         variant=m.variant,
     )
     optimize_pipeline(pipe, runtime)
-    settings = SamplingSettings(
-        steps=int(m.steps),
-        guidance_scale=float(m.guidance_scale),
-        height=m.height,
-        width=m.width,
-        negative_prompt=cfg.negative_prompt,
-        generator_device=cfg.generator_device,
-    )
-    adaptive = adaptive_settings(cfg.get("adaptive"))
     summary = generate(
         pipe,
         prompts,
@@ -559,13 +572,13 @@ def run(cfg) -> GenerationSummary:
         model=m.path,
         settings=settings,
         runtime=runtime,
-        n_samples=int(cfg.n_samples),
-        base_seed=int(cfg.seed),
-        batch_size=int(cfg.batch_size),
-        rank=int(cfg.rank),
-        world_size=int(cfg.world_size),
-        png_workers=int(cfg.png_workers),
-        png_compress_level=int(cfg.png_compress_level),
+        n_samples=n_samples,
+        base_seed=base_seed,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        png_workers=png_workers,
+        png_compress_level=png_compress_level,
         progress=bool(cfg.progress),
         adaptive=adaptive,
     )
@@ -579,13 +592,9 @@ def run(cfg) -> GenerationSummary:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@stage_main("generate", ModelLoadError)
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (PromptsError, ModelLoadError, ValueError) as err:
-        # A config mistake: the message names the key; a traceback would only bury it.
-        log.error("%s", err)
-        raise SystemExit(1) from None
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline.budget import prescreen_evaluations
+from pipeline.cli import ConfigError, config_int, config_number, stage_main
 from pipeline.prompts import Prompt
+from pipeline.text import display_text
 
 log = logging.getLogger(__name__)
 
@@ -216,20 +218,45 @@ def heavy_prompt_aucs(scores: np.ndarray, dup_counts: np.ndarray, heavy_dup_coun
     return out
 
 
+def settings_from_config(cfg) -> PrescreenSettings:
+    """:class:`PrescreenSettings` from the ``prescreen`` section; a wrong value raises a ConfigError naming its key."""
+    fields = PrescreenSettings.__dataclass_fields__
+    unknown = sorted(set(cfg.prescreen) - set(fields))
+    if unknown:
+        raise ConfigError(f"prescreen.{unknown[0]}: unknown key; the prescreen section takes {', '.join(fields)}")
+    return PrescreenSettings(
+        seeds=config_int(cfg, "prescreen.seeds", minimum=1),
+        steps=config_int(cfg, "prescreen.steps", minimum=1),
+        batch_size=config_int(cfg, "prescreen.batch_size", minimum=1),
+        base_seed=config_int(cfg, "prescreen.base_seed"),
+        keep_top=config_int(cfg, "prescreen.keep_top", minimum=0, optional=True),
+        keep_fraction=config_number(cfg, "prescreen.keep_fraction", optional=True),  # choose_kept checks its range
+        score_threshold=config_number(cfg, "prescreen.score_threshold", optional=True),
+        min_robust_z=config_number(cfg, "prescreen.min_robust_z", optional=True),
+        height=config_int(cfg, "prescreen.height", minimum=1, optional=True),
+        width=config_int(cfg, "prescreen.width", minimum=1, optional=True),
+    )
+
+
 def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
+    from pipeline.data.sharding import check_shard
     from pipeline.io import write_json, write_parquet
-    from pipeline.models import Runtime, load_pipeline, optimize_pipeline, resolve_device, resolve_dtype
+    from pipeline.models import ModelLoadError, Runtime, load_pipeline, optimize_pipeline, resolve_device, resolve_dtype
     from pipeline.prompts import read_prompts, shard_prompts
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="prescreen")
+    @stage_main("prescreen", ModelLoadError)
     def _run(cfg: DictConfig) -> None:
+        # The config first: a wrong value is reported before any file is read or model loaded.
+        settings = settings_from_config(cfg)
+        heavy_dup_count = config_int(cfg, "heavy_dup_count")
+        rank, world_size = check_shard(cfg.rank, cfg.world_size)
         out_dir = Path(cfg.run_dir) / "prescreen"
         prompts_path = cfg.prompts or str(Path(cfg.run_dir) / "dedup" / "selected.parquet")
-        prompts = shard_prompts(read_prompts(prompts_path), cfg.rank, cfg.world_size)
-        settings = PrescreenSettings(**OmegaConf.to_container(cfg.prescreen, resolve=True))
+        prompts = shard_prompts(read_prompts(prompts_path), rank, world_size)
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         pipe = load_pipeline(cfg.model.path, allow_download=cfg.model.allow_download, torch_dtype=dtype, device=device)
@@ -237,7 +264,7 @@ def main() -> None:
         started = time.perf_counter()
         table = prescreen(pipe, prompts, settings)
         seconds = time.perf_counter() - started
-        suffix = "" if cfg.world_size == 1 else f"_{cfg.rank:05d}"
+        suffix = "" if world_size == 1 else f"_{rank:05d}"
         write_parquet(table, out_dir / f"prescreen{suffix}.parquet")
         kept = table[table.kept].sort_values("rank")
         selected = kept[["prompt_id", "caption", "dup_count", "score"]]
@@ -250,14 +277,17 @@ def main() -> None:
             "model": cfg.model.path,
             "settings": OmegaConf.to_container(cfg.prescreen, resolve=True),
         }
-        aucs = heavy_prompt_aucs(table.score.to_numpy(), table.dup_count.to_numpy(dtype=float, na_value=np.nan), cfg.heavy_dup_count)
+        aucs = heavy_prompt_aucs(table.score.to_numpy(), table.dup_count.to_numpy(dtype=float, na_value=np.nan), heavy_dup_count)
         summary.update({f"roc_auc_{name}": value for name, value in aucs.items() if not np.isnan(value)})
         write_json(summary, out_dir / f"summary{suffix}.json")
-        print(table.head(15)[["rank", "prompt_id", "dup_count", "score", "robust_z", "kept", "caption"]].to_string(index=False))
+        shown = table.head(15)[["rank", "prompt_id", "dup_count", "score", "robust_z", "kept", "caption"]].copy()
+        shown["prompt_id"] = shown["prompt_id"].map(lambda v: display_text(v, 20))  # untrusted: bounded, no controls
+        shown["caption"] = shown["caption"].map(lambda v: display_text(v, 60))
+        print(shown.to_string(index=False))
         print(
             f"prescreen: {summary['kept']} of {summary['prompts']} prompts kept, "
             f"{summary['unet_evaluations']} UNet evaluations in {seconds:.1f} s"
-            + (f", ROC AUC of dup_count >= {cfg.heavy_dup_count} vs singletons {summary['roc_auc_heavy_vs_singletons']:.3f}"
+            + (f", ROC AUC of dup_count >= {heavy_dup_count} vs singletons {summary['roc_auc_heavy_vs_singletons']:.3f}"
                if "roc_auc_heavy_vs_singletons" in summary else "")
             + (f" (vs every other prompt {summary['roc_auc_heavy_vs_rest']:.3f})" if "roc_auc_heavy_vs_rest" in summary else "")
         )

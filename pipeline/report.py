@@ -6,7 +6,10 @@ Reads ``<run_dir>/detect/`` (``memorized.parquet``, ``summary.json``, and ``extr
 with ``matches/`` when verification ran) and, when present, ``<run_dir>/dedup/selected.parquet``
 for duplicate counts. Writes ``<run_dir>/report/index.html``: images are inlined as base64 PNG
 data URIs and the page has no external CSS, scripts or fonts, so it opens offline and can be
-mailed as one file. Captions are untrusted web text and are HTML-escaped (jinja2 autoescape).
+mailed as one file. Captions, prompt ids and training keys are untrusted (web text, other tools'
+folders): they are shown through :func:`pipeline.text.display_text` (controls and bidi controls as
+visible escapes, bounded length, the whole text once under a collapsed "full ..."), isolated in
+``<bdi>`` so that right-to-left text reads correctly, and HTML-escaped (jinja2 autoescape).
 """
 
 from __future__ import annotations
@@ -25,9 +28,14 @@ import pandas as pd
 from omegaconf import DictConfig
 from PIL import Image
 
+from pipeline.cli import config_int, stage_main
 from pipeline.io import atomic_write, marker_path
+from pipeline.text import display_text
 
 log = logging.getLogger(__name__)
+
+CAPTION_LIMIT = 300  # characters of a caption shown where it is listed
+NAME_LIMIT = 100  # characters of a prompt id or training key shown
 
 
 @dataclass
@@ -175,7 +183,8 @@ def load_thumbnail(path: Path, size: int) -> Image.Image | None:
         with Image.open(path) as image:
             image = image.convert("RGB")
     except (OSError, ValueError) as err:
-        log.warning("cannot read %s for the report: %s", path, err)
+        # The file name comes from the generations folder, possibly another tool's.
+        log.warning("cannot read %s for the report: %s", display_text(path, None), display_text(err, None))
         return None
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     return image
@@ -186,13 +195,21 @@ def _uri(path: Path, size: int) -> str | None:
     return png_data_uri(thumb) if thumb is not None else None
 
 
+def shown(value: Any, limit: int) -> dict[str, Any]:
+    """An untrusted value for the template: ``text``, safe and at most ``limit`` characters, and,
+    when that is shortened, ``full`` (the whole value, safe) and its ``length``; else ``full`` is None."""
+    text = "" if value is None else str(value)
+    shortened = len(text) > limit
+    return {"text": display_text(text, limit), "full": display_text(text, None) if shortened else None, "length": len(text)}
+
+
 def render_report(results: RunResults, title: str, thumbnails: int = 6, thumb_size: int = 128, max_prompts: int = 200) -> str:
     """The report as an HTML string (see the module docstring)."""
     import jinja2
 
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("pipeline", "templates"),
-        autoescape=True,  # captions are untrusted web text
+        autoescape=True,  # captions are untrusted web text (display_text escapes controls, not markup)
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -210,12 +227,12 @@ def render_report(results: RunResults, title: str, thumbnails: int = 6, thumb_si
         ]
         has_match = verified and isinstance(row.train_key, str) and row.train_key != ""
         prompts.append({
-            "prompt_id": row.prompt_id, "caption": row.caption, "clique_size": row.clique_size,
+            "prompt_id": shown(row.prompt_id, NAME_LIMIT), "caption": shown(row.caption, CAPTION_LIMIT), "clique_size": row.clique_size,
             "n_samples": row.n_samples, "clique_exact": row.clique_exact,
             "max_pair_distance": row.max_pair_distance, "median_pair_distance": row.median_pair_distance,
             "dup_count": None if pd.isna(row.dup_count) else int(row.dup_count),
             "thumbs": thumbs, "verified": verified, "extracted": bool(row.extracted),
-            "train_key": row.train_key if has_match else "", "distance": row.distance if has_match else float("nan"),
+            "train_key": shown(row.train_key if has_match else "", NAME_LIMIT), "distance": row.distance if has_match else float("nan"),
             "match_uri": _uri(results.match_path(row.prompt_id), thumb_size) if has_match else None,
         })  # fmt: skip
     rates = rates_by_duplicates(results)
@@ -265,16 +282,14 @@ def write_report(results: RunResults, out: str | Path, **options) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+@stage_main("report")
 def main(cfg: DictConfig) -> None:
-    try:
-        results = load_run(cfg.detect_dir, cfg.dedup_dir)
-        out = write_report(
-            results, cfg.out, title=cfg.title, thumbnails=int(cfg.thumbnails), thumb_size=int(cfg.thumb_size),
-            max_prompts=int(cfg.max_prompts),
-        )  # fmt: skip
-    except (ValueError, FileNotFoundError) as err:
-        log.error("%s", err)
-        raise SystemExit(f"report: {err}") from None
+    options = {
+        "thumbnails": config_int(cfg, "thumbnails", minimum=0),
+        "thumb_size": config_int(cfg, "thumb_size", minimum=1),
+        "max_prompts": config_int(cfg, "max_prompts", minimum=0),
+    }
+    out = write_report(load_run(cfg.detect_dir, cfg.dedup_dir), cfg.out, title=cfg.title, **options)
     print(f"report written to {out}")
 
 

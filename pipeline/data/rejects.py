@@ -17,16 +17,23 @@ class RejectLog:
     counts records by kind. With a file, only the first ``keep_in_memory`` entries stay in
     ``entries`` (a LAION shard can have millions of failed downloads); ``len()`` and the
     counts always cover all. Give each rank its own file (e.g. ``rejects_<rank>.jsonl``).
+
+    ``once=True`` is for a stage that reruns over the same inputs and appends to the file of
+    its earlier runs: an entry already in the file (same key, source and reason) is counted
+    but not written again, so the file lists each rejected record once.
     """
 
-    def __init__(self, path: str | Path | None = None, keep_in_memory: int = 10_000):
+    def __init__(self, path: str | Path | None = None, keep_in_memory: int = 10_000, once: bool = False):
         self.path = Path(path) if path is not None else None
         self.reasons: Counter[str] = Counter()
         self.entries: list[dict[str, str | int]] = []
         self.keep_in_memory = keep_in_memory
         self._count = 0
+        self._written: set[tuple] | None = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if once:
+                self._written = set(map(_identity, _read_entries(self.path)))
 
     def add(self, key: str, source: str, reason: str, count: int = 1) -> None:
         """Record that ``key`` (read from ``source``) was skipped, and why.
@@ -44,6 +51,10 @@ class RejectLog:
             self.entries.append(entry)
         # The counter groups by the kind of problem, not its full message.
         self.reasons[reason.split(":", 1)[0]] += count
+        if self._written is not None:
+            if _identity(entry) in self._written:
+                return
+            self._written.add(_identity(entry))
         if self.path is not None:
             # A key or path from a hostile file name can hold lone surrogates, which UTF-8
             # cannot encode; backslashreplace writes them as JSON's own "\udcxx" escapes.
@@ -64,3 +75,21 @@ class RejectLog:
         kinds = ", ".join(f"{n} {reason}" for reason, n in self.reasons.most_common())
         where = f" (see {self.path})" if self.path is not None else ""
         return f"{self._count} records rejected: {kinds}{where}"
+
+
+def _identity(entry: dict) -> tuple:
+    return (entry.get("key"), entry.get("source"), entry.get("reason"))
+
+
+def _read_entries(path: Path) -> list[dict]:
+    """The entries of a reject file; a missing file has none, an unreadable line is ignored."""
+    if not path.is_file():
+        return []
+    entries = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue
+    return entries

@@ -291,14 +291,17 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
+    from pipeline.cli import config_int, config_number, stage_main
+
     @hydra.main(version_base="1.3", config_path="../../conf", config_name="demo_data")
+    @stage_main("demo.dataset")
     def _run(cfg: DictConfig) -> None:
         ground_truth = build_demo_dataset(
             cfg.out_dir,
-            seed=cfg.seed,
-            image_size=cfg.image_size,
+            seed=config_int(cfg, "seed"),
+            image_size=config_int(cfg, "image_size"),
             bands={k: tuple(v) for k, v in cfg.bands.items()},
-            caption_variant_rate=cfg.caption_variant_rate,
+            caption_variant_rate=config_number(cfg, "caption_variant_rate", minimum=0, maximum=1),
         )
         print(summarize(ground_truth))
         print(f"demo data set written to {Path(cfg.out_dir) / 'images'} (ground truth: {Path(cfg.out_dir) / 'ground_truth.parquet'})")

@@ -152,8 +152,15 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
+    from pipeline.cli import stage_main
+
     @hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate_demo")
+    @stage_main("demo.evaluate")
     def _run(cfg: DictConfig) -> None:
+        if not (Path(cfg.data_dir) / "ground_truth.parquet").is_file():
+            raise FileNotFoundError(f"data_dir: no ground_truth.parquet in {cfg.data_dir} (build the demo set: make demo-data)")
+        if not Path(cfg.model_dir).is_dir():
+            raise FileNotFoundError(f"model_dir: {cfg.model_dir} is not a directory (train the demo model: make demo-model)")
         values = OmegaConf.to_container(cfg, resolve=True)
         values.pop("hydra", None)
         config = EvalConfig(**values)
