@@ -44,11 +44,12 @@ import torch
 
 from pipeline.adaptive import NO_SIGN, AdaptiveSettings, adaptive_outcome
 from pipeline.budget import brute_force_evaluations, generation_budget, missed_by_shortcuts
-from pipeline.detect import DetectSettings, run_detect
+from pipeline.detect import run_detect
 from pipeline.generate import generate, load_prompts, read_samples
-from pipeline.models import Runtime, load_pipeline, optimize_pipeline, resolve_device
+from pipeline.models import Runtime, load_model, resolve_device
 from pipeline.prescreen import PrescreenSettings, heavy_prompt_aucs, prescreen, unet_evaluations
 from pipeline.prompts import Prompt, read_prompts
+from pipeline.rule import NearCopyRule
 from pipeline.sampling import SamplingSettings
 
 TINY_BANDS = {"heavy": (2, 8), "mid": (2, 3), "single": (6, 1)}
@@ -101,7 +102,7 @@ def audit(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, adapti
         n_samples=args.n_samples, base_seed=args.seed, batch_size=args.batch_size, progress=args.progress, adaptive=adaptive,
     )  # fmt: skip
     generated = time.perf_counter()
-    memorized = run_detect(out / "generations", out / "detect", DetectSettings(threshold=args.threshold, min_clique=args.min_clique), progress=args.progress)
+    memorized = run_detect(out / "generations", out / "detect", near_copy_rule(args), progress=args.progress)
     done = time.perf_counter()
     return {
         "table": load_prompts(out / "generations"),
@@ -111,6 +112,11 @@ def audit(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, adapti
         "generate_s": generated - started,
         "detect_s": done - generated,
     }
+
+
+def near_copy_rule(args) -> NearCopyRule:
+    """The one near-copy rule of both runs: the detector's, and adaptive sampling's (tiled L2)."""
+    return NearCopyRule(threshold=args.threshold, min_clique=args.min_clique)
 
 
 def adaptive_alone(generations: Path, table: pd.DataFrame, rule: AdaptiveSettings) -> pd.DataFrame:
@@ -196,7 +202,8 @@ def main(argv=None) -> dict:
     # Channels-last and fused QKV help GPUs; on a CPU they cost ~25% with the demo model.
     on_gpu = device.type == "cuda"
     runtime = Runtime(device=device.type, dtype="float32", channels_last=on_gpu, fuse_qkv=on_gpu)
-    pipe = optimize_pipeline(load_pipeline(str(args.model), device=device), runtime)  # loaded once: both runs see the same weights
+    # Loaded once, as generation and the prescreen load a model: both runs see the same weights.
+    pipe = load_model({"path": str(args.model)}, runtime, device=device)
     # Warm-up (first-call allocations, kernel choices) outside both timings, so neither run pays it.
     pipe(prompt=[prompts[0].caption], num_inference_steps=2, guidance_scale=args.guidance, height=args.size, width=args.size,
          output_type="pt", generator=torch.Generator().manual_seed(0))  # fmt: skip
@@ -212,9 +219,9 @@ def main(argv=None) -> dict:
     scores = prescreen(pipe, prompts, ps, progress=args.progress)
     prescreen_s = time.perf_counter() - started
     kept = set(scores.loc[scores.kept, "prompt_id"])
-    rule = AdaptiveSettings(enabled=True, first_round=args.first_round, growth=args.growth, threshold=args.threshold,
-                            min_close_pairs=args.min_close_pairs, stop_when_flagged=args.stop_when_flagged, min_clique=args.min_clique,
-                            stop_when_out_of_reach=args.stop_when_out_of_reach)
+    rule = AdaptiveSettings(enabled=True, first_round=args.first_round, growth=args.growth, min_close_pairs=args.min_close_pairs,
+                            stop_when_flagged=args.stop_when_flagged, stop_when_out_of_reach=args.stop_when_out_of_reach,
+                            rule=near_copy_rule(args))
     screened = audit(pipe, [p for p in prompts if p.prompt_id in kept], out / "screened", args, runtime, adaptive=rule)
     screened_s = prescreen_s + screened["generate_s"] + screened["detect_s"]
 

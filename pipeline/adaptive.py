@@ -1,12 +1,16 @@
 """Adaptive sampling: spend the full sample budget only on prompts that look memorized.
 
 A memorized prompt produces the same image again and again, so among its first few samples
-some pairs are already closer than the detector's threshold. A prompt whose first round has no
-such pair is very unlikely to grow a clique of ``min_clique`` members later; sampling stops
-there. The rule is deliberately weak (one close pair suffices) so that recall stays high.
+some pairs are already near-copies under the detector's rule (:class:`pipeline.rule.NearCopyRule`,
+which these settings carry: the same metric, threshold and clique size). A prompt whose first
+round has no such pair is very unlikely to grow a clique of ``min_clique`` members later;
+sampling stops there. The stop is deliberately weak (one close pair suffices) so that recall
+stays high.
 
 Two further stops end a prompt as soon as the detector's verdict on it is decided, so they
-cannot change what is flagged (given the detector's ``threshold`` and ``min_clique``):
+cannot change what is flagged by a detector with the same rule (the rule is stored with the
+decisions, see :meth:`AdaptiveSettings.describe`, and the detector names the prompts stopped
+under another one):
 
 * ``stop_when_flagged``: the samples so far hold a clique of ``min_clique`` near-copies; the
   detector will flag the prompt whatever the later samples are.
@@ -18,26 +22,34 @@ cannot change what is flagged (given the detector's ``threshold`` and ``min_cliq
 With either stop on, a round also ends early at the first sample count where that stop could
 apply (``min_clique - c`` more samples for a flag; ``budget - min_clique + c + 1`` for out of
 reach), since no check before it can decide anything and none after it should wait.
+
+A sample that cannot be read is left out of the checks, as the detector leaves it out: the
+clique of the samples read plus the samples left is still a bound on the detector's.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
 
 from pipeline.cli import ConfigError, config_int, config_number
-from pipeline.clique import max_clique
-from pipeline.distance import tiled_l2
+from pipeline.clique import MAX_STEPS
+from pipeline.rule import NearCopyRule
 
 CONTINUE, NO_SIGN, FLAGGED, OUT_OF_REACH = "continue", "no_close_pairs", "flagged", "out_of_reach"
 # A check re-reads and re-measures every sample so far; a round of at least this share of them
 # keeps the checks a small cost next to sampling, however close a prompt hovers to a decision.
 MIN_ROUND_SHARE = 1 / 16
+# Keys the adaptive section had before the near-copy rule was configured once for every stage.
+MOVED_KEYS = {"threshold": "rule.threshold", "min_clique": "rule.min_clique", "grid": "metric.grid"}
+
+Images = np.ndarray | Sequence[np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -45,20 +57,18 @@ class AdaptiveSettings:
     """``first_round`` samples first; then rounds growing by ``growth`` up to the full budget.
 
     Sampling continues after a round while the samples so far have at least
-    ``min_close_pairs`` pairs under ``threshold`` (tiled L2, as the detector measures), and,
-    with ``stop_when_flagged``, no clique of ``min_clique`` of them yet (the detector's flag),
+    ``min_close_pairs`` near-copy pairs under ``rule`` (the detector's), and, with
+    ``stop_when_flagged``, no clique of ``rule.min_clique`` of them yet (the detector's flag),
     and, with ``stop_when_out_of_reach``, the remaining budget could still complete one.
     """
 
     enabled: bool = False
     first_round: int = 16
     growth: float = 2.0
-    threshold: float = 0.15
     min_close_pairs: int = 1
-    grid: int = 4
     stop_when_flagged: bool = False
-    min_clique: int = 10
     stop_when_out_of_reach: bool = False
+    rule: NearCopyRule = field(default_factory=NearCopyRule)
 
     def __post_init__(self):
         if self.first_round < 2:
@@ -67,13 +77,49 @@ class AdaptiveSettings:
             raise ValueError(f"adaptive.growth: must be above 1, got {self.growth}")
         if self.min_close_pairs < 1:
             raise ValueError(f"adaptive.min_close_pairs: must be at least 1, got {self.min_close_pairs}")
-        if self.min_clique < 2:
-            raise ValueError(f"adaptive.min_clique: a clique needs at least 2 samples, got {self.min_clique}")
+        if not isinstance(self.rule, NearCopyRule):
+            raise TypeError(f"rule: expected a NearCopyRule, got {type(self.rule).__name__}")
 
     @property
     def needs_clique(self) -> bool:
         """Whether a check searches the largest clique (only the stops on the verdict need it)."""
         return self.stop_when_flagged or self.stop_when_out_of_reach
+
+    @property
+    def min_clique(self) -> int:
+        """The rule's ``min_clique``: the clique the stops on the verdict judge by."""
+        return self.rule.min_clique
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as JSON values, the rule's description under ``rule``: what the generator
+        stores with the samples (prompts.parquet's ``adaptive`` column, completion markers)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rule"}
+        return {**values, "rule": self.rule.describe()}
+
+
+def stored_rule(adaptive: Any) -> dict[str, Any] | None:
+    """The near-copy rule stored with adaptive sampling's decisions (an ``adaptive`` value of
+    prompts.parquet, JSON text, or of a marker), as :meth:`NearCopyRule.describe` gives it;
+    None when there is none or it cannot be read.
+
+    Folders made before the rule was stored whole hold the adaptive section's own
+    ``threshold``, ``min_clique`` and ``grid``: tiled L2 at the samples' size with the default
+    clique search, which is what adaptive sampling measured then.
+    """
+    try:
+        value = json.loads(adaptive) if isinstance(adaptive, (str, bytes)) else adaptive
+        if not isinstance(value, Mapping):
+            return None
+        if isinstance(value.get("rule"), Mapping):
+            return dict(value["rule"])
+        if "rule" not in value and {"threshold", "min_clique", "grid"} <= set(value):
+            return {
+                "metric": "tiled_l2", "grid": int(value["grid"]), "size": None, "threshold": float(value["threshold"]),
+                "min_clique": int(value["min_clique"]), "max_clique_steps": MAX_STEPS,
+            }  # fmt: skip
+    except (ValueError, TypeError):
+        return None
+    return None
 
 
 @dataclass(frozen=True)
@@ -99,11 +145,10 @@ def round_ends(n_samples: int, settings: AdaptiveSettings) -> list[int]:
     return ends
 
 
-def close_pair_matrix(images: np.ndarray, settings: AdaptiveSettings) -> np.ndarray:
-    """Boolean (N, N) matrix of near-copy pairs (diagonal False); ``images`` uint8 (N, H, W, 3) or float in [0, 1]."""
-    close = tiled_l2(images, grid=settings.grid) < settings.threshold
-    np.fill_diagonal(close, False)
-    return close
+def close_pair_matrix(images: Images, settings: AdaptiveSettings) -> np.ndarray:
+    """Boolean (N, N) matrix of near-copy pairs under ``settings.rule`` (diagonal False);
+    ``images`` uint8 (N, H, W, 3) or float in [0, 1], or a list of such images."""
+    return settings.rule.near_copies(settings.rule.distances(images))
 
 
 def _pair_count(close: np.ndarray) -> int:
@@ -111,40 +156,44 @@ def _pair_count(close: np.ndarray) -> int:
     return int(np.triu(close, k=1).sum())
 
 
-def close_pairs(images: np.ndarray, settings: AdaptiveSettings) -> int:
-    """Number of sample pairs closer than the threshold."""
+def close_pairs(images: Images, settings: AdaptiveSettings) -> int:
+    """Number of sample pairs that are near-copies."""
     if len(images) < 2:
         return 0
     return _pair_count(close_pair_matrix(images, settings))
 
 
-def check_round(images: np.ndarray, settings: AdaptiveSettings, n_samples: int | None = None) -> RoundCheck:
-    """The rule after a round, from the samples so far (uint8 (N, H, W, 3)).
+def check_round(images: Images, settings: AdaptiveSettings, n_samples: int | None = None, made: int | None = None) -> RoundCheck:
+    """The decision after a round, from the samples so far (uint8 (N, H, W, 3), or a list).
 
     The verdict is ``CONTINUE``, ``NO_SIGN`` (stop: fewer than ``min_close_pairs`` near-copy
-    pairs), ``FLAGGED`` (stop: a clique of ``min_clique`` is already there) or ``OUT_OF_REACH``
-    (stop: ``n_samples``, the prompt's budget, leaves too few samples to complete one; needs
-    ``n_samples``).
+    pairs), ``FLAGGED`` (stop: the rule's verdict flags them already) or ``OUT_OF_REACH``
+    (stop: ``n_samples``, the prompt's budget, leaves too few samples to complete a clique;
+    needs ``n_samples``). ``made`` is how many samples the prompt has (default
+    ``len(images)``; more when some could not be read and are not in ``images``).
     """
     if len(images) < 2:
         return RoundCheck(NO_SIGN)
-    close = close_pair_matrix(images, settings)
-    if _pair_count(close) < settings.min_close_pairs:
+    rule = settings.rule
+    distances = rule.distances(images)
+    if _pair_count(rule.near_copies(distances)) < settings.min_close_pairs:
         return RoundCheck(NO_SIGN)
     if not settings.needs_clique:
         return RoundCheck(CONTINUE)
-    clique = max_clique(close)
+    verdict = rule.verdict(distances)
+    size = verdict["clique_size"]
     # A search stopped at its step budget gives a smaller clique than the largest: a sound flag
     # (it exists), but no proof that a clique is out of reach.
-    if settings.stop_when_flagged and clique.size >= settings.min_clique:
-        return RoundCheck(FLAGGED, clique.size)
-    remaining = None if n_samples is None else int(n_samples) - len(images)
-    if settings.stop_when_out_of_reach and clique.exact and remaining is not None and clique.size + remaining < settings.min_clique:
-        return RoundCheck(OUT_OF_REACH, clique.size)
-    return RoundCheck(CONTINUE, clique.size)
+    if settings.stop_when_flagged and verdict["flagged"]:
+        return RoundCheck(FLAGGED, size)
+    made = len(images) if made is None else int(made)
+    remaining = None if n_samples is None else int(n_samples) - made
+    if settings.stop_when_out_of_reach and verdict["clique_exact"] and remaining is not None and size + remaining < rule.min_clique:
+        return RoundCheck(OUT_OF_REACH, size)
+    return RoundCheck(CONTINUE, size)
 
 
-def round_verdict(images: np.ndarray, settings: AdaptiveSettings, n_samples: int | None = None) -> str:
+def round_verdict(images: Images, settings: AdaptiveSettings, n_samples: int | None = None) -> str:
     """The verdict of :func:`check_round`."""
     return check_round(images, settings, n_samples).verdict
 
@@ -161,43 +210,49 @@ def next_round_end(made: int, check: RoundCheck, n_samples: int, settings: Adapt
         return scheduled
     decisive = []
     if settings.stop_when_flagged:
-        decisive.append(made + settings.min_clique - check.clique_size)
+        decisive.append(made + settings.rule.min_clique - check.clique_size)
     if settings.stop_when_out_of_reach:
-        decisive.append(n_samples - settings.min_clique + check.clique_size + 1)
+        decisive.append(n_samples - settings.rule.min_clique + check.clique_size + 1)
     if not decisive:
         return scheduled
     shortest = made + max(1, math.ceil(made * MIN_ROUND_SHARE))
     return min(scheduled, max(min(decisive), shortest))
 
 
-def adaptive_outcome(first: Callable[[int], np.ndarray], n_samples: int, settings: AdaptiveSettings) -> tuple[int, str | None]:
+def adaptive_outcome(first: Callable[[int], Images], n_samples: int, settings: AdaptiveSettings) -> tuple[int, str | None]:
     """What adaptive sampling makes of one prompt: ``(samples made, stop reason)``.
 
     The reason is ``NO_SIGN``, ``FLAGGED`` or ``OUT_OF_REACH`` for a prompt stopped before
-    ``n_samples``, None for one sampled in full. ``first(k)`` returns the prompt's first ``k``
-    samples (uint8 (k, H, W, 3)). Since sample ``i`` comes from its own seed, the samples of a
-    brute-force run give the adaptive run's decisions exactly, without sampling again (what
-    the budget report uses).
+    ``n_samples``, None for one sampled in full. ``first(k)`` returns the readable ones among
+    the prompt's first ``k`` samples (uint8 (k, H, W, 3), or a list). Since sample ``i`` comes
+    from its own seed, the samples of a brute-force run give the adaptive run's decisions
+    exactly, without sampling again (what the budget report uses).
     """
     n_samples = int(n_samples)
     made = round_ends(n_samples, settings)[0]
     while made < n_samples:
-        check = check_round(first(made), settings, n_samples)
+        check = check_round(first(made), settings, n_samples, made=made)
         if check.verdict != CONTINUE:
             return made, check.verdict
         made = next_round_end(made, check, n_samples, settings)
     return made, None
 
 
-def adaptive_settings(values: Mapping[str, Any] | None) -> AdaptiveSettings:
-    """:class:`AdaptiveSettings` from a config mapping (the ``adaptive:`` section); unknown keys are errors."""
+def adaptive_settings(values: Mapping[str, Any] | None, rule: NearCopyRule | None = None) -> AdaptiveSettings:
+    """:class:`AdaptiveSettings` from a config mapping (the ``adaptive:`` section) and the
+    near-copy rule (:func:`pipeline.rule.rule_from_config`; default: the default rule);
+    unknown keys are errors."""
     values = dict(values or {})
-    known = [f.name for f in fields(AdaptiveSettings)]
+    known = [f.name for f in fields(AdaptiveSettings) if f.name != "rule"]
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"adaptive.{unknown[0]}: unknown key; the adaptive section takes {', '.join(known)}")
+        key = unknown[0]
+        if key in MOVED_KEYS:
+            raise ConfigError(f"adaptive.{key}: moved: the near-copy rule is configured once for every stage; "
+                              f"set {MOVED_KEYS[key]} (conf/rule.yaml, conf/metric/)")
+        raise ConfigError(f"adaptive.{key}: unknown key; the adaptive section takes {', '.join(known)}")
     section = OmegaConf.create({"adaptive": values})  # so that errors name adaptive.<key>
-    parsed = {}
+    parsed: dict[str, Any] = {}
     for key in known:
         if key not in values:
             continue
@@ -209,4 +264,4 @@ def adaptive_settings(values: Mapping[str, Any] | None) -> AdaptiveSettings:
         else:
             read = config_int if kind is int else config_number
             parsed[key] = read(section, f"adaptive.{key}")
-    return AdaptiveSettings(**parsed)
+    return AdaptiveSettings(**parsed, rule=rule if rule is not None else NearCopyRule())

@@ -1,10 +1,12 @@
 """Stage 3: flag the prompts whose samples are copies of one image, then verify them.
 
 For each prompt, the samples form a graph with an edge between two samples closer than
-``threshold`` (the paper's tiled L2, or a CLIP cosine distance); a prompt is flagged when the
-largest clique of that graph has at least ``min_clique`` members (Carlini et al. 2023: many
-seeds converging on the same image is the signature of a memorized training image). Flagged
-prompts are then compared with the training set (:mod:`pipeline.verify`).
+``rule.threshold`` under the rule's metric (the paper's tiled L2, or a CLIP cosine distance); a
+prompt is flagged when the largest clique of that graph has at least ``rule.min_clique``
+members (Carlini et al. 2023: many seeds converging on the same image is the signature of a
+memorized training image). The rule (:class:`pipeline.rule.NearCopyRule`) is the one adaptive
+sampling and verification use. Flagged prompts are then compared with the training set
+(:mod:`pipeline.verify`), through the same metric.
 
     python -m pipeline.detect run_name=demo                 # reads <run_dir>/generations
     python -m pipeline.detect generations_dir=/elsewhere data=files data.path=/laion
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +30,16 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pipeline.adaptive import FLAGGED, OUT_OF_REACH
-from pipeline.cli import ConfigError, config_int, config_number, stage_main
-from pipeline.clique import MAX_STEPS, max_clique
+from pipeline.adaptive import FLAGGED, OUT_OF_REACH, stored_rule
+from pipeline.cli import config_int, config_number, stage_main
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
-from pipeline.distance import clip_distance, tiled_l2
 from pipeline.embedders.base import Embedder
 from pipeline.generations import PROMPTS_FILE, list_samples, load_samples, read_prompts, sample_files
 from pipeline.io import is_done, mark_done, marker_path, unsafe_name, write_json, write_parquet
+from pipeline.rule import NearCopyRule, rule_from_config
 
 log = logging.getLogger(__name__)
-
-METRICS = ("tiled_l2", "clip")
-DEFAULT_THRESHOLDS = {"tiled_l2": 0.15, "clip": 0.05}
 
 MEMORIZED_COLUMNS = [
     "prompt_id", "caption", "n_samples", "n_rejected", "clique_size", "flagged", "members",
@@ -51,98 +48,31 @@ MEMORIZED_COLUMNS = [
 ]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class DetectSettings:
-    """What decides a verdict; a stored result is reused only when these are unchanged."""
-
-    metric: str = "tiled_l2"
-    threshold: float = DEFAULT_THRESHOLDS["tiled_l2"]
-    min_clique: int = 10
-    grid: int = 4
-    size: int | None = None
-    max_clique_steps: int = MAX_STEPS
-    embedder: str | None = None  # the embedder's name, for the clip metric
-
-    def __post_init__(self):
-        if self.metric not in METRICS:
-            raise ValueError(f"metric: unknown metric {self.metric!r}; expected one of {list(METRICS)}")
-        if not self.threshold > 0:
-            raise ValueError(f"threshold: must be positive, got {self.threshold}")
-        if self.min_clique < 2:
-            raise ValueError(f"min_clique: must be at least 2, got {self.min_clique}")
-        if self.grid < 1:
-            raise ValueError(f"grid: must be at least 1, got {self.grid}")
-
-
-def find_memorized(distances: np.ndarray, threshold: float, min_clique: int, max_steps: int = MAX_STEPS) -> dict[str, Any]:
-    """The verdict on one prompt from the distances between its samples.
-
-    Args:
-        distances: (n, n) symmetric matrix of sample distances.
-        threshold: two samples are near-copies (an edge) when their distance is below it.
-        min_clique: clique size from which the prompt is flagged.
-
-    Returns:
-        ``clique_size``, ``flagged``, ``members`` (positions in the matrix, increasing),
-        ``representative`` (the member with the smallest mean distance to the other members;
-        -1 when n == 0), ``max_pair_distance`` (largest distance within the clique, 0 for one
-        member), ``median_pair_distance`` (over all pairs of samples; NaN when n < 2) and
-        ``clique_exact`` (False when the clique search ran out of budget: size is a lower bound).
-    """
-    distances = np.asarray(distances, dtype=np.float64)
-    n = distances.shape[0]
-    clique = max_clique(distances < threshold, max_steps=max_steps)
-    members = clique.members
-    if members:
-        within = distances[np.ix_(members, members)]
-        mean_to_others = within.sum(axis=1) / max(1, len(members) - 1)
-        representative = members[int(np.argmin(mean_to_others))]
-        max_pair = float(within.max())
-    else:
-        representative, max_pair = -1, float("nan")
-    upper = distances[np.triu_indices(n, k=1)]
-    return {
-        "clique_size": len(members),
-        "flagged": len(members) >= min_clique,
-        "members": members,
-        "representative": representative,
-        "max_pair_distance": max_pair,
-        "median_pair_distance": float(np.median(upper)) if upper.size else float("nan"),
-        "clique_exact": clique.exact,
-    }
-
-
-def sample_distances(images: list[np.ndarray], settings: DetectSettings, embedder: Embedder | None = None, device: str = "auto") -> np.ndarray:
-    """All-pairs distances of one prompt's samples under ``settings.metric``: (n, n)."""
-    if settings.metric == "clip":
-        if embedder is None:
-            raise ValueError("metric=clip needs an embedder: pass embedder=<name> (see conf/embedder/)")
-        return clip_distance(images, embedder=embedder)
-    return tiled_l2(images, grid=settings.grid, size=settings.size, device=device)
+def find_memorized(distances: np.ndarray, threshold: float, min_clique: int, max_steps: int | None = None) -> dict[str, Any]:
+    """The verdict on one prompt's (n, n) tiled-L2 distances: :meth:`NearCopyRule.verdict`
+    under ``threshold`` and ``min_clique`` (kept for callers of the earlier API)."""
+    options = {} if max_steps is None else {"max_clique_steps": max_steps}
+    return NearCopyRule(threshold=threshold, min_clique=min_clique, **options).verdict(distances)
 
 
 def detect_prompt(
     generations_dir: str | Path,
     prompt_id: str,
     caption: str,
-    settings: DetectSettings,
-    embedder: Embedder | None = None,
+    rule: NearCopyRule,
     rejects: RejectLog | None = None,
-    device: str = "auto",
 ) -> dict[str, Any]:
-    """Read one prompt's samples and decide; returns its row of ``memorized.parquet``."""
+    """Read one prompt's samples and decide with ``rule``; returns its row of ``memorized.parquet``.
+
+    Samples that cannot be read are skipped and recorded in ``rejects``."""
     rejects = rejects if rejects is not None else RejectLog()
     before = len(rejects)
     listed = list_samples(generations_dir, prompt_id, rejects)
     samples, images = load_samples(generations_dir, listed, rejects)
-    if images:
-        distances = sample_distances(images, settings, embedder, device)
-    else:
-        distances = np.zeros((0, 0))
-    verdict = find_memorized(distances, settings.threshold, settings.min_clique, settings.max_clique_steps)
+    verdict = rule.verdict(rule.distances(images) if images else np.zeros((0, 0)))
     if not verdict["clique_exact"]:
-        log.warning("prompt %s: the clique search stopped after max_clique_steps=%d; clique_size %d is a lower bound",
-                    prompt_id, settings.max_clique_steps, verdict["clique_size"])
+        log.warning("prompt %s: the clique search stopped after rule.max_clique_steps=%d; clique_size %d is a lower bound",
+                    prompt_id, rule.max_clique_steps, verdict["clique_size"])
     positions = verdict.pop("members")
     position = verdict.pop("representative")
     return {
@@ -208,31 +138,23 @@ def screenable_prompts(generations_dir: Path, rejects: RejectLog | None = None) 
     return prompts, table
 
 
-def stopped_under_another_rule(prompts_table: pd.DataFrame, settings: DetectSettings) -> list[str]:
-    """Prompts that adaptive sampling stopped on a verdict it took with another rule than these settings.
+def stopped_under_another_rule(prompts_table: pd.DataFrame, rule: NearCopyRule) -> list[str]:
+    """Prompts that adaptive sampling stopped on a verdict it took under another rule than ``rule``.
 
     A stop "flagged" or "out_of_reach" (:mod:`pipeline.adaptive`) cannot change the detector's
-    verdict only when both judge near-copies alike: tiled L2 on the same ``grid``, the same
-    ``threshold`` and ``min_clique``. Such a prompt judged otherwise may deserve the samples it
-    was spared; these are its ids (sorted).
+    verdict only when both judge near-copies alike: the rule stored with the stop (the
+    generator's ``adaptive`` column) must be this one (:meth:`NearCopyRule.matches`: metric and
+    its parameters, threshold, clique size and search budget). A prompt judged otherwise, or
+    whose stored rule cannot be read, may deserve the samples it was spared; these are its
+    ids (sorted).
     """
     if not {"prompt_id", "stop_reason", "adaptive"} <= set(prompts_table.columns):
         return []
     ids = set()
-    for prompt_id, reason, rule in zip(prompts_table["prompt_id"], prompts_table["stop_reason"], prompts_table["adaptive"]):
-        if reason not in (FLAGGED, OUT_OF_REACH) or not isinstance(rule, (str, dict)) or unsafe_name(str(prompt_id)):
+    for prompt_id, reason, adaptive in zip(prompts_table["prompt_id"], prompts_table["stop_reason"], prompts_table["adaptive"]):
+        if reason not in (FLAGGED, OUT_OF_REACH) or not isinstance(adaptive, (str, dict)) or unsafe_name(str(prompt_id)):
             continue
-        try:
-            rule = json.loads(rule) if isinstance(rule, str) else rule
-            same = (
-                settings.metric == "tiled_l2"
-                and np.isclose(float(rule.get("threshold", np.nan)), settings.threshold)
-                and int(rule.get("min_clique", -1)) == settings.min_clique
-                and int(rule.get("grid", -1)) == settings.grid
-            )
-        except (ValueError, TypeError, AttributeError):  # a rule nobody can read is not this one
-            same = False
-        if not same:
+        if not rule.matches(stored_rule(adaptive)):
             ids.add(str(prompt_id))
     return sorted(ids)
 
@@ -240,18 +162,16 @@ def stopped_under_another_rule(prompts_table: pd.DataFrame, settings: DetectSett
 def run_detect(
     generations_dir: str | Path,
     out_dir: str | Path,
-    settings: DetectSettings,
-    embedder: Embedder | None = None,
+    rule: NearCopyRule,
     rank: int = 0,
     world_size: int = 1,
-    device: str = "auto",
     progress: bool = True,
 ) -> pd.DataFrame | None:
-    """Screen this shard's prompts, then write ``memorized.parquet`` once every shard is done.
+    """Screen this shard's prompts with ``rule``, then write ``memorized.parquet`` once every shard is done.
 
     Prompt ``i`` (in prompt id order) belongs to shard ``i % world_size``. Each finished prompt
     is stored under ``<out_dir>/prompts/`` with a completion marker, so a rerun skips it (and
-    recomputes it if the settings changed).
+    recomputes it if the rule changed).
 
     Returns:
         The ``memorized.parquet`` table when all prompts are done, else ``None``.
@@ -268,23 +188,23 @@ def run_detect(
             f"generations_dir: no prompts ready to screen in {generations_dir} (no sub-folders, no {PROMPTS_FILE}, "
             "or every prompt still being generated)"
         )
-    settings_dict = asdict(settings)
+    settings_dict = rule.describe()
     results_dir = out_dir / "prompts"
 
-    other_rule = stopped_under_another_rule(generator_table, settings)
+    other_rule = stopped_under_another_rule(generator_table, rule)
     if other_rule:
         log.warning(
             "%d prompt(s) were stopped by adaptive sampling on a verdict taken with another near-copy rule than this "
-            "detector's (metric %s, threshold %g, min_clique %d, grid %d), e.g. %s: their verdicts here may differ from "
-            "a full run's; rerun the generator without adaptive sampling (or with the detector's rule) to complete them",
-            len(other_rule), settings.metric, settings.threshold, settings.min_clique, settings.grid, other_rule[0],
+            "detector's (%s), e.g. %s: their verdicts here may differ from a full run's; rerun the generator without "
+            "adaptive sampling (or with the detector's rule) to complete them",
+            len(other_rule), json.dumps(settings_dict), other_rule[0],
         )  # fmt: skip
 
     mine = prompts.iloc[rank::world_size]
     todo = [row for row in mine.itertuples(index=False) if not _still_valid(_stored_result(results_dir, row.prompt_id, settings_dict), generations_dir)]
     log.info("shard %d/%d: %d prompts, %d already done", rank, world_size, len(mine), len(mine) - len(todo))
     for row in tqdm(todo, desc=f"detect [{rank}/{world_size}]", unit="prompt", disable=not progress):
-        result = detect_prompt(generations_dir, row.prompt_id, row.caption, settings, embedder, rejects, device)
+        result = detect_prompt(generations_dir, row.prompt_id, row.caption, rule, rejects)
         write_json(result, results_dir / f"{row.prompt_id}.json")
         mark_done(results_dir, row.prompt_id, {"settings": settings_dict})
     if len(rejects):
@@ -315,23 +235,6 @@ def run_detect(
     return memorized
 
 
-def settings_from_config(cfg: DictConfig, embedder_name: str | None = None) -> DetectSettings:
-    """Build :class:`DetectSettings` from the Hydra config, naming the config key on errors."""
-    metric = str(cfg.metric)
-    if metric not in METRICS:
-        raise ConfigError(f"metric: unknown metric {metric!r}; expected one of {list(METRICS)}")
-    threshold = config_number(cfg, "threshold", optional=True)
-    return DetectSettings(
-        metric=metric,
-        threshold=config_number(cfg, f"thresholds.{metric}") if threshold is None else threshold,
-        min_clique=config_int(cfg, "min_clique"),
-        grid=config_int(cfg, "grid"),
-        size=config_int(cfg, "size", minimum=1, optional=True),
-        max_clique_steps=config_int(cfg, "max_clique_steps", minimum=1),
-        embedder=embedder_name if metric == "clip" else None,
-    )
-
-
 def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """The stage from its Hydra config: screen, then verify when ``data`` is given.
 
@@ -340,28 +243,24 @@ def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """
     from pipeline.verify import run_verify
 
+    # The near-copy rule every stage shares (conf/rule.yaml, conf/metric/); metric=clip builds
+    # the embedder here, which the embedding index of verification then shares.
+    rule = rule_from_config(cfg)
     embedder_cfg = cfg.get("embedder")
-    embedders: list[Embedder] = []
+    embedders: list[Embedder] = [rule.metric.embedder] if isinstance(getattr(rule.metric, "embedder", None), Embedder) else []
 
     def get_embedder() -> Embedder | None:
         """Instantiated on first use only: the tiled L2 path needs no embedder."""
-        if embedder_cfg is None:
-            return None
-        if not embedders:
+        if not embedders and embedder_cfg is not None:
             embedders.append(hydra.utils.instantiate(embedder_cfg))
-        return embedders[0]
+        return embedders[0] if embedders else None
 
-    if cfg.metric == "clip" and embedder_cfg is None:
-        raise ConfigError("embedder: metric=clip needs an embedder; pass embedder=<name> (see conf/embedder/)")
-    metric_embedder = get_embedder() if cfg.metric == "clip" else None
-    settings = settings_from_config(cfg, getattr(metric_embedder, "name", None))
     # Read before screening, which may take hours: a wrong value is reported at once.
-    n_candidates, delta = config_int(cfg, "verify.n_candidates", minimum=0), config_number(cfg, "verify.delta")
+    n_candidates = config_int(cfg, "verify.n_candidates", minimum=0)
+    delta = config_number(cfg, "verify.delta", minimum=0, optional=True)
+    delta = rule.threshold if delta is None else delta
     out_dir = Path(cfg.out_dir)
-    memorized = run_detect(
-        cfg.generations_dir, out_dir, settings, embedder=metric_embedder, rank=cfg.rank,
-        world_size=cfg.world_size, device=cfg.device, progress=cfg.progress,
-    )  # fmt: skip
+    memorized = run_detect(cfg.generations_dir, out_dir, rule, rank=cfg.rank, world_size=cfg.world_size, progress=cfg.progress)
     if memorized is None:
         return None, None
     print(f"{int(memorized['flagged'].sum())} of {len(memorized)} prompts flagged -> {out_dir / 'memorized.parquet'}")
@@ -372,8 +271,7 @@ def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     extracted = run_verify(
         memorized, cfg.generations_dir, out_dir, data=OmegaConf.to_container(data, resolve=True),
         dedup_dir=cfg.verify.dedup_dir, embedder_factory=get_embedder, n_candidates=n_candidates,
-        delta=delta, exhaustive=cfg.verify.exhaustive, grid=settings.grid, device=cfg.device,
-        progress=cfg.progress,
+        delta=delta, exhaustive=cfg.verify.exhaustive, metric=rule.metric, progress=cfg.progress,
     )  # fmt: skip
     print(f"{int(extracted['extracted'].sum())} of {len(extracted)} flagged prompts match a training image "
           f"-> {out_dir / 'extracted.parquet'}")

@@ -25,12 +25,15 @@ are the same images since each one comes from its own seed. Every PNG is written
 Adaptive sampling (``adaptive.enabled=true``, :mod:`pipeline.adaptive`): a prompt's samples come
 in rounds (16, 32, 64, ... by default), all active prompts' round together so that batches
 still mix prompts; after a round, a prompt whose samples so far have no pair of near-copies
-stops there (marked done with ``stopped_early``). Optional stops end a prompt once the
-detector's verdict is decided: a clique of ``min_clique`` exists (``stop_when_flagged``), or
-the remaining budget can no longer complete one (``stop_when_out_of_reach``); rounds then also
-end where such a stop could first apply. Its samples are the first ones of the brute-force
-run, with the same seeds. A brute-force rerun over the folder fills stopped prompts
-up; an adaptive rerun with another rule decides again from the samples on disk.
+(under the near-copy rule the detector uses, :mod:`pipeline.rule`) stops there (marked done
+with ``stopped_early``). Optional stops end a prompt once the detector's verdict is decided: a
+clique of ``rule.min_clique`` exists (``stop_when_flagged``), or the remaining budget can no
+longer complete one (``stop_when_out_of_reach``); rounds then also end where such a stop could
+first apply. Its samples are the first ones of the brute-force run, with the same seeds. A
+brute-force rerun over the folder fills stopped prompts up; an adaptive rerun with other
+settings or another rule decides again from the samples on disk. A sample that cannot be read
+back is left out of the checks (as the detector leaves it out) and recorded in
+``<out_dir>/rejects.jsonl`` (``rejects_<rank>.jsonl`` per shard).
 
 Recipe columns of ``prompts.parquet``, enough for :func:`regenerate` to remake any sample:
 ``prompt_id``, ``prompt_index`` (position in the prompt list), ``caption``, ``dup_count``,
@@ -39,7 +42,8 @@ Recipe columns of ``prompts.parquet``, enough for :func:`regenerate` to remake a
 ``pipeline_class``, ``scheduler`` (class name), ``scheduler_config`` (JSON), ``steps``,
 ``guidance_scale``, ``height``, ``width``, ``negative_prompt``, ``dtype``, ``generator_device``
 and ``runtime`` (JSON: device and speed options, see :class:`pipeline.models.Runtime`); then
-``adaptive`` (JSON of the rule, or null when off), ``n_generated`` (samples made so far, of
+``adaptive`` (JSON of :meth:`pipeline.adaptive.AdaptiveSettings.describe`: the settings
+and, under ``rule``, the near-copy rule; null when off), ``n_generated`` (samples made so far, of
 ``n_samples``), ``stopped_early`` (stopped with no near-copy pair) and ``stop_reason``
 (:mod:`pipeline.adaptive`'s ``no_close_pairs``, ``flagged`` or ``out_of_reach``; null when
 sampled in full).
@@ -53,7 +57,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +80,13 @@ from pipeline.adaptive import (
 )
 from pipeline.budget import format_budget, write_generation_budget
 from pipeline.cli import config_int, config_number, stage_main
+from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
+from pipeline.generations import Sample, load_samples
 from pipeline.io import atomic_write, is_done, mark_done, marker_path, write_json, write_parquet
-from pipeline.models import ModelLoadError, Runtime, build_scheduler, dtype_name, load_pipeline, optimize_pipeline, resolve_device, resolve_dtype
+from pipeline.models import Runtime, build_scheduler, load_model, make_runtime, resolve_device
 from pipeline.prompts import Prompt, read_prompts, shard_prompts
+from pipeline.rule import rule_from_config
 from pipeline.sampling import (
     SEED_RULE,
     PromptEncoder,
@@ -194,22 +201,18 @@ def prompt_done(out_dir: Path, prompt_id: str, n_samples: int, adaptive: Adaptiv
     partial = info.get("stopped_early") or int(info.get("n_generated", n_samples)) < n_samples
     if not partial or any_rule:
         return True
-    return adaptive is not None and adaptive.enabled and info.get("adaptive") == asdict(adaptive)
+    return adaptive is not None and adaptive.enabled and info.get("adaptive") == adaptive.describe()
 
 
-def read_samples(out_dir: Path, prompt_id: str, count: int) -> np.ndarray:
-    """The first ``count`` samples of ``prompt_id`` as uint8 (count, H, W, 3); they must exist."""
-    from PIL import Image
-
-    images = []
-    for index in range(count):
-        path = sample_path(out_dir, prompt_id, index)
-        try:
-            with Image.open(path) as image:
-                images.append(np.asarray(image.convert("RGB")))
-        except OSError as err:  # PIL's UnidentifiedImageError is an OSError too
-            raise ValueError(f"{path}: unreadable sample ({err}); delete it and rerun to make it again") from err
-    return np.stack(images)
+def read_samples(out_dir: Path, prompt_id: str, count: int, rejects: RejectLog | None = None) -> np.ndarray | list[np.ndarray]:
+    """The first ``count`` samples of ``prompt_id`` that can be read, as uint8 (k, H, W, 3) with
+    k <= count (a list when their sizes differ). A sample that is missing or does not decode is
+    skipped and recorded in ``rejects``, as the detector skips it (:func:`pipeline.generations.load_samples`)."""
+    samples = [Sample(index, f"{prompt_id}/{sample_path(out_dir, prompt_id, index).name}") for index in range(count)]
+    _, images = load_samples(out_dir, samples, rejects)
+    if images and all(image.shape == images[0].shape for image in images):
+        return np.stack(images)
+    return images
 
 
 @dataclass
@@ -221,6 +224,7 @@ class GenerationSummary:
     stopped_early: int = 0  # prompts this run stopped early with no sign of memorization (adaptive sampling)
     stopped_flagged: int = 0  # prompts this run stopped early because they were already flagged
     stopped_out_of_reach: int = 0  # prompts this run stopped because their budget could no longer complete a clique
+    samples_rejected: int = 0  # samples adaptive sampling could not read back, left out of its checks (rejects.jsonl)
 
     @property
     def images_per_s(self) -> float:
@@ -293,7 +297,7 @@ def generate(
             "n_samples": n_samples,
             "seeds": [sample_seed(base_seed, p.prompt_id, i) for i in range(n_samples)],
             **run_recipe,
-            "adaptive": _json(asdict(adaptive)) if adaptive is not None else None,
+            "adaptive": _json(adaptive.describe()) if adaptive is not None else None,
         }
         for p in mine
     ]
@@ -316,6 +320,21 @@ def generate(
     queued_per_caption: Counter[str] = Counter()
     active: dict[str, _Progress] = {}
     counts = {NO_SIGN: 0, FLAGGED: 0, OUT_OF_REACH: 0}
+    # Samples a check could not read (a damaged folder): skipped as the detector skips them,
+    # recorded once each. One file per shard: processes of an array job must not share one.
+    rejects = RejectLog(out_dir / ("rejects.jsonl" if world_size == 1 else f"rejects_{rank}.jsonl"), once=True)
+    rejected: set[str] = set()
+
+    def read_back(prompt_id: str, count: int):
+        """The readable ones among a prompt's first ``count`` samples; new failures go to ``rejects``."""
+        found = RejectLog()
+        images = read_samples(out_dir, prompt_id, count, found)
+        for entry in found.entries:
+            if entry["key"] not in rejected:
+                rejected.add(entry["key"])
+                rejects.add(entry["key"], entry["source"], entry["reason"])
+        return images
+
     bar = tqdm(total=0, unit="img", desc=f"generate {rank}/{world_size}", disable=not progress, dynamic_ncols=True)
 
     def finish(prompt_id: str, made: int, reason: str | None = None) -> None:
@@ -328,7 +347,7 @@ def generate(
             "n_samples": n_samples, "n_generated": made, "stopped_early": reason == NO_SIGN, "stop_reason": reason, "rank": rank,
         }  # fmt: skip
         if reason is not None:
-            info["adaptive"] = asdict(adaptive)
+            info["adaptive"] = adaptive.describe()
             counts[reason] += 1
         mark_done(out_dir, prompt_id, info)
         del active[prompt_id]
@@ -349,7 +368,7 @@ def generate(
                 return
             if state.end == n_samples:
                 return finish(prompt_id, state.end)
-            check = check_round(read_samples(out_dir, prompt_id, state.end), adaptive, n_samples)
+            check = check_round(read_back(prompt_id, state.end), adaptive, n_samples, made=state.end)
             if check.verdict != CONTINUE:
                 return finish(prompt_id, state.end, check.verdict)
             state.start, state.end = state.end, next_round_end(state.end, check, n_samples, adaptive)
@@ -424,7 +443,10 @@ def generate(
     seconds = time.perf_counter() - start
     write_shard_file()
     consolidate_prompts(out_dir)
-    summary = GenerationSummary(len(mine), skipped, made, seconds, counts[NO_SIGN], counts[FLAGGED], counts[OUT_OF_REACH])
+    summary = GenerationSummary(len(mine), skipped, made, seconds, counts[NO_SIGN], counts[FLAGGED], counts[OUT_OF_REACH], len(rejected))
+    if rejected:
+        log.warning("generate: %d sample(s) could not be read back and were left out of adaptive sampling's checks: %s",
+                    len(rejected), rejects.summary())
     log.info("generate: made %d images in %.1f s (%.2f images/s)%s", made, seconds, summary.images_per_s,
              f"; {counts[NO_SIGN]} prompts stopped early with no near-copy pair, {counts[FLAGGED]} once flagged, "
              f"{counts[OUT_OF_REACH]} once a clique was out of reach"
@@ -477,7 +499,10 @@ def pipeline_for(row, device: str | None = None, model_path: str | None = None):
 
     ``device`` overrides the recorded device (e.g. ``"cpu"`` to check GPU samples on a
     laptop: same noise, as generators live on ``generator_device``, but expect rounding
-    differences); ``model_path`` overrides ``model`` (the model moved).
+    differences); ``model_path`` overrides ``model`` (the model moved). Loaded by
+    :func:`pipeline.models.load_model` as generation loaded it: the recorded scheduler class
+    with the recorded ``scheduler_config`` (as ``scheduler_kwargs`` over the model's own),
+    in the recorded dtype, with the recorded speed options.
     """
     runtime = Runtime(**json.loads(row["runtime"]))
     if device is not None:
@@ -485,10 +510,8 @@ def pipeline_for(row, device: str | None = None, model_path: str | None = None):
     path = model_path or row["model"]
     key = (path, row["scheduler"], row["scheduler_config"], json.dumps(runtime.as_dict(), sort_keys=True))
     if key not in _PIPELINES:
-        torch_device = resolve_device(runtime.device)
-        pipe = load_pipeline(path, torch_dtype=resolve_dtype(runtime.dtype, torch_device), device=torch_device)
-        pipe.scheduler = build_scheduler(row["scheduler"], json.loads(row["scheduler_config"]))
-        _PIPELINES[key] = optimize_pipeline(pipe, runtime)
+        model = {"path": path, "scheduler": row["scheduler"], "scheduler_kwargs": json.loads(row["scheduler_config"])}
+        _PIPELINES[key] = load_model(model, runtime)
     return _PIPELINES[key]
 
 
@@ -542,29 +565,22 @@ def run(cfg) -> GenerationSummary:
         generator_device=cfg.generator_device,
     )
     adaptive = adaptive_settings(cfg.get("adaptive"))
+    if adaptive.enabled:  # the near-copy rule matters (and its metric is built) only then
+        adaptive = replace(adaptive, rule=rule_from_config(cfg))
     prompts = read_prompts(cfg.prompts, caption_column=cfg.caption_column, limit=max_prompts)
     device = resolve_device(cfg.device)
-    torch_dtype = resolve_dtype(cfg.dtype, device)
-    runtime = Runtime(
-        device=device.type,
-        dtype=dtype_name(torch_dtype),
+    runtime = make_runtime(
+        device,
+        cfg.dtype,
         attention=cfg.attention,
         fuse_qkv=bool(cfg.fuse_qkv),
         channels_last=bool(cfg.channels_last),
         tf32=bool(cfg.tf32),
         compile=bool(cfg.compile),
     )
-    pipe = load_pipeline(
-        m.path,
-        allow_download=bool(m.allow_download),
-        torch_dtype=torch_dtype,
-        device=device,
-        scheduler=m.scheduler,
-        scheduler_kwargs=dict(m.scheduler_kwargs or {}),
-        revision=m.revision,
-        variant=m.variant,
-    )
-    optimize_pipeline(pipe, runtime)
+    # Every model.* loading key (path, allow_download, revision, variant, scheduler,
+    # scheduler_kwargs), as the prescreen loads it too.
+    pipe = load_model(m, runtime, device=device)
     summary = generate(
         pipe,
         prompts,
@@ -592,7 +608,7 @@ def run(cfg) -> GenerationSummary:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
-@stage_main("generate", ModelLoadError)
+@stage_main("generate")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -1,12 +1,21 @@
 """Loading a diffusers text-to-image pipeline and making it fast, from config values.
 
-``load_pipeline`` takes any ``DiffusionPipeline.from_pretrained`` source: a local directory
-(``models/demo``, a ``save_pretrained`` output) or a Hugging Face hub id
+:func:`load_model` is the one way a saved pipeline is loaded: generation (and regeneration
+from a recorded row), the prescreen, the demo evaluation and the benchmarks all call it with
+the ``model`` config group (``conf/model/*.yaml``: ``path``, ``allow_download``, ``revision``,
+``variant``, ``scheduler``, ``scheduler_kwargs``) and a :class:`Runtime` (device, dtype and the
+speed options), so that one ``model=`` gives every stage the same weights and the same
+scheduler. It is the only module that calls a pipeline's ``from_pretrained`` (the demo trainer,
+checking its own export, aside; ``tests/test_models.py`` holds it to that).
+
+``load_pipeline``, its first half, takes any ``DiffusionPipeline.from_pretrained`` source: a
+local directory (``models/demo``, a ``save_pretrained`` output) or a Hugging Face hub id
 (``CompVis/stable-diffusion-v1-4``). It never downloads unless asked (``allow_download``):
 an audit should run on exactly the weights the user put on disk, and the machines this runs
-on are often offline. ``optimize_pipeline`` applies the speed options (SDPA attention, fused
-QKV projections, channels-last, TF32, ``torch.compile``); every option it applies is
-returned, so that ``regenerate`` can load the model the same way and get the same pixels.
+on are often offline. ``optimize_pipeline``, the second half, applies the speed options (SDPA
+attention, fused QKV projections, channels-last, TF32, ``torch.compile``); the generator
+records its :class:`Runtime`, so that ``regenerate`` can load the model the same way and get
+the same pixels.
 
 The safety checker is always removed: it replaces images it flags with black ones, and an
 audit of memorization has to see the model's raw outputs.
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +39,18 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 
 
-class ModelLoadError(RuntimeError):
-    """The model named by ``model.path`` could not be loaded; the message says why and what to do."""
+# The keys of the `model` config group (conf/model/*.yaml). load_model reads the first six;
+# the sampler reads the others (steps, guidance and image size are per call, not per pipeline).
+LOAD_KEYS = ("path", "allow_download", "revision", "variant", "scheduler", "scheduler_kwargs")
+SAMPLING_KEYS = ("steps", "guidance_scale", "height", "width")
+
+
+class ModelLoadError(ValueError):
+    """The model named by ``model.path`` could not be loaded; the message says why and what to do.
+
+    A ``ValueError``, as every config or input mistake is: a stage's command line
+    (:func:`pipeline.cli.stage_main`) ends with its one line, not a traceback.
+    """
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -76,13 +96,16 @@ def load_pipeline(
     scheduler_kwargs: dict[str, Any] | None = None,
     revision: str | None = None,
     variant: str | None = None,
+    path_key: str = "model.path",
 ):
     """Load a diffusers pipeline from a directory or hub id, move it to ``device`` in ``torch_dtype``.
 
-    ``scheduler`` is a diffusers scheduler class name (``"DDIMScheduler"``, ``"PNDMScheduler"``...)
-    built from the pipeline's own scheduler config plus ``scheduler_kwargs``; ``None`` keeps
-    the pipeline's own. Raises :class:`ModelLoadError` naming ``model.path`` when nothing is
-    there, and ``ValueError`` naming ``model.scheduler`` for an unknown scheduler.
+    The loading half of :func:`load_model` (which callers use: it takes the ``model`` config
+    group and applies the speed options too). ``scheduler`` is a diffusers scheduler class name
+    (``"DDIMScheduler"``, ``"PNDMScheduler"``...) built from the pipeline's own scheduler config
+    plus ``scheduler_kwargs``; ``None`` keeps the pipeline's own. Raises :class:`ModelLoadError`
+    naming ``path_key`` (``model.path``) when nothing is there, and ``ValueError`` naming
+    ``model.scheduler`` for an unknown scheduler.
     """
     from diffusers import DiffusionPipeline
 
@@ -91,11 +114,11 @@ def load_pipeline(
     if local.exists():
         if not (local / "model_index.json").is_file():
             raise ModelLoadError(
-                f"model.path: {path!r} exists but is not a saved diffusers pipeline (no model_index.json in it)"
+                f"{path_key}: {path!r} exists but is not a saved diffusers pipeline (no model_index.json in it)"
             )
         source, local_only = str(local), True
     elif _looks_like_local_path(path):
-        raise ModelLoadError(f"model.path: no such directory {path!r}")
+        raise ModelLoadError(f"{path_key}: no such directory {path!r}")
     else:
         source, local_only = path, not allow_download
     options = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
@@ -110,14 +133,14 @@ def load_pipeline(
             pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local_only, **options)
     except (OSError, ValueError) as err:
         if local.exists():
-            raise ModelLoadError(f"model.path: could not load the pipeline in {path!r}: {err}") from err
+            raise ModelLoadError(f"{path_key}: could not load the pipeline in {path!r}: {err}") from err
         if local_only:
             raise ModelLoadError(
-                f"model.path: {path!r} is neither a local directory nor a model in the Hugging Face cache. "
-                "Point model.path at a saved pipeline, or set model.allow_download=true to download it "
+                f"{path_key}: {path!r} is neither a local directory nor a model in the Hugging Face cache. "
+                f"Point {path_key} at a saved pipeline, or set model.allow_download=true to download it "
                 "(and unset HF_HUB_OFFLINE)."
             ) from err
-        raise ModelLoadError(f"model.path: could not download {path!r}: {err}") from err
+        raise ModelLoadError(f"{path_key}: could not download {path!r}: {err}") from err
     if scheduler:
         pipe.scheduler = build_scheduler(scheduler, dict(pipe.scheduler.config), scheduler_kwargs or {})
     elif scheduler_kwargs:
@@ -203,3 +226,89 @@ def optimize_pipeline(pipe, runtime: Runtime):
         else:
             pipe.transformer = compiled
     return pipe
+
+
+def make_runtime(device: str | torch.device | None = "auto", dtype: str | torch.dtype = "auto", **options: Any) -> Runtime:
+    """A :class:`Runtime` with ``"auto"`` resolved: the device (:func:`resolve_device`) recorded by
+    its type (``"cuda"``, not ``"cuda:1"``: a recorded recipe stays valid on another machine's
+    GPU), the dtype (:func:`resolve_dtype`) by name. ``options``: the speed fields of Runtime."""
+    resolved = resolve_device(device)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, resolved)
+    return Runtime(device=resolved.type, dtype=dtype_name(torch_dtype), **options)
+
+
+def model_options(model: Mapping[str, Any] | str) -> dict[str, Any]:
+    """The ``model`` config group (or a path alone) as a plain dict with every key of
+    :data:`LOAD_KEYS` (defaults filled in); a key the group does not have is a ConfigError."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from pipeline.cli import ConfigError
+
+    if isinstance(model, (str, Path)):
+        model = {"path": str(model)}
+    elif isinstance(model, DictConfig):
+        model = OmegaConf.to_container(model, resolve=True)
+    elif not isinstance(model, Mapping):
+        raise ConfigError(f"model: expected the model config group (path, scheduler, ...), got {model!r}")
+    unknown = sorted(str(k) for k in model if k not in LOAD_KEYS + SAMPLING_KEYS)
+    if unknown:
+        raise ConfigError(f"model.{unknown[0]}: unknown key; the model group takes {', '.join(LOAD_KEYS + SAMPLING_KEYS)}")
+    options = {"path": None, "allow_download": False, "revision": None, "variant": None, "scheduler": None, "scheduler_kwargs": {}}
+    options.update({k: model[k] for k in LOAD_KEYS if k in model})
+    kwargs = options["scheduler_kwargs"]
+    if kwargs is None:
+        kwargs = {}
+    elif isinstance(kwargs, DictConfig):
+        kwargs = OmegaConf.to_container(kwargs, resolve=True)
+    if not isinstance(kwargs, Mapping):
+        raise ConfigError(f"model.scheduler_kwargs: expected a mapping of scheduler options, got {kwargs!r}")
+    options["scheduler_kwargs"] = dict(kwargs)
+    if not isinstance(options["allow_download"], bool):
+        raise ConfigError(f"model.allow_download: expected true or false, got {options['allow_download']!r}")
+    for key in ("revision", "variant", "scheduler"):
+        if options[key] is not None:
+            options[key] = str(options[key])
+    return options
+
+
+def load_model(
+    model: Mapping[str, Any] | str,
+    runtime: Runtime | None = None,
+    *,
+    device: str | torch.device | None = None,
+    path_key: str = "model.path",
+):
+    """The pipeline that the ``model`` config group names, ready to sample: every caller's loader.
+
+    ``model``: the ``model`` group (a DictConfig or a mapping; ``conf/model/*.yaml``) or a path
+    alone. Its loading keys are all honoured: ``path`` (a saved pipeline's directory or a hub
+    id), ``allow_download``, ``revision``, ``variant``, ``scheduler`` (a diffusers scheduler
+    class built from the pipeline's own scheduler config) and ``scheduler_kwargs`` (overrides
+    of that config; a recorded ``scheduler_config`` rebuilds the recorded scheduler). The
+    sampling keys (``steps``, ``guidance_scale``, ``height``, ``width``) are the sampler's;
+    any other key is a ConfigError.
+
+    ``runtime`` (default :class:`Runtime`'s: the CPU, float32, every speed option but compile):
+    the dtype and the speed options applied (:func:`optimize_pipeline`), and the device unless
+    ``device`` is given (``"cuda:1"`` where the runtime records ``"cuda"``).
+
+    Raises :class:`ModelLoadError` (a ValueError) naming ``path_key`` when the model cannot be
+    loaded, and ValueError naming ``model.scheduler`` for an unknown scheduler: one line each.
+    """
+    options = model_options(model)
+    if options["path"] in (None, ""):
+        raise ModelLoadError(f"{path_key}: must be set to a saved pipeline's directory or a hub id")
+    runtime = runtime or Runtime()
+    torch_device = resolve_device(runtime.device if device is None else device)
+    pipe = load_pipeline(
+        options["path"],
+        allow_download=options["allow_download"],
+        torch_dtype=resolve_dtype(runtime.dtype, torch_device),
+        device=torch_device,
+        scheduler=options["scheduler"],
+        scheduler_kwargs=options["scheduler_kwargs"],
+        revision=options["revision"],
+        variant=options["variant"],
+        path_key=path_key,
+    )
+    return optimize_pipeline(pipe, runtime)

@@ -238,60 +238,79 @@ def settings_from_config(cfg) -> PrescreenSettings:
     )
 
 
-def main() -> None:
-    import hydra
-    from omegaconf import DictConfig, OmegaConf
+def load_prescreen_model(cfg):
+    """The pipeline the prescreen scores with: :func:`pipeline.models.load_model` of ``cfg.model``,
+    as generation loads it (same weights, revision, variant, scheduler and scheduler_kwargs: the
+    score is taken at the scheduler's first timestep, with its initial noise scale), on
+    ``cfg.device`` in ``cfg.dtype``. Fused QKV projections stay off: the prescreen's evaluations
+    are few, and it has always scored with the plain projections."""
+    from pipeline.models import load_model, make_runtime, resolve_device
+
+    device = resolve_device(cfg.device)
+    return load_model(cfg.model, make_runtime(device, cfg.dtype, fuse_qkv=False), device=device)
+
+
+def run(cfg) -> pd.DataFrame:
+    """Everything ``python -m pipeline.prescreen`` does, from a composed config; returns the table.
+
+    The config is read first, so that a wrong value is reported (a ConfigError naming its key)
+    before any file is read or the model loaded.
+    """
+    from omegaconf import OmegaConf
 
     from pipeline.data.sharding import check_shard
     from pipeline.io import write_json, write_parquet
-    from pipeline.models import ModelLoadError, Runtime, load_pipeline, optimize_pipeline, resolve_device, resolve_dtype
     from pipeline.prompts import read_prompts, shard_prompts
 
+    settings = settings_from_config(cfg)
+    heavy_dup_count = config_int(cfg, "heavy_dup_count")
+    rank, world_size = check_shard(cfg.rank, cfg.world_size)
+    out_dir = Path(cfg.run_dir) / "prescreen"
+    prompts_path = cfg.prompts or str(Path(cfg.run_dir) / "dedup" / "selected.parquet")
+    prompts = shard_prompts(read_prompts(prompts_path), rank, world_size)
+    pipe = load_prescreen_model(cfg)
+    started = time.perf_counter()
+    table = prescreen(pipe, prompts, settings)
+    seconds = time.perf_counter() - started
+    suffix = "" if world_size == 1 else f"_{rank:05d}"
+    write_parquet(table, out_dir / f"prescreen{suffix}.parquet")
+    kept = table[table.kept].sort_values("rank")
+    selected = kept[["prompt_id", "caption", "dup_count", "score"]]
+    write_parquet(selected, out_dir / f"selected{suffix}.parquet")
+    summary = {
+        "prompts": len(table),
+        "kept": int(table.kept.sum()),
+        "unet_evaluations": unet_evaluations(len(table), settings),
+        "seconds": round(seconds, 2),
+        "model": cfg.model.path,
+        "settings": OmegaConf.to_container(cfg.prescreen, resolve=True),
+    }
+    aucs = heavy_prompt_aucs(table.score.to_numpy(), table.dup_count.to_numpy(dtype=float, na_value=np.nan), heavy_dup_count)
+    summary.update({f"roc_auc_{name}": value for name, value in aucs.items() if not np.isnan(value)})
+    write_json(summary, out_dir / f"summary{suffix}.json")
+    shown = table.head(15)[["rank", "prompt_id", "dup_count", "score", "robust_z", "kept", "caption"]].copy()
+    shown["prompt_id"] = shown["prompt_id"].map(lambda v: display_text(v, 20))  # untrusted: bounded, no controls
+    shown["caption"] = shown["caption"].map(lambda v: display_text(v, 60))
+    print(shown.to_string(index=False))
+    print(
+        f"prescreen: {summary['kept']} of {summary['prompts']} prompts kept, "
+        f"{summary['unet_evaluations']} UNet evaluations in {seconds:.1f} s"
+        + (f", ROC AUC of dup_count >= {heavy_dup_count} vs singletons {summary['roc_auc_heavy_vs_singletons']:.3f}"
+           if "roc_auc_heavy_vs_singletons" in summary else "")
+        + (f" (vs every other prompt {summary['roc_auc_heavy_vs_rest']:.3f})" if "roc_auc_heavy_vs_rest" in summary else "")
+    )
+    print(f"written {out_dir / f'prescreen{suffix}.parquet'}; generate from {out_dir / f'selected{suffix}.parquet'}")
+    return table
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import DictConfig
+
     @hydra.main(version_base="1.3", config_path="../conf", config_name="prescreen")
-    @stage_main("prescreen", ModelLoadError)
+    @stage_main("prescreen")
     def _run(cfg: DictConfig) -> None:
-        # The config first: a wrong value is reported before any file is read or model loaded.
-        settings = settings_from_config(cfg)
-        heavy_dup_count = config_int(cfg, "heavy_dup_count")
-        rank, world_size = check_shard(cfg.rank, cfg.world_size)
-        out_dir = Path(cfg.run_dir) / "prescreen"
-        prompts_path = cfg.prompts or str(Path(cfg.run_dir) / "dedup" / "selected.parquet")
-        prompts = shard_prompts(read_prompts(prompts_path), rank, world_size)
-        device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, device)
-        pipe = load_pipeline(cfg.model.path, allow_download=cfg.model.allow_download, torch_dtype=dtype, device=device)
-        optimize_pipeline(pipe, Runtime(device=str(device), dtype=str(dtype).removeprefix("torch."), fuse_qkv=False))
-        started = time.perf_counter()
-        table = prescreen(pipe, prompts, settings)
-        seconds = time.perf_counter() - started
-        suffix = "" if world_size == 1 else f"_{rank:05d}"
-        write_parquet(table, out_dir / f"prescreen{suffix}.parquet")
-        kept = table[table.kept].sort_values("rank")
-        selected = kept[["prompt_id", "caption", "dup_count", "score"]]
-        write_parquet(selected, out_dir / f"selected{suffix}.parquet")
-        summary = {
-            "prompts": len(table),
-            "kept": int(table.kept.sum()),
-            "unet_evaluations": unet_evaluations(len(table), settings),
-            "seconds": round(seconds, 2),
-            "model": cfg.model.path,
-            "settings": OmegaConf.to_container(cfg.prescreen, resolve=True),
-        }
-        aucs = heavy_prompt_aucs(table.score.to_numpy(), table.dup_count.to_numpy(dtype=float, na_value=np.nan), heavy_dup_count)
-        summary.update({f"roc_auc_{name}": value for name, value in aucs.items() if not np.isnan(value)})
-        write_json(summary, out_dir / f"summary{suffix}.json")
-        shown = table.head(15)[["rank", "prompt_id", "dup_count", "score", "robust_z", "kept", "caption"]].copy()
-        shown["prompt_id"] = shown["prompt_id"].map(lambda v: display_text(v, 20))  # untrusted: bounded, no controls
-        shown["caption"] = shown["caption"].map(lambda v: display_text(v, 60))
-        print(shown.to_string(index=False))
-        print(
-            f"prescreen: {summary['kept']} of {summary['prompts']} prompts kept, "
-            f"{summary['unet_evaluations']} UNet evaluations in {seconds:.1f} s"
-            + (f", ROC AUC of dup_count >= {heavy_dup_count} vs singletons {summary['roc_auc_heavy_vs_singletons']:.3f}"
-               if "roc_auc_heavy_vs_singletons" in summary else "")
-            + (f" (vs every other prompt {summary['roc_auc_heavy_vs_rest']:.3f})" if "roc_auc_heavy_vs_rest" in summary else "")
-        )
-        print(f"written {out_dir / f'prescreen{suffix}.parquet'}; generate from {out_dir / f'selected{suffix}.parquet'}")
+        run(cfg)
 
     _run()
 

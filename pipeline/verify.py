@@ -2,7 +2,8 @@
 
 A flagged prompt says "the model keeps producing one image"; it is an *extraction* when that
 image is (close to) a training image. Each flagged prompt's clique representative is compared,
-with the tiled L2 distance, against candidate training images:
+with the near-copy rule's metric (the detector's: tiled L2 by default, see :mod:`pipeline.rule`),
+against candidate training images:
 
 - the duplicate finder's group behind the prompt (``keys`` in ``<run_dir>/dedup/selected.parquet``),
 - plus the ``n_candidates`` nearest training images by embedding, from a faiss index over the
@@ -31,9 +32,10 @@ from pipeline.data import open_dataset
 from pipeline.data.files import IMAGE_SUFFIXES
 from pipeline.data.images import BadImage, decode_image
 from pipeline.data.rejects import RejectLog
-from pipeline.distance import embed_images, tiled_l2
+from pipeline.distance import embed_images
 from pipeline.embedders.base import Embedder
 from pipeline.io import atomic_write, is_done, mark_done, marker_path, write_parquet
+from pipeline.metrics import Metric, TiledL2
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +179,11 @@ class _BestMatch:
             self.best[prompt_id] = (float(distances[i]), keys[i], images[i])
 
 
-def compare(representative: np.ndarray, images: list[Image.Image], grid: int, device: str) -> np.ndarray:
-    """Tiled L2 from one (H, W, 3) sample to each training image fitted to its size: (len(images),)."""
+def compare(representative: np.ndarray, images: list[Image.Image], metric: Metric) -> np.ndarray:
+    """``metric`` from one (H, W, 3) sample to each training image fitted to its size: (len(images),)."""
     size = representative.shape[:2]
     fitted = np.stack([np.asarray(fit_to(image, size)) for image in images])
-    return tiled_l2(representative[None], fitted, grid=grid, device=device)[0]
+    return np.asarray(metric.distances(representative[None], fitted), dtype=np.float64)[0]
 
 
 def run_verify(
@@ -194,8 +196,7 @@ def run_verify(
     n_candidates: int = 20,
     delta: float = 0.15,
     exhaustive: str | bool = "auto",
-    grid: int = 4,
-    device: str = "auto",
+    metric: Metric | None = None,
     progress: bool = True,
     batch_size: int = 256,
 ) -> pd.DataFrame:
@@ -212,16 +213,19 @@ def run_verify(
         embedder_factory: called (once, if needed) for the embedder of the dedup embeddings.
         n_candidates: nearest training images by embedding added to each prompt's candidates.
         delta: a representative at most this far from a training image is an extraction.
+        metric: the distance (:mod:`pipeline.metrics`): the detector's near-copy rule's
+            metric; default tiled L2 on a 4 x 4 grid.
         exhaustive: ``True`` compares against every training image; ``"auto"`` does so only
             when ``dedup_dir`` offers no candidates (no ``selected.parquet``, no embeddings).
     """
     out_dir, generations_dir = Path(out_dir), Path(generations_dir)
     if exhaustive not in (True, False, "auto"):
         raise ValueError(f"verify.exhaustive: expected true, false or auto, got {exhaustive!r}")
+    metric = metric if metric is not None else TiledL2()
     flagged = memorized[memorized["flagged"]].reset_index(drop=True)
     settings = {
         "data": {k: str(v) for k, v in data.items()}, "dedup_dir": str(dedup_dir),
-        "n_candidates": n_candidates, "delta": delta, "exhaustive": exhaustive, "grid": grid,
+        "n_candidates": n_candidates, "delta": delta, "exhaustive": exhaustive, "metric": metric.describe(),
         "representatives": dict(zip(flagged["prompt_id"], flagged["representative_file"])),
     }  # fmt: skip
     target = out_dir / "extracted.parquet"
@@ -260,13 +264,13 @@ def run_verify(
     if scan_all:
         log.info("comparing %d representative(s) with every training image in %s", len(representatives), data.get("path"))
         records = open_dataset(data, rejects=rejects, progress=False) if representatives else []
-        _scan(best, representatives, records, grid, device, progress, batch_size)
+        _scan(best, representatives, records, metric, progress, batch_size)
     else:
         images = fetch_training_images(data, {k for keys in candidates.values() for k in keys}, rejects, progress)
         for pid in tqdm(list(representatives), desc="verify", unit="prompt", disable=not progress):
             keys = [k for k in candidates[pid] if k in images]
             if keys:
-                best.update(pid, compare(representatives[pid], [images[k] for k in keys], grid, device), keys, [images[k] for k in keys])
+                best.update(pid, compare(representatives[pid], [images[k] for k in keys], metric), keys, [images[k] for k in keys])
     if len(rejects):
         log.warning("%s", rejects.summary())
 
@@ -291,8 +295,7 @@ def _scan(
     best: _BestMatch,
     representatives: dict[str, np.ndarray],
     records: Iterable[Any],
-    grid: int,
-    device: str,
+    metric: Metric,
     progress: bool,
     batch_size: int,
 ) -> None:
@@ -308,7 +311,7 @@ def _scan(
     def flush(keys: list[str], images: list[Image.Image]) -> None:
         for size, pids in by_size.items():
             fitted = np.stack([np.asarray(fit_to(image, size)) for image in images])
-            distances = tiled_l2(np.stack([representatives[p] for p in pids]), fitted, grid=grid, device=device)
+            distances = np.asarray(metric.distances(np.stack([representatives[p] for p in pids]), fitted), dtype=np.float64)
             for pid, row in zip(pids, distances):
                 best.update(pid, row, keys, images)
 

@@ -19,6 +19,7 @@ from pipeline.adaptive import (
     round_verdict,
 )
 from pipeline.clique import max_clique
+from pipeline.rule import NearCopyRule
 
 
 def _diverse(n: int, rng) -> np.ndarray:
@@ -82,7 +83,7 @@ def _with_copies(n: int, copies: int, rng) -> np.ndarray:
 
 def test_stop_when_flagged_ends_a_prompt_once_its_clique_is_complete():
     rng = np.random.default_rng(2)
-    rule = AdaptiveSettings(first_round=4, growth=2.0, stop_when_flagged=True, min_clique=5)
+    rule = AdaptiveSettings(first_round=4, growth=2.0, stop_when_flagged=True, rule=NearCopyRule(min_clique=5))
     images = _with_copies(16, 6, rng)  # a clique of 6 among the first 8
     assert round_verdict(images[:4], rule) == "continue"  # 4 copies: not yet a clique of 5
     assert round_verdict(images[:8], rule) == FLAGGED
@@ -90,17 +91,17 @@ def test_stop_when_flagged_ends_a_prompt_once_its_clique_is_complete():
     asked = []
     assert adaptive_outcome(lambda k: asked.append(k) or images[:k], 16, rule) == (5, FLAGGED) and asked == [4, 5]
     # Without the switch the same prompt is sampled to the end.
-    plain = AdaptiveSettings(first_round=4, growth=2.0, min_clique=5)
+    plain = AdaptiveSettings(first_round=4, growth=2.0, rule=NearCopyRule(min_clique=5))
     assert adaptive_outcome(lambda k: images[:k], 16, plain) == (16, None)
     # A clique one short of min_clique does not stop it.
     short = _with_copies(16, 4, rng)
     assert adaptive_outcome(lambda k: short[:k], 16, rule) == (16, None)
-    with pytest.raises(ValueError, match="adaptive.min_clique"):
-        AdaptiveSettings(min_clique=1)
+    with pytest.raises(ValueError, match="rule.min_clique"):
+        NearCopyRule(min_clique=1)
 
 
 def test_rounds_end_where_a_stop_on_the_verdict_could_first_apply():
-    both = AdaptiveSettings(first_round=8, growth=1.5, stop_when_flagged=True, stop_when_out_of_reach=True, min_clique=10)
+    both = AdaptiveSettings(first_round=8, growth=1.5, stop_when_flagged=True, stop_when_out_of_reach=True, rule=NearCopyRule(min_clique=10))
     assert round_ends(24, both) == [8, 12, 18, 24]
     # (made, largest clique) -> next end, budget 24: the geometric end unless a flag (made + 10 - c)
     # or an out-of-reach stop (24 - 10 + c + 1) could come first.
@@ -111,10 +112,10 @@ def test_rounds_end_where_a_stop_on_the_verdict_could_first_apply():
     # No clique searched (neither stop on): the geometric schedule.
     assert next_round_end(18, RoundCheck(CONTINUE), 24, AdaptiveSettings(first_round=8, growth=1.5)) == 24
     # Only the flag stop: no early end for out of reach.
-    flag_only = AdaptiveSettings(first_round=8, growth=1.5, stop_when_flagged=True, min_clique=10)
+    flag_only = AdaptiveSettings(first_round=8, growth=1.5, stop_when_flagged=True, rule=NearCopyRule(min_clique=10))
     assert next_round_end(18, RoundCheck(CONTINUE, 5), 24, flag_only) == 23
     # A round is at least MIN_ROUND_SHARE of the samples so far: checks stay cheap at large budgets.
-    big = AdaptiveSettings(first_round=16, growth=2.0, stop_when_flagged=True, min_clique=10)
+    big = AdaptiveSettings(first_round=16, growth=2.0, stop_when_flagged=True, rule=NearCopyRule(min_clique=10))
     assert next_round_end(320, RoundCheck(CONTINUE, 9), 500, big) == 340
 
 
@@ -134,7 +135,7 @@ def test_stops_on_the_verdict_never_change_what_the_detector_flags():
     """A prompt stopped as "flagged" is flagged by the full budget's samples, one stopped as "out of
     reach" is not; the decisions use only the samples made so far (replayed on a full set)."""
     rng = np.random.default_rng(5)
-    rule = AdaptiveSettings(first_round=4, growth=1.5, stop_when_flagged=True, stop_when_out_of_reach=True, min_clique=6)
+    rule = AdaptiveSettings(first_round=4, growth=1.5, stop_when_flagged=True, stop_when_out_of_reach=True, rule=NearCopyRule(min_clique=6))
     seen = {FLAGGED: 0, OUT_OF_REACH: 0, None: 0}
     for _ in range(40):
         n = 16
@@ -159,7 +160,41 @@ def test_settings_from_config_name_unknown_keys():
     from pipeline.adaptive import adaptive_settings
 
     assert adaptive_settings(None) == AdaptiveSettings()
-    got = adaptive_settings({"enabled": True, "first_round": "8", "threshold": 0.1, "stop_when_flagged": True, "min_clique": 12})
-    assert got == AdaptiveSettings(enabled=True, first_round=8, threshold=0.1, stop_when_flagged=True, min_clique=12)
+    rule = NearCopyRule(threshold=0.1, min_clique=12)
+    got = adaptive_settings({"enabled": True, "first_round": "8", "stop_when_flagged": True}, rule)
+    assert got == AdaptiveSettings(enabled=True, first_round=8, stop_when_flagged=True, rule=rule)
     with pytest.raises(ValueError, match="adaptive.first_rounds: unknown key"):
         adaptive_settings({"first_rounds": 8})
+    # The near-copy rule moved out of the adaptive section: one rule for every stage.
+    for key, where in (("threshold", "rule.threshold"), ("min_clique", "rule.min_clique"), ("grid", "metric.grid")):
+        with pytest.raises(ValueError, match=rf"^adaptive\.{key}: moved: .* set {where}"):
+            adaptive_settings({key: 1})
+
+
+def test_unreadable_samples_are_left_out_of_the_checks(tmp_path):
+    """As the detector skips a sample that does not decode, so do the round checks (they used to
+    raise): the others decide, and the budget left still counts from the samples made."""
+    from pipeline.generate import read_samples, sample_path
+    from PIL import Image
+
+    from pipeline.data.rejects import RejectLog
+
+    rng = np.random.default_rng(7)
+    images = _with_copies(6, 3, rng)  # a clique of 3 among the first 3
+    for i, image in enumerate(images):
+        path = sample_path(tmp_path, "p", i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+    sample_path(tmp_path, "p", 4).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    rejects = RejectLog()
+    read = read_samples(tmp_path, "p", 6, rejects)
+    assert len(read) == 5 and len(rejects) == 1 and rejects.entries[0]["key"] == "p/00004.png"
+    np.testing.assert_array_equal(read, images[[0, 1, 2, 3, 5]])
+    rule = AdaptiveSettings(first_round=6, stop_when_flagged=True, stop_when_out_of_reach=True, rule=NearCopyRule(min_clique=5))
+    # Clique 3 among the 5 read; 6 made of a budget of 7: 3 + 1 < 5, out of reach. Counting
+    # from the 5 read (2 left) would wrongly keep it going.
+    assert check_round(read, rule, 7, made=6) == RoundCheck(OUT_OF_REACH, 3)
+    assert check_round(read, rule, 7).verdict == CONTINUE
+    assert adaptive_outcome(lambda k: read_samples(tmp_path, "p", k), 7, rule) == (6, OUT_OF_REACH)
+    flag = AdaptiveSettings(first_round=6, stop_when_flagged=True, rule=NearCopyRule(min_clique=3))
+    assert adaptive_outcome(lambda k: read_samples(tmp_path, "p", k), 7, flag) == (6, FLAGGED)

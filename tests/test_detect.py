@@ -19,9 +19,11 @@ from PIL import Image
 from pipeline import detect as detect_module
 from pipeline.clique import max_clique
 from pipeline.data.rejects import RejectLog
-from pipeline.detect import DetectSettings, find_memorized, run_detect
+from pipeline.detect import run_detect
 from pipeline.embedders.base import Embedder
 from pipeline.generations import list_samples, read_prompts
+from pipeline.metrics import ClipDistance, metric_named
+from pipeline.rule import NearCopyRule
 from pipeline.verify import EmbeddingIndex, fetch_training_images, run_verify
 
 GEN_SIZE = 32
@@ -109,7 +111,7 @@ def run(tmp_path):
 
 
 def detect(run, **settings):
-    return run_detect(run["run_dir"] / "generations", run["run_dir"] / "detect", DetectSettings(**settings), progress=False)
+    return run_detect(run["run_dir"] / "generations", run["run_dir"] / "detect", NearCopyRule(**settings), progress=False)
 
 
 def test_flags_exactly_the_prompt_with_twelve_near_copies(run):
@@ -132,26 +134,42 @@ def test_flags_exactly_the_prompt_with_twelve_near_copies(run):
 
 def test_verdict_stops_taken_under_another_rule_are_named(run, caplog):
     """Adaptive sampling's "flagged"/"out_of_reach" stops are lossless only under the detector's
-    own rule; prompts stopped under another one are warned about and listed in summary.json."""
+    own rule; prompts stopped under another one are warned about and listed in summary.json.
+    The generator stores its whole rule with the samples, so any difference counts, the
+    metric's parameters and the clique search budget included."""
+    from pipeline.adaptive import AdaptiveSettings
     from pipeline.detect import stopped_under_another_rule
+    from pipeline.metrics import TiledL2
 
-    rule = {"threshold": 0.15, "min_clique": 10, "grid": 4}
+    def stored(**rule):
+        return json.dumps(AdaptiveSettings(enabled=True, rule=NearCopyRule(**rule)).describe())
+
     table = pd.DataFrame({
-        "prompt_id": ["a", "b", "c", "d", "e"],
-        "stop_reason": ["flagged", "out_of_reach", "no_close_pairs", None, "out_of_reach"],
-        "adaptive": [json.dumps(rule), json.dumps(rule | {"min_clique": 8}), json.dumps(rule | {"min_clique": 8}), None,
-                     json.dumps(rule | {"threshold": 0.2})],
+        "prompt_id": ["a", "b", "c", "d", "e", "f", "g"],
+        "stop_reason": ["flagged", "out_of_reach", "no_close_pairs", None, "out_of_reach", "flagged", "flagged"],
+        "adaptive": [stored(), stored(min_clique=8), stored(min_clique=8), None, stored(threshold=0.2),
+                     stored(metric=TiledL2(size=64)), stored(max_clique_steps=10)],
     })  # fmt: skip
-    assert stopped_under_another_rule(table, DetectSettings()) == ["b", "e"]
-    assert stopped_under_another_rule(table, DetectSettings(min_clique=8)) == ["a", "e"]
-    assert stopped_under_another_rule(table, DetectSettings(metric="clip", threshold=0.05)) == ["a", "b", "e"]
-    assert stopped_under_another_rule(table.drop(columns="stop_reason"), DetectSettings()) == []
+    assert stopped_under_another_rule(table, NearCopyRule()) == ["b", "e", "f", "g"]
+    assert stopped_under_another_rule(table, NearCopyRule(min_clique=8)) == ["a", "e", "f", "g"]
+    assert stopped_under_another_rule(table, NearCopyRule(TiledL2(size=64))) == ["a", "b", "e", "g"]
+    assert stopped_under_another_rule(table, NearCopyRule(ClipDistance(CentredPixels()), threshold=0.05)) == ["a", "b", "e", "f", "g"]
+    assert stopped_under_another_rule(table.drop(columns="stop_reason"), NearCopyRule()) == []
+
+    # Folders made before the whole rule was stored hold the adaptive section's own threshold,
+    # min_clique and grid (tiled L2 at the samples' size, the default clique search).
+    legacy = {"threshold": 0.15, "min_clique": 10, "grid": 4}
+    table["adaptive"] = [json.dumps(legacy), json.dumps(legacy | {"min_clique": 8}), json.dumps(legacy | {"min_clique": 8}), None,
+                         json.dumps(legacy | {"threshold": 0.2}), json.dumps(legacy | {"grid": 2}), json.dumps(legacy)]
+    assert stopped_under_another_rule(table, NearCopyRule()) == ["b", "e", "f"]
+    assert stopped_under_another_rule(table, NearCopyRule(min_clique=8)) == ["a", "e", "f", "g"]
+    assert stopped_under_another_rule(table, NearCopyRule(ClipDistance(CentredPixels()), threshold=0.05)) == ["a", "b", "e", "f", "g"]
 
     # In a run: the generations' table says prompt 00001 was stopped out of reach under min_clique 8.
     path = run["run_dir"] / "generations" / "prompts.parquet"
     generations = pd.read_parquet(path)
     generations["stop_reason"] = np.where(generations.prompt_id == "00001", "out_of_reach", None)
-    generations["adaptive"] = json.dumps(rule | {"min_clique": 8})
+    generations["adaptive"] = stored(min_clique=8)
     generations.to_parquet(path)
     with caplog.at_level("WARNING", logger="pipeline.detect"):
         detect(run)
@@ -191,15 +209,15 @@ def test_rerun_skips_done_prompts_and_redoes_changed_settings(run, monkeypatch):
 
 def test_shards_split_prompts_and_the_last_one_writes_the_table(run):
     gen, out = run["run_dir"] / "generations", run["run_dir"] / "detect"
-    assert run_detect(gen, out, DetectSettings(), rank=0, world_size=2, progress=False) is None
+    assert run_detect(gen, out, NearCopyRule(), rank=0, world_size=2, progress=False) is None
     assert not (out / "memorized.parquet").exists()
     done = sorted(p.stem for p in (out / "prompts" / ".done").glob("*.json"))
     assert done == ["00000", "00002"]
-    sharded = run_detect(gen, out, DetectSettings(), rank=1, world_size=2, progress=False)
-    whole = run_detect(gen, run["run_dir"] / "detect_whole", DetectSettings(), progress=False)
+    sharded = run_detect(gen, out, NearCopyRule(), rank=1, world_size=2, progress=False)
+    whole = run_detect(gen, run["run_dir"] / "detect_whole", NearCopyRule(), progress=False)
     pd.testing.assert_frame_equal(sharded, whole)
     with pytest.raises(ValueError, match="rank"):
-        run_detect(gen, out, DetectSettings(), rank=2, world_size=2)
+        run_detect(gen, out, NearCopyRule(), rank=2, world_size=2)
 
 
 def test_corrupt_samples_are_skipped_and_recorded(run):
@@ -232,14 +250,14 @@ def test_samples_of_other_tools_are_numbered_by_name_order(tmp_path):
     with pytest.raises(FileNotFoundError, match="generations_dir"):
         read_prompts(tmp_path / "missing")
     with pytest.raises(ValueError, match="no prompts"):
-        run_detect(tmp_path / "p", tmp_path / "out", DetectSettings(), progress=False)
+        run_detect(tmp_path / "p", tmp_path / "out", NearCopyRule(), progress=False)
 
 
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="metric"):
-        DetectSettings(metric="l1")
+        metric_named("l1")
     with pytest.raises(ValueError, match="min_clique"):
-        DetectSettings(min_clique=1)
+        NearCopyRule(min_clique=1)
 
 
 class CentredPixels(Embedder):
@@ -256,31 +274,13 @@ class CentredPixels(Embedder):
 
 def test_clip_metric_goes_through_the_embedder(run):
     memorized = run_detect(
-        run["run_dir"] / "generations", run["run_dir"] / "detect", DetectSettings(metric="clip", threshold=0.05, embedder="t"),
-        embedder=CentredPixels(), progress=False,
+        run["run_dir"] / "generations", run["run_dir"] / "detect", NearCopyRule(ClipDistance(CentredPixels()), threshold=0.05),
+        progress=False,
     )  # fmt: skip
     assert memorized["flagged"].tolist() == [True, False, False]
     assert memorized["clique_size"].tolist()[:2] == [12, 9]
     with pytest.raises(ValueError, match="embedder"):
-        run_detect(run["run_dir"] / "generations", run["run_dir"] / "d2", DetectSettings(metric="clip"), progress=False)
-
-
-def test_find_memorized_on_a_hand_made_matrix():
-    # Samples 0-3 pairwise close, 4 close to 0 only, 5 far from all.
-    d = np.full((6, 6), 0.5)
-    d[np.ix_([0, 1, 2, 3], [0, 1, 2, 3])] = 0.05
-    d[0, 1] = d[1, 0] = 0.02
-    d[0, 2] = d[2, 0] = 0.03
-    d[0, 4] = d[4, 0] = 0.1
-    np.fill_diagonal(d, 0)
-    verdict = find_memorized(d, threshold=0.15, min_clique=4)
-    assert verdict["members"] == [0, 1, 2, 3] and verdict["flagged"]
-    assert verdict["representative"] == 0  # smallest mean distance to the other members
-    assert verdict["max_pair_distance"] == pytest.approx(0.05)
-    assert verdict["median_pair_distance"] == pytest.approx(np.median(d[np.triu_indices(6, 1)]))
-    assert not find_memorized(d, threshold=0.15, min_clique=5)["flagged"]
-    empty = find_memorized(np.zeros((0, 0)), 0.15, 10)
-    assert empty["clique_size"] == 0 and empty["representative"] == -1 and not empty["flagged"]
+        NearCopyRule(ClipDistance())
 
 
 def random_graph(rng, n, p):
@@ -416,4 +416,7 @@ def test_command_line_detect(run, tmp_path):
         [sys.executable, "-m", "pipeline.detect", f"run_dir={run_dir}", "metric=l1"],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300,
     )  # fmt: skip
-    assert bad.returncode != 0 and "detect: metric: unknown metric 'l1'" in bad.stderr and "Traceback" not in bad.stderr
+    # metric= picks a config of the group conf/metric/ (one per metric): Hydra names the
+    # unknown choice and lists the metrics there, as for any config group.
+    assert bad.returncode != 0 and "Could not find 'metric/l1'" in bad.stderr and "Traceback" not in bad.stderr
+    assert "Available options in 'metric':\n\tclip\n\ttiled_l2\n" in bad.stderr

@@ -354,6 +354,8 @@ def brute(pipe, model_dir, tmp_path_factory):
     one prompt's first pair is close (the threshold sits between the two smallest first-pair
     distances), so that prompt continues and the others stop after their first round."""
     from pipeline.adaptive import AdaptiveSettings
+    from pipeline.metrics import TiledL2
+    from pipeline.rule import NearCopyRule
 
     out = tmp_path_factory.mktemp("brute")
     run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=8)
@@ -361,7 +363,7 @@ def brute(pipe, model_dir, tmp_path_factory):
     order = sorted(distances, key=distances.get)
     threshold = (distances[order[0]] + distances[order[1]]) / 2
     assert distances[order[0]] < threshold < distances[order[1]]
-    rule = AdaptiveSettings(enabled=True, first_round=2, growth=2.0, threshold=threshold, grid=4)
+    rule = AdaptiveSettings(enabled=True, first_round=2, growth=2.0, rule=NearCopyRule(TiledL2(grid=4), threshold=threshold))
     return {"out": out, "rule": rule, "continues": order[0], "stop": sorted(order[1:])}
 
 
@@ -391,6 +393,7 @@ def test_adaptive_sampling_stops_unpromising_prompts_after_their_first_round(pip
     assert table.loc[stop, "n_generated"].tolist() == [2] * len(stop) and table.loc[stop, "stopped_early"].all()
     assert (table["n_samples"] == FULL).all() and all(len(s) == FULL for s in table["seeds"])
     assert json.loads(table.loc[keep, "adaptive"])["first_round"] == 2
+    assert json.loads(table.loc[keep, "adaptive"])["rule"] == brute["rule"].rule.describe()  # the rule, stored with the samples
     assert all(is_done(out, p.prompt_id) for p in ADAPTIVE_PROMPTS)
     assert json.loads(marker_path(out, stop[0]).read_text())["stopped_early"] is True
     assert load_prompts(out, complete_only=True)["prompt_id"].tolist() == [p.prompt_id for p in ADAPTIVE_PROMPTS]
@@ -413,7 +416,7 @@ def test_stop_when_flagged_ends_a_prompt_at_its_clique_and_brute_force_fills_it_
     as "flagged" and not as a miss; a brute-force rerun still completes every prompt."""
     from dataclasses import replace
 
-    rule = replace(brute["rule"], stop_when_flagged=True, min_clique=2)
+    rule = replace(brute["rule"], stop_when_flagged=True, rule=replace(brute["rule"].rule, min_clique=2))
     out = tmp_path / "flagged"
     summary = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=4, adaptive=rule)
     assert summary.images == 2 * len(ADAPTIVE_PROMPTS)
@@ -424,6 +427,7 @@ def test_stop_when_flagged_ends_a_prompt_at_its_clique_and_brute_force_fills_it_
     assert (table.loc[brute["stop"], "stop_reason"] == "no_close_pairs").all()
     marker = json.loads(marker_path(out, keep).read_text())
     assert marker["n_generated"] == 2 and marker["stop_reason"] == "flagged" and marker["adaptive"]["stop_when_flagged"]
+    assert marker["adaptive"]["rule"]["min_clique"] == 2
     assert len(load_prompts(out, complete_only=True)) == len(ADAPTIVE_PROMPTS)
     budget = generation_budget(table.reset_index())
     assert (budget["prompts_stopped_early"], budget["prompts_stopped_flagged"]) == (len(brute["stop"]), 1)
@@ -446,7 +450,7 @@ def test_stops_on_the_verdict_match_their_replay_on_brute_force_samples(pipe, mo
 
     from pipeline.adaptive import OUT_OF_REACH, adaptive_outcome
 
-    rule = replace(brute["rule"], stop_when_flagged=True, stop_when_out_of_reach=True, min_clique=min_clique)
+    rule = replace(brute["rule"], stop_when_flagged=True, stop_when_out_of_reach=True, rule=replace(brute["rule"].rule, min_clique=min_clique))
     out = tmp_path / f"verdict{min_clique}"
     summary = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=4, adaptive=rule)
     table = pd.read_parquet(out / PROMPTS_FILE).set_index("prompt_id")
@@ -490,11 +494,35 @@ def test_interrupted_adaptive_run_resumes_to_the_same_samples(pipe, model_dir, t
     # nothing passes stops every prompt that is not complete yet (none here: all are done
     # under the old rule or complete), while a brute-force marker is never undone.
     from pipeline.adaptive import AdaptiveSettings
+    from pipeline.rule import NearCopyRule
 
-    strict = AdaptiveSettings(enabled=True, first_round=2, threshold=1e-9)
+    strict = AdaptiveSettings(enabled=True, first_round=2, rule=NearCopyRule(threshold=1e-9))
     again = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=3, adaptive=strict)
     assert again.images == 0 and again.stopped_early == len(brute["stop"])  # re-decided, same verdict
     assert again.prompts_skipped == 1
+
+
+def test_adaptive_checks_skip_unreadable_samples_as_the_detector_does(pipe, model_dir, tmp_path, brute):
+    """A sample on disk that does not decode is left out of the round checks and recorded in
+    rejects.jsonl (it used to end the run with an error), as the detector leaves it out."""
+    import shutil
+
+    from pipeline.detect import run_detect
+
+    out = tmp_path / "damaged"
+    for p in ADAPTIVE_PROMPTS:  # the first round exists already; the continuing prompt's second sample is damaged
+        for i in range(2):
+            sample_path(out, p.prompt_id, i).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(sample_path(brute["out"], p.prompt_id, i), sample_path(out, p.prompt_id, i))
+    keep = brute["continues"]
+    sample_path(out, keep, 1).write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    summary = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=4, adaptive=brute["rule"])
+    assert summary.images == 0 and summary.samples_rejected == 1  # one readable sample: no pair, it stops
+    assert summary.stopped_early == len(ADAPTIVE_PROMPTS)
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rejects] == [f"{keep}/00001.png"] and rejects[0]["reason"].startswith("corrupt image")
+    memorized = run_detect(out, tmp_path / "detect", brute["rule"].rule, progress=False).set_index("prompt_id")
+    assert memorized.loc[keep, "n_samples"] == 1 and memorized.loc[keep, "n_rejected"] == 1
 
 
 def test_generate_config_has_adaptive_off_by_default():
@@ -517,13 +545,17 @@ def test_demo_experiment_screens_cheaply():
     from omegaconf import OmegaConf
 
     from pipeline.prescreen import PrescreenSettings
+    from pipeline.rule import rule_from_config
 
-    settings = adaptive_settings(compose(["experiment=demo"]).adaptive)
+    generate_cfg = compose(["experiment=demo"])
+    settings = adaptive_settings(generate_cfg.adaptive, rule_from_config(generate_cfg))
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         detect = hydra_compose(config_name="detect", overrides=["experiment=demo"])
         prescreen = hydra_compose(config_name="prescreen", overrides=["experiment=demo"])
     assert settings.enabled and settings.stop_when_flagged
-    assert (settings.min_clique, settings.threshold, settings.grid) == (detect.min_clique, detect.thresholds.tiled_l2, detect.grid)
+    # One near-copy rule: the generator's and the detector's are the same, clique of 10 on tiled L2 at 0.15.
+    assert settings.rule.describe() == rule_from_config(detect).describe()
+    assert (settings.rule.min_clique, settings.rule.threshold, settings.rule.metric.grid) == (10, 0.15, 4)
     kept = PrescreenSettings(**OmegaConf.to_container(prescreen.prescreen, resolve=True))
     assert kept.keep_fraction is None and kept.min_robust_z == 3.5
 
@@ -536,7 +568,7 @@ def test_run_from_config_writes_and_prints_the_budget(model_dir, tmp_path, capsy
     cfg = compose([
         f"run_dir={tmp_path}", f"prompts={prompts}", f"model.path={model_dir}", f"model.height={SIZE}", f"model.width={SIZE}",
         "model.steps=2", "n_samples=4", "batch_size=8", "progress=false", "adaptive.enabled=true", "adaptive.first_round=2",
-        "adaptive.threshold=1e-9",
+        "rule.threshold=1e-9",
     ])  # fmt: skip
     summary = run_stage(cfg)
     assert summary.stopped_early == 2  # nothing is that close: both stop after 2 samples
@@ -550,7 +582,8 @@ def test_run_from_config_writes_and_prints_the_budget(model_dir, tmp_path, capsy
 
 
 def test_detect_screens_complete_prompts_only_and_every_shard(pipe, model_dir, tmp_path, brute):
-    from pipeline.detect import DetectSettings, run_detect
+    from pipeline.detect import run_detect
+    from pipeline.rule import NearCopyRule
 
     out = tmp_path / "generations"
     for rank in (0, 1):
@@ -558,7 +591,7 @@ def test_detect_screens_complete_prompts_only_and_every_shard(pipe, model_dir, t
     # As if shard 1 had not consolidated yet and were still sampling its prompt 00001.
     (out / PROMPTS_FILE).unlink()
     marker_path(out, "00001").unlink()
-    settings = DetectSettings(threshold=brute["rule"].threshold, min_clique=2)
+    settings = NearCopyRule(threshold=brute["rule"].rule.threshold, min_clique=2)
     memorized = run_detect(out, tmp_path / "detect", settings, progress=False).set_index("prompt_id")
     assert sorted(memorized.index) == sorted({"00000", "00002"})  # 00001 waits for its marker
     assert (out / PROMPTS_FILE).exists()  # the shard files were consolidated first

@@ -12,11 +12,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.detect import DetectSettings, run_detect
+from pipeline.detect import run_detect
+from pipeline.metrics import TiledL2
+from pipeline.rule import NearCopyRule
 from pipeline.generations import list_samples, read_prompts
 from pipeline.io import unsafe_name
 
-SETTINGS = DetectSettings(min_clique=2)
+SETTINGS = NearCopyRule(TiledL2(device="cpu"), min_clique=2)
 
 
 def files_under(root: Path) -> set[Path]:
@@ -48,7 +50,7 @@ def test_prompt_ids_that_are_paths_are_skipped_and_recorded(hostile_run):
     tmp_path, generations = hostile_run
     out_dir = tmp_path / "run" / "detect"
     before = files_under(tmp_path)
-    memorized = run_detect(generations, out_dir, SETTINGS, progress=False, device="cpu")
+    memorized = run_detect(generations, out_dir, SETTINGS, progress=False)
     assert memorized["prompt_id"].tolist() == ["good"]
     assert bool(memorized["flagged"].iloc[0])  # three identical samples: a clique of 3
     written = files_under(tmp_path) - before
@@ -56,7 +58,7 @@ def test_prompt_ids_that_are_paths_are_skipped_and_recorded(hostile_run):
     rejects = [json.loads(line) for line in (out_dir / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rejects) == 7 and all(r["reason"].startswith("unsafe prompt id") for r in rejects)
     # A rerun reuses the stored verdict and still writes nothing outside.
-    again = run_detect(generations, out_dir, SETTINGS, progress=False, device="cpu")
+    again = run_detect(generations, out_dir, SETTINGS, progress=False)
     assert again["prompt_id"].tolist() == ["good"]
 
 
@@ -72,14 +74,14 @@ def test_folder_and_file_names_that_cannot_be_stored_are_recorded(tmp_path):
     os.mkdir(bytes(generations) + b"/bad\xfe")  # a prompt folder with such a name
     write_samples(generations / "ok", 1, seed=2)
     out_dir = tmp_path / "detect"
-    memorized = run_detect(generations, out_dir, SETTINGS, progress=False, device="cpu").set_index("prompt_id")
+    memorized = run_detect(generations, out_dir, SETTINGS, progress=False).set_index("prompt_id")
     assert sorted(memorized.index) == ["ok", "p"]
     assert memorized.loc["p", "n_samples"] == 2 and memorized.loc["p", "n_rejected"] == 2
     reasons = [json.loads(line)["reason"] for line in (out_dir / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sum(r.startswith("unsafe file name") for r in reasons) == 2
     assert sum(r.startswith("unsafe prompt id") for r in reasons) == 1
     # Stored results stay valid: a rerun does not screen (or reject) anything again.
-    run_detect(generations, out_dir, SETTINGS, progress=False, device="cpu")
+    run_detect(generations, out_dir, SETTINGS, progress=False)
     assert len((out_dir / "rejects.jsonl").read_text(encoding="utf-8").splitlines()) == len(reasons)
 
 
@@ -92,13 +94,13 @@ def test_a_damaged_generator_table_does_not_crash(tmp_path):
         "prompt_id": ["p", "../q"], "caption": ["c", "d"], "n_samples": [float("nan"), 2.0],
         "stop_reason": ["flagged", "flagged"], "adaptive": ["{not json", '{"threshold": "abc"}'],
     }).to_parquet(generations / "prompts.parquet")  # fmt: skip
-    memorized = run_detect(generations, tmp_path / "detect", SETTINGS, progress=False, device="cpu")
+    memorized = run_detect(generations, tmp_path / "detect", SETTINGS, progress=False)
     assert memorized["prompt_id"].tolist() == ["p"]
     summary = json.loads((tmp_path / "detect" / "summary.json").read_text())
     assert summary["stopped_under_another_rule"] == ["p"]
     (generations / ".done").mkdir()  # now a generator's folder, whose prompt p has no usable count
     with pytest.raises(ValueError, match="generations_dir: no prompts ready to screen"):
-        run_detect(generations, tmp_path / "detect2", SETTINGS, progress=False, device="cpu")
+        run_detect(generations, tmp_path / "detect2", SETTINGS, progress=False)
 
 
 @pytest.mark.parametrize(

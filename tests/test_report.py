@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.detect import DetectSettings, run_detect
+from pipeline.detect import run_detect
 from pipeline.report import RunResults, load_run, rates_by_duplicates, write_report
+from pipeline.rule import NearCopyRule
 from pipeline.verify import run_verify
 from tests.test_detect import CAPTIONS, ORIGINAL_KEY, build_run
 
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def audited_run(root: Path, verified: bool = True, min_clique: int = 10) -> Path:
     run = build_run(root)
     run_dir = run["run_dir"]
-    memorized = run_detect(run_dir / "generations", run_dir / "detect", DetectSettings(min_clique=min_clique), progress=False)
+    memorized = run_detect(run_dir / "generations", run_dir / "detect", NearCopyRule(min_clique=min_clique), progress=False)
     if verified:
         data = {"format": "files", "path": str(run["train"])}
         run_verify(memorized, run_dir / "generations", run_dir / "detect", data, dedup_dir=run_dir / "dedup", progress=False)
@@ -104,7 +105,7 @@ def test_report_when_nothing_is_flagged(tmp_path):
 def test_stale_verification_is_not_shown(tmp_path, caplog):
     run_dir = audited_run(tmp_path)
     # Detection rerun with other settings, without verifying again.
-    run_detect(run_dir / "generations", run_dir / "detect", DetectSettings(threshold=0.005), progress=False)
+    run_detect(run_dir / "generations", run_dir / "detect", NearCopyRule(threshold=0.005), progress=False)
     results = load_run(run_dir / "detect", run_dir / "dedup")
     assert results.extracted is not None and results.extracted.empty
     assert "does not match" in caplog.text

@@ -29,7 +29,8 @@ def run_stage(module: str, *overrides: str, cwd=REPO) -> subprocess.CompletedPro
         ("pipeline.dedup", "world_size=0", r"dedup: world_size: must be at least 1, got 0"),
         ("pipeline.prescreen", "prescreen.seeds=-1", r"prescreen: prescreen\.seeds: must be at least 1, got -1"),
         ("pipeline.generate", "n_samples=abc", r"generate: n_samples: expected an integer, got 'abc'"),
-        ("pipeline.detect", "threshold=abc", r"detect: threshold: expected a number, got 'abc'"),
+        ("pipeline.detect", "rule.threshold=abc", r"detect: rule\.threshold: expected a number, got 'abc'"),
+        ("pipeline.detect", "metric.grid=abc", r"detect: metric\.grid: expected an integer, got 'abc'"),
         # An input mistake: the run directory has no detect/ yet.
         ("pipeline.report", "thumbnails=2", r"report: .*/detect/memorized\.parquet does not exist: run .*"),
     ],
@@ -104,9 +105,14 @@ def test_stage_main_turns_mistakes_into_one_line_and_keeps_bugs(capsys, monkeypa
 
 def test_adaptive_settings_name_their_key():
     from pipeline.adaptive import adaptive_settings
+    from pipeline.rule import rule_from_config
 
-    with pytest.raises(ConfigError, match=r"^adaptive\.threshold: expected a number, got 'abc'"):
-        adaptive_settings({"threshold": "abc"})
+    # The near-copy rule adaptive sampling uses is the one every stage reads (conf/rule.yaml).
+    cfg = OmegaConf.create({"metric": {"_target_": "pipeline.metrics.TiledL2"}, "rule": {"threshold": "abc", "min_clique": 10, "max_clique_steps": 10}})
+    with pytest.raises(ConfigError, match=r"^rule\.threshold: expected a number, got 'abc'"):
+        rule_from_config(cfg)
+    with pytest.raises(ConfigError, match=r"^adaptive\.threshold: moved"):
+        adaptive_settings({"threshold": 0.1})
     with pytest.raises(ConfigError, match=r"^adaptive\.enabled: expected true or false"):
         adaptive_settings({"enabled": "yes"})
     assert adaptive_settings({"first_round": 8, "growth": 1.5, "enabled": True}).first_round == 8

@@ -1,14 +1,14 @@
 """How much the demo model reproduces its training images, by duplicate count.
 
 For a few originals of each duplication band, sample the model with several seeds on the
-original's caption and measure the paper's tiled L2 distance to the training images. The
-relation the paper reports is that reproduction rises with the number of copies in the
-training set.
+original's caption and measure the distance to the training images with the near-copy rule
+the detector uses (:mod:`pipeline.rule`: the paper's tiled L2 by default). The relation the
+paper reports is that reproduction rises with the number of copies in the training set.
 
 The demo set's copies are near-duplicates as on the web (cropped, shifted, recoloured,
 re-encoded, captioned over), so a model that memorized an image reproduces one of its training
 copies, not necessarily the pristine original. As in the paper, a sample counts as reproduced
-when it is within the threshold of a training image: ``distance`` is to the nearest training
+when it is within the rule's threshold of a training image: ``distance`` is to the nearest training
 copy of the caption's original; ``distance_original`` to the original itself is kept beside it.
 
     python -m pipeline.demo.evaluate model_dir=models/demo data_dir=data/demo
@@ -19,16 +19,20 @@ rate against duplicate count) into ``out_dir`` (default: the model folder) and p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from diffusers import DiffusionPipeline
 from PIL import Image
 
-from pipeline.distance import tiled_l2
+from pipeline.models import Runtime, load_model
+from pipeline.rule import NearCopyRule
+
+# The demo model as saved, on the CPU in float32 with none of the speed options: what this
+# evaluation has always sampled (its figures are the README's), loaded as every stage loads.
+PLAIN_CPU = Runtime(device="cpu", dtype="float32", attention="default", fuse_qkv=False, channels_last=False, tf32=False)
 
 
 @dataclass
@@ -40,7 +44,8 @@ class EvalConfig:
     seeds: int = 4
     steps: int = 25
     guidance_scale: float = 5.0
-    threshold: float = 0.15
+    # The near-copy rule (conf/rule.yaml): its metric measures, its threshold decides "reproduced".
+    rule: NearCopyRule = field(default_factory=NearCopyRule)
     batch_size: int = 64
     seed: int = 0
 
@@ -69,11 +74,10 @@ def sample_images(pipe, captions: list[str], seeds: list[int], steps: int, guida
 
 def evaluate(cfg: EvalConfig) -> pd.DataFrame:
     """One row per sample: band, dup_count, original_id, seed, distance (to the nearest training
-    copy), nearest_key, distance_original, reproduced (distance < threshold)."""
+    copy), nearest_key, distance_original, reproduced (distance < the rule's threshold)."""
     data_dir = Path(cfg.data_dir)
     ground_truth = pd.read_parquet(data_dir / "ground_truth.parquet")
-    pipe = DiffusionPipeline.from_pretrained(cfg.model_dir, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_model({"path": cfg.model_dir}, PLAIN_CPU, path_key="model_dir")
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     picked = pick_originals(ground_truth, cfg.originals_per_band, cfg.seed)
     rows = picked.loc[picked.index.repeat(cfg.seeds)].reset_index(drop=True)
@@ -86,16 +90,16 @@ def evaluate(cfg: EvalConfig) -> pd.DataFrame:
     }
     targets = np.stack([originals[oid] for oid in rows.original_id])
     # The diagonal pairs each sample with its own original (a few hundred rows: cheap).
-    rows["distance_original"] = tiled_l2(samples, targets).diagonal()
+    rows["distance_original"] = cfg.rule.distances(samples, targets).diagonal()
     nearest = []
     for oid, index in rows.groupby("original_id", sort=False).groups.items():
         copies = ground_truth[ground_truth.original_id == oid]
         images = np.stack([training_image(data_dir / "images", key, resolution) for key in copies.key])
-        distances = tiled_l2(samples[index], images)  # (samples of this original, its training copies)
+        distances = cfg.rule.distances(samples[index], images)  # (samples of this original, its training copies)
         best = distances.argmin(axis=1)
         nearest.append(pd.DataFrame({"distance": distances[np.arange(len(index)), best], "nearest_key": copies.key.to_numpy()[best]}, index=index))
     rows = rows.join(pd.concat(nearest))
-    rows["reproduced"] = rows.distance < cfg.threshold
+    rows["reproduced"] = rows.distance < cfg.rule.threshold
     return rows
 
 
@@ -124,7 +128,7 @@ def summarize(rows: pd.DataFrame, threshold: float = 0.15) -> pd.DataFrame:
     return table.round(3)
 
 
-def plot(table: pd.DataFrame, path: Path, threshold: float, title: str) -> None:
+def plot(table: pd.DataFrame, path: Path, threshold: float, title: str, metric_label: str = "tiled L2") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,7 +142,7 @@ def plot(table: pd.DataFrame, path: Path, threshold: float, title: str) -> None:
     axes[1].plot(table.dup_count, table.median_distance, "o-", label="nearest training copy")
     axes[1].plot(table.dup_count, table.median_distance_original, "s--", label="the original")
     axes[1].axhline(threshold, color="grey", linestyle=":", label="threshold")
-    axes[1].set(xscale="log", xlabel="copies in training set", ylabel="median tiled L2")
+    axes[1].set(xscale="log", xlabel="copies in training set", ylabel=f"median {metric_label}")
     axes[1].legend()
     fig.suptitle(title)
     fig.tight_layout()
@@ -153,6 +157,7 @@ def main() -> None:
     from omegaconf import DictConfig, OmegaConf
 
     from pipeline.cli import stage_main
+    from pipeline.rule import rule_from_config
 
     @hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate_demo")
     @stage_main("demo.evaluate")
@@ -161,17 +166,20 @@ def main() -> None:
             raise FileNotFoundError(f"data_dir: no ground_truth.parquet in {cfg.data_dir} (build the demo set: make demo-data)")
         if not Path(cfg.model_dir).is_dir():
             raise FileNotFoundError(f"model_dir: {cfg.model_dir} is not a directory (train the demo model: make demo-model)")
+        rule = rule_from_config(cfg)
         values = OmegaConf.to_container(cfg, resolve=True)
-        values.pop("hydra", None)
-        config = EvalConfig(**values)
+        for key in ("hydra", "rule", "metric"):
+            values.pop(key, None)
+        config = EvalConfig(**values, rule=rule)
         rows = evaluate(config)
-        table = summarize(rows, config.threshold)
+        table = summarize(rows, rule.threshold)
         out_dir = Path(config.out_dir or config.model_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         rows.drop(columns=["original_caption"]).to_csv(out_dir / "memorization.csv", index=False)
         info_path = Path(config.model_dir) / "training.json"
         step = json.loads(info_path.read_text()).get("steps", "?") if info_path.exists() else "?"
-        plot(table, out_dir / "memorization.png", config.threshold, f"demo model at step {step}: reproduction vs duplication")
+        plot(table, out_dir / "memorization.png", rule.threshold, f"demo model at step {step}: reproduction vs duplication",
+             rule.metric.display_label)
         print(table.to_string(index=False))
         print(f"written {out_dir / 'memorization.csv'} and {out_dir / 'memorization.png'}")
 
