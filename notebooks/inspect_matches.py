@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt
 from pipeline.report import flagged_prompts, load_run, load_thumbnail
 from pipeline.text import display_text
 
-results = load_run(RUN_DIR / "detect", RUN_DIR / "dedup")
+results = load_run(RUN_DIR / "detect")
 memorized = results.memorized
 print(f"{len(memorized)} prompts screened, {int(memorized['flagged'].sum())} flagged", end="")
 if results.extracted is not None:

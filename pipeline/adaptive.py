@@ -29,7 +29,6 @@ clique of the samples read plus the samples left is still a bound on the detecto
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -39,10 +38,11 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from pipeline.cli import ConfigError, config_int, config_number
-from pipeline.clique import MAX_STEPS
+from pipeline.generations import FLAGGED, NO_SIGN, OUT_OF_REACH, stored_rule  # noqa: F401 (stop reasons, re-exported)
 from pipeline.rule import NearCopyRule
 
-CONTINUE, NO_SIGN, FLAGGED, OUT_OF_REACH = "continue", "no_close_pairs", "flagged", "out_of_reach"
+# A round check's verdicts: go on, or one of the stop reasons recorded in the generations folder.
+CONTINUE = "continue"
 # A check re-reads and re-measures every sample so far; a round of at least this share of them
 # keeps the checks a small cost next to sampling, however close a prompt hovers to a decision.
 MIN_ROUND_SHARE = 1 / 16
@@ -95,31 +95,6 @@ class AdaptiveSettings:
         stores with the samples (prompts.parquet's ``adaptive`` column, completion markers)."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rule"}
         return {**values, "rule": self.rule.describe()}
-
-
-def stored_rule(adaptive: Any) -> dict[str, Any] | None:
-    """The near-copy rule stored with adaptive sampling's decisions (an ``adaptive`` value of
-    prompts.parquet, JSON text, or of a marker), as :meth:`NearCopyRule.describe` gives it;
-    None when there is none or it cannot be read.
-
-    Folders made before the rule was stored whole hold the adaptive section's own
-    ``threshold``, ``min_clique`` and ``grid``: tiled L2 at the samples' size with the default
-    clique search, which is what adaptive sampling measured then.
-    """
-    try:
-        value = json.loads(adaptive) if isinstance(adaptive, (str, bytes)) else adaptive
-        if not isinstance(value, Mapping):
-            return None
-        if isinstance(value.get("rule"), Mapping):
-            return dict(value["rule"])
-        if "rule" not in value and {"threshold", "min_clique", "grid"} <= set(value):
-            return {
-                "metric": "tiled_l2", "grid": int(value["grid"]), "size": None, "threshold": float(value["threshold"]),
-                "min_clique": int(value["min_clique"]), "max_clique_steps": MAX_STEPS,
-            }  # fmt: skip
-    except (ValueError, TypeError):
-        return None
-    return None
 
 
 @dataclass(frozen=True)

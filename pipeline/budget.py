@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.adaptive import FLAGGED, OUT_OF_REACH
+from pipeline.generations import FLAGGED, OUT_OF_REACH
 from pipeline.io import write_json
 
 BUDGET_FILE = "budget.json"

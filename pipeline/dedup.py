@@ -15,9 +15,12 @@ Reads the data set through the data layer and writes ``<run_dir>/dedup/``:
   ``caption`` (the group's most common), ``dup_count``, ``keys``; the generator's input;
 * ``rejects.jsonl`` (records skipped, with the reason) and ``summary.json``.
 
-The work runs in four phases, each skipped when a completion marker says it is done with
-the same settings (so a rerun resumes, and changing e.g. ``threshold`` redoes only the
-search and grouping). ``phase=all`` (the default, ``world_size=1``) runs them in order. On
+The work runs in four phases, each a step of the stage executor (:mod:`pipeline.executor`)
+whose units (``embed_<rank>``, ``index``, ``search_<rank>``, ``group``) are skipped when their
+completion marker (``.done/<unit>.json``) says they are done with the same settings (so a
+rerun resumes, and changing e.g. ``threshold`` redoes only the search and grouping); each
+rank's rejects go to ``rejects/rejects_<rank>.jsonl`` and its stats to ``stats/``.
+``phase=all`` (the default, ``world_size=1``) runs them in order in one process. On
 a cluster, split them over a SLURM array (e.g. ``hydra/launcher=submitit_slurm -m
 rank=0,1,2,3 world_size=4``):
 
@@ -27,12 +30,12 @@ rank=0,1,2,3 world_size=4``):
 4. ``phase=group``, once: connected components, selection, summary.
 
 ``index`` and ``group`` do nothing on ranks other than 0, so every phase can be launched
-as the same array.
+as the same array. The groups, their ids and the selection do not depend on ``world_size``:
+records are ordered by key before grouping, and groups of equal size by their smallest key.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -50,9 +53,10 @@ from pipeline.data import Record, RejectLog
 from pipeline.data.sharding import check_shard
 from pipeline.embedders.base import Embedder
 from pipeline.embeddings_store import list_shards, read_embeddings, read_metadata, write_shard
-from pipeline.grouping import connected_groups, evaluate_groups, group_table, select_top
+from pipeline.executor import StepContext, Unit, all_done, read_marker, run_step
+from pipeline.grouping import connected_groups, evaluate_groups, group_table, record_order, select_top
 from pipeline.index import Cells, IndexSettings, Pairs, find_pairs, train_cells
-from pipeline.io import atomic_write, marker_path, mark_done, write_json, write_parquet
+from pipeline.io import atomic_write, marker_path, write_json, write_parquet
 from pipeline.text import display_text
 
 log = logging.getLogger(__name__)
@@ -144,14 +148,20 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def group_pairs(metadata: pd.DataFrame, pairs: Pairs, top_k: int, min_group_size: int = 2) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(groups, selected)`` from the metadata (key, caption; row i = embedding i) and pairs."""
+    """``(groups, selected)`` from the metadata (key, caption; row i = embedding i) and pairs.
+
+    ``groups`` lists the records by key (then caption), so that it, the group ids and the
+    selection are the same however the records were split over ranks and read back.
+    """
     labels = connected_groups(len(metadata), pairs.i, pairs.j)
-    groups = group_table(metadata["key"].tolist(), metadata["caption"].tolist(), labels)
+    order = record_order(metadata["key"].tolist(), metadata["caption"].tolist())
+    keys, captions = metadata["key"].to_numpy()[order], metadata["caption"].to_numpy()[order]
+    groups = group_table(keys.tolist(), captions.tolist(), labels[order])
     return groups, select_top(groups, top_k, min_group_size)
 
 
 # ----------------------------------------------------------------------------------------
-# The stage: phases over files, with completion markers
+# The stage: four steps of the stage executor (pipeline.executor), sharing one _Stage
 
 
 def run_dedup(
@@ -191,22 +201,32 @@ def run_dedup(
         )
     if ground_truth is not None and not Path(ground_truth).exists():
         raise FileNotFoundError(f"data.ground_truth: {ground_truth} does not exist")
-    stage = _Stage(Path(out_dir), settings, data, embedder, embedder_id, embeddings_dir, rank, world_size, progress)
-    if phase in ("all", "embed"):
-        stage.embed()
-    if phase in ("all", "index") and rank == 0:
-        stage.index()
-    if phase in ("all", "search"):
-        stage.search()
-    if phase in ("all", "group") and rank == 0:
-        return stage.group(ground_truth)
-    if phase in ("index", "group") and rank != 0:
-        log.info("phase=%s runs on rank 0 only; nothing to do on rank %d", phase, rank)
-    return None
+    out = Path(out_dir)
+    stage = _Stage(out, settings, data, embedder, embedder_id, embeddings_dir, rank, world_size, progress)
+    steps = {"embed": _Embed(stage), "index": _Index(stage), "search": _Search(stage), "group": _Group(stage, ground_truth)}
+    for name in PHASES[1:] if phase == "all" else (phase,):
+        if name in ("index", "group") and rank != 0:
+            log.info("phase=%s runs on rank 0 only; nothing to do on rank %d", name, rank)
+        if name == "group" and rank == 0 and not (out / "summary.json").exists():
+            marker_path(out, "group").unlink(missing_ok=True)  # its summary is gone: group again
+        run_step(steps[name], out, rank=rank, world_size=world_size, progress=progress)
+    if phase not in ("all", "group") or rank != 0:
+        return None
+    group = steps["group"]
+    if group.summary is not None:
+        return group.summary
+    log.info("group: already done, skipping")
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    if ground_truth is not None:
+        groups = pd.read_parquet(out / "groups.parquet")
+        selected = pd.read_parquet(out / "selected.parquet")
+        summary["evaluation"] = {"ground_truth": str(ground_truth), **evaluate_groups(groups, pd.read_parquet(ground_truth), selected)}
+    return summary
 
 
 class _Stage:
-    """The phases of one run; each checks its inputs' markers and writes its own last."""
+    """What the phases of one run share: where things are, the settings that decide each
+    phase's units (stored in their markers), the embeddings once read, and the order checks."""
 
     def __init__(self, out_dir, settings, data, embedder, embedder_id, embeddings_dir, rank, world_size, progress):
         self.out = out_dir
@@ -236,175 +256,208 @@ class _Stage:
             raise FileNotFoundError(f"embeddings_dir: no img_emb/img_emb_<n>.npy files in {self.precomputed}")
         return shards
 
-    # Markers ------------------------------------------------------------------------------
+    # Units: each phase's, with the settings that decide its result -----------------------
 
-    def _current(self, name: str, settings: dict) -> bool:
-        path = marker_path(self.out, name)
-        if not path.exists():
-            return False
-        recorded = json.loads(path.read_text(encoding="utf-8")).get("settings")
-        if _canonical(recorded) == _canonical(settings):
-            return True
-        log.info("%s: settings changed since it was done; redoing it", name)
-        return False
-
-    def _marker(self, name: str) -> dict:
-        return json.loads(marker_path(self.out, name).read_text(encoding="utf-8"))
-
-    def _require(self, names: list[str], settings: list[dict], phase: str) -> None:
-        stale = [n for n, s in zip(names, settings) if not self._current(n, s)]
-        if stale:
-            raise RuntimeError(f"phase={phase} needs {', '.join(stale)} done first (in {self.out}); run the earlier phase(s)")
-
-    def embed_settings(self, rank: int) -> dict:
+    def embed_unit(self, rank: int) -> Unit:
         data = {k: v for k, v in dict(self.data or {}).items() if k != "ground_truth"}
-        return {"data": data, "embedder": self.embedder_id, "rank": rank, "world_size": self.world_size}
+        return Unit(f"embed_{rank}", {"data": data, "embedder": self.embedder_id, "rank": rank, "world_size": self.world_size})
 
     def embeddings_settings(self) -> dict:
         """What identifies the embeddings the later phases read."""
         if self.precomputed is None:
-            return {"embed": [_digest(self.embed_settings(r)) for r in range(self.world_size)]}
+            return {"embed": [self.embed_unit(r).digest for r in range(self.world_size)]}
         files = [self.precomputed / "img_emb" / f"img_emb_{s}.npy" for s in self.shards()]
         return {"embeddings_dir": str(self.precomputed.resolve()), "files": [[f.name, f.stat().st_size, f.stat().st_mtime] for f in files]}
 
-    def index_settings(self) -> dict:
-        return {"embeddings": self.embeddings_settings(), "index": self.settings.index.to_dict()}
+    def index_unit(self) -> Unit:
+        return Unit("index", {"embeddings": self.embeddings_settings(), "index": self.settings.index.to_dict()})
 
-    def search_settings(self, rank: int) -> dict:
+    def search_unit(self, rank: int) -> Unit:
         s = self.settings
-        return {"index": _digest(self.index_settings()), "threshold": s.threshold, "k": s.k, "rank": rank, "world_size": self.world_size}
+        return Unit(f"search_{rank}", {"index": self.index_unit().digest, "threshold": s.threshold, "k": s.k, "rank": rank, "world_size": self.world_size})
 
-    def group_settings(self) -> dict:
-        searches = [_digest(self.search_settings(r)) for r in range(self.world_size)]
-        return {"search": searches, "top_k": self.settings.top_k, "min_group_size": self.settings.min_group_size}
+    def group_unit(self) -> Unit:
+        searches = [self.search_unit(r).digest for r in range(self.world_size)]
+        return Unit("group", {"search": searches, "top_k": self.settings.top_k, "min_group_size": self.settings.min_group_size})
 
-    # Phases -------------------------------------------------------------------------------
+    # Phase order --------------------------------------------------------------------------
 
-    def embed(self) -> None:
-        if self.precomputed is not None:
-            log.info("embed: using the precomputed embeddings in %s", self.precomputed)
-            return
-        name, settings = f"embed_{self.rank}", self.embed_settings(self.rank)
-        if self._current(name, settings):
-            log.info("embed: shard %d already done, skipping", self.rank)
-            return
-        if self.embedder is None:
-            raise ValueError("embedder: none configured; pick one (embedder=thumbnail, embedder=open_clip) or pass embeddings_dir=...")
-        if self.data is None:
-            raise ValueError("data: no data set configured; pick a conf/data/*.yaml (data=files data.path=...)")
-        from pipeline.data import open_dataset
+    def require(self, units: list[Unit], phase: str) -> None:
+        """Raise unless every one of ``units`` (an earlier phase's) is done with the current settings."""
+        stale = [u.name for u in units if not all_done(self.out, [u])]
+        if stale:
+            raise RuntimeError(f"phase={phase} needs {', '.join(stale)} done first (in {self.out}); run the earlier phase(s)")
 
-        started = time.perf_counter()
-        rejects_path = self.out / "rejects" / f"rejects_{self.rank}.jsonl"
-        rejects_path.unlink(missing_ok=True)  # this shard starts over; its old rejects go
-        rejects = RejectLog(rejects_path)
-        records = open_dataset(self.data, rank=self.rank, world_size=self.world_size, rejects=rejects, progress=self.progress)
-        embeddings, metadata = embed_records(records, self.embedder, self.settings.batch_size)
-        write_shard(self.out / "embeddings", self.rank, embeddings, metadata)
-        seconds = time.perf_counter() - started
-        mark_done(self.out, name, {
-            "settings": settings, "rows": len(metadata), "rejected": len(rejects),
-            "rejects_by_reason": dict(rejects.reasons), "embedder": self.embedder.name, "dim": int(self.embedder.dim),
-            "seconds": seconds,
-        })  # fmt: skip
-        log.info("embed: shard %d: %d images embedded in %.1f s; %s", self.rank, len(metadata), seconds, rejects.summary())
+    def marker(self, name: str) -> dict:
+        info = read_marker(self.out, name)
+        if info is None:
+            raise RuntimeError(f"{marker_path(self.out, name)}: missing or unreadable; run the phase that writes it again")
+        return info
 
-    def _load_vectors(self) -> np.ndarray:
+    def vectors(self, phase: str) -> np.ndarray:
         if self.precomputed is None:
-            self._require([f"embed_{r}" for r in range(self.world_size)], [self.embed_settings(r) for r in range(self.world_size)], "index/search")
+            self.require([self.embed_unit(r) for r in range(self.world_size)], phase)
         if self._vectors is None:  # phase=all reads them once for index and search
             self._vectors = read_embeddings(self.embeddings_root, self.shards())
         return self._vectors
 
-    def index(self) -> None:
-        settings = self.index_settings()
-        if self._current("index", settings):
-            log.info("index: already done, skipping")
-            return
+
+class _Embed:
+    """Phase 1, one unit per rank (none with precomputed embeddings): embed shard ``rank``."""
+
+    name = "embed"
+
+    def __init__(self, stage: _Stage):
+        self.stage = stage
+
+    def units(self, rank: int, world_size: int) -> list[Unit]:
+        if self.stage.precomputed is not None:
+            log.info("embed: using the precomputed embeddings in %s", self.stage.precomputed)
+            return []
+        return [self.stage.embed_unit(rank)]
+
+    def run(self, units: list[Unit], ctx: StepContext) -> None:
+        stage = self.stage
+        if stage.embedder is None:
+            raise ValueError("embedder: none configured; pick one (embedder=thumbnail, embedder=open_clip) or pass embeddings_dir=...")
+        if stage.data is None:
+            raise ValueError("data: no data set configured; pick a conf/data/*.yaml (data=files data.path=...)")
+        from pipeline.data import open_dataset
+
+        for unit in units:
+            started = time.perf_counter()
+            # This shard starts over: its old rejects go, and the log lists this run's.
+            path = ctx.rejects.path
+            path.unlink(missing_ok=True)
+            ctx.rejects = rejects = RejectLog(path, once=True)
+            records = open_dataset(stage.data, rank=ctx.rank, world_size=ctx.world_size, rejects=rejects, progress=ctx.progress)
+            embeddings, metadata = embed_records(records, stage.embedder, stage.settings.batch_size)
+            write_shard(stage.out / "embeddings", ctx.rank, embeddings, metadata)
+            seconds = time.perf_counter() - started
+            ctx.done(unit, {
+                "rows": len(metadata), "rejected": len(rejects), "rejects_by_reason": dict(rejects.reasons),
+                "embedder": stage.embedder.name, "dim": int(stage.embedder.dim), "seconds": seconds,
+            })  # fmt: skip
+            log.info("embed: shard %d: %d images embedded in %.1f s; %s", ctx.rank, len(metadata), seconds, rejects.summary())
+
+
+class _Index:
+    """Phase 2, one unit on rank 0: train the IVF cells over all embeddings (exact: nothing to train)."""
+
+    name = "index"
+
+    def __init__(self, stage: _Stage):
+        self.stage = stage
+
+    def units(self, rank: int, world_size: int) -> list[Unit]:
+        return [self.stage.index_unit()] if rank == 0 else []
+
+    def run(self, units: list[Unit], ctx: StepContext) -> None:
+        stage = self.stage
+        (unit,) = units
         started = time.perf_counter()
-        vectors = self._load_vectors()
-        kind = self.settings.index.resolved_kind(len(vectors))
-        info: dict[str, Any] = {"settings": settings, "kind": kind, "rows": len(vectors), "dim": int(vectors.shape[1])}
+        vectors = stage.vectors("index")
+        kind = stage.settings.index.resolved_kind(len(vectors))
+        info: dict[str, Any] = {"kind": kind, "rows": len(vectors), "dim": int(vectors.shape[1])}
         if kind == "ivf":
-            cells = train_cells(vectors, self.settings.index, self.progress)
-            cells.save(self.out / "index")
+            cells = train_cells(vectors, stage.settings.index, ctx.progress)
+            cells.save(stage.out / "index")
             info.update(nlist=cells.nlist, nprobe=cells.nprobe)
         info["seconds"] = time.perf_counter() - started
-        mark_done(self.out, "index", info)
+        ctx.done(unit, info)
         log.info("index: %s over %d embeddings (%.1f s)", kind, len(vectors), info["seconds"])
 
-    def search(self) -> None:
-        name, settings = f"search_{self.rank}", self.search_settings(self.rank)
-        if self._current(name, settings):
-            log.info("search: shard %d already done, skipping", self.rank)
-            return
-        self._require(["index"], [self.index_settings()], "search")
-        started = time.perf_counter()
-        vectors = self._load_vectors()
-        kind = self._marker("index")["kind"]
-        cells = Cells.load(self.out / "index") if kind == "ivf" else None
-        start, stop = shard_bounds(len(vectors), self.rank, self.world_size)
-        index_settings = IndexSettings(**{**self.settings.index.to_dict(), "kind": kind})
-        pairs = find_pairs(
-            vectors, self.settings.threshold, self.settings.k, index_settings, start, stop, cells=cells, progress=self.progress
-        )
-        write_parquet(pairs.to_frame(), self.out / "pairs" / f"pairs_{self.rank}.parquet")
-        seconds = time.perf_counter() - started
-        mark_done(self.out, name, {"settings": settings, "queries": stop - start, "pairs": len(pairs), "seconds": seconds})
-        log.info("search: shard %d: %d queries, %d pairs (%.1f s)", self.rank, stop - start, len(pairs), seconds)
 
-    def group(self, ground_truth: str | Path | None) -> dict:
-        settings = self.group_settings()
-        summary_path = self.out / "summary.json"
-        if self._current("group", settings) and summary_path.exists():
-            log.info("group: already done, skipping")
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-            if ground_truth is not None:
-                groups = pd.read_parquet(self.out / "groups.parquet")
-                selected = pd.read_parquet(self.out / "selected.parquet")
-                summary["evaluation"] = {"ground_truth": str(ground_truth), **evaluate_groups(groups, pd.read_parquet(ground_truth), selected)}
-            return summary
-        self._require([f"search_{r}" for r in range(self.world_size)], [self.search_settings(r) for r in range(self.world_size)], "group")
+class _Search:
+    """Phase 3, one unit per rank: the pairs of query rows of shard ``rank`` against all rows."""
+
+    name = "search"
+
+    def __init__(self, stage: _Stage):
+        self.stage = stage
+
+    def units(self, rank: int, world_size: int) -> list[Unit]:
+        return [self.stage.search_unit(rank)]
+
+    def run(self, units: list[Unit], ctx: StepContext) -> None:
+        stage = self.stage
+        (unit,) = units
+        stage.require([stage.index_unit()], "search")
         started = time.perf_counter()
-        metadata = read_metadata(self.embeddings_root, self.shards())
-        parts = [pd.read_parquet(self.out / "pairs" / f"pairs_{r}.parquet") for r in range(self.world_size)]
+        vectors = stage.vectors("search")
+        kind = stage.marker("index")["kind"]
+        cells = Cells.load(stage.out / "index") if kind == "ivf" else None
+        start, stop = shard_bounds(len(vectors), ctx.rank, ctx.world_size)
+        index_settings = IndexSettings(**{**stage.settings.index.to_dict(), "kind": kind})
+        pairs = find_pairs(
+            vectors, stage.settings.threshold, stage.settings.k, index_settings, start, stop, cells=cells, progress=ctx.progress
+        )
+        write_parquet(pairs.to_frame(), stage.out / "pairs" / f"pairs_{ctx.rank}.parquet")
+        seconds = time.perf_counter() - started
+        ctx.done(unit, {"queries": stop - start, "pairs": len(pairs), "seconds": seconds})
+        log.info("search: shard %d: %d queries, %d pairs (%.1f s)", ctx.rank, stop - start, len(pairs), seconds)
+
+
+class _Group:
+    """Phase 4, one unit on rank 0: connected components, selection, merged rejects, summary."""
+
+    name = "group"
+
+    def __init__(self, stage: _Stage, ground_truth: str | Path | None):
+        self.stage = stage
+        self.ground_truth = ground_truth
+        self.summary: dict | None = None  # set when this process grouped
+
+    def units(self, rank: int, world_size: int) -> list[Unit]:
+        return [self.stage.group_unit()] if rank == 0 else []
+
+    def run(self, units: list[Unit], ctx: StepContext) -> None:
+        stage = self.stage
+        (unit,) = units
+        out, world_size = stage.out, stage.world_size
+        stage.require([stage.search_unit(r) for r in range(world_size)], "group")
+        started = time.perf_counter()
+        metadata = read_metadata(stage.embeddings_root, stage.shards())
+        parts = [pd.read_parquet(out / "pairs" / f"pairs_{r}.parquet") for r in range(world_size)]
         pairs = Pairs.from_frame(pd.concat(parts, ignore_index=True))
-        groups, selected = group_pairs(metadata, pairs, self.settings.top_k, self.settings.min_group_size)
-        write_parquet(groups, self.out / "groups.parquet")
-        write_parquet(selected, self.out / "selected.parquet")
+        groups, selected = group_pairs(metadata, pairs, stage.settings.top_k, stage.settings.min_group_size)
+        write_parquet(groups, out / "groups.parquet")
+        write_parquet(selected, out / "selected.parquet")
         rejects = self._merge_rejects()
         group_seconds = time.perf_counter() - started
         summary = self._summary(metadata, groups, selected, pairs, rejects, group_seconds)
-        if ground_truth is not None:
-            truth = pd.read_parquet(ground_truth)
-            summary["evaluation"] = {"ground_truth": str(ground_truth), **evaluate_groups(groups, truth, selected)}
-        write_json(summary, summary_path)
-        mark_done(self.out, "group", {"settings": settings, "seconds": group_seconds})
-        return summary
+        if self.ground_truth is not None:
+            truth = pd.read_parquet(self.ground_truth)
+            summary["evaluation"] = {"ground_truth": str(self.ground_truth), **evaluate_groups(groups, truth, selected)}
+        write_json(summary, out / "summary.json")
+        ctx.done(unit, {"seconds": group_seconds})
+        self.summary = summary
 
     def _merge_rejects(self) -> list[dict]:
+        stage = self.stage
         entries: list[dict] = []
-        for r in range(self.world_size if self.precomputed is None else 0):
-            path = self.out / "rejects" / f"rejects_{r}.jsonl"
+        for r in range(stage.world_size if stage.precomputed is None else 0):
+            path = stage.out / "rejects" / f"rejects_{r}.jsonl"
             if path.exists():
                 entries.extend(json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
         text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
-        atomic_write(self.out / "rejects.jsonl", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write(stage.out / "rejects.jsonl", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return entries
 
     def _summary(self, metadata, groups, selected, pairs, rejects, group_seconds) -> dict:
+        stage = self.stage
         sizes = groups.drop_duplicates("group_id")["group_size"]
         largest = selected.head(10) if len(selected) else selected
-        index_info = self._marker("index")
+        index_info = stage.marker("index")
         timing = {}
-        if self.precomputed is None:
-            embeds = [self._marker(f"embed_{r}") for r in range(self.world_size)]
+        if stage.precomputed is None:
+            embeds = [stage.marker(f"embed_{r}") for r in range(stage.world_size)]
             timing["embed"] = sum(m.get("seconds", 0.0) for m in embeds)
             embedder = {"name": embeds[0].get("embedder"), "dim": embeds[0].get("dim")}
         else:
-            embedder = {"name": "precomputed", "embeddings_dir": str(self.precomputed)}
+            embedder = {"name": "precomputed", "embeddings_dir": str(stage.precomputed)}
         timing["index"] = index_info.get("seconds", 0.0)
-        timing["search"] = sum(self._marker(f"search_{r}").get("seconds", 0.0) for r in range(self.world_size))
+        timing["search"] = sum(stage.marker(f"search_{r}").get("seconds", 0.0) for r in range(stage.world_size))
         timing["group"] = group_seconds
         timing["total"] = sum(timing.values())  # summed over ranks: compute time, not wall time
         reasons: Counter[str] = Counter()
@@ -412,6 +465,7 @@ class _Stage:
             reasons[entry.get("reason", "").split(":", 1)[0]] += int(entry.get("count", 1))
         rejected = sum(reasons.values())
         lo, hi = np.minimum(pairs.i, pairs.j), np.maximum(pairs.i, pairs.j)
+        settings = stage.settings
         return {
             "records_read": int(len(metadata) + rejected),
             "records_embedded": int(len(metadata)),
@@ -428,16 +482,16 @@ class _Stage:
             ],
             "settings": {
                 "embedder": embedder,
-                "threshold": self.settings.threshold,
-                "k": self.settings.k,
-                "top_k": self.settings.top_k,
-                "min_group_size": self.settings.min_group_size,
-                "index": {**self.settings.index.to_dict(), "resolved_kind": index_info.get("kind"),
+                "threshold": settings.threshold,
+                "k": settings.k,
+                "top_k": settings.top_k,
+                "min_group_size": settings.min_group_size,
+                "index": {**settings.index.to_dict(), "resolved_kind": index_info.get("kind"),
                           "nlist": index_info.get("nlist"), "nprobe_used": index_info.get("nprobe")},
-                "world_size": self.world_size,
+                "world_size": stage.world_size,
             },
             "timing_seconds": timing,
-            "outputs": {name: str(self.out / name) for name in ("groups.parquet", "selected.parquet", "rejects.jsonl", "summary.json")},
+            "outputs": {name: str(stage.out / name) for name in ("groups.parquet", "selected.parquet", "rejects.jsonl", "summary.json")},
         }  # fmt: skip
 
 
@@ -464,14 +518,6 @@ def format_summary(summary: dict) -> str:
             line += f"; selected groups among the {summary['selected']} most duplicated: {ev['top_k_match']:.0%}"
         lines.append(line)
     return "\n".join(lines)
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha1(_canonical(value).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------

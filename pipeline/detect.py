@@ -30,13 +30,25 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pipeline.adaptive import FLAGGED, OUT_OF_REACH, stored_rule
 from pipeline.cli import config_int, config_number, stage_main
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
 from pipeline.embedders.base import Embedder
-from pipeline.generations import PROMPTS_FILE, list_samples, load_samples, read_prompts, sample_files
-from pipeline.io import is_done, mark_done, marker_path, unsafe_name, write_json, write_parquet
+from pipeline.generations import (
+    FLAGGED,
+    OUT_OF_REACH,
+    PROMPTS_FILE,
+    consolidate_prompts,
+    list_samples,
+    load_samples,
+    prompt_done,
+    read_prompts,
+    sample_files,
+    stored_rule,
+)
+from pipeline.executor import StepContext, Unit, all_done, merge_rejects, run_step
+from pipeline.io import unsafe_name, write_json
+from pipeline.layout import carried, read_prompt_table, write_prompt_table
 from pipeline.rule import NearCopyRule, rule_from_config
 
 log = logging.getLogger(__name__)
@@ -88,25 +100,6 @@ def detect_prompt(
     }
 
 
-def _stored_result(results_dir: Path, prompt_id: str, settings: dict) -> dict | None:
-    """A finished prompt's row, when it was computed with the same settings."""
-    if not is_done(results_dir, prompt_id):
-        return None
-    marker = json.loads(marker_path(results_dir, prompt_id).read_text(encoding="utf-8"))
-    if marker.get("settings") != settings:
-        return None
-    return json.loads((results_dir / f"{prompt_id}.json").read_text(encoding="utf-8"))
-
-
-def _still_valid(result: dict | None, generations_dir: Path) -> bool:
-    """A stored result still describes the prompt's samples (none were added since, e.g. by a
-    generator run with a larger n_samples)."""
-    if result is None:
-        return False
-    listed = len(sample_files(generations_dir, result["prompt_id"]))
-    return listed == int(result["n_samples"]) + int(result["n_rejected"])
-
-
 def screenable_prompts(generations_dir: Path, rejects: RejectLog | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The prompts of a generations folder that are ready to screen: (prompt_id, caption), and
     the generator's prompt table as read (empty for folders without one).
@@ -116,8 +109,6 @@ def screenable_prompts(generations_dir: Path, rejects: RejectLog | None = None) 
     still being sampled would be screened on part of its samples. Folders of other tools
     (no shard files, no markers) are read whole.
     """
-    from pipeline.generate import consolidate_prompts, prompt_done
-
     if any(generations_dir.glob("prompts_*-of-*.parquet")):
         consolidate_prompts(generations_dir)
     # Checks the folder and the table, with clear errors; unsafe prompt ids go to ``rejects``.
@@ -159,6 +150,35 @@ def stopped_under_another_rule(prompts_table: pd.DataFrame, rule: NearCopyRule) 
     return sorted(ids)
 
 
+class ScreenPrompts:
+    """The detector's step for the executor: one unit per prompt (prompt ``i``, in prompt id
+    order, belongs to shard ``i % world_size``), decided anew when the rule, the caption or the
+    prompt's sample files change (a generator run with a larger ``n_samples`` adds files)."""
+
+    name = "detect"
+
+    def __init__(self, generations_dir: Path, results_dir: Path, prompts: pd.DataFrame, rule: NearCopyRule, progress: bool):
+        self.generations_dir = generations_dir
+        self.results_dir = results_dir
+        self.captions = dict(zip(prompts["prompt_id"], prompts["caption"]))
+        self.rule = rule
+        self.progress = progress
+
+    def units(self, rank: int, world_size: int) -> list[Unit]:
+        ids = list(self.captions)[rank::world_size]
+        return [
+            Unit(pid, {"rule": self.rule.describe(), "caption": self.captions[pid],
+                       "files": [p.name for p in sample_files(self.generations_dir, pid)]})
+            for pid in ids
+        ]  # fmt: skip
+
+    def run(self, units: list[Unit], ctx: StepContext) -> None:
+        for unit in tqdm(units, desc=f"detect [{ctx.rank}/{ctx.world_size}]", unit="prompt", disable=not self.progress):
+            result = detect_prompt(self.generations_dir, unit.name, self.captions[unit.name], self.rule, ctx.rejects)
+            write_json(result, self.results_dir / f"{unit.name}.json")
+            ctx.done(unit)
+
+
 def run_detect(
     generations_dir: str | Path,
     out_dir: str | Path,
@@ -169,60 +189,56 @@ def run_detect(
 ) -> pd.DataFrame | None:
     """Screen this shard's prompts with ``rule``, then write ``memorized.parquet`` once every shard is done.
 
-    Prompt ``i`` (in prompt id order) belongs to shard ``i % world_size``. Each finished prompt
-    is stored under ``<out_dir>/prompts/`` with a completion marker, so a rerun skips it (and
-    recomputes it if the rule changed).
+    Runs through the stage executor (:mod:`pipeline.executor`): each finished prompt is stored
+    as ``<out_dir>/prompts/<prompt_id>.json`` with a completion marker, so a rerun skips it
+    (and decides again when the rule or its samples changed). Whichever shard finds every
+    prompt done writes ``memorized.parquet`` (a prompt table: ``dup_count`` and ``keys`` come
+    with each prompt from the generator's table, by ``prompt_id``), ``summary.json`` and the
+    merged ``rejects.jsonl``.
 
     Returns:
         The ``memorized.parquet`` table when all prompts are done, else ``None``.
     """
     rank, world_size = check_shard(rank, world_size)
     generations_dir, out_dir = Path(generations_dir), Path(out_dir)
-    # One file per shard: processes of an array job must not append to the same file. A rerun
-    # meets the same unsafe prompt ids again: the file lists each once.
-    rejects = RejectLog(out_dir / ("rejects.jsonl" if world_size == 1 else f"rejects_{rank}.jsonl"), once=True)
-    # Every shard reads the whole prompt table; rank 0 alone records the ids it skips.
-    prompts, generator_table = screenable_prompts(generations_dir, rejects if rank == 0 else None)
+    results_dir = out_dir / "prompts"
+    # Every shard reads the whole prompt table; rank 0 alone records the ids it skips (in its
+    # reject file, which lists each once across reruns).
+    id_rejects = RejectLog(results_dir / "rejects" / "rejects_0.jsonl", once=True) if rank == 0 else None
+    prompts, generator_table = screenable_prompts(generations_dir, id_rejects)
     if prompts.empty:
         raise ValueError(
             f"generations_dir: no prompts ready to screen in {generations_dir} (no sub-folders, no {PROMPTS_FILE}, "
             "or every prompt still being generated)"
         )
-    settings_dict = rule.describe()
-    results_dir = out_dir / "prompts"
-
+    rule_description = rule.describe()
     other_rule = stopped_under_another_rule(generator_table, rule)
     if other_rule:
         log.warning(
             "%d prompt(s) were stopped by adaptive sampling on a verdict taken with another near-copy rule than this "
             "detector's (%s), e.g. %s: their verdicts here may differ from a full run's; rerun the generator without "
             "adaptive sampling (or with the detector's rule) to complete them",
-            len(other_rule), json.dumps(settings_dict), other_rule[0],
+            len(other_rule), json.dumps(rule_description), other_rule[0],
         )  # fmt: skip
 
-    mine = prompts.iloc[rank::world_size]
-    todo = [row for row in mine.itertuples(index=False) if not _still_valid(_stored_result(results_dir, row.prompt_id, settings_dict), generations_dir)]
-    log.info("shard %d/%d: %d prompts, %d already done", rank, world_size, len(mine), len(mine) - len(todo))
-    for row in tqdm(todo, desc=f"detect [{rank}/{world_size}]", unit="prompt", disable=not progress):
-        result = detect_prompt(generations_dir, row.prompt_id, row.caption, rule, rejects)
-        write_json(result, results_dir / f"{row.prompt_id}.json")
-        mark_done(results_dir, row.prompt_id, {"settings": settings_dict})
-    if len(rejects):
-        log.warning("%s", rejects.summary())
-
-    rows = [_stored_result(results_dir, pid, settings_dict) for pid in prompts["prompt_id"]]
-    rows = [row if _still_valid(row, generations_dir) else None for row in rows]
-    missing = sum(row is None for row in rows)
-    if missing:
-        log.info("%d of %d prompts are not screened yet (other shards); memorized.parquet is written "
-                 "by the last shard to finish, or by a rerun with world_size=1", missing, len(rows))
+    step = ScreenPrompts(generations_dir, results_dir, prompts, rule, progress)
+    run_step(step, results_dir, rank=rank, world_size=world_size, progress=progress)
+    every_unit = [unit for r in range(world_size) for unit in step.units(r, world_size)]
+    if not all_done(results_dir, every_unit):
+        log.info("not every prompt is screened yet (other shards); memorized.parquet is written by the shard "
+                 "that finishes last, or by a rerun with world_size=1")
         return None
-    memorized = pd.DataFrame(rows, columns=MEMORIZED_COLUMNS)
-    write_parquet(memorized, out_dir / "memorized.parquet")
+    rows = [json.loads((results_dir / f"{unit.name}.json").read_text(encoding="utf-8")) for unit in every_unit]
+    memorized = pd.DataFrame(rows, columns=MEMORIZED_COLUMNS).sort_values("prompt_id", kind="stable").reset_index(drop=True)
+    carry = carried(generator_table) if {"prompt_id", "caption"} <= set(generator_table.columns) else {}
+    memorized["dup_count"] = [carry.get(pid, {}).get("dup_count") for pid in memorized["prompt_id"]]
+    memorized["keys"] = [carry.get(pid, {}).get("keys") for pid in memorized["prompt_id"]]
+    write_prompt_table(memorized, out_dir / "memorized.parquet")
+    merge_rejects(results_dir / "rejects", out_dir / "rejects.jsonl")
     write_json(
         {
             "generations_dir": str(generations_dir.resolve()),
-            "settings": settings_dict,
+            "settings": rule_description,
             "prompts": len(memorized),
             "flagged": int(memorized["flagged"].sum()),
             "samples": int(memorized["n_samples"].sum()),
@@ -232,7 +248,7 @@ def run_detect(
         out_dir / "summary.json",
     )
     log.info("%d of %d prompts flagged; wrote %s", int(memorized["flagged"].sum()), len(memorized), out_dir / "memorized.parquet")
-    return memorized
+    return read_prompt_table(out_dir / "memorized.parquet")
 
 
 def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
@@ -273,6 +289,10 @@ def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
         dedup_dir=cfg.verify.dedup_dir, embedder_factory=get_embedder, n_candidates=n_candidates,
         delta=delta, exhaustive=cfg.verify.exhaustive, metric=rule.metric, progress=cfg.progress,
     )  # fmt: skip
+    # The report reads the verification threshold from here, not from verification's own files.
+    summary_path = out_dir / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    write_json({**summary, "verification": {"delta": delta, "metric": rule.metric.describe()}}, summary_path)
     print(f"{int(extracted['extracted'].sum())} of {len(extracted)} flagged prompts match a training image "
           f"-> {out_dir / 'extracted.parquet'}")
     return memorized, extracted

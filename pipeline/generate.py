@@ -36,7 +36,8 @@ back is left out of the checks (as the detector leaves it out) and recorded in
 ``<out_dir>/rejects.jsonl`` (``rejects_<rank>.jsonl`` per shard).
 
 Recipe columns of ``prompts.parquet``, enough for :func:`regenerate` to remake any sample:
-``prompt_id``, ``prompt_index`` (position in the prompt list), ``caption``, ``dup_count``,
+``prompt_id``, ``prompt_index`` (position in the prompt list), ``caption``, ``dup_count`` and
+``keys`` (carried from the prompt list: the duplicate group's training records, or null),
 ``n_samples``, ``seeds`` (list, one per sample: :func:`pipeline.sampling.sample_seed` of
 ``base_seed``, prompt id and index, see ``seed_rule``), ``model`` (``model.path`` as given),
 ``pipeline_class``, ``scheduler`` (class name), ``scheduler_config`` (JSON), ``steps``,
@@ -82,9 +83,19 @@ from pipeline.budget import format_budget, write_generation_budget
 from pipeline.cli import config_int, config_number, stage_main
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
-from pipeline.generations import Sample, load_samples
 from pipeline.io import atomic_write, is_done, mark_done, marker_path, write_json, write_parquet
 from pipeline.models import Runtime, build_scheduler, load_model, make_runtime, resolve_device
+from pipeline.generations import (
+    PROMPTS_FILE,
+    Sample,
+    load_samples,
+    consolidate_prompts,
+    load_prompts,
+    marker_info,
+    prompt_done,
+    sample_path,
+    shard_file,
+)
 from pipeline.prompts import Prompt, read_prompts, shard_prompts
 from pipeline.rule import rule_from_config
 from pipeline.sampling import (
@@ -99,21 +110,12 @@ from pipeline.sampling import (
 
 log = logging.getLogger(__name__)
 
-PROMPTS_FILE = "prompts.parquet"
 SETTINGS_FILE = "settings.json"
 # Recipe fields that change what a sample looks like: a run directory holds one value of each.
 PIXEL_KEYS = (
     "model", "pipeline_class", "scheduler", "scheduler_config", "steps", "guidance_scale", "height", "width",
     "negative_prompt", "dtype", "generator_device", "base_seed", "seed_rule",
 )  # fmt: skip
-
-
-def sample_path(out_dir: str | Path, prompt_id: str, index: int) -> Path:
-    return Path(out_dir) / prompt_id / f"{index:05d}.png"
-
-
-def shard_file(out_dir: str | Path, rank: int, world_size: int) -> Path:
-    return Path(out_dir) / f"prompts_{rank}-of-{world_size}.parquet"
 
 
 def _json(obj: Any) -> str:
@@ -178,30 +180,6 @@ def missing_samples(out_dir: Path, prompt_id: str, n_samples: int) -> list[int]:
     for stale in folder.glob(".*.tmp"):  # left by a process killed mid-write; only this rank owns the folder
         stale.unlink(missing_ok=True)
     return [i for i in range(n_samples) if not sample_path(out_dir, prompt_id, i).exists()]
-
-
-def marker_info(out_dir: Path, prompt_id: str) -> dict[str, Any] | None:
-    """The completion marker's content for ``prompt_id``, or None when it has none."""
-    if not is_done(out_dir, prompt_id):
-        return None
-    return json.loads(marker_path(out_dir, prompt_id).read_text(encoding="utf-8") or "{}")
-
-
-def prompt_done(out_dir: Path, prompt_id: str, n_samples: int, adaptive: AdaptiveSettings | None = None, *, any_rule: bool = True) -> bool:
-    """Whether ``prompt_id`` needs no more samples for a budget of ``n_samples``.
-
-    A prompt that adaptive sampling stopped early counts as done for readers (``any_rule``,
-    the default: the detector, :func:`load_prompts`); for the generator (``any_rule=False``)
-    only when this run is adaptive with the same rule, so a brute-force rerun fills it up.
-    """
-    info = marker_info(out_dir, prompt_id)
-    if info is None or int(info.get("n_samples", 0)) < n_samples:
-        return False
-    # Stopped by adaptive sampling (no sign of a clique, or flagged already): fewer samples than the budget.
-    partial = info.get("stopped_early") or int(info.get("n_generated", n_samples)) < n_samples
-    if not partial or any_rule:
-        return True
-    return adaptive is not None and adaptive.enabled and info.get("adaptive") == adaptive.describe()
 
 
 def read_samples(out_dir: Path, prompt_id: str, count: int, rejects: RejectLog | None = None) -> np.ndarray | list[np.ndarray]:
@@ -294,6 +272,7 @@ def generate(
             "prompt_index": index_of[p.prompt_id],
             "caption": p.caption,
             "dup_count": p.dup_count,
+            "keys": None if p.keys is None else list(p.keys),
             "n_samples": n_samples,
             "seeds": [sample_seed(base_seed, p.prompt_id, i) for i in range(n_samples)],
             **run_recipe,
@@ -452,43 +431,6 @@ def generate(
              f"{counts[OUT_OF_REACH]} once a clique was out of reach"
              if adaptive is not None else "")
     return summary
-
-
-def consolidate_prompts(out_dir: str | Path) -> pd.DataFrame:
-    """Union every shard's ``prompts_*-of-*.parquet`` into ``prompts.parquet``; returns it.
-
-    Safe to call at any time and from several processes: shard files are replaced atomically,
-    so each is read whole, and so is the result. A prompt listed by several files (runs with
-    different ``world_size`` over the same folder) keeps the row with the most samples.
-    Returns an empty frame, and writes nothing, when no shard has started yet.
-    """
-    out_dir = Path(out_dir)
-    frames = [pd.read_parquet(f) for f in sorted(out_dir.glob("prompts_*-of-*.parquet"))]
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return pd.DataFrame()
-    merged = pd.concat(frames, ignore_index=True)
-    merged = merged.sort_values(["prompt_index", "n_samples"], ascending=[True, False], kind="stable")
-    merged = merged.drop_duplicates("prompt_id", keep="first").reset_index(drop=True)
-    write_parquet(merged, out_dir / PROMPTS_FILE)
-    return merged
-
-
-def load_prompts(out_dir: str | Path, complete_only: bool = False) -> pd.DataFrame:
-    """The consolidated prompt table; with ``complete_only``, only prompts whose marker exists
-    (for a budget of the row's ``n_samples``; a prompt stopped early by adaptive sampling is complete).
-
-    Without shard files (a folder copied without them) ``prompts.parquet`` is read as it is.
-    """
-    out_dir = Path(out_dir)
-    table = consolidate_prompts(out_dir)
-    if table.empty and (out_dir / PROMPTS_FILE).is_file():
-        table = pd.read_parquet(out_dir / PROMPTS_FILE)
-    if complete_only and len(table):
-        budgets = table["n_samples"] if "n_samples" in table.columns else [0] * len(table)
-        done = [prompt_done(out_dir, str(pid), int(n)) for pid, n in zip(table["prompt_id"], budgets)]
-        table = table[np.asarray(done, dtype=bool)].reset_index(drop=True)
-    return table
 
 
 _PIPELINES: dict[tuple, Any] = {}

@@ -1,4 +1,5 @@
-"""Reading a folder of generated samples, in the generator's layout or any tool's.
+"""The generations folder: reading samples in the generator's layout or any tool's, and the
+generator's own bookkeeping in it (shard tables, completion markers), which readers share.
 
 Layout: ``<generations_dir>/<prompt_id>/<sample>.png`` (the generator names samples
 ``00000.png``, ``00001.png`` ...), plus ``prompts.parquet`` with at least ``prompt_id`` and
@@ -9,16 +10,20 @@ so that samples made by another tool can be screened too.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from pipeline.clique import MAX_STEPS
 from pipeline.data.images import BadImage, decode_image
 from pipeline.data.rejects import RejectLog
-from pipeline.io import unsafe_name
+from pipeline.io import is_done, marker_path, unsafe_name, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -156,3 +161,107 @@ def load_samples(
         kept.append(sample)
         images.append(np.asarray(image))
     return kept, images
+
+
+# The generator's folder: shard tables, markers, sample paths ---------------------------
+
+
+# Why adaptive sampling stopped a prompt (a marker's and prompts.parquet's ``stop_reason``;
+# null when sampled in full): no near-copy pair among its first samples; a clique of the
+# detector's size already there; or one that can no longer be completed within the budget.
+NO_SIGN, FLAGGED, OUT_OF_REACH = "no_close_pairs", "flagged", "out_of_reach"
+
+
+def stored_rule(adaptive: Any) -> dict[str, Any] | None:
+    """The near-copy rule stored with adaptive sampling's decisions (an ``adaptive`` value of
+    prompts.parquet, JSON text, or of a marker), as :meth:`NearCopyRule.describe` gives it;
+    None when there is none or it cannot be read.
+
+    Folders made before the rule was stored whole hold the adaptive section's own
+    ``threshold``, ``min_clique`` and ``grid``: tiled L2 at the samples' size with the default
+    clique search, which is what adaptive sampling measured then.
+    """
+    try:
+        value = json.loads(adaptive) if isinstance(adaptive, (str, bytes)) else adaptive
+        if not isinstance(value, Mapping):
+            return None
+        if isinstance(value.get("rule"), Mapping):
+            return dict(value["rule"])
+        if "rule" not in value and {"threshold", "min_clique", "grid"} <= set(value):
+            return {
+                "metric": "tiled_l2", "grid": int(value["grid"]), "size": None, "threshold": float(value["threshold"]),
+                "min_clique": int(value["min_clique"]), "max_clique_steps": MAX_STEPS,
+            }  # fmt: skip
+    except (ValueError, TypeError):
+        return None
+    return None
+
+
+def sample_path(out_dir: str | Path, prompt_id: str, index: int) -> Path:
+    return Path(out_dir) / prompt_id / f"{index:05d}.png"
+
+
+def shard_file(out_dir: str | Path, rank: int, world_size: int) -> Path:
+    return Path(out_dir) / f"prompts_{rank}-of-{world_size}.parquet"
+
+
+def marker_info(out_dir: Path, prompt_id: str) -> dict[str, Any] | None:
+    """The completion marker's content for ``prompt_id``, or None when it has none."""
+    if not is_done(out_dir, prompt_id):
+        return None
+    return json.loads(marker_path(out_dir, prompt_id).read_text(encoding="utf-8") or "{}")
+
+
+def prompt_done(out_dir: Path, prompt_id: str, n_samples: int, adaptive: Any = None, *, any_rule: bool = True) -> bool:
+    """Whether ``prompt_id`` needs no more samples for a budget of ``n_samples``.
+
+    A prompt that adaptive sampling stopped early counts as done for readers (``any_rule``,
+    the default: the detector, :func:`load_prompts`); for the generator (``any_rule=False``)
+    only when this run is adaptive with the same rule, so a brute-force rerun fills it up
+    (``adaptive``: the generator's adaptive settings, with ``enabled`` and ``describe()``).
+    """
+    info = marker_info(out_dir, prompt_id)
+    if info is None or int(info.get("n_samples", 0)) < n_samples:
+        return False
+    # Stopped by adaptive sampling (no sign of a clique, or flagged already): fewer samples than the budget.
+    partial = info.get("stopped_early") or int(info.get("n_generated", n_samples)) < n_samples
+    if not partial or any_rule:
+        return True
+    return adaptive is not None and adaptive.enabled and info.get("adaptive") == adaptive.describe()
+
+
+def consolidate_prompts(out_dir: str | Path) -> pd.DataFrame:
+    """Union every shard's ``prompts_*-of-*.parquet`` into ``prompts.parquet``; returns it.
+
+    Safe to call at any time and from several processes: shard files are replaced atomically,
+    so each is read whole, and so is the result. A prompt listed by several files (runs with
+    different ``world_size`` over the same folder) keeps the row with the most samples.
+    Returns an empty frame, and writes nothing, when no shard has started yet.
+    """
+    out_dir = Path(out_dir)
+    frames = [pd.read_parquet(f) for f in sorted(out_dir.glob("prompts_*-of-*.parquet"))]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame()
+    merged = pd.concat(frames, ignore_index=True)
+    merged = merged.sort_values(["prompt_index", "n_samples"], ascending=[True, False], kind="stable")
+    merged = merged.drop_duplicates("prompt_id", keep="first").reset_index(drop=True)
+    write_parquet(merged, out_dir / PROMPTS_FILE)
+    return merged
+
+
+def load_prompts(out_dir: str | Path, complete_only: bool = False) -> pd.DataFrame:
+    """The consolidated prompt table; with ``complete_only``, only prompts whose marker exists
+    (for a budget of the row's ``n_samples``; a prompt stopped early by adaptive sampling is complete).
+
+    Without shard files (a folder copied without them) ``prompts.parquet`` is read as it is.
+    """
+    out_dir = Path(out_dir)
+    table = consolidate_prompts(out_dir)
+    if table.empty and (out_dir / PROMPTS_FILE).is_file():
+        table = pd.read_parquet(out_dir / PROMPTS_FILE)
+    if complete_only and len(table):
+        budgets = table["n_samples"] if "n_samples" in table.columns else [0] * len(table)
+        done = [prompt_done(out_dir, str(pid), int(n)) for pid, n in zip(table["prompt_id"], budgets)]
+        table = table[np.asarray(done, dtype=bool)].reset_index(drop=True)
+    return table

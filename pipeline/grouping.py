@@ -32,29 +32,43 @@ def connected_groups(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
 
 
 def group_table(keys: Sequence[str], captions: Sequence[str], labels: np.ndarray) -> pd.DataFrame:
-    """One row per record: ``key``, ``group_id``, ``caption``, ``group_size``.
+    """One row per record (in the order given): ``key``, ``group_id``, ``caption``, ``group_size``.
 
-    ``group_id`` ranks groups by size, largest first (ties: the group whose first row comes
-    first), so that ids are the same on every run and group 0 is the most duplicated image.
+    ``group_id`` ranks groups by size, largest first; groups of equal size are ordered by
+    their smallest key (then caption). Ids therefore depend on the records, not on the order
+    they come in (e.g. how they were split over ranks): the same on every run, and group 0 is
+    the most duplicated image.
     """
     labels = np.asarray(labels)
     if not len(keys) == len(captions) == len(labels):
         raise ValueError(f"{len(keys)} keys, {len(captions)} captions and {len(labels)} labels")
+    key_values = pd.Series(keys, dtype=str).to_numpy()
+    caption_values = pd.Series(captions, dtype=str).to_numpy()
     sizes = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
-    first_row = np.full(len(sizes), len(labels), dtype=np.int64)
-    np.minimum.at(first_row, labels, np.arange(len(labels)))
+    # Each record's position in (key, caption) order; a group's tie-break is its members' first.
+    position = np.empty(len(labels), dtype=np.int64)
+    position[record_order(key_values, caption_values)] = np.arange(len(labels))
+    first = np.full(len(sizes), len(labels), dtype=np.int64)
+    np.minimum.at(first, labels, position)
     present = np.flatnonzero(sizes)
-    ranked = present[np.lexsort((first_row[present], -sizes[present]))]
+    ranked = present[np.lexsort((first[present], -sizes[present]))]
     group_id = np.empty(len(sizes), dtype=np.int64)
     group_id[ranked] = np.arange(len(ranked))
     return pd.DataFrame(
         {
-            "key": pd.Series(keys, dtype=str).to_numpy(),
+            "key": key_values,
             "group_id": group_id[labels],
-            "caption": pd.Series(captions, dtype=str).to_numpy(),
+            "caption": caption_values,
             "group_size": sizes[labels].astype(np.int64),
         }
     )
+
+
+def record_order(keys: Sequence[str], captions: Sequence[str]) -> np.ndarray:
+    """The permutation that sorts records by key, then caption (stable): an order that does not
+    depend on the order the records were read in."""
+    frame = pd.DataFrame({"key": pd.Series(keys, dtype=str).to_numpy(), "caption": pd.Series(captions, dtype=str).to_numpy()})
+    return frame.sort_values(["key", "caption"], kind="mergesort").index.to_numpy(dtype=np.int64)
 
 
 def most_common_caption(captions: Sequence[str]) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.data.sharding import check_shard
+from pipeline.layout import normalise_dup_count, normalise_keys
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Prompt:
     prompt_id: str
     caption: str
     dup_count: int | None = None
+    keys: tuple[str, ...] | None = None  # the training records of its duplicate group, if known
 
 
 def read_prompts(path: str | Path, caption_column: str = "caption", limit: int | None = None) -> list[Prompt]:
@@ -89,9 +91,10 @@ def _to_prompts(frame: pd.DataFrame, path: Path, caption_column: str, limit: int
     if len(dups):
         raise PromptsError(f"prompts: {str(path)!r} has duplicate prompt ids, e.g. {dups[0]!r}")
     counts = frame["dup_count"].tolist() if "dup_count" in frame.columns else [None] * len(ids)
+    keys = frame["keys"].tolist() if "keys" in frame.columns else [None] * len(ids)
     prompts = [
-        Prompt(pid, caption, None if count is None or pd.isna(count) else int(count))
-        for pid, caption, count in zip(ids, captions.tolist(), counts)
+        Prompt(pid, caption, normalise_dup_count(count), None if group is None else tuple(group))
+        for pid, caption, count, group in zip(ids, captions.tolist(), counts, map(normalise_keys, keys))
     ]
     if limit is not None:
         prompts = prompts[: int(limit)]

@@ -3,8 +3,8 @@
     python -m pipeline.report run_name=demo        (or: make report ARGS="run_name=demo")
 
 Reads ``<run_dir>/detect/`` (``memorized.parquet``, ``summary.json``, and ``extracted.parquet``
-with ``matches/`` when verification ran) and, when present, ``<run_dir>/dedup/selected.parquet``
-for duplicate counts. Writes ``<run_dir>/report/index.html``: images are inlined as base64 PNG
+with ``matches/`` when verification ran); duplicate counts come with each prompt in
+``memorized.parquet``. Writes ``<run_dir>/report/index.html``: images are inlined as base64 PNG
 data URIs and the page has no external CSS, scripts or fonts, so it opens offline and can be
 mailed as one file. Captions, prompt ids and training keys are untrusted (web text, other tools'
 folders): they are shown through :func:`pipeline.text.display_text` (controls and bidi controls as
@@ -29,7 +29,8 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from pipeline.cli import config_int, stage_main
-from pipeline.io import atomic_write, marker_path
+from pipeline.executor import StepContext, Unit, run_step
+from pipeline.io import atomic_write
 from pipeline.text import display_text
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class RunResults:
     summary: dict[str, Any]  # summary.json: settings, generations_dir, counts
     detect_dir: Path
     generations_dir: Path
-    dup_counts: pd.DataFrame | None  # prompt_id, dup_count (from selected.parquet), if any
+    dup_counts: pd.DataFrame | None  # prompt_id, dup_count (from memorized.parquet), if any
 
     def sample_path(self, file: str) -> Path:
         """Path of a sample named as in ``member_files`` / ``sample_file``."""
@@ -58,8 +59,8 @@ class RunResults:
         return self.detect_dir / "matches" / f"{prompt_id}.png"
 
 
-def load_run(detect_dir: str | Path, dedup_dir: str | Path | None = None) -> RunResults:
-    """Load the detect stage's outputs (and the dedup stage's duplicate counts, if any)."""
+def load_run(detect_dir: str | Path) -> RunResults:
+    """Load the detect stage's outputs (with the prompts' duplicate counts, where known)."""
     detect_dir = Path(detect_dir)
     memorized_path = detect_dir / "memorized.parquet"
     if not memorized_path.exists():
@@ -77,11 +78,12 @@ def load_run(detect_dir: str | Path, dedup_dir: str | Path | None = None) -> Run
             log.warning("%s does not match %s (detection rerun since?): rerun `python -m pipeline.detect data=...` "
                         "to verify again; ignoring the stale rows", extracted_path, memorized_path)
             extracted = extracted[fresh].reset_index(drop=True)
+    # Duplicate counts travel with each prompt (the prompt table's dup_count, carried from the
+    # duplicate finder by prompt id), never looked up in another stage's files.
     dup_counts = None
-    if dedup_dir is not None and (Path(dedup_dir) / "selected.parquet").exists():
-        selected = pd.read_parquet(Path(dedup_dir) / "selected.parquet")
-        if {"prompt_id", "dup_count"} <= set(selected.columns):
-            dup_counts = selected[["prompt_id", "dup_count"]].astype({"prompt_id": str})
+    if "dup_count" in memorized.columns and memorized["dup_count"].notna().any():
+        dup_counts = memorized.loc[memorized["dup_count"].notna(), ["prompt_id", "dup_count"]].astype({"prompt_id": str})
+        memorized = memorized.drop(columns=["dup_count"])
     generations_dir = Path(summary.get("generations_dir", detect_dir.parent / "generations"))
     return RunResults(memorized, extracted, summary, detect_dir, generations_dir, dup_counts)
 
@@ -249,7 +251,7 @@ def render_report(results: RunResults, title: str, thumbnails: int = 6, thumb_si
     settings = results.summary.get("settings", {"min_clique": "?", "threshold": "?", "metric": "?"})
     template = env.get_template("report.html.j2")
     return template.render(
-        title=title, summary=summary, settings=settings, delta=_verify_delta(results.detect_dir), budget=_budget(results),
+        title=title, summary=summary, settings=settings, delta=_verify_delta(results), budget=_budget(results),
         plot=plot, prompts=prompts, hidden=max(0, len(flagged) - max_prompts), thumb_size=thumb_size,
     )
 
@@ -268,11 +270,9 @@ def _budget(results: RunResults) -> dict[str, Any] | None:
         return None
 
 
-def _verify_delta(detect_dir: Path) -> float | None:
-    marker = marker_path(detect_dir, "verify")
-    if marker.exists():
-        return json.loads(marker.read_text(encoding="utf-8")).get("delta")
-    return None
+def _verify_delta(results: RunResults) -> float | None:
+    """The verification threshold, as the detect stage recorded it in its summary."""
+    return (results.summary.get("verification") or {}).get("delta")
 
 
 def write_report(results: RunResults, out: str | Path, **options) -> Path:
@@ -281,16 +281,50 @@ def write_report(results: RunResults, out: str | Path, **options) -> Path:
     return atomic_write(out, lambda tmp: tmp.write_text(html, encoding="utf-8"))
 
 
+class WriteReport:
+    """The report as the executor's one unit, on rank 0: rewritten when an input or the page
+    itself changed since it was written (a shard of an array has nothing else to do)."""
+
+    name = "report"
+
+    def __init__(self, detect_dir: Path, out: Path, options: dict[str, Any]):
+        self.detect_dir, self.out, self.options = detect_dir, out, options
+
+    def unit(self) -> Unit:
+        files = [self.detect_dir / name for name in ("memorized.parquet", "extracted.parquet", "summary.json")]
+        files += [self.detect_dir.parent / "generations" / "budget.json", self.out]
+        state = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()}
+        return Unit("report", {"files": state, "options": self.options, "out": str(self.out)})
+
+    def units(self, rank: int, world_size: int) -> list[Unit]:
+        return [self.unit()] if rank == 0 else []
+
+    def run(self, units: list[Unit], ctx: StepContext) -> None:
+        write_report(load_run(self.detect_dir), self.out, **self.options)
+        ctx.done(self.unit())  # the state it leaves, the page included
+
+
+def run_report(detect_dir: str | Path, out: str | Path, rank: int = 0, world_size: int = 1, **options) -> Path | None:
+    """Write the report through the executor (on rank 0); returns its path, None on other ranks."""
+    step = WriteReport(Path(detect_dir), Path(out), options)
+    ctx = run_step(step, Path(out).parent, rank=rank, world_size=world_size)
+    return Path(out) if rank == 0 and (ctx.completed or Path(out).is_file()) else None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
 @stage_main("report")
 def main(cfg: DictConfig) -> None:
     options = {
+        "title": str(cfg.title),
         "thumbnails": config_int(cfg, "thumbnails", minimum=0),
         "thumb_size": config_int(cfg, "thumb_size", minimum=1),
         "max_prompts": config_int(cfg, "max_prompts", minimum=0),
     }
-    out = write_report(load_run(cfg.detect_dir, cfg.dedup_dir), cfg.out, title=cfg.title, **options)
-    print(f"report written to {out}")
+    out = run_report(cfg.detect_dir, cfg.out, rank=cfg.rank, world_size=cfg.world_size, **options)
+    if out is None:
+        print(f"report: rank {cfg.rank} has nothing to do; rank 0 writes the report")
+    else:
+        print(f"report written to {out}")
 
 
 if __name__ == "__main__":

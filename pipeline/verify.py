@@ -5,7 +5,7 @@ image is (close to) a training image. Each flagged prompt's clique representativ
 with the near-copy rule's metric (the detector's: tiled L2 by default, see :mod:`pipeline.rule`),
 against candidate training images:
 
-- the duplicate finder's group behind the prompt (``keys`` in ``<run_dir>/dedup/selected.parquet``),
+- the duplicate finder's group behind the prompt (``keys``, carried with it in the prompt tables),
 - plus the ``n_candidates`` nearest training images by embedding, from a faiss index over the
   duplicate finder's embeddings (``<run_dir>/dedup/embeddings/``), when there are some;
 - or, with no duplicate-finder outputs at all (``exhaustive: auto``), every training image,
@@ -35,6 +35,7 @@ from pipeline.data.rejects import RejectLog
 from pipeline.distance import embed_images
 from pipeline.embedders.base import Embedder
 from pipeline.io import atomic_write, is_done, mark_done, marker_path, write_parquet
+from pipeline.layout import normalise_keys
 from pipeline.metrics import Metric, TiledL2
 
 log = logging.getLogger(__name__)
@@ -57,16 +58,12 @@ def _crop_for_display(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return fit_to(image, (max(1, round(height * scale)), max(1, round(width * scale))))
 
 
-def group_candidates(selected: pd.DataFrame | None, prompt_ids: Iterable[str]) -> dict[str, list[str]]:
-    """Training keys of the duplicate group behind each prompt (from ``selected.parquet``)."""
-    out: dict[str, list[str]] = {pid: [] for pid in prompt_ids}
-    if selected is None or "keys" not in selected.columns:
-        return out
-    keys = dict(zip(selected["prompt_id"].astype(str), selected["keys"]))
-    for pid in out:
-        if pid in keys and keys[pid] is not None:
-            out[pid] = [str(k) for k in keys[pid]]
-    return out
+def group_candidates(prompts: pd.DataFrame) -> dict[str, list[str]]:
+    """Training keys of the duplicate group behind each prompt: the ``keys`` column of a prompt
+    table (:mod:`pipeline.layout`), carried with the prompt from the duplicate finder; empty
+    for prompts that came without (a prompt list of captions, another tool's folder)."""
+    keys = prompts["keys"] if "keys" in prompts.columns else [None] * len(prompts)
+    return {str(pid): normalise_keys(group) or [] for pid, group in zip(prompts["prompt_id"], keys)}
 
 
 class EmbeddingIndex:
@@ -209,14 +206,17 @@ def run_verify(
 
     Args:
         data: the training set, as a ``data`` config (``format``, ``path``, reader options).
-        dedup_dir: the duplicate finder's output folder (``selected.parquet``, ``embeddings/``).
+        memorized: the detector's prompt table; a prompt's ``keys`` (its duplicate group,
+            carried from the duplicate finder) are its first candidates.
+        dedup_dir: the duplicate finder's output folder, whose ``embeddings/`` give each
+            prompt its nearest training images.
         embedder_factory: called (once, if needed) for the embedder of the dedup embeddings.
         n_candidates: nearest training images by embedding added to each prompt's candidates.
         delta: a representative at most this far from a training image is an extraction.
         metric: the distance (:mod:`pipeline.metrics`): the detector's near-copy rule's
             metric; default tiled L2 on a 4 x 4 grid.
         exhaustive: ``True`` compares against every training image; ``"auto"`` does so only
-            when ``dedup_dir`` offers no candidates (no ``selected.parquet``, no embeddings).
+            when nothing offers candidates (no prompt has ``keys``, no embeddings).
     """
     out_dir, generations_dir = Path(out_dir), Path(generations_dir)
     if exhaustive not in (True, False, "auto"):
@@ -227,6 +227,7 @@ def run_verify(
         "data": {k: str(v) for k, v in data.items()}, "dedup_dir": str(dedup_dir),
         "n_candidates": n_candidates, "delta": delta, "exhaustive": exhaustive, "metric": metric.describe(),
         "representatives": dict(zip(flagged["prompt_id"], flagged["representative_file"])),
+        "groups": group_candidates(flagged),
     }  # fmt: skip
     target = out_dir / "extracted.parquet"
     if is_done(out_dir, "verify") and target.exists():
@@ -245,9 +246,8 @@ def run_verify(
             rejects.add(row.prompt_id, str(path), f"unreadable representative sample: {err}")
 
     dedup_dir = Path(dedup_dir) if dedup_dir is not None else None
-    selected_path = dedup_dir / "selected.parquet" if dedup_dir is not None else None
-    selected = pd.read_parquet(selected_path) if selected_path is not None and selected_path.exists() else None
-    candidates = group_candidates(selected, prompt_ids)
+    candidates = group_candidates(flagged)
+    has_groups = any(candidates.values())
     index = EmbeddingIndex.load(dedup_dir / "embeddings") if dedup_dir is not None else None
     if index is not None and representatives and n_candidates > 0:
         embedder = embedder_factory() if embedder_factory is not None else None
@@ -258,7 +258,7 @@ def run_verify(
             nearest = index.search(embed_images([representatives[p] for p in ids], embedder), n_candidates)
             for pid, keys in zip(ids, nearest):
                 candidates[pid] = list(dict.fromkeys(candidates[pid] + keys))
-    scan_all = exhaustive is True or (exhaustive == "auto" and selected is None and index is None)
+    scan_all = exhaustive is True or (exhaustive == "auto" and not has_groups and index is None)
 
     best = _BestMatch(prompt_ids)
     if scan_all:

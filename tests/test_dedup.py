@@ -282,6 +282,31 @@ def test_sharded_phases_give_the_same_groups(small_demo, small_run, tmp_path):
         run_dedup(out, settings, phase="all", **common)
 
 
+def test_world_size_does_not_change_groups_or_selection(small_demo, small_run, tmp_path):
+    """Records split over 2 ranks (record i on rank i % 2) and read back rank by rank give the
+    same groups.parquet and selected.parquet as one process, ties between equal-size groups
+    included: 24 groups with min_group_size=1 select the 9 duplicate groups, then singletons."""
+    embedder = ThumbnailEmbedder()
+    settings = DedupSettings(threshold=embedder.threshold, top_k=24, min_group_size=1)
+    single = tmp_path / "single"
+    shutil.copytree(small_run[0], single)  # embedded and searched already: only the grouping is redone
+    one = run_dedup(single, settings, data=files_data(small_demo), embedder=embedder, progress=False)
+    sharded = tmp_path / "sharded"
+    common = dict(data=files_data(small_demo), embedder=embedder, world_size=2, progress=False)
+    summaries = [run_dedup(sharded, settings, phase=phase, rank=rank, **common)
+                 for phase in ("embed", "index", "search", "group") for rank in (0, 1)]  # fmt: skip
+    two = summaries[-2]  # group on rank 0
+    assert one["selected"] == 24 and one["duplicate_groups"] == 9
+    for name in ("groups.parquet", "selected.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(sharded / name), pd.read_parquet(single / name), obj=name)
+    assert two["largest_groups"] == one["largest_groups"]
+    # Groups of equal size are ranked by their smallest key; the records are listed by key.
+    groups = pd.read_parquet(single / "groups.parquet")
+    assert groups["key"].is_monotonic_increasing
+    firsts = groups.groupby("group_id").agg(size=("group_size", "first"), first=("key", "min"))
+    assert firsts.sort_values(["size", "first"], ascending=[False, True]).index.tolist() == firsts.index.tolist()
+
+
 def test_precomputed_embeddings_give_the_same_groups(small_run, tmp_path):
     source, _ = small_run
     out = tmp_path / "dedup"

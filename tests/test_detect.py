@@ -102,6 +102,10 @@ def build_run(root: Path, seed: int = 0, table: bool = True, selected: bool = Tr
         ]  # fmt: skip
         (run_dir / "dedup").mkdir(parents=True)
         pd.DataFrame(rows).to_parquet(run_dir / "dedup" / "selected.parquet")
+        if table:  # as the generator does, the prompt table carries each prompt's group forward
+            generated = pd.read_parquet(run_dir / "generations" / "prompts.parquet")
+            carried = pd.DataFrame(rows)[["prompt_id", "dup_count", "keys"]]
+            generated.merge(carried, on="prompt_id", how="left").to_parquet(run_dir / "generations" / "prompts.parquet")
     return {"run_dir": run_dir, "train": train, "planted_at": planted_at, "originals": originals}
 
 
@@ -346,7 +350,7 @@ def test_verification_finds_the_training_image_among_the_group(run):
 
 
 def test_verification_scans_everything_without_dedup_outputs(run):
-    memorized = detect(run, min_clique=9)
+    memorized = detect(run, min_clique=9).assign(keys=None)  # prompts that came without their groups
     extracted = verify(run, memorized, dedup_dir=run["run_dir"] / "no-dedup-here").set_index("prompt_id")
     assert extracted["train_key"].to_dict() == ORIGINAL_KEY
     assert extracted["extracted"].all()
@@ -354,7 +358,7 @@ def test_verification_scans_everything_without_dedup_outputs(run):
 
 
 def test_verification_uses_the_embedding_index(run):
-    memorized = detect(run)
+    memorized = detect(run).assign(keys=None)  # no duplicate group: the index alone gives candidates
     embedder = CentredPixels()
     dedup = run["run_dir"] / "dedup2"
     records = sorted(p.relative_to(run["train"]).with_suffix("").as_posix() for p in run["train"].rglob("*.jpg"))

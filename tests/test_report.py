@@ -39,7 +39,7 @@ def image_sources(html: str) -> list[str]:
 
 def test_report_is_self_contained_and_escapes_captions(tmp_path):
     run_dir = audited_run(tmp_path)
-    out = write_report(load_run(run_dir / "detect", run_dir / "dedup"), run_dir / "report" / "index.html", title="Audit <b>x</b>")
+    out = write_report(load_run(run_dir / "detect"), run_dir / "report" / "index.html", title="Audit <b>x</b>")
     html = out.read_text(encoding="utf-8")
 
     # The caption holds a <script> tag: it must come out as text.
@@ -67,7 +67,7 @@ def test_report_is_self_contained_and_escapes_captions(tmp_path):
 
 def test_rates_by_duplicate_count(tmp_path):
     run_dir = audited_run(tmp_path)
-    rates = rates_by_duplicates(load_run(run_dir / "detect", run_dir / "dedup"))
+    rates = rates_by_duplicates(load_run(run_dir / "detect"))
     assert rates["bin"].tolist() == ["1", "10", "40"]
     assert rates["prompts"].tolist() == [1, 1, 1]
     assert rates["flag_rate"].tolist() == [0, 0, 1] and rates["extraction_rate"].tolist() == [0, 0, 1]
@@ -86,7 +86,9 @@ def test_rates_by_duplicate_count(tmp_path):
 
 def test_report_without_verification_or_duplicate_counts(tmp_path):
     run_dir = audited_run(tmp_path, verified=False)
-    html = write_report(load_run(run_dir / "detect", tmp_path / "no-dedup"), tmp_path / "r.html", title="t").read_text()
+    memorized_path = run_dir / "detect" / "memorized.parquet"
+    pd.read_parquet(memorized_path).assign(dup_count=None).to_parquet(memorized_path)  # prompts of unknown duplication
+    html = write_report(load_run(run_dir / "detect"), tmp_path / "r.html", title="t").read_text()
     assert "not verified" in html and "so no plot" in html
     assert len(image_sources(html)) == 6
     with pytest.raises(FileNotFoundError, match="pipeline.detect"):
@@ -97,7 +99,7 @@ def test_report_when_nothing_is_flagged(tmp_path):
     run_dir = audited_run(tmp_path, min_clique=13)
     extracted = pd.read_parquet(run_dir / "detect" / "extracted.parquet")
     assert extracted.empty and list(extracted.columns)[:5] == ["prompt_id", "sample", "sample_file", "train_key", "distance"]
-    html = write_report(load_run(run_dir / "detect", run_dir / "dedup"), tmp_path / "r.html", title="t").read_text()
+    html = write_report(load_run(run_dir / "detect"), tmp_path / "r.html", title="t").read_text()
     assert "No prompt was flagged." in html and "0 of 0 flagged" in html
     assert len(image_sources(html)) == 1  # the plot only
 
@@ -106,7 +108,7 @@ def test_stale_verification_is_not_shown(tmp_path, caplog):
     run_dir = audited_run(tmp_path)
     # Detection rerun with other settings, without verifying again.
     run_detect(run_dir / "generations", run_dir / "detect", NearCopyRule(threshold=0.005), progress=False)
-    results = load_run(run_dir / "detect", run_dir / "dedup")
+    results = load_run(run_dir / "detect")
     assert results.extracted is not None and results.extracted.empty
     assert "does not match" in caplog.text
 

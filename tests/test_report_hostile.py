@@ -40,7 +40,7 @@ def report_with(run_dir: Path, tmp_path: Path, caption: str, prompt_id: str = "0
     memorized.to_parquet(detect / "memorized.parquet")
     extracted.to_parquet(detect / "extracted.parquet")
     (detect / "matches" / "00000.png").rename(detect / "matches" / f"{prompt_id}.png")
-    out = write_report(load_run(detect, run_dir / "dedup"), tmp_path / "index.html", title="t")
+    out = write_report(load_run(detect), tmp_path / "index.html", title="t")
     return out.read_text(encoding="utf-8")
 
 

@@ -1,0 +1,159 @@
+"""The stage executor: what every stage shares once it says what its work is.
+
+A stage (in datatrove's shape) says which *units* of work shard ``rank`` of ``world_size``
+owns (a data shard, a prompt, a phase run once) and how to do them; the executor owns the
+rest, the same way for every stage, locally or as one SLURM array task per rank:
+
+* **completion markers**: ``<out_dir>/.done/<unit>.json``, written after the unit's outputs,
+  holding a digest of the settings that decide its result. A unit whose marker carries the
+  same digest is skipped (logged); a changed setting redoes exactly the units it decides.
+* **rejects**: one ``<out_dir>/rejects/rejects_<rank>.jsonl`` per rank (processes of an array
+  never append to the same file), listing each rejected record once across reruns.
+* **stats**: ``<out_dir>/stats/<step>_<rank>.json``: units done and skipped, records rejected
+  by reason, seconds.
+
+    class Embed:
+        name = "embed"
+        def units(self, rank, world_size): return [Unit(f"embed_{rank}", {...})]
+        def run(self, units, ctx): ...; ctx.done(unit, {"rows": n})
+
+    run_step(Embed(), out_dir, rank=rank, world_size=world_size)
+
+Errors in the entry point go through :func:`pipeline.cli.stage_main` (one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.data.rejects import RejectLog
+from pipeline.data.sharding import check_shard
+from pipeline.io import atomic_write, marker_path, unsafe_name, write_json
+
+log = logging.getLogger(__name__)
+
+
+def settings_digest(settings: Any) -> str:
+    """A short, stable digest of JSON-able ``settings`` (key order does not matter)."""
+    canonical = json.dumps(settings, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha1(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of a stage's work: its marker ``name`` (a plain file name) and the
+    ``settings`` that decide its result (JSON-able; stored in the marker with their digest)."""
+
+    name: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        problem = unsafe_name(self.name)
+        if problem:
+            raise ValueError(f"unit name {ascii(self.name)} cannot name a marker file: it {problem}")
+
+    @property
+    def digest(self) -> str:
+        return settings_digest(dict(self.settings))
+
+
+class Step(Protocol):
+    """What a stage (or one phase of it) tells the executor."""
+
+    name: str
+
+    def units(self, rank: int, world_size: int) -> Sequence[Unit]:
+        """The units shard ``rank`` of ``world_size`` owns; every unit belongs to exactly one rank."""
+
+    def run(self, units: Sequence[Unit], ctx: StepContext) -> None:
+        """Do ``units`` (those not done yet), calling ``ctx.done(unit, info)`` as each one is complete."""
+
+
+class StepContext:
+    """What a running step is given: where it writes, its rejects, and how it marks units done."""
+
+    def __init__(self, out_dir: Path, step: str, rank: int, world_size: int, progress: bool = True):
+        self.out_dir = out_dir
+        self.step = step
+        self.rank = rank
+        self.world_size = world_size
+        self.progress = progress
+        self.rejects = RejectLog(out_dir / "rejects" / f"rejects_{rank}.jsonl", once=True)
+        self.completed = 0
+
+    def is_done(self, unit: Unit) -> bool:
+        """The unit has a marker written with the same settings."""
+        info = read_marker(self.out_dir, unit.name)
+        return info is not None and info.get("digest") == unit.digest
+
+    def done(self, unit: Unit, info: Mapping[str, Any] | None = None) -> None:
+        """Mark ``unit`` complete; call it after the unit's outputs are written."""
+        write_json({**dict(info or {}), "settings": dict(unit.settings), "digest": unit.digest}, marker_path(self.out_dir, unit.name))
+        self.completed += 1
+
+
+def read_marker(out_dir: str | Path, name: str) -> dict | None:
+    """A unit's marker as written by :meth:`StepContext.done`, or None (absent or unreadable)."""
+    path = marker_path(out_dir, name)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def all_done(out_dir: str | Path, units: Iterable[Unit]) -> bool:
+    """Every one of ``units`` (e.g. all ranks' units) has a current marker."""
+    return all((read_marker(out_dir, u.name) or {}).get("digest") == u.digest for u in units)
+
+
+def run_step(step: Step, out_dir: str | Path, rank: int = 0, world_size: int = 1, progress: bool = True) -> StepContext:
+    """Run shard ``rank`` of ``world_size`` of ``step``: skip the units already done with the
+    same settings, run the others, write this rank's stats. Returns the context (its
+    ``rejects`` and counts) for the stage's own summary."""
+    rank, world_size = check_shard(rank, world_size)
+    out_dir = Path(out_dir)
+    ctx = StepContext(out_dir, step.name, rank, world_size, progress)
+    units = list(step.units(rank, world_size))
+    todo = [unit for unit in units if not ctx.is_done(unit)]
+    if len(todo) < len(units):
+        log.info("%s [rank %d/%d]: %d of %d units already done with the same settings, skipped",
+                 step.name, rank, world_size, len(units) - len(todo), len(units))
+    started = time.perf_counter()
+    if todo:
+        step.run(todo, ctx)
+    seconds = time.perf_counter() - started
+    unfinished = [unit.name for unit in todo if not ctx.is_done(unit)]
+    write_json(
+        {
+            "step": step.name, "rank": rank, "world_size": world_size, "units": len(units),
+            "skipped": len(units) - len(todo), "done": ctx.completed, "unfinished": unfinished[:100],
+            "rejected": len(ctx.rejects), "rejected_by_reason": ctx.rejects.counts(), "seconds": round(seconds, 3),
+        },
+        out_dir / "stats" / f"{step.name}_{rank}.json",
+    )  # fmt: skip
+    if len(ctx.rejects):
+        log.warning("%s [rank %d/%d]: %s", step.name, rank, world_size, ctx.rejects.summary())
+    return ctx
+
+
+def merge_rejects(rejects_dir: str | Path, out: str | Path) -> int:
+    """Concatenate every rank's ``rejects_<rank>.jsonl`` of ``rejects_dir`` into ``out``
+    (atomically); returns the number of records rejected (an entry's ``count``, else 1)."""
+    files = sorted(Path(rejects_dir).glob("rejects_*.jsonl"), key=lambda p: int(p.stem.rsplit("_", 1)[1]) if p.stem.rsplit("_", 1)[1].isdigit() else -1)
+    lines = [line for path in files for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    records = 0
+    for line in lines:
+        try:
+            records += int(json.loads(line).get("count", 1))
+        except (ValueError, AttributeError, TypeError):
+            records += 1
+    text = "".join(line + "\n" for line in lines)
+    atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return records

@@ -1,0 +1,152 @@
+"""The run directory: where every artifact of an audit lives, and the prompt table they share.
+
+One audit is one run directory (``outputs/<run_name>`` by default, ``paths.run_dir``)::
+
+    dedup/        selected.parquet (prompt table), groups.parquet, embeddings/, summary.json
+    prescreen/    prescreen.parquet (scores), selected.parquet (prompt table), summary.json
+    generations/  <prompt_id>/<index>.png, prompts.parquet (prompt table + recipe), budget.json
+    detect/       memorized.parquet (prompt table + verdict), extracted.parquet, matches/, summary.json
+    report/       index.html
+
+Every stage's folder also holds its executor's files (:mod:`pipeline.executor`): ``.done/``
+markers, ``rejects/`` per rank (merged into ``rejects.jsonl``) and ``stats/``.
+
+**The prompt table** is the contract between the stages: each stage reads the table the stage
+before it wrote and writes its own with the same first columns, so what the duplicate finder
+knew about a caption travels with it by ``prompt_id``, never by position:
+
+* ``prompt_id`` (str): a plain file name (:func:`pipeline.io.unsafe_name`), unique;
+* ``caption`` (str);
+* ``dup_count`` (nullable int): copies of the caption's image in the training set;
+* ``keys`` (nullable list of str): the training records of its duplicate group.
+
+Stages add their own columns after these (a score, a recipe, a verdict).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipeline.io import write_parquet
+
+PROMPT_COLUMNS = ("prompt_id", "caption", "dup_count", "keys")
+PROMPT_SCHEMA = pa.schema(
+    [("prompt_id", pa.string()), ("caption", pa.string()), ("dup_count", pa.int64()), ("keys", pa.list_(pa.string()))]
+)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run directory's artifacts (see the module docstring)."""
+
+    run_dir: Path
+
+    @classmethod
+    def of(cls, run_dir: str | Path) -> RunLayout:
+        return cls(Path(run_dir))
+
+    # Stage folders
+    @property
+    def dedup_dir(self) -> Path:
+        return self.run_dir / "dedup"
+
+    @property
+    def prescreen_dir(self) -> Path:
+        return self.run_dir / "prescreen"
+
+    @property
+    def generations_dir(self) -> Path:
+        return self.run_dir / "generations"
+
+    @property
+    def detect_dir(self) -> Path:
+        return self.run_dir / "detect"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.run_dir / "report"
+
+    # Artifacts
+    @property
+    def dedup_selected(self) -> Path:
+        return self.dedup_dir / "selected.parquet"
+
+    @property
+    def prescreen_selected(self) -> Path:
+        return self.prescreen_dir / "selected.parquet"
+
+    @property
+    def generations_prompts(self) -> Path:
+        return self.generations_dir / "prompts.parquet"
+
+    @property
+    def memorized(self) -> Path:
+        return self.detect_dir / "memorized.parquet"
+
+    @property
+    def extracted(self) -> Path:
+        return self.detect_dir / "extracted.parquet"
+
+    @property
+    def report_html(self) -> Path:
+        return self.report_dir / "index.html"
+
+
+def _missing(value: Any) -> bool:
+    """A null scalar (None, NaN, pd.NA); a list or array is never missing."""
+    return value is None or (np.ndim(value) == 0 and not isinstance(value, str) and bool(pd.isna(value)))
+
+
+def normalise_keys(value: Any) -> list[str] | None:
+    """A ``keys`` cell as a list of str, or None where the table has none (null, NaN, absent)."""
+    if _missing(value):
+        return None
+    if isinstance(value, str):
+        return [value]
+    return [str(key) for key in value]
+
+
+def normalise_dup_count(value: Any) -> int | None:
+    """A ``dup_count`` cell as an int, or None where it is unknown."""
+    return None if _missing(value) else int(value)
+
+
+def prompt_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with the prompt table's columns first, typed (absent ones filled with nulls),
+    then its other columns in their order."""
+    out = frame.copy()
+    out["prompt_id"] = out["prompt_id"].astype(str)
+    out["caption"] = out["caption"].fillna("").astype(str) if "caption" in out else ""
+    counts = out["dup_count"] if "dup_count" in out else [None] * len(out)
+    out["dup_count"] = pd.array([normalise_dup_count(v) for v in counts], dtype="Int64")
+    keys = out["keys"] if "keys" in out else [None] * len(out)
+    out["keys"] = pd.Series([normalise_keys(v) for v in keys], index=out.index, dtype=object)
+    rest = [c for c in out.columns if c not in PROMPT_COLUMNS]
+    return out[list(PROMPT_COLUMNS) + rest]
+
+
+def write_prompt_table(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write a prompt table (its first columns typed as :data:`PROMPT_SCHEMA`) atomically."""
+    return write_parquet(prompt_columns(frame), path)
+
+
+def read_prompt_table(path: str | Path) -> pd.DataFrame:
+    """A prompt table as written by :func:`write_prompt_table` (or by an older run: columns it
+    lacks come back null)."""
+    return prompt_columns(pd.read_parquet(path))
+
+
+def carried(frame: pd.DataFrame) -> Mapping[str, dict[str, Any]]:
+    """``{prompt_id: {"dup_count": ..., "keys": ...}}``: what a stage carries forward per prompt."""
+    table = prompt_columns(frame)
+    return {
+        pid: {"dup_count": normalise_dup_count(count), "keys": normalise_keys(keys)}
+        for pid, count, keys in zip(table["prompt_id"], table["dup_count"], table["keys"])
+    }

@@ -1,0 +1,42 @@
+"""The prompt table carries what the duplicate finder knew about a caption by prompt id, from
+stage to stage; no stage looks it up in another stage's files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pipeline.detect import run_detect
+from pipeline.layout import PROMPT_COLUMNS, read_prompt_table, write_prompt_table
+from pipeline.report import load_run
+from pipeline.rule import NearCopyRule
+from pipeline.verify import run_verify
+from tests.test_detect import build_run
+
+
+def test_prompt_table_round_trip(tmp_path):
+    frame = pd.DataFrame({
+        "score": [0.5, 0.1], "prompt_id": ["b", "a"], "caption": ["two", None],
+        "dup_count": [3.0, np.nan], "keys": [np.array(["k1", "k2"]), None],
+    })  # fmt: skip
+    table = read_prompt_table(write_prompt_table(frame, tmp_path / "t.parquet"))
+    assert tuple(table.columns[:4]) == PROMPT_COLUMNS and "score" in table.columns
+    assert table["dup_count"].tolist()[0] == 3 and pd.isna(table["dup_count"].tolist()[1])
+    assert table["keys"].tolist() == [["k1", "k2"], None] and table["caption"].tolist() == ["two", ""]
+
+
+def test_prompts_without_a_group_get_none_from_another_stages_files(tmp_path):
+    """Samples made from a plain list of captions (ids 00000, ...) in a run directory that also
+    holds the duplicate finder's selection for other captions under the same ids: the detector,
+    verification and the report must not give them that selection's counts and training keys."""
+    run = build_run(tmp_path)
+    run_dir = run["run_dir"]
+    table = run_dir / "generations" / "prompts.parquet"
+    pd.read_parquet(table).drop(columns=["dup_count", "keys"]).to_parquet(table)  # as from a .txt list
+    memorized = run_detect(run_dir / "generations", run_dir / "detect", NearCopyRule(min_clique=9), progress=False)
+    assert memorized["dup_count"].isna().all() and memorized["keys"].isna().all()
+    data = {"format": "files", "path": str(run["train"])}
+    extracted = run_verify(memorized, run_dir / "generations", run_dir / "detect", data, dedup_dir=run_dir / "dedup",
+                           exhaustive=False, progress=False)  # fmt: skip
+    assert (extracted["n_candidates"] == 0).all()  # dedup's keys for "00000" belong to another caption
+    assert load_run(run_dir / "detect").dup_counts is None
