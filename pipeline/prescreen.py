@@ -10,8 +10,16 @@ prompts are worth sampling at all.
     python -m pipeline.prescreen experiment=demo          # or: make prescreen
 
 Writes ``<run_dir>/prescreen/prescreen.parquet`` (every prompt, its score and whether it is
-kept) and ``<run_dir>/prescreen/selected.parquet`` (the kept prompts, in the duplicate
-finder's schema, for ``python -m pipeline.generate prompts=<that file>``).
+kept), ``<run_dir>/prescreen/selected.parquet`` (the kept prompts, a prompt table of
+:mod:`pipeline.layout` with their ``keys`` when the prompt list has them, for
+``python -m pipeline.generate prompts=<that file>``) and ``summary.json``.
+
+Runs through the stage executor (:mod:`pipeline.executor`): with ``world_size=N`` (a SLURM array
+or a local multirun) rank ``r`` scores its share of the prompts into
+``prescreen/scores/scores_<r>.parquet`` (marker ``.done/scores_<r>.json``), and whichever rank
+finds every rank's scores done ranks all prompts together (the robust z and the kept set over
+every prompt), so the outputs are those of one process. A rerun with the same settings skips
+the scoring and redoes only that last ranking.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from tqdm import tqdm
 
 from pipeline.budget import prescreen_evaluations
 from pipeline.cli import ConfigError, config_int, config_number, stage_main
-from pipeline.prompts import Prompt
+from pipeline.executor import StepContext, Unit, all_done, read_marker, run_step, settings_digest
+from pipeline.prompts import Prompt, shard_prompts
 from pipeline.text import display_text
 
 log = logging.getLogger(__name__)
@@ -164,27 +173,32 @@ def choose_kept(scores: np.ndarray, settings: PrescreenSettings) -> np.ndarray:
     return keep
 
 
+def score_prompts(pipe, prompts: list[Prompt], settings: PrescreenSettings, progress: bool = True) -> pd.DataFrame:
+    """The raw scores of ``prompts``, in their order: prompt_id, caption, dup_count, score
+    (mean over seeds), score_std. What one rank computes and :func:`rank_scores` ranks."""
+    per_seed = text_conditional_noise_norm(pipe, [p.caption for p in prompts], settings, progress)
+    return score_table(prompts, per_seed.mean(axis=1), per_seed.std(axis=1))
+
+
+def rank_scores(table: pd.DataFrame, settings: PrescreenSettings) -> pd.DataFrame:
+    """``table`` (:func:`score_prompts`' columns, in the prompt list's order) with robust_z
+    (:func:`robust_z` of the score over every row), kept (:func:`choose_kept`) and rank
+    (0 = highest), highest score first (ties in the prompt list's order)."""
+    table = table.copy()
+    table["robust_z"] = robust_z(table.score.to_numpy())
+    table["kept"] = choose_kept(table.score.to_numpy(), settings)
+    table = table.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    table["rank"] = np.arange(len(table))
+    return table
+
+
 def prescreen(pipe, prompts: list[Prompt], settings: PrescreenSettings, progress: bool = True) -> pd.DataFrame:
     """Score and rank ``prompts``; one row per prompt, highest score first.
 
     Columns: prompt_id, caption, dup_count, score (mean over seeds), score_std, robust_z
     (:func:`robust_z` of the score), rank (0 = highest), kept.
     """
-    per_seed = text_conditional_noise_norm(pipe, [p.caption for p in prompts], settings, progress)
-    table = pd.DataFrame(
-        {
-            "prompt_id": [p.prompt_id for p in prompts],
-            "caption": [p.caption for p in prompts],
-            "dup_count": pd.array([p.dup_count for p in prompts], dtype="Int64"),
-            "score": per_seed.mean(axis=1),
-            "score_std": per_seed.std(axis=1),
-        }
-    )
-    table["robust_z"] = robust_z(table.score.to_numpy())
-    table["kept"] = choose_kept(table.score.to_numpy(), settings)
-    table = table.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
-    table["rank"] = np.arange(len(table))
-    return table
+    return rank_scores(score_prompts(pipe, prompts, settings, progress), settings)
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -250,57 +264,176 @@ def load_prescreen_model(cfg):
     return load_model(cfg.model, make_runtime(device, cfg.dtype, fuse_qkv=False), device=device)
 
 
-def run(cfg) -> pd.DataFrame:
-    """Everything ``python -m pipeline.prescreen`` does, from a composed config; returns the table.
+# The settings that decide a prompt's score (not which prompts are kept: changing those redoes
+# only the finish).
+SCORE_SETTINGS = ("seeds", "steps", "batch_size", "base_seed", "height", "width")
 
-    The config is read first, so that a wrong value is reported (a ConfigError naming its key)
-    before any file is read or the model loaded.
-    """
+
+def prompts_digest(prompts: list[Prompt]) -> str:
+    """A digest of the prompt ids and captions a unit scores, in order (for its marker)."""
+    return settings_digest([[p.prompt_id, p.caption] for p in prompts])
+
+
+class ScorePrompts:
+    """The prescreen's scoring step for :func:`pipeline.executor.run_step`: rank ``r`` of
+    ``world_size`` owns one unit, ``scores_<r>``, the prompts ``r, r + world_size, ...`` of the
+    list (:func:`pipeline.prompts.shard_prompts`), and writes their raw scores to
+    ``<out_dir>/scores/scores_<r>.parquet`` (:func:`score_prompts`' columns). Its settings:
+    the model config, the device and dtype, the scoring settings and a digest of the prompt ids
+    and captions it scores; its marker also records how many UNet evaluations and seconds the
+    scoring took (summed into ``summary.json``)."""
+
+    name = "prescreen"
+
+    def __init__(self, cfg, prompts: list[Prompt], settings: PrescreenSettings, progress: bool = True):
+        from omegaconf import OmegaConf
+
+        self.cfg = cfg
+        self.prompts = prompts
+        self.settings = settings
+        self.progress = progress
+        self.base = {
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "device": str(cfg.device),
+            "dtype": str(cfg.dtype),
+            "prescreen": {name: getattr(settings, name) for name in SCORE_SETTINGS},
+        }
+        self._shares: dict[tuple[int, int], list[Prompt]] = {}
+
+    def share(self, rank: int, world_size: int) -> list[Prompt]:
+        key = (rank, world_size)
+        if key not in self._shares:
+            self._shares[key] = shard_prompts(self.prompts, rank, world_size)
+        return self._shares[key]
+
+    def units(self, rank: int, world_size: int) -> list[Unit]:
+        share = self.share(rank, world_size)
+        settings = {**self.base, "rank": rank, "world_size": world_size, "prompts": len(share), "prompt_ids": prompts_digest(share)}
+        return [Unit(f"scores_{rank}", settings)]
+
+    def run(self, units, ctx: StepContext) -> None:
+        from pipeline.io import write_parquet
+
+        share = self.share(ctx.rank, ctx.world_size)
+        pipe = load_prescreen_model(self.cfg) if share else None  # a rank with no prompt loads nothing
+        for unit in units:
+            started = time.perf_counter()
+            scores = score_prompts(pipe, share, self.settings, self.progress) if share else score_table([])
+            seconds = time.perf_counter() - started
+            write_parquet(scores, scores_path(ctx.out_dir, ctx.rank))
+            evaluations = unet_evaluations(len(share), self.settings)
+            ctx.done(unit, {"prompts": len(share), "unet_evaluations": evaluations, "seconds": round(seconds, 2)})
+
+
+def score_table(prompts: list[Prompt], score=None, score_std=None) -> pd.DataFrame:
+    """:func:`score_prompts`' table for ``prompts`` with the given scores (zeros where None)."""
+    return pd.DataFrame(
+        {
+            "prompt_id": pd.Series([p.prompt_id for p in prompts], dtype=str),
+            "caption": pd.Series([p.caption for p in prompts], dtype=str),
+            "dup_count": pd.array([p.dup_count for p in prompts], dtype="Int64"),
+            "score": np.zeros(len(prompts)) if score is None else np.asarray(score, dtype=np.float64),
+            "score_std": np.zeros(len(prompts)) if score_std is None else np.asarray(score_std, dtype=np.float64),
+        }
+    )
+
+
+def scores_path(out_dir: str | Path, rank: int) -> Path:
+    return Path(out_dir) / "scores" / f"scores_{rank}.parquet"
+
+
+def merged_scores(out_dir: Path, prompts: list[Prompt], world_size: int) -> pd.DataFrame:
+    """Every rank's raw scores as one table in the prompt list's order (as one process scores
+    them), checked to hold each prompt exactly once."""
+    frames = [pd.read_parquet(scores_path(out_dir, rank), columns=["prompt_id", "score", "score_std"]) for rank in range(world_size)]
+    scores = pd.concat(frames, ignore_index=True)
+    scores["prompt_id"] = scores["prompt_id"].astype(str)
+    ids = [p.prompt_id for p in prompts]
+    if len(scores) != len(ids) or scores["prompt_id"].duplicated().any() or set(scores["prompt_id"]) != set(ids):
+        raise ValueError(  # one line, exit 2 (pipeline.cli.stage_main)
+            f"the scores under {out_dir / 'scores'} do not hold each of the {len(ids)} prompts once "
+            f"({len(scores)} rows): another run may be writing there; rerun to rescore"
+        )
+    by_id = scores.set_index("prompt_id")
+    return score_table(prompts, by_id.loc[ids, "score"].to_numpy(), by_id.loc[ids, "score_std"].to_numpy())
+
+
+def finish(cfg, step: ScorePrompts, out_dir: Path, world_size: int, heavy_dup_count: int) -> pd.DataFrame:
+    """Rank every rank's scores together and write ``prescreen.parquet``, ``selected.parquet``
+    and ``summary.json`` (atomically; the same content whichever rank writes them, so two ranks
+    finishing together is harmless). Returns the prescreen table."""
     from omegaconf import OmegaConf
 
-    from pipeline.data.sharding import check_shard
     from pipeline.io import write_json, write_parquet
-    from pipeline.prompts import read_prompts, shard_prompts
+    from pipeline.layout import write_prompt_table
 
-    settings = settings_from_config(cfg)
-    heavy_dup_count = config_int(cfg, "heavy_dup_count")
-    rank, world_size = check_shard(cfg.rank, cfg.world_size)
-    out_dir = Path(cfg.run_dir) / "prescreen"
-    prompts_path = cfg.prompts or str(Path(cfg.run_dir) / "dedup" / "selected.parquet")
-    prompts = shard_prompts(read_prompts(prompts_path), rank, world_size)
-    pipe = load_prescreen_model(cfg)
-    started = time.perf_counter()
-    table = prescreen(pipe, prompts, settings)
-    seconds = time.perf_counter() - started
-    suffix = "" if world_size == 1 else f"_{rank:05d}"
-    write_parquet(table, out_dir / f"prescreen{suffix}.parquet")
+    settings = step.settings
+    table = rank_scores(merged_scores(out_dir, step.prompts, world_size), settings)
+    write_parquet(table, out_dir / "prescreen.parquet")
     kept = table[table.kept].sort_values("rank")
-    selected = kept[["prompt_id", "caption", "dup_count", "score"]]
-    write_parquet(selected, out_dir / f"selected{suffix}.parquet")
+    selected = kept[["prompt_id", "caption", "dup_count", "score"]].copy()
+    keys = {p.prompt_id: p.keys for p in step.prompts}  # the duplicate group's training records, when listed
+    selected["keys"] = pd.Series([keys[pid] for pid in selected["prompt_id"]], index=selected.index, dtype=object)
+    write_prompt_table(selected, out_dir / "selected.parquet")
+    markers = [read_marker(out_dir, unit.name) or {} for rank in range(world_size) for unit in step.units(rank, world_size)]
     summary = {
         "prompts": len(table),
         "kept": int(table.kept.sum()),
-        "unet_evaluations": unet_evaluations(len(table), settings),
-        "seconds": round(seconds, 2),
+        "unet_evaluations": int(sum(m.get("unet_evaluations", 0) for m in markers)),
+        "seconds": round(sum(m.get("seconds", 0.0) for m in markers), 2),
         "model": cfg.model.path,
         "settings": OmegaConf.to_container(cfg.prescreen, resolve=True),
     }
+    if world_size > 1:
+        summary["world_size"] = world_size
     aucs = heavy_prompt_aucs(table.score.to_numpy(), table.dup_count.to_numpy(dtype=float, na_value=np.nan), heavy_dup_count)
     summary.update({f"roc_auc_{name}": value for name, value in aucs.items() if not np.isnan(value)})
-    write_json(summary, out_dir / f"summary{suffix}.json")
+    write_json(summary, out_dir / "summary.json")
     shown = table.head(15)[["rank", "prompt_id", "dup_count", "score", "robust_z", "kept", "caption"]].copy()
     shown["prompt_id"] = shown["prompt_id"].map(lambda v: display_text(v, 20))  # untrusted: bounded, no controls
     shown["caption"] = shown["caption"].map(lambda v: display_text(v, 60))
     print(shown.to_string(index=False))
     print(
         f"prescreen: {summary['kept']} of {summary['prompts']} prompts kept, "
-        f"{summary['unet_evaluations']} UNet evaluations in {seconds:.1f} s"
+        f"{summary['unet_evaluations']} UNet evaluations in {summary['seconds']:.1f} s"
         + (f", ROC AUC of dup_count >= {heavy_dup_count} vs singletons {summary['roc_auc_heavy_vs_singletons']:.3f}"
            if "roc_auc_heavy_vs_singletons" in summary else "")
         + (f" (vs every other prompt {summary['roc_auc_heavy_vs_rest']:.3f})" if "roc_auc_heavy_vs_rest" in summary else "")
-    )
-    print(f"written {out_dir / f'prescreen{suffix}.parquet'}; generate from {out_dir / f'selected{suffix}.parquet'}")
+    )  # fmt: skip
+    print(f"written {out_dir / 'prescreen.parquet'}; generate from {out_dir / 'selected.parquet'}")
     return table
+
+
+def run(cfg) -> pd.DataFrame | None:
+    """Everything ``python -m pipeline.prescreen`` does, from a composed config.
+
+    Rank ``rank`` of ``world_size`` scores its share of the prompts through the stage executor
+    (:class:`ScorePrompts`; skipped when its marker holds the same settings); the rank that
+    finds every rank's scores done (any rank with ``world_size=1``) ranks all prompts together
+    and writes the stage's outputs (:func:`finish`), so a SLURM array or a local multirun gives
+    what one process gives. Returns the prescreen table, or None where this rank did not finish.
+
+    The config is read first, so that a wrong value is reported (a ConfigError naming its key)
+    before any file is read or the model loaded.
+    """
+    from pipeline.data.sharding import check_shard
+    from pipeline.prompts import read_prompts
+
+    settings = settings_from_config(cfg)
+    choose_kept(np.zeros(0), settings)  # a keep rule that cannot work ends the run before any scoring
+    heavy_dup_count = config_int(cfg, "heavy_dup_count")
+    rank, world_size = check_shard(cfg.rank, cfg.world_size)
+    out_dir = Path(cfg.run_dir) / "prescreen"
+    prompts_path = cfg.prompts or str(Path(cfg.run_dir) / "dedup" / "selected.parquet")
+    step = ScorePrompts(cfg, read_prompts(prompts_path), settings)
+    run_step(step, out_dir, rank=rank, world_size=world_size)
+    every_unit = [unit for r in range(world_size) for unit in step.units(r, world_size)]
+    if not all_done(out_dir, every_unit):
+        waiting = [unit.name for unit in every_unit if (read_marker(out_dir, unit.name) or {}).get("digest") != unit.digest]
+        print(f"prescreen [rank {rank}/{world_size}]: scores written; the rank that finishes last ranks every prompt "
+              f"(waiting for {', '.join(waiting[:10])}{', ...' if len(waiting) > 10 else ''})")  # fmt: skip
+        return None
+    return finish(cfg, step, out_dir, world_size, heavy_dup_count)
 
 
 def main() -> None:

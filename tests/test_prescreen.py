@@ -1,5 +1,7 @@
 """The first-step prescreen score (Wen et al.) on the shipped demo model."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -110,3 +112,68 @@ def test_robust_z_keeps_the_outliers_of_a_bulk():
     # Ties: more than half equal falls back to the mean deviation; all equal gives zeros.
     assert robust_z(np.array([1.0, 1.0, 1.0, 5.0]))[-1] > 0
     assert not robust_z(np.full(4, 2.0)).any()
+
+
+def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch):
+    """world_size=2, run as rank 0 then rank 1, writes one prescreen.parquet and selected.parquet
+    over every prompt (robust z and kept set over all of them), as world_size=1 does; a rerun
+    skips the scoring and redoes only the ranking."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline import prescreen as stage
+    from pipeline.executor import read_marker
+
+    from .conftest import REPO
+
+    captions = ["zubrak melino", "tesh vorla", "quen dasso", "a red barn in a snowy field", "portrait of a cat",
+                "mill at dusk", "blue door"]  # fmt: skip
+    prompts = pd.DataFrame(
+        {
+            "prompt_id": [f"p{i}" for i in range(len(captions))],
+            "caption": captions,
+            "dup_count": [12, 1, 4, 1, 12, 1, 1],
+            "keys": [[f"k{i}a", f"k{i}b"] for i in range(len(captions))],
+        }
+    )
+    prompts_path = tmp_path / "prompts.parquet"
+    prompts.to_parquet(prompts_path)
+
+    def run(run_dir, rank, world_size):
+        overrides = [f"run_dir={run_dir}", f"prompts={prompts_path}", f"model.path={SHIPPED_DEMO_MODEL}", "device=cpu",
+                     "prescreen.seeds=2", "prescreen.steps=4", "prescreen.batch_size=4", "prescreen.keep_fraction=0.4",
+                     f"rank={rank}", f"world_size={world_size}"]  # fmt: skip
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            return stage.run(compose(config_name="prescreen", overrides=overrides))
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(one, 0, 1)
+    assert run(two, 0, 2) is None, "rank 0 alone cannot rank every prompt"
+    assert not (two / "prescreen" / "prescreen.parquet").exists()
+    run(two, 1, 2)
+
+    expected, got = (pd.read_parquet(d / "prescreen" / "prescreen.parquet") for d in (one, two))
+    assert len(got) == len(captions)
+    assert got["prompt_id"].tolist() == expected["prompt_id"].tolist()
+    np.testing.assert_allclose(got["score"], expected["score"], rtol=1e-4)
+    np.testing.assert_allclose(got["robust_z"], expected["robust_z"], rtol=1e-3, atol=1e-6)
+    assert got["kept"].tolist() == expected["kept"].tolist() and got["rank"].tolist() == expected["rank"].tolist()
+    selected = [pd.read_parquet(d / "prescreen" / "selected.parquet") for d in (one, two)]
+    assert selected[1]["prompt_id"].tolist() == selected[0]["prompt_id"].tolist() and len(selected[0]) == 3
+    assert list(selected[1].columns[:4]) == ["prompt_id", "caption", "dup_count", "keys"]
+    keys = dict(zip(prompts.prompt_id, prompts["keys"]))
+    assert [list(k) for k in selected[1]["keys"]] == [keys[p] for p in selected[1]["prompt_id"]]
+    summaries = [json.loads((d / "prescreen" / "summary.json").read_text()) for d in (one, two)]
+    assert summaries[1]["prompts"] == summaries[0]["prompts"] == len(captions)
+    assert summaries[1]["kept"] == summaries[0]["kept"] == 3
+    assert summaries[0]["unet_evaluations"] == unet_evaluations(len(captions), PrescreenSettings(seeds=2))
+    assert summaries[1]["unet_evaluations"] == summaries[0]["unet_evaluations"] + 2  # one unconditional per rank and seed
+    assert read_marker(two / "prescreen", "scores_1")["prompts"] == 3
+
+    # A rerun with the same settings scores nothing (no model loaded) and ranks again.
+    (two / "prescreen" / "prescreen.parquet").unlink()
+    loaded = []
+    original = stage.load_prescreen_model
+    monkeypatch.setattr(stage, "load_prescreen_model", lambda cfg: loaded.append(cfg) or original(cfg))
+    table = run(two, 0, 2)
+    assert not loaded and table is not None
+    assert pd.read_parquet(two / "prescreen" / "prescreen.parquet").equals(got)
