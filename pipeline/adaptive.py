@@ -38,7 +38,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from pipeline.cli import ConfigError, config_int, config_number
-from pipeline.generations import FLAGGED, NO_SIGN, OUT_OF_REACH, stored_rule  # noqa: F401 (stop reasons, re-exported)
+from pipeline.generations import FLAGGED, NO_SIGN, OUT_OF_REACH
 from pipeline.rule import NearCopyRule
 
 # A round check's verdicts: go on, or one of the stop reasons recorded in the generations folder.

@@ -507,7 +507,7 @@ def format_summary(summary: dict) -> str:
     for group in summary["largest_groups"][:5]:
         lines.append(f"  {display_text(group['prompt_id'], 20)}  x{group['dup_count']:<5d} {display_text(group['caption'], 70)}")
     lines.append(f"  {summary['selected']} groups selected -> {summary['outputs']['selected.parquet']}")
-    lines.append(f"  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["timing_seconds"].items()))
+    lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["timing_seconds"].items()))
     if "evaluation" in summary:
         ev = summary["evaluation"]
         line = (

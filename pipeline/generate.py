@@ -35,7 +35,7 @@ settings or another rule decides again from the samples on disk. A sample that c
 back is left out of the checks (as the detector leaves it out) and recorded in
 ``<out_dir>/rejects.jsonl`` (``rejects_<rank>.jsonl`` per shard).
 
-Recipe columns of ``prompts.parquet``, enough for :func:`regenerate` to remake any sample:
+Recipe columns of ``prompts.parquet``, enough for :func:`pipeline.regenerate.regenerate` to remake any sample:
 ``prompt_id``, ``prompt_index`` (position in the prompt list), ``caption``, ``dup_count`` and
 ``keys`` (carried from the prompt list: the duplicate group's training records, or null),
 ``n_samples``, ``seeds`` (list, one per sample: :func:`pipeline.sampling.sample_seed` of
@@ -83,10 +83,10 @@ from pipeline.budget import format_budget, write_generation_budget
 from pipeline.cli import config_int, config_number, stage_main
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
-from pipeline.io import atomic_write, is_done, mark_done, marker_path, write_json, write_parquet
-from pipeline.models import Runtime, build_scheduler, load_model, make_runtime, resolve_device
-from pipeline.generations import (
-    PROMPTS_FILE,
+from pipeline.io import atomic_write, mark_done, write_json, write_parquet
+from pipeline.models import Runtime, load_model, make_runtime, resolve_device
+from pipeline.generations import (  # PROMPTS_FILE and the folder API stay importable from here
+    PROMPTS_FILE,  # noqa: F401
     Sample,
     load_samples,
     consolidate_prompts,
@@ -97,6 +97,7 @@ from pipeline.generations import (
     shard_file,
 )
 from pipeline.prompts import Prompt, read_prompts, shard_prompts
+from pipeline.regenerate import pipeline_for, regenerate  # noqa: F401 (kept importable from here)
 from pipeline.rule import rule_from_config
 from pipeline.sampling import (
     SEED_RULE,
@@ -431,57 +432,6 @@ def generate(
              f"{counts[OUT_OF_REACH]} once a clique was out of reach"
              if adaptive is not None else "")
     return summary
-
-
-_PIPELINES: dict[tuple, Any] = {}
-
-
-def pipeline_for(row, device: str | None = None, model_path: str | None = None):
-    """The pipeline a prompt row was made with, loaded once per process and kept.
-
-    ``device`` overrides the recorded device (e.g. ``"cpu"`` to check GPU samples on a
-    laptop: same noise, as generators live on ``generator_device``, but expect rounding
-    differences); ``model_path`` overrides ``model`` (the model moved). Loaded by
-    :func:`pipeline.models.load_model` as generation loaded it: the recorded scheduler class
-    with the recorded ``scheduler_config`` (as ``scheduler_kwargs`` over the model's own),
-    in the recorded dtype, with the recorded speed options.
-    """
-    runtime = Runtime(**json.loads(row["runtime"]))
-    if device is not None:
-        runtime = Runtime(**{**runtime.as_dict(), "device": str(device)})
-    path = model_path or row["model"]
-    key = (path, row["scheduler"], row["scheduler_config"], json.dumps(runtime.as_dict(), sort_keys=True))
-    if key not in _PIPELINES:
-        model = {"path": path, "scheduler": row["scheduler"], "scheduler_kwargs": json.loads(row["scheduler_config"])}
-        _PIPELINES[key] = load_model(model, runtime)
-    return _PIPELINES[key]
-
-
-def regenerate(row, sample_index: int, pipe=None, *, device: str | None = None, model_path: str | None = None) -> np.ndarray:
-    """Remake sample ``sample_index`` of a ``prompts.parquet`` row: uint8 array (height, width, 3).
-
-    ``row`` is a row of the table (a pandas Series or a dict). The model is loaded as recorded
-    (see :func:`pipeline_for`) unless ``pipe`` is given; a given ``pipe`` gets the row's
-    scheduler. ``PIL.Image.fromarray`` of the result shows it.
-    """
-    if pipe is None:
-        pipe = pipeline_for(row, device=device, model_path=model_path)
-    else:
-        pipe.scheduler = build_scheduler(row["scheduler"], json.loads(row["scheduler_config"]))
-    seeds = row["seeds"]
-    if not 0 <= int(sample_index) < len(seeds):
-        raise IndexError(f"sample_index: {sample_index} is outside 0..{len(seeds) - 1} for prompt {row['prompt_id']}")
-    settings = SamplingSettings(
-        steps=int(row["steps"]),
-        guidance_scale=float(row["guidance_scale"]),
-        height=int(row["height"]),
-        width=int(row["width"]),
-        negative_prompt=row["negative_prompt"],
-        generator_device=row["generator_device"],
-    )
-    task = SampleTask(row["prompt_id"], row["caption"], int(sample_index), int(seeds[int(sample_index)]))
-    encoder = PromptEncoder(pipe, settings.guidance_scale, settings.negative_prompt)
-    return sample_batch(pipe, [task], settings, encoder)[0]
 
 
 def run(cfg) -> GenerationSummary:

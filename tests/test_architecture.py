@@ -11,7 +11,7 @@ from .conftest import REPO
 STAGES = {
     "dedup": {"pipeline.dedup"},
     "prescreen": {"pipeline.prescreen"},
-    "generate": {"pipeline.generate", "pipeline.adaptive"},
+    "generate": {"pipeline.generate", "pipeline.adaptive", "pipeline.regenerate"},
     "detect": {"pipeline.detect", "pipeline.verify"},
     "report": {"pipeline.report"},
 }

@@ -82,7 +82,7 @@ def iter_records(
     if format not in READERS:
         raise DataConfigError(f"data.format: unknown format {format!r}; expected one of {sorted(READERS)}")
     if path is None or str(path) in ("", "???"):
-        raise DataConfigError(f"data.path: not set; give the data set's location, e.g. data.path=/data/laion")
+        raise DataConfigError("data.path: not set; give the data set's location, e.g. data.path=/data/laion")
     if not Path(path).exists():
         raise FileNotFoundError(f"data.path: {path} does not exist")
     known = reader_options(format)
