@@ -63,14 +63,7 @@ def config_number(cfg, key: str, *, minimum: float | None = None, maximum: float
     Raises :class:`ConfigError` naming ``key`` for anything else, a value outside
     ``[minimum, maximum]``, or null unless ``optional`` (then None is returned).
     """
-    value = _value(cfg, key, optional)
-    if value is None:
-        return None
-    number = _parse(value, float)
-    if number is None or not math.isfinite(number):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    _check_range(key, number, minimum, maximum)
-    return number
+    return _config(cfg, key, float, "a number", minimum, maximum, optional)
 
 
 def config_int(cfg, key: str, *, minimum: int | None = None, maximum: int | None = None, optional: bool = False) -> int | None:
@@ -79,12 +72,17 @@ def config_int(cfg, key: str, *, minimum: int | None = None, maximum: int | None
     Raises :class:`ConfigError` naming ``key`` for anything else, a value outside
     ``[minimum, maximum]``, or null unless ``optional`` (then None is returned).
     """
+    return _config(cfg, key, int, "an integer", minimum, maximum, optional)
+
+
+def _config(cfg, key: str, kind: type, what: str, minimum, maximum, optional: bool) -> Any:
+    """``kind`` at ``key`` (see :func:`config_number`), its range checked; None when null and optional."""
     value = _value(cfg, key, optional)
     if value is None:
         return None
-    number = _parse(value, int)
-    if number is None:
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    number = _parse(value, kind)
+    if number is None or (kind is float and not math.isfinite(number)):
+        raise ConfigError(f"{key}: expected {what}, got {value!r}")
     _check_range(key, number, minimum, maximum)
     return number
 

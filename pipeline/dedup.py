@@ -53,10 +53,10 @@ from pipeline.data import Record, RejectLog
 from pipeline.data.sharding import check_shard
 from pipeline.embedders.base import Embedder
 from pipeline.embeddings_store import list_shards, read_embeddings, read_metadata, write_shard
-from pipeline.executor import StepContext, Unit, all_done, read_marker, run_step
+from pipeline.executor import StepContext, Unit, all_done, merge_rejects, read_marker, run_step
 from pipeline.grouping import connected_groups, evaluate_groups, group_table, record_order, select_top
 from pipeline.index import Cells, IndexSettings, Pairs, find_pairs, train_cells
-from pipeline.io import atomic_write, marker_path, write_json, write_parquet
+from pipeline.io import marker_path, write_json, write_parquet
 from pipeline.text import display_text
 
 log = logging.getLogger(__name__)
@@ -423,7 +423,7 @@ class _Group:
         groups, selected = group_pairs(metadata, pairs, stage.settings.top_k, stage.settings.min_group_size)
         write_parquet(groups, out / "groups.parquet")
         write_parquet(selected, out / "selected.parquet")
-        rejects = self._merge_rejects()
+        rejects = merge_rejects(out / "rejects", out / "rejects.jsonl", world_size if stage.precomputed is None else 0)
         group_seconds = time.perf_counter() - started
         summary = self._summary(metadata, groups, selected, pairs, rejects, group_seconds)
         if self.ground_truth is not None:
@@ -432,17 +432,6 @@ class _Group:
         write_json(summary, out / "summary.json")
         ctx.done(unit, {"seconds": group_seconds})
         self.summary = summary
-
-    def _merge_rejects(self) -> list[dict]:
-        stage = self.stage
-        entries: list[dict] = []
-        for r in range(stage.world_size if stage.precomputed is None else 0):
-            path = stage.out / "rejects" / f"rejects_{r}.jsonl"
-            if path.exists():
-                entries.extend(json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-        text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
-        atomic_write(stage.out / "rejects.jsonl", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-        return entries
 
     def _summary(self, metadata, groups, selected, pairs, rejects, group_seconds) -> dict:
         stage = self.stage

@@ -47,8 +47,8 @@ from pipeline.generations import (
     stored_rule,
 )
 from pipeline.executor import StepContext, Unit, all_done, merge_rejects, run_step
-from pipeline.io import unsafe_name, write_json
-from pipeline.layout import carried, read_prompt_table, write_prompt_table
+from pipeline.io import unsafe_name, write_json, write_parquet
+from pipeline.layout import carried, prompt_columns
 from pipeline.rule import NearCopyRule, rule_from_config
 
 log = logging.getLogger(__name__)
@@ -163,14 +163,15 @@ class ScreenPrompts:
         self.captions = dict(zip(prompts["prompt_id"], prompts["caption"]))
         self.rule = rule
         self.progress = progress
+        # Every prompt's unit, listed once: this shard's are a slice, and the finish checks all.
+        described = rule.describe()
+        self.all_units = [
+            Unit(pid, {"rule": described, "caption": caption, "files": [p.name for p in sample_files(generations_dir, pid)]})
+            for pid, caption in self.captions.items()
+        ]
 
     def units(self, rank: int, world_size: int) -> list[Unit]:
-        ids = list(self.captions)[rank::world_size]
-        return [
-            Unit(pid, {"rule": self.rule.describe(), "caption": self.captions[pid],
-                       "files": [p.name for p in sample_files(self.generations_dir, pid)]})
-            for pid in ids
-        ]  # fmt: skip
+        return self.all_units[rank::world_size]
 
     def run(self, units: list[Unit], ctx: StepContext) -> None:
         for unit in tqdm(units, desc=f"detect [{ctx.rank}/{ctx.world_size}]", unit="prompt", disable=not self.progress):
@@ -223,17 +224,18 @@ def run_detect(
 
     step = ScreenPrompts(generations_dir, results_dir, prompts, rule, progress)
     run_step(step, results_dir, rank=rank, world_size=world_size, progress=progress)
-    every_unit = [unit for r in range(world_size) for unit in step.units(r, world_size)]
-    if not all_done(results_dir, every_unit):
+    if not all_done(results_dir, step.all_units):
         log.info("not every prompt is screened yet (other shards); memorized.parquet is written by the shard "
                  "that finishes last, or by a rerun with world_size=1")
         return None
-    rows = [json.loads((results_dir / f"{unit.name}.json").read_text(encoding="utf-8")) for unit in every_unit]
+    rows = [json.loads((results_dir / f"{unit.name}.json").read_text(encoding="utf-8")) for unit in step.all_units]
     memorized = pd.DataFrame(rows, columns=MEMORIZED_COLUMNS).sort_values("prompt_id", kind="stable").reset_index(drop=True)
     carry = carried(generator_table) if {"prompt_id", "caption"} <= set(generator_table.columns) else {}
     memorized["dup_count"] = [carry.get(pid, {}).get("dup_count") for pid in memorized["prompt_id"]]
     memorized["keys"] = [carry.get(pid, {}).get("keys") for pid in memorized["prompt_id"]]
-    write_prompt_table(memorized, out_dir / "memorized.parquet")
+    memorized = prompt_columns(memorized)
+    write_parquet(memorized, out_dir / "memorized.parquet")
+    # A prompt's marker outlives a change of world_size, and so do its rejects: every rank's file.
     merge_rejects(results_dir / "rejects", out_dir / "rejects.jsonl")
     write_json(
         {
@@ -248,7 +250,7 @@ def run_detect(
         out_dir / "summary.json",
     )
     log.info("%d of %d prompts flagged; wrote %s", int(memorized["flagged"].sum()), len(memorized), out_dir / "memorized.parquet")
-    return read_prompt_table(out_dir / "memorized.parquet")
+    return memorized
 
 
 def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:

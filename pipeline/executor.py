@@ -143,17 +143,28 @@ def run_step(step: Step, out_dir: str | Path, rank: int = 0, world_size: int = 1
     return ctx
 
 
-def merge_rejects(rejects_dir: str | Path, out: str | Path) -> int:
-    """Concatenate every rank's ``rejects_<rank>.jsonl`` of ``rejects_dir`` into ``out``
-    (atomically); returns the number of records rejected (an entry's ``count``, else 1)."""
-    files = sorted(Path(rejects_dir).glob("rejects_*.jsonl"), key=lambda p: int(p.stem.rsplit("_", 1)[1]) if p.stem.rsplit("_", 1)[1].isdigit() else -1)
-    lines = [line for path in files for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-    records = 0
+def merge_rejects(rejects_dir: str | Path, out: str | Path, world_size: int | None = None) -> list[dict]:
+    """Concatenate the ranks' ``rejects_<rank>.jsonl`` of ``rejects_dir`` into ``out``
+    (atomically) and return the entries (a line that is not JSON is copied, not returned).
+
+    ``world_size``: only ranks ``0 .. world_size - 1``, for a step whose units are redone when
+    ``world_size`` changes (a file of an earlier run with more ranks is stale); None: every
+    rank's file, for a step whose units, and so their rejects, outlive a change of world_size.
+    """
+    if world_size is None:
+        paths = sorted(Path(rejects_dir).glob("rejects_*.jsonl"), key=lambda p: (len(p.name), p.name))
+    else:
+        paths = [Path(rejects_dir) / f"rejects_{rank}.jsonl" for rank in range(world_size)]
+    lines = []
+    for path in paths:
+        if path.is_file():
+            lines += [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    entries = []
     for line in lines:
         try:
-            records += int(json.loads(line).get("count", 1))
-        except (ValueError, AttributeError, TypeError):
-            records += 1
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
     text = "".join(line + "\n" for line in lines)
     atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return records
+    return entries

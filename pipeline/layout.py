@@ -1,6 +1,6 @@
 """The run directory: where every artifact of an audit lives, and the prompt table they share.
 
-One audit is one run directory (``outputs/<run_name>`` by default, ``paths.run_dir``)::
+One audit is one run directory (``run_dir``, ``outputs/<run_name>`` by default)::
 
     dedup/        selected.parquet (prompt table), groups.parquet, embeddings/, summary.json
     prescreen/    prescreen.parquet (scores), selected.parquet (prompt table), summary.json
@@ -26,77 +26,15 @@ Stages add their own columns after these (a score, a recipe, a verdict).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from pipeline.io import write_parquet
 
 PROMPT_COLUMNS = ("prompt_id", "caption", "dup_count", "keys")
-PROMPT_SCHEMA = pa.schema(
-    [("prompt_id", pa.string()), ("caption", pa.string()), ("dup_count", pa.int64()), ("keys", pa.list_(pa.string()))]
-)
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """The paths of one run directory's artifacts (see the module docstring)."""
-
-    run_dir: Path
-
-    @classmethod
-    def of(cls, run_dir: str | Path) -> RunLayout:
-        return cls(Path(run_dir))
-
-    # Stage folders
-    @property
-    def dedup_dir(self) -> Path:
-        return self.run_dir / "dedup"
-
-    @property
-    def prescreen_dir(self) -> Path:
-        return self.run_dir / "prescreen"
-
-    @property
-    def generations_dir(self) -> Path:
-        return self.run_dir / "generations"
-
-    @property
-    def detect_dir(self) -> Path:
-        return self.run_dir / "detect"
-
-    @property
-    def report_dir(self) -> Path:
-        return self.run_dir / "report"
-
-    # Artifacts
-    @property
-    def dedup_selected(self) -> Path:
-        return self.dedup_dir / "selected.parquet"
-
-    @property
-    def prescreen_selected(self) -> Path:
-        return self.prescreen_dir / "selected.parquet"
-
-    @property
-    def generations_prompts(self) -> Path:
-        return self.generations_dir / "prompts.parquet"
-
-    @property
-    def memorized(self) -> Path:
-        return self.detect_dir / "memorized.parquet"
-
-    @property
-    def extracted(self) -> Path:
-        return self.detect_dir / "extracted.parquet"
-
-    @property
-    def report_html(self) -> Path:
-        return self.report_dir / "index.html"
 
 
 def _missing(value: Any) -> bool:
@@ -133,7 +71,7 @@ def prompt_columns(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_prompt_table(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Write a prompt table (its first columns typed as :data:`PROMPT_SCHEMA`) atomically."""
+    """Write a prompt table (its first columns typed by :func:`prompt_columns`) atomically."""
     return write_parquet(prompt_columns(frame), path)
 
 

@@ -31,6 +31,7 @@ from PIL import Image
 from pipeline.cli import config_int, stage_main
 from pipeline.executor import StepContext, Unit, run_step
 from pipeline.io import atomic_write
+from pipeline.layout import read_prompt_table
 from pipeline.text import display_text
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def load_run(detect_dir: str | Path) -> RunResults:
     memorized_path = detect_dir / "memorized.parquet"
     if not memorized_path.exists():
         raise FileNotFoundError(f"{memorized_path} does not exist: run `python -m pipeline.detect` for this run first")
-    memorized = pd.read_parquet(memorized_path)
+    memorized = read_prompt_table(memorized_path)
     summary_path = detect_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
     extracted_path = detect_dir / "extracted.parquet"
