@@ -6,11 +6,16 @@ rest, the same way for every stage, locally or as one SLURM array task per rank:
 
 * **completion markers**: ``<out_dir>/.done/<unit>.json``, written after the unit's outputs,
   holding a digest of the settings that decide its result. A unit whose marker carries the
-  same digest is skipped (logged); a changed setting redoes exactly the units it decides.
-* **rejects**: one ``<out_dir>/rejects/rejects_<rank>.jsonl`` per rank (processes of an array
+  same digest is skipped (logged); a changed setting redoes exactly the units it decides. A
+  step whose units can stay valid under other settings (the generator's prompt sampled in full
+  serves any later budget up to its own) says so with ``is_complete(unit, marker)``.
+* **rejects**: one ``<logs_dir>/rejects/rejects_<rank>.jsonl`` per rank (processes of an array
   never append to the same file), listing each rejected record once across reruns.
-* **stats**: ``<out_dir>/stats/<step>_<rank>.json``: units done and skipped, records rejected
+* **stats**: ``<logs_dir>/stats/<step>_<rank>.json``: units done and skipped, records rejected
   by reason, seconds.
+
+``logs_dir`` is ``out_dir`` unless the stage's folder has no room for them (the generations
+folder, whose sub-folders are prompts).
 
     class Embed:
         name = "embed"
@@ -75,23 +80,34 @@ class Step(Protocol):
     def run(self, units: Sequence[Unit], ctx: StepContext) -> None:
         """Do ``units`` (those not done yet), calling ``ctx.done(unit, info)`` as each one is complete."""
 
+    # Optional: ``is_complete(unit, marker) -> bool``, whether ``marker`` (a unit's marker, as
+    # written by :meth:`StepContext.done`) still covers ``unit``; default: the same digest.
+
 
 class StepContext:
     """What a running step is given: where it writes, its rejects, and how it marks units done."""
 
-    def __init__(self, out_dir: Path, step: str, rank: int, world_size: int, progress: bool = True):
+    def __init__(self, out_dir: Path, step: str | Step, rank: int, world_size: int, progress: bool = True, logs_dir: Path | None = None):
         self.out_dir = out_dir
-        self.step = step
+        self.step = step if isinstance(step, str) else step.name
+        self._is_complete = getattr(step, "is_complete", None)
         self.rank = rank
         self.world_size = world_size
         self.progress = progress
-        self.rejects = RejectLog(out_dir / "rejects" / f"rejects_{rank}.jsonl", once=True)
+        self.logs_dir = out_dir if logs_dir is None else Path(logs_dir)
+        self.rejects = RejectLog(self.logs_dir / "rejects" / f"rejects_{rank}.jsonl", once=True)
         self.completed = 0
+        self.skipped = 0  # units found done before the step ran
 
     def is_done(self, unit: Unit) -> bool:
-        """The unit has a marker written with the same settings."""
+        """The unit has a marker that covers it: written with the same settings, or one the
+        step's ``is_complete`` accepts."""
         info = read_marker(self.out_dir, unit.name)
-        return info is not None and info.get("digest") == unit.digest
+        if info is None:
+            return False
+        if self._is_complete is not None:
+            return bool(self._is_complete(unit, info))
+        return info.get("digest") == unit.digest
 
     def done(self, unit: Unit, info: Mapping[str, Any] | None = None) -> None:
         """Mark ``unit`` complete; call it after the unit's outputs are written."""
@@ -113,15 +129,19 @@ def all_done(out_dir: str | Path, units: Iterable[Unit]) -> bool:
     return all((read_marker(out_dir, u.name) or {}).get("digest") == u.digest for u in units)
 
 
-def run_step(step: Step, out_dir: str | Path, rank: int = 0, world_size: int = 1, progress: bool = True) -> StepContext:
+def run_step(
+    step: Step, out_dir: str | Path, rank: int = 0, world_size: int = 1, progress: bool = True, logs_dir: str | Path | None = None
+) -> StepContext:
     """Run shard ``rank`` of ``world_size`` of ``step``: skip the units already done with the
     same settings, run the others, write this rank's stats. Returns the context (its
-    ``rejects`` and counts) for the stage's own summary."""
+    ``rejects`` and counts) for the stage's own summary. ``logs_dir``: where rejects and
+    stats go (default ``out_dir``)."""
     rank, world_size = check_shard(rank, world_size)
     out_dir = Path(out_dir)
-    ctx = StepContext(out_dir, step.name, rank, world_size, progress)
+    ctx = StepContext(out_dir, step, rank, world_size, progress, None if logs_dir is None else Path(logs_dir))
     units = list(step.units(rank, world_size))
     todo = [unit for unit in units if not ctx.is_done(unit)]
+    ctx.skipped = len(units) - len(todo)
     if len(todo) < len(units):
         log.info("%s [rank %d/%d]: %d of %d units already done with the same settings, skipped",
                  step.name, rank, world_size, len(units) - len(todo), len(units))
@@ -136,7 +156,7 @@ def run_step(step: Step, out_dir: str | Path, rank: int = 0, world_size: int = 1
             "skipped": len(units) - len(todo), "done": ctx.completed, "unfinished": unfinished[:100],
             "rejected": len(ctx.rejects), "rejected_by_reason": ctx.rejects.counts(), "seconds": round(seconds, 3),
         },
-        out_dir / "stats" / f"{step.name}_{rank}.json",
+        ctx.logs_dir / "stats" / f"{step.name}_{rank}.json",
     )  # fmt: skip
     if len(ctx.rejects):
         log.warning("%s [rank %d/%d]: %s", step.name, rank, world_size, ctx.rejects.summary())

@@ -33,7 +33,10 @@ first apply. Its samples are the first ones of the brute-force run, with the sam
 brute-force rerun over the folder fills stopped prompts up; an adaptive rerun with other
 settings or another rule decides again from the samples on disk. A sample that cannot be read
 back is left out of the checks (as the detector leaves it out) and recorded in
-``<out_dir>/rejects.jsonl`` (``rejects_<rank>.jsonl`` per shard).
+``<out_dir>/rejects.jsonl`` (merged from each rank's ``.logs/rejects/rejects_<rank>.jsonl``).
+
+The stage runs through the stage executor (:mod:`pipeline.executor`), a unit per prompt: the
+markers above are its completion markers, and ``.logs/stats/generate_<rank>.json`` its stats.
 
 Recipe columns of ``prompts.parquet``, enough for :func:`pipeline.regenerate.regenerate` to remake any sample:
 ``prompt_id``, ``prompt_index`` (position in the prompt list), ``caption``, ``dup_count`` and
@@ -68,22 +71,13 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.adaptive import (
-    CONTINUE,
-    FLAGGED,
-    NO_SIGN,
-    OUT_OF_REACH,
-    AdaptiveSettings,
-    adaptive_settings,
-    check_round,
-    next_round_end,
-    round_ends,
-)
+from pipeline.adaptive import FLAGGED, NO_SIGN, OUT_OF_REACH, AdaptiveSettings, adaptive_settings
 from pipeline.budget import format_budget, write_generation_budget
 from pipeline.cli import config_int, config_number, stage_main
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
-from pipeline.io import atomic_write, mark_done, write_json, write_parquet
+from pipeline.executor import StepContext, Unit, merge_rejects, run_step
+from pipeline.io import atomic_write, write_json, write_parquet
 from pipeline.models import Runtime, load_model, make_runtime, resolve_device
 from pipeline.generations import (  # PROMPTS_FILE and the folder API stay importable from here
     PROMPTS_FILE,  # noqa: F401
@@ -91,13 +85,14 @@ from pipeline.generations import (  # PROMPTS_FILE and the folder API stay impor
     load_samples,
     consolidate_prompts,
     load_prompts,
+    marker_complete,
     marker_info,
-    prompt_done,
     sample_path,
     shard_file,
 )
 from pipeline.prompts import Prompt, read_prompts, shard_prompts
 from pipeline.regenerate import pipeline_for, regenerate  # noqa: F401 (kept importable from here)
+from pipeline.rounds import RoundScheduler
 from pipeline.rule import rule_from_config
 from pipeline.sampling import (
     SEED_RULE,
@@ -173,14 +168,16 @@ def write_png(path: Path, image: np.ndarray, compress_level: int) -> Path:
     return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG", compress_level=compress_level))
 
 
-def missing_samples(out_dir: Path, prompt_id: str, n_samples: int) -> list[int]:
-    """Indexes of the samples of ``prompt_id`` with no PNG yet; clears temporaries of a killed run."""
+def missing_samples(out_dir: Path, prompt_id: str, end: int, start: int = 0) -> list[int]:
+    """Indexes in ``[start, end)`` of the samples of ``prompt_id`` with no PNG yet. From the
+    start (``start`` 0), also clears the temporaries a killed run left in the prompt's folder."""
     folder = out_dir / prompt_id
     if not folder.is_dir():
-        return list(range(n_samples))
-    for stale in folder.glob(".*.tmp"):  # left by a process killed mid-write; only this rank owns the folder
-        stale.unlink(missing_ok=True)
-    return [i for i in range(n_samples) if not sample_path(out_dir, prompt_id, i).exists()]
+        return list(range(start, end))
+    if start == 0:
+        for stale in folder.glob(".*.tmp"):  # left by a process killed mid-write; only this rank owns the folder
+            stale.unlink(missing_ok=True)
+    return [i for i in range(start, end) if not sample_path(out_dir, prompt_id, i).exists()]
 
 
 def read_samples(out_dir: Path, prompt_id: str, count: int, rejects: RejectLog | None = None) -> np.ndarray | list[np.ndarray]:
@@ -210,16 +207,143 @@ class GenerationSummary:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclass
-class _Progress:
-    """Where one unfinished prompt stands: its current round, samples ``[start, end)``, and the
-    writes that round awaits."""
+# Where the generator's executor keeps its per-rank rejects and stats: a hidden folder, since
+# the generations folder's sub-folders are prompts.
+LOGS_DIR = ".logs"
+REJECTS_FILE = "rejects.jsonl"
 
-    prompt: Prompt
-    seeds: list[int]
-    end: int
-    start: int = 0
-    waiting: int = 0
+
+class GenerateStep:
+    """The generator as a step of the stage executor (:mod:`pipeline.executor`): a unit per
+    prompt of this shard, done once all its ``n_samples`` samples exist or adaptive sampling
+    stopped it (its completion marker, which the detector reads, holds ``n_samples``,
+    ``n_generated``, ``stopped_early``, ``stop_reason`` and, when stopped, the ``adaptive``
+    settings). :meth:`run` samples every unfinished prompt's rounds
+    (:class:`pipeline.rounds.RoundScheduler`) in batches that mix prompts, writing PNGs on
+    ``png_workers`` threads."""
+
+    name = "generate"
+
+    def __init__(self, pipe, prompts: Sequence[Prompt], rows: list[dict[str, Any]], out_dir: Path, *, settings: SamplingSettings,
+                 n_samples: int, batch_size: int, adaptive: AdaptiveSettings | None, png_workers: int, png_compress_level: int,
+                 on_batch: Callable[[list[SampleTask]], None] | None, write_shard_file: Callable[[], None]):  # fmt: skip
+        self.pipe, self.rows, self.out_dir, self.settings = pipe, rows, out_dir, settings
+        self.prompts = {p.prompt_id: p for p in prompts}
+        self.n_samples, self.batch_size, self.adaptive = n_samples, batch_size, adaptive
+        self.png_workers, self.png_compress_level = max(1, int(png_workers)), png_compress_level
+        self.on_batch, self.write_shard_file = on_batch, write_shard_file
+        self.made = 0
+        self.seconds = 0.0
+        self.stops = {NO_SIGN: 0, FLAGGED: 0, OUT_OF_REACH: 0}
+        self.rejected: set[str] = set()
+
+    def units(self, rank: int, world_size: int) -> list[Unit]:
+        adaptive = self.adaptive.describe() if self.adaptive is not None else None
+        return [Unit(row["prompt_id"], {"n_samples": self.n_samples, "adaptive": adaptive}) for row in self.rows]
+
+    def is_complete(self, unit: Unit, marker: dict[str, Any]) -> bool:
+        """A prompt sampled in full serves any budget up to its own; one adaptive sampling
+        stopped, only an adaptive run with the same settings (a brute-force rerun fills it up)."""
+        return marker_complete(marker, self.n_samples, self.adaptive, any_rule=False)
+
+    def run(self, units: Sequence[Unit], ctx: StepContext) -> None:
+        out_dir, n_samples, batch_size = self.out_dir, self.n_samples, self.batch_size
+        by_name = {unit.name: unit for unit in units}
+        seeds = {row["prompt_id"]: row["seeds"] for row in self.rows}
+
+        def read_back(prompt_id: str, count: int):
+            """The readable ones among a prompt's first ``count`` samples; a sample that cannot be
+            read is left out of the checks, as the detector leaves it out, and recorded once."""
+            found = RejectLog()
+            images = read_samples(out_dir, prompt_id, count, found)
+            for entry in found.entries:
+                if entry["key"] not in self.rejected:
+                    self.rejected.add(entry["key"])
+                    ctx.rejects.add(entry["key"], entry["source"], entry["reason"])
+            return images
+
+        def finish(prompt_id: str, made: int, reason: str | None) -> None:
+            # ``stopped_early`` means "stopped with no sign of memorization" (what a shortcut can
+            # miss); a prompt stopped because it is already flagged has stop_reason "flagged".
+            info: dict[str, Any] = {
+                "n_samples": n_samples, "n_generated": made, "stopped_early": reason == NO_SIGN, "stop_reason": reason, "rank": ctx.rank,
+            }  # fmt: skip
+            if reason is not None:
+                info["adaptive"] = self.adaptive.describe()
+                self.stops[reason] += 1
+            ctx.done(by_name[prompt_id], info)
+
+        scheduler = RoundScheduler(
+            n_samples, self.adaptive,
+            missing=lambda prompt_id, start, end: missing_samples(out_dir, prompt_id, end, start=start),
+            read=read_back, on_finish=finish,
+        )  # fmt: skip
+        queue: deque[SampleTask] = deque()
+        queued_per_caption: Counter[str] = Counter()
+        bar = tqdm(total=0, unit="img", desc=f"generate {ctx.rank}/{ctx.world_size}", disable=not ctx.progress, dynamic_ncols=True)
+
+        def enqueue(tasks: list[SampleTask]) -> None:
+            queue.extend(tasks)
+            queued_per_caption.update(t.caption for t in tasks)
+            bar.total += len(tasks)  # shown at the next update
+
+        self.write_shard_file()  # before sampling starts: the recipe is on disk whatever happens next
+        for unit in units:
+            enqueue(scheduler.start(unit.name, self.prompts[unit.name].caption, seeds[unit.name]))
+        log.info(
+            "generate: shard %d/%d: %d prompts to sample, %d images to make%s", ctx.rank, ctx.world_size, len(units), len(queue),
+            f" in the first round (adaptive: rounds end at {scheduler.ends}"
+            + (", or sooner where a stop on the verdict could apply)" if self.adaptive.needs_clique else ")")
+            if self.adaptive is not None else "",
+        )  # fmt: skip
+
+        encoder = PromptEncoder(self.pipe, self.settings.guidance_scale, self.settings.negative_prompt)
+        start = time.perf_counter()
+        pending: list[tuple[str, Future]] = []
+
+        def settle(wait_all: bool) -> None:
+            """Check finished writes (raising any write error) and queue what the scheduler then asks for."""
+            nonlocal pending
+            still = []
+            for prompt_id, future in pending:
+                if wait_all or future.done():
+                    future.result()
+                    enqueue(scheduler.written(prompt_id))
+                else:
+                    still.append((prompt_id, future))
+            pending = still
+
+        # PNG encoding runs in threads (zlib releases the GIL), so the accelerator never waits on it.
+        with ThreadPoolExecutor(max_workers=self.png_workers, thread_name_prefix="png") as writers:
+            try:
+                while queue or pending:
+                    if len(queue) < batch_size and pending:
+                        # Prompts whose round is being written may queue their next round: wait, so
+                        # that batches stay full (with adaptive off, this happens once, at the end).
+                        settle(wait_all=True)
+                        continue
+                    batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
+                    images = sample_batch(self.pipe, batch, self.settings, encoder)
+                    queued_per_caption.subtract(t.caption for t in batch)
+                    # Embeddings of a caption are dropped once none of its samples is queued, so
+                    # memory stays flat over long prompt lists (a later round encodes it again).
+                    encoder.forget({t.caption for t in batch if queued_per_caption[t.caption] <= 0})
+                    for task, image in zip(batch, images):
+                        path = sample_path(out_dir, task.prompt_id, task.index)
+                        pending.append((task.prompt_id, writers.submit(write_png, path, image, self.png_compress_level)))
+                    self.made += len(batch)
+                    settle(wait_all=False)
+                    # Bound the images held in memory when the writers fall behind.
+                    while len(pending) > 4 * max(batch_size, self.png_workers):
+                        pending[0][1].result()
+                        settle(wait_all=False)
+                    bar.update(len(batch))
+                    bar.set_postfix({"images/s": f"{self.made / (time.perf_counter() - start):.2f}"}, refresh=False)
+                    if self.on_batch is not None:
+                        self.on_batch(batch)
+            finally:
+                bar.close()
+                self.seconds = time.perf_counter() - start
 
 
 def generate(
@@ -243,15 +367,11 @@ def generate(
 ) -> GenerationSummary:
     """Make the missing samples of this shard's ``prompts`` into ``out_dir``; see the module doc.
 
-    ``prompts`` is the full list (every rank passes the same); this call takes shard ``rank``.
-    ``on_batch(tasks)`` is called after each batch is handed to the PNG writers (for tests and
-    monitoring; an exception there stops the run as a crash would, leaving it resumable).
-
-    With ``adaptive`` enabled, samples come in rounds (:func:`pipeline.adaptive.round_ends`):
-    every active prompt's round is queued together, so batches still mix prompts, and once a
-    prompt's round is written its samples so far go through :func:`pipeline.adaptive.check_round`;
-    a prompt it stops is marked done with the reason and gets no more samples, the others get
-    the round that :func:`pipeline.adaptive.next_round_end` gives.
+    ``prompts`` is the full list (every rank passes the same); this call takes shard ``rank``
+    and runs it through the stage executor (:class:`GenerateStep`), which skips the prompts
+    already complete. ``on_batch(tasks)`` is called after each batch is handed to the PNG
+    writers (for tests and monitoring; an exception there stops the run as a crash would,
+    leaving it resumable).
     """
     if int(n_samples) < 1:
         raise ValueError(f"n_samples: must be at least 1, got {n_samples}")
@@ -260,7 +380,6 @@ def generate(
     n_samples, batch_size = int(n_samples), int(batch_size)
     if adaptive is not None and not adaptive.enabled:
         adaptive = None
-    ends = round_ends(n_samples, adaptive) if adaptive is not None else [n_samples]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index_of = {p.prompt_id: i for i, p in enumerate(prompts)}
@@ -296,140 +415,26 @@ def generate(
                 row["stop_reason"] = None
         write_parquet(pd.DataFrame(rows, columns=list(rows[0]) if rows else None), shard_file(out_dir, rank, world_size))
 
-    queue: deque[SampleTask] = deque()
-    queued_per_caption: Counter[str] = Counter()
-    active: dict[str, _Progress] = {}
-    counts = {NO_SIGN: 0, FLAGGED: 0, OUT_OF_REACH: 0}
-    # Samples a check could not read (a damaged folder): skipped as the detector skips them,
-    # recorded once each. One file per shard: processes of an array job must not share one.
-    rejects = RejectLog(out_dir / ("rejects.jsonl" if world_size == 1 else f"rejects_{rank}.jsonl"), once=True)
-    rejected: set[str] = set()
-
-    def read_back(prompt_id: str, count: int):
-        """The readable ones among a prompt's first ``count`` samples; new failures go to ``rejects``."""
-        found = RejectLog()
-        images = read_samples(out_dir, prompt_id, count, found)
-        for entry in found.entries:
-            if entry["key"] not in rejected:
-                rejected.add(entry["key"])
-                rejects.add(entry["key"], entry["source"], entry["reason"])
-        return images
-
-    bar = tqdm(total=0, unit="img", desc=f"generate {rank}/{world_size}", disable=not progress, dynamic_ncols=True)
-
-    def finish(prompt_id: str, made: int, reason: str | None = None) -> None:
-        """Mark a prompt done; ``reason`` is why adaptive sampling stopped it before the budget.
-
-        ``stopped_early`` means "stopped with no sign of memorization" (what a shortcut can
-        miss); a prompt stopped because it is already flagged has ``stop_reason`` "flagged".
-        """
-        info: dict[str, Any] = {
-            "n_samples": n_samples, "n_generated": made, "stopped_early": reason == NO_SIGN, "stop_reason": reason, "rank": rank,
-        }  # fmt: skip
-        if reason is not None:
-            info["adaptive"] = adaptive.describe()
-            counts[reason] += 1
-        mark_done(out_dir, prompt_id, info)
-        del active[prompt_id]
-
-    def advance(prompt_id: str) -> None:
-        """Move a prompt past its rounds whose samples all exist: finish it, stop it, or queue its next samples."""
-        state = active[prompt_id]
-        while True:
-            if state.start == 0:
-                todo = missing_samples(out_dir, prompt_id, state.end)
-            else:
-                todo = [i for i in range(state.start, state.end) if not sample_path(out_dir, prompt_id, i).exists()]
-            if todo:
-                queue.extend(SampleTask(prompt_id, state.prompt.caption, i, state.seeds[i]) for i in todo)
-                queued_per_caption[state.prompt.caption] += len(todo)
-                state.waiting = len(todo)
-                bar.total += len(todo)  # shown at the next update
-                return
-            if state.end == n_samples:
-                return finish(prompt_id, state.end)
-            check = check_round(read_back(prompt_id, state.end), adaptive, n_samples, made=state.end)
-            if check.verdict != CONTINUE:
-                return finish(prompt_id, state.end, check.verdict)
-            state.start, state.end = state.end, next_round_end(state.end, check, n_samples, adaptive)
-
-    skipped = 0
-    for p, row in zip(mine, rows):
-        if prompt_done(out_dir, p.prompt_id, n_samples, adaptive, any_rule=False):
-            skipped += 1
-            continue
-        active[p.prompt_id] = _Progress(p, row["seeds"], end=ends[0])
-    write_shard_file()  # before sampling starts: the recipe is on disk whatever happens next
-    for prompt_id in list(active):
-        advance(prompt_id)
-    log.info(
-        "generate: shard %d/%d: %d prompts, %d already complete, %d images to make%s",
-        rank, world_size, len(mine), skipped, len(queue),
-        f" in the first round (adaptive: rounds end at {ends}"
-        + (", or sooner where a stop on the verdict could apply)" if adaptive.needs_clique else ")") if adaptive is not None else "",
+    step = GenerateStep(
+        pipe, mine, rows, out_dir, settings=settings, n_samples=n_samples, batch_size=batch_size, adaptive=adaptive,
+        png_workers=png_workers, png_compress_level=png_compress_level, on_batch=on_batch, write_shard_file=write_shard_file,
     )  # fmt: skip
-
-    encoder = PromptEncoder(pipe, settings.guidance_scale, settings.negative_prompt)
-    start = time.perf_counter()
-    made = 0
-    pending: list[tuple[str, Future]] = []
-
-    def settle(wait_all: bool) -> None:
-        """Check finished writes (raising any write error) and move on prompts whose round is written."""
-        nonlocal pending
-        still, finished = [], []
-        for prompt_id, future in pending:
-            if wait_all or future.done():
-                future.result()
-                active[prompt_id].waiting -= 1
-                if active[prompt_id].waiting == 0:
-                    finished.append(prompt_id)
-            else:
-                still.append((prompt_id, future))
-        pending = still
-        for prompt_id in finished:
-            advance(prompt_id)
-
-    # PNG encoding runs in threads (zlib releases the GIL), so the accelerator never waits on it.
-    with ThreadPoolExecutor(max_workers=max(1, int(png_workers)), thread_name_prefix="png") as writers:
-        try:
-            while queue or pending:
-                if len(queue) < batch_size and pending:
-                    # Prompts whose round is being written may queue their next round: wait, so
-                    # that batches stay full (with adaptive off, this happens once, at the end).
-                    settle(wait_all=True)
-                    continue
-                batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
-                images = sample_batch(pipe, batch, settings, encoder)
-                queued_per_caption.subtract(t.caption for t in batch)
-                # Embeddings of a caption are dropped once none of its samples is queued, so
-                # memory stays flat over long prompt lists (a later round encodes it again).
-                encoder.forget({t.caption for t in batch if queued_per_caption[t.caption] <= 0})
-                for task, image in zip(batch, images):
-                    path = sample_path(out_dir, task.prompt_id, task.index)
-                    pending.append((task.prompt_id, writers.submit(write_png, path, image, png_compress_level)))
-                made += len(batch)
-                settle(wait_all=False)
-                # Bound the images held in memory when the writers fall behind.
-                while len(pending) > 4 * max(batch_size, int(png_workers)):
-                    pending[0][1].result()
-                    settle(wait_all=False)
-                bar.update(len(batch))
-                bar.set_postfix({"images/s": f"{made / (time.perf_counter() - start):.2f}"}, refresh=False)
-                if on_batch is not None:
-                    on_batch(batch)
-        finally:
-            bar.close()
-    seconds = time.perf_counter() - start
+    ctx = run_step(step, out_dir, rank=rank, world_size=world_size, progress=progress, logs_dir=out_dir / LOGS_DIR)
     write_shard_file()
     consolidate_prompts(out_dir)
-    summary = GenerationSummary(len(mine), skipped, made, seconds, counts[NO_SIGN], counts[FLAGGED], counts[OUT_OF_REACH], len(rejected))
-    if rejected:
+    # Every rank's rejects, also those of runs with another world_size: prompts outlive it.
+    merge_rejects(out_dir / LOGS_DIR / "rejects", out_dir / REJECTS_FILE)
+    stops = step.stops
+    summary = GenerationSummary(
+        len(mine), ctx.skipped, step.made, step.seconds,
+        stops[NO_SIGN], stops[FLAGGED], stops[OUT_OF_REACH], len(step.rejected),
+    )  # fmt: skip
+    if step.rejected:
         log.warning("generate: %d sample(s) could not be read back and were left out of adaptive sampling's checks: %s",
-                    len(rejected), rejects.summary())
-    log.info("generate: made %d images in %.1f s (%.2f images/s)%s", made, seconds, summary.images_per_s,
-             f"; {counts[NO_SIGN]} prompts stopped early with no near-copy pair, {counts[FLAGGED]} once flagged, "
-             f"{counts[OUT_OF_REACH]} once a clique was out of reach"
+                    len(step.rejected), ctx.rejects.summary())
+    log.info("generate: made %d images in %.1f s (%.2f images/s)%s", step.made, step.seconds, summary.images_per_s,
+             f"; {stops[NO_SIGN]} prompts stopped early with no near-copy pair, {stops[FLAGGED]} once flagged, "
+             f"{stops[OUT_OF_REACH]} once a clique was out of reach"
              if adaptive is not None else "")
     return summary
 

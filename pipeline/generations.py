@@ -213,15 +213,23 @@ def marker_info(out_dir: Path, prompt_id: str) -> dict[str, Any] | None:
 
 
 def prompt_done(out_dir: Path, prompt_id: str, n_samples: int, adaptive: Any = None, *, any_rule: bool = True) -> bool:
-    """Whether ``prompt_id`` needs no more samples for a budget of ``n_samples``.
+    """Whether ``prompt_id`` needs no more samples for a budget of ``n_samples`` (see
+    :func:`marker_complete`)."""
+    info = marker_info(out_dir, prompt_id)
+    return info is not None and marker_complete(info, n_samples, adaptive, any_rule=any_rule)
+
+
+def marker_complete(info: Mapping[str, Any], n_samples: int, adaptive: Any = None, *, any_rule: bool = True) -> bool:
+    """Whether a prompt whose completion marker holds ``info`` needs no more samples for a
+    budget of ``n_samples``.
 
     A prompt that adaptive sampling stopped early counts as done for readers (``any_rule``,
     the default: the detector, :func:`load_prompts`); for the generator (``any_rule=False``)
     only when this run is adaptive with the same rule, so a brute-force rerun fills it up
     (``adaptive``: the generator's adaptive settings, with ``enabled`` and ``describe()``).
+    A prompt sampled in full serves any budget up to its own.
     """
-    info = marker_info(out_dir, prompt_id)
-    if info is None or int(info.get("n_samples", 0)) < n_samples:
+    if int(info.get("n_samples", 0)) < n_samples:
         return False
     # Stopped by adaptive sampling (no sign of a clique, or flagged already): fewer samples than the budget.
     partial = info.get("stopped_early") or int(info.get("n_generated", n_samples)) < n_samples

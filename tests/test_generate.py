@@ -24,6 +24,7 @@ from pipeline.generate import (
     sample_path,
 )
 from pipeline.budget import generation_budget
+from pipeline.generations import read_prompts as read_generation_prompts
 from pipeline.io import is_done, marker_path
 from pipeline.models import ModelLoadError, Runtime, load_pipeline, optimize_pipeline, resolve_dtype
 from pipeline.prompts import Prompt, PromptsError, read_prompts, shard_prompts
@@ -204,8 +205,14 @@ def test_generates_every_sample_with_a_recipe_that_regenerates_it(pipe, model_di
     with pytest.raises(IndexError, match="sample_index"):
         regenerate(row, 3, pipe=pipe)
 
+    # The stage executor's bookkeeping: its stats in a hidden folder (sub-folders are prompts).
+    stats = json.loads((out / ".logs" / "stats" / "generate_0.json").read_text())
+    assert (stats["units"], stats["done"], stats["skipped"]) == (2, 2, 0)
     again = run(pipe, model_dir, out)  # everything is marked done: nothing to make
     assert again.images == 0 and again.prompts_skipped == 2
+    stats = json.loads((out / ".logs" / "stats" / "generate_0.json").read_text())
+    assert (stats["units"], stats["done"], stats["skipped"]) == (2, 0, 2)
+    assert sorted(read_generation_prompts(out)["prompt_id"]) == ["00000", "00001"]  # no bookkeeping folder reads as a prompt
 
 
 class Interrupt(RuntimeError):

@@ -1,0 +1,107 @@
+"""The generator's schedule: which samples each prompt gets next, round by round.
+
+Without adaptive sampling a prompt has one round, all ``n_samples`` of it. With it
+(:mod:`pipeline.adaptive`), rounds end at :func:`pipeline.adaptive.round_ends` (or sooner, see
+:func:`pipeline.adaptive.next_round_end`), and after each one the samples so far go through
+:func:`pipeline.adaptive.check_round`, which lets the prompt go on or stops it.
+
+:class:`RoundScheduler` holds that state for every unfinished prompt and nothing else: it
+touches no file and no model. The generator's loop asks it what to sample (:meth:`start`),
+tells it each sample written (:meth:`written`), and hears through ``on_finish`` when a prompt
+needs no more samples, so that the loop can keep batches full across prompts while each
+prompt's rounds stay in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pipeline.adaptive import CONTINUE, AdaptiveSettings, Images, check_round, next_round_end, round_ends
+from pipeline.sampling import SampleTask
+
+# missing(prompt_id, start, end): indexes in [start, end) with no sample on disk yet.
+Missing = Callable[[str, int, int], Sequence[int]]
+# read(prompt_id, count): the readable ones among the prompt's first ``count`` samples.
+ReadBack = Callable[[str, int], Images]
+# on_finish(prompt_id, made, reason): the prompt is done with ``made`` samples; ``reason`` is
+# adaptive sampling's stop reason, or None when it got all ``n_samples``.
+OnFinish = Callable[[str, int, "str | None"], None]
+
+
+@dataclass
+class _PromptRound:
+    """One unfinished prompt: its current round covers samples ``[start, end)``, of which
+    ``waiting`` are queued and not written yet."""
+
+    caption: str
+    seeds: Sequence[int]
+    start: int
+    end: int
+    waiting: int = 0
+
+
+class RoundScheduler:
+    """The rounds of every unfinished prompt of one generator run; see the module doc.
+
+    ``n_samples``: each prompt's budget. ``adaptive``: the settings (None or disabled: one
+    round of ``n_samples``). ``missing``, ``read`` and ``on_finish`` connect it to the folder
+    (see their type aliases above).
+    """
+
+    def __init__(
+        self,
+        n_samples: int,
+        adaptive: AdaptiveSettings | None,
+        *,
+        missing: Missing,
+        read: ReadBack,
+        on_finish: OnFinish,
+    ):
+        self.n_samples = int(n_samples)
+        self.adaptive = adaptive if adaptive is not None and adaptive.enabled else None
+        self.ends = round_ends(self.n_samples, self.adaptive) if self.adaptive is not None else [self.n_samples]
+        self._missing, self._read, self._on_finish = missing, read, on_finish
+        self._active: dict[str, _PromptRound] = {}
+
+    @property
+    def active(self) -> int:
+        """Prompts started and not finished."""
+        return len(self._active)
+
+    def start(self, prompt_id: str, caption: str, seeds: Sequence[int]) -> list[SampleTask]:
+        """Begin a prompt (``seeds``: one per sample index, ``n_samples`` of them): the tasks of
+        its first round whose samples are missing; none when the samples on disk already
+        decide it (it is then finished through ``on_finish`` before this returns)."""
+        if prompt_id in self._active:
+            raise ValueError(f"prompt {prompt_id!r} is already scheduled")
+        self._active[prompt_id] = _PromptRound(caption, seeds, start=0, end=self.ends[0])
+        return self._advance(prompt_id)
+
+    def written(self, prompt_id: str) -> list[SampleTask]:
+        """One queued sample of ``prompt_id`` is on disk. Once its whole round is, the prompt
+        moves on: the tasks of its next round, or none (finished, or still waiting)."""
+        state = self._active[prompt_id]
+        state.waiting -= 1
+        return self._advance(prompt_id) if state.waiting == 0 else []
+
+    def _advance(self, prompt_id: str) -> list[SampleTask]:
+        """Move past the rounds whose samples all exist: queue the next missing samples, stop
+        the prompt, or finish it."""
+        state = self._active[prompt_id]
+        while True:
+            todo = list(self._missing(prompt_id, state.start, state.end))
+            if todo:
+                state.waiting = len(todo)
+                return [SampleTask(prompt_id, state.caption, i, int(state.seeds[i])) for i in todo]
+            if state.end == self.n_samples:
+                return self._finish(prompt_id, state.end, None)
+            check = check_round(self._read(prompt_id, state.end), self.adaptive, self.n_samples, made=state.end)
+            if check.verdict != CONTINUE:
+                return self._finish(prompt_id, state.end, check.verdict)
+            state.start, state.end = state.end, next_round_end(state.end, check, self.n_samples, self.adaptive)
+
+    def _finish(self, prompt_id: str, made: int, reason: str | None) -> list[SampleTask]:
+        del self._active[prompt_id]
+        self._on_finish(prompt_id, made, reason)
+        return []
