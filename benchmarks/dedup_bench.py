@@ -27,8 +27,8 @@ import time
 
 import numpy as np
 
-from pipeline.grouping import connected_groups, group_table, pair_scores, select_top
-from pipeline.index import IndexSettings, Pairs, cell_pairs, exact_pairs, train_cells
+from pipeline.dedup.grouping import connected_groups, group_table, pair_scores, select_top
+from pipeline.dedup.index import IndexSettings, Pairs, cell_pairs, exact_pairs, train_cells
 
 
 def planted_embeddings(
@@ -124,7 +124,7 @@ def run_stage(vectors: np.ndarray, args) -> float:
     import pandas as pd
 
     from pipeline.dedup import DedupSettings, run_dedup
-    from pipeline.embeddings_store import write_shard
+    from pipeline.dedup.embeddings_store import write_shard
 
     with tempfile.TemporaryDirectory(prefix="dedup_bench_") as tmp:
         keys = [f"{i:09d}" for i in range(len(vectors))]

@@ -189,9 +189,9 @@ def time_plain_loop(pipe, prompts: list[str], n_images: int, steps: int, guidanc
 def time_generator(pipe, prompts: list[str], n_samples: int, args, dtype_name: str, out_dir: Path, device) -> tuple[float, int]:
     """Seconds per image of ``pipeline.generate.generate`` (after a warm-up run of one full batch)."""
     from pipeline.generate import generate
+    from pipeline.generate.sampling import SamplingSettings
     from pipeline.models import Runtime
     from pipeline.prompts import Prompt
-    from pipeline.sampling import SamplingSettings
 
     runtime = Runtime(device=device.type, dtype=dtype_name, compile=args.compile)
     settings = SamplingSettings(steps=args.steps, guidance_scale=args.guidance, height=args.resolution, width=args.resolution)

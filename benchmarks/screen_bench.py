@@ -42,15 +42,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline.adaptive import NO_SIGN, AdaptiveSettings, adaptive_outcome
 from pipeline.budget import brute_force_evaluations, generation_budget, missed_by_shortcuts
 from pipeline.detect import run_detect
-from pipeline.generate import generate, load_prompts, read_samples
+from pipeline.generate import generate, read_samples
+from pipeline.generate.adaptive import NO_SIGN, AdaptiveSettings, adaptive_outcome
+from pipeline.generate.sampling import SamplingSettings
+from pipeline.generations import load_prompts
 from pipeline.models import Runtime, load_model, resolve_device
 from pipeline.prescreen import PrescreenSettings, heavy_prompt_aucs, prescreen, unet_evaluations
 from pipeline.prompts import Prompt, read_prompts
 from pipeline.rule import NearCopyRule
-from pipeline.sampling import SamplingSettings
 
 TINY_BANDS = {"heavy": (2, 8), "mid": (2, 3), "single": (6, 1)}
 TINY_DEFAULTS = dict(

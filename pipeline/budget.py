@@ -7,7 +7,7 @@ denoising steps; a step is one UNet evaluation per image, two with classifier-fr
 * the prescreen (:mod:`pipeline.prescreen`) scores every prompt with one conditional UNet
   evaluation per seed (plus one unconditional evaluation per seed, shared by all prompts) and
   keeps only the top ones for sampling;
-* adaptive sampling (:mod:`pipeline.adaptive`) stops a prompt after its first round(s) unless
+* adaptive sampling (:mod:`pipeline.generate.adaptive`) stops a prompt after its first round(s) unless
   its samples so far look like a forming clique, and (optionally) as soon as the detector's
   verdict on it is decided.
 

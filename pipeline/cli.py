@@ -13,6 +13,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -23,6 +24,9 @@ from pipeline.text import display_text
 # The exit status of a usage mistake, as argparse and most shells' builtins use.
 USAGE_ERROR = 2
 MESSAGE_LIMIT = 2000  # characters of an error message shown
+# The config tree, for every ``@hydra.main`` (an absolute path: Hydra resolves a relative one
+# against the module's package when the entry point is not ``__main__``).
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 class ConfigError(ValueError):

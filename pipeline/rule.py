@@ -1,7 +1,7 @@
 """The near-copy rule: when samples are copies of one image, and when a prompt is memorized.
 
-One rule serves adaptive sampling (:mod:`pipeline.adaptive`), the detector
-(:mod:`pipeline.detect`), verification (:mod:`pipeline.verify`) and the demo evaluation
+One rule serves adaptive sampling (:mod:`pipeline.generate.adaptive`), the detector
+(:mod:`pipeline.detect`), verification (:mod:`pipeline.detect.verify`) and the demo evaluation
 (:mod:`pipeline.demo.evaluate`): a ``metric`` (:mod:`pipeline.metrics`) measures distances,
 two images closer than ``threshold`` are near-copies, and a prompt is flagged when at least
 ``min_clique`` of its samples are pairwise near-copies (a clique; Carlini et al. 2023), found

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.adaptive import (
+from pipeline.clique import max_clique
+from pipeline.generate.adaptive import (
     CONTINUE,
     FLAGGED,
     NO_SIGN,
@@ -18,7 +19,6 @@ from pipeline.adaptive import (
     round_ends,
     round_verdict,
 )
-from pipeline.clique import max_clique
 from pipeline.rule import NearCopyRule
 
 
@@ -157,7 +157,7 @@ def test_stops_on_the_verdict_never_change_what_the_detector_flags():
 
 
 def test_settings_from_config_name_unknown_keys():
-    from pipeline.adaptive import adaptive_settings
+    from pipeline.generate.adaptive import adaptive_settings
 
     assert adaptive_settings(None) == AdaptiveSettings()
     rule = NearCopyRule(threshold=0.1, min_clique=12)
@@ -174,10 +174,11 @@ def test_settings_from_config_name_unknown_keys():
 def test_unreadable_samples_are_left_out_of_the_checks(tmp_path):
     """As the detector skips a sample that does not decode, so do the round checks (they used to
     raise): the others decide, and the budget left still counts from the samples made."""
-    from pipeline.generate import read_samples, sample_path
     from PIL import Image
 
     from pipeline.data.rejects import RejectLog
+    from pipeline.generate import read_samples
+    from pipeline.generations import sample_path
 
     rng = np.random.default_rng(7)
     images = _with_copies(6, 3, rng)  # a clique of 3 among the first 3

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 
 from pipeline.dedup import DedupSettings, format_summary, run_dedup, shard_bounds
+from pipeline.dedup.embeddings_store import read_embeddings, read_metadata, write_shard
+from pipeline.dedup.grouping import connected_groups, evaluate_groups, group_table, pair_scores, select_top
+from pipeline.dedup.index import IndexSettings, cell_pairs, exact_pairs, find_pairs, train_cells
 from pipeline.demo.dataset import build_demo_dataset
 from pipeline.embedders.thumbnail import ThumbnailEmbedder
-from pipeline.embeddings_store import read_embeddings, read_metadata, write_shard
-from pipeline.grouping import connected_groups, evaluate_groups, group_table, pair_scores, select_top
-from pipeline.index import IndexSettings, cell_pairs, exact_pairs, find_pairs, train_cells
 
 REPO = Path(__file__).resolve().parents[1]
 # A small demo set: 2 originals x 30 copies, 3 x 8, 4 x 3, and 60 singletons (156 records).

@@ -16,15 +16,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import detect as detect_module
 from pipeline.clique import max_clique
 from pipeline.data.rejects import RejectLog
 from pipeline.detect import run_detect
+from pipeline.detect import stage as detect_module
+from pipeline.detect.verify import EmbeddingIndex, fetch_training_images, run_verify
 from pipeline.embedders.base import Embedder
 from pipeline.generations import list_samples, read_prompts
 from pipeline.metrics import ClipDistance, metric_named
 from pipeline.rule import NearCopyRule
-from pipeline.verify import EmbeddingIndex, fetch_training_images, run_verify
 
 GEN_SIZE = 32
 TRAIN_SIZE = 64
@@ -141,8 +141,8 @@ def test_verdict_stops_taken_under_another_rule_are_named(run, caplog):
     own rule; prompts stopped under another one are warned about and listed in summary.json.
     The generator stores its whole rule with the samples, so any difference counts, the
     metric's parameters and the clique search budget included."""
-    from pipeline.adaptive import AdaptiveSettings
     from pipeline.detect import stopped_under_another_rule
+    from pipeline.generate.adaptive import AdaptiveSettings
     from pipeline.metrics import TiledL2
 
     def stored(**rule):
@@ -384,6 +384,9 @@ def test_verification_is_reused_when_nothing_changed(run):
     again = verify(run, memorized, dedup_dir=run["run_dir"] / "dedup")
     pd.testing.assert_frame_equal(first, again)
     assert not (run["run_dir"] / "detect" / "matches" / "00000.png").exists()  # not recomputed
+    # Through the stage executor: its marker and stats say the unit was skipped.
+    stats = json.loads((run["run_dir"] / "detect" / "verify" / "stats" / "verify_0.json").read_text())
+    assert (stats["units"], stats["skipped"], stats["done"]) == (1, 1, 0)
     verify(run, memorized, dedup_dir=run["run_dir"] / "dedup", delta=0.01)
     assert (run["run_dir"] / "detect" / "matches" / "00000.png").exists()
 
@@ -423,4 +426,4 @@ def test_command_line_detect(run, tmp_path):
     # metric= picks a config of the group conf/metric/ (one per metric): Hydra names the
     # unknown choice and lists the metrics there, as for any config group.
     assert bad.returncode != 0 and "Could not find 'metric/l1'" in bad.stderr and "Traceback" not in bad.stderr
-    assert "Available options in 'metric':\n\tclip\n\ttiled_l2\n" in bad.stderr
+    assert "Available options in 'metric':\n\tclip\n\tsscd\n\ttiled_l2\n" in bad.stderr

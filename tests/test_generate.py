@@ -14,21 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.generate import (
-    PROMPTS_FILE,
-    consolidate_prompts,
-    generate,
-    load_prompts,
-    read_samples,
-    regenerate,
-    sample_path,
-)
 from pipeline.budget import generation_budget
+from pipeline.generate import generate, read_samples
+from pipeline.generate.regenerate import regenerate
+from pipeline.generate.sampling import PromptEncoder, SampleTask, SamplingSettings, sample_batch, sample_seed
+from pipeline.generations import PROMPTS_FILE, consolidate_prompts, load_prompts, sample_path
 from pipeline.generations import read_prompts as read_generation_prompts
 from pipeline.io import is_done, marker_path
 from pipeline.models import ModelLoadError, Runtime, load_pipeline, optimize_pipeline, resolve_dtype
 from pipeline.prompts import Prompt, PromptsError, read_prompts, shard_prompts
-from pipeline.sampling import PromptEncoder, SampleTask, SamplingSettings, sample_batch, sample_seed
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -360,7 +354,7 @@ def brute(pipe, model_dir, tmp_path_factory):
     """A brute-force reference run (FULL samples per prompt) and an adaptive rule under which exactly
     one prompt's first pair is close (the threshold sits between the two smallest first-pair
     distances), so that prompt continues and the others stop after their first round."""
-    from pipeline.adaptive import AdaptiveSettings
+    from pipeline.generate.adaptive import AdaptiveSettings
     from pipeline.metrics import TiledL2
     from pipeline.rule import NearCopyRule
 
@@ -455,7 +449,7 @@ def test_stops_on_the_verdict_match_their_replay_on_brute_force_samples(pipe, mo
     first come), not at the geometric end."""
     from dataclasses import replace
 
-    from pipeline.adaptive import OUT_OF_REACH, adaptive_outcome
+    from pipeline.generate.adaptive import OUT_OF_REACH, adaptive_outcome
 
     rule = replace(brute["rule"], stop_when_flagged=True, stop_when_out_of_reach=True, rule=replace(brute["rule"].rule, min_clique=min_clique))
     out = tmp_path / f"verdict{min_clique}"
@@ -500,7 +494,7 @@ def test_interrupted_adaptive_run_resumes_to_the_same_samples(pipe, model_dir, t
     # Another rule over the same folder decides again from the samples on disk: a threshold
     # nothing passes stops every prompt that is not complete yet (none here: all are done
     # under the old rule or complete), while a brute-force marker is never undone.
-    from pipeline.adaptive import AdaptiveSettings
+    from pipeline.generate.adaptive import AdaptiveSettings
     from pipeline.rule import NearCopyRule
 
     strict = AdaptiveSettings(enabled=True, first_round=2, rule=NearCopyRule(threshold=1e-9))
@@ -533,7 +527,7 @@ def test_adaptive_checks_skip_unreadable_samples_as_the_detector_does(pipe, mode
 
 
 def test_generate_config_has_adaptive_off_by_default():
-    from pipeline.adaptive import adaptive_settings
+    from pipeline.generate.adaptive import adaptive_settings
 
     cfg = compose([])
     assert cfg.adaptive.enabled is False and cfg.budget.brute_force_memorized is None
@@ -547,10 +541,9 @@ def test_demo_experiment_screens_cheaply():
     """experiment=demo: adaptive sampling on, stopping flagged prompts at the detector's clique size."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-
-    from pipeline.adaptive import adaptive_settings
     from omegaconf import OmegaConf
 
+    from pipeline.generate.adaptive import adaptive_settings
     from pipeline.prescreen import PrescreenSettings
     from pipeline.rule import rule_from_config
 

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from pipeline.detect import run_detect
-from pipeline.metrics import TiledL2
-from pipeline.rule import NearCopyRule
 from pipeline.generations import list_samples, read_prompts
 from pipeline.io import unsafe_name
+from pipeline.metrics import TiledL2
+from pipeline.rule import NearCopyRule
 
 SETTINGS = NearCopyRule(TiledL2(device="cpu"), min_clique=2)
 

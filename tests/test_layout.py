@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline.detect import run_detect
+from pipeline.detect.verify import run_verify
 from pipeline.layout import PROMPT_COLUMNS, read_prompt_table, write_prompt_table
 from pipeline.report import load_run
 from pipeline.rule import NearCopyRule
-from pipeline.verify import run_verify
 from tests.test_detect import build_run
 
 

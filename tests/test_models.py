@@ -100,7 +100,8 @@ def test_prescreen_and_generation_load_the_same_model_from_one_config(variant_mo
     assert recorded["scheduler"] == "DDIMScheduler"
     assert json.loads(recorded["scheduler_config"]) == json.loads(json.dumps(scheduler_config(prescreen_pipe)))
     # The prescreen scored with that scheduler: its first timestep, on the variant's weights.
-    from pipeline.prescreen import PrescreenSettings, prescreen as score
+    from pipeline.prescreen import PrescreenSettings
+    from pipeline.prescreen import prescreen as score
     from pipeline.prompts import Prompt
 
     direct = score(generation_pipe, [Prompt(r.prompt_id, r.caption) for r in table.itertuples()],
@@ -108,7 +109,7 @@ def test_prescreen_and_generation_load_the_same_model_from_one_config(variant_mo
     pd.testing.assert_series_equal(table.set_index("prompt_id").score, direct.set_index("prompt_id").score, rtol=1e-4)
 
     # Regeneration from the recorded row loads (through load_model) the scheduler it records.
-    from pipeline.generate import pipeline_for
+    from pipeline.generate.regenerate import pipeline_for
 
     again = pipeline_for(recorded)
     assert type(again.scheduler).__name__ == "DDIMScheduler"

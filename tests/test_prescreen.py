@@ -120,8 +120,8 @@ def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch):
     skips the scoring and redoes only the ranking."""
     from hydra import compose, initialize_config_dir
 
-    from pipeline import prescreen as stage
     from pipeline.executor import read_marker
+    from pipeline.prescreen import stage
 
     from .conftest import REPO
 

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from pipeline.detect import run_detect
+from pipeline.detect.verify import run_verify
 from pipeline.report import RunResults, load_run, rates_by_duplicates, write_report
 from pipeline.rule import NearCopyRule
-from pipeline.verify import run_verify
 from tests.test_detect import CAPTIONS, ORIGINAL_KEY, build_run
 
 REPO = Path(__file__).resolve().parents[1]

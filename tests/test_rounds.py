@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from pipeline.adaptive import FLAGGED, NO_SIGN, AdaptiveSettings, adaptive_outcome
-from pipeline.rounds import RoundScheduler
+from pipeline.generate.adaptive import FLAGGED, NO_SIGN, AdaptiveSettings, adaptive_outcome
+from pipeline.generate.rounds import RoundScheduler
 
 
 class FakeFolder:

@@ -183,7 +183,7 @@ def generate_stage(planted, run_dir: Path, overrides: list[str]):
     """``python -m pipeline.generate`` from the composed configs, over a generations folder
     whose first round (4 samples a prompt) exists already: only the round checks decide."""
     from pipeline.generate import run as run_generate
-    from pipeline.generate import sample_path
+    from pipeline.generations import sample_path
 
     for index, pid in enumerate(("00000", "00001")):
         for i, image in enumerate(planted["samples"][pid]):
@@ -201,7 +201,7 @@ def generate_stage(planted, run_dir: Path, overrides: list[str]):
 
 def test_a_metric_in_one_file_is_used_by_adaptive_sampling_detection_and_verification(planted, tmp_path):
     from pipeline.detect import run as run_detect_stage
-    from pipeline.verify import fit_to
+    from pipeline.detect.verify import fit_to
 
     # (a) Adaptive sampling: under whole-image RMS the first round of 00000 is already a clique
     # of 3: it stops as flagged; under tiled L2 (the default) it has no near-copy pair.

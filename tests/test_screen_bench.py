@@ -12,7 +12,6 @@ from PIL import Image
 from .conftest import load_benchmark
 
 
-
 @pytest.fixture(scope="module")
 def bench():
     return load_benchmark("screen_bench")

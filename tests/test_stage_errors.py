@@ -11,6 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.cli import ConfigError, config_int, config_number, stage_main
+
 from .conftest import REPO
 
 
@@ -104,7 +105,7 @@ def test_stage_main_turns_mistakes_into_one_line_and_keeps_bugs(capsys, monkeypa
 
 
 def test_adaptive_settings_name_their_key():
-    from pipeline.adaptive import adaptive_settings
+    from pipeline.generate.adaptive import adaptive_settings
     from pipeline.rule import rule_from_config
 
     # The near-copy rule adaptive sampling uses is the one every stage reads (conf/rule.yaml).

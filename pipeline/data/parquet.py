@@ -31,8 +31,8 @@ from pipeline.data.assemble import caption_or_reject, decode_or_reject, utf8_pro
 from pipeline.data.errors import DataConfigError
 from pipeline.data.record import Record
 from pipeline.data.rejects import RejectLog
-from pipeline.data.shards import find_shards
 from pipeline.data.sharding import add_lost, check_shard, owns, split_files
+from pipeline.data.shards import find_shards
 
 PARQUET_SUFFIXES = (".parquet",)
 # Tried in order when ``caption_column`` is not set; img2dataset writes both.

@@ -35,8 +35,8 @@ import pyarrow.parquet as pq
 from pipeline.data.assemble import caption_or_reject, decode_or_reject, parse_meta
 from pipeline.data.record import Record
 from pipeline.data.rejects import RejectLog
-from pipeline.data.shards import find_shards, shard_stem
 from pipeline.data.sharding import add_lost, check_shard, owns, split_files
+from pipeline.data.shards import find_shards, shard_stem
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")  # in order of preference

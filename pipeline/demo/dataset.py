@@ -291,9 +291,9 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
-    from pipeline.cli import config_int, config_number, stage_main
+    from pipeline.cli import CONF_DIR, config_int, config_number, stage_main
 
-    @hydra.main(version_base="1.3", config_path="../../conf", config_name="demo_data")
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="demo_data")
     @stage_main("demo.dataset")
     def _run(cfg: DictConfig) -> None:
         ground_truth = build_demo_dataset(

@@ -156,10 +156,10 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    from pipeline.cli import stage_main
+    from pipeline.cli import CONF_DIR, stage_main
     from pipeline.rule import rule_from_config
 
-    @hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate_demo")
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate_demo")
     @stage_main("demo.evaluate")
     def _run(cfg: DictConfig) -> None:
         if not (Path(cfg.data_dir) / "ground_truth.parquet").is_file():

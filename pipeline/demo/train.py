@@ -271,9 +271,9 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    from pipeline.cli import stage_main
+    from pipeline.cli import CONF_DIR, stage_main
 
-    @hydra.main(version_base="1.3", config_path="../../conf", config_name="train_demo")
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_demo")
     @stage_main("demo.train")
     def _run(cfg: DictConfig) -> None:
         values = OmegaConf.to_container(cfg, resolve=True)

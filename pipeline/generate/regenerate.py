@@ -1,11 +1,11 @@
 """Regenerate any sample of a run from its recorded recipe (a row of ``generations/prompts.parquet``).
 
-Every sample comes from its own seed (:func:`pipeline.sampling.sample_seed`), whatever batch it
+Every sample comes from its own seed (:func:`pipeline.generate.sampling.sample_seed`), whatever batch it
 was made in, so one row and an index are enough to remake it: on the CPU within one grey level,
 since convolutions round differently at other batch sizes.
 
     import pandas as pd
-    from pipeline.regenerate import regenerate
+    from pipeline.generate.regenerate import regenerate
     row = pd.read_parquet("outputs/demo/generations/prompts.parquet").iloc[0]
     image = regenerate(row, 3)          # uint8 (height, width, 3)
 """
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.generate.sampling import PromptEncoder, SampleTask, SamplingSettings, sample_batch
 from pipeline.models import Runtime, build_scheduler, load_model
-from pipeline.sampling import PromptEncoder, SampleTask, SamplingSettings, sample_batch
 
 _PIPELINES: dict[tuple, Any] = {}
 

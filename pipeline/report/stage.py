@@ -28,7 +28,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from PIL import Image
 
-from pipeline.cli import config_int, stage_main
+from pipeline.cli import CONF_DIR, config_int, stage_main
 from pipeline.executor import StepContext, Unit, run_step
 from pipeline.io import atomic_write
 from pipeline.layout import read_prompt_table
@@ -211,7 +211,7 @@ def render_report(results: RunResults, title: str, thumbnails: int = 6, thumb_si
     import jinja2
 
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("pipeline", "templates"),
+        loader=jinja2.PackageLoader("pipeline.report", "templates"),
         autoescape=True,  # captions are untrusted web text (display_text escapes controls, not markup)
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -312,7 +312,7 @@ def run_report(detect_dir: str | Path, out: str | Path, rank: int = 0, world_siz
     return Path(out) if rank == 0 and (ctx.completed or Path(out).is_file()) else None
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
 @stage_main("report")
 def main(cfg: DictConfig) -> None:
     options = {

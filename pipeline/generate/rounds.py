@@ -1,9 +1,9 @@
 """The generator's schedule: which samples each prompt gets next, round by round.
 
 Without adaptive sampling a prompt has one round, all ``n_samples`` of it. With it
-(:mod:`pipeline.adaptive`), rounds end at :func:`pipeline.adaptive.round_ends` (or sooner, see
-:func:`pipeline.adaptive.next_round_end`), and after each one the samples so far go through
-:func:`pipeline.adaptive.check_round`, which lets the prompt go on or stops it.
+(:mod:`pipeline.generate.adaptive`), rounds end at :func:`pipeline.generate.adaptive.round_ends` (or sooner, see
+:func:`pipeline.generate.adaptive.next_round_end`), and after each one the samples so far go through
+:func:`pipeline.generate.adaptive.check_round`, which lets the prompt go on or stops it.
 
 :class:`RoundScheduler` holds that state for every unfinished prompt and nothing else: it
 touches no file and no model. The generator's loop asks it what to sample (:meth:`start`),
@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pipeline.adaptive import CONTINUE, AdaptiveSettings, Images, check_round, next_round_end, round_ends
-from pipeline.sampling import SampleTask
+from pipeline.generate.adaptive import CONTINUE, AdaptiveSettings, Images, check_round, next_round_end, round_ends
+from pipeline.generate.sampling import SampleTask
 
 # missing(prompt_id, start, end): indexes in [start, end) with no sample on disk yet.
 Missing = Callable[[str, int, int], Sequence[int]]

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.budget import prescreen_evaluations
-from pipeline.cli import ConfigError, config_int, config_number, stage_main
+from pipeline.cli import CONF_DIR, ConfigError, config_int, config_number, stage_main
 from pipeline.executor import StepContext, Unit, all_done, read_marker, run_step, settings_digest
 from pipeline.prompts import Prompt, shard_prompts
 from pipeline.text import display_text
@@ -440,7 +440,7 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="prescreen")
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="prescreen")
     @stage_main("prescreen")
     def _run(cfg: DictConfig) -> None:
         run(cfg)

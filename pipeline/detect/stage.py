@@ -6,7 +6,7 @@ prompt is flagged when the largest clique of that graph has at least ``rule.min_
 members (Carlini et al. 2023: many seeds converging on the same image is the signature of a
 memorized training image). The rule (:class:`pipeline.rule.NearCopyRule`) is the one adaptive
 sampling and verification use. Flagged prompts are then compared with the training set
-(:mod:`pipeline.verify`), through the same metric.
+(:mod:`pipeline.detect.verify`), through the same metric.
 
     python -m pipeline.detect run_name=demo                 # reads <run_dir>/generations
     python -m pipeline.detect generations_dir=/elsewhere data=files data.path=/laion
@@ -30,10 +30,11 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pipeline.cli import config_int, config_number, stage_main
+from pipeline.cli import CONF_DIR, config_int, config_number, stage_main
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
 from pipeline.embedders.base import Embedder
+from pipeline.executor import StepContext, Unit, all_done, merge_rejects, run_step
 from pipeline.generations import (
     FLAGGED,
     OUT_OF_REACH,
@@ -46,7 +47,6 @@ from pipeline.generations import (
     sample_files,
     stored_rule,
 )
-from pipeline.executor import StepContext, Unit, all_done, merge_rejects, run_step
 from pipeline.io import unsafe_name, write_json, write_parquet
 from pipeline.layout import carried, prompt_columns
 from pipeline.rule import NearCopyRule, rule_from_config
@@ -132,7 +132,7 @@ def screenable_prompts(generations_dir: Path, rejects: RejectLog | None = None) 
 def stopped_under_another_rule(prompts_table: pd.DataFrame, rule: NearCopyRule) -> list[str]:
     """Prompts that adaptive sampling stopped on a verdict it took under another rule than ``rule``.
 
-    A stop "flagged" or "out_of_reach" (:mod:`pipeline.adaptive`) cannot change the detector's
+    A stop "flagged" or "out_of_reach" (:mod:`pipeline.generate.adaptive`) cannot change the detector's
     verdict only when both judge near-copies alike: the rule stored with the stop (the
     generator's ``adaptive`` column) must be this one (:meth:`NearCopyRule.matches`: metric and
     its parameters, threshold, clique size and search budget). A prompt judged otherwise, or
@@ -259,7 +259,7 @@ def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     Returns (memorized, extracted); memorized is None while other shards are unfinished,
     extracted is None without a training set.
     """
-    from pipeline.verify import run_verify
+    from pipeline.detect.verify import run_verify
 
     # The near-copy rule every stage shares (conf/rule.yaml, conf/metric/); metric=clip builds
     # the embedder here, which the embedding index of verification then shares.
@@ -300,7 +300,7 @@ def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     return memorized, extracted
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="detect")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="detect")
 @stage_main("detect")
 def main(cfg: DictConfig) -> None:
     run(cfg)

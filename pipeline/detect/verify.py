@@ -17,7 +17,6 @@ the way Stable Diffusion's training data was prepared.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -34,7 +33,8 @@ from pipeline.data.images import BadImage, decode_image
 from pipeline.data.rejects import RejectLog
 from pipeline.distance import embed_images
 from pipeline.embedders.base import Embedder
-from pipeline.io import atomic_write, is_done, mark_done, marker_path, write_parquet
+from pipeline.executor import StepContext, Unit, merge_rejects, run_step
+from pipeline.io import atomic_write, write_parquet
 from pipeline.layout import normalise_keys
 from pipeline.metrics import Metric, TiledL2
 
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 EXTRACTED_COLUMNS = ["prompt_id", "sample", "sample_file", "train_key", "distance", "extracted", "n_candidates"]
 # Longest side of the matched training image kept in <out_dir>/matches/ for the report.
 MATCH_IMAGE_SIDE = 512
+# The executor's rejects and stats of verification, beside the detector's.
+VERIFY_LOGS = "verify"
 
 
 def fit_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -201,8 +203,10 @@ def run_verify(
 
     Writes ``<out_dir>/extracted.parquet`` (a row per flagged prompt: the closest candidate,
     ``train_key`` empty and ``distance`` NaN when it had none) and the matched training images
-    as ``<out_dir>/matches/<prompt_id>.png``. A rerun with the same inputs and settings reuses
-    the stored result.
+    as ``<out_dir>/matches/<prompt_id>.png``. Runs as one unit of the stage executor: its marker
+    (``<out_dir>/.done/verify.json``) holds the digest of the inputs and settings, so a rerun
+    with the same ones reuses the stored result; unreadable inputs are listed in
+    ``<out_dir>/rejects_verify.jsonl`` and its stats are in ``<out_dir>/verify/stats/``.
 
     Args:
         data: the training set, as a ``data`` config (``format``, ``path``, reader options).
@@ -229,13 +233,43 @@ def run_verify(
         "representatives": dict(zip(flagged["prompt_id"], flagged["representative_file"])),
         "groups": group_candidates(flagged),
     }  # fmt: skip
-    target = out_dir / "extracted.parquet"
-    if is_done(out_dir, "verify") and target.exists():
-        if json.loads(marker_path(out_dir, "verify").read_text(encoding="utf-8")) == settings:
-            log.info("verification already done with these settings: %s", target)
-            return pd.read_parquet(target)
+    step = _VerifyStep(
+        flagged, generations_dir, out_dir, settings, data=data, dedup_dir=dedup_dir, embedder_factory=embedder_factory,
+        n_candidates=n_candidates, delta=delta, exhaustive=exhaustive, metric=metric, progress=progress, batch_size=batch_size,
+    )  # fmt: skip
+    # One unit, run by the process that finished the detection; its marker holds the settings'
+    # digest, so a rerun with the same inputs reuses extracted.parquet.
+    run_step(step, out_dir, progress=progress, logs_dir=out_dir / VERIFY_LOGS)
+    merge_rejects(out_dir / VERIFY_LOGS / "rejects", out_dir / "rejects_verify.jsonl", world_size=1)
+    return pd.read_parquet(out_dir / "extracted.parquet")
 
-    rejects = RejectLog(out_dir / "rejects_verify.jsonl")
+
+class _VerifyStep:
+    """Verification as a step of the stage executor: a single unit, ``verify``."""
+
+    name = "verify"
+
+    def __init__(self, flagged: pd.DataFrame, generations_dir: Path, out_dir: Path, settings: dict[str, Any], **options: Any):
+        self.flagged, self.generations_dir, self.out_dir, self.settings, self.options = flagged, generations_dir, out_dir, settings, options
+
+    def units(self, rank: int, world_size: int) -> list[Unit]:
+        return [Unit("verify", self.settings)]
+
+    def is_complete(self, unit: Unit, marker: dict[str, Any]) -> bool:
+        return marker.get("digest") == unit.digest and (self.out_dir / "extracted.parquet").exists()
+
+    def run(self, units: list[Unit], ctx: StepContext) -> None:
+        extracted = _verify(self.flagged, self.generations_dir, self.out_dir, ctx.rejects, **self.options)
+        write_parquet(extracted, self.out_dir / "extracted.parquet")
+        ctx.done(units[0], {"extracted": int(extracted["extracted"].sum()), "flagged": len(extracted)})
+
+
+def _verify(
+    flagged: pd.DataFrame, generations_dir: Path, out_dir: Path, rejects: RejectLog, *, data: Mapping[str, Any],
+    dedup_dir: str | Path | None, embedder_factory: Callable[[], Embedder | None] | None, n_candidates: int,
+    delta: float, exhaustive: str | bool, metric: Metric, progress: bool, batch_size: int,
+) -> pd.DataFrame:  # fmt: skip
+    """The comparison itself (see :func:`run_verify`); returns the extracted table and writes the matched images."""
     prompt_ids = list(flagged["prompt_id"])
     representatives: dict[str, np.ndarray] = {}
     for row in flagged.itertuples(index=False):
@@ -285,10 +319,9 @@ def run_verify(
             "train_key": key, "distance": distance, "extracted": bool(distance <= delta),
             "n_candidates": best.counts[row.prompt_id],
         })  # fmt: skip
-    extracted = pd.DataFrame(rows, columns=EXTRACTED_COLUMNS)
-    write_parquet(extracted, target)
-    mark_done(out_dir, "verify", settings)
-    return extracted
+    return pd.DataFrame(rows, columns=EXTRACTED_COLUMNS)
+
+
 
 
 def _scan(

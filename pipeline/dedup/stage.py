@@ -48,14 +48,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.cli import ConfigError, config_int, config_number, stage_main
+from pipeline.cli import CONF_DIR, ConfigError, config_int, config_number, stage_main
 from pipeline.data import Record, RejectLog
 from pipeline.data.sharding import check_shard
+from pipeline.dedup.embeddings_store import list_shards, read_embeddings, read_metadata, write_shard
+from pipeline.dedup.grouping import connected_groups, evaluate_groups, group_table, record_order, select_top
+from pipeline.dedup.index import Cells, IndexSettings, Pairs, find_pairs, train_cells
 from pipeline.embedders.base import Embedder
-from pipeline.embeddings_store import list_shards, read_embeddings, read_metadata, write_shard
 from pipeline.executor import StepContext, Unit, all_done, merge_rejects, read_marker, run_step
-from pipeline.grouping import connected_groups, evaluate_groups, group_table, record_order, select_top
-from pipeline.index import Cells, IndexSettings, Pairs, find_pairs, train_cells
 from pipeline.io import marker_path, write_json, write_parquet
 from pipeline.text import display_text
 
@@ -545,7 +545,7 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="dedup")
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="dedup")
     @stage_main("dedup")
     def _run(cfg: DictConfig) -> None:
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build: noise here

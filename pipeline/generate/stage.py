@@ -22,7 +22,7 @@ see :mod:`pipeline.prompts`) and writes, for this shard's prompts (``rank`` of `
 A rerun skips prompts with a marker and, for the others, makes only the missing images, which
 are the same images since each one comes from its own seed. Every PNG is written atomically.
 
-Adaptive sampling (``adaptive.enabled=true``, :mod:`pipeline.adaptive`): a prompt's samples come
+Adaptive sampling (``adaptive.enabled=true``, :mod:`pipeline.generate.adaptive`): a prompt's samples come
 in rounds (16, 32, 64, ... by default), all active prompts' round together so that batches
 still mix prompts; after a round, a prompt whose samples so far have no pair of near-copies
 (under the near-copy rule the detector uses, :mod:`pipeline.rule`) stops there (marked done
@@ -38,18 +38,18 @@ back is left out of the checks (as the detector leaves it out) and recorded in
 The stage runs through the stage executor (:mod:`pipeline.executor`), a unit per prompt: the
 markers above are its completion markers, and ``.logs/stats/generate_<rank>.json`` its stats.
 
-Recipe columns of ``prompts.parquet``, enough for :func:`pipeline.regenerate.regenerate` to remake any sample:
+Recipe columns of ``prompts.parquet``, enough for :func:`pipeline.generate.regenerate.regenerate` to remake any sample:
 ``prompt_id``, ``prompt_index`` (position in the prompt list), ``caption``, ``dup_count`` and
 ``keys`` (carried from the prompt list: the duplicate group's training records, or null),
-``n_samples``, ``seeds`` (list, one per sample: :func:`pipeline.sampling.sample_seed` of
+``n_samples``, ``seeds`` (list, one per sample: :func:`pipeline.generate.sampling.sample_seed` of
 ``base_seed``, prompt id and index, see ``seed_rule``), ``model`` (``model.path`` as given),
 ``pipeline_class``, ``scheduler`` (class name), ``scheduler_config`` (JSON), ``steps``,
 ``guidance_scale``, ``height``, ``width``, ``negative_prompt``, ``dtype``, ``generator_device``
 and ``runtime`` (JSON: device and speed options, see :class:`pipeline.models.Runtime`); then
-``adaptive`` (JSON of :meth:`pipeline.adaptive.AdaptiveSettings.describe`: the settings
+``adaptive`` (JSON of :meth:`pipeline.generate.adaptive.AdaptiveSettings.describe`: the settings
 and, under ``rule``, the near-copy rule; null when off), ``n_generated`` (samples made so far, of
 ``n_samples``), ``stopped_early`` (stopped with no near-copy pair) and ``stop_reason``
-(:mod:`pipeline.adaptive`'s ``no_close_pairs``, ``flagged`` or ``out_of_reach``; null when
+(:mod:`pipeline.generate.adaptive`'s ``no_close_pairs``, ``flagged`` or ``out_of_reach``; null when
 sampled in full).
 """
 
@@ -71,30 +71,14 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.adaptive import FLAGGED, NO_SIGN, OUT_OF_REACH, AdaptiveSettings, adaptive_settings
 from pipeline.budget import format_budget, write_generation_budget
-from pipeline.cli import config_int, config_number, stage_main
+from pipeline.cli import CONF_DIR, config_int, config_number, stage_main
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
 from pipeline.executor import StepContext, Unit, merge_rejects, run_step
-from pipeline.io import atomic_write, write_json, write_parquet
-from pipeline.models import Runtime, load_model, make_runtime, resolve_device
-from pipeline.generations import (  # PROMPTS_FILE and the folder API stay importable from here
-    PROMPTS_FILE,  # noqa: F401
-    Sample,
-    load_samples,
-    consolidate_prompts,
-    load_prompts,
-    marker_complete,
-    marker_info,
-    sample_path,
-    shard_file,
-)
-from pipeline.prompts import Prompt, read_prompts, shard_prompts
-from pipeline.regenerate import pipeline_for, regenerate  # noqa: F401 (kept importable from here)
-from pipeline.rounds import RoundScheduler
-from pipeline.rule import rule_from_config
-from pipeline.sampling import (
+from pipeline.generate.adaptive import FLAGGED, NO_SIGN, OUT_OF_REACH, AdaptiveSettings, adaptive_settings
+from pipeline.generate.rounds import RoundScheduler
+from pipeline.generate.sampling import (
     SEED_RULE,
     PromptEncoder,
     SampleTask,
@@ -103,6 +87,20 @@ from pipeline.sampling import (
     sample_batch,
     sample_seed,
 )
+from pipeline.generations import (
+    Sample,
+    consolidate_prompts,
+    load_prompts,
+    load_samples,
+    marker_complete,
+    marker_info,
+    sample_path,
+    shard_file,
+)
+from pipeline.io import atomic_write, write_json, write_parquet
+from pipeline.models import Runtime, load_model, make_runtime, resolve_device
+from pipeline.prompts import Prompt, read_prompts, shard_prompts
+from pipeline.rule import rule_from_config
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +217,7 @@ class GenerateStep:
     stopped it (its completion marker, which the detector reads, holds ``n_samples``,
     ``n_generated``, ``stopped_early``, ``stop_reason`` and, when stopped, the ``adaptive``
     settings). :meth:`run` samples every unfinished prompt's rounds
-    (:class:`pipeline.rounds.RoundScheduler`) in batches that mix prompts, writing PNGs on
+    (:class:`pipeline.generate.rounds.RoundScheduler`) in batches that mix prompts, writing PNGs on
     ``png_workers`` threads."""
 
     name = "generate"
@@ -504,7 +502,7 @@ def run(cfg) -> GenerationSummary:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
 @stage_main("generate")
 def main(cfg: DictConfig) -> None:
     run(cfg)

@@ -1,0 +1,16 @@
+"""Stage 1, the duplicate finder: ``python -m pipeline.dedup`` (see :mod:`pipeline.dedup.stage`).
+
+* :mod:`~pipeline.dedup.stage`: the stage: its phases (embed, index, search, group) as executor steps, and its CLI;
+* :mod:`~pipeline.dedup.embeddings_store`: embeddings on disk, per shard;
+* :mod:`~pipeline.dedup.index`: the faiss index and its near-duplicate pair search;
+* :mod:`~pipeline.dedup.grouping`: pairs to duplicate groups, and the ranking of captions.
+"""
+
+from pipeline.dedup.stage import (
+    DedupSettings,
+    format_summary,
+    run_dedup,
+    shard_bounds,
+)
+
+__all__ = ["DedupSettings", "format_summary", "run_dedup", "shard_bounds"]
