@@ -5,7 +5,8 @@ One audit is one run directory (``run_dir``, ``outputs/<run_name>`` by default):
     dedup/        selected.parquet (prompt table), groups.parquet, embeddings/, summary.json
     prescreen/    prescreen.parquet (scores), selected.parquet (prompt table), summary.json
     generations/  <prompt_id>/<index>.png, prompts.parquet (prompt table + recipe), budget.json
-    detect/       memorized.parquet (prompt table + verdict), extracted.parquet, matches/, summary.json
+    detect/       memorized.parquet (prompt table + clique verdict + reproduction rate), extracted.parquet
+                  (every sample within the threshold of a training image), matches/, verify/, summary.json
     report/       index.html
 
 Every stage's folder also holds its executor's files (:mod:`pipeline.executor`): ``.done/``

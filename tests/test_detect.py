@@ -20,11 +20,13 @@ from pipeline.clique import max_clique
 from pipeline.data.rejects import RejectLog
 from pipeline.detect import run_detect
 from pipeline.detect import stage as detect_module
-from pipeline.detect.verify import EmbeddingIndex, fetch_training_images, run_verify
+from pipeline.detect.verify import EmbeddingIndex, fetch_training_images, fit_to, run_verify
+from pipeline.distance import tiled_l2_pair
 from pipeline.embedders.base import Embedder
 from pipeline.generations import list_samples, read_prompts
 from pipeline.metrics import ClipDistance, metric_named
 from pipeline.rule import NearCopyRule
+from pipeline.stats import wilson_interval
 
 GEN_SIZE = 32
 TRAIN_SIZE = 64
@@ -328,33 +330,65 @@ def test_max_clique_budget_gives_a_valid_lower_bound():
 
 
 def verify(run, memorized, **options):
+    """(memorized with the verification columns, indexed by prompt id; the extracted pairs)."""
     data = {"format": "files", "path": str(run["train"])}
-    return run_verify(memorized, run["run_dir"] / "generations", run["run_dir"] / "detect", data, progress=False, **options)
+    table, pairs = run_verify(memorized, run["run_dir"] / "generations", run["run_dir"] / "detect", data, progress=False, **options)
+    return table.set_index("prompt_id"), pairs
 
 
-def test_verification_finds_the_training_image_among_the_group(run):
+def reference_matches(run, delta: float = 0.15) -> dict[str, set[int]]:
+    """An independent reference: per prompt, the samples within ``delta`` of any training
+    image, one pair at a time with the per-pair float64 tiled L2 (no batching, no candidates)."""
+    training = [Image.open(path) for path in sorted(run["train"].rglob("*.jpg"))]
+    found = {}
+    for pid in PLANTED:
+        found[pid] = set()
+        for path in sorted((run["run_dir"] / "generations" / pid).glob("*.png")):
+            sample = np.asarray(Image.open(path).convert("RGB"))
+            if min(tiled_l2_pair(sample, np.asarray(fit_to(t, sample.shape[:2]))) for t in training) <= delta:
+                found[pid].add(int(path.stem))
+    return found
+
+
+def test_every_sample_is_verified_against_the_group(run):
     memorized = detect(run, min_clique=9)
-    extracted = verify(run, memorized, dedup_dir=run["run_dir"] / "dedup").set_index("prompt_id")
-    assert list(extracted.index) == ["00000", "00001"]
-    assert extracted.loc["00000", "train_key"] == ORIGINAL_KEY["00000"]
-    assert bool(extracted.loc["00000", "extracted"]) and extracted.loc["00000", "distance"] < 0.05
-    assert extracted.loc["00000", "n_candidates"] == 3
-    # 00001's group does not hold its original: compared, but not extracted.
-    assert extracted.loc["00001", "train_key"] == "part1/00004"
-    assert not extracted.loc["00001", "extracted"] and extracted.loc["00001", "distance"] > 0.15
-    rep = memorized.set_index("prompt_id").loc["00000"]
-    assert extracted.loc["00000", "sample"] == rep["representative"]
-    assert extracted.loc["00000", "sample_file"] == rep["representative_file"]
+    table, pairs = verify(run, memorized, dedup_dir=run["run_dir"] / "dedup")
+    assert list(table.index) == ["00000", "00001", "00002"]  # every prompt, flagged or not
+    assert table["flagged"].tolist() == [True, True, False]  # the clique verdict is unchanged
+    # 00000: its 12 planted near-copies reproduce the original, and nothing else does.
+    assert table.loc["00000", "extracted"] and table.loc["00000", "samples_matched"] == PLANTED["00000"]
+    assert set(pairs.loc[pairs["prompt_id"] == "00000", "sample"]) == set(run["planted_at"]["00000"])
+    assert set(pairs["train_key"]) == {ORIGINAL_KEY["00000"]} and (pairs["distance"] <= 0.15).all()
+    assert table.loc["00000", "best_train_key"] == ORIGINAL_KEY["00000"] and table.loc["00000", "best_distance"] < 0.05
+    assert table.loc["00000", "best_sample"] in run["planted_at"]["00000"]
+    assert table.loc["00000", "best_sample_file"] == f"00000/{table.loc['00000', 'best_sample']:05d}.png"
+    assert table.loc["00000", "n_candidates"] == 3 and table.loc["00000", "samples_verified"] == SAMPLES
+    # 00001's group does not hold its original: compared, but nothing matches.
+    assert not table.loc["00001", "extracted"] and table.loc["00001", "samples_matched"] == 0
+    assert table.loc["00001", "best_train_key"] == "part1/00004" and table.loc["00001", "best_distance"] > 0.15
+    # The rate and its 95% Wilson interval (pipeline.stats, tested against published values).
+    assert table.loc["00000", "reproduction_rate"] == PLANTED["00000"] / SAMPLES
+    low, high = wilson_interval(PLANTED["00000"], SAMPLES)
+    assert (table.loc["00000", "reproduction_ci_low"], table.loc["00000", "reproduction_ci_high"]) == (low, high)
+    assert table.loc["00002", "reproduction_rate"] == 0 and table.loc["00002", "reproduction_ci_low"] == 0
     match = Image.open(run["run_dir"] / "detect" / "matches" / "00000.png")
     assert match.size == (TRAIN_SIZE, TRAIN_SIZE)
+    assert not (run["run_dir"] / "detect" / "matches" / "00001.png").exists()
 
 
-def test_verification_scans_everything_without_dedup_outputs(run):
-    memorized = detect(run, min_clique=9).assign(keys=None)  # prompts that came without their groups
-    extracted = verify(run, memorized, dedup_dir=run["run_dir"] / "no-dedup-here").set_index("prompt_id")
-    assert extracted["train_key"].to_dict() == ORIGINAL_KEY
-    assert extracted["extracted"].all()
-    assert (extracted["n_candidates"] == 20).all()  # every training image
+def test_exhaustive_verification_matches_an_independent_per_pair_reference(run):
+    memorized = detect(run).assign(keys=None)  # prompts that came without their groups
+    table, pairs = verify(run, memorized, dedup_dir=run["run_dir"] / "no-dedup-here")
+    reference = reference_matches(run)
+    assert reference["00000"] == set(run["planted_at"]["00000"]) and reference["00001"] == set(run["planted_at"]["00001"])
+    for pid in PLANTED:
+        assert set(pairs.loc[pairs["prompt_id"] == pid, "sample"]) == reference[pid], pid
+        assert table.loc[pid, "samples_matched"] == len(reference[pid])
+        assert table.loc[pid, "extracted"] == bool(reference[pid])
+    # 00001 is not flagged at min_clique 10 (9 copies), yet its reproductions are found.
+    assert not table.loc["00001", "flagged"] and table.loc["00001", "extracted"]
+    assert table.loc["00001", "best_train_key"] == ORIGINAL_KEY["00001"]
+    assert (table["n_candidates"] == 20).all()  # every training image
 
 
 def test_verification_uses_the_embedding_index(run):
@@ -370,25 +404,33 @@ def test_verification_uses_the_embedding_index(run):
         pd.DataFrame({"key": records[part]}).to_parquet(dedup / "embeddings" / "metadata" / f"metadata_{rank}.parquet")
     index = EmbeddingIndex.load(dedup / "embeddings")
     assert len(index.keys) == len(records) == 20
-    extracted = verify(run, memorized, dedup_dir=dedup, embedder_factory=lambda: embedder, n_candidates=4, exhaustive=False)
-    assert extracted["train_key"].tolist() == [ORIGINAL_KEY["00000"]]
-    assert extracted["n_candidates"].tolist() == [4] and extracted["extracted"].tolist() == [True]
+    table, _ = verify(run, memorized, dedup_dir=dedup, embedder_factory=lambda: embedder, n_candidates=1, exhaustive=False)
+    # Each sample's nearest training image: a planted copy's is its original.
+    assert table.loc["00000", "best_train_key"] == ORIGINAL_KEY["00000"]
+    assert table.loc["00000", "samples_matched"] == PLANTED["00000"]
+    assert (table["n_candidates"] <= SAMPLES).all()
+    capped, _ = verify(run, memorized, dedup_dir=dedup, embedder_factory=lambda: embedder, n_candidates=4, max_candidates=2,
+                       exhaustive=False)  # fmt: skip
+    assert (capped["n_candidates"] <= 2).all()
     with pytest.raises(ValueError, match="embedder"):
         index.search(np.ones((1, 5), dtype=np.float32), 3)
 
 
 def test_verification_is_reused_when_nothing_changed(run):
     memorized = detect(run)
-    first = verify(run, memorized, dedup_dir=run["run_dir"] / "dedup")
+    first, _ = verify(run, memorized, dedup_dir=run["run_dir"] / "dedup")
     (run["run_dir"] / "detect" / "matches" / "00000.png").unlink()
-    again = verify(run, memorized, dedup_dir=run["run_dir"] / "dedup")
+    again, _ = verify(run, memorized, dedup_dir=run["run_dir"] / "dedup")
     pd.testing.assert_frame_equal(first, again)
     assert not (run["run_dir"] / "detect" / "matches" / "00000.png").exists()  # not recomputed
-    # Through the stage executor: its marker and stats say the unit was skipped.
+    # Through the stage executor, a unit per prompt: its stats say every unit was skipped.
     stats = json.loads((run["run_dir"] / "detect" / "verify" / "stats" / "verify_0.json").read_text())
-    assert (stats["units"], stats["skipped"], stats["done"]) == (1, 1, 0)
-    verify(run, memorized, dedup_dir=run["run_dir"] / "dedup", delta=0.01)
+    assert (stats["units"], stats["skipped"], stats["done"]) == (3, 3, 0)
+    # Another threshold redoes every prompt: the match image is back; none is left where nothing matches.
+    verify(run, memorized, dedup_dir=run["run_dir"] / "dedup", delta=0.1)
     assert (run["run_dir"] / "detect" / "matches" / "00000.png").exists()
+    strict, _ = verify(run, memorized, dedup_dir=run["run_dir"] / "dedup", delta=1e-6)
+    assert not strict["extracted"].any() and not (run["run_dir"] / "detect" / "matches" / "00000.png").exists()
 
 
 def test_fetch_training_images_reports_missing_and_corrupt_keys(run):
@@ -417,8 +459,11 @@ def test_command_line_detect(run, tmp_path):
     assert "1 of 3 prompts flagged" in result.stdout
     memorized = pd.read_parquet(run_dir / "detect" / "memorized.parquet")
     assert memorized["flagged"].tolist() == [True, False, False]
+    assert memorized["extracted"].tolist() == [True, False, False]
+    assert memorized["samples_matched"].tolist() == [PLANTED["00000"], 0, 0]
     extracted = pd.read_parquet(run_dir / "detect" / "extracted.parquet")
-    assert extracted["train_key"].tolist() == [ORIGINAL_KEY["00000"]] and extracted["extracted"].all()
+    assert set(extracted["train_key"]) == {ORIGINAL_KEY["00000"]} and len(extracted) == PLANTED["00000"]
+    assert f"1 of 3 prompts have a sample within 0.15 of a training image ({PLANTED['00000']} samples in all)" in result.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "pipeline.detect", f"run_dir={run_dir}", "metric=l1"],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300,

@@ -16,6 +16,7 @@ from PIL import Image
 
 from pipeline.budget import generation_budget
 from pipeline.generate import generate, read_samples
+from pipeline.generate.regenerate import main as regenerate_main
 from pipeline.generate.regenerate import regenerate
 from pipeline.generate.sampling import PromptEncoder, SampleTask, SamplingSettings, sample_batch, sample_seed
 from pipeline.generations import PROMPTS_FILE, consolidate_prompts, load_prompts, sample_path
@@ -198,6 +199,13 @@ def test_generates_every_sample_with_a_recipe_that_regenerates_it(pipe, model_di
     assert_same_sample(regenerate(table.iloc[0].to_dict(), 0, pipe=pipe), pixels(sample_path(out, "00000", 0)))
     with pytest.raises(IndexError, match="sample_index"):
         regenerate(row, 3, pipe=pipe)
+    # The command the report prints on an extraction card remakes the same sample.
+    regenerate_main([str(out), "00001", "2", "--out", str(tmp_path / "again.png")])
+    assert_same_sample(pixels(tmp_path / "again.png"), pixels(sample_path(out, "00001", 2)))
+    for bad in (["nope", "0"], ["00001", "7"]):
+        with pytest.raises(SystemExit) as exit_info:
+            regenerate_main([str(out), *bad, "--out", str(tmp_path / "bad.png")])
+        assert exit_info.value.code == 2 and not (tmp_path / "bad.png").exists()
 
     # The stage executor's bookkeeping: its stats in a hidden folder (sub-folders are prompts).
     stats = json.loads((out / ".logs" / "stats" / "generate_0.json").read_text())

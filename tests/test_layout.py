@@ -36,7 +36,7 @@ def test_prompts_without_a_group_get_none_from_another_stages_files(tmp_path):
     memorized = run_detect(run_dir / "generations", run_dir / "detect", NearCopyRule(min_clique=9), progress=False)
     assert memorized["dup_count"].isna().all() and memorized["keys"].isna().all()
     data = {"format": "files", "path": str(run["train"])}
-    extracted = run_verify(memorized, run_dir / "generations", run_dir / "detect", data, dedup_dir=run_dir / "dedup",
-                           exhaustive=False, progress=False)  # fmt: skip
-    assert (extracted["n_candidates"] == 0).all()  # dedup's keys for "00000" belong to another caption
+    verified, _ = run_verify(memorized, run_dir / "generations", run_dir / "detect", data, dedup_dir=run_dir / "dedup",
+                             exhaustive=False, progress=False)  # fmt: skip
+    assert (verified["n_candidates"] == 0).all()  # dedup's keys for "00000" belong to another caption
     assert load_run(run_dir / "detect").dup_counts is None

@@ -228,12 +228,16 @@ def test_a_metric_in_one_file_is_used_by_adaptive_sampling_detection_and_verific
     assert memorized.loc["00000", "clique_size"] == 4
     summary_json = json.loads((detect_dir / "summary.json").read_text())
     assert summary_json["settings"]["metric"] == "rms" and summary_json["stopped_under_another_rule"] == []
-    extracted = pd.read_parquet(detect_dir / "extracted.parquet").set_index("prompt_id")
-    representative = planted["samples"]["00000"][int(memorized.loc["00000", "representative"])]
-    fitted = np.asarray(fit_to(Image.fromarray(planted["base"]), representative.shape[:2]))[None]
-    assert extracted.loc["00000", "train_key"] == "original" and bool(extracted.loc["00000", "extracted"])
-    assert extracted.loc["00000", "distance"] == pytest.approx(WholeImageRMS().distances(representative[None], fitted)[0, 0])
-    assert TiledL2().distances(representative[None], fitted)[0, 0] > 0.15  # tiled L2 would not have matched it
+    # Every sample is verified under RMS: each pair in extracted.parquet is at its RMS distance.
+    extracted = pd.read_parquet(detect_dir / "extracted.parquet")
+    assert bool(memorized.loc["00000", "extracted"]) and memorized.loc["00000", "best_train_key"] == "original"
+    best = planted["samples"]["00000"][int(memorized.loc["00000", "best_sample"])]
+    fitted = np.asarray(fit_to(Image.fromarray(planted["base"]), best.shape[:2]))[None]
+    assert memorized.loc["00000", "best_distance"] == pytest.approx(WholeImageRMS().distances(best[None], fitted)[0, 0])
+    assert TiledL2().distances(best[None], fitted)[0, 0] > 0.15  # tiled L2 would not have matched it
+    for row in extracted[extracted["prompt_id"] == "00000"].itertuples():
+        sample = planted["samples"]["00000"][int(row.sample)]
+        assert row.distance == pytest.approx(WholeImageRMS().distances(sample[None], fitted)[0, 0])
 
     # The tiled L2 detector on the same samples flags nothing, and names the prompt adaptive
     # sampling stopped under the other rule.

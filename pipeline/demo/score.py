@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.stats import wilson_interval
+
 
 def prompt_originals(selected: pd.DataFrame, ground_truth: pd.DataFrame) -> pd.DataFrame:
     """For each selected prompt: the original most of its group's keys copy, and its band.
@@ -42,29 +44,33 @@ def _precision_recall(predicted: pd.Series, actual: pd.Series) -> tuple[float | 
     return precision, recall
 
 
-def score_run(run_dir: str | Path, ground_truth: pd.DataFrame, planted_min_copies: int = 100) -> tuple[dict, pd.DataFrame]:
+def score_run(
+    run_dir: str | Path, ground_truth: pd.DataFrame, planted_min_copies: int = 100, measured: pd.DataFrame | None = None
+) -> tuple[dict, pd.DataFrame]:
     """Precision and recall of flagged and of extracted prompts; and a per-band table.
 
-    A flagged prompt counts as correctly extracted only when its matched training image is a
-    copy of the prompt's own original.
+    A prompt counts as correctly extracted only when its closest training image
+    (``best_train_key`` of the detector's verification) is a copy of the prompt's own original.
+    The per-band table pools the verified samples of the band's prompts into a reproduction
+    rate (samples within the threshold of a training image, with its 95% Wilson interval) and,
+    given ``measured`` (``make demo-eval``'s memorization.csv: ``band``, ``reproduced``), puts
+    the rate that evaluation measured beside it.
     """
     run_dir = Path(run_dir)
     selected = pd.read_parquet(run_dir / "dedup" / "selected.parquet")
     memorized = pd.read_parquet(run_dir / "detect" / "memorized.parquet")
-    table = prompt_originals(selected, ground_truth).merge(memorized[["prompt_id", "flagged", "clique_size"]], on="prompt_id", how="inner")
-    extracted_path = run_dir / "detect" / "extracted.parquet"
+    verified = "best_train_key" in memorized.columns
+    columns = ["prompt_id", "flagged", "clique_size"] + (["best_train_key", "samples_matched", "n_samples", "extracted"] if verified else [])
+    table = prompt_originals(selected, ground_truth).merge(memorized[columns], on="prompt_id", how="inner")
     truth = ground_truth.set_index("key")
-    table["extracted"] = False
-    if extracted_path.exists():
-        extracted = pd.read_parquet(extracted_path)
-        extracted = extracted[extracted.extracted]
-        prompt_original = dict(zip(table.prompt_id, table.original_id))
-        correct = {
-            row.prompt_id
-            for row in extracted.itertuples()
-            if row.train_key in truth.index and truth.loc[row.train_key, "original_id"] == prompt_original.get(row.prompt_id)
-        }
-        table["extracted"] = table.prompt_id.isin(correct)
+    if verified:
+        own = [
+            key in truth.index and truth.loc[key, "original_id"] == original
+            for key, original in zip(table["best_train_key"].fillna(""), table["original_id"])
+        ]
+        table["extracted"] = table["extracted"].fillna(False).astype(bool) & pd.Series(own, index=table.index, dtype=bool)
+    else:
+        table["extracted"], table["samples_matched"], table["n_samples"] = False, 0, 0
     table["planted"] = table.true_dup_count.fillna(0) >= planted_min_copies
     flag_p, flag_r = _precision_recall(table.flagged.astype(bool), table.planted)
     ext_p, ext_r = _precision_recall(table.extracted, table.planted)
@@ -78,14 +84,28 @@ def score_run(run_dir: str | Path, ground_truth: pd.DataFrame, planted_min_copie
         "extracted_precision": ext_p,
         "extracted_recall": ext_r,
         "planted_min_copies": planted_min_copies,
+        "verified": verified,
     }
     per_band = (
         table.groupby(["band", "true_dup_count"], dropna=False)
-        .agg(prompts=("prompt_id", "size"), flagged=("flagged", "sum"), extracted=("extracted", "sum"), median_clique=("clique_size", "median"))
+        .agg(prompts=("prompt_id", "size"), flagged=("flagged", "sum"), extracted=("extracted", "sum"),
+             median_clique=("clique_size", "median"), matched=("samples_matched", "sum"), samples=("n_samples", "sum"))
         .reset_index()
         .sort_values("true_dup_count", ascending=False)
-    )
-    return summary, per_band
+    )  # fmt: skip
+    if verified:
+        intervals = [wilson_interval(int(k), int(n)) for k, n in zip(per_band["matched"], per_band["samples"])]
+        per_band["reproduction"] = [
+            "n/a" if n == 0 else f"{k / n:.2f} [{low:.2f}, {high:.2f}]"
+            for k, n, (low, high) in zip(per_band["matched"], per_band["samples"], intervals)
+        ]
+    if measured is not None and {"band", "reproduced"} <= set(measured.columns):
+        rates = measured.groupby("band")["reproduced"].agg(["sum", "size"])
+        per_band["demo_eval"] = [
+            f"{rates.loc[band, 'sum'] / rates.loc[band, 'size']:.2f} (of {int(rates.loc[band, 'size'])})" if band in rates.index else "n/a"
+            for band in per_band["band"]
+        ]
+    return summary, per_band.drop(columns=["matched", "samples"])
 
 
 def format_summary(summary: dict) -> str:

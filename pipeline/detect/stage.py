@@ -5,14 +5,17 @@ For each prompt, the samples form a graph with an edge between two samples close
 prompt is flagged when the largest clique of that graph has at least ``rule.min_clique``
 members (Carlini et al. 2023: many seeds converging on the same image is the signature of a
 memorized training image). The rule (:class:`pipeline.rule.NearCopyRule`) is the one adaptive
-sampling and verification use. Flagged prompts are then compared with the training set
-(:mod:`pipeline.detect.verify`), through the same metric.
+sampling and verification use. When a training set is given (``data=``), every sample of every
+prompt is then compared with candidate training images (:mod:`pipeline.detect.verify`), through
+the same metric: a prompt is *extracted* when a sample reproduces one.
 
     python -m pipeline.detect run_name=demo                 # reads <run_dir>/generations
     python -m pipeline.detect generations_dir=/elsewhere data=files data.path=/laion
 
-Outputs in ``<run_dir>/detect/``: ``memorized.parquet`` (a row per prompt), ``extracted.parquet``
-and ``matches/`` (when a training set is given), ``summary.json``, ``rejects.jsonl`` (unreadable
+Outputs in ``<run_dir>/detect/``: ``memorized.parquet`` (a row per prompt: the clique verdict
+and, when a training set is given, ``extracted``, ``samples_matched``, ``reproduction_rate``
+with its 95% Wilson interval and the best match), ``extracted.parquet`` (a row per sample and
+training image within the threshold) and ``matches/`` (when a training set is given), ``summary.json``, ``rejects.jsonl`` (unreadable
 samples; ``rejects_<rank>.jsonl`` per shard), and per-prompt results under ``prompts/`` so that
 a rerun skips finished prompts.
 """
@@ -48,7 +51,7 @@ from pipeline.generations import (
     stored_rule,
 )
 from pipeline.io import unsafe_name, write_json, write_parquet
-from pipeline.layout import carried, prompt_columns
+from pipeline.layout import carried, prompt_columns, write_prompt_table
 from pipeline.rule import NearCopyRule, rule_from_config
 
 log = logging.getLogger(__name__)
@@ -275,6 +278,7 @@ def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
 
     # Read before screening, which may take hours: a wrong value is reported at once.
     n_candidates = config_int(cfg, "verify.n_candidates", minimum=0)
+    max_candidates = config_int(cfg, "verify.max_candidates", minimum=1)
     delta = config_number(cfg, "verify.delta", minimum=0, optional=True)
     delta = rule.threshold if delta is None else delta
     out_dir = Path(cfg.out_dir)
@@ -286,17 +290,23 @@ def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     if data is None:
         print("no training set given (data=...): verification skipped")
         return memorized, None
-    extracted = run_verify(
+    memorized, extracted = run_verify(
         memorized, cfg.generations_dir, out_dir, data=OmegaConf.to_container(data, resolve=True),
         dedup_dir=cfg.verify.dedup_dir, embedder_factory=get_embedder, n_candidates=n_candidates,
-        delta=delta, exhaustive=cfg.verify.exhaustive, metric=rule.metric, progress=cfg.progress,
+        max_candidates=max_candidates, delta=delta, exhaustive=cfg.verify.exhaustive, metric=rule.metric,
+        progress=cfg.progress,
     )  # fmt: skip
+    write_prompt_table(memorized, out_dir / "memorized.parquet")
     # The report reads the verification threshold from here, not from verification's own files.
     summary_path = out_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    write_json({**summary, "verification": {"delta": delta, "metric": rule.metric.describe()}}, summary_path)
-    print(f"{int(extracted['extracted'].sum())} of {len(extracted)} flagged prompts match a training image "
-          f"-> {out_dir / 'extracted.parquet'}")
+    verification = {
+        "delta": delta, "metric": rule.metric.describe(), "extracted": int(memorized["extracted"].sum()),
+        "samples_matched": int(memorized["samples_matched"].sum()), "pairs": len(extracted),
+    }  # fmt: skip
+    write_json({**summary, "verification": verification}, summary_path)
+    print(f"{int(memorized['extracted'].sum())} of {len(memorized)} prompts have a sample within {delta:g} of a training "
+          f"image ({int(memorized['samples_matched'].sum())} samples in all) -> {out_dir / 'extracted.parquet'}")
     return memorized, extracted
 
 

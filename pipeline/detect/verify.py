@@ -1,24 +1,33 @@
-"""Verification: does a flagged prompt's representative sample copy a training image?
+"""Verification: which samples reproduce a training image?
 
-A flagged prompt says "the model keeps producing one image"; it is an *extraction* when that
-image is (close to) a training image. Each flagged prompt's clique representative is compared,
-with the near-copy rule's metric (the detector's: tiled L2 by default, see :mod:`pipeline.rule`),
-against candidate training images:
+A flagged prompt says "the model keeps producing one image"; a sample is direct evidence when
+it is (close to) a training image. When a training set is given, every sample of every
+screened prompt, flagged or not, is compared with the near-copy rule's metric (the
+detector's: tiled L2 by default, see :mod:`pipeline.rule`) against candidate training images:
 
 - the duplicate finder's group behind the prompt (``keys``, carried with it in the prompt tables),
-- plus the ``n_candidates`` nearest training images by embedding, from a faiss index over the
-  duplicate finder's embeddings (``<run_dir>/dedup/embeddings/``), when there are some;
+- plus each sample's ``n_candidates`` nearest training images by embedding, from a faiss index
+  over the duplicate finder's embeddings (``<run_dir>/dedup/embeddings/``), when there are
+  some; at most ``max_candidates`` per prompt;
 - or, with no duplicate-finder outputs at all (``exhaustive: auto``), every training image,
   streamed once: exact, and fine for small data sets.
 
+A prompt is *extracted* when at least one of its samples is within ``delta`` of a training
+image; its *reproduction rate* is the share of its samples that are, with a 95% Wilson score
+interval (:func:`pipeline.stats.wilson_interval`). This finds what the clique misses: samples
+spread over several variants of a duplicated image, or a few copies among many samples.
+
 Training images are center-cropped to the sample's aspect ratio and resized to its size first,
-the way Stable Diffusion's training data was prepared.
+the way Stable Diffusion's training data was prepared; distances are batched, every sample of
+a prompt against a chunk of candidates in one call (:func:`sample_distances`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +43,19 @@ from pipeline.data.rejects import RejectLog
 from pipeline.distance import embed_images
 from pipeline.embedders.base import Embedder
 from pipeline.executor import StepContext, Unit, merge_rejects, run_step
-from pipeline.io import atomic_write, write_parquet
+from pipeline.generations import Sample, list_samples, load_samples, sample_files
+from pipeline.io import atomic_write, write_json, write_parquet
 from pipeline.layout import normalise_keys
 from pipeline.metrics import Metric, TiledL2
+from pipeline.stats import wilson_interval
 
 log = logging.getLogger(__name__)
 
-EXTRACTED_COLUMNS = ["prompt_id", "sample", "sample_file", "train_key", "distance", "extracted", "n_candidates"]
+EXTRACTED_COLUMNS = ["prompt_id", "sample", "sample_file", "train_key", "distance"]
 # Longest side of the matched training image kept in <out_dir>/matches/ for the report.
 MATCH_IMAGE_SIDE = 512
-# The executor's rejects and stats of verification, beside the detector's.
-VERIFY_LOGS = "verify"
+# Verification's own folder under the detector's: executor markers, per-prompt results, rejects, stats.
+VERIFY_DIR = "verify"
 
 
 def fit_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -162,27 +173,99 @@ def fetch_training_images(
     return found
 
 
-class _BestMatch:
-    """The closest training image seen so far for each prompt."""
+def fit_batch(images: Sequence[Image.Image], size: tuple[int, int]) -> np.ndarray:
+    """Training images fitted (:func:`fit_to`) to ``size`` = (height, width): uint8 (M, H, W, 3)."""
+    height, width = size
+    if not images:
+        return np.zeros((0, height, width, 3), dtype=np.uint8)
+    return np.stack([np.asarray(fit_to(image, size)) for image in images])
 
-    def __init__(self, prompt_ids: list[str]):
-        self.best: dict[str, tuple[float, str, Image.Image]] = {}
-        self.counts = dict.fromkeys(prompt_ids, 0)
 
-    def update(self, prompt_id: str, distances: np.ndarray, keys: list[str], images: list[Image.Image]) -> None:
-        self.counts[prompt_id] += len(keys)
-        if not len(keys):
+def sample_distances(samples: np.ndarray, training: Sequence[Image.Image], metric: Metric, chunk: int = 256) -> np.ndarray:
+    """``metric`` from every sample to every training image: float64 (N, M).
+
+    ``samples``: uint8 (N, H, W, 3), one prompt's samples (one size). ``training``: M training
+    images, each fitted to the samples' size first (center crop to their aspect ratio, then
+    resize, as Stable Diffusion's training data was prepared). The training images go through
+    the metric ``chunk`` at a time, each chunk against all samples in one batched call (for
+    tiled L2, matrix products), so memory stays bounded and no Python loop runs over pairs.
+    """
+    samples = np.asarray(samples)
+    if samples.ndim != 4 or samples.shape[-1] != 3:
+        raise ValueError(f"samples: expected (N, H, W, 3), got {samples.shape}")
+    out = np.empty((len(samples), len(training)), dtype=np.float64)
+    if not len(samples) or not len(training):
+        return out
+    size = samples.shape[1:3]
+    for start in range(0, len(training), max(1, int(chunk))):
+        fitted = fit_batch(training[start : start + chunk], size)
+        out[:, start : start + len(fitted)] = np.asarray(metric.distances(samples, fitted), dtype=np.float64)
+    return out
+
+
+VERIFY_COLUMNS = [
+    "extracted", "samples_matched", "samples_verified", "n_candidates", "reproduction_rate", "reproduction_ci_low",
+    "reproduction_ci_high", "best_sample", "best_sample_file", "best_train_key", "best_distance",
+]  # fmt: skip
+
+
+@dataclass
+class PromptSamples:
+    """One prompt's readable samples: their :class:`pipeline.generations.Sample` records and
+    uint8 (H, W, 3) images, in the same order."""
+
+    prompt_id: str
+    samples: list[Sample]
+    images: list[np.ndarray]
+
+
+class _Matches:
+    """What one prompt's comparisons found so far: per sample its closest training image, and
+    every (sample, training image) pair within ``delta``."""
+
+    def __init__(self, prompt: PromptSamples, delta: float):
+        self.prompt, self.delta = prompt, delta
+        self.best_distance = np.full(len(prompt.samples), np.inf)
+        self.best_key: list[str] = [""] * len(prompt.samples)
+        self.best_image: list[Image.Image | None] = [None] * len(prompt.samples)
+        self.pairs: list[tuple[int, str, str, float]] = []  # sample index, sample file, training key, distance
+        self.n_candidates = 0
+
+    def add(self, keys: Sequence[str], images: Sequence[Image.Image], metric: Metric) -> None:
+        """Compare every sample with ``images`` (training images named ``keys``), batched by sample size."""
+        self.n_candidates += len(keys)
+        if not keys or not self.prompt.images:
             return
-        i = int(np.argmin(distances))
-        if prompt_id not in self.best or distances[i] < self.best[prompt_id][0]:
-            self.best[prompt_id] = (float(distances[i]), keys[i], images[i])
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(self.prompt.images):
+            by_size.setdefault(image.shape, []).append(i)
+        for positions in by_size.values():
+            distances = sample_distances(np.stack([self.prompt.images[i] for i in positions]), images, metric)
+            nearest = distances.argmin(axis=1)
+            for row, i in enumerate(positions):
+                j = int(nearest[row])
+                if distances[row, j] < self.best_distance[i]:
+                    self.best_distance[i], self.best_key[i], self.best_image[i] = float(distances[row, j]), keys[j], images[j]
+            for row, j in zip(*np.nonzero(distances <= self.delta)):
+                sample = self.prompt.samples[positions[row]]
+                self.pairs.append((sample.index, sample.file, keys[j], float(distances[row, j])))
 
+    def result(self) -> dict[str, Any]:
+        """The prompt's verification row (see :data:`VERIFY_COLUMNS`, less the rate and its interval)."""
+        matched = int((self.best_distance <= self.delta).sum())
+        if len(self.best_distance) and np.isfinite(self.best_distance).any():
+            i = int(self.best_distance.argmin())
+            best = {"best_sample": self.prompt.samples[i].index, "best_sample_file": self.prompt.samples[i].file,
+                    "best_train_key": self.best_key[i], "best_distance": float(self.best_distance[i])}  # fmt: skip
+        else:
+            best = {"best_sample": None, "best_sample_file": "", "best_train_key": "", "best_distance": float("nan")}
+        return {"prompt_id": self.prompt.prompt_id, "extracted": matched > 0, "samples_matched": matched,
+                "samples_verified": len(self.prompt.samples), "n_candidates": self.n_candidates, **best}  # fmt: skip
 
-def compare(representative: np.ndarray, images: list[Image.Image], metric: Metric) -> np.ndarray:
-    """``metric`` from one (H, W, 3) sample to each training image fitted to its size: (len(images),)."""
-    size = representative.shape[:2]
-    fitted = np.stack([np.asarray(fit_to(image, size)) for image in images])
-    return np.asarray(metric.distances(representative[None], fitted), dtype=np.float64)[0]
+    def best_training_image(self) -> Image.Image | None:
+        if not len(self.best_distance) or not np.isfinite(self.best_distance).any():
+            return None
+        return self.best_image[int(self.best_distance.argmin())]
 
 
 def run_verify(
@@ -193,168 +276,174 @@ def run_verify(
     dedup_dir: str | Path | None = None,
     embedder_factory: Callable[[], Embedder | None] | None = None,
     n_candidates: int = 20,
+    max_candidates: int = 256,
     delta: float = 0.15,
     exhaustive: str | bool = "auto",
     metric: Metric | None = None,
     progress: bool = True,
     batch_size: int = 256,
-) -> pd.DataFrame:
-    """Compare each flagged prompt's representative with its candidate training images.
+    prompts_per_pass: int = 64,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Compare every sample of every screened prompt with its candidate training images.
 
-    Writes ``<out_dir>/extracted.parquet`` (a row per flagged prompt: the closest candidate,
-    ``train_key`` empty and ``distance`` NaN when it had none) and the matched training images
-    as ``<out_dir>/matches/<prompt_id>.png``. Runs as one unit of the stage executor: its marker
-    (``<out_dir>/.done/verify.json``) holds the digest of the inputs and settings, so a rerun
-    with the same ones reuses the stored result; unreadable inputs are listed in
-    ``<out_dir>/rejects_verify.jsonl`` and its stats are in ``<out_dir>/verify/stats/``.
+    Candidates per prompt: its duplicate group (``keys``, carried from the duplicate finder),
+    then the ``n_candidates`` nearest training images of each sample by embedding (a faiss
+    index over ``<dedup_dir>/embeddings/``), at most ``max_candidates`` in all; or, with
+    ``exhaustive`` true (``"auto"``: when neither offers any), every training image, streamed
+    once. A sample within ``delta`` of a training image (the rule's ``metric``) reproduces it.
 
-    Args:
-        data: the training set, as a ``data`` config (``format``, ``path``, reader options).
-        memorized: the detector's prompt table; a prompt's ``keys`` (its duplicate group,
-            carried from the duplicate finder) are its first candidates.
-        dedup_dir: the duplicate finder's output folder, whose ``embeddings/`` give each
-            prompt its nearest training images.
-        embedder_factory: called (once, if needed) for the embedder of the dedup embeddings.
-        n_candidates: nearest training images by embedding added to each prompt's candidates.
-        delta: a representative at most this far from a training image is an extraction.
-        metric: the distance (:mod:`pipeline.metrics`): the detector's near-copy rule's
-            metric; default tiled L2 on a 4 x 4 grid.
-        exhaustive: ``True`` compares against every training image; ``"auto"`` does so only
-            when nothing offers candidates (no prompt has ``keys``, no embeddings).
+    Runs through the stage executor with a unit per prompt (``<out_dir>/verify/``: markers
+    with the digest of the prompt's sample files, candidates and settings; per-prompt results;
+    rejects and stats), so an interrupted run resumes and a rerun redoes only what changed.
+    Writes ``<out_dir>/extracted.parquet`` (a row per matching pair: ``prompt_id``, ``sample``,
+    ``sample_file``, ``train_key``, ``distance``), ``<out_dir>/matches/<prompt_id>.png`` (the
+    closest training image of each extracted prompt, cropped as compared) and
+    ``<out_dir>/rejects_verify.jsonl``.
+
+    Returns:
+        ``memorized`` with :data:`VERIFY_COLUMNS` (``reproduction_rate`` = samples_matched /
+        ``n_samples``, with its 95% Wilson interval), and the extracted pairs.
     """
     out_dir, generations_dir = Path(out_dir), Path(generations_dir)
     if exhaustive not in (True, False, "auto"):
         raise ValueError(f"verify.exhaustive: expected true, false or auto, got {exhaustive!r}")
     metric = metric if metric is not None else TiledL2()
-    flagged = memorized[memorized["flagged"]].reset_index(drop=True)
-    settings = {
-        "data": {k: str(v) for k, v in data.items()}, "dedup_dir": str(dedup_dir),
-        "n_candidates": n_candidates, "delta": delta, "exhaustive": exhaustive, "metric": metric.describe(),
-        "representatives": dict(zip(flagged["prompt_id"], flagged["representative_file"])),
-        "groups": group_candidates(flagged),
+    dedup_dir = Path(dedup_dir) if dedup_dir is not None else None
+    groups = group_candidates(memorized)
+    index = EmbeddingIndex.load(dedup_dir / "embeddings") if dedup_dir is not None else None
+    scan_all = exhaustive is True or (exhaustive == "auto" and not any(groups.values()) and index is None)
+    common = {
+        "data": {k: str(v) for k, v in data.items()}, "dedup_dir": str(dedup_dir), "index_size": 0 if index is None else len(index.keys),
+        "n_candidates": int(n_candidates), "max_candidates": int(max_candidates), "delta": float(delta),
+        "scan_all": scan_all, "metric": metric.describe(),
     }  # fmt: skip
     step = _VerifyStep(
-        flagged, generations_dir, out_dir, settings, data=data, dedup_dir=dedup_dir, embedder_factory=embedder_factory,
-        n_candidates=n_candidates, delta=delta, exhaustive=exhaustive, metric=metric, progress=progress, batch_size=batch_size,
+        memorized, generations_dir, out_dir, common, groups, index, data=data, embedder_factory=embedder_factory,
+        n_candidates=int(n_candidates), max_candidates=int(max_candidates), delta=float(delta), scan_all=scan_all,
+        metric=metric, progress=progress, batch_size=int(batch_size), prompts_per_pass=int(prompts_per_pass),
     )  # fmt: skip
-    # One unit, run by the process that finished the detection; its marker holds the settings'
-    # digest, so a rerun with the same inputs reuses extracted.parquet.
-    run_step(step, out_dir, progress=progress, logs_dir=out_dir / VERIFY_LOGS)
-    merge_rejects(out_dir / VERIFY_LOGS / "rejects", out_dir / "rejects_verify.jsonl", world_size=1)
-    return pd.read_parquet(out_dir / "extracted.parquet")
+    work_dir = out_dir / VERIFY_DIR
+    run_step(step, work_dir, progress=progress)
+    merge_rejects(work_dir / "rejects", out_dir / "rejects_verify.jsonl", world_size=1)
+
+    rows, pairs = [], []
+    for pid in memorized["prompt_id"].astype(str):
+        rows.append(json.loads((work_dir / "prompts" / f"{pid}.json").read_text(encoding="utf-8")))
+        pairs.append(pd.read_parquet(work_dir / "prompts" / f"{pid}.parquet"))
+    verified = pd.DataFrame(rows, columns=["prompt_id", *[c for c in VERIFY_COLUMNS if not c.startswith("reproduction_")]])
+    table = memorized.drop(columns=[c for c in VERIFY_COLUMNS if c in memorized.columns]).merge(verified, on="prompt_id", how="left")
+    n = table["n_samples"].astype(int)
+    table["reproduction_rate"] = np.where(n > 0, table["samples_matched"] / n.where(n > 0, 1), np.nan)
+    intervals = [wilson_interval(k, m) for k, m in zip(table["samples_matched"].astype(int), n)]
+    table["reproduction_ci_low"] = [low for low, _ in intervals]
+    table["reproduction_ci_high"] = [high for _, high in intervals]
+    table["best_sample"] = pd.array(table["best_sample"], dtype="Int64")
+    extracted = pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame(columns=EXTRACTED_COLUMNS)
+    extracted = extracted.astype({"sample": int, "distance": float}).sort_values(["prompt_id", "sample", "distance"], kind="stable")
+    write_parquet(extracted.reset_index(drop=True), out_dir / "extracted.parquet")
+    return table[[*memorized.columns.drop([c for c in VERIFY_COLUMNS if c in memorized.columns]), *VERIFY_COLUMNS]], extracted
 
 
 class _VerifyStep:
-    """Verification as a step of the stage executor: a single unit, ``verify``."""
+    """Verification as a step of the stage executor: a unit per prompt, run by one process
+    (the detector's last shard), prompts in passes so that their candidates are read together."""
 
     name = "verify"
 
-    def __init__(self, flagged: pd.DataFrame, generations_dir: Path, out_dir: Path, settings: dict[str, Any], **options: Any):
-        self.flagged, self.generations_dir, self.out_dir, self.settings, self.options = flagged, generations_dir, out_dir, settings, options
+    def __init__(self, memorized: pd.DataFrame, generations_dir: Path, out_dir: Path, common: dict[str, Any],
+                 groups: dict[str, list[str]], index: EmbeddingIndex | None, **options: Any):  # fmt: skip
+        self.generations_dir, self.out_dir, self.groups, self.index, self.options = generations_dir, out_dir, groups, index, options
+        self.work_dir = out_dir / VERIFY_DIR
+        # A prompt is decided by its sample files, its duplicate group and the shared settings.
+        self._units = [
+            Unit(pid, {**common, "files": [p.name for p in sample_files(generations_dir, pid)], "keys": groups.get(pid, [])})
+            for pid in memorized["prompt_id"].astype(str)
+        ]
 
     def units(self, rank: int, world_size: int) -> list[Unit]:
-        return [Unit("verify", self.settings)]
+        return self._units
 
     def is_complete(self, unit: Unit, marker: dict[str, Any]) -> bool:
-        return marker.get("digest") == unit.digest and (self.out_dir / "extracted.parquet").exists()
+        outputs = (self.work_dir / "prompts" / f"{unit.name}.json", self.work_dir / "prompts" / f"{unit.name}.parquet")
+        return marker.get("digest") == unit.digest and all(path.exists() for path in outputs)
 
     def run(self, units: list[Unit], ctx: StepContext) -> None:
-        extracted = _verify(self.flagged, self.generations_dir, self.out_dir, ctx.rejects, **self.options)
-        write_parquet(extracted, self.out_dir / "extracted.parquet")
-        ctx.done(units[0], {"extracted": int(extracted["extracted"].sum()), "flagged": len(extracted)})
+        o = self.options
+        passes = [units] if o["scan_all"] else [units[i : i + o["prompts_per_pass"]] for i in range(0, len(units), o["prompts_per_pass"])]
+        bar = tqdm(total=len(units), desc="verify", unit="prompt", disable=not o["progress"])
+        for chunk in passes:
+            prompts = [self._load(unit.name, ctx.rejects) for unit in chunk]
+            matches = {p.prompt_id: _Matches(p, o["delta"]) for p in prompts}
+            if o["scan_all"]:
+                self._scan(matches, ctx.rejects)
+            else:
+                candidates = self._candidates(prompts)
+                images = fetch_training_images(o["data"], {k for keys in candidates.values() for k in keys}, ctx.rejects, o["progress"])
+                for p in prompts:
+                    keys = [k for k in candidates[p.prompt_id] if k in images]
+                    matches[p.prompt_id].add(keys, [images[k] for k in keys], o["metric"])
+            for unit in chunk:
+                self._finish(unit, matches[unit.name], ctx)
+                bar.update(1)
+        bar.close()
 
+    def _load(self, prompt_id: str, rejects: RejectLog) -> PromptSamples:
+        samples, images = load_samples(self.generations_dir, list_samples(self.generations_dir, prompt_id, rejects), rejects)
+        return PromptSamples(prompt_id, samples, images)
 
-def _verify(
-    flagged: pd.DataFrame, generations_dir: Path, out_dir: Path, rejects: RejectLog, *, data: Mapping[str, Any],
-    dedup_dir: str | Path | None, embedder_factory: Callable[[], Embedder | None] | None, n_candidates: int,
-    delta: float, exhaustive: str | bool, metric: Metric, progress: bool, batch_size: int,
-) -> pd.DataFrame:  # fmt: skip
-    """The comparison itself (see :func:`run_verify`); returns the extracted table and writes the matched images."""
-    prompt_ids = list(flagged["prompt_id"])
-    representatives: dict[str, np.ndarray] = {}
-    for row in flagged.itertuples(index=False):
-        path = generations_dir / row.representative_file
-        try:
-            representatives[row.prompt_id] = np.asarray(decode_image(path.read_bytes()))
-        except (BadImage, OSError) as err:
-            rejects.add(row.prompt_id, str(path), f"unreadable representative sample: {err}")
+    def _candidates(self, prompts: list[PromptSamples]) -> dict[str, list[str]]:
+        """Each prompt's duplicate group, then its samples' nearest training images by embedding
+        (rank by rank: every sample's nearest, then every sample's second ...), at most ``max_candidates``."""
+        o = self.options
+        found = {p.prompt_id: list(dict.fromkeys(self.groups.get(p.prompt_id, []))) for p in prompts}
+        embedder = None
+        if self.index is not None and o["n_candidates"] > 0 and any(p.images for p in prompts):
+            embedder = o["embedder_factory"]() if o["embedder_factory"] is not None else None
+            if embedder is None:
+                log.warning("dedup embeddings found but no embedder configured (embedder=...): nearest-neighbour candidates skipped")
+        for p in prompts:
+            if embedder is not None and p.images:
+                nearest = self.index.search(embed_images(p.images, embedder), o["n_candidates"])
+                for rank in range(max(map(len, nearest), default=0)):
+                    found[p.prompt_id] += [keys[rank] for keys in nearest if rank < len(keys)]
+            found[p.prompt_id] = list(dict.fromkeys(found[p.prompt_id]))[: o["max_candidates"]]
+        return found
 
-    dedup_dir = Path(dedup_dir) if dedup_dir is not None else None
-    candidates = group_candidates(flagged)
-    has_groups = any(candidates.values())
-    index = EmbeddingIndex.load(dedup_dir / "embeddings") if dedup_dir is not None else None
-    if index is not None and representatives and n_candidates > 0:
-        embedder = embedder_factory() if embedder_factory is not None else None
-        if embedder is None:
-            log.warning("dedup embeddings found but no embedder configured (embedder=...): nearest-neighbour candidates skipped")
+    def _scan(self, matches: dict[str, _Matches], rejects: RejectLog) -> None:
+        """Stream the whole training set once, comparing every batch with every prompt's samples."""
+        o = self.options
+        if not any(m.prompt.images for m in matches.values()):
+            return
+        log.info("comparing the samples of %d prompt(s) with every training image in %s", len(matches), o["data"].get("path"))
+        keys: list[str] = []
+        images: list[Image.Image] = []
+
+        def flush() -> None:
+            for m in matches.values():
+                m.add(keys, images, o["metric"])
+
+        for record in tqdm(open_dataset(o["data"], rejects=rejects, progress=False), desc="verify (all training images)",
+                           unit="image", disable=not o["progress"]):  # fmt: skip
+            keys.append(record.key)
+            images.append(record.image)
+            if len(keys) == o["batch_size"]:
+                flush()
+                keys, images = [], []
+        if keys:
+            flush()
+
+    def _finish(self, unit: Unit, found: _Matches, ctx: StepContext) -> None:
+        """Write the prompt's result, its pairs, and its match image; then its marker."""
+        result = found.result()
+        image = found.best_training_image()
+        match_path = self.out_dir / "matches" / f"{unit.name}.png"
+        if result["extracted"] and image is not None:
+            sample_size = found.prompt.images[[s.index for s in found.prompt.samples].index(result["best_sample"])].shape[:2]
+            display = _crop_for_display(image, sample_size)
+            atomic_write(match_path, lambda tmp, im=display: im.save(tmp, format="PNG"))
         else:
-            ids = list(representatives)
-            nearest = index.search(embed_images([representatives[p] for p in ids], embedder), n_candidates)
-            for pid, keys in zip(ids, nearest):
-                candidates[pid] = list(dict.fromkeys(candidates[pid] + keys))
-    scan_all = exhaustive is True or (exhaustive == "auto" and not has_groups and index is None)
-
-    best = _BestMatch(prompt_ids)
-    if scan_all:
-        log.info("comparing %d representative(s) with every training image in %s", len(representatives), data.get("path"))
-        records = open_dataset(data, rejects=rejects, progress=False) if representatives else []
-        _scan(best, representatives, records, metric, progress, batch_size)
-    else:
-        images = fetch_training_images(data, {k for keys in candidates.values() for k in keys}, rejects, progress)
-        for pid in tqdm(list(representatives), desc="verify", unit="prompt", disable=not progress):
-            keys = [k for k in candidates[pid] if k in images]
-            if keys:
-                best.update(pid, compare(representatives[pid], [images[k] for k in keys], metric), keys, [images[k] for k in keys])
-    if len(rejects):
-        log.warning("%s", rejects.summary())
-
-    rows = []
-    for row in flagged.itertuples(index=False):
-        distance, key, image = best.best.get(row.prompt_id, (float("nan"), "", None))
-        if image is not None:
-            display = _crop_for_display(image, representatives[row.prompt_id].shape[:2])
-            atomic_write(out_dir / "matches" / f"{row.prompt_id}.png", lambda tmp, im=display: im.save(tmp, format="PNG"))
-        rows.append({
-            "prompt_id": row.prompt_id, "sample": int(row.representative), "sample_file": row.representative_file,
-            "train_key": key, "distance": distance, "extracted": bool(distance <= delta),
-            "n_candidates": best.counts[row.prompt_id],
-        })  # fmt: skip
-    return pd.DataFrame(rows, columns=EXTRACTED_COLUMNS)
-
-
-
-
-def _scan(
-    best: _BestMatch,
-    representatives: dict[str, np.ndarray],
-    records: Iterable[Any],
-    metric: Metric,
-    progress: bool,
-    batch_size: int,
-) -> None:
-    """Stream the whole training set once, comparing every image with every representative."""
-    if not representatives:
-        return
-    ids = list(representatives)
-    # Representatives of one size are compared together, in one matrix product per batch.
-    by_size: dict[tuple[int, int], list[str]] = {}
-    for pid in ids:
-        by_size.setdefault(representatives[pid].shape[:2], []).append(pid)
-
-    def flush(keys: list[str], images: list[Image.Image]) -> None:
-        for size, pids in by_size.items():
-            fitted = np.stack([np.asarray(fit_to(image, size)) for image in images])
-            distances = np.asarray(metric.distances(np.stack([representatives[p] for p in pids]), fitted), dtype=np.float64)
-            for pid, row in zip(pids, distances):
-                best.update(pid, row, keys, images)
-
-    keys: list[str] = []
-    images: list[Image.Image] = []
-    for record in tqdm(records, desc="verify (all training images)", unit="image", disable=not progress):
-        keys.append(record.key)
-        images.append(record.image)
-        if len(keys) == batch_size:
-            flush(keys, images)
-            keys, images = [], []
-    if keys:
-        flush(keys, images)
+            match_path.unlink(missing_ok=True)  # an earlier run's, under other settings
+        pairs = pd.DataFrame([(unit.name, *pair) for pair in found.pairs], columns=EXTRACTED_COLUMNS)
+        write_parquet(pairs.astype({"sample": int, "distance": float}), self.work_dir / "prompts" / f"{unit.name}.parquet")
+        write_json(result, self.work_dir / "prompts" / f"{unit.name}.json")
+        ctx.done(unit, {"samples_matched": result["samples_matched"]})

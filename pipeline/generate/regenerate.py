@@ -69,3 +69,53 @@ def regenerate(row, sample_index: int, pipe=None, *, device: str | None = None, 
     task = SampleTask(row["prompt_id"], row["caption"], int(sample_index), int(seeds[int(sample_index)]))
     encoder = PromptEncoder(pipe, settings.guidance_scale, settings.negative_prompt)
     return sample_batch(pipe, [task], settings, encoder)[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipeline.generate.regenerate <generations_dir> <prompt_id> <index> --out sample.png``:
+    remake one sample from the recipe its generations folder records (the report prints this
+    command on every extraction card), and say how far it is from the stored sample."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from pipeline.generations import PROMPTS_FILE, load_prompts, sample_path
+    from pipeline.text import display_text
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.generate.regenerate", description=main.__doc__)
+    parser.add_argument("generations_dir", type=Path, help="the generator's folder (holds prompts.parquet)")
+    parser.add_argument("prompt_id")
+    parser.add_argument("index", type=int, help="the sample's index within its prompt (00012.png is 12)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the PNG (default: regenerated_<prompt_id>_<index>.png)")
+    parser.add_argument("--device", default=None, help="override the recorded device, e.g. cpu")
+    parser.add_argument("--model-path", default=None, help="override the recorded model path (the model moved)")
+    args = parser.parse_args(argv)
+
+    def fail(message: str) -> None:
+        print(f"regenerate: {display_text(message, 2000)}", file=sys.stderr)
+        raise SystemExit(2)
+
+    if not (args.generations_dir / PROMPTS_FILE).is_file():
+        fail(f"generations_dir: {args.generations_dir} has no {PROMPTS_FILE}: only the generator's folders record recipes")
+    table = load_prompts(args.generations_dir)
+    rows = table[table["prompt_id"].astype(str) == args.prompt_id]
+    if rows.empty:
+        fail(f"prompt_id: {args.prompt_id!r} is not in {args.generations_dir / PROMPTS_FILE}")
+    try:
+        image = regenerate(rows.iloc[0], args.index, device=args.device, model_path=args.model_path)
+    except IndexError as err:
+        fail(str(err))
+    out = args.out or Path(f"regenerated_{args.prompt_id}_{args.index:05d}.png")
+    Image.fromarray(image).save(out)
+    print(f"wrote {out}")
+    stored = sample_path(args.generations_dir, args.prompt_id, args.index)
+    if stored.is_file():
+        difference = np.abs(np.asarray(Image.open(stored).convert("RGB"), dtype=np.int16) - image.astype(np.int16))
+        print(f"largest difference from the stored {stored}: {int(difference.max())} grey level(s) "
+              f"({float((difference > 1).mean()):.2%} of values differ by more than one)")
+
+
+if __name__ == "__main__":
+    main()
