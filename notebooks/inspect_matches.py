@@ -16,10 +16,12 @@
 # %% [markdown]
 # # Inspect the matches of a memorization audit
 #
-# Loads the detect stage's outputs of one run directory and shows, for each flagged prompt,
-# a few samples of its clique of near-identical generations beside the closest training image,
-# with the distances that decided it. Set `RUN_DIR` below, or the environment variable
-# `MEMAUDIT_RUN_DIR`. Edit `notebooks/inspect_matches.py`; the `.ipynb` is generated from it
+# Loads the detect stage's outputs of one run directory and shows what the HTML report shows:
+# every prompt screened with its reproduction rate, then, for each extracted prompt, the
+# generated sample beside the training image it reproduces, with their distance, the
+# threshold, the sample's seed and the command that regenerates it; and the cliques of the
+# flagged prompts. Set `RUN_DIR` below, or the environment variable `MEMAUDIT_RUN_DIR`. Edit
+# `notebooks/inspect_matches.py`; the `.ipynb` is generated from it
 # (`jupytext --sync notebooks/inspect_matches.py`).
 
 # %%
@@ -28,69 +30,98 @@ from pathlib import Path
 
 # Jupyter starts the kernel in notebooks/, hence the "..".
 RUN_DIR = Path(os.environ.get("MEMAUDIT_RUN_DIR", "../outputs/demo"))
-MEMBERS_SHOWN = 4  # clique members per flagged prompt
+MEMBERS_SHOWN = 4  # clique members shown beside each prompt's best sample
 MAX_PROMPTS = 20
 
 # %%
 import matplotlib.pyplot as plt
+import pandas as pd
 
-from pipeline.report import flagged_prompts, load_run, load_thumbnail
+from pipeline.report import extracted_prompts, flagged_prompts, load_run, load_thumbnail, prompt_table
 from pipeline.text import display_text
 
 results = load_run(RUN_DIR / "detect")
 memorized = results.memorized
 print(f"{len(memorized)} prompts screened, {int(memorized['flagged'].sum())} flagged", end="")
-if results.extracted is not None:
-    print(f", {int(results.extracted['extracted'].sum())} extracted")
+if results.verified:
+    print(f", {int(memorized['extracted'].sum())} extracted (a sample within {results.delta} {results.metric_name} of a training image)")
 else:
-    print(" (not verified against training images)")
+    print(" (verification did not run: no training set given)")
 print("settings:", results.summary.get("settings"))
 
 # %% [markdown]
-# ## Prompts by clique size
-# Every prompt screened, largest cliques first; `flagged` marks a clique of at least `min_clique`.
-# Prompt ids, captions, file names and training keys come from other tools' folders and the web:
-# `display_text` shows their control and bidi-control characters as escapes and shortens them.
+# ## Every prompt
+# Extracted prompts first, by reproduction rate (the share of a prompt's samples within the
+# threshold of a training image, with its 95% Wilson interval), then flagged ones (a clique of at
+# least `min_clique` near-identical samples), then by clique size. Prompt ids and captions come
+# from other tools' folders and the web: `display_text` shows their control and bidi-control
+# characters as escapes and shortens them.
 
 # %%
-columns = ["prompt_id", "caption", "n_samples", "clique_size", "flagged", "max_pair_distance", "median_pair_distance"]
-table = memorized.sort_values("clique_size", ascending=False)[columns].head(20)
-table.assign(
+table = prompt_table(results)
+shown = table.assign(
     prompt_id=table["prompt_id"].map(lambda v: display_text(v, 40)),
-    caption=table["caption"].map(lambda v: display_text(v, 80)),
+    caption=table["caption"].map(lambda v: display_text(v, 60)),
 )
+if results.verified:
+    shown["reproduction"] = [
+        f"{rate:.0%} [{low:.0%}, {high:.0%}]"
+        for rate, low, high in zip(table["reproduction_rate"], table["reproduction_ci_low"], table["reproduction_ci_high"])
+    ]
+    shown = shown.drop(columns=["reproduction_rate", "reproduction_ci_low", "reproduction_ci_high"])
+shown.head(200)
 
 # %% [markdown]
-# ## Flagged prompts: generations beside the closest training image
+# ## Extracted prompts: the generated sample beside the training image
+# The first panel is the sample closest to a training image, the second that training image
+# (cropped as it was compared), then other members of the prompt's clique. The command remakes
+# the sample from the run's recorded recipe.
+
 
 # %%
-flagged = flagged_prompts(results).head(MAX_PROMPTS)
-for row in flagged.itertuples(index=False):
-    files = [row.representative_file] + [f for f in row.member_files if f != row.representative_file]
-    files = files[:MEMBERS_SHOWN]
-    verified = isinstance(row.train_key, str) and row.train_key != ""
-    panels = len(files) + (1 if verified else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(2.2 * panels, 2.6), squeeze=False)
-    for ax, file in zip(axes[0], files):
-        image = load_thumbnail(results.sample_path(file), 256)
+def show(row, first: list[tuple[str, Path | None]], skip: str = "") -> None:
+    """One figure: the panels of ``first`` ((title, image path)), then up to MEMBERS_SHOWN
+    members of the prompt's clique (its most central sample first), sample file ``skip`` left out."""
+    members = [f for f in dict.fromkeys([row["representative_file"], *row["member_files"]]) if f != skip][:MEMBERS_SHOWN]
+    panels = first + [(display_text(f.rsplit("/", 1)[-1], 30), results.sample_path(f)) for f in members]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6), squeeze=False)
+    for ax, (title, path) in zip(axes[0], panels):
+        image = load_thumbnail(path, 256) if path is not None else None
         if image is not None:
             ax.imshow(image, interpolation="nearest")
-        ax.set_title(display_text(file.rsplit("/", 1)[-1], 30), fontsize=8)
-    if verified:
-        ax = axes[0][-1]
-        image = load_thumbnail(results.match_path(row.prompt_id), 256)
-        if image is not None:
-            ax.imshow(image, interpolation="nearest")
-        verdict = "extracted" if row.extracted else "not a match"
-        ax.set_title(f"train {display_text(row.train_key, 30)}\nL2 {row.distance:.3f} ({verdict})", fontsize=8)
-    for ax in axes[0]:
+        ax.set_title(title, fontsize=8)
         ax.axis("off")
-    fig.suptitle(
-        f"{display_text(row.prompt_id, 40)}: \"{display_text(row.caption, 60)}\"\nclique {row.clique_size}/{row.n_samples}, "
-        f"max distance in clique {row.max_pair_distance:.3f}",
-        fontsize=9,
-    )
+    fig.suptitle(f"{display_text(row['prompt_id'], 40)}: \"{display_text(row['caption'], 60)}\"", fontsize=9)
     fig.tight_layout()
     plt.show()
+
+
+extracted = extracted_prompts(results).head(MAX_PROMPTS)
+for row in extracted.to_dict("records"):
+    seed = "not recorded" if pd.isna(row["seed"]) else row["seed"]
+    print(f"{display_text(row['prompt_id'], 80)}: distance {row['best_distance']:.4f} <= threshold {results.delta} ({results.metric_name})")
+    print(f"  sample #{row['best_sample']} ({display_text(row['best_sample_file'], 80)}), seed {seed}; "
+          f"training image {display_text(row['best_train_key'], 80)}")
+    print(f"  {row['samples_matched']} of {row['n_samples']} samples within the threshold ({row['reproduction_rate']:.0%}, "
+          f"95% CI {row['reproduction_ci_low']:.0%}-{row['reproduction_ci_high']:.0%})")
+    print(f"  regenerate: {row['command']}" if row["command"] else "  no recipe recorded for it: cannot be regenerated")
+    sample = results.sample_path(row["best_sample_file"]) if row["best_sample_file"] else None
+    first = [(f"sample #{row['best_sample']}\n{results.metric_name} {row['best_distance']:.3f}", sample),
+             (f"train {display_text(row['best_train_key'], 30)}", results.match_path(row["prompt_id"]))]
+    show(row, first, skip=row["best_sample_file"])
+if extracted.empty:
+    print("no extracted prompt in", RUN_DIR, "" if results.verified else "(verification did not run)")
+
+# %% [markdown]
+# ## Flagged prompts not extracted: their cliques
+
+# %%
+flagged = flagged_prompts(results)
+if results.verified:
+    flagged = flagged[~flagged["extracted"]]
+for row in flagged.head(MAX_PROMPTS).to_dict("records"):
+    print(f"{display_text(row['prompt_id'], 80)}: clique {row['clique_size']}/{row['n_samples']}, "
+          f"max distance in clique {row['max_pair_distance']:.3f}")
+    show(row, [])
 if flagged.empty:
-    print("no flagged prompt in", RUN_DIR)
+    print("none in", RUN_DIR)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import unicodedata
@@ -27,18 +28,28 @@ def audited(tmp_path_factory) -> Path:
 
 
 def report_with(run_dir: Path, tmp_path: Path, caption: str, prompt_id: str = "00000", train_key: str | None = None) -> str:
-    """The report of a copy of ``run_dir``'s detection whose flagged prompt (00000) has this
-    caption, prompt id and training key, as if another tool had written them."""
+    """The report of a copy of ``run_dir``'s detection whose flagged and extracted prompt (00000)
+    has this caption, prompt id and training key, as if another tool had written them."""
     detect = Path(shutil.copytree(run_dir / "detect", tmp_path / "detect"))
     memorized = pd.read_parquet(detect / "memorized.parquet")
     extracted = pd.read_parquet(detect / "extracted.parquet")
     memorized.loc[memorized["prompt_id"] == "00000", ["prompt_id", "caption"]] = [prompt_id, caption]
-    row = extracted["prompt_id"] == "00000"
-    extracted.loc[row, "prompt_id"] = prompt_id
+    rows = extracted["prompt_id"] == "00000"
+    extracted.loc[rows, "prompt_id"] = prompt_id
     if train_key is not None:
-        extracted.loc[row, "train_key"] = train_key
+        extracted.loc[rows, "train_key"] = train_key
+        memorized.loc[memorized["prompt_id"] == prompt_id, "best_train_key"] = train_key
     memorized.to_parquet(detect / "memorized.parquet")
     extracted.to_parquet(detect / "extracted.parquet")
+    # The generator's table names the prompt too, so that its card has a regeneration command.
+    generations = tmp_path / "generations"
+    generations.mkdir()
+    recipe = pd.read_parquet(run_dir / "generations" / "prompts.parquet")
+    recipe.loc[recipe["prompt_id"] == "00000", "prompt_id"] = prompt_id
+    recipe.to_parquet(generations / "prompts.parquet")
+    shutil.copytree(run_dir / "generations" / "00000", generations / "00000")
+    summary = json.loads((detect / "summary.json").read_text(encoding="utf-8"))
+    (detect / "summary.json").write_text(json.dumps({**summary, "generations_dir": str(generations)}), encoding="utf-8")
     (detect / "matches" / "00000.png").rename(detect / "matches" / f"{prompt_id}.png")
     out = write_report(load_run(detect), tmp_path / "index.html", title="t")
     return out.read_text(encoding="utf-8")
@@ -52,6 +63,9 @@ def test_bidi_and_control_characters_are_shown_as_escapes(audited, tmp_path):
     assert r"file\u202egnp.exe\x00 bell\x07 \x1b[31mred\x1b[0m next\x85line \u2067rtl\u2069 \u200fmark" in html
     assert re.search(r"<bdi>id\\u202ecod\.exe</bdi>", html)
     assert re.search(r"<bdi>part0/\\u202e00007\\x00</bdi>", html)
+    # The command that regenerates its sample names it in bash's $'...' quoting: exact, yet shown as escapes.
+    quoted = r"\$&#39;id\\u202ecod\.exe"  # $'id\u202ecod.exe, HTML-escaped
+    assert re.search(rf"<code>python -m pipeline.generate.regenerate \S+ {quoted}&#39; 4 --out \$&#39;regenerated_id\\u202ecod\.exe_00004\.png&#39;</code>", html)
 
 
 def test_a_long_caption_is_shortened_and_shown_in_full_once(audited, tmp_path):

@@ -27,6 +27,7 @@ default 900).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -161,9 +162,22 @@ def same_verdicts(local: Path, slurm: Path) -> None:
     columns = ["prompt_id", "flagged", "clique_size"]
     expected, got = (by_prompt(pd.read_parquet(run / "detect" / "memorized.parquet"))[columns] for run in (local, slurm))
     expect(got.equals(expected), f"detect/memorized.parquet verdicts differ:\nlocal:\n{expected}\nSLURM:\n{got}")
+    # The same reproductions: a (sample, training image) pair matched in one run and not in the
+    # other must lie within what one grey level can move a distance (1/255 of the RMS of a
+    # tile) of the threshold; every other pair, and so every prompt's verdict, must agree.
+    delta = json.loads((local / "detect" / "summary.json").read_text())["verification"]["delta"]
+    pairs = {name: pd.read_parquet(run / "detect" / "extracted.parquet") for name, run in (("local", local), ("SLURM", slurm))}
+    keyed = {name: {(r.prompt_id, int(r.sample), r.train_key): r.distance for r in t.itertuples()} for name, t in pairs.items()}
+    unexplained = {
+        pair: (name, distance) for name, other in (("local", "SLURM"), ("SLURM", "local"))
+        for pair, distance in keyed[name].items() if pair not in keyed[other] and distance <= delta - GREY_LEVEL / 255
+    }  # fmt: skip
+    expect(not unexplained, f"pairs matched in one run only, farther than one grey level from the threshold: {unexplained}")
+    borderline = {pair[0] for pair in set(keyed["local"]) ^ set(keyed["SLURM"])}
     columns = ["prompt_id", "extracted"]
-    expected, got = (by_prompt(pd.read_parquet(run / "detect" / "extracted.parquet"))[columns] for run in (local, slurm))
-    expect(got.equals(expected), f"detect/extracted.parquet differs:\nlocal:\n{expected}\nSLURM:\n{got}")
+    expected, got = (by_prompt(pd.read_parquet(run / "detect" / "memorized.parquet"))[columns] for run in (local, slurm))
+    settled = ~expected["prompt_id"].isin(borderline)
+    expect(got[settled].equals(expected[settled]), f"extracted prompts differ:\nlocal:\n{expected}\nSLURM:\n{got}")
 
 
 def same_report(local: Path, slurm: Path) -> None:
