@@ -361,6 +361,7 @@ def test_every_sample_is_verified_against_the_group(run):
     assert set(pairs["train_key"]) == {ORIGINAL_KEY["00000"]} and (pairs["distance"] <= 0.15).all()
     assert table.loc["00000", "best_train_key"] == ORIGINAL_KEY["00000"] and table.loc["00000", "best_distance"] < 0.05
     assert table.loc["00000", "best_sample"] in run["planted_at"]["00000"]
+    assert table["best_in_group"].tolist() == [True, True, True]  # their groups are their only candidates here
     assert table.loc["00000", "best_sample_file"] == f"00000/{table.loc['00000', 'best_sample']:05d}.png"
     assert table.loc["00000", "n_candidates"] == 3 and table.loc["00000", "samples_verified"] == SAMPLES
     # 00001's group does not hold its original: compared, but nothing matches.
@@ -389,6 +390,7 @@ def test_exhaustive_verification_matches_an_independent_per_pair_reference(run):
     assert not table.loc["00001", "flagged"] and table.loc["00001", "extracted"]
     assert table.loc["00001", "best_train_key"] == ORIGINAL_KEY["00001"]
     assert (table["n_candidates"] == 20).all()  # every training image
+    assert table["best_in_group"].isna().all()  # no group to be in
 
 
 def test_verification_uses_the_embedding_index(run):

@@ -205,7 +205,7 @@ def sample_distances(samples: np.ndarray, training: Sequence[Image.Image], metri
 
 VERIFY_COLUMNS = [
     "extracted", "samples_matched", "samples_verified", "n_candidates", "reproduction_rate", "reproduction_ci_low",
-    "reproduction_ci_high", "best_sample", "best_sample_file", "best_train_key", "best_distance",
+    "reproduction_ci_high", "best_sample", "best_sample_file", "best_train_key", "best_distance", "best_in_group",
 ]  # fmt: skip
 
 
@@ -330,7 +330,8 @@ def run_verify(
     for pid in memorized["prompt_id"].astype(str):
         rows.append(json.loads((work_dir / "prompts" / f"{pid}.json").read_text(encoding="utf-8")))
         pairs.append(pd.read_parquet(work_dir / "prompts" / f"{pid}.parquet"))
-    verified = pd.DataFrame(rows, columns=["prompt_id", *[c for c in VERIFY_COLUMNS if not c.startswith("reproduction_")]])
+    derived = ("reproduction_rate", "reproduction_ci_low", "reproduction_ci_high", "best_in_group")
+    verified = pd.DataFrame(rows, columns=["prompt_id", *[c for c in VERIFY_COLUMNS if c not in derived]])
     table = memorized.drop(columns=[c for c in VERIFY_COLUMNS if c in memorized.columns]).merge(verified, on="prompt_id", how="left")
     n = table["n_samples"].astype(int)
     table["reproduction_rate"] = np.where(n > 0, table["samples_matched"] / n.where(n > 0, 1), np.nan)
@@ -338,6 +339,12 @@ def run_verify(
     table["reproduction_ci_low"] = [low for low, _ in intervals]
     table["reproduction_ci_high"] = [high for _, high in intervals]
     table["best_sample"] = pd.array(table["best_sample"], dtype="Int64")
+    # Whether the closest training image is one of the prompt's own duplicate group (null where
+    # the prompt has none): a sample can reproduce another caption's training image too.
+    table["best_in_group"] = pd.array(
+        [None if not groups.get(pid) or not key else key in groups[pid] for pid, key in zip(table["prompt_id"], table["best_train_key"])],
+        dtype="boolean",
+    )
     extracted = pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame(columns=EXTRACTED_COLUMNS)
     extracted = extracted.astype({"sample": int, "distance": float}).sort_values(["prompt_id", "sample", "distance"], kind="stable")
     write_parquet(extracted.reset_index(drop=True), out_dir / "extracted.parquet")

@@ -519,6 +519,7 @@ def render_report(results: RunResults, title: str, thumbnails: int = 6, thumb_si
             "best_sample": _count(row["best_sample"]), "sample_file": shown(row["best_sample_file"], NAME_LIMIT, full=False),
             "seed": _count(row["seed"]), "command": row["command"],
             "distance": _number(row["best_distance"]), "train_key": shown(row["best_train_key"], NAME_LIMIT),
+            "in_group": None if pd.isna(row.get("best_in_group", pd.NA)) else bool(row["best_in_group"]),
             "dup_count": _count(row["dup_count"]), "clique_size": int(row["clique_size"]), "n_samples": int(row["n_samples"]),
             "flagged": bool(row["flagged"]), "samples_verified": int(row["samples_verified"]), "n_candidates": int(row["n_candidates"]),
             "rate": _rate(int(row["samples_matched"]), int(row["n_samples"]), row["reproduction_ci_low"], row["reproduction_ci_high"]),
