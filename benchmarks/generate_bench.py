@@ -1,27 +1,36 @@
-"""Benchmark: the generator against a plain diffusers loop, on Stable Diffusion v1.x's architecture.
+"""Benchmark: the generator against a plain diffusers loop, on a model family's full architecture.
 
     .venv/bin/python benchmarks/generate_bench.py --tiny                 # seconds on a CPU
+    .venv/bin/python benchmarks/generate_bench.py --tiny --family flux   # sd, sd2, sdxl, sd3, flux, flux-schnell, pixart
     python benchmarks/generate_bench.py --device cuda --steps 50 --n-images 256 --batch-size 32
+    python benchmarks/generate_bench.py --device cuda --family sdxl --n-images 64 --batch-size 8
     python benchmarks/generate_bench.py --device cuda --dtype bfloat16 --compile --peak-tflops 756
 
-The model has SD v1.4's exact architecture (UNet 320/640/1280/1280 with cross-attention 768,
-AutoencoderKL, CLIP ViT-L/14 text encoder, CLIP's BPE tokenizer, PNDM) and random weights,
-so nothing is downloaded and the speed is that of the real model. Two generators run on it in
-the same process:
+``--family`` (default ``sd``) picks the model: its stock diffusers pipeline with the exact
+architecture of the published model (``benchmarks/family_models.py``: SD v1.4's UNet
+320/640/1280/1280 with cross-attention 768, AutoencoderKL, CLIP ViT-L/14 text encoder, CLIP's
+BPE tokenizer and PNDM for ``sd``; SD 2.1, SDXL base, SD3.5 Medium, FLUX.1-dev/schnell and
+PixArt-Sigma likewise) and random weights, so nothing is downloaded and the speed is that of
+the real model. ``--tiny`` scales the same structure down to run in seconds on a CPU. Steps,
+guidance and size default to the family's published ones (``conf/model/*.yaml``). Two
+generators run on it in the same process:
 
 * the plain diffusers loop, at diffusers' defaults: the pipeline as ``from_pretrained`` gives it
   (float32 unless ``--baseline-dtype``), one prompt per call, ``num_images_per_prompt=1``,
-  PIL output saved to PNG in the loop;
+  PIL output saved to PNG in the loop (making the generator's images: the same size, without
+  PixArt's resolution binning, and the same T5 length for FLUX);
 * ``pipeline.generate.generate``: ``--dtype`` (auto: float16 on CUDA), SDPA attention, fused
   QKV, channels-last, TF32, text embeddings once per prompt, batches of ``--batch-size`` mixing
   prompts, uint8 conversion on the device, PNGs written by a thread pool.
 
 It prints images/s of both and their ratio, and the share of the GPU's peak FLOP/s that the
-UNet reaches: UNet FLOP per evaluation are counted with ``torch.utils.flop_counter`` on one
-forward pass at batch 1 (SD v1.4 at 512x512, 77 tokens: 803 GFLOP), times 2 evaluations per
-step with classifier-free guidance, times the steps. ``--peak-tflops`` defaults from the
-device name (dense 16-bit tensor-core peaks: H100 SXM 989, H100 PCIe 756, H200 989, A100 312).
-The last line, ``RESULT {...}``, is the same as JSON.
+denoiser (the UNet, or the transformer of SD3, FLUX and PixArt) reaches: its FLOP per
+evaluation of one image are counted with ``torch.utils.flop_counter`` on its first call in a
+one-step pipeline run at the benchmark's size with the family's full text context (SD v1.4 at
+512x512, 77 tokens: 803 GFLOP), times 2 evaluations per step under classifier-free guidance
+(FLUX: 1), times the steps. The result keys keep the name ``unet_*`` for every family.
+``--peak-tflops`` defaults from the device name (dense 16-bit tensor-core peaks: H100 SXM 989,
+H100 PCIe 756, H200 989, A100 312). The last line, ``RESULT {...}``, is the same as JSON.
 """
 
 from __future__ import annotations
@@ -37,6 +46,11 @@ from pathlib import Path
 
 import torch
 
+# The random-weight family builders live next to this file (benchmarks/ is not a package).
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import family_models  # noqa: E402
+
 # Dense 16-bit (bf16/fp16) tensor-core peaks in TFLOP/s, by a substring of the device name.
 PEAK_TFLOPS = [
     ("H100 PCIe", 756.0),
@@ -49,60 +63,13 @@ PEAK_TFLOPS = [
     ("L4", 121.0),
 ]
 
+# SD v1.4's architecture (family "sd" at full size), as modules' keyword arguments.
 SD14 = dict(
     resolution=512,
-    unet=dict(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    ),
-    vae=dict(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        norm_num_groups=32,
-        sample_size=512,
-        scaling_factor=0.18215,
-    ),
-    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768),
-    bpe_merges=49152 - 256 - 2,  # CLIP's full vocabulary: 49,408 tokens
-)
-
-# The same structure, scaled down to run in seconds on a CPU.
-TINY = dict(
-    resolution=32,
-    unet=dict(
-        SD14["unet"],
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        norm_num_groups=8,
-    ),
-    vae=dict(
-        SD14["vae"],
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=32,
-    ),
-    text=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, projection_dim=64),
-    bpe_merges=2000,
+    unet=family_models.DENOISERS["sd"],
+    vae=family_models.VAES["sd"],
+    text={k: v for k, v in family_models.CLIP_L.items() if k != "hidden_act"},
+    bpe_merges=family_models.CLIP_MERGES,
 )
 
 PROMPTS = [
@@ -117,64 +84,55 @@ PROMPTS = [
 ]
 
 
-def build_sd_pipeline(arch: dict, tokenizer, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A ``StableDiffusionPipeline`` of architecture ``arch`` with random weights (seeded)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    with torch.device(device):  # initialise on the device: seconds on a GPU for 1B parameters
-        unet = UNet2DConditionModel(**arch["unet"])
-        vae = AutoencoderKL(**arch["vae"])
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                max_position_embeddings=tokenizer.model_max_length,
-                hidden_act="quick_gelu",
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                **arch["text"],
-            )
-        )
-    # SD v1.x's scheduler config; PNDM is the pipeline's default sampler (the paper's).
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
-    pipe = StableDiffusionPipeline(
-        vae=vae.to(dtype), text_encoder=text_encoder.to(dtype), tokenizer=tokenizer, unet=unet.to(dtype),
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def unet_flops_per_eval(pipe, height: int, width: int) -> int:
-    """FLOP of one UNet evaluation at batch 1 with the tokenizer's full context (77 for SD)."""
+def plain_options(pipe) -> dict:
+    """What the plain loop passes besides the prompt so that it makes the generator's images:
+    the family's fixed call options (PixArt without resolution binning, FLUX's T5 length), less
+    the negative prompt slot, which only applies with precomputed embeddings."""
+    from pipeline.generate.families import family_of
+
+    return {k: v for k, v in family_of(pipe).call_options(pipe).items() if k != "negative_prompt"}
+
+
+def denoiser_flops_per_eval(pipe, height: int, width: int, guidance: float) -> int:
+    """FLOP of one denoiser evaluation for one image at ``height`` x ``width`` with the
+    family's full text context (77 tokens for SD): counted on the first denoiser call of a
+    one-step pipeline run (FlopCounterMode around its forward), divided by that call's batch
+    (2 images' worth under classifier-free guidance)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet = pipe.unet
-    factor = pipe.vae_scale_factor
-    param = next(unet.parameters())
-    latents = torch.randn(1, unet.config.in_channels, height // factor, width // factor, device=param.device, dtype=param.dtype)
-    context = torch.randn(1, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=param.device, dtype=param.dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(latents, torch.tensor([500], device=param.device), context)
-    return int(counter.get_total_flops())
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    forward, counts = denoiser.forward, []
+
+    def counted(*args, **kwargs):
+        sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        with FlopCounterMode(display=False) as counter:
+            out = forward(*args, **kwargs)
+        counts.append(counter.get_total_flops() // sample.shape[0])
+        return out
+
+    denoiser.forward = counted  # an instance attribute: nn.Module.__call__ runs it
+    try:
+        with torch.no_grad():
+            pipe(PROMPTS[0], num_inference_steps=1, guidance_scale=guidance, height=height, width=width,
+                 output_type="latent", **plain_options(pipe))  # fmt: skip
+    finally:
+        del denoiser.forward
+    return int(counts[0])
 
 
 def time_plain_loop(pipe, prompts: list[str], n_images: int, steps: int, guidance: float, size: int, out_dir: Path, device) -> float:
     """Seconds per image of the obvious diffusers loop (one call per image, PIL, PNG in the loop)."""
+    options = plain_options(pipe)
+
     def one(i: int) -> None:
         generator = torch.Generator(device="cpu").manual_seed(i)
         image = pipe(prompts[i % len(prompts)], num_inference_steps=steps, guidance_scale=guidance,
-                     height=size, width=size, generator=generator).images[0]  # fmt: skip
+                     height=size, width=size, generator=generator, **options).images[0]  # fmt: skip
         image.save(out_dir / f"{i:05d}.png")
 
     one(0)  # warm-up: kernels, allocator
@@ -196,7 +154,7 @@ def time_generator(pipe, prompts: list[str], n_samples: int, args, dtype_name: s
     runtime = Runtime(device=device.type, dtype=dtype_name, compile=args.compile)
     settings = SamplingSettings(steps=args.steps, guidance_scale=args.guidance, height=args.resolution, width=args.resolution)
     items = [Prompt(f"{i:05d}", p) for i, p in enumerate(prompts)]
-    options = dict(model="random-sd-architecture", settings=settings, runtime=runtime, batch_size=args.batch_size,
+    options = dict(model=f"random-{args.family}-architecture", settings=settings, runtime=runtime, batch_size=args.batch_size,
                    png_workers=args.png_workers, progress=not args.quiet)  # fmt: skip
     generate(pipe, items, out_dir / "warmup", n_samples=math.ceil(args.batch_size / len(items)), base_seed=1, **options)
     synchronize(device)
@@ -218,31 +176,35 @@ def default_peak(device: torch.device) -> tuple[float | None, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="a scaled-down SD architecture that runs in seconds on a CPU")
+    parser.add_argument("--family", default="sd", choices=family_models.FAMILIES,
+                        help="the model family's architecture: " + ", ".join(f"{k} ({v[1]})" for k, v in family_models.MODELS.items()))  # fmt: skip
+    parser.add_argument("--tiny", action="store_true", help="the family's structure scaled down to run in seconds on a CPU")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="auto", help="the generator's dtype: auto (float16 on CUDA), float32, float16, bfloat16")
     parser.add_argument("--baseline-dtype", default="float32", help="the plain loop's dtype: float32 (diffusers' default) or 'same'")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; 4 with --tiny)")
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--resolution", type=int, default=None, help="image side (default 512; 32 with --tiny)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the family's, e.g. 50 for sd; 4 with --tiny)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's, e.g. 7.5 for sd)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help=f"image side (default: the family's, e.g. 512 for sd; {family_models.TINY_SIZE} with --tiny)")  # fmt: skip
     parser.add_argument("--n-images", type=int, default=None, help="images made by the generator (default 256; 16 with --tiny)")
     parser.add_argument("--baseline-images", type=int, default=None, help="images made by the plain loop (default 16; 4 with --tiny)")
     parser.add_argument("--n-prompts", type=int, default=len(PROMPTS), help=f"distinct prompts (at most {len(PROMPTS)})")
     parser.add_argument("--batch-size", type=int, default=None, help="the generator's batch (default 32; 8 with --tiny)")
     parser.add_argument("--png-workers", type=int, default=4)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (the warm-up then takes minutes)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser (the warm-up then takes minutes)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense 16-bit peak (default: from its name)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--out", default=None, help="where PNGs go (default: a temporary folder, deleted)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    from pipeline.demo.model import build_tokenizer
-    from pipeline.models import dtype_name, resolve_device, resolve_dtype
+    from pipeline.generate.families import family_of
+    from pipeline.models import Runtime, dtype_name, optimize_pipeline, resolve_device, resolve_dtype
 
-    arch = TINY if args.tiny else SD14
-    args.steps = args.steps or (4 if args.tiny else 50)
-    args.resolution = args.resolution or arch["resolution"]
+    steps, guidance, size = family_models.DEFAULTS[args.family]
+    args.steps = args.steps or (4 if args.tiny else steps)
+    args.guidance = guidance if args.guidance is None else args.guidance
+    args.resolution = args.resolution or (family_models.TINY_SIZE if args.tiny else size)
     args.n_images = args.n_images or (16 if args.tiny else 256)
     args.baseline_images = args.baseline_images or (4 if args.tiny else 16)
     args.batch_size = args.batch_size or (8 if args.tiny else 32)
@@ -253,24 +215,27 @@ def main(argv: list[str] | None = None) -> dict:
     base_dtype = dtype if args.baseline_dtype == "same" else resolve_dtype(args.baseline_dtype, device)
     peak, device_name = default_peak(device)
     peak = args.peak_tflops or peak
-    evals = args.steps * (2 if args.guidance > 1 else 1)
+
+    def build(build_dtype: torch.dtype):
+        return family_models.build_pipeline(args.family, tiny=args.tiny, device=device, dtype=build_dtype)
 
     import diffusers
 
+    pipe = build(base_dtype if not args.skip_baseline else dtype)
+    evals = args.steps * family_of(pipe).evaluations_per_step(pipe, args.guidance)
     print(f"command   : {' '.join(sys.argv)}")
     print(f"device    : {device_name} ({device}); torch {torch.__version__}, diffusers {diffusers.__version__}, "
           f"python {platform.python_version()}, {torch.get_num_threads()} CPU threads")  # fmt: skip
-    print(f"model     : {'tiny SD-structured' if args.tiny else 'SD v1.4 architecture'}, random weights; "
-          f"{args.resolution}x{args.resolution}, {args.steps} steps, guidance {args.guidance} -> {evals} UNet evaluations/image")  # fmt: skip
+    print(f"model     : {type(pipe).__name__}, {'tiny ' + args.family + '-structured' if args.tiny else family_models.MODELS[args.family][1] + ' architecture'}, "
+          f"random weights; {args.resolution}x{args.resolution}, {args.steps} steps, guidance {args.guidance} -> {evals} denoiser evaluations/image")  # fmt: skip
 
-    tokenizer = build_tokenizer(arch["bpe_merges"], 77)
-    results: dict = dict(device=device_name, tiny=args.tiny, steps=args.steps, resolution=args.resolution,
-                         guidance=args.guidance, dtype=dtype_name(dtype), batch_size=args.batch_size)  # fmt: skip
+    results: dict = dict(device=device_name, family=args.family, pipeline_class=type(pipe).__name__, tiny=args.tiny,
+                         steps=args.steps, resolution=args.resolution, guidance=args.guidance, dtype=dtype_name(dtype),
+                         batch_size=args.batch_size)  # fmt: skip
+    flops = denoiser_flops_per_eval(pipe, args.resolution, args.resolution, args.guidance)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         if not args.skip_baseline:
-            pipe = build_sd_pipeline(arch, tokenizer, device, base_dtype)
-            flops = unet_flops_per_eval(pipe, args.resolution, args.resolution)
             (out / "plain").mkdir(parents=True, exist_ok=True)
             s_plain = time_plain_loop(pipe, prompts, args.baseline_images, args.steps, args.guidance, args.resolution, out / "plain", device)
             del pipe
@@ -279,11 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
             results.update(plain_images_per_s=1 / s_plain, plain_dtype=dtype_name(base_dtype), plain_images=args.baseline_images)
             print(f"plain diffusers loop   : {1 / s_plain:9.3f} images/s  ({s_plain:7.3f} s/image, {dtype_name(base_dtype)}, "
                   f"1 prompt/call, {args.baseline_images} images)")  # fmt: skip
-        pipe = build_sd_pipeline(arch, tokenizer, device, dtype)
-        if args.skip_baseline:
-            flops = unet_flops_per_eval(pipe, args.resolution, args.resolution)
-        from pipeline.models import Runtime, optimize_pipeline
-
+            pipe = build(dtype)
         optimize_pipeline(pipe, Runtime(device=device.type, dtype=dtype_name(dtype), compile=args.compile))
         s_ours, n_made = time_generator(pipe, prompts, n_samples, args, dtype_name(dtype), out, device)
         results.update(generator_images_per_s=1 / s_ours, generator_images=n_made)
@@ -296,15 +257,15 @@ def main(argv: list[str] | None = None) -> dict:
     per_image = flops * evals
     achieved = per_image / s_ours
     results.update(unet_gflop_per_eval=flops / 1e9, unet_tflop_per_image=per_image / 1e12, unet_tflops_achieved=achieved / 1e12)
-    print(f"UNet FLOP              : {flops / 1e9:.1f} GFLOP/evaluation (batch 1, {args.resolution}x{args.resolution}, 77 tokens) "
+    print(f"denoiser FLOP          : {flops / 1e9:.1f} GFLOP/evaluation (one image, {args.resolution}x{args.resolution}) "
           f"x {evals} = {per_image / 1e12:.2f} TFLOP/image")  # fmt: skip
     if peak:
         results.update(peak_tflops=peak, unet_peak_fraction=achieved / (peak * 1e12))
         note = "" if dtype in (torch.float16, torch.bfloat16) else " (the peak is 16-bit; float32 runs far below it)"
-        print(f"UNet throughput        : {achieved / 1e12:.1f} TFLOP/s = {100 * achieved / (peak * 1e12):.1f}% of the "
+        print(f"denoiser throughput    : {achieved / 1e12:.1f} TFLOP/s = {100 * achieved / (peak * 1e12):.1f}% of the "
               f"{peak:.0f} TFLOP/s peak{note}")  # fmt: skip
     else:
-        print(f"UNet throughput        : {achieved / 1e12:.3f} TFLOP/s (no peak known for this device: pass --peak-tflops)")
+        print(f"denoiser throughput    : {achieved / 1e12:.3f} TFLOP/s (no peak known for this device: pass --peak-tflops)")
     print("RESULT " + json.dumps(results, sort_keys=True))
     return results
 

@@ -121,7 +121,9 @@ def load_pipeline(
         raise ModelLoadError(f"{path_key}: no such directory {path!r}")
     else:
         source, local_only = path, not allow_download
-    options = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    options: dict[str, Any] = dict(torch_dtype=torch_dtype)
+    if _has_safety_checker(source, local_only, revision):
+        options.update(safety_checker=None, requires_safety_checker=False)
     if revision:
         options["revision"] = revision
     if variant:
@@ -131,7 +133,9 @@ def load_pipeline(
             # Newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype.
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = DiffusionPipeline.from_pretrained(source, local_files_only=local_only, **options)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:
+        # TypeError: e.g. a T5 tokenizer saved with a non-Unigram model, which transformers 5
+        # cannot rebuild ("'dict' object is not an instance of 'Sequence'").
         if local.exists():
             raise ModelLoadError(f"{path_key}: could not load the pipeline in {path!r}: {err}") from err
         if local_only:
@@ -151,6 +155,21 @@ def load_pipeline(
     return pipe.to(device)
 
 
+def _has_safety_checker(source: str, local_only: bool, revision: str | None) -> bool:
+    """Whether the saved pipeline has a ``safety_checker`` slot (Stable Diffusion 1.x/2.x do;
+    SDXL, SD3, FLUX and PixArt do not, and diffusers warns about options they do not take).
+    True when its model_index.json cannot be read: loading then reports the real problem."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            index = DiffusionPipeline.load_config(source, local_files_only=local_only, revision=revision)
+    except Exception:  # noqa: BLE001 - any failure is reported by from_pretrained just after
+        return True
+    return "safety_checker" in index
+
+
 def build_scheduler(name: str, config: dict[str, Any], overrides: dict[str, Any] | None = None):
     """A diffusers scheduler of class ``name`` from a (possibly other class's) scheduler config."""
     import diffusers
@@ -168,7 +187,9 @@ class Runtime:
     """How a pipeline runs: what, besides the weights and the seed, decides the exact pixels.
 
     ``attention``: ``"sdpa"`` sets PyTorch's scaled-dot-product attention (diffusers'
-    ``AttnProcessor2_0``, flash/memory-efficient kernels on GPU) on every attention layer;
+    ``AttnProcessor2_0``, flash/memory-efficient kernels on GPU) on every attention layer that
+    runs diffusers' plain (non-SDPA) ``AttnProcessor``; the transformer families' own
+    processors (SD3's joint attention, FLUX's rotary attention) already run SDPA and are kept;
     ``"default"`` keeps whatever the pipeline has. ``fuse_qkv`` fuses the query/key/value
     projections into one matmul where the model supports it. ``channels_last`` stores the
     UNet's conv activations NHWC (what cuDNN's fast convolutions want). ``tf32`` lets float32
@@ -194,7 +215,7 @@ def optimize_pipeline(pipe, runtime: Runtime):
     Options a model does not support (fused QKV on a VAE without attention, say) are skipped
     with a log line rather than failing: they change speed, not what is computed.
     """
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     if runtime.attention not in ("sdpa", "default"):
         raise ValueError(f"attention: must be sdpa or default, got {runtime.attention!r}")
@@ -205,18 +226,25 @@ def optimize_pipeline(pipe, runtime: Runtime):
     models = [m for m in (denoiser, getattr(pipe, "vae", None)) if m is not None]
     if runtime.attention == "sdpa":
         for model in models:
-            if hasattr(model, "set_attn_processor") and getattr(model, "attn_processors", None):
+            processors = getattr(model, "attn_processors", None) if hasattr(model, "set_attn_processor") else None
+            # Only the plain processor is swapped: one processor for every layer would replace
+            # SD3's joint or FLUX's rotary attention with one that ignores the text tokens.
+            if processors and any(type(p) is AttnProcessor for p in processors.values()):
                 try:
-                    model.set_attn_processor(AttnProcessor2_0())
+                    model.set_attn_processor({name: AttnProcessor2_0() if type(p) is AttnProcessor else p
+                                              for name, p in processors.items()})  # fmt: skip
                 except (ValueError, TypeError) as err:
                     log.info("attention: kept %s's own attention processors (%s)", type(model).__name__, err)
     if runtime.fuse_qkv:
         for model in models:
             if hasattr(model, "fuse_qkv_projections") and getattr(model, "attn_processors", None):
+                original = dict(model.attn_processors)
                 try:
                     model.fuse_qkv_projections()
                 except (ValueError, NotImplementedError, AttributeError) as err:
                     log.info("fuse_qkv: not supported by %s (%s)", type(model).__name__, err)
+                    continue
+                _keep_self_attention_unfused(model, original)
     if runtime.channels_last and denoiser is not None:
         denoiser.to(memory_format=torch.channels_last)
     if runtime.compile and denoiser is not None:
@@ -226,6 +254,20 @@ def optimize_pipeline(pipe, runtime: Runtime):
         else:
             pipe.transformer = compiled
     return pipe
+
+
+def _keep_self_attention_unfused(model, original: dict[str, Any]) -> None:
+    """Undo fusion where diffusers' fused joint processor cannot run: SD3.5's dual-attention
+    blocks have a second, image-only attention (no text projections) that
+    ``SD3Transformer2DModel.fuse_qkv_projections`` gives the joint processor too, which then
+    fails on the missing text tokens. Those layers get their own processor back."""
+    modules = dict(model.named_modules())
+    processors = dict(model.attn_processors)
+    broken = [name for name, p in processors.items()
+              if "JointAttnProcessor" in type(p).__name__ and getattr(modules.get(name.removesuffix(".processor")), "add_k_proj", None) is None]  # fmt: skip
+    if broken:
+        model.set_attn_processor({name: original[name] if name in broken else p for name, p in processors.items()})
+        log.info("fuse_qkv: %d image-only attention layers of %s kept unfused", len(broken), type(model).__name__)
 
 
 def make_runtime(device: str | torch.device | None = "auto", dtype: str | torch.dtype = "auto", **options: Any) -> Runtime:

@@ -1,4 +1,4 @@
-"""benchmarks/generate_bench.py: SD v1.4's exact architecture, and a tiny run on the CPU."""
+"""benchmarks/generate_bench.py: SD v1.4's exact architecture, and tiny runs of every family on the CPU."""
 
 from __future__ import annotations
 
@@ -51,6 +51,35 @@ def test_tiny_benchmark_runs_and_reports(bench, capsys):
     assert results["unet_gflop_per_eval"] > 0
     assert results["unet_tflop_per_image"] == pytest.approx(results["unet_gflop_per_eval"] * 2 * 2 / 1e3)
     assert results["unet_peak_fraction"] == pytest.approx(results["unet_tflops_achieved"] / 0.01)
+    assert (results["family"], results["pipeline_class"]) == ("sd", "StableDiffusionPipeline")
+
+    # The denoiser's FLOP per image, counted inside a one-step pipeline run under guidance
+    # (batch 2), equal the UNet's own count at batch 1 with the full 77-token context.
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    family_models = bench.family_models
+    unet = UNet2DConditionModel(**family_models.TINY_DENOISERS["sd"])
+    side = family_models.TINY_SIZE // 4
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(torch.randn(1, 4, side, side), torch.tensor([500]), torch.randn(1, 77, unet.config.cross_attention_dim))
+    assert results["unet_gflop_per_eval"] == pytest.approx(counter.get_total_flops() / 1e9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd2", "sdxl", "sd3", "flux", "flux-schnell", "pixart"])
+def test_tiny_benchmark_runs_for_every_family(bench, family, capsys):
+    """``--tiny --family <family>``: the family's stock pipeline, both loops, its guidance rule
+    (FLUX: one denoiser evaluation per step), at the family's published guidance."""
+    results = bench.main(["--tiny", "--family", family, "--quiet", "--device", "cpu", "--steps", "2", "--n-images", "2",
+                          "--n-prompts", "2", "--baseline-images", "1", "--batch-size", "2"])  # fmt: skip
+    assert "memaudit generator" in capsys.readouterr().out
+    assert (results["family"], results["pipeline_class"]) == (family, bench.family_models.MODELS[family][0])
+    assert results["guidance"] == bench.family_models.DEFAULTS[family][1] and results["resolution"] == bench.family_models.TINY_SIZE
+    assert results["generator_images"] == 2 and results["plain_images"] == 1 and results["speedup"] > 0
+    evaluations = 1 if family.startswith("flux") else 2
+    assert results["unet_gflop_per_eval"] > 0
+    assert results["unet_tflop_per_image"] == pytest.approx(results["unet_gflop_per_eval"] * 2 * evaluations / 1e3)
 
 
 def test_peak_defaults_from_the_device_name(bench, monkeypatch):

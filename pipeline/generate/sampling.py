@@ -9,22 +9,25 @@ same noise and the same pixels as the batched run up to rounding: convolution ke
 move a rare pixel by one grey level (the tests allow at most 1 level on 1% of values), far
 below the detector's threshold. Regenerating the same batch gives identical pixels.
 
-Batches mix prompts freely: each caption is encoded by the text encoder once (alone, so its
+Batches mix prompts freely: each caption is encoded by the text encoder(s) once (alone, so its
 embedding does not depend on its batch either) and its embeddings are repeated for its
 samples, then one pipeline call denoises the whole batch and the batch is turned into uint8
-arrays in one operation.
+arrays in one operation. What a caption's embeddings are, and what else a call needs, is the
+model family's (:mod:`pipeline.generate.families`: Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX,
+PixArt-Sigma; other pipelines get the captions as strings).
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.generate.families import Family, family_of
 
 # How a sample's seed follows from the run's base seed, the prompt id and the sample index.
 # Recorded with every prompt row; change the name if the rule ever changes.
@@ -70,13 +73,14 @@ class SampleTask:
 
 
 def resolve_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
-    """The output resolution: the config's, or the pipeline's default (UNet sample size x VAE factor)."""
+    """The output resolution in pixels: the config's, or the pipeline's default (its
+    ``default_sample_size``, else the UNet's or transformer's ``sample_size``, times the VAE factor)."""
     if height and width:
         return int(height), int(width)
     default = getattr(pipe, "default_sample_size", None)
-    unet = getattr(pipe, "unet", None)
-    if default is None and unet is not None:
-        default = unet.config.sample_size
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if default is None and denoiser is not None:
+        default = getattr(denoiser.config, "sample_size", None)
     factor = getattr(pipe, "vae_scale_factor", None)
     if default is None or factor is None:
         raise ValueError("model.height/model.width: this pipeline has no default resolution; set both")
@@ -87,24 +91,21 @@ def resolve_size(pipe, height: int | None, width: int | None) -> tuple[int, int]
 class PromptEncoder:
     """Text embeddings per caption, computed once each and kept until :meth:`forget`.
 
-    Works with pipelines whose ``encode_prompt(prompt=, device=, num_images_per_prompt=,
-    do_classifier_free_guidance=, negative_prompt=)`` returns ``(prompt_embeds,
-    negative_prompt_embeds)`` (Stable Diffusion 1.x/2.x) or those plus the pooled embeddings
-    (SDXL). Other pipelines get the captions as strings (encoded per call, as diffusers does).
+    How a caption is encoded is its pipeline's family's (:func:`pipeline.generate.families.family_of`):
+    e.g. ``prompt_embeds`` (1, 77, 768) and ``negative_prompt_embeds`` for Stable Diffusion
+    1.x; plus pooled embeddings for SDXL, SD3 and FLUX; T5 embeddings with their attention
+    masks for PixArt. Negative embeddings are made only under classifier-free guidance
+    (``guidance_scale`` > 1 for the families that use it). A pipeline of no known family gets
+    the captions as strings (encoded per call, as diffusers does).
     """
-
-    _NAMES = {
-        2: ("prompt_embeds", "negative_prompt_embeds"),
-        4: ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
-    }
 
     def __init__(self, pipe, guidance_scale: float, negative_prompt: str | None = None):
         self.pipe = pipe
-        self.cfg = guidance_scale > 1.0
+        self.family: Family = family_of(pipe)
+        self.cfg = self.family.uses_cfg(pipe, float(guidance_scale))
         self.negative_prompt = negative_prompt
         self.cache: dict[str, dict[str, torch.Tensor]] = {}
-        call_args = inspect.signature(pipe.__call__).parameters
-        self.supported = hasattr(pipe, "encode_prompt") and "prompt_embeds" in call_args
+        self.supported = self.family.encode is not None and hasattr(pipe, "encode_prompt")
 
     @torch.no_grad()
     def encode(self, caption: str) -> dict[str, torch.Tensor] | None:
@@ -112,37 +113,27 @@ class PromptEncoder:
         if not self.supported:
             return None
         if caption not in self.cache:
-            try:
-                out = self.pipe.encode_prompt(
-                    prompt=caption,
-                    device=self.pipe._execution_device,
-                    num_images_per_prompt=1,
-                    do_classifier_free_guidance=self.cfg,
-                    negative_prompt=self.negative_prompt,
-                )
-            except TypeError:  # an encode_prompt with another signature: let the pipeline encode
-                self.supported = False
-                return None
-            names = self._NAMES.get(len(out)) if isinstance(out, tuple) else None
-            if names is None:
-                self.supported = False
-                return None
-            self.cache[caption] = {name: t for name, t in zip(names, out) if t is not None}
+            self.cache[caption] = self.family.encode(self.pipe, caption, self.cfg, self.negative_prompt)
         return self.cache[caption]
 
     def batch_kwargs(self, captions: Sequence[str]) -> dict[str, Any]:
         """Pipeline keyword arguments for a batch with these captions (one entry per image)."""
-        per_image = [self.encode(c) for c in captions]
-        if not self.supported or any(e is None for e in per_image):
+        if not self.supported:
             kwargs: dict[str, Any] = {"prompt": list(captions)}
             if self.negative_prompt is not None:
                 kwargs["negative_prompt"] = [self.negative_prompt] * len(captions)
             return kwargs
-        return {name: torch.cat([e[name] for e in per_image]) for name in per_image[0]}
+        return self.family.batch_kwargs([self.encode(c) for c in captions])
 
     def forget(self, captions: Iterable[str]) -> None:
         for caption in captions:
             self.cache.pop(caption, None)
+
+
+def check_sampling(pipe, settings: SamplingSettings) -> None:
+    """Raise a ValueError naming the config key of a setting ``pipe``'s family cannot honour
+    (a negative prompt for FLUX, which runs no classifier-free guidance)."""
+    family_of(pipe).check(pipe, settings)
 
 
 def to_uint8(images) -> np.ndarray:
@@ -162,9 +153,12 @@ def to_uint8(images) -> np.ndarray:
 def sample_batch(pipe, tasks: Sequence[SampleTask], settings: SamplingSettings, encoder: PromptEncoder) -> np.ndarray:
     """Make the images of ``tasks`` in one pipeline call: uint8 array (len(tasks), H, W, 3)."""
     height, width = resolve_size(pipe, settings.height, settings.width)
+    # One generator per image: each pipeline's prepare_latents draws image i's noise from
+    # generators[i] (diffusers' randn_tensor), whatever the batch.
     generators = [torch.Generator(device=settings.generator_device).manual_seed(t.seed) for t in tasks]
     out = pipe(
         **encoder.batch_kwargs([t.caption for t in tasks]),
+        **encoder.family.call_options(pipe),
         generator=generators,
         num_inference_steps=int(settings.steps),
         guidance_scale=float(settings.guidance_scale),

@@ -83,6 +83,7 @@ from pipeline.generate.sampling import (
     PromptEncoder,
     SampleTask,
     SamplingSettings,
+    check_sampling,
     resolve_size,
     sample_batch,
     sample_seed,
@@ -117,7 +118,9 @@ def _json(obj: Any) -> str:
 
 
 def recipe(pipe, model: str, settings: SamplingSettings, runtime: Runtime, base_seed: int) -> dict[str, Any]:
-    """The per-run part of a prompt row: everything but the prompt and its seeds."""
+    """The per-run part of a prompt row: everything but the prompt and its seeds. Raises a
+    ValueError naming the config key of a setting the model's family cannot honour."""
+    check_sampling(pipe, settings)
     height, width = resolve_size(pipe, settings.height, settings.width)
     return {
         "model": str(model),
