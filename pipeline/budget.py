@@ -51,7 +51,8 @@ def generation_budget(prompts: pd.DataFrame, prescreen: Mapping[str, Any] | None
 
     Args:
         prompts: the generator's prompt table (``prompts.parquet``): per prompt ``n_samples``
-            (the budget), ``steps``, ``guidance_scale`` and, from adaptive-aware runs,
+            (the budget), ``steps``, ``guidance_scale`` (or, where recorded, the family's
+            ``evaluations_per_step``: 2 under classifier-free guidance, 1 for FLUX) and, from adaptive-aware runs,
             ``n_generated`` and ``stopped_early`` (without them every prompt counts as fully
             sampled).
         prescreen: when these prompts were kept by a prescreen, its ``prompts`` (how many it
@@ -72,7 +73,13 @@ def generation_budget(prompts: pd.DataFrame, prescreen: Mapping[str, Any] | None
     if n_sampled:
         budget = prompts["n_samples"].astype(int)
         made = prompts["n_generated"].fillna(budget).astype(int) if "n_generated" in prompts.columns else budget
-        per_sample = [evaluations_per_sample(s, g) for s, g in zip(prompts["steps"], prompts["guidance_scale"])]
+        # The generator records its family's evaluations per step (FLUX: one, whatever the
+        # guidance scale); tables from before that column follow the guidance scale.
+        recorded = prompts["evaluations_per_step"] if "evaluations_per_step" in prompts.columns else [None] * n_sampled
+        per_sample = [
+            evaluations_per_sample(s, g) if e is None or pd.isna(e) else int(s) * int(e)
+            for s, g, e in zip(prompts["steps"], prompts["guidance_scale"], recorded)
+        ]
         per_sample = pd.Series(per_sample, index=prompts.index)
         stopped = int(prompts["stopped_early"].fillna(False).astype(bool).sum()) if "stopped_early" in prompts.columns else 0
         reasons = prompts["stop_reason"] if "stop_reason" in prompts.columns else pd.Series(dtype=object)

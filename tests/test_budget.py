@@ -48,6 +48,10 @@ def test_adaptive_run_against_brute_force():
     plain = prompts_table([32, 32]).drop(columns=["n_generated", "stopped_early"])
     assert generation_budget(plain)["fraction"] == 1.0
     assert generation_budget(prompts_table([32], guidance=1.0))["brute_force_evaluations"] == 32 * 25
+    # The generator records its family's evaluations per step: FLUX-dev embeds its guidance
+    # scale and runs one evaluation a step, which the guidance scale alone would count twice.
+    flux = prompts_table([32], guidance=3.5).assign(evaluations_per_step=1)
+    assert generation_budget(flux)["brute_force_evaluations"] == 32 * 25
 
 
 def test_prescreen_cost_and_dropped_prompts_count():

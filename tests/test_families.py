@@ -116,6 +116,11 @@ def test_every_family_generates_by_path_and_regenerates_each_sample(family, tiny
     row = table.iloc[0]
     assert (row["steps"], row["height"], row["width"], row["model"]) == (2, TINY_SIZE, TINY_SIZE, str(tiny.path(family)))
     assert row["guidance_scale"] == cfg.model.guidance_scale
+    # What the budget report counts: FLUX runs one evaluation a step whatever its guidance
+    # scale (3.5 for dev); the others two under classifier-free guidance (their configs' > 1).
+    assert row["evaluations_per_step"] == (1 if family.startswith("flux") else 2)
+    budget = json.loads((out / "budget.json").read_text())
+    assert budget["generation_evaluations"] == 4 * 2 * row["evaluations_per_step"]
     if family == "sd2":
         assert json.loads(row["scheduler_config"])["prediction_type"] == "v_prediction"
     for row in table.itertuples(index=False):

@@ -77,6 +77,7 @@ from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
 from pipeline.executor import StepContext, Unit, merge_rejects, run_step
 from pipeline.generate.adaptive import FLAGGED, NO_SIGN, OUT_OF_REACH, AdaptiveSettings, adaptive_settings
+from pipeline.generate.families import family_of
 from pipeline.generate.rounds import RoundScheduler
 from pipeline.generate.sampling import (
     SEED_RULE,
@@ -129,6 +130,9 @@ def recipe(pipe, model: str, settings: SamplingSettings, runtime: Runtime, base_
         "scheduler_config": _json({k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}),
         "steps": int(settings.steps),
         "guidance_scale": float(settings.guidance_scale),
+        # Denoiser evaluations per image and step (2 under classifier-free guidance; FLUX: 1),
+        # what the budget report counts.
+        "evaluations_per_step": family_of(pipe).evaluations_per_step(pipe, settings.guidance_scale),
         "height": height,
         "width": width,
         "negative_prompt": settings.negative_prompt,
