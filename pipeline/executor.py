@@ -87,9 +87,9 @@ class Step(Protocol):
 class StepContext:
     """What a running step is given: where it writes, its rejects, and how it marks units done."""
 
-    def __init__(self, out_dir: Path, step: str | Step, rank: int, world_size: int, progress: bool = True, logs_dir: Path | None = None):
+    def __init__(self, out_dir: Path, step: Step, rank: int, world_size: int, progress: bool = True, logs_dir: Path | None = None):
         self.out_dir = out_dir
-        self.step = step if isinstance(step, str) else step.name
+        self.step = step.name
         self._is_complete = getattr(step, "is_complete", None)
         self.rank = rank
         self.world_size = world_size

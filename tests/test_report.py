@@ -130,6 +130,7 @@ def build_audited_run(
         memorized["best_sample_file"] = [f"00000/{BEST:05d}.png", "00001/00003.png", ""]
         memorized["best_train_key"] = [TRAIN_KEY, "part1/00003", ""]
         memorized["best_distance"] = [distances[BEST], 0.31, np.nan]
+        memorized["best_in_group"] = pd.array([True, True, None], dtype="boolean")
         (detect / "matches").mkdir()
         match = np.full((SIZE, SIZE, 3), colours[1], dtype=np.uint8) if colours else original
         Image.fromarray(match).save(detect / "matches" / "00000.png")

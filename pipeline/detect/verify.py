@@ -45,13 +45,12 @@ from pipeline.embedders.base import Embedder
 from pipeline.executor import StepContext, Unit, merge_rejects, run_step
 from pipeline.generations import Sample, list_samples, load_samples, sample_files
 from pipeline.io import atomic_write, write_json, write_parquet
-from pipeline.layout import normalise_keys
+from pipeline.layout import EXTRACTED_COLUMNS, VERIFICATION_COLUMNS, normalise_keys
 from pipeline.metrics import Metric, TiledL2
 from pipeline.stats import wilson_interval
 
 log = logging.getLogger(__name__)
 
-EXTRACTED_COLUMNS = ["prompt_id", "sample", "sample_file", "train_key", "distance"]
 # Longest side of the matched training image kept in <out_dir>/matches/ for the report.
 MATCH_IMAGE_SIDE = 512
 # Verification's own folder under the detector's: executor markers, per-prompt results, rejects, stats.
@@ -203,12 +202,6 @@ def sample_distances(samples: np.ndarray, training: Sequence[Image.Image], metri
     return out
 
 
-VERIFY_COLUMNS = [
-    "extracted", "samples_matched", "samples_verified", "n_candidates", "reproduction_rate", "reproduction_ci_low",
-    "reproduction_ci_high", "best_sample", "best_sample_file", "best_train_key", "best_distance", "best_in_group",
-]  # fmt: skip
-
-
 @dataclass
 class PromptSamples:
     """One prompt's readable samples: their :class:`pipeline.generations.Sample` records and
@@ -250,22 +243,24 @@ class _Matches:
                 sample = self.prompt.samples[positions[row]]
                 self.pairs.append((sample.index, sample.file, keys[j], float(distances[row, j])))
 
+    def best_position(self) -> int | None:
+        """Position (in ``prompt.samples``) of the sample closest to a training image; None when
+        nothing was compared."""
+        if not len(self.best_distance) or not np.isfinite(self.best_distance).any():
+            return None
+        return int(self.best_distance.argmin())
+
     def result(self) -> dict[str, Any]:
-        """The prompt's verification row (see :data:`VERIFY_COLUMNS`, less the rate and its interval)."""
+        """The prompt's verification row (see :data:`VERIFICATION_COLUMNS`, less the rate, its interval and ``best_in_group``)."""
         matched = int((self.best_distance <= self.delta).sum())
-        if len(self.best_distance) and np.isfinite(self.best_distance).any():
-            i = int(self.best_distance.argmin())
+        i = self.best_position()
+        if i is not None:
             best = {"best_sample": self.prompt.samples[i].index, "best_sample_file": self.prompt.samples[i].file,
                     "best_train_key": self.best_key[i], "best_distance": float(self.best_distance[i])}  # fmt: skip
         else:
             best = {"best_sample": None, "best_sample_file": "", "best_train_key": "", "best_distance": float("nan")}
         return {"prompt_id": self.prompt.prompt_id, "extracted": matched > 0, "samples_matched": matched,
                 "samples_verified": len(self.prompt.samples), "n_candidates": self.n_candidates, **best}  # fmt: skip
-
-    def best_training_image(self) -> Image.Image | None:
-        if not len(self.best_distance) or not np.isfinite(self.best_distance).any():
-            return None
-        return self.best_image[int(self.best_distance.argmin())]
 
 
 def run_verify(
@@ -301,7 +296,7 @@ def run_verify(
     ``<out_dir>/rejects_verify.jsonl``.
 
     Returns:
-        ``memorized`` with :data:`VERIFY_COLUMNS` (``reproduction_rate`` = samples_matched /
+        ``memorized`` with :data:`VERIFICATION_COLUMNS` (``reproduction_rate`` = samples_matched /
         ``n_samples``, with its 95% Wilson interval), and the extracted pairs.
     """
     out_dir, generations_dir = Path(out_dir), Path(generations_dir)
@@ -331,8 +326,10 @@ def run_verify(
         rows.append(json.loads((work_dir / "prompts" / f"{pid}.json").read_text(encoding="utf-8")))
         pairs.append(pd.read_parquet(work_dir / "prompts" / f"{pid}.parquet"))
     derived = ("reproduction_rate", "reproduction_ci_low", "reproduction_ci_high", "best_in_group")
-    verified = pd.DataFrame(rows, columns=["prompt_id", *[c for c in VERIFY_COLUMNS if c not in derived]])
-    table = memorized.drop(columns=[c for c in VERIFY_COLUMNS if c in memorized.columns]).merge(verified, on="prompt_id", how="left")
+    verified = pd.DataFrame(rows, columns=["prompt_id", *[c for c in VERIFICATION_COLUMNS if c not in derived]])
+    # An earlier verification's columns are replaced, not merged beside this one's.
+    base = memorized.drop(columns=[c for c in VERIFICATION_COLUMNS if c in memorized.columns])
+    table = base.merge(verified, on="prompt_id", how="left")
     n = table["n_samples"].astype(int)
     table["reproduction_rate"] = np.where(n > 0, table["samples_matched"] / n.where(n > 0, 1), np.nan)
     intervals = [wilson_interval(k, m) for k, m in zip(table["samples_matched"].astype(int), n)]
@@ -345,10 +342,10 @@ def run_verify(
         [None if not groups.get(pid) or not key else key in groups[pid] for pid, key in zip(table["prompt_id"], table["best_train_key"])],
         dtype="boolean",
     )
-    extracted = pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame(columns=EXTRACTED_COLUMNS)
+    extracted = pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame(columns=list(EXTRACTED_COLUMNS))
     extracted = extracted.astype({"sample": int, "distance": float}).sort_values(["prompt_id", "sample", "distance"], kind="stable")
     write_parquet(extracted.reset_index(drop=True), out_dir / "extracted.parquet")
-    return table[[*memorized.columns.drop([c for c in VERIFY_COLUMNS if c in memorized.columns]), *VERIFY_COLUMNS]], extracted
+    return table[[*base.columns, *VERIFICATION_COLUMNS]], extracted
 
 
 class _VerifyStep:
@@ -442,15 +439,14 @@ class _VerifyStep:
     def _finish(self, unit: Unit, found: _Matches, ctx: StepContext) -> None:
         """Write the prompt's result, its pairs, and its match image; then its marker."""
         result = found.result()
-        image = found.best_training_image()
+        best = found.best_position()
         match_path = self.out_dir / "matches" / f"{unit.name}.png"
-        if result["extracted"] and image is not None:
-            sample_size = found.prompt.images[[s.index for s in found.prompt.samples].index(result["best_sample"])].shape[:2]
-            display = _crop_for_display(image, sample_size)
+        if result["extracted"] and best is not None:
+            display = _crop_for_display(found.best_image[best], found.prompt.images[best].shape[:2])
             atomic_write(match_path, lambda tmp, im=display: im.save(tmp, format="PNG"))
         else:
             match_path.unlink(missing_ok=True)  # an earlier run's, under other settings
-        pairs = pd.DataFrame([(unit.name, *pair) for pair in found.pairs], columns=EXTRACTED_COLUMNS)
+        pairs = pd.DataFrame([(unit.name, *pair) for pair in found.pairs], columns=list(EXTRACTED_COLUMNS))
         write_parquet(pairs.astype({"sample": int, "distance": float}), self.work_dir / "prompts" / f"{unit.name}.parquet")
         write_json(result, self.work_dir / "prompts" / f"{unit.name}.json")
         ctx.done(unit, {"samples_matched": result["samples_matched"]})

@@ -48,7 +48,7 @@ from pipeline.cli import CONF_DIR, config_int, stage_main
 from pipeline.executor import StepContext, Unit, run_step
 from pipeline.generations import PROMPTS_FILE, load_prompts
 from pipeline.io import atomic_write
-from pipeline.layout import read_prompt_table
+from pipeline.layout import EXTRACTED_COLUMNS, VERIFICATION_COLUMNS, read_prompt_table
 from pipeline.stats import wilson_interval
 from pipeline.text import display_text
 
@@ -59,14 +59,6 @@ TABLE_CAPTION_LIMIT = 80  # characters of a caption in the table of every prompt
 NAME_LIMIT = 100  # characters of a prompt id or training key shown
 PAIRS_SHOWN = 20  # matching (sample, training image) pairs listed on a card
 
-# Written by verification for every prompt when a training set was given, with their types.
-VERIFICATION_COLUMNS: dict[str, str] = {
-    "extracted": "bool", "samples_matched": "int", "samples_verified": "int", "n_candidates": "int",
-    "reproduction_rate": "float", "reproduction_ci_low": "float", "reproduction_ci_high": "float",
-    "best_sample": "Int64", "best_sample_file": "str", "best_train_key": "str", "best_distance": "float",
-}  # fmt: skip
-# extracted.parquet: a row per (sample, training image) pair within the threshold.
-PAIR_COLUMNS = ("prompt_id", "sample", "sample_file", "train_key", "distance")
 REGENERATE = "python -m pipeline.generate.regenerate"
 
 
@@ -76,7 +68,7 @@ class RunResults:
     images it refers to."""
 
     memorized: pd.DataFrame  # memorized.parquet: a row per screened prompt (VERIFICATION_COLUMNS when verified)
-    extracted: pd.DataFrame | None  # extracted.parquet: a row per matching pair (PAIR_COLUMNS); None if not verified
+    extracted: pd.DataFrame | None  # extracted.parquet: a row per matching pair (EXTRACTED_COLUMNS); None if not verified
     summary: dict[str, Any]  # summary.json: settings, generations_dir, counts, verification
     detect_dir: Path
     generations_dir: Path
@@ -202,7 +194,7 @@ def load_run(detect_dir: str | Path) -> RunResults:
 
 def _typed_verification(memorized: pd.DataFrame, path: Path) -> pd.DataFrame:
     """The verification columns typed as ``VERIFICATION_COLUMNS`` says (nulls filled: False, 0,
-    "", NaN; ``best_sample`` stays nullable). All or none of them must be there."""
+    "", NaN; ``best_sample`` and ``best_in_group`` stay nullable). All or none of them must be there."""
     missing = [c for c in VERIFICATION_COLUMNS if c not in memorized.columns]
     if missing:
         raise ValueError(f"{path}: has verification column 'extracted' but not {missing}: written by another "
@@ -218,6 +210,8 @@ def _typed_verification(memorized: pd.DataFrame, path: Path) -> pd.DataFrame:
             out[column] = pd.to_numeric(values, errors="coerce").astype(float)
         elif kind == "Int64":
             out[column] = pd.to_numeric(values, errors="coerce").astype("Int64")
+        elif kind == "boolean":
+            out[column] = values.astype("boolean")
         else:
             out[column] = ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in values]
     return out
@@ -232,9 +226,9 @@ def _matching_pairs(path: Path, memorized: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame({"prompt_id": pd.Series(dtype=str), "sample": pd.Series(dtype=int), "sample_file": pd.Series(dtype=str),
                              "train_key": pd.Series(dtype=str), "distance": pd.Series(dtype=float)})  # fmt: skip
     pairs = pd.read_parquet(path)
-    missing = [c for c in PAIR_COLUMNS if c not in pairs.columns]
+    missing = [c for c in EXTRACTED_COLUMNS if c not in pairs.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected {list(PAIR_COLUMNS)}")
+        raise ValueError(f"{path}: missing column(s) {missing}; expected {list(EXTRACTED_COLUMNS)}")
     pairs = pairs.assign(prompt_id=pairs["prompt_id"].astype(str), train_key=pairs["train_key"].fillna("").astype(str))
     listed = pairs["prompt_id"].isin(set(memorized["prompt_id"]))
     keep = pairs["prompt_id"].isin(set(memorized.loc[memorized["extracted"], "prompt_id"]))
@@ -511,7 +505,7 @@ def render_report(results: RunResults, title: str, thumbnails: int = 6, thumb_si
     pairs_of = dict(tuple(results.extracted.groupby("prompt_id", sort=False))) if results.extracted is not None else {}
     cards = []
     for i, row in enumerate(extracted.head(max_prompts).to_dict("records")):
-        pairs = pairs_of.get(row["prompt_id"], pd.DataFrame(columns=list(PAIR_COLUMNS)))
+        pairs = pairs_of.get(row["prompt_id"], pd.DataFrame(columns=list(EXTRACTED_COLUMNS)))
         cards.append({
             "anchor": f"card-{i}", "prompt_id": shown(row["prompt_id"], NAME_LIMIT), "caption": shown(row["caption"], CAPTION_LIMIT),
             "sample_uri": _uri(results.sample_path(row["best_sample_file"]), card_size) if row["best_sample_file"] else None,
