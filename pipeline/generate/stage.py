@@ -229,14 +229,13 @@ class GenerateStep:
 
     name = "generate"
 
-    def __init__(self, pipe, prompts: Sequence[Prompt], rows: list[dict[str, Any]], out_dir: Path, *, settings: SamplingSettings,
-                 n_samples: int, batch_size: int, adaptive: AdaptiveSettings | None, png_workers: int, png_compress_level: int,
-                 on_batch: Callable[[list[SampleTask]], None] | None, write_shard_file: Callable[[], None]):  # fmt: skip
+    def __init__(self, pipe, rows: list[dict[str, Any]], out_dir: Path, *, settings: SamplingSettings, n_samples: int,
+                 batch_size: int, adaptive: AdaptiveSettings | None, png_workers: int, png_compress_level: int,
+                 on_batch: Callable[[list[SampleTask]], None] | None):  # fmt: skip
         self.pipe, self.rows, self.out_dir, self.settings = pipe, rows, out_dir, settings
-        self.prompts = {p.prompt_id: p for p in prompts}
         self.n_samples, self.batch_size, self.adaptive = n_samples, batch_size, adaptive
         self.png_workers, self.png_compress_level = max(1, int(png_workers)), png_compress_level
-        self.on_batch, self.write_shard_file = on_batch, write_shard_file
+        self.on_batch = on_batch
         self.made = 0
         self.seconds = 0.0
         self.stops = {NO_SIGN: 0, FLAGGED: 0, OUT_OF_REACH: 0}
@@ -251,10 +250,27 @@ class GenerateStep:
         stopped, only an adaptive run with the same settings (a brute-force rerun fills it up)."""
         return marker_complete(marker, self.n_samples, self.adaptive, any_rule=False)
 
+    def write_shard_file(self, rank: int, world_size: int) -> None:
+        """The recipe rows plus each prompt's state (samples made so far, stopped early or not)
+        as this shard's ``prompts_<rank>-of-<world_size>.parquet``."""
+        out_dir, n_samples, rows = self.out_dir, self.n_samples, self.rows
+        for row in rows:
+            info = marker_info(out_dir, row["prompt_id"])
+            if info is not None and int(info.get("n_samples", 0)) >= n_samples:
+                row["n_generated"] = min(int(info.get("n_generated", n_samples)), n_samples)
+                row["stopped_early"] = bool(info.get("stopped_early", False))
+                row["stop_reason"] = info.get("stop_reason", NO_SIGN if row["stopped_early"] else None)
+            else:
+                row["n_generated"] = sum(sample_path(out_dir, row["prompt_id"], i).exists() for i in range(n_samples))
+                row["stopped_early"] = False
+                row["stop_reason"] = None
+        write_parquet(pd.DataFrame(rows, columns=list(rows[0]) if rows else None), shard_file(out_dir, rank, world_size))
+
     def run(self, units: Sequence[Unit], ctx: StepContext) -> None:
         out_dir, n_samples, batch_size = self.out_dir, self.n_samples, self.batch_size
         by_name = {unit.name: unit for unit in units}
         seeds = {row["prompt_id"]: row["seeds"] for row in self.rows}
+        captions = {row["prompt_id"]: row["caption"] for row in self.rows}
 
         def read_back(prompt_id: str, count: int):
             """The readable ones among a prompt's first ``count`` samples; a sample that cannot be
@@ -292,9 +308,9 @@ class GenerateStep:
             queued_per_caption.update(t.caption for t in tasks)
             bar.total += len(tasks)  # shown at the next update
 
-        self.write_shard_file()  # before sampling starts: the recipe is on disk whatever happens next
+        self.write_shard_file(ctx.rank, ctx.world_size)  # before sampling starts: the recipe is on disk whatever happens next
         for unit in units:
-            enqueue(scheduler.start(unit.name, self.prompts[unit.name].caption, seeds[unit.name]))
+            enqueue(scheduler.start(unit.name, captions[unit.name], seeds[unit.name]))
         log.info(
             "generate: shard %d/%d: %d prompts to sample, %d images to make%s", ctx.rank, ctx.world_size, len(units), len(queue),
             f" in the first round (adaptive: rounds end at {scheduler.ends}"
@@ -406,26 +422,12 @@ def generate(
         for p in mine
     ]
 
-    def write_shard_file() -> None:
-        """The recipe rows plus each prompt's state: samples made so far, stopped early or not."""
-        for row in rows:
-            info = marker_info(out_dir, row["prompt_id"])
-            if info is not None and int(info.get("n_samples", 0)) >= n_samples:
-                row["n_generated"] = min(int(info.get("n_generated", n_samples)), n_samples)
-                row["stopped_early"] = bool(info.get("stopped_early", False))
-                row["stop_reason"] = info.get("stop_reason", NO_SIGN if row["stopped_early"] else None)
-            else:
-                row["n_generated"] = sum(sample_path(out_dir, row["prompt_id"], i).exists() for i in range(n_samples))
-                row["stopped_early"] = False
-                row["stop_reason"] = None
-        write_parquet(pd.DataFrame(rows, columns=list(rows[0]) if rows else None), shard_file(out_dir, rank, world_size))
-
     step = GenerateStep(
-        pipe, mine, rows, out_dir, settings=settings, n_samples=n_samples, batch_size=batch_size, adaptive=adaptive,
-        png_workers=png_workers, png_compress_level=png_compress_level, on_batch=on_batch, write_shard_file=write_shard_file,
+        pipe, rows, out_dir, settings=settings, n_samples=n_samples, batch_size=batch_size, adaptive=adaptive,
+        png_workers=png_workers, png_compress_level=png_compress_level, on_batch=on_batch,
     )  # fmt: skip
     ctx = run_step(step, out_dir, rank=rank, world_size=world_size, progress=progress, logs_dir=out_dir / LOGS_DIR)
-    write_shard_file()
+    step.write_shard_file(rank, world_size)
     consolidate_prompts(out_dir)
     # Every rank's rejects, also those of runs with another world_size: prompts outlive it.
     merge_rejects(out_dir / LOGS_DIR / "rejects", out_dir / REJECTS_FILE)
