@@ -238,8 +238,9 @@ def marker_complete(info: Mapping[str, Any], n_samples: int, adaptive: Any = Non
     return adaptive is not None and adaptive.enabled and info.get("adaptive") == adaptive.describe()
 
 
-def consolidate_prompts(out_dir: str | Path) -> pd.DataFrame:
-    """Union every shard's ``prompts_*-of-*.parquet`` into ``prompts.parquet``; returns it.
+def consolidate_prompts(out_dir: str | Path, write: bool = True) -> pd.DataFrame:
+    """Union every shard's ``prompts_*-of-*.parquet`` into ``prompts.parquet``; returns it
+    (``write=False``: only returns it, for readers that must not write into the folder).
 
     Safe to call at any time and from several processes: shard files are replaced atomically,
     so each is read whole, and so is the result. A prompt listed by several files (runs with
@@ -254,18 +255,20 @@ def consolidate_prompts(out_dir: str | Path) -> pd.DataFrame:
     merged = pd.concat(frames, ignore_index=True)
     merged = merged.sort_values(["prompt_index", "n_samples"], ascending=[True, False], kind="stable")
     merged = merged.drop_duplicates("prompt_id", keep="first").reset_index(drop=True)
-    write_parquet(merged, out_dir / PROMPTS_FILE)
+    if write:
+        write_parquet(merged, out_dir / PROMPTS_FILE)
     return merged
 
 
-def load_prompts(out_dir: str | Path, complete_only: bool = False) -> pd.DataFrame:
+def load_prompts(out_dir: str | Path, complete_only: bool = False, write: bool = True) -> pd.DataFrame:
     """The consolidated prompt table; with ``complete_only``, only prompts whose marker exists
     (for a budget of the row's ``n_samples``; a prompt stopped early by adaptive sampling is complete).
 
     Without shard files (a folder copied without them) ``prompts.parquet`` is read as it is.
+    ``write=False`` leaves ``prompts.parquet`` as it is (see :func:`consolidate_prompts`).
     """
     out_dir = Path(out_dir)
-    table = consolidate_prompts(out_dir)
+    table = consolidate_prompts(out_dir, write=write)
     if table.empty and (out_dir / PROMPTS_FILE).is_file():
         table = pd.read_parquet(out_dir / PROMPTS_FILE)
     if complete_only and len(table):

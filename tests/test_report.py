@@ -355,17 +355,20 @@ def test_samples_without_a_recipe_have_no_command(tmp_path):
     assert "seed not recorded" in html and "no command regenerates it" in html and REGENERATE not in html
 
 
-def test_seeds_are_read_from_a_folder_the_report_cannot_write(tmp_path, monkeypatch):
-    """Loading the generator's table consolidates its shard tables, which writes; in a read-only
-    folder the table as it stands still gives the seeds."""
-    import pipeline.report.stage as stage
-
-    def read_only(folder):
-        raise PermissionError(f"{folder}: read-only file system")
-
-    monkeypatch.setattr(stage, "load_prompts", read_only)
-    results = load_run(audited_run(tmp_path) / "detect")
+def test_seeds_are_read_from_the_generators_shard_tables_without_writing_into_its_folder(tmp_path):
+    """The generator's table may still be split in shard tables (an array still running, or a
+    folder on a read-only mount): the report consolidates them in memory for the seeds and
+    writes nothing into the generations folder."""
+    run_dir = audited_run(tmp_path)
+    generations = run_dir / "generations"
+    (generations / "prompts.parquet").rename(generations / "prompts_0-of-1.parquet")
+    pd.read_parquet(generations / "prompts_0-of-1.parquet").assign(prompt_index=0, n_samples=SAMPLES).to_parquet(
+        generations / "prompts_0-of-1.parquet"
+    )
+    before = {p: p.read_bytes() for p in generations.rglob("*") if p.is_file()}
+    results = load_run(run_dir / "detect")
     assert results.seed("00000", BEST) == seed_of("00000", BEST)
+    assert {p: p.read_bytes() for p in generations.rglob("*") if p.is_file()} == before
 
 
 def test_command_line_report(tmp_path):

@@ -264,13 +264,8 @@ def _recorded_seeds(generations_dir: Path) -> dict[str, list[int]]:
     if not generations_dir.is_dir():
         return {}
     try:
-        try:
-            table = load_prompts(generations_dir)
-        except OSError:
-            # Consolidating the generator's shard tables writes prompts.parquet; in a read-only
-            # folder, the table as it stands still has the seeds.
-            path = generations_dir / PROMPTS_FILE
-            table = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+        # The report reads the generator's folder and writes nothing into it.
+        table = load_prompts(generations_dir, write=False)
     except Exception as err:  # another tool's folder: a table we cannot read means no recipe, not no report
         log.warning("report: cannot read %s's %s (%s); no seeds or regeneration commands shown",
                     display_text(generations_dir, None), PROMPTS_FILE, display_text(err, None))  # fmt: skip
