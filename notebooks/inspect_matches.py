@@ -113,6 +113,23 @@ if extracted.empty:
     print("no extracted prompt in", RUN_DIR, "" if results.verified else "(verification did not run)")
 
 # %% [markdown]
+# ## Other captions' training images reproduced
+# Prompts not extracted (no sample is within the threshold of one of their own duplicates) whose
+# samples are within it of a training image of another caption: the model reproduces that
+# image under a caption that is not its own.
+
+# %%
+others = extracted_prompts(results, other=True).head(MAX_PROMPTS)
+for row in others.to_dict("records"):
+    print(f"{display_text(row['prompt_id'], 80)}: {row['samples_matched_other']} of {row['n_samples']} samples within "
+          f"{results.delta} of another caption's image; closest {display_text(row['best_train_key'], 80)} at {row['best_distance']:.4f}")
+    sample = results.sample_path(row["best_sample_file"]) if row["best_sample_file"] else None
+    show(row, [(f"sample #{row['best_sample']}", sample), (f"train {display_text(row['best_train_key'], 30)}",
+                                                          results.match_path(row["prompt_id"]))], skip=row["best_sample_file"])
+if others.empty:
+    print("none in", RUN_DIR)
+
+# %% [markdown]
 # ## Flagged prompts not extracted: their cliques
 
 # %%

@@ -23,6 +23,7 @@ def test_flags_and_extractions_are_scored_against_planted_originals(tmp_path):
     pd.DataFrame({
         "prompt_id": ["0", "1", "2"], "flagged": [True, False, True], "clique_size": [12, 2, 10],
         "extracted": [True, False, True], "best_train_key": ["a2", "", "b1"], "samples_matched": [6, 0, 2], "n_samples": [24, 24, 24],
+        "samples_matched_other": [0, 1, 0],
     }).to_parquet(tmp_path / "detect" / "memorized.parquet")  # fmt: skip
     measured = pd.DataFrame({"band": ["heavy"] * 4 + ["single"] * 2, "reproduced": [True, True, True, False, False, False]})
     summary, per_band = score_run(tmp_path, truth, measured=measured)
@@ -31,6 +32,8 @@ def test_flags_and_extractions_are_scored_against_planted_originals(tmp_path):
     assert summary["extracted_precision"] == 1.0 and summary["extracted_recall"] == 0.5
     bands = per_band.set_index("band")
     assert bands.loc["heavy", "flagged"] == 1
+    # Prompt 1 (heavy) is not extracted but a sample reproduces another caption's image.
+    assert bands.loc["heavy", "other"] == 1 and bands.loc["single", "other"] == 0
     # Pooled over the band's prompts: 6 of 48 samples, with the Wilson interval of 6/48.
     low, high = wilson_interval(6, 48)
     assert bands.loc["heavy", "reproduction"] == f"{6 / 48:.2f} [{low:.2f}, {high:.2f}]"

@@ -377,6 +377,28 @@ def test_every_sample_is_verified_against_the_group(run):
     assert not (run["run_dir"] / "detect" / "matches" / "00001.png").exists()
 
 
+def test_a_reproduction_of_another_captions_image_is_reported_apart(run):
+    """A prompt whose samples reproduce a training image outside its duplicate group is not
+    extracted (its caption's training data did not come back) but the reproductions are counted
+    (``samples_matched_other``), listed (``in_group`` false) and get a match image: nothing is dropped."""
+    memorized = detect(run)  # 00001's group (part1/00004) does not hold the original its samples copy
+    table, pairs = verify(run, memorized, dedup_dir=run["run_dir"] / "dedup", exhaustive=True)
+    assert table.loc["00000", "extracted"] and table.loc["00000", "samples_matched"] == PLANTED["00000"]
+    assert table.loc["00000", "samples_matched_other"] == 0 and table.loc["00000", "best_in_group"]
+    assert not table.loc["00001", "extracted"] and table.loc["00001", "samples_matched"] == 0
+    assert table.loc["00001", "samples_matched_other"] == PLANTED["00001"]
+    assert table.loc["00001", "reproduction_rate"] == 0
+    assert table.loc["00001", "best_train_key"] == ORIGINAL_KEY["00001"] and not table.loc["00001", "best_in_group"]
+    theirs = pairs[pairs["prompt_id"] == "00001"]
+    assert set(theirs["sample"]) == set(run["planted_at"]["00001"]) and not theirs["in_group"].any()
+    assert pairs.loc[pairs["prompt_id"] == "00000", "in_group"].all()
+    assert (run["run_dir"] / "detect" / "matches" / "00001.png").exists()
+    # Without groups, nothing says which images are a prompt's own: every match is.
+    ungrouped, _ = verify(run, memorized.assign(keys=None), dedup_dir=run["run_dir"] / "dedup", exhaustive=True)
+    assert ungrouped.loc["00001", "extracted"] and ungrouped.loc["00001", "samples_matched"] == PLANTED["00001"]
+    assert (ungrouped["samples_matched_other"] == 0).all()
+
+
 def test_exhaustive_verification_matches_an_independent_per_pair_reference(run):
     memorized = detect(run).assign(keys=None)  # prompts that came without their groups
     table, pairs = verify(run, memorized, dedup_dir=run["run_dir"] / "no-dedup-here")
@@ -465,7 +487,7 @@ def test_command_line_detect(run, tmp_path):
     assert memorized["samples_matched"].tolist() == [PLANTED["00000"], 0, 0]
     extracted = pd.read_parquet(run_dir / "detect" / "extracted.parquet")
     assert set(extracted["train_key"]) == {ORIGINAL_KEY["00000"]} and len(extracted) == PLANTED["00000"]
-    assert f"1 of 3 prompts have a sample within 0.15 of a training image ({PLANTED['00000']} samples in all)" in result.stdout
+    assert f"1 of 3 prompts extracted: a sample within 0.15 of one of their caption's training images ({PLANTED['00000']} samples in all)" in result.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "pipeline.detect", f"run_dir={run_dir}", "metric=l1"],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300,

@@ -31,7 +31,7 @@ def test_ipynb_is_generated_from_the_py_file():
 
 
 def test_notebook_runs_on_a_small_run(tmp_path, monkeypatch):
-    run_dir = audited_run(tmp_path)
+    run_dir = audited_run(tmp_path, other=True)
     kernels = tmp_path / "kernels"
     (kernels / "memaudit-test").mkdir(parents=True)
     spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "memaudit test", "language": "python"}
@@ -50,4 +50,7 @@ def test_notebook_runs_on_a_small_run(tmp_path, monkeypatch):
     tables = [o for o in outputs if "text/html" in o.get("data", {})]
     assert tables and "00000" in tables[0]["data"]["text/html"]
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(figures) == 1  # one flagged prompt: its clique beside its training match
+    # One extracted prompt (its sample and training match beside its clique) and one whose samples
+    # reproduce another caption's image.
+    assert len(figures) == 2
+    assert "00001: 2 of 30 samples within 0.15 of another caption's image" in text

@@ -48,6 +48,7 @@ TRAIN_KEY = "part0/00007"  # the training image prompt 00000's samples reproduce
 MEMBERS = list(range(0, 24, 2))  # prompt 00000's clique: 12 of 30 samples
 REPRESENTATIVE = 10
 BEST = 4  # prompt 00000's sample closest to the training image
+OTHER_KEY, OTHER_AT = "part9/00001", [5, 7]  # with other=True: another caption's image, and 00001's samples within DELTA of it
 RULE = {"metric": "tiled_l2", "grid": 4, "size": None, "threshold": 0.15, "min_clique": 10, "max_clique_steps": 200000}
 
 
@@ -61,6 +62,7 @@ def build_audited_run(
     recipe: bool = True,
     prescreen: bool = False,
     colours: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
+    other: bool = False,
 ) -> Path:
     """A run directory as the detect stage leaves it, for three prompts of 30 samples each.
 
@@ -69,7 +71,9 @@ def build_audited_run(
     is neither, its closest training image beyond DELTA; ``00002`` (1 duplicate) had no candidate.
     ``recipe``: the generator's prompts.parquet with seeds; ``prescreen``: prescreen scores;
     ``colours``: paint prompt 00000's best sample and its training image in these flat colours
-    (RGB), so that they can be found in a screenshot.
+    (RGB), so that they can be found in a screenshot; ``other``: prompt 00001's samples OTHER_AT
+    are within DELTA of OTHER_KEY, a training image outside its duplicate group (not extracted,
+    counted in ``samples_matched_other``).
     """
     rng = np.random.default_rng(0)
     run_dir = root / "run"
@@ -115,25 +119,33 @@ def build_audited_run(
         distances = {m: 0.0612 + 0.001 * abs(m - BEST) for m in MEMBERS}
         pairs = pd.DataFrame({
             "prompt_id": "00000", "sample": MEMBERS, "sample_file": [f"00000/{m:05d}.png" for m in MEMBERS],
-            "train_key": TRAIN_KEY, "distance": [distances[m] for m in MEMBERS],
+            "train_key": TRAIN_KEY, "distance": [distances[m] for m in MEMBERS], "in_group": True,
         })  # fmt: skip
+        if other:
+            pairs = pd.concat([pairs, pd.DataFrame({
+                "prompt_id": "00001", "sample": OTHER_AT, "sample_file": [f"00001/{m:05d}.png" for m in OTHER_AT],
+                "train_key": OTHER_KEY, "distance": [0.11, 0.12], "in_group": False,
+            })], ignore_index=True)  # fmt: skip
         pairs.to_parquet(detect / "extracted.parquet")
         matched = {"00000": len(MEMBERS), "00001": 0, "00002": 0}
         memorized["extracted"] = [matched[p] > 0 for p in memorized["prompt_id"]]
         memorized["samples_matched"] = [matched[p] for p in memorized["prompt_id"]]
+        memorized["samples_matched_other"] = [0, len(OTHER_AT) if other else 0, 0]
         memorized["samples_verified"] = SAMPLES
         memorized["n_candidates"] = [23, 11, 0]
         memorized["reproduction_rate"] = memorized["samples_matched"] / SAMPLES
         bounds = [wilson_interval(k, SAMPLES) for k in memorized["samples_matched"]]
         memorized["reproduction_ci_low"], memorized["reproduction_ci_high"] = zip(*bounds)
-        memorized["best_sample"] = pd.array([BEST, 3, None], dtype="Int64")
-        memorized["best_sample_file"] = [f"00000/{BEST:05d}.png", "00001/00003.png", ""]
-        memorized["best_train_key"] = [TRAIN_KEY, "part1/00003", ""]
-        memorized["best_distance"] = [distances[BEST], 0.31, np.nan]
-        memorized["best_in_group"] = pd.array([True, True, None], dtype="boolean")
+        memorized["best_sample"] = pd.array([BEST, OTHER_AT[0] if other else 3, None], dtype="Int64")
+        memorized["best_sample_file"] = [f"00000/{BEST:05d}.png", f"00001/{OTHER_AT[0]:05d}.png" if other else "00001/00003.png", ""]
+        memorized["best_train_key"] = [TRAIN_KEY, OTHER_KEY if other else "part1/00003", ""]
+        memorized["best_distance"] = [distances[BEST], 0.11 if other else 0.31, np.nan]
+        memorized["best_in_group"] = pd.array([True, not other, None], dtype="boolean")
         (detect / "matches").mkdir()
         match = np.full((SIZE, SIZE, 3), colours[1], dtype=np.uint8) if colours else original
         Image.fromarray(match).save(detect / "matches" / "00000.png")
+        if other:
+            Image.fromarray(original).save(detect / "matches" / "00001.png")
         summary["verification"] = {"delta": DELTA, "metric": {"name": "tiled_l2", "grid": 4, "size": None}}
     write_prompt_table(memorized, detect / "memorized.parquet")
     (detect / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
@@ -399,3 +411,23 @@ def test_report_shows_the_sampling_cost_when_the_generator_wrote_a_budget(tmp_pa
     assert f"{budget['unet_evaluations']:,} UNet evaluations" in html
     (generations / BUDGET_FILE).write_text("{not json")
     assert "Sampling cost" not in report(run_dir, tmp_path / "r.html") and "unreadable" in caplog.text
+
+
+def test_reproductions_of_another_captions_image_get_their_own_cards(tmp_path):
+    """Prompt 00001 is not extracted, but two of its samples reproduce another caption's
+    training image: the report shows that evidence apart from the extracted prompts, never drops it."""
+    run_dir = audited_run(tmp_path, other=True)
+    results = load_run(run_dir / "detect")
+    assert extracted_prompts(results)["prompt_id"].tolist() == ["00000"]
+    assert extracted_prompts(results, other=True)["prompt_id"].tolist() == ["00001"]
+    assert set(results.extracted["prompt_id"]) == {"00000", "00001"}  # both prompts' pairs are kept
+    html = report(run_dir, tmp_path / "r.html")
+    head, other_section = html.split("<h2>Other captions' training images reproduced</h2>")
+    assert 'id="card-0"' in head and 'id="other-0"' in other_section
+    card = other_section.split('id="other-0"')[1].split("</section>")[0]
+    assert "reproduces another caption's training image" in card and OTHER_KEY in card
+    assert "not among this caption's duplicates" in card and "0.11" in card
+    assert "<td>another caption's</td>" in card  # the pairs table marks whose image each is
+    assert 'href="#other-0"' in head  # the summary line links to it
+    # Without such samples there is no such section.
+    assert "Other captions" not in report(audited_run(tmp_path / "plain"), tmp_path / "p.html")

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     (RUN_DIR / "demo_score.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print("\nAgainst the demo set's ground truth (planted = the heavily duplicated originals):")
     print(per_band.to_string(index=False))
-    print("reproduction: the band's samples within the threshold of a training image, with a 95% Wilson interval;"
+    print("other: prompts not extracted with a sample within the threshold of another caption's training image;")
+    print("reproduction: the band's samples within the threshold of one of their caption's training images, with a 95% Wilson interval;"
           f"\ndemo_eval: the share `make demo-eval` measured with other seeds ({MEASURED})" if measured is not None else "")
     print(format_summary(summary))
     print(f"\nReport: {(RUN_DIR / 'report' / 'index.html').resolve()}")

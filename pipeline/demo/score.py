@@ -51,6 +51,8 @@ def score_run(
 
     A prompt counts as correctly extracted only when its closest training image
     (``best_train_key`` of the detector's verification) is a copy of the prompt's own original.
+    ``other`` counts the band's prompts not extracted whose samples reproduce another caption's
+    training image (the detector's ``samples_matched_other``).
     The per-band table pools the verified samples of the band's prompts into a reproduction
     rate (samples within the threshold of a training image, with its 95% Wilson interval) and,
     given ``measured`` (``make demo-eval``'s memorization.csv: ``band``, ``reproduced``), puts
@@ -61,6 +63,7 @@ def score_run(
     memorized = pd.read_parquet(run_dir / "detect" / "memorized.parquet")
     verified = "best_train_key" in memorized.columns
     columns = ["prompt_id", "flagged", "clique_size"] + (["best_train_key", "samples_matched", "n_samples", "extracted"] if verified else [])
+    columns += [c for c in ["samples_matched_other"] if verified and c in memorized.columns]
     table = prompt_originals(selected, ground_truth).merge(memorized[columns], on="prompt_id", how="inner")
     truth = ground_truth.set_index("key")
     if verified:
@@ -71,6 +74,9 @@ def score_run(
         table["extracted"] = table["extracted"].fillna(False).astype(bool) & pd.Series(own, index=table.index, dtype=bool)
     else:
         table["extracted"], table["samples_matched"], table["n_samples"] = False, 0, 0
+    # Prompts not extracted whose samples reproduce another caption's training image.
+    other = table["samples_matched_other"].fillna(0) if "samples_matched_other" in table.columns else pd.Series(0, index=table.index)
+    table["other"] = ~table["extracted"] & (other > 0)
     table["planted"] = table.true_dup_count.fillna(0) >= planted_min_copies
     flag_p, flag_r = _precision_recall(table.flagged.astype(bool), table.planted)
     ext_p, ext_r = _precision_recall(table.extracted, table.planted)
@@ -88,7 +94,7 @@ def score_run(
     }
     per_band = (
         table.groupby(["band", "true_dup_count"], dropna=False)
-        .agg(prompts=("prompt_id", "size"), flagged=("flagged", "sum"), extracted=("extracted", "sum"),
+        .agg(prompts=("prompt_id", "size"), flagged=("flagged", "sum"), extracted=("extracted", "sum"), other=("other", "sum"),
              median_clique=("clique_size", "median"), matched=("samples_matched", "sum"), samples=("n_samples", "sum"))
         .reset_index()
         .sort_values("true_dup_count", ascending=False)

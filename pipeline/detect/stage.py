@@ -7,14 +7,16 @@ members (Carlini et al. 2023: many seeds converging on the same image is the sig
 memorized training image). The rule (:class:`pipeline.rule.NearCopyRule`) is the one adaptive
 sampling and verification use. When a training set is given (``data=``), every sample of every
 prompt is then compared with candidate training images (:mod:`pipeline.detect.verify`), through
-the same metric: a prompt is *extracted* when a sample reproduces one.
+the same metric: a prompt is *extracted* when a sample reproduces one of its caption's
+(its duplicate group's; any, for a prompt listed without one).
 
     python -m pipeline.detect run_name=demo                 # reads <run_dir>/generations
     python -m pipeline.detect generations_dir=/elsewhere data=files data.path=/laion
 
 Outputs in ``<run_dir>/detect/``: ``memorized.parquet`` (a row per prompt: the clique verdict
 and, when a training set is given, ``extracted``, ``samples_matched``, ``reproduction_rate``
-with its 95% Wilson interval and the best match), ``extracted.parquet`` (a row per sample and
+with its 95% Wilson interval, ``samples_matched_other`` (samples reproducing only other captions'
+training images) and the best match), ``extracted.parquet`` (a row per sample and
 training image within the threshold) and ``matches/`` (when a training set is given), ``summary.json``, ``rejects.jsonl`` (unreadable
 samples; ``rejects_<rank>.jsonl`` per shard), and per-prompt results under ``prompts/`` so that
 a rerun skips finished prompts.
@@ -303,10 +305,16 @@ def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     verification = {
         "delta": delta, "metric": rule.metric.describe(), "extracted": int(memorized["extracted"].sum()),
         "samples_matched": int(memorized["samples_matched"].sum()), "pairs": len(extracted),
+        "samples_matched_other": int(memorized["samples_matched_other"].sum()),
     }  # fmt: skip
     write_json({**summary, "verification": verification}, summary_path)
-    print(f"{int(memorized['extracted'].sum())} of {len(memorized)} prompts have a sample within {delta:g} of a training "
-          f"image ({int(memorized['samples_matched'].sum())} samples in all) -> {out_dir / 'extracted.parquet'}")
+    print(f"{int(memorized['extracted'].sum())} of {len(memorized)} prompts extracted: a sample within {delta:g} of one of "
+          f"their caption's training images ({int(memorized['samples_matched'].sum())} samples in all) -> {out_dir / 'extracted.parquet'}")
+    other = ~memorized["extracted"] & (memorized["samples_matched_other"] > 0)
+    if other.any():
+        print(f"{int(other.sum())} more prompt(s) not extracted have {int(memorized.loc[other, 'samples_matched_other'].sum())} "
+              f"sample(s) within {delta:g} of another caption's training image (samples_matched_other; in_group false "
+              "in extracted.parquet)")  # fmt: skip
     return memorized, extracted
 
 

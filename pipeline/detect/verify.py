@@ -12,10 +12,18 @@ detector's: tiled L2 by default, see :mod:`pipeline.rule`) against candidate tra
 - or, with no duplicate-finder outputs at all (``exhaustive: auto``), every training image,
   streamed once: exact, and fine for small data sets.
 
-A prompt is *extracted* when at least one of its samples is within ``delta`` of a training
-image; its *reproduction rate* is the share of its samples that are, with a 95% Wilson score
-interval (:func:`pipeline.stats.wilson_interval`). This finds what the clique misses: samples
-spread over several variants of a duplicated image, or a few copies among many samples.
+A prompt is *extracted* when at least one of its samples is within ``delta`` of one of its
+own training images: its duplicate group when the prompt carries one, else (a caption list,
+another tool's folder: nothing says which images are its own) any training image. Its
+*reproduction rate* is the share of its samples that are, with a 95% Wilson score interval
+(:func:`pipeline.stats.wilson_interval`). This finds what the clique misses: samples spread
+over several variants of a duplicated image, or a few copies among many samples.
+
+A sample within ``delta`` of a training image outside the prompt's group reproduces training
+data too, under a caption that is not that image's (a weakly steered model drifting to a
+heavily duplicated image): it is counted apart, in ``samples_matched_other``, and listed in
+``extracted.parquet`` with ``in_group`` false, never dropped; it does not make the prompt
+extracted, whose verdict says "this caption's training data comes back".
 
 Training images are center-cropped to the sample's aspect ratio and resized to its size first,
 the way Stable Diffusion's training data was prepared; distances are batched, every sample of
@@ -213,54 +221,74 @@ class PromptSamples:
 
 
 class _Matches:
-    """What one prompt's comparisons found so far: per sample its closest training image, and
-    every (sample, training image) pair within ``delta``."""
+    """What one prompt's comparisons found so far: per sample its closest training image among
+    the prompt's own (its duplicate group ``own``; every training image when ``own`` is None,
+    a prompt that came without one) and among the others, and every (sample, training image)
+    pair within ``delta``."""
 
-    def __init__(self, prompt: PromptSamples, delta: float):
-        self.prompt, self.delta = prompt, delta
-        self.best_distance = np.full(len(prompt.samples), np.inf)
-        self.best_key: list[str] = [""] * len(prompt.samples)
-        self.best_image: list[Image.Image | None] = [None] * len(prompt.samples)
-        self.pairs: list[tuple[int, str, str, float]] = []  # sample index, sample file, training key, distance
+    def __init__(self, prompt: PromptSamples, delta: float, own: frozenset[str] | None = None):
+        self.prompt, self.delta, self.own = prompt, delta, own
+        n = len(prompt.samples)
+        # Index 0: the prompt's own training images; 1: other captions' (always inf when own is None).
+        self.best_distance = np.full((2, n), np.inf)
+        self.best_key: list[list[str]] = [[""] * n, [""] * n]
+        self.best_image: list[list[Image.Image | None]] = [[None] * n, [None] * n]
+        self.pairs: list[tuple[int, str, str, float, bool | None]] = []  # sample index, file, training key, distance, in group
         self.n_candidates = 0
+
+    def in_group(self, key: str) -> bool | None:
+        return None if self.own is None else key in self.own
 
     def add(self, keys: Sequence[str], images: Sequence[Image.Image], metric: Metric) -> None:
         """Compare every sample with ``images`` (training images named ``keys``), batched by sample size."""
         self.n_candidates += len(keys)
         if not keys or not self.prompt.images:
             return
+        other = np.array([self.in_group(key) is False for key in keys])
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(self.prompt.images):
             by_size.setdefault(image.shape, []).append(i)
         for positions in by_size.values():
             distances = sample_distances(np.stack([self.prompt.images[i] for i in positions]), images, metric)
-            nearest = distances.argmin(axis=1)
-            for row, i in enumerate(positions):
-                j = int(nearest[row])
-                if distances[row, j] < self.best_distance[i]:
-                    self.best_distance[i], self.best_key[i], self.best_image[i] = float(distances[row, j]), keys[j], images[j]
+            for side, mask in ((0, ~other), (1, other)):
+                if not mask.any():
+                    continue
+                masked = np.where(mask[None, :], distances, np.inf)
+                nearest = masked.argmin(axis=1)
+                for row, i in enumerate(positions):
+                    j = int(nearest[row])
+                    if masked[row, j] < self.best_distance[side, i]:
+                        self.best_distance[side, i] = float(masked[row, j])
+                        self.best_key[side][i], self.best_image[side][i] = keys[j], images[j]
             for row, j in zip(*np.nonzero(distances <= self.delta)):
                 sample = self.prompt.samples[positions[row]]
-                self.pairs.append((sample.index, sample.file, keys[j], float(distances[row, j])))
+                self.pairs.append((sample.index, sample.file, keys[j], float(distances[row, j]), self.in_group(keys[j])))
 
-    def best_position(self) -> int | None:
-        """Position (in ``prompt.samples``) of the sample closest to a training image; None when
-        nothing was compared."""
-        if not len(self.best_distance) or not np.isfinite(self.best_distance).any():
+    def best(self) -> tuple[int, int] | None:
+        """(side, position in ``prompt.samples``) of the best match: the sample closest to one of
+        the prompt's own training images when one is within ``delta`` (the evidence of its
+        extraction), else the sample closest to any training image; None when nothing was compared."""
+        if not self.best_distance.size or not np.isfinite(self.best_distance).any():
             return None
-        return int(self.best_distance.argmin())
+        if (self.best_distance[0] <= self.delta).any():
+            return 0, int(self.best_distance[0].argmin())
+        side, position = np.unravel_index(int(self.best_distance.argmin()), self.best_distance.shape)
+        return int(side), int(position)
 
     def result(self) -> dict[str, Any]:
         """The prompt's verification row (see :data:`VERIFICATION_COLUMNS`, less the rate, its interval and ``best_in_group``)."""
-        matched = int((self.best_distance <= self.delta).sum())
-        i = self.best_position()
-        if i is not None:
-            best = {"best_sample": self.prompt.samples[i].index, "best_sample_file": self.prompt.samples[i].file,
-                    "best_train_key": self.best_key[i], "best_distance": float(self.best_distance[i])}  # fmt: skip
+        matched = int((self.best_distance[0] <= self.delta).sum())
+        matched_other = int(((self.best_distance[1] <= self.delta) & (self.best_distance[0] > self.delta)).sum())
+        best = self.best()
+        if best is not None:
+            side, i = best
+            row = {"best_sample": self.prompt.samples[i].index, "best_sample_file": self.prompt.samples[i].file,
+                   "best_train_key": self.best_key[side][i], "best_distance": float(self.best_distance[side, i])}  # fmt: skip
         else:
-            best = {"best_sample": None, "best_sample_file": "", "best_train_key": "", "best_distance": float("nan")}
+            row = {"best_sample": None, "best_sample_file": "", "best_train_key": "", "best_distance": float("nan")}
         return {"prompt_id": self.prompt.prompt_id, "extracted": matched > 0, "samples_matched": matched,
-                "samples_verified": len(self.prompt.samples), "n_candidates": self.n_candidates, **best}  # fmt: skip
+                "samples_matched_other": matched_other, "samples_verified": len(self.prompt.samples),
+                "n_candidates": self.n_candidates, **row}  # fmt: skip
 
 
 def run_verify(
@@ -285,14 +313,18 @@ def run_verify(
     then the ``n_candidates`` nearest training images of each sample by embedding (a faiss
     index over ``<dedup_dir>/embeddings/``), at most ``max_candidates`` in all; or, with
     ``exhaustive`` true (``"auto"``: when neither offers any), every training image, streamed
-    once. A sample within ``delta`` of a training image (the rule's ``metric``) reproduces it.
+    once. A sample within ``delta`` of a training image (the rule's ``metric``) reproduces it;
+    the prompt is extracted when that image is one of its own (its group, or any image for a
+    prompt without one), and the sample counts in ``samples_matched_other`` when it reproduces
+    only images of other captions.
 
     Runs through the stage executor with a unit per prompt (``<out_dir>/verify/``: markers
     with the digest of the prompt's sample files, candidates and settings; per-prompt results;
     rejects and stats), so an interrupted run resumes and a rerun redoes only what changed.
     Writes ``<out_dir>/extracted.parquet`` (a row per matching pair: ``prompt_id``, ``sample``,
-    ``sample_file``, ``train_key``, ``distance``), ``<out_dir>/matches/<prompt_id>.png`` (the
-    closest training image of each extracted prompt, cropped as compared) and
+    ``sample_file``, ``train_key``, ``distance``, ``in_group``: null for a prompt without a
+    group), ``<out_dir>/matches/<prompt_id>.png`` (the best match's training image, cropped as
+    compared, of each prompt with a sample within ``delta`` of a training image) and
     ``<out_dir>/rejects_verify.jsonl``.
 
     Returns:
@@ -311,6 +343,9 @@ def run_verify(
         "data": {k: str(v) for k, v in data.items()}, "dedup_dir": str(dedup_dir), "index_size": 0 if index is None else len(index.keys),
         "n_candidates": int(n_candidates), "max_candidates": int(max_candidates), "delta": float(delta),
         "scan_all": scan_all, "metric": metric.describe(),
+        # What a prompt's result holds: 2 = extracted by its own training images, the others'
+        # counted apart (results of the earlier version are redone, not reused).
+        "results_version": 2,
     }  # fmt: skip
     step = _VerifyStep(
         memorized, generations_dir, out_dir, common, groups, index, data=data, embedder_factory=embedder_factory,
@@ -343,7 +378,7 @@ def run_verify(
         dtype="boolean",
     )
     extracted = pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame(columns=list(EXTRACTED_COLUMNS))
-    extracted = extracted.astype({"sample": int, "distance": float}).sort_values(["prompt_id", "sample", "distance"], kind="stable")
+    extracted = extracted.astype({"sample": int, "distance": float, "in_group": "boolean"}).sort_values(["prompt_id", "sample", "distance"], kind="stable")
     write_parquet(extracted.reset_index(drop=True), out_dir / "extracted.parquet")
     return table[[*base.columns, *VERIFICATION_COLUMNS]], extracted
 
@@ -377,7 +412,7 @@ class _VerifyStep:
         bar = tqdm(total=len(units), desc="verify", unit="prompt", disable=not o["progress"])
         for chunk in passes:
             prompts = [self._load(unit.name, ctx.rejects) for unit in chunk]
-            matches = {p.prompt_id: _Matches(p, o["delta"]) for p in prompts}
+            matches = {p.prompt_id: _Matches(p, o["delta"], self._own(p.prompt_id)) for p in prompts}
             if o["scan_all"]:
                 self._scan(matches, ctx.rejects)
             else:
@@ -390,6 +425,11 @@ class _VerifyStep:
                 self._finish(unit, matches[unit.name], ctx)
                 bar.update(1)
         bar.close()
+
+    def _own(self, prompt_id: str) -> frozenset[str] | None:
+        """The prompt's own training images (its duplicate group); None when it has none listed."""
+        group = self.groups.get(prompt_id)
+        return frozenset(group) if group else None
 
     def _load(self, prompt_id: str, rejects: RejectLog) -> PromptSamples:
         samples, images = load_samples(self.generations_dir, list_samples(self.generations_dir, prompt_id, rejects), rejects)
@@ -439,14 +479,14 @@ class _VerifyStep:
     def _finish(self, unit: Unit, found: _Matches, ctx: StepContext) -> None:
         """Write the prompt's result, its pairs, and its match image; then its marker."""
         result = found.result()
-        best = found.best_position()
+        best = found.best()
         match_path = self.out_dir / "matches" / f"{unit.name}.png"
-        if result["extracted"] and best is not None:
-            display = _crop_for_display(found.best_image[best], found.prompt.images[best].shape[:2])
+        if best is not None and result["best_distance"] <= found.delta:  # extracted, or reproducing another caption's image
+            display = _crop_for_display(found.best_image[best[0]][best[1]], found.prompt.images[best[1]].shape[:2])
             atomic_write(match_path, lambda tmp, im=display: im.save(tmp, format="PNG"))
         else:
             match_path.unlink(missing_ok=True)  # an earlier run's, under other settings
         pairs = pd.DataFrame([(unit.name, *pair) for pair in found.pairs], columns=list(EXTRACTED_COLUMNS))
-        write_parquet(pairs.astype({"sample": int, "distance": float}), self.work_dir / "prompts" / f"{unit.name}.parquet")
+        write_parquet(pairs.astype({"sample": int, "distance": float, "in_group": "boolean"}), self.work_dir / "prompts" / f"{unit.name}.parquet")
         write_json(result, self.work_dir / "prompts" / f"{unit.name}.json")
         ctx.done(unit, {"samples_matched": result["samples_matched"]})

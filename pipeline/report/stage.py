@@ -218,20 +218,23 @@ def _typed_verification(memorized: pd.DataFrame, path: Path) -> pd.DataFrame:
 
 
 def _matching_pairs(path: Path, memorized: pd.DataFrame) -> pd.DataFrame:
-    """extracted.parquet's rows of prompts memorized.parquet marks extracted, by prompt then
+    """extracted.parquet's rows of prompts memorized.parquet marks extracted or with samples
+    reproducing another caption's training image (``samples_matched_other``), by prompt then
     distance; an empty table (with a warning) when the file is missing."""
     if not path.exists():
         log.warning("%s is missing although memorized.parquet holds verification results: the cards list no "
                     "matching samples beyond the best one", path)  # fmt: skip
         return pd.DataFrame({"prompt_id": pd.Series(dtype=str), "sample": pd.Series(dtype=int), "sample_file": pd.Series(dtype=str),
-                             "train_key": pd.Series(dtype=str), "distance": pd.Series(dtype=float)})  # fmt: skip
+                             "train_key": pd.Series(dtype=str), "distance": pd.Series(dtype=float),
+                             "in_group": pd.Series(dtype="boolean")})  # fmt: skip
     pairs = pd.read_parquet(path)
     missing = [c for c in EXTRACTED_COLUMNS if c not in pairs.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; expected {list(EXTRACTED_COLUMNS)}")
     pairs = pairs.assign(prompt_id=pairs["prompt_id"].astype(str), train_key=pairs["train_key"].fillna("").astype(str))
     listed = pairs["prompt_id"].isin(set(memorized["prompt_id"]))
-    keep = pairs["prompt_id"].isin(set(memorized.loc[memorized["extracted"], "prompt_id"]))
+    with_matches = memorized["extracted"] | (memorized["samples_matched_other"] > 0)
+    keep = pairs["prompt_id"].isin(set(memorized.loc[with_matches, "prompt_id"]))
     if not keep.all():
         # memorized.parquet is the verdict; rows it does not back come from an earlier
         # verification (detection or verification rerun since) and must not pass for this one's.
@@ -310,14 +313,21 @@ def prompt_table(results: RunResults) -> pd.DataFrame:
     return _sort(table, [("extracted", False), ("reproduction_rate", False), ("flagged", False), ("clique_size", False), ("prompt_id", True)])
 
 
-def extracted_prompts(results: RunResults) -> pd.DataFrame:
+def extracted_prompts(results: RunResults, other: bool = False) -> pd.DataFrame:
     """The extracted prompts (none without verification), highest reproduction rate first,
     then closest match: memorized.parquet's columns plus ``seed`` (nullable int: the best
-    sample's seed) and ``command`` (str, or None: the command that regenerates the best sample)."""
+    sample's seed) and ``command`` (str, or None: the command that regenerates the best sample).
+
+    ``other``: instead, the prompts not extracted that have samples within the threshold of
+    another caption's training image (``samples_matched_other`` > 0), most such samples first."""
     if not results.verified:
         return results.memorized.iloc[0:0].assign(seed=pd.Series(dtype="Int64"), command=pd.Series(dtype=object))
-    table = results.memorized[results.memorized["extracted"]]
-    table = _sort(table, [("reproduction_rate", False), ("best_distance", True), ("prompt_id", True)])
+    memorized = results.memorized
+    if other:
+        table = _sort(memorized[~memorized["extracted"] & (memorized["samples_matched_other"] > 0)],
+                      [("samples_matched_other", False), ("best_distance", True), ("prompt_id", True)])  # fmt: skip
+    else:
+        table = _sort(memorized[memorized["extracted"]], [("reproduction_rate", False), ("best_distance", True), ("prompt_id", True)])
     table["seed"] = pd.array([results.seed(p, s) for p, s in zip(table["prompt_id"], table["best_sample"])], dtype="Int64")
     table["command"] = pd.Series([results.regenerate_command(p, s) for p, s in zip(table["prompt_id"], table["best_sample"])],
                                  index=table.index, dtype=object)  # fmt: skip
@@ -496,13 +506,13 @@ def render_report(results: RunResults, title: str, thumbnails: int = 6, thumb_si
     )
     verified = results.verified
     card_size = 2 * thumb_size
-    extracted = extracted_prompts(results)
+    extracted, others = extracted_prompts(results), extracted_prompts(results, other=True)
     pairs_of = dict(tuple(results.extracted.groupby("prompt_id", sort=False))) if results.extracted is not None else {}
-    cards = []
-    for i, row in enumerate(extracted.head(max_prompts).to_dict("records")):
+
+    def card(anchor: str, row: dict) -> dict:
         pairs = pairs_of.get(row["prompt_id"], pd.DataFrame(columns=list(EXTRACTED_COLUMNS)))
-        cards.append({
-            "anchor": f"card-{i}", "prompt_id": shown(row["prompt_id"], NAME_LIMIT), "caption": shown(row["caption"], CAPTION_LIMIT),
+        return {
+            "anchor": anchor, "prompt_id": shown(row["prompt_id"], NAME_LIMIT), "caption": shown(row["caption"], CAPTION_LIMIT),
             "sample_uri": _uri(results.sample_path(row["best_sample_file"]), card_size) if row["best_sample_file"] else None,
             "match_uri": _uri(results.match_path(row["prompt_id"]), card_size),
             "best_sample": _count(row["best_sample"]), "sample_file": shown(row["best_sample_file"], NAME_LIMIT, full=False),
@@ -511,12 +521,19 @@ def render_report(results: RunResults, title: str, thumbnails: int = 6, thumb_si
             "in_group": None if pd.isna(row.get("best_in_group", pd.NA)) else bool(row["best_in_group"]),
             "dup_count": _count(row["dup_count"]), "clique_size": int(row["clique_size"]), "n_samples": int(row["n_samples"]),
             "flagged": bool(row["flagged"]), "samples_verified": int(row["samples_verified"]), "n_candidates": int(row["n_candidates"]),
+            "extracted": bool(row["extracted"]),
             "rate": _rate(int(row["samples_matched"]), int(row["n_samples"]), row["reproduction_ci_low"], row["reproduction_ci_high"]),
-            "pairs": [{"sample": int(p["sample"]), "train_key": shown(p["train_key"], NAME_LIMIT, full=False), "distance": _number(p["distance"])}
+            "matched_other": int(row["samples_matched_other"]),
+            "pairs": [{"sample": int(p["sample"]), "train_key": shown(p["train_key"], NAME_LIMIT, full=False), "distance": _number(p["distance"]),
+                       "in_group": None if pd.isna(p.get("in_group", pd.NA)) else bool(p["in_group"])}
                       for p in pairs.head(PAIRS_SHOWN).to_dict("records")],
             "more_pairs": max(0, len(pairs) - PAIRS_SHOWN),
-        })  # fmt: skip
-    card_of = {row["prompt_id"]: card["anchor"] for row, card in zip(extracted.head(max_prompts).to_dict("records"), cards)}
+        }  # fmt: skip
+
+    cards = [card(f"card-{i}", row) for i, row in enumerate(extracted.head(max_prompts).to_dict("records"))]
+    other_cards = [card(f"other-{i}", row) for i, row in enumerate(others.head(max_prompts).to_dict("records"))]
+    card_of = {c_row["prompt_id"]: c["anchor"] for table_, cards_ in ((extracted, cards), (others, other_cards))
+               for c_row, c in zip(table_.head(max_prompts).to_dict("records"), cards_)}  # fmt: skip
 
     flagged = flagged_prompts(results)
     flagged_shown = []
@@ -549,7 +566,7 @@ def render_report(results: RunResults, title: str, thumbnails: int = 6, thumb_si
             "prompt_id": display_text(row["prompt_id"], NAME_LIMIT), "caption": display_text(row["caption"], TABLE_CAPTION_LIMIT),
             "dup_count": _number(row["dup_count"], "d"), "score": _number(row.get("score"), ".3g"), "robust_z": _number(row.get("robust_z"), ".2f"),
             "clique": f"{int(row['clique_size'])}/{int(row['n_samples'])}", "flagged": bool(row["flagged"]),
-            "extracted": bool(row.get("extracted", False)),
+            "extracted": bool(row.get("extracted", False)), "matched_other": int(row.get("samples_matched_other", 0) or 0),
             "rate": _rate(int(row["samples_matched"]), int(row["n_samples"]), row["reproduction_ci_low"], row["reproduction_ci_high"]) if verified else "",
             "best_distance": _number(row.get("best_distance")),
         })  # fmt: skip
@@ -570,6 +587,8 @@ def render_report(results: RunResults, title: str, thumbnails: int = 6, thumb_si
         summary.update(
             extracted=int(memorized["extracted"].sum()), extracted_flagged=int((memorized["extracted"] & memorized["flagged"]).sum()),
             samples_verified=int(memorized["samples_verified"].sum()), rate=_rate(matched, samples, low, high),
+            other_prompts=int((~memorized["extracted"] & (memorized["samples_matched_other"] > 0)).sum()),
+            other_samples=int(memorized["samples_matched_other"].sum()),
         )  # fmt: skip
     rule = results.summary.get("settings") or {}
     settings = {key: rule.get(key, "?") for key in ("min_clique", "threshold", "metric")}
@@ -577,6 +596,7 @@ def render_report(results: RunResults, title: str, thumbnails: int = 6, thumb_si
     return template.render(
         title=title, summary=summary, settings=settings, delta=_number(results.delta, "g"), metric=results.metric_name,
         budget=_budget(results), plot=plot, verified=verified, cards=cards, hidden_cards=max(0, len(extracted) - len(cards)),
+        other_cards=other_cards, hidden_other_cards=max(0, len(others) - len(other_cards)),
         table=rows, has_score=has_score, has_z=has_z, flagged=flagged_shown, hidden_flagged=max(0, len(flagged) - len(flagged_shown)),
         thumb_size=thumb_size, card_size=card_size,
     )  # fmt: skip
