@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
 from pipeline.demo.dataset import drawn_scene, skimage_photo
+from pipeline.embedders.robust import RobustEmbedder
 from pipeline.embedders.thumbnail import ThumbnailEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,5 +168,8 @@ def test_embedder_configs_instantiate_with_hydra():
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
         assert cfg.threshold == clip.threshold == 0.95
         cfg = compose(config_name="dedup")
+        robust = instantiate(cfg.embedder)  # the offline default (issue #17)
+        assert isinstance(robust, RobustEmbedder) and cfg.threshold == robust.threshold
+        cfg = compose(config_name="dedup", overrides=["embedder=thumbnail"])
         thumb = instantiate(cfg.embedder)
         assert isinstance(thumb, ThumbnailEmbedder) and cfg.threshold == thumb.threshold

@@ -1,0 +1,558 @@
+"""A planted set of LAION-style edited copies, in img2dataset's three layouts, and its score.
+
+    python benchmarks/planted_edits.py --out data/planted --seed 0            # build + score
+    python benchmarks/planted_edits.py --out data/planted --seed 1 --originals 300 --no-score
+    python -m pipeline.dedup data=files data.path=data/planted/files \\
+        data.ground_truth=data/planted/files_ground_truth.parquet run_name=planted_files
+
+What is planted (issue #17): ``--originals`` distinct pictures (default 600), photo-like but
+synthetic (coloured 1/f noise under shapes and lighting, the demo set's drawn scenes,
+crops of scikit-image's photographs), plus hard negatives that merely look alike: tiles cut
+from one large picture, "posters" of one template that differ only in their title and one
+colour block, and smooth gradients of various colours. A few originals (``--heavy``,
+default 12) are copied 20-60 times and some (``--light``, default 30) 2-6 times; the first
+record of each original is the picture itself. Every copy goes through a random combination
+of the edits copies on the web go through (see :func:`edit_copy`): resize, crop of up to 8%
+a side, rotation by up to 3 degrees, brightness/contrast, greyscale, horizontal mirror, a
+text watermark, letterbox bars (black or white) to another aspect ratio, JPEG quality 30-95.
+
+Every record then goes through what img2dataset does with a downloaded image by default
+(``resize_mode=border``, ``image_size=256``: longest side to 256 px, padded with white to a
+square, JPEG quality 95) and is written in img2dataset's layouts, with its sidecar files:
+
+* ``files/00000/000000123.jpg`` + ``.txt`` + ``.json`` (+ ``00000_stats.json``): keys ``00000/000000123``;
+* ``webdataset/00000.tar`` of ``000000123.jpg/.txt/.json`` (+ ``00000.parquet``, ``00000_stats.json``):
+  keys ``00000/000000123``;
+* ``parquet/00000.parquet`` with ``key``, ``jpg``, ``caption``...: keys ``000000123``.
+
+``<format>_ground_truth.parquet`` beside them has ``key`` and ``original_id`` (what the dedup
+stage's ``data.ground_truth`` scores against) plus ``kind``, ``edits``, ``dup_count``.
+
+Scoring (without ``--no-score``) runs the dedup stage (:func:`pipeline.dedup.stage.run_dedup`,
+the same code as ``python -m pipeline.dedup``) on each format with the default offline
+embedder and prints pair precision and recall; ``--thresholds`` also prints them for other
+thresholds from the same embeddings (exact search, connected components), for calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
+
+from pipeline.demo.dataset import SKIMAGE_PHOTOS, drawn_scene, made_up_word, make_caption
+
+FORMATS = ("files", "webdataset", "parquet")
+EDITS = ("resize", "crop", "rotate", "brightness_contrast", "greyscale", "mirror", "text", "letterbox", "jpeg")
+# How often each optional edit is applied to a copy (resize and jpeg always are).
+EDIT_RATES = {"crop": 0.5, "rotate": 0.35, "brightness_contrast": 0.5, "greyscale": 0.2, "mirror": 0.3, "text": 0.4, "letterbox": 0.35}
+# Shares of the originals that are hard negatives (the rest are photo-like pictures).
+HARD_NEGATIVE_SHARES = {"tile": 0.08, "poster": 0.06, "gradient": 0.06}
+ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9, 3 / 4, 2 / 3, 9 / 16)
+IMG2DATASET_SIZE = 256  # img2dataset's default image_size (resize_mode=border)
+
+
+@dataclass
+class Original:
+    original_id: str
+    kind: str  # photo | drawn | skimage | tile | poster | gradient
+    caption: str
+    image: Image.Image
+    copies: int = 1
+
+
+@dataclass
+class PlantedRecord:
+    jpeg: bytes
+    caption: str
+    original_id: str
+    kind: str
+    dup_count: int
+    edits: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------
+# Originals
+
+
+def random_size(rng: np.random.Generator, low: int = 240, high: int = 640) -> tuple[int, int]:
+    """(width, height) of a picture of random aspect ratio, longest side in [low, high]."""
+    aspect = float(rng.choice(ASPECTS))
+    longest = int(rng.integers(low, high + 1))
+    return (longest, max(16, round(longest / aspect))) if aspect >= 1 else (max(16, round(longest * aspect)), longest)
+
+
+def noise_field(rng: np.random.Generator, shape: tuple[int, int], beta: float) -> np.ndarray:
+    """A 1/f^beta random field of ``shape`` (as natural images' spectra fall), scaled to [0, 1]."""
+    h, w = shape
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+    radius = np.sqrt(fy**2 + fx**2)
+    radius[0, 0] = 1.0
+    spectrum = (rng.standard_normal(radius.shape) + 1j * rng.standard_normal(radius.shape)) / radius ** (beta / 2)
+    spectrum[0, 0] = 0.0
+    field_ = np.fft.irfft2(spectrum, s=(h, w))
+    return (field_ - field_.min()) / (np.ptp(field_) + 1e-9)
+
+
+def photo_like(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A synthetic photograph: coloured 1/f noise (sky, ground, texture), lighting, a few soft shapes."""
+    w, h = size
+    palette = rng.integers(0, 256, size=(3, 3)).astype(np.float32)
+    coarse = [noise_field(rng, (h // 4, w // 4), float(rng.uniform(2.0, 3.2))) for _ in range(2)]
+    coarse = [np.asarray(Image.fromarray((c * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC), np.float32) / 255 for c in coarse]
+    rgb = palette[0] + coarse[0][..., None] * (palette[1] - palette[0]) + coarse[1][..., None] * (palette[2] - palette[0]) * 0.6
+    fine = noise_field(rng, (h, w), float(rng.uniform(1.0, 2.0)))
+    rgb += (fine[..., None] - 0.5) * float(rng.uniform(10, 60))
+    light = np.linspace(*rng.uniform(0.6, 1.2, size=2), h)[:, None] if rng.uniform() < 0.5 else np.linspace(*rng.uniform(0.6, 1.2, size=2), w)[None, :]
+    rgb = rgb * light[..., None]
+    image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    layer = image.copy()
+    draw = ImageDraw.Draw(layer)
+    for _ in range(int(rng.integers(1, 6))):
+        x0, y0 = int(rng.integers(-w // 6, w)), int(rng.integers(-h // 6, h))
+        bw, bh = int(rng.integers(w // 10, w // 2)), int(rng.integers(h // 10, h // 2))
+        fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        if rng.uniform() < 0.5:
+            draw.ellipse((x0, y0, x0 + bw, y0 + bh), fill=fill)
+        else:
+            draw.polygon([(int(rng.integers(0, w)), int(rng.integers(0, h))) for _ in range(int(rng.integers(3, 6)))], fill=fill)
+    layer = layer.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 3.0))))
+    return Image.blend(image, layer, float(rng.uniform(0.6, 1.0)))
+
+
+def skimage_crop(rng: np.random.Generator, name: str) -> Image.Image:
+    """A random crop of one of scikit-image's photographs, of random aspect ratio."""
+    import skimage.data
+
+    array = getattr(skimage.data, name)()
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    photo = Image.fromarray(array).convert("RGB")
+    aspect = float(rng.choice(ASPECTS))
+    cw = int(photo.width * rng.uniform(0.5, 0.9))
+    ch = min(photo.height, max(16, round(cw / aspect)))
+    left, top = int(rng.integers(0, photo.width - cw + 1)), int(rng.integers(0, photo.height - ch + 1))
+    return photo.crop((left, top, left + cw, top + ch))
+
+
+def tiles(rng: np.random.Generator, count: int) -> list[Image.Image]:
+    """``count`` tiles cut side by side from large photo-like pictures (3 x 3 per picture)."""
+    out: list[Image.Image] = []
+    while len(out) < count:
+        big = photo_like(rng, (900, 720))
+        for r in range(3):
+            for c in range(3):
+                out.append(big.crop((c * 300, r * 240, (c + 1) * 300, (r + 1) * 240)))
+    return out[:count]
+
+
+def posters(rng: np.random.Generator, count: int) -> list[Image.Image]:
+    """``count`` posters, 3 per template: same background, frame and shapes; each its own title
+    and one block in its own colour. The blocks' luminances differ by at least 0.4 (of 1), so
+    that the posters differ in a greyscale copy too (a greyscale copy of one would otherwise
+    be as much a copy of another; no embedder can tell)."""
+    out: list[Image.Image] = []
+    while len(out) < count:
+        w, h = 360, 480
+        background = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        frame = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        shapes = [(tuple(int(v) for v in rng.integers(0, 360, size=2)), int(rng.integers(30, 90)), tuple(int(c) for c in rng.integers(0, 256, size=3))) for _ in range(3)]
+        block = (int(rng.integers(20, 160)), int(rng.integers(150, 260)))
+        for level in rng.permutation([0.1, 0.5, 0.9]):
+            image = Image.new("RGB", (w, h), background)
+            draw = ImageDraw.Draw(image)
+            draw.rectangle((8, 8, w - 9, h - 9), outline=frame, width=10)
+            for (x, y), r, colour in shapes:
+                draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+            draw.rectangle((block[0], block[1], block[0] + 180, block[1] + 120), fill=colour_of_luminance(rng, float(level)))
+            title = " ".join(made_up_word(rng) for _ in range(2)).upper()
+            draw.text((30, 400), title, fill=frame, font=ImageFont.load_default(size=40))
+            out.append(image)
+    return out[:count]
+
+
+def colour_of_luminance(rng: np.random.Generator, level: float) -> tuple[int, int, int]:
+    """A random colour of luminance ``level`` (0..1, Rec. 601 weights) as near as 8 bits allow."""
+    for _ in range(100):
+        rgb = rng.uniform(0, 1, size=3)
+        rgb = np.clip(rgb + (level - rgb @ np.array([0.299, 0.587, 0.114])), 0, 1)
+        if abs(rgb @ np.array([0.299, 0.587, 0.114]) - level) < 0.02:
+            break
+    return tuple(int(round(c * 255)) for c in rgb)
+
+
+def gradient(rng: np.random.Generator, colours: np.ndarray | None = None) -> Image.Image:
+    """A smooth two-colour gradient (linear in a random direction, or radial); ``colours``:
+    its two end colours, float ``(2, 3)`` in 0..255 (default: random)."""
+    w, h = random_size(rng)
+    a, b = (rng.integers(0, 256, size=(2, 3)) if colours is None else np.asarray(colours)).astype(np.float32)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    if rng.uniform() < 0.7:
+        angle = rng.uniform(0, 2 * np.pi)
+        t = (x / w - 0.5) * np.cos(angle) + (y / h - 0.5) * np.sin(angle)
+        t = (t - t.min()) / (np.ptp(t) + 1e-9)
+    else:
+        cx, cy = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
+        t = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
+        t = t / t.max()
+    return Image.fromarray(np.clip(a + t[..., None] * (b - a), 0, 255).astype(np.uint8))
+
+
+def distinct_gradients(rng: np.random.Generator, count: int) -> list[Image.Image]:
+    """``count`` gradients whose end colours are saturated hues evenly spaced round the colour
+    wheel (so no two share a colour, as two random gradients may)."""
+    import colorsys
+
+    hues = (np.arange(count) / count + rng.uniform()) % 1.0
+    images = []
+    for hue in hues:
+        a = np.array(colorsys.hsv_to_rgb(hue, 0.9, 0.95)) * 255
+        b = np.array(colorsys.hsv_to_rgb((hue + 0.15) % 1.0, 0.7, 0.35)) * 255
+        images.append(gradient(rng, np.stack([a, b])))
+    return images
+
+
+def decode(data: bytes) -> Image.Image:
+    """Encoded bytes as the data layer reads them (8-bit RGB)."""
+    from pipeline.data import decode_image
+
+    return decode_image(data)
+
+
+def make_originals(rng: np.random.Generator, n: int) -> list[Original]:
+    """``n`` originals: hard negatives (tiles, posters, gradients) and photo-like pictures, shuffled."""
+    counts = {kind: int(round(share * n)) for kind, share in HARD_NEGATIVE_SHARES.items()}
+    images: list[tuple[str, Image.Image]] = [("tile", im) for im in tiles(rng, counts["tile"])]
+    images += [("poster", im) for im in posters(rng, counts["poster"])]
+    images += [("gradient", gradient(rng)) for _ in range(counts["gradient"])]
+    # Each photograph once ("cat" is "chelsea"): two crops of one photograph may overlap.
+    photos = [name for name in SKIMAGE_PHOTOS if name != "cat"]
+    rng.shuffle(photos)
+    for _ in range(n - len(images)):
+        roll = rng.uniform()
+        if roll < 0.03 and photos:
+            images.append(("skimage", skimage_crop(rng, photos.pop())))
+        elif roll < 0.4:
+            images.append(("drawn", drawn_scene(rng, 96).resize(random_size(rng), Image.Resampling.BICUBIC)))
+        else:
+            images.append(("photo", photo_like(rng, random_size(rng))))
+    order = rng.permutation(len(images))
+    used: set[str] = set()
+    return [Original(f"orig-{i:05d}", images[j][0], make_caption(rng, used), images[j][1]) for i, j in enumerate(order)]
+
+
+# ----------------------------------------------------------------------------------------
+# Edits
+
+
+def letterbox(image: Image.Image, rng: np.random.Generator, colour: tuple[int, int, int]) -> Image.Image:
+    """``image`` centred on bars of ``colour`` that pad it to another aspect ratio."""
+    w, h = image.size
+    aspect = w / h
+    target = float(rng.choice([a for a in ASPECTS if abs(a - aspect) > 0.1] or [aspect * 1.3]))
+    size = (w, max(h, round(w / target))) if target < aspect else (max(w, round(h * target)), h)
+    if size == (w, h):
+        size = (w, h + max(4, h // 6))
+    canvas = Image.new("RGB", size, colour)
+    canvas.paste(image, ((size[0] - w) // 2, (size[1] - h) // 2))
+    return canvas
+
+
+def watermark(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Text drawn over ``image``: a word or two, 4-10% of its height, anywhere, opaque or half-transparent."""
+    w, h = image.size
+    text = " ".join(made_up_word(rng) for _ in range(int(rng.integers(1, 3))))
+    font = ImageFont.load_default(size=max(8, int(h * rng.uniform(0.04, 0.10))))
+    layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    x = int(rng.integers(0, max(1, w - (right - left))))
+    y = int(rng.integers(0, max(1, h - (bottom - top))))
+    colour = [(255, 255, 255), (0, 0, 0), tuple(int(c) for c in rng.integers(0, 256, size=3))][int(rng.integers(0, 3))]
+    draw.text((x, y), text, fill=(*colour, int(rng.choice([128, 200, 255]))), font=font)
+    return Image.alpha_composite(image.convert("RGBA"), layer).convert("RGB")
+
+
+def rotate(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Rotated by up to 3 degrees: corners filled with black or white, or cropped away."""
+    angle = float(rng.uniform(-3, 3))
+    if rng.uniform() < 0.5:
+        fill = (0, 0, 0) if rng.uniform() < 0.5 else (255, 255, 255)
+        return image.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=fill)
+    w, h = image.size
+    rotated = image.rotate(angle, resample=Image.Resampling.BICUBIC, expand=False)
+    # Inner rectangle free of corners: shrink each side by the corners' reach.
+    s = abs(np.sin(np.radians(angle)))
+    dx, dy = int(np.ceil(h * s / 2)) + 1, int(np.ceil(w * s / 2)) + 1
+    return rotated.crop((dx, dy, w - dx, h - dy))
+
+
+def edit_copy(image: Image.Image, rng: np.random.Generator, rates: dict[str, float] | None = None) -> tuple[Image.Image, list[str], int]:
+    """A copy of ``image`` through a random combination of edits.
+
+    Returns ``(copy, edits applied, JPEG quality)``; the JPEG encoding (quality 30-95)
+    happens when the copy is encoded. ``rates``: probability of each optional edit
+    (default :data:`EDIT_RATES`; 1.0 forces one, 0.0 turns it off).
+    """
+    rates = EDIT_RATES if rates is None else rates
+    applied = []
+    if rng.uniform() < rates.get("crop", 0):
+        w, h = image.size
+        left, right = (rng.uniform(0, 0.08, size=2) * w).astype(int)
+        top, bottom = (rng.uniform(0, 0.08, size=2) * h).astype(int)
+        image = image.crop((int(left), int(top), w - int(right), h - int(bottom)))
+        applied.append("crop")
+    if rng.uniform() < rates.get("rotate", 0):
+        image, _ = rotate(image, rng), applied.append("rotate")
+    # Always resized: copies on the web come in every size.
+    scale = float(rng.uniform(0.35, 1.4))
+    size = (max(24, round(image.width * scale)), max(24, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
+    applied.append("resize")
+    if rng.uniform() < rates.get("brightness_contrast", 0):
+        image = ImageEnhance.Brightness(image).enhance(float(rng.uniform(0.7, 1.3)))
+        image = ImageEnhance.Contrast(image).enhance(float(rng.uniform(0.7, 1.3)))
+        applied.append("brightness_contrast")
+    if rng.uniform() < rates.get("greyscale", 0):
+        image = ImageOps.grayscale(image).convert("RGB")
+        applied.append("greyscale")
+    if rng.uniform() < rates.get("mirror", 0):
+        image = ImageOps.mirror(image)
+        applied.append("mirror")
+    if rng.uniform() < rates.get("text", 0):
+        image = watermark(image, rng)
+        applied.append("text")
+    if rng.uniform() < rates.get("letterbox", 0):
+        image = letterbox(image, rng, (0, 0, 0) if rng.uniform() < 0.5 else (255, 255, 255))
+        applied.append("letterbox")
+    applied.append("jpeg")
+    return image, applied, int(rng.integers(30, 96))
+
+
+def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=int(quality))
+    return buffer.getvalue()
+
+
+def img2dataset_resize(data: bytes, size: int = IMG2DATASET_SIZE) -> tuple[bytes, dict]:
+    """What img2dataset's default resizer (``resize_mode=border``) does to downloaded bytes:
+    longest side to ``size`` (area filter down, Lanczos up), centred on white to ``size x size``,
+    JPEG quality 95. Returns the bytes and the width/height fields of its ``.json``."""
+    with Image.open(io.BytesIO(data)) as img:
+        image = img.convert("RGB")
+    ow, oh = image.size
+    scale = size / max(ow, oh)
+    resized = image.resize((max(1, round(ow * scale)), max(1, round(oh * scale))), Image.Resampling.BOX if scale < 1 else Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(resized, ((size - resized.width) // 2, (size - resized.height) // 2))
+    return jpeg_bytes(canvas, 95), {"width": size, "height": size, "original_width": ow, "original_height": oh}
+
+
+# ----------------------------------------------------------------------------------------
+# The set
+
+
+def build_records(
+    seed: int = 0,
+    n_originals: int = 600,
+    heavy: int = 12,
+    heavy_copies: tuple[int, int] = (20, 60),
+    light: int = 30,
+    light_copies: tuple[int, int] = (2, 6),
+    rates: dict[str, float] | None = None,
+) -> list[PlantedRecord]:
+    """Every record of a planted set, in random order (not yet resized by img2dataset)."""
+    if heavy + light > n_originals:
+        raise ValueError(f"heavy + light originals ({heavy} + {light}) exceed the {n_originals} originals")
+    rng = np.random.default_rng(seed)
+    originals = make_originals(rng, n_originals)
+    chosen = rng.permutation(n_originals)
+    for index in chosen[:heavy]:
+        originals[index].copies = int(rng.integers(heavy_copies[0], heavy_copies[1] + 1))
+    for index in chosen[heavy : heavy + light]:
+        originals[index].copies = int(rng.integers(light_copies[0], light_copies[1] + 1))
+    records = []
+    for original in originals:
+        records.append(PlantedRecord(jpeg_bytes(original.image, 95), original.caption, original.original_id, original.kind, original.copies, ["original"]))
+        for _ in range(original.copies - 1):
+            copy, applied, quality = edit_copy(original.image, rng, rates)
+            records.append(PlantedRecord(jpeg_bytes(copy, quality), original.caption, original.original_id, original.kind, original.copies, applied))
+    order = rng.permutation(len(records))
+    return [records[i] for i in order]
+
+
+def write_planted(out_dir: str | Path, records: list[PlantedRecord], per_shard: int = 10000, formats: tuple[str, ...] = FORMATS) -> dict[str, Path]:
+    """Write ``records`` through img2dataset's resizer in each of ``formats`` under ``out_dir``.
+
+    Returns ``{format: path}``; ``out_dir/<format>_ground_truth.parquet`` is written beside each.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resized = [img2dataset_resize(r.jpeg) for r in records]
+    paths = {}
+    for fmt in formats:
+        root = out_dir / fmt
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir()
+        truth = []
+        for shard in range((len(records) + per_shard - 1) // per_shard):
+            rows = []
+            for index in range(shard * per_shard, min(len(records), (shard + 1) * per_shard)):
+                record, (jpg, sizes) = records[index], resized[index]
+                # img2dataset's key: the shard number, then the index within the shard.
+                key = f"{shard:05d}{index - shard * per_shard:0{len(str(per_shard - 1))}d}"
+                meta = {"url": f"https://example.com/{key}.jpg", "caption": record.caption, "key": key, "status": "success",
+                        "error_message": None, **sizes}  # fmt: skip
+                rows.append((key, jpg, record, meta))
+                truth.append({"key": key if fmt == "parquet" else f"{shard:05d}/{key}", "original_id": record.original_id,
+                              "kind": record.kind, "dup_count": record.dup_count, "edits": ",".join(record.edits)})  # fmt: skip
+            _write_shard(root, fmt, shard, rows)
+        pd.DataFrame(truth).to_parquet(out_dir / f"{fmt}_ground_truth.parquet", index=False)
+        paths[fmt] = root
+    return paths
+
+
+def _write_shard(root: Path, fmt: str, shard: int, rows: list) -> None:
+    stem = f"{shard:05d}"
+    table = pd.DataFrame([meta for _, _, _, meta in rows])
+    stats = {"count": len(rows), "successes": len(rows), "failed_to_download": 0, "failed_to_resize": 0}
+    (root / f"{stem}_stats.json").write_text(json.dumps(stats))
+    if fmt == "files":
+        folder = root / stem
+        folder.mkdir()
+        for key, jpg, record, meta in rows:
+            (folder / f"{key}.jpg").write_bytes(jpg)
+            (folder / f"{key}.txt").write_text(record.caption, encoding="utf-8")
+            (folder / f"{key}.json").write_text(json.dumps(meta))
+        table.to_parquet(root / f"{stem}.parquet", index=False)
+    elif fmt == "webdataset":
+        with tarfile.open(root / f"{stem}.tar", "w") as tar:
+            for key, jpg, record, meta in rows:
+                for suffix, payload in (("jpg", jpg), ("txt", record.caption.encode()), ("json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        table.to_parquet(root / f"{stem}.parquet", index=False)
+    elif fmt == "parquet":
+        table["jpg"] = [jpg for _, jpg, _, _ in rows]
+        table.to_parquet(root / f"{stem}.parquet", index=False)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+def build_planted(out_dir: str | Path, seed: int = 0, n_originals: int = 600, heavy: int = 12, light: int = 30,
+                  per_shard: int = 10000, rates: dict[str, float] | None = None,
+                  formats: tuple[str, ...] = FORMATS) -> dict[str, Path]:  # fmt: skip
+    """Build a planted set into ``out_dir`` (see the module doc); returns ``{format: path}``."""
+    records = build_records(seed, n_originals, heavy, light=light, rates=rates)
+    return write_planted(out_dir, records, per_shard, formats)
+
+
+# ----------------------------------------------------------------------------------------
+# Scoring
+
+
+def data_config(out_dir: str | Path, fmt: str) -> dict:
+    """The ``data`` config (as ``conf/data/<fmt>.yaml`` with its path and ground truth) of one format."""
+    return {"format": fmt, "path": str(Path(out_dir) / fmt), "ground_truth": str(Path(out_dir) / f"{fmt}_ground_truth.parquet")}
+
+
+def score_with_dedup(out_dir: str | Path, fmt: str, embedder, threshold: float | None = None, run_dir: str | Path | None = None) -> dict:
+    """Run the dedup stage on one format; returns its summary's ``evaluation`` plus timing."""
+    from pipeline.dedup.stage import DedupSettings, run_dedup
+
+    data = data_config(out_dir, fmt)
+    run_dir = Path(run_dir) if run_dir else Path(out_dir) / "runs" / fmt
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    settings = DedupSettings(threshold=embedder.threshold if threshold is None else threshold, top_k=50, min_group_size=2)
+    summary = run_dedup(run_dir, settings, data=data, embedder=embedder, ground_truth=data["ground_truth"], progress=False)
+    return {**summary["evaluation"], "records": summary["records_read"], "timing": summary["timing_seconds"]}
+
+
+def embed_format(out_dir: str | Path, fmt: str, embedder) -> tuple[np.ndarray, list[str], float]:
+    """``(embeddings float32 (N, dim), keys, seconds embedding took)`` of one format's records."""
+    from pipeline.data import iter_records
+
+    images, keys = [], []
+    for record in iter_records(fmt, Path(out_dir) / fmt):
+        images.append(record.image)
+        keys.append(record.key)
+    start = time.perf_counter()
+    vectors = embedder.embed(images)
+    return vectors, keys, time.perf_counter() - start
+
+
+def scores_at(vectors: np.ndarray, keys: list[str], truth: pd.DataFrame, thresholds, k: int | None = 32) -> dict[float, dict]:
+    """Pair precision/recall of exact search + connected components at each threshold (the
+    dedup stage's grouping, with its ``k`` neighbours per image), from one set of embeddings."""
+    from pipeline.dedup.grouping import connected_groups, pair_scores
+
+    sims = vectors.astype(np.float32) @ vectors.astype(np.float32).T
+    np.fill_diagonal(sims, -2.0)
+    if k is not None and k < len(keys) - 1:
+        kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1 : k]  # each row's k-th largest
+        sims = np.where(sims >= kth, sims, -2.0)
+    label = dict(zip(truth["key"].astype(str), truth["original_id"].astype(str)))
+    true_labels = [label[k_] for k_ in keys]
+    out = {}
+    for threshold in thresholds:
+        i, j = np.nonzero(sims >= threshold)
+        groups = connected_groups(len(keys), i, j)
+        out[float(threshold)] = pair_scores(groups.tolist(), true_labels)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="data/planted", help="folder for the set (each format a sub-folder)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--originals", type=int, default=600)
+    parser.add_argument("--heavy", type=int, default=12, help="originals copied 20-60 times")
+    parser.add_argument("--light", type=int, default=30, help="originals copied 2-6 times")
+    parser.add_argument("--per-shard", type=int, default=10000, help="records per shard (img2dataset's number_sample_per_shard)")
+    parser.add_argument("--no-build", action="store_true", help="score the set already in --out")
+    parser.add_argument("--no-score", action="store_true", help="only build")
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[], help="also score these thresholds (exact search)")
+    args = parser.parse_args()
+
+    if not args.no_build:
+        start = time.perf_counter()
+        build_planted(args.out, args.seed, args.originals, args.heavy, args.light, args.per_shard)
+        truth = pd.read_parquet(Path(args.out) / "files_ground_truth.parquet")
+        print(f"planted set: {len(truth)} records from {truth.original_id.nunique()} originals "
+              f"(seed {args.seed}) in {', '.join(FORMATS)} under {args.out} ({time.perf_counter() - start:.0f} s)")  # fmt: skip
+    if args.no_score:
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        embedder = instantiate(compose(config_name="dedup").embedder)  # the stage's default embedder
+    print(f"embedder {embedder.name}, threshold {embedder.threshold}")
+    for fmt in FORMATS:
+        ev = score_with_dedup(args.out, fmt, embedder)
+        rate = ev["records"] / ev["timing"]["embed"] if ev["timing"].get("embed") else float("nan")
+        print(f"  {fmt:<10} pair precision {ev['precision']:.4f}, recall {ev['recall']:.4f} "
+              f"({ev['correct_pairs']} of {ev['predicted_pairs']} predicted / {ev['true_pairs']} true pairs; "
+              f"{ev['records']} records, {rate:.0f} images/s read + embedded)")  # fmt: skip
+        if args.thresholds:
+            vectors, keys, _ = embed_format(args.out, fmt, embedder)
+            truth = pd.read_parquet(Path(args.out) / f"{fmt}_ground_truth.parquet")
+            for threshold, s in scores_at(vectors, keys, truth, args.thresholds).items():
+                print(f"    threshold {threshold:.3f}: precision {s['precision']:.4f}, recall {s['recall']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
