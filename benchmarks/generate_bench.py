@@ -93,7 +93,7 @@ def plain_options(pipe) -> dict:
     """What the plain loop passes besides the prompt so that it makes the generator's images:
     the family's fixed call options (PixArt without resolution binning, FLUX's T5 length), less
     the negative prompt slot, which only applies with precomputed embeddings."""
-    from pipeline.generate.families import family_of
+    from pipeline.families import family_of
 
     return {k: v for k, v in family_of(pipe).call_options(pipe).items() if k != "negative_prompt"}
 
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    from pipeline.generate.families import family_of
+    from pipeline.families import family_of
     from pipeline.models import Runtime, dtype_name, optimize_pipeline, resolve_device, resolve_dtype
 
     steps, guidance, size = family_models.DEFAULTS[args.family]

@@ -205,7 +205,7 @@ def test_pixart_renders_at_the_asked_size_without_resolution_binning(tiny):
 
 
 def test_family_of_follows_the_class_and_its_parents():
-    from pipeline.generate.families import FLUX, OTHER, SDXL, family_of
+    from pipeline.families import FLUX, OTHER, SDXL, family_of
 
     xl = type("StableDiffusionXLPipeline", (), {})
     custom = type("MyXLPipeline", (xl,), {})

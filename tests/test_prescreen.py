@@ -177,3 +177,36 @@ def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch):
     table = run(two, 0, 2)
     assert not loaded and table is not None
     assert pd.read_parquet(two / "prescreen" / "prescreen.parquet").equals(got)
+
+
+def test_anisotropy_adds_one_pass_at_the_low_noise_timestep(demo_pipe):
+    """prescreen.score=anisotropy: Wen's norm from the same first-step passes, plus the alignment
+    at the schedule's third-last timestep on the same input, computed directly for one caption
+    and seed; the UNet sees twice Wen's images, (captions + 1) * seeds per timestep."""
+    import torch
+
+    from pipeline.prescreen import denoiser_scores, latent_shape, text_conditional_noise_norm
+    from pipeline.prescreen.scores import guidance_alignment
+
+    settings = PrescreenSettings(seeds=2, steps=25, batch_size=4, score="anisotropy", anisotropy_weight=2.0)
+    captions = ["zubrak melino", "tesh vorla", "quen dasso"]
+    images_seen = []
+    hook = demo_pipe.unet.register_forward_hook(lambda module, args, output: images_seen.append(len(args[0])))
+    try:
+        per_seed = denoiser_scores(demo_pipe, captions, settings, progress=False)
+    finally:
+        hook.remove()
+    assert sum(images_seen) == unet_evaluations(len(captions), settings) == 2 * (3 + 1) * 2
+    np.testing.assert_array_equal(per_seed["wen"], text_conditional_noise_norm(demo_pipe, captions, settings, progress=False))
+    np.testing.assert_allclose(per_seed["anisotropy"], per_seed["wen"] + 2.0 * per_seed["alignment"], rtol=1e-12)
+
+    scheduler, unet = demo_pipe.scheduler, demo_pipe.unet
+    scheduler.set_timesteps(settings.steps)
+    first, low = scheduler.timesteps[0], scheduler.timesteps[-3]
+    x = torch.randn(latent_shape(demo_pipe, None, None), generator=torch.Generator().manual_seed(settings.base_seed + 1))
+    x = scheduler.scale_model_input(x[None] * scheduler.init_noise_sigma, first)
+    with torch.no_grad():
+        text, _ = demo_pipe.encode_prompt([captions[2]], "cpu", 1, False)
+        empty, _ = demo_pipe.encode_prompt([""], "cpu", 1, False)
+        eps = unet(torch.cat([x, x]), low, encoder_hidden_states=torch.cat([empty, text])).sample
+    assert per_seed["alignment"][2, 1] == pytest.approx(float(guidance_alignment(eps[1:], eps[:1])), rel=1e-4, abs=1e-6)

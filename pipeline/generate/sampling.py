@@ -13,7 +13,7 @@ Batches mix prompts freely: each caption is encoded by the text encoder(s) once 
 embedding does not depend on its batch either) and its embeddings are repeated for its
 samples, then one pipeline call denoises the whole batch and the batch is turned into uint8
 arrays in one operation. What a caption's embeddings are, and what else a call needs, is the
-model family's (:mod:`pipeline.generate.families`: Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX,
+model family's (:mod:`pipeline.families`: Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX,
 PixArt-Sigma; other pipelines get the captions as strings).
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.generate.families import Family, family_of
+from pipeline.families import Family, family_of
 
 # How a sample's seed follows from the run's base seed, the prompt id and the sample index.
 # Recorded with every prompt row; change the name if the rule ever changes.
@@ -91,7 +91,7 @@ def resolve_size(pipe, height: int | None, width: int | None) -> tuple[int, int]
 class PromptEncoder:
     """Text embeddings per caption, computed once each and kept until :meth:`forget`.
 
-    How a caption is encoded is its pipeline's family's (:func:`pipeline.generate.families.family_of`):
+    How a caption is encoded is its pipeline's family's (:func:`pipeline.families.family_of`):
     e.g. ``prompt_embeds`` (1, 77, 768) and ``negative_prompt_embeds`` for Stable Diffusion
     1.x; plus pooled embeddings for SDXL, SD3 and FLUX; T5 embeddings with their attention
     masks for PixArt. Negative embeddings are made only under classifier-free guidance

@@ -1,16 +1,25 @@
-"""First-step prescreen: rank prompts by how strongly the text steers the first denoising step.
+"""First-step prescreen: rank prompts by how strongly the text steers the denoiser at pure noise.
 
 Wen et al. (ICLR 2024, "Detecting, Explaining, and Mitigating Memorization in Diffusion
-Models") observe that a memorized prompt gives an unusually large text-conditional noise
-prediction, ``|| eps(x_T, c) - eps(x_T, "") ||``, already at the first sampling step. The
-score costs one UNet evaluation per prompt and seed (the unconditional one is shared by all
-prompts), against ``n_samples * steps * 2`` for brute-force sampling, so it decides which
-prompts are worth sampling at all.
+Models") observe that a memorized prompt gives an unusually large text-conditional
+prediction, ``|| f(x_T, c) - f(x_T, "") ||``, already at the first sampling step
+(``prescreen.score=wen``, the default). Asthana & Belagiannis (ICLR 2026) add the alignment of
+that guidance direction with the unconditional prediction at a low-noise timestep, on the same
+pure-noise input (``prescreen.score=anisotropy``); :mod:`pipeline.prescreen.scores` has both
+formulas. Every model family is scored (SD 1.x/2.x, SDXL, SD3, FLUX dev/schnell, PixArt-Sigma):
+:mod:`pipeline.prescreen.denoisers` prepares each one's first step as its pipeline does.
+
+Cost, in denoiser evaluations (one image each): Wen's score is one conditional evaluation per
+prompt and seed, plus one unconditional evaluation per seed shared by all prompts,
+``(prompts + 1) * seeds``; the anisotropy score needs the same again at its low-noise timestep,
+``2 * (prompts + 1) * seeds``, and writes both scores. Brute-force sampling costs
+``n_samples * steps * 2`` per prompt, so either decides cheaply which prompts are worth sampling.
 
     python -m pipeline.prescreen experiment=demo          # or: make prescreen
 
-Writes ``<run_dir>/prescreen/prescreen.parquet`` (every prompt, its score and whether it is
-kept), ``<run_dir>/prescreen/selected.parquet`` (the kept prompts, a prompt table of
+Writes ``<run_dir>/prescreen/prescreen.parquet`` (every prompt, its score (the chosen one),
+``score_wen``, ``score_anisotropy`` and ``alignment`` (NaN unless ``prescreen.score=anisotropy``),
+and whether it is kept), ``<run_dir>/prescreen/selected.parquet`` (the kept prompts, a prompt table of
 :mod:`pipeline.layout` with their ``keys`` when the prompt list has them, for
 ``python -m pipeline.generate prompts=<that file>``) and ``summary.json``.
 
@@ -26,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +46,8 @@ from tqdm import tqdm
 from pipeline.budget import prescreen_evaluations
 from pipeline.cli import CONF_DIR, ConfigError, config_int, config_number, stage_main
 from pipeline.executor import StepContext, Unit, all_done, read_marker, run_step, settings_digest
+from pipeline.prescreen.denoisers import Conditioning, denoiser_for
+from pipeline.prescreen.scores import SCORES, anisotropy_score, conditional_difference_norm, guidance_alignment, low_noise_timestep
 from pipeline.prompts import Prompt, shard_prompts
 from pipeline.text import display_text
 
@@ -45,7 +56,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PrescreenSettings:
-    """``seeds`` noise draws per prompt; ``steps`` sets the scheduler's first timestep (as sampling would)."""
+    """``seeds`` noise draws per prompt; ``steps`` sets the scheduler's timesteps (as sampling would).
+
+    ``score``: what ranks and keeps prompts, ``"wen"`` or ``"anisotropy"`` (which also computes
+    Wen's, at twice the cost); ``anisotropy_weight``: the alignment's weight in the anisotropy
+    score; ``guidance_scale``: FLUX-dev's guidance embedding (None: FluxPipeline's default 3.5;
+    the other families' first step does not depend on it).
+    """
 
     seeds: int = 4
     steps: int = 50
@@ -60,72 +77,105 @@ class PrescreenSettings:
     min_robust_z: float | None = None
     height: int | None = None
     width: int | None = None
+    score: str = "wen"
+    anisotropy_weight: float = 2.0
+    guidance_scale: float | None = None
 
 
 def latent_shape(pipe, height: int | None, width: int | None) -> tuple[int, int, int]:
-    """(channels, h, w) of the pipeline's initial latents at the requested image size."""
+    """(channels, h, w) of a UNet pipeline's initial latents at the requested image size (for any
+    family: :meth:`pipeline.prescreen.denoisers.Denoiser.latent_shape`)."""
     scale = pipe.vae_scale_factor
     default = pipe.unet.config.sample_size * scale
     height, width = height or default, width or default
     return pipe.unet.config.in_channels, height // scale, width // scale
 
 
+def _repeat(conditioning: Conditioning, n: int) -> Conditioning:
+    """One caption's conditioning (batch 1) for ``n`` images."""
+    return {name: t.expand(n, *t.shape[1:]) for name, t in conditioning.items()}
+
+
+def _stack(rows: list[Conditioning]) -> Conditioning:
+    """Per-image conditionings (batch 1 each) as one batch."""
+    return {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
+
+
 @torch.no_grad()
-def text_conditional_noise_norm(pipe, captions: list[str], settings: PrescreenSettings, progress: bool = True) -> np.ndarray:
-    """The Wen et al. score for each caption and seed.
+def denoiser_scores(pipe, captions: list[str], settings: PrescreenSettings, progress: bool = True) -> dict[str, np.ndarray]:
+    """The prescreen's scores for each caption and seed (:mod:`pipeline.prescreen.scores`).
 
     For seed ``s``, x_T is the pipeline's initial noise drawn from ``torch.Generator().manual_seed(base_seed + s)``
-    (the same for every caption, so scores differ only through the text), scaled as the
-    scheduler does at its first timestep.
+    (the same for every caption, so scores differ only through the text), prepared as the
+    pipeline prepares its first step (:func:`pipeline.prescreen.denoisers.denoiser_for`). The
+    unconditional prediction at x_T is one evaluation per seed and timestep, shared by all
+    captions; each caption is encoded once, alone.
 
     Returns:
-        float64 array (len(captions), seeds): the L2 norm over the whole latent of
-        ``eps(x_T, caption) - eps(x_T, "")``.
+        float64 arrays (len(captions), seeds): ``"wen"``, the L2 norm of the text-conditional
+        difference at the first timestep, always; with ``settings.score == "anisotropy"`` also
+        ``"alignment"`` (in [-1, 1], at the low-noise timestep) and ``"anisotropy"``.
     """
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    pipe.scheduler.set_timesteps(settings.steps, device=device)
-    timestep = pipe.scheduler.timesteps[0]
-    shape = latent_shape(pipe, settings.height, settings.width)
-    noise = torch.stack(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(settings.base_seed + s)) for s in range(settings.seeds)]
-    )
-    noise = pipe.scheduler.scale_model_input(noise.to(device, dtype) * pipe.scheduler.init_noise_sigma, timestep)
+    if settings.score not in SCORES:
+        raise ValueError(f"prescreen.score: must be one of {', '.join(SCORES)}; got {settings.score!r}")
+    denoiser = denoiser_for(pipe, settings.height, settings.width, settings.steps, settings.guidance_scale)
+    # What each timestep's pair of predictions gives: Wen's norm at the first (noisiest)
+    # timestep; the anisotropy's alignment at its low-noise one, on the same input.
+    passes = {"wen": (denoiser.timesteps[0], conditional_difference_norm)}
+    if settings.score == "anisotropy":
+        passes["alignment"] = (low_noise_timestep(denoiser.timesteps), guidance_alignment)
+    noise = denoiser.initial_noise([settings.base_seed + s for s in range(settings.seeds)])
 
-    empty, _ = pipe.encode_prompt([""], device, 1, False)
-    # Every caption sees the same x_T for a seed, so eps(x_T, "") is one evaluation per seed,
-    # shared by all captions: the prescreen costs (captions + 1) * seeds evaluations, not twice that.
-    uncond_eps = []
-    for chunk in noise.split(settings.batch_size) if captions else []:
-        uncond_eps.append(pipe.unet(chunk, timestep, encoder_hidden_states=empty.expand(len(chunk), -1, -1)).sample.float())
-    uncond_eps = torch.cat(uncond_eps) if uncond_eps else None
+    # Every caption sees the same x_T for a seed, so f(x_T, "") is one evaluation per seed (and
+    # timestep), shared by all captions: (captions + 1) * seeds evaluations a timestep, not twice that.
+    uncond_out: dict[str, torch.Tensor] = {}
+    if captions:
+        empty = denoiser.unconditional()
+        for name, (t, _) in passes.items():
+            uncond_out[name] = torch.cat(
+                [denoiser.predict(chunk, t, _repeat(empty, len(chunk))) for chunk in noise.split(settings.batch_size)]
+            )
     pairs = [(c, s) for c in range(len(captions)) for s in range(settings.seeds)]
-    scores = np.zeros((len(captions), settings.seeds))
+    per_seed = {name: np.zeros((len(captions), settings.seeds)) for name in passes}
     bar = tqdm(total=len(pairs), desc="prescreen", unit="pair", disable=not progress)
-    embeds_cache: dict[int, torch.Tensor] = {}
+    cache: dict[int, Conditioning] = {}
     for start in range(0, len(pairs), settings.batch_size):
         batch = pairs[start : start + settings.batch_size]
-        needed = sorted({c for c, _ in batch} - embeds_cache.keys())
-        if needed:  # each caption is encoded once, however many seeds it has
-            embeds, _ = pipe.encode_prompt([captions[c] for c in needed], device, 1, False)
-            embeds_cache.update(zip(needed, embeds))
-        cond = torch.stack([embeds_cache[c] for c, _ in batch])
+        for c in sorted({c for c, _ in batch} - cache.keys()):  # each caption is encoded once, however many seeds it has
+            cache[c] = denoiser.condition(captions[c])
+        cond = _stack([cache[c] for c, _ in batch])
         seeds = [s for _, s in batch]
-        cond_eps = pipe.unet(noise[seeds], timestep, encoder_hidden_states=cond).sample.float()
-        norms = (cond_eps - uncond_eps[seeds]).flatten(1).norm(dim=1).cpu().numpy()
-        for (c, s), value in zip(batch, norms):
-            scores[c, s] = value
-        # Seeds of a caption come together: drop embeddings no later pair needs.
+        for name, (t, measure) in passes.items():
+            values = measure(denoiser.predict(noise[seeds], t, cond), uncond_out[name][seeds]).cpu().numpy()
+            for (c, s), value in zip(batch, values):
+                per_seed[name][c, s] = value
+        # Seeds of a caption come together: drop conditionings no later pair needs.
         last = batch[-1][0]
-        for c in [c for c in embeds_cache if c < last]:
-            del embeds_cache[c]
+        for c in [c for c in cache if c < last]:
+            del cache[c]
         bar.update(len(batch))
     bar.close()
-    return scores
+    if "alignment" in per_seed:
+        per_seed["anisotropy"] = anisotropy_score(per_seed["wen"], per_seed["alignment"], settings.anisotropy_weight)
+    return per_seed
+
+
+def text_conditional_noise_norm(pipe, captions: list[str], settings: PrescreenSettings, progress: bool = True) -> np.ndarray:
+    """Wen et al.'s score alone for each caption and seed: float64 (len(captions), seeds), the L2
+    norm over the whole latent of ``f(x_T, t_1, caption) - f(x_T, t_1, "")`` (:func:`denoiser_scores`)."""
+    return denoiser_scores(pipe, captions, replace(settings, score="wen"), progress)["wen"]
+
+
+def evaluation_passes(settings: PrescreenSettings) -> int:
+    """Timesteps the denoiser is evaluated at: 1 for Wen's score, 2 for the anisotropy score."""
+    return 2 if settings.score == "anisotropy" else 1
 
 
 def unet_evaluations(n_prompts: int, settings: PrescreenSettings) -> int:
-    """UNet evaluations (one image each) the prescreen spends: :func:`pipeline.budget.prescreen_evaluations`."""
-    return prescreen_evaluations(n_prompts, settings.seeds)
+    """Denoiser evaluations (one image each; UNet or transformer) the prescreen spends:
+    :func:`pipeline.budget.prescreen_evaluations` per timestep, ``(prompts + 1) * seeds``, times
+    :func:`evaluation_passes` (2 for the anisotropy score)."""
+    return prescreen_evaluations(n_prompts, settings.seeds) * evaluation_passes(settings)
 
 
 def robust_z(scores: np.ndarray) -> np.ndarray:
@@ -174,10 +224,16 @@ def choose_kept(scores: np.ndarray, settings: PrescreenSettings) -> np.ndarray:
 
 
 def score_prompts(pipe, prompts: list[Prompt], settings: PrescreenSettings, progress: bool = True) -> pd.DataFrame:
-    """The raw scores of ``prompts``, in their order: prompt_id, caption, dup_count, score
-    (mean over seeds), score_std. What one rank computes and :func:`rank_scores` ranks."""
-    per_seed = text_conditional_noise_norm(pipe, [p.caption for p in prompts], settings, progress)
-    return score_table(prompts, per_seed.mean(axis=1), per_seed.std(axis=1))
+    """The raw scores of ``prompts``, in their order: prompt_id, caption, dup_count, score (the
+    ``settings.score`` one, mean over seeds), score_std (its standard deviation over seeds),
+    score_wen, score_anisotropy and alignment (means over seeds; the last two NaN unless
+    ``score=anisotropy``). What one rank computes and :func:`rank_scores` ranks."""
+    per_seed = denoiser_scores(pipe, [p.caption for p in prompts], settings, progress)
+    chosen = per_seed[settings.score]
+    columns = {"score": chosen.mean(axis=1), "score_std": chosen.std(axis=1), "score_wen": per_seed["wen"].mean(axis=1)}
+    if "anisotropy" in per_seed:
+        columns.update(score_anisotropy=per_seed["anisotropy"].mean(axis=1), alignment=per_seed["alignment"].mean(axis=1))
+    return score_table(prompts, columns)
 
 
 def rank_scores(table: pd.DataFrame, settings: PrescreenSettings) -> pd.DataFrame:
@@ -195,7 +251,8 @@ def rank_scores(table: pd.DataFrame, settings: PrescreenSettings) -> pd.DataFram
 def prescreen(pipe, prompts: list[Prompt], settings: PrescreenSettings, progress: bool = True) -> pd.DataFrame:
     """Score and rank ``prompts``; one row per prompt, highest score first.
 
-    Columns: prompt_id, caption, dup_count, score (mean over seeds), score_std, robust_z
+    Columns: prompt_id, caption, dup_count, score (``settings.score``'s, mean over seeds),
+    score_std, score_wen, score_anisotropy, alignment (:func:`score_prompts`), robust_z
     (:func:`robust_z` of the score), rank (0 = highest), kept.
     """
     return rank_scores(score_prompts(pipe, prompts, settings, progress), settings)
@@ -232,6 +289,25 @@ def heavy_prompt_aucs(scores: np.ndarray, dup_counts: np.ndarray, heavy_dup_coun
     return out
 
 
+def score_aucs(table: pd.DataFrame, heavy_dup_count: int) -> dict[str, float]:
+    """ROC AUCs (:func:`heavy_prompt_aucs`) of the ranked score and of each score the table holds.
+
+    Keys ``roc_auc_heavy_vs_singletons`` / ``roc_auc_heavy_vs_rest`` for the ``score`` column
+    (the chosen one), ``roc_auc_<wen|anisotropy>_<side>`` for ``score_wen`` / ``score_anisotropy``;
+    only the finite ones (none where ``dup_count`` is unknown or a score was not computed).
+    """
+    dup_counts = table.dup_count.to_numpy(dtype=float, na_value=np.nan)
+    columns = {"": "score", **{f"{name}_": f"score_{name}" for name in SCORES}}
+    out = {}
+    for prefix, column in columns.items():
+        scores = table[column].to_numpy(dtype=float)
+        if np.isnan(scores).any():
+            continue
+        aucs = heavy_prompt_aucs(scores, dup_counts, heavy_dup_count)
+        out.update({f"roc_auc_{prefix}{side}": value for side, value in aucs.items() if not np.isnan(value)})
+    return out
+
+
 def settings_from_config(cfg) -> PrescreenSettings:
     """:class:`PrescreenSettings` from the ``prescreen`` section; a wrong value raises a ConfigError naming its key."""
     fields = PrescreenSettings.__dataclass_fields__
@@ -249,7 +325,18 @@ def settings_from_config(cfg) -> PrescreenSettings:
         min_robust_z=config_number(cfg, "prescreen.min_robust_z", optional=True),
         height=config_int(cfg, "prescreen.height", minimum=1, optional=True),
         width=config_int(cfg, "prescreen.width", minimum=1, optional=True),
+        score=config_score(cfg),
+        anisotropy_weight=config_number(cfg, "prescreen.anisotropy_weight"),
+        guidance_scale=config_number(cfg, "prescreen.guidance_scale", optional=True),
     )
+
+
+def config_score(cfg) -> str:
+    """``prescreen.score``, one of :data:`pipeline.prescreen.scores.SCORES`."""
+    value = cfg.prescreen.score
+    if value not in SCORES:
+        raise ConfigError(f"prescreen.score: must be one of {', '.join(SCORES)}; got {value!r}")
+    return str(value)
 
 
 def load_prescreen_model(cfg):
@@ -266,7 +353,7 @@ def load_prescreen_model(cfg):
 
 # The settings that decide a prompt's score (not which prompts are kept: changing those redoes
 # only the finish).
-SCORE_SETTINGS = ("seeds", "steps", "batch_size", "base_seed", "height", "width")
+SCORE_SETTINGS = ("seeds", "steps", "batch_size", "base_seed", "height", "width", "score", "anisotropy_weight", "guidance_scale")
 
 
 def prompts_digest(prompts: list[Prompt]) -> str:
@@ -280,8 +367,9 @@ class ScorePrompts:
     list (:func:`pipeline.prompts.shard_prompts`), and writes their raw scores to
     ``<out_dir>/scores/scores_<r>.parquet`` (:func:`score_prompts`' columns). Its settings:
     the model config, the device and dtype, the scoring settings and a digest of the prompt ids
-    and captions it scores; its marker also records how many UNet evaluations and seconds the
-    scoring took (summed into ``summary.json``)."""
+    and captions it scores; its marker also records how many denoiser evaluations (the key
+    ``unet_evaluations``, which the budget reads, whatever the denoiser) and seconds the scoring
+    took (summed into ``summary.json``)."""
 
     name = "prescreen"
 
@@ -325,17 +413,24 @@ class ScorePrompts:
             ctx.done(unit, {"prompts": len(share), "unet_evaluations": evaluations, "seconds": round(seconds, 2)})
 
 
-def score_table(prompts: list[Prompt], score=None, score_std=None) -> pd.DataFrame:
-    """:func:`score_prompts`' table for ``prompts`` with the given scores (zeros where None)."""
-    return pd.DataFrame(
+# The per-prompt numbers of a score table, after prompt_id, caption and dup_count.
+SCORE_COLUMNS = ("score", "score_std", "score_wen", "score_anisotropy", "alignment")
+
+
+def score_table(prompts: list[Prompt], columns: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """:func:`score_prompts`' table for ``prompts``: the :data:`SCORE_COLUMNS` from ``columns``
+    (one float per prompt each; NaN for a column not given)."""
+    columns = columns or {}
+    table = pd.DataFrame(
         {
             "prompt_id": pd.Series([p.prompt_id for p in prompts], dtype=str),
             "caption": pd.Series([p.caption for p in prompts], dtype=str),
             "dup_count": pd.array([p.dup_count for p in prompts], dtype="Int64"),
-            "score": np.zeros(len(prompts)) if score is None else np.asarray(score, dtype=np.float64),
-            "score_std": np.zeros(len(prompts)) if score_std is None else np.asarray(score_std, dtype=np.float64),
         }
     )
+    for name in SCORE_COLUMNS:
+        table[name] = np.asarray(columns[name], dtype=np.float64) if name in columns else np.full(len(prompts), np.nan)
+    return table
 
 
 def scores_path(out_dir: str | Path, rank: int) -> Path:
@@ -345,7 +440,7 @@ def scores_path(out_dir: str | Path, rank: int) -> Path:
 def merged_scores(out_dir: Path, prompts: list[Prompt], world_size: int) -> pd.DataFrame:
     """Every rank's raw scores as one table in the prompt list's order (as one process scores
     them), checked to hold each prompt exactly once."""
-    frames = [pd.read_parquet(scores_path(out_dir, rank), columns=["prompt_id", "score", "score_std"]) for rank in range(world_size)]
+    frames = [pd.read_parquet(scores_path(out_dir, rank), columns=["prompt_id", *SCORE_COLUMNS]) for rank in range(world_size)]
     scores = pd.concat(frames, ignore_index=True)
     scores["prompt_id"] = scores["prompt_id"].astype(str)
     ids = [p.prompt_id for p in prompts]
@@ -355,7 +450,7 @@ def merged_scores(out_dir: Path, prompts: list[Prompt], world_size: int) -> pd.D
             f"({len(scores)} rows): another run may be writing there; rerun to rescore"
         )
     by_id = scores.set_index("prompt_id")
-    return score_table(prompts, by_id.loc[ids, "score"].to_numpy(), by_id.loc[ids, "score_std"].to_numpy())
+    return score_table(prompts, {name: by_id.loc[ids, name].to_numpy() for name in SCORE_COLUMNS})
 
 
 def finish(cfg, step: ScorePrompts, out_dir: Path, world_size: int, heavy_dup_count: int) -> pd.DataFrame:
@@ -379,6 +474,7 @@ def finish(cfg, step: ScorePrompts, out_dir: Path, world_size: int, heavy_dup_co
     summary = {
         "prompts": len(table),
         "kept": int(table.kept.sum()),
+        "score": settings.score,
         "unet_evaluations": int(sum(m.get("unet_evaluations", 0) for m in markers)),
         "seconds": round(sum(m.get("seconds", 0.0) for m in markers), 2),
         "model": cfg.model.path,
@@ -386,20 +482,21 @@ def finish(cfg, step: ScorePrompts, out_dir: Path, world_size: int, heavy_dup_co
     }
     if world_size > 1:
         summary["world_size"] = world_size
-    aucs = heavy_prompt_aucs(table.score.to_numpy(), table.dup_count.to_numpy(dtype=float, na_value=np.nan), heavy_dup_count)
-    summary.update({f"roc_auc_{name}": value for name, value in aucs.items() if not np.isnan(value)})
+    summary.update(score_aucs(table, heavy_dup_count))
     write_json(summary, out_dir / "summary.json")
-    shown = table.head(15)[["rank", "prompt_id", "dup_count", "score", "robust_z", "kept", "caption"]].copy()
+    scores_shown = ["score_wen", "score_anisotropy", "alignment"] if settings.score == "anisotropy" else ["score"]
+    shown = table.head(15)[["rank", "prompt_id", "dup_count", *scores_shown, "robust_z", "kept", "caption"]].copy()
     shown["prompt_id"] = shown["prompt_id"].map(lambda v: display_text(v, 20))  # untrusted: bounded, no controls
     shown["caption"] = shown["caption"].map(lambda v: display_text(v, 60))
     print(shown.to_string(index=False))
-    print(
-        f"prescreen: {summary['kept']} of {summary['prompts']} prompts kept, "
-        f"{summary['unet_evaluations']} UNet evaluations in {summary['seconds']:.1f} s"
-        + (f", ROC AUC of dup_count >= {heavy_dup_count} vs singletons {summary['roc_auc_heavy_vs_singletons']:.3f}"
-           if "roc_auc_heavy_vs_singletons" in summary else "")
-        + (f" (vs every other prompt {summary['roc_auc_heavy_vs_rest']:.3f})" if "roc_auc_heavy_vs_rest" in summary else "")
-    )  # fmt: skip
+    print(f"prescreen: {summary['kept']} of {summary['prompts']} prompts kept by the {settings.score} score, "
+          f"{summary['unet_evaluations']} denoiser evaluations in {summary['seconds']:.1f} s")  # fmt: skip
+    for name in SCORES:
+        aucs = {side: summary.get(f"roc_auc_{name}_{side}") for side in ("heavy_vs_singletons", "heavy_vs_rest")}
+        if any(value is not None for value in aucs.values()):
+            print(f"prescreen: ROC AUC of the {name} score for dup_count >= {heavy_dup_count}: "
+                  + ", ".join(f"{'vs singletons' if side == 'heavy_vs_singletons' else 'vs every other prompt'} {value:.3f}"
+                              for side, value in aucs.items() if value is not None))  # fmt: skip
     print(f"written {out_dir / 'prescreen.parquet'}; generate from {out_dir / 'selected.parquet'}")
     return table
 
@@ -425,7 +522,7 @@ def run(cfg) -> pd.DataFrame | None:
     rank, world_size = check_shard(cfg.rank, cfg.world_size)
     out_dir = Path(cfg.run_dir) / "prescreen"
     prompts_path = cfg.prompts or str(Path(cfg.run_dir) / "dedup" / "selected.parquet")
-    step = ScorePrompts(cfg, read_prompts(prompts_path), settings)
+    step = ScorePrompts(cfg, read_prompts(prompts_path), settings, progress=bool(cfg.progress))
     run_step(step, out_dir, rank=rank, world_size=world_size)
     every_unit = [unit for r in range(world_size) for unit in step.units(r, world_size)]
     if not all_done(out_dir, every_unit):
