@@ -18,12 +18,36 @@ planted near-duplicate groups (Zipf-distributed sizes, 2 to 1000; members have c
   same subset, and extrapolated (quadratically) to N.
 
 Target: N = 1M, dim 512 grouped in under 5 minutes on a 2-core machine, pair recall >= 0.99.
+
+Scale mode (``--sizes``): the whole stage as ``python -m pipeline.dedup`` runs it, on planted
+embeddings written as clip-retrieval shards, in one process (world size 1) and as an array
+(each phase's tasks one process each, run one after another as SLURM would run them on
+separate nodes)::
+
+    nice -n 10 python benchmarks/dedup_bench.py --sizes 250000,1000000 --world-sizes 1,8
+    python benchmarks/dedup_bench.py --sizes 2000000 --world-sizes 1,4   # issue 17's memory check
+
+For each size and world size: wall time (here, tasks one after another; and as an array of
+separate machines: the slowest task of each phase, summed), CPU time, the peak memory
+(``VmHWM``) of the largest task per phase; pair recall against exact search on ``--queries``
+sampled rows (faiss IndexFlatIP over all rows: the share of the exact pairs whose two rows
+ended up in one group), the share of the one-process pairs the array found, and the pair
+recall against the planted groups. Then the growth exponent of time in N (least squares in
+log-log) and the extrapolation to 2.3B x 768 on a 256-task array (time, memory per task, disk).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -140,6 +164,250 @@ def run_stage(vectors: np.ndarray, args) -> float:
     return seconds
 
 
+# ----------------------------------------------------------------------------------------
+# Scale mode: the stage's phases as processes, on shards written to disk
+
+
+def write_planted_shards(folder: Path, n: int, dim: int, seed: int = 0, shards: int = 8, dup_share: float = 0.1,
+                         topics: int = 2000, max_group: int = 1000) -> np.ndarray:
+    """Planted embeddings as clip-retrieval shards (float16) under ``folder``, generated a
+    chunk at a time (never all N rows in memory); keys are the row numbers ("000000042").
+    The same recipe as :func:`planted_embeddings`. Returns the labels, int64 (n,)."""
+    import pandas as pd
+
+    from pipeline.dedup.embeddings_store import write_shard
+
+    rng = np.random.default_rng(seed)
+    sizes: list[int] = []
+    target = int(dup_share * n)
+    while sum(sizes) < target:
+        sizes.append(int(min(max_group, rng.zipf(1.8) + 1)))
+    if sizes:
+        sizes[-1] -= sum(sizes) - target
+    group_sizes = np.array([s for s in sizes if s >= 2], dtype=np.int64)
+    n_groups = len(group_sizes)
+    label = np.concatenate([np.repeat(np.arange(n_groups), group_sizes), np.arange(n_groups, n - int(group_sizes.sum()) + n_groups)])
+    label = label[rng.permutation(n)]
+    centres = _unit(rng.standard_normal((topics, dim), dtype=np.float32))
+    noise_scale = np.float32(0.87 / np.sqrt(dim))
+    bases = _unit(0.5 * centres[rng.integers(0, topics, n_groups)] + rng.standard_normal((n_groups, dim), dtype=np.float32) * noise_scale)
+    sigma = rng.uniform(0.1, 0.25, n_groups).astype(np.float32)
+    bounds = np.linspace(0, n, shards + 1).astype(np.int64)
+    for shard in range(shards):
+        lo, hi = bounds[shard], bounds[shard + 1]
+        rows = np.empty((hi - lo, dim), dtype=np.float16)
+        for c0 in range(lo, hi, 100_000):
+            c1 = min(c0 + 100_000, hi)
+            lab = label[c0:c1]
+            grouped = lab < n_groups
+            x = 0.5 * centres[rng.integers(0, topics, c1 - c0)] + rng.standard_normal((c1 - c0, dim), dtype=np.float32) * noise_scale
+            x = _unit(x)  # a singleton: its own base
+            g = lab[grouped]
+            x[grouped] = bases[g] + rng.standard_normal((len(g), dim), dtype=np.float32) * (sigma[g, None] / np.sqrt(dim))
+            rows[c0 - lo : c1 - lo] = _unit(x)
+        keys = [f"{i:09d}" for i in range(lo, hi)]
+        write_shard(folder, shard, rows, pd.DataFrame({"key": keys, "caption": [f"photo {int(v)}" for v in label[lo:hi]]}))
+    return label
+
+
+def run_task(args: dict) -> dict:
+    """One process of the stage (``--task``): ``run_dedup`` with ``args``; prints its memory."""
+    from pipeline.dedup import DedupSettings, run_dedup
+    from pipeline.dedup.index import IndexSettings
+
+    settings = DedupSettings(threshold=args["threshold"], k=args["k"], top_k=100,
+                             index=IndexSettings(kind="ivf", nprobe=args["nprobe"], seed=0, threads=args.get("threads")))
+    t = time.perf_counter()
+    run_dedup(args["out"], settings, embeddings_dir=args["embeddings"], phase=args["phase"], rank=args["rank"],
+              world_size=args["world_size"], progress=False)
+    memory = json.loads((Path(args["out"]) / "memory" / f"{args['phase']}_{args['rank']}.json").read_text())
+    return {"seconds": time.perf_counter() - t, "peak_rss_mib": memory["peak_rss_mib"]}
+
+
+def launch(task: dict) -> dict:
+    """Run one task in a fresh process; its wall, CPU (user + system) seconds and peak memory."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, __file__, "--task", json.dumps(task)], capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"task {task['phase']} {task['rank']}/{task['world_size']} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {**result, "wall": wall, "cpu": cpu}
+
+
+def run_array(embeddings: Path, out: Path, world_size: int, args) -> dict:
+    """The stage as ``world_size`` tasks per phase (phase=all for 1), one process each."""
+    base = {"embeddings": str(embeddings), "out": str(out), "threshold": args.threshold, "k": args.k,
+            "nprobe": args.nprobe, "world_size": world_size, "threads": args.threads}  # fmt: skip
+    phases = ["all"] if world_size == 1 else ["index", "search", "group"]
+    result = {"world_size": world_size, "phases": {}}
+    for phase in phases:
+        ranks = [0] if phase == "group" else range(world_size)  # group's other ranks have nothing to do
+        tasks = [launch({**base, "phase": phase, "rank": r}) for r in ranks]
+        result["phases"][phase] = {
+            "wall_sum": sum(t["wall"] for t in tasks), "wall_max": max(t["wall"] for t in tasks),
+            "cpu": sum(t["cpu"] for t in tasks), "peak_rss_mib": max(t["peak_rss_mib"] for t in tasks),
+        }  # fmt: skip
+    if world_size > 1:  # a task with nothing to do: the interpreter and imports, for the group's bytes per row
+        result["baseline_mib"] = launch({**base, "phase": "group", "rank": 1})["peak_rss_mib"]
+    phases_done = result["phases"].values()
+    result["wall"] = sum(p["wall_sum"] for p in phases_done)
+    result["array_wall"] = sum(p["wall_max"] for p in phases_done)
+    result["cpu"] = sum(p["cpu"] for p in phases_done)
+    result["peak_rss_mib"] = max(p["peak_rss_mib"] for p in phases_done)
+    result["disk_gib"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**30
+    return result
+
+
+def pair_set(out: Path, world_size: int, n: int, k: int) -> set[tuple[int, int]]:
+    from pipeline.dedup.buckets import read_pairs
+
+    pairs = read_pairs([out / "pairs" / f"pairs_{r}.npy" for r in range(world_size)], 0, n, k)
+    return pairs.undirected()
+
+
+def group_labels_of(out: Path, n: int) -> np.ndarray:
+    import pandas as pd
+
+    groups = pd.read_parquet(out / "groups.parquet", columns=["key", "group_id"])
+    labels = np.empty(n, dtype=np.int64)
+    labels[groups["key"].astype(np.int64).to_numpy()] = groups["group_id"].to_numpy()
+    return labels
+
+
+def exact_recall(embeddings: Path, labels: np.ndarray, threshold: float, queries: int, seed: int = 0) -> tuple[float, int]:
+    """Of the exact pairs of ``queries`` sampled rows (IndexFlatIP over all rows, no k cap),
+    the share whose rows share a group: ``(recall, exact pairs)``."""
+    import faiss
+
+    from pipeline.dedup.embeddings_store import EmbeddingRows, unit_rows
+
+    rows = EmbeddingRows(embeddings)
+    sample = np.sort(np.random.default_rng(seed).choice(rows.n, min(queries, rows.n), replace=False))
+    q = unit_rows(rows.take(sample))
+    radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+    hits = total = 0
+    for lo in range(0, rows.n, 1 << 18):
+        index = faiss.IndexFlatIP(rows.dim)
+        index.add(unit_rows(rows.read(lo, lo + (1 << 18))))
+        lims, _, ids = index.range_search(q, radius)
+        i = np.repeat(sample, np.diff(lims.astype(np.int64)))
+        j = ids.astype(np.int64) + lo
+        keep = i != j
+        hits += int((labels[i[keep]] == labels[j[keep]]).sum())
+        total += int(keep.sum())
+    return (hits / total if total else 1.0), total
+
+
+def fit_exponent(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
+    """``(b, a)`` of ``seconds = a * N^b``, least squares in log-log."""
+    b, log_a = np.polyfit(np.log(sizes), np.log(seconds), 1)
+    return float(b), float(np.exp(log_a))
+
+
+def extrapolate(results: list[dict], args, n_target: float = 2.3e9, dim_target: int = 768, tasks: int = 256) -> dict:
+    """2.3B x 768 on a 256-task array, from the largest array run measured and the fitted exponent.
+
+    Time: the array's CPU time scaled by (N ratio)^b x (dim ratio), spread over the tasks
+    (each as fast as this machine's 2 cores), plus the k-means every index task repeats (with
+    the default nlist = sqrt(nprobe N) and train_size = 32 nlist its cost, 32 nlist x nlist x
+    dim x niter, grows as N x dim: scaled linearly from the measured training). Memory per task, by the arithmetic the test checks: index N/T rows of
+    float16 plus the k-means sample (32 x nlist rows of float32); search N x nprobe / T rows of
+    float16; group 8 bytes x 4 per row plus the records' keys and captions (measured bytes
+    per record). Disk: the embeddings, nprobe copies in the buckets, the pairs.
+    """
+    arrays = [r for r in results if r["world_size"] > 1]
+    singles = [r for r in results if r["world_size"] == 1]
+    ref = max(arrays or singles, key=lambda r: r["n"])
+    sizes = sorted({r["n"] for r in (arrays or singles)})
+    b = fit_exponent(sizes, [min(r["cpu"] for r in (arrays or singles) if r["n"] == n) for n in sizes])[0] if len(sizes) > 1 else 1.5
+    scale = (n_target / ref["n"]) ** b * dim_target / args.dim
+    train = ref["train_seconds"] * (n_target / ref["n"]) * dim_target / args.dim
+    cpu = ref["cpu"] * scale
+    nlist = np.sqrt(args.nprobe * n_target)
+    index_gib = (n_target / tasks * dim_target * 2 + 32 * nlist * dim_target * 4) / 2**30
+    search_gib = n_target * args.nprobe / tasks * dim_target * 2 / 2**30
+    group_bytes_per_row = ref.get("group_bytes_per_row", 300.0)
+    group_gib = n_target * group_bytes_per_row / 2**30
+    pairs_per_row = ref.get("pairs_per_row", 1.0)
+    disk_tib = n_target * dim_target * 2 * (1 + args.nprobe) / 2**40 + n_target * pairs_per_row * 20 / 2**40
+    return {"exponent": b, "cpu_hours": cpu / 3600, "task_hours": (cpu / tasks / 2 + train) / 3600, "train_hours_per_task": train / 3600,
+            "index_gib": index_gib, "search_gib": search_gib, "group_gib": group_gib, "disk_tib": disk_tib,
+            "from": f"N={ref['n']}, world size {ref['world_size']}"}  # fmt: skip
+
+
+def scale_mode(args) -> dict:
+    from pipeline.dedup.grouping import pair_scores
+
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    world_sizes = [int(w) for w in args.world_sizes.split(",")]
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="dedup_scale_"))
+    print(f"dedup scale benchmark: sizes {sizes}, world sizes {world_sizes}, dim {args.dim}, nprobe {args.nprobe}, "
+          f"k {args.k}, threshold {args.threshold}; {os.cpu_count()} CPUs; scratch {scratch}")  # fmt: skip
+    results = []
+    for n in sizes:
+        t = time.perf_counter()
+        embeddings = scratch / f"emb_{n}"
+        truth = write_planted_shards(embeddings, n, args.dim, seed=args.seed, shards=8, topics=max(10, min(2000, n // 500)))
+        sizes_planted = np.bincount(truth)
+        print(f"N={n}: {int((sizes_planted >= 2).sum())} planted groups holding {int(sizes_planted[sizes_planted >= 2].sum())} rows; "
+              f"written in {time.perf_counter() - t:.1f} s")  # fmt: skip
+        pair_sets = {}
+        for world_size in world_sizes:
+            out = scratch / f"run_{n}_{world_size}"
+            shutil.rmtree(out, ignore_errors=True)
+            r = run_array(embeddings, out, world_size, args)
+            r["n"] = n
+            labels = group_labels_of(out, n)
+            r["recall"], exact_count = exact_recall(embeddings, labels, args.threshold, args.queries, args.seed)
+            r["planted_recall"] = pair_scores(labels, truth)["recall"]
+            pair_sets[world_size] = pair_set(out, world_size, n, args.k)
+            index_markers = [json.loads((out / ".done" / f"index_{q}.json").read_text()) for q in range(world_size)]
+            r["train_seconds"] = max(m.get("train_seconds", 0.0) for m in index_markers)
+            r["pairs_per_row"] = len(pair_sets[world_size]) / n
+            group_phase = r["phases"].get("group", r["phases"].get("all"))
+            if world_size > 1:
+                r["group_bytes_per_row"] = (group_phase["peak_rss_mib"] - r["baseline_mib"]) * 2**20 / n
+            same = len(pair_sets[world_size] & pair_sets[world_sizes[0]]) / max(1, len(pair_sets[world_sizes[0]]))
+            r["same_pairs"] = same
+            phases = "; ".join(f"{name} {p['wall_sum']:.1f} s wall, {p['cpu']:.1f} s CPU, largest task {p['peak_rss_mib']:.0f} MiB"
+                               for name, p in r["phases"].items())  # fmt: skip
+            print(f"  world size {world_size}: {phases}")
+            print(f"    total {r['wall']:.1f} s wall here (tasks one after another; {r['array_wall']:.1f} s as an array of separate "
+                  f"machines), {r['cpu']:.1f} s CPU; largest task {r['peak_rss_mib']:.0f} MiB; disk {r['disk_gib']:.2f} GiB")  # fmt: skip
+            print(f"    pair recall against exact search ({args.queries} sampled queries, {exact_count} exact pairs): {r['recall']:.4f}; "
+                  f"planted-pair recall {r['planted_recall']:.4f}; pairs equal to world size {world_sizes[0]}'s: {same:.4f}")  # fmt: skip
+            results.append(r)
+            if not args.keep:
+                shutil.rmtree(out / "index", ignore_errors=True)  # the buckets: nprobe copies of the set
+        if len(world_sizes) > 1:
+            single, *arrays = [r for r in results if r["n"] == n]
+            for r in arrays:
+                worst = max(p["peak_rss_mib"] for p in r["phases"].values())
+                print(f"  N={n}: every task of the {r['world_size']}-task array peaks at <= {worst / single['peak_rss_mib']:.2f} of "
+                      f"the single process's memory ({worst:.0f} / {single['peak_rss_mib']:.0f} MiB)")  # fmt: skip
+        if not args.keep:
+            shutil.rmtree(embeddings, ignore_errors=True)
+    for world_size in world_sizes:
+        rows = [r for r in results if r["world_size"] == world_size]
+        if len(rows) > 1:
+            b_wall, _ = fit_exponent([r["n"] for r in rows], [r["wall"] for r in rows])
+            b_cpu, _ = fit_exponent([r["n"] for r in rows], [r["cpu"] for r in rows])
+            print(f"growth exponent of time in N, world size {world_size}: wall {b_wall:.2f}, CPU {b_cpu:.2f}")
+    x = extrapolate(results, args)
+    print(f"extrapolated to 2.3B x 768 on a 256-task array (from {x['from']}, exponent {x['exponent']:.2f}): "
+          f"{x['cpu_hours']:.0f} CPU-hours on cores like these, {x['task_hours']:.1f} h per task with 2 such cores "
+          f"(of which k-means, repeated by every index task, {x['train_hours_per_task']:.1f} h); memory per task: index "
+          f"{x['index_gib']:.1f} GiB, search {x['search_gib']:.1f} GiB, group (one task) {x['group_gib']:.0f} GiB; "
+          f"disk {x['disk_tib']:.1f} TiB")  # fmt: skip
+    if not args.scratch and not args.keep:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"results": results, "extrapolation": x}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="embeddings (default 1M)")
@@ -154,7 +422,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stage", action="store_true",
                         help="also run the whole stage (python -m pipeline.dedup's core) on the vectors written to disk")
+    parser.add_argument("--sizes", default=None, help="scale mode: comma-separated N (e.g. 250000,1000000,4000000)")
+    parser.add_argument("--world-sizes", default="1,8", help="scale mode: world sizes (the first is the reference)")
+    parser.add_argument("--scratch", default=None, help="scale mode: folder for shards and runs (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true", help="scale mode: keep the shards and runs")
+    parser.add_argument("--task", default=None, help=argparse.SUPPRESS)  # one process of the scale mode
     args = parser.parse_args(argv)
+    if args.task:
+        print(json.dumps(run_task(json.loads(args.task))))
+        return {}
+    if args.sizes:
+        return scale_mode(args)
     queries, subset = min(args.queries, args.n), min(args.subset, args.n)
 
     t = time.perf_counter()

@@ -15,9 +15,10 @@ import pandas as pd
 import pytest
 
 from pipeline.dedup import DedupSettings, format_summary, run_dedup, shard_bounds
-from pipeline.dedup.embeddings_store import read_embeddings, read_metadata, write_shard
-from pipeline.dedup.grouping import connected_groups, evaluate_groups, group_table, pair_scores, select_top
-from pipeline.dedup.index import IndexSettings, cell_pairs, exact_pairs, find_pairs, train_cells
+from pipeline.dedup.buckets import join_buckets, read_pairs, write_buckets, write_pairs
+from pipeline.dedup.embeddings_store import read_embeddings, read_metadata, unit_rows, write_shard
+from pipeline.dedup.grouping import UnionFind, connected_groups, evaluate_groups, group_table, pair_scores, select_top
+from pipeline.dedup.index import IndexSettings, cell_pairs, exact_pairs, exact_pairs_blocked, find_pairs, train_cells
 from pipeline.demo.dataset import build_demo_dataset
 from pipeline.embedders.thumbnail import ThumbnailEmbedder
 
@@ -322,7 +323,7 @@ def test_ivf_index_through_the_stage(small_demo, small_run, tmp_path):
     summary = run_dedup(tmp_path / "dedup", settings, embeddings_dir=small_run[0] / "embeddings",
                         ground_truth=small_demo / "ground_truth.parquet", progress=False)  # fmt: skip
     assert summary["settings"]["index"]["resolved_kind"] == "ivf" and summary["settings"]["index"]["nlist"] == 6
-    assert (tmp_path / "dedup" / "index" / "assign.npy").exists()
+    assert (tmp_path / "dedup" / "index" / "assign_0.npy").exists() and (tmp_path / "dedup" / "index" / "centroids.npy").exists()
     assert summary["evaluation"]["recall"] >= 0.95 and summary["evaluation"]["precision"] >= 0.95
 
 
@@ -416,3 +417,54 @@ def test_full_demo_set_groups_and_selection(demo_set, tmp_path):
     assert [band_of[o] for o in chosen] == ["heavy"] * 6 + ["high"] * 6
     assert len(set(chosen)) == 12 and evaluation["top_k_match"] == 1.0
     assert all(row["purity"] >= 0.95 for row in evaluation["selection"])
+
+
+# ----------------------------------------------------------------------------------------
+# The array phases' pieces (issue 17): blocked exact search, bucket join, streamed components
+
+
+def test_blocked_exact_search_equals_one_block():
+    x, _ = clustered_vectors(900, 24, 40, seed=4)
+    for k in (None, 3):
+        whole = exact_pairs(x, 0.8, k=k, query_batch=128)
+        blocked = exact_pairs_blocked(lambda lo, hi: x[lo:hi], len(x), 0.8, k, 100, 700, query_batch=64, database_block=250)
+        expected = {(i, j) for i, j in zip(whole.i.tolist(), whole.j.tolist()) if 100 <= i < 700}
+        assert set(zip(blocked.i.tolist(), blocked.j.tolist())) == expected
+
+
+def test_bucket_join_finds_the_in_memory_pairs(tmp_path):
+    """Rows bucketed by 3 index tasks and joined by 3 search tasks, each query keeping its k
+    best over the tasks' files: exactly the pairs (and similarities) of the in-memory join."""
+    x, _ = clustered_vectors(3000, 32, 120, seed=5)
+    stored = x.astype(np.float16)
+    vectors = unit_rows(stored)  # what every phase reads
+    cells = train_cells(vectors, IndexSettings(kind="ivf", nlist=30, nprobe=3))
+    for k in (None, 4):
+        expected = cell_pairs(vectors, cells, 0.85, k=k, threads=2)
+        world_size = 3
+        for rank in range(world_size):
+            lo, hi = shard_bounds(len(x), rank, world_size)
+            write_buckets(tmp_path / "index", rank, world_size, stored[lo:hi], lo, cells.assign[lo:hi], cells.nlist)
+        files = []
+        for owner in range(world_size):
+            files.append(tmp_path / "pairs" / f"pairs_{owner}.npy")
+            write_pairs(files[-1], join_buckets(tmp_path / "index", owner, world_size, cells.nlist, 0.85, k, threads=2))
+        got = read_pairs(files, 0, len(x), k)
+        assert len(got) == len(expected) > 100
+        found = dict(zip(zip(got.i.tolist(), got.j.tolist()), got.similarity.tolist()))
+        assert found == dict(zip(zip(expected.i.tolist(), expected.j.tolist()), expected.similarity.tolist()))
+
+
+def test_union_find_over_edge_batches_gives_the_connected_components():
+    rng = np.random.default_rng(6)
+    n = 5000
+    i, j = rng.integers(0, n, 4000), rng.integers(0, n, 4000)
+    finder = UnionFind(n)
+    for lo in range(0, len(i), 700):  # edges a batch at a time, as the group phase streams them
+        finder.union(i[lo : lo + 700], j[lo : lo + 700])
+    labels = finder.labels()
+    reference = connected_groups(n, i, j)
+    assert len(set(zip(labels.tolist(), reference.tolist()))) == len(set(reference.tolist())) == len(set(labels.tolist()))
+    assert (labels <= np.arange(n)).all() and (labels[labels] == labels).all()  # roots: each component's smallest row
+    with pytest.raises(ValueError, match="outside"):
+        finder.union(np.array([0]), np.array([n]))

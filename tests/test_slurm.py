@@ -407,3 +407,15 @@ def test_detect_as_array(audits):
 def test_report_as_array(audits):
     """The report is written and shows every prompt the local run flagged."""
     audits.check("pipeline.report")
+
+
+def test_dedup_array_tasks_each_ran_their_rank(audits):
+    """The index and search phases ran as one SLURM task per rank, each a process of its own
+    that recorded its peak memory (``dedup/memory/<phase>_<rank>.json``, issue 17)."""
+    stage = audits.stages["pipeline.dedup"]
+    if stage.refilled:
+        pytest.fail("the dedup arrays failed or differed (see test_dedup_phase_by_phase_as_arrays); nothing to check", pytrace=False)
+    for phase in ("index", "search"):
+        records = [json.loads((audits.slurm / "dedup" / "memory" / f"{phase}_{r}.json").read_text()) for r in range(WORLD_SIZE)]
+        assert [(r["phase"], r["rank"], r["world_size"]) for r in records] == [(phase, r, WORLD_SIZE) for r in range(WORLD_SIZE)]
+        assert len({r["pid"] for r in records}) == WORLD_SIZE and all(r["peak_rss_mib"] > 0 for r in records)

@@ -3,6 +3,7 @@
 * :mod:`~pipeline.dedup.stage`: the stage: its phases (embed, index, search, group) as executor steps, and its CLI;
 * :mod:`~pipeline.dedup.embeddings_store`: embeddings on disk, per shard;
 * :mod:`~pipeline.dedup.index`: the faiss index and its near-duplicate pair search;
+* :mod:`~pipeline.dedup.buckets`: the array phases' IVF search: rows bucketed by cell on disk, each task joining its own cells;
 * :mod:`~pipeline.dedup.grouping`: pairs to duplicate groups, and the ranking of captions.
 """
 

@@ -107,38 +107,93 @@ def read_embeddings(root: str | Path, shards: list[int] | None = None) -> np.nda
 
     Rows are re-normalised in float32 (float16 storage leaves them ~1e-3 off unit length);
     a file whose rows are far from unit length (not normalised at all) is normalised too,
-    with a warning. Raises, naming the file, on a row-count or dimension mismatch.
+    with a warning. Raises, naming the file, on a row-count or dimension mismatch. Holds the
+    whole set: the array phases read only their share through :class:`EmbeddingRows`.
     """
-    root = Path(root)
-    shards = list_shards(root) if shards is None else shards
-    if not shards:
-        raise FileNotFoundError(f"embeddings_dir: no img_emb/img_emb_<n>.npy files in {root}")
-    sizes, dim = [], None
-    for shard in shards:
-        path = embedding_path(root, shard)
-        if not path.exists():
-            raise FileNotFoundError(f"embeddings_dir: {path} is missing")
-        array = np.load(path, mmap_mode="r")
-        if array.ndim != 2:
-            raise ValueError(f"embeddings_dir: {path} holds an array of shape {array.shape}, not (rows, dim)")
-        if dim is not None and array.shape[1] != dim:
-            raise ValueError(f"embeddings_dir: {path} has dimension {array.shape[1]}, other shards {dim}")
-        dim = array.shape[1]
-        meta = metadata_path(root, shard)
-        if meta.exists():
-            import pyarrow.parquet as pq
+    rows = EmbeddingRows(root, shards)
+    return unit_rows(rows.read(0, rows.n), warn=str(rows.root))
 
-            rows = pq.read_metadata(meta).num_rows
-            if rows != array.shape[0]:
-                raise ValueError(f"embeddings_dir: {path} has {array.shape[0]} rows but {meta} has {rows}")
-        sizes.append(array.shape[0])
-    out = np.empty((sum(sizes), dim), dtype=np.float32)
-    start = 0
-    for shard, size in zip(shards, sizes):
-        out[start : start + size] = np.load(embedding_path(root, shard), mmap_mode="r")
-        start += size
+
+def unit_rows(stored: np.ndarray, warn: str | None = None) -> np.ndarray:
+    """float32 unit rows from stored (float16) rows: each row divided by its float32 norm.
+
+    Row by row, so a row gets the same float32 values whichever batch it is read in (the
+    array phases rely on that to find the same pairs as one process). ``warn``: a name for
+    the warning given when rows are far from unit length (not normalised at all).
+    """
+    out = np.array(stored, dtype=np.float32)  # always a copy: the caller's rows stay as they are
     norms = np.linalg.norm(out, axis=1, keepdims=True)
-    if len(out) and np.abs(norms - 1).max() > 0.02:
-        log.warning("embeddings_dir: %s holds rows that are not unit length; normalising them", root)
+    if warn is not None and len(out) and np.abs(norms - 1).max() > 0.02:
+        log.warning("embeddings_dir: %s holds rows that are not unit length; normalising them", warn)
     np.divide(out, np.maximum(norms, 1e-12), out=out)
     return out
+
+
+class EmbeddingRows:
+    """The rows of an embeddings folder, addressed by global row number (shards in order),
+    read a slice at a time: no call holds more than the rows it returns.
+
+    Each read maps the shard files, copies the rows asked for and unmaps them, so that pages
+    read do not stay in the process's resident memory. Checks every shard's shape and its
+    metadata's row count on opening.
+
+    Attributes:
+        root: the folder; shards: shard numbers read, in order; sizes: rows per shard;
+        offsets: int64 (len(shards) + 1,), global row of each shard's first row; n: rows;
+        dim: embedding dimension; dtype: the stored dtype (float16 in this layout).
+    """
+
+    def __init__(self, root: str | Path, shards: list[int] | None = None):
+        self.root = Path(root)
+        self.shards = list_shards(self.root) if shards is None else list(shards)
+        if not self.shards:
+            raise FileNotFoundError(f"embeddings_dir: no img_emb/img_emb_<n>.npy files in {self.root}")
+        sizes, dim, dtype = [], None, None
+        for shard in self.shards:
+            path = embedding_path(self.root, shard)
+            if not path.exists():
+                raise FileNotFoundError(f"embeddings_dir: {path} is missing")
+            array = np.load(path, mmap_mode="r")
+            if array.ndim != 2:
+                raise ValueError(f"embeddings_dir: {path} holds an array of shape {array.shape}, not (rows, dim)")
+            if dim is not None and array.shape[1] != dim:
+                raise ValueError(f"embeddings_dir: {path} has dimension {array.shape[1]}, other shards {dim}")
+            dim, dtype = array.shape[1], array.dtype
+            meta = metadata_path(self.root, shard)
+            if meta.exists():
+                import pyarrow.parquet as pq
+
+                rows = pq.read_metadata(meta).num_rows
+                if rows != array.shape[0]:
+                    raise ValueError(f"embeddings_dir: {path} has {array.shape[0]} rows but {meta} has {rows}")
+            sizes.append(array.shape[0])
+            del array
+        self.sizes = sizes
+        self.offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+        self.n = int(self.offsets[-1])
+        self.dim = int(dim)
+        self.dtype = dtype
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as stored (``dtype``, shape (stop - start, dim)), a copy."""
+        start, stop = max(0, int(start)), min(self.n, int(stop))
+        out = np.empty((max(0, stop - start), self.dim), dtype=self.dtype)
+        for s, shard in enumerate(self.shards):
+            lo, hi = max(start, self.offsets[s]), min(stop, self.offsets[s + 1])
+            if lo < hi:
+                array = np.load(embedding_path(self.root, shard), mmap_mode="r")
+                out[lo - start : hi - start] = array[lo - self.offsets[s] : hi - self.offsets[s]]
+                del array  # unmapped: its pages leave this process's resident set
+        return out
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (int, any order) as stored, shape (len(rows), dim), a copy."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), dtype=self.dtype)
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        for s in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == s)
+            array = np.load(embedding_path(self.root, self.shards[s]), mmap_mode="r")
+            out[where] = array[rows[where] - self.offsets[s]]
+            del array
+        return out

@@ -31,13 +31,57 @@ def connected_groups(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def group_table(keys: Sequence[str], captions: Sequence[str], labels: np.ndarray) -> pd.DataFrame:
+class UnionFind:
+    """Connected components of ``n`` rows over edges given a batch at a time (out of core: the
+    edges are never all held), holding one int64 per row: ``parent``.
+
+    Every edge hooks the larger of its two roots under the smaller, so a root is its
+    component's smallest row and parent pointers only decrease (no cycles).
+    """
+
+    def __init__(self, n: int):
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def find(self, rows: np.ndarray) -> np.ndarray:
+        """The roots of ``rows`` (int64); points ``rows`` straight at them (path compression)."""
+        root = self.parent[rows]
+        while True:
+            up = self.parent[root]
+            moved = up != root
+            if not moved.any():
+                break
+            root[moved] = up[moved]
+        self.parent[rows] = root
+        return root
+
+    def union(self, i: np.ndarray, j: np.ndarray) -> None:
+        """Join the components of ``i[e]`` and ``j[e]`` for every edge ``e``."""
+        n = len(self.parent)
+        i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+        if len(i) and (min(i.min(), j.min()) < 0 or max(i.max(), j.max()) >= n):
+            raise ValueError(f"pairs refer to rows outside 0..{n - 1}")
+        while len(i):
+            ri, rj = self.find(i), self.find(j)
+            apart = ri != rj
+            i, j, ri, rj = i[apart], j[apart], ri[apart], rj[apart]
+            # A root with several edges takes the smallest; the others join on the next pass.
+            np.minimum.at(self.parent, np.maximum(ri, rj), np.minimum(ri, rj))
+
+    def labels(self, step: int = 1 << 20) -> np.ndarray:
+        """Each row's component (its smallest row), int64 (n,): ``parent`` itself, made flat."""
+        for lo in range(0, len(self.parent), step):
+            self.find(np.arange(lo, min(lo + step, len(self.parent))))
+        return self.parent
+
+
+def group_table(keys: Sequence[str], captions: Sequence[str], labels: np.ndarray, presorted: bool = False) -> pd.DataFrame:
     """One row per record (in the order given): ``key``, ``group_id``, ``caption``, ``group_size``.
 
     ``group_id`` ranks groups by size, largest first; groups of equal size are ordered by
     their smallest key (then caption). Ids therefore depend on the records, not on the order
     they come in (e.g. how they were split over ranks): the same on every run, and group 0 is
-    the most duplicated image.
+    the most duplicated image. ``presorted``: the records are given in :func:`record_order`
+    already (saves sorting them again).
     """
     labels = np.asarray(labels)
     if not len(keys) == len(captions) == len(labels):
@@ -46,8 +90,12 @@ def group_table(keys: Sequence[str], captions: Sequence[str], labels: np.ndarray
     caption_values = pd.Series(captions, dtype=str).to_numpy()
     sizes = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
     # Each record's position in (key, caption) order; a group's tie-break is its members' first.
-    position = np.empty(len(labels), dtype=np.int64)
-    position[record_order(key_values, caption_values)] = np.arange(len(labels))
+    # presorted: the records come in that order already (what the stage passes).
+    if presorted:
+        position = np.arange(len(labels), dtype=np.int64)
+    else:
+        position = np.empty(len(labels), dtype=np.int64)
+        position[record_order(key_values, caption_values)] = np.arange(len(labels))
     first = np.full(len(sizes), len(labels), dtype=np.int64)
     np.minimum.at(first, labels, position)
     present = np.flatnonzero(sizes)
@@ -66,9 +114,20 @@ def group_table(keys: Sequence[str], captions: Sequence[str], labels: np.ndarray
 
 def record_order(keys: Sequence[str], captions: Sequence[str]) -> np.ndarray:
     """The permutation that sorts records by key, then caption (stable): an order that does not
-    depend on the order the records were read in."""
-    frame = pd.DataFrame({"key": pd.Series(keys, dtype=str).to_numpy(), "caption": pd.Series(captions, dtype=str).to_numpy()})
-    return frame.sort_values(["key", "caption"], kind="mergesort").index.to_numpy(dtype=np.int64)
+    depend on the order the records were read in.
+
+    Sorted by Arrow (UTF-8 bytes compare as code points do, so the order is Python's): it
+    holds the strings compactly, where a pandas sort of millions of records takes a few
+    hundred bytes each.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = pa.table({
+        "key": pa.array(pd.Series(keys, dtype=str).to_numpy(), pa.large_string()),
+        "caption": pa.array(pd.Series(captions, dtype=str).to_numpy(), pa.large_string()),
+    })  # fmt: skip
+    return pc.sort_indices(table, sort_keys=[("key", "ascending"), ("caption", "ascending")]).to_numpy().astype(np.int64)
 
 
 def most_common_caption(captions: Sequence[str]) -> str:

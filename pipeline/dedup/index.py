@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 KINDS = ("auto", "exact", "ivf")
 # Similarities computed per block of the cell join (32 MiB of float32).
 BLOCK_ENTRIES = 1 << 23
+# Rows per database block of the blocked exact search (256 MiB of float32 at 256-d).
+DATABASE_BLOCK = 1 << 18
 
 
 @dataclass
@@ -161,29 +164,61 @@ def exact_pairs(
 
     ``vectors``: float32 (N, dim), unit rows. ``k``: None for every neighbour above the threshold.
     """
-    import faiss
-
     vectors = _as_float32(vectors)
     n = len(vectors)
+    return exact_pairs_blocked(lambda lo, hi: vectors[lo:hi], n, threshold, k, start, stop, query_batch, max(1, n), progress)
+
+
+def exact_pairs_blocked(
+    read: Callable[[int, int], np.ndarray],
+    n: int,
+    threshold: float,
+    k: int | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    query_batch: int = 16384,
+    database_block: int = DATABASE_BLOCK,
+    progress: bool = False,
+) -> Pairs:
+    """:func:`exact_pairs` holding one block of ``database_block`` rows and one batch of
+    queries at a time: ``read(lo, hi)`` returns rows ``[lo, hi)`` as float32 unit rows.
+
+    Per block, each query keeps its ``k + 1`` most similar rows (or all above the threshold);
+    the blocks' results are then capped to ``k`` per query, which is the top ``k`` overall.
+    With one block (``database_block >= n``) this is one ``IndexFlatIP`` over all rows.
+    """
+    import faiss
+
     stop = n if stop is None else stop
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
     # range_search keeps similarities strictly above the radius; step just below the threshold.
     radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
     parts = []
-    for lo in tqdm(range(start, stop, query_batch), desc="exact search", unit="batch", disable=not progress):
-        hi = min(lo + query_batch, stop)
-        queries = vectors[lo:hi]
-        if k is None:
-            lims, sims, ids = index.range_search(queries, radius)
-            i = np.repeat(np.arange(lo, hi), np.diff(lims.astype(np.int64)))
-            j, s = ids.astype(np.int64), sims
-        else:
-            sims, ids = index.search(queries, min(k + 1, n))  # + 1: the query finds itself
-            i = np.broadcast_to(np.arange(lo, hi)[:, None], ids.shape).ravel()
-            j, s = ids.ravel(), sims.ravel()
-        keep = (j >= 0) & (j != i) & (s >= threshold)
-        parts.append(Pairs(i[keep], j[keep], s[keep]))
+    blocks = range(0, n, database_block)
+    bar = tqdm(total=len(blocks) * len(range(start, stop, query_batch)), desc="exact search", unit="batch", disable=not progress)
+    for d0 in blocks:
+        d1 = min(d0 + database_block, n)
+        index = faiss.IndexFlatIP(0)
+        database = None
+        for lo in range(start, stop, query_batch):
+            hi = min(lo + query_batch, stop)
+            queries = read(lo, hi)
+            if database is None:
+                database = read(d0, d1)
+                index = faiss.IndexFlatIP(database.shape[1])
+                index.add(database)
+            if k is None:
+                lims, sims, ids = index.range_search(queries, radius)
+                i = np.repeat(np.arange(lo, hi), np.diff(lims.astype(np.int64)))
+                j, s = ids.astype(np.int64) + d0, sims
+            else:
+                sims, ids = index.search(queries, min(k + 1, d1 - d0))  # + 1: the query finds itself
+                i = np.broadcast_to(np.arange(lo, hi)[:, None], ids.shape).ravel()
+                j, s = np.where(ids >= 0, ids + d0, -1).ravel(), sims.ravel()
+            keep = (j >= 0) & (j != i) & (s >= threshold)
+            parts.append(Pairs(i[keep], j[keep], s[keep]))
+            bar.update()
+        del index, database
+    bar.close()
     return cap_per_query(Pairs.concat(parts), k)
 
 
@@ -230,33 +265,56 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def train_cells(vectors: np.ndarray, settings: IndexSettings, progress: bool = False) -> Cells:
-    """Spherical k-means on a sample of the rows, then every row's ``nprobe`` nearest cells."""
+def training_sample(n: int, settings: IndexSettings) -> np.ndarray:
+    """Sorted rows (int64) of the ``n`` that k-means trains on: ``train_size`` (default
+    ``32 * nlist``) drawn without replacement with ``settings.seed``, or all rows."""
+    nlist = settings.resolved_nlist(n)
+    sample_size = min(n, settings.train_size or 32 * nlist)
+    if sample_size >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(settings.seed).choice(n, sample_size, replace=False)).astype(np.int64)
+
+
+def kmeans_centroids(sample: np.ndarray, nlist: int, settings: IndexSettings, n: int | None = None) -> np.ndarray:
+    """float32 (nlist, dim) unit centroids by spherical k-means on ``sample`` (float32 unit
+    rows), seeded by ``settings.seed``: the same sample gives the same centroids. ``n``: the
+    rows the sample was drawn from (for the log)."""
     import faiss
 
-    vectors = _as_float32(vectors)
-    n, dim = vectors.shape
-    nlist = settings.resolved_nlist(n)
-    nprobe = min(settings.nprobe, nlist)
-    rng = np.random.default_rng(settings.seed)
-    sample_size = min(n, settings.train_size or 32 * nlist)
-    sample = vectors[np.sort(rng.choice(n, sample_size, replace=False))] if sample_size < n else vectors
+    sample = _as_float32(sample)
+    dim = sample.shape[1]
     kmeans = faiss.Kmeans(
         dim, nlist, niter=settings.niter, seed=settings.seed, spherical=True, verbose=False,
         # Fewer than faiss's advised 39 points per centroid is fine here: the cells only
         # need to be compact, not optimal, and recall is governed by nprobe.
-        min_points_per_centroid=1, max_points_per_centroid=max(1, sample_size // nlist + 1),
+        min_points_per_centroid=1, max_points_per_centroid=max(1, len(sample) // nlist + 1),
     )  # fmt: skip
-    log.info("index: k-means, %d cells from %d of %d rows", nlist, sample_size, n)
+    log.info("index: k-means, %d cells from %d of %d rows", nlist, len(sample), n or len(sample))
     kmeans.train(sample)
-    centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
-    quantizer = faiss.IndexFlatIP(dim)
+    return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
+
+
+def assign_cells(centroids: np.ndarray, vectors: np.ndarray, nprobe: int, step: int = 65536, progress: bool = False) -> np.ndarray:
+    """int32 (len(vectors), nprobe): each row's ``nprobe`` most similar centroids (float32
+    (nlist, dim)), most similar first; ``vectors``: (N, dim) unit rows, ``step`` rows at a time."""
+    import faiss
+
+    quantizer = faiss.IndexFlatIP(centroids.shape[1])
     quantizer.add(centroids)
-    assign = np.empty((n, nprobe), dtype=np.int32)
-    step = 65536
-    for lo in tqdm(range(0, n, step), desc="assigning cells", unit="batch", disable=not progress):
-        assign[lo : lo + step] = quantizer.search(vectors[lo : lo + step], nprobe)[1]
-    return Cells(centroids, assign)
+    assign = np.empty((len(vectors), nprobe), dtype=np.int32)
+    for lo in tqdm(range(0, len(vectors), step), desc="assigning cells", unit="batch", disable=not progress):
+        assign[lo : lo + step] = quantizer.search(_as_float32(vectors[lo : lo + step]), nprobe)[1]
+    return assign
+
+
+def train_cells(vectors: np.ndarray, settings: IndexSettings, progress: bool = False) -> Cells:
+    """Spherical k-means on a sample of the rows, then every row's ``nprobe`` nearest cells."""
+    vectors = _as_float32(vectors)
+    n = len(vectors)
+    nlist = settings.resolved_nlist(n)
+    sample = training_sample(n, settings)
+    centroids = kmeans_centroids(vectors[sample] if len(sample) < n else vectors, nlist, settings, n)
+    return Cells(centroids, assign_cells(centroids, vectors, min(settings.nprobe, nlist), progress=progress))
 
 
 def cell_pairs(
@@ -292,22 +350,7 @@ def cell_pairs(
     def join(cell: int) -> list[Pairs]:
         mem = members[member_bounds[cell] : member_bounds[cell + 1]]
         pro = probers[prober_bounds[cell] : prober_bounds[cell + 1]]
-        found = []
-        if len(mem) == 0 or len(pro) == 0:
-            return found
-        member_block = min(len(mem), BLOCK_ENTRIES)
-        query_block = max(1, BLOCK_ENTRIES // member_block)
-        for q0 in range(0, len(pro), query_block):
-            q_rows = pro[q0 : q0 + query_block]
-            queries = vectors[q_rows]
-            for m0 in range(0, len(mem), member_block):
-                m_rows = mem[m0 : m0 + member_block]
-                sims = queries @ vectors[m_rows].T
-                r, c = _above(sims, threshold, k)
-                i, j = q_rows[r], m_rows[c]
-                keep = i != j
-                found.append(Pairs(i[keep], j[keep], sims[r[keep], c[keep]]))
-        return found
+        return join_cell(pro, lambda part: vectors[pro[part]], mem, lambda part: vectors[mem[part]], threshold, k)
 
     # Cells are joined in parallel, each product on one BLAS thread: per-cell products are
     # small, and BLAS's own threads on them cost more than they give (3x slower measured on
@@ -320,6 +363,37 @@ def cell_pairs(
             bar.update()
     bar.close()
     return cap_per_query(Pairs.concat(parts), k)
+
+
+def join_cell(
+    q_rows: np.ndarray, queries: Callable[[np.ndarray], np.ndarray], m_rows: np.ndarray, members: Callable[[np.ndarray], np.ndarray],
+    threshold: float, k: int | None,
+) -> list[Pairs]:
+    """The pairs of one cell: queries (global rows ``q_rows``, ascending) against its members
+    (global rows ``m_rows``, ascending), one matrix product per block of at most
+    ``BLOCK_ENTRIES`` similarities. ``queries(part)`` / ``members(part)`` return the float32
+    unit rows of ``q_rows[part]`` / ``m_rows[part]`` (``part`` a slice).
+
+    The in-memory join (:func:`cell_pairs`) and the array tasks' join of bucket files
+    (:mod:`pipeline.dedup.buckets`) both call this with the same rows in the same order, so
+    they compute the same similarities.
+    """
+    found: list[Pairs] = []
+    if len(m_rows) == 0 or len(q_rows) == 0:
+        return found
+    member_block = min(len(m_rows), BLOCK_ENTRIES)
+    query_block = max(1, BLOCK_ENTRIES // member_block)
+    for q0 in range(0, len(q_rows), query_block):
+        q_part = q_rows[q0 : q0 + query_block]
+        q_vectors = queries(slice(q0, q0 + query_block))
+        for m0 in range(0, len(m_rows), member_block):
+            m_part = m_rows[m0 : m0 + member_block]
+            sims = q_vectors @ members(slice(m0, m0 + member_block)).T
+            r, c = _above(sims, threshold, k)
+            i, j = q_part[r], m_part[c]
+            keep = i != j
+            found.append(Pairs(i[keep], j[keep], sims[r[keep], c[keep]]))
+    return found
 
 
 def _cpus() -> int:

@@ -13,31 +13,48 @@ Reads the data set through the data layer and writes ``<run_dir>/dedup/``:
   ``caption``, ``group_size``;
 * ``selected.parquet``: the ``top_k`` largest groups: ``prompt_id`` ("00000"...),
   ``caption`` (the group's most common), ``dup_count``, ``keys``; the generator's input;
-* ``rejects.jsonl`` (records skipped, with the reason) and ``summary.json``.
+* ``rejects.jsonl`` (records skipped, with the reason) and ``summary.json``;
+* ``memory/<phase>_<rank>.json``: the peak resident memory of the process that ran that phase
+  for that rank (``peak_rss_mib``), to size array tasks;
+* ``index/`` (IVF cells and bucket files, :mod:`pipeline.dedup.buckets`) and
+  ``pairs/pairs_<rank>.npy`` (each search task's pairs), the intermediate files.
 
 The work runs in four phases, each a step of the stage executor (:mod:`pipeline.executor`)
-whose units (``embed_<rank>``, ``index``, ``search_<rank>``, ``group``) are skipped when their
+whose units (``embed_<rank>``, ``index_<rank>``, ``search_<rank>``, ``group``) are skipped when their
 completion marker (``.done/<unit>.json``) says they are done with the same settings (so a
 rerun resumes, and changing e.g. ``threshold`` redoes only the search and grouping); each
 rank's rejects go to ``rejects/rejects_<rank>.jsonl`` and its stats to ``stats/``.
 ``phase=all`` (the default, ``world_size=1``) runs them in order in one process. On
-a cluster, split them over a SLURM array (e.g. ``hydra/launcher=submitit_slurm -m
-rank=0,1,2,3 world_size=4``):
+a cluster, run each phase as a SLURM array after the previous one (``python -m pipeline.dedup -m
+hydra/launcher=slurm_cpu phase=index world_size=4``, one task per rank), or locally as processes
+(``-m hydra/launcher=local``):
 
 1. ``phase=embed``, one task per rank: embeds shard ``rank`` of the data set;
-2. ``phase=index``, once: trains the IVF cells over all embeddings (nothing for exact search);
-3. ``phase=search``, one task per rank: query rows of shard ``rank`` against all rows;
-4. ``phase=group``, once: connected components, selection, summary.
+2. ``phase=index``, one task per rank: for IVF, trains the cells on a sample (every task the
+   same cells), assigns rows ``shard_bounds(N, rank, world_size)`` to their cells and writes
+   them to bucket files by cell (:mod:`pipeline.dedup.buckets`); nothing for exact search;
+3. ``phase=search``, one task per rank: IVF: joins the cells it owns (``1/world_size`` of
+   them) from the buckets; exact: query rows of shard ``rank`` against all rows, a block of
+   rows at a time; writes ``pairs/pairs_<rank>.npy``;
+4. ``phase=group``, once (rank 0): connected components by union-find over the pair files,
+   streamed by query range (one integer per row), then selection and summary.
 
-``index`` and ``group`` do nothing on ranks other than 0, so every phase can be launched
-as the same array. The groups, their ids and the selection do not depend on ``world_size``:
-records are ordered by key before grouping, and groups of equal size by their smallest key.
+No task holds the whole set of embeddings: an index task holds its own rows (float16), a
+search task its own buckets (memory-mapped) and the cells it is joining, the group task one
+integer per row plus the records' keys and captions. ``group`` does nothing on ranks other
+than 0, so every phase can be launched as the same array (``python -m pipeline.dedup -m
+hydra/launcher=local phase=search world_size=4`` runs one process per rank). The pairs, groups, their ids and the selection do not depend on
+``world_size``: the same cells are joined with the same rows in the same order, each query
+keeps its ``k`` best over all tasks, records are ordered by key before grouping, and groups
+of equal size by their smallest key.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -51,17 +68,20 @@ import pandas as pd
 from pipeline.cli import CONF_DIR, ConfigError, config_int, config_number, stage_main
 from pipeline.data import Record, RejectLog
 from pipeline.data.sharding import check_shard
-from pipeline.dedup.embeddings_store import list_shards, read_embeddings, read_metadata, write_shard
-from pipeline.dedup.grouping import connected_groups, evaluate_groups, group_table, record_order, select_top
-from pipeline.dedup.index import Cells, IndexSettings, Pairs, find_pairs, train_cells
+from pipeline.dedup.buckets import centroids_digest, join_buckets, read_pairs, train_centroids, write_buckets, write_pairs
+from pipeline.dedup.embeddings_store import EmbeddingRows, list_shards, read_metadata, unit_rows, write_shard
+from pipeline.dedup.grouping import UnionFind, connected_groups, evaluate_groups, group_table, record_order, select_top
+from pipeline.dedup.index import DATABASE_BLOCK, IndexSettings, Pairs, assign_cells, exact_pairs_blocked
 from pipeline.embedders.base import Embedder
 from pipeline.executor import StepContext, Unit, all_done, merge_rejects, read_marker, run_step
-from pipeline.io import marker_path, write_json, write_parquet
+from pipeline.io import atomic_write, marker_path, write_json, write_parquet
 from pipeline.text import display_text
 
 log = logging.getLogger(__name__)
 
 PHASES = ("all", "embed", "index", "search", "group")
+# Queries per step of the group phase's stream over the pair files.
+GROUP_CHUNK_ROWS = 1 << 18
 
 
 @dataclass
@@ -153,10 +173,14 @@ def group_pairs(metadata: pd.DataFrame, pairs: Pairs, top_k: int, min_group_size
     ``groups`` lists the records by key (then caption), so that it, the group ids and the
     selection are the same however the records were split over ranks and read back.
     """
-    labels = connected_groups(len(metadata), pairs.i, pairs.j)
-    order = record_order(metadata["key"].tolist(), metadata["caption"].tolist())
+    return group_labels(metadata, connected_groups(len(metadata), pairs.i, pairs.j), top_k, min_group_size)
+
+
+def group_labels(metadata: pd.DataFrame, labels: np.ndarray, top_k: int, min_group_size: int = 2) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`group_pairs` from each row's component label (int, any values below ``len(metadata)``)."""
+    order = record_order(metadata["key"], metadata["caption"])
     keys, captions = metadata["key"].to_numpy()[order], metadata["caption"].to_numpy()[order]
-    groups = group_table(keys.tolist(), captions.tolist(), labels[order])
+    groups = group_table(keys, captions, np.asarray(labels)[order], presorted=True)
     return groups, select_top(groups, top_k, min_group_size)
 
 
@@ -205,11 +229,13 @@ def run_dedup(
     stage = _Stage(out, settings, data, embedder, embedder_id, embeddings_dir, rank, world_size, progress)
     steps = {"embed": _Embed(stage), "index": _Index(stage), "search": _Search(stage), "group": _Group(stage, ground_truth)}
     for name in PHASES[1:] if phase == "all" else (phase,):
-        if name in ("index", "group") and rank != 0:
+        if name == "group" and rank != 0:
             log.info("phase=%s runs on rank 0 only; nothing to do on rank %d", name, rank)
         if name == "group" and rank == 0 and not (out / "summary.json").exists():
             marker_path(out, "group").unlink(missing_ok=True)  # its summary is gone: group again
         run_step(steps[name], out, rank=rank, world_size=world_size, progress=progress)
+    write_json({"phase": phase, "rank": rank, "world_size": world_size, "pid": os.getpid(), "peak_rss_mib": peak_rss_mib()},
+               out / "memory" / f"{phase}_{rank}.json")  # fmt: skip
     if phase not in ("all", "group") or rank != 0:
         return None
     group = steps["group"]
@@ -222,6 +248,23 @@ def run_dedup(
         selected = pd.read_parquet(out / "selected.parquet")
         summary["evaluation"] = {"ground_truth": str(ground_truth), **evaluate_groups(groups, pd.read_parquet(ground_truth), selected)}
     return summary
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB: anonymous memory plus the pages of
+    mapped files it touched. On Linux ``VmHWM`` of ``/proc/self/status``, which starts afresh
+    at exec (``ru_maxrss`` would carry over the launching process's peak); elsewhere ``ru_maxrss``."""
+    import resource
+    import sys
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 class _Stage:
@@ -238,7 +281,7 @@ class _Stage:
         self.rank = rank
         self.world_size = world_size
         self.progress = progress
-        self._vectors: np.ndarray | None = None
+        self._rows: EmbeddingRows | None = None
 
     # Where things are ---------------------------------------------------------------------
 
@@ -269,12 +312,17 @@ class _Stage:
         files = [self.precomputed / "img_emb" / f"img_emb_{s}.npy" for s in self.shards()]
         return {"embeddings_dir": str(self.precomputed.resolve()), "files": [[f.name, f.stat().st_size, f.stat().st_mtime] for f in files]}
 
-    def index_unit(self) -> Unit:
-        return Unit("index", {"embeddings": self.embeddings_settings(), "index": self.settings.index.to_dict()})
+    def index_unit(self, rank: int) -> Unit:
+        settings = {"embeddings": self.embeddings_settings(), "index": self.settings.index.to_dict(), "rank": rank, "world_size": self.world_size}
+        return Unit(f"index_{rank}", settings)
+
+    def index_units(self) -> list[Unit]:
+        return [self.index_unit(r) for r in range(self.world_size)]
 
     def search_unit(self, rank: int) -> Unit:
         s = self.settings
-        return Unit(f"search_{rank}", {"index": self.index_unit().digest, "threshold": s.threshold, "k": s.k, "rank": rank, "world_size": self.world_size})
+        index = [u.digest for u in self.index_units()]
+        return Unit(f"search_{rank}", {"index": index, "threshold": s.threshold, "k": s.k, "rank": rank, "world_size": self.world_size})
 
     def group_unit(self) -> Unit:
         searches = [self.search_unit(r).digest for r in range(self.world_size)]
@@ -294,12 +342,13 @@ class _Stage:
             raise RuntimeError(f"{marker_path(self.out, name)}: missing or unreadable; run the phase that writes it again")
         return info
 
-    def vectors(self, phase: str) -> np.ndarray:
+    def rows(self, phase: str) -> EmbeddingRows:
+        """The embeddings, read a slice at a time (after every embed unit is done)."""
         if self.precomputed is None:
             self.require([self.embed_unit(r) for r in range(self.world_size)], phase)
-        if self._vectors is None:  # phase=all reads them once for index and search
-            self._vectors = read_embeddings(self.embeddings_root, self.shards())
-        return self._vectors
+        if self._rows is None:
+            self._rows = EmbeddingRows(self.embeddings_root, self.shards())
+        return self._rows
 
 
 class _Embed:
@@ -342,7 +391,7 @@ class _Embed:
 
 
 class _Index:
-    """Phase 2, one unit on rank 0: train the IVF cells over all embeddings (exact: nothing to train)."""
+    """Phase 2, one unit per rank: IVF cells, and rank ``rank``'s rows bucketed by cell (exact: nothing to build)."""
 
     name = "index"
 
@@ -350,26 +399,55 @@ class _Index:
         self.stage = stage
 
     def units(self, rank: int, world_size: int) -> list[Unit]:
-        return [self.stage.index_unit()] if rank == 0 else []
+        return [self.stage.index_unit(rank)]
 
     def run(self, units: list[Unit], ctx: StepContext) -> None:
         stage = self.stage
         (unit,) = units
         started = time.perf_counter()
-        vectors = stage.vectors("index")
-        kind = stage.settings.index.resolved_kind(len(vectors))
-        info: dict[str, Any] = {"kind": kind, "rows": len(vectors), "dim": int(vectors.shape[1])}
+        rows = stage.rows("index")
+        kind = stage.settings.index.resolved_kind(rows.n)
+        start, stop = shard_bounds(rows.n, ctx.rank, ctx.world_size)
+        info: dict[str, Any] = {"kind": kind, "rows": rows.n, "dim": rows.dim, "first_row": start, "stop_row": stop}
         if kind == "ivf":
-            cells = train_cells(vectors, stage.settings.index, ctx.progress)
-            cells.save(stage.out / "index")
-            info.update(nlist=cells.nlist, nprobe=cells.nprobe)
+            index_dir = stage.out / "index"
+            trained = time.perf_counter()
+            centroids = train_centroids(rows, stage.settings.index)
+            info["train_seconds"] = time.perf_counter() - trained
+            nlist, nprobe = len(centroids), min(stage.settings.index.nprobe, len(centroids))
+            if ctx.rank == 0:
+                atomic_write(index_dir / "centroids.npy", lambda tmp: _save_npy(tmp, centroids))
+            stored = rows.read(start, stop)  # this rank's rows, float16: N / world_size x dim x 2 bytes
+            assign = assign_cells(centroids, _UnitView(stored), nprobe, progress=ctx.progress)
+            atomic_write(index_dir / f"assign_{ctx.rank}.npy", lambda tmp: _save_npy(tmp, assign))
+            entries = write_buckets(index_dir, ctx.rank, ctx.world_size, stored, start, assign, nlist)
+            info.update(nlist=nlist, nprobe=nprobe, centroids=centroids_digest(centroids), bucket_entries=entries)
         info["seconds"] = time.perf_counter() - started
         ctx.done(unit, info)
-        log.info("index: %s over %d embeddings (%.1f s)", kind, len(vectors), info["seconds"])
+        log.info("index: %s, rank %d: rows %d-%d of %d (%.1f s)", kind, ctx.rank, start, stop, rows.n, info["seconds"])
+
+
+class _UnitView:
+    """Stored rows seen as float32 unit rows, a slice at a time (for :func:`assign_cells`)."""
+
+    def __init__(self, stored: np.ndarray):
+        self.stored = stored
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    def __getitem__(self, part: slice) -> np.ndarray:
+        return unit_rows(self.stored[part])
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
+        np.save(f, array)
 
 
 class _Search:
-    """Phase 3, one unit per rank: the pairs of query rows of shard ``rank`` against all rows."""
+    """Phase 3, one unit per rank: IVF, the pairs of the cells rank ``rank`` owns; exact, the
+    pairs of query rows of shard ``rank`` against all rows."""
 
     name = "search"
 
@@ -381,21 +459,33 @@ class _Search:
 
     def run(self, units: list[Unit], ctx: StepContext) -> None:
         stage = self.stage
+        settings = stage.settings
         (unit,) = units
-        stage.require([stage.index_unit()], "search")
+        stage.require(stage.index_units(), "search")
         started = time.perf_counter()
-        vectors = stage.vectors("search")
-        kind = stage.marker("index")["kind"]
-        cells = Cells.load(stage.out / "index") if kind == "ivf" else None
-        start, stop = shard_bounds(len(vectors), ctx.rank, ctx.world_size)
-        index_settings = IndexSettings(**{**stage.settings.index.to_dict(), "kind": kind})
-        pairs = find_pairs(
-            vectors, stage.settings.threshold, stage.settings.k, index_settings, start, stop, cells=cells, progress=ctx.progress
-        )
-        write_parquet(pairs.to_frame(), stage.out / "pairs" / f"pairs_{ctx.rank}.parquet")
+        index = [stage.marker(f"index_{r}") for r in range(ctx.world_size)]
+        kind = index[0]["kind"]
+        if kind == "ivf":
+            digests = sorted({m.get("centroids") for m in index})
+            if len(digests) != 1:
+                raise RuntimeError(
+                    f"phase=index: its {ctx.world_size} tasks trained different cells (centroid digests {digests}); "
+                    "k-means is repeatable only on CPUs of one kind: run phase=index again on one kind of node"
+                )
+            nlist = index[0]["nlist"]
+            pairs = join_buckets(stage.out / "index", ctx.rank, ctx.world_size, nlist, settings.threshold, settings.k,
+                                 settings.index.threads, ctx.progress)  # fmt: skip
+            queries = sum(m["bucket_entries"][ctx.rank] for m in index)
+        else:
+            rows = stage.rows("search")
+            start, stop = shard_bounds(rows.n, ctx.rank, ctx.world_size)
+            pairs = exact_pairs_blocked(lambda lo, hi: unit_rows(rows.read(lo, hi)), rows.n, settings.threshold, settings.k,
+                                        start, stop, settings.index.query_batch, DATABASE_BLOCK, ctx.progress)  # fmt: skip
+            queries = stop - start
+        write_pairs(stage.out / "pairs" / f"pairs_{ctx.rank}.npy", pairs)
         seconds = time.perf_counter() - started
-        ctx.done(unit, {"queries": stop - start, "pairs": len(pairs), "seconds": seconds})
-        log.info("search: shard %d: %d queries, %d pairs (%.1f s)", ctx.rank, stop - start, len(pairs), seconds)
+        ctx.done(unit, {"queries": int(queries), "pairs": len(pairs), "seconds": seconds})
+        log.info("search: rank %d: %d queries, %d pairs (%.1f s)", ctx.rank, queries, len(pairs), seconds)
 
 
 class _Group:
@@ -418,14 +508,15 @@ class _Group:
         stage.require([stage.search_unit(r) for r in range(world_size)], "group")
         started = time.perf_counter()
         metadata = read_metadata(stage.embeddings_root, stage.shards())
-        parts = [pd.read_parquet(out / "pairs" / f"pairs_{r}.parquet") for r in range(world_size)]
-        pairs = Pairs.from_frame(pd.concat(parts, ignore_index=True))
-        groups, selected = group_pairs(metadata, pairs, stage.settings.top_k, stage.settings.min_group_size)
+        labels, n_pairs = stream_components(len(metadata), [out / "pairs" / f"pairs_{r}.npy" for r in range(world_size)],
+                                            stage.settings.k, out / "group_tmp")  # fmt: skip
+        groups, selected = group_labels(metadata, labels, stage.settings.top_k, stage.settings.min_group_size)
+        del labels
         write_parquet(groups, out / "groups.parquet")
         write_parquet(selected, out / "selected.parquet")
         rejects = merge_rejects(out / "rejects", out / "rejects.jsonl", world_size if stage.precomputed is None else 0)
         group_seconds = time.perf_counter() - started
-        summary = self._summary(metadata, groups, selected, pairs, rejects, group_seconds)
+        summary = self._summary(metadata, groups, selected, n_pairs, rejects, group_seconds)
         if self.ground_truth is not None:
             truth = pd.read_parquet(self.ground_truth)
             summary["evaluation"] = {"ground_truth": str(self.ground_truth), **evaluate_groups(groups, truth, selected)}
@@ -433,11 +524,11 @@ class _Group:
         ctx.done(unit, {"seconds": group_seconds})
         self.summary = summary
 
-    def _summary(self, metadata, groups, selected, pairs, rejects, group_seconds) -> dict:
+    def _summary(self, metadata, groups, selected, n_pairs, rejects, group_seconds) -> dict:
         stage = self.stage
         sizes = groups.drop_duplicates("group_id")["group_size"]
         largest = selected.head(10) if len(selected) else selected
-        index_info = stage.marker("index")
+        index_info = stage.marker("index_0")
         timing = {}
         if stage.precomputed is None:
             embeds = [stage.marker(f"embed_{r}") for r in range(stage.world_size)]
@@ -445,7 +536,7 @@ class _Group:
             embedder = {"name": embeds[0].get("embedder"), "dim": embeds[0].get("dim")}
         else:
             embedder = {"name": "precomputed", "embeddings_dir": str(stage.precomputed)}
-        timing["index"] = index_info.get("seconds", 0.0)
+        timing["index"] = sum(stage.marker(f"index_{r}").get("seconds", 0.0) for r in range(stage.world_size))
         timing["search"] = sum(stage.marker(f"search_{r}").get("seconds", 0.0) for r in range(stage.world_size))
         timing["group"] = group_seconds
         timing["total"] = sum(timing.values())  # summed over ranks: compute time, not wall time
@@ -453,14 +544,13 @@ class _Group:
         for entry in rejects:  # an entry may stand for several records (a shard that broke part-way)
             reasons[entry.get("reason", "").split(":", 1)[0]] += int(entry.get("count", 1))
         rejected = sum(reasons.values())
-        lo, hi = np.minimum(pairs.i, pairs.j), np.maximum(pairs.i, pairs.j)
         settings = stage.settings
         return {
             "records_read": int(len(metadata) + rejected),
             "records_embedded": int(len(metadata)),
             "rejected": int(rejected),
             "rejected_by_reason": dict(reasons),
-            "pairs": int(len(np.unique(lo * len(metadata) + hi))) if len(pairs) else 0,
+            "pairs": int(n_pairs),
             "groups": int(len(sizes)),
             "duplicate_groups": int((sizes >= 2).sum()),
             "records_in_duplicate_groups": int(sizes[sizes >= 2].sum()),
@@ -482,6 +572,35 @@ class _Group:
             "timing_seconds": timing,
             "outputs": {name: str(stage.out / name) for name in ("groups.parquet", "selected.parquet", "rejects.jsonl", "summary.json")},
         }  # fmt: skip
+
+
+def stream_components(n: int, pair_files: list[Path], k: int | None, scratch: Path, chunk_rows: int = GROUP_CHUNK_ROWS) -> tuple[np.ndarray, int]:
+    """Connected components over the pair files, out of core: ``(labels, pairs)``.
+
+    The files (structured, sorted by query; :func:`~pipeline.dedup.buckets.write_pairs`) are
+    read ``chunk_rows`` queries at a time, each query keeping its ``k`` best over all files,
+    and fed to a union-find holding one int64 per row. ``labels``: int64 (n,), each row's
+    component (its smallest row). ``pairs``: the distinct undirected pairs, counted from
+    ``lo * n + hi`` keys spilled to ``scratch`` by ``lo`` range (one range held at a time;
+    ``scratch`` is removed afterwards).
+    """
+    finder = UnionFind(n)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    spills = [scratch / f"keys_{p}.bin" for p in range(-(-n // chunk_rows))]
+    for lo in range(0, n, chunk_rows):
+        pairs = read_pairs(pair_files, lo, min(lo + chunk_rows, n), k)
+        finder.union(pairs.i, pairs.j)
+        low, high = np.minimum(pairs.i, pairs.j), np.maximum(pairs.i, pairs.j)
+        keys, part = low * n + high, low // chunk_rows
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(len(spills) + 1))
+        for p in np.flatnonzero(np.diff(bounds)):
+            with open(spills[p], "ab") as f:
+                f.write(keys[order[bounds[p] : bounds[p + 1]]].tobytes())
+    n_pairs = sum(len(np.unique(np.fromfile(path, dtype=np.int64))) for path in spills if path.exists())
+    shutil.rmtree(scratch, ignore_errors=True)
+    return finder.labels(), n_pairs
 
 
 def format_summary(summary: dict) -> str:
