@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/screen_bench.py --tiny                  # a tiny random model, seconds
     .venv/bin/python benchmarks/screen_bench.py --model models/demo --data data/demo \\
-        --prompts 120 --n-samples 24 --steps 25
+        --prompts 120 --n-samples 24 --steps 25 --seeds 0,1,2
+    .venv/bin/python benchmarks/screen_bench.py --prompts 1000 --brute-singletons 60 --max-fraction 0.02   # a realistic mix
 
 Issue 8. Two audits of the same prompts on the same model, in one process:
 
@@ -13,8 +14,15 @@ Issue 8. Two audits of the same prompts on the same model, in one process:
     of ``--first-round``, x``--growth``, ...; a prompt stops after a round whose samples have no
     near-copy pair, or, unless ``--no-stop-when-flagged``, whose samples already hold a clique
     of ``--min-clique``, or, unless ``--no-stop-when-out-of-reach``, whose remaining budget can
-    no longer complete one; rounds end early where those stops could first apply), then the
-    detector.
+    no longer complete one, or, unless ``--no-stop-when-extracted``, one of whose new samples
+    is within the threshold of one of the prompt's training images, or, unless
+    ``--no-stop-when-unlikely``, whose clique's growth bound falls short (a heuristic, see
+    :mod:`pipeline.generate.adaptive`); rounds end early where those stops could first apply),
+    then the detector.
+
+Both runs are verified against the demo set's images (each prompt's candidates: the images of
+its original's copies, from the ground truth), so a prompt is *found* when flagged or
+extracted, and recall is that of (a)'s found prompts.
 
 Prompts are the originals' captions of the demo set's ground truth (every duplicated original,
 then singletons up to ``--prompts``; a round-robin over the bands when ``--prompts`` is
@@ -25,7 +33,17 @@ prompts (``dup_count >= --heavy-dup-count``) from the singletons (and from every
 prompt). Since a sample is fixed by its seed, (b)'s samples are (a)'s first ones, and what
 adaptive sampling alone would have missed is replayed exactly on (a)'s samples. The issue's
 targets: ROC AUC >= 0.95, and (b) flags >= 95% of what (a) flags for <= 10% of its UNet
-evaluations. The last line, ``RESULT {...}``, is the same as JSON.
+evaluations (issue 19: on every seed), and at a realistic mix (1000 prompts, 1 duplicated
+original in 31) <= 2%.
+
+``--seeds 0,1,2`` runs the whole comparison once per seed (prompt choice, sampling seeds and
+prescreen noise all follow it) and prints each seed's figures and the worst. ``--brute-singletons
+K`` samples brute force on every duplicated prompt and on a random K of the singletons only:
+its cost is extrapolated exactly (prompts x samples x steps x 2 under guidance, every prompt
+has the same recipe), and what those K singletons show (normally nothing found) is printed and
+counted. The demo set has 900 singletons, so ``--prompts 1000`` gives 932 prompts (every
+original there is; the benchmark says so) at 1 duplicated original in 29. The last line,
+``RESULT {...}``, is the same as JSON.
 """
 
 from __future__ import annotations
@@ -39,11 +57,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from pipeline.budget import brute_force_evaluations, generation_budget, missed_by_shortcuts
 from pipeline.detect import run_detect
+from pipeline.detect.verify import run_verify
 from pipeline.generate import generate, read_samples
 from pipeline.generate.adaptive import NO_SIGN, AdaptiveSettings, adaptive_outcome
 from pipeline.generate.sampling import SamplingSettings
@@ -52,6 +72,7 @@ from pipeline.models import Runtime, load_model, resolve_device
 from pipeline.prescreen import PrescreenSettings, heavy_prompt_aucs, prescreen, unet_evaluations
 from pipeline.prompts import Prompt, read_prompts
 from pipeline.rule import NearCopyRule
+from pipeline.training_images import GroupMatcher
 
 TINY_BANDS = {"heavy": (2, 8), "mid": (2, 3), "single": (6, 1)}
 TINY_DEFAULTS = dict(
@@ -65,7 +86,8 @@ def demo_prompts(ground_truth: pd.DataFrame, n: int, seed: int = 0) -> list[Prom
 
     Every duplicated original (most copies first) and then randomly chosen singletons; when
     ``n`` is below the number of duplicated originals, a round-robin over the bands (most
-    duplicated band first, singletons included) so that each band is represented.
+    duplicated band first, singletons included) so that each band is represented. Each prompt
+    carries its original's copies as ``keys`` (the training images verification compares with).
     """
     originals = ground_truth.drop_duplicates("original_id").sort_values(["dup_count", "original_id"], ascending=[False, True])
     multi = originals[originals.dup_count > 1]
@@ -79,7 +101,19 @@ def demo_prompts(ground_truth: pd.DataFrame, n: int, seed: int = 0) -> list[Prom
             picks += [band.iloc[depth] for band in bands if depth < len(band)][: n - len(picks)]
             depth += 1
         chosen = pd.DataFrame(picks)
-    return [Prompt(str(r.original_id), str(r.original_caption), int(r.dup_count)) for r in chosen.itertuples()]
+    copies = ground_truth.groupby("original_id")["key"].agg(lambda keys: tuple(sorted(str(k) for k in keys))) if "key" in ground_truth else {}
+    return [Prompt(str(r.original_id), str(r.original_caption), int(r.dup_count), copies.get(r.original_id)) for r in chosen.itertuples()]
+
+
+def brute_force_prompts(prompts: list[Prompt], singletons: int | None, seed: int) -> list[Prompt]:
+    """The prompts brute force samples: all, or (``singletons`` given) every duplicated prompt
+    and a random ``singletons`` of the others (``dup_count`` <= 1 or unknown), in list order."""
+    if singletons is None:
+        return list(prompts)
+    single = [i for i, p in enumerate(prompts) if (p.dup_count or 0) <= 1]
+    rng = np.random.default_rng(seed)
+    picked = set(rng.choice(single, size=min(int(singletons), len(single)), replace=False).tolist()) if single else set()
+    return [p for i, p in enumerate(prompts) if (p.dup_count or 0) > 1 or i in picked]
 
 
 def build_tiny(out: Path) -> tuple[Path, Path]:
@@ -94,21 +128,34 @@ def build_tiny(out: Path) -> tuple[Path, Path]:
     return model_dir, data_dir
 
 
-def audit(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, adaptive: AdaptiveSettings | None) -> dict:
-    """Generate ``prompts`` into ``out/generations`` and detect; returns the run's figures."""
+def audit(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, adaptive: AdaptiveSettings | None,
+          data: dict | None, seed: int) -> dict:  # fmt: skip
+    """Generate ``prompts`` into ``out/generations``, detect and (with ``data``, a training set)
+    verify against each prompt's ``keys``; returns the run's figures."""
     settings = SamplingSettings(steps=args.steps, guidance_scale=args.guidance, height=args.size, width=args.size)
+    rule = near_copy_rule(args)
+    matcher = GroupMatcher(data, rule.metric, delta(args)) if data is not None and adaptive is not None and adaptive.stop_when_extracted else None
     started = time.perf_counter()
     summary = generate(
         pipe, prompts, out / "generations", model=str(args.model), settings=settings, runtime=runtime,
-        n_samples=args.n_samples, base_seed=args.seed, batch_size=args.batch_size, progress=args.progress, adaptive=adaptive,
+        n_samples=args.n_samples, base_seed=seed, batch_size=args.batch_size, progress=args.progress, adaptive=adaptive, matcher=matcher,
     )  # fmt: skip
     generated = time.perf_counter()
-    memorized = run_detect(out / "generations", out / "detect", near_copy_rule(args), progress=args.progress)
+    memorized = run_detect(out / "generations", out / "detect", rule, progress=args.progress)
+    extracted: set[str] = set()
+    if data is not None:
+        # Candidates: each prompt's group only (its keys).
+        memorized, _ = run_verify(memorized, out / "generations", out / "detect", data=data, delta=delta(args), exhaustive=False,
+                                  metric=rule.metric, progress=args.progress)  # fmt: skip
+        extracted = set(memorized.loc[memorized.extracted.fillna(False).astype(bool), "prompt_id"])
     done = time.perf_counter()
+    flagged = set(memorized.loc[memorized.flagged, "prompt_id"])
     return {
         "table": load_prompts(out / "generations"),
         "memorized": memorized,
-        "flagged": set(memorized.loc[memorized.flagged, "prompt_id"]),
+        "flagged": flagged,
+        "extracted": extracted,
+        "found": flagged | extracted,
         "images": summary.images,
         "generate_s": generated - started,
         "detect_s": done - generated,
@@ -120,11 +167,23 @@ def near_copy_rule(args) -> NearCopyRule:
     return NearCopyRule(threshold=args.threshold, min_clique=args.min_clique)
 
 
-def adaptive_alone(generations: Path, table: pd.DataFrame, rule: AdaptiveSettings) -> pd.DataFrame:
-    """What adaptive sampling would have done to every prompt, replayed on brute-force samples."""
+def delta(args) -> float:
+    """The verification threshold: ``--delta``, else the near-copy rule's (as the detector's default)."""
+    return args.threshold if args.delta is None else args.delta
+
+
+def adaptive_alone(generations: Path, table: pd.DataFrame, rule: AdaptiveSettings, matcher: GroupMatcher | None = None) -> pd.DataFrame:
+    """What adaptive sampling would have done to every prompt, replayed on brute-force samples
+    (``matcher``: the training images, for ``stop_when_extracted``, compared with each prompt's ``keys``)."""
     rows = []
+    keys = dict(zip(table.prompt_id, table["keys"])) if "keys" in table.columns else {}
     for prompt_id, n in zip(table.prompt_id, table.n_samples):
-        made, reason = adaptive_outcome(lambda k, pid=prompt_id: read_samples(generations, pid, k), int(n), rule)
+        group = [str(k) for k in keys.get(prompt_id)] if keys.get(prompt_id) is not None else []
+        matches = None
+        if matcher is not None and group:
+            def matches(start, end, pid=prompt_id, group=group):
+                return matcher.any_match(read_samples(generations, pid, end, start=start), group)
+        made, reason = adaptive_outcome(lambda k, pid=prompt_id: read_samples(generations, pid, k), int(n), rule, matches)
         rows.append({"prompt_id": prompt_id, "n_generated": made, "stopped_early": reason == NO_SIGN, "stop_reason": reason})
     return pd.DataFrame(rows)
 
@@ -154,12 +213,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="adaptive: sample flagged prompts to the full budget (default: stop once a clique of --min-clique exists)")
     parser.add_argument("--no-stop-when-out-of-reach", dest="stop_when_out_of_reach", action="store_false",
                         help="adaptive: sample on when the budget left can no longer complete a clique of --min-clique")
+    parser.add_argument("--no-stop-when-extracted", dest="stop_when_extracted", action="store_false",
+                        help="adaptive: sample on after a sample reproduces one of the prompt's training images")
+    parser.add_argument("--no-stop-when-unlikely", dest="stop_when_unlikely", action="store_false",
+                        help="adaptive: sample on when a clique is unlikely to complete (the Wilson bound heuristic)")
     parser.add_argument("--heavy-dup-count", type=int, default=100, help="dup_count from which a prompt is heavy (ROC AUC)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="one seed (prompt choice, sampling and prescreen noise)")
+    parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=None,
+                        help="comma-separated seeds, e.g. 0,1,2: a run per seed, each seed's figures and the worst (overrides --seed)")
+    parser.add_argument("--brute-singletons", type=int, default=None,
+                        help="brute force samples every duplicated prompt and only this many random singletons; its cost is "
+                             "extrapolated exactly (default: every prompt)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="an empty or new folder for both runs' outputs (default: a temporary one)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model and demo set: a check that runs in seconds")
+    parser.add_argument("--delta", type=float, default=None,
+                        help="verification (and stop_when_extracted): a sample within this of a training image reproduces it; default --threshold")
+    parser.add_argument("--brute-kept-only", action="store_true",
+                        help="a partial check: brute force samples only the prompts the prescreen kept (recall is then adaptive "
+                             "sampling's alone; the cost fraction is still exact)")
+    parser.add_argument("--max-fraction", type=float, default=0.10,
+                        help="the evaluation fraction target (issue 19: 0.10 at 120 prompts, 0.02 at the 1000-prompt mix)")
     parser.add_argument("--threshold", type=float, default=0.15, help="tiled L2 of near-copies, for the detector and adaptive sampling")
     if parser.parse_args(argv).tiny:  # small defaults; flags given explicitly still win
         parser.set_defaults(**TINY_DEFAULTS)
@@ -185,118 +260,154 @@ def fmt(value, digits: int = 3) -> str:
     return f"{value:,}"
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="screen_bench_"))
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"--out: {out} is not empty; both runs must start from nothing (their timings would be skips)")
-    out.mkdir(parents=True, exist_ok=True)
-    if args.tiny:
-        args.model, args.data = build_tiny(out)
-    if args.selected:
-        prompts = read_prompts(args.selected, limit=args.prompts)
-    else:
-        prompts = demo_prompts(pd.read_parquet(Path(args.data) / "ground_truth.parquet"), args.prompts, args.seed)
+def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, device, data: dict | None, seed: int) -> dict:
+    """Brute force against prescreen + adaptive sampling on ``prompts`` with ``seed``; prints the
+    comparison and returns its figures (JSON-ready after :func:`_plain`)."""
     n = len(prompts)
-
-    device = resolve_device(args.device)
-    # Channels-last and fused QKV help GPUs; on a CPU they cost ~25% with the demo model.
-    on_gpu = device.type == "cuda"
-    runtime = Runtime(device=device.type, dtype="float32", channels_last=on_gpu, fuse_qkv=on_gpu)
-    # Loaded once, as generation and the prescreen load a model: both runs see the same weights.
-    pipe = load_model({"path": str(args.model)}, runtime, device=device)
-    # Warm-up (first-call allocations, kernel choices) outside both timings, so neither run pays it.
-    pipe(prompt=[prompts[0].caption], num_inference_steps=2, guidance_scale=args.guidance, height=args.size, width=args.size,
-         output_type="pt", generator=torch.Generator().manual_seed(0))  # fmt: skip
-
-    # (a) brute force
-    brute = audit(pipe, prompts, out / "brute", args, runtime, adaptive=None)
-    brute_s = brute["generate_s"] + brute["detect_s"]
-
-    # (b) prescreen, then adaptive sampling of the kept prompts
+    # (b)'s prescreen first: --brute-kept-only needs its choice (it sees no sample of either run).
     ps = PrescreenSettings(seeds=args.prescreen_seeds, steps=args.steps, keep_fraction=args.keep_fraction, min_robust_z=args.keep_z,
-                           base_seed=args.seed, height=args.size, width=args.size)  # fmt: skip
+                           base_seed=seed, height=args.size, width=args.size)  # fmt: skip
     started = time.perf_counter()
     scores = prescreen(pipe, prompts, ps, progress=args.progress)
     prescreen_s = time.perf_counter() - started
     kept = set(scores.loc[scores.kept, "prompt_id"])
+
+    # (a) brute force, on every prompt, or on every duplicated prompt and a random share of the
+    # singletons, or (a partial check) on the kept prompts only
+    if args.brute_kept_only:
+        sampled = [p for p in prompts if p.prompt_id in kept]
+    else:
+        sampled = brute_force_prompts(prompts, args.brute_singletons, seed)
+    brute = audit(pipe, sampled, out / "brute", args, runtime, adaptive=None, data=data, seed=seed)
+    brute_measured_s = brute["generate_s"] + brute["detect_s"]
+    # Every prompt has the same recipe, so the time of the prompts not sampled is the sampled ones' per prompt.
+    brute_s = brute_measured_s * n / len(sampled)
+
+    # (b) adaptive sampling of the kept prompts
     rule = AdaptiveSettings(enabled=True, first_round=args.first_round, growth=args.growth, min_close_pairs=args.min_close_pairs,
                             stop_when_flagged=args.stop_when_flagged, stop_when_out_of_reach=args.stop_when_out_of_reach,
-                            rule=near_copy_rule(args))
-    screened = audit(pipe, [p for p in prompts if p.prompt_id in kept], out / "screened", args, runtime, adaptive=rule)
+                            stop_when_extracted=args.stop_when_extracted and data is not None, stop_when_unlikely=args.stop_when_unlikely,
+                            rule=near_copy_rule(args))  # fmt: skip
+    screened = audit(pipe, [p for p in prompts if p.prompt_id in kept], out / "screened", args, runtime, adaptive=rule, data=data, seed=seed)
     screened_s = prescreen_s + screened["generate_s"] + screened["detect_s"]
 
     brute_budget = generation_budget(brute["table"])
     screened_budget = generation_budget(screened["table"], {"prompts": n, "unet_evaluations": unet_evaluations(n, ps)})
-    assert brute_budget["unet_evaluations"] == brute_force_evaluations(n, args.n_samples, args.steps, args.guidance)
-    replay = adaptive_alone(out / "brute" / "generations", brute["table"], rule)
+    assert brute_budget["unet_evaluations"] == brute_force_evaluations(len(sampled), args.n_samples, args.steps, args.guidance)
+    # Brute force's cost on every prompt: exact, not estimated (prompts x samples x steps x 2).
+    brute_evaluations = brute_force_evaluations(n, args.n_samples, args.steps, args.guidance)
+    assert screened_budget["brute_force_evaluations"] == brute_evaluations
+    matcher = GroupMatcher(data, rule.rule.metric, delta(args)) if rule.stop_when_extracted else None
+    replay = adaptive_alone(out / "brute" / "generations", brute["table"], rule, matcher)
     missed = missed_by_shortcuts(brute["memorized"], scores, replay)
     dup_counts = scores.dup_count.to_numpy(dtype=float, na_value=math.nan)
     aucs = heavy_prompt_aucs(scores.score.to_numpy(), dup_counts, args.heavy_dup_count)
     auc = aucs["heavy_vs_singletons"]
-    found = len(brute["flagged"] & screened["flagged"])
-    recall = found / len(brute["flagged"]) if brute["flagged"] else float("nan")
-    fraction = screened_budget["unet_evaluations"] / brute_budget["unet_evaluations"]
-    # What sampling only the flagged prompts to the full budget would cost (stop_when_flagged can go below it).
-    floor = len(brute["flagged"]) / n
+    found = len(brute["found"] & screened["found"])
+    recall = found / len(brute["found"]) if brute["found"] else float("nan")
+    fraction = screened_budget["unet_evaluations"] / brute_evaluations
+    # What sampling only the found prompts to the full budget would cost (the stops can go below it).
+    floor = len(brute["found"]) / n
+    # Singletons: what brute force's sample of them found (normally nothing), and what the
+    # screened run found among those brute force did not sample (unknown to brute force).
+    sampled_ids = {p.prompt_id for p in sampled}
+    singles_sampled = {p.prompt_id for p in sampled if (p.dup_count or 0) <= 1}
+    n_singles = sum((p.dup_count or 0) <= 1 for p in prompts)
+    singles_found = sorted(brute["found"] & singles_sampled)
+    unknown_to_brute = sorted(screened["found"] - sampled_ids)
 
     rows = [
-        ("UNet evaluations", brute_budget["unet_evaluations"], screened_budget["unet_evaluations"]),
+        ("UNet evaluations", brute_evaluations, screened_budget["unet_evaluations"]),
         ("  of which prescreen", 0, screened_budget["prescreen_evaluations"]),
         ("wall time (s)", brute_s, screened_s),
         ("  prescreen (s)", 0.0, prescreen_s),
-        ("  generate (s)", brute["generate_s"], screened["generate_s"]),
-        ("  detect (s)", brute["detect_s"], screened["detect_s"]),
+        ("  generate (s)", brute["generate_s"] * n / len(sampled), screened["generate_s"]),
+        ("  detect+verify (s)", brute["detect_s"] * n / len(sampled), screened["detect_s"]),
         ("prompts sampled", n, screened_budget["prompts_sampled"]),
         ("  stopped, no near-copies", 0, screened_budget["prompts_stopped_early"]),
         ("  stopped once flagged", 0, screened_budget["prompts_stopped_flagged"]),
         ("  stopped, out of reach", 0, screened_budget["prompts_stopped_out_of_reach"]),
-        ("samples", brute_budget["samples"], screened_budget["samples"]),
+        ("  stopped once extracted", 0, screened_budget["prompts_stopped_extracted"]),
+        ("  stopped, unlikely", 0, screened_budget["prompts_stopped_unlikely"]),
+        ("samples", n * args.n_samples, screened_budget["samples"]),
         ("prompts flagged", len(brute["flagged"]), len(screened["flagged"])),
+        ("prompts extracted", len(brute["extracted"]), len(screened["extracted"])),
+        ("prompts found (either)", len(brute["found"]), len(screened["found"])),
     ]
-    print(f"screen_bench: {n} prompts, {args.n_samples} samples x {args.steps} steps, guidance {args.guidance}, "
-          f"model {args.model}, {device.type} ({platform.processor() or platform.machine()}, torch {torch.__version__})")
+    print(f"screen_bench seed {seed}: {n} prompts ({n - n_singles} duplicated originals, {n_singles} singletons), {args.n_samples} "
+          f"samples x {args.steps} steps, guidance {args.guidance}, model {args.model}, {device.type} "
+          f"({platform.processor() or platform.machine()}, torch {torch.__version__})")
+    if args.brute_kept_only:
+        print(f"(a) sampled on the {len(sampled)} prompts the prescreen kept only: recall below is adaptive sampling's alone "
+              f"(the prescreen's misses are NOT measured); its UNet evaluations are exact for all {n}, its times scaled")
+    elif len(sampled) < n:
+        print(f"(a) sampled on {len(sampled)} prompts (every duplicated one, {len(singles_sampled)} random singletons of {n_singles}); "
+              f"its UNet evaluations are exact for all {n} ({n} x {args.n_samples} x {args.steps} x 2), its times scaled from "
+              f"{brute_measured_s:.1f} s measured; found among the sampled singletons: {len(singles_found)}"
+              + (f" ({', '.join(singles_found)}: counted in (a)'s found prompts; at that rate the {n_singles} singletons would hold "
+                 f"~{len(singles_found) * n_singles / max(1, len(singles_sampled)):.0f})" if singles_found else ""))
     keep_rule = " and ".join(([f"top {args.keep_fraction:.0%}"] if args.keep_fraction is not None else [])
                              + ([f"robust z >= {args.keep_z:g}"] if args.keep_z is not None else []))
     print(f"(b): prescreen {args.prescreen_seeds} seeds, keep {keep_rule} ({len(kept)} prompts); adaptive rounds {rule.first_round} "
           f"x{rule.growth:g}, go on with >= {rule.min_close_pairs} near-copy pair(s)"
           + (", stop once flagged" if rule.stop_when_flagged else "")
-          + (", stop once a clique is out of reach" if rule.stop_when_out_of_reach else "") + f"; detector clique >= {args.min_clique}")
+          + (", stop once a clique is out of reach" if rule.stop_when_out_of_reach else "")
+          + (", stop once extracted" if rule.stop_when_extracted else "")
+          + (", stop once a clique is unlikely" if rule.stop_when_unlikely else "") + f"; detector clique >= {args.min_clique}"
+          + ("; verified against each prompt's training images" if data is not None else "; no verification (no training images)"))
     print(f"{'':26s}{'(a) brute force':>18s}{'(b) screened':>18s}{'(b)/(a)':>10s}")
     for label, a, b in rows:
         ratio = b / a if a else float("nan")
         digits = 1 if "(s)" in label else 3
         print(f"{label:26s}{fmt(a, digits):>18s}{fmt(b, digits):>18s}{fmt(ratio):>10s}")
-    print(f"recall of (b) against (a)'s flagged prompts: {found}/{len(brute['flagged'])} = {fmt(recall)}"
-          + ("  (brute force flagged nothing: recall undefined)" if not brute["flagged"] else ""))
-    print(f"evaluation fraction (b)/(a): {fmt(fraction, 4)}   ((a)'s flagged prompts alone, at the full budget: {fmt(floor, 4)})")
+    if screened_budget["fewer_samples"]:
+        print(f"verdicts of (b) taken on fewer samples than the budget (extracted or unlikely stops): {', '.join(screened_budget['fewer_samples'])}")
+    print(f"recall of (b) against (a)'s found (flagged or extracted) prompts: {found}/{len(brute['found'])} = {fmt(recall)}"
+          + ("  (brute force found nothing: recall undefined)" if not brute["found"] else ""))
+    if unknown_to_brute:
+        print(f"(b) found {len(unknown_to_brute)} prompt(s) that (a) did not sample: {', '.join(unknown_to_brute)}")
+    print(f"evaluation fraction (b)/(a): {fmt(fraction, 4)}   ((a)'s found prompts alone, at the full budget: {fmt(floor, 4)})")
     n_heavy, n_single = int((dup_counts >= args.heavy_dup_count).sum()), int((dup_counts <= 1).sum())
     print(f"prescreen ROC AUC, dup_count >= {args.heavy_dup_count} ({n_heavy} prompts) vs singletons ({n_single}): {fmt(auc)}"
           f"   (vs every other prompt: {fmt(aucs['heavy_vs_rest'])})")
-    print("missed of (a)'s flagged prompts: " + ", ".join(
-        f"{name} {missed[name]['n_missed']}" for name in ("prescreen", "adaptive", "both")
-    ) + " (adaptive alone replayed on (a)'s samples)")  # fmt: skip
-    targets = {  # None: undefined on this run (no heavy prompt, or nothing flagged by brute force)
+    print("missed of (a)'s found prompts: " + ", ".join(
+        f"{name} {'not measured' if args.brute_kept_only and name != 'adaptive' else missed[name]['n_missed']}"
+        for name in ("prescreen", "adaptive", "both")
+    ) + " (adaptive alone replayed on (a)'s samples" + (f"; unlikely stops among them: "
+        f"{sorted(set(missed['adaptive']['missed']) & set(replay.loc[replay.stop_reason == 'unlikely', 'prompt_id']))})"
+        if rule.stop_when_unlikely else ")"))  # fmt: skip
+    limit = args.max_fraction
+    targets = {  # None: undefined on this run (no heavy prompt, or nothing found by brute force)
         "roc_auc>=0.95": None if math.isnan(auc) else bool(auc >= 0.95),
-        "recall>=0.95": None if math.isnan(recall) else bool(recall >= 0.95),
-        "fraction<=0.10": bool(fraction <= 0.10),
+        # --brute-kept-only measures adaptive sampling's recall alone: the target is left undecided.
+        "recall>=0.95": None if math.isnan(recall) or args.brute_kept_only else bool(recall >= 0.95),
+        f"fraction<={limit:.2f}": bool(fraction <= limit),
     }
     print("targets: " + ", ".join(f"{k} {'undefined' if v is None else 'met' if v else 'NOT met'}" for k, v in targets.items()))
     print(f"outputs in {out}")
-    result = {
+    return {
+        "seed": seed,
         "prompts": n,
         "n_samples": args.n_samples,
         "steps": args.steps,
         "guidance": args.guidance,
         "device": device.type,
-        "brute_force": {"unet_evaluations": brute_budget["unet_evaluations"], "seconds": brute_s, "samples": brute_budget["samples"],
-                        "flagged": sorted(brute["flagged"])},
+        "brute_force": {"unet_evaluations": brute_evaluations, "seconds": brute_s, "seconds_measured": brute_measured_s,
+                        "prompts_sampled": len(sampled), "singletons_sampled": len(singles_sampled), "singletons_found": singles_found,
+                        "samples": brute_budget["samples"], "flagged": sorted(brute["flagged"]), "extracted": sorted(brute["extracted"]),
+                        "found": sorted(brute["found"])},
         "screened": {"unet_evaluations": screened_budget["unet_evaluations"], "seconds": screened_s, "samples": screened_budget["samples"],
                      "prescreen_evaluations": screened_budget["prescreen_evaluations"], "kept": sorted(kept),
                      "stopped_early": screened_budget["prompts_stopped_early"],
                      "stopped_flagged": screened_budget["prompts_stopped_flagged"],
-                     "stopped_out_of_reach": screened_budget["prompts_stopped_out_of_reach"], "flagged": sorted(screened["flagged"])},
+                     "stopped_out_of_reach": screened_budget["prompts_stopped_out_of_reach"],
+                     "stopped_extracted": screened_budget["prompts_stopped_extracted"],
+                     "stopped_unlikely": screened_budget["prompts_stopped_unlikely"],
+                     "fewer_samples": screened_budget["fewer_samples"],
+                     "flagged": sorted(screened["flagged"]), "extracted": sorted(screened["extracted"]), "found": sorted(screened["found"]),
+                     "found_not_sampled_by_brute_force": unknown_to_brute},
         "recall": recall,
+        "recall_scope": "kept prompts only (prescreen misses not measured)" if args.brute_kept_only else "every prompt sampled by (a)",
         "evaluation_fraction": fraction,
         "time_fraction": screened_s / brute_s if brute_s else float("nan"),
         "floor_fraction": floor,
@@ -306,6 +417,76 @@ def main(argv=None) -> dict:
         "targets": targets,
         "out": str(out),
     }  # fmt: skip
+
+
+def worst_of(runs: list[dict]) -> dict:
+    """The worst figures over seeds: lowest recall (NaN, undefined, left out), highest evaluation
+    fraction, and whether every seed met each target (None where no seed defined it)."""
+    recalls = [r["recall"] for r in runs if not math.isnan(r["recall"])]
+    targets = {}
+    for name in runs[0]["targets"]:
+        verdicts = [r["targets"][name] for r in runs if r["targets"][name] is not None]
+        targets[name] = all(verdicts) if verdicts else None
+    return {
+        "recall": min(recalls) if recalls else float("nan"),
+        "evaluation_fraction": max(r["evaluation_fraction"] for r in runs),
+        "seed_lowest_recall": min(runs, key=lambda r: r["recall"] if not math.isnan(r["recall"]) else math.inf)["seed"],
+        "seed_highest_fraction": max(runs, key=lambda r: r["evaluation_fraction"])["seed"],
+        "targets": targets,
+    }
+
+
+def main(argv=None) -> dict:
+    """Run the benchmark; returns the run's figures (one seed), or ``{"runs": [...], "worst": {...}}``
+    over ``--seeds``; a single seed's figures also carry ``worst`` (its own)."""
+    args = parse_args(argv)
+    seeds = args.seeds if args.seeds else [args.seed]
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="screen_bench_"))
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--out: {out} is not empty; both runs must start from nothing (their timings would be skips)")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.tiny:
+        args.model, args.data = build_tiny(out)
+    images = Path(args.data) / "images"
+    # The demo set's files layout: training images by key, for verification and stop_when_extracted.
+    data = {"format": "files", "path": str(images)} if images.is_dir() else None
+
+    def prompts_for(seed: int) -> list[Prompt]:
+        if args.selected:
+            return read_prompts(args.selected, limit=args.prompts)
+        return demo_prompts(pd.read_parquet(Path(args.data) / "ground_truth.parquet"), args.prompts, seed)
+
+    first = prompts_for(seeds[0])
+    if len(first) < args.prompts:
+        print(f"note: --prompts {args.prompts} asked, but the prompt source has {len(first)} originals: all {len(first)} are used")
+    device = resolve_device(args.device)
+    # Channels-last and fused QKV help GPUs; on a CPU they cost ~25% with the demo model.
+    on_gpu = device.type == "cuda"
+    runtime = Runtime(device=device.type, dtype="float32", channels_last=on_gpu, fuse_qkv=on_gpu)
+    # Loaded once, as generation and the prescreen load a model: both runs see the same weights.
+    pipe = load_model({"path": str(args.model)}, runtime, device=device)
+    # Warm-up (first-call allocations, kernel choices) outside both timings, so neither run pays it.
+    pipe(prompt=[first[0].caption], num_inference_steps=2, guidance_scale=args.guidance, height=args.size, width=args.size,
+         output_type="pt", generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    runs = []
+    for seed in seeds:
+        folder = out if len(seeds) == 1 else out / f"seed_{seed}"
+        runs.append(one_seed(pipe, first if seed == seeds[0] else prompts_for(seed), folder, args, runtime, device, data, seed))
+    worst = worst_of(runs)
+    if len(runs) > 1:
+        print(f"{'seed':>6s}{'prompts':>9s}{'kept':>6s}{'(a) found':>11s}{'(b) found':>11s}{'recall':>8s}{'(b) UNet':>12s}{'(a) UNet':>12s}{'(b)/(a)':>9s}")
+        for r in runs:
+            print(f"{r['seed']:>6d}{r['prompts']:>9d}{len(r['screened']['kept']):>6d}{len(r['brute_force']['found']):>11d}"
+                  f"{len(set(r['screened']['found']) & set(r['brute_force']['found'])):>11d}{fmt(r['recall']):>8s}"
+                  f"{r['screened']['unet_evaluations']:>12,}{r['brute_force']['unet_evaluations']:>12,}{fmt(r['evaluation_fraction'], 4):>9s}")
+        print(f"{'worst':>6s}{'':>48s}{fmt(worst['recall']):>8s}{'':>24s}{fmt(worst['evaluation_fraction'], 4):>9s}"
+              f"   (recall: seed {worst['seed_lowest_recall']}, fraction: seed {worst['seed_highest_fraction']})")
+        print("targets on every seed: " + ", ".join(f"{k} {'undefined' if v is None else 'met' if v else 'NOT met'}"
+                                               for k, v in worst["targets"].items()))
+        result = {"runs": runs, "worst": worst}
+    else:
+        result = {**runs[0], "worst": worst}
     print("RESULT " + json.dumps(_plain(result)))
     return result
 

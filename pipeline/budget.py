@@ -9,7 +9,9 @@ denoising steps; a step is one UNet evaluation per image, two with classifier-fr
   keeps only the top ones for sampling;
 * adaptive sampling (:mod:`pipeline.generate.adaptive`) stops a prompt after its first round(s) unless
   its samples so far look like a forming clique, and (optionally) as soon as the detector's
-  verdict on it is decided.
+  verdict on it is decided, as soon as a sample reproduces one of its training images
+  ("extracted"), or once a clique is unlikely to complete ("unlikely", a heuristic). The last
+  two take verdicts on fewer samples than the budget: the report lists those prompts.
 
 The functions here are pure (numbers and DataFrames in, a JSON-ready dict out);
 :func:`write_generation_budget` is the file-reading edge the generator calls at the end of a run.
@@ -24,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.generations import FLAGGED, OUT_OF_REACH
+from pipeline.generations import EXTRACTED, FLAGGED, OUT_OF_REACH, UNLIKELY
 from pipeline.io import write_json
 
 BUDGET_FILE = "budget.json"
@@ -62,7 +64,11 @@ def generation_budget(prompts: pd.DataFrame, prescreen: Mapping[str, Any] | None
         A dict: ``prompts`` (brute force's prompt count), ``prompts_sampled``,
         ``prompts_stopped_early`` (no sign of memorization), ``prompts_stopped_flagged`` (stopped
         once a clique was found), ``prompts_stopped_out_of_reach`` (stopped once the budget left
-        could no longer complete a clique), ``samples``, ``samples_brute_force``,
+        could no longer complete a clique), ``prompts_stopped_extracted`` (stopped once a sample
+        reproduced one of the prompt's training images), ``prompts_stopped_unlikely`` (stopped
+        once a clique was unlikely to complete), ``fewer_samples`` (the ids of the prompts of
+        those two stops, sorted: their verdicts were taken on fewer samples than the budget, so
+        their clique size and reproduction rate are those of the samples made), ``samples``, ``samples_brute_force``,
         ``generation_evaluations``, ``prescreen_evaluations``, ``unet_evaluations`` (their
         sum), ``brute_force_evaluations`` and ``fraction`` (spent / brute force; NaN when
         brute force costs nothing).
@@ -84,9 +90,13 @@ def generation_budget(prompts: pd.DataFrame, prescreen: Mapping[str, Any] | None
         stopped = int(prompts["stopped_early"].fillna(False).astype(bool).sum()) if "stopped_early" in prompts.columns else 0
         reasons = prompts["stop_reason"] if "stop_reason" in prompts.columns else pd.Series(dtype=object)
         flagged_early, out_of_reach = int((reasons == FLAGGED).sum()), int((reasons == OUT_OF_REACH).sum())
+        extracted, unlikely = int((reasons == EXTRACTED).sum()), int((reasons == UNLIKELY).sum())
+        ids = prompts["prompt_id"] if "prompt_id" in prompts.columns else pd.Series(prompts.index, index=prompts.index)
+        fewer = sorted(str(p) for p in ids[reasons.isin([EXTRACTED, UNLIKELY]).to_numpy()]) if len(reasons) else []
     else:
         budget = made = per_sample = pd.Series(dtype=int)
-        stopped = flagged_early = out_of_reach = 0
+        stopped = flagged_early = out_of_reach = extracted = unlikely = 0
+        fewer = []
     spent = int((made * per_sample).sum())
     brute = int((budget * per_sample).sum())
     samples_brute = int(budget.sum())
@@ -109,6 +119,9 @@ def generation_budget(prompts: pd.DataFrame, prescreen: Mapping[str, Any] | None
         "prompts_stopped_early": stopped,
         "prompts_stopped_flagged": flagged_early,
         "prompts_stopped_out_of_reach": out_of_reach,
+        "prompts_stopped_extracted": extracted,
+        "prompts_stopped_unlikely": unlikely,
+        "fewer_samples": fewer,
         "samples": int(made.sum()),
         "samples_brute_force": samples_brute,
         "generation_evaluations": spent,
@@ -132,29 +145,40 @@ def missed_by_shortcuts(
     adaptive: pd.DataFrame | None = None,
     on: str = "prompt_id",
 ) -> dict[str, Any]:
-    """Of the prompts a brute-force run flagged, those each shortcut would have missed.
+    """Of the prompts a brute-force run found, those each shortcut would have missed.
+
+    A prompt is found when flagged or, where the brute-force run was verified (an ``extracted``
+    column), extracted.
 
     Args:
-        memorized: the brute-force run's ``memorized.parquet`` (``prompt_id``, ``flagged``).
+        memorized: the brute-force run's ``memorized.parquet`` (``prompt_id``, ``flagged`` and,
+            when verified, ``extracted``).
         prescreen: a prescreen table over those prompts (``prompt_id``, ``kept``): a flagged
             prompt it did not keep is missed.
         adaptive: adaptive sampling's outcome per prompt (``prompt_id``, ``stopped_early`` and,
-            when known, ``stop_reason``), e.g. an adaptive run's ``prompts.parquet``: a flagged
-            prompt stopped for any reason but "flagged" is missed (an "out_of_reach" stop can
-            only miss one when the detector ran with another threshold or clique size).
+            when known, ``stop_reason``), e.g. an adaptive run's ``prompts.parquet``: a found
+            prompt stopped for any reason but "flagged" or "extracted" (a sample reproduced one
+            of its training images: it is found) is missed (an "out_of_reach" stop can only miss
+            a flagged one when the detector ran with another threshold or clique size, or an
+            extracted one whose match comes later; an "unlikely" stop is a heuristic).
         on: the column that names a prompt in all three tables.
 
     Returns:
-        ``{"flagged": n, "prescreen": {...}, "adaptive": {...}, "both": {...}}`` where each
-        shortcut's entry has ``missed`` and ``unknown`` (flagged prompts the table does not
-        list) as sorted id lists, their counts ``n_missed``/``n_unknown`` and ``recall`` (the
-        share of flagged prompts known to be kept; NaN when nothing was flagged). A shortcut
-        whose table is not given is left out; ``both`` needs both tables.
+        ``{"flagged": n, "flagged_ids": [...], "extracted_ids": [...], "found": n, "prescreen":
+        {...}, "adaptive": {...}, "both": {...}}`` (``found``: flagged or extracted) where each
+        shortcut's entry has ``missed`` and ``unknown`` (found prompts the table does not list)
+        as sorted id lists, their counts ``n_missed``/``n_unknown`` and ``recall`` (the share of
+        found prompts known to be kept; NaN when nothing was found). A shortcut whose table is
+        not given is left out; ``both`` needs both tables.
     """
     if not {on, "flagged"} <= set(memorized.columns):
         raise ValueError(f"memorized table: needs {on} and flagged columns (detect's memorized.parquet)")
-    flagged = set(memorized.loc[memorized["flagged"].astype(bool), on].astype(str))
-    outcome: dict[str, Any] = {"flagged": len(flagged), "flagged_ids": sorted(flagged)}
+    flagged_only = set(memorized.loc[memorized["flagged"].astype(bool), on].astype(str))
+    extracted = set(memorized.loc[memorized["extracted"].fillna(False).astype(bool), on].astype(str)) if "extracted" in memorized.columns else set()
+    flagged = flagged_only | extracted  # what brute force found
+    outcome: dict[str, Any] = {
+        "flagged": len(flagged_only), "flagged_ids": sorted(flagged_only), "extracted_ids": sorted(extracted), "found": len(flagged),
+    }  # fmt: skip
     verdicts: dict[str, tuple[set[str], set[str]]] = {}  # shortcut -> (missed, unknown)
     if prescreen is not None:
         listed, kept = _ids(prescreen, "kept", on)
@@ -162,7 +186,7 @@ def missed_by_shortcuts(
     if adaptive is not None:
         listed, stopped = _ids(adaptive, "stopped_early", on)
         if "stop_reason" in adaptive.columns:
-            short = adaptive["stop_reason"].notna() & (adaptive["stop_reason"] != FLAGGED)
+            short = adaptive["stop_reason"].notna() & ~adaptive["stop_reason"].isin([FLAGGED, EXTRACTED])
             stopped |= set(adaptive.loc[short, on].astype(str))
         verdicts["adaptive"] = (flagged & stopped, flagged - listed)
     if prescreen is not None and adaptive is not None:
@@ -191,13 +215,23 @@ def format_budget(report: Mapping[str, Any]) -> str:
         line += f", {report['prompts_stopped_flagged']} stopped once flagged"
     if report.get("prompts_stopped_out_of_reach"):
         line += f", {report['prompts_stopped_out_of_reach']} once a clique was out of reach"
+    if report.get("prompts_stopped_extracted"):
+        line += f", {report['prompts_stopped_extracted']} once extracted"
+    if report.get("prompts_stopped_unlikely"):
+        line += f", {report['prompts_stopped_unlikely']} once a clique was unlikely"
+    fewer = report.get("fewer_samples")
+    if fewer:
+        shown = ", ".join(fewer[:10]) + (f" and {len(fewer) - 10} more" if len(fewer) > 10 else "")
+        line += f" (verdicts on fewer samples than the budget: {shown})"
     if report.get("prescreen_evaluations"):
         line += f"; prescreen {report['prescreen_evaluations']:,}"
     missed = report.get("missed")
     if missed:
         parts = [f"{name} missed {missed[name]['n_missed']}" + (f" (+{missed[name]['n_unknown']} unknown)" if missed[name]["n_unknown"] else "")
                  for name in ("prescreen", "adaptive", "both") if name in missed]
-        line += f"\nof the {missed['flagged']} prompts brute force flagged: " + ", ".join(parts)
+        found = missed.get("found", missed["flagged"])
+        what = "flagged or extracted" if missed.get("extracted_ids") else "flagged"
+        line += f"\nof the {found} prompts brute force {what}: " + ", ".join(parts)
     return line
 
 

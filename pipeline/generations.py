@@ -170,6 +170,13 @@ def load_samples(
 # null when sampled in full): no near-copy pair among its first samples; a clique of the
 # detector's size already there; or one that can no longer be completed within the budget.
 NO_SIGN, FLAGGED, OUT_OF_REACH = "no_close_pairs", "flagged", "out_of_reach"
+# Two more: a sample already within the verification threshold of one of the prompt's training
+# images (it cannot become un-extracted; its clique and reproduction rate are then those of the
+# samples made); and a clique judged unlikely to complete (a heuristic bound, not a proof: see
+# pipeline.generate.adaptive).
+EXTRACTED, UNLIKELY = "extracted", "unlikely"
+# Every stop reason, in the order summaries list them.
+STOP_REASONS = (NO_SIGN, FLAGGED, OUT_OF_REACH, EXTRACTED, UNLIKELY)
 
 
 def stored_rule(adaptive: Any) -> dict[str, Any] | None:

@@ -9,9 +9,11 @@ from pipeline.generate.adaptive import (
     FLAGGED,
     NO_SIGN,
     OUT_OF_REACH,
+    UNLIKELY,
     AdaptiveSettings,
     RoundCheck,
     adaptive_outcome,
+    adaptive_settings,
     check_round,
     close_pair_matrix,
     close_pairs,
@@ -199,3 +201,80 @@ def test_unreadable_samples_are_left_out_of_the_checks(tmp_path):
     assert adaptive_outcome(lambda k: read_samples(tmp_path, "p", k), 7, rule) == (6, OUT_OF_REACH)
     flag = AdaptiveSettings(first_round=6, stop_when_flagged=True, rule=NearCopyRule(min_clique=3))
     assert adaptive_outcome(lambda k: read_samples(tmp_path, "p", k), 7, flag) == (6, FLAGGED)
+
+
+def test_unlikely_bound_on_known_numbers():
+    """c + r * (upper end of the 95% Wilson interval of c in m), written out: 2 of 8 samples in
+    the clique, 16 left: p+ = 0.5907 and the bound 11.452 (go on, for a clique of 10); 3 of 12
+    with 12 left: 9.388 (stop); 3 of 11 with 13 left: 10.353 (go on). The three decimals are
+    rounded, hence the tolerance of half a unit in the last."""
+    from pipeline.generate.adaptive import clique_growth_bound, unlikely_to_complete
+    from pipeline.stats import Z_95
+
+    def by_hand(c, m, r):
+        p, z2 = c / m, Z_95**2
+        centre = (p + z2 / (2 * m)) / (1 + z2 / m)
+        half = Z_95 / (1 + z2 / m) * np.sqrt(p * (1 - p) / m + z2 / (4 * m * m))
+        return c + r * (centre + half)
+
+    for c, m, r in ((2, 8, 16), (3, 12, 12), (3, 11, 13), (9, 9, 0)):
+        assert clique_growth_bound(c, m, r) == pytest.approx(by_hand(c, m, r), rel=1e-12)
+    assert clique_growth_bound(2, 8, 16) == pytest.approx(11.452, abs=5e-4)
+    assert not unlikely_to_complete(2, 8, 16, 10)
+    assert unlikely_to_complete(3, 12, 12, 10) and clique_growth_bound(3, 12, 12) == pytest.approx(9.388, abs=5e-4)
+    assert not unlikely_to_complete(3, 11, 13, 10) and clique_growth_bound(3, 11, 13) == pytest.approx(10.353, abs=5e-4)
+    # Every sample in the clique: p+ = 1, the bound is c + r, out_of_reach's (a proof) exactly.
+    assert clique_growth_bound(5, 5, 4) == 9 and unlikely_to_complete(5, 5, 4, 10)
+
+
+def test_stop_when_unlikely_stops_a_clique_that_does_not_grow():
+    """Two repeated samples among diverse ones: a clique of 2. After 8 of 24 samples the bound is
+    11.452 (go on; the round ends at 10, the first count where an unchanged clique of 2 falls
+    short: 9.138, while at 9 it is 10.211); the replay stops there; after 12 it is 7.376: stop
+    too. Without the stop the prompt goes on (out of reach comes only at 16 samples)."""
+    rng = np.random.default_rng(3)
+    images = _diverse(24, rng)
+    images[1] = images[0]
+    settings = AdaptiveSettings(first_round=8, growth=1.5, stop_when_unlikely=True)
+    check = check_round(images[:8], settings, 24)
+    assert check == RoundCheck(CONTINUE, 2)
+    assert next_round_end(8, check, 24, settings) == 10
+    assert check_round(images[:12], settings, 24).verdict == UNLIKELY
+    assert adaptive_outcome(lambda k: images[:k], 24, settings) == (10, UNLIKELY)
+    assert check_round(images[:12], AdaptiveSettings(first_round=8, growth=1.5, stop_when_out_of_reach=True), 24).verdict == CONTINUE
+
+
+def test_group_matcher_compares_samples_with_the_groups_training_images(tmp_path):
+    """A sample that is one of the group's images (fitted to the sample size) matches; another
+    group's image, or none found, does not; each key is fetched once."""
+    from PIL import Image
+
+    from pipeline.metrics import TiledL2
+    from pipeline.training_images import GroupMatcher, fit_to
+
+    rng = np.random.default_rng(0)
+    pictures = {key: rng.integers(0, 256, size=(48, 40, 3), dtype=np.uint8) for key in ("a", "b")}
+    for key, array in pictures.items():
+        Image.fromarray(array).save(tmp_path / f"{key}.png")
+    matcher = GroupMatcher({"format": "files", "path": str(tmp_path)}, TiledL2(), threshold=0.15)
+    sample = np.asarray(fit_to(Image.fromarray(pictures["a"]), (32, 32)))[None]
+    assert matcher.any_match(sample, ["a"]) and not matcher.any_match(sample, ["b"])
+    assert not matcher.any_match(sample, ["missing"]) and not matcher.any_match(sample[:0], ["a"])
+    assert set(matcher._images) == {"a", "b", "missing"} and matcher._images["missing"] is None
+    assert [e["key"] for e in matcher.rejects.entries] == ["missing"]
+
+
+def test_stop_when_extracted_without_a_training_set_is_a_config_error(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.cli import CONF_DIR, ConfigError
+    from pipeline.generate import run as run_stage
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n", encoding="utf-8")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="generate", overrides=[f"run_dir={tmp_path}", f"prompts={prompts}", "adaptive.enabled=true",
+                                                         "adaptive.stop_when_extracted=true"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^adaptive.stop_when_extracted: .*data="):
+        run_stage(cfg)
+    assert adaptive_settings({"stop_when_unlikely": True, "stop_when_extracted": True}).stop_when_unlikely

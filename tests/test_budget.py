@@ -112,6 +112,28 @@ def test_written_report_reads_the_prescreen_beside_the_prompts(tmp_path):
     plain = generations.assign(adaptive=None)
     report = write_generation_budget(tmp_path / "gen2", plain, tmp_path / "list.txt", tmp_path / "memorized.parquet")
     assert report["prescreen_evaluations"] == 0 and report["prompts"] == 3
-    assert set(report["missed"]) == {"flagged", "flagged_ids"}
+    assert set(report["missed"]) == {"flagged", "flagged_ids", "extracted_ids", "found"}
     with pytest.raises(ValueError, match="budget.brute_force_memorized"):
         write_generation_budget(tmp_path / "gen3", plain, None, tmp_path / "nowhere.parquet")
+
+
+def test_stops_on_fewer_samples_are_counted_and_named():
+    """Prompts stopped once extracted or unlikely took their verdict on fewer samples than the
+    budget: counted apart and listed; an "extracted" stop is no miss (the prompt is found), an
+    "unlikely" one is when brute force found the prompt."""
+    table = prompts_table([8, 12, 32, 10]).assign(
+        stop_reason=["extracted", "unlikely", None, "no_close_pairs"], stopped_early=[False, False, False, True]
+    )
+    report = generation_budget(table)
+    assert (report["prompts_stopped_extracted"], report["prompts_stopped_unlikely"], report["prompts_stopped_early"]) == (1, 1, 1)
+    assert report["fewer_samples"] == ["00000", "00001"] and report["samples"] == 8 + 12 + 32 + 10
+    text = format_budget(report)
+    assert "1 once extracted" in text and "1 once a clique was unlikely" in text and "00000, 00001" in text
+
+    # Brute force flagged 00002 and extracted 00000 and 00001 (flagged too) and 00003.
+    memorized = pd.DataFrame({"prompt_id": ["00000", "00001", "00002", "00003"], "flagged": [False, True, True, False],
+                              "extracted": [True, True, False, True]})  # fmt: skip
+    out = missed_by_shortcuts(memorized, adaptive=table)
+    assert out["flagged"] == 2 and out["extracted_ids"] == ["00000", "00001", "00003"] and out["found"] == 4
+    assert out["adaptive"]["missed"] == ["00001", "00003"] and out["adaptive"]["recall"] == 0.5
+    assert "of the 4 prompts brute force flagged or extracted" in format_budget({**report, "missed": out})

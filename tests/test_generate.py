@@ -612,3 +612,44 @@ def test_detect_screens_complete_prompts_only_and_every_shard(pipe, model_dir, t
     run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=8, rank=0, world_size=2)
     memorized = run_detect(out, tmp_path / "detect", settings, progress=False).set_index("prompt_id")
     assert memorized["n_samples"].to_dict() == {"00000": FULL, "00001": FULL if "00001" == brute["continues"] else 2, "00002": FULL}
+
+
+def test_stop_when_extracted_stops_at_the_round_holding_a_training_copy_as_its_replay_does(pipe, model_dir, tmp_path, brute, caplog):
+    """Training images: copies of sample 1 of the continuing prompt and of one stopping prompt
+    (their keys); the third prompt carries no keys. The first two stop after their first round as
+    "extracted" (the continuing one would have gone on to the full budget), the third as before;
+    the replay on brute force's samples with the same training images decides the same. Without
+    a training set the setting is refused."""
+    import logging
+    from dataclasses import replace
+
+    from pipeline.generate.adaptive import EXTRACTED, NO_SIGN, adaptive_outcome
+    from pipeline.training_images import GroupMatcher
+
+    keep, copied, bare = brute["continues"], brute["stop"][0], brute["stop"][1]
+    training = tmp_path / "training"
+    training.mkdir()
+    for pid in (keep, copied):
+        Image.fromarray(pixels(sample_path(brute["out"], pid, 1))).save(training / f"copy-{pid}.png")
+    prompts = [replace(p, keys=None if p.prompt_id == bare else (f"copy-{p.prompt_id}",)) for p in ADAPTIVE_PROMPTS]
+    rule = replace(brute["rule"], stop_when_extracted=True)
+    data = {"format": "files", "path": str(training)}
+    with pytest.raises(ValueError, match="adaptive.stop_when_extracted"):
+        run(pipe, model_dir, tmp_path / "refused", prompts=prompts, n_samples=FULL, adaptive=rule)
+    matcher = GroupMatcher(data, rule.rule.metric, rule.rule.threshold)
+    out = tmp_path / "extracted"
+    with caplog.at_level(logging.INFO, logger="pipeline.generate.stage"):
+        summary = run(pipe, model_dir, out, prompts=prompts, n_samples=FULL, batch_size=4, adaptive=rule, matcher=matcher)
+    assert "1 of 3 prompts carry no training keys" in caplog.text
+    table = pd.read_parquet(out / PROMPTS_FILE).set_index("prompt_id")
+    expected = {keep: (2, EXTRACTED), copied: (2, EXTRACTED), bare: (2, NO_SIGN)}
+    replay_matcher = GroupMatcher(data, rule.rule.metric, rule.rule.threshold)
+    for p in prompts:
+        recorded = (int(table.loc[p.prompt_id, "n_generated"]), table.loc[p.prompt_id, "stop_reason"])
+        group = list(p.keys or [])
+        matches = (lambda s, e, pid=p.prompt_id, g=group: replay_matcher.any_match(read_samples(brute["out"], pid, e, start=s), g)) if group else None
+        replayed = adaptive_outcome(lambda k, pid=p.prompt_id: read_samples(brute["out"], pid, k), FULL, rule, matches)
+        assert recorded == replayed == expected[p.prompt_id], p.prompt_id
+    assert (summary.stopped_extracted, summary.stopped_early) == (2, 1)
+    budget = generation_budget(table.reset_index())
+    assert budget["prompts_stopped_extracted"] == 2 and budget["fewer_samples"] == sorted([keep, copied])

@@ -4,6 +4,8 @@ import numpy as np
 
 from pipeline.generate.adaptive import FLAGGED, NO_SIGN, AdaptiveSettings, adaptive_outcome
 from pipeline.generate.rounds import RoundScheduler
+from pipeline.generations import EXTRACTED
+from pipeline.rule import NearCopyRule
 
 
 class FakeFolder:
@@ -87,3 +89,60 @@ def test_adaptive_rounds_decide_as_the_replay_of_a_full_run_does():
     # one once its clique of min_clique (10) exists, before the budget.
     assert outcomes["div"] == (4, NO_SIGN)
     assert outcomes["rep"][1] == FLAGGED and outcomes["rep"][0] < n_samples
+
+
+def matching_folder(first_match: int | None):
+    """A prompt whose samples are near-copies of each other from sample 2 on (so that only the
+    extraction stop or a flag can end it), and whose sample ``first_match`` (and every later one)
+    reproduces a training image; records the ranges asked about."""
+    asked: list[tuple[int, int]] = []
+
+    def make(prompt_id, index):
+        return repeated(prompt_id, index) if index >= 2 else diverse(prompt_id, index)
+
+    def matches(prompt_id, start, end):
+        asked.append((start, end))
+        return first_match is not None and end > first_match
+
+    return FakeFolder(make), matches, asked
+
+
+def test_stop_when_extracted_stops_at_the_first_round_holding_a_match_as_the_replay_does():
+    """The first round ends at 4 samples (a clique of 2: samples 2 and 3), the next at 7, where a
+    clique of 5 could first be complete (4 + 5 - 2). A match at sample 5 stops the prompt after
+    the round that made it (7 samples), checked before the flag that the same round gives; the
+    replay on the full run's samples decides the same, and each round's samples are asked about
+    once."""
+    settings = AdaptiveSettings(enabled=True, first_round=4, growth=2.0, stop_when_flagged=True, stop_when_extracted=True,
+                                rule=NearCopyRule(min_clique=5))  # fmt: skip
+    n_samples = 32
+    for first_match, expected in ((5, (7, EXTRACTED)), (0, (4, EXTRACTED)), (None, None)):
+        folder, matches, asked = matching_folder(first_match)
+        scheduler = RoundScheduler(n_samples, settings, missing=folder.missing, read=folder.read, on_finish=folder.on_finish, matches=matches)
+        made = run_all(scheduler, folder, ["p"], n_samples)
+        full = np.stack([folder.make("p", i) for i in range(n_samples)])
+        replay_asked: list[tuple[int, int]] = []
+
+        def replay_matches(start, end, first_match=first_match):
+            replay_asked.append((start, end))
+            return first_match is not None and end > first_match
+
+        replayed = adaptive_outcome(lambda k: full[:k], n_samples, settings, replay_matches)
+        assert folder.finished == [("p", *replayed)] and made == replayed[0]
+        assert asked == replay_asked and all(a[1] == b[0] for a, b in zip(asked, asked[1:])) and asked[0][0] == 0
+        if expected is not None:
+            assert replayed == expected
+            # Never later than brute force finds the match: the first round end past it.
+            assert replayed[0] > first_match and not any(first_match < end < replayed[0] for _, end in asked)
+        else:
+            assert replayed[1] == FLAGGED  # no match: the clique of 5 (samples 2-6) stops it
+
+
+def test_without_a_match_check_stop_when_extracted_changes_nothing():
+    settings = AdaptiveSettings(enabled=True, first_round=4, growth=2.0, stop_when_flagged=True, stop_when_extracted=True)
+    folder = FakeFolder(repeated)
+    scheduler = RoundScheduler(40, settings, missing=folder.missing, read=folder.read, on_finish=folder.on_finish)
+    run_all(scheduler, folder, ["r"], 40)
+    full = np.stack([repeated("r", i) for i in range(40)])
+    assert folder.finished == [("r", *adaptive_outcome(lambda k: full[:k], 40, settings))]
+    assert folder.finished[0][2] == FLAGGED

@@ -21,9 +21,10 @@ def bench():
 def tiny_run(bench, tmp_path_factory):
     """The --tiny run. The random model's samples are near-binary noise whose pair distances
     cluster at 0.736, 0.75, 0.764...; a threshold between 0.75 and 0.764 and cliques of 2 make
-    brute force flag some prompts and not others, so that every shortcut has something to miss."""
+    brute force flag prompts, so that every shortcut has something to miss. Their distances to
+    the training images are 0.47 and more: a verification threshold of 0.5 extracts few."""
     out = tmp_path_factory.mktemp("screen") / "run"
-    result = bench.main(["--tiny", "--threshold", "0.757", "--min-clique", "2", "--out", str(out)])
+    result = bench.main(["--tiny", "--threshold", "0.757", "--min-clique", "2", "--delta", "0.5", "--out", str(out)])
     return result, out
 
 
@@ -43,7 +44,10 @@ def test_budget_figures_follow_from_the_runs(tiny_run):
     assert screened["stopped_early"] == int(table.stopped_early.sum()) == int((table.stop_reason == "no_close_pairs").sum())
     assert screened["stopped_flagged"] == int((table.stop_reason == "flagged").sum())
     assert screened["stopped_out_of_reach"] == int((table.stop_reason == "out_of_reach").sum())
-    stopped = screened["stopped_early"] + screened["stopped_flagged"] + screened["stopped_out_of_reach"]
+    assert screened["stopped_extracted"] == int((table.stop_reason == "extracted").sum())
+    assert screened["stopped_unlikely"] == int((table.stop_reason == "unlikely").sum())
+    assert screened["fewer_samples"] == sorted(table.prompt_id[table.stop_reason.isin(["extracted", "unlikely"])])
+    stopped = sum(screened[k] for k in ("stopped_early", "stopped_flagged", "stopped_out_of_reach", "stopped_extracted", "stopped_unlikely"))
     assert stopped == int((table.n_generated < samples).sum())
 
 
@@ -57,17 +61,21 @@ def test_screened_samples_are_the_brute_force_samples(tiny_run):
 
 
 def test_recall_and_the_replayed_misses_agree(tiny_run):
-    """Brute force flagged prompts; the screened run flags exactly those that neither shortcut,
-    replayed on brute force's samples, would have missed (same seeds give the same samples)."""
+    """Brute force found (flagged or extracted) prompts; the screened run finds exactly those
+    that neither shortcut, replayed on brute force's samples, would have missed (same seeds give
+    the same samples, and a stop once extracted finds the match brute force finds)."""
     result, out = tiny_run
-    brute, screened = set(result["brute_force"]["flagged"]), set(result["screened"]["flagged"])
+    brute, screened = set(result["brute_force"]["found"]), set(result["screened"]["found"])
     assert brute, "the tiny run is meant to flag something; see the fixture"
+    assert brute == set(result["brute_force"]["flagged"]) | set(result["brute_force"]["extracted"])
     assert screened == brute - set(result["missed"]["both"])
     assert set(result["missed"]["both"]) == set(result["missed"]["prescreen"]) | set(result["missed"]["adaptive"])
     assert set(result["missed"]["prescreen"]) == brute - set(result["screened"]["kept"])
     assert result["recall"] == pytest.approx(len(screened & brute) / len(brute))
     memorized = pd.read_parquet(out / "brute" / "detect" / "memorized.parquet")
-    assert set(memorized.loc[memorized.flagged, "prompt_id"]) == brute
+    assert set(memorized.loc[memorized.flagged, "prompt_id"]) == set(result["brute_force"]["flagged"])
+    pairs = pd.read_parquet(out / "brute" / "detect" / "extracted.parquet")
+    assert set(pairs.loc[pairs.in_group.fillna(False).astype(bool), "prompt_id"]) == set(result["brute_force"]["extracted"])
 
 
 def test_printed_table_and_result_line(bench, tiny_run, capsys, tmp_path):
@@ -93,3 +101,30 @@ def test_prompt_list_covers_every_band(bench):
     assert {p.dup_count for p in all_multi[4:]} == {1}
     few = bench.demo_prompts(truth, 3)
     assert [p.dup_count for p in few] == [150, 10, 1]  # one of each band
+
+
+def test_seeds_print_each_row_and_the_worst_and_brute_force_extrapolates_exactly(bench, tmp_path, capsys):
+    """--seeds 0,1 with brute force on the duplicated prompts and 2 of the singletons: a row per
+    seed and the worst; brute force's cost is prompts x samples x steps x 2, exactly, although
+    it sampled fewer prompts."""
+    out = tmp_path / "seeds"
+    result = bench.main(["--tiny", "--threshold", "0.757", "--min-clique", "2", "--delta", "0.5", "--seeds", "0,1",
+                         "--brute-singletons", "2", "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    runs = result["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    for r in runs:
+        n, samples, steps = r["prompts"], r["n_samples"], r["steps"]
+        assert r["brute_force"]["unet_evaluations"] == n * samples * steps * 2
+        assert r["brute_force"]["singletons_sampled"] == 2 and r["brute_force"]["prompts_sampled"] == 4 + 2  # 4 duplicated originals
+        table = pd.read_parquet(out / f"seed_{r['seed']}" / "brute" / "generations" / "prompts.parquet")
+        assert len(table) == 6 and int(table.n_generated.sum()) == 6 * samples
+        assert r["evaluation_fraction"] == pytest.approx(r["screened"]["unet_evaluations"] / (n * samples * steps * 2))
+        assert f"screen_bench seed {r['seed']}:" in printed
+    worst = result["worst"]
+    assert worst["evaluation_fraction"] == max(r["evaluation_fraction"] for r in runs)
+    recalls = [r["recall"] for r in runs if r["recall"] == r["recall"]]
+    assert worst["recall"] == min(recalls) if recalls else worst["recall"] != worst["recall"]
+    rows = [line.split() for line in printed.splitlines() if line.split()[:1] in (["0"], ["1"], ["worst"])]
+    assert [row[0] for row in rows] == ["0", "1", "worst"]
+    assert "targets on every seed:" in printed

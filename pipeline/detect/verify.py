@@ -34,19 +34,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.data import open_dataset
-from pipeline.data.files import IMAGE_SUFFIXES
-from pipeline.data.images import BadImage, decode_image
 from pipeline.data.rejects import RejectLog
 from pipeline.distance import embed_images
 from pipeline.embedders.base import Embedder
@@ -56,6 +54,7 @@ from pipeline.io import atomic_write, write_json, write_parquet
 from pipeline.layout import EXTRACTED_COLUMNS, VERIFICATION_COLUMNS, normalise_keys
 from pipeline.metrics import Metric, TiledL2
 from pipeline.stats import wilson_interval
+from pipeline.training_images import fetch_training_images, fit_batch, fit_to, sample_distances  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +62,6 @@ log = logging.getLogger(__name__)
 MATCH_IMAGE_SIDE = 512
 # Verification's own folder under the detector's: executor markers, per-prompt results, rejects, stats.
 VERIFY_DIR = "verify"
-
-
-def fit_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Center-crop ``image`` to the aspect ratio of ``size`` = (height, width) and resize to it."""
-    height, width = size
-    return ImageOps.fit(image.convert("RGB"), (width, height), method=Image.Resampling.BICUBIC)
 
 
 def _crop_for_display(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -136,78 +129,6 @@ class EmbeddingIndex:
             )
         _, ids = self.index.search(queries, min(k, len(self.keys)))
         return [[self.keys[i] for i in row if i >= 0] for row in ids]
-
-
-def fetch_training_images(
-    data: Mapping[str, Any], keys: Iterable[str], rejects: RejectLog | None = None, progress: bool = False
-) -> dict[str, Image.Image]:
-    """Decode the training images with the given keys from the data set ``data`` (a ``data`` config).
-
-    The ``files`` layout is opened by key directly (``<path>/<key>.jpg``); other formats, and
-    keys not found that way, are collected while streaming the data set once. Keys not found at
-    all, or that do not decode, go to ``rejects``.
-    """
-    rejects = rejects if rejects is not None else RejectLog()
-    wanted = set(keys)
-    found: dict[str, Image.Image] = {}
-    if data.get("format") == "files" and data.get("path"):
-        root = Path(data["path"])
-        for key in sorted(wanted):
-            for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
-                path = root / f"{key}{suffix}"
-                if path.is_file():
-                    try:
-                        found[key] = decode_image(path.read_bytes())
-                    except (BadImage, OSError) as err:
-                        rejects.add(key, str(path), str(err))
-                    break
-    remaining = wanted - found.keys() - {entry["key"] for entry in rejects.entries}
-    if remaining:
-        # Records that do not decode are not ours to report unless we wanted them.
-        stream_rejects = RejectLog()
-        for record in open_dataset(data, rejects=stream_rejects, progress=progress, require_nonempty=False):
-            if record.key in remaining:
-                found[record.key] = record.image
-                remaining.discard(record.key)
-                if not remaining:
-                    break
-        for entry in stream_rejects.entries:
-            if entry["key"] in remaining:
-                rejects.add(entry["key"], entry["source"], entry["reason"])
-                remaining.discard(entry["key"])
-    for key in sorted(remaining):
-        rejects.add(key, str(data.get("path")), "missing training image: no record with this key in the data set")
-    return found
-
-
-def fit_batch(images: Sequence[Image.Image], size: tuple[int, int]) -> np.ndarray:
-    """Training images fitted (:func:`fit_to`) to ``size`` = (height, width): uint8 (M, H, W, 3)."""
-    height, width = size
-    if not images:
-        return np.zeros((0, height, width, 3), dtype=np.uint8)
-    return np.stack([np.asarray(fit_to(image, size)) for image in images])
-
-
-def sample_distances(samples: np.ndarray, training: Sequence[Image.Image], metric: Metric, chunk: int = 256) -> np.ndarray:
-    """``metric`` from every sample to every training image: float64 (N, M).
-
-    ``samples``: uint8 (N, H, W, 3), one prompt's samples (one size). ``training``: M training
-    images, each fitted to the samples' size first (center crop to their aspect ratio, then
-    resize, as Stable Diffusion's training data was prepared). The training images go through
-    the metric ``chunk`` at a time, each chunk against all samples in one batched call (for
-    tiled L2, matrix products), so memory stays bounded and no Python loop runs over pairs.
-    """
-    samples = np.asarray(samples)
-    if samples.ndim != 4 or samples.shape[-1] != 3:
-        raise ValueError(f"samples: expected (N, H, W, 3), got {samples.shape}")
-    out = np.empty((len(samples), len(training)), dtype=np.float64)
-    if not len(samples) or not len(training):
-        return out
-    size = samples.shape[1:3]
-    for start in range(0, len(training), max(1, int(chunk))):
-        fitted = fit_batch(training[start : start + chunk], size)
-        out[:, start : start + len(fitted)] = np.asarray(metric.distances(samples, fitted), dtype=np.float64)
-    return out
 
 
 @dataclass

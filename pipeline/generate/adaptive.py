@@ -23,6 +23,27 @@ With either stop on, a round also ends early at the first sample count where tha
 apply (``min_clique - c`` more samples for a flag; ``budget - min_clique + c + 1`` for out of
 reach), since no check before it can decide anything and none after it should wait.
 
+Two more stops take the verdict on fewer samples than the budget (the budget report counts
+them apart; the prompt's clique size and reproduction rate are those of the samples made):
+
+* ``stop_when_extracted`` (needs a training set): each round's new samples are compared with
+  the prompt's training candidates (its duplicate group); the prompt stops as soon as one
+  sample is within the verification threshold of one of them. It is then extracted whatever
+  the later samples are (verification's verdict cannot be undone by more samples), though a
+  clique it would have formed later is not formed (the clique verdict is the samples made).
+  Checked at each round end before the checks above, so an extracted prompt is never stopped
+  for another reason.
+* ``stop_when_unlikely``: a heuristic, not a proof. After a round with ``m`` readable samples,
+  a largest clique of ``c`` (proven maximum), no training match (when checked) and ``r``
+  samples of the budget left, the clique is taken to grow at most at the rate at which
+  samples so far fall into it: the upper end ``p+`` of the 95% Wilson interval of ``c`` in
+  ``m`` (:func:`pipeline.stats.wilson_interval`). When ``c + p+ r < min_clique`` the prompt
+  stops (:func:`unlikely_to_complete`). It can be wrong: a prompt whose samples join a clique
+  faster later than they did so far, or whose final clique is made of other samples, is
+  missed; the benchmark (``benchmarks/screen_bench.py``) counts such misses by replaying the
+  rule on brute force's samples. With it on, a round also ends at the first count at which the
+  bound would stop the prompt if its clique did not grow.
+
 A sample that cannot be read is left out of the checks, as the detector leaves it out: the
 clique of the samples read plus the samples left is still a bound on the detector's.
 """
@@ -38,8 +59,9 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from pipeline.cli import ConfigError, config_int, config_number
-from pipeline.generations import FLAGGED, NO_SIGN, OUT_OF_REACH
+from pipeline.generations import EXTRACTED, FLAGGED, NO_SIGN, OUT_OF_REACH, UNLIKELY
 from pipeline.rule import NearCopyRule
+from pipeline.stats import Z_95, wilson_interval
 
 # A round check's verdicts: go on, or one of the stop reasons recorded in the generations folder.
 CONTINUE = "continue"
@@ -50,6 +72,9 @@ MIN_ROUND_SHARE = 1 / 16
 MOVED_KEYS = {"threshold": "rule.threshold", "min_clique": "rule.min_clique", "grid": "metric.grid"}
 
 Images = np.ndarray | Sequence[np.ndarray]
+# matches(start, end): whether any of a prompt's samples [start, end) is within the verification
+# threshold of one of its training candidates (stop_when_extracted).
+Matches = Callable[[int, int], bool]
 
 
 @dataclass(frozen=True)
@@ -59,7 +84,11 @@ class AdaptiveSettings:
     Sampling continues after a round while the samples so far have at least
     ``min_close_pairs`` near-copy pairs under ``rule`` (the detector's), and, with
     ``stop_when_flagged``, no clique of ``rule.min_clique`` of them yet (the detector's flag),
-    and, with ``stop_when_out_of_reach``, the remaining budget could still complete one.
+    and, with ``stop_when_out_of_reach``, the remaining budget could still complete one, and,
+    with ``stop_when_extracted``, none of them is within the verification threshold of one of
+    the prompt's training images (the caller supplies that check), and, with
+    ``stop_when_unlikely``, the clique's growth bound still reaches ``rule.min_clique`` (see the
+    module doc).
     """
 
     enabled: bool = False
@@ -68,6 +97,8 @@ class AdaptiveSettings:
     min_close_pairs: int = 1
     stop_when_flagged: bool = False
     stop_when_out_of_reach: bool = False
+    stop_when_extracted: bool = False
+    stop_when_unlikely: bool = False
     rule: NearCopyRule = field(default_factory=NearCopyRule)
 
     def __post_init__(self):
@@ -83,7 +114,7 @@ class AdaptiveSettings:
     @property
     def needs_clique(self) -> bool:
         """Whether a check searches the largest clique (only the stops on the verdict need it)."""
-        return self.stop_when_flagged or self.stop_when_out_of_reach
+        return self.stop_when_flagged or self.stop_when_out_of_reach or self.stop_when_unlikely
 
     @property
     def min_clique(self) -> int:
@@ -104,6 +135,20 @@ class RoundCheck:
 
     verdict: str
     clique_size: int | None = None
+
+
+def clique_growth_bound(clique: int, samples: int, remaining: int, z: float = Z_95) -> float:
+    """``clique + remaining * p+``: the largest clique ``stop_when_unlikely`` expects by the end
+    of the budget, where ``p+`` is the upper end of the Wilson interval (normal quantile ``z``,
+    95% by default) of ``clique`` members among ``samples`` (the rate at which samples so far
+    fell into the clique). ``clique <= samples``; ``remaining >= 0``."""
+    _, high = wilson_interval(clique, samples, z)
+    return clique + remaining * high
+
+
+def unlikely_to_complete(clique: int, samples: int, remaining: int, min_clique: int, z: float = Z_95) -> bool:
+    """Whether :func:`clique_growth_bound` falls short of ``min_clique`` (stop ``UNLIKELY``)."""
+    return clique_growth_bound(clique, samples, remaining, z) < min_clique
 
 
 def round_ends(n_samples: int, settings: AdaptiveSettings) -> list[int]:
@@ -142,10 +187,12 @@ def check_round(images: Images, settings: AdaptiveSettings, n_samples: int | Non
     """The decision after a round, from the samples so far (uint8 (N, H, W, 3), or a list).
 
     The verdict is ``CONTINUE``, ``NO_SIGN`` (stop: fewer than ``min_close_pairs`` near-copy
-    pairs), ``FLAGGED`` (stop: the rule's verdict flags them already) or ``OUT_OF_REACH``
+    pairs), ``FLAGGED`` (stop: the rule's verdict flags them already), ``OUT_OF_REACH``
     (stop: ``n_samples``, the prompt's budget, leaves too few samples to complete a clique;
-    needs ``n_samples``). ``made`` is how many samples the prompt has (default
-    ``len(images)``; more when some could not be read and are not in ``images``).
+    needs ``n_samples``) or ``UNLIKELY`` (stop: the clique's growth bound falls short, see
+    :func:`unlikely_to_complete`; needs ``n_samples``). ``made`` is how many samples the prompt
+    has (default ``len(images)``; more when some could not be read and are not in ``images``).
+    A training match (``stop_when_extracted``) is checked by the caller, before this.
     """
     if len(images) < 2:
         return RoundCheck(NO_SIGN)
@@ -165,6 +212,11 @@ def check_round(images: Images, settings: AdaptiveSettings, n_samples: int | Non
     remaining = None if n_samples is None else int(n_samples) - made
     if settings.stop_when_out_of_reach and verdict["clique_exact"] and remaining is not None and size + remaining < rule.min_clique:
         return RoundCheck(OUT_OF_REACH, size)
+    # The rate is that of the samples read (the clique is among them); the budget left counts from
+    # the samples made.
+    if (settings.stop_when_unlikely and verdict["clique_exact"] and remaining is not None
+            and unlikely_to_complete(size, len(images), remaining, rule.min_clique)):  # fmt: skip
+        return RoundCheck(UNLIKELY, size)
     return RoundCheck(CONTINUE, size)
 
 
@@ -188,28 +240,43 @@ def next_round_end(made: int, check: RoundCheck, n_samples: int, settings: Adapt
         decisive.append(made + settings.rule.min_clique - check.clique_size)
     if settings.stop_when_out_of_reach:
         decisive.append(n_samples - settings.rule.min_clique + check.clique_size + 1)
+    if settings.stop_when_unlikely:
+        # The first count at which the bound stops the prompt if its clique does not grow (the
+        # bound falls as samples come and the budget shrinks); none before the budget: no entry.
+        # The samples are counted as made, whatever some unreadable ones would change.
+        first = next((k for k in range(made + 1, n_samples) if unlikely_to_complete(check.clique_size, k, n_samples - k, settings.rule.min_clique)), None)
+        if first is not None:
+            decisive.append(first)
     if not decisive:
         return scheduled
     shortest = made + max(1, math.ceil(made * MIN_ROUND_SHARE))
     return min(scheduled, max(min(decisive), shortest))
 
 
-def adaptive_outcome(first: Callable[[int], Images], n_samples: int, settings: AdaptiveSettings) -> tuple[int, str | None]:
+def adaptive_outcome(
+    first: Callable[[int], Images], n_samples: int, settings: AdaptiveSettings, matches: Matches | None = None
+) -> tuple[int, str | None]:
     """What adaptive sampling makes of one prompt: ``(samples made, stop reason)``.
 
-    The reason is ``NO_SIGN``, ``FLAGGED`` or ``OUT_OF_REACH`` for a prompt stopped before
-    ``n_samples``, None for one sampled in full. ``first(k)`` returns the readable ones among
-    the prompt's first ``k`` samples (uint8 (k, H, W, 3), or a list). Since sample ``i`` comes
-    from its own seed, the samples of a brute-force run give the adaptive run's decisions
+    The reason is ``NO_SIGN``, ``FLAGGED``, ``OUT_OF_REACH``, ``EXTRACTED`` or ``UNLIKELY`` for
+    a prompt stopped before ``n_samples``, None for one sampled in full. ``first(k)`` returns
+    the readable ones among the prompt's first ``k`` samples (uint8 (k, H, W, 3), or a list);
+    ``matches(start, end)``, with ``stop_when_extracted``, whether one of samples
+    ``[start, end)`` is within the verification threshold of one of the prompt's training
+    images (None: never, as for a prompt without training candidates). Since sample ``i``
+    comes from its own seed, the samples of a brute-force run give the adaptive run's decisions
     exactly, without sampling again (what the budget report uses).
     """
     n_samples = int(n_samples)
-    made = round_ends(n_samples, settings)[0]
+    start, made = 0, round_ends(n_samples, settings)[0]
     while made < n_samples:
+        # Each round's new samples once: a match in an earlier round would have stopped it there.
+        if settings.stop_when_extracted and matches is not None and matches(start, made):
+            return made, EXTRACTED
         check = check_round(first(made), settings, n_samples, made=made)
         if check.verdict != CONTINUE:
             return made, check.verdict
-        made = next_round_end(made, check, n_samples, settings)
+        start, made = made, next_round_end(made, check, n_samples, settings)
     return made, None
 
 

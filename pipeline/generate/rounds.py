@@ -3,7 +3,9 @@
 Without adaptive sampling a prompt has one round, all ``n_samples`` of it. With it
 (:mod:`pipeline.generate.adaptive`), rounds end at :func:`pipeline.generate.adaptive.round_ends` (or sooner, see
 :func:`pipeline.generate.adaptive.next_round_end`), and after each one the samples so far go through
-:func:`pipeline.generate.adaptive.check_round`, which lets the prompt go on or stops it.
+:func:`pipeline.generate.adaptive.check_round`, which lets the prompt go on or stops it; with
+``stop_when_extracted``, the round's new samples are first compared with the prompt's training
+images (``matches``), and a match stops the prompt.
 
 :class:`RoundScheduler` holds that state for every unfinished prompt and nothing else: it
 touches no file and no model. The generator's loop asks it what to sample (:meth:`start`),
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 from pipeline.generate.adaptive import CONTINUE, AdaptiveSettings, Images, check_round, next_round_end, round_ends
 from pipeline.generate.sampling import SampleTask
+from pipeline.generations import EXTRACTED
 
 # missing(prompt_id, start, end): indexes in [start, end) with no sample on disk yet.
 Missing = Callable[[str, int, int], Sequence[int]]
@@ -27,6 +30,9 @@ ReadBack = Callable[[str, int], Images]
 # on_finish(prompt_id, made, reason): the prompt is done with ``made`` samples; ``reason`` is
 # adaptive sampling's stop reason, or None when it got all ``n_samples``.
 OnFinish = Callable[[str, int, "str | None"], None]
+# matches(prompt_id, start, end): whether one of samples [start, end) is within the verification
+# threshold of one of the prompt's training candidates (stop_when_extracted).
+MatchCheck = Callable[[str, int, int], bool]
 
 
 @dataclass
@@ -45,8 +51,9 @@ class RoundScheduler:
     """The rounds of every unfinished prompt of one generator run; see the module doc.
 
     ``n_samples``: each prompt's budget. ``adaptive``: the settings (None or disabled: one
-    round of ``n_samples``). ``missing``, ``read`` and ``on_finish`` connect it to the folder
-    (see their type aliases above).
+    round of ``n_samples``). ``missing``, ``read``, ``on_finish`` and ``matches`` connect it to
+    the folder and the training set (see their type aliases above); without ``matches``,
+    ``stop_when_extracted`` never stops a prompt.
     """
 
     def __init__(
@@ -57,11 +64,13 @@ class RoundScheduler:
         missing: Missing,
         read: ReadBack,
         on_finish: OnFinish,
+        matches: MatchCheck | None = None,
     ):
         self.n_samples = int(n_samples)
         self.adaptive = adaptive if adaptive is not None and adaptive.enabled else None
         self.ends = round_ends(self.n_samples, self.adaptive) if self.adaptive is not None else [self.n_samples]
         self._missing, self._read, self._on_finish = missing, read, on_finish
+        self._matches = matches if self.adaptive is not None and self.adaptive.stop_when_extracted else None
         self._active: dict[str, _PromptRound] = {}
 
     @property
@@ -96,6 +105,9 @@ class RoundScheduler:
                 return [SampleTask(prompt_id, state.caption, i, int(state.seeds[i])) for i in todo]
             if state.end == self.n_samples:
                 return self._finish(prompt_id, state.end, None)
+            # Each round's samples once, in order: a match in an earlier round would have stopped it.
+            if self._matches is not None and self._matches(prompt_id, state.start, state.end):
+                return self._finish(prompt_id, state.end, EXTRACTED)
             check = check_round(self._read(prompt_id, state.end), self.adaptive, self.n_samples, made=state.end)
             if check.verdict != CONTINUE:
                 return self._finish(prompt_id, state.end, check.verdict)

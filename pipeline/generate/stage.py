@@ -29,7 +29,11 @@ still mix prompts; after a round, a prompt whose samples so far have no pair of 
 with ``stopped_early``). Optional stops end a prompt once the detector's verdict is decided: a
 clique of ``rule.min_clique`` exists (``stop_when_flagged``), or the remaining budget can no
 longer complete one (``stop_when_out_of_reach``); rounds then also end where such a stop could
-first apply. Its samples are the first ones of the brute-force run, with the same seeds. A
+first apply. Two more take the verdict on fewer samples: ``stop_when_extracted`` (with a
+training set, ``data=``) stops a prompt once a sample of a round is within the rule's threshold
+of one of its own training images (its ``keys``; prompts without keys are not stopped that
+way), and ``stop_when_unlikely`` once a statistical bound on its clique's growth falls short of
+``rule.min_clique`` (a heuristic, see :mod:`pipeline.generate.adaptive`). Its samples are the first ones of the brute-force run, with the same seeds. A
 brute-force rerun over the folder fills stopped prompts up; an adaptive rerun with other
 settings or another rule decides again from the samples on disk. A sample that cannot be read
 back is left out of the checks (as the detector leaves it out) and recorded in
@@ -49,8 +53,8 @@ and ``runtime`` (JSON: device and speed options, see :class:`pipeline.models.Run
 ``adaptive`` (JSON of :meth:`pipeline.generate.adaptive.AdaptiveSettings.describe`: the settings
 and, under ``rule``, the near-copy rule; null when off), ``n_generated`` (samples made so far, of
 ``n_samples``), ``stopped_early`` (stopped with no near-copy pair) and ``stop_reason``
-(:mod:`pipeline.generate.adaptive`'s ``no_close_pairs``, ``flagged`` or ``out_of_reach``; null when
-sampled in full).
+(:mod:`pipeline.generate.adaptive`'s ``no_close_pairs``, ``flagged``, ``out_of_reach``, ``extracted``
+or ``unlikely``; null when sampled in full).
 """
 
 from __future__ import annotations
@@ -68,16 +72,16 @@ from typing import Any
 import hydra
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline.budget import format_budget, write_generation_budget
-from pipeline.cli import CONF_DIR, config_int, config_number, stage_main
+from pipeline.cli import CONF_DIR, ConfigError, config_int, config_number, stage_main
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
 from pipeline.executor import StepContext, Unit, merge_rejects, run_step
-from pipeline.generate.adaptive import FLAGGED, NO_SIGN, OUT_OF_REACH, AdaptiveSettings, adaptive_settings
-from pipeline.generate.families import family_of
+from pipeline.families import family_of
+from pipeline.generate.adaptive import AdaptiveSettings, adaptive_settings
 from pipeline.generate.rounds import RoundScheduler
 from pipeline.generate.sampling import (
     SEED_RULE,
@@ -90,6 +94,12 @@ from pipeline.generate.sampling import (
     sample_seed,
 )
 from pipeline.generations import (
+    EXTRACTED,
+    FLAGGED,
+    NO_SIGN,
+    OUT_OF_REACH,
+    STOP_REASONS,
+    UNLIKELY,
     Sample,
     consolidate_prompts,
     load_prompts,
@@ -100,9 +110,11 @@ from pipeline.generations import (
     shard_file,
 )
 from pipeline.io import atomic_write, write_json, write_parquet
+from pipeline.layout import normalise_keys
 from pipeline.models import Runtime, load_model, make_runtime, resolve_device
 from pipeline.prompts import Prompt, read_prompts, shard_prompts
 from pipeline.rule import rule_from_config
+from pipeline.training_images import GroupMatcher
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +197,14 @@ def missing_samples(out_dir: Path, prompt_id: str, end: int, start: int = 0) -> 
     return [i for i in range(start, end) if not sample_path(out_dir, prompt_id, i).exists()]
 
 
-def read_samples(out_dir: Path, prompt_id: str, count: int, rejects: RejectLog | None = None) -> np.ndarray | list[np.ndarray]:
-    """The first ``count`` samples of ``prompt_id`` that can be read, as uint8 (k, H, W, 3) with
-    k <= count (a list when their sizes differ). A sample that is missing or does not decode is
-    skipped and recorded in ``rejects``, as the detector skips it (:func:`pipeline.generations.load_samples`)."""
-    samples = [Sample(index, f"{prompt_id}/{sample_path(out_dir, prompt_id, index).name}") for index in range(count)]
+def read_samples(
+    out_dir: Path, prompt_id: str, count: int, rejects: RejectLog | None = None, start: int = 0
+) -> np.ndarray | list[np.ndarray]:
+    """The samples ``[start, count)`` of ``prompt_id`` (default: the first ``count``) that can be
+    read, as uint8 (k, H, W, 3) with k <= count - start (a list when their sizes differ). A
+    sample that is missing or does not decode is skipped and recorded in ``rejects``, as the
+    detector skips it (:func:`pipeline.generations.load_samples`)."""
+    samples = [Sample(index, f"{prompt_id}/{sample_path(out_dir, prompt_id, index).name}") for index in range(start, count)]
     _, images = load_samples(out_dir, samples, rejects)
     if images and all(image.shape == images[0].shape for image in images):
         return np.stack(images)
@@ -206,6 +221,8 @@ class GenerationSummary:
     stopped_flagged: int = 0  # prompts this run stopped early because they were already flagged
     stopped_out_of_reach: int = 0  # prompts this run stopped because their budget could no longer complete a clique
     samples_rejected: int = 0  # samples adaptive sampling could not read back, left out of its checks (rejects.jsonl)
+    stopped_extracted: int = 0  # prompts this run stopped once a sample reproduced one of their training images
+    stopped_unlikely: int = 0  # prompts this run stopped because a clique was unlikely to complete (a heuristic)
 
     @property
     def images_per_s(self) -> float:
@@ -225,20 +242,23 @@ class GenerateStep:
     ``n_generated``, ``stopped_early``, ``stop_reason`` and, when stopped, the ``adaptive``
     settings). :meth:`run` samples every unfinished prompt's rounds
     (:class:`pipeline.generate.rounds.RoundScheduler`) in batches that mix prompts, writing PNGs on
-    ``png_workers`` threads."""
+    ``png_workers`` threads. With ``stop_when_extracted``, ``matcher`` compares each round's new
+    samples with the training images of the prompt's ``keys`` (a prompt without keys is never
+    stopped that way)."""
 
     name = "generate"
 
     def __init__(self, pipe, rows: list[dict[str, Any]], out_dir: Path, *, settings: SamplingSettings, n_samples: int,
                  batch_size: int, adaptive: AdaptiveSettings | None, png_workers: int, png_compress_level: int,
-                 on_batch: Callable[[list[SampleTask]], None] | None):  # fmt: skip
+                 on_batch: Callable[[list[SampleTask]], None] | None, matcher: GroupMatcher | None = None):  # fmt: skip
         self.pipe, self.rows, self.out_dir, self.settings = pipe, rows, out_dir, settings
         self.n_samples, self.batch_size, self.adaptive = n_samples, batch_size, adaptive
         self.png_workers, self.png_compress_level = max(1, int(png_workers)), png_compress_level
         self.on_batch = on_batch
+        self.matcher = matcher
         self.made = 0
         self.seconds = 0.0
-        self.stops = {NO_SIGN: 0, FLAGGED: 0, OUT_OF_REACH: 0}
+        self.stops = dict.fromkeys(STOP_REASONS, 0)
         self.rejected: set[str] = set()
 
     def units(self, rank: int, world_size: int) -> list[Unit]:
@@ -271,17 +291,27 @@ class GenerateStep:
         by_name = {unit.name: unit for unit in units}
         seeds = {row["prompt_id"]: row["seeds"] for row in self.rows}
         captions = {row["prompt_id"]: row["caption"] for row in self.rows}
+        groups = {row["prompt_id"]: normalise_keys(row.get("keys")) or [] for row in self.rows}
 
         def read_back(prompt_id: str, count: int):
             """The readable ones among a prompt's first ``count`` samples; a sample that cannot be
             read is left out of the checks, as the detector leaves it out, and recorded once."""
+            return read_range(prompt_id, 0, count)
+
+        def read_range(prompt_id: str, start: int, end: int):
             found = RejectLog()
-            images = read_samples(out_dir, prompt_id, count, found)
+            images = read_samples(out_dir, prompt_id, end, found, start=start)
             for entry in found.entries:
                 if entry["key"] not in self.rejected:
                     self.rejected.add(entry["key"])
                     ctx.rejects.add(entry["key"], entry["source"], entry["reason"])
             return images
+
+        def matches(prompt_id: str, start: int, end: int) -> bool:
+            """Whether one of samples [start, end) reproduces one of the prompt's own training images."""
+            if self.matcher is None or not groups[prompt_id]:
+                return False
+            return self.matcher.any_match(read_range(prompt_id, start, end), groups[prompt_id])
 
         def finish(prompt_id: str, made: int, reason: str | None) -> None:
             # ``stopped_early`` means "stopped with no sign of memorization" (what a shortcut can
@@ -297,7 +327,7 @@ class GenerateStep:
         scheduler = RoundScheduler(
             n_samples, self.adaptive,
             missing=lambda prompt_id, start, end: missing_samples(out_dir, prompt_id, end, start=start),
-            read=read_back, on_finish=finish,
+            read=read_back, on_finish=finish, matches=matches,
         )  # fmt: skip
         queue: deque[SampleTask] = deque()
         queued_per_caption: Counter[str] = Counter()
@@ -385,6 +415,7 @@ def generate(
     progress: bool = True,
     on_batch: Callable[[list[SampleTask]], None] | None = None,
     adaptive: AdaptiveSettings | None = None,
+    matcher: GroupMatcher | None = None,
 ) -> GenerationSummary:
     """Make the missing samples of this shard's ``prompts`` into ``out_dir``; see the module doc.
 
@@ -392,7 +423,8 @@ def generate(
     and runs it through the stage executor (:class:`GenerateStep`), which skips the prompts
     already complete. ``on_batch(tasks)`` is called after each batch is handed to the PNG
     writers (for tests and monitoring; an exception there stops the run as a crash would,
-    leaving it resumable).
+    leaving it resumable). ``matcher``: the training images for ``adaptive.stop_when_extracted``
+    (required by it), compared with the samples of prompts that carry ``keys``.
     """
     if int(n_samples) < 1:
         raise ValueError(f"n_samples: must be at least 1, got {n_samples}")
@@ -401,6 +433,8 @@ def generate(
     n_samples, batch_size = int(n_samples), int(batch_size)
     if adaptive is not None and not adaptive.enabled:
         adaptive = None
+    if adaptive is not None and adaptive.stop_when_extracted and matcher is None:
+        raise ValueError("adaptive.stop_when_extracted: needs a training set to compare samples with (data=...)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index_of = {p.prompt_id: i for i, p in enumerate(prompts)}
@@ -422,9 +456,15 @@ def generate(
         for p in mine
     ]
 
+    if adaptive is not None and adaptive.stop_when_extracted:
+        without = sum(not row["keys"] for row in rows)
+        if without:
+            log.info("generate: %d of %d prompts carry no training keys (no duplicate group): stop_when_extracted cannot "
+                     "stop them", without, len(rows))
     step = GenerateStep(
         pipe, rows, out_dir, settings=settings, n_samples=n_samples, batch_size=batch_size, adaptive=adaptive,
         png_workers=png_workers, png_compress_level=png_compress_level, on_batch=on_batch,
+        matcher=matcher if adaptive is not None and adaptive.stop_when_extracted else None,
     )  # fmt: skip
     ctx = run_step(step, out_dir, rank=rank, world_size=world_size, progress=progress, logs_dir=out_dir / LOGS_DIR)
     step.write_shard_file(rank, world_size)
@@ -434,14 +474,15 @@ def generate(
     stops = step.stops
     summary = GenerationSummary(
         len(mine), ctx.skipped, step.made, step.seconds,
-        stops[NO_SIGN], stops[FLAGGED], stops[OUT_OF_REACH], len(step.rejected),
+        stops[NO_SIGN], stops[FLAGGED], stops[OUT_OF_REACH], len(step.rejected), stops[EXTRACTED], stops[UNLIKELY],
     )  # fmt: skip
     if step.rejected:
         log.warning("generate: %d sample(s) could not be read back and were left out of adaptive sampling's checks: %s",
                     len(step.rejected), ctx.rejects.summary())
     log.info("generate: made %d images in %.1f s (%.2f images/s)%s", step.made, step.seconds, summary.images_per_s,
              f"; {stops[NO_SIGN]} prompts stopped early with no near-copy pair, {stops[FLAGGED]} once flagged, "
-             f"{stops[OUT_OF_REACH]} once a clique was out of reach"
+             f"{stops[OUT_OF_REACH]} once a clique was out of reach, {stops[EXTRACTED]} once extracted, "
+             f"{stops[UNLIKELY]} once a clique was unlikely"
              if adaptive is not None else "")
     return summary
 
@@ -469,8 +510,16 @@ def run(cfg) -> GenerationSummary:
         generator_device=cfg.generator_device,
     )
     adaptive = adaptive_settings(cfg.get("adaptive"))
+    data = cfg.get("data")
+    if adaptive.enabled and adaptive.stop_when_extracted and data is None:
+        raise ConfigError("adaptive.stop_when_extracted: needs a training set to compare samples with: set data= (data=demo, "
+                          "data=files data.path=...)")
+    matcher = None
     if adaptive.enabled:  # the near-copy rule matters (and its metric is built) only then
         adaptive = replace(adaptive, rule=rule_from_config(cfg))
+        if adaptive.stop_when_extracted:
+            # Verification's threshold is the rule's here (the detector's verify.delta defaults to it too).
+            matcher = GroupMatcher(OmegaConf.to_container(data, resolve=True), adaptive.rule.metric, adaptive.rule.threshold)
     prompts = read_prompts(cfg.prompts, caption_column=cfg.caption_column, limit=max_prompts)
     device = resolve_device(cfg.device)
     runtime = make_runtime(
@@ -501,6 +550,7 @@ def run(cfg) -> GenerationSummary:
         png_compress_level=png_compress_level,
         progress=bool(cfg.progress),
         adaptive=adaptive,
+        matcher=matcher,
     )
     # The budget covers every prompt of the folder so far (other shards' too).
     budget_cfg = cfg.get("budget") or {}

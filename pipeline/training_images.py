@@ -1,0 +1,136 @@
+"""Training images for comparison with samples: fetched by key, fitted to the samples' size.
+
+Shared by verification (:mod:`pipeline.detect.verify`, every sample of every screened prompt)
+and adaptive sampling's ``stop_when_extracted`` (:mod:`pipeline.generate.adaptive`, each
+round's new samples as they come), so that both compare alike: training images are
+center-cropped to the sample's aspect ratio and resized to its size, the way Stable
+Diffusion's training data was prepared, then measured with the near-copy rule's metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.data import open_dataset
+from pipeline.data.files import IMAGE_SUFFIXES
+from pipeline.data.images import BadImage, decode_image
+from pipeline.data.rejects import RejectLog
+from pipeline.metrics import Metric
+
+
+def fit_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Center-crop ``image`` to the aspect ratio of ``size`` = (height, width) and resize to it."""
+    height, width = size
+    return ImageOps.fit(image.convert("RGB"), (width, height), method=Image.Resampling.BICUBIC)
+
+
+def fetch_training_images(
+    data: Mapping[str, Any], keys: Iterable[str], rejects: RejectLog | None = None, progress: bool = False
+) -> dict[str, Image.Image]:
+    """Decode the training images with the given keys from the data set ``data`` (a ``data`` config).
+
+    The ``files`` layout is opened by key directly (``<path>/<key>.jpg``); other formats, and
+    keys not found that way, are collected while streaming the data set once. Keys not found at
+    all, or that do not decode, go to ``rejects``.
+    """
+    rejects = rejects if rejects is not None else RejectLog()
+    wanted = set(keys)
+    found: dict[str, Image.Image] = {}
+    if data.get("format") == "files" and data.get("path"):
+        root = Path(data["path"])
+        for key in sorted(wanted):
+            for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
+                path = root / f"{key}{suffix}"
+                if path.is_file():
+                    try:
+                        found[key] = decode_image(path.read_bytes())
+                    except (BadImage, OSError) as err:
+                        rejects.add(key, str(path), str(err))
+                    break
+    remaining = wanted - found.keys() - {entry["key"] for entry in rejects.entries}
+    if remaining:
+        # Records that do not decode are not ours to report unless we wanted them.
+        stream_rejects = RejectLog()
+        for record in open_dataset(data, rejects=stream_rejects, progress=progress, require_nonempty=False):
+            if record.key in remaining:
+                found[record.key] = record.image
+                remaining.discard(record.key)
+                if not remaining:
+                    break
+        for entry in stream_rejects.entries:
+            if entry["key"] in remaining:
+                rejects.add(entry["key"], entry["source"], entry["reason"])
+                remaining.discard(entry["key"])
+    for key in sorted(remaining):
+        rejects.add(key, str(data.get("path")), "missing training image: no record with this key in the data set")
+    return found
+
+
+def fit_batch(images: Sequence[Image.Image], size: tuple[int, int]) -> np.ndarray:
+    """Training images fitted (:func:`fit_to`) to ``size`` = (height, width): uint8 (M, H, W, 3)."""
+    height, width = size
+    if not images:
+        return np.zeros((0, height, width, 3), dtype=np.uint8)
+    return np.stack([np.asarray(fit_to(image, size)) for image in images])
+
+
+def sample_distances(samples: np.ndarray, training: Sequence[Image.Image], metric: Metric, chunk: int = 256) -> np.ndarray:
+    """``metric`` from every sample to every training image: float64 (N, M).
+
+    ``samples``: uint8 (N, H, W, 3), one prompt's samples (one size). ``training``: M training
+    images, each fitted to the samples' size first (center crop to their aspect ratio, then
+    resize, as Stable Diffusion's training data was prepared). The training images go through
+    the metric ``chunk`` at a time, each chunk against all samples in one batched call (for
+    tiled L2, matrix products), so memory stays bounded and no Python loop runs over pairs.
+    """
+    samples = np.asarray(samples)
+    if samples.ndim != 4 or samples.shape[-1] != 3:
+        raise ValueError(f"samples: expected (N, H, W, 3), got {samples.shape}")
+    out = np.empty((len(samples), len(training)), dtype=np.float64)
+    if not len(samples) or not len(training):
+        return out
+    size = samples.shape[1:3]
+    for start in range(0, len(training), max(1, int(chunk))):
+        fitted = fit_batch(training[start : start + chunk], size)
+        out[:, start : start + len(fitted)] = np.asarray(metric.distances(samples, fitted), dtype=np.float64)
+    return out
+
+
+class GroupMatcher:
+    """Whether samples reproduce one of a prompt's own training images, fetching each key once.
+
+    ``data``: a ``data`` config (the training set); ``metric``: the near-copy rule's;
+    ``threshold``: a sample within it of a training image reproduces that image (verification's
+    ``delta``). Images are kept once fetched (a prompt's group is compared round after round);
+    keys that cannot be read are recorded in ``rejects`` once and count as no image.
+    """
+
+    def __init__(self, data: Mapping[str, Any], metric: Metric, threshold: float, rejects: RejectLog | None = None):
+        self.data, self.metric, self.threshold = data, metric, float(threshold)
+        self.rejects = rejects if rejects is not None else RejectLog()
+        self._images: dict[str, Image.Image | None] = {}
+
+    def images(self, keys: Iterable[str]) -> list[Image.Image]:
+        """The readable training images of ``keys`` (fetched in one pass the first time)."""
+        keys = [str(k) for k in keys]
+        new = [k for k in dict.fromkeys(keys) if k not in self._images]
+        if new:
+            found = fetch_training_images(self.data, new, self.rejects)
+            self._images.update({k: found.get(k) for k in new})
+        return [self._images[k] for k in keys if self._images[k] is not None]
+
+    def any_match(self, samples: np.ndarray | Sequence[np.ndarray], keys: Iterable[str]) -> bool:
+        """Whether one of ``samples`` (uint8 (N, H, W, 3), or a list of such images of any sizes)
+        is within ``threshold`` of one of the training images of ``keys``."""
+        training = self.images(keys)
+        if not training or not len(samples):
+            return False
+        by_size: dict[tuple[int, ...], list[np.ndarray]] = {}
+        for sample in samples:
+            by_size.setdefault(np.asarray(sample).shape, []).append(np.asarray(sample))
+        return any(bool((sample_distances(np.stack(group), training, self.metric) <= self.threshold).any()) for group in by_size.values())
