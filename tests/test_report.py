@@ -409,6 +409,13 @@ def test_report_shows_the_sampling_cost_when_the_generator_wrote_a_budget(tmp_pa
     assert "Sampling cost</td><td>3,200 UNet evaluations, 50.0% of brute force" in html  # (32+8+8+16) x 25 x 2 of 4 x 32 x 25 x 2
     assert "2 prompt(s) stopped early with no near-copy pair; 1 stopped once flagged" in html
     assert f"{budget['unet_evaluations']:,} UNet evaluations" in html
+    # Prompts stopped once extracted: their verdicts were taken on fewer samples, and the page says so.
+    stopped = prompts.assign(n_generated=[32, 8, 8, 8], stopped_early=[False, True, True, False],
+                             stop_reason=[None, "no_close_pairs", "extracted", "extracted"])  # fmt: skip
+    budget = write_generation_budget(generations, stopped)
+    html = report(run_dir, tmp_path / "r.html")
+    assert "2 stopped once extracted" in html
+    assert f"the verdicts of {len(budget['fewer_samples'])} prompt(s) were taken on fewer samples" in html and budget["fewer_samples"]
     (generations / BUDGET_FILE).write_text("{not json")
     assert "Sampling cost" not in report(run_dir, tmp_path / "r.html") and "unreadable" in caplog.text
 
