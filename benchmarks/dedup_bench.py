@@ -55,19 +55,25 @@ from pipeline.dedup.grouping import connected_groups, group_table, pair_scores, 
 from pipeline.dedup.index import IndexSettings, Pairs, cell_pairs, exact_pairs, train_cells
 
 
-def planted_embeddings(
-    n: int, dim: int, seed: int = 0, dup_share: float = 0.1, topics: int = 2000, max_group: int = 1000
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(vectors, labels)``: float32 (n, dim) unit rows; rows with equal labels are planted
-    near-duplicates (singletons have labels of their own). Rows are in random order."""
-    rng = np.random.default_rng(seed)
+def planted_group_sizes(rng: np.random.Generator, n: int, dup_share: float, max_group: int) -> np.ndarray:
+    """Sizes (int64, each >= 2) of the planted groups: Zipf-distributed (exponent 1.8, capped at
+    ``max_group``) until they hold ``dup_share`` of the ``n`` rows."""
     sizes: list[int] = []
     target = int(dup_share * n)
     while sum(sizes) < target:
         sizes.append(int(min(max_group, rng.zipf(1.8) + 1)))
     if sizes:
         sizes[-1] -= sum(sizes) - target
-    group_sizes = np.array([s for s in sizes if s >= 2], dtype=np.int64)
+    return np.array([s for s in sizes if s >= 2], dtype=np.int64)
+
+
+def planted_embeddings(
+    n: int, dim: int, seed: int = 0, dup_share: float = 0.1, topics: int = 2000, max_group: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(vectors, labels)``: float32 (n, dim) unit rows; rows with equal labels are planted
+    near-duplicates (singletons have labels of their own). Rows are in random order."""
+    rng = np.random.default_rng(seed)
+    group_sizes = planted_group_sizes(rng, n, dup_share, max_group)
     n_single = n - int(group_sizes.sum())
     n_bases = n_single + len(group_sizes)
     centres = _unit(rng.standard_normal((topics, dim), dtype=np.float32))
@@ -178,13 +184,7 @@ def write_planted_shards(folder: Path, n: int, dim: int, seed: int = 0, shards: 
     from pipeline.dedup.embeddings_store import write_shard
 
     rng = np.random.default_rng(seed)
-    sizes: list[int] = []
-    target = int(dup_share * n)
-    while sum(sizes) < target:
-        sizes.append(int(min(max_group, rng.zipf(1.8) + 1)))
-    if sizes:
-        sizes[-1] -= sum(sizes) - target
-    group_sizes = np.array([s for s in sizes if s >= 2], dtype=np.int64)
+    group_sizes = planted_group_sizes(rng, n, dup_share, max_group)
     n_groups = len(group_sizes)
     label = np.concatenate([np.repeat(np.arange(n_groups), group_sizes), np.arange(n_groups, n - int(group_sizes.sum()) + n_groups)])
     label = label[rng.permutation(n)]

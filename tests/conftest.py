@@ -31,3 +31,12 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Every model family's tiny pipeline (tests/families.py), each saved once for the whole
+    session when first asked for, and shared by the generation and prescreen tests."""
+    from .families import TinyModels
+
+    return TinyModels(tmp_path_factory.mktemp("tiny_families"))

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from .conftest import REPO
-from .families import CONFIGS, FAMILIES, TINY_SIZE, TinyModels, family_models
+from .families import CONFIGS, FAMILIES, TINY_SIZE, family_models
 
 CAPTIONS = ["a red barn in a snowy field", "portrait of an astronaut cat"]
 # The published settings each conf/model/*.yaml must carry: hub id, steps, guidance, side.
@@ -28,12 +28,6 @@ PUBLISHED = {
     "pixart_sigma": ("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", 20, 4.5, 1024),
 }
 PIPELINE_CLASS = {family: spec[0] for family, spec in family_models.MODELS.items()}
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> TinyModels:
-    """Every family's tiny pipeline, each saved once for the whole session when first asked for."""
-    return TinyModels(tmp_path_factory.mktemp("tiny_families"))
 
 
 def compose(overrides: list[str]):

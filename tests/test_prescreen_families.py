@@ -19,12 +19,6 @@ from .families import CONFIGS, FAMILIES, TINY_SIZE, TinyModels
 CAPTIONS = ["a red barn in a snowy field", "portrait of an astronaut cat"]
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> TinyModels:
-    """Every family's tiny pipeline, each saved once for the whole session when first asked for."""
-    return TinyModels(tmp_path_factory.mktemp("tiny_prescreen_families"))
-
-
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

@@ -28,3 +28,18 @@ class Embedder(ABC):
         Returns:
             float32 array of shape ``(len(images), dim)``, each row of L2 norm 1.
         """
+
+
+class PerImageEmbedder(Embedder):
+    """An embedder that describes one image at a time (no batched model): subclasses implement
+    :meth:`embed_one`; :meth:`embed` stacks its rows."""
+
+    @abstractmethod
+    def embed_one(self, image: Image.Image) -> np.ndarray:
+        """The embedding of one image: float32 ``(dim,)``, unit norm."""
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        out = np.empty((len(images), self.dim), dtype=np.float32)
+        for row, image in enumerate(images):
+            out[row] = self.embed_one(image)
+        return out

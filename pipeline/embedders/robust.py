@@ -59,7 +59,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pipeline.embedders.base import Embedder
+from pipeline.embedders.base import PerImageEmbedder
 
 # Images are first reduced to at most this many pixels a side (Pillow's reducing_gap shrinks
 # big images by integer factors first, which is fast); the borders are found at this size.
@@ -134,7 +134,7 @@ def _bar_run(lines: np.ndarray, tol: float, limit: float, chunk: int = 8) -> int
     return count
 
 
-class RobustEmbedder(Embedder):
+class RobustEmbedder(PerImageEmbedder):
     """Trimmed, contrast-normalised, mirror-invariant low-frequency DCT of luminance, plus colour.
 
     Args:
@@ -211,12 +211,6 @@ class RobustEmbedder(Embedder):
         v, u = np.mgrid[0 : self.side, 0 : self.side]
         self._gain = ((1.0 + np.sqrt(u**2 + v**2)) ** self.whiten).astype(np.float32)
         self.name = f"robust{self.side}-{self.keep}-{self.chroma_keep}-w{self.whiten:g}"
-
-    def embed(self, images: list[Image.Image]) -> np.ndarray:
-        out = np.empty((len(images), self.dim), dtype=np.float32)
-        for row, image in enumerate(images):
-            out[row] = self.embed_one(image)
-        return out
 
     def embed_one(self, image: Image.Image) -> np.ndarray:
         """The embedding of one image: float32 ``(dim,)``, unit norm."""

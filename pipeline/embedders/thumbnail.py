@@ -33,14 +33,14 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.embedders.base import Embedder
+from pipeline.embedders.base import PerImageEmbedder
 
 # Every image is first reduced to this size (fast for large images: Pillow's reducing_gap
 # shrinks by integer factors first); the scales are taken from it.
 _BASE_SIZE = 64
 
 
-class ThumbnailEmbedder(Embedder):
+class ThumbnailEmbedder(PerImageEmbedder):
     """Multi-scale, contrast-normalised colour thumbnails.
 
     Args:
@@ -78,12 +78,6 @@ class ThumbnailEmbedder(Embedder):
         self.threshold = threshold
         self.dim = 3 * sum(s * s for s in scales) + 3
         self.name = f"thumbnail{'-'.join(map(str, scales))}"
-
-    def embed(self, images: list[Image.Image]) -> np.ndarray:
-        out = np.empty((len(images), self.dim), dtype=np.float32)
-        for row, image in enumerate(images):
-            out[row] = self.embed_one(image)
-        return out
 
     def embed_one(self, image: Image.Image) -> np.ndarray:
         """The embedding of one image: float32 ``(dim,)``, unit norm."""
