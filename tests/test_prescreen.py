@@ -21,6 +21,16 @@ def demo_pipe():
     return pipe
 
 
+
+def unet_images(pipe, run):
+    """``(run(), images the UNet was called on while it ran)``: what the prescreen really evaluates."""
+    seen = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: seen.append(len(args[0])))
+    try:
+        return run(), sum(seen)
+    finally:
+        hook.remove()
+
 def test_heavily_duplicated_captions_score_above_singletons(demo_pipe, demo_set):
     truth = pd.read_parquet(demo_set / "ground_truth.parquet").drop_duplicates("original_id")
     heavy = truth[truth.band == "heavy"]
@@ -52,13 +62,8 @@ def test_shared_unconditional_prediction_gives_the_direct_score_for_fewer_evalua
 
     settings = PrescreenSettings(seeds=2, steps=25, batch_size=4)
     captions = ["zubrak melino", "tesh vorla", "quen dasso"]
-    images_seen = []
-    hook = demo_pipe.unet.register_forward_hook(lambda module, args, output: images_seen.append(len(args[0])))
-    try:
-        per_seed = text_conditional_noise_norm(demo_pipe, captions, settings, progress=False)
-    finally:
-        hook.remove()
-    assert sum(images_seen) == unet_evaluations(len(captions), settings) == (3 + 1) * 2
+    per_seed, images_seen = unet_images(demo_pipe, lambda: text_conditional_noise_norm(demo_pipe, captions, settings, progress=False))
+    assert images_seen == unet_evaluations(len(captions), settings) == (3 + 1) * 2
 
     # The direct computation for caption 1, seed 1: both predictions in one batch of two.
     scheduler, unet = demo_pipe.scheduler, demo_pipe.unet
@@ -190,13 +195,8 @@ def test_anisotropy_adds_one_pass_at_the_low_noise_timestep(demo_pipe):
 
     settings = PrescreenSettings(seeds=2, steps=25, batch_size=4, score="anisotropy", anisotropy_weight=2.0)
     captions = ["zubrak melino", "tesh vorla", "quen dasso"]
-    images_seen = []
-    hook = demo_pipe.unet.register_forward_hook(lambda module, args, output: images_seen.append(len(args[0])))
-    try:
-        per_seed = denoiser_scores(demo_pipe, captions, settings, progress=False)
-    finally:
-        hook.remove()
-    assert sum(images_seen) == unet_evaluations(len(captions), settings) == 2 * (3 + 1) * 2
+    per_seed, images_seen = unet_images(demo_pipe, lambda: denoiser_scores(demo_pipe, captions, settings, progress=False))
+    assert images_seen == unet_evaluations(len(captions), settings) == 2 * (3 + 1) * 2
     np.testing.assert_array_equal(per_seed["wen"], text_conditional_noise_norm(demo_pipe, captions, settings, progress=False))
     np.testing.assert_allclose(per_seed["anisotropy"], per_seed["wen"] + 2.0 * per_seed["alignment"], rtol=1e-12)
 
