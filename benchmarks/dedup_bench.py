@@ -33,7 +33,9 @@ separate machines: the slowest task of each phase, summed), CPU time, the peak m
 sampled rows (faiss IndexFlatIP over all rows: the share of the exact pairs whose two rows
 ended up in one group), the share of the one-process pairs the array found, and the pair
 recall against the planted groups. Then the growth exponent of time in N (least squares in
-log-log) and the extrapolation to 2.3B x 768 on a 256-task array (time, memory per task, disk).
+log-log) and the extrapolation to 2.3B x 768 on a 256-task array (time, memory per task, disk),
+with the cells trained once (``phase=train``, one task) and the group task's records sorted out
+of core (see :func:`extrapolate`).
 """
 
 from __future__ import annotations
@@ -242,10 +244,10 @@ def run_array(embeddings: Path, out: Path, world_size: int, args) -> dict:
     """The stage as ``world_size`` tasks per phase (phase=all for 1), one process each."""
     base = {"embeddings": str(embeddings), "out": str(out), "threshold": args.threshold, "k": args.k,
             "nprobe": args.nprobe, "world_size": world_size, "threads": args.threads}  # fmt: skip
-    phases = ["all"] if world_size == 1 else ["index", "search", "group"]
+    phases = ["all"] if world_size == 1 else ["train", "index", "search", "group"]
     result = {"world_size": world_size, "phases": {}}
     for phase in phases:
-        ranks = [0] if phase == "group" else range(world_size)  # group's other ranks have nothing to do
+        ranks = [0] if phase in ("train", "group") else range(world_size)  # their other ranks have nothing to do
         tasks = [launch({**base, "phase": phase, "rank": r}) for r in ranks]
         result["phases"][phase] = {
             "wall_sum": sum(t["wall"] for t in tasks), "wall_max": max(t["wall"] for t in tasks),
@@ -311,31 +313,58 @@ def fit_exponent(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
 def extrapolate(results: list[dict], args, n_target: float = 2.3e9, dim_target: int = 768, tasks: int = 256) -> dict:
     """2.3B x 768 on a 256-task array, from the largest array run measured and the fitted exponent.
 
-    Time: the array's CPU time scaled by (N ratio)^b x (dim ratio), spread over the tasks
-    (each as fast as this machine's 2 cores), plus the k-means every index task repeats (with
-    the default nlist = sqrt(nprobe N) and train_size = 32 nlist its cost, 32 nlist x nlist x
-    dim x niter, grows as N x dim: scaled linearly from the measured training). Memory per task, by the arithmetic the test checks: index N/T rows of
-    float16 plus the k-means sample (32 x nlist rows of float32); search N x nprobe / T rows of
-    float16; group 8 bytes x 4 per row plus the records' keys and captions (measured bytes
-    per record). Disk: the embeddings, nprobe copies in the buckets, the pairs.
+    Time, phase by phase (each array task as fast as this machine's 2 cores), the array's wall
+    being the sum of its phases' slowest tasks:
+
+    * train, once, one task: the measured k-means scaled linearly in N x dim (with the default
+      nlist = sqrt(nprobe N) and train_size = 32 nlist its cost, 32 nlist x nlist x dim x niter,
+      grows as N x dim);
+    * index and search: their measured CPU (no k-means any more) scaled by (N ratio)^b x
+      (dim ratio), spread over the tasks, with b the fitted exponent but at least 1.5: with the
+      default nlist = sqrt(nprobe N) both the assignment (N x nlist) and the cell join (N x
+      nprobe x N / nlist) grow as N^1.5, and fixed per-task costs flatten the fit at small N;
+    * group, one task: its measured CPU scaled by N log N (sort of the records, union-find).
+
+    Memory per task, by the arithmetic tests/test_dedup_array.py checks: train the k-means
+    sample (32 x nlist rows, float16 as read and float32) and the centroids; index N/T rows of
+    float16, the centroids, ~40 bytes of bucket entries per row x nprobe; search N x nprobe / T
+    rows of float16; group one int64 per row (the union-find's labels), ~20 bytes per row in a
+    duplicate group (``--dup-share-target`` of the rows: one int64 per member, three per group),
+    a step of pairs, a bucket of records and a parquet row group of output (``--record-bytes``
+    per key + caption). Disk: the embeddings, nprobe copies in the buckets, the pairs, and the
+    group's sort files (the keys and captions twice at most).
     """
+    from pipeline.dedup.records import PARQUET_ROW_GROUP
+    from pipeline.dedup.stage import GROUP_CHUNK_ROWS
+
     arrays = [r for r in results if r["world_size"] > 1]
     singles = [r for r in results if r["world_size"] == 1]
     ref = max(arrays or singles, key=lambda r: r["n"])
     sizes = sorted({r["n"] for r in (arrays or singles)})
-    b = fit_exponent(sizes, [min(r["cpu"] for r in (arrays or singles) if r["n"] == n) for n in sizes])[0] if len(sizes) > 1 else 1.5
-    scale = (n_target / ref["n"]) ** b * dim_target / args.dim
-    train = ref["train_seconds"] * (n_target / ref["n"]) * dim_target / args.dim
-    cpu = ref["cpu"] * scale
+    fitted = fit_exponent(sizes, [min(r["cpu"] for r in (arrays or singles) if r["n"] == n) for n in sizes])[0] if len(sizes) > 1 else None
+    b = max(fitted or 0.0, 1.5)
+    ratio, dims = n_target / ref["n"], dim_target / args.dim
+    phases = ref["phases"]
+    train_cpu = phases["train"]["cpu"] if "train" in phases else ref["train_seconds"] * 2
+    group_cpu = phases["group"]["cpu"] if "group" in phases else 0.0
+    rest_cpu = ref["cpu"] - train_cpu - group_cpu  # index and search
+    train = ref["train_seconds"] * ratio * dims  # wall of the one train task, 2 cores
+    spread = rest_cpu * ratio**b * dims
+    group = group_cpu * ratio * np.log(n_target) / np.log(ref["n"])
+    cpu = train_cpu * ratio * dims + spread + group
     nlist = np.sqrt(args.nprobe * n_target)
-    index_gib = (n_target / tasks * dim_target * 2 + 32 * nlist * dim_target * 4) / 2**30
+    centroids = nlist * dim_target * 4
+    train_gib = (32 * nlist * dim_target * (2 + 4) + centroids) / 2**30
+    index_gib = (n_target / tasks * dim_target * 2 + centroids + n_target / tasks * args.nprobe * 40) / 2**30
     search_gib = n_target * args.nprobe / tasks * dim_target * 2 / 2**30
-    group_bytes_per_row = ref.get("group_bytes_per_row", 300.0)
-    group_gib = n_target * group_bytes_per_row / 2**30
+    record = args.record_bytes
+    group_gib = (n_target * 8 + n_target * args.dup_share_target * 20 + GROUP_CHUNK_ROWS * args.k * 20 * 3
+                 + 2 * GROUP_CHUNK_ROWS * (record + 120) * 2 + PARQUET_ROW_GROUP * (record + 16) * 2) / 2**30  # fmt: skip
     pairs_per_row = ref.get("pairs_per_row", 1.0)
-    disk_tib = n_target * dim_target * 2 * (1 + args.nprobe) / 2**40 + n_target * pairs_per_row * 20 / 2**40
-    return {"exponent": b, "cpu_hours": cpu / 3600, "task_hours": (cpu / tasks / 2 + train) / 3600, "train_hours_per_task": train / 3600,
-            "index_gib": index_gib, "search_gib": search_gib, "group_gib": group_gib, "disk_tib": disk_tib,
+    disk_tib = (n_target * dim_target * 2 * (1 + args.nprobe) + n_target * pairs_per_row * 20 + 2 * n_target * (record + 24)) / 2**40
+    return {"exponent": b, "fitted_exponent": fitted, "cpu_hours": cpu / 3600, "task_hours": (train + spread / tasks / 2 + group) / 3600,
+            "train_hours": train / 3600, "index_search_hours_per_task": spread / tasks / 2 / 3600, "group_hours": group / 3600,
+            "train_gib": train_gib, "index_gib": index_gib, "search_gib": search_gib, "group_gib": group_gib, "disk_tib": disk_tib,
             "from": f"N={ref['n']}, world size {ref['world_size']}"}  # fmt: skip
 
 
@@ -365,8 +394,7 @@ def scale_mode(args) -> dict:
             r["recall"], exact_count = exact_recall(embeddings, labels, args.threshold, args.queries, args.seed)
             r["planted_recall"] = pair_scores(labels, truth)["recall"]
             pair_sets[world_size] = pair_set(out, world_size, n, args.k)
-            index_markers = [json.loads((out / ".done" / f"index_{q}.json").read_text()) for q in range(world_size)]
-            r["train_seconds"] = max(m.get("train_seconds", 0.0) for m in index_markers)
+            r["train_seconds"] = json.loads((out / ".done" / "train.json").read_text()).get("train_seconds", 0.0)  # once, by phase=train
             r["pairs_per_row"] = len(pair_sets[world_size]) / n
             group_phase = r["phases"].get("group", r["phases"].get("all"))
             if world_size > 1:
@@ -378,6 +406,9 @@ def scale_mode(args) -> dict:
             print(f"  world size {world_size}: {phases}")
             print(f"    total {r['wall']:.1f} s wall here (tasks one after another; {r['array_wall']:.1f} s as an array of separate "
                   f"machines), {r['cpu']:.1f} s CPU; largest task {r['peak_rss_mib']:.0f} MiB; disk {r['disk_gib']:.2f} GiB")  # fmt: skip
+            if world_size > 1:
+                print(f"    group task: {r['group_bytes_per_row'] * n / 2**20:.0f} MiB above an idle task ({r['baseline_mib']:.0f} MiB): "
+                      f"8 bytes per row of union-find, the rest chunks (a step of pairs, a bucket of records, a parquet row group)")
             print(f"    pair recall against exact search ({args.queries} sampled queries, {exact_count} exact pairs): {r['recall']:.4f}; "
                   f"planted-pair recall {r['planted_recall']:.4f}; pairs equal to world size {world_sizes[0]}'s: {same:.4f}")  # fmt: skip
             results.append(r)
@@ -398,11 +429,14 @@ def scale_mode(args) -> dict:
             b_cpu, _ = fit_exponent([r["n"] for r in rows], [r["cpu"] for r in rows])
             print(f"growth exponent of time in N, world size {world_size}: wall {b_wall:.2f}, CPU {b_cpu:.2f}")
     x = extrapolate(results, args)
-    print(f"extrapolated to 2.3B x 768 on a 256-task array (from {x['from']}, exponent {x['exponent']:.2f}): "
-          f"{x['cpu_hours']:.0f} CPU-hours on cores like these, {x['task_hours']:.1f} h per task with 2 such cores "
-          f"(of which k-means, repeated by every index task, {x['train_hours_per_task']:.1f} h); memory per task: index "
-          f"{x['index_gib']:.1f} GiB, search {x['search_gib']:.1f} GiB, group (one task) {x['group_gib']:.0f} GiB; "
-          f"disk {x['disk_tib']:.1f} TiB")  # fmt: skip
+    fitted = "none fitted" if x["fitted_exponent"] is None else f"{x['fitted_exponent']:.2f} fitted"
+    print(f"extrapolated to 2.3B x 768 on a 256-task array (from {x['from']}; index and search scaled as N^{x['exponent']:.2f}: "
+          f"{fitted}, at least the cost model's 1.5): "
+          f"{x['cpu_hours']:.0f} CPU-hours on cores like these; {x['task_hours']:.1f} h of array wall with 2 such cores per task: "
+          f"train once (one task) {x['train_hours']:.1f} h, index + search {x['index_search_hours_per_task']:.1f} h per task, "
+          f"group (one task) {x['group_hours']:.1f} h; memory per task: train {x['train_gib']:.1f} GiB, index {x['index_gib']:.1f} GiB, "
+          f"search {x['search_gib']:.1f} GiB, group {x['group_gib']:.1f} GiB (records {args.record_bytes} bytes of key + caption, "
+          f"{args.dup_share_target:.0%} of rows in duplicate groups); disk {x['disk_tib']:.1f} TiB")  # fmt: skip
     if not args.scratch and not args.keep:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"results": results, "extrapolation": x}
@@ -426,6 +460,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--world-sizes", default="1,8", help="scale mode: world sizes (the first is the reference)")
     parser.add_argument("--scratch", default=None, help="scale mode: folder for shards and runs (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="scale mode: keep the shards and runs")
+    parser.add_argument("--record-bytes", type=int, default=100,
+                        help="scale mode's extrapolation: bytes of key + caption per record at 2.3B (LAION's captions: ~100)")
+    parser.add_argument("--dup-share-target", type=float, default=0.3,
+                        help="scale mode's extrapolation: share of the 2.3B rows in duplicate groups (default 0.3)")
     parser.add_argument("--task", default=None, help=argparse.SUPPRESS)  # one process of the scale mode
     args = parser.parse_args(argv)
     if args.task:

@@ -229,7 +229,7 @@ def test_outputs_follow_the_run_directory_contract(small_demo, small_run):
     assert on_disk["records_read"] == len(truth) and on_disk["rejected"] == 0
     assert on_disk["largest_groups"][0]["dup_count"] == 30
     assert on_disk["settings"]["index"]["resolved_kind"] == "exact"
-    assert set(on_disk["timing_seconds"]) >= {"embed", "index", "search", "group", "total"}
+    assert set(on_disk["timing_seconds"]) >= {"embed", "train", "index", "search", "group", "total"}
     text = format_summary(summary)
     assert "pair precision" in text and "2 groups with" not in text
 
@@ -266,6 +266,10 @@ def test_sharded_phases_give_the_same_groups(small_demo, small_run, tmp_path):
     with pytest.raises(RuntimeError, match="embed_0"):
         run_dedup(out, settings, phase="index", rank=0, **common)
     run_dedup(out, settings, phase="embed", rank=0, **common)
+    with pytest.raises(RuntimeError, match="phase=train"):
+        run_dedup(out, settings, phase="index", rank=0, **common)
+    assert run_dedup(out, settings, phase="train", rank=1, **common) is None and not (out / ".done" / "train.json").exists()
+    run_dedup(out, settings, phase="train", rank=0, **common)
     with pytest.raises(RuntimeError, match="index"):
         run_dedup(out, settings, phase="search", rank=0, **common)
     for phase in ("index", "search"):
@@ -295,7 +299,7 @@ def test_world_size_does_not_change_groups_or_selection(small_demo, small_run, t
     sharded = tmp_path / "sharded"
     common = dict(data=files_data(small_demo), embedder=embedder, world_size=2, progress=False)
     summaries = [run_dedup(sharded, settings, phase=phase, rank=rank, **common)
-                 for phase in ("embed", "index", "search", "group") for rank in (0, 1)]  # fmt: skip
+                 for phase in ("embed", "train", "index", "search", "group") for rank in (0, 1)]  # fmt: skip
     two = summaries[-2]  # group on rank 0
     assert one["selected"] == 24 and one["duplicate_groups"] == 9
     for name in ("groups.parquet", "selected.parquet"):
@@ -468,3 +472,98 @@ def test_union_find_over_edge_batches_gives_the_connected_components():
     assert (labels <= np.arange(n)).all() and (labels[labels] == labels).all()  # roots: each component's smallest row
     with pytest.raises(ValueError, match="outside"):
         finder.union(np.array([0]), np.array([n]))
+
+
+# ----------------------------------------------------------------------------------------
+# Cells trained once (phase=train), and the group phase's records sorted out of core
+
+
+def test_cells_are_trained_once_and_index_tasks_only_load_them(small_run, tmp_path, monkeypatch):
+    """phase=train (rank 0) trains the cells; index tasks load them and never run k-means; an
+    index task without them refuses naming phase=train; the array equals phase=all."""
+    import pipeline.dedup.buckets as buckets_module
+    import pipeline.dedup.index as index_module
+    import pipeline.dedup.stage as stage_module
+
+    emb = small_run[0] / "embeddings"
+    settings = DedupSettings(threshold=0.84, top_k=4, index=IndexSettings(kind="ivf", nlist=6, nprobe=3))
+    one = tmp_path / "one"
+    run_dedup(one, settings, embeddings_dir=emb, progress=False)
+    out = tmp_path / "two"
+    common = dict(embeddings_dir=emb, world_size=2, progress=False)
+    with pytest.raises(RuntimeError, match=r"run phase=train first"):
+        run_dedup(out, settings, phase="index", rank=1, **common)
+    run_dedup(out, settings, phase="train", rank=1, **common)  # rank 1: nothing to do
+    assert not (out / "index" / "centroids.npy").exists()
+    run_dedup(out, settings, phase="train", rank=0, **common)
+    train = json.loads((out / ".done" / "train.json").read_text())
+    assert train["kind"] == "ivf" and train["nlist"] == 6 and (out / "index" / "centroids.npy").exists()
+
+    def no_kmeans(*args, **kwargs):
+        raise AssertionError("an index task trained k-means")
+
+    for module in (stage_module, buckets_module, index_module):
+        for name in ("train_centroids", "kmeans_centroids", "train_cells"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, no_kmeans)
+    for phase in ("index", "search", "group"):
+        for rank in (0, 1):
+            run_dedup(out, settings, phase=phase, rank=rank, **common)
+    markers = [json.loads((out / ".done" / f"index_{r}.json").read_text()) for r in (0, 1)]
+    assert {m["centroids"] for m in markers} == {train["centroids"]} and not any("train_seconds" in m for m in markers)
+    for name in ("groups.parquet", "selected.parquet"):
+        assert (out / name).read_bytes() == (one / name).read_bytes(), name
+    monkeypatch.undo()
+    # A rerun skips train; new index settings make index refuse until train has run again.
+    stamp = marker_mtime(out, "train")
+    run_dedup(out, settings, phase="train", rank=0, **common)
+    assert marker_mtime(out, "train") == stamp
+    other = DedupSettings(threshold=0.84, top_k=4, index=IndexSettings(kind="ivf", nlist=5, nprobe=3))
+    with pytest.raises(RuntimeError, match=r"run phase=train first .*other embeddings or index settings"):
+        run_dedup(out, other, phase="index", rank=0, **common)
+    # Centroids gone: train redoes them (its marker alone does not count).
+    (out / "index" / "centroids.npy").unlink()
+    run_dedup(out, settings, phase="train", rank=0, **common)
+    assert marker_mtime(out, "train") != stamp and (out / "index" / "centroids.npy").exists()
+
+
+def test_group_sorts_records_out_of_core_with_the_same_bytes(tmp_path, monkeypatch):
+    """With buckets of 250 records, the group phase never holds all keys and captions (nor
+    reads them whole) and writes exactly the in-memory path's groups.parquet and selection, byte for byte:
+    repeated keys, missing and non-ASCII captions, singletons selected (min_group_size=1)."""
+    import pipeline.dedup.embeddings_store as store_module
+    from pipeline.dedup.stage import group_labels, stream_components
+
+    rng = np.random.default_rng(7)
+    x, _ = clustered_vectors(3000, 32, 150, seed=7)
+    keys = np.array([f"k{v:05d}" for v in rng.permutation(3000)], dtype=object)
+    keys[rng.choice(3000, 20, replace=False)] = "same"
+    keys[rng.choice(3000, 10, replace=False)] = "é-ü"
+    # Long, distinct captions: over a parquet page (1 MiB), so that page boundaries are tested too.
+    captions = np.array([f"caption {i % 37} ✓ " + "".join(rng.choice(list("abcdefgh "), 400)) for i in range(3000)], dtype=object)
+    captions[rng.choice(3000, 40, replace=False)] = None
+    for shard, (lo, hi) in enumerate([(0, 1100), (1100, 1900), (1900, 3000)]):
+        write_shard(tmp_path / "emb", shard, x[lo:hi], pd.DataFrame({"key": keys[lo:hi], "caption": captions[lo:hi]}))
+    settings = DedupSettings(threshold=0.85, top_k=200, min_group_size=1)
+    out = tmp_path / "dedup"
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the group phase read every record's key and caption at once")
+
+    import pipeline.dedup.stage as stage_module
+
+    monkeypatch.setattr(store_module, "read_metadata", whole)
+    monkeypatch.setattr(stage_module, "read_metadata", whole, raising=False)
+    summary = run_dedup(out, settings, embeddings_dir=tmp_path / "emb", group_chunk_rows=250, progress=False)
+    monkeypatch.undo()
+    marker = json.loads((out / ".done" / "group.json").read_text())
+    assert marker["record_buckets"] == 12 and marker["records_held_max"] <= 2 * 250 + 20
+    # The in-memory path on the same pairs.
+    labels, _ = stream_components(3000, [out / "pairs" / "pairs_0.npy"], settings.k, tmp_path / "scratch")
+    groups, selected = group_labels(read_metadata(tmp_path / "emb"), labels, settings.top_k, settings.min_group_size)
+    for frame, name in ((groups, "groups.parquet"), (selected, "selected.parquet")):
+        frame.to_parquet(tmp_path / name, index=False)
+        assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    sizes = groups.drop_duplicates("group_id")["group_size"]
+    assert summary["groups"] == len(sizes) and summary["duplicate_groups"] == int((sizes >= 2).sum()) > 50
+    assert summary["records_in_duplicate_groups"] == int(sizes[sizes >= 2].sum()) and summary["selected"] == 200

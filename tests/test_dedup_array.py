@@ -1,6 +1,8 @@
 """The duplicate finder as a local multi-process array (hydra's joblib launcher, one process per
 rank, each phase a separate launch as SLURM array tasks are): the same pairs and groups as one
-process, and every task's peak memory bounded by its share of the rows (issue 17)."""
+process, the cells trained once (phase=train) rather than by every index task, the group task
+sorting the records out of core, and every task's peak memory bounded by its share of the rows
+(issue 17)."""
 
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ import pytest
 from pipeline.dedup.buckets import WRITE_CHUNK, read_pairs
 from pipeline.dedup.embeddings_store import write_shard
 from pipeline.dedup.grouping import pair_scores
+from pipeline.dedup.records import PARQUET_ROW_GROUP
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
 N, DIM, WORLD_SIZE, NPROBE, K = 120_000, 128, 4, 4, 32
+GROUP_CHUNK = 20_000  # the array's group task: records per bucket of its sort, queries per step
 SHARDS = (50_000, 30_000, 40_000)  # uneven, and not aligned with the ranks' row ranges
 MIB = 1 << 20
 
@@ -62,8 +66,8 @@ def runs(tmp_path_factory):
         start += size
     one, four = root / "one", root / "four"
     dedup(one, root / "emb", "phase=all", "world_size=1")
-    for phase in ("index", "search", "group"):
-        dedup(four, root / "emb", f"phase={phase}", f"world_size={WORLD_SIZE}")
+    for phase in ("train", "index", "search", "group"):
+        dedup(four, root / "emb", f"phase={phase}", f"world_size={WORLD_SIZE}", f"group_chunk_rows={GROUP_CHUNK}")
     return one, four, labels
 
 
@@ -84,6 +88,34 @@ def test_array_finds_the_same_pairs_and_groups(runs):
     assert pair_scores(predicted, labels)["recall"] >= 0.99
 
 
+def marker(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / "dedup" / ".done" / f"{name}.json").read_text())
+
+
+def test_cells_are_trained_once(runs):
+    """One train task (rank 0) trained the cells; the index tasks loaded them: no k-means time,
+    the train task's centroid digest; the other ranks of phase=train did nothing."""
+    one, four, _ = runs
+    train = marker(four, "train")
+    assert train["kind"] == "ivf" and train["train_seconds"] > 0 and train["nlist"] == round(np.sqrt(NPROBE * N))
+    assert train["centroids"] == marker(one, "train")["centroids"]  # the same cells as one process
+    for rank in range(WORLD_SIZE):
+        index = marker(four, f"index_{rank}")
+        assert index["centroids"] == train["centroids"] and "train_seconds" not in index
+    records = [json.loads((four / "dedup" / "memory" / f"train_{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    assert [r["rank"] for r in records] == list(range(WORLD_SIZE)) and len({r["pid"] for r in records}) == WORLD_SIZE
+    stats = [json.loads((four / "dedup" / "stats" / f"train_{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    assert [s["done"] for s in stats] == [1] + [0] * (WORLD_SIZE - 1)
+
+
+def test_group_task_sorts_records_in_buckets(runs):
+    """The group task held one bucket of records at a time: ceil(N / chunk) buckets, the largest
+    within twice the chunk (splitters from a sample of the keys)."""
+    _, four, _ = runs
+    group = marker(four, "group")
+    assert group["record_buckets"] == -(-N // GROUP_CHUNK) and group["records_held_max"] <= 2 * GROUP_CHUNK
+
+
 def test_every_task_holds_only_its_share(runs):
     """Bounds from arithmetic over the files each task holds, above the interpreter's baseline
     measured in this run (the group tasks of ranks 1-3: same launcher and imports, no work)."""
@@ -93,21 +125,27 @@ def test_every_task_holds_only_its_share(runs):
     # Working buffers of any size of set: a chunk of rows being assigned (float32, and faiss's
     # tile of similarities for it), a cell being joined.
     chunk = WRITE_CHUNK * DIM * 4 * 2
+    nlist = np.sqrt(NPROBE * N)
+    pairs = json.loads((four / "dedup" / "summary.json").read_text())["pairs"] * 2  # directed, at most
     share = {
-        # Its rows, the k-means sample (32 x nlist rows, float32), its entries (~40 bytes per row x nprobe).
-        "index": N / WORLD_SIZE * row + 32 * np.sqrt(NPROBE * N) * DIM * 4 + N / WORLD_SIZE * NPROBE * 40,
+        # The k-means sample (32 x nlist rows: float16 as read, float32 for faiss), the centroids.
+        "train": 32 * nlist * DIM * (2 + 4) + nlist * DIM * 4,
+        # Its rows, the centroids, its entries (~40 bytes per row x nprobe): no k-means sample.
+        "index": N / WORLD_SIZE * row + nlist * DIM * 4 + N / WORLD_SIZE * NPROBE * 40,
         # Its buckets (N x nprobe / W rows); the cells being joined are a small part of them.
         "search": N * NPROBE / WORLD_SIZE * row,
-        # A few int64 per row (union-find, sizes, order), the keys and captions (Python strings
-        # of 7 characters, ~60 bytes each, twice: as read and in key order).
-        "group": N * 8 * 4 + N * 60 * 2 * 2,
+        # A few int64 per row (union-find labels, the groups with duplicates); a step of pairs
+        # (20 bytes each, three copies); a bucket of records (7-character keys and captions,
+        # ~60 bytes each as Python strings, twice: as read and sorted) and up to a parquet row
+        # group of output rows (~30 bytes each in Arrow).
+        "group": N * 8 * 4 + min(pairs, GROUP_CHUNK * K) * 20 * 3 + 2 * GROUP_CHUNK * 60 * 2 * 2 + min(N, PARQUET_ROW_GROUP) * 30 * 2,
     }
     for phase, data in share.items():
-        ranks = [0] if phase == "group" else range(WORLD_SIZE)
+        ranks = [0] if phase in ("train", "group") else range(WORLD_SIZE)
         for rank in ranks:
             got = peak(four, phase, rank)
             bound = baseline + 2 * (data + chunk) / MIB
             assert got <= bound, f"{phase} rank {rank}: {got:.0f} MiB > {bound:.0f}: baseline {baseline:.0f} + 2 x ({data / MIB:.0f} + {chunk / MIB:.0f}) MiB"
     # The single process holds all N x nprobe bucket rows while searching: more than any task.
     assert peak(one, "all", 0) >= baseline + 0.8 * N * NPROBE * row / MIB
-    assert max(peak(four, p, r) for p in ("index", "search") for r in range(WORLD_SIZE)) < peak(one, "all", 0)
+    assert max(peak(four, p, r) for p in ("train", "index", "search") for r in range(WORLD_SIZE)) < peak(one, "all", 0)

@@ -6,8 +6,9 @@ demo audit then runs twice on a small demo data set, into two run directories:
 
 * locally, every stage with ``world_size=1``, as ``make demo`` runs them (``pipeline.demo.run``);
 * as SLURM arrays, every stage with ``-m hydra/launcher=slurm world_size=2`` (one array task per
-  rank); the duplicate finder phase by phase (``phase=embed``, ``index``, ``search``, ``group``,
-  each array after the previous one), then prescreen, generate, detect and report.
+  rank); the duplicate finder phase by phase (``phase=embed``, ``train``, ``index``, ``search``,
+  ``group``, each array after the previous one; ``train`` and ``group`` work on rank 0 only),
+  then prescreen, generate, detect and report.
 
 Each stage's test checks that its SLURM arrays ran and that their outputs match the local
 run's: the same prompts, the same sample files with pixels within the one grey level the README
@@ -61,7 +62,7 @@ LAUNCHER = [
     "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4", f"hydra.launcher.partition={PARTITION}",
     "hydra.launcher.timeout_min=30",
 ]  # fmt: skip
-DEDUP_PHASES = ["embed", "index", "search", "group"]
+DEDUP_PHASES = ["embed", "train", "index", "search", "group"]
 # What each stage leaves in the run directory when it has finished (detect runs with data=demo,
 # so it verifies too); the folder is what gets copied from the local run when a stage fails.
 OUTPUTS = {
@@ -385,7 +386,7 @@ def test_local_run_flags_some_prompts(audits):
 
 
 def test_dedup_phase_by_phase_as_arrays(audits):
-    """embed, index, search, group, each an array after the previous: the same prompts as locally."""
+    """embed, train, index, search, group, each an array after the previous: the same prompts as locally."""
     audits.check("pipeline.dedup")
 
 
@@ -410,12 +411,15 @@ def test_report_as_array(audits):
 
 
 def test_dedup_array_tasks_each_ran_their_rank(audits):
-    """The index and search phases ran as one SLURM task per rank, each a process of its own
-    that recorded its peak memory (``dedup/memory/<phase>_<rank>.json``, issue 17)."""
+    """The train, index and search phases ran as one SLURM task per rank, each a process of its own
+    that recorded its peak memory (``dedup/memory/<phase>_<rank>.json``, issue 17); only rank 0
+    of phase=train did the training."""
     stage = audits.stages["pipeline.dedup"]
     if stage.refilled:
         pytest.fail("the dedup arrays failed or differed (see test_dedup_phase_by_phase_as_arrays); nothing to check", pytrace=False)
-    for phase in ("index", "search"):
+    stats = [json.loads((audits.slurm / "dedup" / "stats" / f"train_{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    assert [s["units"] for s in stats] == [1] + [0] * (WORLD_SIZE - 1)
+    for phase in ("train", "index", "search"):
         records = [json.loads((audits.slurm / "dedup" / "memory" / f"{phase}_{r}.json").read_text()) for r in range(WORLD_SIZE)]
         assert [(r["phase"], r["rank"], r["world_size"]) for r in records] == [(phase, r, WORLD_SIZE) for r in range(WORLD_SIZE)]
         assert len({r["pid"] for r in records}) == WORLD_SIZE and all(r["peak_rss_mib"] > 0 for r in records)

@@ -5,12 +5,12 @@ only its own cells, and pair files that the group phase streams.
 Cell ``c`` of ``nlist`` belongs to (is joined by) search task ``c * world_size // nlist``: each
 task owns a contiguous range of cells (:func:`owned_cells`).
 
-Index task ``r`` of ``W`` reads its own rows (``shard_bounds(N, r, W)`` of the whole set, as
-stored: float16, N/W x dim x 2 bytes), trains the cells (every task trains the same ones: the
-same sample of rows, the same seed; the search phase checks their digests agree), assigns its
-rows to their ``nprobe`` nearest cells and writes, under ``<dedup>/index/``:
+The cells are trained once, by the train task (:func:`train_centroids` on a sample of the
+rows), which writes ``<dedup>/index/centroids.npy``: float32 (nlist, dim), unit rows. Index task
+``r`` of ``W`` loads them, reads its own rows (``shard_bounds(N, r, W)`` of the whole set, as
+stored: float16, N/W x dim x 2 bytes), assigns them to their ``nprobe`` nearest cells and
+writes, under ``<dedup>/index/``:
 
-* ``centroids.npy`` (rank 0): float32 (nlist, dim), unit rows;
 * ``assign_<r>.npy``: int32 (rows of rank r, nprobe), each row's cells, nearest first;
 * ``buckets/owner_<o>/from_<r>.npy``, for every owner ``o``: float16 (m, dim), a copy of the
   row for each (row of rank r, probed cell owned by o), sorted by (cell, row); the stored
@@ -67,14 +67,14 @@ def bucket_paths(index_dir: str | Path, owner: int, source: int) -> tuple[Path, 
 
 
 def centroids_digest(centroids: np.ndarray) -> str:
-    """A digest of the centroids' bytes: index tasks that trained the same cells agree on it."""
+    """A digest of the centroids' bytes: the train marker holds it, index tasks check the file against it."""
     return hashlib.sha1(np.ascontiguousarray(centroids, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
 def train_centroids(rows: EmbeddingRows, settings: IndexSettings) -> np.ndarray:
     """float32 (nlist, dim) centroids from the sample :func:`training_sample` draws, read from
     disk (only the sample is held: ``train_size`` x dim x 4 bytes). The same rows, settings and
-    seed give the same centroids, in one process or in every task of an array."""
+    seed give the same centroids; the train phase runs it once for all index tasks."""
     nlist = settings.resolved_nlist(rows.n)
     sample = training_sample(rows.n, settings)
     return kmeans_centroids(unit_rows(rows.take(sample)), nlist, settings, rows.n)

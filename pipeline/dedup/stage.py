@@ -16,37 +16,54 @@ Reads the data set through the data layer and writes ``<run_dir>/dedup/``:
 * ``rejects.jsonl`` (records skipped, with the reason) and ``summary.json``;
 * ``memory/<phase>_<rank>.json``: the peak resident memory of the process that ran that phase
   for that rank (``peak_rss_mib``), to size array tasks;
-* ``index/`` (IVF cells and bucket files, :mod:`pipeline.dedup.buckets`) and
-  ``pairs/pairs_<rank>.npy`` (each search task's pairs), the intermediate files.
+* ``index/`` (``centroids.npy``, the IVF cells phase=train wrote, and the bucket files,
+  :mod:`pipeline.dedup.buckets`) and ``pairs/pairs_<rank>.npy`` (each search task's pairs), the
+  intermediate files.
 
-The work runs in four phases, each a step of the stage executor (:mod:`pipeline.executor`)
-whose units (``embed_<rank>``, ``index_<rank>``, ``search_<rank>``, ``group``) are skipped when their
-completion marker (``.done/<unit>.json``) says they are done with the same settings (so a
-rerun resumes, and changing e.g. ``threshold`` redoes only the search and grouping); each
-rank's rejects go to ``rejects/rejects_<rank>.jsonl`` and its stats to ``stats/``.
-``phase=all`` (the default, ``world_size=1``) runs them in order in one process. On
-a cluster, run each phase as a SLURM array after the previous one (``python -m pipeline.dedup -m
-hydra/launcher=slurm_cpu phase=index world_size=4``, one task per rank), or locally as processes
-(``-m hydra/launcher=local``):
+The work runs in five phases, each a step of the stage executor (:mod:`pipeline.executor`)
+whose units (``embed_<rank>``, ``train``, ``index_<rank>``, ``search_<rank>``, ``group``) are
+skipped when their completion marker (``.done/<unit>.json``) says they are done with the same
+settings (so a rerun resumes; changing e.g. ``threshold`` redoes only the search and grouping,
+changing an ``index.*`` setting redoes train, index, search and grouping); each rank's rejects
+go to ``rejects/rejects_<rank>.jsonl`` and its stats to ``stats/``. ``phase=all`` (the default,
+``world_size=1``) runs them in order in one process. On a cluster, run each phase as a SLURM
+array after the previous one (``python -m pipeline.dedup -m hydra/launcher=slurm_cpu
+phase=index world_size=4``, one task per rank), or locally as processes (``-m
+hydra/launcher=local``)::
+
+    for p in train index search group; do   # with images: embed first
+      python -m pipeline.dedup -m hydra/launcher=slurm_cpu phase=$p world_size=256 \\
+          embedder=precomputed embeddings_dir=/data/laion_emb
+    done
 
 1. ``phase=embed``, one task per rank: embeds shard ``rank`` of the data set;
-2. ``phase=index``, one task per rank: for IVF, trains the cells on a sample (every task the
-   same cells), assigns rows ``shard_bounds(N, rank, world_size)`` to their cells and writes
-   them to bucket files by cell (:mod:`pipeline.dedup.buckets`); nothing for exact search;
-3. ``phase=search``, one task per rank: IVF: joins the cells it owns (``1/world_size`` of
+2. ``phase=train``, once (rank 0): for IVF, trains the cells by spherical k-means on a sample
+   of the rows (``index.train_size``, default 32 x nlist) and writes ``index/centroids.npy``
+   (atomically; its digest goes into the ``train`` marker, written after it); for exact search
+   it only records that there are no cells;
+3. ``phase=index``, one task per rank: for IVF, loads the cells (refusing, with one line naming
+   phase=train, when they are missing or were trained with other settings), assigns rows
+   ``shard_bounds(N, rank, world_size)`` to their cells and writes them to bucket files by cell
+   (:mod:`pipeline.dedup.buckets`); nothing for exact search;
+4. ``phase=search``, one task per rank: IVF: joins the cells it owns (``1/world_size`` of
    them) from the buckets; exact: query rows of shard ``rank`` against all rows, a block of
    rows at a time; writes ``pairs/pairs_<rank>.npy``;
-4. ``phase=group``, once (rank 0): connected components by union-find over the pair files,
-   streamed by query range (one integer per row), then selection and summary.
+5. ``phase=group``, once (rank 0): connected components by union-find over the pair files,
+   streamed by query range (one integer per row); the records sorted by key and caption out of
+   core, a bucket of ``group_chunk_rows`` records at a time (:mod:`pipeline.dedup.records`);
+   ``groups.parquet`` streamed a row group at a time; then selection and summary.
 
-No task holds the whole set of embeddings: an index task holds its own rows (float16), a
-search task its own buckets (memory-mapped) and the cells it is joining, the group task one
-integer per row plus the records' keys and captions. ``group`` does nothing on ranks other
-than 0, so every phase can be launched as the same array (``python -m pipeline.dedup -m
-hydra/launcher=local phase=search world_size=4`` runs one process per rank). The pairs, groups, their ids and the selection do not depend on
-``world_size``: the same cells are joined with the same rows in the same order, each query
-keeps its ``k`` best over all tasks, records are ordered by key before grouping, and groups
-of equal size by their smallest key.
+No task holds the whole set of embeddings nor every record's strings: the train task holds
+the k-means sample, an index task its own rows (float16) and the cells, a search task its
+own buckets (memory-mapped) and the cells it is joining, the group task one integer per row
+(plus a few per row of a duplicate group), a step of pairs, a bucket of records and a row
+group of output. ``train`` and ``group`` do nothing on ranks other than 0, so every phase can
+be launched as the same array (``python -m pipeline.dedup -m hydra/launcher=local
+phase=search world_size=4`` runs one process per rank). The pairs, groups, their ids and the
+selection do not depend on ``world_size`` nor on ``group_chunk_rows``: the same cells are
+joined with the same rows in the same order, each query keeps its ``k`` best over all tasks,
+records are ordered by key (then caption) before grouping, and groups of equal size by their
+smallest key.
 """
 
 from __future__ import annotations
@@ -69,9 +86,10 @@ from pipeline.cli import CONF_DIR, ConfigError, config_int, config_number, stage
 from pipeline.data import Record, RejectLog
 from pipeline.data.sharding import check_shard
 from pipeline.dedup.buckets import centroids_digest, join_buckets, read_pairs, train_centroids, write_buckets, write_pairs
-from pipeline.dedup.embeddings_store import EmbeddingRows, list_shards, read_metadata, unit_rows, write_shard
+from pipeline.dedup.embeddings_store import EmbeddingRows, list_shards, unit_rows, write_shard
 from pipeline.dedup.grouping import UnionFind, connected_groups, evaluate_groups, group_table, record_order, select_top
-from pipeline.dedup.index import DATABASE_BLOCK, IndexSettings, Pairs, assign_cells, exact_pairs_blocked
+from pipeline.dedup.index import DATABASE_BLOCK, IndexSettings, Pairs, assign_cells, exact_pairs_blocked, training_sample
+from pipeline.dedup.records import GroupCounts, write_groups
 from pipeline.embedders.base import Embedder
 from pipeline.executor import StepContext, Unit, all_done, merge_rejects, read_marker, run_step
 from pipeline.io import atomic_write, marker_path, write_json, write_parquet
@@ -79,8 +97,11 @@ from pipeline.text import display_text
 
 log = logging.getLogger(__name__)
 
-PHASES = ("all", "embed", "index", "search", "group")
-# Queries per step of the group phase's stream over the pair files.
+PHASES = ("all", "embed", "train", "index", "search", "group")
+# Phases that run on rank 0 only (one task); the other ranks of an array do nothing.
+SINGLE_TASK_PHASES = ("train", "group")
+# Queries per step of the group phase's stream over the pair files, and records per bucket of
+# its out-of-core sort of the keys and captions (pipeline.dedup.records).
 GROUP_CHUNK_ROWS = 1 << 18
 
 
@@ -201,6 +222,7 @@ def run_dedup(
     world_size: int = 1,
     ground_truth: str | Path | None = None,
     progress: bool = True,
+    group_chunk_rows: int = GROUP_CHUNK_ROWS,
 ) -> dict | None:
     """Run ``phase`` of the duplicate finder for ``rank`` of ``world_size``; see the module doc.
 
@@ -212,6 +234,8 @@ def run_dedup(
             embedding. Default: ``embedder.name``.
         embeddings_dir: a clip-retrieval folder of precomputed embeddings to use instead.
         ground_truth: a parquet with ``key`` and ``original_id``: evaluate the groups.
+        group_chunk_rows: the group phase's chunk: queries per step of its stream over the pair
+            files and records per bucket of its sort of keys and captions (its memory, not its result).
 
     Returns the summary (for ``all`` and ``group`` on rank 0), else None.
     """
@@ -221,15 +245,18 @@ def run_dedup(
     if phase == "all" and world_size != 1:
         raise ValueError(
             "phase=all runs every phase in this process and needs world_size=1; with "
-            f"world_size={world_size} run phase=embed, phase=index, phase=search, phase=group in turn"
+            f"world_size={world_size} run phase=embed, phase=train, phase=index, phase=search, phase=group in turn"
         )
+    if int(group_chunk_rows) < 1:
+        raise ValueError(f"group_chunk_rows: must be >= 1, got {group_chunk_rows}")
     if ground_truth is not None and not Path(ground_truth).exists():
         raise FileNotFoundError(f"data.ground_truth: {ground_truth} does not exist")
     out = Path(out_dir)
-    stage = _Stage(out, settings, data, embedder, embedder_id, embeddings_dir, rank, world_size, progress)
-    steps = {"embed": _Embed(stage), "index": _Index(stage), "search": _Search(stage), "group": _Group(stage, ground_truth)}
+    stage = _Stage(out, settings, data, embedder, embedder_id, embeddings_dir, rank, world_size, progress, int(group_chunk_rows))
+    steps = {"embed": _Embed(stage), "train": _Train(stage), "index": _Index(stage), "search": _Search(stage),
+             "group": _Group(stage, ground_truth)}  # fmt: skip
     for name in PHASES[1:] if phase == "all" else (phase,):
-        if name == "group" and rank != 0:
+        if name in SINGLE_TASK_PHASES and rank != 0:
             log.info("phase=%s runs on rank 0 only; nothing to do on rank %d", name, rank)
         if name == "group" and rank == 0 and not (out / "summary.json").exists():
             marker_path(out, "group").unlink(missing_ok=True)  # its summary is gone: group again
@@ -244,7 +271,7 @@ def run_dedup(
     log.info("group: already done, skipping")
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     if ground_truth is not None:
-        groups = pd.read_parquet(out / "groups.parquet")
+        groups = pd.read_parquet(out / "groups.parquet", columns=["key", "group_id"])
         selected = pd.read_parquet(out / "selected.parquet")
         summary["evaluation"] = {"ground_truth": str(ground_truth), **evaluate_groups(groups, pd.read_parquet(ground_truth), selected)}
     return summary
@@ -271,7 +298,7 @@ class _Stage:
     """What the phases of one run share: where things are, the settings that decide each
     phase's units (stored in their markers), the embeddings once read, and the order checks."""
 
-    def __init__(self, out_dir, settings, data, embedder, embedder_id, embeddings_dir, rank, world_size, progress):
+    def __init__(self, out_dir, settings, data, embedder, embedder_id, embeddings_dir, rank, world_size, progress, group_chunk_rows=GROUP_CHUNK_ROWS):
         self.out = out_dir
         self.settings = settings
         self.data = data
@@ -281,6 +308,7 @@ class _Stage:
         self.rank = rank
         self.world_size = world_size
         self.progress = progress
+        self.group_chunk_rows = group_chunk_rows
         self._rows: EmbeddingRows | None = None
 
     # Where things are ---------------------------------------------------------------------
@@ -312,8 +340,20 @@ class _Stage:
         files = [self.precomputed / "img_emb" / f"img_emb_{s}.npy" for s in self.shards()]
         return {"embeddings_dir": str(self.precomputed.resolve()), "files": [[f.name, f.stat().st_size, f.stat().st_mtime] for f in files]}
 
+    def train_unit(self) -> Unit:
+        """The cells, trained once for every rank: they depend on the embeddings and the index
+        settings, not on ``world_size`` (the same sample of the same rows)."""
+        return Unit("train", {"embeddings": self.embeddings_settings(), "index": self.settings.index.to_dict()})
+
+    def cells_digest(self) -> str | None:
+        """The digest of the centroids phase=train wrote (None before it ran, or for exact search)."""
+        return (read_marker(self.out, "train") or {}).get("centroids")
+
     def index_unit(self, rank: int) -> Unit:
-        settings = {"embeddings": self.embeddings_settings(), "index": self.settings.index.to_dict(), "rank": rank, "world_size": self.world_size}
+        # The train unit's digest and the centroids' own: retraining (new settings, or cells
+        # trained again on another kind of CPU) redoes every index task.
+        settings = {"train": self.train_unit().digest, "cells": self.cells_digest(), "embeddings": self.embeddings_settings(),
+                    "index": self.settings.index.to_dict(), "rank": rank, "world_size": self.world_size}  # fmt: skip
         return Unit(f"index_{rank}", settings)
 
     def index_units(self) -> list[Unit]:
@@ -327,6 +367,17 @@ class _Stage:
     def group_unit(self) -> Unit:
         searches = [self.search_unit(r).digest for r in range(self.world_size)]
         return Unit("group", {"search": searches, "top_k": self.settings.top_k, "min_group_size": self.settings.min_group_size})
+
+    def require_cells(self, phase: str) -> dict:
+        """The train marker, or one line saying to run phase=train first."""
+        unit = self.train_unit()
+        if not all_done(self.out, [unit]):
+            state = "is missing" if read_marker(self.out, "train") is None else "was written with other embeddings or index settings"
+            raise RuntimeError(
+                f"phase={phase} needs the IVF cells trained once: run phase=train first (one task, rank 0; "
+                f"{marker_path(self.out, 'train')} {state})"
+            )
+        return self.marker("train")
 
     # Phase order --------------------------------------------------------------------------
 
@@ -390,8 +441,57 @@ class _Embed:
             log.info("embed: shard %d: %d images embedded in %.1f s; %s", ctx.rank, len(metadata), seconds, rejects.summary())
 
 
+class _Train:
+    """Phase 2, one unit on rank 0: the IVF cells, trained once by spherical k-means on a sample
+    of the rows, written to ``index/centroids.npy`` (exact search: only the marker, saying so)."""
+
+    name = "train"
+
+    def __init__(self, stage: _Stage):
+        self.stage = stage
+
+    def units(self, rank: int, world_size: int) -> list[Unit]:
+        return [self.stage.train_unit()] if rank == 0 else []
+
+    def is_complete(self, unit: Unit, marker: dict) -> bool:
+        """The same settings, and the centroids it wrote are still there, unchanged."""
+        if marker.get("digest") != unit.digest:
+            return False
+        if marker.get("kind") != "ivf":
+            return True
+        try:
+            return centroids_digest(load_centroids(self.stage.out)) == marker.get("centroids")
+        except (OSError, ValueError):
+            return False
+
+    def run(self, units: list[Unit], ctx: StepContext) -> None:
+        stage = self.stage
+        (unit,) = units
+        started = time.perf_counter()
+        rows = stage.rows("train")
+        kind = stage.settings.index.resolved_kind(rows.n)
+        info: dict[str, Any] = {"kind": kind, "rows": rows.n, "dim": rows.dim}
+        if kind == "ivf":
+            # Only the sample is held: train_size (default 32 x nlist) rows of float32.
+            centroids = train_centroids(rows, stage.settings.index)
+            path = stage.out / "index" / "centroids.npy"
+            atomic_write(path, lambda tmp: _save_npy(tmp, centroids))
+            info.update(nlist=len(centroids), nprobe=min(stage.settings.index.nprobe, len(centroids)),
+                        centroids=centroids_digest(centroids), sample_rows=len(training_sample(rows.n, stage.settings.index)),
+                        path=str(path))  # fmt: skip
+        info["seconds"] = info["train_seconds"] = time.perf_counter() - started
+        ctx.done(unit, info)  # after the centroids: the marker holds their digest
+        log.info("train: %s on %d rows (%.1f s)", f"{info['nlist']} cells" if kind == "ivf" else "exact search, no cells", rows.n, info["seconds"])
+
+
+def load_centroids(out_dir: Path) -> np.ndarray:
+    """``<dedup>/index/centroids.npy``, as phase=train wrote it."""
+    return np.load(Path(out_dir) / "index" / "centroids.npy")
+
+
 class _Index:
-    """Phase 2, one unit per rank: IVF cells, and rank ``rank``'s rows bucketed by cell (exact: nothing to build)."""
+    """Phase 3, one unit per rank: rank ``rank``'s rows assigned to the cells phase=train wrote and
+    bucketed by cell (exact: nothing to build)."""
 
     name = "index"
 
@@ -406,17 +506,19 @@ class _Index:
         (unit,) = units
         started = time.perf_counter()
         rows = stage.rows("index")
-        kind = stage.settings.index.resolved_kind(rows.n)
+        train = stage.require_cells("index")
+        kind = train["kind"]
         start, stop = shard_bounds(rows.n, ctx.rank, ctx.world_size)
         info: dict[str, Any] = {"kind": kind, "rows": rows.n, "dim": rows.dim, "first_row": start, "stop_row": stop}
         if kind == "ivf":
             index_dir = stage.out / "index"
-            trained = time.perf_counter()
-            centroids = train_centroids(rows, stage.settings.index)
-            info["train_seconds"] = time.perf_counter() - trained
+            try:
+                centroids = load_centroids(stage.out)
+            except (OSError, ValueError) as err:
+                raise RuntimeError(f"phase=index: {index_dir / 'centroids.npy'} is unreadable ({err}); run phase=train again") from err
+            if centroids_digest(centroids) != train["centroids"] or centroids.shape[1] != rows.dim:
+                raise RuntimeError(f"phase=index: {index_dir / 'centroids.npy'} is not what phase=train recorded; run phase=train again")
             nlist, nprobe = len(centroids), min(stage.settings.index.nprobe, len(centroids))
-            if ctx.rank == 0:
-                atomic_write(index_dir / "centroids.npy", lambda tmp: _save_npy(tmp, centroids))
             stored = rows.read(start, stop)  # this rank's rows, float16: N / world_size x dim x 2 bytes
             assign = assign_cells(centroids, _UnitView(stored), nprobe, progress=ctx.progress)
             atomic_write(index_dir / f"assign_{ctx.rank}.npy", lambda tmp: _save_npy(tmp, assign))
@@ -467,10 +569,10 @@ class _Search:
         kind = index[0]["kind"]
         if kind == "ivf":
             digests = sorted({m.get("centroids") for m in index})
-            if len(digests) != 1:
+            if digests != [stage.cells_digest()]:
                 raise RuntimeError(
-                    f"phase=index: its {ctx.world_size} tasks trained different cells (centroid digests {digests}); "
-                    "k-means is repeatable only on CPUs of one kind: run phase=index again on one kind of node"
+                    f"phase=index: its {ctx.world_size} tasks bucketed rows by cells {digests}, phase=train's are "
+                    f"{stage.cells_digest()}; run phase=index again"
                 )
             nlist = index[0]["nlist"]
             pairs = join_buckets(stage.out / "index", ctx.rank, ctx.world_size, nlist, settings.threshold, settings.k,
@@ -489,7 +591,11 @@ class _Search:
 
 
 class _Group:
-    """Phase 4, one unit on rank 0: connected components, selection, merged rejects, summary."""
+    """Phase 5, one unit on rank 0: connected components, selection, merged rejects, summary.
+
+    Bounded: one int64 per row (the union-find), a chunk of pairs, a bucket of records of the
+    out-of-core sort by key and caption (:mod:`pipeline.dedup.records`), the groups with
+    duplicates (a few ints each) and the selected groups' members."""
 
     name = "group"
 
@@ -507,26 +613,30 @@ class _Group:
         out, world_size = stage.out, stage.world_size
         stage.require([stage.search_unit(r) for r in range(world_size)], "group")
         started = time.perf_counter()
-        metadata = read_metadata(stage.embeddings_root, stage.shards())
-        labels, n_pairs = stream_components(len(metadata), [out / "pairs" / f"pairs_{r}.npy" for r in range(world_size)],
-                                            stage.settings.k, out / "group_tmp")  # fmt: skip
-        groups, selected = group_labels(metadata, labels, stage.settings.top_k, stage.settings.min_group_size)
+        rows = stage.rows("group")  # the row count (and the shards' shapes checked), no rows read
+        chunk = stage.group_chunk_rows
+        labels, n_pairs = stream_components(rows.n, [out / "pairs" / f"pairs_{r}.npy" for r in range(world_size)],
+                                            stage.settings.k, out / "group_tmp", chunk)  # fmt: skip
+        selected, counts, sort = write_groups(stage.embeddings_root, stage.shards(), labels, stage.settings.top_k,
+                                              stage.settings.min_group_size, out / "groups.parquet", out / "group_tmp", chunk)  # fmt: skip
         del labels
-        write_parquet(groups, out / "groups.parquet")
+        if sort.duplicate_keys:
+            log.warning("embeddings_dir: %d keys occur more than once (e.g. %r); groups.parquet will repeat them", sort.duplicate_keys, sort.example)
         write_parquet(selected, out / "selected.parquet")
         rejects = merge_rejects(out / "rejects", out / "rejects.jsonl", world_size if stage.precomputed is None else 0)
         group_seconds = time.perf_counter() - started
-        summary = self._summary(metadata, groups, selected, n_pairs, rejects, group_seconds)
-        if self.ground_truth is not None:
+        summary = self._summary(counts, selected, n_pairs, rejects, group_seconds)
+        if self.ground_truth is not None:  # a labelled sample: reads the groups' keys and ids back
             truth = pd.read_parquet(self.ground_truth)
+            groups = pd.read_parquet(out / "groups.parquet", columns=["key", "group_id"])
             summary["evaluation"] = {"ground_truth": str(self.ground_truth), **evaluate_groups(groups, truth, selected)}
         write_json(summary, out / "summary.json")
-        ctx.done(unit, {"seconds": group_seconds})
+        ctx.done(unit, {"seconds": group_seconds, "chunk_rows": chunk, "record_buckets": sort.buckets,
+                        "records_held_max": sort.max_bucket, "duplicate_keys": sort.duplicate_keys})  # fmt: skip
         self.summary = summary
 
-    def _summary(self, metadata, groups, selected, n_pairs, rejects, group_seconds) -> dict:
+    def _summary(self, counts: GroupCounts, selected, n_pairs, rejects, group_seconds) -> dict:
         stage = self.stage
-        sizes = groups.drop_duplicates("group_id")["group_size"]
         largest = selected.head(10) if len(selected) else selected
         index_info = stage.marker("index_0")
         timing = {}
@@ -536,6 +646,7 @@ class _Group:
             embedder = {"name": embeds[0].get("embedder"), "dim": embeds[0].get("dim")}
         else:
             embedder = {"name": "precomputed", "embeddings_dir": str(stage.precomputed)}
+        timing["train"] = stage.marker("train").get("seconds", 0.0)
         timing["index"] = sum(stage.marker(f"index_{r}").get("seconds", 0.0) for r in range(stage.world_size))
         timing["search"] = sum(stage.marker(f"search_{r}").get("seconds", 0.0) for r in range(stage.world_size))
         timing["group"] = group_seconds
@@ -546,14 +657,14 @@ class _Group:
         rejected = sum(reasons.values())
         settings = stage.settings
         return {
-            "records_read": int(len(metadata) + rejected),
-            "records_embedded": int(len(metadata)),
+            "records_read": int(counts.records + rejected),
+            "records_embedded": int(counts.records),
             "rejected": int(rejected),
             "rejected_by_reason": dict(reasons),
             "pairs": int(n_pairs),
-            "groups": int(len(sizes)),
-            "duplicate_groups": int((sizes >= 2).sum()),
-            "records_in_duplicate_groups": int(sizes[sizes >= 2].sum()),
+            "groups": int(counts.groups),
+            "duplicate_groups": int(counts.duplicate_groups),
+            "records_in_duplicate_groups": int(counts.records_in_duplicate_groups),
             "selected": int(len(selected)),
             "largest_groups": [
                 {"prompt_id": r.prompt_id, "dup_count": int(r.dup_count), "caption": r.caption, "n_captions": int(r.n_captions)}
@@ -684,7 +795,7 @@ def main() -> None:
         summary = run_dedup(
             cfg.out_dir, settings, data=data, embedder=embedder, embedder_id=embedder_identity(cfg.embedder),
             embeddings_dir=cfg.embeddings_dir, phase=cfg.phase, rank=cfg.rank, world_size=cfg.world_size,
-            ground_truth=ground_truth, progress=cfg.progress,
+            ground_truth=ground_truth, progress=cfg.progress, group_chunk_rows=config_int(cfg, "group_chunk_rows", minimum=1),
         )  # fmt: skip
         if summary is not None:
             print(format_summary(summary))
