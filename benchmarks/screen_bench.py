@@ -51,7 +51,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -67,9 +69,11 @@ from pipeline.detect.verify import run_verify
 from pipeline.generate import generate, read_samples
 from pipeline.generate.adaptive import NO_SIGN, AdaptiveSettings, adaptive_outcome
 from pipeline.generate.sampling import SamplingSettings
-from pipeline.generations import load_prompts
+from pipeline.generate.stage import SETTINGS_FILE
+from pipeline.generations import load_prompts, sample_path
 from pipeline.models import Runtime, load_model, resolve_device
 from pipeline.prescreen import PrescreenSettings, heavy_prompt_aucs, prescreen, unet_evaluations
+from pipeline.prescreen.scores import SCORES
 from pipeline.prompts import Prompt, read_prompts
 from pipeline.rule import NearCopyRule
 from pipeline.training_images import GroupMatcher
@@ -135,12 +139,20 @@ def audit(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, adapti
     settings = SamplingSettings(steps=args.steps, guidance_scale=args.guidance, height=args.size, width=args.size)
     rule = near_copy_rule(args)
     matcher = GroupMatcher(data, rule.metric, delta(args)) if data is not None and adaptive is not None and adaptive.stop_when_extracted else None
+    cache = Path(args.brute_cache) / f"seed_{seed}" if adaptive is None and getattr(args, "brute_cache", None) else None
+    if cache is not None:
+        reuse_samples(cache, out / "generations", prompts, args.n_samples)
     started = time.perf_counter()
     summary = generate(
         pipe, prompts, out / "generations", model=str(args.model), settings=settings, runtime=runtime,
         n_samples=args.n_samples, base_seed=seed, batch_size=args.batch_size, progress=args.progress, adaptive=adaptive, matcher=matcher,
     )  # fmt: skip
     generated = time.perf_counter()
+    generate_s, reused = generated - started, 0
+    if cache is not None:
+        # Every sample has the same recipe: the time of the reused ones is the timed ones' per sample.
+        per_sample, reused = store_samples(cache, out / "generations", summary.images, generate_s)
+        generate_s = per_sample * len(prompts) * args.n_samples
     memorized = run_detect(out / "generations", out / "detect", rule, progress=args.progress)
     extracted: set[str] = set()
     if data is not None:
@@ -157,9 +169,49 @@ def audit(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, adapti
         "extracted": extracted,
         "found": flagged | extracted,
         "images": summary.images,
-        "generate_s": generated - started,
+        "reused": reused,
+        "generate_s": generate_s,
         "detect_s": done - generated,
     }
+
+
+def reuse_samples(cache: Path, generations: Path, prompts: list[Prompt], n_samples: int) -> None:
+    """Hard-link the brute-force samples ``cache`` holds for ``prompts`` into a new ``generations``
+    folder, with the settings they were made with: :func:`generate` then makes only the missing
+    ones, and refuses (one line naming the folder) if this run's settings differ. A sample is
+    fixed by the model, the recipe, the base seed, the prompt id and its index, so a prompt's
+    samples are the same in every prompt mix of a seed."""
+    if not (cache / SETTINGS_FILE).is_file():
+        return
+    generations.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cache / SETTINGS_FILE, generations / SETTINGS_FILE)
+    for p in prompts:
+        for i in range(n_samples):
+            source, target = sample_path(cache, p.prompt_id, i), sample_path(generations, p.prompt_id, i)
+            if source.is_file() and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(source, target)
+
+
+def store_samples(cache: Path, generations: Path, made: int, seconds: float) -> tuple[float, int]:
+    """Add a brute-force run's samples and settings to ``cache`` and its timing to the cache's
+    ``timing.json``; returns (seconds per sample over every timed sample, samples this run reused)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (cache / SETTINGS_FILE).is_file():
+        shutil.copyfile(generations / SETTINGS_FILE, cache / SETTINGS_FILE)
+    total = 0
+    for png in generations.glob("*/*.png"):
+        total += 1
+        target = cache / png.parent.name / png.name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(png, target)
+    timing_path = cache / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"samples": 0, "seconds": 0.0}
+    timing = {"samples": timing["samples"] + int(made), "seconds": timing["seconds"] + float(seconds)}
+    timing_path.write_text(json.dumps(timing))
+    per_sample = timing["seconds"] / timing["samples"] if timing["samples"] else float("nan")
+    return per_sample, total - int(made)
 
 
 def near_copy_rule(args) -> NearCopyRule:
@@ -201,10 +253,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--min-clique", type=int, default=10, help="the detector's clique size for a flag")
     parser.add_argument("--keep-fraction", type=float, default=None, help="prescreen: share of prompts kept for sampling")
-    parser.add_argument("--keep-z", type=lambda v: None if v.lower() == "none" else float(v), default=3.5,
-                        help="prescreen: keep prompts whose robust z-score is at least this (the usual outlier cut 3.5); "
-                             "with --keep-fraction, both must hold")
+    parser.add_argument("--keep-z", type=lambda v: None if v.lower() == "none" else float(v), default=3.0,
+                        help="prescreen: keep prompts whose robust z-score is at least this (wen_levels: the largest of its "
+                             "levels' z; 3, where the usual single outlier cut is 3.5, since it is a maximum of noisy z's and a "
+                             "prompt missed costs recall while one kept costs a first round); with --keep-fraction, both must hold")
     parser.add_argument("--prescreen-seeds", type=int, default=4)
+    parser.add_argument("--score", choices=SCORES, default="wen_levels",
+                        help="the prescreen's score (prescreen.score): wen_levels, Wen's norm at --levels, the strongest outlier "
+                             "(what meets issue 19 on the demo model), or wen (the first step alone), or anisotropy")
+    parser.add_argument("--levels", type=lambda v: [float(x) for x in v.split(",")], default=list(PrescreenSettings.levels),
+                        help="wen_levels' noise levels, fractions of the schedule, comma-separated (prescreen.levels)")
     parser.add_argument("--first-round", type=int, default=8, help="adaptive: samples in the first round")
     parser.add_argument("--growth", type=float, default=1.5, help="adaptive: round growth factor")
     parser.add_argument("--min-close-pairs", type=int, default=AdaptiveSettings.min_close_pairs,
@@ -224,6 +282,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--brute-singletons", type=int, default=None,
                         help="brute force samples every duplicated prompt and only this many random singletons; its cost is "
                              "extrapolated exactly (default: every prompt)")
+    parser.add_argument("--brute-cache", default=None,
+                        help="a folder keeping brute force's samples per seed: a later run (any prompt mix, same model and recipe) "
+                             "reuses them and makes only the missing ones; its generation time is extrapolated from the samples timed")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="an empty or new folder for both runs' outputs (default: a temporary one)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
@@ -266,7 +327,7 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
     n = len(prompts)
     # (b)'s prescreen first: --brute-kept-only needs its choice (it sees no sample of either run).
     ps = PrescreenSettings(seeds=args.prescreen_seeds, steps=args.steps, keep_fraction=args.keep_fraction, min_robust_z=args.keep_z,
-                           base_seed=seed, height=args.size, width=args.size)  # fmt: skip
+                           base_seed=seed, height=args.size, width=args.size, score=args.score, levels=tuple(args.levels))  # fmt: skip
     started = time.perf_counter()
     scores = prescreen(pipe, prompts, ps, progress=args.progress)
     prescreen_s = time.perf_counter() - started
@@ -346,9 +407,13 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
               f"{brute_measured_s:.1f} s measured; found among the sampled singletons: {len(singles_found)}"
               + (f" ({', '.join(singles_found)}: counted in (a)'s found prompts; at that rate the {n_singles} singletons would hold "
                  f"~{len(singles_found) * n_singles / max(1, len(singles_sampled)):.0f})" if singles_found else ""))
+    if brute["reused"]:
+        print(f"(a): {brute['reused']:,} of its {len(sampled) * args.n_samples:,} samples reused from --brute-cache {args.brute_cache} "
+              f"(made earlier with the same model, recipe and seeds); its generation time is extrapolated from the samples timed")
     keep_rule = " and ".join(([f"top {args.keep_fraction:.0%}"] if args.keep_fraction is not None else [])
                              + ([f"robust z >= {args.keep_z:g}"] if args.keep_z is not None else []))
-    print(f"(b): prescreen {args.prescreen_seeds} seeds, keep {keep_rule} ({len(kept)} prompts); adaptive rounds {rule.first_round} "
+    score_name = f"{args.score} at levels {', '.join(f'{v:g}' for v in ps.level_values())}" if args.score == "wen_levels" else args.score
+    print(f"(b): prescreen {score_name}, {args.prescreen_seeds} seeds, keep {keep_rule} ({len(kept)} prompts); adaptive rounds {rule.first_round} "
           f"x{rule.growth:g}, go on with >= {rule.min_close_pairs} near-copy pair(s)"
           + (", stop once flagged" if rule.stop_when_flagged else "")
           + (", stop once a clique is out of reach" if rule.stop_when_out_of_reach else "")
@@ -394,7 +459,7 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
         "device": device.type,
         "brute_force": {"unet_evaluations": brute_evaluations, "seconds": brute_s, "seconds_measured": brute_measured_s,
                         "prompts_sampled": len(sampled), "singletons_sampled": len(singles_sampled), "singletons_found": singles_found,
-                        "samples": brute_budget["samples"], "flagged": sorted(brute["flagged"]), "extracted": sorted(brute["extracted"]),
+                        "samples": brute_budget["samples"], "samples_reused": brute["reused"], "flagged": sorted(brute["flagged"]), "extracted": sorted(brute["extracted"]),
                         "found": sorted(brute["found"])},
         "screened": {"unet_evaluations": screened_budget["unet_evaluations"], "seconds": screened_s, "samples": screened_budget["samples"],
                      "prescreen_evaluations": screened_budget["prescreen_evaluations"], "kept": sorted(kept),
@@ -446,7 +511,10 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--out: {out} is not empty; both runs must start from nothing (their timings would be skips)")
     out.mkdir(parents=True, exist_ok=True)
     if args.tiny:
-        args.model, args.data = build_tiny(out)
+        # With --brute-cache the tiny model lives in the cache, so that later runs are made by the same model path.
+        home = Path(args.brute_cache) if args.brute_cache else out
+        built = (home / "tiny_model" / "model_index.json").is_file() and (home / "tiny_data" / "ground_truth.parquet").is_file()
+        args.model, args.data = (home / "tiny_model", home / "tiny_data") if built else build_tiny(home)
     images = Path(args.data) / "images"
     # The demo set's files layout: training images by key, for verification and stop_when_extracted.
     data = {"format": "files", "path": str(images)} if images.is_dir() else None

@@ -119,10 +119,12 @@ def test_robust_z_keeps_the_outliers_of_a_bulk():
     assert not robust_z(np.full(4, 2.0)).any()
 
 
-def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("score", ["wen", "wen_levels"])
+def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch, score):
     """world_size=2, run as rank 0 then rank 1, writes one prescreen.parquet and selected.parquet
     over every prompt (robust z and kept set over all of them), as world_size=1 does; a rerun
-    skips the scoring and redoes only the ranking."""
+    skips the scoring and redoes only the ranking. wen_levels' score compares prompts, so it is
+    set only once every rank's norms are together."""
     from hydra import compose, initialize_config_dir
 
     from pipeline.executor import read_marker
@@ -146,7 +148,7 @@ def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch):
     def run(run_dir, rank, world_size):
         overrides = [f"run_dir={run_dir}", f"prompts={prompts_path}", f"model.path={SHIPPED_DEMO_MODEL}", "device=cpu",
                      "prescreen.seeds=2", "prescreen.steps=4", "prescreen.batch_size=4", "prescreen.keep_fraction=0.4",
-                     f"rank={rank}", f"world_size={world_size}"]  # fmt: skip
+                     f"prescreen.score={score}", f"rank={rank}", f"world_size={world_size}"]  # fmt: skip
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             return stage.run(compose(config_name="prescreen", overrides=overrides))
 
@@ -159,7 +161,10 @@ def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch):
     expected, got = (pd.read_parquet(d / "prescreen" / "prescreen.parquet") for d in (one, two))
     assert len(got) == len(captions)
     assert got["prompt_id"].tolist() == expected["prompt_id"].tolist()
-    np.testing.assert_allclose(got["score"], expected["score"], rtol=1e-4)
+    # Norms from other batch compositions agree to float32 rounding (rtol 1e-4); a robust z (the
+    # robust_z column, and wen_levels' score) divides their differences by a MAD about a tenth
+    # of them, so it agrees to 10x that.
+    np.testing.assert_allclose(got["score"], expected["score"], rtol=1e-4 if score == "wen" else 1e-3, atol=1e-6)
     np.testing.assert_allclose(got["robust_z"], expected["robust_z"], rtol=1e-3, atol=1e-6)
     assert got["kept"].tolist() == expected["kept"].tolist() and got["rank"].tolist() == expected["rank"].tolist()
     selected = [pd.read_parquet(d / "prescreen" / "selected.parquet") for d in (one, two)]
@@ -170,8 +175,11 @@ def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch):
     summaries = [json.loads((d / "prescreen" / "summary.json").read_text()) for d in (one, two)]
     assert summaries[1]["prompts"] == summaries[0]["prompts"] == len(captions)
     assert summaries[1]["kept"] == summaries[0]["kept"] == 3
-    assert summaries[0]["unet_evaluations"] == unet_evaluations(len(captions), PrescreenSettings(seeds=2))
-    assert summaries[1]["unet_evaluations"] == summaries[0]["unet_evaluations"] + 2  # one unconditional per rank and seed
+    settings = PrescreenSettings(seeds=2, score=score)
+    passes = len(settings.level_values()) if score == "wen_levels" else 1
+    assert summaries[0]["unet_evaluations"] == unet_evaluations(len(captions), settings) == (len(captions) + 1) * 2 * passes
+    # one unconditional per rank, seed and timestep
+    assert summaries[1]["unet_evaluations"] == summaries[0]["unet_evaluations"] + 2 * passes
     assert read_marker(two / "prescreen", "scores_1")["prompts"] == 3
 
     # A rerun with the same settings scores nothing (no model loaded) and ranks again.
@@ -210,3 +218,69 @@ def test_anisotropy_adds_one_pass_at_the_low_noise_timestep(demo_pipe):
         empty, _ = demo_pipe.encode_prompt([""], "cpu", 1, False)
         eps = unet(torch.cat([x, x]), low, encoder_hidden_states=torch.cat([empty, text])).sample
     assert per_seed["alignment"][2, 1] == pytest.approx(float(guidance_alignment(eps[1:], eps[:1])), rel=1e-4, abs=1e-6)
+
+
+def test_wen_levels_takes_the_strongest_outlier_over_noise_levels(demo_pipe):
+    """prescreen.score=wen_levels: Wen's norm at the first timestep and at each level's timestep
+    (computed directly here for one caption and seed), one pass of (captions + 1) * seeds images
+    per level, and the score is the largest over levels of each level's robust z over prompts."""
+    import torch
+
+    from pipeline.prescreen import denoiser_scores, latent_shape, rank_scores, robust_z, score_prompts, text_conditional_noise_norm
+
+    settings = PrescreenSettings(seeds=2, steps=25, batch_size=4, score="wen_levels", levels=(0.25, 0.5), keep_top=2)
+    captions = ["zubrak melino", "tesh vorla", "quen dasso", "mill at dusk"]
+    per_seed, images_seen = unet_images(demo_pipe, lambda: denoiser_scores(demo_pipe, captions, settings, progress=False))
+    assert settings.level_values() == [0.0, 0.25, 0.5]
+    assert images_seen == unet_evaluations(len(captions), settings) == 3 * (4 + 1) * 2
+    assert per_seed["levels"].shape == (4, 2, 3)
+    np.testing.assert_array_equal(per_seed["levels"][:, :, 0], per_seed["wen"])
+    np.testing.assert_array_equal(per_seed["wen"], text_conditional_noise_norm(demo_pipe, captions, settings, progress=False))
+
+    scheduler, unet = demo_pipe.scheduler, demo_pipe.unet
+    scheduler.set_timesteps(settings.steps)
+    x = torch.randn(latent_shape(demo_pipe, None, None), generator=torch.Generator().manual_seed(settings.base_seed + 1))
+    x = scheduler.scale_model_input(x[None] * scheduler.init_noise_sigma, scheduler.timesteps[0])
+    with torch.no_grad():
+        text, _ = demo_pipe.encode_prompt([captions[2]], "cpu", 1, False)
+        empty, _ = demo_pipe.encode_prompt([""], "cpu", 1, False)
+        for j, index in ((1, 6), (2, 12)):  # round(0.25 * 24), round(0.5 * 24)
+            eps = unet(torch.cat([x, x]), scheduler.timesteps[index], encoder_hidden_states=torch.cat([empty, text])).sample
+            assert per_seed["levels"][2, 1, j] == pytest.approx(float((eps[1] - eps[0]).norm()), rel=1e-4)
+
+    prompts = [Prompt(f"p{i}", c) for i, c in enumerate(captions)]
+    raw = score_prompts(demo_pipe, prompts, settings, progress=False)
+    assert raw.score.isna().all(), "the score compares prompts: set when ranking, not per shard"
+    table = rank_scores(raw, settings).set_index("prompt_id")
+    norms = per_seed["levels"].mean(axis=1)
+    expected = np.max(np.stack([robust_z(norms[:, j]) for j in range(3)], axis=1), axis=1)
+    np.testing.assert_allclose(table.loc[[p.prompt_id for p in prompts], "score"], expected, rtol=1e-6)
+    assert table.kept.sum() == 2
+
+
+def test_strongest_outlier_and_level_positions():
+    """An outlier at any one level ranks first; levels map to schedule positions by rounding."""
+    from pipeline.prescreen import robust_z
+    from pipeline.prescreen.scores import level_indexes, strongest_outlier
+
+    bulk = np.linspace(1.0, 2.0, 9)
+    first = np.append(bulk, 1.5)  # the last prompt is ordinary at the first level ...
+    quarter = np.append(bulk, 9.0)  # ... and an outlier at the second
+    score = strongest_outlier(np.stack([first, quarter], axis=1), robust_z)
+    assert int(np.argmax(score)) == 9 and score[9] == pytest.approx(robust_z(quarter)[9])
+    assert level_indexes(25, [0.0, 0.25, 1.0]) == [0, 6, 24]
+    assert level_indexes(50, [0.25]) == [12]
+    with pytest.raises(ValueError, match="prescreen.levels"):
+        level_indexes(25, [1.5])
+
+
+def test_prescreen_levels_config_errors_name_the_key():
+    from omegaconf import OmegaConf
+
+    from pipeline.cli import ConfigError
+    from pipeline.prescreen.stage import config_levels
+
+    assert config_levels(OmegaConf.create({"prescreen": {"levels": [0, 0.25]}})) == (0.0, 0.25)
+    for bad in ([2.0], ["a"], [], "0.25", [True]):
+        with pytest.raises(ConfigError, match="prescreen.levels"):
+            config_levels(OmegaConf.create({"prescreen": {"levels": bad}}))

@@ -35,7 +35,8 @@ def test_budget_figures_follow_from_the_runs(tiny_run):
     screened = result["screened"]
     table = pd.read_parquet(out / "screened" / "generations" / "prompts.parquet")
     assert sorted(table.prompt_id) == screened["kept"] and len(screened["kept"]) == n // 2  # keep 50% (--tiny: no z cut)
-    assert screened["prescreen_evaluations"] == (n + 1) * 2  # 2 seeds a prompt, and 2 unconditional ones for all
+    # wen_levels at 3 levels: 2 seeds a prompt, and 2 unconditional ones for all, at each level
+    assert screened["prescreen_evaluations"] == (n + 1) * 2 * 3
     assert screened["unet_evaluations"] == screened["prescreen_evaluations"] + int(table.n_generated.sum()) * steps * 2
     assert result["evaluation_fraction"] == pytest.approx(screened["unet_evaluations"] / result["brute_force"]["unet_evaluations"])
     # Rounds end at 2, 4, 6 samples (or sooner where a stop on the verdict could apply); a prompt
@@ -128,3 +129,23 @@ def test_seeds_print_each_row_and_the_worst_and_brute_force_extrapolates_exactly
     rows = [line.split() for line in printed.splitlines() if line.split()[:1] in (["0"], ["1"], ["worst"])]
     assert [row[0] for row in rows] == ["0", "1", "worst"]
     assert "targets on every seed:" in printed
+
+
+def test_brute_cache_reuses_brute_force_samples_across_prompt_mixes(bench, tmp_path):
+    """--brute-cache: a second run (another prompt mix of the same seed) links the samples the
+    first made, makes only the missing ones, and they are the images a run from nothing makes."""
+    cache = tmp_path / "cache"
+    common = ["--tiny", "--threshold", "0.757", "--min-clique", "2", "--delta", "0.5", "--brute-cache", str(cache)]
+    first = bench.main([*common, "--prompts", "6", "--out", str(tmp_path / "a")])
+    assert first["brute_force"]["samples_reused"] == 0
+    second = bench.main([*common, "--prompts", "8", "--out", str(tmp_path / "b")])
+    n_samples = second["n_samples"]
+    shared = set(pd.read_parquet(tmp_path / "a" / "brute" / "generations" / "prompts.parquet").prompt_id)
+    made = set(pd.read_parquet(tmp_path / "b" / "brute" / "generations" / "prompts.parquet").prompt_id)
+    assert second["brute_force"]["samples_reused"] == len(shared & made) * n_samples > 0
+    fresh = bench.main(["--tiny", "--threshold", "0.757", "--min-clique", "2", "--delta", "0.5", "--prompts", "8",
+                        "--out", str(tmp_path / "c")])  # fmt: skip  (the tiny model is built from a fixed seed)
+    for path in sorted((tmp_path / "b" / "brute" / "generations").glob("*/*.png")):
+        twin = tmp_path / "c" / "brute" / "generations" / path.parent.name / path.name
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(twin)), err_msg=str(path))
+    assert second["brute_force"]["found"] == fresh["brute_force"]["found"]

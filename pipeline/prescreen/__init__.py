@@ -11,12 +11,14 @@ from pipeline.prescreen.stage import (
     heavy_prompt_aucs,
     latent_shape,
     prescreen,
+    rank_scores,
     robust_z,
     roc_auc,
     run,
+    score_prompts,
     text_conditional_noise_norm,
     unet_evaluations,
 )
 
-__all__ = ["PrescreenSettings", "choose_kept", "denoiser_scores", "heavy_prompt_aucs", "latent_shape", "prescreen", "robust_z", "roc_auc", "run",
-           "text_conditional_noise_norm", "unet_evaluations"]  # fmt: skip
+__all__ = ["PrescreenSettings", "choose_kept", "denoiser_scores", "heavy_prompt_aucs", "latent_shape", "prescreen", "rank_scores", "robust_z", "roc_auc",
+           "run", "score_prompts", "text_conditional_noise_norm", "unet_evaluations"]  # fmt: skip

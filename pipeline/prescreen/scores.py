@@ -34,6 +34,17 @@ prediction type (their SD 2 branch converts v to a score first, a constant facto
 that changes the balance with ``weight`` but not the norm's ranking), and the low-noise pass
 gets the first step's model input unchanged (for SD's DDIM/PNDM/DDPM schedulers
 ``scale_model_input`` is the identity, so this is their input).
+
+**wen_levels** (ours, beyond both papers): Wen's norm taken on the same pure-noise x_T at several
+noise levels of the schedule (``prescreen.levels``, fractions of its length: 0 is the first,
+noisiest timestep, 0.25 the timestep a quarter of the way), each level's norms standardised over
+the audit's prompts (:func:`pipeline.prescreen.stage.robust_z`), and the largest of those z
+values kept: a prompt that is an outlier at any one level ranks high. Why: on the demo model some
+prompts that brute force extracts (10 and 40 training copies) have an ordinary first-step norm
+but stand out at a quarter of the schedule, while some heavily duplicated ones stand out only at
+the first step (see the README's prescreen section). Each extra level costs another
+``(prompts + 1) x seeds`` evaluations. Set-dependent by construction (like the robust z the
+keep rule already uses): scores of one audit's prompts are comparable, not across audits.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 # The prescreen.score values and the table column each ranks by.
-SCORES = ("wen", "anisotropy")
+SCORES = ("wen", "anisotropy", "wen_levels")
 
 
 def conditional_difference_norm(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
@@ -66,3 +77,27 @@ def low_noise_timestep(timesteps: torch.Tensor) -> torch.Tensor:
     """The anisotropy's low-noise timestep: the third-last of the schedule (the authors'
     ``timesteps[-3]``), or the last when the schedule has fewer than three."""
     return timesteps[-3] if len(timesteps) >= 3 else timesteps[-1]
+
+
+def level_indexes(n_timesteps: int, levels) -> list[int]:
+    """The schedule positions of ``levels`` (fractions in [0, 1] of a schedule of ``n_timesteps``,
+    0 the first timestep), ``round(level * (n_timesteps - 1))`` each, in the order given."""
+    out = []
+    for level in levels:
+        if not 0.0 <= float(level) <= 1.0:
+            raise ValueError(f"prescreen.levels: each level must be in [0, 1] (a fraction of the schedule), got {level}")
+        out.append(int(round(float(level) * (n_timesteps - 1))))
+    return out
+
+
+def strongest_outlier(norms, standardise):
+    """(prompts,) the largest over levels of ``standardise`` (a robust z over prompts) applied to
+    each level's column of ``norms`` (prompts, levels)."""
+    import numpy as np
+
+    norms = np.asarray(norms, dtype=np.float64)
+    if norms.ndim != 2 or norms.shape[1] == 0:
+        raise ValueError(f"norms: expected (prompts, levels) with at least one level, got shape {norms.shape}")
+    if norms.shape[0] == 0:
+        return np.zeros(0)
+    return np.max(np.stack([standardise(norms[:, j]) for j in range(norms.shape[1])], axis=1), axis=1)

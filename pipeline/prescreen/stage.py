@@ -47,7 +47,15 @@ from pipeline.budget import prescreen_evaluations
 from pipeline.cli import CONF_DIR, ConfigError, config_int, config_number, stage_main
 from pipeline.executor import StepContext, Unit, all_done, read_marker, run_step, settings_digest
 from pipeline.prescreen.denoisers import Conditioning, denoiser_for
-from pipeline.prescreen.scores import SCORES, anisotropy_score, conditional_difference_norm, guidance_alignment, low_noise_timestep
+from pipeline.prescreen.scores import (
+    SCORES,
+    anisotropy_score,
+    conditional_difference_norm,
+    guidance_alignment,
+    level_indexes,
+    low_noise_timestep,
+    strongest_outlier,
+)
 from pipeline.prompts import Prompt, shard_prompts
 from pipeline.text import display_text
 
@@ -61,7 +69,9 @@ class PrescreenSettings:
     ``score``: what ranks and keeps prompts, ``"wen"`` or ``"anisotropy"`` (which also computes
     Wen's, at twice the cost); ``anisotropy_weight``: the alignment's weight in the anisotropy
     score; ``guidance_scale``: FLUX-dev's guidance embedding (None: FluxPipeline's default 3.5;
-    the other families' first step does not depend on it).
+    the other families' first step does not depend on it); ``levels``: where ``"wen_levels"``
+    takes Wen's norm, as fractions of the schedule (0: its first timestep; see
+    :mod:`pipeline.prescreen.scores`).
     """
 
     seeds: int = 4
@@ -80,6 +90,11 @@ class PrescreenSettings:
     score: str = "wen"
     anisotropy_weight: float = 2.0
     guidance_scale: float | None = None
+    levels: tuple[float, ...] = (0.0, 0.125, 0.25)
+
+    def level_values(self) -> list[float]:
+        """The noise levels ``score="wen_levels"`` evaluates, distinct, the first timestep (0) always among them."""
+        return sorted({0.0, *(float(v) for v in self.levels)})
 
 
 def latent_shape(pipe, height: int | None, width: int | None) -> tuple[int, int, int]:
@@ -114,7 +129,9 @@ def denoiser_scores(pipe, captions: list[str], settings: PrescreenSettings, prog
     Returns:
         float64 arrays (len(captions), seeds): ``"wen"``, the L2 norm of the text-conditional
         difference at the first timestep, always; with ``settings.score == "anisotropy"`` also
-        ``"alignment"`` (in [-1, 1], at the low-noise timestep) and ``"anisotropy"``.
+        ``"alignment"`` (in [-1, 1], at the low-noise timestep) and ``"anisotropy"``; with
+        ``"wen_levels"`` also ``"levels"``, float64 (len(captions), seeds, levels): the norm at
+        each of :meth:`PrescreenSettings.level_values` (the first is ``"wen"``).
     """
     if settings.score not in SCORES:
         raise ValueError(f"prescreen.score: must be one of {', '.join(SCORES)}; got {settings.score!r}")
@@ -124,6 +141,10 @@ def denoiser_scores(pipe, captions: list[str], settings: PrescreenSettings, prog
     passes = {"wen": (denoiser.timesteps[0], conditional_difference_norm)}
     if settings.score == "anisotropy":
         passes["alignment"] = (low_noise_timestep(denoiser.timesteps), guidance_alignment)
+    levels = settings.level_values() if settings.score == "wen_levels" else []
+    for j, index in enumerate(level_indexes(len(denoiser.timesteps), levels)):
+        if j:  # level 0 is the first timestep: Wen's pass
+            passes[f"level_{j}"] = (denoiser.timesteps[index], conditional_difference_norm)
     noise = denoiser.initial_noise([settings.base_seed + s for s in range(settings.seeds)])
 
     # Every caption sees the same x_T for a seed, so f(x_T, "") is one evaluation per seed (and
@@ -157,6 +178,8 @@ def denoiser_scores(pipe, captions: list[str], settings: PrescreenSettings, prog
     bar.close()
     if "alignment" in per_seed:
         per_seed["anisotropy"] = anisotropy_score(per_seed["wen"], per_seed["alignment"], settings.anisotropy_weight)
+    if levels:
+        per_seed["levels"] = np.stack([per_seed["wen"]] + [per_seed.pop(f"level_{j}") for j in range(1, len(levels))], axis=2)
     return per_seed
 
 
@@ -167,7 +190,10 @@ def text_conditional_noise_norm(pipe, captions: list[str], settings: PrescreenSe
 
 
 def evaluation_passes(settings: PrescreenSettings) -> int:
-    """Timesteps the denoiser is evaluated at: 1 for Wen's score, 2 for the anisotropy score."""
+    """Timesteps the denoiser is evaluated at: 1 for Wen's score, 2 for the anisotropy score,
+    one per distinct level for ``wen_levels``."""
+    if settings.score == "wen_levels":
+        return len(settings.level_values())
     return 2 if settings.score == "anisotropy" else 1
 
 
@@ -219,7 +245,7 @@ def choose_kept(scores: np.ndarray, settings: PrescreenSettings) -> np.ndarray:
     if settings.score_threshold is not None:
         keep &= scores >= settings.score_threshold
     if settings.min_robust_z is not None:
-        keep &= robust_z(scores) >= settings.min_robust_z
+        keep &= (scores if settings.score == "wen_levels" else robust_z(scores)) >= settings.min_robust_z
     return keep
 
 
@@ -227,21 +253,32 @@ def score_prompts(pipe, prompts: list[Prompt], settings: PrescreenSettings, prog
     """The raw scores of ``prompts``, in their order: prompt_id, caption, dup_count, score (the
     ``settings.score`` one, mean over seeds), score_std (its standard deviation over seeds),
     score_wen, score_anisotropy and alignment (means over seeds; the last two NaN unless
-    ``score=anisotropy``). What one rank computes and :func:`rank_scores` ranks."""
+    ``score=anisotropy``), level_norms (``score=wen_levels``: the norm at each level, means over
+    seeds; the score itself is NaN here, since it compares prompts: :func:`rank_scores` sets it).
+    What one rank computes and :func:`rank_scores` ranks."""
     per_seed = denoiser_scores(pipe, [p.caption for p in prompts], settings, progress)
-    chosen = per_seed[settings.score]
-    columns = {"score": chosen.mean(axis=1), "score_std": chosen.std(axis=1), "score_wen": per_seed["wen"].mean(axis=1)}
+    columns = {"score_wen": per_seed["wen"].mean(axis=1)}
+    if settings.score in per_seed:
+        chosen = per_seed[settings.score]
+        columns.update(score=chosen.mean(axis=1), score_std=chosen.std(axis=1))
     if "anisotropy" in per_seed:
         columns.update(score_anisotropy=per_seed["anisotropy"].mean(axis=1), alignment=per_seed["alignment"].mean(axis=1))
-    return score_table(prompts, columns)
+    levels = per_seed["levels"].mean(axis=1) if "levels" in per_seed else None
+    return score_table(prompts, columns, levels)
 
 
 def rank_scores(table: pd.DataFrame, settings: PrescreenSettings) -> pd.DataFrame:
     """``table`` (:func:`score_prompts`' columns, in the prompt list's order) with robust_z
-    (:func:`robust_z` of the score over every row), kept (:func:`choose_kept`) and rank
+    (:func:`robust_z` of the score over every row; for ``wen_levels``, whose score is already
+    the largest of the levels' robust z, the score itself), kept (:func:`choose_kept`) and rank
     (0 = highest), highest score first (ties in the prompt list's order)."""
     table = table.copy()
-    table["robust_z"] = robust_z(table.score.to_numpy())
+    if settings.score == "wen_levels":
+        norms = np.array([list(row) for row in table[LEVEL_COLUMN]], dtype=np.float64).reshape(len(table), -1)
+        table["score"] = strongest_outlier(norms, robust_z) if len(table) else np.zeros(0)
+    # wen_levels' score is already a robust z (the largest of the levels'); standardising it again
+    # would measure it against the bulk's maxima, not against each level's bulk.
+    table["robust_z"] = table["score"].to_numpy() if settings.score == "wen_levels" else robust_z(table.score.to_numpy())
     table["kept"] = choose_kept(table.score.to_numpy(), settings)
     table = table.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     table["rank"] = np.arange(len(table))
@@ -289,15 +326,18 @@ def heavy_prompt_aucs(scores: np.ndarray, dup_counts: np.ndarray, heavy_dup_coun
     return out
 
 
-def score_aucs(table: pd.DataFrame, heavy_dup_count: int) -> dict[str, float]:
+def score_aucs(table: pd.DataFrame, heavy_dup_count: int, chosen: str | None = None) -> dict[str, float]:
     """ROC AUCs (:func:`heavy_prompt_aucs`) of the ranked score and of each score the table holds.
 
     Keys ``roc_auc_heavy_vs_singletons`` / ``roc_auc_heavy_vs_rest`` for the ``score`` column
-    (the chosen one), ``roc_auc_<wen|anisotropy>_<side>`` for ``score_wen`` / ``score_anisotropy``;
+    (the chosen one), ``roc_auc_<wen|anisotropy>_<side>`` for ``score_wen`` / ``score_anisotropy``,
+    and ``roc_auc_<chosen>_<side>`` for a ``chosen`` score held only in ``score`` (``wen_levels``);
     only the finite ones (none where ``dup_count`` is unknown or a score was not computed).
     """
     dup_counts = table.dup_count.to_numpy(dtype=float, na_value=np.nan)
-    columns = {"": "score", **{f"{name}_": f"score_{name}" for name in SCORES}}
+    columns = {"": "score", **{f"{name}_": f"score_{name}" for name in SCORES if f"score_{name}" in table.columns}}
+    if chosen is not None and f"score_{chosen}" not in table.columns:  # a score with no column of its own (wen_levels)
+        columns[f"{chosen}_"] = "score"
     out = {}
     for prefix, column in columns.items():
         scores = table[column].to_numpy(dtype=float)
@@ -328,7 +368,19 @@ def settings_from_config(cfg) -> PrescreenSettings:
         score=config_score(cfg),
         anisotropy_weight=config_number(cfg, "prescreen.anisotropy_weight"),
         guidance_scale=config_number(cfg, "prescreen.guidance_scale", optional=True),
+        levels=config_levels(cfg),
     )
+
+
+def config_levels(cfg) -> tuple[float, ...]:
+    """``prescreen.levels``: a list of fractions of the schedule in [0, 1] (absent: the default)."""
+    value = cfg.prescreen.get("levels", None)
+    if value is None:
+        return PrescreenSettings.levels
+    values = [value] if isinstance(value, (int, float)) else list(value) if hasattr(value, "__iter__") and not isinstance(value, str) else None
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in values):
+        raise ConfigError(f"prescreen.levels: a list of fractions of the schedule in [0, 1] (0: the first timestep), got {value!r}")
+    return tuple(float(v) for v in values)
 
 
 def config_score(cfg) -> str:
@@ -353,7 +405,7 @@ def load_prescreen_model(cfg):
 
 # The settings that decide a prompt's score (not which prompts are kept: changing those redoes
 # only the finish).
-SCORE_SETTINGS = ("seeds", "steps", "batch_size", "base_seed", "height", "width", "score", "anisotropy_weight", "guidance_scale")
+SCORE_SETTINGS = ("seeds", "steps", "batch_size", "base_seed", "height", "width", "score", "anisotropy_weight", "guidance_scale", "levels")
 
 
 def prompts_digest(prompts: list[Prompt]) -> str:
@@ -384,7 +436,7 @@ class ScorePrompts:
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "device": str(cfg.device),
             "dtype": str(cfg.dtype),
-            "prescreen": {name: getattr(settings, name) for name in SCORE_SETTINGS},
+            "prescreen": {name: list(v) if isinstance(v := getattr(settings, name), tuple) else v for name in SCORE_SETTINGS},
         }
         self._shares: dict[tuple[int, int], list[Prompt]] = {}
 
@@ -413,13 +465,16 @@ class ScorePrompts:
             ctx.done(unit, {"prompts": len(share), "unet_evaluations": evaluations, "seconds": round(seconds, 2)})
 
 
-# The per-prompt numbers of a score table, after prompt_id, caption and dup_count.
+# The per-prompt numbers of a score table, after prompt_id, caption and dup_count, and the
+# per-level norms of score=wen_levels (a list per prompt; null under the other scores).
 SCORE_COLUMNS = ("score", "score_std", "score_wen", "score_anisotropy", "alignment")
+LEVEL_COLUMN = "level_norms"
 
 
-def score_table(prompts: list[Prompt], columns: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+def score_table(prompts: list[Prompt], columns: dict[str, np.ndarray] | None = None, levels: np.ndarray | None = None) -> pd.DataFrame:
     """:func:`score_prompts`' table for ``prompts``: the :data:`SCORE_COLUMNS` from ``columns``
-    (one float per prompt each; NaN for a column not given)."""
+    (one float per prompt each; NaN for a column not given) and :data:`LEVEL_COLUMN` from
+    ``levels`` (prompts, levels), or null."""
     columns = columns or {}
     table = pd.DataFrame(
         {
@@ -430,6 +485,8 @@ def score_table(prompts: list[Prompt], columns: dict[str, np.ndarray] | None = N
     )
     for name in SCORE_COLUMNS:
         table[name] = np.asarray(columns[name], dtype=np.float64) if name in columns else np.full(len(prompts), np.nan)
+    rows = [None] * len(prompts) if levels is None else [[float(v) for v in row] for row in np.asarray(levels, dtype=np.float64)]
+    table[LEVEL_COLUMN] = pd.Series(rows, index=table.index, dtype=object)
     return table
 
 
@@ -440,7 +497,7 @@ def scores_path(out_dir: str | Path, rank: int) -> Path:
 def merged_scores(out_dir: Path, prompts: list[Prompt], world_size: int) -> pd.DataFrame:
     """Every rank's raw scores as one table in the prompt list's order (as one process scores
     them), checked to hold each prompt exactly once."""
-    frames = [pd.read_parquet(scores_path(out_dir, rank), columns=["prompt_id", *SCORE_COLUMNS]) for rank in range(world_size)]
+    frames = [pd.read_parquet(scores_path(out_dir, rank), columns=["prompt_id", *SCORE_COLUMNS, LEVEL_COLUMN]) for rank in range(world_size)]
     scores = pd.concat(frames, ignore_index=True)
     scores["prompt_id"] = scores["prompt_id"].astype(str)
     ids = [p.prompt_id for p in prompts]
@@ -450,7 +507,9 @@ def merged_scores(out_dir: Path, prompts: list[Prompt], world_size: int) -> pd.D
             f"({len(scores)} rows): another run may be writing there; rerun to rescore"
         )
     by_id = scores.set_index("prompt_id")
-    return score_table(prompts, {name: by_id.loc[ids, name].to_numpy() for name in SCORE_COLUMNS})
+    levels = by_id.loc[ids, LEVEL_COLUMN].tolist()
+    level_norms = None if any(v is None for v in levels) else np.array([list(v) for v in levels], dtype=np.float64).reshape(len(ids), -1)
+    return score_table(prompts, {name: by_id.loc[ids, name].to_numpy() for name in SCORE_COLUMNS}, level_norms)
 
 
 def finish(cfg, step: ScorePrompts, out_dir: Path, world_size: int, heavy_dup_count: int) -> pd.DataFrame:
@@ -482,9 +541,9 @@ def finish(cfg, step: ScorePrompts, out_dir: Path, world_size: int, heavy_dup_co
     }
     if world_size > 1:
         summary["world_size"] = world_size
-    summary.update(score_aucs(table, heavy_dup_count))
+    summary.update(score_aucs(table, heavy_dup_count, settings.score))
     write_json(summary, out_dir / "summary.json")
-    scores_shown = ["score_wen", "score_anisotropy", "alignment"] if settings.score == "anisotropy" else ["score"]
+    scores_shown = {"anisotropy": ["score_wen", "score_anisotropy", "alignment"], "wen_levels": ["score_wen", "score"]}.get(settings.score, ["score"])
     shown = table.head(15)[["rank", "prompt_id", "dup_count", *scores_shown, "robust_z", "kept", "caption"]].copy()
     shown["prompt_id"] = shown["prompt_id"].map(lambda v: display_text(v, 20))  # untrusted: bounded, no controls
     shown["caption"] = shown["caption"].map(lambda v: display_text(v, 60))
