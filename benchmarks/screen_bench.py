@@ -257,7 +257,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="prescreen: keep prompts whose robust z-score is at least this (wen_levels: the largest of its "
                              "levels' z; 3, where the usual single outlier cut is 3.5, since it is a maximum of noisy z's and a "
                              "prompt missed costs recall while one kept costs a first round); with --keep-fraction, both must hold")
-    parser.add_argument("--prescreen-seeds", type=int, default=4)
+    parser.add_argument("--prescreen-seeds", type=int, default=8,
+                        help="prescreen noise draws (prescreen.seeds): 8, since with 4 the weakest memorized demo prompts "
+                             "(4 of 24 samples extracted) fall into the singletons' tail on some draws")
     parser.add_argument("--score", choices=SCORES, default="wen_levels",
                         help="the prescreen's score (prescreen.score): wen_levels, Wen's norm at --levels, the strongest outlier "
                              "(what meets issue 19 on the demo model), or wen (the first step alone), or anisotropy")

@@ -228,10 +228,15 @@ def test_wen_levels_takes_the_strongest_outlier_over_noise_levels(demo_pipe):
 
     from pipeline.prescreen import denoiser_scores, latent_shape, rank_scores, robust_z, score_prompts, text_conditional_noise_norm
 
-    settings = PrescreenSettings(seeds=2, steps=25, batch_size=4, score="wen_levels", levels=(0.25, 0.5), keep_top=2)
+    settings = PrescreenSettings(seeds=2, steps=25, batch_size=4, score="wen_levels", levels=(0.5, 0.0, 0.25), keep_top=2)
     captions = ["zubrak melino", "tesh vorla", "quen dasso", "mill at dusk"]
     per_seed, images_seen = unet_images(demo_pipe, lambda: denoiser_scores(demo_pipe, captions, settings, progress=False))
     assert settings.level_values() == [0.0, 0.25, 0.5]
+    # Without level 0, the first timestep is not evaluated: one pass per level given.
+    alone = PrescreenSettings(seeds=2, steps=25, batch_size=4, score="wen_levels", levels=(0.25,))
+    only, seen = unet_images(demo_pipe, lambda: denoiser_scores(demo_pipe, captions[:1], alone, progress=False))
+    assert seen == unet_evaluations(1, alone) == (1 + 1) * 2 and "wen" not in only
+    np.testing.assert_allclose(only["levels"][0, :, 0], per_seed["levels"][0, :, 1], rtol=1e-4)
     assert images_seen == unet_evaluations(len(captions), settings) == 3 * (4 + 1) * 2
     assert per_seed["levels"].shape == (4, 2, 3)
     np.testing.assert_array_equal(per_seed["levels"][:, :, 0], per_seed["wen"])

@@ -37,13 +37,14 @@ gets the first step's model input unchanged (for SD's DDIM/PNDM/DDPM schedulers
 
 **wen_levels** (ours, beyond both papers): Wen's norm taken on the same pure-noise x_T at several
 noise levels of the schedule (``prescreen.levels``, fractions of its length: 0 is the first,
-noisiest timestep, 0.25 the timestep a quarter of the way), each level's norms standardised over
-the audit's prompts (:func:`pipeline.prescreen.stage.robust_z`), and the largest of those z
-values kept: a prompt that is an outlier at any one level ranks high. Why: on the demo model some
-prompts that brute force extracts (10 and 40 training copies) have an ordinary first-step norm
-but stand out at a quarter of the schedule, while some heavily duplicated ones stand out only at
-the first step (see the README's prescreen section). Each extra level costs another
-``(prompts + 1) x seeds`` evaluations. Set-dependent by construction (like the robust z the
+noisiest timestep, where Wen et al. take it; 0.125 the timestep an eighth of the way; default
+0.125 and 0.25), each level's norms standardised over the audit's prompts
+(:func:`pipeline.prescreen.stage.robust_z`), and the largest of those z values kept: a prompt
+that is an outlier at any one level ranks high. Why: on the demo model some prompts that brute
+force extracts (10 and 40 training copies, 4 to 10 of 24 samples) have an ordinary first-step
+norm (robust z 0 to 1) but stand out an eighth of the way into the schedule (z 4 to 10 over 16
+noise draws), where every heavily duplicated prompt stands out too (see the README's screening
+section). Each level costs ``(prompts + 1) x seeds`` evaluations. Set-dependent by construction (like the robust z the
 keep rule already uses): scores of one audit's prompts are comparable, not across audits.
 """
 

@@ -90,11 +90,11 @@ class PrescreenSettings:
     score: str = "wen"
     anisotropy_weight: float = 2.0
     guidance_scale: float | None = None
-    levels: tuple[float, ...] = (0.0, 0.125, 0.25)
+    levels: tuple[float, ...] = (0.125, 0.25)
 
     def level_values(self) -> list[float]:
-        """The noise levels ``score="wen_levels"`` evaluates, distinct, the first timestep (0) always among them."""
-        return sorted({0.0, *(float(v) for v in self.levels)})
+        """The noise levels ``score="wen_levels"`` evaluates: ``levels``, distinct, in increasing order."""
+        return sorted({float(v) for v in self.levels})
 
 
 def latent_shape(pipe, height: int | None, width: int | None) -> tuple[int, int, int]:
@@ -128,23 +128,23 @@ def denoiser_scores(pipe, captions: list[str], settings: PrescreenSettings, prog
 
     Returns:
         float64 arrays (len(captions), seeds): ``"wen"``, the L2 norm of the text-conditional
-        difference at the first timestep, always; with ``settings.score == "anisotropy"`` also
-        ``"alignment"`` (in [-1, 1], at the low-noise timestep) and ``"anisotropy"``; with
-        ``"wen_levels"`` also ``"levels"``, float64 (len(captions), seeds, levels): the norm at
-        each of :meth:`PrescreenSettings.level_values` (the first is ``"wen"``).
+        difference at the first timestep (for ``"wen_levels"`` only when level 0 is among its
+        levels); with ``settings.score == "anisotropy"`` also ``"alignment"`` (in [-1, 1], at the
+        low-noise timestep) and ``"anisotropy"``; with ``"wen_levels"``, ``"levels"``, float64
+        (len(captions), seeds, levels): the norm at each of :meth:`PrescreenSettings.level_values`.
     """
     if settings.score not in SCORES:
         raise ValueError(f"prescreen.score: must be one of {', '.join(SCORES)}; got {settings.score!r}")
     denoiser = denoiser_for(pipe, settings.height, settings.width, settings.steps, settings.guidance_scale)
     # What each timestep's pair of predictions gives: Wen's norm at the first (noisiest)
     # timestep; the anisotropy's alignment at its low-noise one, on the same input.
-    passes = {"wen": (denoiser.timesteps[0], conditional_difference_norm)}
+    levels = settings.level_values() if settings.score == "wen_levels" else []
+    passes = {} if levels and 0.0 not in levels else {"wen": (denoiser.timesteps[0], conditional_difference_norm)}
     if settings.score == "anisotropy":
         passes["alignment"] = (low_noise_timestep(denoiser.timesteps), guidance_alignment)
-    levels = settings.level_values() if settings.score == "wen_levels" else []
-    for j, index in enumerate(level_indexes(len(denoiser.timesteps), levels)):
-        if j:  # level 0 is the first timestep: Wen's pass
-            passes[f"level_{j}"] = (denoiser.timesteps[index], conditional_difference_norm)
+    level_names = ["wen" if level == 0.0 else f"level_{j}" for j, level in enumerate(levels)]  # level 0 is Wen's pass
+    for name, index in zip(level_names, level_indexes(len(denoiser.timesteps), levels)):
+        passes.setdefault(name, (denoiser.timesteps[index], conditional_difference_norm))
     noise = denoiser.initial_noise([settings.base_seed + s for s in range(settings.seeds)])
 
     # Every caption sees the same x_T for a seed, so f(x_T, "") is one evaluation per seed (and
@@ -179,7 +179,7 @@ def denoiser_scores(pipe, captions: list[str], settings: PrescreenSettings, prog
     if "alignment" in per_seed:
         per_seed["anisotropy"] = anisotropy_score(per_seed["wen"], per_seed["alignment"], settings.anisotropy_weight)
     if levels:
-        per_seed["levels"] = np.stack([per_seed["wen"]] + [per_seed.pop(f"level_{j}") for j in range(1, len(levels))], axis=2)
+        per_seed["levels"] = np.stack([per_seed[name] if name == "wen" else per_seed.pop(name) for name in level_names], axis=2)
     return per_seed
 
 
@@ -257,7 +257,7 @@ def score_prompts(pipe, prompts: list[Prompt], settings: PrescreenSettings, prog
     seeds; the score itself is NaN here, since it compares prompts: :func:`rank_scores` sets it).
     What one rank computes and :func:`rank_scores` ranks."""
     per_seed = denoiser_scores(pipe, [p.caption for p in prompts], settings, progress)
-    columns = {"score_wen": per_seed["wen"].mean(axis=1)}
+    columns = {"score_wen": per_seed["wen"].mean(axis=1)} if "wen" in per_seed else {}
     if settings.score in per_seed:
         chosen = per_seed[settings.score]
         columns.update(score=chosen.mean(axis=1), score_std=chosen.std(axis=1))
