@@ -253,6 +253,6 @@ def test_an_unknown_score_is_a_config_error_naming_the_key(tmp_path):
     from pipeline.cli import ConfigError
     from pipeline.prescreen.stage import settings_from_config
 
-    with pytest.raises(ConfigError, match=r"^prescreen\.score: must be one of wen, anisotropy; got 'norm'"):
+    with pytest.raises(ConfigError, match=r"^prescreen\.score: must be one of wen, anisotropy, wen_levels; got 'norm'"):
         settings_from_config(compose(["prescreen.score=norm"]))
     assert settings_from_config(compose([])).score == "wen"
