@@ -543,7 +543,7 @@ def finish(cfg, step: ScorePrompts, out_dir: Path, world_size: int, heavy_dup_co
         summary["world_size"] = world_size
     summary.update(score_aucs(table, heavy_dup_count, settings.score))
     write_json(summary, out_dir / "summary.json")
-    scores_shown = {"anisotropy": ["score_wen", "score_anisotropy", "alignment"], "wen_levels": ["score_wen", "score"]}.get(settings.score, ["score"])
+    scores_shown = ["score_wen", "score_anisotropy", "alignment"] if settings.score == "anisotropy" else ["score"]
     shown = table.head(15)[["rank", "prompt_id", "dup_count", *scores_shown, "robust_z", "kept", "caption"]].copy()
     shown["prompt_id"] = shown["prompt_id"].map(lambda v: display_text(v, 20))  # untrusted: bounded, no controls
     shown["caption"] = shown["caption"].map(lambda v: display_text(v, 60))
