@@ -71,6 +71,7 @@ from pipeline.generate.adaptive import NO_SIGN, AdaptiveSettings, adaptive_outco
 from pipeline.generate.sampling import SamplingSettings
 from pipeline.generate.stage import SETTINGS_FILE
 from pipeline.generations import load_prompts, sample_path
+from pipeline.io import write_json
 from pipeline.models import Runtime, load_model, resolve_device
 from pipeline.prescreen import PrescreenSettings, heavy_prompt_aucs, prescreen, unet_evaluations
 from pipeline.prescreen.scores import SCORES
@@ -139,7 +140,7 @@ def audit(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, adapti
     settings = SamplingSettings(steps=args.steps, guidance_scale=args.guidance, height=args.size, width=args.size)
     rule = near_copy_rule(args)
     matcher = GroupMatcher(data, rule.metric, delta(args)) if data is not None and adaptive is not None and adaptive.stop_when_extracted else None
-    cache = Path(args.brute_cache) / f"seed_{seed}" if adaptive is None and getattr(args, "brute_cache", None) else None
+    cache = Path(args.brute_cache) / f"seed_{seed}" if adaptive is None and args.brute_cache else None
     if cache is not None:
         reuse_samples(cache, out / "generations", prompts, args.n_samples)
     started = time.perf_counter()
@@ -187,10 +188,16 @@ def reuse_samples(cache: Path, generations: Path, prompts: list[Prompt], n_sampl
     shutil.copyfile(cache / SETTINGS_FILE, generations / SETTINGS_FILE)
     for p in prompts:
         for i in range(n_samples):
-            source, target = sample_path(cache, p.prompt_id, i), sample_path(generations, p.prompt_id, i)
-            if source.is_file() and not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.link(source, target)
+            source = sample_path(cache, p.prompt_id, i)
+            if source.is_file():
+                link_once(source, sample_path(generations, p.prompt_id, i))
+
+
+def link_once(source: Path, target: Path) -> None:
+    """Hard-link ``source`` at ``target`` (its folder made) unless ``target`` exists."""
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(source, target)
 
 
 def store_samples(cache: Path, generations: Path, made: int, seconds: float) -> tuple[float, int]:
@@ -202,14 +209,11 @@ def store_samples(cache: Path, generations: Path, made: int, seconds: float) -> 
     total = 0
     for png in generations.glob("*/*.png"):
         total += 1
-        target = cache / png.parent.name / png.name
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.link(png, target)
+        link_once(png, cache / png.parent.name / png.name)
     timing_path = cache / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"samples": 0, "seconds": 0.0}
     timing = {"samples": timing["samples"] + int(made), "seconds": timing["seconds"] + float(seconds)}
-    timing_path.write_text(json.dumps(timing))
+    write_json(timing, timing_path)
     per_sample = timing["seconds"] / timing["samples"] if timing["samples"] else float("nan")
     return per_sample, total - int(made)
 
@@ -262,7 +266,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(4 of 24 samples extracted) fall into the singletons' tail on some draws")
     parser.add_argument("--score", choices=SCORES, default="wen_levels",
                         help="the prescreen's score (prescreen.score): wen_levels, Wen's norm at --levels, the strongest outlier "
-                             "(what meets issue 19 on the demo model), or wen (the first step alone), or anisotropy")
+                             "(on the demo model it keeps the 10- and 40-copy prompts the first step misses), or wen (the first step alone), or anisotropy")
     parser.add_argument("--levels", type=lambda v: [float(x) for x in v.split(",")], default=list(PrescreenSettings.levels),
                         help="wen_levels' noise levels, fractions of the schedule, comma-separated (prescreen.levels)")
     parser.add_argument("--first-round", type=int, default=8, help="adaptive: samples in the first round")

@@ -377,7 +377,12 @@ def config_levels(cfg) -> tuple[float, ...]:
     value = cfg.prescreen.get("levels", None)
     if value is None:
         return PrescreenSettings.levels
-    values = [value] if isinstance(value, (int, float)) else list(value) if hasattr(value, "__iter__") and not isinstance(value, str) else None
+    if isinstance(value, (int, float)):
+        values = [value]
+    elif isinstance(value, str) or not hasattr(value, "__iter__"):
+        values = None
+    else:
+        values = list(value)
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in values):
         raise ConfigError(f"prescreen.levels: a list of fractions of the schedule in [0, 1] (0: the first timestep), got {value!r}")
     return tuple(float(v) for v in values)
