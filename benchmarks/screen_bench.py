@@ -235,11 +235,14 @@ def adaptive_alone(generations: Path, table: pd.DataFrame, rule: AdaptiveSetting
     keys = dict(zip(table.prompt_id, table["keys"])) if "keys" in table.columns else {}
     for prompt_id, n in zip(table.prompt_id, table.n_samples):
         group = [str(k) for k in keys.get(prompt_id)] if keys.get(prompt_id) is not None else []
-        matches = None
+        matches = near = None
         if matcher is not None and group:
             def matches(start, end, pid=prompt_id, group=group):
                 return matcher.any_match(read_samples(generations, pid, end, start=start), group)
-        made, reason = adaptive_outcome(lambda k, pid=prompt_id: read_samples(generations, pid, k), int(n), rule, matches)
+
+            def near(end, pid=prompt_id, group=group):
+                return matcher.any_match(read_samples(generations, pid, end), group, within=rule.near_training)
+        made, reason = adaptive_outcome(lambda k, pid=prompt_id: read_samples(generations, pid, k), int(n), rule, matches, near)
         rows.append({"prompt_id": prompt_id, "n_generated": made, "stopped_early": reason == NO_SIGN, "stop_reason": reason})
     return pd.DataFrame(rows)
 
@@ -281,6 +284,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="adaptive: sample on after a sample reproduces one of the prompt's training images")
     parser.add_argument("--no-stop-when-unlikely", dest="stop_when_unlikely", action="store_false",
                         help="adaptive: sample on when a clique is unlikely to complete (the Wilson bound heuristic)")
+    parser.add_argument("--near-training", type=lambda v: None if v.lower() == "none" else float(v), default=0.25,
+                        help="adaptive: hold a prompt with a sample within this of one of its training images past the stops on "
+                             "the flag (adaptive.near_training; needs stop once extracted; none: off)")
     parser.add_argument("--heavy-dup-count", type=int, default=100, help="dup_count from which a prompt is heavy (ROC AUC)")
     parser.add_argument("--seed", type=int, default=0, help="one seed (prompt choice, sampling and prescreen noise)")
     parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=None,
@@ -354,6 +360,7 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
     rule = AdaptiveSettings(enabled=True, first_round=args.first_round, growth=args.growth, min_close_pairs=args.min_close_pairs,
                             stop_when_flagged=args.stop_when_flagged, stop_when_out_of_reach=args.stop_when_out_of_reach,
                             stop_when_extracted=args.stop_when_extracted and data is not None, stop_when_unlikely=args.stop_when_unlikely,
+                            near_training=args.near_training if args.stop_when_extracted and data is not None else None,
                             rule=near_copy_rule(args))  # fmt: skip
     screened = audit(pipe, [p for p in prompts if p.prompt_id in kept], out / "screened", args, runtime, adaptive=rule, data=data, seed=seed)
     screened_s = prescreen_s + screened["generate_s"] + screened["detect_s"]
@@ -424,7 +431,9 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
           + (", stop once flagged" if rule.stop_when_flagged else "")
           + (", stop once a clique is out of reach" if rule.stop_when_out_of_reach else "")
           + (", stop once extracted" if rule.stop_when_extracted else "")
-          + (", stop once a clique is unlikely" if rule.stop_when_unlikely else "") + f"; detector clique >= {args.min_clique}"
+          + (", stop once a clique is unlikely" if rule.stop_when_unlikely else "")
+          + (f", held while a sample is within {rule.near_training:g} of a training image" if rule.near_training is not None else "")
+          + f"; detector clique >= {args.min_clique}"
           + ("; verified against each prompt's training images" if data is not None else "; no verification (no training images)"))
     print(f"{'':26s}{'(a) brute force':>18s}{'(b) screened':>18s}{'(b)/(a)':>10s}")
     for label, a, b in rows:

@@ -124,13 +124,14 @@ class GroupMatcher:
             self._images.update({k: found.get(k) for k in new})
         return [self._images[k] for k in keys if self._images[k] is not None]
 
-    def any_match(self, samples: np.ndarray | Sequence[np.ndarray], keys: Iterable[str]) -> bool:
+    def any_match(self, samples: np.ndarray | Sequence[np.ndarray], keys: Iterable[str], within: float | None = None) -> bool:
         """Whether one of ``samples`` (uint8 (N, H, W, 3), or a list of such images of any sizes)
-        is within ``threshold`` of one of the training images of ``keys``."""
+        is within ``within`` (default: ``threshold``) of one of the training images of ``keys``."""
+        limit = self.threshold if within is None else float(within)
         training = self.images(keys)
         if not training or not len(samples):
             return False
         by_size: dict[tuple[int, ...], list[np.ndarray]] = {}
         for sample in samples:
             by_size.setdefault(np.asarray(sample).shape, []).append(np.asarray(sample))
-        return any(bool((sample_distances(np.stack(group), training, self.metric) <= self.threshold).any()) for group in by_size.values())
+        return any(bool((sample_distances(np.stack(group), training, self.metric) <= limit).any()) for group in by_size.values())

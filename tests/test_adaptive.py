@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 
+from pipeline.cli import ConfigError
 from pipeline.clique import max_clique
 from pipeline.generate.adaptive import (
     CONTINUE,
+    EXTRACTED,
     FLAGGED,
     NO_SIGN,
     OUT_OF_REACH,
@@ -278,3 +280,62 @@ def test_stop_when_extracted_without_a_training_set_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"^adaptive.stop_when_extracted: .*data="):
         run_stage(cfg)
     assert adaptive_settings({"stop_when_unlikely": True, "stop_when_extracted": True}).stop_when_unlikely
+
+
+def test_near_training_holds_a_prompt_past_the_stops_on_the_flag_until_a_match():
+    """Diverse samples (no near-copy pair) stop after the first round unless a sample so far is
+    within near_training of a training image: then the prompt is held, on the geometric
+    schedule, until the first round holding a match (sample 13) stops it as extracted, or to the
+    budget with no match. ``near`` is asked only where a stop would apply."""
+    rng = np.random.default_rng(5)
+    images = _diverse(40, rng)
+    settings = AdaptiveSettings(first_round=4, growth=2.0, stop_when_extracted=True, stop_when_out_of_reach=True,
+                                stop_when_unlikely=True, stop_when_flagged=True, near_training=0.25)  # fmt: skip
+    asked_first, asked_near = [], []
+
+    def first(k):
+        asked_first.append(k)
+        return images[:k]
+
+    def near(end, first_near=5):
+        asked_near.append(end)
+        return end > first_near
+
+    def matches(start, end, first_match=13):
+        return end > first_match
+
+    # The first near sample is index 5, after the first round (4 samples): the stop stands.
+    assert adaptive_outcome(first, 40, settings, None, near) == (4, NO_SIGN) and asked_near == [4]
+    # Sample 2 is near: held through every round.
+    asked_first.clear(), asked_near.clear()
+    assert adaptive_outcome(first, 40, settings, None, lambda end: near(end, first_near=2)) == (40, None)
+    assert asked_first == round_ends(40, settings)[:-1]  # held rounds follow the schedule: 4, 8, 16, 32
+    assert asked_near == asked_first  # asked at every would-be stop (each round here has no near-copy pair)
+    assert adaptive_outcome(first, 40, settings, matches, lambda end: near(end, first_near=2)) == (16, EXTRACTED)
+    # Off (None), or no near check given: the stop stands.
+    plain = AdaptiveSettings(first_round=4, growth=2.0, stop_when_extracted=True)
+    assert adaptive_outcome(first, 40, plain, matches, lambda end: True) == (4, NO_SIGN)
+    assert adaptive_outcome(first, 40, settings, matches, None) == (4, NO_SIGN)
+
+
+def test_near_training_never_overrides_the_flag():
+    rng = np.random.default_rng(6)
+    rule = AdaptiveSettings(first_round=4, growth=2.0, stop_when_flagged=True, stop_when_extracted=True, near_training=0.25,
+                            rule=NearCopyRule(min_clique=5))  # fmt: skip
+    images = _with_copies(16, 6, rng)
+    plain = AdaptiveSettings(first_round=4, growth=2.0, stop_when_flagged=True, rule=NearCopyRule(min_clique=5))
+    assert adaptive_outcome(lambda k: images[:k], 16, rule, None, lambda end: True) == adaptive_outcome(lambda k: images[:k], 16, plain)
+    assert adaptive_outcome(lambda k: images[:k], 16, rule, None, lambda end: True)[1] == FLAGGED
+
+
+def test_near_training_settings_name_the_key():
+    got = adaptive_settings({"near_training": "0.25", "stop_when_extracted": True})
+    assert got.near_training == 0.25 and got.describe()["near_training"] == 0.25
+    assert adaptive_settings({"near_training": None}).near_training is None
+    with pytest.raises(ValueError, match="adaptive.near_training: .*stop_when_extracted"):
+        adaptive_settings({"near_training": 0.25})
+    for bad in (0, -0.1):
+        with pytest.raises(ValueError, match="adaptive.near_training: must be a positive"):
+            adaptive_settings({"near_training": bad, "stop_when_extracted": True})
+    with pytest.raises(ConfigError, match="adaptive.near_training"):
+        adaptive_settings({"near_training": "far", "stop_when_extracted": True})

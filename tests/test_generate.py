@@ -653,3 +653,37 @@ def test_stop_when_extracted_stops_at_the_round_holding_a_training_copy_as_its_r
     assert (summary.stopped_extracted, summary.stopped_early) == (2, 1)
     budget = generation_budget(table.reset_index())
     assert budget["prompts_stopped_extracted"] == 2 and budget["fewer_samples"] == sorted([keep, copied])
+
+
+def test_near_training_holds_prompts_with_a_sample_near_their_training_images_as_its_replay_does(pipe, model_dir, tmp_path, brute):
+    """A black-and-white checkerboard as the training image of one stopping prompt (its key): no
+    sample reproduces it (within a matcher threshold of 1e-9), but every sample is within near_training=10 (the tiled L2
+    of pixels in [0, 1] is at most 1): the prompt is held to the full budget instead of stopping
+    after its first round; the prompt without keys stops as before. The generator's stage and
+    the replay on brute force's samples decide alike."""
+    from dataclasses import replace
+
+    from pipeline.generate.adaptive import NO_SIGN, adaptive_outcome
+    from pipeline.training_images import GroupMatcher
+
+    held, bare = brute["stop"][0], brute["stop"][1]
+    training = tmp_path / "training"
+    training.mkdir()
+    checkers = (np.indices((32, 32)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    Image.fromarray(np.repeat(checkers[..., None], 3, axis=2)).save(training / "checkers.png")
+    prompts = [replace(p, keys=("checkers",) if p.prompt_id == held else None) for p in ADAPTIVE_PROMPTS if p.prompt_id in (held, bare)]
+    rule = replace(brute["rule"], stop_when_extracted=True, near_training=10.0)
+    data = {"format": "files", "path": str(training)}
+    out = tmp_path / "held"
+    run(pipe, model_dir, out, prompts=prompts, n_samples=FULL, batch_size=4, adaptive=rule,
+        matcher=GroupMatcher(data, rule.rule.metric, 1e-9))  # fmt: skip
+    table = pd.read_parquet(out / PROMPTS_FILE).set_index("prompt_id")
+    recorded = {pid: (int(table.loc[pid, "n_generated"]), table.loc[pid, "stop_reason"] if pd.notna(table.loc[pid, "stop_reason"]) else None)
+                for pid in (held, bare)}
+    assert recorded == {held: (FULL, None), bare: (2, NO_SIGN)}
+    replay = GroupMatcher(data, rule.rule.metric, 1e-9)
+    for p in prompts:
+        group = list(p.keys or [])
+        matches = (lambda s, e, pid=p.prompt_id: replay.any_match(read_samples(brute["out"], pid, e, start=s), group)) if group else None
+        near = (lambda e, pid=p.prompt_id: replay.any_match(read_samples(brute["out"], pid, e), group, within=10.0)) if group else None
+        assert adaptive_outcome(lambda k, pid=p.prompt_id: read_samples(brute["out"], pid, k), FULL, rule, matches, near) == recorded[p.prompt_id]

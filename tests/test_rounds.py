@@ -146,3 +146,27 @@ def test_without_a_match_check_stop_when_extracted_changes_nothing():
     full = np.stack([repeated("r", i) for i in range(40)])
     assert folder.finished == [("r", *adaptive_outcome(lambda k: full[:k], 40, settings))]
     assert folder.finished[0][2] == FLAGGED
+
+
+def test_near_training_holds_a_prompt_in_the_scheduler_as_in_the_replay():
+    """A prompt whose samples never repeat: stopped after its first round, unless ``near`` says
+    a sample so far came within near_training of a training image (from sample 3 on); then held
+    to its first match (sample 9: stopped at the round end 16) or to the budget. The scheduler
+    and adaptive_outcome (the budget report's replay) decide alike."""
+    settings = AdaptiveSettings(enabled=True, first_round=4, growth=2.0, stop_when_flagged=True, stop_when_extracted=True,
+                                near_training=0.25)  # fmt: skip
+    n_samples = 40
+    full = np.stack([diverse("p", i) for i in range(n_samples)])
+    for first_near, first_match, expected in ((3, 9, (16, EXTRACTED)), (3, None, (n_samples, None)), (None, 9, (4, NO_SIGN))):
+        def near(end, first_near=first_near):
+            return first_near is not None and end > first_near
+
+        def matches(start, end, first_match=first_match):
+            return first_match is not None and start <= first_match < end
+
+        folder = FakeFolder(diverse)
+        scheduler = RoundScheduler(n_samples, settings, missing=folder.missing, read=folder.read, on_finish=folder.on_finish,
+                                   matches=lambda pid, start, end: matches(start, end), near=lambda pid, end: near(end))  # fmt: skip
+        made = run_all(scheduler, folder, ["p"], n_samples)
+        replayed = adaptive_outcome(lambda k: full[:k], n_samples, settings, matches, near)
+        assert replayed == expected and folder.finished == [("p", *expected)] and made == expected[0]

@@ -5,7 +5,8 @@ Without adaptive sampling a prompt has one round, all ``n_samples`` of it. With 
 :func:`pipeline.generate.adaptive.next_round_end`), and after each one the samples so far go through
 :func:`pipeline.generate.adaptive.check_round`, which lets the prompt go on or stops it; with
 ``stop_when_extracted``, the round's new samples are first compared with the prompt's training
-images (``matches``), and a match stops the prompt.
+images (``matches``), and a match stops the prompt; with ``near_training``, a prompt whose
+samples come within it of those images is held past the stops on the flag (``near``).
 
 :class:`RoundScheduler` holds that state for every unfinished prompt and nothing else: it
 touches no file and no model. The generator's loop asks it what to sample (:meth:`start`),
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pipeline.generate.adaptive import CONTINUE, AdaptiveSettings, Images, check_round, next_round_end, round_ends
+from pipeline.generate.adaptive import CONTINUE, AdaptiveSettings, Images, check_round, held_by_training, next_round_end, round_ends
 from pipeline.generate.sampling import SampleTask
 from pipeline.generations import EXTRACTED
 
@@ -33,6 +34,9 @@ OnFinish = Callable[[str, int, "str | None"], None]
 # matches(prompt_id, start, end): whether one of samples [start, end) is within the verification
 # threshold of one of the prompt's training candidates (stop_when_extracted).
 MatchCheck = Callable[[str, int, int], bool]
+# near(prompt_id, end): whether one of the prompt's first ``end`` samples is within
+# adaptive.near_training of one of its training candidates.
+NearCheck = Callable[[str, int], bool]
 
 
 @dataclass
@@ -51,9 +55,10 @@ class RoundScheduler:
     """The rounds of every unfinished prompt of one generator run; see the module doc.
 
     ``n_samples``: each prompt's budget. ``adaptive``: the settings (None or disabled: one
-    round of ``n_samples``). ``missing``, ``read``, ``on_finish`` and ``matches`` connect it to
-    the folder and the training set (see their type aliases above); without ``matches``,
-    ``stop_when_extracted`` never stops a prompt.
+    round of ``n_samples``). ``missing``, ``read``, ``on_finish``, ``matches`` and ``near``
+    connect it to the folder and the training set (see their type aliases above); without
+    ``matches``, ``stop_when_extracted`` never stops a prompt; without ``near``,
+    ``near_training`` never holds one.
     """
 
     def __init__(
@@ -65,12 +70,14 @@ class RoundScheduler:
         read: ReadBack,
         on_finish: OnFinish,
         matches: MatchCheck | None = None,
+        near: NearCheck | None = None,
     ):
         self.n_samples = int(n_samples)
         self.adaptive = adaptive if adaptive is not None and adaptive.enabled else None
         self.ends = round_ends(self.n_samples, self.adaptive) if self.adaptive is not None else [self.n_samples]
         self._missing, self._read, self._on_finish = missing, read, on_finish
         self._matches = matches if self.adaptive is not None and self.adaptive.stop_when_extracted else None
+        self._near = near if self.adaptive is not None and self.adaptive.near_training is not None else None
         self._active: dict[str, _PromptRound] = {}
 
     @property
@@ -109,6 +116,8 @@ class RoundScheduler:
             if self._matches is not None and self._matches(prompt_id, state.start, state.end):
                 return self._finish(prompt_id, state.end, EXTRACTED)
             check = check_round(self._read(prompt_id, state.end), self.adaptive, self.n_samples, made=state.end)
+            near = (lambda end, pid=prompt_id: self._near(pid, end)) if self._near is not None else None
+            check = held_by_training(check, self.adaptive, near, state.end)
             if check.verdict != CONTINUE:
                 return self._finish(prompt_id, state.end, check.verdict)
             state.start, state.end = state.end, next_round_end(state.end, check, self.n_samples, self.adaptive)

@@ -33,7 +33,9 @@ first apply. Two more take the verdict on fewer samples: ``stop_when_extracted``
 training set, ``data=``) stops a prompt once a sample of a round is within the rule's threshold
 of one of its own training images (its ``keys``; prompts without keys are not stopped that
 way), and ``stop_when_unlikely`` once a statistical bound on its clique's growth falls short of
-``rule.min_clique`` (a heuristic, see :mod:`pipeline.generate.adaptive`). Its samples are the first ones of the brute-force run, with the same seeds. A
+``rule.min_clique`` (a heuristic, see :mod:`pipeline.generate.adaptive`); ``near_training``
+holds a prompt with a sample within that distance of one of its training images past the stops
+on the flag. Its samples are the first ones of the brute-force run, with the same seeds. A
 brute-force rerun over the folder fills stopped prompts up; an adaptive rerun with other
 settings or another rule decides again from the samples on disk. A sample that cannot be read
 back is left out of the checks (as the detector leaves it out) and recorded in
@@ -244,7 +246,7 @@ class GenerateStep:
     (:class:`pipeline.generate.rounds.RoundScheduler`) in batches that mix prompts, writing PNGs on
     ``png_workers`` threads. With ``stop_when_extracted``, ``matcher`` compares each round's new
     samples with the training images of the prompt's ``keys`` (a prompt without keys is never
-    stopped that way)."""
+    stopped that way), and with ``near_training`` tells whether its samples came that near."""
 
     name = "generate"
 
@@ -313,6 +315,12 @@ class GenerateStep:
                 return False
             return self.matcher.any_match(read_range(prompt_id, start, end), groups[prompt_id])
 
+        def near(prompt_id: str, end: int) -> bool:
+            """Whether one of the prompt's first ``end`` samples is within adaptive.near_training of one of its training images."""
+            if self.matcher is None or not groups[prompt_id]:
+                return False
+            return self.matcher.any_match(read_range(prompt_id, 0, end), groups[prompt_id], within=self.adaptive.near_training)
+
         def finish(prompt_id: str, made: int, reason: str | None) -> None:
             # ``stopped_early`` means "stopped with no sign of memorization" (what a shortcut can
             # miss); a prompt stopped because it is already flagged has stop_reason "flagged".
@@ -327,7 +335,7 @@ class GenerateStep:
         scheduler = RoundScheduler(
             n_samples, self.adaptive,
             missing=lambda prompt_id, start, end: missing_samples(out_dir, prompt_id, end, start=start),
-            read=read_back, on_finish=finish, matches=matches,
+            read=read_back, on_finish=finish, matches=matches, near=near,
         )  # fmt: skip
         queue: deque[SampleTask] = deque()
         queued_per_caption: Counter[str] = Counter()
