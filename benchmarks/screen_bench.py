@@ -260,19 +260,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--min-clique", type=int, default=10, help="the detector's clique size for a flag")
     parser.add_argument("--keep-fraction", type=float, default=None, help="prescreen: share of prompts kept for sampling")
-    parser.add_argument("--keep-z", type=lambda v: None if v.lower() == "none" else float(v), default=3.0,
+    parser.add_argument("--keep-z", type=lambda v: None if v.lower() == "none" else float(v), default=2.0,
                         help="prescreen: keep prompts whose robust z-score is at least this (wen_levels: the largest of its "
-                             "levels' z; 3, where the usual single outlier cut is 3.5, since it is a maximum of noisy z's and a "
-                             "prompt missed costs recall while one kept costs a first round); with --keep-fraction, both must hold")
-    parser.add_argument("--prescreen-seeds", type=int, default=8,
-                        help="prescreen noise draws (prescreen.seeds): 8, since with 4 the weakest memorized demo prompts "
-                             "(4 of 24 samples extracted) fall into the singletons' tail on some draws")
+                             "levels' z). 2, well below the usual outlier cut of 3.5: a prompt missed costs recall, one kept "
+                             "costs a first round of --first-round samples; the weakest prompts brute force extracts on the demo "
+                             "model score 2.3-2.9 at 120 prompts; with --keep-fraction, both must hold")
+    parser.add_argument("--prescreen-seeds", type=int, default=6,
+                        help="prescreen noise draws (prescreen.seeds): 6 (at 4 the weakest extracted prompts' z drops to "
+                             "about 2 on some draws; 8 costs more than the 1000-prompt mix's budget allows)")
     parser.add_argument("--score", choices=SCORES, default="wen_levels",
                         help="the prescreen's score (prescreen.score): wen_levels, Wen's norm at --levels, the strongest outlier "
                              "(on the demo model it keeps the 10- and 40-copy prompts the first step misses), or wen (the first step alone), or anisotropy")
-    parser.add_argument("--levels", type=lambda v: [float(x) for x in v.split(",")], default=list(PrescreenSettings.levels),
-                        help="wen_levels' noise levels, fractions of the schedule, comma-separated (prescreen.levels)")
-    parser.add_argument("--first-round", type=int, default=8, help="adaptive: samples in the first round")
+    parser.add_argument("--levels", type=lambda v: [float(x) for x in v.split(",")], default=[0.125],
+                        help="wen_levels' noise levels, fractions of the schedule, comma-separated (prescreen.levels): 0.125 "
+                             "alone, since adding 0.25 doubles the prescreen's cost and raised no weak prompt's z on the demo model")
+    parser.add_argument("--first-round", type=int, default=4,
+                        help="adaptive: samples in the first round: 4 (a prompt kept is mostly extracted within its first 4 "
+                             "samples, or held by --near-training; every singleton kept costs this many)")
     parser.add_argument("--growth", type=float, default=1.5, help="adaptive: round growth factor")
     parser.add_argument("--min-close-pairs", type=int, default=AdaptiveSettings.min_close_pairs,
                         help="adaptive: near-copy pairs a round needs to go on")

@@ -35,8 +35,8 @@ def test_budget_figures_follow_from_the_runs(tiny_run):
     screened = result["screened"]
     table = pd.read_parquet(out / "screened" / "generations" / "prompts.parquet")
     assert sorted(table.prompt_id) == screened["kept"] and len(screened["kept"]) == n // 2  # keep 50% (--tiny: no z cut)
-    # wen_levels at 2 levels: 2 seeds a prompt, and 2 unconditional ones for all, at each level
-    assert screened["prescreen_evaluations"] == (n + 1) * 2 * 2
+    # wen_levels at its one default level (0.125): 2 seeds a prompt, and 2 unconditional ones for all
+    assert screened["prescreen_evaluations"] == (n + 1) * 2
     assert screened["unet_evaluations"] == screened["prescreen_evaluations"] + int(table.n_generated.sum()) * steps * 2
     assert result["evaluation_fraction"] == pytest.approx(screened["unet_evaluations"] / result["brute_force"]["unet_evaluations"])
     # Rounds end at 2, 4, 6 samples (or sooner where a stop on the verdict could apply); a prompt

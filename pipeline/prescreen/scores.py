@@ -38,7 +38,8 @@ gets the first step's model input unchanged (for SD's DDIM/PNDM/DDPM schedulers
 **wen_levels** (ours, beyond both papers): Wen's norm taken on the same pure-noise x_T at several
 noise levels of the schedule (``prescreen.levels``, fractions of its length: 0 is the first,
 noisiest timestep, where Wen et al. take it; 0.125 the timestep an eighth of the way; default
-0.125 and 0.25), each level's norms standardised over the audit's prompts
+0.125 alone: on the demo model, 0.25 added never raised the score of a weakly memorized prompt,
+at twice the cost), each level's norms standardised over the audit's prompts
 (:func:`pipeline.prescreen.stage.robust_z`), and the largest of those z values kept: a prompt
 that is an outlier at any one level ranks high. Why: on the demo model some prompts that brute
 force extracts (10 and 40 training copies, 4 to 10 of 24 samples) have an ordinary first-step

@@ -90,7 +90,7 @@ class PrescreenSettings:
     score: str = "wen"
     anisotropy_weight: float = 2.0
     guidance_scale: float | None = None
-    levels: tuple[float, ...] = (0.125, 0.25)
+    levels: tuple[float, ...] = (0.125,)
 
     def level_values(self) -> list[float]:
         """The noise levels ``score="wen_levels"`` evaluates: ``levels``, distinct, in increasing order."""
