@@ -264,7 +264,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="prescreen: keep prompts whose robust z-score is at least this (wen_levels: the largest of its "
                              "levels' z). 2, well below the usual outlier cut of 3.5: a prompt missed costs recall, one kept "
                              "costs a first round of --first-round samples; the weakest prompts brute force extracts on the demo "
-                             "model score 2.3-2.9 at 120 prompts; with --keep-fraction, both must hold")
+                             "model score 2.3-2.7 at 120 prompts; with --keep-fraction, both must hold")
     parser.add_argument("--prescreen-seeds", type=int, default=6,
                         help="prescreen noise draws (prescreen.seeds): 6 (at 4 the weakest extracted prompts' z drops to "
                              "about 2 on some draws; 8 costs more than the 1000-prompt mix's budget allows)")
