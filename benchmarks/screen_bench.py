@@ -361,11 +361,12 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
     brute_s = brute_measured_s * n / len(sampled)
 
     # (b) adaptive sampling of the kept prompts
+    # Both compare samples with training images: only where the demo set gives them.
+    extracting = args.stop_when_extracted and data is not None
     rule = AdaptiveSettings(enabled=True, first_round=args.first_round, growth=args.growth, min_close_pairs=args.min_close_pairs,
                             stop_when_flagged=args.stop_when_flagged, stop_when_out_of_reach=args.stop_when_out_of_reach,
-                            stop_when_extracted=args.stop_when_extracted and data is not None, stop_when_unlikely=args.stop_when_unlikely,
-                            near_training=args.near_training if args.stop_when_extracted and data is not None else None,
-                            rule=near_copy_rule(args))  # fmt: skip
+                            stop_when_extracted=extracting, stop_when_unlikely=args.stop_when_unlikely,
+                            near_training=args.near_training if extracting else None, rule=near_copy_rule(args))  # fmt: skip
     screened = audit(pipe, [p for p in prompts if p.prompt_id in kept], out / "screened", args, runtime, adaptive=rule, data=data, seed=seed)
     screened_s = prescreen_s + screened["generate_s"] + screened["detect_s"]
 
