@@ -69,15 +69,30 @@ def digest_of(value: Any) -> str:
 
 
 def model_identity(path: str | Path, revision: str | None = None) -> dict[str, Any]:
-    """What identifies the weights at ``model.path``: for a local folder, the digest of its
-    files' names, sizes and modification times (so weights replaced in place are a different
-    model); for a hub id, the id and the revision asked for (the hub's own cache keys
-    snapshots by commit)."""
+    """What identifies the weights at ``model.path``.
+
+    A local diffusers folder (with ``model_index.json``): the digest of the names, sizes and
+    modification times of ``model_index.json`` and of every file in the component folders it
+    lists (``unet/``, ``vae/``, ``text_encoder/`` ...), so weights replaced in place are a
+    different model while files beside them (notes, evaluations, checkpoints) are not. Any
+    other local path: every file under it. A hub id: the id and the revision asked for (the
+    hub's cache keys snapshots by commit).
+    """
     local = Path(str(path)).expanduser()
-    if local.exists():
-        files = tree_identity(local)
-        return {"path": str(path), "files": len(files), "digest": digest_of(files)}
-    return {"path": str(path), "revision": revision}
+    if not local.exists():
+        return {"path": str(path), "revision": revision}
+    index = local / "model_index.json"
+    files = tree_identity(local)
+    if index.is_file():
+        import json
+
+        try:
+            components = {name for name, value in json.loads(index.read_text(encoding="utf-8")).items()
+                          if not name.startswith("_") and isinstance(value, list)}  # fmt: skip
+        except (OSError, ValueError):
+            components = set()
+        files = [entry for entry in files if entry[0] == "model_index.json" or entry[0].split("/", 1)[0] in components]
+    return {"path": str(path), "files": len(files), "digest": digest_of(files)}
 
 
 def file_digest(path: str | Path) -> str:
