@@ -23,11 +23,14 @@ import pandas as pd
 from pipeline.clique import MAX_STEPS
 from pipeline.data.images import BadImage, decode_image
 from pipeline.data.rejects import RejectLog
-from pipeline.io import is_done, marker_path, unsafe_name, write_parquet
+from pipeline.identity import digest_of, files_digest
+from pipeline.io import is_done, marker_path, unsafe_name, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
 PROMPTS_FILE = "prompts.parquet"
+# In each prompt's folder: what its samples were made from (:func:`prompt_record`).
+PROMPT_RECORD = ".prompt.json"
 SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -39,7 +42,7 @@ class Sample:
     file: str  # e.g. "00003/00012.png"
 
 
-def read_prompts(generations_dir: str | Path, rejects: RejectLog | None = None) -> pd.DataFrame:
+def read_prompts(generations_dir: str | Path, rejects: RejectLog | None = None, table: pd.DataFrame | None = None) -> pd.DataFrame:
     """The prompts of a generations folder: a DataFrame (prompt_id: str, caption: str), sorted.
 
     Prompts listed in ``prompts.parquet`` come with their caption (also when their folder is
@@ -53,13 +56,15 @@ def read_prompts(generations_dir: str | Path, rejects: RejectLog | None = None) 
     if not root.is_dir():
         raise FileNotFoundError(f"generations_dir: {root} is not a directory")
     folders = _keep_safe(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), str(root), rejects)
+    listed = table
     table = root / PROMPTS_FILE
-    if not table.exists():
-        return pd.DataFrame({"prompt_id": folders, "caption": [""] * len(folders)}, dtype=str)
-    try:
-        listed = pd.read_parquet(table)
-    except Exception as err:  # pyarrow raises several types for a damaged file
-        raise ValueError(f"{table}: unreadable parquet file: {err}") from err
+    if listed is None or listed.empty:
+        if not table.exists():
+            return pd.DataFrame({"prompt_id": folders, "caption": [""] * len(folders)}, dtype=str)
+        try:
+            listed = pd.read_parquet(table)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise ValueError(f"{table}: unreadable parquet file: {err}") from err
     missing = {"prompt_id", "caption"} - set(listed.columns)
     if missing:
         raise ValueError(f"{table}: missing column(s) {sorted(missing)}; it needs prompt_id and caption")
@@ -117,25 +122,58 @@ def sample_files(generations_dir: str | Path, prompt_id: str) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in SAMPLE_SUFFIXES and p.is_file())
 
 
+def sample_index(name: str) -> int | None:
+    """The index a sample file name gives (``00012.png`` -> 12), or None when its stem is not
+    a plain decimal number (such a file is not one of the generator's samples)."""
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or f".{suffix.lower()}" not in SAMPLE_SUFFIXES or not (stem.isdigit() and stem.isascii()):
+        return None
+    return int(stem)
+
+
 def list_samples(generations_dir: str | Path, prompt_id: str, rejects: RejectLog | None = None) -> list[Sample]:
     """The sample images of one prompt, in order of their index.
 
-    When every file name is a number (the generator's ``00012.png``) that number is the index;
-    otherwise files are numbered by their position in name order. A file whose name cannot be
-    stored (control characters, invalid UTF-8, see :func:`pipeline.io.unsafe_name`) is left
-    out and recorded in ``rejects``.
+    A sample's index is fixed by its file name: ``00012.png`` is sample 12, whatever else lies
+    in the folder. When the folder holds numbered files, a file whose name is not a number
+    (a contact sheet, an editor's backup) is not a sample: it is left out and recorded in
+    ``rejects``, and so is a second file with an index already taken (``12.png`` beside
+    ``00012.png``: the generator's five-digit ``.png`` name wins, else the first in name
+    order). A folder with no numbered file at all (another tool's naming) is numbered by
+    position in name order. A file whose name cannot be stored (control characters, invalid
+    UTF-8, see :func:`pipeline.io.unsafe_name`) is left out and recorded in ``rejects``.
     """
+
+    def reject(path: Path, reason: str) -> None:
+        if rejects is not None:
+            rejects.add(ascii(f"{prompt_id}/{path.name}"), ascii(str(path)), reason)
+
     files = []
     for path in sample_files(generations_dir, prompt_id):
         reason = unsafe_name(path.name)
         if reason is None:
             files.append(path)
-        elif rejects is not None:
-            rejects.add(ascii(f"{prompt_id}/{path.name}"), ascii(str(path)), f"unsafe file name: {reason}")
-    numbered = all(p.stem.isdigit() and p.stem.isascii() for p in files)
-    indexed = [(int(p.stem) if numbered else i, p) for i, p in enumerate(files)]
-    indexed.sort(key=lambda item: item[0])
-    return [Sample(index, f"{prompt_id}/{p.name}") for index, p in indexed]
+        else:
+            reject(path, f"unsafe file name: {reason}")
+    if not any(sample_index(p.name) is not None for p in files):
+        return [Sample(i, f"{prompt_id}/{p.name}") for i, p in enumerate(files)]
+    by_index: dict[int, Path] = {}
+    # The generator's own name for an index first, so that it wins over look-alikes.
+    for path in sorted(files, key=lambda p: (p.name != f"{sample_index(p.name) or 0:05d}.png", p.name)):
+        index = sample_index(path.name)
+        if index is None:
+            reject(path, "not a sample: the folder's samples are numbered files (00012.png) and this name is not a number")
+        elif index in by_index:
+            reject(path, f"not a sample: index {index} is already {by_index[index].name}")
+        else:
+            by_index[index] = path
+    return [Sample(index, f"{prompt_id}/{by_index[index].name}") for index in sorted(by_index)]
+
+
+def samples_identity(generations_dir: str | Path, prompt_id: str) -> list[list[Any]]:
+    """``[[file name, sha1 of its bytes], ...]`` of every sample file of the prompt's folder,
+    in name order (None for one that cannot be read): what decides a verdict on its samples."""
+    return files_digest(sample_files(generations_dir, prompt_id))
 
 
 def load_samples(
@@ -245,14 +283,43 @@ def marker_complete(info: Mapping[str, Any], n_samples: int, adaptive: Any = Non
     return adaptive is not None and adaptive.enabled and info.get("adaptive") == adaptive.describe()
 
 
+def prompt_record_path(out_dir: str | Path, prompt_id: str) -> Path:
+    """Where the generator records what a prompt's samples were made from (hidden, so it is
+    never read as a sample, and deleted with the prompt's folder)."""
+    return Path(out_dir) / prompt_id / PROMPT_RECORD
+
+
+def read_prompt_record(out_dir: str | Path, prompt_id: str) -> dict[str, Any] | None:
+    """The prompt's record (``caption``, ``negative_prompt``, ``recipe`` and their ``digest``),
+    or None when it has none or it is not a JSON object."""
+    try:
+        value = json.loads(prompt_record_path(out_dir, prompt_id).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def prompt_record(caption: str, negative_prompt: Any, recipe_digest: str) -> dict[str, Any]:
+    """What decides a prompt's samples besides their seeds: its caption, the negative prompt
+    and the run's recipe (model identity included), with their ``digest``."""
+    record = {"caption": caption, "negative_prompt": negative_prompt, "recipe": recipe_digest}
+    return {**record, "digest": digest_of(record)}
+
+
+def write_prompt_record(out_dir: str | Path, prompt_id: str, record: Mapping[str, Any]) -> Path:
+    return write_json(dict(record), prompt_record_path(out_dir, prompt_id))
+
+
 def consolidate_prompts(out_dir: str | Path, write: bool = True) -> pd.DataFrame:
     """Union every shard's ``prompts_*-of-*.parquet`` into ``prompts.parquet``; returns it
     (``write=False``: only returns it, for readers that must not write into the folder).
 
     Safe to call at any time and from several processes: shard files are replaced atomically,
     so each is read whole, and so is the result. A prompt listed by several files (runs with
-    different ``world_size`` over the same folder) keeps the row with the most samples.
-    Returns an empty frame, and writes nothing, when no shard has started yet.
+    different ``world_size`` over the same folder) keeps the rows that describe its samples
+    (their ``prompt_digest`` is the one its folder records, :func:`read_prompt_record`), and of
+    those the one with the most samples. Returns an empty frame, and writes nothing, when no
+    shard has started yet.
     """
     out_dir = Path(out_dir)
     frames = [pd.read_parquet(f) for f in sorted(out_dir.glob("prompts_*-of-*.parquet"))]
@@ -260,6 +327,16 @@ def consolidate_prompts(out_dir: str | Path, write: bool = True) -> pd.DataFrame
     if not frames:
         return pd.DataFrame()
     merged = pd.concat(frames, ignore_index=True)
+    if "prompt_digest" in merged.columns:
+        recorded = {}
+        for pid in merged["prompt_id"].astype(str).unique():
+            record = read_prompt_record(out_dir, pid) if unsafe_name(pid) is None else None
+            if record is not None:
+                recorded[pid] = record.get("digest")
+        current = [recorded.get(str(pid)) == digest for pid, digest in zip(merged["prompt_id"], merged["prompt_digest"])]
+        has_current = {str(pid) for pid, ok in zip(merged["prompt_id"], current) if ok}
+        keep = [ok or str(pid) not in has_current for pid, ok in zip(merged["prompt_id"], current)]
+        merged = merged[np.asarray(keep, dtype=bool)]
     merged = merged.sort_values(["prompt_index", "n_samples"], ascending=[True, False], kind="stable")
     merged = merged.drop_duplicates("prompt_id", keep="first").reset_index(drop=True)
     if write:
@@ -277,7 +354,10 @@ def load_prompts(out_dir: str | Path, complete_only: bool = False, write: bool =
     out_dir = Path(out_dir)
     table = consolidate_prompts(out_dir, write=write)
     if table.empty and (out_dir / PROMPTS_FILE).is_file():
-        table = pd.read_parquet(out_dir / PROMPTS_FILE)
+        try:
+            table = pd.read_parquet(out_dir / PROMPTS_FILE)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise ValueError(f"{out_dir / PROMPTS_FILE}: unreadable parquet file: {err}") from err
     if complete_only and len(table):
         budgets = table["n_samples"] if "n_samples" in table.columns else [0] * len(table)
         done = [prompt_done(out_dir, str(pid), int(n)) for pid, n in zip(table["prompt_id"], budgets)]

@@ -602,7 +602,8 @@ def test_detect_screens_complete_prompts_only_and_every_shard(pipe, model_dir, t
     settings = NearCopyRule(threshold=brute["rule"].rule.threshold, min_clique=2)
     memorized = run_detect(out, tmp_path / "detect", settings, progress=False).set_index("prompt_id")
     assert sorted(memorized.index) == sorted({"00000", "00002"})  # 00001 waits for its marker
-    assert (out / PROMPTS_FILE).exists()  # the shard files were consolidated first
+    # The shard files were united in memory: the detector never writes into its input folder.
+    assert not (out / PROMPTS_FILE).exists()
     expected = {pid: FULL if pid == brute["continues"] else 2 for pid in memorized.index}
     assert memorized["n_samples"].to_dict() == expected  # the PNGs that exist, not n_samples
     assert memorized["flagged"].to_dict() == {pid: pid == brute["continues"] for pid in memorized.index}

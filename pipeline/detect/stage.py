@@ -44,12 +44,12 @@ from pipeline.generations import (
     FLAGGED,
     OUT_OF_REACH,
     PROMPTS_FILE,
-    consolidate_prompts,
     list_samples,
+    load_prompts,
     load_samples,
     prompt_done,
     read_prompts,
-    sample_files,
+    samples_identity,
     stored_rule,
 )
 from pipeline.io import unsafe_name, write_json, write_parquet
@@ -109,16 +109,15 @@ def screenable_prompts(generations_dir: Path, rejects: RejectLog | None = None) 
     """The prompts of a generations folder that are ready to screen: (prompt_id, caption), and
     the generator's prompt table as read (empty for folders without one).
 
-    For the generator's folders, first union its shard files into ``prompts.parquet`` (the
-    shards may still be running), then keep only prompts with a completion marker: a prompt
-    still being sampled would be screened on part of its samples. Folders of other tools
-    (no shard files, no markers) are read whole.
+    For the generator's folders, first union its shard files (in memory: the folder is an
+    input, never written; the shards may still be running), then keep only prompts with a
+    completion marker: a prompt still being sampled would be screened on part of its samples.
+    Folders of other tools (no shard files, no markers) are read whole.
     """
-    if any(generations_dir.glob("prompts_*-of-*.parquet")):
-        consolidate_prompts(generations_dir)
+    # The generations folder is read-only here: the union of the shard files is made in memory.
+    table = load_prompts(generations_dir, write=False)
     # Checks the folder and the table, with clear errors; unsafe prompt ids go to ``rejects``.
-    prompts = read_prompts(generations_dir, rejects)
-    table = pd.read_parquet(generations_dir / PROMPTS_FILE) if (generations_dir / PROMPTS_FILE).is_file() else pd.DataFrame()
+    prompts = read_prompts(generations_dir, rejects, table=table)
     if (generations_dir / ".done").is_dir() and {"prompt_id", "n_samples"} <= set(table.columns):
         generator_ids = table["prompt_id"].astype(str)
         counts = pd.to_numeric(table["n_samples"], errors="coerce")
@@ -158,7 +157,8 @@ def stopped_under_another_rule(prompts_table: pd.DataFrame, rule: NearCopyRule) 
 class ScreenPrompts:
     """The detector's step for the executor: one unit per prompt (prompt ``i``, in prompt id
     order, belongs to shard ``i % world_size``), decided anew when the rule, the caption or the
-    prompt's sample files change (a generator run with a larger ``n_samples`` adds files)."""
+    prompt's sample files change: their names and the digests of their bytes (a generator run
+    with a larger ``n_samples`` adds files; a regenerated folder replaces them)."""
 
     name = "detect"
 
@@ -171,7 +171,7 @@ class ScreenPrompts:
         # Every prompt's unit, listed once: this shard's are a slice, and the finish checks all.
         described = rule.describe()
         self.all_units = [
-            Unit(pid, {"rule": described, "caption": caption, "files": [p.name for p in sample_files(generations_dir, pid)]})
+            Unit(pid, {"rule": described, "caption": caption, "files": samples_identity(generations_dir, pid)})
             for pid, caption in self.captions.items()
         ]
 

@@ -32,6 +32,7 @@ a prompt against a chunk of candidates in one call (:func:`sample_distances`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -49,7 +50,8 @@ from pipeline.data.rejects import RejectLog
 from pipeline.distance import embed_images
 from pipeline.embedders.base import Embedder
 from pipeline.executor import StepContext, Unit, merge_rejects, run_step
-from pipeline.generations import Sample, list_samples, load_samples, sample_files
+from pipeline.generations import Sample, list_samples, load_samples, samples_identity
+from pipeline.identity import digest_of, tree_identity
 from pipeline.io import atomic_write, write_json, write_parquet
 from pipeline.layout import EXTRACTED_COLUMNS, VERIFICATION_COLUMNS, normalise_keys
 from pipeline.metrics import Metric, TiledL2
@@ -71,6 +73,14 @@ def _crop_for_display(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return fit_to(image, (max(1, round(height * scale)), max(1, round(width * scale))))
 
 
+def training_set_identity(data: Mapping[str, Any]) -> str | None:
+    """The digest of the training set's files under ``data.path`` (names, sizes, modification
+    times, :func:`pipeline.identity.tree_identity`): a changed, added or removed shard or image
+    file changes it. None when the config names no path."""
+    path = data.get("path")
+    return None if not path else digest_of(tree_identity(Path(str(path))))
+
+
 def group_candidates(prompts: pd.DataFrame) -> dict[str, list[str]]:
     """Training keys of the duplicate group behind each prompt: the ``keys`` column of a prompt
     table (:mod:`pipeline.layout`), carried with the prompt from the duplicate finder; empty
@@ -90,6 +100,8 @@ class EmbeddingIndex:
             raise ValueError(f"{len(vectors)} embeddings but {len(keys)} keys")
         self.keys = keys
         self.dim = vectors.shape[1]
+        # What a verdict found through this index depends on: its keys and vectors.
+        self.identity = digest_of([len(keys), hashlib.sha1(vectors.tobytes()).hexdigest(), hashlib.sha1(json.dumps(keys).encode()).hexdigest()])
         self.index = faiss.IndexFlatIP(self.dim)
         self.index.add(vectors)
 
@@ -261,7 +273,8 @@ def run_verify(
     index = EmbeddingIndex.load(dedup_dir / "embeddings") if dedup_dir is not None else None
     scan_all = exhaustive is True or (exhaustive == "auto" and not any(groups.values()) and index is None)
     common = {
-        "data": {k: str(v) for k, v in data.items()}, "dedup_dir": str(dedup_dir), "index_size": 0 if index is None else len(index.keys),
+        "data": {k: str(v) for k, v in data.items()}, "training_set": training_set_identity(data),
+        "dedup_dir": str(dedup_dir), "index": None if index is None else index.identity,
         "n_candidates": int(n_candidates), "max_candidates": int(max_candidates), "delta": float(delta),
         "scan_all": scan_all, "metric": metric.describe(),
         # What a prompt's result holds: 2 = extracted by its own training images, the others'
@@ -314,9 +327,10 @@ class _VerifyStep:
                  groups: dict[str, list[str]], index: EmbeddingIndex | None, **options: Any):  # fmt: skip
         self.generations_dir, self.out_dir, self.groups, self.index, self.options = generations_dir, out_dir, groups, index, options
         self.work_dir = out_dir / VERIFY_DIR
-        # A prompt is decided by its sample files, its duplicate group and the shared settings.
+        # A prompt is decided by its samples' bytes, its duplicate group and the shared settings
+        # (the training set's and the embedding index's identities among them).
         self._units = [
-            Unit(pid, {**common, "files": [p.name for p in sample_files(generations_dir, pid)], "keys": groups.get(pid, [])})
+            Unit(pid, {**common, "files": samples_identity(generations_dir, pid), "keys": groups.get(pid, [])})
             for pid in memorized["prompt_id"].astype(str)
         ]
 

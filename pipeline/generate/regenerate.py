@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if not (args.generations_dir / PROMPTS_FILE).is_file():
         fail(f"generations_dir: {args.generations_dir} has no {PROMPTS_FILE}: only the generator's folders record recipes")
-    table = load_prompts(args.generations_dir)
+    table = load_prompts(args.generations_dir, write=False)  # an input: never written
     rows = table[table["prompt_id"].astype(str) == args.prompt_id]
     if rows.empty:
         fail(f"prompt_id: {args.prompt_id!r} is not in {args.generations_dir / PROMPTS_FILE}")

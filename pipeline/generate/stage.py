@@ -108,14 +108,20 @@ from pipeline.generations import (
     load_samples,
     marker_complete,
     marker_info,
+    prompt_record,
+    read_prompt_record,
+    sample_files,
     sample_path,
     shard_file,
+    write_prompt_record,
 )
+from pipeline.identity import digest_of, model_identity
 from pipeline.io import atomic_write, write_json, write_parquet
 from pipeline.layout import normalise_keys
 from pipeline.models import Runtime, load_model, make_runtime, resolve_device
 from pipeline.prompts import Prompt, read_prompts, shard_prompts
 from pipeline.rule import rule_from_config
+from pipeline.text import display_text
 from pipeline.training_images import GroupMatcher
 
 log = logging.getLogger(__name__)
@@ -124,7 +130,7 @@ SETTINGS_FILE = "settings.json"
 # Recipe fields that change what a sample looks like: a run directory holds one value of each.
 PIXEL_KEYS = (
     "model", "pipeline_class", "scheduler", "scheduler_config", "steps", "guidance_scale", "height", "width",
-    "negative_prompt", "dtype", "generator_device", "base_seed", "seed_rule",
+    "negative_prompt", "dtype", "generator_device", "base_seed", "seed_rule", "model_identity",
 )  # fmt: skip
 
 
@@ -132,8 +138,12 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
 
-def recipe(pipe, model: str, settings: SamplingSettings, runtime: Runtime, base_seed: int) -> dict[str, Any]:
-    """The per-run part of a prompt row: everything but the prompt and its seeds. Raises a
+def recipe(
+    pipe, model: str, settings: SamplingSettings, runtime: Runtime, base_seed: int, revision: str | None = None
+) -> dict[str, Any]:
+    """The per-run part of a prompt row: everything but the prompt and its seeds, with the
+    model's identity (:func:`pipeline.identity.model_identity`: its weight files' names, sizes
+    and modification times, so weights replaced at the same path are another model). Raises a
     ValueError naming the config key of a setting the model's family cannot honour."""
     check_sampling(pipe, settings)
     height, width = resolve_size(pipe, settings.height, settings.width)
@@ -155,6 +165,7 @@ def recipe(pipe, model: str, settings: SamplingSettings, runtime: Runtime, base_
         "base_seed": int(base_seed),
         "seed_rule": SEED_RULE,
         "runtime": _json(runtime.as_dict()),
+        "model_identity": _json(model_identity(model, revision)),
     }
 
 
@@ -177,6 +188,39 @@ def check_settings(out_dir: Path, run_recipe: dict[str, Any]) -> None:
             )
     else:
         write_json(wanted, path)
+
+
+def refuse_changed_prompts(out_dir: Path, prompts: Sequence[Prompt], records: dict[str, dict[str, Any]]) -> None:
+    """Refuse (a ValueError naming the first prompt and the choice to make) when a prompt's
+    folder holds samples made from another caption or recipe than ``records`` says now.
+
+    Prompt ids are positions or ranks, so an edited prompt list or a new ranking gives an id
+    another caption; regenerating would delete the evidence on disk, keeping it would label
+    it with the wrong caption. A folder without a record (made by an older generator) is
+    checked against the caption its prompt table lists.
+    """
+    listed = consolidate_prompts(out_dir, write=False)
+    listed_captions = dict(zip(listed["prompt_id"].astype(str), listed["caption"])) if "caption" in listed.columns else {}
+    changed = []
+    for p in prompts:
+        if not sample_files(out_dir, p.prompt_id):
+            continue
+        record = read_prompt_record(out_dir, p.prompt_id)
+        if record is not None:
+            if record.get("digest") != records[p.prompt_id]["digest"]:
+                changed.append((p, record.get("caption")))
+        elif p.prompt_id in listed_captions and listed_captions[p.prompt_id] != p.caption:
+            changed.append((p, listed_captions[p.prompt_id]))
+    if not changed:
+        return
+    p, then = changed[0]
+    what = f"another caption ({display_text(then, 80)!r} then, {display_text(p.caption, 80)!r} now)" if then != p.caption \
+        else "another recipe"
+    more = f" ({len(changed)} prompts in all)" if len(changed) > 1 else ""
+    raise ValueError(
+        f"prompts: prompt {p.prompt_id}{more}: its samples in {out_dir / p.prompt_id} were made from {what}; "
+        f"delete that folder to sample it anew, or use another run_name (or out_dir) to keep both"
+    )
 
 
 def write_png(path: Path, image: np.ndarray, compress_level: int) -> Path:
@@ -265,11 +309,18 @@ class GenerateStep:
 
     def units(self, rank: int, world_size: int) -> list[Unit]:
         adaptive = self.adaptive.describe() if self.adaptive is not None else None
-        return [Unit(row["prompt_id"], {"n_samples": self.n_samples, "adaptive": adaptive}) for row in self.rows]
+        return [
+            Unit(row["prompt_id"], {"n_samples": self.n_samples, "adaptive": adaptive, "prompt": row["prompt_digest"]})
+            for row in self.rows
+        ]
 
     def is_complete(self, unit: Unit, marker: dict[str, Any]) -> bool:
         """A prompt sampled in full serves any budget up to its own; one adaptive sampling
-        stopped, only an adaptive run with the same settings (a brute-force rerun fills it up)."""
+        stopped, only an adaptive run with the same settings (a brute-force rerun fills it up);
+        either only for the caption and recipe its samples were made from."""
+        settings = marker.get("settings")
+        if not isinstance(settings, dict) or settings.get("prompt") != unit.settings["prompt"]:
+            return False
         return marker_complete(marker, self.n_samples, self.adaptive, any_rule=False)
 
     def write_shard_file(self, rank: int, world_size: int) -> None:
@@ -424,6 +475,7 @@ def generate(
     on_batch: Callable[[list[SampleTask]], None] | None = None,
     adaptive: AdaptiveSettings | None = None,
     matcher: GroupMatcher | None = None,
+    model_revision: str | None = None,
 ) -> GenerationSummary:
     """Make the missing samples of this shard's ``prompts`` into ``out_dir``; see the module doc.
 
@@ -447,8 +499,14 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
     index_of = {p.prompt_id: i for i, p in enumerate(prompts)}
     mine = shard_prompts(list(prompts), rank, world_size)
-    run_recipe = recipe(pipe, model, settings, runtime, base_seed)
+    run_recipe = recipe(pipe, model, settings, runtime, base_seed, revision=model_revision)
     check_settings(out_dir, run_recipe)
+    recipe_digest = digest_of({k: run_recipe[k] for k in PIXEL_KEYS})
+    records = {p.prompt_id: prompt_record(p.caption, settings.negative_prompt, recipe_digest) for p in mine}
+    refuse_changed_prompts(out_dir, mine, records)
+    for p in mine:
+        if (read_prompt_record(out_dir, p.prompt_id) or {}).get("digest") != records[p.prompt_id]["digest"]:
+            write_prompt_record(out_dir, p.prompt_id, records[p.prompt_id])
     rows = [
         {
             "prompt_id": p.prompt_id,
@@ -460,6 +518,7 @@ def generate(
             "seeds": [sample_seed(base_seed, p.prompt_id, i) for i in range(n_samples)],
             **run_recipe,
             "adaptive": _json(adaptive.describe()) if adaptive is not None else None,
+            "prompt_digest": records[p.prompt_id]["digest"],
         }
         for p in mine
     ]
@@ -559,6 +618,7 @@ def run(cfg) -> GenerationSummary:
         progress=bool(cfg.progress),
         adaptive=adaptive,
         matcher=matcher,
+        model_revision=m.get("revision"),
     )
     # The budget covers every prompt of the folder so far (other shards' too).
     budget_cfg = cfg.get("budget") or {}
