@@ -20,6 +20,7 @@ from pipeline.data import open_dataset
 from pipeline.data.files import IMAGE_SUFFIXES
 from pipeline.data.images import BadImage, decode_image
 from pipeline.data.rejects import RejectLog
+from pipeline.identity import digest_of, tree_identity
 from pipeline.metrics import Metric
 
 
@@ -135,3 +136,11 @@ class GroupMatcher:
         for sample in samples:
             by_size.setdefault(np.asarray(sample).shape, []).append(np.asarray(sample))
         return any(bool((sample_distances(np.stack(group), training, self.metric) <= limit).any()) for group in by_size.values())
+
+
+def training_set_identity(data: Mapping[str, Any]) -> str | None:
+    """The digest of the training set's files under ``data.path`` (names, sizes, modification
+    times, :func:`pipeline.identity.tree_identity`): a changed, added or removed shard or image
+    file changes it. None when the config names no path."""
+    path = data.get("path")
+    return None if not path else digest_of(tree_identity(Path(str(path))))

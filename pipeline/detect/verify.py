@@ -51,12 +51,12 @@ from pipeline.distance import embed_images
 from pipeline.embedders.base import Embedder
 from pipeline.executor import StepContext, Unit, merge_rejects, run_step
 from pipeline.generations import Sample, list_samples, load_samples, samples_identity
-from pipeline.identity import digest_of, tree_identity
+from pipeline.identity import digest_of
 from pipeline.io import atomic_write, write_json, write_parquet
 from pipeline.layout import EXTRACTED_COLUMNS, VERIFICATION_COLUMNS, normalise_keys
 from pipeline.metrics import Metric, TiledL2
 from pipeline.stats import wilson_interval
-from pipeline.training_images import fetch_training_images, fit_batch, fit_to, sample_distances  # noqa: F401
+from pipeline.training_images import fetch_training_images, fit_batch, fit_to, sample_distances, training_set_identity  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,6 @@ def _crop_for_display(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     height, width = size
     scale = min(image.width / width, image.height / height, MATCH_IMAGE_SIDE / max(height, width))
     return fit_to(image, (max(1, round(height * scale)), max(1, round(width * scale))))
-
-
-def training_set_identity(data: Mapping[str, Any]) -> str | None:
-    """The digest of the training set's files under ``data.path`` (names, sizes, modification
-    times, :func:`pipeline.identity.tree_identity`): a changed, added or removed shard or image
-    file changes it. None when the config names no path."""
-    path = data.get("path")
-    return None if not path else digest_of(tree_identity(Path(str(path))))
 
 
 def group_candidates(prompts: pd.DataFrame) -> dict[str, list[str]]:

@@ -118,6 +118,9 @@ class AdaptiveSettings:
     stop_when_extracted: bool = False
     stop_when_unlikely: bool = False
     near_training: float | None = None
+    # The identity of the training set stop_when_extracted compares with
+    # (:func:`pipeline.training_images.training_set_identity`): a changed set decides again.
+    training_set: str | None = None
     rule: NearCopyRule = field(default_factory=NearCopyRule)
 
     def __post_init__(self):

@@ -122,7 +122,7 @@ from pipeline.models import Runtime, load_model, make_runtime, resolve_device
 from pipeline.prompts import Prompt, read_prompts, shard_prompts
 from pipeline.rule import rule_from_config
 from pipeline.text import display_text
-from pipeline.training_images import GroupMatcher
+from pipeline.training_images import GroupMatcher, training_set_identity
 
 log = logging.getLogger(__name__)
 
@@ -586,7 +586,9 @@ def run(cfg) -> GenerationSummary:
         adaptive = replace(adaptive, rule=rule_from_config(cfg))
         if adaptive.stop_when_extracted:
             # Verification's threshold is the rule's here (the detector's verify.delta defaults to it too).
-            matcher = GroupMatcher(OmegaConf.to_container(data, resolve=True), adaptive.rule.metric, adaptive.rule.threshold)
+            data = OmegaConf.to_container(data, resolve=True)
+            matcher = GroupMatcher(data, adaptive.rule.metric, adaptive.rule.threshold)
+            adaptive = replace(adaptive, training_set=training_set_identity(data))
     prompts = read_prompts(cfg.prompts, caption_column=cfg.caption_column, limit=max_prompts)
     device = resolve_device(cfg.device)
     runtime = make_runtime(
