@@ -4,14 +4,22 @@ point outside the training set, and caption or metadata files far larger than an
 
 from __future__ import annotations
 
+import builtins
+import json
 import logging
+import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+from pipeline.data import RejectLog, iter_records
 from pipeline.prompts import PromptsError, read_prompts
-from tests.test_data_hostile import unchecked_strings
+from pipeline.training_images import fetch_training_images
+from tests.test_data import colour, jpeg_bytes
+from tests.test_data_hostile import png_bytes, unchecked_strings
 
 # Characters str.splitlines() breaks at besides \n and \r: they belong inside a caption.
 UNICODE_BREAKS = ["\u2028", "\u2029", "\x85", "\x0c", "\x0b", "\x1c", "\x1d", "\x1e"]
@@ -92,3 +100,103 @@ def test_bytes_prompt_id_that_is_not_a_plain_name_is_refused(raw, tmp_path):
     pq.write_table(pa.table({"prompt_id": pa.array([raw], pa.binary()), "caption": ["a caption"]}), path)
     with pytest.raises(PromptsError, match=r"^prompts: .* not plain file names"):
         read_prompts(path)
+
+
+# --- 3. training keys are names inside data.path, nothing else ---------------------------------
+
+
+class ReadRecorder:
+    """Records every path opened or read through ``open``, ``Path.open`` and ``Path.read_bytes``."""
+
+    def __init__(self, monkeypatch):
+        self.paths: list[str] = []
+        real_open, real_read_bytes, real_path_open = builtins.open, Path.read_bytes, Path.open
+
+        def recording_open(file, *args, **kwargs):
+            self.paths.append(os.path.realpath(file) if isinstance(file, (str, Path)) else str(file))
+            return real_open(file, *args, **kwargs)
+
+        def recording_read_bytes(path):
+            self.paths.append(os.path.realpath(path))
+            return real_read_bytes(path)
+
+        def recording_path_open(path, *args, **kwargs):
+            self.paths.append(os.path.realpath(path))
+            return real_path_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", recording_open)
+        monkeypatch.setattr(Path, "read_bytes", recording_read_bytes)
+        monkeypatch.setattr(Path, "open", recording_path_open)
+
+    def touched(self, *paths: Path) -> list[str]:
+        real = {os.path.realpath(p) for p in paths}
+        return [p for p in self.paths if p in real]
+
+
+def training_set_with_outside_files(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    """A ``files`` training set at ``tmp_path/train`` (one good record, one symlink leading out)
+    and real images outside it; returns the set's path and ``{hostile key: the file it names}``."""
+    root = tmp_path / "train"
+    (root / "00000").mkdir(parents=True)
+    (root / "00000" / "good.jpg").write_bytes(jpeg_bytes(colour(1)))
+    (root / "00000" / "good.txt").write_text("a good caption")
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png_bytes(Image.new("RGB", (8, 8), (9, 9, 9))))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "img.jpg").write_bytes(jpeg_bytes(colour(2)))
+    (root / "00000" / "link").symlink_to(elsewhere, target_is_directory=True)
+    (root / "00000" / "leak.jpg").symlink_to(secret)
+    hostile = {
+        "../secret": secret,  # <path>/../secret.png
+        str(tmp_path / "secret"): secret,  # absolute: <path> / "/abs" is "/abs"
+        "00000/../../secret": secret,
+        "00000/link/img": elsewhere / "img.jpg",  # a folder symlink leading out
+        "00000/leak": secret,  # a file symlink leading out
+    }
+    return root, hostile
+
+
+def test_training_keys_outside_the_data_set_are_rejected_and_never_read(tmp_path, monkeypatch):
+    root, hostile = training_set_with_outside_files(tmp_path)
+    odd = ["a\x00b", "a\\..\\..\\secret"]
+    recorder = ReadRecorder(monkeypatch)
+    rejects = RejectLog()
+
+    found = fetch_training_images({"format": "files", "path": str(root)}, [*hostile, *odd, "00000/good"], rejects)
+
+    assert list(found) == ["00000/good"]
+    assert recorder.touched(*hostile.values()) == []
+    reasons = {entry["key"]: entry["reason"] for entry in rejects.entries}
+    assert set(reasons) == set(hostile) | set(odd)
+    assert all(reason.startswith("unsafe training key: ") for reason in reasons.values())
+    assert "'..' component" in reasons["../secret"] and "absolute" in reasons[str(tmp_path / "secret")]
+    assert "NUL" in reasons["a\x00b"] and "backslash" in reasons["a\\..\\..\\secret"]
+    assert "outside" in reasons["00000/link/img"] and "outside" in reasons["00000/leak"]
+    assert len(rejects) == len(hostile) + len(odd)
+
+
+def test_training_set_behind_a_symlinked_path_still_reads(tmp_path):
+    root, _ = training_set_with_outside_files(tmp_path)
+    alias = tmp_path / "alias"
+    alias.symlink_to(root, target_is_directory=True)
+    rejects = RejectLog()
+    found = fetch_training_images({"format": "files", "path": str(alias)}, ["00000/good"], rejects)
+    assert list(found) == ["00000/good"] and len(rejects) == 0
+
+
+def test_imagefolder_row_naming_a_file_through_a_symlink_out_is_never_read(tmp_path, monkeypatch):
+    root, hostile = training_set_with_outside_files(tmp_path)
+    (root / "captions.jsonl").write_text(
+        "\n".join(json.dumps({"file": f, "caption": "c"}) for f in ["00000/good.jpg", "00000/link/img.jpg", "00000/leak.jpg"])
+    )
+    recorder = ReadRecorder(monkeypatch)
+    rejects = RejectLog()
+
+    records = list(iter_records("imagefolder", root, rejects=rejects))
+
+    assert [r.key for r in records] == ["00000/good"]
+    assert recorder.touched(*hostile.values()) == []
+    outside = [e for e in rejects.entries if "outside" in e["reason"]]
+    assert sorted(e["key"] for e in outside) == ["00000/leak", "00000/link/img"]
+    assert all(e["reason"].startswith("missing image: the file ") for e in outside)

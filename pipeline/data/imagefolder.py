@@ -8,7 +8,9 @@ are configurable (``file_column``, ``caption_column``), and so is the captions f
 
 The key of a record is its file path without suffix (``"cats/001"``). A record is a row of
 the captions file; an image under the folder that no row names is reported as a
-``missing caption`` reject, after the rows. Sharding is by record: row ``i`` (then the
+``missing caption`` reject, after the rows. A row naming a file outside the folder (an
+absolute path, ``..``, or a symlink leading out: see :func:`pipeline.data.paths.path_under`)
+is rejected as ``missing image`` and its file is never read. Sharding is by record: row ``i`` (then the
 unlisted images, in walk order) goes to rank ``i % world_size``. The captions file is read
 as a stream; the set of listed paths is kept to find unlisted images and duplicates.
 
@@ -32,6 +34,7 @@ from pathlib import Path
 from pipeline.data.assemble import caption_or_reject, decode_or_reject, utf8_problem
 from pipeline.data.errors import DataConfigError
 from pipeline.data.files import IMAGE_SUFFIXES
+from pipeline.data.paths import UnsafePath, path_under
 from pipeline.data.record import Record
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard, owns
@@ -215,9 +218,13 @@ def _make_record(
     root: Path, rel: str, key: str, fields: dict, file_column: str, caption_column: str,
     source: str, rejects: RejectLog, decode: bool,
 ) -> Record | None:  # fmt: skip
-    image_path = root / rel
     caption = caption_or_reject(fields.get(caption_column), key, source, rejects, f"{caption_column!r} is empty or absent")
     if caption is None:
+        return None
+    try:
+        image_path = path_under(root, rel)
+    except UnsafePath as err:
+        rejects.add(key, source, f"missing image: the file {err}")
         return None
     if not image_path.is_file():
         rejects.add(key, str(image_path), "unreadable file: no such file")
