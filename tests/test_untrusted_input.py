@@ -5,21 +5,27 @@ point outside the training set, and caption or metadata files far larger than an
 from __future__ import annotations
 
 import builtins
+import io
 import json
 import logging
 import os
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
-from pipeline.data import RejectLog, iter_records
+from pipeline.data import DataConfigError, RejectLog, iter_records, open_dataset
 from pipeline.prompts import PromptsError, read_prompts
 from pipeline.training_images import fetch_training_images
-from tests.test_data import colour, jpeg_bytes
-from tests.test_data_hostile import png_bytes, unchecked_strings
+from tests.conftest import REPO
+from tests.test_data import CONF_DATA, FORMATS, add_member, colour, good_samples, jpeg_bytes, write_dataset
+from tests.test_data_hostile import add_bad_record, png_bytes, unchecked_strings
 
 # Characters str.splitlines() breaks at besides \n and \r: they belong inside a caption.
 UNICODE_BREAKS = ["\u2028", "\u2029", "\x85", "\x0c", "\x0b", "\x1c", "\x1d", "\x1e"]
@@ -200,3 +206,144 @@ def test_imagefolder_row_naming_a_file_through_a_symlink_out_is_never_read(tmp_p
     outside = [e for e in rejects.entries if "outside" in e["reason"]]
     assert sorted(e["key"] for e in outside) == ["00000/leak", "00000/link/img"]
     assert all(e["reason"].startswith("missing image: the file ") for e in outside)
+
+
+# --- 4. captions and metadata far larger than any caption --------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_oversized_caption_rejects_the_record_in_every_format(fmt, tmp_path):
+    samples = good_samples(2)
+    path = write_dataset(fmt, tmp_path / fmt, samples)
+    bad_key = add_bad_record(fmt, path, b"x" * 100, b"{}")
+    rejects = RejectLog()
+
+    records = list(open_dataset({"format": fmt, "path": str(path), "max_caption_bytes": 64}, rejects=rejects, progress=False))
+
+    assert sorted(r.key for r in records) == sorted(s.dataset_key for s in samples)
+    assert rejects.entries == [
+        {"key": bad_key, "source": rejects.entries[0]["source"], "reason": "oversized caption: 100 bytes, above data.max_caption_bytes = 64"}
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["files", "webdataset"])
+def test_oversized_metadata_file_rejects_the_record(fmt, tmp_path):
+    samples = good_samples(2)  # their .json: {"url": ...}, about 40 bytes
+    path = write_dataset(fmt, tmp_path / fmt, samples)
+    meta = json.dumps({"title": "y" * 200}).encode()
+    bad_key = add_bad_record(fmt, path, b"a fine caption", meta)
+    rejects = RejectLog()
+
+    records = list(iter_records(fmt, path, rejects=rejects, max_metadata_bytes=100))
+
+    assert sorted(r.key for r in records) == sorted(s.dataset_key for s in samples)
+    [entry] = rejects.entries
+    assert entry["key"] == bad_key
+    assert entry["reason"] == f"oversized metadata: {len(meta)} bytes, above data.max_metadata_bytes = 100"
+
+
+def test_parquet_oversized_text_columns_reject_their_row(tmp_path):
+    image = jpeg_bytes(colour(1))
+    table = pa.table(
+        {
+            "key": ["a", "b", "c"],
+            "jpg": pa.array([image] * 3, pa.binary()),
+            "caption": ["short", "x" * 100, "short too"],
+            "url": ["http://x/a", "http://x/b", "http://x/" + "c" * 300],
+        }
+    )
+    pq.write_table(table, tmp_path / "00000.parquet")
+    rejects = RejectLog()
+
+    records = list(iter_records("parquet", tmp_path, rejects=rejects, max_caption_bytes=64, max_metadata_bytes=100))
+
+    assert [(r.key, r.caption, r.meta["url"]) for r in records] == [("a", "short", "http://x/a")]
+    assert [(e["key"], e["reason"]) for e in rejects.entries] == [
+        ("b", "oversized caption: 100 bytes, above data.max_caption_bytes = 64"),
+        ("c", "oversized metadata: 309 bytes, above data.max_metadata_bytes = 100"),
+    ]
+
+
+def test_imagefolder_oversized_fields_and_lines_reject_their_row(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(colour(1)))
+    rows = [
+        json.dumps({"file": "a.jpg", "caption": "fine"}),
+        json.dumps({"file": "b.jpg", "caption": "fine", "note": "n" * 200}),
+        json.dumps({"file": "c.jpg", "caption": "\u00e9" * 20_000}),  # JSON-escaped: 6 bytes a character
+        json.dumps({"file": "d.jpg", "caption": "fine"}),
+    ]
+    (tmp_path / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    for name in "bcd":
+        (tmp_path / f"{name}.jpg").write_bytes(jpeg_bytes(colour(2)))
+    rejects = RejectLog()
+
+    records = list(iter_records("imagefolder", tmp_path, rejects=rejects, max_caption_bytes=64, max_metadata_bytes=100))
+
+    assert [r.key for r in records] == ["a", "d"]
+    reasons = [(e["key"], e["reason"].split(":")[0]) for e in rejects.entries]
+    assert reasons == [("b", "oversized metadata"), ("captions.jsonl:line 3", "oversized row"), ("c", "missing caption")]
+
+
+@pytest.mark.parametrize("value", ["64k", 0, -1, True, 1.5, None])
+@pytest.mark.parametrize("key", ["max_caption_bytes", "max_metadata_bytes"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_size_limit_that_is_not_a_positive_integer_names_its_key(fmt, key, value, tmp_path):
+    path = write_dataset(fmt, tmp_path / fmt, good_samples(1))
+    with pytest.raises(DataConfigError, match=rf"^data\.{key}: must be a positive integer \(bytes\), got ") as err:
+        open_dataset({"format": fmt, "path": str(path), key: value}, progress=False)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_shipped_data_configs_state_the_default_limits(fmt):
+    cfg = OmegaConf.load(CONF_DATA / f"{fmt}.yaml")
+    assert (cfg.max_caption_bytes, cfg.max_metadata_bytes) == (64 * 1024, 1024 * 1024)
+
+
+class Repeated(io.RawIOBase):
+    """``size`` bytes of ``b"a"``, read in pieces (never held whole)."""
+
+    def __init__(self, size: int):
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = b"a" * n
+        self.left -= n
+        return n
+
+
+MEASURE = """
+import json, resource, sys
+from pipeline.data import RejectLog, open_dataset
+rejects = RejectLog()
+keys = [r.key for r in open_dataset({"format": "webdataset", "path": sys.argv[1]}, rejects=rejects, progress=False)]
+print(json.dumps({"keys": keys, "rejects": rejects.entries, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def test_a_200_mb_caption_in_a_small_tar_is_rejected_without_being_held(tmp_path):
+    caption_size = 200_000_000
+    shard = tmp_path / "00000.tar.gz"
+    with tarfile.open(shard, "w:gz", compresslevel=1) as tar:
+        add_member(tar, "000.jpg", jpeg_bytes(colour(1)))
+        add_member(tar, "000.txt", b"a fine caption")
+        add_member(tar, "001.jpg", jpeg_bytes(colour(2)))
+        info = tarfile.TarInfo("001.txt")
+        info.size = caption_size
+        tar.addfile(info, io.BufferedReader(Repeated(caption_size)))
+    assert shard.stat().st_size < 2_000_000
+
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(shard)], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["keys"] == ["00000/000"]
+    [entry] = out["rejects"]
+    assert entry["key"] == "00000/001"
+    assert entry["reason"] == f"oversized caption: {caption_size} bytes, above data.max_caption_bytes = 65536"
+    assert out["maxrss_kib"] < 1024 * 1024  # under 1 GiB (ru_maxrss is in KiB on Linux)
