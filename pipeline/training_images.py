@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from pipeline.data import open_dataset
 from pipeline.data.files import IMAGE_SUFFIXES
 from pipeline.data.images import BadImage, decode_image
+from pipeline.data.paths import UnsafePath, path_under
 from pipeline.data.rejects import RejectLog
 from pipeline.identity import digest_of, tree_identity
 from pipeline.metrics import Metric
@@ -38,22 +39,32 @@ def fetch_training_images(
     The ``files`` layout is opened by key directly (``<path>/<key>.jpg``); other formats, and
     keys not found that way, are collected while streaming the data set once. Keys not found at
     all, or that do not decode, go to ``rejects``.
+
+    Keys come from another tool's prompt table and are not trusted: in the ``files`` layout a
+    key whose file would lie outside ``data.path`` (see :func:`pipeline.data.paths.path_under`:
+    absolute, a ``..`` component, a NUL or backslash, or a symlink leading out) is rejected as
+    ``unsafe training key: ...``, never read, and not looked for in the stream. Other formats
+    only compare keys with the records' own.
     """
     rejects = rejects if rejects is not None else RejectLog()
     wanted = set(keys)
     found: dict[str, Image.Image] = {}
+    refused: set[str] = set()
     if data.get("format") == "files" and data.get("path"):
         root = Path(data["path"])
         for key in sorted(wanted):
-            for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
-                path = root / f"{key}{suffix}"
-                if path.is_file():
-                    try:
-                        found[key] = decode_image(path.read_bytes())
-                    except (BadImage, OSError) as err:
-                        rejects.add(key, str(path), str(err))
-                    break
-    remaining = wanted - found.keys() - {entry["key"] for entry in rejects.entries}
+            try:
+                path = _files_image(root, key)
+            except UnsafePath as err:
+                rejects.add(str(key), str(root), f"unsafe training key: {err}")
+                refused.add(key)
+                continue
+            if path is not None:
+                try:
+                    found[key] = decode_image(path.read_bytes())
+                except (BadImage, OSError) as err:
+                    rejects.add(key, str(path), str(err))
+    remaining = wanted - found.keys() - refused - {entry["key"] for entry in rejects.entries}
     if remaining:
         # Records that do not decode are not ours to report unless we wanted them.
         stream_rejects = RejectLog()
@@ -70,6 +81,22 @@ def fetch_training_images(
     for key in sorted(remaining):
         rejects.add(key, str(data.get("path")), "missing training image: no record with this key in the data set")
     return found
+
+
+def _files_image(root: Path, key: str) -> Path | None:
+    """The image file of ``key`` in a ``files`` data set at ``root``, or None when there is none.
+
+    Raises :class:`UnsafePath` for a key that, or whose file, would lie outside ``root``.
+    """
+    path_under(root, key)
+    for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
+        path = path_under(root, f"{key}{suffix}")
+        try:
+            if path.is_file():
+                return path
+        except OSError:  # a name too long for the file system names no file
+            return None
+    return None
 
 
 def fit_batch(images: Sequence[Image.Image], size: tuple[int, int]) -> np.ndarray:

@@ -9,6 +9,12 @@ set in memory. Formats (:data:`READERS`):
 * ``parquet``: image bytes and captions in columns (img2dataset's parquet output);
 * ``imagefolder``: a folder of images with ``captions.csv`` or ``captions.jsonl``.
 
+Text is bounded in every format: a record whose caption is above ``max_caption_bytes``
+(64 KiB by default) or whose metadata is above ``max_metadata_bytes`` (1 MiB) is rejected
+as a whole (``oversized caption``/``oversized metadata``), and a file or tar member above
+its limit is never read (see :mod:`pipeline.data.assemble`). Both are options of every
+reader, so ``data.max_caption_bytes=...`` sets them from the config.
+
 Stages call :func:`iter_records` (or :func:`open_dataset` with the ``data`` config group):
 wrong arguments raise at once, naming the config key (``data.format``, ``data.path``,
 ``data.caption_column``, ``rank``...); a shard that yields no record at all raises
@@ -73,7 +79,8 @@ def iter_records(
         decode: False yields ``image=None`` without reading image bytes.
         progress: show a tqdm bar on stderr (count, rate, rejects so far).
         require_nonempty: raise ``EmptyDatasetError`` at the end if no record was yielded.
-        options: format options, e.g. ``caption_column`` for parquet (see
+        options: format options, e.g. ``caption_column`` for parquet, or in every format
+            ``max_caption_bytes`` and ``max_metadata_bytes`` (positive integers; see
             :func:`reader_options`).
 
     Raises at once (before the first record): ``DataConfigError`` (a ``ValueError``) or

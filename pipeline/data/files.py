@@ -7,6 +7,8 @@ Images may sit directly in the root or in sub-folders (img2dataset writes ``0000
 What counts as a record: every name stem in a folder that has an image or a caption file.
 So a caption without its image is reported (``missing image``) rather than ignored; a lone
 ``.json`` (img2dataset's ``00000_stats.json``) is not a record. Hidden files are skipped.
+A caption or ``.json`` file above ``max_caption_bytes``/``max_metadata_bytes`` rejects its
+record (``oversized caption``/``oversized metadata``); at most the limit and a byte are read.
 Sharding is by record: record ``i`` of the walk goes to rank ``i % world_size``.
 """
 
@@ -16,7 +18,15 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.assemble import caption_or_reject, decode_or_reject, parse_meta
+from pipeline.data.assemble import (
+    MAX_CAPTION_BYTES,
+    MAX_METADATA_BYTES,
+    TextLimits,
+    caption_or_reject,
+    decode_or_reject,
+    parse_meta,
+    read_at_most,
+)
 from pipeline.data.errors import DataConfigError
 from pipeline.data.record import Record
 from pipeline.data.rejects import RejectLog
@@ -55,6 +65,8 @@ def iter_files(
     world_size: int = 1,
     rejects: RejectLog | None = None,
     decode: bool = True,
+    max_caption_bytes: int = MAX_CAPTION_BYTES,
+    max_metadata_bytes: int = MAX_METADATA_BYTES,
 ) -> Iterator[Record]:
     """Stream the records of shard ``rank`` of ``world_size`` (record ``i`` goes to ``i % world_size``).
 
@@ -62,15 +74,18 @@ def iter_files(
     """
     root = Path(root)
     rank, world_size = check_shard(rank, world_size)
+    limits = TextLimits.from_options(max_caption_bytes, max_metadata_bytes)
     if not root.exists():
         raise FileNotFoundError(f"data.path: {root} does not exist")
     if not root.is_dir():
         raise DataConfigError(f"data.path: {root} is not a folder; the files format reads a folder of name.jpg + name.txt")
     rejects = rejects if rejects is not None else RejectLog()
-    return _iter_files(root, rank, world_size, rejects, decode)
+    return _iter_files(root, rank, world_size, rejects, decode, limits)
 
 
-def _iter_files(root: Path, rank: int, world_size: int, rejects: RejectLog, decode: bool) -> Iterator[Record]:
+def _iter_files(
+    root: Path, rank: int, world_size: int, rejects: RejectLog, decode: bool, limits: TextLimits
+) -> Iterator[Record]:
     index = 0  # records seen so far, in the walk's order (the same on every rank)
 
     def unlisted(folder: Path, err: OSError) -> None:
@@ -86,12 +101,14 @@ def _iter_files(root: Path, rank: int, world_size: int, rejects: RejectLog, deco
             index += 1
             if not owns(index - 1, rank, world_size):
                 continue
-            record = _read_record(root, folder, stem, group, rejects, decode)
+            record = _read_record(root, folder, stem, group, rejects, decode, limits)
             if record is not None:
                 yield record
 
 
-def _read_record(root: Path, folder: Path, stem: str, group: dict, rejects: RejectLog, decode: bool) -> Record | None:
+def _read_record(
+    root: Path, folder: Path, stem: str, group: dict, rejects: RejectLog, decode: bool, limits: TextLimits
+) -> Record | None:
     key = (folder / stem).relative_to(root).as_posix()
     images = group.get("images", [])
     if not images:
@@ -106,11 +123,12 @@ def _read_record(root: Path, folder: Path, stem: str, group: dict, rejects: Reje
         return None
     caption_path = folder / group["txt"]
     try:
-        raw_caption = caption_path.read_bytes()
+        raw_caption = read_at_most(caption_path, limits.caption)
     except OSError as err:
         rejects.add(key, str(caption_path), f"unreadable caption: {err}")
         return None
-    caption = caption_or_reject(raw_caption, key, str(caption_path), rejects, "the caption file is empty")
+    empty = "the caption file is empty"
+    caption = caption_or_reject(raw_caption, key, str(caption_path), rejects, empty, limits.caption)
     if caption is None:
         return None
 
@@ -118,7 +136,7 @@ def _read_record(root: Path, folder: Path, stem: str, group: dict, rejects: Reje
     if "json" in group:
         meta_path = folder / group["json"]
         try:
-            meta = parse_meta(meta_path.read_bytes(), key, str(meta_path), rejects)
+            meta = parse_meta(read_at_most(meta_path, limits.metadata), key, str(meta_path), rejects, limits.metadata)
         except OSError as err:
             rejects.add(key, str(meta_path), f"unreadable metadata: {err}")
             return None

@@ -11,7 +11,10 @@ The key of a record is the ``key_column`` value when the file has that column, e
 files, else by row (see :mod:`pipeline.data.sharding`). Other columns (except binary ones)
 go to ``Record.meta``.
 
-A caption (text or bytes) or another string that is not valid UTF-8 rejects its row. A file
+A caption (text or bytes) or another string that is not valid UTF-8 rejects its row, and so
+does a caption of more than ``max_caption_bytes`` or other text columns (strings) of more than
+``max_metadata_bytes`` together (``oversized caption``/``oversized metadata``): the file's
+batch holds them already, but they are never converted to Python objects nor kept. A file
 that cannot be read is logged as one ``unreadable file`` entry counting the rows it loses:
 all of them when the image or caption column is missing, those after the break when it
 breaks part-way, and "at least 1" when even its footer (the row count) is unreadable.
@@ -25,9 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.data.assemble import caption_or_reject, decode_or_reject, utf8_problem
+from pipeline.data.assemble import (
+    MAX_CAPTION_BYTES,
+    MAX_METADATA_BYTES,
+    TextLimits,
+    TooLarge,
+    caption_or_reject,
+    decode_or_reject,
+    utf8_problem,
+)
 from pipeline.data.errors import DataConfigError
 from pipeline.data.record import Record
 from pipeline.data.rejects import RejectLog
@@ -57,15 +69,18 @@ def iter_parquet(
     caption_column: str | None = None,
     key_column: str | None = "key",
     batch_size: int = 256,
+    max_caption_bytes: int = MAX_CAPTION_BYTES,
+    max_metadata_bytes: int = MAX_METADATA_BYTES,
 ) -> Iterator[Record]:
     """Stream the records of shard ``rank`` of ``world_size`` from the parquet file(s) at ``path``.
 
     ``path`` is a folder (its ``.parquet`` files, sub-folders included, in name order) or
     one file. ``caption_column=None`` takes ``caption``, else ``txt``. The columns are checked
     at once against the first readable file: a missing one raises ``DataConfigError`` naming
-    ``data.image_column`` or ``data.caption_column``. Reading is lazy.
+    ``data.image_column`` or ``data.caption_column``, as do the size limits. Reading is lazy.
     """
     rank, world_size = check_shard(rank, world_size)
+    limits = TextLimits.from_options(max_caption_bytes, max_metadata_bytes)
     try:
         batch_size = operator.index(batch_size)
     except TypeError:
@@ -76,7 +91,7 @@ def iter_parquet(
     rejects = rejects if rejects is not None else RejectLog()
     columns = resolve_columns(shards, image_column, caption_column, key_column)
     files, by_record = split_files(shards, rank, world_size)
-    return _iter_parquet(files, columns, rank, world_size if by_record else 1, rejects, decode, batch_size)
+    return _iter_parquet(files, columns, rank, world_size if by_record else 1, rejects, decode, batch_size, limits)
 
 
 def is_image_type(type_: pa.DataType) -> bool:
@@ -119,8 +134,9 @@ def resolve_columns(shards: list[Path], image_column: str, caption_column: str |
 
 
 def _iter_parquet(
-    files: list[Path], columns: Columns, rank: int, world_size: int, rejects: RejectLog, decode: bool, batch_size: int
-) -> Iterator[Record]:
+    files: list[Path], columns: Columns, rank: int, world_size: int, rejects: RejectLog, decode: bool, batch_size: int,
+    limits: TextLimits,
+) -> Iterator[Record]:  # fmt: skip
     # With world_size 1 here every row of ``files`` is ours (the split was by file).
     rank = rank if world_size > 1 else 0
     offset = 0  # rows in the files before this one, the same on every rank
@@ -151,7 +167,8 @@ def _iter_parquet(
         seen: set[str] = set()
         try:
             for batch in parquet_file.iter_batches(batch_size=batch_size, columns=wanted):
-                for values, bad_text in _rows(batch):
+                batch, oversized = _drop_oversized(batch, columns, limits)
+                for (values, bad_text), too_large in zip(_rows(batch), oversized):
                     row_index, row = row, row + 1  # ``row`` counts the rows read so far
                     key = _key(values, key_column, stem, row_index)
                     duplicate = key in seen
@@ -161,6 +178,8 @@ def _iter_parquet(
                     source = f"{shard}:row {row_index}"
                     if duplicate:
                         rejects.add(key, source, f"duplicate key: {key!r} appears twice in {shard.name}")
+                    elif too_large is not None:
+                        rejects.add(key, source, too_large)
                     elif bad_text is not None:
                         column, problem = bad_text
                         kind = "unreadable caption" if column == columns.caption else "unreadable metadata"
@@ -173,6 +192,45 @@ def _iter_parquet(
             reason = f"unreadable file: {type(err).__name__}: {err}; rows {row} to {n_rows - 1} of this file are lost"
             add_lost(rejects, f"{stem}/*", str(shard), reason, offset + row, n_rows - row, rank, world_size)
         offset += n_rows
+
+
+def _text_bytes(column: pa.Array) -> pa.Array | None:
+    """The size in bytes of each value of a string or binary column (0 for null); None for other types."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+            or pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):  # fmt: skip
+        return None
+    return pc.fill_null(pc.binary_length(column), 0).cast(pa.int64())
+
+
+def _drop_oversized(batch: pa.RecordBatch, columns: Columns, limits: TextLimits) -> tuple[pa.RecordBatch, list[str | None]]:
+    """``batch`` with the text of rows above a limit set to null, and per row the reason to reject it (None: within).
+
+    The caption column is measured against ``limits.caption``; the other string and binary
+    columns but the image and key, summed, against ``limits.metadata``.
+    """
+    names = batch.schema.names
+    caption = _text_bytes(batch.column(names.index(columns.caption)))
+    meta_names = [n for n in names if n not in (columns.image, columns.caption, columns.key)]
+    meta_sizes = [size for size in (_text_bytes(batch.column(names.index(n))) for n in meta_names) if size is not None]
+    zeros = pa.array([0] * batch.num_rows, pa.int64())
+    meta = zeros
+    for size in meta_sizes:
+        meta = pc.add(meta, size)
+    caption = zeros if caption is None else caption
+    over = pc.or_(pc.greater(caption, limits.caption), pc.greater(meta, limits.metadata))
+    if not pc.any(over).as_py():
+        return batch, [None] * batch.num_rows
+    reasons = [
+        TooLarge(c).reason("caption", "max_caption_bytes", limits.caption) if c > limits.caption
+        else TooLarge(m).reason("metadata", "max_metadata_bytes", limits.metadata) if m > limits.metadata
+        else None
+        for c, m in zip(caption.to_pylist(), meta.to_pylist())
+    ]  # fmt: skip
+    for i, name in enumerate(names):
+        if name == columns.caption or (name in meta_names and _text_bytes(batch.column(i)) is not None):
+            column = batch.column(i)
+            batch = batch.set_column(i, name, pc.if_else(over, pa.scalar(None, column.type), column))
+    return batch, reasons
 
 
 def _rows(batch: pa.RecordBatch) -> Iterator[tuple[dict, tuple[str, str] | None]]:

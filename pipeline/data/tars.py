@@ -32,7 +32,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.data.assemble import caption_or_reject, decode_or_reject, parse_meta
+from pipeline.data.assemble import (
+    MAX_CAPTION_BYTES,
+    MAX_METADATA_BYTES,
+    TextLimits,
+    TooLarge,
+    caption_or_reject,
+    decode_or_reject,
+    parse_meta,
+)
 from pipeline.data.record import Record
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import add_lost, check_shard, owns, split_files
@@ -49,20 +57,28 @@ def iter_webdataset(
     world_size: int = 1,
     rejects: RejectLog | None = None,
     decode: bool = True,
+    max_caption_bytes: int = MAX_CAPTION_BYTES,
+    max_metadata_bytes: int = MAX_METADATA_BYTES,
 ) -> Iterator[Record]:
     """Stream the records of shard ``rank`` of ``world_size`` from the tar file(s) at ``path``.
 
     ``path`` is a folder (its ``.tar`` files, sub-folders included, in name order) or one
-    tar file. Checks the arguments at once; reading is lazy.
+    tar file. Checks the arguments at once; reading is lazy. A record whose ``.txt`` holds
+    more than ``max_caption_bytes`` or whose ``.json`` more than ``max_metadata_bytes`` is
+    rejected (``oversized caption``/``oversized metadata``) with that member left unread;
+    members of other kinds than image, ``.txt`` and ``.json`` are never read.
     """
     rank, world_size = check_shard(rank, world_size)
+    limits = TextLimits.from_options(max_caption_bytes, max_metadata_bytes)
     shards = find_shards(path, TAR_SUFFIXES, "webdataset")
     rejects = rejects if rejects is not None else RejectLog()
     files, by_record = split_files(shards, rank, world_size)
-    return _iter_tars(files, rank, world_size if by_record else 1, rejects, decode)
+    return _iter_tars(files, rank, world_size if by_record else 1, rejects, decode, limits)
 
 
-def _iter_tars(files: list[Path], rank: int, world_size: int, rejects: RejectLog, decode: bool) -> Iterator[Record]:
+def _iter_tars(
+    files: list[Path], rank: int, world_size: int, rejects: RejectLog, decode: bool, limits: TextLimits
+) -> Iterator[Record]:
     # With world_size 1 here every record of ``files`` is ours (the split was by file).
     rank = rank if world_size > 1 else 0
     index = 0  # records seen so far over all files, the same on every rank
@@ -70,7 +86,7 @@ def _iter_tars(files: list[Path], rank: int, world_size: int, rejects: RejectLog
         stem = shard_stem(tar_path, TAR_SUFFIXES)
         seen: set[str] = set()  # keys of this shard so far (every rank tracks all)
         seen_all = 0  # records of this shard, all ranks'
-        for sample in _tar_samples(tar_path, decode):
+        for sample in _tar_samples(tar_path, decode, limits):
             if isinstance(sample, _Break):  # the shard broke; the rest of it is lost
                 _add_break(tar_path, stem, sample, seen_all, index, rank, world_size, rejects)
                 break
@@ -85,7 +101,7 @@ def _iter_tars(files: list[Path], rank: int, world_size: int, rejects: RejectLog
             if duplicate:
                 rejects.add(key, str(tar_path), f"duplicate key: {tar_key!r} appears twice in {tar_path.name}")
                 continue
-            record = _make_record(key, members, f"{tar_path}:{tar_key}", rejects, decode)
+            record = _make_record(key, members, f"{tar_path}:{tar_key}", rejects, decode, limits)
             if record is not None:
                 yield record
 
@@ -114,12 +130,17 @@ class _TarInfo(tarfile.TarInfo):
             raise
 
 
-def _tar_samples(tar_path: Path, read_images: bool) -> Iterator[tuple[str, dict[str, bytes | None]] | _Break]:
+def _tar_samples(
+    tar_path: Path, read_images: bool, limits: TextLimits
+) -> Iterator[tuple[str, dict[str, bytes | TooLarge | None]] | _Break]:
     """Yield ``(key, {extension: bytes})`` per record in tar order; a ``_Break`` ends a damaged shard.
 
-    Image bytes are only read when ``read_images`` (else the value is ``None``). At a break,
-    the record being read is not yielded: it may lack members.
+    Image bytes are only read when ``read_images``, and members that are not an image, a
+    ``.txt`` or a ``.json`` never (the value is ``None``). A ``.txt`` or ``.json`` above its
+    limit is not read either: its header's size decides (the value is a ``TooLarge``). At a
+    break, the record being read is not yielded: it may lack members.
     """
+    text_limits = {"txt": limits.caption, "json": limits.metadata}
     key, members = None, {}
     try:
         with tarfile.open(tar_path, mode="r|*", tarinfo=_TarInfo) as tar:
@@ -136,10 +157,13 @@ def _tar_samples(tar_path: Path, read_images: bool) -> Iterator[tuple[str, dict[
                         yield key, members
                     key, members = member_key, {}
                 extension = extension.lower()
-                if extension in IMAGE_EXTENSIONS and not read_images:
+                if extension in IMAGE_EXTENSIONS:
+                    members[extension] = tar.extractfile(member).read() if read_images else None
+                elif extension in text_limits:
+                    too_large = member.size > text_limits[extension]
+                    members[extension] = TooLarge(member.size) if too_large else tar.extractfile(member).read()
+                else:  # the stream skips what is not read
                     members[extension] = None
-                else:
-                    members[extension] = tar.extractfile(member).read()
             if not getattr(tar, "reached_end_marker", False):
                 raise tarfile.ReadError("the file ends without the tar end-of-archive marker (truncated)")
     except READ_ERRORS as err:
@@ -195,7 +219,9 @@ def _sidecar_successes(tar_path: Path, stem: str) -> tuple[int, str] | None:
         return None
 
 
-def _make_record(key: str, members: dict[str, bytes | None], source: str, rejects: RejectLog, decode: bool) -> Record | None:
+def _make_record(
+    key: str, members: dict[str, bytes | TooLarge | None], source: str, rejects: RejectLog, decode: bool, limits: TextLimits
+) -> Record | None:
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
     if image_ext is None:
         rejects.add(key, source, f"missing image: the record has only {', '.join(sorted(members))}")
@@ -203,12 +229,12 @@ def _make_record(key: str, members: dict[str, bytes | None], source: str, reject
     if "txt" not in members:
         rejects.add(key, source, "missing caption: no .txt in the record")
         return None
-    caption = caption_or_reject(members["txt"], key, source, rejects, "the .txt is empty")
+    caption = caption_or_reject(members["txt"], key, source, rejects, "the .txt is empty", limits.caption)
     if caption is None:
         return None
     meta: dict | None = {}
     if "json" in members:
-        meta = parse_meta(members["json"], key, source, rejects)
+        meta = parse_meta(members["json"], key, source, rejects, limits.metadata)
         if meta is None:
             return None
     image = None
