@@ -309,8 +309,11 @@ class GenerateStep:
 
     def units(self, rank: int, world_size: int) -> list[Unit]:
         adaptive = self.adaptive.describe() if self.adaptive is not None else None
+        # stop_when_extracted decides by the prompt's training images: its keys decide its stop.
+        extracted_stops = self.adaptive is not None and self.adaptive.stop_when_extracted
         return [
-            Unit(row["prompt_id"], {"n_samples": self.n_samples, "adaptive": adaptive, "prompt": row["prompt_digest"]})
+            Unit(row["prompt_id"], {"n_samples": self.n_samples, "adaptive": adaptive, "prompt": row["prompt_digest"],
+                                    "keys": row["keys"] if extracted_stops else None})  # fmt: skip
             for row in self.rows
         ]
 
@@ -321,6 +324,8 @@ class GenerateStep:
         settings = marker.get("settings")
         if not isinstance(settings, dict) or settings.get("prompt") != unit.settings["prompt"]:
             return False
+        if marker.get("stop_reason") is not None and settings.get("keys") != unit.settings["keys"]:
+            return False  # a stop taken against other training images
         return marker_complete(marker, self.n_samples, self.adaptive, any_rule=False)
 
     def write_shard_file(self, rank: int, world_size: int) -> None:
