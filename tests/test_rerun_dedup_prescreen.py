@@ -134,6 +134,27 @@ def test_a_changed_data_set_is_embedded_again_and_grouped_as_a_fresh_run(data_di
     assert not all(a.equals(b) for a, b in zip(old, outputs(out)))
 
 
+def test_a_later_phase_of_an_array_refuses_data_changed_since_the_embedding(data_dir, tmp_path):
+    out = tmp_path / "run" / "dedup"
+    for rank in (0, 1):
+        dedup(out, data_dir, phase="embed", rank=rank, world_size=2)
+    edit_caption(data_dir)
+    with pytest.raises(RuntimeError, match="needs embed_0, embed_1 done first .*other settings or input files"):
+        dedup(out, data_dir, phase="train", world_size=2)
+
+
+def test_summary_evaluates_against_the_ground_truth_of_the_rerun(tiny_source, data_dir, tmp_path):
+    out = tmp_path / "run" / "dedup"
+    truth = pd.read_parquet(tiny_source.parent / "ground_truth.parquet")
+    first = dedup(out, data_dir, ground_truth=tiny_source.parent / "ground_truth.parquet")["evaluation"]
+    # Every record its own original: no true pair left, so the precision falls to 0.
+    truth.assign(original_id=truth["key"]).to_parquet(tmp_path / "singles.parquet")
+    second = dedup(out, data_dir, ground_truth=tmp_path / "singles.parquet")["evaluation"]
+    assert first["precision"] > 0 and second["precision"] == 0 and stats(out, "group")["done"] == 0
+    assert json.loads((out / "summary.json").read_text())["evaluation"] == second
+    assert "evaluation" not in dedup(out, data_dir) and "evaluation" not in json.loads((out / "summary.json").read_text())
+
+
 def test_an_output_folder_inside_the_data_set_is_refused(data_dir):
     before = tree_identity(data_dir, skip_hidden=False)
     with pytest.raises(ValueError, match="^data.path: .* holds the output folder"):

@@ -283,10 +283,14 @@ def run_dedup(
         return group.summary
     log.info("group: already done, skipping")
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    stored = summary.get("evaluation")
+    summary.pop("evaluation", None)
     if ground_truth is not None:
         groups = pd.read_parquet(out / "groups.parquet", columns=["key", "group_id"])
         selected = pd.read_parquet(out / "selected.parquet")
         summary["evaluation"] = {"ground_truth": str(ground_truth), **evaluate_groups(groups, pd.read_parquet(ground_truth), selected)}
+    if summary.get("evaluation") != stored:  # summary.json evaluates against this run's ground truth, or none
+        write_json(summary, out / "summary.json")
     return summary
 
 
@@ -416,7 +420,10 @@ class _Stage:
         """Raise unless every one of ``units`` (an earlier phase's) is done with the current settings."""
         stale = [u.name for u in units if not all_done(self.out, [u])]
         if stale:
-            raise RuntimeError(f"phase={phase} needs {', '.join(stale)} done first (in {self.out}); run the earlier phase(s)")
+            # A marker of other settings: for embed units, the data set's files may have changed since.
+            other = [name for name in stale if read_marker(self.out, name) is not None]
+            why = f"; {', '.join(other)} done with other settings or input files" if other else ""
+            raise RuntimeError(f"phase={phase} needs {', '.join(stale)} done first (in {self.out}{why}); run the earlier phase(s)")
 
     def marker(self, name: str) -> dict:
         info = read_marker(self.out, name)
