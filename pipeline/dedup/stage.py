@@ -423,7 +423,8 @@ class _Stage:
             # A marker of other settings: for embed units, the data set's files may have changed since.
             other = [name for name in stale if read_marker(self.out, name) is not None]
             why = f"; {', '.join(other)} done with other settings or input files" if other else ""
-            raise RuntimeError(f"phase={phase} needs {', '.join(stale)} done first (in {self.out}{why}); run the earlier phase(s)")
+            names = ", ".join(stale)
+            raise RuntimeError(f"phase={phase} needs {names} done first (in {self.out}{why}); run the earlier phase(s)")
 
     def marker(self, name: str) -> dict:
         info = read_marker(self.out, name)
