@@ -735,7 +735,7 @@ def scratch_folder(out: Path) -> Iterator[Path]:
     """A new folder under ``out`` for this process's temporary files, removed afterwards.
 
     Its name holds the host and process id, so that two processes never share one and the
-    folders a killed process left on this host (its id no longer running) are removed here
+    folders a killed process left on this host (whose process has ended) are removed here
     first; those of another host are left alone (their process may still be running).
     """
     host = socket.gethostname().replace(".", "_")
