@@ -370,7 +370,7 @@ def test_clear_errors_for_bad_inputs(small_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="data.ground_truth"):
         run_dedup(tmp_path / "a", settings, embeddings_dir=small_run[0] / "embeddings", ground_truth=tmp_path / "nope.parquet")
     with pytest.raises(ValueError, match="embedder"):
-        run_dedup(tmp_path / "b", settings, data={"format": "files", "path": str(tmp_path)})
+        run_dedup(tmp_path / "b", settings, data={"format": "files", "path": str(tmp_path / "data")})
     with pytest.raises(FileNotFoundError, match="embeddings_dir"):
         run_dedup(tmp_path / "c", settings, embeddings_dir=tmp_path / "empty")
     # A metadata file that does not match its embeddings: the error names the files.

@@ -30,9 +30,12 @@ one row group being written, and the selected groups' members.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +48,7 @@ import pyarrow.parquet as pq
 
 from pipeline.dedup.embeddings_store import REQUIRED_COLUMNS, embedding_path, metadata_path
 from pipeline.dedup.grouping import group_table, select_top
-from pipeline.io import atomic_write, write_parquet
+from pipeline.io import atomic_write, current_umask, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +206,7 @@ def write_groups(
         groups = group_table([], [], labels)
         write_parquet(groups, groups_path)
         return select_top(groups, top_k, min_group_size), GroupCounts(0, 0, 0, 0), SortStats()
+    writer = _GroupsWriter(groups_path)
     try:
         sorted_files, stats = sort_records(root, shards, n, chunk_rows, scratch)
         roots, sizes = duplicate_groups(labels, chunk_rows)
@@ -220,7 +224,6 @@ def write_groups(
         n_single = n - int(sizes.sum())
         eligible = int((sizes >= min_group_size).sum()) + (n_single if min_group_size <= 1 else 0)
         chosen = min(top_k, eligible)  # the selection: group ids [0, chosen), ranked by size
-        writer = _GroupsWriter(groups_path)
         picked = []
         singles = 0
         for path in sorted_files:
@@ -243,7 +246,7 @@ def write_groups(
         writer.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        groups_path.with_name(f".{groups_path.name}.tmp").unlink(missing_ok=True)  # left only by a failure
+        writer.discard()  # a failure's partial file; nothing once closed
     columns = ["key", "group_id", "caption", "group_size"]
     members = pd.concat(picked, ignore_index=True) if picked else pd.DataFrame({c: pd.Series([], dtype=object if c in ("key", "caption") else np.int64) for c in columns})
     counts = GroupCounts(records=n, groups=len(roots) + n_single, duplicate_groups=len(roots), records_in_duplicate_groups=int(sizes.sum()))
@@ -262,11 +265,12 @@ class _GroupsWriter:
     """``groups.parquet`` written a row group at a time, as ``DataFrame.to_parquet(index=False)``
     writes the whole frame: the same schema (pandas metadata included, taken from one row gone
     through pandas), row groups of :data:`PARQUET_ROW_GROUP` rows, each column one chunk (so
-    the same pages), so the same bytes. Atomic: a temporary file, renamed on close."""
+    the same pages), so the same bytes. Atomic: a temporary file of this writer's own (two
+    processes never share one), renamed on close."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.tmp: Path | None = None
         self.pending: list[pa.Table] = []
         self.rows = 0
         self.schema: pa.Schema | None = None
@@ -285,6 +289,9 @@ class _GroupsWriter:
         head, rest = table.slice(0, rows).combine_chunks(), table.slice(rows)
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            os.close(fd)
+            self.tmp = Path(tmp)
             self.writer = pq.ParquetWriter(str(self.tmp), self.schema)
         self.writer.write_table(head)
         del head
@@ -297,4 +304,17 @@ class _GroupsWriter:
         if self.writer is None:
             raise RuntimeError(f"{self.path}: no records were written")
         self.writer.close()
+        self.writer = None
+        os.chmod(self.tmp, 0o666 & ~current_umask())  # mkstemp's 0600: outputs get a plain file's mode
         self.tmp.replace(self.path)
+        self.tmp = None
+
+    def discard(self) -> None:
+        """Remove the temporary file of a writer not closed (a failure part-way)."""
+        if self.writer is not None:
+            with contextlib.suppress(Exception):  # cleanup after a failure must not hide that failure
+                self.writer.close()
+            self.writer = None
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None

@@ -18,13 +18,17 @@ Reads the data set through the data layer and writes ``<run_dir>/dedup/``:
   for that rank (``peak_rss_mib``), to size array tasks;
 * ``index/`` (``centroids.npy``, the IVF cells phase=train wrote, and the bucket files,
   :mod:`pipeline.dedup.buckets`) and ``pairs/pairs_<rank>.npy`` (each search task's pairs), the
-  intermediate files.
+  intermediate files; ``group_tmp.<host>.<pid>.*/``, the group phase's scratch, removed when it ends.
+
+Nothing is written into ``data.path`` or ``embeddings_dir``: an output folder inside either is refused.
 
 The work runs in five phases, each a step of the stage executor (:mod:`pipeline.executor`)
 whose units (``embed_<rank>``, ``train``, ``index_<rank>``, ``search_<rank>``, ``group``) are
 skipped when their completion marker (``.done/<unit>.json``) says they are done with the same
 settings (so a rerun resumes; changing e.g. ``threshold`` redoes only the search and grouping,
-changing an ``index.*`` setting redoes train, index, search and grouping); each rank's rejects
+changing an ``index.*`` setting redoes train, index, search and grouping; a file of the data
+set replaced, added or removed redoes everything, since the embed units record the data set's
+files by name, size and modification time, :mod:`pipeline.dedup.inputs`); each rank's rejects
 go to ``rejects/rejects_<rank>.jsonl`` and its stats to ``stats/``. ``phase=all`` (the default,
 ``world_size=1``) runs them in order in one process. On a cluster, run each phase as a SLURM
 array after the previous one (``python -m pipeline.dedup -m hydra/launcher=slurm_cpu
@@ -72,9 +76,12 @@ import json
 import logging
 import os
 import shutil
+import socket
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,9 +96,11 @@ from pipeline.dedup.buckets import centroids_digest, join_buckets, read_pairs, t
 from pipeline.dedup.embeddings_store import EmbeddingRows, list_shards, unit_rows, write_shard
 from pipeline.dedup.grouping import UnionFind, connected_groups, evaluate_groups, group_table, record_order, select_top
 from pipeline.dedup.index import DATABASE_BLOCK, IndexSettings, Pairs, assign_cells, exact_pairs_blocked, training_sample
+from pipeline.dedup.inputs import data_identity, embedding_files_identity, metadata_identity, writes_into
 from pipeline.dedup.records import GroupCounts, write_groups
 from pipeline.embedders.base import Embedder
 from pipeline.executor import StepContext, Unit, all_done, merge_rejects, read_marker, run_step
+from pipeline.identity import digest_of, tree_identity
 from pipeline.io import atomic_write, marker_path, write_json, write_parquet
 from pipeline.text import display_text
 
@@ -252,6 +261,10 @@ def run_dedup(
     if ground_truth is not None and not Path(ground_truth).exists():
         raise FileNotFoundError(f"data.ground_truth: {ground_truth} does not exist")
     out = Path(out_dir)
+    data_path = None if embeddings_dir else (data or {}).get("path")  # precomputed: the data set is not read
+    problem = writes_into(out, {"data.path": data_path, "embeddings_dir": embeddings_dir})
+    if problem:
+        raise ValueError(problem)
     stage = _Stage(out, settings, data, embedder, embedder_id, embeddings_dir, rank, world_size, progress, int(group_chunk_rows))
     steps = {"embed": _Embed(stage), "train": _Train(stage), "index": _Index(stage), "search": _Search(stage),
              "group": _Group(stage, ground_truth)}  # fmt: skip
@@ -270,10 +283,14 @@ def run_dedup(
         return group.summary
     log.info("group: already done, skipping")
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    stored = summary.get("evaluation")
+    summary.pop("evaluation", None)
     if ground_truth is not None:
         groups = pd.read_parquet(out / "groups.parquet", columns=["key", "group_id"])
         selected = pd.read_parquet(out / "selected.parquet")
         summary["evaluation"] = {"ground_truth": str(ground_truth), **evaluate_groups(groups, pd.read_parquet(ground_truth), selected)}
+    if summary.get("evaluation") != stored:  # summary.json evaluates against this run's ground truth, or none
+        write_json(summary, out / "summary.json")
     return summary
 
 
@@ -310,6 +327,8 @@ class _Stage:
         self.progress = progress
         self.group_chunk_rows = group_chunk_rows
         self._rows: EmbeddingRows | None = None
+        self._data_identity: dict | None = None
+        self._embeddings_settings: dict | None = None
 
     # Where things are ---------------------------------------------------------------------
 
@@ -329,16 +348,29 @@ class _Stage:
 
     # Units: each phase's, with the settings that decide its result -----------------------
 
+    def data_identity(self) -> dict:
+        """The data set's files (:func:`pipeline.dedup.inputs.data_identity`), walked once per
+        process, on first use: before the embed step reads a record."""
+        if self._data_identity is None:
+            self._data_identity = data_identity(dict(self.data or {}))
+        return self._data_identity
+
     def embed_unit(self, rank: int) -> Unit:
         data = {k: v for k, v in dict(self.data or {}).items() if k != "ground_truth"}
-        return Unit(f"embed_{rank}", {"data": data, "embedder": self.embedder_id, "rank": rank, "world_size": self.world_size})
+        return Unit(f"embed_{rank}", {"data": data, "data_files": self.data_identity(), "embedder": self.embedder_id,
+                                      "rank": rank, "world_size": self.world_size})  # fmt: skip
 
     def embeddings_settings(self) -> dict:
-        """What identifies the embeddings the later phases read."""
-        if self.precomputed is None:
-            return {"embed": [self.embed_unit(r).digest for r in range(self.world_size)]}
-        files = [self.precomputed / "img_emb" / f"img_emb_{s}.npy" for s in self.shards()]
-        return {"embeddings_dir": str(self.precomputed.resolve()), "files": [[f.name, f.stat().st_size, f.stat().st_mtime] for f in files]}
+        """What identifies the embeddings the later phases read: the embed units' digests, or
+        the precomputed vectors' files (names, sizes, modification times). Computed once per
+        process: every later unit's settings hold it, some for every rank."""
+        if self._embeddings_settings is None:
+            if self.precomputed is None:
+                self._embeddings_settings = {"embed": [self.embed_unit(r).digest for r in range(self.world_size)]}
+            else:
+                self._embeddings_settings = {"embeddings_dir": str(self.precomputed.resolve()),
+                                             "files": embedding_files_identity(self.precomputed, self.shards())}  # fmt: skip
+        return self._embeddings_settings
 
     def train_unit(self) -> Unit:
         """The cells, trained once for every rank: they depend on the embeddings and the index
@@ -366,7 +398,10 @@ class _Stage:
 
     def group_unit(self) -> Unit:
         searches = [self.search_unit(r).digest for r in range(self.world_size)]
-        return Unit("group", {"search": searches, "top_k": self.settings.top_k, "min_group_size": self.settings.min_group_size})
+        settings = {"search": searches, "top_k": self.settings.top_k, "min_group_size": self.settings.min_group_size}
+        if self.precomputed is not None:  # the keys and captions listed; the embed units cover the stage's own
+            settings["metadata"] = metadata_identity(self.precomputed, self.shards())
+        return Unit("group", settings)
 
     def require_cells(self, phase: str) -> dict:
         """The train marker, or one line saying to run phase=train first."""
@@ -385,7 +420,11 @@ class _Stage:
         """Raise unless every one of ``units`` (an earlier phase's) is done with the current settings."""
         stale = [u.name for u in units if not all_done(self.out, [u])]
         if stale:
-            raise RuntimeError(f"phase={phase} needs {', '.join(stale)} done first (in {self.out}); run the earlier phase(s)")
+            # A marker of other settings: for embed units, the data set's files may have changed since.
+            other = [name for name in stale if read_marker(self.out, name) is not None]
+            why = f"; {', '.join(other)} done with other settings or input files" if other else ""
+            names = ", ".join(stale)
+            raise RuntimeError(f"phase={phase} needs {names} done first (in {self.out}{why}); run the earlier phase(s)")
 
     def marker(self, name: str) -> dict:
         info = read_marker(self.out, name)
@@ -615,10 +654,12 @@ class _Group:
         started = time.perf_counter()
         rows = stage.rows("group")  # the row count (and the shards' shapes checked), no rows read
         chunk = stage.group_chunk_rows
-        labels, n_pairs = stream_components(rows.n, [out / "pairs" / f"pairs_{r}.npy" for r in range(world_size)],
-                                            stage.settings.k, out / "group_tmp", chunk)  # fmt: skip
-        selected, counts, sort = write_groups(stage.embeddings_root, stage.shards(), labels, stage.settings.top_k,
-                                              stage.settings.min_group_size, out / "groups.parquet", out / "group_tmp", chunk)  # fmt: skip
+        with scratch_folder(out) as scratch:
+            labels, n_pairs = stream_components(rows.n, [out / "pairs" / f"pairs_{r}.npy" for r in range(world_size)],
+                                                stage.settings.k, scratch / "pairs", chunk)  # fmt: skip
+            selected, counts, sort = write_groups(stage.embeddings_root, stage.shards(), labels, stage.settings.top_k,
+                                                  stage.settings.min_group_size, out / "groups.parquet", scratch / "records",
+                                                  chunk)  # fmt: skip
         del labels
         if sort.duplicate_keys:
             log.warning("embeddings_dir: %d keys occur more than once (e.g. %r); groups.parquet will repeat them", sort.duplicate_keys, sort.example)
@@ -683,6 +724,44 @@ class _Group:
             "timing_seconds": timing,
             "outputs": {name: str(stage.out / name) for name in ("groups.parquet", "selected.parquet", "rejects.jsonl", "summary.json")},
         }  # fmt: skip
+
+
+# Scratch folders of the group phase: <out>/group_tmp.<host>.<pid>.<random>, one per process.
+SCRATCH_PREFIX = "group_tmp."
+
+
+@contextmanager
+def scratch_folder(out: Path) -> Iterator[Path]:
+    """A new folder under ``out`` for this process's temporary files, removed afterwards.
+
+    Its name holds the host and process id, so that two processes never share one and the
+    folders a killed process left on this host (whose process has ended) are removed here
+    first; those of another host are left alone (their process may still be running).
+    """
+    host = socket.gethostname().replace(".", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in out.glob(f"{SCRATCH_PREFIX}{host}.*"):
+        parts = folder.name.split(".")
+        if len(parts) == 4 and parts[2].isdigit() and not _running(int(parts[2])):
+            shutil.rmtree(folder, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{host}.{os.getpid()}.", dir=out))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with id ``pid`` runs on this host (one of another user counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists
+        return True
+    return True
 
 
 def stream_components(n: int, pair_files: list[Path], k: int | None, scratch: Path, chunk_rows: int = GROUP_CHUNK_ROWS) -> tuple[np.ndarray, int]:
@@ -764,11 +843,19 @@ def settings_from_config(cfg) -> DedupSettings:
 
 
 def embedder_identity(embedder_cfg) -> dict:
-    """The embedder's config minus what does not change the vectors (device, batching, threshold)."""
+    """The embedder's config minus what does not change the vectors (device, batching, threshold),
+    plus, under ``local_files``, the identity of each value naming a local file or folder (e.g.
+    ``pretrained=/weights/ViT-L-14.pt``): its files' names, sizes and modification times, so
+    weights replaced in place redo the embedding."""
     from omegaconf import OmegaConf
 
     values = OmegaConf.to_container(embedder_cfg, resolve=True)
-    return {k: v for k, v in values.items() if k not in ("device", "batch_size", "num_workers", "threshold", "cache_dir")}
+    identity = {k: v for k, v in values.items() if k not in ("device", "batch_size", "num_workers", "threshold", "cache_dir")}
+    local = {k: digest_of(tree_identity(Path(v).expanduser())) for k, v in identity.items()
+             if isinstance(v, str) and v and Path(v).expanduser().exists()}  # fmt: skip
+    if local:
+        identity["local_files"] = local
+    return identity
 
 
 def main() -> None:

@@ -27,13 +27,16 @@ Runs through the stage executor (:mod:`pipeline.executor`): with ``world_size=N`
 or a local multirun) rank ``r`` scores its share of the prompts into
 ``prescreen/scores/scores_<r>.parquet`` (marker ``.done/scores_<r>.json``), and whichever rank
 finds every rank's scores done ranks all prompts together (the robust z and the kept set over
-every prompt), so the outputs are those of one process. A rerun with the same settings skips
-the scoring and redoes only that last ranking.
+every prompt), so the outputs are those of one process. A rerun with the same settings, the
+same captions and the same weights (their files' names, sizes and modification times) skips the
+scoring and redoes only that last ranking. Its inputs are read-only: a prompts file inside the
+output folder, or an output folder inside the model's, is refused.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,6 +49,7 @@ from tqdm import tqdm
 from pipeline.budget import prescreen_evaluations
 from pipeline.cli import CONF_DIR, ConfigError, config_int, config_number, stage_main
 from pipeline.executor import StepContext, Unit, all_done, read_marker, run_step, settings_digest
+from pipeline.identity import model_identity
 from pipeline.prescreen.denoisers import Conditioning, denoiser_for
 from pipeline.prescreen.scores import (
     SCORES,
@@ -423,8 +427,10 @@ class ScorePrompts:
     ``world_size`` owns one unit, ``scores_<r>``, the prompts ``r, r + world_size, ...`` of the
     list (:func:`pipeline.prompts.shard_prompts`), and writes their raw scores to
     ``<out_dir>/scores/scores_<r>.parquet`` (:func:`score_prompts`' columns). Its settings:
-    the model config, the device and dtype, the scoring settings and a digest of the prompt ids
-    and captions it scores; its marker also records how many denoiser evaluations (the key
+    the model config and the identity of its weights (:func:`pipeline.identity.model_identity`:
+    weights replaced in place rescore), the device and dtype, the scoring settings and a digest
+    of the prompt ids and captions it scores (a score depends on nothing else of a prompt:
+    ``dup_count`` and ``keys`` are read afresh by :func:`finish`); its marker also records how many denoiser evaluations (the key
     ``unet_evaluations``, which the budget reads, whatever the denoiser) and seconds the scoring
     took (summed into ``summary.json``)."""
 
@@ -437,8 +443,11 @@ class ScorePrompts:
         self.prompts = prompts
         self.settings = settings
         self.progress = progress
+        model = OmegaConf.to_container(cfg.model, resolve=True)
         self.base = {
-            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "model": model,
+            # Read before the model is loaded: weights changed while it loads differ next time.
+            "model_files": model_identity(model.get("path") or "", model.get("revision")),
             "device": str(cfg.device),
             "dtype": str(cfg.dtype),
             "prescreen": {name: list(v) if isinstance(v := getattr(settings, name), tuple) else v for name in SCORE_SETTINGS},
@@ -565,6 +574,22 @@ def finish(cfg, step: ScorePrompts, out_dir: Path, world_size: int, heavy_dup_co
     return table
 
 
+def writes_into_inputs(out_dir: str | Path, prompts: str | Path, model_path: str | Path | None) -> str | None:
+    """One line saying how writing ``out_dir`` would write over an input, or None: the prompts
+    file lies inside ``out_dir`` (its outputs would replace the list they score), or ``out_dir``
+    is, or lies inside, the model's folder. Paths are compared resolved (links followed)."""
+    out = Path(os.path.realpath(out_dir))
+    prompts_file = Path(os.path.realpath(Path(str(prompts)).expanduser()))
+    if out in prompts_file.parents:
+        return f"prompts: {prompts} lies inside the prescreen's output folder {out_dir}, which it writes: copy it elsewhere first"
+    if model_path:
+        model = Path(os.path.realpath(Path(str(model_path)).expanduser()))
+        if model.is_dir() and (out == model or model in out.parents):
+            return (f"model.path: {model_path} holds the prescreen's output folder {out_dir}; inputs are read-only: "
+                    "choose a run_dir outside it")
+    return None
+
+
 def run(cfg) -> pd.DataFrame | None:
     """Everything ``python -m pipeline.prescreen`` does, from a composed config.
 
@@ -586,6 +611,9 @@ def run(cfg) -> pd.DataFrame | None:
     rank, world_size = check_shard(cfg.rank, cfg.world_size)
     out_dir = Path(cfg.run_dir) / "prescreen"
     prompts_path = cfg.prompts or str(Path(cfg.run_dir) / "dedup" / "selected.parquet")
+    problem = writes_into_inputs(out_dir, prompts_path, cfg.model.path)
+    if problem:
+        raise ConfigError(problem)
     step = ScorePrompts(cfg, read_prompts(prompts_path), settings, progress=bool(cfg.progress))
     run_step(step, out_dir, rank=rank, world_size=world_size)
     every_unit = [unit for r in range(world_size) for unit in step.units(r, world_size)]
