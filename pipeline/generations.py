@@ -261,7 +261,17 @@ def prompt_done(out_dir: Path, prompt_id: str, n_samples: int, adaptive: Any = N
     """Whether ``prompt_id`` needs no more samples for a budget of ``n_samples`` (see
     :func:`marker_complete`)."""
     info = marker_info(out_dir, prompt_id)
-    return info is not None and marker_complete(info, n_samples, adaptive, any_rule=any_rule)
+    return info is not None and marker_complete(info, n_samples, adaptive, any_rule=any_rule) and samples_present(out_dir, prompt_id, info)
+
+
+def samples_present(out_dir: str | Path, prompt_id: str, info: Mapping[str, Any]) -> bool:
+    """Whether every sample a completion marker holding ``info`` counts is still on disk (a
+    deleted folder or file makes its prompt incomplete again, never a verdict on fewer samples)."""
+    try:
+        made = int(info.get("n_generated", info.get("n_samples", 0)))
+    except (TypeError, ValueError):
+        return False
+    return all(sample_path(out_dir, prompt_id, i).is_file() for i in range(made))
 
 
 def marker_complete(info: Mapping[str, Any], n_samples: int, adaptive: Any = None, *, any_rule: bool = True) -> bool:

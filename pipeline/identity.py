@@ -45,10 +45,17 @@ def tree_identity(root: str | Path, skip_hidden: bool = True) -> list[list[Any]]
     if not root.is_dir():
         return []
     out = []
+    seen = {os.path.realpath(root)}  # a symlink loop is walked once
     for folder, dirs, files in os.walk(root, followlinks=True):
         if skip_hidden:
             dirs[:] = [d for d in dirs if not d.startswith(".")]
-        dirs.sort()
+        kept = []
+        for name in sorted(dirs):
+            real = os.path.realpath(os.path.join(folder, name))
+            if real not in seen:
+                seen.add(real)
+                kept.append(name)
+        dirs[:] = kept
         for name in sorted(files):
             if skip_hidden and name.startswith("."):
                 continue

@@ -112,6 +112,7 @@ from pipeline.generations import (
     read_prompt_record,
     sample_files,
     sample_path,
+    samples_present,
     shard_file,
     write_prompt_record,
 )
@@ -326,7 +327,7 @@ class GenerateStep:
             return False
         if marker.get("stop_reason") is not None and settings.get("keys") != unit.settings["keys"]:
             return False  # a stop taken against other training images
-        return marker_complete(marker, self.n_samples, self.adaptive, any_rule=False)
+        return marker_complete(marker, self.n_samples, self.adaptive, any_rule=False) and samples_present(self.out_dir, unit.name, marker)
 
     def write_shard_file(self, rank: int, world_size: int) -> None:
         """The recipe rows plus each prompt's state (samples made so far, stopped early or not)
