@@ -25,7 +25,7 @@ embeddings written as clip-retrieval shards, in one process (world size 1) and a
 separate nodes)::
 
     nice -n 10 python benchmarks/dedup_bench.py --sizes 250000,1000000 --world-sizes 1,8
-    python benchmarks/dedup_bench.py --sizes 2000000 --world-sizes 1,4   # issue 17's memory check
+    python benchmarks/dedup_bench.py --sizes 2000000 --world-sizes 1,4   # each task's share of one process's memory
 
 For each size and world size: wall time (here, tasks one after another; and as an array of
 separate machines: the slowest task of each phase, summed), CPU time, the peak memory

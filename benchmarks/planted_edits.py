@@ -5,7 +5,7 @@
     python -m pipeline.dedup data=files data.path=data/planted/files \\
         data.ground_truth=data/planted/files_ground_truth.parquet run_name=planted_files
 
-What is planted (issue #17): ``--originals`` distinct pictures (default 600), photo-like but
+What is planted: ``--originals`` distinct pictures (default 600), photo-like but
 synthetic (coloured 1/f noise under shapes and lighting, the demo set's drawn scenes,
 crops of scikit-image's photographs), plus hard negatives that merely look alike: tiles cut
 from one large picture, "posters" of one template that differ only in their title and one

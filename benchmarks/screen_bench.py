@@ -5,7 +5,7 @@
         --prompts 120 --n-samples 24 --steps 25 --seeds 0,1,2
     .venv/bin/python benchmarks/screen_bench.py --prompts 1000 --brute-singletons 60 --max-fraction 0.02   # a realistic mix
 
-Issue 8. Two audits of the same prompts on the same model, in one process:
+Two audits of the same prompts on the same model, in one process:
 
 (a) brute force (Carlini et al.): every prompt gets ``--n-samples`` samples, then the detector;
 (b) the Wen et al. first-step prescreen scores every prompt (``seeds`` UNet evaluations each,
@@ -31,9 +31,9 @@ UNet evaluations, wall time, samples, prompts flagged, recall of (b) against (a)
 prompts, the evaluation fraction (b)/(a), and the prescreen's ROC AUC for telling heavy
 prompts (``dup_count >= --heavy-dup-count``) from the singletons (and from every other
 prompt). Since a sample is fixed by its seed, (b)'s samples are (a)'s first ones, and what
-adaptive sampling alone would have missed is replayed exactly on (a)'s samples. The issue's
+adaptive sampling alone would have missed is replayed exactly on (a)'s samples. The
 targets: ROC AUC >= 0.95, and (b) flags >= 95% of what (a) flags for <= 10% of its UNet
-evaluations (issue 19: on every seed), and at a realistic mix (1000 prompts, 1 duplicated
+evaluations (on every seed), and at a realistic mix (1000 prompts, 1 duplicated
 original in 31) <= 2%.
 
 ``--seeds 0,1,2`` runs the whole comparison once per seed (prompt choice, sampling seeds and
@@ -311,7 +311,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a partial check: brute force samples only the prompts the prescreen kept (recall is then adaptive "
                              "sampling's alone; the cost fraction is still exact)")
     parser.add_argument("--max-fraction", type=float, default=0.10,
-                        help="the evaluation fraction target (issue 19: 0.10 at 120 prompts, 0.02 at the 1000-prompt mix)")
+                        help="the evaluation fraction target (0.10 at 120 prompts, 0.02 at the 1000-prompt mix)")
     parser.add_argument("--threshold", type=float, default=0.15, help="tiled L2 of near-copies, for the detector and adaptive sampling")
     if parser.parse_args(argv).tiny:  # small defaults; flags given explicitly still win
         parser.set_defaults(**TINY_DEFAULTS)

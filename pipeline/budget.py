@@ -2,7 +2,7 @@
 
 Brute force (Carlini et al. 2023) gives every prompt ``n_samples`` samples of ``steps``
 denoising steps; a step is one UNet evaluation per image, two with classifier-free guidance
-(``guidance_scale > 1``: a conditional and an unconditional one). The shortcuts of issue 8:
+(``guidance_scale > 1``: a conditional and an unconditional one). The shortcuts:
 
 * the prescreen (:mod:`pipeline.prescreen`) scores every prompt with one conditional UNet
   evaluation per seed (plus one unconditional evaluation per seed, shared by all prompts) and

@@ -36,7 +36,7 @@ def load_benchmark(name: str):
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Every model family's tiny pipeline (tests/families.py), each saved once for the whole
-    session when first asked for, and shared by the generation and prescreen tests."""
+    test run when first asked for, and shared by the generation and prescreen tests."""
     from .families import TinyModels
 
     return TinyModels(tmp_path_factory.mktemp("tiny_families"))

@@ -1,4 +1,4 @@
-"""The data layer on hostile input (issue 14): captions files and captions that are not valid
+"""The data layer on hostile input: captions files and captions that are not valid
 UTF-8, images in modes other than 8-bit RGB, and shards that break part-way. The promise:
 a record that cannot be read is skipped, logged with its reason and counted, once per
 record lost, and every other record is read."""

@@ -424,7 +424,7 @@ def test_full_demo_set_groups_and_selection(demo_set, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
-# The array phases' pieces (issue 17): blocked exact search, bucket join, streamed components
+# The array phases' pieces: blocked exact search, bucket join, streamed components
 
 
 def test_blocked_exact_search_equals_one_block():

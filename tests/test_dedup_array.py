@@ -1,8 +1,7 @@
 """The duplicate finder as a local multi-process array (hydra's joblib launcher, one process per
 rank, each phase a separate launch as SLURM array tasks are): the same pairs and groups as one
 process, the cells trained once (phase=train) rather than by every index task, the group task
-sorting the records out of core, and every task's peak memory bounded by its share of the rows
-(issue 17)."""
+sorting the records out of core, and every task's peak memory bounded by its share of the rows."""
 
 from __future__ import annotations
 
@@ -82,7 +81,7 @@ def test_array_finds_the_same_pairs_and_groups(runs):
     assert set(zip(array.i.tolist(), array.j.tolist())) == set(zip(single.i.tolist(), single.j.tolist()))
     summaries = [json.loads((run / "dedup" / "summary.json").read_text()) for run in (one, four)]
     assert summaries[0]["pairs"] == summaries[1]["pairs"] and summaries[1]["settings"]["world_size"] == WORLD_SIZE
-    # Planted-pair recall: the issue's 0.99.
+    # Planted-pair recall: at least 0.99.
     groups = pd.read_parquet(one / "dedup" / "groups.parquet")
     predicted = groups.set_index("key").loc[[f"{i:07d}" for i in range(N)], "group_id"].to_numpy()
     assert pair_scores(predicted, labels)["recall"] >= 0.99

@@ -168,7 +168,7 @@ def test_embedder_configs_instantiate_with_hydra():
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
         assert cfg.threshold == clip.threshold == 0.95
         cfg = compose(config_name="dedup")
-        robust = instantiate(cfg.embedder)  # the offline default (issue #17)
+        robust = instantiate(cfg.embedder)  # the offline default
         assert isinstance(robust, RobustEmbedder) and cfg.threshold == robust.threshold
         cfg = compose(config_name="dedup", overrides=["embedder=thumbnail"])
         thumb = instantiate(cfg.embedder)

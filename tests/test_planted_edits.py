@@ -1,4 +1,4 @@
-"""The offline default embedder against LAION's edits (issue #17): benchmarks/planted_edits.py.
+"""The offline default embedder against LAION's edits: benchmarks/planted_edits.py.
 
 A small planted set with every edit, in img2dataset's three layouts, scored by the dedup
 stage; each edit alone; each kind of look-alike that must stay apart.
@@ -59,7 +59,7 @@ def test_default_embedder_finds_the_planted_copies(small_set, fmt):
     """Through the dedup stage itself, with the default embedder and its default threshold."""
     evaluation = planted.score_with_dedup(small_set, fmt, RobustEmbedder(), run_dir=small_set / "runs" / fmt)
     assert evaluation["n_missing"] == 0
-    # The issue's target (#17): pair precision and recall of at least 0.95 in every format.
+    # The target: pair precision and recall of at least 0.95 in every format.
     assert evaluation["precision"] >= 0.95, evaluation
     assert evaluation["recall"] >= 0.95, evaluation
 
@@ -78,7 +78,7 @@ def _originals(rng: np.random.Generator) -> list:
 def test_each_edit_alone_keeps_a_copy_above_the_threshold(edit):
     """Resize and JPEG (quality 30-95) come with every copy; the other edits one at a time.
 
-    At least 95% of the copies (the issue's recall target, #17) are above the threshold on
+    At least 95% of the copies (the recall target) are above the threshold on
     their own; the rest may still join their group through other copies (connected components).
     """
     embedder = RobustEmbedder()

@@ -1,4 +1,4 @@
-"""The demo audit as SLURM arrays on a real single-node SLURM cluster (issue 15), not a mock.
+"""The demo audit as SLURM arrays on a real single-node SLURM cluster, not a mock.
 
 A module fixture starts the cluster with ``scripts/slurm_cluster.sh`` (Debian's slurm-wlm and
 munge; ``.ci/run`` starts it before ``make test``) and skips, saying why, where it cannot. The
@@ -412,7 +412,7 @@ def test_report_as_array(audits):
 
 def test_dedup_array_tasks_each_ran_their_rank(audits):
     """The train, index and search phases ran as one SLURM task per rank, each a process of its own
-    that recorded its peak memory (``dedup/memory/<phase>_<rank>.json``, issue 17); only rank 0
+    that recorded its peak memory (``dedup/memory/<phase>_<rank>.json``); only rank 0
     of phase=train did the training."""
     stage = audits.stages["pipeline.dedup"]
     if stage.refilled:

@@ -31,7 +31,7 @@ from pipeline.models import Runtime, load_model
 from pipeline.rule import NearCopyRule
 
 # The demo model as saved, on the CPU in float32 with none of the speed options: what this
-# evaluation has always sampled (its figures are the README's), loaded as every stage loads.
+# evaluation samples (its figures are in docs/demo.md), loaded as every stage loads.
 PLAIN_CPU = Runtime(device="cpu", dtype="float32", attention="default", fuse_qkv=False, channels_last=False, tf32=False)
 
 

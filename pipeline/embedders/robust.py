@@ -1,6 +1,6 @@
 """The offline default embedder: trimmed, mirror-invariant, whitened low-frequency DCT.
 
-Built for the copies LAION holds (issue #17): resized, cropped up to 8% a side, letterboxed
+Built for the copies LAION holds: resized, cropped up to 8% a side, letterboxed
 on black or white (and padded white again by img2dataset), rotated a few degrees, mirrored,
 greyscale, re-encoded as JPEG, brightened or contrast-changed, with text over them.
 

@@ -52,7 +52,7 @@ not stopped for lack of near-copy pairs (``NO_SIGN``), nor by the clique stops
 extracted by a later sample. It is sampled until extracted, flagged or out of budget. Why: on
 the demo model, prompts that brute force extracts in only a few of 24 samples show no near-copy
 pair among their first 8 samples, but have one sample there within 0.25 of a training copy,
-which singletons' samples rarely come (README, screening section). It only adds samples, so it
+which singletons' samples rarely come (docs/screening.md). It only adds samples, so it
 cannot lose a verdict; its cost is counted like any sample.
 
 A sample that cannot be read is left out of the checks, as the detector leaves it out: the

@@ -313,7 +313,7 @@ def heavy_prompt_aucs(scores: np.ndarray, dup_counts: np.ndarray, heavy_dup_coun
     """How well ``scores`` tell heavily duplicated prompts (``dup_count >= heavy_dup_count``) apart.
 
     ``heavy_vs_singletons``: against prompts with one training copy, the prompts in between
-    left out (issue 8's measure: memorization is expected of the first, not of the second);
+    left out (memorization is expected of the first, not of the second);
     ``heavy_vs_rest``: against every other prompt, moderately duplicated ones included (they may
     be memorized too, which lowers it). NaN where a side is empty or ``dup_counts`` has NaN.
     """
