@@ -116,12 +116,15 @@ class StepContext:
 
 
 def read_marker(out_dir: str | Path, name: str) -> dict | None:
-    """A unit's marker as written by :meth:`StepContext.done`, or None (absent or unreadable)."""
+    """A unit's marker as written by :meth:`StepContext.done`, or None: absent, unreadable (a
+    folder, not UTF-8), not JSON, or JSON but not an object (``[]``, ``"x"``); a unit whose
+    marker reads as None is not done."""
     path = marker_path(out_dir, name)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        marker = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return marker if isinstance(marker, dict) else None
 
 
 def all_done(out_dir: str | Path, units: Iterable[Unit]) -> bool:
