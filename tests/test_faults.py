@@ -8,13 +8,16 @@ executor writes (not a JSON object) reads as absent: its unit is redone.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from pipeline.executor import Unit, read_marker, run_step
@@ -22,6 +25,25 @@ from pipeline.generations import marker_info, prompt_done
 from pipeline.io import marker_path
 
 from .conftest import REPO
+from .test_detect import build_run
+
+# Runs `python -m <module> <overrides>` with os.replace (the last step of every atomic write)
+# failing with errno <code> from its <after + 1>-th call on, without naming a file, as a
+# write() on a full disk fails.
+FAULTY = r"""
+import os, runpy, sys
+module, after, code = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+real_replace, calls = os.replace, [0]
+def replace(src, dst, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] > after:
+        raise OSError(code, os.strerror(code))
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = replace
+sys.argv = [module, *sys.argv[4:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
 
 def stage_env() -> dict[str, str]:
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
@@ -30,12 +52,88 @@ def stage_env() -> dict[str, str]:
     return env
 
 
-def run_stage(module: str, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
+def run_stage(module: str, *overrides: str, fault: tuple[int, int] | None = None) -> subprocess.CompletedProcess:
+    """``python -m module overrides``; ``fault``: (after, errno) for :data:`FAULTY`."""
+    if fault is None:
+        command = [sys.executable, "-m", module, *overrides]
+    else:
+        command = [sys.executable, "-c", FAULTY, module, str(fault[0]), str(fault[1]), *overrides]
+    return subprocess.run(command, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
 
 
 def error_lines(done: subprocess.CompletedProcess) -> list[str]:
     return [line for line in done.stderr.splitlines() if line.strip()]
+
+
+def tree(root: Path) -> dict[str, object]:
+    """Every file under ``root`` but the per-rank stats (they hold timings): parquet as records,
+    JSON as values, anything else as bytes."""
+    contents = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = str(path.relative_to(root))
+        if "stats" in path.relative_to(root).parts:
+            continue
+        if path.suffix == ".parquet":
+            contents[name] = pd.read_parquet(path).to_json(orient="records")
+        elif path.suffix == ".json":
+            contents[name] = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            contents[name] = path.read_bytes()
+    return contents
+
+
+@pytest.fixture(scope="module")
+def audit(tmp_path_factory):
+    """A run directory with generations and a training set, and what detect (with
+    verification) leaves in ``<run_dir>/detect`` when nothing fails."""
+    made = build_run(tmp_path_factory.mktemp("faults"))
+    overrides = [f"run_dir={made['run_dir']}", "data=files", f"data.path={made['train']}", "progress=false"]
+    done = run_stage("pipeline.detect", *overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    clean = tree(made["run_dir"] / "detect")
+    assert {"memorized.parquet", "extracted.parquet", "summary.json"} <= set(clean)
+    return {"overrides": overrides, "out": made["run_dir"] / "detect", "clean": clean}
+
+
+# detect with verification makes 25 atomic writes on this run directory: faults at the first,
+# inside the detection's units, between detection and verification, inside verification, the last.
+@pytest.mark.parametrize(
+    "after, code",
+    [(0, errno.ENOSPC), (3, errno.ENOSPC), (9, errno.ENOSPC), (15, errno.EACCES), (19, errno.EROFS), (24, errno.ENOSPC)],
+)
+def test_a_failed_write_ends_detect_with_one_line_and_a_rerun_recovers(audit, after, code):
+    out = audit["out"]
+    shutil.rmtree(out, ignore_errors=True)
+    failed = run_stage("pipeline.detect", *audit["overrides"], fault=(after, code))
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr + failed.stdout and "Error executing job" not in failed.stderr
+    lines = error_lines(failed)
+    assert len(lines) == 1, lines
+    # The file meant, not the temporary file it was written to.
+    assert re.fullmatch(rf"detect: {re.escape(str(out))}/[^ ]+: {re.escape(os.strerror(code))}", lines[0]), lines[0]
+    assert ".tmp" not in lines[0]
+    again = run_stage("pipeline.detect", *audit["overrides"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert tree(out) == audit["clean"]
+
+
+def test_hydra_full_error_shows_the_traceback_of_a_fault(audit, tmp_path):
+    command = [sys.executable, "-c", FAULTY, "pipeline.detect", "0", str(errno.ENOSPC), *audit["overrides"], f"out_dir={tmp_path / 'd'}"]
+    done = subprocess.run(command, cwd=REPO, env={**stage_env(), "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "No space left on device" in done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a folder whatever its mode")
+def test_an_output_folder_that_cannot_be_made_ends_with_one_line(audit, tmp_path):
+    locked = tmp_path / "read_only"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        done = run_stage("pipeline.detect", *audit["overrides"], f"out_dir={locked / 'detect'}")
+    finally:
+        locked.chmod(0o755)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert error_lines(done) == [f"detect: {locked / 'detect'}: Permission denied"]
 
 
 class _Count:
@@ -77,7 +175,7 @@ def test_a_marker_that_is_a_folder_reads_as_absent_and_its_write_names_it(tmp_pa
     assert read_marker(tmp_path, "only") is None
     with pytest.raises(OSError) as failed:
         run_step(_Count(), tmp_path)
-    assert str(marker_path(tmp_path, "only")) in (failed.value.filename, failed.value.filename2)
+    assert failed.value.filename == str(marker_path(tmp_path, "only")) and failed.value.filename2 is None
 
 
 @pytest.mark.parametrize("content", ["[]", '"x"', "5", "{not json", "\xff\xfe", "folder"])
