@@ -56,8 +56,9 @@ def stage_main(stage: str, *errors: type[BaseException]) -> Callable[[Callable],
         @functools.wraps(task)  # Hydra finds the stage's module (job name) through __wrapped__
         def run(cfg):
             try:
-                folder, rank = output_folder(stage, cfg), shard_rank(cfg)
-                if folder is None or rank is None:
+                folder = output_folder(stage, cfg)
+                rank = None if folder is None else shard_rank(cfg)
+                if rank is None:
                     return task(cfg)
                 with writer_lock(folder, rank):
                     return task(cfg)
@@ -104,9 +105,9 @@ def output_folder(stage: str, cfg: Any) -> Path | None:
     return None
 
 
-def shard_rank(cfg: Any) -> int | None:
+def shard_rank(cfg: DictConfig) -> int | None:
     """``cfg.rank`` when it is a whole number of at least 0, else None (the stage names the mistake)."""
-    rank = _parse(OmegaConf.select(cfg, "rank"), int)
+    rank = _parse(cfg.get("rank"), int)
     return rank if rank is not None and rank >= 0 else None
 
 

@@ -24,7 +24,9 @@ folder, whose sub-folders are prompts).
 
     run_step(Embed(), out_dir, rank=rank, world_size=world_size)
 
-Errors in the entry point go through :func:`pipeline.cli.stage_main` (one line, exit 2).
+Errors in the entry point go through :func:`pipeline.cli.stage_main` (one line, exit 2), which
+also holds the writer lock of the stage's folder for its rank (:func:`pipeline.io.writer_lock`):
+one process writes a rank's units and markers at a time.
 """
 
 from __future__ import annotations
