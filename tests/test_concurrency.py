@@ -9,6 +9,7 @@ lock for its rank; the second exits with status 2 before it writes anything. Sha
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,7 +51,8 @@ def stage_env() -> dict[str, str]:
 
 
 def run_stage(module: str, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", module, *overrides]
+    return subprocess.run(command, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
 
 
 def error_lines(done: subprocess.CompletedProcess) -> list[str]:
@@ -103,7 +105,8 @@ def test_two_detect_runs_with_different_thresholds_one_refuses(run, tmp_path):
     run_dir = run["run_dir"]
     ready, go = tmp_path / "ready", tmp_path / "go"
     first = subprocess.Popen(
-        [sys.executable, "-c", HOLD, "pipeline.detect", str(ready), str(go), f"run_dir={run_dir}", "rule.threshold=0.15", "progress=false"],
+        [sys.executable, "-c", HOLD, "pipeline.detect", str(ready), str(go), f"run_dir={run_dir}", "rule.threshold=0.15",
+         "progress=false"],
         cwd=REPO, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -133,7 +136,8 @@ def test_array_tasks_of_one_stage_do_not_block_each_other(run):
 def test_locks_are_per_rank_and_exclusive(tmp_path):
     with writer_lock(tmp_path, 0), writer_lock(tmp_path, 1):
         # flock excludes any other open file, in this process as in another one.
-        with pytest.raises(FolderBusyError, match=rf"^{tmp_path} is being written by another process \(pid {os.getpid()}, rank 0\)"):
+        expected = rf"^{re.escape(str(tmp_path))} is being written by another process \(pid {os.getpid()}, rank 0\)"
+        with pytest.raises(FolderBusyError, match=expected):
             with writer_lock(tmp_path, 0):
                 pass
         assert lock_path(tmp_path, 0).read_text(encoding="utf-8").startswith(f"pid={os.getpid()}\n")

@@ -118,8 +118,10 @@ def test_a_failed_write_ends_detect_with_one_line_and_a_rerun_recovers(audit, af
 
 
 def test_hydra_full_error_shows_the_traceback_of_a_fault(audit, tmp_path):
-    command = [sys.executable, "-c", FAULTY, "pipeline.detect", "0", str(errno.ENOSPC), *audit["overrides"], f"out_dir={tmp_path / 'd'}"]
-    done = subprocess.run(command, cwd=REPO, env={**stage_env(), "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-c", FAULTY, "pipeline.detect", "0", str(errno.ENOSPC), *audit["overrides"],
+               f"out_dir={tmp_path / 'd'}"]  # fmt: skip
+    env = {**stage_env(), "HYDRA_FULL_ERROR": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" in done.stderr and "No space left on device" in done.stderr
 
 
@@ -197,7 +199,8 @@ def test_a_generator_marker_that_is_not_an_object_means_not_done(tmp_path, conte
 def test_a_class_that_is_no_concrete_scheduler_names_model_scheduler(name):
     from pipeline.models import build_scheduler
 
-    with pytest.raises(ValueError, match=rf"^model\.scheduler: '{re.escape(name)}' is not a diffusers scheduler class \(e\.g\. DDIMScheduler"):
+    expected = rf"^model\.scheduler: '{re.escape(name)}' is not a diffusers scheduler class \(e\.g\. DDIMScheduler"
+    with pytest.raises(ValueError, match=expected):
         build_scheduler(name, {"num_train_timesteps": 1000})
     assert type(build_scheduler("DDIMScheduler", {"num_train_timesteps": 1000})).__name__ == "DDIMScheduler"
 
@@ -216,6 +219,7 @@ def test_generate_with_a_scheduler_mixin_ends_with_one_line(tmp_path):
     done = run_stage("pipeline.generate", f"run_dir={tmp_path / 'run'}", f"prompts={prompts}", "model.scheduler=SchedulerMixin",
                      "n_samples=1", "progress=false")  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert re.fullmatch(r"generate: model\.scheduler: 'SchedulerMixin' is not a diffusers scheduler class .*", error_lines(done)[-1])
+    expected = r"generate: model\.scheduler: 'SchedulerMixin' is not a diffusers scheduler class .*"
+    assert re.fullmatch(expected, error_lines(done)[-1])
     # The generator failed before writing: it leaves no generations folder behind.
     assert not (tmp_path / "run" / "generations").exists()
