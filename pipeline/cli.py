@@ -1,9 +1,12 @@
-"""What every stage's command line shares: one-line errors, and config numbers read with checks.
+"""What every stage's command line shares: one writer per output folder, one-line errors, and
+config numbers read with checks.
 
-A config or input mistake (a wrong value, a missing file, an empty data set) ends a stage with
-one line on stderr, ``<stage>: <key or file>: <what is wrong>``, and exit status 2; any other
-exception is a bug and keeps its traceback. ``HYDRA_FULL_ERROR=1`` shows the traceback of a
-mistake too, as it does for Hydra's own errors.
+A config or input mistake (a wrong value, a missing file, an empty data set) or a fault of the
+file system (a full disk, a denied permission: any ``OSError``) ends a stage with one line on
+stderr, ``<stage>: <key or file>: <what is wrong>``, and exit status 2; any other exception is a
+bug and keeps its traceback. ``HYDRA_FULL_ERROR=1`` shows the traceback of a mistake too, as it
+does for Hydra's own errors. A second process started on a stage's output folder and shard
+while one is writing it refuses the same way, before it reads or writes anything.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data.errors import EmptyDatasetError
+from pipeline.io import FolderBusyError, writer_lock
 from pipeline.text import display_text
 
 # The exit status of a usage mistake, as argparse and most shells' builtins use.
@@ -36,22 +40,33 @@ class ConfigError(ValueError):
 def stage_main(stage: str, *errors: type[BaseException]) -> Callable[[Callable], Callable]:
     """Decorate a stage's Hydra task function (place it under ``@hydra.main``).
 
-    ``ValueError`` (ConfigError, DataConfigError, PromptsError, ...), ``FileNotFoundError``,
-    ``EmptyDatasetError`` and the extra ``errors`` (e.g. ModelLoadError) are mistakes: they print
-    ``<stage>: <message>`` to stderr and exit with status 2.
+    ``ValueError`` (ConfigError, DataConfigError, PromptsError, ...), ``OSError``
+    (FileNotFoundError, a full disk, a denied permission), ``EmptyDatasetError`` and the extra
+    ``errors`` (e.g. ModelLoadError) are mistakes: they print ``<stage>: <message>`` (an OS error
+    as ``<stage>: <path>: <reason>``) to stderr and exit with status 2.
+
+    A pipeline stage (a config with ``rank``) holds the writer lock of its output folder
+    (:func:`output_folder`) for its ``rank`` while it runs; when another live process holds it,
+    the stage prints ``<stage>: <folder> is being written by another process (pid N, rank R);
+    ...`` and exits with status 2 at once.
     """
-    mistakes = (ValueError, FileNotFoundError, EmptyDatasetError, *errors)
+    mistakes = (ValueError, OSError, EmptyDatasetError, FolderBusyError, *errors)
 
     def decorate(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
         @functools.wraps(task)  # Hydra finds the stage's module (job name) through __wrapped__
         def run(cfg):
             try:
-                return task(cfg)
+                folder = output_folder(stage, cfg)
+                rank = None if folder is None else shard_rank(cfg)
+                if rank is None:
+                    return task(cfg)
+                with writer_lock(folder, rank):
+                    return task(cfg)
             except mistakes as err:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
                 # Messages quote input (keys, paths, ids): one bounded line, controls escaped.
-                print(f"{stage}: {display_text(err, MESSAGE_LIMIT)}", file=sys.stderr)
+                print(f"{stage}: {display_text(error_message(err), MESSAGE_LIMIT)}", file=sys.stderr)
                 # SystemExit passes through Hydra, which prints any Exception as "Error executing
                 # job" with a traceback.
                 raise SystemExit(USAGE_ERROR) from None
@@ -59,6 +74,41 @@ def stage_main(stage: str, *errors: type[BaseException]) -> Callable[[Callable],
         return run
 
     return decorate
+
+
+def error_message(err: BaseException) -> str:
+    """What follows ``<stage>: `` for a mistake: an OS error as ``<path>: <reason>`` (the path
+    alone is what a user acts on; ``[Errno 28]`` is not), anything else as its message."""
+    if isinstance(err, FolderBusyError):
+        return f"{err}; wait for it to finish or use another run_name"
+    if isinstance(err, OSError) and err.strerror:
+        if err.filename is None:
+            return err.strerror
+        if err.filename2 is not None:
+            return f"{err.filename} -> {err.filename2}: {err.strerror}"
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
+
+
+def output_folder(stage: str, cfg: Any) -> Path | None:
+    """The folder a pipeline stage writes: ``out_dir``; the report's, the folder of its file
+    ``out``; the prescreen's (no ``out_dir`` key), ``<run_dir>/<stage>``. None for a config
+    without ``rank`` (the demo's builders: one process each, no shards) or without any of these."""
+    if not isinstance(cfg, DictConfig) or "rank" not in cfg:
+        return None
+    if cfg.get("out_dir") is not None:
+        return Path(str(cfg.out_dir))
+    if cfg.get("out") is not None:
+        return Path(str(cfg.out)).parent
+    if cfg.get("run_dir") is not None:
+        return Path(str(cfg.run_dir)) / stage
+    return None
+
+
+def shard_rank(cfg: DictConfig) -> int | None:
+    """``cfg.rank`` when it is a whole number of at least 0, else None (the stage names the mistake)."""
+    rank = _parse(cfg.get("rank"), int)
+    return rank if rank is not None and rank >= 0 else None
 
 
 def config_number(cfg, key: str, *, minimum: float | None = None, maximum: float | None = None, optional: bool = False) -> float | None:

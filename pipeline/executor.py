@@ -24,7 +24,9 @@ folder, whose sub-folders are prompts).
 
     run_step(Embed(), out_dir, rank=rank, world_size=world_size)
 
-Errors in the entry point go through :func:`pipeline.cli.stage_main` (one line, exit 2).
+Errors in the entry point go through :func:`pipeline.cli.stage_main` (one line, exit 2), which
+also holds the writer lock of the stage's folder for its rank (:func:`pipeline.io.writer_lock`):
+one process writes a rank's units and markers at a time.
 """
 
 from __future__ import annotations
@@ -116,12 +118,15 @@ class StepContext:
 
 
 def read_marker(out_dir: str | Path, name: str) -> dict | None:
-    """A unit's marker as written by :meth:`StepContext.done`, or None (absent or unreadable)."""
+    """A unit's marker as written by :meth:`StepContext.done`, or None: absent, unreadable (a
+    folder, not UTF-8), not JSON, or JSON but not an object (``[]``, ``"x"``); a unit whose
+    marker reads as None is not done."""
     path = marker_path(out_dir, name)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        marker = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return marker if isinstance(marker, dict) else None
 
 
 def all_done(out_dir: str | Path, units: Iterable[Unit]) -> bool:

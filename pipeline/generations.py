@@ -251,10 +251,16 @@ def shard_file(out_dir: str | Path, rank: int, world_size: int) -> Path:
 
 
 def marker_info(out_dir: Path, prompt_id: str) -> dict[str, Any] | None:
-    """The completion marker's content for ``prompt_id``, or None when it has none."""
+    """The completion marker's content for ``prompt_id``, or None when it has none that is a
+    JSON object (absent, a folder, not UTF-8, not JSON, ``[]``): then the prompt is not done.
+    An empty file reads as ``{}``."""
     if not is_done(out_dir, prompt_id):
         return None
-    return json.loads(marker_path(out_dir, prompt_id).read_text(encoding="utf-8") or "{}")
+    try:
+        info = json.loads(marker_path(out_dir, prompt_id).read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def prompt_done(out_dir: Path, prompt_id: str, n_samples: int, adaptive: Any = None, *, any_rule: bool = True) -> bool:

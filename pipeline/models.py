@@ -170,16 +170,37 @@ def _has_safety_checker(source: str, local_only: bool, revision: str | None) -> 
     return "safety_checker" in index
 
 
+# Named when model.scheduler is not a scheduler: the ones SD-style pipelines commonly run.
+COMMON_SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler")
+
+
 def build_scheduler(name: str, config: dict[str, Any], overrides: dict[str, Any] | None = None):
-    """A diffusers scheduler of class ``name`` from a (possibly other class's) scheduler config."""
+    """A diffusers scheduler of class ``name`` from a (possibly other class's) scheduler config.
+
+    Raises ValueError naming ``model.scheduler`` when ``name`` is not a concrete diffusers
+    scheduler class (a model, ``SchedulerMixin`` itself, one whose library is not installed) or
+    cannot be built from ``config`` plus ``overrides``.
+    """
     import diffusers
     from diffusers import SchedulerMixin
+    from diffusers.configuration_utils import ConfigMixin
 
-    cls = getattr(diffusers, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ValueError(f"model.scheduler: {name!r} is not a diffusers scheduler class (e.g. DDIMScheduler, PNDMScheduler)")
+    examples = ", ".join(COMMON_SCHEDULERS)
+    cls = getattr(diffusers, str(name), None) if str(name).isidentifier() else None
+    # diffusers stands in a placeholder for a class whose optional library is missing.
+    if type(cls).__name__ == "DummyObject":
+        needs = ", ".join(b for b in getattr(cls, "_backends", []) if b != "torch") or "a library"
+        raise ValueError(f"model.scheduler: {name!r} needs {needs}, which is not installed (or pick another, e.g. {examples})")
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin) and issubclass(cls, ConfigMixin)):
+        raise ValueError(f"model.scheduler: {name!r} is not a diffusers scheduler class (e.g. {examples})")
     config = {k: v for k, v in config.items() if not k.startswith("_")}
-    return cls.from_config({**config, **(overrides or {})})
+    try:
+        return cls.from_config({**config, **(overrides or {})})
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"model.scheduler: {name} cannot be built from the pipeline's scheduler config ({err}); "
+            f"set what it needs in model.scheduler_kwargs or pick another, e.g. {examples}"
+        ) from None
 
 
 @dataclass(frozen=True)
