@@ -273,9 +273,8 @@ def prompt_done(out_dir: Path, prompt_id: str, n_samples: int, adaptive: Any = N
 def samples_present(out_dir: str | Path, prompt_id: str, info: Mapping[str, Any]) -> bool:
     """Whether every sample a completion marker holding ``info`` counts is still on disk (a
     deleted folder or file makes its prompt incomplete again, never a verdict on fewer samples)."""
-    try:
-        made = int(info.get("n_generated", info.get("n_samples", 0)))
-    except (TypeError, ValueError):
+    made = _count(info.get("n_generated", info.get("n_samples", 0)))
+    if made is None:
         return False
     return all(sample_path(out_dir, prompt_id, i).is_file() for i in range(made))
 
@@ -290,13 +289,21 @@ def marker_complete(info: Mapping[str, Any], n_samples: int, adaptive: Any = Non
     (``adaptive``: the generator's adaptive settings, with ``enabled`` and ``describe()``).
     A prompt sampled in full serves any budget up to its own.
     """
-    if int(info.get("n_samples", 0)) < n_samples:
-        return False
+    budget, made = _count(info.get("n_samples", 0)), _count(info.get("n_generated", n_samples))
+    if budget is None or made is None or budget < n_samples:
+        return False  # a marker whose counts are not integers covers nothing
     # Stopped by adaptive sampling (no sign of a clique, or flagged already): fewer samples than the budget.
-    partial = info.get("stopped_early") or int(info.get("n_generated", n_samples)) < n_samples
+    partial = info.get("stopped_early") or made < n_samples
     if not partial or any_rule:
         return True
     return adaptive is not None and adaptive.enabled and info.get("adaptive") == adaptive.describe()
+
+
+def _count(value: Any) -> int | None:
+    """A marker's count as a non-negative int; None for anything else (a list, null, text, a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+        return None
+    return int(value) if float(value).is_integer() else None
 
 
 def prompt_record_path(out_dir: str | Path, prompt_id: str) -> Path:

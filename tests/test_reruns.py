@@ -295,3 +295,16 @@ def test_tree_identity_walks_a_symlink_loop_once(tmp_path):
     (tmp_path / "data" / "a" / "x.png").write_bytes(b"x")
     (tmp_path / "data" / "a" / "loop").symlink_to(tmp_path / "data", target_is_directory=True)
     assert [entry[0] for entry in tree_identity(tmp_path / "data")] == ["a/x.png"]
+
+
+@pytest.mark.parametrize("marker", ['{"n_samples": []}', '{"n_samples": 3, "n_generated": null}', '{"n_samples": "x"}', "[]"])
+def test_a_hostile_generator_marker_is_redone_not_a_crash(pipe, model_dir, tmp_path, marker):
+    out = tmp_path / "generations"
+    prompts = [Prompt("00000", "a red barn")]
+    run(pipe, model_dir, out, prompts=prompts, n_samples=2)
+    (out / ".done" / "00000.json").write_text(marker, encoding="utf-8")
+    with pytest.raises(ValueError, match="no prompts ready to screen"):  # not complete: not screened, no crash
+        run_detect(out, tmp_path / "detect", RULE, progress=False)
+    summary = run(pipe, model_dir, out, prompts=prompts, n_samples=2)
+    assert summary.images == 0  # every sample is on disk: the prompt is only marked again
+    assert run_detect(out, tmp_path / "detect", RULE, progress=False)["prompt_id"].tolist() == ["00000"]

@@ -335,7 +335,7 @@ class GenerateStep:
         out_dir, n_samples, rows = self.out_dir, self.n_samples, self.rows
         for row in rows:
             info = marker_info(out_dir, row["prompt_id"])
-            if info is not None and int(info.get("n_samples", 0)) >= n_samples:
+            if info is not None and marker_complete(info, n_samples):  # counts checked there
                 row["n_generated"] = min(int(info.get("n_generated", n_samples)), n_samples)
                 row["stopped_early"] = bool(info.get("stopped_early", False))
                 row["stop_reason"] = info.get("stop_reason", NO_SIGN if row["stopped_early"] else None)
