@@ -18,7 +18,7 @@ README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
 STAGES = ("dedup", "prescreen", "generate", "detect", "report")
 
-# Development-process words: the development's own sessions and its issue tracker's numbers.
+# Words about how the project was developed rather than what it does (working periods, tracker numbers).
 # Spelled in pieces so that this file does not match itself.
 PROCESS_WORDS = re.compile(r"\bsess" + r"ions?\b|\biss" + r"ue\s*#?\s*\d+|\biss" + r"ue's\b", re.IGNORECASE)
 # pytest's own sense of the word stays: a fixture shared by the whole test run.
