@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data.errors import EmptyDatasetError
 from pipeline.io import FolderBusyError, writer_lock
+from pipeline.layout import register_resolver
 from pipeline.text import display_text
 
 # The exit status of a usage mistake, as argparse and most shells' builtins use.
@@ -31,6 +32,7 @@ MESSAGE_LIMIT = 2000  # characters of an error message shown
 # The config tree, for every ``@hydra.main`` (an absolute path: Hydra resolves a relative one
 # against the module's package when the entry point is not ``__main__``).
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register_resolver()  # ${layout:...} in the configs every stage composes
 
 
 class ConfigError(ValueError):

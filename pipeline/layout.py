@@ -27,6 +27,7 @@ Stages add their own columns after these (a score, a recipe, a verdict).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,114 @@ import numpy as np
 import pandas as pd
 
 from pipeline.io import write_parquet
+
+# Stage folders of a run directory, and the artifacts each one holds. Every path of an audit's
+# artifacts is made here (RunLayout, or these names joined to a stage's folder), nowhere else.
+DEDUP, PRESCREEN, GENERATIONS, DETECT, REPORT = "dedup", "prescreen", "generations", "detect", "report"
+SELECTED = "selected.parquet"  # a prompt table: the duplicate finder's ranking, or the prescreen's kept prompts
+GROUPS = "groups.parquet"
+EMBEDDINGS = "embeddings"
+SCORES_TABLE = "prescreen.parquet"
+PROMPTS_TABLE = "prompts.parquet"  # the generator's prompt table (recipes)
+BUDGET = "budget.json"
+MEMORIZED = "memorized.parquet"
+EXTRACTED = "extracted.parquet"
+MATCHES = "matches"
+VERIFY = "verify"
+REPORT_PAGE = "index.html"
+SUMMARY = "summary.json"
+REJECTS = "rejects.jsonl"
+STATS = "stats.json"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where every artifact of one audit lives, from its ``run_dir``.
+
+    Configs reach it through the ``layout`` resolver: ``${layout:dedup_selected,${run_dir}}``.
+    """
+
+    run_dir: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "run_dir", Path(self.run_dir))
+
+    @property
+    def dedup(self) -> Path:
+        return self.run_dir / DEDUP
+
+    @property
+    def dedup_selected(self) -> Path:
+        return self.dedup / SELECTED
+
+    @property
+    def dedup_groups(self) -> Path:
+        return self.dedup / GROUPS
+
+    @property
+    def dedup_embeddings(self) -> Path:
+        return self.dedup / EMBEDDINGS
+
+    @property
+    def prescreen(self) -> Path:
+        return self.run_dir / PRESCREEN
+
+    @property
+    def prescreen_scores(self) -> Path:
+        return self.prescreen / SCORES_TABLE
+
+    @property
+    def prescreen_selected(self) -> Path:
+        return self.prescreen / SELECTED
+
+    @property
+    def generations(self) -> Path:
+        return self.run_dir / GENERATIONS
+
+    @property
+    def generations_prompts(self) -> Path:
+        return self.generations / PROMPTS_TABLE
+
+    @property
+    def detect(self) -> Path:
+        return self.run_dir / DETECT
+
+    @property
+    def memorized(self) -> Path:
+        return self.detect / MEMORIZED
+
+    @property
+    def extracted(self) -> Path:
+        return self.detect / EXTRACTED
+
+    @property
+    def report(self) -> Path:
+        return self.run_dir / REPORT
+
+    @property
+    def report_page(self) -> Path:
+        return self.report / REPORT_PAGE
+
+
+def layout_path(name: str, run_dir: str) -> str:
+    """The ``layout`` config resolver: the path of artifact ``name`` (a :class:`RunLayout`
+    property) under ``run_dir``."""
+    if name.startswith("_") or not isinstance(getattr(RunLayout, name, None), property):
+        known = ", ".join(n for n, v in vars(RunLayout).items() if isinstance(v, property))
+        raise ValueError(f"layout: no artifact {name!r} (known: {known})")
+    return str(getattr(RunLayout(Path(run_dir)), name))
+
+
+def register_resolver() -> None:
+    """Make ``${layout:<artifact>,${run_dir}}`` available to configs (idempotent)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("layout"):
+        OmegaConf.register_new_resolver("layout", layout_path)
+
+
+register_resolver()
+
 
 PROMPT_COLUMNS = ("prompt_id", "caption", "dup_count", "keys")
 # What verification adds to memorized.parquet for every prompt when a training set is given,

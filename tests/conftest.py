@@ -9,6 +9,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+import pipeline.layout  # noqa: E402,F401  (registers the configs' ${layout:...} resolver for composed configs)
+
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_DEMO_MODEL = REPO / "models" / "demo"
 

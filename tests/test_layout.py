@@ -3,7 +3,10 @@ stage to stage; no stage looks it up in another stage's files."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 import pandas as pd
 
 from pipeline.detect import run_detect
@@ -40,3 +43,27 @@ def test_prompts_without_a_group_get_none_from_another_stages_files(tmp_path):
                              exhaustive=False, progress=False)  # fmt: skip
     assert (verified["n_candidates"] == 0).all()  # dedup's keys for "00000" belong to another caption
     assert load_run(run_dir / "detect").dup_counts is None
+
+
+def test_the_layout_resolver_gives_every_stage_its_folder_from_run_dir():
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.layout import RunLayout
+
+    layout = RunLayout(Path("outputs/x"))
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        generate = compose(config_name="generate", overrides=["run_name=x"])
+        detect = compose(config_name="detect", overrides=["run_name=x"])
+        report = compose(config_name="report", overrides=["run_name=x"])
+        dedup = compose(config_name="dedup", overrides=["run_name=x"])
+    assert Path(generate.prompts) == layout.dedup_selected and Path(generate.out_dir) == layout.generations
+    assert Path(detect.generations_dir) == layout.generations and Path(detect.out_dir) == layout.detect
+    assert Path(detect.verify.dedup_dir) == layout.dedup and Path(dedup.out_dir) == layout.dedup
+    assert Path(report.detect_dir) == layout.detect and Path(report.out) == layout.report_page
+
+
+def test_the_layout_resolver_names_an_unknown_artifact():
+    from pipeline.layout import layout_path
+
+    with pytest.raises(ValueError, match="layout: no artifact 'nope'"):
+        layout_path("nope", "outputs/x")
