@@ -11,6 +11,7 @@ while one is writing it refuses the same way, before it reads or writes anything
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pipeline.data.errors import EmptyDatasetError
 from pipeline.io import FolderBusyError, writer_lock
@@ -170,3 +171,74 @@ def _check_range(key: str, number: float, minimum: float | None, maximum: float 
         raise ConfigError(f"{key}: must be at least {minimum}, got {number}")
     if maximum is not None and number > maximum:
         raise ConfigError(f"{key}: must be at most {maximum}, got {number}")
+
+
+# Validated settings dataclasses ---------------------------------------------------------------
+
+
+def setting(*, key: str | None = None, minimum: float | None = None, maximum: float | None = None, choices: tuple = (),
+            default: Any = dataclasses.MISSING) -> Any:  # fmt: skip
+    """A field of a settings dataclass read by :func:`settings_from`: its config ``key``
+    (default: the field's name under the prefix), the range of a number, the ``choices`` of a
+    value. ``default``: used when the key is absent from the config (not when it is null)."""
+    metadata = {"key": key, "minimum": minimum, "maximum": maximum, "choices": tuple(choices)}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def settings_from(cls: type, cfg: Any, prefix: str = "") -> Any:
+    """An instance of the settings dataclass ``cls`` from ``cfg``, every field checked once.
+
+    Each field is read at ``<prefix><name>`` (or its :func:`setting` ``key``) by its annotation:
+    ``int`` and ``float`` with :func:`config_int`/:func:`config_number` (``| None`` makes null
+    allowed), ``bool`` must be true or false, ``str`` text, a ``tuple`` a list; other types are
+    taken as plain containers. A wrong value raises :class:`ConfigError` naming the key.
+    """
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        key = meta.get("key") or f"{prefix}{f.name}"
+        present = OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
+        if not present:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: must be set")
+            continue
+        values[f.name] = _typed(cfg, key, hints[f.name], meta)
+    return cls(**values)
+
+
+_ABSENT = object()
+
+
+def _typed(cfg: Any, key: str, hint: Any, meta: dict) -> Any:
+    import typing
+
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+    low, high = meta.get("minimum"), meta.get("maximum")
+    if hint is int:
+        value = config_int(cfg, key, minimum=low, maximum=high, optional=optional)
+    elif hint is float:
+        value = config_number(cfg, key, minimum=low, maximum=high, optional=optional)
+    else:
+        raw = _value(cfg, key, optional)
+        value = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, (DictConfig, ListConfig)) else raw
+        origin = typing.get_origin(hint) or hint
+        if value is None:
+            pass
+        elif hint is bool and not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        elif hint is str and not isinstance(value, str):
+            raise ConfigError(f"{key}: expected text, got {value!r}")
+        elif origin is tuple:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key}: expected a list, got {value!r}")
+            value = tuple(value)
+    choices = meta.get("choices") or ()
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
