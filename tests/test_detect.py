@@ -448,7 +448,7 @@ def test_verification_is_reused_when_nothing_changed(run):
     pd.testing.assert_frame_equal(first, again)
     assert not (run["run_dir"] / "detect" / "matches" / "00000.png").exists()  # not recomputed
     # Through the stage executor, a unit per prompt: its stats say every unit was skipped.
-    stats = json.loads((run["run_dir"] / "detect" / "verify" / "stats" / "verify_0.json").read_text())
+    stats = json.loads((run["run_dir"] / "detect" / "stats" / "verify_0.json").read_text())
     assert (stats["units"], stats["skipped"], stats["done"]) == (3, 3, 0)
     # Another threshold redoes every prompt: the match image is back; none is left where nothing matches.
     verify(run, memorized, dedup_dir=run["run_dir"] / "dedup", delta=0.1)

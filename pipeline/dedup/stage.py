@@ -449,11 +449,11 @@ class _Embed:
     def __init__(self, stage: _Stage):
         self.stage = stage
 
-    def units(self, rank: int, world_size: int) -> list[Unit]:
+    def units(self) -> list[Unit]:
         if self.stage.precomputed is not None:
             log.info("embed: using the precomputed embeddings in %s", self.stage.precomputed)
             return []
-        return [self.stage.embed_unit(rank)]
+        return [self.stage.embed_unit(r) for r in range(self.stage.world_size)]
 
     def run(self, units: list[Unit], ctx: StepContext) -> None:
         stage = self.stage
@@ -489,8 +489,8 @@ class _Train:
     def __init__(self, stage: _Stage):
         self.stage = stage
 
-    def units(self, rank: int, world_size: int) -> list[Unit]:
-        return [self.stage.train_unit()] if rank == 0 else []
+    def units(self) -> list[Unit]:
+        return [self.stage.train_unit()]
 
     def is_complete(self, unit: Unit, marker: dict) -> bool:
         """The same settings, and the centroids it wrote are still there, unchanged."""
@@ -537,8 +537,8 @@ class _Index:
     def __init__(self, stage: _Stage):
         self.stage = stage
 
-    def units(self, rank: int, world_size: int) -> list[Unit]:
-        return [self.stage.index_unit(rank)]
+    def units(self) -> list[Unit]:
+        return self.stage.index_units()
 
     def run(self, units: list[Unit], ctx: StepContext) -> None:
         stage = self.stage
@@ -595,8 +595,8 @@ class _Search:
     def __init__(self, stage: _Stage):
         self.stage = stage
 
-    def units(self, rank: int, world_size: int) -> list[Unit]:
-        return [self.stage.search_unit(rank)]
+    def units(self) -> list[Unit]:
+        return [self.stage.search_unit(r) for r in range(self.stage.world_size)]
 
     def run(self, units: list[Unit], ctx: StepContext) -> None:
         stage = self.stage
@@ -643,8 +643,8 @@ class _Group:
         self.ground_truth = ground_truth
         self.summary: dict | None = None  # set when this process grouped
 
-    def units(self, rank: int, world_size: int) -> list[Unit]:
-        return [self.stage.group_unit()] if rank == 0 else []
+    def units(self) -> list[Unit]:
+        return [self.stage.group_unit()]
 
     def run(self, units: list[Unit], ctx: StepContext) -> None:
         stage = self.stage

@@ -39,7 +39,7 @@ from pipeline.cli import CONF_DIR, config_int, config_number, stage_main
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
 from pipeline.embedders.base import Embedder
-from pipeline.executor import StepContext, Unit, all_done, merge_rejects, run_step
+from pipeline.executor import StepContext, Unit, run_step
 from pipeline.generations import (
     FLAGGED,
     OUT_OF_REACH,
@@ -158,31 +158,61 @@ class ScreenPrompts:
     """The detector's step for the executor: one unit per prompt (prompt ``i``, in prompt id
     order, belongs to shard ``i % world_size``), decided anew when the rule, the caption or the
     prompt's sample files change: their names and the digests of their bytes (a generator run
-    with a larger ``n_samples`` adds files; a regenerated folder replaces them)."""
+    with a larger ``n_samples`` adds files; a regenerated folder replaces them). Its finish
+    writes ``memorized.parquet`` and ``summary.json`` once every prompt is screened."""
 
     name = "detect"
 
-    def __init__(self, generations_dir: Path, results_dir: Path, prompts: pd.DataFrame, rule: NearCopyRule, progress: bool):
+    def __init__(self, generations_dir: Path, out_dir: Path, prompts: pd.DataFrame, generator_table: pd.DataFrame,
+                 rule: NearCopyRule, progress: bool):  # fmt: skip
         self.generations_dir = generations_dir
-        self.results_dir = results_dir
+        self.out_dir = out_dir
+        self.results_dir = out_dir / "prompts"
         self.captions = dict(zip(prompts["prompt_id"], prompts["caption"]))
         self.rule = rule
         self.progress = progress
-        # Every prompt's unit, listed once: this shard's are a slice, and the finish checks all.
+        # What the finish carries from the generator's table (dup_count, keys), by prompt id.
+        self.carry = carried(generator_table) if {"prompt_id", "caption"} <= set(generator_table.columns) else {}
+        self.other_rule = stopped_under_another_rule(generator_table, rule)
         described = rule.describe()
         self.all_units = [
             Unit(pid, {"rule": described, "caption": caption, "files": samples_identity(generations_dir, pid)})
             for pid, caption in self.captions.items()
         ]
 
-    def units(self, rank: int, world_size: int) -> list[Unit]:
-        return self.all_units[rank::world_size]
+    def units(self) -> list[Unit]:
+        return self.all_units
 
     def run(self, units: list[Unit], ctx: StepContext) -> None:
         for unit in tqdm(units, desc=f"detect [{ctx.rank}/{ctx.world_size}]", unit="prompt", disable=not self.progress):
             result = detect_prompt(self.generations_dir, unit.name, self.captions[unit.name], self.rule, ctx.rejects)
             write_json(result, self.results_dir / f"{unit.name}.json")
+            ctx.stat("samples", result["n_samples"])
             ctx.done(unit)
+
+    def outputs(self) -> list[Path]:
+        return [self.out_dir / "memorized.parquet", self.out_dir / "summary.json"]
+
+    def finish_settings(self) -> dict[str, Any]:
+        return {"carry": {pid: self.carry.get(pid) for pid in self.captions}, "generations_dir": str(self.generations_dir.resolve()),
+                "other_rule": self.other_rule}  # fmt: skip
+
+    def finish(self, ctx: StepContext) -> None:
+        """Every prompt's row, with ``dup_count`` and ``keys`` from the generator's table, as
+        ``memorized.parquet`` (a prompt table), and the counts in ``summary.json``."""
+        rows = [json.loads((self.results_dir / f"{unit.name}.json").read_text(encoding="utf-8")) for unit in self.all_units]
+        memorized = pd.DataFrame(rows, columns=MEMORIZED_COLUMNS).sort_values("prompt_id", kind="stable").reset_index(drop=True)
+        memorized["dup_count"] = [self.carry.get(pid, {}).get("dup_count") for pid in memorized["prompt_id"]]
+        memorized["keys"] = [self.carry.get(pid, {}).get("keys") for pid in memorized["prompt_id"]]
+        memorized = prompt_columns(memorized)
+        write_parquet(memorized, self.out_dir / "memorized.parquet")
+        summary = {
+            "generations_dir": str(self.generations_dir.resolve()), "settings": self.rule.describe(), "prompts": len(memorized),
+            "flagged": int(memorized["flagged"].sum()), "samples": int(memorized["n_samples"].sum()),
+            "rejected_samples": int(memorized["n_rejected"].sum()), "stopped_under_another_rule": self.other_rule,
+        }  # fmt: skip
+        write_json(summary, self.out_dir / "summary.json")
+        log.info("%d of %d prompts flagged; wrote %s", summary["flagged"], len(memorized), self.out_dir / "memorized.parquet")
 
 
 def run_detect(
@@ -193,69 +223,43 @@ def run_detect(
     world_size: int = 1,
     progress: bool = True,
 ) -> pd.DataFrame | None:
-    """Screen this shard's prompts with ``rule``, then write ``memorized.parquet`` once every shard is done.
+    """Screen this shard's prompts with ``rule``; once every shard is done, ``memorized.parquet``.
 
     Runs through the stage executor (:mod:`pipeline.executor`): each finished prompt is stored
     as ``<out_dir>/prompts/<prompt_id>.json`` with a completion marker, so a rerun skips it
-    (and decides again when the rule or its samples changed). Whichever shard finds every
-    prompt done writes ``memorized.parquet`` (a prompt table: ``dup_count`` and ``keys`` come
-    with each prompt from the generator's table, by ``prompt_id``), ``summary.json`` and the
-    merged ``rejects.jsonl``.
+    (and decides again when the rule or its samples changed). The step's finish, run by the
+    shard that completes the last prompt, writes ``memorized.parquet`` (a prompt table:
+    ``dup_count`` and ``keys`` come with each prompt from the generator's table, by
+    ``prompt_id``) and ``summary.json``; the executor merges ``rejects.jsonl`` and ``stats.json``.
 
     Returns:
         The ``memorized.parquet`` table when all prompts are done, else ``None``.
     """
     rank, world_size = check_shard(rank, world_size)
     generations_dir, out_dir = Path(generations_dir), Path(out_dir)
-    results_dir = out_dir / "prompts"
     # Every shard reads the whole prompt table; rank 0 alone records the ids it skips (in its
     # reject file, which lists each once across reruns).
-    id_rejects = RejectLog(results_dir / "rejects" / "rejects_0.jsonl", once=True) if rank == 0 else None
+    id_rejects = RejectLog(out_dir / "rejects" / "rejects_0.jsonl", once=True) if rank == 0 else None
     prompts, generator_table = screenable_prompts(generations_dir, id_rejects)
     if prompts.empty:
         raise ValueError(
             f"generations_dir: no prompts ready to screen in {generations_dir} (no sub-folders, no {PROMPTS_FILE}, "
             "or every prompt still being generated)"
         )
-    rule_description = rule.describe()
-    other_rule = stopped_under_another_rule(generator_table, rule)
-    if other_rule:
+    step = ScreenPrompts(generations_dir, out_dir, prompts, generator_table, rule, progress)
+    if step.other_rule:
         log.warning(
             "%d prompt(s) were stopped by adaptive sampling on a verdict taken with another near-copy rule than this "
             "detector's (%s), e.g. %s: their verdicts here may differ from a full run's; rerun the generator without "
             "adaptive sampling (or with the detector's rule) to complete them",
-            len(other_rule), json.dumps(rule_description), other_rule[0],
+            len(step.other_rule), json.dumps(rule.describe()), step.other_rule[0],
         )  # fmt: skip
-
-    step = ScreenPrompts(generations_dir, results_dir, prompts, rule, progress)
-    run_step(step, results_dir, rank=rank, world_size=world_size, progress=progress)
-    if not all_done(results_dir, step.all_units):
+    ctx = run_step(step, step.results_dir, rank=rank, world_size=world_size, progress=progress, logs_dir=out_dir)
+    if not ctx.all_done:
         log.info("not every prompt is screened yet (other shards); memorized.parquet is written by the shard "
                  "that finishes last, or by a rerun with world_size=1")
         return None
-    rows = [json.loads((results_dir / f"{unit.name}.json").read_text(encoding="utf-8")) for unit in step.all_units]
-    memorized = pd.DataFrame(rows, columns=MEMORIZED_COLUMNS).sort_values("prompt_id", kind="stable").reset_index(drop=True)
-    carry = carried(generator_table) if {"prompt_id", "caption"} <= set(generator_table.columns) else {}
-    memorized["dup_count"] = [carry.get(pid, {}).get("dup_count") for pid in memorized["prompt_id"]]
-    memorized["keys"] = [carry.get(pid, {}).get("keys") for pid in memorized["prompt_id"]]
-    memorized = prompt_columns(memorized)
-    write_parquet(memorized, out_dir / "memorized.parquet")
-    # A prompt's marker outlives a change of world_size, and so do its rejects: every rank's file.
-    merge_rejects(results_dir / "rejects", out_dir / "rejects.jsonl")
-    write_json(
-        {
-            "generations_dir": str(generations_dir.resolve()),
-            "settings": rule_description,
-            "prompts": len(memorized),
-            "flagged": int(memorized["flagged"].sum()),
-            "samples": int(memorized["n_samples"].sum()),
-            "rejected_samples": int(memorized["n_rejected"].sum()),
-            "stopped_under_another_rule": other_rule,
-        },
-        out_dir / "summary.json",
-    )
-    log.info("%d of %d prompts flagged; wrote %s", int(memorized["flagged"].sum()), len(memorized), out_dir / "memorized.parquet")
-    return memorized
+    return pd.read_parquet(out_dir / "memorized.parquet")
 
 
 def run(cfg: DictConfig) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:

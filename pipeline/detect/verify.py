@@ -49,7 +49,7 @@ from pipeline.data import open_dataset
 from pipeline.data.rejects import RejectLog
 from pipeline.distance import embed_images
 from pipeline.embedders.base import Embedder
-from pipeline.executor import StepContext, Unit, merge_rejects, run_step
+from pipeline.executor import StepContext, Unit, run_step
 from pipeline.generations import Sample, list_samples, load_samples, samples_identity
 from pipeline.identity import digest_of
 from pipeline.io import atomic_write, write_json, write_parquet
@@ -250,7 +250,7 @@ def run_verify(
     ``sample_file``, ``train_key``, ``distance``, ``in_group``: null for a prompt without a
     group), ``<out_dir>/matches/<prompt_id>.png`` (the best match's training image, cropped as
     compared, of each prompt with a sample within ``delta`` of a training image) and
-    ``<out_dir>/rejects_verify.jsonl``.
+    its unreadable samples and training images in ``<out_dir>/rejects.jsonl`` (with the detector's).
 
     Returns:
         ``memorized`` with :data:`VERIFICATION_COLUMNS` (``reproduction_rate`` = samples_matched /
@@ -279,8 +279,8 @@ def run_verify(
         metric=metric, progress=progress, batch_size=int(batch_size), prompts_per_pass=int(prompts_per_pass),
     )  # fmt: skip
     work_dir = out_dir / VERIFY_DIR
-    run_step(step, work_dir, progress=progress)
-    merge_rejects(work_dir / "rejects", out_dir / "rejects_verify.jsonl", world_size=1)
+    # Its rejects and stats go with the detector's (one rejects.jsonl and stats.json per stage).
+    run_step(step, work_dir, progress=progress, logs_dir=out_dir)
 
     rows, pairs = [], []
     for pid in memorized["prompt_id"].astype(str):
@@ -326,7 +326,7 @@ class _VerifyStep:
             for pid in memorized["prompt_id"].astype(str)
         ]
 
-    def units(self, rank: int, world_size: int) -> list[Unit]:
+    def units(self) -> list[Unit]:
         return self._units
 
     def is_complete(self, unit: Unit, marker: dict[str, Any]) -> bool:

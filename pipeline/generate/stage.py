@@ -81,7 +81,7 @@ from pipeline.budget import format_budget, write_generation_budget
 from pipeline.cli import CONF_DIR, ConfigError, config_int, config_number, stage_main
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
-from pipeline.executor import StepContext, Unit, merge_rejects, run_step
+from pipeline.executor import StepContext, Unit, run_step
 from pipeline.families import family_of
 from pipeline.generate.adaptive import AdaptiveSettings, adaptive_settings
 from pipeline.generate.rounds import RoundScheduler
@@ -294,28 +294,34 @@ class GenerateStep:
     stopped that way), and with ``near_training`` tells whether its samples came that near."""
 
     name = "generate"
+    # Every rank's rejects, also those of runs with another world_size: prompts outlive it.
+    rejects_per_world_size = False
 
     def __init__(self, pipe, rows: list[dict[str, Any]], out_dir: Path, *, settings: SamplingSettings, n_samples: int,
                  batch_size: int, adaptive: AdaptiveSettings | None, png_workers: int, png_compress_level: int,
-                 on_batch: Callable[[list[SampleTask]], None] | None, matcher: GroupMatcher | None = None):  # fmt: skip
+                 on_batch: Callable[[list[SampleTask]], None] | None, matcher: GroupMatcher | None = None,
+                 every_prompt: Sequence[tuple[str, str, list[str] | None]] = ()):  # fmt: skip
         self.pipe, self.rows, self.out_dir, self.settings = pipe, rows, out_dir, settings
+        # (prompt_id, prompt digest, keys) of every rank's prompts, in prompt-list order.
+        self.every_prompt = list(every_prompt) or [(row["prompt_id"], row["prompt_digest"], row["keys"]) for row in rows]
         self.n_samples, self.batch_size, self.adaptive = n_samples, batch_size, adaptive
         self.png_workers, self.png_compress_level = max(1, int(png_workers)), png_compress_level
         self.on_batch = on_batch
         self.matcher = matcher
+        self.rejects_file = out_dir / REJECTS_FILE  # the executor merges the ranks' rejects there
         self.made = 0
         self.seconds = 0.0
         self.stops = dict.fromkeys(STOP_REASONS, 0)
         self.rejected: set[str] = set()
 
-    def units(self, rank: int, world_size: int) -> list[Unit]:
+    def units(self) -> list[Unit]:
         adaptive = self.adaptive.describe() if self.adaptive is not None else None
         # stop_when_extracted decides by the prompt's training images: its keys decide its stop.
         extracted_stops = self.adaptive is not None and self.adaptive.stop_when_extracted
         return [
-            Unit(row["prompt_id"], {"n_samples": self.n_samples, "adaptive": adaptive, "prompt": row["prompt_digest"],
-                                    "keys": row["keys"] if extracted_stops else None})  # fmt: skip
-            for row in self.rows
+            Unit(prompt_id, {"n_samples": self.n_samples, "adaptive": adaptive, "prompt": digest,
+                             "keys": keys if extracted_stops else None})  # fmt: skip
+            for prompt_id, digest, keys in self.every_prompt
         ]
 
     def is_complete(self, unit: Unit, marker: dict[str, Any]) -> bool:
@@ -414,7 +420,6 @@ class GenerateStep:
         )  # fmt: skip
 
         encoder = PromptEncoder(self.pipe, self.settings.guidance_scale, self.settings.negative_prompt)
-        start = time.perf_counter()
         pending: list[tuple[str, Future]] = []
 
         def settle(wait_all: bool) -> None:
@@ -430,7 +435,7 @@ class GenerateStep:
             pending = still
 
         # PNG encoding runs in threads (zlib releases the GIL), so the accelerator never waits on it.
-        with ThreadPoolExecutor(max_workers=self.png_workers, thread_name_prefix="png") as writers:
+        with ThreadPoolExecutor(max_workers=self.png_workers, thread_name_prefix="png") as writers, ctx.track_time("sampling"):
             try:
                 while queue or pending:
                     if len(queue) < batch_size and pending:
@@ -454,12 +459,12 @@ class GenerateStep:
                         pending[0][1].result()
                         settle(wait_all=False)
                     bar.update(len(batch))
-                    bar.set_postfix({"images/s": f"{self.made / (time.perf_counter() - start):.2f}"}, refresh=False)
+                    ctx.stat("images", len(batch))
                     if self.on_batch is not None:
                         self.on_batch(batch)
             finally:
                 bar.close()
-                self.seconds = time.perf_counter() - start
+        self.seconds = ctx.seconds["sampling"]
 
 
 def generate(
@@ -508,7 +513,7 @@ def generate(
     run_recipe = recipe(pipe, model, settings, runtime, base_seed, revision=model_revision)
     check_settings(out_dir, run_recipe)
     recipe_digest = digest_of({k: run_recipe[k] for k in PIXEL_KEYS})
-    records = {p.prompt_id: prompt_record(p.caption, settings.negative_prompt, recipe_digest) for p in mine}
+    records = {p.prompt_id: prompt_record(p.caption, settings.negative_prompt, recipe_digest) for p in prompts}
     refuse_changed_prompts(out_dir, mine, records)
     for p in mine:
         if (read_prompt_record(out_dir, p.prompt_id) or {}).get("digest") != records[p.prompt_id]["digest"]:
@@ -538,12 +543,12 @@ def generate(
         pipe, rows, out_dir, settings=settings, n_samples=n_samples, batch_size=batch_size, adaptive=adaptive,
         png_workers=png_workers, png_compress_level=png_compress_level, on_batch=on_batch,
         matcher=matcher if adaptive is not None and adaptive.stop_when_extracted else None,
+        every_prompt=[(p.prompt_id, records[p.prompt_id]["digest"], None if p.keys is None else list(p.keys)) for p in prompts],
     )  # fmt: skip
     ctx = run_step(step, out_dir, rank=rank, world_size=world_size, progress=progress, logs_dir=out_dir / LOGS_DIR)
+    # This shard's prompts as they now stand, and the union of every shard's so far (safe at any time).
     step.write_shard_file(rank, world_size)
     consolidate_prompts(out_dir)
-    # Every rank's rejects, also those of runs with another world_size: prompts outlive it.
-    merge_rejects(out_dir / LOGS_DIR / "rejects", out_dir / REJECTS_FILE)
     stops = step.stops
     summary = GenerationSummary(
         len(mine), ctx.skipped, step.made, step.seconds,

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from pipeline.budget import prescreen_evaluations
 from pipeline.cli import CONF_DIR, ConfigError, config_int, config_number, stage_main
-from pipeline.executor import StepContext, Unit, all_done, read_marker, run_step, settings_digest
+from pipeline.executor import StepContext, Unit, read_marker, run_step, settings_digest
 from pipeline.identity import model_identity
 from pipeline.prescreen.denoisers import Conditioning, denoiser_for
 from pipeline.prescreen.scores import (
@@ -436,13 +436,18 @@ class ScorePrompts:
 
     name = "prescreen"
 
-    def __init__(self, cfg, prompts: list[Prompt], settings: PrescreenSettings, progress: bool = True):
+    def __init__(self, cfg, prompts: list[Prompt], settings: PrescreenSettings, progress: bool = True, world_size: int = 1,
+                 out_dir: Path | None = None, heavy_dup_count: int = 100):  # fmt: skip
         from omegaconf import OmegaConf
 
         self.cfg = cfg
         self.prompts = prompts
         self.settings = settings
         self.progress = progress
+        self.world_size = world_size
+        self.out_dir = Path(out_dir) if out_dir is not None else Path(cfg.run_dir) / "prescreen"
+        self.heavy_dup_count = heavy_dup_count
+        self.table: pd.DataFrame | None = None  # the finish's ranking, when this process ran it
         model = OmegaConf.to_container(cfg.model, resolve=True)
         self.base = {
             "model": model,
@@ -460,10 +465,13 @@ class ScorePrompts:
             self._shares[key] = shard_prompts(self.prompts, rank, world_size)
         return self._shares[key]
 
-    def units(self, rank: int, world_size: int) -> list[Unit]:
+    def units(self) -> list[Unit]:
+        return [self.unit(rank, self.world_size) for rank in range(self.world_size)]
+
+    def unit(self, rank: int, world_size: int) -> Unit:
         share = self.share(rank, world_size)
         settings = {**self.base, "rank": rank, "world_size": world_size, "prompts": len(share), "prompt_ids": prompts_digest(share)}
-        return [Unit(f"scores_{rank}", settings)]
+        return Unit(f"scores_{rank}", settings)
 
     def run(self, units, ctx: StepContext) -> None:
         from pipeline.io import write_parquet
@@ -471,12 +479,25 @@ class ScorePrompts:
         share = self.share(ctx.rank, ctx.world_size)
         pipe = load_prescreen_model(self.cfg) if share else None  # a rank with no prompt loads nothing
         for unit in units:
-            started = time.perf_counter()
-            scores = score_prompts(pipe, share, self.settings, self.progress) if share else score_table([])
-            seconds = time.perf_counter() - started
+            with ctx.track_time("scoring"):
+                scores = score_prompts(pipe, share, self.settings, self.progress) if share else score_table([])
             write_parquet(scores, scores_path(ctx.out_dir, ctx.rank))
             evaluations = unet_evaluations(len(share), self.settings)
-            ctx.done(unit, {"prompts": len(share), "unet_evaluations": evaluations, "seconds": round(seconds, 2)})
+            ctx.stat("unet_evaluations", evaluations)
+            ctx.done(unit, {"prompts": len(share), "unet_evaluations": evaluations, "seconds": round(ctx.seconds["scoring"], 2)})
+
+    def outputs(self) -> list[Path]:
+        return [self.out_dir / name for name in ("prescreen.parquet", "selected.parquet", "summary.json")]
+
+    def finish_settings(self) -> dict:
+        """What the ranking reads beyond the scores: the keep rule and what each prompt carries."""
+        from omegaconf import OmegaConf
+
+        return {"prescreen": OmegaConf.to_container(self.cfg.prescreen, resolve=True), "heavy_dup_count": self.heavy_dup_count,
+                "carried": [[p.prompt_id, p.dup_count, None if p.keys is None else list(p.keys)] for p in self.prompts]}  # fmt: skip
+
+    def finish(self, ctx: StepContext) -> None:
+        self.table = finish(self.cfg, self, ctx.out_dir, ctx.world_size, self.heavy_dup_count)
 
 
 # The per-prompt numbers of a score table, after prompt_id, caption and dup_count, and the
@@ -543,7 +564,7 @@ def finish(cfg, step: ScorePrompts, out_dir: Path, world_size: int, heavy_dup_co
     keys = {p.prompt_id: p.keys for p in step.prompts}  # the duplicate group's training records, when listed
     selected["keys"] = pd.Series([keys[pid] for pid in selected["prompt_id"]], index=selected.index, dtype=object)
     write_prompt_table(selected, out_dir / "selected.parquet")
-    markers = [read_marker(out_dir, unit.name) or {} for rank in range(world_size) for unit in step.units(rank, world_size)]
+    markers = [read_marker(out_dir, unit.name) or {} for unit in step.units()]
     summary = {
         "prompts": len(table),
         "kept": int(table.kept.sum()),
@@ -614,15 +635,18 @@ def run(cfg) -> pd.DataFrame | None:
     problem = writes_into_inputs(out_dir, prompts_path, cfg.model.path)
     if problem:
         raise ConfigError(problem)
-    step = ScorePrompts(cfg, read_prompts(prompts_path), settings, progress=bool(cfg.progress))
-    run_step(step, out_dir, rank=rank, world_size=world_size)
-    every_unit = [unit for r in range(world_size) for unit in step.units(r, world_size)]
-    if not all_done(out_dir, every_unit):
-        waiting = [unit.name for unit in every_unit if (read_marker(out_dir, unit.name) or {}).get("digest") != unit.digest]
+    step = ScorePrompts(cfg, read_prompts(prompts_path), settings, progress=bool(cfg.progress), world_size=world_size,
+                        out_dir=out_dir, heavy_dup_count=heavy_dup_count)  # fmt: skip
+    ctx = run_step(step, out_dir, rank=rank, world_size=world_size)
+    if not ctx.all_done:
+        waiting = [unit.name for unit in step.units() if (read_marker(out_dir, unit.name) or {}).get("digest") != unit.digest]
         print(f"prescreen [rank {rank}/{world_size}]: scores written; the rank that finishes last ranks every prompt "
               f"(waiting for {', '.join(waiting[:10])}{', ...' if len(waiting) > 10 else ''})")  # fmt: skip
         return None
-    return finish(cfg, step, out_dir, world_size, heavy_dup_count)
+    if step.table is None:  # ranked by an earlier run (or another rank) from the same scores
+        print(f"prescreen: every prompt already scored and ranked with these settings -> {out_dir / 'prescreen.parquet'}")
+        return pd.read_parquet(out_dir / "prescreen.parquet")
+    return step.table
 
 
 def main() -> None:

@@ -641,8 +641,8 @@ class WriteReport:
         state = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.exists()}
         return Unit("report", {"files": state, "options": self.options, "out": str(self.out)})
 
-    def units(self, rank: int, world_size: int) -> list[Unit]:
-        return [self.unit()] if rank == 0 else []
+    def units(self) -> list[Unit]:
+        return [self.unit()]
 
     def run(self, units: list[Unit], ctx: StepContext) -> None:
         write_report(load_run(self.detect_dir), self.out, **self.options)
