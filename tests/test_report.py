@@ -33,7 +33,7 @@ from pipeline.report import (
     shell_word,
     write_report,
 )
-from pipeline.report.stage import REGENERATE
+from pipeline.report.results import REGENERATE
 from pipeline.stats import wilson_interval
 from pipeline.text import display_text
 
