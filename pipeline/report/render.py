@@ -92,13 +92,15 @@ def report_context(results: RunResults, title: str, thumbnails: int, thumb_size:
     rates = rates_by_duplicates(results)
     rule = results.summary.get("settings") or {}
     return dict(
-        title=title, summary=_run_summary(results.memorized, verified), settings={key: rule.get(key, "?") for key in ("min_clique", "threshold", "metric")},
+        title=title, summary=_run_summary(results.memorized, verified),
+        settings={key: rule.get(key, "?") for key in ("min_clique", "threshold", "metric")},
         delta=_number(results.delta, "g"), metric=results.metric_name, budget=read_budget(results.generations_dir),
         plot=png_data_uri(plot_rates(rates, verified)) if rates is not None else None, verified=verified,
         cards=cards, hidden_cards=max(0, len(extracted) - len(cards)),
         other_cards=other_cards, hidden_other_cards=max(0, len(others) - len(other_cards)),
         table=rows, has_score="score" in table.columns, has_z="robust_z" in table.columns,
-        flagged=flagged_shown, hidden_flagged=max(0, len(flagged) - len(flagged_shown)), thumb_size=thumb_size, card_size=card_size,
+        flagged=flagged_shown, hidden_flagged=max(0, len(flagged) - len(flagged_shown)),
+        thumb_size=thumb_size, card_size=card_size,
     )  # fmt: skip
 
 
@@ -107,7 +109,9 @@ def _anchors(table: pd.DataFrame, entries: list[dict[str, Any]]) -> dict[str, st
     return {row["prompt_id"]: entry["anchor"] for row, entry in zip(table.to_dict("records"), entries)}
 
 
-def _cards(results: RunResults, table: pd.DataFrame, prefix: str, pairs_of: dict[str, pd.DataFrame], size: int) -> list[dict[str, Any]]:
+def _cards(
+    results: RunResults, table: pd.DataFrame, prefix: str, pairs_of: dict[str, pd.DataFrame], size: int
+) -> list[dict[str, Any]]:
     """A card per row of ``table`` (rows of :func:`extracted_prompts`), anchored ``<prefix>-<i>``;
     ``pairs_of``: each prompt's matching pairs; ``size``: pixels of the sample and training image."""
     empty = pd.DataFrame(columns=list(EXTRACTED_COLUMNS))
@@ -127,20 +131,21 @@ def _card(results: RunResults, anchor: str, row: dict[str, Any], pairs: pd.DataF
         "best_sample": _count(row["best_sample"]), "sample_file": shown(row["best_sample_file"], NAME_LIMIT, full=False),
         "seed": _count(row["seed"]), "command": row["command"],
         "distance": _number(row["best_distance"]), "train_key": shown(row["best_train_key"], NAME_LIMIT),
-        "in_group": None if pd.isna(row.get("best_in_group", pd.NA)) else bool(row["best_in_group"]),
+        "in_group": _maybe(row.get("best_in_group", pd.NA)),
         "dup_count": _count(row["dup_count"]), "clique_size": int(row["clique_size"]), "n_samples": int(row["n_samples"]),
-        "flagged": bool(row["flagged"]), "samples_verified": int(row["samples_verified"]), "n_candidates": int(row["n_candidates"]),
-        "extracted": bool(row["extracted"]),
-        "rate": _rate(int(row["samples_matched"]), int(row["n_samples"]), row["reproduction_ci_low"], row["reproduction_ci_high"]),
+        "flagged": bool(row["flagged"]), "samples_verified": int(row["samples_verified"]),
+        "n_candidates": int(row["n_candidates"]), "extracted": bool(row["extracted"]), "rate": _reproduction(row),
         "matched_other": int(row["samples_matched_other"]),
-        "pairs": [{"sample": int(p["sample"]), "train_key": shown(p["train_key"], NAME_LIMIT, full=False), "distance": _number(p["distance"]),
-                   "in_group": None if pd.isna(p.get("in_group", pd.NA)) else bool(p["in_group"])}
+        "pairs": [{"sample": int(p["sample"]), "train_key": shown(p["train_key"], NAME_LIMIT, full=False),
+                   "distance": _number(p["distance"]), "in_group": _maybe(p.get("in_group", pd.NA))}
                   for p in pairs.head(PAIRS_SHOWN).to_dict("records")],
         "more_pairs": max(0, len(pairs) - PAIRS_SHOWN),
     }  # fmt: skip
 
 
-def _flagged_entry(results: RunResults, anchor: str, row: dict[str, Any], card: str | None, thumbnails: int, size: int) -> dict[str, Any]:
+def _flagged_entry(
+    results: RunResults, anchor: str, row: dict[str, Any], card: str | None, thumbnails: int, size: int
+) -> dict[str, Any]:
     """A flagged prompt (a row of :func:`flagged_prompts`): its clique's first ``thumbnails``
     members, ``size`` pixels wide, the representative first; ``card``: the anchor of its card, if any."""
     # The representative first, then the other members in index order.
@@ -153,11 +158,13 @@ def _flagged_entry(results: RunResults, anchor: str, row: dict[str, Any], card: 
     return {
         "anchor": anchor, "card": card,
         # A prompt with a card shows its whole caption and id there, once.
-        "prompt_id": shown(row["prompt_id"], NAME_LIMIT, full=card is None), "caption": shown(row["caption"], CAPTION_LIMIT, full=card is None),
+        "prompt_id": shown(row["prompt_id"], NAME_LIMIT, full=card is None),
+        "caption": shown(row["caption"], CAPTION_LIMIT, full=card is None),
         "clique_size": int(row["clique_size"]), "n_samples": int(row["n_samples"]), "clique_exact": bool(row["clique_exact"]),
         "max_pair_distance": _number(row["max_pair_distance"]), "median_pair_distance": _number(row["median_pair_distance"]),
         "dup_count": _count(row["dup_count"]), "thumbs": thumbs, "extracted": bool(row.get("extracted", False)),
-        "best_distance": _number(row.get("best_distance")), "train_key": shown(row.get("best_train_key", ""), NAME_LIMIT, full=False),
+        "best_distance": _number(row.get("best_distance")),
+        "train_key": shown(row.get("best_train_key", ""), NAME_LIMIT, full=False),
     }  # fmt: skip
 
 
@@ -166,10 +173,11 @@ def _table_row(row: dict[str, Any], link: str | None, verified: bool) -> dict[st
     return {
         "link": link,
         "prompt_id": display_text(row["prompt_id"], NAME_LIMIT), "caption": display_text(row["caption"], TABLE_CAPTION_LIMIT),
-        "dup_count": _number(row["dup_count"], "d"), "score": _number(row.get("score"), ".3g"), "robust_z": _number(row.get("robust_z"), ".2f"),
+        "dup_count": _number(row["dup_count"], "d"), "score": _number(row.get("score"), ".3g"),
+        "robust_z": _number(row.get("robust_z"), ".2f"),
         "clique": f"{int(row['clique_size'])}/{int(row['n_samples'])}", "flagged": bool(row["flagged"]),
         "extracted": bool(row.get("extracted", False)), "matched_other": int(row.get("samples_matched_other", 0) or 0),
-        "rate": _rate(int(row["samples_matched"]), int(row["n_samples"]), row["reproduction_ci_low"], row["reproduction_ci_high"]) if verified else "",
+        "rate": _reproduction(row) if verified else "",
         "best_distance": _number(row.get("best_distance")),
     }  # fmt: skip
 
@@ -188,7 +196,8 @@ def _run_summary(memorized: pd.DataFrame, verified: bool) -> dict[str, Any]:
         matched, samples = int(memorized["samples_matched"].sum()), int(memorized["n_samples"].sum())
         low, high = wilson_interval(matched, samples)
         summary.update(
-            extracted=int(memorized["extracted"].sum()), extracted_flagged=int((memorized["extracted"] & memorized["flagged"]).sum()),
+            extracted=int(memorized["extracted"].sum()),
+            extracted_flagged=int((memorized["extracted"] & memorized["flagged"]).sum()),
             samples_verified=int(memorized["samples_verified"].sum()), rate=_rate(matched, samples, low, high),
             other_prompts=int((~memorized["extracted"] & (memorized["samples_matched_other"] > 0)).sum()),
             other_samples=int(memorized["samples_matched_other"].sum()),
@@ -217,6 +226,16 @@ def _rate(matched: int, samples: int, low: float, high: float) -> str:
     if not samples:
         return "— (0 samples)"
     return f"{100 * matched / samples:.0f}% (95% CI {100 * low:.0f}–{100 * high:.0f}%), {matched}/{samples}"
+
+
+def _reproduction(row: dict[str, Any]) -> str:
+    """A prompt's reproduction rate for the page (``row``: a prompt with the verification columns)."""
+    return _rate(int(row["samples_matched"]), int(row["n_samples"]), row["reproduction_ci_low"], row["reproduction_ci_high"])
+
+
+def _maybe(value: Any) -> bool | None:
+    """A nullable boolean as the page shows it: None when it is missing."""
+    return None if pd.isna(value) else bool(value)
 
 
 def _count(value: Any) -> int | None:

@@ -234,9 +234,9 @@ def _matching_pairs(path: Path, memorized: pd.DataFrame) -> pd.DataFrame:
     if not path.exists():
         log.warning("%s is missing although %s holds verification results: the cards list no "
                     "matching samples beyond the best one", path, MEMORIZED)  # fmt: skip
-        return pd.DataFrame({"prompt_id": pd.Series(dtype=str), "sample": pd.Series(dtype=int), "sample_file": pd.Series(dtype=str),
-                             "train_key": pd.Series(dtype=str), "distance": pd.Series(dtype=float),
-                             "in_group": pd.Series(dtype="boolean")})  # fmt: skip
+        return pd.DataFrame({"prompt_id": pd.Series(dtype=str), "sample": pd.Series(dtype=int),
+                             "sample_file": pd.Series(dtype=str), "train_key": pd.Series(dtype=str),
+                             "distance": pd.Series(dtype=float), "in_group": pd.Series(dtype="boolean")})  # fmt: skip
     pairs = pd.read_parquet(path)
     missing = [c for c in EXTRACTED_COLUMNS if c not in pairs.columns]
     if missing:

@@ -15,7 +15,6 @@ or the page itself changed since it was written; another rank of an array has no
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,6 @@ from pipeline.cli import CONF_DIR, setting, settings_from, stage_main
 from pipeline.executor import StepContext, Unit, read_marker, run_step
 from pipeline.report.render import write_report
 from pipeline.report.results import RunResults, input_paths, load_run
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

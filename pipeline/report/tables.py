@@ -42,7 +42,8 @@ def prompt_table(results: RunResults) -> pd.DataFrame:
         table = table.merge(results.prescreen, on="prompt_id", how="left")
         rest = [c for c in results.prescreen.columns if c != "prompt_id"]
         table = table[columns[:3] + rest + columns[3:]]
-    return _sort(table, [("extracted", False), ("reproduction_rate", False), ("flagged", False), ("clique_size", False), ("prompt_id", True)])
+    order = [("extracted", False), ("reproduction_rate", False), ("flagged", False), ("clique_size", False), ("prompt_id", True)]
+    return _sort(table, order)
 
 
 def extracted_prompts(results: RunResults, other: bool = False) -> pd.DataFrame:
@@ -59,7 +60,8 @@ def extracted_prompts(results: RunResults, other: bool = False) -> pd.DataFrame:
         table = _sort(memorized[~memorized["extracted"] & (memorized["samples_matched_other"] > 0)],
                       [("samples_matched_other", False), ("best_distance", True), ("prompt_id", True)])  # fmt: skip
     else:
-        table = _sort(memorized[memorized["extracted"]], [("reproduction_rate", False), ("best_distance", True), ("prompt_id", True)])
+        table = _sort(memorized[memorized["extracted"]],
+                      [("reproduction_rate", False), ("best_distance", True), ("prompt_id", True)])  # fmt: skip
     table["seed"] = pd.array([results.seed(p, s) for p, s in zip(table["prompt_id"], table["best_sample"])], dtype="Int64")
     table["command"] = pd.Series([results.regenerate_command(p, s) for p, s in zip(table["prompt_id"], table["best_sample"])],
                                  index=table.index, dtype=object)  # fmt: skip
@@ -108,7 +110,9 @@ def rates_by_duplicates(results: RunResults, max_bins: int = 10) -> pd.DataFrame
         table["bin"] = [f"{a}" if a == b else f"{a}-{b}" for a, b in zip(low, high)]
     aggregations = {"prompts": ("prompt_id", "size"), "flagged": ("flagged", "sum")}
     if results.verified:
-        aggregations.update(extracted=("extracted", "sum"), samples=("n_samples", "sum"), samples_matched=("samples_matched", "sum"))
+        aggregations.update(
+            extracted=("extracted", "sum"), samples=("n_samples", "sum"), samples_matched=("samples_matched", "sum")
+        )
     grouped = table.groupby(["low", "bin"], sort=True).agg(**aggregations).reset_index()
     _with_interval(grouped, "flag_rate", "flagged", "prompts")
     if results.verified:
