@@ -1,12 +1,16 @@
 """A run's detection results as the report reads them: :func:`load_run` and :class:`RunResults`.
 
-From the detect stage's folder (``<run_dir>/detect/``): ``memorized.parquet`` (a row per
-screened prompt: its duplicate count, its clique verdict and, when verification ran, how many of
-its samples are within the threshold of a training image), ``extracted.parquet`` (a row per
-matching sample and training image), ``matches/<prompt_id>.png`` (the best-matching training
-image, cropped as compared) and ``summary.json`` (the rule's settings, the verification
-threshold); beside it, where they exist, the prescreen's scores (``<run_dir>/prescreen/``) and,
-from the generator's folder, the seed of every sample (its prompt table), from which
+From the detect stage's folder (``<run_dir>/detect/``, names in :mod:`pipeline.layout`):
+
+* the memorized table (``memorized.parquet``): a row per screened prompt, with its duplicate
+  count, its clique verdict and, when verification ran, how many of its samples are within the
+  threshold of a training image;
+* the pairs table (``extracted.parquet``): a row per matching sample and training image;
+* ``matches/<prompt_id>.png``: the best-matching training image, cropped as compared;
+* the detect summary (``summary.json``): the rule's settings, the verification threshold.
+
+Beside it, where they exist: the prescreen's scores (``<run_dir>/prescreen/``) and, from the
+generator's folder, the seed of every sample (its prompt table), from which
 :meth:`RunResults.regenerate_command` writes the command that remakes a sample.
 """
 
@@ -50,9 +54,9 @@ class RunResults:
     """What the detect stage found, with what the report shows beside it and the paths of the
     images it refers to."""
 
-    memorized: pd.DataFrame  # memorized.parquet: a row per screened prompt (VERIFICATION_COLUMNS when verified)
-    extracted: pd.DataFrame | None  # extracted.parquet: a row per matching pair (EXTRACTED_COLUMNS); None if not verified
-    summary: dict[str, Any]  # summary.json: settings, generations_dir, counts, verification
+    memorized: pd.DataFrame  # the memorized table: a row per screened prompt (VERIFICATION_COLUMNS when verified)
+    extracted: pd.DataFrame | None  # the pairs table: a row per matching pair (EXTRACTED_COLUMNS); None if not verified
+    summary: dict[str, Any]  # the detect summary: settings, generations_dir, counts, verification
     detect_dir: Path
     generations_dir: Path
     prescreen: pd.DataFrame | None = None  # prompt_id, score (and robust_z): the prescreen's, if it ran
@@ -60,13 +64,13 @@ class RunResults:
 
     @property
     def verified(self) -> bool:
-        """Whether verification ran: memorized.parquet has its columns."""
+        """Whether verification ran: the memorized table has its columns."""
         return "extracted" in self.memorized.columns
 
     @property
     def dup_counts(self) -> pd.DataFrame | None:
         """``prompt_id``, ``dup_count`` of the prompts whose duplicate count is known (it travels
-        with each prompt in memorized.parquet); None when no prompt's is."""
+        with each prompt in the memorized table); None when no prompt's is."""
         known = self.memorized[self.memorized["dup_count"].notna()]
         return known[["prompt_id", "dup_count"]].reset_index(drop=True) if len(known) else None
 
@@ -177,10 +181,10 @@ def load_run(detect_dir: str | Path) -> RunResults:
     """Load the detect stage's outputs, with the prescreen's scores and the generator's seeds
     where they exist.
 
-    Verification ran when memorized.parquet has its columns (``VERIFICATION_COLUMNS``); then
-    extracted.parquet's rows are kept only for prompts memorized.parquet marks extracted (others
+    Verification ran when the memorized table has its columns (``VERIFICATION_COLUMNS``); then
+    the pairs table's rows are kept only for prompts the memorized table marks extracted (others
     come from an earlier verification and are dropped with a warning). Without those columns
-    an extracted.parquet is ignored, with a warning, and ``extracted`` is None.
+    a pairs table is ignored, with a warning, and ``extracted`` is None.
     """
     detect_dir = Path(detect_dir)
     memorized_path = detect_dir / MEMORIZED
@@ -228,7 +232,7 @@ def _typed_verification(memorized: pd.DataFrame, path: Path) -> pd.DataFrame:
 
 
 def _matching_pairs(path: Path, memorized: pd.DataFrame) -> pd.DataFrame:
-    """extracted.parquet's rows of prompts memorized.parquet marks extracted or with samples
+    """The pairs table's rows of prompts the memorized table marks extracted or with samples
     reproducing another caption's training image (``samples_matched_other``), by prompt then
     distance; an empty table (with a warning) when the file is missing."""
     if not path.exists():
@@ -246,7 +250,7 @@ def _matching_pairs(path: Path, memorized: pd.DataFrame) -> pd.DataFrame:
     with_matches = memorized["extracted"] | (memorized["samples_matched_other"] > 0)
     keep = pairs["prompt_id"].isin(set(memorized.loc[with_matches, "prompt_id"]))
     if not keep.all():
-        # memorized.parquet is the verdict; rows it does not back come from an earlier
+        # The memorized table is the verdict; rows it does not back come from an earlier
         # verification (detection or verification rerun since) and must not pass for this one's.
         log.warning("%s: ignoring %d row(s): %d of prompts not in %s, %d of prompts it does not mark "
                     "extracted (an earlier verification?); rerun `python -m pipeline.detect data=...` to verify again",

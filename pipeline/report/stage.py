@@ -4,8 +4,8 @@
 
 Reads the detect stage's folder (``detect_dir``: its verdicts, matching pairs and best-matching
 training images; :mod:`pipeline.report.results`), with the prescreen's scores and the
-generator's seeds and budget where they exist, and writes the page ``out``
-(``<run_dir>/report/index.html``; :mod:`pipeline.report.render`): the evidence of every
+generator's seeds and budget where they exist, and writes the page ``out`` (the run's
+``RunLayout.report_page`` by default; :mod:`pipeline.report.render`): the evidence of every
 extraction, the rates by duplicate count (:mod:`pipeline.report.tables`,
 :mod:`pipeline.report.figures`) and a table of every prompt screened.
 
@@ -44,7 +44,7 @@ class ReportSettings:
 @dataclass
 class ReportSummary:
     """What a run of the report did: the page's path (None on a rank other than 0), whether it
-    was written (False: found up to date), and the counts it shows (None where not written by rank 0)."""
+    was written (False: found up to date), and the counts it shows (None on other ranks)."""
 
     out: Path | None
     written: bool
@@ -88,7 +88,7 @@ def file_state(path: Path) -> list[int] | None:
     """``[size, mtime_ns]`` of ``path``; None when it does not exist."""
     try:
         stat = path.stat()
-    except FileNotFoundError:
+    except OSError:
         return None
     return [stat.st_size, stat.st_mtime_ns]
 

@@ -48,7 +48,7 @@ def prompt_table(results: RunResults) -> pd.DataFrame:
 
 def extracted_prompts(results: RunResults, other: bool = False) -> pd.DataFrame:
     """The extracted prompts (none without verification), highest reproduction rate first,
-    then closest match: memorized.parquet's columns plus ``seed`` (nullable int: the best
+    then closest match: the memorized table's columns plus ``seed`` (nullable int: the best
     sample's seed) and ``command`` (str, or None: the command that regenerates the best sample).
 
     ``other``: instead, the prompts not extracted that have samples within the threshold of
@@ -69,7 +69,7 @@ def extracted_prompts(results: RunResults, other: bool = False) -> pd.DataFrame:
 
 
 def flagged_prompts(results: RunResults) -> pd.DataFrame:
-    """The flagged prompts (memorized.parquet's rows and columns): extracted ones first when
+    """The flagged prompts (the memorized table's rows and columns): extracted ones first when
     verified, then by clique size and prompt id."""
     table = results.memorized[results.memorized["flagged"]]
     return _sort(table, [("extracted", False), ("clique_size", False), ("prompt_id", True)])
