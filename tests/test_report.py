@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from pipeline.layout import write_prompt_table
@@ -30,10 +31,11 @@ from pipeline.report import (
     load_run,
     prompt_table,
     rates_by_duplicates,
+    run,
     shell_word,
     write_report,
 )
-from pipeline.report.stage import REGENERATE
+from pipeline.report.results import REGENERATE
 from pipeline.stats import wilson_interval
 from pipeline.text import display_text
 
@@ -438,3 +440,22 @@ def test_reproductions_of_another_captions_image_get_their_own_cards(tmp_path):
     assert 'href="#other-0"' in head  # the summary line links to it
     # Without such samples there is no such section.
     assert "Other captions" not in report(audited_run(tmp_path / "plain"), tmp_path / "p.html")
+
+
+def test_the_report_unit_is_complete_once_written_and_redone_when_the_page_changes(tmp_path):
+    """The executor finds the page's unit complete right after the step wrote it (its stats
+    list nothing unfinished, and the finish merges them); a rerun skips it until the page changes."""
+    run_dir = audited_run(tmp_path)
+    page = run_dir / "report" / "index.html"
+    cfg = OmegaConf.create({"detect_dir": str(run_dir / "detect"), "out": str(page), "title": "t", "thumbnails": 2,
+                            "thumb_size": 32, "max_prompts": 10, "rank": 0, "world_size": 1})  # fmt: skip
+    first = run(cfg)
+    assert first.written and (first.out, first.prompts, first.flagged, first.extracted) == (page, 3, 1, 1)
+    stats = json.loads((run_dir / "report" / "stats" / "report_0.json").read_text(encoding="utf-8"))
+    assert (stats["done"], stats["unfinished"]) == (1, [])
+    merged = json.loads((run_dir / "report" / "stats.json").read_text(encoding="utf-8"))["report"]
+    assert merged["counts"] == {"prompts": 3, "flagged": 1, "extracted": 1}
+    again = run(cfg)
+    assert not again.written and (again.prompts, again.flagged) == (3, 1)
+    page.write_text("edited", encoding="utf-8")
+    assert run(cfg).written and page.read_text(encoding="utf-8") != "edited"
