@@ -70,6 +70,21 @@ def test_model_configs_compose_with_the_published_settings(name):
     assert "allow_download=true" in text and "HF_HUB_OFFLINE" in text
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_config_names_its_family_module(family):
+    """Each conf/model/*.yaml names the module of the family its pipeline class is served by."""
+    import importlib
+
+    from pipeline.families import FAMILIES as REGISTRY
+
+    served_by = REGISTRY[PIPELINE_CLASS[family]]
+    text = (REPO / "conf" / "model" / f"{CONFIGS[family]}.yaml").read_text(encoding="utf-8")
+    named = [line.split("pipeline/families/")[1].split(".py")[0] for line in text.splitlines() if "pipeline/families/" in line]
+    assert named, "the config names no family module"
+    module = importlib.import_module(f"pipeline.families.{named[-1]}")
+    assert served_by in vars(module).values() and served_by.denoiser.__module__ == module.__name__
+
+
 def test_sd21_config_states_v_prediction():
     model = compose(["model=sd21"]).model
     assert model.scheduler_kwargs.prediction_type == "v_prediction"
