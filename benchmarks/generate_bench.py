@@ -7,7 +7,7 @@
     python benchmarks/generate_bench.py --device cuda --dtype bfloat16 --compile --peak-tflops 756
 
 ``--family`` (default ``sd``) picks the model: its stock diffusers pipeline with the exact
-architecture of the published model (``benchmarks/family_models.py``: SD v1.4's UNet
+architecture of the published model (:mod:`pipeline.families.random_pipelines`: SD v1.4's UNet
 320/640/1280/1280 with cross-attention 768, AutoencoderKL, CLIP ViT-L/14 text encoder, CLIP's
 BPE tokenizer and PNDM for ``sd``; SD 2.1, SDXL base, SD3.5 Medium, FLUX.1-dev/schnell and
 PixArt-Sigma likewise) and random weights, so nothing is downloaded and the speed is that of
@@ -46,10 +46,7 @@ from pathlib import Path
 
 import torch
 
-# The random-weight family builders live next to this file (benchmarks/ is not a package).
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-import family_models  # noqa: E402
+from pipeline.families import random_pipelines as family_models
 
 # Dense 16-bit (bf16/fp16) tensor-core peaks in TFLOP/s, by a substring of the device name.
 PEAK_TFLOPS = [

@@ -1,20 +1,17 @@
 """Tiny random-weight pipelines of every model family, saved to disk as a user's model would be.
 
-The builders are the benchmark's (``benchmarks/family_models.py``: stock diffusers and
-transformers classes, tokenizers made locally, nothing downloaded); this module saves each
-family once into a folder that ``model.path`` can name.
+The builders are :mod:`pipeline.families.random_pipelines` (stock diffusers and transformers
+classes, tokenizers made locally, nothing downloaded); this module saves each family once into
+a folder that ``model.path`` can name.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .conftest import load_benchmark
+from pipeline.families import random_pipelines
+from pipeline.families.random_pipelines import FAMILIES, TINY_SIZE  # noqa: F401  (the family tests' parameters)
 
-family_models = load_benchmark("family_models")
-
-FAMILIES = family_models.FAMILIES
-TINY_SIZE = family_models.TINY_SIZE
 # The conf/model/*.yaml whose settings each family's tests run with (paths pointed at the tiny model).
 CONFIGS = {
     "sd": "sd14", "sd2": "sd21", "sdxl": "sdxl", "sd3": "sd3",
@@ -32,5 +29,5 @@ class TinyModels:
     def path(self, family: str) -> Path:
         """The folder of the tiny ``family`` pipeline (``save_pretrained`` output)."""
         if family not in self.saved:
-            self.saved[family] = family_models.save_tiny_pipeline(family, self.root / family)
+            self.saved[family] = random_pipelines.save_tiny_pipeline(family, self.root / family)
         return self.saved[family]

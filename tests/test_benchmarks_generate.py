@@ -58,9 +58,10 @@ def test_tiny_benchmark_runs_and_reports(bench, capsys):
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    family_models = bench.family_models
-    unet = UNet2DConditionModel(**family_models.TINY_DENOISERS["sd"])
-    side = family_models.TINY_SIZE // 4
+    from pipeline.families.random_pipelines import TINY_DENOISERS, TINY_SIZE
+
+    unet = UNet2DConditionModel(**TINY_DENOISERS["sd"])
+    side = TINY_SIZE // 4
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet(torch.randn(1, 4, side, side), torch.tensor([500]), torch.randn(1, 77, unet.config.cross_attention_dim))
     assert results["unet_gflop_per_eval"] == pytest.approx(counter.get_total_flops() / 1e9)
@@ -74,8 +75,10 @@ def test_tiny_benchmark_runs_for_every_family(bench, family, capsys):
     results = bench.main(["--tiny", "--family", family, "--quiet", "--device", "cpu", "--steps", "2", "--n-images", "2",
                           "--n-prompts", "2", "--baseline-images", "1", "--batch-size", "2"])  # fmt: skip
     assert "memaudit generator" in capsys.readouterr().out
-    assert (results["family"], results["pipeline_class"]) == (family, bench.family_models.MODELS[family][0])
-    assert results["guidance"] == bench.family_models.DEFAULTS[family][1] and results["resolution"] == bench.family_models.TINY_SIZE
+    from pipeline.families.random_pipelines import DEFAULTS, MODELS, TINY_SIZE
+
+    assert (results["family"], results["pipeline_class"]) == (family, MODELS[family][0])
+    assert results["guidance"] == DEFAULTS[family][1] and results["resolution"] == TINY_SIZE
     assert results["generator_images"] == 2 and results["plain_images"] == 1 and results["speedup"] > 0
     evaluations = 1 if family.startswith("flux") else 2
     assert results["unet_gflop_per_eval"] > 0

@@ -13,8 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.families import random_pipelines
+
 from .conftest import REPO
-from .families import CONFIGS, FAMILIES, TINY_SIZE, family_models
+from .families import CONFIGS, FAMILIES, TINY_SIZE
 
 CAPTIONS = ["a red barn in a snowy field", "portrait of an astronaut cat"]
 # The published settings each conf/model/*.yaml must carry: hub id, steps, guidance, side.
@@ -27,7 +29,7 @@ PUBLISHED = {
     "flux_schnell": ("black-forest-labs/FLUX.1-schnell", 4, 0.0, 1024),
     "pixart_sigma": ("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", 20, 4.5, 1024),
 }
-PIPELINE_CLASS = {family: spec[0] for family, spec in family_models.MODELS.items()}
+PIPELINE_CLASS = {family: spec[0] for family, spec in random_pipelines.MODELS.items()}
 
 
 def compose(overrides: list[str]):
@@ -68,6 +70,21 @@ def test_model_configs_compose_with_the_published_settings(name):
     assert "allow_download=true" in text and "HF_HUB_OFFLINE" in text
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_config_names_its_family_module(family):
+    """Each conf/model/*.yaml names the module of the family its pipeline class is served by."""
+    import importlib
+
+    from pipeline.families import FAMILIES as REGISTRY
+
+    served_by = REGISTRY[PIPELINE_CLASS[family]]
+    text = (REPO / "conf" / "model" / f"{CONFIGS[family]}.yaml").read_text(encoding="utf-8")
+    named = [line.split("pipeline/families/")[1].split(".py")[0] for line in text.splitlines() if "pipeline/families/" in line]
+    assert named, "the config names no family module"
+    module = importlib.import_module(f"pipeline.families.{named[-1]}")
+    assert served_by in vars(module).values() and served_by.denoiser.__module__ == module.__name__
+
+
 def test_sd21_config_states_v_prediction():
     model = compose(["model=sd21"]).model
     assert model.scheduler_kwargs.prediction_type == "v_prediction"
@@ -105,7 +122,7 @@ def test_every_family_generates_by_path_and_regenerates_each_sample(family, tiny
     assert not np.array_equal(images["00000/00000.png"], images["00001/00000.png"]), "the caption matters"
 
     table = pd.read_parquet(out / "prompts.parquet")
-    expected_scheduler = family_models.SCHEDULERS[family][0]
+    expected_scheduler = random_pipelines.SCHEDULERS[family][0]
     assert set(table["pipeline_class"]) == {PIPELINE_CLASS[family]} and set(table["scheduler"]) == {expected_scheduler}
     row = table.iloc[0]
     assert (row["steps"], row["height"], row["width"], row["model"]) == (2, TINY_SIZE, TINY_SIZE, str(tiny.path(family)))

@@ -85,8 +85,7 @@ def test_first_step_predictions_are_the_pipelines(family, tiny):
     ones the stock pipeline's own first denoiser call makes from the same seed: classifier-free
     guidance families batch (unconditional, conditional); FLUX, which has none, is run on the
     caption and on "" at the same guidance scale."""
-    from pipeline.families import family_of
-    from pipeline.prescreen.denoisers import denoiser_for
+    from pipeline.families import denoiser_for, family_of
 
     pipe = load(tiny.path(family))
     seed, guidance = 7, (3.5 if family == "flux" else 4.5)
@@ -234,7 +233,7 @@ def test_anisotropy_score_ranks_and_keeps_by_its_column(tiny, tmp_path):
 
 
 def test_a_pipeline_of_no_family_is_one_line_naming_model_path():
-    from pipeline.prescreen.denoisers import denoiser_for
+    from pipeline.families import denoiser_for
 
     pipe = type("DiTPipeline", (), {"name_or_path": "/weights/dit"})()
     with pytest.raises(ValueError, match=r"^model\.path=/weights/dit: the prescreen cannot score a DiTPipeline") as err:

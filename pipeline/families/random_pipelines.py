@@ -1,6 +1,6 @@
 """Random-weight pipelines of every model family the generator supports, built offline.
 
-    from family_models import build_pipeline, save_tiny_pipeline
+    from pipeline.families.random_pipelines import build_pipeline, save_tiny_pipeline
     pipe = build_pipeline("sd3", tiny=True)            # seconds on a CPU, a few MB
     pipe = build_pipeline("flux", device="cuda", dtype=torch.bfloat16)   # FLUX.1-dev's size
 
@@ -19,7 +19,8 @@ trained with the ``tokenizers`` library on a few sentences. A full-size T5 gets 
 vocabulary size (32,128 embeddings), of which the small tokenizer uses the first few hundred:
 speed does not depend on which ids are used.
 
-``benchmarks/generate_bench.py --family`` and ``tests/families.py`` build their models here.
+``benchmarks/generate_bench.py --family`` (full or tiny) and the tests (tiny, ``tests/families.py``)
+build their models here: the same seed and configs give the same weights, bit for bit.
 """
 
 from __future__ import annotations
