@@ -79,7 +79,7 @@ def submit_slurm(task: Task, config: dict, phases: Sequence[str], world_size: in
 
     if "partition" not in launcher:
         raise ConfigError("submit=slurm: name a SLURM launcher for the arrays' resources: hydra/launcher=slurm_cpu (or slurm)")
-    params = {k: v for k, v in launcher.items() if k not in ("_target_", "submitit_folder", "max_num_timeout")}
+    params = {k: v for k, v in launcher.items() if k not in ("_target_", "submitit_folder", "max_num_timeout", "name")}
     extra = dict(params.pop("additional_parameters", None) or {})
     jobs: dict[str, str] = {}
     previous = None
