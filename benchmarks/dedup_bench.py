@@ -335,7 +335,7 @@ def extrapolate(results: list[dict], args, n_target: float = 2.3e9, dim_target: 
     group's sort files (the keys and captions twice at most).
     """
     from pipeline.dedup.records import PARQUET_ROW_GROUP
-    from pipeline.dedup.stage import GROUP_CHUNK_ROWS
+    from pipeline.dedup.grouping import GROUP_CHUNK_ROWS
 
     arrays = [r for r in results if r["world_size"] > 1]
     singles = [r for r in results if r["world_size"] == 1]

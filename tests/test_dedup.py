@@ -483,7 +483,7 @@ def test_cells_are_trained_once_and_index_tasks_only_load_them(small_run, tmp_pa
     index task without them refuses naming phase=train; the array equals phase=all."""
     import pipeline.dedup.buckets as buckets_module
     import pipeline.dedup.index as index_module
-    import pipeline.dedup.stage as stage_module
+    import pipeline.dedup.phases as phases_module
 
     emb = small_run[0] / "embeddings"
     settings = DedupSettings(threshold=0.84, top_k=4, index=IndexSettings(kind="ivf", nlist=6, nprobe=3))
@@ -502,7 +502,7 @@ def test_cells_are_trained_once_and_index_tasks_only_load_them(small_run, tmp_pa
     def no_kmeans(*args, **kwargs):
         raise AssertionError("an index task trained k-means")
 
-    for module in (stage_module, buckets_module, index_module):
+    for module in (phases_module, buckets_module, index_module):
         for name in ("train_centroids", "kmeans_centroids", "train_cells"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, no_kmeans)
@@ -532,7 +532,7 @@ def test_group_sorts_records_out_of_core_with_the_same_bytes(tmp_path, monkeypat
     reads them whole) and writes exactly the in-memory path's groups.parquet and selection, byte for byte:
     repeated keys, missing and non-ASCII captions, singletons selected (min_group_size=1)."""
     import pipeline.dedup.embeddings_store as store_module
-    from pipeline.dedup.stage import group_labels, stream_components
+    from pipeline.dedup.grouping import group_labels, stream_components
 
     rng = np.random.default_rng(7)
     x, _ = clustered_vectors(3000, 32, 150, seed=7)
@@ -550,10 +550,10 @@ def test_group_sorts_records_out_of_core_with_the_same_bytes(tmp_path, monkeypat
     def whole(*args, **kwargs):
         raise AssertionError("the group phase read every record's key and caption at once")
 
-    import pipeline.dedup.stage as stage_module
+    import pipeline.dedup.phases as phases_module
 
     monkeypatch.setattr(store_module, "read_metadata", whole)
-    monkeypatch.setattr(stage_module, "read_metadata", whole, raising=False)
+    monkeypatch.setattr(phases_module, "read_metadata", whole, raising=False)
     summary = run_dedup(out, settings, embeddings_dir=tmp_path / "emb", group_chunk_rows=250, progress=False)
     monkeypatch.undo()
     marker = json.loads((out / ".done" / "group.json").read_text())

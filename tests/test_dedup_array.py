@@ -148,3 +148,45 @@ def test_every_task_holds_only_its_share(runs):
     # The single process holds all N x nprobe bucket rows while searching: more than any task.
     assert peak(one, "all", 0) >= baseline + 0.8 * N * NPROBE * row / MIB
     assert max(peak(four, p, r) for p in ("train", "index", "search") for r in range(WORLD_SIZE)) < peak(one, "all", 0)
+
+
+# ----------------------------------------------------------------------------------------
+# phase=all as chained arrays from one command (submit=local)
+
+CHAINED_BANDS = {"heavy": (3, 6), "mid": (3, 3), "single": (20, 1)}
+
+
+def run_stage(run_dir: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "pipeline.dedup", f"run_dir={run_dir}", f"data.path={data_dir / 'images'}",
+            f"data.ground_truth={data_dir / 'ground_truth.parquet'}", "top_k=5", "progress=false", *overrides]  # fmt: skip
+    done = subprocess.run(args, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_phase_all_as_local_array_equals_one_process(tmp_path):
+    """`phase=all world_size=3 submit=local`, one command: every phase's three ranks ran as
+    three processes, phase after phase, and wrote one process's groups and selection byte for byte."""
+    from pipeline.demo.dataset import build_demo_dataset
+
+    build_demo_dataset(tmp_path / "data", bands=CHAINED_BANDS)
+    one, three = tmp_path / "one", tmp_path / "three"
+    run_stage(one, tmp_path / "data", "phase=all", "world_size=1")
+    done = run_stage(three, tmp_path / "data", "phase=all", "world_size=3", "submit=local")
+    assert "groups selected" in done.stdout  # the group task's summary, printed by the command
+    for name in ("groups.parquet", "selected.parquet"):
+        assert (three / "dedup" / name).read_bytes() == (one / "dedup" / name).read_bytes(), name
+    assert len(pd.read_parquet(one / "dedup" / "selected.parquet")) == 5
+    for phase in ("embed", "index", "search"):
+        records = [json.loads((three / "dedup" / "memory" / f"{phase}_{r}.json").read_text()) for r in range(3)]
+        assert [(r["phase"], r["rank"], r["world_size"]) for r in records] == [(phase, r, 3) for r in range(3)]
+        assert len({r["pid"] for r in records}) == 3  # a process per rank
+    stats = json.loads((three / "dedup" / "stats.json").read_text())
+    assert [stats[p]["world_size"] for p in ("embed", "train", "index", "search", "group")] == [3] * 5
+    assert stats["embed"]["done"] == 3 and stats["group"]["done"] == 1
+    summary = json.loads((three / "dedup" / "summary.json").read_text())
+    assert summary["settings"]["world_size"] == 3 and summary["timing_seconds"]["embed"] > 0
+    # A second command finds every unit done and changes nothing.
+    stamp = (three / "dedup" / "groups.parquet").stat().st_mtime_ns
+    run_stage(three, tmp_path / "data", "phase=all", "world_size=3", "submit=local")
+    assert (three / "dedup" / "groups.parquet").stat().st_mtime_ns == stamp

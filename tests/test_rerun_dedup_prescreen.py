@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 
 from pipeline.dedup import DedupSettings, run_dedup
-from pipeline.dedup.stage import SCRATCH_PREFIX, embedder_identity, scratch_folder
+from pipeline.dedup.scratch import SCRATCH_PREFIX, scratch_folder
+from pipeline.dedup.settings import embedder_identity
 from pipeline.demo.dataset import build_demo_dataset
 from pipeline.embedders.thumbnail import ThumbnailEmbedder
 from pipeline.identity import tree_identity

@@ -10,6 +10,9 @@ demo audit then runs twice on a small demo data set, into two run directories:
   ``group``, each array after the previous one; ``train`` and ``group`` work on rank 0 only),
   then prescreen, generate, detect and report.
 
+A test of the duplicate finder alone submits its five phases from one command (``phase=all
+submit=slurm``): one array per phase, each depending (afterok) on the previous one.
+
 Each stage's test checks that its SLURM arrays ran and that their outputs match the local
 run's: the same prompts, the same sample files with pixels within the one grey level the README
 documents, the same verdicts. A SLURM stage that fails is reported with the failing tasks'
@@ -423,3 +426,52 @@ def test_dedup_array_tasks_each_ran_their_rank(audits):
         records = [json.loads((audits.slurm / "dedup" / "memory" / f"{phase}_{r}.json").read_text()) for r in range(WORLD_SIZE)]
         assert [(r["phase"], r["rank"], r["world_size"]) for r in records] == [(phase, r, WORLD_SIZE) for r in range(WORLD_SIZE)]
         assert len({r["pid"] for r in records}) == WORLD_SIZE and all(r["peak_rss_mib"] > 0 for r in records)
+
+
+# --- the duplicate finder's phases chained from one command (submit=slurm) -----------------------
+
+CHAINED_BANDS = {"heavy": (3, 6), "mid": (3, 3), "single": (20, 1)}
+
+
+def test_dedup_phases_chained_from_one_command(slurm_cluster, tmp_path):
+    """`phase=all world_size=2 submit=slurm`: one array per phase, each pending on the previous
+    one's with afterok (as `scontrol show job` lists it), and the groups and selection of one process."""
+    import re
+
+    from pipeline.demo.dataset import build_demo_dataset
+
+    build_demo_dataset(tmp_path / "data", bands=CHAINED_BANDS)
+    common = ["embedder=thumbnail", "top_k=5", "progress=false", f"data.path={tmp_path / 'data' / 'images'}",
+              f"data.ground_truth={tmp_path / 'data' / 'ground_truth.parquet'}"]  # fmt: skip
+    local = run_command(["-m", "pipeline.dedup", *common, f"run_dir={tmp_path / 'local'}"], STAGE_TIMEOUT)
+    assert local.returncode == 0, tail(local.stderr)
+    launcher = [arg for arg in LAUNCHER if not arg.startswith("world_size=")]
+    done = run_command(["-m", "pipeline.dedup", *common, f"run_dir={tmp_path / 'slurm'}", "phase=all", f"world_size={WORLD_SIZE}",
+                        "submit=slurm", *launcher], 120)  # fmt: skip
+    assert done.returncode == 0, tail(done.stderr)
+    jobs = re.findall(r"^dedup: phase=(\w+): SLURM array job (\d+)", done.stdout, re.MULTILINE)
+    assert [phase for phase, _ in jobs] == DEDUP_PHASES, done.stdout
+    ids = [job for _, job in jobs]
+    try:
+        # While pending, each later array names the one before it; SLURM clears it once met.
+        for previous, job in zip(ids, ids[1:]):
+            shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+            dependency = re.search(r"Dependency=(\S+)", shown)
+            assert dependency and dependency.group(1).startswith(f"afterok:{previous}"), f"job {job}: {shown[:600]}"
+        deadline = time.monotonic() + STAGE_TIMEOUT
+        while time.monotonic() < deadline:
+            queued = subprocess.run(["squeue", "-h", "-j", ",".join(ids)], capture_output=True, text=True, timeout=30).stdout
+            if not queued.strip():
+                break
+            time.sleep(3)
+        else:
+            pytest.fail(f"the chained arrays did not finish within {STAGE_TIMEOUT} s:\n{queued}", pytrace=False)
+    finally:
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
+    logs = "\n".join(tail(p.read_text(errors="replace"), 1500) for p in (tmp_path / "slurm").glob("logs/**/*_log.err"))
+    for name in ("groups.parquet", "selected.parquet"):
+        produced = tmp_path / "slurm" / "dedup" / name
+        assert produced.is_file(), f"{name} missing after the arrays ran; their logs:\n{logs}"
+        assert produced.read_bytes() == (tmp_path / "local" / "dedup" / name).read_bytes(), name
+    stats = [json.loads((tmp_path / "slurm" / "dedup" / "stats" / f"search_{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    assert [s["done"] for s in stats] == [1] * WORLD_SIZE  # each rank searched in its own task

@@ -8,11 +8,20 @@ with its most common caption.
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from pipeline.dedup.buckets import read_pairs
+from pipeline.dedup.index import Pairs
+
+# Queries per step of the group phase's stream over the pair files, and records per bucket of
+# its out-of-core sort of the keys and captions (pipeline.dedup.records).
+GROUP_CHUNK_ROWS = 1 << 18
 
 
 def connected_groups(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -72,6 +81,52 @@ class UnionFind:
         for lo in range(0, len(self.parent), step):
             self.find(np.arange(lo, min(lo + step, len(self.parent))))
         return self.parent
+
+
+def stream_components(n: int, pair_files: list[Path], k: int | None, scratch: Path, chunk_rows: int = GROUP_CHUNK_ROWS) -> tuple[np.ndarray, int]:
+    """Connected components over the pair files, out of core: ``(labels, pairs)``.
+
+    The files (structured, sorted by query; :func:`~pipeline.dedup.buckets.write_pairs`) are
+    read ``chunk_rows`` queries at a time, each query keeping its ``k`` best over all files,
+    and fed to a union-find holding one int64 per row. ``labels``: int64 (n,), each row's
+    component (its smallest row). ``pairs``: the distinct undirected pairs, counted from
+    ``lo * n + hi`` keys spilled to ``scratch`` by ``lo`` range (one range held at a time;
+    ``scratch`` is removed afterwards).
+    """
+    finder = UnionFind(n)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    spills = [scratch / f"keys_{p}.bin" for p in range(-(-n // chunk_rows))]
+    for lo in range(0, n, chunk_rows):
+        pairs = read_pairs(pair_files, lo, min(lo + chunk_rows, n), k)
+        finder.union(pairs.i, pairs.j)
+        low, high = np.minimum(pairs.i, pairs.j), np.maximum(pairs.i, pairs.j)
+        keys, part = low * n + high, low // chunk_rows
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(len(spills) + 1))
+        for p in np.flatnonzero(np.diff(bounds)):
+            with open(spills[p], "ab") as f:
+                f.write(keys[order[bounds[p] : bounds[p + 1]]].tobytes())
+    n_pairs = sum(len(np.unique(np.fromfile(path, dtype=np.int64))) for path in spills if path.exists())
+    shutil.rmtree(scratch, ignore_errors=True)
+    return finder.labels(), n_pairs
+
+
+def group_pairs(metadata: pd.DataFrame, pairs: Pairs, top_k: int, min_group_size: int = 2) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(groups, selected)`` from the metadata (key, caption; row i = embedding i) and pairs.
+
+    ``groups`` lists the records by key (then caption), so that it, the group ids and the
+    selection are the same however the records were split over ranks and read back.
+    """
+    return group_labels(metadata, connected_groups(len(metadata), pairs.i, pairs.j), top_k, min_group_size)
+
+
+def group_labels(metadata: pd.DataFrame, labels: np.ndarray, top_k: int, min_group_size: int = 2) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`group_pairs` from each row's component label (int, any values below ``len(metadata)``)."""
+    order = record_order(metadata["key"], metadata["caption"])
+    keys, captions = metadata["key"].to_numpy()[order], metadata["caption"].to_numpy()[order]
+    groups = group_table(keys, captions, np.asarray(labels)[order], presorted=True)
+    return groups, select_top(groups, top_k, min_group_size)
 
 
 def group_table(keys: Sequence[str], captions: Sequence[str], labels: np.ndarray, presorted: bool = False) -> pd.DataFrame:
