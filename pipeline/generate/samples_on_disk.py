@@ -31,7 +31,7 @@ def refuse_changed_prompts(out_dir: Path, prompts: Sequence[Prompt], records: di
 
     Prompt ids are positions or ranks, so an edited prompt list or a new ranking gives an id
     another caption; regenerating would delete the evidence on disk, keeping it would label
-    it with the wrong caption. A folder without a record (made by an older generator) is
+    it with the wrong caption. A folder without a record (one no prompt record was written into) is
     checked against the caption its prompt table lists.
     """
     listed = consolidate_prompts(out_dir, write=False)
