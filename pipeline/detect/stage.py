@@ -18,9 +18,9 @@ Outputs in ``<run_dir>/detect/``: ``memorized.parquet`` (a row per prompt: the c
 and, when a training set is given, ``extracted``, ``samples_matched``, ``reproduction_rate``
 with its 95% Wilson interval, ``samples_matched_other`` (samples reproducing only other captions'
 training images) and the best match), ``extracted.parquet`` (a row per sample and
-training image within the threshold) and ``matches/`` (when a training set is given), ``summary.json``, ``rejects.jsonl`` (unreadable
-samples; ``rejects_<rank>.jsonl`` per shard), and per-prompt results under ``prompts/`` so that
-a rerun skips finished prompts.
+training image within the threshold) and ``matches/`` (when a training set is given),
+``summary.json``, ``rejects.jsonl`` (unreadable samples; ``rejects_<rank>.jsonl`` per shard),
+and per-prompt results under ``prompts/`` so that a rerun skips finished prompts.
 """
 
 from __future__ import annotations

@@ -353,6 +353,7 @@ class _VerifyStep:
         else:
             match_path.unlink(missing_ok=True)  # an earlier run's, under other settings
         pairs = pd.DataFrame([(unit.name, *pair) for pair in found.pairs], columns=list(EXTRACTED_COLUMNS))
-        write_parquet(pairs.astype({"sample": int, "distance": float, "in_group": "boolean"}), self.work_dir / PROMPT_RESULTS / f"{unit.name}.parquet")
+        pairs = pairs.astype({"sample": int, "distance": float, "in_group": "boolean"})
+        write_parquet(pairs, self.work_dir / PROMPT_RESULTS / f"{unit.name}.parquet")
         write_json(result, self.work_dir / PROMPT_RESULTS / f"{unit.name}.json")
         ctx.done(unit, {"samples_matched": result["samples_matched"]})

@@ -38,7 +38,8 @@ class SampleBatches:
         self.queued_per_caption: Counter[str] = Counter()
         self.pending: list[tuple[str, Future]] = []  # (prompt_id, its PNG's write)
         self.made = 0  # images sampled and handed to the writers
-        self.bar = tqdm(total=0, unit="img", desc=f"generate {ctx.rank}/{ctx.world_size}", disable=not ctx.progress, dynamic_ncols=True)
+        self.bar = tqdm(total=0, unit="img", desc=f"generate {ctx.rank}/{ctx.world_size}", disable=not ctx.progress,
+                        dynamic_ncols=True)  # fmt: skip
 
     def enqueue(self, tasks: list[SampleTask]) -> None:
         self.queue.extend(tasks)

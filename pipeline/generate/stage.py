@@ -66,7 +66,16 @@ from pipeline.generate.recipe import check_settings, pixel_settings, prompt_rows
 from pipeline.generate.samples_on_disk import record_prompts, refuse_changed_prompts
 from pipeline.generate.sampling import SampleTask, SamplingSettings
 from pipeline.generate.step import GenerateStep
-from pipeline.generations import EXTRACTED, FLAGGED, NO_SIGN, OUT_OF_REACH, UNLIKELY, consolidate_prompts, load_prompts, prompt_record
+from pipeline.generations import (
+    EXTRACTED,
+    FLAGGED,
+    NO_SIGN,
+    OUT_OF_REACH,
+    UNLIKELY,
+    consolidate_prompts,
+    load_prompts,
+    prompt_record,
+)
 from pipeline.identity import digest_of
 from pipeline.layout import GENERATION_LOGS
 from pipeline.models import Runtime, load_model, make_runtime, resolve_device
