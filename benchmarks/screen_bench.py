@@ -69,7 +69,7 @@ from pipeline.detect.verify import run_verify
 from pipeline.generate import generate, read_samples
 from pipeline.generate.adaptive import NO_SIGN, AdaptiveSettings, adaptive_outcome
 from pipeline.generate.sampling import SamplingSettings
-from pipeline.generate.stage import SETTINGS_FILE
+from pipeline.generate.recipe import SETTINGS_FILE
 from pipeline.generations import load_prompts, sample_path
 from pipeline.io import write_json
 from pipeline.models import Runtime, load_model, resolve_device

@@ -25,10 +25,13 @@ from pipeline.data.images import BadImage, decode_image
 from pipeline.data.rejects import RejectLog
 from pipeline.identity import digest_of, files_digest
 from pipeline.io import is_done, marker_path, unsafe_name, write_json, write_parquet
+from pipeline.layout import PROMPTS_TABLE
 
 log = logging.getLogger(__name__)
 
-PROMPTS_FILE = "prompts.parquet"
+PROMPTS_FILE = PROMPTS_TABLE
+# Each shard's part of the prompt table: prompts_<rank>-of-<world_size>.parquet.
+_SHARD_NAME = f"{Path(PROMPTS_TABLE).stem}_{{rank}}-of-{{world_size}}{Path(PROMPTS_TABLE).suffix}"
 # In each prompt's folder: what its samples were made from (:func:`prompt_record`).
 PROMPT_RECORD = ".prompt.json"
 SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -247,7 +250,8 @@ def sample_path(out_dir: str | Path, prompt_id: str, index: int) -> Path:
 
 
 def shard_file(out_dir: str | Path, rank: int, world_size: int) -> Path:
-    return Path(out_dir) / f"prompts_{rank}-of-{world_size}.parquet"
+    """This shard's part of the prompt table (its prompts' recipes), unioned by :func:`consolidate_prompts`."""
+    return Path(out_dir) / _SHARD_NAME.format(rank=rank, world_size=world_size)
 
 
 def marker_info(out_dir: Path, prompt_id: str) -> dict[str, Any] | None:
@@ -345,7 +349,7 @@ def consolidate_prompts(out_dir: str | Path, write: bool = True) -> pd.DataFrame
     shard has started yet.
     """
     out_dir = Path(out_dir)
-    frames = [pd.read_parquet(f) for f in sorted(out_dir.glob("prompts_*-of-*.parquet"))]
+    frames = [pd.read_parquet(f) for f in sorted(out_dir.glob(_SHARD_NAME.format(rank="*", world_size="*")))]
     frames = [f for f in frames if len(f)]
     if not frames:
         return pd.DataFrame()

@@ -53,6 +53,8 @@ REPORT_PAGE = "index.html"
 SUMMARY = "summary.json"
 REJECTS = "rejects.jsonl"
 STATS = "stats.json"
+GENERATION_SETTINGS = "settings.json"  # generations/: the pixel-deciding settings of its samples (the first run's)
+GENERATION_LOGS = ".logs"  # generations/: its executor's rejects/ and stats/ (its sub-folders are prompts)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.clique import max_clique
 from pipeline.data.rejects import RejectLog
 from pipeline.detect import run_detect
-from pipeline.detect import stage as detect_module
+from pipeline.detect import screen as detect_module
 from pipeline.detect.verify import EmbeddingIndex, fetch_training_images, fit_to, run_verify
 from pipeline.distance import tiled_l2_pair
 from pipeline.embedders.base import Embedder

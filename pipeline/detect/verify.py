@@ -32,7 +32,6 @@ a prompt against a chunk of candidates in one call (:func:`sample_distances`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -47,13 +46,13 @@ from tqdm.auto import tqdm
 
 from pipeline.data import open_dataset
 from pipeline.data.rejects import RejectLog
+from pipeline.detect.candidates import EmbeddingIndex, group_candidates
 from pipeline.distance import embed_images
 from pipeline.embedders.base import Embedder
 from pipeline.executor import StepContext, Unit, run_step
 from pipeline.generations import Sample, list_samples, load_samples, samples_identity
-from pipeline.identity import digest_of
 from pipeline.io import atomic_write, write_json, write_parquet
-from pipeline.layout import EXTRACTED_COLUMNS, VERIFICATION_COLUMNS, normalise_keys
+from pipeline.layout import EXTRACTED, EXTRACTED_COLUMNS, MATCHES, VERIFICATION_COLUMNS, VERIFY
 from pipeline.metrics import Metric, TiledL2
 from pipeline.stats import wilson_interval
 from pipeline.training_images import fetch_training_images, fit_batch, fit_to, sample_distances, training_set_identity  # noqa: F401
@@ -63,7 +62,9 @@ log = logging.getLogger(__name__)
 # Longest side of the matched training image kept in <out_dir>/matches/ for the report.
 MATCH_IMAGE_SIDE = 512
 # Verification's own folder under the detector's: executor markers, per-prompt results, rejects, stats.
-VERIFY_DIR = "verify"
+VERIFY_DIR = VERIFY
+# Under it: each verified prompt's row (<prompt_id>.json) and matching pairs (<prompt_id>.parquet).
+PROMPT_RESULTS = "prompts"
 
 
 def _crop_for_display(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -71,68 +72,6 @@ def _crop_for_display(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     height, width = size
     scale = min(image.width / width, image.height / height, MATCH_IMAGE_SIDE / max(height, width))
     return fit_to(image, (max(1, round(height * scale)), max(1, round(width * scale))))
-
-
-def group_candidates(prompts: pd.DataFrame) -> dict[str, list[str]]:
-    """Training keys of the duplicate group behind each prompt: the ``keys`` column of a prompt
-    table (:mod:`pipeline.layout`), carried with the prompt from the duplicate finder; empty
-    for prompts that came without (a prompt list of captions, another tool's folder)."""
-    keys = prompts["keys"] if "keys" in prompts.columns else [None] * len(prompts)
-    return {str(pid): normalise_keys(group) or [] for pid, group in zip(prompts["prompt_id"], keys)}
-
-
-class EmbeddingIndex:
-    """A faiss inner-product index over the duplicate finder's (unit-length) embeddings."""
-
-    def __init__(self, vectors: np.ndarray, keys: list[str]):
-        import faiss
-
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if len(vectors) != len(keys):
-            raise ValueError(f"{len(vectors)} embeddings but {len(keys)} keys")
-        self.keys = keys
-        self.dim = vectors.shape[1]
-        # What a verdict found through this index depends on: its keys and vectors.
-        self.identity = digest_of([len(keys), hashlib.sha1(vectors.tobytes()).hexdigest(), hashlib.sha1(json.dumps(keys).encode()).hexdigest()])
-        self.index = faiss.IndexFlatIP(self.dim)
-        self.index.add(vectors)
-
-    @classmethod
-    def load(cls, embeddings_dir: str | Path) -> EmbeddingIndex | None:
-        """Read ``img_emb/img_emb_<rank>.npy`` + ``metadata/metadata_<rank>.parquet`` (column ``key``).
-
-        Returns ``None`` when the folder has no embeddings.
-        """
-        root = Path(embeddings_dir)
-        parts = sorted((root / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-        if not parts:
-            return None
-        vectors, keys = [], []
-        for part in parts:
-            rank = part.stem.rsplit("_", 1)[1]
-            meta_path = root / "metadata" / f"metadata_{rank}.parquet"
-            if not meta_path.exists():
-                raise FileNotFoundError(f"{part} has no metadata file {meta_path}")
-            meta = pd.read_parquet(meta_path)
-            if "key" not in meta.columns:
-                raise ValueError(f"{meta_path}: no 'key' column (columns: {list(meta.columns)})")
-            emb = np.load(part)
-            if len(emb) != len(meta):
-                raise ValueError(f"{part} has {len(emb)} rows but {meta_path} has {len(meta)}")
-            vectors.append(emb.astype(np.float32))
-            keys.extend(meta["key"].astype(str))
-        return cls(np.concatenate(vectors), keys)
-
-    def search(self, queries: np.ndarray, k: int) -> list[list[str]]:
-        """The keys of the ``k`` nearest embeddings of each query row, nearest first."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.shape[1] != self.dim:
-            raise ValueError(
-                f"embedder: gives {queries.shape[1]}-dimensional embeddings but the duplicate finder's "
-                f"index has {self.dim}; use the embedder the dedup stage used"
-            )
-        _, ids = self.index.search(queries, min(k, len(self.keys)))
-        return [[self.keys[i] for i in row if i >= 0] for row in ids]
 
 
 @dataclass
@@ -284,8 +223,8 @@ def run_verify(
 
     rows, pairs = [], []
     for pid in memorized["prompt_id"].astype(str):
-        rows.append(json.loads((work_dir / "prompts" / f"{pid}.json").read_text(encoding="utf-8")))
-        pairs.append(pd.read_parquet(work_dir / "prompts" / f"{pid}.parquet"))
+        rows.append(json.loads((work_dir / PROMPT_RESULTS / f"{pid}.json").read_text(encoding="utf-8")))
+        pairs.append(pd.read_parquet(work_dir / PROMPT_RESULTS / f"{pid}.parquet"))
     derived = ("reproduction_rate", "reproduction_ci_low", "reproduction_ci_high", "best_in_group")
     verified = pd.DataFrame(rows, columns=["prompt_id", *[c for c in VERIFICATION_COLUMNS if c not in derived]])
     # An earlier verification's columns are replaced, not merged beside this one's.
@@ -305,7 +244,7 @@ def run_verify(
     )
     extracted = pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame(columns=list(EXTRACTED_COLUMNS))
     extracted = extracted.astype({"sample": int, "distance": float, "in_group": "boolean"}).sort_values(["prompt_id", "sample", "distance"], kind="stable")
-    write_parquet(extracted.reset_index(drop=True), out_dir / "extracted.parquet")
+    write_parquet(extracted.reset_index(drop=True), out_dir / EXTRACTED)
     return table[[*base.columns, *VERIFICATION_COLUMNS]], extracted
 
 
@@ -330,7 +269,7 @@ class _VerifyStep:
         return self._units
 
     def is_complete(self, unit: Unit, marker: dict[str, Any]) -> bool:
-        outputs = (self.work_dir / "prompts" / f"{unit.name}.json", self.work_dir / "prompts" / f"{unit.name}.parquet")
+        outputs = (self.work_dir / PROMPT_RESULTS / f"{unit.name}.json", self.work_dir / PROMPT_RESULTS / f"{unit.name}.parquet")
         return marker.get("digest") == unit.digest and all(path.exists() for path in outputs)
 
     def run(self, units: list[Unit], ctx: StepContext) -> None:
@@ -407,13 +346,14 @@ class _VerifyStep:
         """Write the prompt's result, its pairs, and its match image; then its marker."""
         result = found.result()
         best = found.best()
-        match_path = self.out_dir / "matches" / f"{unit.name}.png"
+        match_path = self.out_dir / MATCHES / f"{unit.name}.png"
         if best is not None and result["best_distance"] <= found.delta:  # extracted, or reproducing another caption's image
             display = _crop_for_display(found.best_image[best[0]][best[1]], found.prompt.images[best[1]].shape[:2])
             atomic_write(match_path, lambda tmp, im=display: im.save(tmp, format="PNG"))
         else:
             match_path.unlink(missing_ok=True)  # an earlier run's, under other settings
         pairs = pd.DataFrame([(unit.name, *pair) for pair in found.pairs], columns=list(EXTRACTED_COLUMNS))
-        write_parquet(pairs.astype({"sample": int, "distance": float, "in_group": "boolean"}), self.work_dir / "prompts" / f"{unit.name}.parquet")
-        write_json(result, self.work_dir / "prompts" / f"{unit.name}.json")
+        pairs = pairs.astype({"sample": int, "distance": float, "in_group": "boolean"})
+        write_parquet(pairs, self.work_dir / PROMPT_RESULTS / f"{unit.name}.parquet")
+        write_json(result, self.work_dir / PROMPT_RESULTS / f"{unit.name}.json")
         ctx.done(unit, {"samples_matched": result["samples_matched"]})

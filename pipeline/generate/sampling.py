@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.cli import setting
 from pipeline.families import Family, family_of
 
 # How a sample's seed follows from the run's base seed, the prompt id and the sample index.
@@ -54,12 +55,13 @@ class SamplingSettings:
     gives the same initial noise on any machine, so a GPU run can be checked on a CPU.
     """
 
-    steps: int = 50
-    guidance_scale: float = 7.5
-    height: int | None = None
-    width: int | None = None
-    negative_prompt: str | None = None
-    generator_device: str = "cpu"
+    # The config keys, read by :func:`pipeline.cli.settings_from` (the generator's ``run``).
+    steps: int = setting(key="model.steps", minimum=1, default=50)
+    guidance_scale: float = setting(key="model.guidance_scale", default=7.5)
+    height: int | None = setting(key="model.height", minimum=1, default=None)
+    width: int | None = setting(key="model.width", minimum=1, default=None)
+    negative_prompt: str | None = setting(key="negative_prompt", default=None)
+    generator_device: str = setting(key="generator_device", default="cpu")
 
 
 @dataclass(frozen=True)
