@@ -153,7 +153,7 @@ VERIFICATION_COLUMNS: dict[str, str] = {
     "extracted": "bool", "samples_matched": "int", "samples_matched_other": "int", "samples_verified": "int", "n_candidates": "int",
     "reproduction_rate": "float", "reproduction_ci_low": "float", "reproduction_ci_high": "float",
     "best_sample": "Int64", "best_sample_file": "str", "best_train_key": "str", "best_distance": "float",
-    "best_in_group": "boolean",
+    "best_in_group": "boolean", "best_sample_sha1": "str",
 }  # fmt: skip
 # extracted.parquet: a row per (sample, training image) pair within the verification threshold;
 # in_group: whether the image is one of the prompt's duplicate group (null: the prompt has none).

@@ -210,7 +210,7 @@ def run_verify(
         "scan_all": scan_all, "metric": metric.describe(),
         # What a prompt's result holds: 2 = extracted by its own training images, the others'
         # counted apart (results of the earlier version are redone, not reused).
-        "results_version": 2,
+        "results_version": 3,
     }  # fmt: skip
     step = _VerifyStep(
         memorized, generations_dir, out_dir, common, groups, index, data=data, embedder_factory=embedder_factory,
@@ -355,5 +355,9 @@ class _VerifyStep:
         pairs = pd.DataFrame([(unit.name, *pair) for pair in found.pairs], columns=list(EXTRACTED_COLUMNS))
         pairs = pairs.astype({"sample": int, "distance": float, "in_group": "boolean"})
         write_parquet(pairs, self.work_dir / PROMPT_RESULTS / f"{unit.name}.parquet")
+        # The digest of the best sample's bytes as verified: the report shows that file as
+        # evidence, and refuses when it no longer holds these bytes.
+        digests = {name: sha1 for name, sha1 in unit.settings["files"]}
+        result["best_sample_sha1"] = digests.get(Path(result["best_sample_file"]).name) if result["best_sample_file"] else None
         write_json(result, self.work_dir / PROMPT_RESULTS / f"{unit.name}.json")
         ctx.done(unit, {"samples_matched": result["samples_matched"]})

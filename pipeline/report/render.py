@@ -126,7 +126,8 @@ def _card(results: RunResults, anchor: str, row: dict[str, Any], pairs: pd.DataF
     them, and the first ``PAIRS_SHOWN`` of the prompt's matching ``pairs`` (by distance)."""
     return {
         "anchor": anchor, "prompt_id": shown(row["prompt_id"], NAME_LIMIT), "caption": shown(row["caption"], CAPTION_LIMIT),
-        "sample_uri": thumbnail_uri(results.sample_path(row["best_sample_file"]), size) if row["best_sample_file"] else None,
+        "sample_uri": thumbnail_uri(results.evidence_path(row["prompt_id"], row["best_sample_file"], row.get("best_sample_sha1")), size)
+        if row["best_sample_file"] else None,
         "match_uri": thumbnail_uri(results.match_path(row["prompt_id"]), size),
         "best_sample": _count(row["best_sample"]), "sample_file": shown(row["best_sample_file"], NAME_LIMIT, full=False),
         "seed": _count(row["seed"]), "command": row["command"],

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.generations import load_prompts
+from pipeline.identity import file_digest
 from pipeline.layout import (
     BUDGET,
     EXTRACTED,
@@ -89,6 +90,23 @@ class RunResults:
     def sample_path(self, file: str) -> Path:
         """Path of a sample named as in ``member_files`` / ``best_sample_file`` / ``sample_file``."""
         return self.generations_dir / file
+
+    def evidence_path(self, prompt_id: str, file: str, sha1: Any) -> Path:
+        """The path of the sample verification found closest to a training image, checked to
+        hold the bytes it verified (``sha1``; unchecked when unrecorded). Raises a ValueError
+        (one line) when the file changed or is gone since: the card would show another image."""
+        path = self.sample_path(file)
+        if isinstance(sha1, str) and sha1:
+            try:
+                current = file_digest(path)
+            except OSError:
+                current = None
+            if current != sha1:
+                raise ValueError(
+                    f"generations_dir: sample {display_text(file, 200)} of prompt {display_text(prompt_id, 80)} is not the one "
+                    f"the detector verified (changed or deleted since): rerun the detector before the report"
+                )
+        return path
 
     def match_path(self, prompt_id: str) -> Path:
         """The best-matching training image saved by verification."""
