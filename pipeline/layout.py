@@ -53,6 +53,7 @@ REPORT_PAGE = "index.html"
 SUMMARY = "summary.json"
 REJECTS = "rejects.jsonl"
 STATS = "stats.json"
+PRESCREEN_RANK_SCORES = "scores/scores_{rank}.parquet"  # one rank's raw prescreen scores, under the prescreen folder
 
 
 @dataclass(frozen=True)
