@@ -11,9 +11,17 @@ the keep rule; :mod:`pipeline.prescreen.ranking`, ranking every prompt;
 from pipeline.prescreen.evaluation import heavy_prompt_aucs, roc_auc
 from pipeline.prescreen.keep import choose_kept, robust_z
 from pipeline.prescreen.ranking import prescreen, rank_scores
-from pipeline.prescreen.scoring import denoiser_scores, latent_shape, score_prompts, text_conditional_noise_norm, unet_evaluations
+from pipeline.prescreen.scoring import (
+    denoiser_scores,
+    latent_shape,
+    score_prompts,
+    text_conditional_noise_norm,
+    unet_evaluations,
+)
 from pipeline.prescreen.settings import PrescreenSettings
 from pipeline.prescreen.stage import PrescreenSummary, run
 
-__all__ = ["PrescreenSettings", "PrescreenSummary", "choose_kept", "denoiser_scores", "heavy_prompt_aucs", "latent_shape", "prescreen",
-           "rank_scores", "robust_z", "roc_auc", "run", "score_prompts", "text_conditional_noise_norm", "unet_evaluations"]  # fmt: skip
+__all__ = [
+    "PrescreenSettings", "PrescreenSummary", "choose_kept", "denoiser_scores", "heavy_prompt_aucs", "latent_shape", "prescreen",
+    "rank_scores", "robust_z", "roc_auc", "run", "score_prompts", "text_conditional_noise_norm", "unet_evaluations",
+]  # fmt: skip

@@ -44,8 +44,10 @@ at twice the cost), each level's norms standardised over the audit's prompts
 that is an outlier at any one level ranks high. Why: on the demo model some prompts that brute
 force extracts (10 and 40 training copies, 4 to 10 of 24 samples) have an ordinary first-step
 norm (robust z 0 to 1) but stand out an eighth of the way into the schedule (z 4 to 10 over 16
-noise draws), where every heavily duplicated prompt stands out too (see docs/screening.md). Each level costs ``(prompts + 1) x seeds`` evaluations. Set-dependent by construction (like the robust z the
-keep rule already uses): scores of one audit's prompts are comparable, not across audits.
+noise draws), where every heavily duplicated prompt stands out too (see docs/screening.md).
+Each level costs ``(prompts + 1) x seeds`` evaluations. Set-dependent by construction (like the
+robust z the keep rule already uses): scores of one audit's prompts are comparable, not across
+audits.
 """
 
 from __future__ import annotations

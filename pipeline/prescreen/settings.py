@@ -72,7 +72,9 @@ def levels_tuple(value) -> tuple[float, ...]:
     else:
         values = list(value)
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in values):
-        raise ConfigError(f"prescreen.levels: a list of fractions of the schedule in [0, 1] (0: the first timestep), got {value!r}")
+        raise ConfigError(
+            f"prescreen.levels: a list of fractions of the schedule in [0, 1] (0: the first timestep), got {value!r}"
+        )
     return tuple(float(v) for v in values)
 
 
@@ -88,4 +90,6 @@ def prescreen_settings(cfg) -> PrescreenSettings:
 
 # The settings that decide a prompt's score (not which prompts are kept: changing those redoes
 # only the ranking).
-SCORE_SETTINGS = ("seeds", "steps", "batch_size", "base_seed", "height", "width", "score", "anisotropy_weight", "guidance_scale", "levels")
+SCORE_SETTINGS = (
+    "seeds", "steps", "batch_size", "base_seed", "height", "width", "score", "anisotropy_weight", "guidance_scale", "levels"
+)  # fmt: skip

@@ -131,7 +131,8 @@ def run(cfg) -> PrescreenSummary:
     # 5. Say what this rank did, and return the ranked table when every prompt is ranked.
     table = step.table
     if not ctx.all_done:
-        waiting = [unit.name for unit in step.units() if (read_marker(layout.prescreen, unit.name) or {}).get("digest") != unit.digest]
+        markers = {unit.name: read_marker(layout.prescreen, unit.name) or {} for unit in step.units()}
+        waiting = [unit.name for unit in step.units() if markers[unit.name].get("digest") != unit.digest]
         print(f"prescreen [rank {rank}/{world_size}]: scores written; the rank that finishes last ranks every prompt "
               f"(waiting for {', '.join(waiting[:10])}{', ...' if len(waiting) > 10 else ''})")  # fmt: skip
     elif table is None:  # ranked by an earlier run (or another rank) from the same scores

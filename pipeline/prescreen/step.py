@@ -103,8 +103,8 @@ class ScorePrompts:
 
     def unit(self, rank: int, world_size: int) -> Unit:
         share = self.share(rank, world_size)
-        settings = {**self.base, "rank": rank, "world_size": world_size, "prompts": len(share), "prompt_ids": prompts_digest(share)}
-        return Unit(f"scores_{rank}", settings)
+        scored = {"rank": rank, "world_size": world_size, "prompts": len(share), "prompt_ids": prompts_digest(share)}
+        return Unit(f"scores_{rank}", {**self.base, **scored})
 
     def run(self, units, ctx: StepContext) -> None:
         from pipeline.io import write_parquet
@@ -126,8 +126,11 @@ class ScorePrompts:
         """What the ranking reads beyond the scores: the keep rule and what each prompt carries."""
         from omegaconf import OmegaConf
 
-        return {"prescreen": OmegaConf.to_container(self.cfg.prescreen, resolve=True), "heavy_dup_count": self.heavy_dup_count,
-                "carried": [[p.prompt_id, p.dup_count, None if p.keys is None else list(p.keys)] for p in self.prompts]}  # fmt: skip
+        return {
+            "prescreen": OmegaConf.to_container(self.cfg.prescreen, resolve=True),
+            "heavy_dup_count": self.heavy_dup_count,
+            "carried": [[p.prompt_id, p.dup_count, None if p.keys is None else list(p.keys)] for p in self.prompts],
+        }
 
     def finish(self, ctx: StepContext) -> None:
         """Rank every rank's scores together and write the outputs (atomically; the same content
@@ -163,7 +166,8 @@ def merged_scores(out_dir: Path, prompts: list[Prompt], world_size: int) -> pd.D
     """Every rank's raw scores as one table in the prompt list's order (as one process scores
     them), checked to hold each prompt exactly once."""
     columns = ["prompt_id", *SCORE_COLUMNS, LEVEL_COLUMN]
-    scores = pd.concat([pd.read_parquet(scores_path(out_dir, rank), columns=columns) for rank in range(world_size)], ignore_index=True)
+    frames = [pd.read_parquet(scores_path(out_dir, rank), columns=columns) for rank in range(world_size)]
+    scores = pd.concat(frames, ignore_index=True)
     scores["prompt_id"] = scores["prompt_id"].astype(str)
     ids = [p.prompt_id for p in prompts]
     if len(scores) != len(ids) or scores["prompt_id"].duplicated().any() or set(scores["prompt_id"]) != set(ids):
@@ -173,7 +177,9 @@ def merged_scores(out_dir: Path, prompts: list[Prompt], world_size: int) -> pd.D
         )
     by_id = scores.set_index("prompt_id")
     levels = by_id.loc[ids, LEVEL_COLUMN].tolist()
-    level_norms = None if any(v is None for v in levels) else np.array([list(v) for v in levels], dtype=np.float64).reshape(len(ids), -1)
+    level_norms = None
+    if not any(v is None for v in levels):
+        level_norms = np.array([list(v) for v in levels], dtype=np.float64).reshape(len(ids), -1)
     return score_table(prompts, {name: by_id.loc[ids, name].to_numpy() for name in SCORE_COLUMNS}, level_norms)
 
 
