@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Literal
 
 from pipeline.cli import ConfigError, setting, settings_from
 from pipeline.prescreen.scores import SCORES
@@ -44,7 +45,7 @@ class PrescreenSettings:
     min_robust_z: float | None = None
     height: int | None = setting(minimum=1, default=None)
     width: int | None = setting(minimum=1, default=None)
-    score: str = "wen"
+    score: Literal["wen", "anisotropy", "wen_levels"] = "wen"  # SCORES: checked by __post_init__, naming the key
     anisotropy_weight: float = 2.0
     guidance_scale: float | None = None
     levels: Sequence[float] | None = DEFAULT_LEVELS
