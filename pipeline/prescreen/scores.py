@@ -22,7 +22,7 @@ prediction at a *low-noise* timestep ``t_low``, both evaluated on the same pure-
 with the cosine taken over the latent channels at each position (range [-1, 1]). Their
 argument: at high noise the log-density is near-isotropic and the norm measures its curvature
 well, while at low noise it is anisotropic and a memorized prompt shows as a guidance vector
-pointing along the unconditional score. The paper text was not at hand; the definition is read
+pointing along the unconditional score. The definition here is read
 off the authors' code (github.com/rohanasthana/memorization-anisotropy: ``local_model/pipe.py``,
 mode ``"x,c|x"``: ``cosine_similarity(uncond, cond - uncond, dim=1)`` averaged over positions,
 at ``timesteps[-3]`` of the 50-step schedule, and ``||cond - uncond||`` at ``timesteps[0]``;
