@@ -55,6 +55,7 @@ REJECTS = "rejects.jsonl"
 STATS = "stats.json"
 GENERATION_SETTINGS = "settings.json"  # generations/: the pixel-deciding settings of its samples (the first run's)
 GENERATION_LOGS = ".logs"  # generations/: its executor's rejects/ and stats/ (its sub-folders are prompts)
+PRESCREEN_RANK_SCORES = "scores/scores_{rank}.parquet"  # one rank's raw prescreen scores, under the prescreen folder
 
 
 @dataclass(frozen=True)

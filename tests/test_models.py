@@ -83,7 +83,7 @@ def test_prescreen_and_generation_load_the_same_model_from_one_config(variant_mo
     prompts.write_text("a red barn in a snowy field\nportrait of an astronaut cat\n", encoding="utf-8")
     common = [f"run_dir={tmp_path / 'run'}", f"prompts={prompts}", f"model.path={variant_model_dir}", "device=cpu", *MODEL_OVERRIDES]
     generate.run(compose("generate", [*common, "n_samples=1", "batch_size=2", "progress=false", "png_workers=1"]))
-    table = prescreen.run(compose("prescreen", [*common, "prescreen.seeds=2", "prescreen.batch_size=4"]))
+    table = prescreen.run(compose("prescreen", [*common, "prescreen.seeds=2", "prescreen.batch_size=4"])).table
 
     assert len(loads) == 2, "each stage loads the model once"
     (generation_kwargs, generation_pipe), (prescreen_kwargs, prescreen_pipe) = loads

@@ -128,7 +128,7 @@ def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch, scor
     from hydra import compose, initialize_config_dir
 
     from pipeline.executor import read_marker
-    from pipeline.prescreen import stage
+    from pipeline.prescreen import stage, step
 
     from .conftest import REPO
 
@@ -150,7 +150,7 @@ def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch, scor
                      "prescreen.seeds=2", "prescreen.steps=4", "prescreen.batch_size=4", "prescreen.keep_fraction=0.4",
                      f"prescreen.score={score}", f"rank={rank}", f"world_size={world_size}"]  # fmt: skip
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            return stage.run(compose(config_name="prescreen", overrides=overrides))
+            return stage.run(compose(config_name="prescreen", overrides=overrides)).table
 
     one, two = tmp_path / "one", tmp_path / "two"
     run(one, 0, 1)
@@ -185,8 +185,8 @@ def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch, scor
     # A rerun with the same settings scores nothing (no model loaded) and ranks again.
     (two / "prescreen" / "prescreen.parquet").unlink()
     loaded = []
-    original = stage.load_prescreen_model
-    monkeypatch.setattr(stage, "load_prescreen_model", lambda cfg: loaded.append(cfg) or original(cfg))
+    original = step.load_prescreen_model
+    monkeypatch.setattr(step, "load_prescreen_model", lambda cfg: loaded.append(cfg) or original(cfg))
     table = run(two, 0, 2)
     assert not loaded and table is not None
     assert pd.read_parquet(two / "prescreen" / "prescreen.parquet").equals(got)
@@ -283,9 +283,9 @@ def test_prescreen_levels_config_errors_name_the_key():
     from omegaconf import OmegaConf
 
     from pipeline.cli import ConfigError
-    from pipeline.prescreen.stage import config_levels
+    from pipeline.prescreen.settings import prescreen_settings
 
-    assert config_levels(OmegaConf.create({"prescreen": {"levels": [0, 0.25]}})) == (0.0, 0.25)
+    assert prescreen_settings(OmegaConf.create({"prescreen": {"levels": [0, 0.25]}})).levels == (0.0, 0.25)
     for bad in ([2.0], ["a"], [], "0.25", [True]):
         with pytest.raises(ConfigError, match="prescreen.levels"):
-            config_levels(OmegaConf.create({"prescreen": {"levels": bad}}))
+            prescreen_settings(OmegaConf.create({"prescreen": {"levels": bad}}))

@@ -60,13 +60,13 @@ def test_every_family_prescreens_by_path(family, tiny, tmp_path):
     from pipeline.prescreen import stage
 
     prompts = write_captions(tmp_path / "prompts.txt", CAPTIONS)
-    table = stage.run(compose(family_overrides(family, tiny, prompts, tmp_path / "wen")))
+    table = stage.run(compose(family_overrides(family, tiny, prompts, tmp_path / "wen"))).table
     assert len(table) == 2 and np.isfinite(table.score).all() and (table.score > 0).all()
     assert table.score.tolist() == table.score_wen.tolist() and table.score_anisotropy.isna().all()
     summary = json.loads((tmp_path / "wen" / "prescreen" / "summary.json").read_text())
     assert summary["unet_evaluations"] == (2 + 1) * 2 and summary["score"] == "wen"
 
-    both = stage.run(compose(family_overrides(family, tiny, prompts, tmp_path / "anisotropy") + ["prescreen.score=anisotropy"]))
+    both = stage.run(compose(family_overrides(family, tiny, prompts, tmp_path / "anisotropy") + ["prescreen.score=anisotropy"])).table
     both = both.set_index("prompt_id").loc[table.prompt_id]
     assert np.isfinite(both[["score", "score_wen", "score_anisotropy", "alignment"]].to_numpy()).all()
     assert both.score.tolist() == both.score_anisotropy.tolist()
@@ -135,10 +135,10 @@ def test_first_step_predictions_are_the_pipelines(family, tiny):
 def test_flux_dev_scores_at_the_configs_guidance_and_schnell_has_none(tiny, tmp_path, monkeypatch):
     """FLUX-dev's transformer gets ``model.guidance_scale`` as its guidance input (another scale,
     another score); schnell gets none, and its score does not depend on the scale."""
-    from pipeline.prescreen import stage
+    from pipeline.prescreen import stage, step
 
     prompts = write_captions(tmp_path / "prompts.txt", CAPTIONS)
-    original = stage.load_prescreen_model
+    original = step.load_prescreen_model
     seen: list = []  # the transformer's guidance argument, call by call
 
     def load_watched(cfg):
@@ -146,12 +146,12 @@ def test_flux_dev_scores_at_the_configs_guidance_and_schnell_has_none(tiny, tmp_
         pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("guidance")), with_kwargs=True)
         return pipe
 
-    monkeypatch.setattr(stage, "load_prescreen_model", load_watched)
+    monkeypatch.setattr(step, "load_prescreen_model", load_watched)
 
     def scores(family: str, guidance: float) -> np.ndarray:
         seen.clear()
         cfg = compose(family_overrides(family, tiny, prompts, tmp_path / f"{family}_{guidance}") + [f"model.guidance_scale={guidance}"])
-        return stage.run(cfg).set_index("prompt_id").loc[["00000", "00001"], "score"].to_numpy()
+        return stage.run(cfg).table.set_index("prompt_id").loc[["00000", "00001"], "score"].to_numpy()
 
     dev = scores("flux", 3.5)
     assert seen and all(g is not None and torch.all(g == 3.5) for g in seen), "dev: the config's guidance scale is embedded"
@@ -217,7 +217,7 @@ def test_anisotropy_score_ranks_and_keeps_by_its_column(tiny, tmp_path):
     pd.DataFrame({"prompt_id": [f"p{i}" for i in range(5)], "caption": captions, "dup_count": [150, 1, 150, 1, 1]}).to_parquet(prompts)
     overrides = family_overrides("sd3", tiny, prompts, tmp_path / "run") + ["prescreen.score=anisotropy", "prescreen.anisotropy_weight=5",
                                                                          "prescreen.keep_fraction=null", "prescreen.keep_top=2"]  # fmt: skip
-    table = stage.run(compose(overrides))
+    table = stage.run(compose(overrides)).table
     assert table.score.tolist() == table.score_anisotropy.tolist() and table.score.is_monotonic_decreasing
     np.testing.assert_allclose(table.score_anisotropy, table.score_wen + 5 * table.alignment, rtol=1e-6)
     assert set(table[table.kept].prompt_id) == set(table.nlargest(2, "score_anisotropy").prompt_id)
@@ -250,8 +250,8 @@ def test_a_pipeline_of_no_family_is_one_line_naming_model_path():
 
 def test_an_unknown_score_is_a_config_error_naming_the_key(tmp_path):
     from pipeline.cli import ConfigError
-    from pipeline.prescreen.stage import settings_from_config
+    from pipeline.prescreen.settings import prescreen_settings
 
     with pytest.raises(ConfigError, match=r"^prescreen\.score: must be one of wen, anisotropy, wen_levels; got 'norm'"):
-        settings_from_config(compose(["prescreen.score=norm"]))
-    assert settings_from_config(compose([])).score == "wen"
+        prescreen_settings(compose(["prescreen.score=norm"]))
+    assert prescreen_settings(compose([])).score == "wen"

@@ -285,17 +285,17 @@ def prescreen_run(run_dir: Path, prompts: Path, model: Path):
                  "prescreen.steps=2", "prescreen.batch_size=4", "prescreen.keep_top=2", "prescreen.keep_fraction=null",
                  "progress=false"]  # fmt: skip
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return stage.run(compose(config_name="prescreen", overrides=overrides))
+        return stage.run(compose(config_name="prescreen", overrides=overrides)).table
 
 
 @pytest.fixture
 def loads(monkeypatch) -> list:
     """Every model the prescreen loads, from now on."""
-    from pipeline.prescreen import stage
+    from pipeline.prescreen import step
 
     loaded = []
-    original = stage.load_prescreen_model
-    monkeypatch.setattr(stage, "load_prescreen_model", lambda cfg: loaded.append(cfg.model.path) or original(cfg))
+    original = step.load_prescreen_model
+    monkeypatch.setattr(step, "load_prescreen_model", lambda cfg: loaded.append(cfg.model.path) or original(cfg))
     return loaded
 
 

@@ -22,7 +22,7 @@ prediction at a *low-noise* timestep ``t_low``, both evaluated on the same pure-
 with the cosine taken over the latent channels at each position (range [-1, 1]). Their
 argument: at high noise the log-density is near-isotropic and the norm measures its curvature
 well, while at low noise it is anisotropic and a memorized prompt shows as a guidance vector
-pointing along the unconditional score. The paper text was not at hand; the definition is read
+pointing along the unconditional score. The definition here is read
 off the authors' code (github.com/rohanasthana/memorization-anisotropy: ``local_model/pipe.py``,
 mode ``"x,c|x"``: ``cosine_similarity(uncond, cond - uncond, dim=1)`` averaged over positions,
 at ``timesteps[-3]`` of the 50-step schedule, and ``||cond - uncond||`` at ``timesteps[0]``;
@@ -40,12 +40,14 @@ noise levels of the schedule (``prescreen.levels``, fractions of its length: 0 i
 noisiest timestep, where Wen et al. take it; 0.125 the timestep an eighth of the way; default
 0.125 alone: on the demo model, 0.25 added never raised the score of a weakly memorized prompt,
 at twice the cost), each level's norms standardised over the audit's prompts
-(:func:`pipeline.prescreen.stage.robust_z`), and the largest of those z values kept: a prompt
+(:func:`pipeline.prescreen.keep.robust_z`), and the largest of those z values kept: a prompt
 that is an outlier at any one level ranks high. Why: on the demo model some prompts that brute
 force extracts (10 and 40 training copies, 4 to 10 of 24 samples) have an ordinary first-step
 norm (robust z 0 to 1) but stand out an eighth of the way into the schedule (z 4 to 10 over 16
-noise draws), where every heavily duplicated prompt stands out too (see docs/screening.md). Each level costs ``(prompts + 1) x seeds`` evaluations. Set-dependent by construction (like the robust z the
-keep rule already uses): scores of one audit's prompts are comparable, not across audits.
+noise draws), where every heavily duplicated prompt stands out too (see docs/screening.md).
+Each level costs ``(prompts + 1) x seeds`` evaluations. Set-dependent by construction (like the
+robust z the keep rule already uses): scores of one audit's prompts are comparable, not across
+audits.
 """
 
 from __future__ import annotations
