@@ -308,3 +308,26 @@ def test_a_hostile_generator_marker_is_redone_not_a_crash(pipe, model_dir, tmp_p
     summary = run(pipe, model_dir, out, prompts=prompts, n_samples=2)
     assert summary.images == 0  # every sample is on disk: the prompt is only marked again
     assert run_detect(out, tmp_path / "detect", RULE, progress=False)["prompt_id"].tolist() == ["00000"]
+
+
+def test_the_report_refuses_to_show_a_sample_that_changed_since_it_was_verified(tmp_path):
+    from pipeline.layout import write_prompt_table
+    from pipeline.report.stage import run_report
+
+    rng = np.random.default_rng(3)
+    run_dir = tmp_path / "run"
+    generations = run_dir / "generations"
+    (generations / "p").mkdir(parents=True)
+    images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(generations / "p" / f"{i:05d}.png")
+    train = training_set(tmp_path / "train", {"t": images[1]})
+    memorized, _ = detect_and_verify(generations, run_dir / "detect", train)
+    write_prompt_table(memorized, run_dir / "detect" / "memorized.parquet")
+    assert bool(memorized.loc[0, "extracted"]) and memorized.loc[0, "best_sample_file"] == "p/00001.png"
+    assert run_report(run_dir / "detect", run_dir / "report" / "index.html", title="audit") is not None
+
+    # The evidence replaced after verification (same name, other picture): no page shows it.
+    Image.fromarray(255 - images[1]).save(generations / "p" / "00001.png")
+    with pytest.raises(ValueError, match=r"sample p/00001\.png of prompt p is not the one the detector verified"):
+        run_report(run_dir / "detect", tmp_path / "again.html", title="audit")
