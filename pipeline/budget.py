@@ -28,8 +28,9 @@ import pandas as pd
 
 from pipeline.generations import EXTRACTED, FLAGGED, OUT_OF_REACH, UNLIKELY
 from pipeline.io import write_json
+from pipeline.layout import BUDGET
 
-BUDGET_FILE = "budget.json"
+BUDGET_FILE = BUDGET
 
 
 def evaluations_per_sample(steps: int, guidance_scale: float) -> int:

@@ -61,6 +61,7 @@ from typing import Any, Protocol
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
 from pipeline.io import atomic_write, marker_path, unsafe_name, write_json
+from pipeline.layout import REJECTS, STATS
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ def _finish(step: Step, ctx: StepContext, every: list[Unit]) -> None:
         # Rejects of every rank file there is: a unit's rejects outlive a change of world_size
         # with the unit; a step whose units are per rank says so with rejects_per_world_size.
         per_world_size = getattr(step, "rejects_per_world_size", False)
-        merged = getattr(step, "rejects_file", None) or ctx.logs_dir / "rejects.jsonl"
+        merged = getattr(step, "rejects_file", None) or ctx.logs_dir / REJECTS
         merge_rejects(ctx.logs_dir / "rejects", merged, ctx.world_size if per_world_size else None)
         merge_stats(ctx.logs_dir, step.name, ctx.world_size)
         if hasattr(step, "finish"):
@@ -324,7 +325,7 @@ def merge_stats(logs_dir: str | Path, step: str, world_size: int) -> dict[str, A
         for key in ("rejected_by_reason", "counts", "timers"):
             merged[key].update(stats.get(key) or {})
     merged = {k: dict(v) if isinstance(v, Counter) else v for k, v in merged.items()}
-    path = logs_dir / "stats.json"
+    path = logs_dir / STATS
     try:
         everything = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

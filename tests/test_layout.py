@@ -67,3 +67,20 @@ def test_the_layout_resolver_names_an_unknown_artifact():
 
     with pytest.raises(ValueError, match="layout: no artifact 'nope'"):
         layout_path("nope", "outputs/x")
+
+
+def test_no_artifact_file_name_is_written_outside_the_layout_module():
+    """Every artifact path is made from pipeline/layout.py's names: no other module of the
+    package spells an artifact's file name as a string literal."""
+    import re
+
+    from pipeline import layout
+
+    names = [getattr(layout, n) for n in ("SELECTED", "GROUPS", "SCORES_TABLE", "PROMPTS_TABLE", "BUDGET", "MEMORIZED",
+                                          "EXTRACTED", "REPORT_PAGE", "SUMMARY", "REJECTS", "STATS", "GENERATION_SETTINGS")]  # fmt: skip
+    literal = re.compile("[\"'](" + "|".join(re.escape(n) for n in names) + ")[\"']")
+    package = Path(layout.__file__).parent
+    found = [f"{path.relative_to(package)}:{number}: {line.strip()}"
+             for path in sorted(package.rglob("*.py")) if path != Path(layout.__file__)
+             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if literal.search(line)]  # fmt: skip
+    assert not found, "artifact file names spelled outside pipeline/layout.py:\n" + "\n".join(found)

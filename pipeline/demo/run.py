@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.demo.score import format_summary, score_run
+from pipeline.layout import RunLayout
 
 DATA_DIR = Path("data/demo")
 RUN_DIR = Path("outputs/demo")
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     print("reproduction: the band's samples within the threshold of one of their caption's training images, with a 95% Wilson interval;"
           f"\ndemo_eval: the share `make demo-eval` measured with other seeds ({MEASURED})" if measured is not None else "")
     print(format_summary(summary))
-    print(f"\nReport: {(RUN_DIR / 'report' / 'index.html').resolve()}")
+    print(f"\nReport: {RunLayout(RUN_DIR).report_page.resolve()}")
 
 
 if __name__ == "__main__":

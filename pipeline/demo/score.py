@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.layout import RunLayout
 from pipeline.stats import wilson_interval
 
 
@@ -59,8 +60,9 @@ def score_run(
     the rate that evaluation measured beside it.
     """
     run_dir = Path(run_dir)
-    selected = pd.read_parquet(run_dir / "dedup" / "selected.parquet")
-    memorized = pd.read_parquet(run_dir / "detect" / "memorized.parquet")
+    layout = RunLayout(run_dir)
+    selected = pd.read_parquet(layout.dedup_selected)
+    memorized = pd.read_parquet(layout.memorized)
     verified = "best_train_key" in memorized.columns
     columns = ["prompt_id", "flagged", "clique_size"] + (["best_train_key", "samples_matched", "n_samples", "extracted"] if verified else [])
     columns += [c for c in ["samples_matched_other"] if verified and c in memorized.columns]
