@@ -21,7 +21,7 @@ import pytest
 
 from pipeline.io import FolderBusyError, lock_path, writer_lock
 
-from .conftest import REPO
+from .conftest import REPO, stage_env
 from .test_detect import build_run
 
 # Runs `python -m <module> <overrides>` and, at its first atomic write (when it holds its lock),
@@ -41,13 +41,6 @@ os.replace = replace
 sys.argv = [module, *sys.argv[4:]]
 runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
-
-
-def stage_env() -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return env
 
 
 def run_stage(module: str, *overrides: str) -> subprocess.CompletedProcess:

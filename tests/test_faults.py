@@ -24,7 +24,7 @@ from pipeline.executor import Unit, read_marker, run_step
 from pipeline.generations import marker_info, prompt_done
 from pipeline.io import marker_path
 
-from .conftest import REPO
+from .conftest import REPO, stage_env
 from .test_detect import build_run
 
 # Runs `python -m <module> <overrides>` with os.replace (the last step of every atomic write)
@@ -43,13 +43,6 @@ os.replace = replace
 sys.argv = [module, *sys.argv[4:]]
 runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
-
-
-def stage_env() -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return env
 
 
 def run_stage(module: str, *overrides: str, fault: tuple[int, int] | None = None) -> subprocess.CompletedProcess:

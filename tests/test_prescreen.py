@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 from pipeline.prescreen import PrescreenSettings, choose_kept, prescreen, roc_auc, unet_evaluations
 from pipeline.prompts import Prompt
 
-from .conftest import SHIPPED_DEMO_MODEL
+from .conftest import SHIPPED_DEMO_MODEL, compose_config
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +125,8 @@ def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch, scor
     over every prompt (robust z and kept set over all of them), as world_size=1 does; a rerun
     skips the scoring and redoes only the ranking. wen_levels' score compares prompts, so it is
     set only once every rank's norms are together."""
-    from hydra import compose, initialize_config_dir
-
     from pipeline.executor import read_marker
     from pipeline.prescreen import stage
-
-    from .conftest import REPO
 
     captions = ["zubrak melino", "tesh vorla", "quen dasso", "a red barn in a snowy field", "portrait of a cat",
                 "mill at dusk", "blue door"]  # fmt: skip
@@ -149,8 +145,7 @@ def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch, scor
         overrides = [f"run_dir={run_dir}", f"prompts={prompts_path}", f"model.path={SHIPPED_DEMO_MODEL}", "device=cpu",
                      "prescreen.seeds=2", "prescreen.steps=4", "prescreen.batch_size=4", "prescreen.keep_fraction=0.4",
                      f"prescreen.score={score}", f"rank={rank}", f"world_size={world_size}"]  # fmt: skip
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            return stage.run(compose(config_name="prescreen", overrides=overrides))
+        return stage.run(compose_config("prescreen", overrides))
 
     one, two = tmp_path / "one", tmp_path / "two"
     run(one, 0, 1)

@@ -37,7 +37,7 @@ from pipeline.report.stage import REGENERATE
 from pipeline.stats import wilson_interval
 from pipeline.text import display_text
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
 
 SIZE = 32  # pixels of every sample and training image
 SAMPLES = 30  # per prompt

@@ -28,10 +28,10 @@ from pipeline.identity import tree_identity
 from pipeline.prompts import Prompt
 from pipeline.rule import NearCopyRule
 
+from .conftest import REPO, stage_env
 from .test_generate import RUNTIME, SETTINGS, model_dir, pipe, run  # noqa: F401  (fixtures)
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+ENV = stage_env()
 RULE = NearCopyRule(threshold=0.15, min_clique=2)
 # One grey level of an 8-bit image: what regeneration from a recorded recipe promises.
 ONE_GREY_LEVEL = 1
