@@ -137,6 +137,7 @@ def _clustered(rng, n: int, weights: list[float]) -> np.ndarray:
     return images
 
 
+@pytest.mark.slow
 def test_stops_on_the_verdict_never_change_what_the_detector_flags():
     """A prompt stopped as "flagged" is flagged by the full budget's samples, one stopped as "out of
     reach" is not; the decisions use only the samples made so far (replayed on a full set)."""

@@ -77,6 +77,7 @@ STAGES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, folder", STAGES)
 def test_a_second_process_on_a_stage_folder_refuses_in_one_line(module, folder, tmp_path):
     run_dir = tmp_path / "run"
@@ -92,6 +93,7 @@ def test_a_second_process_on_a_stage_folder_refuses_in_one_line(module, folder, 
     assert after == before  # nothing read-modified, nothing written
 
 
+@pytest.mark.slow
 def test_two_detect_runs_with_different_thresholds_one_refuses(run, tmp_path):
     """The second run starts while the first is writing: it refuses, and the first one's
     results are whole and its own."""
@@ -118,6 +120,7 @@ def test_two_detect_runs_with_different_thresholds_one_refuses(run, tmp_path):
     assert not (run_dir / "detect" / ".lock").exists()  # released and removed
 
 
+@pytest.mark.slow
 def test_array_tasks_of_one_stage_do_not_block_each_other(run):
     run_dir = run["run_dir"]
     with writer_lock(run_dir / "detect", 1):
@@ -138,6 +141,7 @@ def test_locks_are_per_rank_and_exclusive(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_process_does_not_block(run):
     run_dir = run["run_dir"]
     holder = subprocess.Popen(

@@ -331,6 +331,7 @@ def test_ivf_index_through_the_stage(small_demo, small_run, tmp_path):
     assert summary["evaluation"]["recall"] >= 0.95 and summary["evaluation"]["precision"] >= 0.95
 
 
+@pytest.mark.slow
 def test_open_clip_end_to_end_and_from_precomputed(tmp_path):
     """A random ViT-B-32 through the whole stage; its embeddings read back give the same groups."""
     import torch

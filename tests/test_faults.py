@@ -90,6 +90,7 @@ def audit(tmp_path_factory):
 
 # detect with verification makes 25 atomic writes on this run directory: faults at the first,
 # inside the detection's units, between detection and verification, inside verification, the last.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "after, code",
     [(0, errno.ENOSPC), (3, errno.ENOSPC), (9, errno.ENOSPC), (15, errno.EACCES), (19, errno.EROFS), (24, errno.ENOSPC)],
@@ -206,6 +207,7 @@ def test_a_scheduler_the_config_cannot_build_names_model_scheduler():
         build_scheduler("VQDiffusionScheduler", {"num_train_timesteps": 1000})
 
 
+@pytest.mark.slow
 def test_generate_with_a_scheduler_mixin_ends_with_one_line(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n", encoding="utf-8")

@@ -222,6 +222,7 @@ class Interrupt(RuntimeError):
     pass
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_with_no_lost_or_duplicated_samples(pipe, model_dir, tmp_path):
     reference = tmp_path / "reference"
     run(pipe, model_dir, reference, n_samples=5, batch_size=10)
@@ -368,6 +369,7 @@ def brute(pipe, model_dir, tmp_path_factory):
     return {"out": out, "rule": rule, "continues": order[0], "stop": sorted(order[1:])}
 
 
+@pytest.mark.slow
 def test_adaptive_sampling_stops_unpromising_prompts_after_their_first_round(pipe, model_dir, tmp_path, brute):
     batches = []
     out = tmp_path / "adaptive"
@@ -412,6 +414,7 @@ def test_adaptive_sampling_stops_unpromising_prompts_after_their_first_round(pip
     assert table["n_generated"].tolist() == [FULL] * 3 and not table["stopped_early"].any()
 
 
+@pytest.mark.slow
 def test_stop_when_flagged_ends_a_prompt_at_its_clique_and_brute_force_fills_it_up(pipe, model_dir, tmp_path, brute):
     """With cliques of 2, the continuing prompt's first pair is already a flag: it stops there too,
     as "flagged" and not as a miss; a brute-force rerun still completes every prompt."""
@@ -470,6 +473,7 @@ def test_stops_on_the_verdict_match_their_replay_on_brute_force_samples(pipe, mo
         assert summary.stopped_flagged == int((table.stop_reason == "flagged").sum())
 
 
+@pytest.mark.slow
 def test_interrupted_adaptive_run_resumes_to_the_same_samples(pipe, model_dir, tmp_path, brute):
     def stop_after_second_batch(batch, seen=[]):
         seen.append(batch)

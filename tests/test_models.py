@@ -67,6 +67,7 @@ def scheduler_config(pipe) -> dict:
     return {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
 
 
+@pytest.mark.slow
 def test_prescreen_and_generation_load_the_same_model_from_one_config(variant_model_dir, tmp_path, loads):
     """The prescreen once dropped model.scheduler, scheduler_kwargs, revision and variant: it scored
     with the model's own DDPM scheduler (another first timestep and noise scale) on the plain weights."""

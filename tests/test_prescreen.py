@@ -31,6 +31,7 @@ def unet_images(pipe, run):
     finally:
         hook.remove()
 
+@pytest.mark.slow
 def test_heavily_duplicated_captions_score_above_singletons(demo_pipe, demo_set):
     truth = pd.read_parquet(demo_set / "ground_truth.parquet").drop_duplicates("original_id")
     heavy = truth[truth.band == "heavy"]
@@ -53,6 +54,7 @@ def test_score_depends_on_the_text_only_through_the_caption(demo_pipe):
     assert table.loc["a", "score"] != pytest.approx(table.loc["c", "score"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_shared_unconditional_prediction_gives_the_direct_score_for_fewer_evaluations(demo_pipe):
     """eps(x_T, "") is computed once per seed for all captions: the score is still the norm of
     eps(x_T, c) - eps(x_T, "") computed directly, and the UNet sees (captions + 1) * seeds images."""
@@ -119,6 +121,7 @@ def test_robust_z_keeps_the_outliers_of_a_bulk():
     assert not robust_z(np.full(4, 2.0)).any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("score", ["wen", "wen_levels"])
 def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch, score):
     """world_size=2, run as rank 0 then rank 1, writes one prescreen.parquet and selected.parquet
@@ -187,6 +190,7 @@ def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch, scor
     assert pd.read_parquet(two / "prescreen" / "prescreen.parquet").equals(got)
 
 
+@pytest.mark.slow
 def test_anisotropy_adds_one_pass_at_the_low_noise_timestep(demo_pipe):
     """prescreen.score=anisotropy: Wen's norm from the same first-step passes, plus the alignment
     at the schedule's third-last timestep on the same input, computed directly for one caption
@@ -215,6 +219,7 @@ def test_anisotropy_adds_one_pass_at_the_low_noise_timestep(demo_pipe):
     assert per_seed["alignment"][2, 1] == pytest.approx(float(guidance_alignment(eps[1:], eps[:1])), rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_wen_levels_takes_the_strongest_outlier_over_noise_levels(demo_pipe):
     """prescreen.score=wen_levels: Wen's norm at the first timestep and at each level's timestep
     (computed directly here for one caption and seed), one pass of (captions + 1) * seeds images

@@ -295,6 +295,7 @@ def loads(monkeypatch) -> list:
     return loaded
 
 
+@pytest.mark.slow
 def test_prescreen_rescores_when_the_weights_or_a_caption_change(demo_model, tmp_path, loads):
     inputs = tmp_path / "inputs"
     inputs.mkdir()

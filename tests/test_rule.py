@@ -191,6 +191,7 @@ def generate_stage(planted, run_dir: Path, overrides: list[str]):
     return summary, pd.read_parquet(run_dir / "generations" / "prompts.parquet").set_index("prompt_id")
 
 
+@pytest.mark.slow
 def test_a_metric_in_one_file_is_used_by_adaptive_sampling_detection_and_verification(planted, tmp_path):
     from pipeline.detect import run as run_detect_stage
     from pipeline.detect.verify import fit_to
