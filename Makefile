@@ -1,5 +1,6 @@
 # Every target creates the virtual environment first if it is missing, so a fresh clone
-# needs nothing else: `make demo`, `make test`.
+# needs nothing else: `make demo`, `make test`. Packages install at the exact versions in
+# requirements.lock (pyproject.toml keeps the ranges); `make lock` refreshes that file.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,19 +10,41 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 
-.PHONY: venv test demo demo-data demo-model demo-eval dedup generate prescreen detect report bench clean
+.PHONY: venv test test-all lint lock demo demo-data demo-model demo-eval dedup generate prescreen detect report bench clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
 
+# The fast tier, minutes on two cores: every stage end to end on tiny data, without the tests
+# marked slow (pyproject.toml) or the SLURM ones.
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not slurm" tests $(ARGS)
+
+# Every test, the slow and SLURM ones included (what CI runs).
+test-all: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)
+
+# Lint and format check; changes nothing (`ruff check --fix .` and `ruff format .` apply them).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Re-resolves the newest releases within pyproject.toml's ranges in a scratch virtual environment
+# and writes their exact versions to requirements.lock; run the tests before committing it.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet -e ".[dev]"
+	{ sed -n '1,/^[^#]/{/^#/p}' $(LOCK); .lock-venv/bin/python -m pip freeze --exclude-editable | sort -f; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .lock-venv
 
 demo-data: $(STAMP)
 	$(PY) -m pipeline.demo.dataset $(ARGS)

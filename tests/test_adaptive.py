@@ -25,6 +25,8 @@ from pipeline.generate.adaptive import (
 )
 from pipeline.rule import NearCopyRule
 
+from .conftest import compose_config
+
 
 def _diverse(n: int, rng) -> np.ndarray:
     return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
@@ -135,6 +137,7 @@ def _clustered(rng, n: int, weights: list[float]) -> np.ndarray:
     return images
 
 
+@pytest.mark.slow
 def test_stops_on_the_verdict_never_change_what_the_detector_flags():
     """A prompt stopped as "flagged" is flagged by the full budget's samples, one stopped as "out of
     reach" is not; the decisions use only the samples made so far (replayed on a full set)."""
@@ -267,16 +270,13 @@ def test_group_matcher_compares_samples_with_the_groups_training_images(tmp_path
 
 
 def test_stop_when_extracted_without_a_training_set_is_a_config_error(tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.cli import CONF_DIR, ConfigError
+    from pipeline.cli import ConfigError
     from pipeline.generate import run as run_stage
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n", encoding="utf-8")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="generate", overrides=[f"run_dir={tmp_path}", f"prompts={prompts}", "adaptive.enabled=true",
-                                                         "adaptive.stop_when_extracted=true"])  # fmt: skip
+    cfg = compose_config("generate", [f"run_dir={tmp_path}", f"prompts={prompts}", "adaptive.enabled=true",
+                                      "adaptive.stop_when_extracted=true"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"^adaptive.stop_when_extracted: .*data="):
         run_stage(cfg)
     assert adaptive_settings({"stop_when_unlikely": True, "stop_when_extracted": True}).stop_when_unlikely

@@ -36,6 +36,7 @@ def test_sd14_architecture_has_the_published_sizes_and_flops(bench):
     assert counter.get_total_flops() / 1e9 == pytest.approx(803.3, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_runs_and_reports(bench, capsys):
     results = bench.main(
         ["--tiny", "--quiet", "--device", "cpu", "--steps", "2", "--n-images", "8", "--n-prompts", "4",

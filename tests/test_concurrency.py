@@ -21,7 +21,7 @@ import pytest
 
 from pipeline.io import FolderBusyError, lock_path, writer_lock
 
-from .conftest import REPO
+from .conftest import REPO, stage_env
 from .test_detect import build_run
 
 # Runs `python -m <module> <overrides>` and, at its first atomic write (when it holds its lock),
@@ -41,13 +41,6 @@ os.replace = replace
 sys.argv = [module, *sys.argv[4:]]
 runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
-
-
-def stage_env() -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return env
 
 
 def run_stage(module: str, *overrides: str) -> subprocess.CompletedProcess:
@@ -84,6 +77,7 @@ STAGES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, folder", STAGES)
 def test_a_second_process_on_a_stage_folder_refuses_in_one_line(module, folder, tmp_path):
     run_dir = tmp_path / "run"
@@ -99,6 +93,7 @@ def test_a_second_process_on_a_stage_folder_refuses_in_one_line(module, folder, 
     assert after == before  # nothing read-modified, nothing written
 
 
+@pytest.mark.slow
 def test_two_detect_runs_with_different_thresholds_one_refuses(run, tmp_path):
     """The second run starts while the first is writing: it refuses, and the first one's
     results are whole and its own."""
@@ -125,6 +120,7 @@ def test_two_detect_runs_with_different_thresholds_one_refuses(run, tmp_path):
     assert not (run_dir / "detect" / ".lock").exists()  # released and removed
 
 
+@pytest.mark.slow
 def test_array_tasks_of_one_stage_do_not_block_each_other(run):
     run_dir = run["run_dir"]
     with writer_lock(run_dir / "detect", 1):
@@ -145,6 +141,7 @@ def test_locks_are_per_rank_and_exclusive(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_process_does_not_block(run):
     run_dir = run["run_dir"]
     holder = subprocess.Popen(

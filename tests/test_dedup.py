@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,8 @@ from pipeline.dedup.index import IndexSettings, cell_pairs, exact_pairs, exact_p
 from pipeline.demo.dataset import build_demo_dataset
 from pipeline.embedders.thumbnail import ThumbnailEmbedder
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO, stage_env
+
 # A small demo set: 2 originals x 30 copies, 3 x 8, 4 x 3, and 60 singletons (156 records).
 SMALL_BANDS = {"heavy": (2, 30), "mid": (3, 8), "low": (4, 3), "single": (60, 1)}
 
@@ -331,6 +331,7 @@ def test_ivf_index_through_the_stage(small_demo, small_run, tmp_path):
     assert summary["evaluation"]["recall"] >= 0.95 and summary["evaluation"]["precision"] >= 0.95
 
 
+@pytest.mark.slow
 def test_open_clip_end_to_end_and_from_precomputed(tmp_path):
     """A random ViT-B-32 through the whole stage; its embeddings read back give the same groups."""
     import torch
@@ -393,7 +394,7 @@ def test_evaluate_groups_counts_missing_records_against_recall():
 
 def test_make_dedup_entry_point(small_demo, tmp_path):
     """``python -m pipeline.dedup`` with Hydra overrides prints the summary and the evaluation."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = stage_env()
     args = [sys.executable, "-m", "pipeline.dedup", f"run_dir={tmp_path}", f"data.path={small_demo / 'images'}",
             f"data.ground_truth={small_demo / 'ground_truth.parquet'}", "top_k=3", "progress=false"]  # fmt: skip
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

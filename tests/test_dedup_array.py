@@ -6,7 +6,6 @@ sorting the records out of core, and every task's peak memory bounded by its sha
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pipeline.dedup.buckets import WRITE_CHUNK, read_pairs
 from pipeline.dedup.embeddings_store import write_shard
 from pipeline.dedup.grouping import pair_scores
 from pipeline.dedup.records import PARQUET_ROW_GROUP
-from tests.conftest import REPO
+from tests.conftest import REPO, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +45,7 @@ def dedup(run_dir: Path, embeddings: Path, *overrides: str) -> None:
     args = [sys.executable, "-m", "pipeline.dedup", "-m", "hydra/launcher=local", f"run_dir={run_dir}", "embedder=precomputed",
             f"embeddings_dir={embeddings}", "threshold=0.9", f"k={K}", "index.kind=ivf", f"index.nprobe={NPROBE}",
             "top_k=50", "evaluate=false", "progress=false", *overrides]  # fmt: skip
-    done = subprocess.run(args, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

@@ -37,6 +37,7 @@ def test_tokenizer_keeps_captions_apart_and_truncates():
     assert len(long) == 24
 
 
+@pytest.mark.slow
 def test_shipped_model_loads_offline_and_samples(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert (SHIPPED / "model_index.json").exists(), f"the shipped demo model is missing from {SHIPPED}"
@@ -109,6 +110,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_demo_set, tmp_pat
     assert DiffusionPipeline.from_pretrained(str(resumed), local_files_only=True).unet.config.sample_size == 16
 
 
+@pytest.mark.slow
 def test_shipped_model_reproduces_heavy_duplicates_more_than_singletons(demo_set):
     """The relation the paper reports: the more copies in training, the closer the samples."""
     import pandas as pd
@@ -133,6 +135,7 @@ def test_shipped_model_reproduces_heavy_duplicates_more_than_singletons(demo_set
     assert np.median(distance[heavy]) + 0.1 < np.median(distance[~heavy])
 
 
+@pytest.mark.slow
 def test_evaluation_measures_each_sample_against_its_originals_training_copies(demo_set):
     import pandas as pd
 

@@ -468,6 +468,7 @@ def test_fetch_training_images_reports_missing_and_corrupt_keys(run):
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_command_line_detect(run, tmp_path):
     import subprocess
     import sys

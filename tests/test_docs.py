@@ -10,9 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from .conftest import REPO
+from .conftest import REPO, compose_config
 
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
@@ -104,10 +103,9 @@ def check_composes(words: list[str]) -> str:
     multirun = "-m" in overrides
     overrides = [o for o in overrides if o not in ("-m", "--multirun")]
     assert all("=" in o for o in overrides), f"not an override: {overrides}"
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        # A multirun's launcher (hydra/launcher=slurm, hydra.launcher.partition=...) lives in the
-        # hydra node, composed here too; nothing is launched.
-        compose(config_name=stage, overrides=overrides, return_hydra_config=multirun)
+    # A multirun's launcher (hydra/launcher=slurm, hydra.launcher.partition=...) lives in the
+    # hydra node, composed here too; nothing is launched.
+    compose_config(stage, overrides, return_hydra_config=multirun)
     return ""
 
 

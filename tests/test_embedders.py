@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from pipeline.demo.dataset import drawn_scene, skimage_photo
 from pipeline.embedders.robust import RobustEmbedder
 from pipeline.embedders.thumbnail import ThumbnailEmbedder
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import compose_config
 
 
 def jpeg(image: Image.Image, quality: int) -> Image.Image:
@@ -157,19 +156,17 @@ def test_open_clip_missing_weights_file_is_a_clear_error(tiny_clip_name, tmp_pat
 
 def test_embedder_configs_instantiate_with_hydra():
     """conf/embedder/*.yaml build through hydra.utils.instantiate, as the stages do."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="dedup", overrides=["embedder=open_clip", "device=cpu"])
-        clip = instantiate(cfg.embedder)  # ViT-B-32 with random weights: the real architecture
-        assert clip.dim == 512 and tuple(clip.preprocess(some_images(1)[0]).shape) == (3, 224, 224)
-        vectors = clip.embed(some_images(2))
-        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-        assert cfg.threshold == clip.threshold == 0.95
-        cfg = compose(config_name="dedup")
-        robust = instantiate(cfg.embedder)  # the offline default
-        assert isinstance(robust, RobustEmbedder) and cfg.threshold == robust.threshold
-        cfg = compose(config_name="dedup", overrides=["embedder=thumbnail"])
-        thumb = instantiate(cfg.embedder)
-        assert isinstance(thumb, ThumbnailEmbedder) and cfg.threshold == thumb.threshold
+    cfg = compose_config("dedup", ["embedder=open_clip", "device=cpu"])
+    clip = instantiate(cfg.embedder)  # ViT-B-32 with random weights: the real architecture
+    assert clip.dim == 512 and tuple(clip.preprocess(some_images(1)[0]).shape) == (3, 224, 224)
+    vectors = clip.embed(some_images(2))
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert cfg.threshold == clip.threshold == 0.95
+    cfg = compose_config("dedup")
+    robust = instantiate(cfg.embedder)  # the offline default
+    assert isinstance(robust, RobustEmbedder) and cfg.threshold == robust.threshold
+    cfg = compose_config("dedup", ["embedder=thumbnail"])
+    thumb = instantiate(cfg.embedder)
+    assert isinstance(thumb, ThumbnailEmbedder) and cfg.threshold == thumb.threshold

@@ -19,6 +19,7 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from pipeline.detect.verify import fit_to
@@ -26,6 +27,8 @@ from pipeline.distance import tiled_l2_pair
 
 from .test_detect import near_copy, smooth_image
 
+# One detector command line over 120 planted samples.
+pytestmark = pytest.mark.slow
 SIZE = 32
 N = 24
 THRESHOLD, MIN_CLIQUE = 0.15, 10  # the defaults of conf/rule.yaml and conf/metric/tiled_l2.yaml

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.families import random_pipelines
 
-from .conftest import REPO
+from .conftest import REPO, compose_config
 from .families import CONFIGS, FAMILIES, TINY_SIZE
 
 CAPTIONS = ["a red barn in a snowy field", "portrait of an astronaut cat"]
@@ -30,14 +30,6 @@ PUBLISHED = {
     "pixart_sigma": ("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", 20, 4.5, 1024),
 }
 PIPELINE_CLASS = {family: spec[0] for family, spec in random_pipelines.MODELS.items()}
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="generate", overrides=overrides)
 
 
 def assert_same_sample(actual: np.ndarray, expected: np.ndarray) -> None:
@@ -61,7 +53,7 @@ def load(path: Path):
 def test_model_configs_compose_with_the_published_settings(name):
     from pipeline.models import model_options
 
-    model = compose([f"model={name}"]).model
+    model = compose_config("generate", [f"model={name}"]).model
     path, steps, guidance, side = PUBLISHED[name]
     assert (model.path, model.steps, model.guidance_scale, model.height, model.width) == (path, steps, guidance, side, side)
     assert model.allow_download is False, "nothing is downloaded unless asked"
@@ -86,7 +78,7 @@ def test_model_config_names_its_family_module(family):
 
 
 def test_sd21_config_states_v_prediction():
-    model = compose(["model=sd21"]).model
+    model = compose_config("generate", ["model=sd21"]).model
     assert model.scheduler_kwargs.prediction_type == "v_prediction"
 
 
@@ -105,7 +97,7 @@ def test_every_family_generates_by_path_and_regenerates_each_sample(family, tiny
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(CAPTIONS) + "\n", encoding="utf-8")
-    cfg = compose([
+    cfg = compose_config("generate", [
         f"model={CONFIGS[family]}", f"model.path={tiny.path(family)}", "model.steps=2", f"model.height={TINY_SIZE}",
         f"model.width={TINY_SIZE}", f"prompts={prompts}", f"run_dir={tmp_path / 'run'}", "n_samples=2", "batch_size=4",
         "device=cpu", "progress=false", "png_workers=1",

@@ -24,7 +24,7 @@ from pipeline.executor import Unit, read_marker, run_step
 from pipeline.generations import marker_info, prompt_done, sample_path
 from pipeline.io import marker_path
 
-from .conftest import REPO
+from .conftest import REPO, stage_env
 from .test_detect import build_run
 
 # Runs `python -m <module> <overrides>` with os.replace (the last step of every atomic write)
@@ -43,13 +43,6 @@ os.replace = replace
 sys.argv = [module, *sys.argv[4:]]
 runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
-
-
-def stage_env() -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return env
 
 
 def run_stage(module: str, *overrides: str, fault: tuple[int, int] | None = None) -> subprocess.CompletedProcess:
@@ -99,6 +92,7 @@ def audit(tmp_path_factory):
 
 # detect with verification makes 25 atomic writes on this run directory: faults at the first,
 # inside the detection's units, between detection and verification, inside verification, the last.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "after, code",
     [(0, errno.ENOSPC), (3, errno.ENOSPC), (9, errno.ENOSPC), (15, errno.EACCES), (19, errno.EROFS), (24, errno.ENOSPC)],
@@ -218,6 +212,7 @@ def test_a_scheduler_the_config_cannot_build_names_model_scheduler():
         build_scheduler("VQDiffusionScheduler", {"num_train_timesteps": 1000})
 
 
+@pytest.mark.slow
 def test_generate_with_a_scheduler_mixin_ends_with_one_line(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n", encoding="utf-8")

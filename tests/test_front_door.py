@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from pipeline.demo.run import demo_commands
 from pipeline.demo.train import load_checkpoint
 from pipeline.io import atomic_write, write_json
 
-from .conftest import REPO
+from .conftest import compose_config
 
 # `python -m <module>` -> the config its @hydra.main composes.
 CONFIG_OF = {
@@ -35,13 +34,12 @@ def test_every_command_of_make_demo_composes(build_data):
     to the data-set builder, which has no such group, and failed at once)."""
     commands = demo_commands(["n_samples=16"], build_data)
     assert [module for module, _ in commands][0] == ("pipeline.demo.dataset" if build_data else "pipeline.dedup")
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        for module, overrides in commands:
-            if module == "pipeline.generate":
-                assert "n_samples=16" in overrides  # the user's overrides reach the audit stages
-            cfg = compose(config_name=CONFIG_OF[module], overrides=overrides)
-            if module != "pipeline.demo.dataset":
-                assert cfg.run_name == "demo"
+    for module, overrides in commands:
+        if module == "pipeline.generate":
+            assert "n_samples=16" in overrides  # the user's overrides reach the audit stages
+        cfg = compose_config(CONFIG_OF[module], overrides)
+        if module != "pipeline.demo.dataset":
+            assert cfg.run_name == "demo"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])

@@ -25,7 +25,8 @@ from pipeline.io import is_done, marker_path
 from pipeline.models import ModelLoadError, Runtime, load_pipeline, optimize_pipeline, resolve_dtype
 from pipeline.prompts import Prompt, PromptsError, read_prompts, shard_prompts
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO, compose_config, stage_env
+
 SIZE = 16
 SETTINGS = SamplingSettings(steps=2, guidance_scale=5.0, height=SIZE, width=SIZE)
 RUNTIME = Runtime()  # the defaults: sdpa, fused QKV, channels-last, float32 on the CPU
@@ -221,6 +222,7 @@ class Interrupt(RuntimeError):
     pass
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_with_no_lost_or_duplicated_samples(pipe, model_dir, tmp_path):
     reference = tmp_path / "reference"
     run(pipe, model_dir, reference, n_samples=5, batch_size=10)
@@ -288,30 +290,22 @@ def test_two_shards_cover_every_prompt_once(pipe, model_dir, tmp_path):
 # --- config and command line -------------------------------------------------------------
 
 
-def compose(overrides, hydra=False):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="generate", overrides=overrides, return_hydra_config=hydra)
-
-
 def test_model_configs_follow_the_paper_and_the_demo():
-    sd = compose(["model=sd14"]).model
+    sd = compose_config("generate", ["model=sd14"]).model
     assert (sd.path, sd.steps, sd.guidance_scale, sd.height, sd.width, sd.scheduler) == (
         "CompVis/stable-diffusion-v1-4", 50, 7.5, 512, 512, None,
     )  # fmt: skip
     assert sd.allow_download is False
-    demo = compose([]).model
+    demo = compose_config("generate", []).model
     assert (demo.path, demo.height, demo.steps) == ("models/demo", 32, 50)
 
 
 def test_launcher_configs_compose():
-    cfg = compose(["hydra/launcher=slurm", "world_size=8"], hydra=True)
+    cfg = compose_config("generate", ["hydra/launcher=slurm", "world_size=8"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.gpus_per_node == 1
     assert cfg.hydra.sweeper.params.rank == "range(0,8)"
-    cfg = compose(["hydra/launcher=local", "world_size=3"], hydra=True)
+    cfg = compose_config("generate", ["hydra/launcher=local", "world_size=3"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 3
 
 
@@ -320,7 +314,7 @@ def test_run_from_config_reports_a_missing_model(tmp_path):
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n", encoding="utf-8")
-    cfg = compose([f"run_dir={tmp_path}", f"prompts={prompts}", f"model.path={tmp_path / 'no' / 'model'}"])
+    cfg = compose_config("generate", [f"run_dir={tmp_path}", f"prompts={prompts}", f"model.path={tmp_path / 'no' / 'model'}"])
     with pytest.raises(ModelLoadError, match="model.path"):
         run_stage(cfg)
 
@@ -335,8 +329,7 @@ def test_local_multirun_two_processes(model_dir, tmp_path):
         f"run_dir={tmp_path / 'run'}", f"prompts={prompts}", f"model.path={model_dir}",
         f"model.height={SIZE}", f"model.width={SIZE}", "model.steps=2", "n_samples=2", "batch_size=4", "progress=false",
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "run" / "generations"
     assert sorted(all_samples(out)) == expected_files([Prompt(f"{i:05d}", "") for i in range(3)], 2)
@@ -376,6 +369,7 @@ def brute(pipe, model_dir, tmp_path_factory):
     return {"out": out, "rule": rule, "continues": order[0], "stop": sorted(order[1:])}
 
 
+@pytest.mark.slow
 def test_adaptive_sampling_stops_unpromising_prompts_after_their_first_round(pipe, model_dir, tmp_path, brute):
     batches = []
     out = tmp_path / "adaptive"
@@ -420,6 +414,7 @@ def test_adaptive_sampling_stops_unpromising_prompts_after_their_first_round(pip
     assert table["n_generated"].tolist() == [FULL] * 3 and not table["stopped_early"].any()
 
 
+@pytest.mark.slow
 def test_stop_when_flagged_ends_a_prompt_at_its_clique_and_brute_force_fills_it_up(pipe, model_dir, tmp_path, brute):
     """With cliques of 2, the continuing prompt's first pair is already a flag: it stops there too,
     as "flagged" and not as a miss; a brute-force rerun still completes every prompt."""
@@ -478,6 +473,7 @@ def test_stops_on_the_verdict_match_their_replay_on_brute_force_samples(pipe, mo
         assert summary.stopped_flagged == int((table.stop_reason == "flagged").sum())
 
 
+@pytest.mark.slow
 def test_interrupted_adaptive_run_resumes_to_the_same_samples(pipe, model_dir, tmp_path, brute):
     def stop_after_second_batch(batch, seen=[]):
         seen.append(batch)
@@ -537,29 +533,26 @@ def test_adaptive_checks_skip_unreadable_samples_as_the_detector_does(pipe, mode
 def test_generate_config_has_adaptive_off_by_default():
     from pipeline.generate.adaptive import adaptive_settings
 
-    cfg = compose([])
+    cfg = compose_config("generate", [])
     assert cfg.adaptive.enabled is False and cfg.budget.brute_force_memorized is None
-    settings = adaptive_settings(compose(["adaptive.enabled=true", "adaptive.first_round=8"]).adaptive)
+    settings = adaptive_settings(compose_config("generate", ["adaptive.enabled=true", "adaptive.first_round=8"]).adaptive)
     assert settings.enabled and settings.first_round == 8 and settings.growth == 2.0
     with pytest.raises(ValueError, match="adaptive.first_round"):
-        adaptive_settings(compose(["adaptive.first_round=1"]).adaptive)
+        adaptive_settings(compose_config("generate", ["adaptive.first_round=1"]).adaptive)
 
 
 def test_demo_experiment_screens_cheaply():
     """experiment=demo: adaptive sampling on, stopping flagged prompts at the detector's clique size."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     from pipeline.generate.adaptive import adaptive_settings
     from pipeline.prescreen import PrescreenSettings
     from pipeline.rule import rule_from_config
 
-    generate_cfg = compose(["experiment=demo"])
+    generate_cfg = compose_config("generate", ["experiment=demo"])
     settings = adaptive_settings(generate_cfg.adaptive, rule_from_config(generate_cfg))
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        detect = hydra_compose(config_name="detect", overrides=["experiment=demo"])
-        prescreen = hydra_compose(config_name="prescreen", overrides=["experiment=demo"])
+    detect = compose_config("detect", ["experiment=demo"])
+    prescreen = compose_config("prescreen", ["experiment=demo"])
     assert settings.enabled and settings.stop_when_flagged
     # One near-copy rule: the generator's and the detector's are the same, clique of 10 on tiled L2 at 0.15.
     assert settings.rule.describe() == rule_from_config(detect).describe()
@@ -573,7 +566,7 @@ def test_run_from_config_writes_and_prints_the_budget(model_dir, tmp_path, capsy
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red barn\nan astronaut cat\n", encoding="utf-8")
-    cfg = compose([
+    cfg = compose_config("generate", [
         f"run_dir={tmp_path}", f"prompts={prompts}", f"model.path={model_dir}", f"model.height={SIZE}", f"model.width={SIZE}",
         "model.steps=2", "n_samples=4", "batch_size=8", "progress=false", "adaptive.enabled=true", "adaptive.first_round=2",
         "rule.threshold=1e-9",

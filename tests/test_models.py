@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO, compose_config
+
 SIZE = 16
 VARIANT = "shifted"
 # Overrides of the `model` group that both stages get: another scheduler than the model's own
@@ -45,14 +46,6 @@ def variant_model_dir(tmp_path_factory) -> Path:
     return out
 
 
-def compose(config_name: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
-
-
 @pytest.fixture
 def loads(monkeypatch):
     """Every ``DiffusionPipeline.from_pretrained`` call of the test: (its keyword arguments, the pipeline)."""
@@ -74,6 +67,7 @@ def scheduler_config(pipe) -> dict:
     return {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
 
 
+@pytest.mark.slow
 def test_prescreen_and_generation_load_the_same_model_from_one_config(variant_model_dir, tmp_path, loads):
     """The prescreen once dropped model.scheduler, scheduler_kwargs, revision and variant: it scored
     with the model's own DDPM scheduler (another first timestep and noise scale) on the plain weights."""
@@ -82,8 +76,8 @@ def test_prescreen_and_generation_load_the_same_model_from_one_config(variant_mo
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red barn in a snowy field\nportrait of an astronaut cat\n", encoding="utf-8")
     common = [f"run_dir={tmp_path / 'run'}", f"prompts={prompts}", f"model.path={variant_model_dir}", "device=cpu", *MODEL_OVERRIDES]
-    generate.run(compose("generate", [*common, "n_samples=1", "batch_size=2", "progress=false", "png_workers=1"]))
-    table = prescreen.run(compose("prescreen", [*common, "prescreen.seeds=2", "prescreen.batch_size=4"])).table
+    generate.run(compose_config("generate", [*common, "n_samples=1", "batch_size=2", "progress=false", "png_workers=1"]))
+    table = prescreen.run(compose_config("prescreen", [*common, "prescreen.seeds=2", "prescreen.batch_size=4"])).table
 
     assert len(loads) == 2, "each stage loads the model once"
     (generation_kwargs, generation_pipe), (prescreen_kwargs, prescreen_pipe) = loads
@@ -157,7 +151,8 @@ def test_the_stages_report_a_model_mistake_in_one_line(tmp_path, capsys):
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n", encoding="utf-8")
-    cfg = compose("prescreen", [f"run_dir={tmp_path}", f"prompts={prompts}", f"model.path={tmp_path / 'no' / 'model'}", "device=cpu"])
+    overrides = [f"run_dir={tmp_path}", f"prompts={prompts}", f"model.path={tmp_path / 'no' / 'model'}", "device=cpu"]
+    cfg = compose_config("prescreen", overrides)
     with pytest.raises(SystemExit) as stopped:
         stage_main("prescreen")(run)(cfg)
     assert stopped.value.code == USAGE_ERROR

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.embedders.robust import RobustEmbedder, trim_borders
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
 
 
 def _load_planted():

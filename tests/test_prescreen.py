@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 from pipeline.prescreen import PrescreenSettings, choose_kept, prescreen, roc_auc, unet_evaluations
 from pipeline.prompts import Prompt
 
-from .conftest import SHIPPED_DEMO_MODEL
+from .conftest import SHIPPED_DEMO_MODEL, compose_config
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,7 @@ def unet_images(pipe, run):
     finally:
         hook.remove()
 
+@pytest.mark.slow
 def test_heavily_duplicated_captions_score_above_singletons(demo_pipe, demo_set):
     truth = pd.read_parquet(demo_set / "ground_truth.parquet").drop_duplicates("original_id")
     heavy = truth[truth.band == "heavy"]
@@ -53,6 +54,7 @@ def test_score_depends_on_the_text_only_through_the_caption(demo_pipe):
     assert table.loc["a", "score"] != pytest.approx(table.loc["c", "score"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_shared_unconditional_prediction_gives_the_direct_score_for_fewer_evaluations(demo_pipe):
     """eps(x_T, "") is computed once per seed for all captions: the score is still the norm of
     eps(x_T, c) - eps(x_T, "") computed directly, and the UNet sees (captions + 1) * seeds images."""
@@ -119,18 +121,15 @@ def test_robust_z_keeps_the_outliers_of_a_bulk():
     assert not robust_z(np.full(4, 2.0)).any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("score", ["wen", "wen_levels"])
 def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch, score):
     """world_size=2, run as rank 0 then rank 1, writes one prescreen.parquet and selected.parquet
     over every prompt (robust z and kept set over all of them), as world_size=1 does; a rerun
     skips the scoring and redoes only the ranking. wen_levels' score compares prompts, so it is
     set only once every rank's norms are together."""
-    from hydra import compose, initialize_config_dir
-
     from pipeline.executor import read_marker
     from pipeline.prescreen import stage, step
-
-    from .conftest import REPO
 
     captions = ["zubrak melino", "tesh vorla", "quen dasso", "a red barn in a snowy field", "portrait of a cat",
                 "mill at dusk", "blue door"]  # fmt: skip
@@ -149,8 +148,7 @@ def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch, scor
         overrides = [f"run_dir={run_dir}", f"prompts={prompts_path}", f"model.path={SHIPPED_DEMO_MODEL}", "device=cpu",
                      "prescreen.seeds=2", "prescreen.steps=4", "prescreen.batch_size=4", "prescreen.keep_fraction=0.4",
                      f"prescreen.score={score}", f"rank={rank}", f"world_size={world_size}"]  # fmt: skip
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            return stage.run(compose(config_name="prescreen", overrides=overrides)).table
+        return stage.run(compose_config("prescreen", overrides)).table
 
     one, two = tmp_path / "one", tmp_path / "two"
     run(one, 0, 1)
@@ -192,6 +190,7 @@ def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch, scor
     assert pd.read_parquet(two / "prescreen" / "prescreen.parquet").equals(got)
 
 
+@pytest.mark.slow
 def test_anisotropy_adds_one_pass_at_the_low_noise_timestep(demo_pipe):
     """prescreen.score=anisotropy: Wen's norm from the same first-step passes, plus the alignment
     at the schedule's third-last timestep on the same input, computed directly for one caption
@@ -220,6 +219,7 @@ def test_anisotropy_adds_one_pass_at_the_low_noise_timestep(demo_pipe):
     assert per_seed["alignment"][2, 1] == pytest.approx(float(guidance_alignment(eps[1:], eps[:1])), rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_wen_levels_takes_the_strongest_outlier_over_noise_levels(demo_pipe):
     """prescreen.score=wen_levels: Wen's norm at the first timestep and at each level's timestep
     (computed directly here for one caption and seed), one pass of (captions + 1) * seeds images

@@ -13,18 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from .conftest import REPO
+from .conftest import compose_config
 from .families import CONFIGS, FAMILIES, TINY_SIZE, TinyModels
 
 CAPTIONS = ["a red barn in a snowy field", "portrait of an astronaut cat"]
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="prescreen", overrides=overrides)
 
 
 def family_overrides(family: str, tiny: TinyModels, prompts, run_dir) -> list[str]:
@@ -60,13 +52,14 @@ def test_every_family_prescreens_by_path(family, tiny, tmp_path):
     from pipeline.prescreen import stage
 
     prompts = write_captions(tmp_path / "prompts.txt", CAPTIONS)
-    table = stage.run(compose(family_overrides(family, tiny, prompts, tmp_path / "wen"))).table
+    table = stage.run(compose_config("prescreen", family_overrides(family, tiny, prompts, tmp_path / "wen"))).table
     assert len(table) == 2 and np.isfinite(table.score).all() and (table.score > 0).all()
     assert table.score.tolist() == table.score_wen.tolist() and table.score_anisotropy.isna().all()
     summary = json.loads((tmp_path / "wen" / "prescreen" / "summary.json").read_text())
     assert summary["unet_evaluations"] == (2 + 1) * 2 and summary["score"] == "wen"
 
-    both = stage.run(compose(family_overrides(family, tiny, prompts, tmp_path / "anisotropy") + ["prescreen.score=anisotropy"])).table
+    overrides = family_overrides(family, tiny, prompts, tmp_path / "anisotropy") + ["prescreen.score=anisotropy"]
+    both = stage.run(compose_config("prescreen", overrides)).table
     both = both.set_index("prompt_id").loc[table.prompt_id]
     assert np.isfinite(both[["score", "score_wen", "score_anisotropy", "alignment"]].to_numpy()).all()
     assert both.score.tolist() == both.score_anisotropy.tolist()
@@ -150,7 +143,8 @@ def test_flux_dev_scores_at_the_configs_guidance_and_schnell_has_none(tiny, tmp_
 
     def scores(family: str, guidance: float) -> np.ndarray:
         seen.clear()
-        cfg = compose(family_overrides(family, tiny, prompts, tmp_path / f"{family}_{guidance}") + [f"model.guidance_scale={guidance}"])
+        overrides = family_overrides(family, tiny, prompts, tmp_path / f"{family}_{guidance}") + [f"model.guidance_scale={guidance}"]
+        cfg = compose_config("prescreen", overrides)
         return stage.run(cfg).table.set_index("prompt_id").loc[["00000", "00001"], "score"].to_numpy()
 
     dev = scores("flux", 3.5)
@@ -217,7 +211,7 @@ def test_anisotropy_score_ranks_and_keeps_by_its_column(tiny, tmp_path):
     pd.DataFrame({"prompt_id": [f"p{i}" for i in range(5)], "caption": captions, "dup_count": [150, 1, 150, 1, 1]}).to_parquet(prompts)
     overrides = family_overrides("sd3", tiny, prompts, tmp_path / "run") + ["prescreen.score=anisotropy", "prescreen.anisotropy_weight=5",
                                                                          "prescreen.keep_fraction=null", "prescreen.keep_top=2"]  # fmt: skip
-    table = stage.run(compose(overrides)).table
+    table = stage.run(compose_config("prescreen", overrides)).table
     assert table.score.tolist() == table.score_anisotropy.tolist() and table.score.is_monotonic_decreasing
     np.testing.assert_allclose(table.score_anisotropy, table.score_wen + 5 * table.alignment, rtol=1e-6)
     assert set(table[table.kept].prompt_id) == set(table.nlargest(2, "score_anisotropy").prompt_id)
@@ -253,5 +247,5 @@ def test_an_unknown_score_is_a_config_error_naming_the_key(tmp_path):
     from pipeline.prescreen.settings import prescreen_settings
 
     with pytest.raises(ConfigError, match=r"^prescreen\.score: must be one of wen, anisotropy, wen_levels; got 'norm'"):
-        prescreen_settings(compose(["prescreen.score=norm"]))
-    assert prescreen_settings(compose([])).score == "wen"
+        prescreen_settings(compose_config("prescreen", ["prescreen.score=norm"]))
+    assert prescreen_settings(compose_config("prescreen", [])).score == "wen"

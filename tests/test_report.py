@@ -39,7 +39,7 @@ from pipeline.report.results import REGENERATE
 from pipeline.stats import wilson_interval
 from pipeline.text import display_text
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
 
 SIZE = 32  # pixels of every sample and training image
 SAMPLES = 30  # per prompt

@@ -22,7 +22,7 @@ from pipeline.demo.dataset import build_demo_dataset
 from pipeline.embedders.thumbnail import ThumbnailEmbedder
 from pipeline.identity import tree_identity
 
-from .conftest import REPO, SHIPPED_DEMO_MODEL
+from .conftest import SHIPPED_DEMO_MODEL, compose_config
 
 # A tiny demo set: 1 original x 6 copies, 2 x 3, 10 singletons (22 records, files layout).
 TINY_BANDS = {"heavy": (1, 6), "mid": (2, 3), "single": (10, 1)}
@@ -277,15 +277,12 @@ def write_prompts(path: Path, captions: list[str], dup_counts: list[int] | None 
 
 
 def prescreen_run(run_dir: Path, prompts: Path, model: Path):
-    from hydra import compose, initialize_config_dir
-
     from pipeline.prescreen import stage
 
     overrides = [f"run_dir={run_dir}", f"prompts={prompts}", f"model.path={model}", "device=cpu", "prescreen.seeds=1",
                  "prescreen.steps=2", "prescreen.batch_size=4", "prescreen.keep_top=2", "prescreen.keep_fraction=null",
                  "progress=false"]  # fmt: skip
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return stage.run(compose(config_name="prescreen", overrides=overrides)).table
+    return stage.run(compose_config("prescreen", overrides)).table
 
 
 @pytest.fixture
@@ -299,6 +296,7 @@ def loads(monkeypatch) -> list:
     return loaded
 
 
+@pytest.mark.slow
 def test_prescreen_rescores_when_the_weights_or_a_caption_change(demo_model, tmp_path, loads):
     inputs = tmp_path / "inputs"
     inputs.mkdir()

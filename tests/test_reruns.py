@@ -28,10 +28,10 @@ from pipeline.identity import tree_identity
 from pipeline.prompts import Prompt
 from pipeline.rule import NearCopyRule
 
+from .conftest import REPO, stage_env
 from .test_generate import RUNTIME, SETTINGS, model_dir, pipe, run  # noqa: F401  (fixtures)
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+ENV = stage_env()
 RULE = NearCopyRule(threshold=0.15, min_clique=2)
 # One grey level of an 8-bit image: what regeneration from a recorded recipe promises.
 ONE_GREY_LEVEL = 1
@@ -88,6 +88,7 @@ def test_a_changed_caption_is_refused_also_in_a_folder_without_prompt_records(pi
         run(pipe, model_dir, out, prompts=[Prompt("00000", "a blue barn")], n_samples=2)
 
 
+@pytest.mark.slow
 def test_after_regenerating_under_another_world_size_the_table_labels_samples_with_their_caption(pipe, model_dir, tmp_path):
     out = tmp_path / "generations"
     run(pipe, model_dir, out, prompts=[Prompt("00000", "a red barn"), Prompt("00001", "a cat")], n_samples=3)
@@ -113,6 +114,7 @@ def test_weights_replaced_at_the_same_path_are_another_model(pipe, model_dir, tm
         run(pipe, model, out, prompts=[Prompt("00000", "a red barn")], n_samples=2)
 
 
+@pytest.mark.slow
 def test_a_changed_prompt_list_is_refused_from_the_command_line_in_one_line(model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     command = [
@@ -143,6 +145,7 @@ def training_set(root: Path, images: dict[str, np.ndarray]) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_detect_after_regenerating_equals_a_detect_into_a_fresh_folder(pipe, model_dir, tmp_path):
     generations = tmp_path / "run" / "generations"
     prompts = [Prompt("00000", "a red barn", 3, ("t0",)), Prompt("00001", "a cat", 1, ("t1",))]
@@ -194,6 +197,7 @@ def test_verification_is_redone_when_a_training_image_changes(tmp_path):
     assert bool(again.loc[0, "extracted"])
 
 
+@pytest.mark.slow
 def test_detect_never_writes_into_the_generations_folder(pipe, model_dir, tmp_path):
     generations = tmp_path / "generations"
     prompts = [Prompt("00000", "a red barn", 3, ("t0",)), Prompt("00001", "a cat")]
@@ -241,6 +245,7 @@ def test_a_stray_file_is_no_sample_and_shifts_no_index(tmp_path):
     assert pairs["sample_file"].tolist() == ["p/00002.png"] and pairs["sample"].tolist() == [2]
 
 
+@pytest.mark.slow
 def test_the_report_card_regenerate_command_remakes_the_card_image(pipe, model_dir, tmp_path):
     run_dir = tmp_path / "run"
     generations = run_dir / "generations"

@@ -4,7 +4,6 @@ apart), its one place in the configs, and a new metric in one file applied by ev
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from pipeline.cli import ConfigError
@@ -21,10 +19,9 @@ from pipeline.embedders.base import Embedder
 from pipeline.metrics import REGISTRY, ClipDistance, TiledL2, metric_named
 from pipeline.rule import NearCopyRule, rule_from_config
 
-from .conftest import REPO, SHIPPED_DEMO_MODEL
+from .conftest import CONF, REPO, SHIPPED_DEMO_MODEL, compose_config, stage_env
 from .rms_metric import WholeImageRMS
 
-CONF = REPO / "conf"
 TEST_CONF = REPO / "tests" / "conf"  # holds metric/rms.yaml, the new metric's config entry
 SEARCH_RMS = [f"hydra.searchpath=[file://{TEST_CONF}]", "metric=rms"]
 
@@ -37,11 +34,6 @@ class _Named(Embedder):
 
     def embed(self, images):
         return np.ones((len(images), 1), dtype=np.float32)
-
-
-def compose_stage(stage: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=stage, overrides=overrides)
 
 
 # --- the verdict ---------------------------------------------------------------------------
@@ -119,17 +111,17 @@ def test_the_rule_is_configured_once():
             if found:
                 keys[found.group(1)].append(path.relative_to(CONF).as_posix())
     assert keys == {"min_clique": ["rule.yaml"], "grid": ["metric/tiled_l2.yaml"]}
-    rules = {stage: rule_from_config(compose_stage(stage, ["experiment=demo"] if stage != "evaluate_demo" else []))
+    rules = {stage: rule_from_config(compose_config(stage, ["experiment=demo"] if stage != "evaluate_demo" else []))
              for stage in ("generate", "detect", "evaluate_demo")}  # fmt: skip
     assert {json.dumps(rule.describe()) for rule in rules.values()} == {json.dumps(NearCopyRule().describe())}
     # One override changes it for every stage.
     for stage in ("generate", "detect", "evaluate_demo"):
-        rule = rule_from_config(compose_stage(stage, ["metric.grid=8", "rule.min_clique=5"]))
+        rule = rule_from_config(compose_config(stage, ["metric.grid=8", "rule.min_clique=5"]))
         assert (rule.metric.grid, rule.min_clique) == (8, 5)
     # The detector's former keys, added with "+", are refused rather than ignored.
     for old, new in (("min_clique", "rule.min_clique"), ("threshold", "rule.threshold"), ("grid", "metric.grid")):
         with pytest.raises(ConfigError, match=rf"^{old}: moved: .* set {re.escape(new)} "):
-            rule_from_config(compose_stage("detect", [f"+{old}=9"]))
+            rule_from_config(compose_config("detect", [f"+{old}=9"]))
 
 
 # --- a new metric in one file: adaptive sampling, detection and verification all use it ----
@@ -190,7 +182,7 @@ def generate_stage(planted, run_dir: Path, overrides: list[str]):
             path = sample_path(run_dir / "generations", pid, i)
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(path)
-    cfg = compose_stage("generate", [
+    cfg = compose_config("generate", [
         f"run_dir={run_dir}", f"prompts={planted['prompts']}", f"model.path={SHIPPED_DEMO_MODEL}", "model.steps=2",
         "n_samples=8", "adaptive.enabled=true", "adaptive.first_round=4", "adaptive.stop_when_flagged=true",
         "rule.min_clique=3", "progress=false", "device=cpu", *overrides,
@@ -199,6 +191,7 @@ def generate_stage(planted, run_dir: Path, overrides: list[str]):
     return summary, pd.read_parquet(run_dir / "generations" / "prompts.parquet").set_index("prompt_id")
 
 
+@pytest.mark.slow
 def test_a_metric_in_one_file_is_used_by_adaptive_sampling_detection_and_verification(planted, tmp_path):
     from pipeline.detect import run as run_detect_stage
     from pipeline.detect.verify import fit_to
@@ -215,7 +208,7 @@ def test_a_metric_in_one_file_is_used_by_adaptive_sampling_detection_and_verific
 
     # (b) Detection and (c) verification, through the stage's command line: RMS flags 00000
     # (clique of 4) and its representative matches the training image, at the RMS distance.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = stage_env()
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.detect", f"run_dir={tmp_path / 'rms'}", "data=files", f"data.path={planted['train']}",
          "rule.min_clique=3", "progress=false", "device=cpu", *SEARCH_RMS],
@@ -241,7 +234,7 @@ def test_a_metric_in_one_file_is_used_by_adaptive_sampling_detection_and_verific
 
     # The tiled L2 detector on the same samples flags nothing, and names the prompt adaptive
     # sampling stopped under the other rule.
-    cfg = compose_stage("detect", [f"run_dir={tmp_path / 'rms'}", "out_dir=${run_dir}/detect_tiled", "rule.min_clique=3",
+    cfg = compose_config("detect", [f"run_dir={tmp_path / 'rms'}", "out_dir=${run_dir}/detect_tiled", "rule.min_clique=3",
                                    "progress=false", "device=cpu"])  # fmt: skip
     tiled, _ = run_detect_stage(cfg)
     assert not tiled["flagged"].any()

@@ -28,6 +28,7 @@ def tiny_run(bench, tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow
 def test_budget_figures_follow_from_the_runs(tiny_run):
     result, out = tiny_run
     n, samples, steps = result["prompts"], result["n_samples"], result["steps"]
@@ -52,6 +53,7 @@ def test_budget_figures_follow_from_the_runs(tiny_run):
     assert stopped == int((table.n_generated < samples).sum())
 
 
+@pytest.mark.slow
 def test_screened_samples_are_the_brute_force_samples(tiny_run):
     _, out = tiny_run
     screened = sorted((out / "screened" / "generations").glob("*/*.png"))
@@ -61,6 +63,7 @@ def test_screened_samples_are_the_brute_force_samples(tiny_run):
         np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(twin)), err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_recall_and_the_replayed_misses_agree(tiny_run):
     """Brute force found (flagged or extracted) prompts; the screened run finds exactly those
     that neither shortcut, replayed on brute force's samples, would have missed (same seeds give
@@ -79,6 +82,7 @@ def test_recall_and_the_replayed_misses_agree(tiny_run):
     assert set(pairs.loc[pairs.in_group.fillna(False).astype(bool), "prompt_id"]) == set(result["brute_force"]["extracted"])
 
 
+@pytest.mark.slow
 def test_printed_table_and_result_line(bench, tiny_run, capsys, tmp_path):
     result, _ = tiny_run
     assert 0.0 <= result["roc_auc_heavy_vs_rest"] <= 1.0 and 0.0 <= result["roc_auc_heavy_vs_singletons"] <= 1.0

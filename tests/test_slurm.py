@@ -1,7 +1,7 @@
 """The demo audit as SLURM arrays on a real single-node SLURM cluster, not a mock.
 
 A module fixture starts the cluster with ``scripts/slurm_cluster.sh`` (Debian's slurm-wlm and
-munge; ``.ci/run`` starts it before ``make test``) and skips, saying why, where it cannot. The
+munge; ``.ci/run`` starts it before ``make test-all``) and skips, saying why, where it cannot. The
 demo audit then runs twice on a small demo data set, into two run directories:
 
 * locally, every stage with ``world_size=1``, as ``make demo`` runs them (``pipeline.demo.run``);

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
 from PIL import Image
 from torch import nn
 
@@ -25,9 +24,8 @@ from pipeline.metrics import REGISTRY, SSCDDistance, metric_named
 from pipeline.metrics.sscd import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.rule import NearCopyRule, rule_from_config
 
-from .conftest import REPO
+from .conftest import compose_config
 
-CONF = REPO / "conf"
 SMALL = 64  # input side for most tests: a ResNet-50 forward at 64 x 64 costs 1/20 of one at 288
 # Two descriptors of one image computed in different batches differ by float32 rounding in the
 # network, a relative ~1e-6 per component. Renormalised in float64, they are unit vectors a and
@@ -92,11 +90,6 @@ def images() -> np.ndarray:
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, (6, 6, 6, 3), dtype=np.uint8)
     return np.stack([np.asarray(Image.fromarray(s).resize((48, 48), Image.Resampling.BICUBIC)) for s in small])
-
-
-def compose_stage(stage: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=stage, overrides=overrides)
 
 
 # --- distances -----------------------------------------------------------------------------
@@ -205,7 +198,7 @@ def test_nothing_is_downloaded(model_files, images, monkeypatch):
 
 def sscd_rule(stage: str, path: Path, *overrides: str) -> NearCopyRule:
     """The rule of ``stage`` composed with ``metric=sscd metric.path=<path>`` and ``overrides``."""
-    return rule_from_config(compose_stage(stage, ["metric=sscd", f"metric.path={path}", *overrides]))
+    return rule_from_config(compose_config(stage, ["metric=sscd", f"metric.path={path}", *overrides]))
 
 
 def test_metric_sscd_in_the_configs_gives_the_rule_with_threshold_half(model_files, tmp_path):
@@ -251,7 +244,7 @@ def test_a_missing_or_wrong_model_file_is_a_one_line_error_naming_metric_path(tm
     (tmp_path / "notes.pt").write_text("not a model\nsecond line\n", encoding="utf-8")
     for case, (overrides, message) in cases.items():
         with pytest.raises(ConfigError, match=rf"^metric\.path: {message}") as caught:
-            rule_from_config(compose_stage("detect", overrides))
+            rule_from_config(compose_config("detect", overrides))
         assert "\n" not in str(caught.value), case
     with pytest.raises(ConfigError, match=r"^metric\.path: "):
         SSCDDistance()

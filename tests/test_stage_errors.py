@@ -1,6 +1,5 @@
 """Every stage ends a config or input mistake with one line naming the key or file, and exit status 2."""
 
-import os
 import re
 import subprocess
 import sys
@@ -12,15 +11,12 @@ from omegaconf import OmegaConf
 
 from pipeline.cli import ConfigError, config_int, config_number, stage_main
 
-from .conftest import REPO
+from .conftest import REPO, stage_env
 
 
 def run_stage(module: str, *overrides: str, cwd=REPO) -> subprocess.CompletedProcess:
-    # PYTHONPATH: the package is importable from any cwd, installed or not.
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", module, *overrides]
+    return subprocess.run(command, cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from PIL import Image
 from pipeline.data import DataConfigError, RejectLog, iter_records, open_dataset
 from pipeline.prompts import PromptsError, read_prompts
 from pipeline.training_images import fetch_training_images
-from tests.conftest import REPO
+from tests.conftest import REPO, stage_env
 from tests.test_data import CONF_DATA, FORMATS, add_member, colour, good_samples, jpeg_bytes, write_dataset
 from tests.test_data_hostile import add_bad_record, png_bytes, unchecked_strings
 
@@ -342,7 +342,7 @@ def test_a_200_mb_caption_in_a_small_tar_is_rejected_without_being_held(tmp_path
     assert shard.stat().st_size < 2_000_000
 
     done = subprocess.run([sys.executable, "-c", MEASURE, str(shard)], capture_output=True, text=True, timeout=300,
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+                          cwd=REPO, env=stage_env())  # fmt: skip
 
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.splitlines()[-1])
