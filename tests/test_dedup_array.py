@@ -158,7 +158,7 @@ CHAINED_BANDS = {"heavy": (3, 6), "mid": (3, 3), "single": (20, 1)}
 def run_stage(run_dir: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "pipeline.dedup", f"run_dir={run_dir}", f"data.path={data_dir / 'images'}",
             f"data.ground_truth={data_dir / 'ground_truth.parquet'}", "top_k=5", "progress=false", *overrides]  # fmt: skip
-    done = subprocess.run(args, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
