@@ -161,14 +161,20 @@ def run_stage(vectors: np.ndarray, args) -> float:
     with tempfile.TemporaryDirectory(prefix="dedup_bench_") as tmp:
         keys = [f"{i:09d}" for i in range(len(vectors))]
         write_shard(Path(tmp) / "emb", 0, vectors, pd.DataFrame({"key": keys, "caption": keys}))
-        settings = DedupSettings(threshold=args.threshold, k=args.k, top_k=1000,
-                                 index=IndexSettings(nlist=args.nlist, nprobe=args.nprobe, seed=args.seed, threads=args.threads))
+        settings = DedupSettings(
+            threshold=args.threshold,
+            k=args.k,
+            top_k=1000,
+            index=IndexSettings(nlist=args.nlist, nprobe=args.nprobe, seed=args.seed, threads=args.threads),
+        )
         t = time.perf_counter()
         summary = run_dedup(Path(tmp) / "dedup", settings, embeddings_dir=Path(tmp) / "emb", progress=False)
         seconds = time.perf_counter() - t
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timing_seconds"].items() if k != "total")
-    print(f"whole stage from a clip-retrieval folder ({summary['settings']['index']['resolved_kind']} index): {steps} "
-          f"-> {seconds:.1f} s wall; {summary['duplicate_groups']} groups with duplicates")
+    print(
+        f"whole stage from a clip-retrieval folder ({summary['settings']['index']['resolved_kind']} index): {steps} "
+        f"-> {seconds:.1f} s wall; {summary['duplicate_groups']} groups with duplicates"
+    )
     return seconds
 
 
@@ -176,8 +182,16 @@ def run_stage(vectors: np.ndarray, args) -> float:
 # Scale mode: the stage's phases as processes, on shards written to disk
 
 
-def write_planted_shards(folder: Path, n: int, dim: int, seed: int = 0, shards: int = 8, dup_share: float = 0.1,
-                         topics: int = 2000, max_group: int = 1000) -> np.ndarray:
+def write_planted_shards(
+    folder: Path,
+    n: int,
+    dim: int,
+    seed: int = 0,
+    shards: int = 8,
+    dup_share: float = 0.1,
+    topics: int = 2000,
+    max_group: int = 1000,
+) -> np.ndarray:
     """Planted embeddings as clip-retrieval shards (float16) under ``folder``, generated a
     chunk at a time (never all N rows in memory); keys are the row numbers ("000000042").
     The same recipe as :func:`planted_embeddings`. Returns the labels, int64 (n,)."""
@@ -188,11 +202,15 @@ def write_planted_shards(folder: Path, n: int, dim: int, seed: int = 0, shards: 
     rng = np.random.default_rng(seed)
     group_sizes = planted_group_sizes(rng, n, dup_share, max_group)
     n_groups = len(group_sizes)
-    label = np.concatenate([np.repeat(np.arange(n_groups), group_sizes), np.arange(n_groups, n - int(group_sizes.sum()) + n_groups)])
+    label = np.concatenate(
+        [np.repeat(np.arange(n_groups), group_sizes), np.arange(n_groups, n - int(group_sizes.sum()) + n_groups)]
+    )
     label = label[rng.permutation(n)]
     centres = _unit(rng.standard_normal((topics, dim), dtype=np.float32))
     noise_scale = np.float32(0.87 / np.sqrt(dim))
-    bases = _unit(0.5 * centres[rng.integers(0, topics, n_groups)] + rng.standard_normal((n_groups, dim), dtype=np.float32) * noise_scale)
+    bases = _unit(
+        0.5 * centres[rng.integers(0, topics, n_groups)] + rng.standard_normal((n_groups, dim), dtype=np.float32) * noise_scale
+    )
     sigma = rng.uniform(0.1, 0.25, n_groups).astype(np.float32)
     bounds = np.linspace(0, n, shards + 1).astype(np.int64)
     for shard in range(shards):
@@ -202,7 +220,10 @@ def write_planted_shards(folder: Path, n: int, dim: int, seed: int = 0, shards: 
             c1 = min(c0 + 100_000, hi)
             lab = label[c0:c1]
             grouped = lab < n_groups
-            x = 0.5 * centres[rng.integers(0, topics, c1 - c0)] + rng.standard_normal((c1 - c0, dim), dtype=np.float32) * noise_scale
+            x = (
+                0.5 * centres[rng.integers(0, topics, c1 - c0)]
+                + rng.standard_normal((c1 - c0, dim), dtype=np.float32) * noise_scale
+            )
             x = _unit(x)  # a singleton: its own base
             g = lab[grouped]
             x[grouped] = bases[g] + rng.standard_normal((len(g), dim), dtype=np.float32) * (sigma[g, None] / np.sqrt(dim))
@@ -217,11 +238,22 @@ def run_task(args: dict) -> dict:
     from pipeline.dedup import DedupSettings, run_dedup
     from pipeline.dedup.index import IndexSettings
 
-    settings = DedupSettings(threshold=args["threshold"], k=args["k"], top_k=100,
-                             index=IndexSettings(kind="ivf", nprobe=args["nprobe"], seed=0, threads=args.get("threads")))
+    settings = DedupSettings(
+        threshold=args["threshold"],
+        k=args["k"],
+        top_k=100,
+        index=IndexSettings(kind="ivf", nprobe=args["nprobe"], seed=0, threads=args.get("threads")),
+    )
     t = time.perf_counter()
-    run_dedup(args["out"], settings, embeddings_dir=args["embeddings"], phase=args["phase"], rank=args["rank"],
-              world_size=args["world_size"], progress=False)
+    run_dedup(
+        args["out"],
+        settings,
+        embeddings_dir=args["embeddings"],
+        phase=args["phase"],
+        rank=args["rank"],
+        world_size=args["world_size"],
+        progress=False,
+    )
     memory = json.loads((Path(args["out"]) / "memory" / f"{args['phase']}_{args['rank']}.json").read_text())
     return {"seconds": time.perf_counter() - t, "peak_rss_mib": memory["peak_rss_mib"]}
 
@@ -242,17 +274,26 @@ def launch(task: dict) -> dict:
 
 def run_array(embeddings: Path, out: Path, world_size: int, args) -> dict:
     """The stage as ``world_size`` tasks per phase (phase=all for 1), one process each."""
-    base = {"embeddings": str(embeddings), "out": str(out), "threshold": args.threshold, "k": args.k,
-            "nprobe": args.nprobe, "world_size": world_size, "threads": args.threads}  # fmt: skip
+    base = {
+        "embeddings": str(embeddings),
+        "out": str(out),
+        "threshold": args.threshold,
+        "k": args.k,
+        "nprobe": args.nprobe,
+        "world_size": world_size,
+        "threads": args.threads,
+    }
     phases = ["all"] if world_size == 1 else ["train", "index", "search", "group"]
     result = {"world_size": world_size, "phases": {}}
     for phase in phases:
         ranks = [0] if phase in ("train", "group") else range(world_size)  # their other ranks have nothing to do
         tasks = [launch({**base, "phase": phase, "rank": r}) for r in ranks]
         result["phases"][phase] = {
-            "wall_sum": sum(t["wall"] for t in tasks), "wall_max": max(t["wall"] for t in tasks),
-            "cpu": sum(t["cpu"] for t in tasks), "peak_rss_mib": max(t["peak_rss_mib"] for t in tasks),
-        }  # fmt: skip
+            "wall_sum": sum(t["wall"] for t in tasks),
+            "wall_max": max(t["wall"] for t in tasks),
+            "cpu": sum(t["cpu"] for t in tasks),
+            "peak_rss_mib": max(t["peak_rss_mib"] for t in tasks),
+        }
     if world_size > 1:  # a task with nothing to do: the interpreter and imports, for the group's bytes per row
         result["baseline_mib"] = launch({**base, "phase": "group", "rank": 1})["peak_rss_mib"]
     phases_done = result["phases"].values()
@@ -334,14 +375,18 @@ def extrapolate(results: list[dict], args, n_target: float = 2.3e9, dim_target: 
     per key + caption). Disk: the embeddings, nprobe copies in the buckets, the pairs, and the
     group's sort files (the keys and captions twice at most).
     """
-    from pipeline.dedup.records import PARQUET_ROW_GROUP
     from pipeline.dedup.grouping import GROUP_CHUNK_ROWS
+    from pipeline.dedup.records import PARQUET_ROW_GROUP
 
     arrays = [r for r in results if r["world_size"] > 1]
     singles = [r for r in results if r["world_size"] == 1]
     ref = max(arrays or singles, key=lambda r: r["n"])
     sizes = sorted({r["n"] for r in (arrays or singles)})
-    fitted = fit_exponent(sizes, [min(r["cpu"] for r in (arrays or singles) if r["n"] == n) for n in sizes])[0] if len(sizes) > 1 else None
+    fitted = (
+        fit_exponent(sizes, [min(r["cpu"] for r in (arrays or singles) if r["n"] == n) for n in sizes])[0]
+        if len(sizes) > 1
+        else None
+    )
     b = max(fitted or 0.0, 1.5)
     ratio, dims = n_target / ref["n"], dim_target / args.dim
     phases = ref["phases"]
@@ -358,14 +403,32 @@ def extrapolate(results: list[dict], args, n_target: float = 2.3e9, dim_target: 
     index_gib = (n_target / tasks * dim_target * 2 + centroids + n_target / tasks * args.nprobe * 40) / 2**30
     search_gib = n_target * args.nprobe / tasks * dim_target * 2 / 2**30
     record = args.record_bytes
-    group_gib = (n_target * 8 + n_target * args.dup_share_target * 20 + GROUP_CHUNK_ROWS * args.k * 20 * 3
-                 + 2 * GROUP_CHUNK_ROWS * (record + 120) * 2 + PARQUET_ROW_GROUP * (record + 16) * 2) / 2**30  # fmt: skip
+    group_gib = (
+        n_target * 8
+        + n_target * args.dup_share_target * 20
+        + GROUP_CHUNK_ROWS * args.k * 20 * 3
+        + 2 * GROUP_CHUNK_ROWS * (record + 120) * 2
+        + PARQUET_ROW_GROUP * (record + 16) * 2
+    ) / 2**30
     pairs_per_row = ref.get("pairs_per_row", 1.0)
-    disk_tib = (n_target * dim_target * 2 * (1 + args.nprobe) + n_target * pairs_per_row * 20 + 2 * n_target * (record + 24)) / 2**40
-    return {"exponent": b, "fitted_exponent": fitted, "cpu_hours": cpu / 3600, "task_hours": (train + spread / tasks / 2 + group) / 3600,
-            "train_hours": train / 3600, "index_search_hours_per_task": spread / tasks / 2 / 3600, "group_hours": group / 3600,
-            "train_gib": train_gib, "index_gib": index_gib, "search_gib": search_gib, "group_gib": group_gib, "disk_tib": disk_tib,
-            "from": f"N={ref['n']}, world size {ref['world_size']}"}  # fmt: skip
+    disk_tib = (
+        n_target * dim_target * 2 * (1 + args.nprobe) + n_target * pairs_per_row * 20 + 2 * n_target * (record + 24)
+    ) / 2**40
+    return {
+        "exponent": b,
+        "fitted_exponent": fitted,
+        "cpu_hours": cpu / 3600,
+        "task_hours": (train + spread / tasks / 2 + group) / 3600,
+        "train_hours": train / 3600,
+        "index_search_hours_per_task": spread / tasks / 2 / 3600,
+        "group_hours": group / 3600,
+        "train_gib": train_gib,
+        "index_gib": index_gib,
+        "search_gib": search_gib,
+        "group_gib": group_gib,
+        "disk_tib": disk_tib,
+        "from": f"N={ref['n']}, world size {ref['world_size']}",
+    }
 
 
 def scale_mode(args) -> dict:
@@ -374,16 +437,20 @@ def scale_mode(args) -> dict:
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     world_sizes = [int(w) for w in args.world_sizes.split(",")]
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="dedup_scale_"))
-    print(f"dedup scale benchmark: sizes {sizes}, world sizes {world_sizes}, dim {args.dim}, nprobe {args.nprobe}, "
-          f"k {args.k}, threshold {args.threshold}; {os.cpu_count()} CPUs; scratch {scratch}")  # fmt: skip
+    print(
+        f"dedup scale benchmark: sizes {sizes}, world sizes {world_sizes}, dim {args.dim}, nprobe {args.nprobe}, "
+        f"k {args.k}, threshold {args.threshold}; {os.cpu_count()} CPUs; scratch {scratch}"
+    )
     results = []
     for n in sizes:
         t = time.perf_counter()
         embeddings = scratch / f"emb_{n}"
         truth = write_planted_shards(embeddings, n, args.dim, seed=args.seed, shards=8, topics=max(10, min(2000, n // 500)))
         sizes_planted = np.bincount(truth)
-        print(f"N={n}: {int((sizes_planted >= 2).sum())} planted groups holding {int(sizes_planted[sizes_planted >= 2].sum())} rows; "
-              f"written in {time.perf_counter() - t:.1f} s")  # fmt: skip
+        print(
+            f"N={n}: {int((sizes_planted >= 2).sum())} planted groups holding {int(sizes_planted[sizes_planted >= 2].sum())} rows; "
+            f"written in {time.perf_counter() - t:.1f} s"
+        )
         pair_sets = {}
         for world_size in world_sizes:
             out = scratch / f"run_{n}_{world_size}"
@@ -394,23 +461,33 @@ def scale_mode(args) -> dict:
             r["recall"], exact_count = exact_recall(embeddings, labels, args.threshold, args.queries, args.seed)
             r["planted_recall"] = pair_scores(labels, truth)["recall"]
             pair_sets[world_size] = pair_set(out, world_size, n, args.k)
-            r["train_seconds"] = json.loads((out / ".done" / "train.json").read_text()).get("train_seconds", 0.0)  # once, by phase=train
+            r["train_seconds"] = json.loads((out / ".done" / "train.json").read_text()).get(
+                "train_seconds", 0.0
+            )  # once, by phase=train
             r["pairs_per_row"] = len(pair_sets[world_size]) / n
             group_phase = r["phases"].get("group", r["phases"].get("all"))
             if world_size > 1:
                 r["group_bytes_per_row"] = (group_phase["peak_rss_mib"] - r["baseline_mib"]) * 2**20 / n
             same = len(pair_sets[world_size] & pair_sets[world_sizes[0]]) / max(1, len(pair_sets[world_sizes[0]]))
             r["same_pairs"] = same
-            phases = "; ".join(f"{name} {p['wall_sum']:.1f} s wall, {p['cpu']:.1f} s CPU, largest task {p['peak_rss_mib']:.0f} MiB"
-                               for name, p in r["phases"].items())  # fmt: skip
+            phases = "; ".join(
+                f"{name} {p['wall_sum']:.1f} s wall, {p['cpu']:.1f} s CPU, largest task {p['peak_rss_mib']:.0f} MiB"
+                for name, p in r["phases"].items()
+            )
             print(f"  world size {world_size}: {phases}")
-            print(f"    total {r['wall']:.1f} s wall here (tasks one after another; {r['array_wall']:.1f} s as an array of separate "
-                  f"machines), {r['cpu']:.1f} s CPU; largest task {r['peak_rss_mib']:.0f} MiB; disk {r['disk_gib']:.2f} GiB")  # fmt: skip
+            print(
+                f"    total {r['wall']:.1f} s wall here (tasks one after another; {r['array_wall']:.1f} s as an array of separate "
+                f"machines), {r['cpu']:.1f} s CPU; largest task {r['peak_rss_mib']:.0f} MiB; disk {r['disk_gib']:.2f} GiB"
+            )
             if world_size > 1:
-                print(f"    group task: {r['group_bytes_per_row'] * n / 2**20:.0f} MiB above an idle task ({r['baseline_mib']:.0f} MiB): "
-                      f"8 bytes per row of union-find, the rest chunks (a step of pairs, a bucket of records, a parquet row group)")
-            print(f"    pair recall against exact search ({args.queries} sampled queries, {exact_count} exact pairs): {r['recall']:.4f}; "
-                  f"planted-pair recall {r['planted_recall']:.4f}; pairs equal to world size {world_sizes[0]}'s: {same:.4f}")  # fmt: skip
+                print(
+                    f"    group task: {r['group_bytes_per_row'] * n / 2**20:.0f} MiB above an idle task ({r['baseline_mib']:.0f} MiB): "
+                    f"8 bytes per row of union-find, the rest chunks (a step of pairs, a bucket of records, a parquet row group)"
+                )
+            print(
+                f"    pair recall against exact search ({args.queries} sampled queries, {exact_count} exact pairs): {r['recall']:.4f}; "
+                f"planted-pair recall {r['planted_recall']:.4f}; pairs equal to world size {world_sizes[0]}'s: {same:.4f}"
+            )
             results.append(r)
             if not args.keep:
                 shutil.rmtree(out / "index", ignore_errors=True)  # the buckets: nprobe copies of the set
@@ -418,8 +495,10 @@ def scale_mode(args) -> dict:
             single, *arrays = [r for r in results if r["n"] == n]
             for r in arrays:
                 worst = max(p["peak_rss_mib"] for p in r["phases"].values())
-                print(f"  N={n}: every task of the {r['world_size']}-task array peaks at <= {worst / single['peak_rss_mib']:.2f} of "
-                      f"the single process's memory ({worst:.0f} / {single['peak_rss_mib']:.0f} MiB)")  # fmt: skip
+                print(
+                    f"  N={n}: every task of the {r['world_size']}-task array peaks at <= {worst / single['peak_rss_mib']:.2f} of "
+                    f"the single process's memory ({worst:.0f} / {single['peak_rss_mib']:.0f} MiB)"
+                )
         if not args.keep:
             shutil.rmtree(embeddings, ignore_errors=True)
     for world_size in world_sizes:
@@ -430,13 +509,15 @@ def scale_mode(args) -> dict:
             print(f"growth exponent of time in N, world size {world_size}: wall {b_wall:.2f}, CPU {b_cpu:.2f}")
     x = extrapolate(results, args)
     fitted = "none fitted" if x["fitted_exponent"] is None else f"{x['fitted_exponent']:.2f} fitted"
-    print(f"extrapolated to 2.3B x 768 on a 256-task array (from {x['from']}; index and search scaled as N^{x['exponent']:.2f}: "
-          f"{fitted}, at least the cost model's 1.5): "
-          f"{x['cpu_hours']:.0f} CPU-hours on cores like these; {x['task_hours']:.1f} h of array wall with 2 such cores per task: "
-          f"train once (one task) {x['train_hours']:.1f} h, index + search {x['index_search_hours_per_task']:.1f} h per task, "
-          f"group (one task) {x['group_hours']:.1f} h; memory per task: train {x['train_gib']:.1f} GiB, index {x['index_gib']:.1f} GiB, "
-          f"search {x['search_gib']:.1f} GiB, group {x['group_gib']:.1f} GiB (records {args.record_bytes} bytes of key + caption, "
-          f"{args.dup_share_target:.0%} of rows in duplicate groups); disk {x['disk_tib']:.1f} TiB")  # fmt: skip
+    print(
+        f"extrapolated to 2.3B x 768 on a 256-task array (from {x['from']}; index and search scaled as N^{x['exponent']:.2f}: "
+        f"{fitted}, at least the cost model's 1.5): "
+        f"{x['cpu_hours']:.0f} CPU-hours on cores like these; {x['task_hours']:.1f} h of array wall with 2 such cores per task: "
+        f"train once (one task) {x['train_hours']:.1f} h, index + search {x['index_search_hours_per_task']:.1f} h per task, "
+        f"group (one task) {x['group_hours']:.1f} h; memory per task: train {x['train_gib']:.1f} GiB, index {x['index_gib']:.1f} GiB, "
+        f"search {x['search_gib']:.1f} GiB, group {x['group_gib']:.1f} GiB (records {args.record_bytes} bytes of key + caption, "
+        f"{args.dup_share_target:.0%} of rows in duplicate groups); disk {x['disk_tib']:.1f} TiB"
+    )
     if not args.scratch and not args.keep:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"results": results, "extrapolation": x}
@@ -454,16 +535,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--subset", type=int, default=20000, help="rows for the numpy all-pairs comparison")
     parser.add_argument("--threads", type=int, default=None, help="cells joined at once (default: all CPUs)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stage", action="store_true",
-                        help="also run the whole stage (python -m pipeline.dedup's core) on the vectors written to disk")
+    parser.add_argument(
+        "--stage",
+        action="store_true",
+        help="also run the whole stage (python -m pipeline.dedup's core) on the vectors written to disk",
+    )
     parser.add_argument("--sizes", default=None, help="scale mode: comma-separated N (e.g. 250000,1000000,4000000)")
     parser.add_argument("--world-sizes", default="1,8", help="scale mode: world sizes (the first is the reference)")
     parser.add_argument("--scratch", default=None, help="scale mode: folder for shards and runs (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="scale mode: keep the shards and runs")
-    parser.add_argument("--record-bytes", type=int, default=100,
-                        help="scale mode's extrapolation: bytes of key + caption per record at 2.3B (LAION's captions: ~100)")
-    parser.add_argument("--dup-share-target", type=float, default=0.3,
-                        help="scale mode's extrapolation: share of the 2.3B rows in duplicate groups (default 0.3)")
+    parser.add_argument(
+        "--record-bytes",
+        type=int,
+        default=100,
+        help="scale mode's extrapolation: bytes of key + caption per record at 2.3B (LAION's captions: ~100)",
+    )
+    parser.add_argument(
+        "--dup-share-target",
+        type=float,
+        default=0.3,
+        help="scale mode's extrapolation: share of the 2.3B rows in duplicate groups (default 0.3)",
+    )
     parser.add_argument("--task", default=None, help=argparse.SUPPRESS)  # one process of the scale mode
     args = parser.parse_args(argv)
     if args.task:
@@ -485,8 +577,10 @@ def main(argv: list[str] | None = None) -> dict:
     times, labels, pairs, cells = ivf_group(vectors, args.threshold, args.k, settings)
     total = sum(times.values())
     steps = ", ".join(f"{name} {sec:.1f}s" for name, sec in times.items())
-    print(f"ivf search + grouping (nlist {cells.nlist}, nprobe {cells.nprobe}, k {args.k}, threshold {args.threshold}): "
-          f"{steps} -> total {total:.1f} s")  # fmt: skip
+    print(
+        f"ivf search + grouping (nlist {cells.nlist}, nprobe {cells.nprobe}, k {args.k}, threshold {args.threshold}): "
+        f"{steps} -> total {total:.1f} s"
+    )
 
     # Recall against exact search, for the first `queries` rows (a random sample: rows are
     # shuffled): of the pairs above the threshold that exhaustive search finds (no k cap),
@@ -496,29 +590,37 @@ def main(argv: list[str] | None = None) -> dict:
     exact_seconds = time.perf_counter() - t
     grouped = labels[exact.i] == labels[exact.j]
     recall = float(grouped.mean()) if len(exact) else 1.0
-    print(f"pair recall against exact search ({queries} sampled queries, {len(exact)} exact pairs, exact took "
-          f"{exact_seconds:.1f} s): {recall:.4f} grouped together")  # fmt: skip
+    print(
+        f"pair recall against exact search ({queries} sampled queries, {len(exact)} exact pairs, exact took "
+        f"{exact_seconds:.1f} s): {recall:.4f} grouped together"
+    )
     scores = pair_scores(labels, truth)
     print(f"groups against the planted groups: pair precision {scores['precision']:.4f}, recall {scores['recall']:.4f}")
 
     faiss_seconds = faiss_ivf_search_seconds(vectors, cells, queries, args.k)
     faiss_full = faiss_seconds * args.n / queries
-    print(f"faiss IndexIVFFlat.search, same cells and nprobe: {faiss_seconds:.1f} s for {queries} queries -> "
-          f"{faiss_full:.0f} s for all {args.n}; the cell join took {times['cell join']:.1f} s: "
-          f"{faiss_full / times['cell join']:.1f}x faster")  # fmt: skip
+    print(
+        f"faiss IndexIVFFlat.search, same cells and nprobe: {faiss_seconds:.1f} s for {queries} queries -> "
+        f"{faiss_full:.0f} s for all {args.n}; the cell join took {times['cell join']:.1f} s: "
+        f"{faiss_full / times['cell join']:.1f}x faster"
+    )
 
     sub = np.ascontiguousarray(vectors[:subset])
     t = time.perf_counter()
     numpy_pairs = numpy_all_pairs(sub, args.threshold)
     numpy_seconds = time.perf_counter() - t
-    sub_times, _, sub_pairs, _ = ivf_group(sub, args.threshold, None, IndexSettings(kind="ivf", nprobe=args.nprobe, seed=args.seed, threads=args.threads))
+    sub_times, _, sub_pairs, _ = ivf_group(
+        sub, args.threshold, None, IndexSettings(kind="ivf", nprobe=args.nprobe, seed=args.seed, threads=args.threads)
+    )
     sub_seconds = sum(sub_times.values())
     sub_recall = len(sub_pairs.undirected() & numpy_pairs.undirected()) / max(1, len(numpy_pairs.undirected()))
     numpy_full = numpy_seconds * (args.n / subset) ** 2
-    print(f"numpy all-pairs loop on a {subset}-row subset: {numpy_seconds:.1f} s; ivf search (no k cap) + grouping of "
-          f"the same subset: {sub_seconds:.1f} s ({numpy_seconds / sub_seconds:.1f}x faster; it found {sub_recall:.4f} "
-          f"of the numpy pairs directly); "
-          f"extrapolated to N: numpy {numpy_full:.0f} s vs ivf {total:.1f} s measured ({numpy_full / total:.0f}x)")  # fmt: skip
+    print(
+        f"numpy all-pairs loop on a {subset}-row subset: {numpy_seconds:.1f} s; ivf search (no k cap) + grouping of "
+        f"the same subset: {sub_seconds:.1f} s ({numpy_seconds / sub_seconds:.1f}x faster; it found {sub_recall:.4f} "
+        f"of the numpy pairs directly); "
+        f"extrapolated to N: numpy {numpy_full:.0f} s vs ivf {total:.1f} s measured ({numpy_full / total:.0f}x)"
+    )
     if args.stage:
         stage_seconds = run_stage(vectors, args)
         total = max(total, stage_seconds)

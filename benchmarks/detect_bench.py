@@ -65,19 +65,25 @@ def main(argv: list[str] | None = None) -> None:
     upper = np.argwhere(np.triu(np.ones((args.n, args.n), dtype=bool), k=1))
     pairs = upper[rng.choice(len(upper), size=min(args.loop_pairs, len(upper)), replace=False)]
 
-    print(f"{args.n} images of {args.size}x{args.size}, {args.grid}x{args.grid} tiles: {all_pairs:,} pairs; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {os.cpu_count()} CPUs")
+    print(
+        f"{args.n} images of {args.size}x{args.size}, {args.grid}x{args.grid} tiles: {all_pairs:,} pairs; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {os.cpu_count()} CPUs"
+    )
     per_pair, loop_values = time_loop(images, pairs, args.grid)
     loop_total = per_pair * all_pairs
-    print(f"per-pair numpy loop : {per_pair * 1e3:8.3f} ms/pair on {len(pairs)} pairs -> {loop_total:9.2f} s for all pairs (extrapolated)")
+    print(
+        f"per-pair numpy loop : {per_pair * 1e3:8.3f} ms/pair on {len(pairs)} pairs -> {loop_total:9.2f} s for all pairs (extrapolated)"
+    )
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
     for device in devices:
         seconds, distances = time_tiled(images, args.grid, device, args.repeats)
         error = np.abs(distances[pairs[:, 0], pairs[:, 1]] - loop_values).max()
         name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-        print(f"tiled_l2 [{name}]: {seconds:9.3f} s for all pairs -> {loop_total / seconds:8.1f}x faster than the loop "
-              f"(max difference on the sampled pairs {error:.1e})")
+        print(
+            f"tiled_l2 [{name}]: {seconds:9.3f} s for all pairs -> {loop_total / seconds:8.1f}x faster than the loop "
+            f"(max difference on the sampled pairs {error:.1e})"
+        )
 
 
 if __name__ == "__main__":

@@ -115,21 +115,37 @@ def denoiser_flops_per_eval(pipe, height: int, width: int, guidance: float) -> i
     denoiser.forward = counted  # an instance attribute: nn.Module.__call__ runs it
     try:
         with torch.no_grad():
-            pipe(PROMPTS[0], num_inference_steps=1, guidance_scale=guidance, height=height, width=width,
-                 output_type="latent", **plain_options(pipe))  # fmt: skip
+            pipe(
+                PROMPTS[0],
+                num_inference_steps=1,
+                guidance_scale=guidance,
+                height=height,
+                width=width,
+                output_type="latent",
+                **plain_options(pipe),
+            )
     finally:
         del denoiser.forward
     return int(counts[0])
 
 
-def time_plain_loop(pipe, prompts: list[str], n_images: int, steps: int, guidance: float, size: int, out_dir: Path, device) -> float:
+def time_plain_loop(
+    pipe, prompts: list[str], n_images: int, steps: int, guidance: float, size: int, out_dir: Path, device
+) -> float:
     """Seconds per image of the obvious diffusers loop (one call per image, PIL, PNG in the loop)."""
     options = plain_options(pipe)
 
     def one(i: int) -> None:
         generator = torch.Generator(device="cpu").manual_seed(i)
-        image = pipe(prompts[i % len(prompts)], num_inference_steps=steps, guidance_scale=guidance,
-                     height=size, width=size, generator=generator, **options).images[0]  # fmt: skip
+        image = pipe(
+            prompts[i % len(prompts)],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            generator=generator,
+            **options,
+        ).images[0]
         image.save(out_dir / f"{i:05d}.png")
 
     one(0)  # warm-up: kernels, allocator
@@ -151,8 +167,14 @@ def time_generator(pipe, prompts: list[str], n_samples: int, args, dtype_name: s
     runtime = Runtime(device=device.type, dtype=dtype_name, compile=args.compile)
     settings = SamplingSettings(steps=args.steps, guidance_scale=args.guidance, height=args.resolution, width=args.resolution)
     items = [Prompt(f"{i:05d}", p) for i, p in enumerate(prompts)]
-    options = dict(model=f"random-{args.family}-architecture", settings=settings, runtime=runtime, batch_size=args.batch_size,
-                   png_workers=args.png_workers, progress=not args.quiet)  # fmt: skip
+    options = dict(
+        model=f"random-{args.family}-architecture",
+        settings=settings,
+        runtime=runtime,
+        batch_size=args.batch_size,
+        png_workers=args.png_workers,
+        progress=not args.quiet,
+    )
     generate(pipe, items, out_dir / "warmup", n_samples=math.ceil(args.batch_size / len(items)), base_seed=1, **options)
     synchronize(device)
     start = time.perf_counter()
@@ -173,18 +195,34 @@ def default_peak(device: torch.device) -> tuple[float | None, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", default="sd", choices=family_models.FAMILIES,
-                        help="the model family's architecture: " + ", ".join(f"{k} ({v[1]})" for k, v in family_models.MODELS.items()))  # fmt: skip
+    parser.add_argument(
+        "--family",
+        default="sd",
+        choices=family_models.FAMILIES,
+        help="the model family's architecture: " + ", ".join(f"{k} ({v[1]})" for k, v in family_models.MODELS.items()),
+    )
     parser.add_argument("--tiny", action="store_true", help="the family's structure scaled down to run in seconds on a CPU")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--dtype", default="auto", help="the generator's dtype: auto (float16 on CUDA), float32, float16, bfloat16")
-    parser.add_argument("--baseline-dtype", default="float32", help="the plain loop's dtype: float32 (diffusers' default) or 'same'")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the family's, e.g. 50 for sd; 4 with --tiny)")
+    parser.add_argument(
+        "--dtype", default="auto", help="the generator's dtype: auto (float16 on CUDA), float32, float16, bfloat16"
+    )
+    parser.add_argument(
+        "--baseline-dtype", default="float32", help="the plain loop's dtype: float32 (diffusers' default) or 'same'"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: the family's, e.g. 50 for sd; 4 with --tiny)"
+    )
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's, e.g. 7.5 for sd)")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help=f"image side (default: the family's, e.g. 512 for sd; {family_models.TINY_SIZE} with --tiny)")  # fmt: skip
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help=f"image side (default: the family's, e.g. 512 for sd; {family_models.TINY_SIZE} with --tiny)",
+    )
     parser.add_argument("--n-images", type=int, default=None, help="images made by the generator (default 256; 16 with --tiny)")
-    parser.add_argument("--baseline-images", type=int, default=None, help="images made by the plain loop (default 16; 4 with --tiny)")
+    parser.add_argument(
+        "--baseline-images", type=int, default=None, help="images made by the plain loop (default 16; 4 with --tiny)"
+    )
     parser.add_argument("--n-prompts", type=int, default=len(PROMPTS), help=f"distinct prompts (at most {len(PROMPTS)})")
     parser.add_argument("--batch-size", type=int, default=None, help="the generator's batch (default 32; 8 with --tiny)")
     parser.add_argument("--png-workers", type=int, default=4)
@@ -221,32 +259,50 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = build(base_dtype if not args.skip_baseline else dtype)
     evals = args.steps * family_of(pipe).evaluations_per_step(pipe, args.guidance)
     print(f"command   : {' '.join(sys.argv)}")
-    print(f"device    : {device_name} ({device}); torch {torch.__version__}, diffusers {diffusers.__version__}, "
-          f"python {platform.python_version()}, {torch.get_num_threads()} CPU threads")  # fmt: skip
-    print(f"model     : {type(pipe).__name__}, {'tiny ' + args.family + '-structured' if args.tiny else family_models.MODELS[args.family][1] + ' architecture'}, "
-          f"random weights; {args.resolution}x{args.resolution}, {args.steps} steps, guidance {args.guidance} -> {evals} denoiser evaluations/image")  # fmt: skip
+    print(
+        f"device    : {device_name} ({device}); torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"python {platform.python_version()}, {torch.get_num_threads()} CPU threads"
+    )
+    print(
+        f"model     : {type(pipe).__name__}, {'tiny ' + args.family + '-structured' if args.tiny else family_models.MODELS[args.family][1] + ' architecture'}, "
+        f"random weights; {args.resolution}x{args.resolution}, {args.steps} steps, guidance {args.guidance} -> {evals} denoiser evaluations/image"
+    )
 
-    results: dict = dict(device=device_name, family=args.family, pipeline_class=type(pipe).__name__, tiny=args.tiny,
-                         steps=args.steps, resolution=args.resolution, guidance=args.guidance, dtype=dtype_name(dtype),
-                         batch_size=args.batch_size)  # fmt: skip
+    results: dict = dict(
+        device=device_name,
+        family=args.family,
+        pipeline_class=type(pipe).__name__,
+        tiny=args.tiny,
+        steps=args.steps,
+        resolution=args.resolution,
+        guidance=args.guidance,
+        dtype=dtype_name(dtype),
+        batch_size=args.batch_size,
+    )
     flops = denoiser_flops_per_eval(pipe, args.resolution, args.resolution, args.guidance)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         if not args.skip_baseline:
             (out / "plain").mkdir(parents=True, exist_ok=True)
-            s_plain = time_plain_loop(pipe, prompts, args.baseline_images, args.steps, args.guidance, args.resolution, out / "plain", device)
+            s_plain = time_plain_loop(
+                pipe, prompts, args.baseline_images, args.steps, args.guidance, args.resolution, out / "plain", device
+            )
             del pipe
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             results.update(plain_images_per_s=1 / s_plain, plain_dtype=dtype_name(base_dtype), plain_images=args.baseline_images)
-            print(f"plain diffusers loop   : {1 / s_plain:9.3f} images/s  ({s_plain:7.3f} s/image, {dtype_name(base_dtype)}, "
-                  f"1 prompt/call, {args.baseline_images} images)")  # fmt: skip
+            print(
+                f"plain diffusers loop   : {1 / s_plain:9.3f} images/s  ({s_plain:7.3f} s/image, {dtype_name(base_dtype)}, "
+                f"1 prompt/call, {args.baseline_images} images)"
+            )
             pipe = build(dtype)
         optimize_pipeline(pipe, Runtime(device=device.type, dtype=dtype_name(dtype), compile=args.compile))
         s_ours, n_made = time_generator(pipe, prompts, n_samples, args, dtype_name(dtype), out, device)
         results.update(generator_images_per_s=1 / s_ours, generator_images=n_made)
-        print(f"memaudit generator     : {1 / s_ours:9.3f} images/s  ({s_ours:7.3f} s/image, {dtype_name(dtype)}, "
-              f"batch {args.batch_size}, {len(prompts)} prompts mixed, {n_made} images)")  # fmt: skip
+        print(
+            f"memaudit generator     : {1 / s_ours:9.3f} images/s  ({s_ours:7.3f} s/image, {dtype_name(dtype)}, "
+            f"batch {args.batch_size}, {len(prompts)} prompts mixed, {n_made} images)"
+        )
         if not args.skip_baseline:
             results["speedup"] = s_plain / s_ours
             print(f"speed-up               : {s_plain / s_ours:9.2f}x")
@@ -254,13 +310,17 @@ def main(argv: list[str] | None = None) -> dict:
     per_image = flops * evals
     achieved = per_image / s_ours
     results.update(unet_gflop_per_eval=flops / 1e9, unet_tflop_per_image=per_image / 1e12, unet_tflops_achieved=achieved / 1e12)
-    print(f"denoiser FLOP          : {flops / 1e9:.1f} GFLOP/evaluation (one image, {args.resolution}x{args.resolution}) "
-          f"x {evals} = {per_image / 1e12:.2f} TFLOP/image")  # fmt: skip
+    print(
+        f"denoiser FLOP          : {flops / 1e9:.1f} GFLOP/evaluation (one image, {args.resolution}x{args.resolution}) "
+        f"x {evals} = {per_image / 1e12:.2f} TFLOP/image"
+    )
     if peak:
         results.update(peak_tflops=peak, unet_peak_fraction=achieved / (peak * 1e12))
         note = "" if dtype in (torch.float16, torch.bfloat16) else " (the peak is 16-bit; float32 runs far below it)"
-        print(f"denoiser throughput    : {achieved / 1e12:.1f} TFLOP/s = {100 * achieved / (peak * 1e12):.1f}% of the "
-              f"{peak:.0f} TFLOP/s peak{note}")  # fmt: skip
+        print(
+            f"denoiser throughput    : {achieved / 1e12:.1f} TFLOP/s = {100 * achieved / (peak * 1e12):.1f}% of the "
+            f"{peak:.0f} TFLOP/s peak{note}"
+        )
     else:
         print(f"denoiser throughput    : {achieved / 1e12:.3f} TFLOP/s (no peak known for this device: pass --peak-tflops)")
     print("RESULT " + json.dumps(results, sort_keys=True))

@@ -54,7 +54,15 @@ from pipeline.demo.dataset import SKIMAGE_PHOTOS, drawn_scene, made_up_word, mak
 FORMATS = ("files", "webdataset", "parquet")
 EDITS = ("resize", "crop", "rotate", "brightness_contrast", "greyscale", "mirror", "text", "letterbox", "jpeg")
 # How often each optional edit is applied to a copy (resize and jpeg always are).
-EDIT_RATES = {"crop": 0.5, "rotate": 0.35, "brightness_contrast": 0.5, "greyscale": 0.2, "mirror": 0.3, "text": 0.4, "letterbox": 0.35}
+EDIT_RATES = {
+    "crop": 0.5,
+    "rotate": 0.35,
+    "brightness_contrast": 0.5,
+    "greyscale": 0.2,
+    "mirror": 0.3,
+    "text": 0.4,
+    "letterbox": 0.35,
+}
 # Shares of the originals that are hard negatives (the rest are photo-like pictures).
 HARD_NEGATIVE_SHARES = {"tile": 0.08, "poster": 0.06, "gradient": 0.06}
 ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9, 3 / 4, 2 / 3, 9 / 16)
@@ -108,11 +116,18 @@ def photo_like(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     w, h = size
     palette = rng.integers(0, 256, size=(3, 3)).astype(np.float32)
     coarse = [noise_field(rng, (h // 4, w // 4), float(rng.uniform(2.0, 3.2))) for _ in range(2)]
-    coarse = [np.asarray(Image.fromarray((c * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC), np.float32) / 255 for c in coarse]
+    coarse = [
+        np.asarray(Image.fromarray((c * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC), np.float32) / 255
+        for c in coarse
+    ]
     rgb = palette[0] + coarse[0][..., None] * (palette[1] - palette[0]) + coarse[1][..., None] * (palette[2] - palette[0]) * 0.6
     fine = noise_field(rng, (h, w), float(rng.uniform(1.0, 2.0)))
     rgb += (fine[..., None] - 0.5) * float(rng.uniform(10, 60))
-    light = np.linspace(*rng.uniform(0.6, 1.2, size=2), h)[:, None] if rng.uniform() < 0.5 else np.linspace(*rng.uniform(0.6, 1.2, size=2), w)[None, :]
+    light = (
+        np.linspace(*rng.uniform(0.6, 1.2, size=2), h)[:, None]
+        if rng.uniform() < 0.5
+        else np.linspace(*rng.uniform(0.6, 1.2, size=2), w)[None, :]
+    )
     rgb = rgb * light[..., None]
     image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
     layer = image.copy()
@@ -165,7 +180,14 @@ def posters(rng: np.random.Generator, count: int) -> list[Image.Image]:
         w, h = 360, 480
         background = tuple(int(c) for c in rng.integers(0, 256, size=3))
         frame = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        shapes = [(tuple(int(v) for v in rng.integers(0, 360, size=2)), int(rng.integers(30, 90)), tuple(int(c) for c in rng.integers(0, 256, size=3))) for _ in range(3)]
+        shapes = [
+            (
+                tuple(int(v) for v in rng.integers(0, 360, size=2)),
+                int(rng.integers(30, 90)),
+                tuple(int(c) for c in rng.integers(0, 256, size=3)),
+            )
+            for _ in range(3)
+        ]
         block = (int(rng.integers(20, 160)), int(rng.integers(150, 260)))
         for level in rng.permutation([0.1, 0.5, 0.9]):
             image = Image.new("RGB", (w, h), background)
@@ -296,7 +318,9 @@ def rotate(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return rotated.crop((dx, dy, w - dx, h - dy))
 
 
-def edit_copy(image: Image.Image, rng: np.random.Generator, rates: dict[str, float] | None = None) -> tuple[Image.Image, list[str], int]:
+def edit_copy(
+    image: Image.Image, rng: np.random.Generator, rates: dict[str, float] | None = None
+) -> tuple[Image.Image, list[str], int]:
     """A copy of ``image`` through a random combination of edits.
 
     Returns ``(copy, edits applied, JPEG quality)``; the JPEG encoding (quality 30-95)
@@ -352,7 +376,9 @@ def img2dataset_resize(data: bytes, size: int = IMG2DATASET_SIZE) -> tuple[bytes
         image = img.convert("RGB")
     ow, oh = image.size
     scale = size / max(ow, oh)
-    resized = image.resize((max(1, round(ow * scale)), max(1, round(oh * scale))), Image.Resampling.BOX if scale < 1 else Image.Resampling.LANCZOS)
+    resized = image.resize(
+        (max(1, round(ow * scale)), max(1, round(oh * scale))), Image.Resampling.BOX if scale < 1 else Image.Resampling.LANCZOS
+    )
     canvas = Image.new("RGB", (size, size), (255, 255, 255))
     canvas.paste(resized, ((size - resized.width) // 2, (size - resized.height) // 2))
     return jpeg_bytes(canvas, 95), {"width": size, "height": size, "original_width": ow, "original_height": oh}
@@ -383,15 +409,30 @@ def build_records(
         originals[index].copies = int(rng.integers(light_copies[0], light_copies[1] + 1))
     records = []
     for original in originals:
-        records.append(PlantedRecord(jpeg_bytes(original.image, 95), original.caption, original.original_id, original.kind, original.copies, ["original"]))
+        records.append(
+            PlantedRecord(
+                jpeg_bytes(original.image, 95),
+                original.caption,
+                original.original_id,
+                original.kind,
+                original.copies,
+                ["original"],
+            )
+        )
         for _ in range(original.copies - 1):
             copy, applied, quality = edit_copy(original.image, rng, rates)
-            records.append(PlantedRecord(jpeg_bytes(copy, quality), original.caption, original.original_id, original.kind, original.copies, applied))
+            records.append(
+                PlantedRecord(
+                    jpeg_bytes(copy, quality), original.caption, original.original_id, original.kind, original.copies, applied
+                )
+            )
     order = rng.permutation(len(records))
     return [records[i] for i in order]
 
 
-def write_planted(out_dir: str | Path, records: list[PlantedRecord], per_shard: int = 10000, formats: tuple[str, ...] = FORMATS) -> dict[str, Path]:
+def write_planted(
+    out_dir: str | Path, records: list[PlantedRecord], per_shard: int = 10000, formats: tuple[str, ...] = FORMATS
+) -> dict[str, Path]:
     """Write ``records`` through img2dataset's resizer in each of ``formats`` under ``out_dir``.
 
     Returns ``{format: path}``; ``out_dir/<format>_ground_truth.parquet`` is written beside each.
@@ -412,11 +453,24 @@ def write_planted(out_dir: str | Path, records: list[PlantedRecord], per_shard: 
                 record, (jpg, sizes) = records[index], resized[index]
                 # img2dataset's key: the shard number, then the index within the shard.
                 key = f"{shard:05d}{index - shard * per_shard:0{len(str(per_shard - 1))}d}"
-                meta = {"url": f"https://example.com/{key}.jpg", "caption": record.caption, "key": key, "status": "success",
-                        "error_message": None, **sizes}  # fmt: skip
+                meta = {
+                    "url": f"https://example.com/{key}.jpg",
+                    "caption": record.caption,
+                    "key": key,
+                    "status": "success",
+                    "error_message": None,
+                    **sizes,
+                }
                 rows.append((key, jpg, record, meta))
-                truth.append({"key": key if fmt == "parquet" else f"{shard:05d}/{key}", "original_id": record.original_id,
-                              "kind": record.kind, "dup_count": record.dup_count, "edits": ",".join(record.edits)})  # fmt: skip
+                truth.append(
+                    {
+                        "key": key if fmt == "parquet" else f"{shard:05d}/{key}",
+                        "original_id": record.original_id,
+                        "kind": record.kind,
+                        "dup_count": record.dup_count,
+                        "edits": ",".join(record.edits),
+                    }
+                )
             _write_shard(root, fmt, shard, rows)
         pd.DataFrame(truth).to_parquet(out_dir / f"{fmt}_ground_truth.parquet", index=False)
         paths[fmt] = root
@@ -451,9 +505,16 @@ def _write_shard(root: Path, fmt: str, shard: int, rows: list) -> None:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
-def build_planted(out_dir: str | Path, seed: int = 0, n_originals: int = 600, heavy: int = 12, light: int = 30,
-                  per_shard: int = 10000, rates: dict[str, float] | None = None,
-                  formats: tuple[str, ...] = FORMATS) -> dict[str, Path]:  # fmt: skip
+def build_planted(
+    out_dir: str | Path,
+    seed: int = 0,
+    n_originals: int = 600,
+    heavy: int = 12,
+    light: int = 30,
+    per_shard: int = 10000,
+    rates: dict[str, float] | None = None,
+    formats: tuple[str, ...] = FORMATS,
+) -> dict[str, Path]:
     """Build a planted set into ``out_dir`` (see the module doc); returns ``{format: path}``."""
     records = build_records(seed, n_originals, heavy, light=light, rates=rates)
     return write_planted(out_dir, records, per_shard, formats)
@@ -468,7 +529,9 @@ def data_config(out_dir: str | Path, fmt: str) -> dict:
     return {"format": fmt, "path": str(Path(out_dir) / fmt), "ground_truth": str(Path(out_dir) / f"{fmt}_ground_truth.parquet")}
 
 
-def score_with_dedup(out_dir: str | Path, fmt: str, embedder, threshold: float | None = None, run_dir: str | Path | None = None) -> dict:
+def score_with_dedup(
+    out_dir: str | Path, fmt: str, embedder, threshold: float | None = None, run_dir: str | Path | None = None
+) -> dict:
     """Run the dedup stage on one format; returns its summary's ``evaluation`` plus timing."""
     from pipeline.dedup.stage import DedupSettings, run_dedup
 
@@ -531,8 +594,10 @@ def main() -> None:
         start = time.perf_counter()
         build_planted(args.out, args.seed, args.originals, args.heavy, args.light, args.per_shard)
         truth = pd.read_parquet(Path(args.out) / "files_ground_truth.parquet")
-        print(f"planted set: {len(truth)} records from {truth.original_id.nunique()} originals "
-              f"(seed {args.seed}) in {', '.join(FORMATS)} under {args.out} ({time.perf_counter() - start:.0f} s)")  # fmt: skip
+        print(
+            f"planted set: {len(truth)} records from {truth.original_id.nunique()} originals "
+            f"(seed {args.seed}) in {', '.join(FORMATS)} under {args.out} ({time.perf_counter() - start:.0f} s)"
+        )
     if args.no_score:
         return
     from hydra import compose, initialize_config_dir
@@ -544,9 +609,11 @@ def main() -> None:
     for fmt in FORMATS:
         ev = score_with_dedup(args.out, fmt, embedder)
         rate = ev["records"] / ev["timing"]["embed"] if ev["timing"].get("embed") else float("nan")
-        print(f"  {fmt:<10} pair precision {ev['precision']:.4f}, recall {ev['recall']:.4f} "
-              f"({ev['correct_pairs']} of {ev['predicted_pairs']} predicted / {ev['true_pairs']} true pairs; "
-              f"{ev['records']} records, {rate:.0f} images/s read + embedded)")  # fmt: skip
+        print(
+            f"  {fmt:<10} pair precision {ev['precision']:.4f}, recall {ev['recall']:.4f} "
+            f"({ev['correct_pairs']} of {ev['predicted_pairs']} predicted / {ev['true_pairs']} true pairs; "
+            f"{ev['records']} records, {rate:.0f} images/s read + embedded)"
+        )
         if args.thresholds:
             vectors, keys, _ = embed_format(args.out, fmt, embedder)
             truth = pd.read_parquet(Path(args.out) / f"{fmt}_ground_truth.parquet")

@@ -68,8 +68,8 @@ from pipeline.detect import run_detect
 from pipeline.detect.verify import run_verify
 from pipeline.generate import generate, read_samples
 from pipeline.generate.adaptive import NO_SIGN, AdaptiveSettings, adaptive_outcome
-from pipeline.generate.sampling import SamplingSettings
 from pipeline.generate.recipe import SETTINGS_FILE
+from pipeline.generate.sampling import SamplingSettings
 from pipeline.generations import load_prompts, sample_path
 from pipeline.io import write_json
 from pipeline.models import Runtime, load_model, resolve_device
@@ -81,9 +81,18 @@ from pipeline.training_images import GroupMatcher
 
 TINY_BANDS = {"heavy": (2, 8), "mid": (2, 3), "single": (6, 1)}
 TINY_DEFAULTS = dict(
-    prompts=8, n_samples=6, steps=2, batch_size=16, min_clique=3, keep_fraction=0.5, keep_z=None, prescreen_seeds=2, first_round=2, growth=2.0,
+    prompts=8,
+    n_samples=6,
+    steps=2,
+    batch_size=16,
+    min_clique=3,
+    keep_fraction=0.5,
+    keep_z=None,
+    prescreen_seeds=2,
+    first_round=2,
+    growth=2.0,
     heavy_dup_count=TINY_BANDS["heavy"][1],
-)  # fmt: skip
+)
 
 
 def demo_prompts(ground_truth: pd.DataFrame, n: int, seed: int = 0) -> list[Prompt]:
@@ -100,14 +109,23 @@ def demo_prompts(ground_truth: pd.DataFrame, n: int, seed: int = 0) -> list[Prom
     if n >= len(multi):
         chosen = pd.concat([multi, singles.head(n - len(multi))])
     else:
-        bands = [group for _, group in sorted(pd.concat([multi, singles]).groupby("band"), key=lambda kv: -kv[1].dup_count.iloc[0])]
+        bands = [
+            group for _, group in sorted(pd.concat([multi, singles]).groupby("band"), key=lambda kv: -kv[1].dup_count.iloc[0])
+        ]
         picks, depth = [], 0
         while len(picks) < n:
             picks += [band.iloc[depth] for band in bands if depth < len(band)][: n - len(picks)]
             depth += 1
         chosen = pd.DataFrame(picks)
-    copies = ground_truth.groupby("original_id")["key"].agg(lambda keys: tuple(sorted(str(k) for k in keys))) if "key" in ground_truth else {}
-    return [Prompt(str(r.original_id), str(r.original_caption), int(r.dup_count), copies.get(r.original_id)) for r in chosen.itertuples()]
+    copies = (
+        ground_truth.groupby("original_id")["key"].agg(lambda keys: tuple(sorted(str(k) for k in keys)))
+        if "key" in ground_truth
+        else {}
+    )
+    return [
+        Prompt(str(r.original_id), str(r.original_caption), int(r.dup_count), copies.get(r.original_id))
+        for r in chosen.itertuples()
+    ]
 
 
 def brute_force_prompts(prompts: list[Prompt], singletons: int | None, seed: int) -> list[Prompt]:
@@ -127,27 +145,51 @@ def build_tiny(out: Path) -> tuple[Path, Path]:
     from pipeline.demo.model import DemoModelConfig, build_pipeline
 
     model_dir, data_dir = out / "tiny_model", out / "tiny_data"
-    config = DemoModelConfig(unet_channels=(16, 32), cross_attention_levels=(False, True), norm_num_groups=8, resolution=16, text_width=32)
+    config = DemoModelConfig(
+        unet_channels=(16, 32), cross_attention_levels=(False, True), norm_num_groups=8, resolution=16, text_width=32
+    )
     build_pipeline(config).save_pretrained(model_dir)
     build_demo_dataset(data_dir, image_size=16, bands=TINY_BANDS)
     return model_dir, data_dir
 
 
-def audit(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, adaptive: AdaptiveSettings | None,
-          data: dict | None, seed: int) -> dict:  # fmt: skip
+def audit(
+    pipe,
+    prompts: list[Prompt],
+    out: Path,
+    args,
+    runtime: Runtime,
+    adaptive: AdaptiveSettings | None,
+    data: dict | None,
+    seed: int,
+) -> dict:
     """Generate ``prompts`` into ``out/generations``, detect and (with ``data``, a training set)
     verify against each prompt's ``keys``; returns the run's figures."""
     settings = SamplingSettings(steps=args.steps, guidance_scale=args.guidance, height=args.size, width=args.size)
     rule = near_copy_rule(args)
-    matcher = GroupMatcher(data, rule.metric, delta(args)) if data is not None and adaptive is not None and adaptive.stop_when_extracted else None
+    matcher = (
+        GroupMatcher(data, rule.metric, delta(args))
+        if data is not None and adaptive is not None and adaptive.stop_when_extracted
+        else None
+    )
     cache = Path(args.brute_cache) / f"seed_{seed}" if adaptive is None and args.brute_cache else None
     if cache is not None:
         reuse_samples(cache, out / "generations", prompts, args.n_samples)
     started = time.perf_counter()
     summary = generate(
-        pipe, prompts, out / "generations", model=str(args.model), settings=settings, runtime=runtime,
-        n_samples=args.n_samples, base_seed=seed, batch_size=args.batch_size, progress=args.progress, adaptive=adaptive, matcher=matcher,
-    )  # fmt: skip
+        pipe,
+        prompts,
+        out / "generations",
+        model=str(args.model),
+        settings=settings,
+        runtime=runtime,
+        n_samples=args.n_samples,
+        base_seed=seed,
+        batch_size=args.batch_size,
+        progress=args.progress,
+        adaptive=adaptive,
+        matcher=matcher,
+    )
     generated = time.perf_counter()
     generate_s, reused = generated - started, 0
     if cache is not None:
@@ -158,8 +200,16 @@ def audit(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, adapti
     extracted: set[str] = set()
     if data is not None:
         # Candidates: each prompt's group only (its keys).
-        memorized, _ = run_verify(memorized, out / "generations", out / "detect", data=data, delta=delta(args), exhaustive=False,
-                                  metric=rule.metric, progress=args.progress)  # fmt: skip
+        memorized, _ = run_verify(
+            memorized,
+            out / "generations",
+            out / "detect",
+            data=data,
+            delta=delta(args),
+            exhaustive=False,
+            metric=rule.metric,
+            progress=args.progress,
+        )
         extracted = set(memorized.loc[memorized.extracted.fillna(False).astype(bool), "prompt_id"])
     done = time.perf_counter()
     flagged = set(memorized.loc[memorized.flagged, "prompt_id"])
@@ -228,7 +278,9 @@ def delta(args) -> float:
     return args.threshold if args.delta is None else args.delta
 
 
-def adaptive_alone(generations: Path, table: pd.DataFrame, rule: AdaptiveSettings, matcher: GroupMatcher | None = None) -> pd.DataFrame:
+def adaptive_alone(
+    generations: Path, table: pd.DataFrame, rule: AdaptiveSettings, matcher: GroupMatcher | None = None
+) -> pd.DataFrame:
     """What adaptive sampling would have done to every prompt, replayed on brute-force samples
     (``matcher``: the training images, for ``stop_when_extracted``, compared with each prompt's ``keys``)."""
     rows = []
@@ -237,11 +289,13 @@ def adaptive_alone(generations: Path, table: pd.DataFrame, rule: AdaptiveSetting
         group = [str(k) for k in keys.get(prompt_id)] if keys.get(prompt_id) is not None else []
         matches = near = None
         if matcher is not None and group:
+
             def matches(start, end, pid=prompt_id, group=group):
                 return matcher.any_match(read_samples(generations, pid, end, start=start), group)
 
             def near(end, pid=prompt_id, group=group):
                 return matcher.any_match(read_samples(generations, pid, end), group, within=rule.near_training)
+
         made, reason = adaptive_outcome(lambda k, pid=prompt_id: read_samples(generations, pid, k), int(n), rule, matches, near)
         rows.append({"prompt_id": prompt_id, "n_generated": made, "stopped_early": reason == NO_SIGN, "stop_reason": reason})
     return pd.DataFrame(rows)
@@ -252,7 +306,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="models/demo", help="a saved diffusers pipeline (the demo model)")
     parser.add_argument("--data", default="data/demo", help="the demo set: its ground_truth.parquet gives prompts and dup counts")
     parser.add_argument("--selected", default=None, help="a duplicate finder's selected.parquet to take prompts from instead")
-    parser.add_argument("--prompts", type=int, default=120, help="number of prompts (the 32 duplicated originals, then singletons)")
+    parser.add_argument(
+        "--prompts", type=int, default=120, help="number of prompts (the 32 duplicated originals, then singletons)"
+    )
     parser.add_argument("--n-samples", type=int, default=24, help="samples per prompt (brute force; adaptive's budget)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (the demo model's config: 5)")
@@ -260,59 +316,127 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--min-clique", type=int, default=10, help="the detector's clique size for a flag")
     parser.add_argument("--keep-fraction", type=float, default=None, help="prescreen: share of prompts kept for sampling")
-    parser.add_argument("--keep-z", type=lambda v: None if v.lower() == "none" else float(v), default=2.0,
-                        help="prescreen: keep prompts whose robust z-score is at least this (wen_levels: the largest of its "
-                             "levels' z). 2, well below the usual outlier cut of 3.5: a prompt missed costs recall, one kept "
-                             "costs a first round of --first-round samples; the weakest prompts brute force extracts on the demo "
-                             "model score 2.3-2.7 at 120 prompts; with --keep-fraction, both must hold")
-    parser.add_argument("--prescreen-seeds", type=int, default=6,
-                        help="prescreen noise draws (prescreen.seeds): 6 (at 4 the weakest extracted prompts' z drops to "
-                             "about 2 on some draws; 8 costs more than the 1000-prompt mix's budget allows)")
-    parser.add_argument("--score", choices=SCORES, default="wen_levels",
-                        help="the prescreen's score (prescreen.score): wen_levels, Wen's norm at --levels, the strongest outlier "
-                             "(on the demo model it keeps the 10- and 40-copy prompts the first step misses), or wen (the first step alone), or anisotropy")
-    parser.add_argument("--levels", type=lambda v: [float(x) for x in v.split(",")], default=[0.125],
-                        help="wen_levels' noise levels, fractions of the schedule, comma-separated (prescreen.levels): 0.125 "
-                             "alone, since adding 0.25 doubles the prescreen's cost and raised no weak prompt's z on the demo model")
-    parser.add_argument("--first-round", type=int, default=4,
-                        help="adaptive: samples in the first round: 4 (a prompt kept is mostly extracted within its first 4 "
-                             "samples, or held by --near-training; every singleton kept costs this many)")
+    parser.add_argument(
+        "--keep-z",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=2.0,
+        help="prescreen: keep prompts whose robust z-score is at least this (wen_levels: the largest of its "
+        "levels' z). 2, well below the usual outlier cut of 3.5: a prompt missed costs recall, one kept "
+        "costs a first round of --first-round samples; the weakest prompts brute force extracts on the demo "
+        "model score 2.3-2.7 at 120 prompts; with --keep-fraction, both must hold",
+    )
+    parser.add_argument(
+        "--prescreen-seeds",
+        type=int,
+        default=6,
+        help="prescreen noise draws (prescreen.seeds): 6 (at 4 the weakest extracted prompts' z drops to "
+        "about 2 on some draws; 8 costs more than the 1000-prompt mix's budget allows)",
+    )
+    parser.add_argument(
+        "--score",
+        choices=SCORES,
+        default="wen_levels",
+        help="the prescreen's score (prescreen.score): wen_levels, Wen's norm at --levels, the strongest outlier "
+        "(on the demo model it keeps the 10- and 40-copy prompts the first step misses), or wen (the first step alone), or anisotropy",
+    )
+    parser.add_argument(
+        "--levels",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[0.125],
+        help="wen_levels' noise levels, fractions of the schedule, comma-separated (prescreen.levels): 0.125 "
+        "alone, since adding 0.25 doubles the prescreen's cost and raised no weak prompt's z on the demo model",
+    )
+    parser.add_argument(
+        "--first-round",
+        type=int,
+        default=4,
+        help="adaptive: samples in the first round: 4 (a prompt kept is mostly extracted within its first 4 "
+        "samples, or held by --near-training; every singleton kept costs this many)",
+    )
     parser.add_argument("--growth", type=float, default=1.5, help="adaptive: round growth factor")
-    parser.add_argument("--min-close-pairs", type=int, default=AdaptiveSettings.min_close_pairs,
-                        help="adaptive: near-copy pairs a round needs to go on")
-    parser.add_argument("--no-stop-when-flagged", dest="stop_when_flagged", action="store_false",
-                        help="adaptive: sample flagged prompts to the full budget (default: stop once a clique of --min-clique exists)")
-    parser.add_argument("--no-stop-when-out-of-reach", dest="stop_when_out_of_reach", action="store_false",
-                        help="adaptive: sample on when the budget left can no longer complete a clique of --min-clique")
-    parser.add_argument("--no-stop-when-extracted", dest="stop_when_extracted", action="store_false",
-                        help="adaptive: sample on after a sample reproduces one of the prompt's training images")
-    parser.add_argument("--no-stop-when-unlikely", dest="stop_when_unlikely", action="store_false",
-                        help="adaptive: sample on when a clique is unlikely to complete (the Wilson bound heuristic)")
-    parser.add_argument("--near-training", type=lambda v: None if v.lower() == "none" else float(v), default=0.25,
-                        help="adaptive: hold a prompt with a sample within this of one of its training images past the stops on "
-                             "the flag (adaptive.near_training; needs stop once extracted; none: off)")
+    parser.add_argument(
+        "--min-close-pairs",
+        type=int,
+        default=AdaptiveSettings.min_close_pairs,
+        help="adaptive: near-copy pairs a round needs to go on",
+    )
+    parser.add_argument(
+        "--no-stop-when-flagged",
+        dest="stop_when_flagged",
+        action="store_false",
+        help="adaptive: sample flagged prompts to the full budget (default: stop once a clique of --min-clique exists)",
+    )
+    parser.add_argument(
+        "--no-stop-when-out-of-reach",
+        dest="stop_when_out_of_reach",
+        action="store_false",
+        help="adaptive: sample on when the budget left can no longer complete a clique of --min-clique",
+    )
+    parser.add_argument(
+        "--no-stop-when-extracted",
+        dest="stop_when_extracted",
+        action="store_false",
+        help="adaptive: sample on after a sample reproduces one of the prompt's training images",
+    )
+    parser.add_argument(
+        "--no-stop-when-unlikely",
+        dest="stop_when_unlikely",
+        action="store_false",
+        help="adaptive: sample on when a clique is unlikely to complete (the Wilson bound heuristic)",
+    )
+    parser.add_argument(
+        "--near-training",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=0.25,
+        help="adaptive: hold a prompt with a sample within this of one of its training images past the stops on "
+        "the flag (adaptive.near_training; needs stop once extracted; none: off)",
+    )
     parser.add_argument("--heavy-dup-count", type=int, default=100, help="dup_count from which a prompt is heavy (ROC AUC)")
     parser.add_argument("--seed", type=int, default=0, help="one seed (prompt choice, sampling and prescreen noise)")
-    parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=None,
-                        help="comma-separated seeds, e.g. 0,1,2: a run per seed, each seed's figures and the worst (overrides --seed)")
-    parser.add_argument("--brute-singletons", type=int, default=None,
-                        help="brute force samples every duplicated prompt and only this many random singletons; its cost is "
-                             "extrapolated exactly (default: every prompt)")
-    parser.add_argument("--brute-cache", default=None,
-                        help="a folder keeping brute force's samples per seed: a later run (any prompt mix, same model and recipe) "
-                             "reuses them and makes only the missing ones; its generation time is extrapolated from the samples timed")
+    parser.add_argument(
+        "--seeds",
+        type=lambda v: [int(x) for x in v.split(",") if x.strip()],
+        default=None,
+        help="comma-separated seeds, e.g. 0,1,2: a run per seed, each seed's figures and the worst (overrides --seed)",
+    )
+    parser.add_argument(
+        "--brute-singletons",
+        type=int,
+        default=None,
+        help="brute force samples every duplicated prompt and only this many random singletons; its cost is "
+        "extrapolated exactly (default: every prompt)",
+    )
+    parser.add_argument(
+        "--brute-cache",
+        default=None,
+        help="a folder keeping brute force's samples per seed: a later run (any prompt mix, same model and recipe) "
+        "reuses them and makes only the missing ones; its generation time is extrapolated from the samples timed",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="an empty or new folder for both runs' outputs (default: a temporary one)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model and demo set: a check that runs in seconds")
-    parser.add_argument("--delta", type=float, default=None,
-                        help="verification (and stop_when_extracted): a sample within this of a training image reproduces it; default --threshold")
-    parser.add_argument("--brute-kept-only", action="store_true",
-                        help="a partial check: brute force samples only the prompts the prescreen kept (recall is then adaptive "
-                             "sampling's alone; the cost fraction is still exact)")
-    parser.add_argument("--max-fraction", type=float, default=0.10,
-                        help="the evaluation fraction target (0.10 at 120 prompts, 0.02 at the 1000-prompt mix)")
-    parser.add_argument("--threshold", type=float, default=0.15, help="tiled L2 of near-copies, for the detector and adaptive sampling")
+    parser.add_argument(
+        "--delta",
+        type=float,
+        default=None,
+        help="verification (and stop_when_extracted): a sample within this of a training image reproduces it; default --threshold",
+    )
+    parser.add_argument(
+        "--brute-kept-only",
+        action="store_true",
+        help="a partial check: brute force samples only the prompts the prescreen kept (recall is then adaptive "
+        "sampling's alone; the cost fraction is still exact)",
+    )
+    parser.add_argument(
+        "--max-fraction",
+        type=float,
+        default=0.10,
+        help="the evaluation fraction target (0.10 at 120 prompts, 0.02 at the 1000-prompt mix)",
+    )
+    parser.add_argument(
+        "--threshold", type=float, default=0.15, help="tiled L2 of near-copies, for the detector and adaptive sampling"
+    )
     if parser.parse_args(argv).tiny:  # small defaults; flags given explicitly still win
         parser.set_defaults(**TINY_DEFAULTS)
     return parser.parse_args(argv)
@@ -342,8 +466,17 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
     comparison and returns its figures (JSON-ready after :func:`_plain`)."""
     n = len(prompts)
     # (b)'s prescreen first: --brute-kept-only needs its choice (it sees no sample of either run).
-    ps = PrescreenSettings(seeds=args.prescreen_seeds, steps=args.steps, keep_fraction=args.keep_fraction, min_robust_z=args.keep_z,
-                           base_seed=seed, height=args.size, width=args.size, score=args.score, levels=tuple(args.levels))  # fmt: skip
+    ps = PrescreenSettings(
+        seeds=args.prescreen_seeds,
+        steps=args.steps,
+        keep_fraction=args.keep_fraction,
+        min_robust_z=args.keep_z,
+        base_seed=seed,
+        height=args.size,
+        width=args.size,
+        score=args.score,
+        levels=tuple(args.levels),
+    )
     started = time.perf_counter()
     scores = prescreen(pipe, prompts, ps, progress=args.progress)
     prescreen_s = time.perf_counter() - started
@@ -363,11 +496,21 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
     # (b) adaptive sampling of the kept prompts
     # Both compare samples with training images: only where the demo set gives them.
     extracting = args.stop_when_extracted and data is not None
-    rule = AdaptiveSettings(enabled=True, first_round=args.first_round, growth=args.growth, min_close_pairs=args.min_close_pairs,
-                            stop_when_flagged=args.stop_when_flagged, stop_when_out_of_reach=args.stop_when_out_of_reach,
-                            stop_when_extracted=extracting, stop_when_unlikely=args.stop_when_unlikely,
-                            near_training=args.near_training if extracting else None, rule=near_copy_rule(args))  # fmt: skip
-    screened = audit(pipe, [p for p in prompts if p.prompt_id in kept], out / "screened", args, runtime, adaptive=rule, data=data, seed=seed)
+    rule = AdaptiveSettings(
+        enabled=True,
+        first_round=args.first_round,
+        growth=args.growth,
+        min_close_pairs=args.min_close_pairs,
+        stop_when_flagged=args.stop_when_flagged,
+        stop_when_out_of_reach=args.stop_when_out_of_reach,
+        stop_when_extracted=extracting,
+        stop_when_unlikely=args.stop_when_unlikely,
+        near_training=args.near_training if extracting else None,
+        rule=near_copy_rule(args),
+    )
+    screened = audit(
+        pipe, [p for p in prompts if p.prompt_id in kept], out / "screened", args, runtime, adaptive=rule, data=data, seed=seed
+    )
     screened_s = prescreen_s + screened["generate_s"] + screened["detect_s"]
 
     brute_budget = generation_budget(brute["table"])
@@ -413,54 +556,90 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
         ("prompts extracted", len(brute["extracted"]), len(screened["extracted"])),
         ("prompts found (either)", len(brute["found"]), len(screened["found"])),
     ]
-    print(f"screen_bench seed {seed}: {n} prompts ({n - n_singles} duplicated originals, {n_singles} singletons), {args.n_samples} "
-          f"samples x {args.steps} steps, guidance {args.guidance}, model {args.model}, {device.type} "
-          f"({platform.processor() or platform.machine()}, torch {torch.__version__})")
+    print(
+        f"screen_bench seed {seed}: {n} prompts ({n - n_singles} duplicated originals, {n_singles} singletons), {args.n_samples} "
+        f"samples x {args.steps} steps, guidance {args.guidance}, model {args.model}, {device.type} "
+        f"({platform.processor() or platform.machine()}, torch {torch.__version__})"
+    )
     if args.brute_kept_only:
-        print(f"(a) sampled on the {len(sampled)} prompts the prescreen kept only: recall below is adaptive sampling's alone "
-              f"(the prescreen's misses are NOT measured); its UNet evaluations are exact for all {n}, its times scaled")
+        print(
+            f"(a) sampled on the {len(sampled)} prompts the prescreen kept only: recall below is adaptive sampling's alone "
+            f"(the prescreen's misses are NOT measured); its UNet evaluations are exact for all {n}, its times scaled"
+        )
     elif len(sampled) < n:
-        print(f"(a) sampled on {len(sampled)} prompts (every duplicated one, {len(singles_sampled)} random singletons of {n_singles}); "
-              f"its UNet evaluations are exact for all {n} ({n} x {args.n_samples} x {args.steps} x 2), its times scaled from "
-              f"{brute_measured_s:.1f} s measured; found among the sampled singletons: {len(singles_found)}"
-              + (f" ({', '.join(singles_found)}: counted in (a)'s found prompts; at that rate the {n_singles} singletons would hold "
-                 f"~{len(singles_found) * n_singles / max(1, len(singles_sampled)):.0f})" if singles_found else ""))
+        print(
+            f"(a) sampled on {len(sampled)} prompts (every duplicated one, {len(singles_sampled)} random singletons of {n_singles}); "
+            f"its UNet evaluations are exact for all {n} ({n} x {args.n_samples} x {args.steps} x 2), its times scaled from "
+            f"{brute_measured_s:.1f} s measured; found among the sampled singletons: {len(singles_found)}"
+            + (
+                f" ({', '.join(singles_found)}: counted in (a)'s found prompts; at that rate the {n_singles} singletons would hold "
+                f"~{len(singles_found) * n_singles / max(1, len(singles_sampled)):.0f})"
+                if singles_found
+                else ""
+            )
+        )
     if brute["reused"]:
-        print(f"(a): {brute['reused']:,} of its {len(sampled) * args.n_samples:,} samples reused from --brute-cache {args.brute_cache} "
-              f"(made earlier with the same model, recipe and seeds); its generation time is extrapolated from the samples timed")
-    keep_rule = " and ".join(([f"top {args.keep_fraction:.0%}"] if args.keep_fraction is not None else [])
-                             + ([f"robust z >= {args.keep_z:g}"] if args.keep_z is not None else []))
-    score_name = f"{args.score} at levels {', '.join(f'{v:g}' for v in ps.level_values())}" if args.score == "wen_levels" else args.score
-    print(f"(b): prescreen {score_name}, {args.prescreen_seeds} seeds, keep {keep_rule} ({len(kept)} prompts); adaptive rounds {rule.first_round} "
-          f"x{rule.growth:g}, go on with >= {rule.min_close_pairs} near-copy pair(s)"
-          + (", stop once flagged" if rule.stop_when_flagged else "")
-          + (", stop once a clique is out of reach" if rule.stop_when_out_of_reach else "")
-          + (", stop once extracted" if rule.stop_when_extracted else "")
-          + (", stop once a clique is unlikely" if rule.stop_when_unlikely else "")
-          + (f", held while a sample is within {rule.near_training:g} of a training image" if rule.near_training is not None else "")
-          + f"; detector clique >= {args.min_clique}"
-          + ("; verified against each prompt's training images" if data is not None else "; no verification (no training images)"))
+        print(
+            f"(a): {brute['reused']:,} of its {len(sampled) * args.n_samples:,} samples reused from --brute-cache {args.brute_cache} "
+            f"(made earlier with the same model, recipe and seeds); its generation time is extrapolated from the samples timed"
+        )
+    keep_rule = " and ".join(
+        ([f"top {args.keep_fraction:.0%}"] if args.keep_fraction is not None else [])
+        + ([f"robust z >= {args.keep_z:g}"] if args.keep_z is not None else [])
+    )
+    score_name = (
+        f"{args.score} at levels {', '.join(f'{v:g}' for v in ps.level_values())}" if args.score == "wen_levels" else args.score
+    )
+    print(
+        f"(b): prescreen {score_name}, {args.prescreen_seeds} seeds, keep {keep_rule} ({len(kept)} prompts); adaptive rounds {rule.first_round} "
+        f"x{rule.growth:g}, go on with >= {rule.min_close_pairs} near-copy pair(s)"
+        + (", stop once flagged" if rule.stop_when_flagged else "")
+        + (", stop once a clique is out of reach" if rule.stop_when_out_of_reach else "")
+        + (", stop once extracted" if rule.stop_when_extracted else "")
+        + (", stop once a clique is unlikely" if rule.stop_when_unlikely else "")
+        + (
+            f", held while a sample is within {rule.near_training:g} of a training image"
+            if rule.near_training is not None
+            else ""
+        )
+        + f"; detector clique >= {args.min_clique}"
+        + ("; verified against each prompt's training images" if data is not None else "; no verification (no training images)")
+    )
     print(f"{'':26s}{'(a) brute force':>18s}{'(b) screened':>18s}{'(b)/(a)':>10s}")
     for label, a, b in rows:
         ratio = b / a if a else float("nan")
         digits = 1 if "(s)" in label else 3
         print(f"{label:26s}{fmt(a, digits):>18s}{fmt(b, digits):>18s}{fmt(ratio):>10s}")
     if screened_budget["fewer_samples"]:
-        print(f"verdicts of (b) taken on fewer samples than the budget (extracted or unlikely stops): {', '.join(screened_budget['fewer_samples'])}")
-    print(f"recall of (b) against (a)'s found (flagged or extracted) prompts: {found}/{len(brute['found'])} = {fmt(recall)}"
-          + ("  (brute force found nothing: recall undefined)" if not brute["found"] else ""))
+        print(
+            f"verdicts of (b) taken on fewer samples than the budget (extracted or unlikely stops): {', '.join(screened_budget['fewer_samples'])}"
+        )
+    print(
+        f"recall of (b) against (a)'s found (flagged or extracted) prompts: {found}/{len(brute['found'])} = {fmt(recall)}"
+        + ("  (brute force found nothing: recall undefined)" if not brute["found"] else "")
+    )
     if unknown_to_brute:
         print(f"(b) found {len(unknown_to_brute)} prompt(s) that (a) did not sample: {', '.join(unknown_to_brute)}")
     print(f"evaluation fraction (b)/(a): {fmt(fraction, 4)}   ((a)'s found prompts alone, at the full budget: {fmt(floor, 4)})")
     n_heavy, n_single = int((dup_counts >= args.heavy_dup_count).sum()), int((dup_counts <= 1).sum())
-    print(f"prescreen ROC AUC, dup_count >= {args.heavy_dup_count} ({n_heavy} prompts) vs singletons ({n_single}): {fmt(auc)}"
-          f"   (vs every other prompt: {fmt(aucs['heavy_vs_rest'])})")
-    print("missed of (a)'s found prompts: " + ", ".join(
-        f"{name} {'not measured' if args.brute_kept_only and name != 'adaptive' else missed[name]['n_missed']}"
-        for name in ("prescreen", "adaptive", "both")
-    ) + " (adaptive alone replayed on (a)'s samples" + (f"; unlikely stops among them: "
-        f"{sorted(set(missed['adaptive']['missed']) & set(replay.loc[replay.stop_reason == 'unlikely', 'prompt_id']))})"
-        if rule.stop_when_unlikely else ")"))  # fmt: skip
+    print(
+        f"prescreen ROC AUC, dup_count >= {args.heavy_dup_count} ({n_heavy} prompts) vs singletons ({n_single}): {fmt(auc)}"
+        f"   (vs every other prompt: {fmt(aucs['heavy_vs_rest'])})"
+    )
+    print(
+        "missed of (a)'s found prompts: "
+        + ", ".join(
+            f"{name} {'not measured' if args.brute_kept_only and name != 'adaptive' else missed[name]['n_missed']}"
+            for name in ("prescreen", "adaptive", "both")
+        )
+        + " (adaptive alone replayed on (a)'s samples"
+        + (
+            f"; unlikely stops among them: "
+            f"{sorted(set(missed['adaptive']['missed']) & set(replay.loc[replay.stop_reason == 'unlikely', 'prompt_id']))})"
+            if rule.stop_when_unlikely
+            else ")"
+        )
+    )
     limit = args.max_fraction
     targets = {  # None: undefined on this run (no heavy prompt, or nothing found by brute force)
         "roc_auc>=0.95": None if math.isnan(auc) else bool(auc >= 0.95),
@@ -477,22 +656,40 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
         "steps": args.steps,
         "guidance": args.guidance,
         "device": device.type,
-        "brute_force": {"unet_evaluations": brute_evaluations, "seconds": brute_s, "seconds_measured": brute_measured_s,
-                        "prompts_sampled": len(sampled), "singletons_sampled": len(singles_sampled), "singletons_found": singles_found,
-                        "samples": brute_budget["samples"], "samples_reused": brute["reused"], "flagged": sorted(brute["flagged"]), "extracted": sorted(brute["extracted"]),
-                        "found": sorted(brute["found"])},
-        "screened": {"unet_evaluations": screened_budget["unet_evaluations"], "seconds": screened_s, "samples": screened_budget["samples"],
-                     "prescreen_evaluations": screened_budget["prescreen_evaluations"], "kept": sorted(kept),
-                     "stopped_early": screened_budget["prompts_stopped_early"],
-                     "stopped_flagged": screened_budget["prompts_stopped_flagged"],
-                     "stopped_out_of_reach": screened_budget["prompts_stopped_out_of_reach"],
-                     "stopped_extracted": screened_budget["prompts_stopped_extracted"],
-                     "stopped_unlikely": screened_budget["prompts_stopped_unlikely"],
-                     "fewer_samples": screened_budget["fewer_samples"],
-                     "flagged": sorted(screened["flagged"]), "extracted": sorted(screened["extracted"]), "found": sorted(screened["found"]),
-                     "found_not_sampled_by_brute_force": unknown_to_brute},
+        "brute_force": {
+            "unet_evaluations": brute_evaluations,
+            "seconds": brute_s,
+            "seconds_measured": brute_measured_s,
+            "prompts_sampled": len(sampled),
+            "singletons_sampled": len(singles_sampled),
+            "singletons_found": singles_found,
+            "samples": brute_budget["samples"],
+            "samples_reused": brute["reused"],
+            "flagged": sorted(brute["flagged"]),
+            "extracted": sorted(brute["extracted"]),
+            "found": sorted(brute["found"]),
+        },
+        "screened": {
+            "unet_evaluations": screened_budget["unet_evaluations"],
+            "seconds": screened_s,
+            "samples": screened_budget["samples"],
+            "prescreen_evaluations": screened_budget["prescreen_evaluations"],
+            "kept": sorted(kept),
+            "stopped_early": screened_budget["prompts_stopped_early"],
+            "stopped_flagged": screened_budget["prompts_stopped_flagged"],
+            "stopped_out_of_reach": screened_budget["prompts_stopped_out_of_reach"],
+            "stopped_extracted": screened_budget["prompts_stopped_extracted"],
+            "stopped_unlikely": screened_budget["prompts_stopped_unlikely"],
+            "fewer_samples": screened_budget["fewer_samples"],
+            "flagged": sorted(screened["flagged"]),
+            "extracted": sorted(screened["extracted"]),
+            "found": sorted(screened["found"]),
+            "found_not_sampled_by_brute_force": unknown_to_brute,
+        },
         "recall": recall,
-        "recall_scope": "kept prompts only (prescreen misses not measured)" if args.brute_kept_only else "every prompt sampled by (a)",
+        "recall_scope": "kept prompts only (prescreen misses not measured)"
+        if args.brute_kept_only
+        else "every prompt sampled by (a)",
         "evaluation_fraction": fraction,
         "time_fraction": screened_s / brute_s if brute_s else float("nan"),
         "floor_fraction": floor,
@@ -501,7 +698,7 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
         "missed": {name: missed[name]["missed"] for name in ("prescreen", "adaptive", "both")},
         "targets": targets,
         "out": str(out),
-    }  # fmt: skip
+    }
 
 
 def worst_of(runs: list[dict]) -> dict:
@@ -546,7 +743,9 @@ def main(argv=None) -> dict:
 
     first = prompts_for(seeds[0])
     if len(first) < args.prompts:
-        print(f"note: --prompts {args.prompts} asked, but the prompt source has {len(first)} originals: all {len(first)} are used")
+        print(
+            f"note: --prompts {args.prompts} asked, but the prompt source has {len(first)} originals: all {len(first)} are used"
+        )
     device = resolve_device(args.device)
     # Channels-last and fused QKV help GPUs; on a CPU they cost ~25% with the demo model.
     on_gpu = device.type == "cuda"
@@ -554,8 +753,15 @@ def main(argv=None) -> dict:
     # Loaded once, as generation and the prescreen load a model: both runs see the same weights.
     pipe = load_model({"path": str(args.model)}, runtime, device=device)
     # Warm-up (first-call allocations, kernel choices) outside both timings, so neither run pays it.
-    pipe(prompt=[first[0].caption], num_inference_steps=2, guidance_scale=args.guidance, height=args.size, width=args.size,
-         output_type="pt", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    pipe(
+        prompt=[first[0].caption],
+        num_inference_steps=2,
+        guidance_scale=args.guidance,
+        height=args.size,
+        width=args.size,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    )
 
     runs = []
     for seed in seeds:
@@ -563,15 +769,23 @@ def main(argv=None) -> dict:
         runs.append(one_seed(pipe, first if seed == seeds[0] else prompts_for(seed), folder, args, runtime, device, data, seed))
     worst = worst_of(runs)
     if len(runs) > 1:
-        print(f"{'seed':>6s}{'prompts':>9s}{'kept':>6s}{'(a) found':>11s}{'(b) found':>11s}{'recall':>8s}{'(b) UNet':>12s}{'(a) UNet':>12s}{'(b)/(a)':>9s}")
+        print(
+            f"{'seed':>6s}{'prompts':>9s}{'kept':>6s}{'(a) found':>11s}{'(b) found':>11s}{'recall':>8s}{'(b) UNet':>12s}{'(a) UNet':>12s}{'(b)/(a)':>9s}"
+        )
         for r in runs:
-            print(f"{r['seed']:>6d}{r['prompts']:>9d}{len(r['screened']['kept']):>6d}{len(r['brute_force']['found']):>11d}"
-                  f"{len(set(r['screened']['found']) & set(r['brute_force']['found'])):>11d}{fmt(r['recall']):>8s}"
-                  f"{r['screened']['unet_evaluations']:>12,}{r['brute_force']['unet_evaluations']:>12,}{fmt(r['evaluation_fraction'], 4):>9s}")
-        print(f"{'worst':>6s}{'':>48s}{fmt(worst['recall']):>8s}{'':>24s}{fmt(worst['evaluation_fraction'], 4):>9s}"
-              f"   (recall: seed {worst['seed_lowest_recall']}, fraction: seed {worst['seed_highest_fraction']})")
-        print("targets on every seed: " + ", ".join(f"{k} {'undefined' if v is None else 'met' if v else 'NOT met'}"
-                                               for k, v in worst["targets"].items()))
+            print(
+                f"{r['seed']:>6d}{r['prompts']:>9d}{len(r['screened']['kept']):>6d}{len(r['brute_force']['found']):>11d}"
+                f"{len(set(r['screened']['found']) & set(r['brute_force']['found'])):>11d}{fmt(r['recall']):>8s}"
+                f"{r['screened']['unet_evaluations']:>12,}{r['brute_force']['unet_evaluations']:>12,}{fmt(r['evaluation_fraction'], 4):>9s}"
+            )
+        print(
+            f"{'worst':>6s}{'':>48s}{fmt(worst['recall']):>8s}{'':>24s}{fmt(worst['evaluation_fraction'], 4):>9s}"
+            f"   (recall: seed {worst['seed_lowest_recall']}, fraction: seed {worst['seed_highest_fraction']})"
+        )
+        print(
+            "targets on every seed: "
+            + ", ".join(f"{k} {'undefined' if v is None else 'met' if v else 'NOT met'}" for k, v in worst["targets"].items())
+        )
         result = {"runs": runs, "worst": worst}
     else:
         result = {**runs[0], "worst": worst}

@@ -151,7 +151,9 @@ def cpu_name() -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=None, help=f"samples of the prompt (default {DEFAULTS['samples']})")
-    parser.add_argument("--candidates", type=int, default=None, help=f"candidate training images (default {DEFAULTS['candidates']})")
+    parser.add_argument(
+        "--candidates", type=int, default=None, help=f"candidate training images (default {DEFAULTS['candidates']})"
+    )
     parser.add_argument("--size", type=int, default=None, help=f"sample side in pixels (default {DEFAULTS['size']})")
     parser.add_argument("--loop-pairs", type=int, default=None, help="random pairs timed for the per-pair loop (default 2000)")
     parser.add_argument("--device", default="auto", help="the batched metric's device: auto, cpu, cuda")
@@ -175,11 +177,15 @@ def main(argv: list[str] | None = None) -> dict:
     samples, candidates, planted = build_workload(args.samples, args.candidates, args.size, args.seed)
     shapes = sorted({im.size for im in candidates}, key=lambda wh: wh[0] * wh[1])
     print(f"command  : {' '.join(sys.argv[:1] + (argv if argv is not None else sys.argv[1:]))}")
-    print(f"machine  : {cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; batched on {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; torch {torch.__version__}")  # fmt: skip
-    print(f"workload : {args.samples} samples {args.size}x{args.size} uint8 x {args.candidates} candidates "
-          f"({len(shapes)} sizes, WxH {shapes[0][0]}x{shapes[0][1]} .. {shapes[-1][0]}x{shapes[-1][1]}) = {total:,} pairs; "
-          f"{len(planted)} planted near-copies; built in {time.perf_counter() - start:.1f} s")  # fmt: skip
+    print(
+        f"machine  : {cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; batched on {device}"
+        f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; torch {torch.__version__}"
+    )
+    print(
+        f"workload : {args.samples} samples {args.size}x{args.size} uint8 x {args.candidates} candidates "
+        f"({len(shapes)} sizes, WxH {shapes[0][0]}x{shapes[0][1]} .. {shapes[-1][0]}x{shapes[-1][1]}) = {total:,} pairs; "
+        f"{len(planted)} planted near-copies; built in {time.perf_counter() - start:.1f} s"
+    )
 
     # Warm-up (torch threads, CUDA context) outside the timings.
     sample_distances(samples[:2], candidates[:2], metric)
@@ -219,45 +225,84 @@ def main(argv: list[str] | None = None) -> dict:
     extrapolated = len(pairs) < total
     speedup, speedup_hoisted = loop_total / batched_seconds, hoisted_total / batched_seconds
 
-    memory = f"RSS peak {rss_peak:.2f} GB (was {rss_before:.2f} GB)" + (f"; GPU {gpu_peak:.2f} GB" if gpu_peak is not None else "")
+    memory = f"RSS peak {rss_peak:.2f} GB (was {rss_before:.2f} GB)" + (
+        f"; GPU {gpu_peak:.2f} GB" if gpu_peak is not None else ""
+    )
     note = " (extrapolated)" if extrapolated else ""
     rows = [
         ("batched sample_distances", total, batched_seconds, memory),
-        (f"  of which fitting {args.candidates} candidates", args.candidates, fit_seconds,
-         f"{100 * fit_seconds / batched_seconds:.0f}% of batched (fit_batch timed alone, images/s)"),
-        ("per-pair loop, timed pairs", len(pairs), loop_seconds,
-         f"fit {1e3 * loop_fit / len(pairs):.2f} + tiled_l2_pair {1e3 * loop_distance / len(pairs):.2f} ms/pair"),
+        (
+            f"  of which fitting {args.candidates} candidates",
+            args.candidates,
+            fit_seconds,
+            f"{100 * fit_seconds / batched_seconds:.0f}% of batched (fit_batch timed alone, images/s)",
+        ),
+        (
+            "per-pair loop, timed pairs",
+            len(pairs),
+            loop_seconds,
+            f"fit {1e3 * loop_fit / len(pairs):.2f} + tiled_l2_pair {1e3 * loop_distance / len(pairs):.2f} ms/pair",
+        ),
         (f"per-pair loop, all pairs{note}", total, loop_total, ""),
         (f"loop, candidates fitted once{note}", total, hoisted_total, "fit once + tiled_l2_pair per pair"),
-    ]  # fmt: skip
+    ]
     print(f"{'method':<44} {'pairs':>9} {'seconds':>10} {'pairs/s':>11}  notes")
     for name, count, seconds, notes in rows:
         print(f"{name:<44} {count:>9,} {seconds:>10.2f} {count / seconds:>11,.1f}  {notes}")
     how = f"the loop timed on {len(pairs):,} of {total:,} pairs and extrapolated per pair" if extrapolated else "every pair timed"
-    print(f"speed-up : {speedup:.1f}x, batched over the per-pair loop ({how}); "
-          f"{speedup_hoisted:.1f}x over the loop with candidates fitted once")  # fmt: skip
-    print(f"agreement: max |batched - loop| = {max_diff:.1e} on the loop's {len(pairs):,} pairs, at distance "
-          f"{loop_values[worst]:.4f} (tolerance {TOLERANCE:.0e}: "
-          f"{'OK' if max_diff <= TOLERANCE else 'EXCEEDED'})")  # fmt: skip
-    print(f"matches  : under {args.threshold} on the loop's pairs: batched {len(batched_matches)}, loop {len(loop_matches)}, "
-          f"identical: {'yes' if identical else 'NO'} (closest loop distance to the threshold: {margin:.1e} away); "
-          f"batched on all pairs: {all_matches}")  # fmt: skip
+    print(
+        f"speed-up : {speedup:.1f}x, batched over the per-pair loop ({how}); "
+        f"{speedup_hoisted:.1f}x over the loop with candidates fitted once"
+    )
+    print(
+        f"agreement: max |batched - loop| = {max_diff:.1e} on the loop's {len(pairs):,} pairs, at distance "
+        f"{loop_values[worst]:.4f} (tolerance {TOLERANCE:.0e}: "
+        f"{'OK' if max_diff <= TOLERANCE else 'EXCEEDED'})"
+    )
+    print(
+        f"matches  : under {args.threshold} on the loop's pairs: batched {len(batched_matches)}, loop {len(loop_matches)}, "
+        f"identical: {'yes' if identical else 'NO'} (closest loop distance to the threshold: {margin:.1e} away); "
+        f"batched on all pairs: {all_matches}"
+    )
     planted_text = ", ".join(f"noise {noise:g}: {batched[i, k]:.4f}" for i, k, noise in planted)
     print(f"planted  : batched distance of each planted near-copy to its candidate: {planted_text}")
 
     result = {
-        "samples": args.samples, "candidates": args.candidates, "size": args.size, "pairs": total, "device": str(device),
-        "cpu": cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "batched_seconds": batched_seconds, "batched_pairs_per_s": total / batched_seconds, "fit_seconds": fit_seconds,
-        "fit_share": fit_seconds / batched_seconds, "peak_rss_gb": rss_peak, "peak_rss_before_gb": rss_before,
-        "gpu_peak_gb": gpu_peak, "loop_pairs": len(pairs), "loop_seconds": loop_seconds, "loop_seconds_per_pair": per_pair,
-        "loop_fit_seconds": loop_fit, "loop_distance_seconds": loop_distance, "loop_total_seconds": loop_total,
-        "loop_extrapolated": extrapolated, "hoisted_total_seconds": hoisted_total, "speedup": speedup,
-        "speedup_hoisted": speedup_hoisted, "max_abs_diff": max_diff, "tolerance": TOLERANCE, "threshold": args.threshold,
-        "matches_batched": sorted(batched_matches), "matches_loop": sorted(loop_matches), "matches_identical": identical,
-        "threshold_margin": margin, "matches_all_pairs": all_matches,
+        "samples": args.samples,
+        "candidates": args.candidates,
+        "size": args.size,
+        "pairs": total,
+        "device": str(device),
+        "cpu": cpu_name(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "batched_seconds": batched_seconds,
+        "batched_pairs_per_s": total / batched_seconds,
+        "fit_seconds": fit_seconds,
+        "fit_share": fit_seconds / batched_seconds,
+        "peak_rss_gb": rss_peak,
+        "peak_rss_before_gb": rss_before,
+        "gpu_peak_gb": gpu_peak,
+        "loop_pairs": len(pairs),
+        "loop_seconds": loop_seconds,
+        "loop_seconds_per_pair": per_pair,
+        "loop_fit_seconds": loop_fit,
+        "loop_distance_seconds": loop_distance,
+        "loop_total_seconds": loop_total,
+        "loop_extrapolated": extrapolated,
+        "hoisted_total_seconds": hoisted_total,
+        "speedup": speedup,
+        "speedup_hoisted": speedup_hoisted,
+        "max_abs_diff": max_diff,
+        "tolerance": TOLERANCE,
+        "threshold": args.threshold,
+        "matches_batched": sorted(batched_matches),
+        "matches_loop": sorted(loop_matches),
+        "matches_identical": identical,
+        "threshold_margin": margin,
+        "matches_all_pairs": all_matches,
         "planted": [[i, k, noise, float(batched[i, k])] for i, k, noise in planted],
-    }  # fmt: skip
+    }
     print("RESULT " + json.dumps(result))
     return result
 

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -44,7 +44,9 @@ results = load_run(RUN_DIR / "detect")
 memorized = results.memorized
 print(f"{len(memorized)} prompts screened, {int(memorized['flagged'].sum())} flagged", end="")
 if results.verified:
-    print(f", {int(memorized['extracted'].sum())} extracted (a sample within {results.delta} {results.metric_name} of a training image)")
+    print(
+        f", {int(memorized['extracted'].sum())} extracted (a sample within {results.delta} {results.metric_name} of a training image)"
+    )
 else:
     print(" (verification did not run: no training set given)")
 print("settings:", results.summary.get("settings"))
@@ -91,7 +93,7 @@ def show(row, first: list[tuple[str, Path | None]], skip: str = "") -> None:
             ax.imshow(image, interpolation="nearest")
         ax.set_title(title, fontsize=8)
         ax.axis("off")
-    fig.suptitle(f"{display_text(row['prompt_id'], 40)}: \"{display_text(row['caption'], 60)}\"", fontsize=9)
+    fig.suptitle(f'{display_text(row["prompt_id"], 40)}: "{display_text(row["caption"], 60)}"', fontsize=9)
     fig.tight_layout()
     plt.show()
 
@@ -99,15 +101,23 @@ def show(row, first: list[tuple[str, Path | None]], skip: str = "") -> None:
 extracted = extracted_prompts(results).head(MAX_PROMPTS)
 for row in extracted.to_dict("records"):
     seed = "not recorded" if pd.isna(row["seed"]) else row["seed"]
-    print(f"{display_text(row['prompt_id'], 80)}: distance {row['best_distance']:.4f} <= threshold {results.delta} ({results.metric_name})")
-    print(f"  sample #{row['best_sample']} ({display_text(row['best_sample_file'], 80)}), seed {seed}; "
-          f"training image {display_text(row['best_train_key'], 80)}")
-    print(f"  {row['samples_matched']} of {row['n_samples']} samples within the threshold ({row['reproduction_rate']:.0%}, "
-          f"95% CI {row['reproduction_ci_low']:.0%}-{row['reproduction_ci_high']:.0%})")
+    print(
+        f"{display_text(row['prompt_id'], 80)}: distance {row['best_distance']:.4f} <= threshold {results.delta} ({results.metric_name})"
+    )
+    print(
+        f"  sample #{row['best_sample']} ({display_text(row['best_sample_file'], 80)}), seed {seed}; "
+        f"training image {display_text(row['best_train_key'], 80)}"
+    )
+    print(
+        f"  {row['samples_matched']} of {row['n_samples']} samples within the threshold ({row['reproduction_rate']:.0%}, "
+        f"95% CI {row['reproduction_ci_low']:.0%}-{row['reproduction_ci_high']:.0%})"
+    )
     print(f"  regenerate: {row['command']}" if row["command"] else "  no recipe recorded for it: cannot be regenerated")
     sample = results.sample_path(row["best_sample_file"]) if row["best_sample_file"] else None
-    first = [(f"sample #{row['best_sample']}\n{results.metric_name} {row['best_distance']:.3f}", sample),
-             (f"train {display_text(row['best_train_key'], 30)}", results.match_path(row["prompt_id"]))]
+    first = [
+        (f"sample #{row['best_sample']}\n{results.metric_name} {row['best_distance']:.3f}", sample),
+        (f"train {display_text(row['best_train_key'], 30)}", results.match_path(row["prompt_id"])),
+    ]
     show(row, first, skip=row["best_sample_file"])
 if extracted.empty:
     print("no extracted prompt in", RUN_DIR, "" if results.verified else "(verification did not run)")
@@ -121,11 +131,19 @@ if extracted.empty:
 # %%
 others = extracted_prompts(results, other=True).head(MAX_PROMPTS)
 for row in others.to_dict("records"):
-    print(f"{display_text(row['prompt_id'], 80)}: {row['samples_matched_other']} of {row['n_samples']} samples within "
-          f"{results.delta} of another caption's image; closest {display_text(row['best_train_key'], 80)} at {row['best_distance']:.4f}")
+    print(
+        f"{display_text(row['prompt_id'], 80)}: {row['samples_matched_other']} of {row['n_samples']} samples within "
+        f"{results.delta} of another caption's image; closest {display_text(row['best_train_key'], 80)} at {row['best_distance']:.4f}"
+    )
     sample = results.sample_path(row["best_sample_file"]) if row["best_sample_file"] else None
-    show(row, [(f"sample #{row['best_sample']}", sample), (f"train {display_text(row['best_train_key'], 30)}",
-                                                          results.match_path(row["prompt_id"]))], skip=row["best_sample_file"])
+    show(
+        row,
+        [
+            (f"sample #{row['best_sample']}", sample),
+            (f"train {display_text(row['best_train_key'], 30)}", results.match_path(row["prompt_id"])),
+        ],
+        skip=row["best_sample_file"],
+    )
 if others.empty:
     print("none in", RUN_DIR)
 
@@ -137,8 +155,10 @@ flagged = flagged_prompts(results)
 if results.verified:
     flagged = flagged[~flagged["extracted"]]
 for row in flagged.head(MAX_PROMPTS).to_dict("records"):
-    print(f"{display_text(row['prompt_id'], 80)}: clique {row['clique_size']}/{row['n_samples']}, "
-          f"max distance in clique {row['max_pair_distance']:.3f}")
+    print(
+        f"{display_text(row['prompt_id'], 80)}: clique {row['clique_size']}/{row['n_samples']}, "
+        f"max distance in clique {row['max_pair_distance']:.3f}"
+    )
     show(row, [])
 if flagged.empty:
     print("none in", RUN_DIR)

@@ -175,11 +175,18 @@ def missed_by_shortcuts(
     if not {on, "flagged"} <= set(memorized.columns):
         raise ValueError(f"memorized table: needs {on} and flagged columns (detect's memorized.parquet)")
     flagged_only = set(memorized.loc[memorized["flagged"].astype(bool), on].astype(str))
-    extracted = set(memorized.loc[memorized["extracted"].fillna(False).astype(bool), on].astype(str)) if "extracted" in memorized.columns else set()
+    extracted = (
+        set(memorized.loc[memorized["extracted"].fillna(False).astype(bool), on].astype(str))
+        if "extracted" in memorized.columns
+        else set()
+    )
     flagged = flagged_only | extracted  # what brute force found
     outcome: dict[str, Any] = {
-        "flagged": len(flagged_only), "flagged_ids": sorted(flagged_only), "extracted_ids": sorted(extracted), "found": len(flagged),
-    }  # fmt: skip
+        "flagged": len(flagged_only),
+        "flagged_ids": sorted(flagged_only),
+        "extracted_ids": sorted(extracted),
+        "found": len(flagged),
+    }
     verdicts: dict[str, tuple[set[str], set[str]]] = {}  # shortcut -> (missed, unknown)
     if prescreen is not None:
         listed, kept = _ids(prescreen, "kept", on)
@@ -228,8 +235,12 @@ def format_budget(report: Mapping[str, Any]) -> str:
         line += f"; prescreen {report['prescreen_evaluations']:,}"
     missed = report.get("missed")
     if missed:
-        parts = [f"{name} missed {missed[name]['n_missed']}" + (f" (+{missed[name]['n_unknown']} unknown)" if missed[name]["n_unknown"] else "")
-                 for name in ("prescreen", "adaptive", "both") if name in missed]
+        parts = [
+            f"{name} missed {missed[name]['n_missed']}"
+            + (f" (+{missed[name]['n_unknown']} unknown)" if missed[name]["n_unknown"] else "")
+            for name in ("prescreen", "adaptive", "both")
+            if name in missed
+        ]
         found = missed.get("found", missed["flagged"])
         what = "flagged or extracted" if missed.get("extracted_ids") else "flagged"
         line += f"\nof the {found} prompts brute force {what}: " + ", ".join(parts)

@@ -114,7 +114,9 @@ def shard_rank(cfg: DictConfig) -> int | None:
     return rank if rank is not None and rank >= 0 else None
 
 
-def config_number(cfg, key: str, *, minimum: float | None = None, maximum: float | None = None, optional: bool = False) -> float | None:
+def config_number(
+    cfg, key: str, *, minimum: float | None = None, maximum: float | None = None, optional: bool = False
+) -> float | None:
     """The finite number at dotted ``key`` of ``cfg`` (a numeric string counts), as a float.
 
     Raises :class:`ConfigError` naming ``key`` for anything else, a value outside
@@ -176,8 +178,14 @@ def _check_range(key: str, number: float, minimum: float | None, maximum: float 
 # Validated settings dataclasses ---------------------------------------------------------------
 
 
-def setting(*, key: str | None = None, minimum: float | None = None, maximum: float | None = None, choices: tuple = (),
-            default: Any = dataclasses.MISSING) -> Any:  # fmt: skip
+def setting(
+    *,
+    key: str | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple = (),
+    default: Any = dataclasses.MISSING,
+) -> Any:
     """A field of a settings dataclass read by :func:`settings_from`: its config ``key``
     (default: the field's name under the prefix), the range of a number, the ``choices`` of a
     value. ``default``: used when the key is absent from the config (not when it is null)."""

@@ -78,9 +78,7 @@ def _to_unit_float(tensor: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"images must be uint8 or floating point, got {tensor.dtype}")
     tensor = tensor.to(torch.float32)
     if tensor.numel() and (tensor.min() < -1e-6 or tensor.max() > 1 + 1e-6):
-        raise ValueError(
-            f"float images must have values in [0, 1], got [{float(tensor.min()):.3g}, {float(tensor.max()):.3g}]"
-        )
+        raise ValueError(f"float images must have values in [0, 1], got [{float(tensor.min()):.3g}, {float(tensor.max()):.3g}]")
     return tensor
 
 

@@ -124,7 +124,9 @@ class StepContext:
     """What a running step is given: where it writes, its rejects, how it marks units done, and
     where it counts (:meth:`stat`) and times (:meth:`track_time`) its work for the stats."""
 
-    def __init__(self, out_dir: Path, step: Step, rank: int, world_size: int, progress: bool = True, logs_dir: Path | None = None):
+    def __init__(
+        self, out_dir: Path, step: Step, rank: int, world_size: int, progress: bool = True, logs_dir: Path | None = None
+    ):
         self.out_dir = out_dir
         self.step = step.name
         self._is_complete = getattr(step, "is_complete", None)
@@ -165,7 +167,9 @@ class StepContext:
 
     def done(self, unit: Unit, info: Mapping[str, Any] | None = None) -> None:
         """Mark ``unit`` complete; call it after the unit's outputs are written."""
-        write_json({**dict(info or {}), "settings": dict(unit.settings), "digest": unit.digest}, marker_path(self.out_dir, unit.name))
+        write_json(
+            {**dict(info or {}), "settings": dict(unit.settings), "digest": unit.digest}, marker_path(self.out_dir, unit.name)
+        )
         self.completed += 1
 
 
@@ -206,13 +210,21 @@ def run_step(
     todo = [unit for unit in units if not ctx.is_done(unit)]
     ctx.skipped = len(units) - len(todo)
     if len(todo) < len(units):
-        log.info("%s [rank %d/%d]: %d of %d units already done with the same settings, skipped",
-                 step.name, rank, world_size, len(units) - len(todo), len(units))
+        log.info(
+            "%s [rank %d/%d]: %d of %d units already done with the same settings, skipped",
+            step.name,
+            rank,
+            world_size,
+            len(units) - len(todo),
+            len(units),
+        )
     with ctx.track_time("run"):
         if todo:
             step.run(todo, ctx)
     unfinished = [unit.name for unit in todo if not ctx.is_done(unit)]
-    write_json(_rank_stats(step.name, ctx, len(units), len(todo), unfinished), ctx.logs_dir / "stats" / f"{step.name}_{rank}.json")
+    write_json(
+        _rank_stats(step.name, ctx, len(units), len(todo), unfinished), ctx.logs_dir / "stats" / f"{step.name}_{rank}.json"
+    )
     if len(ctx.rejects):
         log.warning("%s [rank %d/%d]: %s", step.name, rank, world_size, ctx.rejects.summary())
     mine = {unit.name for unit in units}
@@ -222,8 +234,14 @@ def run_step(
     return ctx
 
 
-def run_steps(steps: Sequence[Step], out_dir: str | Path, rank: int = 0, world_size: int = 1, progress: bool = True,
-              logs_dir: str | Path | None = None) -> list[StepContext]:  # fmt: skip
+def run_steps(
+    steps: Sequence[Step],
+    out_dir: str | Path,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    logs_dir: str | Path | None = None,
+) -> list[StepContext]:
     """Run dependent steps (phases) in order for shard ``rank``: each starts once the one before
     it is complete on every rank. Returns the contexts of the steps run; it stops (logged)
     after a step whose other ranks have not finished yet: their array tasks, or a rerun, go on
@@ -233,21 +251,34 @@ def run_steps(steps: Sequence[Step], out_dir: str | Path, rank: int = 0, world_s
         ctx = run_step(step, out_dir, rank=rank, world_size=world_size, progress=progress, logs_dir=logs_dir)
         contexts.append(ctx)
         if not ctx.all_done:
-            rest = [s.name for s in steps[len(contexts):]]
+            rest = [s.name for s in steps[len(contexts) :]]
             if rest:
-                log.info("%s [rank %d/%d]: other ranks' units are not done yet; %s wait for them (rerun, or chain the arrays)",
-                         step.name, rank, world_size, ", ".join(rest))
+                log.info(
+                    "%s [rank %d/%d]: other ranks' units are not done yet; %s wait for them (rerun, or chain the arrays)",
+                    step.name,
+                    rank,
+                    world_size,
+                    ", ".join(rest),
+                )
             break
     return contexts
 
 
 def _rank_stats(name: str, ctx: StepContext, units: int, todo: int, unfinished: list[str]) -> dict[str, Any]:
     return {
-        "step": name, "rank": ctx.rank, "world_size": ctx.world_size, "units": units, "skipped": units - todo,
-        "done": ctx.completed, "unfinished": unfinished[:100], "rejected": len(ctx.rejects),
-        "rejected_by_reason": ctx.rejects.counts(), "seconds": round(ctx.seconds["run"], 3),
-        "counts": dict(ctx.counts), "timers": {k: round(v, 3) for k, v in ctx.seconds.items()},
-    }  # fmt: skip
+        "step": name,
+        "rank": ctx.rank,
+        "world_size": ctx.world_size,
+        "units": units,
+        "skipped": units - todo,
+        "done": ctx.completed,
+        "unfinished": unfinished[:100],
+        "rejected": len(ctx.rejects),
+        "rejected_by_reason": ctx.rejects.counts(),
+        "seconds": round(ctx.seconds["run"], 3),
+        "counts": dict(ctx.counts),
+        "timers": {k: round(v, 3) for k, v in ctx.seconds.items()},
+    }
 
 
 @contextmanager
@@ -289,7 +320,9 @@ def _finish(step: Step, ctx: StepContext, every: list[Unit]) -> None:
         merge_stats(ctx.logs_dir, step.name, ctx.world_size)
         if hasattr(step, "finish"):
             step.finish(ctx)
-        write_json({"digest": digest, "units": len(every), "rank": ctx.rank, "outputs": _state(outputs)}, marker_path(ctx.out_dir, name))
+        write_json(
+            {"digest": digest, "units": len(every), "rank": ctx.rank, "outputs": _state(outputs)}, marker_path(ctx.out_dir, name)
+        )
         ctx.finished = True
 
 
@@ -310,8 +343,18 @@ def merge_stats(logs_dir: str | Path, step: str, world_size: int) -> dict[str, A
     (other steps' entries kept); returns the merged entry. Seconds are summed over ranks
     (``seconds``) and the slowest rank's kept (``slowest_rank_seconds``)."""
     logs_dir = Path(logs_dir)
-    merged: dict[str, Any] = {"world_size": world_size, "units": 0, "skipped": 0, "done": 0, "rejected": 0, "seconds": 0.0,
-                              "slowest_rank_seconds": 0.0, "rejected_by_reason": Counter(), "counts": Counter(), "timers": Counter()}  # fmt: skip
+    merged: dict[str, Any] = {
+        "world_size": world_size,
+        "units": 0,
+        "skipped": 0,
+        "done": 0,
+        "rejected": 0,
+        "seconds": 0.0,
+        "slowest_rank_seconds": 0.0,
+        "rejected_by_reason": Counter(),
+        "counts": Counter(),
+        "timers": Counter(),
+    }
     for rank in range(world_size):
         try:
             stats = json.loads((logs_dir / "stats" / f"{step}_{rank}.json").read_text(encoding="utf-8"))

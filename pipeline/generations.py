@@ -45,7 +45,9 @@ class Sample:
     file: str  # e.g. "00003/00012.png"
 
 
-def read_prompts(generations_dir: str | Path, rejects: RejectLog | None = None, table: pd.DataFrame | None = None) -> pd.DataFrame:
+def read_prompts(
+    generations_dir: str | Path, rejects: RejectLog | None = None, table: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """The prompts of a generations folder: a DataFrame (prompt_id: str, caption: str), sorted.
 
     Prompts listed in ``prompts.parquet`` come with their caption (also when their folder is
@@ -79,8 +81,13 @@ def read_prompts(generations_dir: str | Path, rejects: RejectLog | None = None, 
     _keep_safe(ids, str(table), rejects)
     unlisted = [name for name in folders if name not in captions]
     if unlisted:
-        log.warning("%d folder(s) in %s are not in %s, read with empty captions: %s",
-                    len(unlisted), root, PROMPTS_FILE, ", ".join(unlisted[:5]))
+        log.warning(
+            "%d folder(s) in %s are not in %s, read with empty captions: %s",
+            len(unlisted),
+            root,
+            PROMPTS_FILE,
+            ", ".join(unlisted[:5]),
+        )
         captions.update(dict.fromkeys(unlisted, ""))
     ordered = sorted(captions)
     return pd.DataFrame({"prompt_id": ordered, "caption": [captions[p] for p in ordered]}, dtype=str)
@@ -111,8 +118,13 @@ def _keep_safe(names: list, source: str, rejects: RejectLog | None) -> list[str]
             if rejects is not None:
                 rejects.add(ascii(name), ascii(source), f"unsafe prompt id: {ascii(name)} {reason}; its samples are not read")
     if bad:
-        log.warning("%d prompt id(s) in %s are not plain file names and are skipped, e.g. %s (%s)",
-                    len(bad), ascii(source), ascii(bad[0][0]), bad[0][1])
+        log.warning(
+            "%d prompt id(s) in %s are not plain file names and are skipped, e.g. %s (%s)",
+            len(bad),
+            ascii(source),
+            ascii(bad[0][0]),
+            bad[0][1],
+        )
     return kept
 
 
@@ -237,9 +249,13 @@ def stored_rule(adaptive: Any) -> dict[str, Any] | None:
             return dict(value["rule"])
         if "rule" not in value and {"threshold", "min_clique", "grid"} <= set(value):
             return {
-                "metric": "tiled_l2", "grid": int(value["grid"]), "size": None, "threshold": float(value["threshold"]),
-                "min_clique": int(value["min_clique"]), "max_clique_steps": MAX_STEPS,
-            }  # fmt: skip
+                "metric": "tiled_l2",
+                "grid": int(value["grid"]),
+                "size": None,
+                "threshold": float(value["threshold"]),
+                "min_clique": int(value["min_clique"]),
+                "max_clique_steps": MAX_STEPS,
+            }
     except (ValueError, TypeError):
         return None
     return None
@@ -271,7 +287,11 @@ def prompt_done(out_dir: Path, prompt_id: str, n_samples: int, adaptive: Any = N
     """Whether ``prompt_id`` needs no more samples for a budget of ``n_samples`` (see
     :func:`marker_complete`)."""
     info = marker_info(out_dir, prompt_id)
-    return info is not None and marker_complete(info, n_samples, adaptive, any_rule=any_rule) and samples_present(out_dir, prompt_id, info)
+    return (
+        info is not None
+        and marker_complete(info, n_samples, adaptive, any_rule=any_rule)
+        and samples_present(out_dir, prompt_id, info)
+    )
 
 
 def samples_present(out_dir: str | Path, prompt_id: str, info: Mapping[str, Any]) -> bool:

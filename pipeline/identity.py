@@ -94,8 +94,11 @@ def model_identity(path: str | Path, revision: str | None = None) -> dict[str, A
         import json
 
         try:
-            components = {name for name, value in json.loads(index.read_text(encoding="utf-8")).items()
-                          if not name.startswith("_") and isinstance(value, list)}  # fmt: skip
+            components = {
+                name
+                for name, value in json.loads(index.read_text(encoding="utf-8")).items()
+                if not name.startswith("_") and isinstance(value, list)
+            }
         except (OSError, ValueError):
             components = set()
         files = [entry for entry in files if entry[0] == "model_index.json" or entry[0].split("/", 1)[0] in components]

@@ -151,11 +151,21 @@ PROMPT_COLUMNS = ("prompt_id", "caption", "dup_count", "keys")
 # What verification adds to memorized.parquet for every prompt when a training set is given,
 # with each column's type: the detector writes them, the report reads them.
 VERIFICATION_COLUMNS: dict[str, str] = {
-    "extracted": "bool", "samples_matched": "int", "samples_matched_other": "int", "samples_verified": "int", "n_candidates": "int",
-    "reproduction_rate": "float", "reproduction_ci_low": "float", "reproduction_ci_high": "float",
-    "best_sample": "Int64", "best_sample_file": "str", "best_train_key": "str", "best_distance": "float",
-    "best_in_group": "boolean", "best_sample_sha1": "str",
-}  # fmt: skip
+    "extracted": "bool",
+    "samples_matched": "int",
+    "samples_matched_other": "int",
+    "samples_verified": "int",
+    "n_candidates": "int",
+    "reproduction_rate": "float",
+    "reproduction_ci_low": "float",
+    "reproduction_ci_high": "float",
+    "best_sample": "Int64",
+    "best_sample_file": "str",
+    "best_train_key": "str",
+    "best_distance": "float",
+    "best_in_group": "boolean",
+    "best_sample_sha1": "str",
+}
 # extracted.parquet: a row per (sample, training image) pair within the verification threshold;
 # in_group: whether the image is one of the prompt's duplicate group (null: the prompt has none).
 EXTRACTED_COLUMNS = ("prompt_id", "sample", "sample_file", "train_key", "distance", "in_group")

@@ -113,9 +113,7 @@ def load_pipeline(
     local = Path(path).expanduser()
     if local.exists():
         if not (local / "model_index.json").is_file():
-            raise ModelLoadError(
-                f"{path_key}: {path!r} exists but is not a saved diffusers pipeline (no model_index.json in it)"
-            )
+            raise ModelLoadError(f"{path_key}: {path!r} exists but is not a saved diffusers pipeline (no model_index.json in it)")
         source, local_only = str(local), True
     elif _looks_like_local_path(path):
         raise ModelLoadError(f"{path_key}: no such directory {path!r}")
@@ -252,8 +250,9 @@ def optimize_pipeline(pipe, runtime: Runtime):
             # SD3's joint or FLUX's rotary attention with one that ignores the text tokens.
             if processors and any(type(p) is AttnProcessor for p in processors.values()):
                 try:
-                    model.set_attn_processor({name: AttnProcessor2_0() if type(p) is AttnProcessor else p
-                                              for name, p in processors.items()})  # fmt: skip
+                    model.set_attn_processor(
+                        {name: AttnProcessor2_0() if type(p) is AttnProcessor else p for name, p in processors.items()}
+                    )
                 except (ValueError, TypeError) as err:
                     log.info("attention: kept %s's own attention processors (%s)", type(model).__name__, err)
     if runtime.fuse_qkv:
@@ -284,8 +283,12 @@ def _keep_self_attention_unfused(model, original: dict[str, Any]) -> None:
     fails on the missing text tokens. Those layers get their own processor back."""
     modules = dict(model.named_modules())
     processors = dict(model.attn_processors)
-    broken = [name for name, p in processors.items()
-              if "JointAttnProcessor" in type(p).__name__ and getattr(modules.get(name.removesuffix(".processor")), "add_k_proj", None) is None]  # fmt: skip
+    broken = [
+        name
+        for name, p in processors.items()
+        if "JointAttnProcessor" in type(p).__name__
+        and getattr(modules.get(name.removesuffix(".processor")), "add_k_proj", None) is None
+    ]
     if broken:
         model.set_attn_processor({name: original[name] if name in broken else p for name, p in processors.items()})
         log.info("fuse_qkv: %d image-only attention layers of %s kept unfused", len(broken), type(model).__name__)
@@ -316,7 +319,14 @@ def model_options(model: Mapping[str, Any] | str) -> dict[str, Any]:
     unknown = sorted(str(k) for k in model if k not in LOAD_KEYS + SAMPLING_KEYS)
     if unknown:
         raise ConfigError(f"model.{unknown[0]}: unknown key; the model group takes {', '.join(LOAD_KEYS + SAMPLING_KEYS)}")
-    options = {"path": None, "allow_download": False, "revision": None, "variant": None, "scheduler": None, "scheduler_kwargs": {}}
+    options = {
+        "path": None,
+        "allow_download": False,
+        "revision": None,
+        "variant": None,
+        "scheduler": None,
+        "scheduler_kwargs": {},
+    }
     options.update({k: model[k] for k in LOAD_KEYS if k in model})
     kwargs = options["scheduler_kwargs"]
     if kwargs is None:

@@ -55,7 +55,9 @@ class NearCopyRule:
             raise ConfigError(f"rule.max_clique_steps: must be at least 1, got {self.max_clique_steps}")
         clashing = sorted(set(self.metric.describe()) & set(RULE_KEYS))
         if clashing:
-            raise ConfigError(f"metric: the parameter {clashing[0]!r} of metric {self.metric.name!r} clashes with the rule's own key")
+            raise ConfigError(
+                f"metric: the parameter {clashing[0]!r} of metric {self.metric.name!r} clashes with the rule's own key"
+            )
         object.__setattr__(self, "threshold", threshold)
         object.__setattr__(self, "min_clique", int(self.min_clique))
         object.__setattr__(self, "max_clique_steps", int(self.max_clique_steps))
@@ -110,8 +112,13 @@ class NearCopyRule:
         "grid": 4, "size": None, "threshold": 0.15, "min_clique": 10, "max_clique_steps": 200000}``."""
         metric = dict(self.metric.describe())
         name = metric.pop("name", self.metric.name)
-        return {"metric": name, **metric, "threshold": self.threshold, "min_clique": self.min_clique,
-                "max_clique_steps": self.max_clique_steps}  # fmt: skip
+        return {
+            "metric": name,
+            **metric,
+            "threshold": self.threshold,
+            "min_clique": self.min_clique,
+            "max_clique_steps": self.max_clique_steps,
+        }
 
     def matches(self, description: Any) -> bool:
         """Whether a stored description (:meth:`describe`, e.g. read back from JSON) is this rule's."""
@@ -151,9 +158,13 @@ def metric_from_config(node: Any) -> Metric:
 # Top-level keys the detector (and the demo evaluation) had before the rule was configured once;
 # given with "+key=" they would be ignored silently.
 MOVED_KEYS = {
-    "threshold": "rule.threshold", "thresholds": "metric.default_threshold", "min_clique": "rule.min_clique",
-    "max_clique_steps": "rule.max_clique_steps", "grid": "metric.grid", "size": "metric.size",
-}  # fmt: skip
+    "threshold": "rule.threshold",
+    "thresholds": "metric.default_threshold",
+    "min_clique": "rule.min_clique",
+    "max_clique_steps": "rule.max_clique_steps",
+    "grid": "metric.grid",
+    "size": "metric.size",
+}
 
 
 def rule_from_config(cfg: Any, metric: Metric | None = None) -> NearCopyRule:
@@ -161,8 +172,9 @@ def rule_from_config(cfg: Any, metric: Metric | None = None) -> NearCopyRule:
     and the ``rule`` section; errors name the config key."""
     for key, where in MOVED_KEYS.items():
         if key in cfg:
-            raise ConfigError(f"{key}: moved: the near-copy rule is configured once for every stage; set {where} "
-                              "(conf/rule.yaml, conf/metric/)")
+            raise ConfigError(
+                f"{key}: moved: the near-copy rule is configured once for every stage; set {where} (conf/rule.yaml, conf/metric/)"
+            )
     return NearCopyRule(
         metric=metric if metric is not None else metric_from_config(cfg.get("metric")),
         threshold=config_number(cfg, "rule.threshold", optional=True),

@@ -14,9 +14,14 @@ from pipeline.families.random_pipelines import FAMILIES, TINY_SIZE  # noqa: F401
 
 # The conf/model/*.yaml whose settings each family's tests run with (paths pointed at the tiny model).
 CONFIGS = {
-    "sd": "sd14", "sd2": "sd21", "sdxl": "sdxl", "sd3": "sd3",
-    "flux": "flux_dev", "flux-schnell": "flux_schnell", "pixart": "pixart_sigma",
-}  # fmt: skip
+    "sd": "sd14",
+    "sd2": "sd21",
+    "sdxl": "sdxl",
+    "sd3": "sd3",
+    "flux": "flux_dev",
+    "flux-schnell": "flux_schnell",
+    "pixart": "pixart_sigma",
+}
 
 
 class TinyModels:

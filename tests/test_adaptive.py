@@ -107,7 +107,9 @@ def test_stop_when_flagged_ends_a_prompt_once_its_clique_is_complete():
 
 
 def test_rounds_end_where_a_stop_on_the_verdict_could_first_apply():
-    both = AdaptiveSettings(first_round=8, growth=1.5, stop_when_flagged=True, stop_when_out_of_reach=True, rule=NearCopyRule(min_clique=10))
+    both = AdaptiveSettings(
+        first_round=8, growth=1.5, stop_when_flagged=True, stop_when_out_of_reach=True, rule=NearCopyRule(min_clique=10)
+    )
     assert round_ends(24, both) == [8, 12, 18, 24]
     # (made, largest clique) -> next end, budget 24: the geometric end unless a flag (made + 10 - c)
     # or an out-of-reach stop (24 - 10 + c + 1) could come first.
@@ -142,7 +144,9 @@ def test_stops_on_the_verdict_never_change_what_the_detector_flags():
     """A prompt stopped as "flagged" is flagged by the full budget's samples, one stopped as "out of
     reach" is not; the decisions use only the samples made so far (replayed on a full set)."""
     rng = np.random.default_rng(5)
-    rule = AdaptiveSettings(first_round=4, growth=1.5, stop_when_flagged=True, stop_when_out_of_reach=True, rule=NearCopyRule(min_clique=6))
+    rule = AdaptiveSettings(
+        first_round=4, growth=1.5, stop_when_flagged=True, stop_when_out_of_reach=True, rule=NearCopyRule(min_clique=6)
+    )
     seen = {FLAGGED: 0, OUT_OF_REACH: 0, None: 0}
     for _ in range(40):
         n = 16
@@ -246,7 +250,9 @@ def test_stop_when_unlikely_stops_a_clique_that_does_not_grow():
     assert next_round_end(8, check, 24, settings) == 10
     assert check_round(images[:12], settings, 24).verdict == UNLIKELY
     assert adaptive_outcome(lambda k: images[:k], 24, settings) == (10, UNLIKELY)
-    assert check_round(images[:12], AdaptiveSettings(first_round=8, growth=1.5, stop_when_out_of_reach=True), 24).verdict == CONTINUE
+    assert (
+        check_round(images[:12], AdaptiveSettings(first_round=8, growth=1.5, stop_when_out_of_reach=True), 24).verdict == CONTINUE
+    )
 
 
 def test_group_matcher_compares_samples_with_the_groups_training_images(tmp_path):
@@ -275,8 +281,9 @@ def test_stop_when_extracted_without_a_training_set_is_a_config_error(tmp_path):
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n", encoding="utf-8")
-    cfg = compose_config("generate", [f"run_dir={tmp_path}", f"prompts={prompts}", "adaptive.enabled=true",
-                                      "adaptive.stop_when_extracted=true"])  # fmt: skip
+    cfg = compose_config(
+        "generate", [f"run_dir={tmp_path}", f"prompts={prompts}", "adaptive.enabled=true", "adaptive.stop_when_extracted=true"]
+    )
     with pytest.raises(ConfigError, match=r"^adaptive.stop_when_extracted: .*data="):
         run_stage(cfg)
     assert adaptive_settings({"stop_when_unlikely": True, "stop_when_extracted": True}).stop_when_unlikely
@@ -289,8 +296,15 @@ def test_near_training_holds_a_prompt_past_the_stops_on_the_flag_until_a_match()
     budget with no match. ``near`` is asked only where a stop would apply."""
     rng = np.random.default_rng(5)
     images = _diverse(40, rng)
-    settings = AdaptiveSettings(first_round=4, growth=2.0, stop_when_extracted=True, stop_when_out_of_reach=True,
-                                stop_when_unlikely=True, stop_when_flagged=True, near_training=0.25)  # fmt: skip
+    settings = AdaptiveSettings(
+        first_round=4,
+        growth=2.0,
+        stop_when_extracted=True,
+        stop_when_out_of_reach=True,
+        stop_when_unlikely=True,
+        stop_when_flagged=True,
+        near_training=0.25,
+    )
     asked_first, asked_near = [], []
 
     def first(k):
@@ -320,11 +334,19 @@ def test_near_training_holds_a_prompt_past_the_stops_on_the_flag_until_a_match()
 
 def test_near_training_never_overrides_the_flag():
     rng = np.random.default_rng(6)
-    rule = AdaptiveSettings(first_round=4, growth=2.0, stop_when_flagged=True, stop_when_extracted=True, near_training=0.25,
-                            rule=NearCopyRule(min_clique=5))  # fmt: skip
+    rule = AdaptiveSettings(
+        first_round=4,
+        growth=2.0,
+        stop_when_flagged=True,
+        stop_when_extracted=True,
+        near_training=0.25,
+        rule=NearCopyRule(min_clique=5),
+    )
     images = _with_copies(16, 6, rng)
     plain = AdaptiveSettings(first_round=4, growth=2.0, stop_when_flagged=True, rule=NearCopyRule(min_clique=5))
-    assert adaptive_outcome(lambda k: images[:k], 16, rule, None, lambda end: True) == adaptive_outcome(lambda k: images[:k], 16, plain)
+    assert adaptive_outcome(lambda k: images[:k], 16, rule, None, lambda end: True) == adaptive_outcome(
+        lambda k: images[:k], 16, plain
+    )
     assert adaptive_outcome(lambda k: images[:k], 16, rule, None, lambda end: True)[1] == FLAGGED
 
 

@@ -19,9 +19,11 @@ def modules_of(stage: str) -> dict[str, ast.Module]:
     """Every module of the stage's package, parsed."""
     folder = REPO / "pipeline" / stage
     return {
-        f"pipeline.{stage}." + path.relative_to(folder).with_suffix("").as_posix().replace("/", "."): ast.parse(path.read_text(encoding="utf-8"))
+        f"pipeline.{stage}." + path.relative_to(folder).with_suffix("").as_posix().replace("/", "."): ast.parse(
+            path.read_text(encoding="utf-8")
+        )
         for path in sorted(folder.rglob("*.py"))
-    }  # fmt: skip
+    }
 
 
 def imported(tree: ast.Module) -> set[str]:
@@ -46,7 +48,11 @@ def test_no_stage_imports_another_stage():
         others = [s for s in STAGES if s != stage]
         for module, tree in modules_of(stage).items():
             for name in sorted(imported(tree)):
-                crossings += [f"{module} imports {name}" for other in others if name == f"pipeline.{other}" or name.startswith(f"pipeline.{other}.")]
+                crossings += [
+                    f"{module} imports {name}"
+                    for other in others
+                    if name == f"pipeline.{other}" or name.startswith(f"pipeline.{other}.")
+                ]
     assert not crossings, crossings
 
 
@@ -59,13 +65,19 @@ def test_core_modules_import_no_stage():
         if relative.parts[0] in STAGES or relative.parts[0] == "demo":
             continue
         for name in imported(ast.parse(path.read_text(encoding="utf-8"))):
-            crossings += [f"{relative} imports {name}" for stage in STAGES if name == f"pipeline.{stage}" or name.startswith(f"pipeline.{stage}.")]
+            crossings += [
+                f"{relative} imports {name}"
+                for stage in STAGES
+                if name == f"pipeline.{stage}" or name.startswith(f"pipeline.{stage}.")
+            ]
     assert not crossings, crossings
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_python_m_stage_still_runs(stage):
     """``python -m pipeline.<stage>`` is the stage's command (the make targets call it)."""
-    done = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", f"pipeline.{stage}", "--help"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{stage} is powered by Hydra" in done.stdout

@@ -10,8 +10,20 @@ from .conftest import REPO
 
 
 def test_dedup_benchmark_runs_small():
-    args = [sys.executable, str(REPO / "benchmarks" / "dedup_bench.py"), "--n", "6000", "--dim", "32",
-            "--subset", "2000", "--queries", "300", "--nlist", "30"]  # fmt: skip
+    args = [
+        sys.executable,
+        str(REPO / "benchmarks" / "dedup_bench.py"),
+        "--n",
+        "6000",
+        "--dim",
+        "32",
+        "--subset",
+        "2000",
+        "--queries",
+        "300",
+        "--nlist",
+        "30",
+    ]
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout

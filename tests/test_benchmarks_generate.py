@@ -24,7 +24,9 @@ def test_sd14_architecture_has_the_published_sizes_and_flops(bench):
     with torch.device("meta"):  # shapes only: no memory, no time
         unet = UNet2DConditionModel(**bench.SD14["unet"])
         vae = AutoencoderKL(**bench.SD14["vae"])
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", **bench.SD14["text"]))
+        text = CLIPTextModel(
+            CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", **bench.SD14["text"])
+        )
         latents, step, context = torch.randn(1, 4, 64, 64), torch.tensor([500]), torch.randn(1, 77, 768)
 
     def count(module):
@@ -39,9 +41,25 @@ def test_sd14_architecture_has_the_published_sizes_and_flops(bench):
 @pytest.mark.slow
 def test_tiny_benchmark_runs_and_reports(bench, capsys):
     results = bench.main(
-        ["--tiny", "--quiet", "--device", "cpu", "--steps", "2", "--n-images", "8", "--n-prompts", "4",
-         "--baseline-images", "2", "--batch-size", "4", "--peak-tflops", "0.01"]
-    )  # fmt: skip
+        [
+            "--tiny",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            "--n-images",
+            "8",
+            "--n-prompts",
+            "4",
+            "--baseline-images",
+            "2",
+            "--batch-size",
+            "4",
+            "--peak-tflops",
+            "0.01",
+        ]
+    )
     out = capsys.readouterr().out
     assert "plain diffusers loop" in out and "memaudit generator" in out and "speed-up" in out
     line = next(line for line in out.splitlines() if line.startswith("RESULT "))
@@ -73,8 +91,26 @@ def test_tiny_benchmark_runs_and_reports(bench, capsys):
 def test_tiny_benchmark_runs_for_every_family(bench, family, capsys):
     """``--tiny --family <family>``: the family's stock pipeline, both loops, its guidance rule
     (FLUX: one denoiser evaluation per step), at the family's published guidance."""
-    results = bench.main(["--tiny", "--family", family, "--quiet", "--device", "cpu", "--steps", "2", "--n-images", "2",
-                          "--n-prompts", "2", "--baseline-images", "1", "--batch-size", "2"])  # fmt: skip
+    results = bench.main(
+        [
+            "--tiny",
+            "--family",
+            family,
+            "--quiet",
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            "--n-images",
+            "2",
+            "--n-prompts",
+            "2",
+            "--baseline-images",
+            "1",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert "memaudit generator" in capsys.readouterr().out
     from pipeline.families.random_pipelines import DEFAULTS, MODELS, TINY_SIZE
 

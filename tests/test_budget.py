@@ -21,10 +21,17 @@ from pipeline.prescreen import PrescreenSettings, unet_evaluations
 def prompts_table(made, budget=32, steps=25, guidance=5.0, stopped=None):
     ids = [f"{i:05d}" for i in range(len(made))]
     stopped = stopped if stopped is not None else [m < budget for m in made]
-    return pd.DataFrame({
-        "prompt_id": ids, "n_samples": budget, "steps": steps, "guidance_scale": guidance,
-        "n_generated": made, "stopped_early": stopped, "adaptive": '{"first_round": 8}',
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "prompt_id": ids,
+            "n_samples": budget,
+            "steps": steps,
+            "guidance_scale": guidance,
+            "n_generated": made,
+            "stopped_early": stopped,
+            "adaptive": '{"first_round": 8}',
+        }
+    )
 
 
 def test_evaluation_counts_follow_the_sampler():
@@ -97,7 +104,9 @@ def test_written_report_reads_the_prescreen_beside_the_prompts(tmp_path):
     memorized.to_parquet(tmp_path / "memorized.parquet")
 
     generations = prompts_table([32, 8, 32])  # prompts 00000-00002, 00001 stopped early
-    report = write_generation_budget(tmp_path / "gen", generations, prescreen_dir / "selected.parquet", tmp_path / "memorized.parquet")
+    report = write_generation_budget(
+        tmp_path / "gen", generations, prescreen_dir / "selected.parquet", tmp_path / "memorized.parquet"
+    )
     assert json.loads((tmp_path / "gen" / "budget.json").read_text())["unet_evaluations"] == report["unet_evaluations"]
     assert report["prompts"] == 6 and report["prescreen_evaluations"] == 48
     missed = report["missed"]
@@ -131,8 +140,13 @@ def test_stops_on_fewer_samples_are_counted_and_named():
     assert "1 once extracted" in text and "1 once a clique was unlikely" in text and "00000, 00001" in text
 
     # Brute force flagged 00002 and extracted 00000 and 00001 (flagged too) and 00003.
-    memorized = pd.DataFrame({"prompt_id": ["00000", "00001", "00002", "00003"], "flagged": [False, True, True, False],
-                              "extracted": [True, True, False, True]})  # fmt: skip
+    memorized = pd.DataFrame(
+        {
+            "prompt_id": ["00000", "00001", "00002", "00003"],
+            "flagged": [False, True, True, False],
+            "extracted": [True, True, False, True],
+        }
+    )
     out = missed_by_shortcuts(memorized, adaptive=table)
     assert out["flagged"] == 2 and out["extracted_ids"] == ["00000", "00001", "00003"] and out["found"] == 4
     assert out["adaptive"]["missed"] == ["00001", "00003"] and out["adaptive"]["recall"] == 0.5

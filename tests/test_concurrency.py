@@ -58,8 +58,10 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def busy_line(stage: str, folder: Path, pid: int, rank: int = 0) -> str:
-    return (f"{stage}: {folder} is being written by another process (pid {pid}, rank {rank}); "
-            "wait for it to finish or use another run_name")  # fmt: skip
+    return (
+        f"{stage}: {folder} is being written by another process (pid {pid}, rank {rank}); "
+        "wait for it to finish or use another run_name"
+    )
 
 
 @pytest.fixture
@@ -100,10 +102,23 @@ def test_two_detect_runs_with_different_thresholds_one_refuses(run, tmp_path):
     run_dir = run["run_dir"]
     ready, go = tmp_path / "ready", tmp_path / "go"
     first = subprocess.Popen(
-        [sys.executable, "-c", HOLD, "pipeline.detect", str(ready), str(go), f"run_dir={run_dir}", "rule.threshold=0.15",
-         "progress=false"],
-        cwd=REPO, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            HOLD,
+            "pipeline.detect",
+            str(ready),
+            str(go),
+            f"run_dir={run_dir}",
+            "rule.threshold=0.15",
+            "progress=false",
+        ],
+        cwd=REPO,
+        env=stage_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not ready.exists() and first.poll() is None and time.monotonic() < deadline:
@@ -145,10 +160,17 @@ def test_locks_are_per_rank_and_exclusive(tmp_path):
 def test_a_lock_left_by_a_killed_process_does_not_block(run):
     run_dir = run["run_dir"]
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pipeline.io import writer_lock\n"
-         f"with writer_lock({str(run_dir / 'detect')!r}, 0):\n    print('held', flush=True)\n    time.sleep(120)\n"],
-        cwd=REPO, env=stage_env(), stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom pipeline.io import writer_lock\n"
+            f"with writer_lock({str(run_dir / 'detect')!r}, 0):\n    print('held', flush=True)\n    time.sleep(120)\n",
+        ],
+        cwd=REPO,
+        env=stage_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
     finally:
@@ -168,4 +190,3 @@ def test_the_lock_leaves_no_folder_a_stage_did_not_write(tmp_path):
     with writer_lock(out, 0):
         (out / "memorized.parquet").write_bytes(b"x")
     assert sorted(p.name for p in out.iterdir()) == ["memorized.parquet"]
-

@@ -258,7 +258,10 @@ def test_an_empty_shard_names_the_rank(tmp_path):
 
 def test_decompression_bomb_is_rejected(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)
-    samples = [Sample("small", "8x8 is 64 pixels", jpeg_bytes(colour(1), 8)), Sample("big", "16x16 is 256", jpeg_bytes(colour(2), 16))]
+    samples = [
+        Sample("small", "8x8 is 64 pixels", jpeg_bytes(colour(1), 8)),
+        Sample("big", "16x16 is 256", jpeg_bytes(colour(2), 16)),
+    ]
     path = write_dataset("files", tmp_path / "files", samples)
     rejects = RejectLog(tmp_path / "rejects.jsonl")
 
@@ -369,10 +372,19 @@ def test_parquet_img2dataset_rows_and_fallback_keys(tmp_path):
 
     records = list(iter_records("parquet", tmp_path, rejects=rejects, batch_size=2))
 
-    assert [(r.key, r.caption) for r in records] == [("000000000", "zero"), ("000000002", "two"), ("extra/0", "x"), ("extra/1", "y")]
+    assert [(r.key, r.caption) for r in records] == [
+        ("000000000", "zero"),
+        ("000000002", "two"),
+        ("extra/0", "x"),
+        ("extra/1", "y"),
+    ]
     assert records[0].meta["status"] == "success"
     assert rejects.entries == [
-        {"key": "000000001", "source": f"{tmp_path / '00000.parquet'}:row 1", "reason": "not downloaded: status failed_to_download (timeout)"}
+        {
+            "key": "000000001",
+            "source": f"{tmp_path / '00000.parquet'}:row 1",
+            "reason": "not downloaded: status failed_to_download (timeout)",
+        }
     ]
 
 
@@ -381,7 +393,9 @@ def test_parquet_hugging_face_image_column(tmp_path):
     images_ = pa.array([{"bytes": jpeg_bytes(colour(i)), "path": f"{i}.jpg"} for i in range(2)], image_type)
     pq.write_table(pa.table({"image": images_, "text": ["first", "second"]}), tmp_path / "train.parquet")
 
-    records = list(iter_records("parquet", tmp_path / "train.parquet", image_column="image", caption_column="text", key_column=None))
+    records = list(
+        iter_records("parquet", tmp_path / "train.parquet", image_column="image", caption_column="text", key_column=None)
+    )
 
     assert [(r.key, r.caption) for r in records] == [("train/0", "first"), ("train/1", "second")]
     assert np.abs(np.asarray(records[1].image, dtype=int) - colour(1)).max() <= 3
@@ -482,10 +496,13 @@ def test_missing_path_names_the_key(fmt, tmp_path):
 
 def test_parquet_column_errors_fail_at_once(tmp_path):
     pq.write_table(
-        pa.table({"key": ["k"], "jpg": pa.array([jpeg_bytes(colour(1))], pa.binary()), "text": ["a caption"]}), tmp_path / "a.parquet"
+        pa.table({"key": ["k"], "jpg": pa.array([jpeg_bytes(colour(1))], pa.binary()), "text": ["a caption"]}),
+        tmp_path / "a.parquet",
     )
     # Each call raises itself, before a single record is read.
-    with pytest.raises(DataConfigError, match=r"^data\.caption_column: not set and none of caption, txt .*\(columns: key, jpg, text\)"):
+    with pytest.raises(
+        DataConfigError, match=r"^data\.caption_column: not set and none of caption, txt .*\(columns: key, jpg, text\)"
+    ):
         iter_records("parquet", tmp_path)
     with pytest.raises(DataConfigError, match=r"^data\.caption_column: no column 'title' in .*a\.parquet"):
         iter_records("parquet", tmp_path, caption_column="title")
@@ -500,7 +517,9 @@ def test_parquet_column_errors_fail_at_once(tmp_path):
 
 def test_other_config_errors_name_the_key(tmp_path):
     path = write_dataset("imagefolder", tmp_path / "folder", good_samples(1))
-    with pytest.raises(DataConfigError, match=r"^data\.caption_column: no column 'text' in .*captions\.csv \(columns: file, caption\)"):
+    with pytest.raises(
+        DataConfigError, match=r"^data\.caption_column: no column 'text' in .*captions\.csv \(columns: file, caption\)"
+    ):
         iter_records("imagefolder", path, caption_column="text")
     with pytest.raises(DataConfigError, match=r"^data\.image_column: not an option of the imagefolder format"):
         iter_records("imagefolder", path, image_column="jpg")

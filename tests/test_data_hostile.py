@@ -186,7 +186,9 @@ def add_bad_record(fmt: str, path: Path, caption: bytes, meta: bytes) -> str:
             add_member(tar, "bad.json", meta)
         return "00001/bad"
     elif fmt == "parquet":
-        table = pa.table({"key": ["00000/bad"], "jpg": pa.array([image], pa.binary()), "caption": pa.array([caption], pa.binary())})
+        table = pa.table(
+            {"key": ["00000/bad"], "jpg": pa.array([image], pa.binary()), "caption": pa.array([caption], pa.binary())}
+        )
         pq.write_table(table, path / "00001.parquet")
     else:
         (path / "00000" / "bad.jpg").write_bytes(image)
@@ -210,11 +212,12 @@ def test_invalid_utf8_caption_is_rejected_in_every_format(fmt, tmp_path):
     assert entry["reason"].startswith("unreadable caption: not valid UTF-8 (") and "0xe9" in entry["reason"]
 
 
-
 def unchecked_strings(values: list[bytes]) -> pa.Array:
     """A string array holding ``values`` as they are: pyarrow (like a parquet file) does not check UTF-8."""
     offsets = np.cumsum([0] + [len(v) for v in values]).astype(np.int32)
-    return pa.Array.from_buffers(pa.string(), len(values), [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(values))])
+    return pa.Array.from_buffers(
+        pa.string(), len(values), [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(values))]
+    )
 
 
 def test_parquet_string_column_with_invalid_utf8_rejects_only_its_row(tmp_path):
@@ -238,6 +241,7 @@ def test_parquet_string_column_with_invalid_utf8_rejects_only_its_row(tmp_path):
         ("d", "unreadable metadata: not valid UTF-8"),
     ]
     assert "column 'caption': byte 0xe9" in rejects.entries[0]["reason"]
+
 
 @pytest.mark.parametrize("fmt", ["files", "webdataset"])
 @pytest.mark.parametrize("meta", [b'{"title": "caf\xe9"}', b'{"title": "\\udce9"}'], ids=["byte", "escaped-surrogate"])
@@ -318,7 +322,6 @@ def test_truncated_tar_counts_the_records_it_lost(sidecar, world_size, tmp_path)
         assert f"{n - keep} records" in entries[0]["reason"]
 
 
-
 @pytest.mark.parametrize("inside_header", [False, True])
 def test_tar_cut_at_a_header_is_not_a_clean_end(inside_header, tmp_path):
     # tarfile ends quietly when the file stops at or inside a header; only the all-zero
@@ -342,6 +345,7 @@ def test_tar_cut_at_a_header_is_not_a_clean_end(inside_header, tmp_path):
     rejects = RejectLog()
     list(iter_records("webdataset", tmp_path, rejects=rejects))
     assert len(rejects) == 4  # 5 written, 1 read
+
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_parquet_with_wrong_columns_counts_its_rows(world_size, tmp_path):

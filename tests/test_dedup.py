@@ -126,7 +126,16 @@ def test_groups_are_connected_components_ranked_by_size():
     # 0-1, 1-2, 2-7 chain (different captions, one group); 3-4; 5 and 6 alone.
     labels = connected_groups(8, np.array([0, 1, 7, 3]), np.array([1, 2, 2, 4]))
     groups = group_table(keys, captions, labels)
-    assert groups.set_index("key")["group_id"].to_dict() == {"k0": 0, "k1": 0, "k2": 0, "k7": 0, "k3": 1, "k4": 1, "k5": 2, "k6": 3}
+    assert groups.set_index("key")["group_id"].to_dict() == {
+        "k0": 0,
+        "k1": 0,
+        "k2": 0,
+        "k7": 0,
+        "k3": 1,
+        "k4": 1,
+        "k5": 2,
+        "k6": 3,
+    }
     selected = select_top(groups, top_k=5)
     assert selected["prompt_id"].tolist() == ["00000", "00001"]  # singletons are not selected
     assert selected["caption"].tolist() == ["a dog", "a cat"]  # the most common caption
@@ -163,9 +172,13 @@ def small_run(small_demo, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("run") / "dedup"
     embedder = ThumbnailEmbedder()
     summary = run_dedup(
-        out, DedupSettings(threshold=embedder.threshold, top_k=4), data=files_data(small_demo), embedder=embedder,
-        ground_truth=small_demo / "ground_truth.parquet", progress=False,
-    )  # fmt: skip
+        out,
+        DedupSettings(threshold=embedder.threshold, top_k=4),
+        data=files_data(small_demo),
+        embedder=embedder,
+        ground_truth=small_demo / "ground_truth.parquet",
+        progress=False,
+    )
     return out, summary
 
 
@@ -237,7 +250,12 @@ def test_outputs_follow_the_run_directory_contract(small_demo, small_run):
 def test_rerun_skips_done_work_and_a_new_threshold_redoes_only_the_search(small_demo, tmp_path):
     out = tmp_path / "dedup"
     embedder = ThumbnailEmbedder()
-    run = lambda threshold: run_dedup(out, DedupSettings(threshold=threshold, top_k=3), data=files_data(small_demo), embedder=embedder, progress=False)  # noqa: E731
+
+    def run(threshold):
+        return run_dedup(
+            out, DedupSettings(threshold=threshold, top_k=3), data=files_data(small_demo), embedder=embedder, progress=False
+        )
+
     run(0.84)
     emb_file = out / "embeddings" / "img_emb" / "img_emb_0.npy"
     marks = {p.name: p.stat().st_mtime_ns for p in (out / ".done").iterdir()}
@@ -298,8 +316,11 @@ def test_world_size_does_not_change_groups_or_selection(small_demo, small_run, t
     one = run_dedup(single, settings, data=files_data(small_demo), embedder=embedder, progress=False)
     sharded = tmp_path / "sharded"
     common = dict(data=files_data(small_demo), embedder=embedder, world_size=2, progress=False)
-    summaries = [run_dedup(sharded, settings, phase=phase, rank=rank, **common)
-                 for phase in ("embed", "train", "index", "search", "group") for rank in (0, 1)]  # fmt: skip
+    summaries = [
+        run_dedup(sharded, settings, phase=phase, rank=rank, **common)
+        for phase in ("embed", "train", "index", "search", "group")
+        for rank in (0, 1)
+    ]
     two = summaries[-2]  # group on rank 0
     assert one["selected"] == 24 and one["duplicate_groups"] == 9
     for name in ("groups.parquet", "selected.parquet"):
@@ -324,8 +345,13 @@ def test_precomputed_embeddings_give_the_same_groups(small_run, tmp_path):
 
 def test_ivf_index_through_the_stage(small_demo, small_run, tmp_path):
     settings = DedupSettings(threshold=0.84, top_k=4, index=IndexSettings(kind="ivf", nlist=6, nprobe=3))
-    summary = run_dedup(tmp_path / "dedup", settings, embeddings_dir=small_run[0] / "embeddings",
-                        ground_truth=small_demo / "ground_truth.parquet", progress=False)  # fmt: skip
+    summary = run_dedup(
+        tmp_path / "dedup",
+        settings,
+        embeddings_dir=small_run[0] / "embeddings",
+        ground_truth=small_demo / "ground_truth.parquet",
+        progress=False,
+    )
     assert summary["settings"]["index"]["resolved_kind"] == "ivf" and summary["settings"]["index"]["nlist"] == 6
     assert (tmp_path / "dedup" / "index" / "assign_0.npy").exists() and (tmp_path / "dedup" / "index" / "centroids.npy").exists()
     assert summary["evaluation"]["recall"] >= 0.95 and summary["evaluation"]["precision"] >= 0.95
@@ -348,7 +374,9 @@ def test_open_clip_end_to_end_and_from_precomputed(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=2e-3)
     assert first["settings"]["embedder"] == {"name": "open_clip:ViT-B-32:random", "dim": 512}
     second = run_dedup(tmp_path / "b", settings, embeddings_dir=tmp_path / "a" / "embeddings", progress=False)
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a" / "groups.parquet"), pd.read_parquet(tmp_path / "b" / "groups.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "a" / "groups.parquet"), pd.read_parquet(tmp_path / "b" / "groups.parquet")
+    )
     assert first["groups"] == second["groups"]
 
 
@@ -357,8 +385,13 @@ def test_bad_records_are_rejected_and_recorded(small_demo, tmp_path):
     shutil.copytree(small_demo / "images", images)
     (images / "000005.jpg").write_bytes(b"not a jpeg at all")
     (images / "000007.txt").unlink()
-    summary = run_dedup(tmp_path / "dedup", DedupSettings(threshold=0.84), data={"format": "files", "path": str(images)},
-                        embedder=ThumbnailEmbedder(), progress=False)  # fmt: skip
+    summary = run_dedup(
+        tmp_path / "dedup",
+        DedupSettings(threshold=0.84),
+        data={"format": "files", "path": str(images)},
+        embedder=ThumbnailEmbedder(),
+        progress=False,
+    )
     rejects = [json.loads(line) for line in (tmp_path / "dedup" / "rejects.jsonl").read_text().splitlines()]
     assert sorted(r["key"] for r in rejects) == ["000005", "000007"]
     assert summary["rejected"] == 2 and summary["records_read"] == summary["records_embedded"] + 2
@@ -395,14 +428,28 @@ def test_evaluate_groups_counts_missing_records_against_recall():
 def test_make_dedup_entry_point(small_demo, tmp_path):
     """``python -m pipeline.dedup`` with Hydra overrides prints the summary and the evaluation."""
     env = stage_env()
-    args = [sys.executable, "-m", "pipeline.dedup", f"run_dir={tmp_path}", f"data.path={small_demo / 'images'}",
-            f"data.ground_truth={small_demo / 'ground_truth.parquet'}", "top_k=3", "progress=false"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline.dedup",
+        f"run_dir={tmp_path}",
+        f"data.path={small_demo / 'images'}",
+        f"data.ground_truth={small_demo / 'ground_truth.parquet'}",
+        "top_k=3",
+        "progress=false",
+    ]
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ground truth: pair precision" in done.stdout
     assert len(pd.read_parquet(tmp_path / "dedup" / "selected.parquet")) == 3
-    bad = subprocess.run([sys.executable, "-m", "pipeline.dedup", f"run_dir={tmp_path / 'x'}", "embedder=precomputed"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline.dedup", f"run_dir={tmp_path / 'x'}", "embedder=precomputed"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "embeddings_dir" in bad.stderr
 
 
@@ -411,9 +458,14 @@ def test_full_demo_set_groups_and_selection(demo_set, tmp_path):
     """The full demo set: pair precision and recall >= 0.95; the top 6 and 12 selected
     groups are the 6 originals copied 150 times, then the 6 copied 40 times."""
     embedder = ThumbnailEmbedder()
-    summary = run_dedup(tmp_path / "dedup", DedupSettings(threshold=embedder.threshold, top_k=12),
-                        data=files_data(demo_set), embedder=embedder, ground_truth=demo_set / "ground_truth.parquet",
-                        progress=False)  # fmt: skip
+    summary = run_dedup(
+        tmp_path / "dedup",
+        DedupSettings(threshold=embedder.threshold, top_k=12),
+        data=files_data(demo_set),
+        embedder=embedder,
+        ground_truth=demo_set / "ground_truth.parquet",
+        progress=False,
+    )
     evaluation = summary["evaluation"]
     assert evaluation["precision"] >= 0.95 and evaluation["recall"] >= 0.95, evaluation
     truth = pd.read_parquet(demo_set / "ground_truth.parquet")

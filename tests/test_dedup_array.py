@@ -42,9 +42,24 @@ def planted(n: int, dim: int, n_groups: int, seed: int = 0) -> tuple[np.ndarray,
 
 
 def dedup(run_dir: Path, embeddings: Path, *overrides: str) -> None:
-    args = [sys.executable, "-m", "pipeline.dedup", "-m", "hydra/launcher=local", f"run_dir={run_dir}", "embedder=precomputed",
-            f"embeddings_dir={embeddings}", "threshold=0.9", f"k={K}", "index.kind=ivf", f"index.nprobe={NPROBE}",
-            "top_k=50", "evaluate=false", "progress=false", *overrides]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline.dedup",
+        "-m",
+        "hydra/launcher=local",
+        f"run_dir={run_dir}",
+        "embedder=precomputed",
+        f"embeddings_dir={embeddings}",
+        "threshold=0.9",
+        f"k={K}",
+        "index.kind=ivf",
+        f"index.nprobe={NPROBE}",
+        "top_k=50",
+        "evaluate=false",
+        "progress=false",
+        *overrides,
+    ]
     done = subprocess.run(args, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -136,14 +151,19 @@ def test_every_task_holds_only_its_share(runs):
         # (20 bytes each, three copies); a bucket of records (7-character keys and captions,
         # ~60 bytes each as Python strings, twice: as read and sorted) and up to a parquet row
         # group of output rows (~30 bytes each in Arrow).
-        "group": N * 8 * 4 + min(pairs, GROUP_CHUNK * K) * 20 * 3 + 2 * GROUP_CHUNK * 60 * 2 * 2 + min(N, PARQUET_ROW_GROUP) * 30 * 2,
+        "group": N * 8 * 4
+        + min(pairs, GROUP_CHUNK * K) * 20 * 3
+        + 2 * GROUP_CHUNK * 60 * 2 * 2
+        + min(N, PARQUET_ROW_GROUP) * 30 * 2,
     }
     for phase, data in share.items():
         ranks = [0] if phase in ("train", "group") else range(WORLD_SIZE)
         for rank in ranks:
             got = peak(four, phase, rank)
             bound = baseline + 2 * (data + chunk) / MIB
-            assert got <= bound, f"{phase} rank {rank}: {got:.0f} MiB > {bound:.0f}: baseline {baseline:.0f} + 2 x ({data / MIB:.0f} + {chunk / MIB:.0f}) MiB"
+            assert got <= bound, (
+                f"{phase} rank {rank}: {got:.0f} MiB > {bound:.0f}: baseline {baseline:.0f} + 2 x ({data / MIB:.0f} + {chunk / MIB:.0f}) MiB"
+            )
     # The single process holds all N x nprobe bucket rows while searching: more than any task.
     assert peak(one, "all", 0) >= baseline + 0.8 * N * NPROBE * row / MIB
     assert max(peak(four, p, r) for p in ("train", "index", "search") for r in range(WORLD_SIZE)) < peak(one, "all", 0)
@@ -156,8 +176,17 @@ CHAINED_BANDS = {"heavy": (3, 6), "mid": (3, 3), "single": (20, 1)}
 
 
 def run_stage(run_dir: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "pipeline.dedup", f"run_dir={run_dir}", f"data.path={data_dir / 'images'}",
-            f"data.ground_truth={data_dir / 'ground_truth.parquet'}", "top_k=5", "progress=false", *overrides]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline.dedup",
+        f"run_dir={run_dir}",
+        f"data.path={data_dir / 'images'}",
+        f"data.ground_truth={data_dir / 'ground_truth.parquet'}",
+        "top_k=5",
+        "progress=false",
+        *overrides,
+    ]
     done = subprocess.run(args, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done

@@ -91,8 +91,18 @@ def test_learning_rate_warms_up_then_decays_linearly():
 
 def test_interrupted_training_resumes_to_the_same_weights(tiny_demo_set, tmp_path):
     model = DemoModelConfig(**TINY)
-    common = dict(data_path=str(tiny_demo_set), batch_size=4, checkpoint_every=2, log_every=1, warm_start=False, model=model,
-                  warmup_steps=1, decay_start=1, decay_steps=2, decay_to=0.1)  # fmt: skip
+    common = dict(
+        data_path=str(tiny_demo_set),
+        batch_size=4,
+        checkpoint_every=2,
+        log_every=1,
+        warm_start=False,
+        model=model,
+        warmup_steps=1,
+        decay_start=1,
+        decay_steps=2,
+        decay_to=0.1,
+    )
     straight = train(TrainConfig(out_dir=str(tmp_path / "straight"), steps=4, **common))
     train(TrainConfig(out_dir=str(tmp_path / "resumed"), steps=2, **common))  # "interrupted" after step 2
     (tmp_path / "resumed" / "memorization.csv").write_text("kept\n")  # an evaluation's output beside the model
@@ -128,7 +138,10 @@ def test_shipped_model_reproduces_heavy_duplicates_more_than_singletons(demo_set
     samples = sample_images(pipe, captions, list(range(len(captions))), steps=25, guidance_scale=5.0, batch_size=32)
     size = samples.shape[1]
     targets = np.stack(
-        [np.asarray(Image.open(demo_set / "originals" / f"{o}.png").resize((size, size), Image.Resampling.BOX)) for o in originals]
+        [
+            np.asarray(Image.open(demo_set / "originals" / f"{o}.png").resize((size, size), Image.Resampling.BOX))
+            for o in originals
+        ]
     )
     distance = tiled_l2(samples, targets).diagonal()
     heavy = np.array([o in set(truth[truth.band == "heavy"].original_id) for o in originals])
@@ -141,7 +154,9 @@ def test_evaluation_measures_each_sample_against_its_originals_training_copies(d
 
     from pipeline.demo.evaluate import EvalConfig, evaluate, summarize
 
-    rows = evaluate(EvalConfig(model_dir=str(SHIPPED), data_dir=str(demo_set), originals_per_band=1, seeds=2, steps=4, guidance_scale=5.0))
+    rows = evaluate(
+        EvalConfig(model_dir=str(SHIPPED), data_dir=str(demo_set), originals_per_band=1, seeds=2, steps=4, guidance_scale=5.0)
+    )
     truth = pd.read_parquet(demo_set / "ground_truth.parquet")
     assert len(rows) == 2 * truth.band.nunique()
     copies = truth.groupby("original_id").key.apply(set)

@@ -17,14 +17,23 @@ def test_flags_and_extractions_are_scored_against_planted_originals(tmp_path):
     )
     (tmp_path / "dedup").mkdir()
     (tmp_path / "detect").mkdir()
-    pd.DataFrame({"prompt_id": ["0", "1", "2"], "keys": [["a1", "a2"], ["b1", "b2"], ["c1"]]}).to_parquet(tmp_path / "dedup" / "selected.parquet")
+    pd.DataFrame({"prompt_id": ["0", "1", "2"], "keys": [["a1", "a2"], ["b1", "b2"], ["c1"]]}).to_parquet(
+        tmp_path / "dedup" / "selected.parquet"
+    )
     # Prompt 0's closest training image is a copy of its own original; prompt 2's is another
     # original's copy: extracted by the detector, but not a correct extraction.
-    pd.DataFrame({
-        "prompt_id": ["0", "1", "2"], "flagged": [True, False, True], "clique_size": [12, 2, 10],
-        "extracted": [True, False, True], "best_train_key": ["a2", "", "b1"], "samples_matched": [6, 0, 2], "n_samples": [24, 24, 24],
-        "samples_matched_other": [0, 1, 0],
-    }).to_parquet(tmp_path / "detect" / "memorized.parquet")  # fmt: skip
+    pd.DataFrame(
+        {
+            "prompt_id": ["0", "1", "2"],
+            "flagged": [True, False, True],
+            "clique_size": [12, 2, 10],
+            "extracted": [True, False, True],
+            "best_train_key": ["a2", "", "b1"],
+            "samples_matched": [6, 0, 2],
+            "n_samples": [24, 24, 24],
+            "samples_matched_other": [0, 1, 0],
+        }
+    ).to_parquet(tmp_path / "detect" / "memorized.parquet")
     measured = pd.DataFrame({"band": ["heavy"] * 4 + ["single"] * 2, "reproduced": [True, True, True, False, False, False]})
     summary, per_band = score_run(tmp_path, truth, measured=measured)
     assert summary["planted_prompts"] == 2 and summary["flagged"] == 2 and summary["extracted"] == 1

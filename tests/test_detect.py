@@ -47,7 +47,9 @@ def near_copy(rng: np.random.Generator, image: np.ndarray, sigma: float = 4.0) -
     return np.clip(image + rng.normal(0, sigma, image.shape), 0, 255).astype(np.uint8)
 
 
-def build_generations(root: Path, originals: dict[str, np.ndarray], rng: np.random.Generator, table: bool = True) -> dict[str, list[int]]:
+def build_generations(
+    root: Path, originals: dict[str, np.ndarray], rng: np.random.Generator, table: bool = True
+) -> dict[str, list[int]]:
     """Write the generator's layout; returns the sample indices of each prompt's near-copies."""
     planted_at = {}
     for prompt_id, copies in PLANTED.items():
@@ -64,8 +66,9 @@ def build_generations(root: Path, originals: dict[str, np.ndarray], rng: np.rand
     if table:
         rows = [
             {"prompt_id": pid, "caption": CAPTIONS[pid], "seed": seed, "sample": seed}
-            for pid in PLANTED for seed in range(SAMPLES)
-        ]  # fmt: skip
+            for pid in PLANTED
+            for seed in range(SAMPLES)
+        ]
         pd.DataFrame(rows).to_parquet(root / "prompts.parquet")
     return planted_at
 
@@ -97,11 +100,15 @@ def build_run(root: Path, seed: int = 0, table: bool = True, selected: bool = Tr
     build_training_set(train, originals, rng)
     if selected:
         rows = [
-            {"prompt_id": "00000", "caption": CAPTIONS["00000"], "dup_count": 40,
-             "keys": [ORIGINAL_KEY["00000"], "part0/00009", "part0/00001"]},
+            {
+                "prompt_id": "00000",
+                "caption": CAPTIONS["00000"],
+                "dup_count": 40,
+                "keys": [ORIGINAL_KEY["00000"], "part0/00009", "part0/00001"],
+            },
             {"prompt_id": "00001", "caption": CAPTIONS["00001"], "dup_count": 10, "keys": ["part1/00004"]},
             {"prompt_id": "00002", "caption": CAPTIONS["00002"], "dup_count": 1, "keys": ["part1/00005"]},
-        ]  # fmt: skip
+        ]
         (run_dir / "dedup").mkdir(parents=True)
         pd.DataFrame(rows).to_parquet(run_dir / "dedup" / "selected.parquet")
         if table:  # as the generator does, the prompt table carries each prompt's group forward
@@ -150,26 +157,54 @@ def test_verdict_stops_taken_under_another_rule_are_named(run, caplog):
     def stored(**rule):
         return json.dumps(AdaptiveSettings(enabled=True, rule=NearCopyRule(**rule)).describe())
 
-    table = pd.DataFrame({
-        "prompt_id": ["a", "b", "c", "d", "e", "f", "g"],
-        "stop_reason": ["flagged", "out_of_reach", "no_close_pairs", None, "out_of_reach", "flagged", "flagged"],
-        "adaptive": [stored(), stored(min_clique=8), stored(min_clique=8), None, stored(threshold=0.2),
-                     stored(metric=TiledL2(size=64)), stored(max_clique_steps=10)],
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "prompt_id": ["a", "b", "c", "d", "e", "f", "g"],
+            "stop_reason": ["flagged", "out_of_reach", "no_close_pairs", None, "out_of_reach", "flagged", "flagged"],
+            "adaptive": [
+                stored(),
+                stored(min_clique=8),
+                stored(min_clique=8),
+                None,
+                stored(threshold=0.2),
+                stored(metric=TiledL2(size=64)),
+                stored(max_clique_steps=10),
+            ],
+        }
+    )
     assert stopped_under_another_rule(table, NearCopyRule()) == ["b", "e", "f", "g"]
     assert stopped_under_another_rule(table, NearCopyRule(min_clique=8)) == ["a", "e", "f", "g"]
     assert stopped_under_another_rule(table, NearCopyRule(TiledL2(size=64))) == ["a", "b", "e", "g"]
-    assert stopped_under_another_rule(table, NearCopyRule(ClipDistance(CentredPixels()), threshold=0.05)) == ["a", "b", "e", "f", "g"]
+    assert stopped_under_another_rule(table, NearCopyRule(ClipDistance(CentredPixels()), threshold=0.05)) == [
+        "a",
+        "b",
+        "e",
+        "f",
+        "g",
+    ]
     assert stopped_under_another_rule(table.drop(columns="stop_reason"), NearCopyRule()) == []
 
     # Folders made before the whole rule was stored hold the adaptive section's own threshold,
     # min_clique and grid (tiled L2 at the samples' size, the default clique search).
     legacy = {"threshold": 0.15, "min_clique": 10, "grid": 4}
-    table["adaptive"] = [json.dumps(legacy), json.dumps(legacy | {"min_clique": 8}), json.dumps(legacy | {"min_clique": 8}), None,
-                         json.dumps(legacy | {"threshold": 0.2}), json.dumps(legacy | {"grid": 2}), json.dumps(legacy)]
+    table["adaptive"] = [
+        json.dumps(legacy),
+        json.dumps(legacy | {"min_clique": 8}),
+        json.dumps(legacy | {"min_clique": 8}),
+        None,
+        json.dumps(legacy | {"threshold": 0.2}),
+        json.dumps(legacy | {"grid": 2}),
+        json.dumps(legacy),
+    ]
     assert stopped_under_another_rule(table, NearCopyRule()) == ["b", "e", "f"]
     assert stopped_under_another_rule(table, NearCopyRule(min_clique=8)) == ["a", "e", "f", "g"]
-    assert stopped_under_another_rule(table, NearCopyRule(ClipDistance(CentredPixels()), threshold=0.05)) == ["a", "b", "e", "f", "g"]
+    assert stopped_under_another_rule(table, NearCopyRule(ClipDistance(CentredPixels()), threshold=0.05)) == [
+        "a",
+        "b",
+        "e",
+        "f",
+        "g",
+    ]
 
     # In a run: the generations' table says prompt 00001 was stopped out of reach under min_clique 8.
     path = run["run_dir"] / "generations" / "prompts.parquet"
@@ -273,16 +308,20 @@ class CentredPixels(Embedder):
     dim = 8 * 8 * 3
 
     def embed(self, images):
-        vectors = np.stack([np.asarray(im.convert("RGB").resize((8, 8), Image.Resampling.BOX), dtype=np.float32) / 255 - 0.5 for im in images])
+        vectors = np.stack(
+            [np.asarray(im.convert("RGB").resize((8, 8), Image.Resampling.BOX), dtype=np.float32) / 255 - 0.5 for im in images]
+        )
         vectors = vectors.reshape(len(images), -1)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def test_clip_metric_goes_through_the_embedder(run):
     memorized = run_detect(
-        run["run_dir"] / "generations", run["run_dir"] / "detect", NearCopyRule(ClipDistance(CentredPixels()), threshold=0.05),
+        run["run_dir"] / "generations",
+        run["run_dir"] / "detect",
+        NearCopyRule(ClipDistance(CentredPixels()), threshold=0.05),
         progress=False,
-    )  # fmt: skip
+    )
     assert memorized["flagged"].tolist() == [True, False, False]
     assert memorized["clique_size"].tolist()[:2] == [12, 9]
     with pytest.raises(ValueError, match="embedder"):
@@ -332,7 +371,9 @@ def test_max_clique_budget_gives_a_valid_lower_bound():
 def verify(run, memorized, **options):
     """(memorized with the verification columns, indexed by prompt id; the extracted pairs)."""
     data = {"format": "files", "path": str(run["train"])}
-    table, pairs = run_verify(memorized, run["run_dir"] / "generations", run["run_dir"] / "detect", data, progress=False, **options)
+    table, pairs = run_verify(
+        memorized, run["run_dir"] / "generations", run["run_dir"] / "detect", data, progress=False, **options
+    )
     return table.set_index("prompt_id"), pairs
 
 
@@ -433,8 +474,9 @@ def test_verification_uses_the_embedding_index(run):
     assert table.loc["00000", "best_train_key"] == ORIGINAL_KEY["00000"]
     assert table.loc["00000", "samples_matched"] == PLANTED["00000"]
     assert (table["n_candidates"] <= SAMPLES).all()
-    capped, _ = verify(run, memorized, dedup_dir=dedup, embedder_factory=lambda: embedder, n_candidates=4, max_candidates=2,
-                       exhaustive=False)  # fmt: skip
+    capped, _ = verify(
+        run, memorized, dedup_dir=dedup, embedder_factory=lambda: embedder, n_candidates=4, max_candidates=2, exhaustive=False
+    )
     assert (capped["n_candidates"] <= 2).all()
     with pytest.raises(ValueError, match="embedder"):
         index.search(np.ones((1, 5), dtype=np.float32), 3)
@@ -464,8 +506,9 @@ def test_fetch_training_images_reports_missing_and_corrupt_keys(run):
     found = fetch_training_images(data, ["part0/00001", "part0/00002", "nope/123"], rejects)
     assert set(found) == {"part0/00001"}
     assert {e["key"]: e["reason"].split(":")[0] for e in rejects.entries} == {
-        "part0/00002": "corrupt image", "nope/123": "missing training image",
-    }  # fmt: skip
+        "part0/00002": "corrupt image",
+        "nope/123": "missing training image",
+    }
 
 
 @pytest.mark.slow
@@ -476,10 +519,20 @@ def test_command_line_detect(run, tmp_path):
     run_dir = run["run_dir"]
     shutil.rmtree(run_dir / "detect", ignore_errors=True)
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.detect", f"run_dir={run_dir}", "data=files", f"data.path={run['train']}",
-         "progress=false"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline.detect",
+            f"run_dir={run_dir}",
+            "data=files",
+            f"data.path={run['train']}",
+            "progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 of 3 prompts flagged" in result.stdout
     memorized = pd.read_parquet(run_dir / "detect" / "memorized.parquet")
@@ -488,11 +541,17 @@ def test_command_line_detect(run, tmp_path):
     assert memorized["samples_matched"].tolist() == [PLANTED["00000"], 0, 0]
     extracted = pd.read_parquet(run_dir / "detect" / "extracted.parquet")
     assert set(extracted["train_key"]) == {ORIGINAL_KEY["00000"]} and len(extracted) == PLANTED["00000"]
-    assert f"1 of 3 prompts extracted: a sample within 0.15 of one of their caption's training images ({PLANTED['00000']} samples in all)" in result.stdout
+    assert (
+        f"1 of 3 prompts extracted: a sample within 0.15 of one of their caption's training images ({PLANTED['00000']} samples in all)"
+        in result.stdout
+    )
     bad = subprocess.run(
         [sys.executable, "-m", "pipeline.detect", f"run_dir={run_dir}", "metric=l1"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
     # metric= picks a config of the group conf/metric/ (one per metric): Hydra names the
     # unknown choice and lists the metrics there, as for any config group.
     assert bad.returncode != 0 and "Could not find 'metric/l1'" in bad.stderr and "Traceback" not in bad.stderr

@@ -106,7 +106,14 @@ def test_one_changed_tile_decides(images):
 def test_images_are_brought_to_a_common_size():
     rng = np.random.default_rng(1)
     # Smooth images, so that resampling changes them little.
-    small = np.stack([np.asarray(Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((48, 48), Image.Resampling.BICUBIC)) for _ in range(4)])
+    small = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((48, 48), Image.Resampling.BICUBIC)
+            )
+            for _ in range(4)
+        ]
+    )
     big = np.stack([np.asarray(Image.fromarray(im).resize((96, 96), Image.Resampling.NEAREST)) for im in small])
     across = tiled_l2(small, big)  # big is resized to 48 x 48
     assert np.all(np.diag(across) < 0.05) and across[~np.eye(4, dtype=bool)].min() > 0.15
@@ -133,7 +140,9 @@ class ThumbnailEmbedder(Embedder):
     dim = 48
 
     def embed(self, images):
-        vectors = np.stack([np.asarray(im.resize((4, 4), Image.Resampling.BOX), dtype=np.float32).ravel() / 255 - 0.5 for im in images])
+        vectors = np.stack(
+            [np.asarray(im.resize((4, 4), Image.Resampling.BOX), dtype=np.float32).ravel() / 255 - 0.5 for im in images]
+        )
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 

@@ -41,7 +41,11 @@ def copies_of(image: Image.Image) -> dict[str, Image.Image]:
 
 def test_thumbnail_embeddings_are_unit_float32_and_deterministic():
     embedder = ThumbnailEmbedder()
-    images = [skimage_photo("astronaut", 64), drawn_scene(np.random.default_rng(0), 64), Image.new("RGB", (40, 70), (128, 128, 128))]
+    images = [
+        skimage_photo("astronaut", 64),
+        drawn_scene(np.random.default_rng(0), 64),
+        Image.new("RGB", (40, 70), (128, 128, 128)),
+    ]
     vectors = embedder.embed(images)
     assert vectors.shape == (3, embedder.dim) == (3, 3 * (4 * 4 + 8 * 8) + 3)
     assert vectors.dtype == np.float32

@@ -51,7 +51,9 @@ def build(root: Path) -> tuple[Path, Path]:
         for i, source in enumerate(sources):
             image = near_copy(rng, source) if source is not None else smooth_image(rng, SIZE)
             Image.fromarray(image).save(generations / pid / f"{i:05d}.png")
-    pd.DataFrame({"prompt_id": list(plan), "caption": [f"caption of {pid}" for pid in plan]}).to_parquet(generations / "prompts.parquet")
+    pd.DataFrame({"prompt_id": list(plan), "caption": [f"caption of {pid}" for pid in plan]}).to_parquet(
+        generations / "prompts.parquet"
+    )
     train = root / "train" / "part0"
     train.mkdir(parents=True)
     for i, image in enumerate([*variants, few, true, *(smooth_image(rng, SIZE) for _ in range(15))]):
@@ -72,10 +74,15 @@ def reference(generations: Path, train: Path) -> pd.DataFrame:
         graph = nx.Graph()
         graph.add_nodes_from(range(len(samples)))
         graph.add_edges_from(
-            (i, j) for i in range(len(samples)) for j in range(i + 1, len(samples)) if tiled_l2_pair(samples[i], samples[j]) < THRESHOLD
+            (i, j)
+            for i in range(len(samples))
+            for j in range(i + 1, len(samples))
+            if tiled_l2_pair(samples[i], samples[j]) < THRESHOLD
         )
         clique = max(len(c) for c in nx.find_cliques(graph))
-        rows.append({"prompt_id": folder.name, "flagged": clique >= MIN_CLIQUE, "extracted": matched > 0, "samples_matched": matched})
+        rows.append(
+            {"prompt_id": folder.name, "flagged": clique >= MIN_CLIQUE, "extracted": matched > 0, "samples_matched": matched}
+        )
     return pd.DataFrame(rows).set_index("prompt_id")
 
 
@@ -91,13 +98,27 @@ def test_every_prompt_gets_flagged_extracted_and_samples_matched_right(tmp_path)
         "true": {"flagged": True, "extracted": True, "samples_matched": 12},
     }
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.detect", f"run_dir={tmp_path}", f"generations_dir={generations}", "data=files",
-         f"data.path={train}", "progress=false", "device=cpu"],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline.detect",
+            f"run_dir={tmp_path}",
+            f"generations_dir={generations}",
+            "data=files",
+            f"data.path={train}",
+            "progress=false",
+            "device=cpu",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     memorized = pd.read_parquet(tmp_path / "detect" / "memorized.parquet").set_index("prompt_id").sort_index()
-    got = memorized[["flagged", "extracted", "samples_matched"]].astype({"flagged": bool, "extracted": bool, "samples_matched": int})
+    got = memorized[["flagged", "extracted", "samples_matched"]].astype(
+        {"flagged": bool, "extracted": bool, "samples_matched": int}
+    )
     pd.testing.assert_frame_equal(got, expected.sort_index(), check_dtype=False)
     pairs = pd.read_parquet(tmp_path / "detect" / "extracted.parquet")
     assert pairs.groupby("prompt_id")["sample"].nunique().to_dict() == {"few": 3, "spread": N, "true": 12}

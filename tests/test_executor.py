@@ -75,7 +75,9 @@ def test_the_finish_runs_once_when_every_rank_is_done_with_merged_stats_and_reje
 
     # A rerun over the same units: nothing to do, no second finish.
     for rank in (0, 1):
-        assert run_step(step, tmp_path, rank=rank, world_size=2, progress=False).skipped == len(round_robin(step.units(), rank, 2))
+        assert run_step(step, tmp_path, rank=rank, world_size=2, progress=False).skipped == len(
+            round_robin(step.units(), rank, 2)
+        )
     assert step.finishes == 1
 
     # An output gone (or changed since the finish wrote it): the finish runs again.

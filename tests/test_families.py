@@ -97,17 +97,32 @@ def test_every_family_generates_by_path_and_regenerates_each_sample(family, tiny
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(CAPTIONS) + "\n", encoding="utf-8")
-    cfg = compose_config("generate", [
-        f"model={CONFIGS[family]}", f"model.path={tiny.path(family)}", "model.steps=2", f"model.height={TINY_SIZE}",
-        f"model.width={TINY_SIZE}", f"prompts={prompts}", f"run_dir={tmp_path / 'run'}", "n_samples=2", "batch_size=4",
-        "device=cpu", "progress=false", "png_workers=1",
-    ])  # fmt: skip
+    cfg = compose_config(
+        "generate",
+        [
+            f"model={CONFIGS[family]}",
+            f"model.path={tiny.path(family)}",
+            "model.steps=2",
+            f"model.height={TINY_SIZE}",
+            f"model.width={TINY_SIZE}",
+            f"prompts={prompts}",
+            f"run_dir={tmp_path / 'run'}",
+            "n_samples=2",
+            "batch_size=4",
+            "device=cpu",
+            "progress=false",
+            "png_workers=1",
+        ],
+    )
     summary = run_stage(cfg)
     out = tmp_path / "run" / "generations"
     pngs = sorted(out.glob("*/*.png"))
     assert summary.images == 4 and [p.relative_to(out).as_posix() for p in pngs] == [
-        "00000/00000.png", "00000/00001.png", "00001/00000.png", "00001/00001.png",
-    ]  # fmt: skip
+        "00000/00000.png",
+        "00000/00001.png",
+        "00001/00000.png",
+        "00001/00001.png",
+    ]
     images = {p.relative_to(out).as_posix(): np.asarray(Image.open(p).convert("RGB")) for p in pngs}
     assert all(image.shape == (TINY_SIZE, TINY_SIZE, 3) for image in images.values())
     assert not np.array_equal(images["00000/00000.png"], images["00000/00001.png"]), "each sample has its own seed"

@@ -114,8 +114,16 @@ def test_a_failed_write_ends_detect_with_one_line_and_a_rerun_recovers(audit, af
 
 
 def test_hydra_full_error_shows_the_traceback_of_a_fault(audit, tmp_path):
-    command = [sys.executable, "-c", FAULTY, "pipeline.detect", "0", str(errno.ENOSPC), *audit["overrides"],
-               f"out_dir={tmp_path / 'd'}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        FAULTY,
+        "pipeline.detect",
+        "0",
+        str(errno.ENOSPC),
+        *audit["overrides"],
+        f"out_dir={tmp_path / 'd'}",
+    ]
     env = {**stage_env(), "HYDRA_FULL_ERROR": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" in done.stderr and "No space left on device" in done.stderr
@@ -216,8 +224,14 @@ def test_a_scheduler_the_config_cannot_build_names_model_scheduler():
 def test_generate_with_a_scheduler_mixin_ends_with_one_line(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n", encoding="utf-8")
-    done = run_stage("pipeline.generate", f"run_dir={tmp_path / 'run'}", f"prompts={prompts}", "model.scheduler=SchedulerMixin",
-                     "n_samples=1", "progress=false")  # fmt: skip
+    done = run_stage(
+        "pipeline.generate",
+        f"run_dir={tmp_path / 'run'}",
+        f"prompts={prompts}",
+        "model.scheduler=SchedulerMixin",
+        "n_samples=1",
+        "progress=false",
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     expected = r"generate: model\.scheduler: 'SchedulerMixin' is not a diffusers scheduler class .*"
     assert re.fullmatch(expected, error_lines(done)[-1])

@@ -74,6 +74,13 @@ def test_a_planted_checkpoint_is_refused_without_running_it(tmp_path):
     assert not flag.exists()
     # What the trainer writes (tensors, numbers, containers, a generator's state) still loads.
     good = tmp_path / "good.pt"
-    torch.save({"unet": {"w": torch.ones(2)}, "generator": torch.Generator().get_state(), "step": 3,
-                "history": [{"step": 1, "loss": 0.5}]}, good)  # fmt: skip
+    torch.save(
+        {
+            "unet": {"w": torch.ones(2)},
+            "generator": torch.Generator().get_state(),
+            "step": 3,
+            "history": [{"step": 1, "loss": 0.5}],
+        },
+        good,
+    )
     assert load_checkpoint(good)["step"] == 3

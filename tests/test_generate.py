@@ -83,7 +83,9 @@ def test_read_prompts_from_each_format(tmp_path):
     assert [(p.prompt_id, p.caption) for p in got] == [("00000", "a cat"), ("00001", "a dog on a sofa")]
 
     selected = tmp_path / "selected.parquet"
-    pd.DataFrame({"prompt_id": ["00007", "00002"], "caption": ["x", "y"], "dup_count": [9, 3], "keys": [["a"], ["b"]]}).to_parquet(selected)
+    pd.DataFrame(
+        {"prompt_id": ["00007", "00002"], "caption": ["x", "y"], "dup_count": [9, 3], "keys": [["a"], ["b"]]}
+    ).to_parquet(selected)
     got = read_prompts(selected)
     assert [(p.prompt_id, p.caption, p.dup_count) for p in got] == [("00007", "x", 9), ("00002", "y", 3)]
     assert [p.prompt_id for p in read_prompts(selected, limit=1)] == ["00007"]
@@ -189,8 +191,13 @@ def test_generates_every_sample_with_a_recipe_that_regenerates_it(pipe, model_di
     row = table.iloc[1]
     assert list(row["seeds"]) == [sample_seed(0, "00001", i) for i in range(3)]
     assert (row["scheduler"], row["steps"], row["guidance_scale"], row["height"], row["width"], row["dtype"]) == (
-        "DDPMScheduler", 2, 5.0, SIZE, SIZE, "float32",
-    )  # fmt: skip
+        "DDPMScheduler",
+        2,
+        5.0,
+        SIZE,
+        SIZE,
+        "float32",
+    )
     assert json.loads(row["scheduler_config"])["num_train_timesteps"] == 1000
     assert row["model"] == str(model_dir) and row["generator_device"] == "cpu"
 
@@ -282,8 +289,9 @@ def test_two_shards_cover_every_prompt_once(pipe, model_dir, tmp_path):
     table = load_prompts(out, complete_only=True)
     assert table["prompt_id"].tolist() == [p.prompt_id for p in prompts]
     assert sorted((out / f).name for f in os.listdir(out) if f.startswith("prompts_")) == [
-        "prompts_0-of-2.parquet", "prompts_1-of-2.parquet",
-    ]  # fmt: skip
+        "prompts_0-of-2.parquet",
+        "prompts_1-of-2.parquet",
+    ]
     pd.testing.assert_frame_equal(consolidate_prompts(out), table)
 
 
@@ -293,8 +301,13 @@ def test_two_shards_cover_every_prompt_once(pipe, model_dir, tmp_path):
 def test_model_configs_follow_the_paper_and_the_demo():
     sd = compose_config("generate", ["model=sd14"]).model
     assert (sd.path, sd.steps, sd.guidance_scale, sd.height, sd.width, sd.scheduler) == (
-        "CompVis/stable-diffusion-v1-4", 50, 7.5, 512, 512, None,
-    )  # fmt: skip
+        "CompVis/stable-diffusion-v1-4",
+        50,
+        7.5,
+        512,
+        512,
+        None,
+    )
     assert sd.allow_download is False
     demo = compose_config("generate", []).model
     assert (demo.path, demo.height, demo.steps) == ("models/demo", 32, 50)
@@ -325,10 +338,23 @@ def test_local_multirun_two_processes(model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red barn\nan astronaut cat\na bowl of fruit\n", encoding="utf-8")
     cmd = [
-        sys.executable, "-m", "pipeline.generate", "-m", "hydra/launcher=local", "world_size=2", "rank=range(0,2)",
-        f"run_dir={tmp_path / 'run'}", f"prompts={prompts}", f"model.path={model_dir}",
-        f"model.height={SIZE}", f"model.width={SIZE}", "model.steps=2", "n_samples=2", "batch_size=4", "progress=false",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pipeline.generate",
+        "-m",
+        "hydra/launcher=local",
+        "world_size=2",
+        "rank=range(0,2)",
+        f"run_dir={tmp_path / 'run'}",
+        f"prompts={prompts}",
+        f"model.path={model_dir}",
+        f"model.height={SIZE}",
+        f"model.width={SIZE}",
+        "model.steps=2",
+        "n_samples=2",
+        "batch_size=4",
+        "progress=false",
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "run" / "generations"
@@ -347,7 +373,10 @@ def first_pair_distances(folder: Path, prompts, count: int = 2) -> dict[str, flo
     """Tiled L2 between the first two samples of each prompt (the first round's only pair)."""
     from pipeline.distance import tiled_l2
 
-    return {p.prompt_id: float(tiled_l2(np.stack([pixels(sample_path(folder, p.prompt_id, i)) for i in range(count)]))[0, 1]) for p in prompts}
+    return {
+        p.prompt_id: float(tiled_l2(np.stack([pixels(sample_path(folder, p.prompt_id, i)) for i in range(count)]))[0, 1])
+        for p in prompts
+    }
 
 
 @pytest.fixture(scope="module")
@@ -373,8 +402,16 @@ def brute(pipe, model_dir, tmp_path_factory):
 def test_adaptive_sampling_stops_unpromising_prompts_after_their_first_round(pipe, model_dir, tmp_path, brute):
     batches = []
     out = tmp_path / "adaptive"
-    summary = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=4, adaptive=brute["rule"],
-                  on_batch=lambda batch: batches.append([(t.prompt_id, t.index) for t in batch]))  # fmt: skip
+    summary = run(
+        pipe,
+        model_dir,
+        out,
+        prompts=ADAPTIVE_PROMPTS,
+        n_samples=FULL,
+        batch_size=4,
+        adaptive=brute["rule"],
+        on_batch=lambda batch: batches.append([(t.prompt_id, t.index) for t in batch]),
+    )
     keep, stop = brute["continues"], brute["stop"]
     assert summary.images == FULL + 2 * len(stop) and summary.stopped_early == len(stop)
     expected = sorted([f"{keep}/{i:05d}.png" for i in range(FULL)] + [f"{pid}/{i:05d}.png" for pid in stop for i in range(2)])
@@ -401,8 +438,9 @@ def test_adaptive_sampling_stops_unpromising_prompts_after_their_first_round(pip
     assert json.loads(marker_path(out, stop[0]).read_text())["stopped_early"] is True
     assert load_prompts(out, complete_only=True)["prompt_id"].tolist() == [p.prompt_id for p in ADAPTIVE_PROMPTS]
     # A stopped sample not made can still be remade from its recorded seed, as brute force made it.
-    assert_same_sample(regenerate(table.loc[stop[0]].to_dict() | {"prompt_id": stop[0]}, 3, pipe=pipe),
-                                  reference[f"{stop[0]}/00003.png"])  # fmt: skip
+    assert_same_sample(
+        regenerate(table.loc[stop[0]].to_dict() | {"prompt_id": stop[0]}, 3, pipe=pipe), reference[f"{stop[0]}/00003.png"]
+    )
 
     # The same rule again: nothing to do. Brute force over the folder: the stopped prompts are filled up.
     again = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=4, adaptive=brute["rule"])
@@ -454,7 +492,12 @@ def test_stops_on_the_verdict_match_their_replay_on_brute_force_samples(pipe, mo
 
     from pipeline.generate.adaptive import OUT_OF_REACH, adaptive_outcome
 
-    rule = replace(brute["rule"], stop_when_flagged=True, stop_when_out_of_reach=True, rule=replace(brute["rule"].rule, min_clique=min_clique))
+    rule = replace(
+        brute["rule"],
+        stop_when_flagged=True,
+        stop_when_out_of_reach=True,
+        rule=replace(brute["rule"].rule, min_clique=min_clique),
+    )
     out = tmp_path / f"verdict{min_clique}"
     summary = run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=4, adaptive=rule)
     table = pd.read_parquet(out / PROMPTS_FILE).set_index("prompt_id")
@@ -475,7 +518,9 @@ def test_stops_on_the_verdict_match_their_replay_on_brute_force_samples(pipe, mo
 
 @pytest.mark.slow
 def test_interrupted_adaptive_run_resumes_to_the_same_samples(pipe, model_dir, tmp_path, brute):
-    def stop_after_second_batch(batch, seen=[]):
+    seen = []
+
+    def stop_after_second_batch(batch):
         seen.append(batch)
         if len(seen) == 2:
             raise Interrupt("killed")
@@ -566,11 +611,23 @@ def test_run_from_config_writes_and_prints_the_budget(model_dir, tmp_path, capsy
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red barn\nan astronaut cat\n", encoding="utf-8")
-    cfg = compose_config("generate", [
-        f"run_dir={tmp_path}", f"prompts={prompts}", f"model.path={model_dir}", f"model.height={SIZE}", f"model.width={SIZE}",
-        "model.steps=2", "n_samples=4", "batch_size=8", "progress=false", "adaptive.enabled=true", "adaptive.first_round=2",
-        "rule.threshold=1e-9",
-    ])  # fmt: skip
+    cfg = compose_config(
+        "generate",
+        [
+            f"run_dir={tmp_path}",
+            f"prompts={prompts}",
+            f"model.path={model_dir}",
+            f"model.height={SIZE}",
+            f"model.width={SIZE}",
+            "model.steps=2",
+            "n_samples=4",
+            "batch_size=8",
+            "progress=false",
+            "adaptive.enabled=true",
+            "adaptive.first_round=2",
+            "rule.threshold=1e-9",
+        ],
+    )
     summary = run_stage(cfg)
     assert summary.stopped_early == 2  # nothing is that close: both stop after 2 samples
     budget = json.loads((tmp_path / "generations" / "budget.json").read_text())
@@ -588,7 +645,17 @@ def test_detect_screens_complete_prompts_only_and_every_shard(pipe, model_dir, t
 
     out = tmp_path / "generations"
     for rank in (0, 1):
-        run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=8, adaptive=brute["rule"], rank=rank, world_size=2)
+        run(
+            pipe,
+            model_dir,
+            out,
+            prompts=ADAPTIVE_PROMPTS,
+            n_samples=FULL,
+            batch_size=8,
+            adaptive=brute["rule"],
+            rank=rank,
+            world_size=2,
+        )
     # As if shard 1 had not consolidated yet and were still sampling its prompt 00001.
     (out / PROMPTS_FILE).unlink()
     marker_path(out, "00001").unlink()
@@ -602,13 +669,21 @@ def test_detect_screens_complete_prompts_only_and_every_shard(pipe, model_dir, t
     assert memorized["flagged"].to_dict() == {pid: pid == brute["continues"] for pid in memorized.index}
 
     # Shard 1 finishes (its marker comes back) and a later run adds samples: detect rescreens.
-    run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=8, adaptive=brute["rule"], rank=1, world_size=2)
+    run(
+        pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=8, adaptive=brute["rule"], rank=1, world_size=2
+    )
     run(pipe, model_dir, out, prompts=ADAPTIVE_PROMPTS, n_samples=FULL, batch_size=8, rank=0, world_size=2)
     memorized = run_detect(out, tmp_path / "detect", settings, progress=False).set_index("prompt_id")
-    assert memorized["n_samples"].to_dict() == {"00000": FULL, "00001": FULL if "00001" == brute["continues"] else 2, "00002": FULL}
+    assert memorized["n_samples"].to_dict() == {
+        "00000": FULL,
+        "00001": FULL if "00001" == brute["continues"] else 2,
+        "00002": FULL,
+    }
 
 
-def test_stop_when_extracted_stops_at_the_round_holding_a_training_copy_as_its_replay_does(pipe, model_dir, tmp_path, brute, caplog):
+def test_stop_when_extracted_stops_at_the_round_holding_a_training_copy_as_its_replay_does(
+    pipe, model_dir, tmp_path, brute, caplog
+):
     """Training images: copies of sample 1 of the continuing prompt and of one stopping prompt
     (their keys); the third prompt carries no keys. The first two stop after their first round as
     "extracted" (the continuing one would have gone on to the full budget), the third as before;
@@ -641,7 +716,11 @@ def test_stop_when_extracted_stops_at_the_round_holding_a_training_copy_as_its_r
     for p in prompts:
         recorded = (int(table.loc[p.prompt_id, "n_generated"]), table.loc[p.prompt_id, "stop_reason"])
         group = list(p.keys or [])
-        matches = (lambda s, e, pid=p.prompt_id, g=group: replay_matcher.any_match(read_samples(brute["out"], pid, e, start=s), g)) if group else None
+        matches = (
+            (lambda s, e, pid=p.prompt_id, g=group: replay_matcher.any_match(read_samples(brute["out"], pid, e, start=s), g))
+            if group
+            else None
+        )
         replayed = adaptive_outcome(lambda k, pid=p.prompt_id: read_samples(brute["out"], pid, k), FULL, rule, matches)
         assert recorded == replayed == expected[p.prompt_id], p.prompt_id
     assert (summary.stopped_extracted, summary.stopped_early) == (2, 1)
@@ -649,7 +728,9 @@ def test_stop_when_extracted_stops_at_the_round_holding_a_training_copy_as_its_r
     assert budget["prompts_stopped_extracted"] == 2 and budget["fewer_samples"] == sorted([keep, copied])
 
 
-def test_near_training_holds_prompts_with_a_sample_near_their_training_images_as_its_replay_does(pipe, model_dir, tmp_path, brute):
+def test_near_training_holds_prompts_with_a_sample_near_their_training_images_as_its_replay_does(
+    pipe, model_dir, tmp_path, brute
+):
     """A black-and-white checkerboard as the training image of one stopping prompt (its key): no
     sample reproduces it (within a matcher threshold of 1e-9), but every sample is within near_training=10 (the tiled L2
     of pixels in [0, 1] is at most 1): the prompt is held to the full budget instead of stopping
@@ -665,19 +746,45 @@ def test_near_training_holds_prompts_with_a_sample_near_their_training_images_as
     training.mkdir()
     checkers = (np.indices((32, 32)).sum(axis=0) % 2 * 255).astype(np.uint8)
     Image.fromarray(np.repeat(checkers[..., None], 3, axis=2)).save(training / "checkers.png")
-    prompts = [replace(p, keys=("checkers",) if p.prompt_id == held else None) for p in ADAPTIVE_PROMPTS if p.prompt_id in (held, bare)]
+    prompts = [
+        replace(p, keys=("checkers",) if p.prompt_id == held else None) for p in ADAPTIVE_PROMPTS if p.prompt_id in (held, bare)
+    ]
     rule = replace(brute["rule"], stop_when_extracted=True, near_training=10.0)
     data = {"format": "files", "path": str(training)}
     out = tmp_path / "held"
-    run(pipe, model_dir, out, prompts=prompts, n_samples=FULL, batch_size=4, adaptive=rule,
-        matcher=GroupMatcher(data, rule.rule.metric, 1e-9))  # fmt: skip
+    run(
+        pipe,
+        model_dir,
+        out,
+        prompts=prompts,
+        n_samples=FULL,
+        batch_size=4,
+        adaptive=rule,
+        matcher=GroupMatcher(data, rule.rule.metric, 1e-9),
+    )
     table = pd.read_parquet(out / PROMPTS_FILE).set_index("prompt_id")
-    recorded = {pid: (int(table.loc[pid, "n_generated"]), table.loc[pid, "stop_reason"] if pd.notna(table.loc[pid, "stop_reason"]) else None)
-                for pid in (held, bare)}
+    recorded = {
+        pid: (
+            int(table.loc[pid, "n_generated"]),
+            table.loc[pid, "stop_reason"] if pd.notna(table.loc[pid, "stop_reason"]) else None,
+        )
+        for pid in (held, bare)
+    }
     assert recorded == {held: (FULL, None), bare: (2, NO_SIGN)}
     replay = GroupMatcher(data, rule.rule.metric, 1e-9)
     for p in prompts:
         group = list(p.keys or [])
-        matches = (lambda s, e, pid=p.prompt_id: replay.any_match(read_samples(brute["out"], pid, e, start=s), group)) if group else None
-        near = (lambda e, pid=p.prompt_id: replay.any_match(read_samples(brute["out"], pid, e), group, within=10.0)) if group else None
-        assert adaptive_outcome(lambda k, pid=p.prompt_id: read_samples(brute["out"], pid, k), FULL, rule, matches, near) == recorded[p.prompt_id]
+        matches = (
+            (lambda s, e, pid=p.prompt_id: replay.any_match(read_samples(brute["out"], pid, e, start=s), group))
+            if group
+            else None
+        )
+        near = (
+            (lambda e, pid=p.prompt_id: replay.any_match(read_samples(brute["out"], pid, e), group, within=10.0))
+            if group
+            else None
+        )
+        assert (
+            adaptive_outcome(lambda k, pid=p.prompt_id: read_samples(brute["out"], pid, k), FULL, rule, matches, near)
+            == recorded[p.prompt_id]
+        )

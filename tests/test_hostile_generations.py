@@ -42,7 +42,9 @@ def hostile_run(tmp_path):
     outside = tmp_path / "elsewhere"
     write_samples(outside, 3, seed=1)  # what "../../elsewhere" points at
     ids = ["good", "../../elsewhere", str(outside), None, ".done", "a\nb", "x/../good", ""]
-    pd.DataFrame({"prompt_id": ids, "caption": [f"caption {i}" for i in range(len(ids))]}).to_parquet(generations / "prompts.parquet")
+    pd.DataFrame({"prompt_id": ids, "caption": [f"caption {i}" for i in range(len(ids))]}).to_parquet(
+        generations / "prompts.parquet"
+    )
     return tmp_path, generations
 
 
@@ -90,10 +92,15 @@ def test_a_damaged_generator_table_does_not_crash(tmp_path):
     not a number leaves the prompt unfinished, said in one clear error."""
     generations = tmp_path / "generations"
     write_samples(generations / "p", 2, seed=0)
-    pd.DataFrame({
-        "prompt_id": ["p", "../q"], "caption": ["c", "d"], "n_samples": [float("nan"), 2.0],
-        "stop_reason": ["flagged", "flagged"], "adaptive": ["{not json", '{"threshold": "abc"}'],
-    }).to_parquet(generations / "prompts.parquet")  # fmt: skip
+    pd.DataFrame(
+        {
+            "prompt_id": ["p", "../q"],
+            "caption": ["c", "d"],
+            "n_samples": [float("nan"), 2.0],
+            "stop_reason": ["flagged", "flagged"],
+            "adaptive": ["{not json", '{"threshold": "abc"}'],
+        }
+    ).to_parquet(generations / "prompts.parquet")
     memorized = run_detect(generations, tmp_path / "detect", SETTINGS, progress=False)
     assert memorized["prompt_id"].tolist() == ["p"]
     summary = json.loads((tmp_path / "detect" / "summary.json").read_text())
@@ -105,10 +112,23 @@ def test_a_damaged_generator_table_does_not_crash(tmp_path):
 
 @pytest.mark.parametrize(
     "name, safe",
-    [("00001", True), ("a cat.png", True), ("日本", True), ("..", False), (".", False), (".done", False),
-     ("a/b", False), ("/etc", False), ("a\\b", False), ("a\x00b", False), ("\udcff", False), ("x" * 201, False),
-     ("", False), (None, False)],
-)  # fmt: skip
+    [
+        ("00001", True),
+        ("a cat.png", True),
+        ("日本", True),
+        ("..", False),
+        (".", False),
+        (".done", False),
+        ("a/b", False),
+        ("/etc", False),
+        ("a\\b", False),
+        ("a\x00b", False),
+        ("\udcff", False),
+        ("x" * 201, False),
+        ("", False),
+        (None, False),
+    ],
+)
 def test_unsafe_name(name, safe):
     assert (unsafe_name(name) is None) is safe
 

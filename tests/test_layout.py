@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import pandas as pd
+import pytest
 
 from pipeline.detect import run_detect
 from pipeline.detect.verify import run_verify
@@ -18,10 +18,15 @@ from tests.test_detect import build_run
 
 
 def test_prompt_table_round_trip(tmp_path):
-    frame = pd.DataFrame({
-        "score": [0.5, 0.1], "prompt_id": ["b", "a"], "caption": ["two", None],
-        "dup_count": [3.0, np.nan], "keys": [np.array(["k1", "k2"]), None],
-    })  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "score": [0.5, 0.1],
+            "prompt_id": ["b", "a"],
+            "caption": ["two", None],
+            "dup_count": [3.0, np.nan],
+            "keys": [np.array(["k1", "k2"]), None],
+        }
+    )
     table = read_prompt_table(write_prompt_table(frame, tmp_path / "t.parquet"))
     assert tuple(table.columns[:4]) == PROMPT_COLUMNS and "score" in table.columns
     assert table["dup_count"].tolist()[0] == 3 and pd.isna(table["dup_count"].tolist()[1])
@@ -39,8 +44,15 @@ def test_prompts_without_a_group_get_none_from_another_stages_files(tmp_path):
     memorized = run_detect(run_dir / "generations", run_dir / "detect", NearCopyRule(min_clique=9), progress=False)
     assert memorized["dup_count"].isna().all() and memorized["keys"].isna().all()
     data = {"format": "files", "path": str(run["train"])}
-    verified, _ = run_verify(memorized, run_dir / "generations", run_dir / "detect", data, dedup_dir=run_dir / "dedup",
-                             exhaustive=False, progress=False)  # fmt: skip
+    verified, _ = run_verify(
+        memorized,
+        run_dir / "generations",
+        run_dir / "detect",
+        data,
+        dedup_dir=run_dir / "dedup",
+        exhaustive=False,
+        progress=False,
+    )
     assert (verified["n_candidates"] == 0).all()  # dedup's keys for "00000" belong to another caption
     assert load_run(run_dir / "detect").dup_counts is None
 
@@ -76,11 +88,30 @@ def test_no_artifact_file_name_is_written_outside_the_layout_module():
 
     from pipeline import layout
 
-    names = [getattr(layout, n) for n in ("SELECTED", "GROUPS", "SCORES_TABLE", "PROMPTS_TABLE", "BUDGET", "MEMORIZED",
-                                          "EXTRACTED", "REPORT_PAGE", "SUMMARY", "REJECTS", "STATS", "GENERATION_SETTINGS")]  # fmt: skip
+    names = [
+        getattr(layout, n)
+        for n in (
+            "SELECTED",
+            "GROUPS",
+            "SCORES_TABLE",
+            "PROMPTS_TABLE",
+            "BUDGET",
+            "MEMORIZED",
+            "EXTRACTED",
+            "REPORT_PAGE",
+            "SUMMARY",
+            "REJECTS",
+            "STATS",
+            "GENERATION_SETTINGS",
+        )
+    ]
     literal = re.compile("[\"'](" + "|".join(re.escape(n) for n in names) + ")[\"']")
     package = Path(layout.__file__).parent
-    found = [f"{path.relative_to(package)}:{number}: {line.strip()}"
-             for path in sorted(package.rglob("*.py")) if path != Path(layout.__file__)
-             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if literal.search(line)]  # fmt: skip
+    found = [
+        f"{path.relative_to(package)}:{number}: {line.strip()}"
+        for path in sorted(package.rglob("*.py"))
+        if path != Path(layout.__file__)
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if literal.search(line)
+    ]
     assert not found, "artifact file names spelled outside pipeline/layout.py:\n" + "\n".join(found)

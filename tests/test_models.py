@@ -75,7 +75,13 @@ def test_prescreen_and_generation_load_the_same_model_from_one_config(variant_mo
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red barn in a snowy field\nportrait of an astronaut cat\n", encoding="utf-8")
-    common = [f"run_dir={tmp_path / 'run'}", f"prompts={prompts}", f"model.path={variant_model_dir}", "device=cpu", *MODEL_OVERRIDES]
+    common = [
+        f"run_dir={tmp_path / 'run'}",
+        f"prompts={prompts}",
+        f"model.path={variant_model_dir}",
+        "device=cpu",
+        *MODEL_OVERRIDES,
+    ]
     generate.run(compose_config("generate", [*common, "n_samples=1", "batch_size=2", "progress=false", "png_workers=1"]))
     table = prescreen.run(compose_config("prescreen", [*common, "prescreen.seeds=2", "prescreen.batch_size=4"])).table
 
@@ -98,8 +104,12 @@ def test_prescreen_and_generation_load_the_same_model_from_one_config(variant_mo
     from pipeline.prescreen import prescreen as score
     from pipeline.prompts import Prompt
 
-    direct = score(generation_pipe, [Prompt(r.prompt_id, r.caption) for r in table.itertuples()],
-                   PrescreenSettings(seeds=2, steps=2, keep_top=1, height=SIZE, width=SIZE), progress=False)  # fmt: skip
+    direct = score(
+        generation_pipe,
+        [Prompt(r.prompt_id, r.caption) for r in table.itertuples()],
+        PrescreenSettings(seeds=2, steps=2, keep_top=1, height=SIZE, width=SIZE),
+        progress=False,
+    )
     pd.testing.assert_series_equal(table.set_index("prompt_id").score, direct.set_index("prompt_id").score, rtol=1e-4)
 
     # Regeneration from the recorded row loads (through load_model) the scheduler it records.
@@ -113,9 +123,18 @@ def test_prescreen_and_generation_load_the_same_model_from_one_config(variant_mo
 def test_load_model_takes_the_model_group_and_the_runtime(variant_model_dir):
     from pipeline.models import Runtime, load_model
 
-    pipe = load_model({"path": str(variant_model_dir), "scheduler": "PNDMScheduler", "scheduler_kwargs": {"skip_prk_steps": True},
-                       "steps": 50, "guidance_scale": 5.0, "height": None, "width": None},
-                      Runtime(attention="default", fuse_qkv=False, channels_last=False))  # fmt: skip
+    pipe = load_model(
+        {
+            "path": str(variant_model_dir),
+            "scheduler": "PNDMScheduler",
+            "scheduler_kwargs": {"skip_prk_steps": True},
+            "steps": 50,
+            "guidance_scale": 5.0,
+            "height": None,
+            "width": None,
+        },
+        Runtime(attention="default", fuse_qkv=False, channels_last=False),
+    )
     assert type(pipe.scheduler).__name__ == "PNDMScheduler" and pipe.scheduler.config.skip_prk_steps
     assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
     assert float(pipe.unet.conv_in.weight.detach().min()) < 0.5, "no variant asked for: the plain weights"
@@ -181,8 +200,11 @@ def test_a_pipeline_is_loaded_in_one_module_only():
     """``from_pretrained`` of a pipeline is called in pipeline/models.py alone (the demo trainer,
     checking its own export, aside), and everything else, the benchmarks and the notebook
     included, loads through load_model, not load_pipeline."""
-    sources = [*sorted((REPO / "pipeline").rglob("*.py")), *sorted((REPO / "benchmarks").glob("*.py")),
-               *sorted((REPO / "notebooks").glob("*.py"))]  # fmt: skip
+    sources = [
+        *sorted((REPO / "pipeline").rglob("*.py")),
+        *sorted((REPO / "benchmarks").glob("*.py")),
+        *sorted((REPO / "notebooks").glob("*.py")),
+    ]
     loading = {}
     for path in sources:
         relative = path.relative_to(REPO).as_posix()

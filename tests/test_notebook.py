@@ -34,7 +34,11 @@ def test_notebook_runs_on_a_small_run(tmp_path, monkeypatch):
     run_dir = audited_run(tmp_path, other=True)
     kernels = tmp_path / "kernels"
     (kernels / "memaudit-test").mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "memaudit test", "language": "python"}
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "memaudit test",
+        "language": "python",
+    }
     (kernels / "memaudit-test" / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
     monkeypatch.setenv("MEMAUDIT_RUN_DIR", str(run_dir))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel picks its inline backend

@@ -44,7 +44,9 @@ def test_planted_set_has_every_edit_and_the_img2dataset_layouts(small_set):
     edits = set(",".join(truth["edits"]).split(","))
     assert set(planted.EDITS) <= edits
     assert {"tile", "poster", "gradient"} <= set(truth["kind"])
-    assert (small_set / "files" / "00000" / "000000000.jpg").is_file() and (small_set / "files" / "00000" / "000000000.json").is_file()
+    assert (small_set / "files" / "00000" / "000000000.jpg").is_file() and (
+        small_set / "files" / "00000" / "000000000.json"
+    ).is_file()
     assert (small_set / "webdataset" / "00000.tar").is_file() and (small_set / "parquet" / "00000.parquet").is_file()
     for fmt in planted.FORMATS:
         gt = pd.read_parquet(small_set / f"{fmt}_ground_truth.parquet")
@@ -89,7 +91,10 @@ def test_each_edit_alone_keeps_a_copy_above_the_threshold(edit):
         copy, applied, quality = planted.edit_copy(original, rng, rates)
         assert edit in applied
         # Both as img2dataset writes them (256 px, white border, JPEG 95).
-        pair = [planted.decode(planted.img2dataset_resize(planted.jpeg_bytes(im, q))[0]) for im, q in ((original, 95), (copy, quality))]
+        pair = [
+            planted.decode(planted.img2dataset_resize(planted.jpeg_bytes(im, q))[0])
+            for im, q in ((original, 95), (copy, quality))
+        ]
         vectors = embedder.embed(pair)
         sims.append(float(vectors[0] @ vectors[1]))
     sims = np.array(sims)

@@ -21,7 +21,6 @@ def demo_pipe():
     return pipe
 
 
-
 def unet_images(pipe, run):
     """``(run(), images the UNet was called on while it ran)``: what the prescreen really evaluates."""
     seen = []
@@ -30,6 +29,7 @@ def unet_images(pipe, run):
         return run(), sum(seen)
     finally:
         hook.remove()
+
 
 @pytest.mark.slow
 def test_heavily_duplicated_captions_score_above_singletons(demo_pipe, demo_set):
@@ -64,7 +64,9 @@ def test_shared_unconditional_prediction_gives_the_direct_score_for_fewer_evalua
 
     settings = PrescreenSettings(seeds=2, steps=25, batch_size=4)
     captions = ["zubrak melino", "tesh vorla", "quen dasso"]
-    per_seed, images_seen = unet_images(demo_pipe, lambda: text_conditional_noise_norm(demo_pipe, captions, settings, progress=False))
+    per_seed, images_seen = unet_images(
+        demo_pipe, lambda: text_conditional_noise_norm(demo_pipe, captions, settings, progress=False)
+    )
     assert images_seen == unet_evaluations(len(captions), settings) == (3 + 1) * 2
 
     # The direct computation for caption 1, seed 1: both predictions in one batch of two.
@@ -131,8 +133,15 @@ def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch, scor
     from pipeline.executor import read_marker
     from pipeline.prescreen import stage, step
 
-    captions = ["zubrak melino", "tesh vorla", "quen dasso", "a red barn in a snowy field", "portrait of a cat",
-                "mill at dusk", "blue door"]  # fmt: skip
+    captions = [
+        "zubrak melino",
+        "tesh vorla",
+        "quen dasso",
+        "a red barn in a snowy field",
+        "portrait of a cat",
+        "mill at dusk",
+        "blue door",
+    ]
     prompts = pd.DataFrame(
         {
             "prompt_id": [f"p{i}" for i in range(len(captions))],
@@ -145,9 +154,19 @@ def test_ranks_merge_into_the_single_process_outputs(tmp_path, monkeypatch, scor
     prompts.to_parquet(prompts_path)
 
     def run(run_dir, rank, world_size):
-        overrides = [f"run_dir={run_dir}", f"prompts={prompts_path}", f"model.path={SHIPPED_DEMO_MODEL}", "device=cpu",
-                     "prescreen.seeds=2", "prescreen.steps=4", "prescreen.batch_size=4", "prescreen.keep_fraction=0.4",
-                     f"prescreen.score={score}", f"rank={rank}", f"world_size={world_size}"]  # fmt: skip
+        overrides = [
+            f"run_dir={run_dir}",
+            f"prompts={prompts_path}",
+            f"model.path={SHIPPED_DEMO_MODEL}",
+            "device=cpu",
+            "prescreen.seeds=2",
+            "prescreen.steps=4",
+            "prescreen.batch_size=4",
+            "prescreen.keep_fraction=0.4",
+            f"prescreen.score={score}",
+            f"rank={rank}",
+            f"world_size={world_size}",
+        ]
         return stage.run(compose_config("prescreen", overrides)).table
 
     one, two = tmp_path / "one", tmp_path / "two"
@@ -226,7 +245,14 @@ def test_wen_levels_takes_the_strongest_outlier_over_noise_levels(demo_pipe):
     per level, and the score is the largest over levels of each level's robust z over prompts."""
     import torch
 
-    from pipeline.prescreen import denoiser_scores, latent_shape, rank_scores, robust_z, score_prompts, text_conditional_noise_norm
+    from pipeline.prescreen import (
+        denoiser_scores,
+        latent_shape,
+        rank_scores,
+        robust_z,
+        score_prompts,
+        text_conditional_noise_norm,
+    )
 
     settings = PrescreenSettings(seeds=2, steps=25, batch_size=4, score="wen_levels", levels=(0.5, 0.0, 0.25), keep_top=2)
     captions = ["zubrak melino", "tesh vorla", "quen dasso", "mill at dusk"]

@@ -21,9 +21,18 @@ CAPTIONS = ["a red barn in a snowy field", "portrait of an astronaut cat"]
 
 def family_overrides(family: str, tiny: TinyModels, prompts, run_dir) -> list[str]:
     """``model=<family's config> model.path=<dir> model.steps=2 model.height=64 model.width=64 prompts=<file>``."""
-    return [f"model={CONFIGS[family]}", f"model.path={tiny.path(family)}", "model.steps=2", f"model.height={TINY_SIZE}",
-            f"model.width={TINY_SIZE}", f"prompts={prompts}", f"run_dir={run_dir}", "device=cpu", "progress=false",
-            "prescreen.seeds=2"]  # fmt: skip
+    return [
+        f"model={CONFIGS[family]}",
+        f"model.path={tiny.path(family)}",
+        "model.steps=2",
+        f"model.height={TINY_SIZE}",
+        f"model.width={TINY_SIZE}",
+        f"prompts={prompts}",
+        f"run_dir={run_dir}",
+        "device=cpu",
+        "progress=false",
+        "prescreen.seeds=2",
+    ]
 
 
 def write_captions(path, captions: list[str]):
@@ -96,8 +105,16 @@ def test_first_step_predictions_are_the_pipelines(family, tiny):
         outputs.clear()
         hook = denoiser_module(pipe).register_forward_hook(first_output)
         try:
-            pipe(caption, num_inference_steps=2, guidance_scale=guidance, height=TINY_SIZE, width=TINY_SIZE,
-                 generator=torch.Generator().manual_seed(seed), output_type="latent", **options)  # fmt: skip
+            pipe(
+                caption,
+                num_inference_steps=2,
+                guidance_scale=guidance,
+                height=TINY_SIZE,
+                width=TINY_SIZE,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="latent",
+                **options,
+            )
         finally:
             hook.remove()
         return outputs[0].float()
@@ -136,14 +153,18 @@ def test_flux_dev_scores_at_the_configs_guidance_and_schnell_has_none(tiny, tmp_
 
     def load_watched(cfg):
         pipe = original(cfg)
-        pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("guidance")), with_kwargs=True)
+        pipe.transformer.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs.get("guidance")), with_kwargs=True
+        )
         return pipe
 
     monkeypatch.setattr(step, "load_prescreen_model", load_watched)
 
     def scores(family: str, guidance: float) -> np.ndarray:
         seen.clear()
-        overrides = family_overrides(family, tiny, prompts, tmp_path / f"{family}_{guidance}") + [f"model.guidance_scale={guidance}"]
+        overrides = family_overrides(family, tiny, prompts, tmp_path / f"{family}_{guidance}") + [
+            f"model.guidance_scale={guidance}"
+        ]
         cfg = compose_config("prescreen", overrides)
         return stage.run(cfg).table.set_index("prompt_id").loc[["00000", "00001"], "score"].to_numpy()
 
@@ -171,7 +192,9 @@ def test_score_depends_on_the_text_only_through_the_caption(family, tiny):
     prompts = [Prompt("a", CAPTIONS[0]), Prompt("b", CAPTIONS[1]), Prompt("c", CAPTIONS[0])]
     table = prescreen(pipe, prompts, settings, progress=False).set_index("prompt_id")
     for column in ("score_wen", "alignment", "score_anisotropy"):
-        assert table.loc["a", column] == pytest.approx(table.loc["c", column], rel=1e-5), f"{column}: identical captions, identical scores"
+        assert table.loc["a", column] == pytest.approx(table.loc["c", column], rel=1e-5), (
+            f"{column}: identical captions, identical scores"
+        )
         assert table.loc["a", column] != pytest.approx(table.loc["b", column], rel=1e-4), f"{column}: the caption matters"
 
 
@@ -196,7 +219,9 @@ def test_anisotropy_formula_on_known_tensors():
     assert conditional_difference_norm(cond, uncond).item() == pytest.approx(norm, rel=1e-5)
     assert anisotropy_score(norm, alignment.item(), 2.0) == pytest.approx(norm + 2 * (cos_p0 + cos_p1) / 2, rel=1e-5)
     # A guidance vector along the unconditional prediction everywhere: alignment 1; against it: -1.
-    assert guidance_alignment(3 * uncond + torch.tensor([[[[0.0, 0.0]], [[0.0, 0.0]]]]), uncond).item() == pytest.approx(1.0, rel=1e-6)
+    assert guidance_alignment(3 * uncond + torch.tensor([[[[0.0, 0.0]], [[0.0, 0.0]]]]), uncond).item() == pytest.approx(
+        1.0, rel=1e-6
+    )
     assert guidance_alignment(0.5 * uncond, uncond).item() == pytest.approx(-1.0, rel=1e-6)
 
 
@@ -208,9 +233,15 @@ def test_anisotropy_score_ranks_and_keeps_by_its_column(tiny, tmp_path):
 
     captions = CAPTIONS + ["a lighthouse on a cliff at sunset", "a bowl of fruit on a wooden table", "an old map of the world"]
     prompts = tmp_path / "prompts.parquet"
-    pd.DataFrame({"prompt_id": [f"p{i}" for i in range(5)], "caption": captions, "dup_count": [150, 1, 150, 1, 1]}).to_parquet(prompts)
-    overrides = family_overrides("sd3", tiny, prompts, tmp_path / "run") + ["prescreen.score=anisotropy", "prescreen.anisotropy_weight=5",
-                                                                         "prescreen.keep_fraction=null", "prescreen.keep_top=2"]  # fmt: skip
+    pd.DataFrame({"prompt_id": [f"p{i}" for i in range(5)], "caption": captions, "dup_count": [150, 1, 150, 1, 1]}).to_parquet(
+        prompts
+    )
+    overrides = family_overrides("sd3", tiny, prompts, tmp_path / "run") + [
+        "prescreen.score=anisotropy",
+        "prescreen.anisotropy_weight=5",
+        "prescreen.keep_fraction=null",
+        "prescreen.keep_top=2",
+    ]
     table = stage.run(compose_config("prescreen", overrides)).table
     assert table.score.tolist() == table.score_anisotropy.tolist() and table.score.is_monotonic_decreasing
     np.testing.assert_allclose(table.score_anisotropy, table.score_wen + 5 * table.alignment, rtol=1e-6)
@@ -219,7 +250,9 @@ def test_anisotropy_score_ranks_and_keeps_by_its_column(tiny, tmp_path):
     assert selected.score.tolist() == table[table.kept].score_anisotropy.tolist()
     summary = json.loads((tmp_path / "run" / "prescreen" / "summary.json").read_text())
     assert summary["score"] == "anisotropy"
-    assert {"roc_auc_wen_heavy_vs_singletons", "roc_auc_anisotropy_heavy_vs_singletons", "roc_auc_heavy_vs_singletons"} <= set(summary)
+    assert {"roc_auc_wen_heavy_vs_singletons", "roc_auc_anisotropy_heavy_vs_singletons", "roc_auc_heavy_vs_singletons"} <= set(
+        summary
+    )
     assert summary["roc_auc_heavy_vs_singletons"] == summary["roc_auc_anisotropy_heavy_vs_singletons"]
 
 

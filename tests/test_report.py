@@ -93,41 +93,89 @@ def build_audited_run(
                 image = np.full((SIZE, SIZE, 3), colours[0], dtype=np.uint8)
             Image.fromarray(image).save(generations / pid / f"{i:05d}.png")
     if recipe:
-        pd.DataFrame({
-            "prompt_id": list(CAPTIONS), "caption": list(CAPTIONS.values()), "n_samples": SAMPLES,
-            "seeds": [[seed_of(pid, i) for i in range(SAMPLES)] for pid in CAPTIONS], "steps": 25, "guidance_scale": 3.0,
-        }).to_parquet(generations / "prompts.parquet")  # fmt: skip
+        pd.DataFrame(
+            {
+                "prompt_id": list(CAPTIONS),
+                "caption": list(CAPTIONS.values()),
+                "n_samples": SAMPLES,
+                "seeds": [[seed_of(pid, i) for i in range(SAMPLES)] for pid in CAPTIONS],
+                "steps": 25,
+                "guidance_scale": 3.0,
+            }
+        ).to_parquet(generations / "prompts.parquet")
     if prescreen:
         (run_dir / "prescreen").mkdir(parents=True)
-        pd.DataFrame({"prompt_id": ["00002", "00000", "00001", "99999"], "score": [0.5, 9.25, 1.5, 0.1],
-                      "robust_z": [-0.7, 6.5, 0.7, -1.0], "kept": [True, True, True, False]}).to_parquet(
-            run_dir / "prescreen" / "prescreen.parquet")  # fmt: skip
+        pd.DataFrame(
+            {
+                "prompt_id": ["00002", "00000", "00001", "99999"],
+                "score": [0.5, 9.25, 1.5, 0.1],
+                "robust_z": [-0.7, 6.5, 0.7, -1.0],
+                "kept": [True, True, True, False],
+            }
+        ).to_parquet(run_dir / "prescreen" / "prescreen.parquet")
 
     rows = []
     for pid, clique, members in (("00000", 12, MEMBERS), ("00001", 9, list(range(1, 18, 2))), ("00002", 1, [0])):
         representative = REPRESENTATIVE if pid == "00000" else members[0]
-        rows.append({
-            "prompt_id": pid, "caption": CAPTIONS[pid], "dup_count": DUP_COUNTS[pid], "keys": [f"part0/{DUP_COUNTS[pid]:05d}"],
-            "n_samples": SAMPLES, "n_rejected": 0, "clique_size": clique, "flagged": clique >= RULE["min_clique"],
-            "members": members, "member_files": [f"{pid}/{m:05d}.png" for m in members],
-            "representative": representative, "representative_file": f"{pid}/{representative:05d}.png",
-            "max_pair_distance": 0.05 if pid == "00000" else 0.12, "median_pair_distance": 0.41, "clique_exact": True,
-        })  # fmt: skip
+        rows.append(
+            {
+                "prompt_id": pid,
+                "caption": CAPTIONS[pid],
+                "dup_count": DUP_COUNTS[pid],
+                "keys": [f"part0/{DUP_COUNTS[pid]:05d}"],
+                "n_samples": SAMPLES,
+                "n_rejected": 0,
+                "clique_size": clique,
+                "flagged": clique >= RULE["min_clique"],
+                "members": members,
+                "member_files": [f"{pid}/{m:05d}.png" for m in members],
+                "representative": representative,
+                "representative_file": f"{pid}/{representative:05d}.png",
+                "max_pair_distance": 0.05 if pid == "00000" else 0.12,
+                "median_pair_distance": 0.41,
+                "clique_exact": True,
+            }
+        )
     memorized = pd.DataFrame(rows)
-    summary = {"generations_dir": str(generations.resolve()), "settings": RULE, "prompts": 3, "flagged": 1,
-               "samples": 3 * SAMPLES, "rejected_samples": 0, "stopped_under_another_rule": []}  # fmt: skip
+    summary = {
+        "generations_dir": str(generations.resolve()),
+        "settings": RULE,
+        "prompts": 3,
+        "flagged": 1,
+        "samples": 3 * SAMPLES,
+        "rejected_samples": 0,
+        "stopped_under_another_rule": [],
+    }
     detect.mkdir(parents=True)
     if verified:
         distances = {m: 0.0612 + 0.001 * abs(m - BEST) for m in MEMBERS}
-        pairs = pd.DataFrame({
-            "prompt_id": "00000", "sample": MEMBERS, "sample_file": [f"00000/{m:05d}.png" for m in MEMBERS],
-            "train_key": TRAIN_KEY, "distance": [distances[m] for m in MEMBERS], "in_group": True,
-        })  # fmt: skip
+        pairs = pd.DataFrame(
+            {
+                "prompt_id": "00000",
+                "sample": MEMBERS,
+                "sample_file": [f"00000/{m:05d}.png" for m in MEMBERS],
+                "train_key": TRAIN_KEY,
+                "distance": [distances[m] for m in MEMBERS],
+                "in_group": True,
+            }
+        )
         if other:
-            pairs = pd.concat([pairs, pd.DataFrame({
-                "prompt_id": "00001", "sample": OTHER_AT, "sample_file": [f"00001/{m:05d}.png" for m in OTHER_AT],
-                "train_key": OTHER_KEY, "distance": [0.11, 0.12], "in_group": False,
-            })], ignore_index=True)  # fmt: skip
+            pairs = pd.concat(
+                [
+                    pairs,
+                    pd.DataFrame(
+                        {
+                            "prompt_id": "00001",
+                            "sample": OTHER_AT,
+                            "sample_file": [f"00001/{m:05d}.png" for m in OTHER_AT],
+                            "train_key": OTHER_KEY,
+                            "distance": [0.11, 0.12],
+                            "in_group": False,
+                        }
+                    ),
+                ],
+                ignore_index=True,
+            )
         pairs.to_parquet(detect / "extracted.parquet")
         matched = {"00000": len(MEMBERS), "00001": 0, "00002": 0}
         memorized["extracted"] = [matched[p] > 0 for p in memorized["prompt_id"]]
@@ -139,7 +187,11 @@ def build_audited_run(
         bounds = [wilson_interval(k, SAMPLES) for k in memorized["samples_matched"]]
         memorized["reproduction_ci_low"], memorized["reproduction_ci_high"] = zip(*bounds)
         memorized["best_sample"] = pd.array([BEST, OTHER_AT[0] if other else 3, None], dtype="Int64")
-        memorized["best_sample_file"] = [f"00000/{BEST:05d}.png", f"00001/{OTHER_AT[0]:05d}.png" if other else "00001/00003.png", ""]
+        memorized["best_sample_file"] = [
+            f"00000/{BEST:05d}.png",
+            f"00001/{OTHER_AT[0]:05d}.png" if other else "00001/00003.png",
+            "",
+        ]
         memorized["best_train_key"] = [TRAIN_KEY, OTHER_KEY if other else "part1/00003", ""]
         memorized["best_distance"] = [distances[BEST], 0.11 if other else 0.31, np.nan]
         memorized["best_in_group"] = pd.array([True, not other, None], dtype="boolean")
@@ -202,7 +254,9 @@ def test_a_card_shows_the_evidence_of_an_extraction(tmp_path):
     sample = base64.b64decode(re.search(r'class="thumb sample" src="data:image/png;base64,([^"]*)"', card).group(1))
     match = base64.b64decode(re.search(r'class="thumb match" src="data:image/png;base64,([^"]*)"', card).group(1))
     generations = run_dir / "generations"
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample))), np.asarray(Image.open(generations / f"00000/{BEST:05d}.png")))
+    assert np.array_equal(
+        np.asarray(Image.open(io.BytesIO(sample))), np.asarray(Image.open(generations / f"00000/{BEST:05d}.png"))
+    )
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(match))), np.asarray(Image.open(run_dir / "detect/matches/00000.png")))
     assert "<bdi>00000</bdi>" in card and "&lt;script&gt;" in card
     assert "<strong>0.0612</strong> &le; threshold 0.15 (tiled_l2)" in card
@@ -230,8 +284,18 @@ def test_table_lists_every_prompt_with_its_rate_and_interval(tmp_path):
     rows = re.findall(r"<tr class=\"[a-z]*\">(.*?)</tr>", html, re.S)
     assert len(rows) == 3
     cells = [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", rows[0], re.S)]
-    assert cells == ["00000", "<script>alert('x')</script> a memorized caption".replace("<", "&lt;").replace(">", "&gt;").replace("'", "&#39;"),
-                     "40", "9.25", "6.50", "12/30", "yes", "yes", "40% (95% CI 25–58%), 12/30", "0.0612"]  # fmt: skip
+    assert cells == [
+        "00000",
+        "<script>alert('x')</script> a memorized caption".replace("<", "&lt;").replace(">", "&gt;").replace("'", "&#39;"),
+        "40",
+        "9.25",
+        "6.50",
+        "12/30",
+        "yes",
+        "yes",
+        "40% (95% CI 25–58%), 12/30",
+        "0.0612",
+    ]
     assert 'href="#card-0"' in rows[0]
     cells = [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", rows[2], re.S)]
     assert cells[-3:] == ["no", f"0% (95% CI 0–{100 * high:.0f}%), 0/30", "—"]
@@ -254,10 +318,16 @@ def test_rates_by_duplicate_count_pool_samples_with_wilson_intervals(tmp_path):
     counts = np.arange(1, 40)
     n_samples = np.where(counts % 2 == 0, 10, 30)
     matched = np.where(counts >= 32, counts - 30, 0)
-    memorized = pd.DataFrame({
-        "prompt_id": [f"{i:05d}" for i in counts], "dup_count": pd.array(counts, dtype="Int64"), "flagged": counts >= 16,
-        "extracted": matched > 0, "n_samples": n_samples, "samples_matched": matched,
-    })  # fmt: skip
+    memorized = pd.DataFrame(
+        {
+            "prompt_id": [f"{i:05d}" for i in counts],
+            "dup_count": pd.array(counts, dtype="Int64"),
+            "flagged": counts >= 16,
+            "extracted": matched > 0,
+            "n_samples": n_samples,
+            "samples_matched": matched,
+        }
+    )
     grouped = rates_by_duplicates(RunResults(memorized, None, {}, tmp_path, tmp_path))
     assert grouped["bin"].tolist() == ["1", "2-3", "4-7", "8-15", "16-31", "32-63"]
     assert grouped["prompts"].tolist() == [1, 2, 4, 8, 16, 8]
@@ -275,8 +345,16 @@ def test_rates_by_duplicate_count_pool_samples_with_wilson_intervals(tmp_path):
 def test_report_without_verification_or_duplicate_counts(tmp_path, caplog):
     run_dir = audited_run(tmp_path, verified=False)
     # Verification of an earlier detection left behind: not this detection's, so not shown.
-    pd.DataFrame({"prompt_id": ["00000"], "sample": [4], "sample_file": ["00000/00004.png"], "train_key": ["k"],
-                  "distance": [0.01], "extracted": [True]}).to_parquet(run_dir / "detect" / "extracted.parquet")  # fmt: skip
+    pd.DataFrame(
+        {
+            "prompt_id": ["00000"],
+            "sample": [4],
+            "sample_file": ["00000/00004.png"],
+            "train_key": ["k"],
+            "distance": [0.01],
+            "extracted": [True],
+        }
+    ).to_parquet(run_dir / "detect" / "extracted.parquet")
     results = load_run(run_dir / "detect")
     assert not results.verified and results.extracted is None and "ignoring it" in caplog.text
     assert extracted_prompts(results).empty and "extracted" not in prompt_table(results).columns
@@ -313,8 +391,15 @@ def test_stale_extracted_rows_are_dropped(tmp_path, caplog):
     path = run_dir / "detect" / "extracted.parquet"
     pairs = pd.read_parquet(path)
     # Rows of a prompt no longer screened, and of one this verification did not find extracted.
-    stale = pd.DataFrame({"prompt_id": ["gone", "00001"], "sample": [0, 3], "sample_file": ["gone/00000.png", "00001/00003.png"],
-                          "train_key": ["k", "part1/00003"], "distance": [0.01, 0.02]})  # fmt: skip
+    stale = pd.DataFrame(
+        {
+            "prompt_id": ["gone", "00001"],
+            "sample": [0, 3],
+            "sample_file": ["gone/00000.png", "00001/00003.png"],
+            "train_key": ["k", "part1/00003"],
+            "distance": [0.01, 0.02],
+        }
+    )
     pd.concat([pairs, stale], ignore_index=True).to_parquet(path)
     results = load_run(run_dir / "detect")
     assert results.extracted["prompt_id"].unique().tolist() == ["00000"] and len(results.extracted) == len(MEMBERS)
@@ -341,7 +426,9 @@ def test_the_regenerate_command_reads_back_exactly_in_bash(tmp_path):
     it was, and the command shows no raw control or bidi character."""
     generations = tmp_path / "gen dir 'x' $HOME"
     hostile = "it's \u202e$(touch pwned) `id` \u0085;|&*"
-    results = RunResults(pd.DataFrame({"prompt_id": [hostile]}), None, {}, tmp_path, generations, seeds={hostile: [5, 6, 7], "-x": [1]})
+    results = RunResults(
+        pd.DataFrame({"prompt_id": [hostile]}), None, {}, tmp_path, generations, seeds={hostile: [5, 6, 7], "-x": [1]}
+    )
 
     def words(command: str) -> list[str]:
         """The arguments bash passes for ``command``, printed instead of run."""
@@ -351,7 +438,13 @@ def test_the_regenerate_command_reads_back_exactly_in_bash(tmp_path):
         out = subprocess.run(["bash", "-c", script], capture_output=True, cwd=tmp_path, env=env, check=True).stdout
         return out.decode("utf-8").split("\0")[:-1]
 
-    assert words(results.regenerate_command(hostile, 2)) == [str(generations), hostile, "2", "--out", f"regenerated_{hostile}_00002.png"]
+    assert words(results.regenerate_command(hostile, 2)) == [
+        str(generations),
+        hostile,
+        "2",
+        "--out",
+        f"regenerated_{hostile}_00002.png",
+    ]
     assert not (tmp_path / "pwned").exists()
     # An id argparse would take for an option comes after "--".
     assert words(results.regenerate_command("-x", 0)) == ["--out", "regenerated_-x_00000.png", "--", str(generations), "-x", "0"]
@@ -389,8 +482,11 @@ def test_command_line_report(tmp_path):
     run_dir = audited_run(tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.report", f"run_dir={run_dir}", "thumbnails=2"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     html = (run_dir / "report" / "index.html").read_text(encoding="utf-8")
     assert len(image_sources(html)) == 2 + 1 + 2
@@ -402,22 +498,35 @@ def test_report_shows_the_sampling_cost_when_the_generator_wrote_a_budget(tmp_pa
     run_dir = audited_run(tmp_path, verified=False)
     generations = run_dir / "generations"
     assert "Sampling cost" not in report(run_dir, tmp_path / "r.html")  # no budget.json
-    prompts = pd.DataFrame({
-        "prompt_id": ["a", "b", "c", "d"], "n_samples": 32, "steps": 25, "guidance_scale": 3.0,
-        "n_generated": [32, 8, 8, 16], "stopped_early": [False, True, True, False], "stop_reason": [None, "no_close_pairs", "no_close_pairs", "flagged"],
-    })  # fmt: skip
+    prompts = pd.DataFrame(
+        {
+            "prompt_id": ["a", "b", "c", "d"],
+            "n_samples": 32,
+            "steps": 25,
+            "guidance_scale": 3.0,
+            "n_generated": [32, 8, 8, 16],
+            "stopped_early": [False, True, True, False],
+            "stop_reason": [None, "no_close_pairs", "no_close_pairs", "flagged"],
+        }
+    )
     budget = write_generation_budget(generations, prompts)
     html = report(run_dir, tmp_path / "r.html")
     assert "Sampling cost</td><td>3,200 UNet evaluations, 50.0% of brute force" in html  # (32+8+8+16) x 25 x 2 of 4 x 32 x 25 x 2
     assert "2 prompt(s) stopped early with no near-copy pair; 1 stopped once flagged" in html
     assert f"{budget['unet_evaluations']:,} UNet evaluations" in html
     # Prompts stopped once extracted: their verdicts were taken on fewer samples, and the page says so.
-    stopped = prompts.assign(n_generated=[32, 8, 8, 8], stopped_early=[False, True, True, False],
-                             stop_reason=[None, "no_close_pairs", "extracted", "extracted"])  # fmt: skip
+    stopped = prompts.assign(
+        n_generated=[32, 8, 8, 8],
+        stopped_early=[False, True, True, False],
+        stop_reason=[None, "no_close_pairs", "extracted", "extracted"],
+    )
     budget = write_generation_budget(generations, stopped)
     html = report(run_dir, tmp_path / "r.html")
     assert "2 stopped once extracted" in html
-    assert f"the verdicts of {len(budget['fewer_samples'])} prompt(s) were taken on fewer samples" in html and budget["fewer_samples"]
+    assert (
+        f"the verdicts of {len(budget['fewer_samples'])} prompt(s) were taken on fewer samples" in html
+        and budget["fewer_samples"]
+    )
     (generations / BUDGET_FILE).write_text("{not json")
     assert "Sampling cost" not in report(run_dir, tmp_path / "r.html") and "unreadable" in caplog.text
 
@@ -447,8 +556,18 @@ def test_the_report_unit_is_complete_once_written_and_redone_when_the_page_chang
     list nothing unfinished, and the finish merges them); a rerun skips it until the page changes."""
     run_dir = audited_run(tmp_path)
     page = run_dir / "report" / "index.html"
-    cfg = OmegaConf.create({"detect_dir": str(run_dir / "detect"), "out": str(page), "title": "t", "thumbnails": 2,
-                            "thumb_size": 32, "max_prompts": 10, "rank": 0, "world_size": 1})  # fmt: skip
+    cfg = OmegaConf.create(
+        {
+            "detect_dir": str(run_dir / "detect"),
+            "out": str(page),
+            "title": "t",
+            "thumbnails": 2,
+            "thumb_size": 32,
+            "max_prompts": 10,
+            "rank": 0,
+            "world_size": 1,
+        }
+    )
     first = run(cfg)
     assert first.written and (first.out, first.prompts, first.flagged, first.extracted) == (page, 3, 1, 1)
     stats = json.loads((run_dir / "report" / "stats" / "report_0.json").read_text(encoding="utf-8"))

@@ -26,19 +26,34 @@ WINDOW = (1280, 2000)
 SAMPLE_RGB = (255, 0, 255)  # prompt 00000's best sample, painted flat
 MATCH_RGB = (0, 255, 255)  # and the training image it matched
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     # Whatever the browser itself still tries to fetch (update checks) resolves nowhere.
     "--host-resolver-rules=MAP * ~NOTFOUND",
-]  # fmt: skip
+]
 
 
 def chromium(page: Path, work: Path, *options: str) -> subprocess.CompletedProcess:
     """Run headless Chromium on ``page`` with a fresh profile under ``work``; raises on failure."""
     if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to render the report in a browser")
+        pytest.skip(
+            f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to render the report in a browser"
+        )
     profile = work / f"profile-{len(list(work.glob('profile-*')))}"
-    command = [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", f"--window-size={WINDOW[0]},{WINDOW[1]}", *options, page.resolve().as_uri()]
+    command = [
+        str(CHROMIUM),
+        *FLAGS,
+        f"--user-data-dir={profile}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        *options,
+        page.resolve().as_uri(),
+    ]
     result = subprocess.run(command, capture_output=True, timeout=180)
     assert result.returncode == 0, result.stderr.decode("utf-8", "replace")[-3000:]
     return result
@@ -74,7 +89,9 @@ class Elements(HTMLParser):
 def rendered(tmp_path_factory) -> dict:
     """The report of a small run, its screenshot, net log and rendered DOM."""
     if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to render the report in a browser")
+        pytest.skip(
+            f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to render the report in a browser"
+        )
     root = tmp_path_factory.mktemp("browser")
     run_dir = audited_run(root, prescreen=True, colours=(SAMPLE_RGB, MATCH_RGB))
     page = write_report(load_run(run_dir / "detect"), root / "report" / "index.html", title="browser check")
@@ -131,7 +148,11 @@ def test_opening_the_report_requests_nothing_from_the_network(rendered):
         for name in ("src", "href", "srcset", "action", "data", "poster"):
             if name in attrs:
                 value = attrs[name]
-                assert value.startswith("data:image/png;base64,") or (name == "href" and value.startswith("#")), (tag, name, value[:80])
+                assert value.startswith("data:image/png;base64,") or (name == "href" and value.startswith("#")), (
+                    tag,
+                    name,
+                    value[:80],
+                )
     assert page_requests(rendered["net_log"]) == []
 
     # The net log does show a page's request when there is one: the check above can fail.

@@ -65,7 +65,10 @@ def test_bidi_and_control_characters_are_shown_as_escapes(audited, tmp_path):
     assert re.search(r"<bdi>part0/\\u202e00007\\x00</bdi>", html)
     # The command that regenerates its sample names it in bash's $'...' quoting: exact, yet shown as escapes.
     quoted = r"\$&#39;id\\u202ecod\.exe"  # $'id\u202ecod.exe, HTML-escaped
-    assert re.search(rf"<code>python -m pipeline.generate.regenerate \S+ {quoted}&#39; 4 --out \$&#39;regenerated_id\\u202ecod\.exe_00004\.png&#39;</code>", html)
+    assert re.search(
+        rf"<code>python -m pipeline.generate.regenerate \S+ {quoted}&#39; 4 --out \$&#39;regenerated_id\\u202ecod\.exe_00004\.png&#39;</code>",
+        html,
+    )
 
 
 def test_a_long_caption_is_shortened_and_shown_in_full_once(audited, tmp_path):
@@ -87,8 +90,11 @@ def test_an_arabic_caption_reads_as_written(audited, tmp_path):
 def unsafe(char: str) -> bool:
     """What Unicode says can hide, reorder or break the text around it (not display_text's own list)."""
     explicit = {"LRE", "RLE", "PDF", "LRO", "RLO", "LRI", "RLI", "FSI", "PDI"}
-    return (unicodedata.category(char) in {"Cc", "Cs", "Zl", "Zp"} or unicodedata.bidirectional(char) in explicit
-            or char in "\u200e\u200f\u061c")  # fmt: skip
+    return (
+        unicodedata.category(char) in {"Cc", "Cs", "Zl", "Zp"}
+        or unicodedata.bidirectional(char) in explicit
+        or char in "\u200e\u200f\u061c"
+    )
 
 
 def test_display_text_escapes_every_control_and_nothing_else():
@@ -102,9 +108,7 @@ def test_display_text_escapes_every_control_and_nothing_else():
 
 
 def test_display_text_escapes_are_readable():
-    assert display_text(HOSTILE) == (
-        r"file\u202egnp.exe\x00 bell\x07 \x1b[31mred\x1b[0m next\x85line \u2067rtl\u2069 \u200fmark"
-    )
+    assert display_text(HOSTILE) == (r"file\u202egnp.exe\x00 bell\x07 \x1b[31mred\x1b[0m next\x85line \u2067rtl\u2069 \u200fmark")
     assert display_text("a\tb\nc\rd\x7f\u2028\ud800") == r"a\x09b\x0ac\x0dd\x7f\u2028\ud800"
 
 

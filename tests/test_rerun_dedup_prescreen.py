@@ -269,19 +269,32 @@ def demo_model(tmp_path) -> Path:
 
 def write_prompts(path: Path, captions: list[str], dup_counts: list[int] | None = None) -> Path:
     dup_counts = dup_counts or [3, 1, 2]
-    pd.DataFrame({
-        "prompt_id": [f"p{i}" for i in range(len(captions))], "caption": captions, "dup_count": dup_counts,
-        "keys": [[f"k{i}_{j}" for j in range(n)] for i, n in enumerate(dup_counts)],
-    }).to_parquet(path)  # fmt: skip
+    pd.DataFrame(
+        {
+            "prompt_id": [f"p{i}" for i in range(len(captions))],
+            "caption": captions,
+            "dup_count": dup_counts,
+            "keys": [[f"k{i}_{j}" for j in range(n)] for i, n in enumerate(dup_counts)],
+        }
+    ).to_parquet(path)
     return path
 
 
 def prescreen_run(run_dir: Path, prompts: Path, model: Path):
     from pipeline.prescreen import stage
 
-    overrides = [f"run_dir={run_dir}", f"prompts={prompts}", f"model.path={model}", "device=cpu", "prescreen.seeds=1",
-                 "prescreen.steps=2", "prescreen.batch_size=4", "prescreen.keep_top=2", "prescreen.keep_fraction=null",
-                 "progress=false"]  # fmt: skip
+    overrides = [
+        f"run_dir={run_dir}",
+        f"prompts={prompts}",
+        f"model.path={model}",
+        "device=cpu",
+        "prescreen.seeds=1",
+        "prescreen.steps=2",
+        "prescreen.batch_size=4",
+        "prescreen.keep_top=2",
+        "prescreen.keep_fraction=null",
+        "progress=false",
+    ]
     return stage.run(compose_config("prescreen", overrides)).table
 
 

@@ -61,8 +61,11 @@ def test_a_changed_caption_under_an_existing_prompt_id_is_refused_naming_the_pro
     table_before = load_prompts(out)
 
     # A prompt list whose first line was edited: id 00000 (a position) now names another caption.
-    with pytest.raises(ValueError, match=r"prompt 00000: its samples in .*00000 were made from another caption "
-                                         r"\('a red barn' then, 'a blue barn' now\); delete that folder"):
+    with pytest.raises(
+        ValueError,
+        match=r"prompt 00000: its samples in .*00000 were made from another caption "
+        r"\('a red barn' then, 'a blue barn' now\); delete that folder",
+    ):
         run(pipe, model_dir, out, prompts=[Prompt("00000", "a blue barn"), Prompt("00001", "an astronaut cat")], n_samples=2)
     # Nothing was relabelled or remade.
     assert {p: p.read_bytes() for p in sorted(out.glob("*/*.png"))} == before
@@ -118,9 +121,19 @@ def test_weights_replaced_at_the_same_path_are_another_model(pipe, model_dir, tm
 def test_a_changed_prompt_list_is_refused_from_the_command_line_in_one_line(model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     command = [
-        sys.executable, "-m", "pipeline.generate", f"run_dir={tmp_path / 'run'}", f"prompts={prompts}", f"model.path={model_dir}",
-        "model.height=16", "model.width=16", "model.steps=2", "n_samples=2", "batch_size=4", "progress=false",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pipeline.generate",
+        f"run_dir={tmp_path / 'run'}",
+        f"prompts={prompts}",
+        f"model.path={model_dir}",
+        "model.height=16",
+        "model.width=16",
+        "model.steps=2",
+        "n_samples=2",
+        "batch_size=4",
+        "progress=false",
+    ]
     prompts.write_text("a red barn\nan astronaut cat\n", encoding="utf-8")
     first = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -150,8 +163,9 @@ def test_detect_after_regenerating_equals_a_detect_into_a_fresh_folder(pipe, mod
     generations = tmp_path / "run" / "generations"
     prompts = [Prompt("00000", "a red barn", 3, ("t0",)), Prompt("00001", "a cat", 1, ("t1",))]
     run(pipe, model_dir, generations, prompts=prompts, n_samples=3)
-    train = training_set(tmp_path / "train", {"t0": pixels(generations / "00000" / "00001.png"),
-                                              "t1": pixels(generations / "00001" / "00002.png")})  # fmt: skip
+    train = training_set(
+        tmp_path / "train", {"t0": pixels(generations / "00000" / "00001.png"), "t1": pixels(generations / "00001" / "00002.png")}
+    )
     first, _ = detect_and_verify(generations, tmp_path / "run" / "detect", train)
     assert first.set_index("prompt_id")["best_sample"].to_dict() == {"00000": 1, "00001": 2}
 
@@ -207,9 +221,15 @@ def test_detect_never_writes_into_the_generations_folder(pipe, model_dir, tmp_pa
     train = training_set(tmp_path / "train", {"t0": pixels(generations / "00000" / "00000.png")})
     before = snapshot(generations)
     command = [
-        sys.executable, "-m", "pipeline.detect", f"generations_dir={generations}", f"out_dir={tmp_path / 'detect'}",
-        "data=files", f"data.path={train}", "progress=false",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pipeline.detect",
+        f"generations_dir={generations}",
+        f"out_dir={tmp_path / 'detect'}",
+        "data=files",
+        f"data.path={train}",
+        "progress=false",
+    ]
     done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert snapshot(generations) == before
@@ -255,23 +275,39 @@ def test_the_report_card_regenerate_command_remakes_the_card_image(pipe, model_d
     # A stray file that sorts before the samples (a contact sheet another tool left).
     Image.fromarray(pixels(generations / "00000" / "00003.png")).save(generations / "00000" / "-contact-sheet.png")
     detect = [
-        sys.executable, "-m", "pipeline.detect", f"run_dir={run_dir}", "data=files", f"data.path={train}", "progress=false",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pipeline.detect",
+        f"run_dir={run_dir}",
+        "data=files",
+        f"data.path={train}",
+        "progress=false",
+    ]
     done = subprocess.run(detect, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = subprocess.run([sys.executable, "-m", "pipeline.report", f"run_dir={run_dir}"], cwd=REPO, env=ENV,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    report = subprocess.run(
+        [sys.executable, "-m", "pipeline.report", f"run_dir={run_dir}"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     html = (run_dir / "report" / "index.html").read_text(encoding="utf-8")
     card = re.search(r'<section class="card" id="card-0">(.*?)</section>', html, re.S).group(1)
-    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(
-        re.search(r'class="thumb sample" src="data:image/png;base64,([^"]*)"', card).group(1)))).convert("RGB"))  # fmt: skip
+    shown = np.asarray(
+        Image.open(
+            io.BytesIO(base64.b64decode(re.search(r'class="thumb sample" src="data:image/png;base64,([^"]*)"', card).group(1)))
+        ).convert("RGB")
+    )
     command = re.search(r"<code>(python -m pipeline\.generate\.regenerate [^<]*)</code>", card).group(1)
     assert f" 00000 {best} " in command
     # The command as a user pastes it, with the environment's python first on the PATH.
     env = {**ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    remade = subprocess.run(command, shell=True, executable="/bin/bash", cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    remade = subprocess.run(
+        command, shell=True, executable="/bin/bash", cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert remade.returncode == 0, remade.stderr[-3000:]
     regenerated = pixels(tmp_path / f"regenerated_00000_{best:05d}.png")
     assert np.abs(regenerated.astype(int) - shown.astype(int)).max() <= ONE_GREY_LEVEL

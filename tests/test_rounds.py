@@ -113,12 +113,15 @@ def test_stop_when_extracted_stops_at_the_first_round_holding_a_match_as_the_rep
     the round that made it (7 samples), checked before the flag that the same round gives; the
     replay on the full run's samples decides the same, and each round's samples are asked about
     once."""
-    settings = AdaptiveSettings(enabled=True, first_round=4, growth=2.0, stop_when_flagged=True, stop_when_extracted=True,
-                                rule=NearCopyRule(min_clique=5))  # fmt: skip
+    settings = AdaptiveSettings(
+        enabled=True, first_round=4, growth=2.0, stop_when_flagged=True, stop_when_extracted=True, rule=NearCopyRule(min_clique=5)
+    )
     n_samples = 32
     for first_match, expected in ((5, (7, EXTRACTED)), (0, (4, EXTRACTED)), (None, None)):
         folder, matches, asked = matching_folder(first_match)
-        scheduler = RoundScheduler(n_samples, settings, missing=folder.missing, read=folder.read, on_finish=folder.on_finish, matches=matches)
+        scheduler = RoundScheduler(
+            n_samples, settings, missing=folder.missing, read=folder.read, on_finish=folder.on_finish, matches=matches
+        )
         made = run_all(scheduler, folder, ["p"], n_samples)
         full = np.stack([folder.make("p", i) for i in range(n_samples)])
         replay_asked: list[tuple[int, int]] = []
@@ -153,11 +156,13 @@ def test_near_training_holds_a_prompt_in_the_scheduler_as_in_the_replay():
     a sample so far came within near_training of a training image (from sample 3 on); then held
     to its first match (sample 9: stopped at the round end 16) or to the budget. The scheduler
     and adaptive_outcome (the budget report's replay) decide alike."""
-    settings = AdaptiveSettings(enabled=True, first_round=4, growth=2.0, stop_when_flagged=True, stop_when_extracted=True,
-                                near_training=0.25)  # fmt: skip
+    settings = AdaptiveSettings(
+        enabled=True, first_round=4, growth=2.0, stop_when_flagged=True, stop_when_extracted=True, near_training=0.25
+    )
     n_samples = 40
     full = np.stack([diverse("p", i) for i in range(n_samples)])
     for first_near, first_match, expected in ((3, 9, (16, EXTRACTED)), (3, None, (n_samples, None)), (None, 9, (4, NO_SIGN))):
+
         def near(end, first_near=first_near):
             return first_near is not None and end > first_near
 
@@ -165,8 +170,15 @@ def test_near_training_holds_a_prompt_in_the_scheduler_as_in_the_replay():
             return first_match is not None and start <= first_match < end
 
         folder = FakeFolder(diverse)
-        scheduler = RoundScheduler(n_samples, settings, missing=folder.missing, read=folder.read, on_finish=folder.on_finish,
-                                   matches=lambda pid, start, end: matches(start, end), near=lambda pid, end: near(end))  # fmt: skip
+        scheduler = RoundScheduler(
+            n_samples,
+            settings,
+            missing=folder.missing,
+            read=folder.read,
+            on_finish=folder.on_finish,
+            matches=lambda pid, start, end: matches(start, end),
+            near=lambda pid, end: near(end),
+        )
         made = run_all(scheduler, folder, ["p"], n_samples)
         replayed = adaptive_outcome(lambda k: full[:k], n_samples, settings, matches, near)
         assert replayed == expected and folder.finished == [("p", *expected)] and made == expected[0]

@@ -69,8 +69,12 @@ def test_verdict_on_a_hand_made_matrix():
 def test_threshold_defaults_to_the_metric_and_mistakes_name_their_key():
     assert NearCopyRule().threshold == 0.15 and NearCopyRule(ClipDistance(_Named())).threshold == 0.05
     assert NearCopyRule(threshold="0.2").threshold == 0.2
-    for bad, key in ((dict(threshold=0), "rule.threshold"), (dict(min_clique=1), "rule.min_clique"),
-                     (dict(max_clique_steps=0), "rule.max_clique_steps"), (dict(metric="tiled_l2"), "metric")):  # fmt: skip
+    for bad, key in (
+        (dict(threshold=0), "rule.threshold"),
+        (dict(min_clique=1), "rule.min_clique"),
+        (dict(max_clique_steps=0), "rule.max_clique_steps"),
+        (dict(metric="tiled_l2"), "metric"),
+    ):
         with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: "):
             NearCopyRule(**bad)
     with pytest.raises(ConfigError, match=r"^metric\.grid: must be at least 1, got 0"):
@@ -87,15 +91,25 @@ def test_threshold_defaults_to_the_metric_and_mistakes_name_their_key():
 
 def test_a_rule_is_described_whole_and_compared_by_its_description():
     rule = NearCopyRule()
-    assert rule.describe() == {"metric": "tiled_l2", "grid": 4, "size": None, "threshold": 0.15, "min_clique": 10,
-                               "max_clique_steps": 200_000}  # fmt: skip
+    assert rule.describe() == {
+        "metric": "tiled_l2",
+        "grid": 4,
+        "size": None,
+        "threshold": 0.15,
+        "min_clique": 10,
+        "max_clique_steps": 200_000,
+    }
     assert rule.matches(json.loads(json.dumps(rule.describe())))  # as stored: JSON
     assert rule.matches(NearCopyRule(TiledL2(device="cpu"), threshold=0.15).describe())  # the device changes no verdict
     others = [
-        NearCopyRule(TiledL2(grid=2)), NearCopyRule(TiledL2(size=64)), NearCopyRule(threshold=0.1),
-        NearCopyRule(min_clique=9), NearCopyRule(max_clique_steps=10), NearCopyRule(WholeImageRMS()),
+        NearCopyRule(TiledL2(grid=2)),
+        NearCopyRule(TiledL2(size=64)),
+        NearCopyRule(threshold=0.1),
+        NearCopyRule(min_clique=9),
+        NearCopyRule(max_clique_steps=10),
+        NearCopyRule(WholeImageRMS()),
         NearCopyRule(ClipDistance(_Named()), threshold=0.15),
-    ]  # fmt: skip
+    ]
     for other in others:
         assert not rule.matches(other.describe()) and not other.matches(rule.describe()), other
     assert NearCopyRule(ClipDistance(_Named())).describe()["embedder"] == "named"
@@ -111,8 +125,10 @@ def test_the_rule_is_configured_once():
             if found:
                 keys[found.group(1)].append(path.relative_to(CONF).as_posix())
     assert keys == {"min_clique": ["rule.yaml"], "grid": ["metric/tiled_l2.yaml"]}
-    rules = {stage: rule_from_config(compose_config(stage, ["experiment=demo"] if stage != "evaluate_demo" else []))
-             for stage in ("generate", "detect", "evaluate_demo")}  # fmt: skip
+    rules = {
+        stage: rule_from_config(compose_config(stage, ["experiment=demo"] if stage != "evaluate_demo" else []))
+        for stage in ("generate", "detect", "evaluate_demo")
+    }
     assert {json.dumps(rule.describe()) for rule in rules.values()} == {json.dumps(NearCopyRule().describe())}
     # One override changes it for every stage.
     for stage in ("generate", "detect", "evaluate_demo"):
@@ -141,7 +157,9 @@ def one_tile_changed(base: np.ndarray, tile: int, rng: np.random.Generator) -> n
     side = SIDE // 4
     row, col = divmod(tile, 4)
     block = out[row * side : (row + 1) * side, col * side : (col + 1) * side].astype(int)
-    out[row * side : (row + 1) * side, col * side : (col + 1) * side] = np.clip(block + rng.choice([-80, 80], block.shape), 0, 255)
+    out[row * side : (row + 1) * side, col * side : (col + 1) * side] = np.clip(
+        block + rng.choice([-80, 80], block.shape), 0, 255
+    )
     return out
 
 
@@ -151,8 +169,10 @@ def planted(tmp_path_factory):
     00001's are unrelated. A training set holds that image and a distractor."""
     rng = np.random.default_rng(0)
     base = smooth_image(rng)
-    samples = {"00000": np.stack([one_tile_changed(base, tile, rng) for tile in (0, 5, 10, 15)]),
-               "00001": np.stack([smooth_image(rng) for _ in range(4)])}  # fmt: skip
+    samples = {
+        "00000": np.stack([one_tile_changed(base, tile, rng) for tile in (0, 5, 10, 15)]),
+        "00001": np.stack([smooth_image(rng) for _ in range(4)]),
+    }
     rms, tiled = WholeImageRMS(), TiledL2()
     upper = np.triu_indices(4, 1)
     # The premise: whole-image RMS calls 00000's samples near-copies (and the training image's),
@@ -177,16 +197,28 @@ def generate_stage(planted, run_dir: Path, overrides: list[str]):
     from pipeline.generate import run as run_generate
     from pipeline.generations import sample_path
 
-    for index, pid in enumerate(("00000", "00001")):
+    for pid in ("00000", "00001"):
         for i, image in enumerate(planted["samples"][pid]):
             path = sample_path(run_dir / "generations", pid, i)
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(path)
-    cfg = compose_config("generate", [
-        f"run_dir={run_dir}", f"prompts={planted['prompts']}", f"model.path={SHIPPED_DEMO_MODEL}", "model.steps=2",
-        "n_samples=8", "adaptive.enabled=true", "adaptive.first_round=4", "adaptive.stop_when_flagged=true",
-        "rule.min_clique=3", "progress=false", "device=cpu", *overrides,
-    ])  # fmt: skip
+    cfg = compose_config(
+        "generate",
+        [
+            f"run_dir={run_dir}",
+            f"prompts={planted['prompts']}",
+            f"model.path={SHIPPED_DEMO_MODEL}",
+            "model.steps=2",
+            "n_samples=8",
+            "adaptive.enabled=true",
+            "adaptive.first_round=4",
+            "adaptive.stop_when_flagged=true",
+            "rule.min_clique=3",
+            "progress=false",
+            "device=cpu",
+            *overrides,
+        ],
+    )
     summary = run_generate(cfg)
     return summary, pd.read_parquet(run_dir / "generations" / "prompts.parquet").set_index("prompt_id")
 
@@ -210,10 +242,24 @@ def test_a_metric_in_one_file_is_used_by_adaptive_sampling_detection_and_verific
     # (clique of 4) and its representative matches the training image, at the RMS distance.
     env = stage_env()
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.detect", f"run_dir={tmp_path / 'rms'}", "data=files", f"data.path={planted['train']}",
-         "rule.min_clique=3", "progress=false", "device=cpu", *SEARCH_RMS],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline.detect",
+            f"run_dir={tmp_path / 'rms'}",
+            "data=files",
+            f"data.path={planted['train']}",
+            "rule.min_clique=3",
+            "progress=false",
+            "device=cpu",
+            *SEARCH_RMS,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     detect_dir = tmp_path / "rms" / "detect"
     memorized = pd.read_parquet(detect_dir / "memorized.parquet").set_index("prompt_id")
@@ -234,8 +280,10 @@ def test_a_metric_in_one_file_is_used_by_adaptive_sampling_detection_and_verific
 
     # The tiled L2 detector on the same samples flags nothing, and names the prompt adaptive
     # sampling stopped under the other rule.
-    cfg = compose_config("detect", [f"run_dir={tmp_path / 'rms'}", "out_dir=${run_dir}/detect_tiled", "rule.min_clique=3",
-                                   "progress=false", "device=cpu"])  # fmt: skip
+    cfg = compose_config(
+        "detect",
+        [f"run_dir={tmp_path / 'rms'}", "out_dir=${run_dir}/detect_tiled", "rule.min_clique=3", "progress=false", "device=cpu"],
+    )
     tiled, _ = run_detect_stage(cfg)
     assert not tiled["flagged"].any()
     assert json.loads((tmp_path / "rms" / "detect_tiled" / "summary.json").read_text())["stopped_under_another_rule"] == ["00000"]

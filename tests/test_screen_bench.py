@@ -39,7 +39,9 @@ def test_budget_figures_follow_from_the_runs(tiny_run):
     # wen_levels at its one default level (0.125): 2 seeds a prompt, and 2 unconditional ones for all
     assert screened["prescreen_evaluations"] == (n + 1) * 2
     assert screened["unet_evaluations"] == screened["prescreen_evaluations"] + int(table.n_generated.sum()) * steps * 2
-    assert result["evaluation_fraction"] == pytest.approx(screened["unet_evaluations"] / result["brute_force"]["unet_evaluations"])
+    assert result["evaluation_fraction"] == pytest.approx(
+        screened["unet_evaluations"] / result["brute_force"]["unet_evaluations"]
+    )
     # Rounds end at 2, 4, 6 samples (or sooner where a stop on the verdict could apply); a prompt
     # stopped before the budget did so for a reason.
     assert set(table.n_generated) <= set(range(2, samples + 1))
@@ -49,7 +51,9 @@ def test_budget_figures_follow_from_the_runs(tiny_run):
     assert screened["stopped_extracted"] == int((table.stop_reason == "extracted").sum())
     assert screened["stopped_unlikely"] == int((table.stop_reason == "unlikely").sum())
     assert screened["fewer_samples"] == sorted(table.prompt_id[table.stop_reason.isin(["extracted", "unlikely"])])
-    stopped = sum(screened[k] for k in ("stopped_early", "stopped_flagged", "stopped_out_of_reach", "stopped_extracted", "stopped_unlikely"))
+    stopped = sum(
+        screened[k] for k in ("stopped_early", "stopped_flagged", "stopped_out_of_reach", "stopped_extracted", "stopped_unlikely")
+    )
     assert stopped == int((table.n_generated < samples).sum())
 
 
@@ -95,12 +99,14 @@ def test_printed_table_and_result_line(bench, tiny_run, capsys, tmp_path):
 
 
 def test_prompt_list_covers_every_band(bench):
-    truth = pd.DataFrame({
-        "original_id": [f"o{i}" for i in range(8)],
-        "original_caption": [f"caption {i}" for i in range(8)],
-        "band": ["heavy", "heavy", "mid", "mid", "single", "single", "single", "single"],
-        "dup_count": [150, 150, 10, 10, 1, 1, 1, 1],
-    })  # fmt: skip
+    truth = pd.DataFrame(
+        {
+            "original_id": [f"o{i}" for i in range(8)],
+            "original_caption": [f"caption {i}" for i in range(8)],
+            "band": ["heavy", "heavy", "mid", "mid", "single", "single", "single", "single"],
+            "dup_count": [150, 150, 10, 10, 1, 1, 1, 1],
+        }
+    )
     all_multi = bench.demo_prompts(truth, 6)
     assert [p.prompt_id for p in all_multi[:4]] == ["o0", "o1", "o2", "o3"] and len(all_multi) == 6
     assert {p.dup_count for p in all_multi[4:]} == {1}
@@ -113,15 +119,32 @@ def test_seeds_print_each_row_and_the_worst_and_brute_force_extrapolates_exactly
     seed and the worst; brute force's cost is prompts x samples x steps x 2, exactly, although
     it sampled fewer prompts."""
     out = tmp_path / "seeds"
-    result = bench.main(["--tiny", "--threshold", "0.757", "--min-clique", "2", "--delta", "0.5", "--seeds", "0,1",
-                         "--brute-singletons", "2", "--out", str(out)])  # fmt: skip
+    result = bench.main(
+        [
+            "--tiny",
+            "--threshold",
+            "0.757",
+            "--min-clique",
+            "2",
+            "--delta",
+            "0.5",
+            "--seeds",
+            "0,1",
+            "--brute-singletons",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     runs = result["runs"]
     assert [r["seed"] for r in runs] == [0, 1]
     for r in runs:
         n, samples, steps = r["prompts"], r["n_samples"], r["steps"]
         assert r["brute_force"]["unet_evaluations"] == n * samples * steps * 2
-        assert r["brute_force"]["singletons_sampled"] == 2 and r["brute_force"]["prompts_sampled"] == 4 + 2  # 4 duplicated originals
+        assert (
+            r["brute_force"]["singletons_sampled"] == 2 and r["brute_force"]["prompts_sampled"] == 4 + 2
+        )  # 4 duplicated originals
         table = pd.read_parquet(out / f"seed_{r['seed']}" / "brute" / "generations" / "prompts.parquet")
         assert len(table) == 6 and int(table.n_generated.sum()) == 6 * samples
         assert r["evaluation_fraction"] == pytest.approx(r["screened"]["unet_evaluations"] / (n * samples * steps * 2))
@@ -147,8 +170,9 @@ def test_brute_cache_reuses_brute_force_samples_across_prompt_mixes(bench, tmp_p
     shared = set(pd.read_parquet(tmp_path / "a" / "brute" / "generations" / "prompts.parquet").prompt_id)
     made = set(pd.read_parquet(tmp_path / "b" / "brute" / "generations" / "prompts.parquet").prompt_id)
     assert second["brute_force"]["samples_reused"] == len(shared & made) * n_samples > 0
-    fresh = bench.main(["--tiny", "--threshold", "0.757", "--min-clique", "2", "--delta", "0.5", "--prompts", "8",
-                        "--out", str(tmp_path / "c")])  # fmt: skip  (the tiny model is built from a fixed seed)
+    fresh = bench.main(
+        ["--tiny", "--threshold", "0.757", "--min-clique", "2", "--delta", "0.5", "--prompts", "8", "--out", str(tmp_path / "c")]
+    )  # (the tiny model is built from a fixed seed)
     for path in sorted((tmp_path / "b" / "brute" / "generations").glob("*/*.png")):
         twin = tmp_path / "c" / "brute" / "generations" / path.parent.name / path.name
         np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(twin)), err_msg=str(path))

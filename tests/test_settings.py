@@ -22,7 +22,9 @@ class Sampling:
 
 def test_values_are_read_typed_with_defaults_for_absent_keys():
     cfg = OmegaConf.create({"sampling": {"steps": "25", "scale": 7, "fast": True, "levels": [0.1, 0.2]}, "seed": 3})
-    assert settings_from(Sampling, cfg, "sampling.") == Sampling(steps=25, scale=7.0, fast=True, mode="a", levels=(0.1, 0.2), seed=3)
+    assert settings_from(Sampling, cfg, "sampling.") == Sampling(
+        steps=25, scale=7.0, fast=True, mode="a", levels=(0.1, 0.2), seed=3
+    )
 
 
 @pytest.mark.parametrize(

@@ -61,10 +61,14 @@ BANDS = {"heavy": (4, 12), "mid": (4, 4), "single": (40, 1)}
 # hold both flagged and unflagged prompts.
 SMALL = ["top_k=6", "n_samples=8", "model.steps=4", "rule.min_clique=3"]
 LAUNCHER = [
-    "hydra/launcher=slurm", f"world_size={WORLD_SIZE}", "hydra.launcher.gpus_per_node=0",
-    "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4", f"hydra.launcher.partition={PARTITION}",
+    "hydra/launcher=slurm",
+    f"world_size={WORLD_SIZE}",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=4",
+    f"hydra.launcher.partition={PARTITION}",
     "hydra.launcher.timeout_min=30",
-]  # fmt: skip
+]
 DEDUP_PHASES = ["embed", "train", "index", "search", "group"]
 # What each stage leaves in the run directory when it has finished (detect runs with data=demo,
 # so it verifies too); the folder is what gets copied from the local run when a stage fails.
@@ -95,7 +99,11 @@ def slurm_cluster() -> None:
         pytest.skip("SLURM: scripts/slurm_cluster.sh start did not finish within 600 s")
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
-        why = lines[-1].removeprefix("slurm_cluster: ").removeprefix("cannot start SLURM: ") if lines else f"scripts/slurm_cluster.sh exited {done.returncode}"
+        why = (
+            lines[-1].removeprefix("slurm_cluster: ").removeprefix("cannot start SLURM: ")
+            if lines
+            else f"scripts/slurm_cluster.sh exited {done.returncode}"
+        )
         pytest.skip(f"SLURM: no single-node cluster could start: {why}")
 
 
@@ -128,7 +136,10 @@ def same_dedup(local: Path, slurm: Path) -> None:
     columns = ["prompt_id", "caption", "dup_count"]
     expected = pd.read_parquet(local / "dedup" / "selected.parquet")[columns]
     got = pd.read_parquet(slurm / "dedup" / "selected.parquet")[columns]
-    expect(got.equals(expected), f"dedup/selected.parquet differs:\nlocal (world_size=1):\n{expected}\nSLURM (world_size={WORLD_SIZE}):\n{got}")
+    expect(
+        got.equals(expected),
+        f"dedup/selected.parquet differs:\nlocal (world_size=1):\n{expected}\nSLURM (world_size={WORLD_SIZE}):\n{got}",
+    )
 
 
 def same_prescreen(local: Path, slurm: Path) -> None:
@@ -137,7 +148,10 @@ def same_prescreen(local: Path, slurm: Path) -> None:
     got = by_prompt(pd.read_parquet(slurm / "prescreen" / "prescreen.parquet"))
     expect(got["prompt_id"].tolist() == expected["prompt_id"].tolist(), "prescreen.parquet holds other prompts")
     np.testing.assert_allclose(got["score"], expected["score"], rtol=1e-4, err_msg="prescreen scores differ")
-    expect(got["kept"].tolist() == expected["kept"].tolist(), f"other prompts kept:\n{expected[['prompt_id', 'kept']]}\n{got[['prompt_id', 'kept']]}")
+    expect(
+        got["kept"].tolist() == expected["kept"].tolist(),
+        f"other prompts kept:\n{expected[['prompt_id', 'kept']]}\n{got[['prompt_id', 'kept']]}",
+    )
     kept = [pd.read_parquet(run / "prescreen" / "selected.parquet")["prompt_id"].astype(str).tolist() for run in (local, slurm)]
     expect(kept[1] == kept[0], f"prescreen/selected.parquet: {kept[1]} under SLURM, {kept[0]} locally")
 
@@ -148,17 +162,26 @@ def same_generations(local: Path, slurm: Path) -> None:
     columns = ["prompt_id", "caption", "n_samples", "n_generated", "stop_reason"]
     expected, got = (by_prompt(pd.read_parquet(d / "prompts.parquet")) for d in (local_dir, slurm_dir))
     columns = [c for c in columns if c in expected]
-    expect(got[columns].equals(expected[columns]), f"generations/prompts.parquet differs:\nlocal:\n{expected[columns]}\nSLURM:\n{got[columns]}")
+    expect(
+        got[columns].equals(expected[columns]),
+        f"generations/prompts.parquet differs:\nlocal:\n{expected[columns]}\nSLURM:\n{got[columns]}",
+    )
     files = sample_files(local_dir)
     expect(bool(files), f"the local run made no samples in {local_dir}")
     got_files = sample_files(slurm_dir)
-    expect(got_files == files, f"sample files differ: only local {sorted(set(files) - set(got_files))}, only SLURM {sorted(set(got_files) - set(files))}")
+    expect(
+        got_files == files,
+        f"sample files differ: only local {sorted(set(files) - set(got_files))}, only SLURM {sorted(set(got_files) - set(files))}",
+    )
     beyond = {}
     for name in files:
         worst = int(np.abs(read_png(slurm_dir / name) - read_png(local_dir / name)).max())
         if worst > GREY_LEVEL:
             beyond[name] = worst
-    expect(not beyond, f"{len(beyond)} of {len(files)} samples differ by more than {GREY_LEVEL} grey level (largest difference): {beyond}")
+    expect(
+        not beyond,
+        f"{len(beyond)} of {len(files)} samples differ by more than {GREY_LEVEL} grey level (largest difference): {beyond}",
+    )
 
 
 def same_verdicts(local: Path, slurm: Path) -> None:
@@ -173,9 +196,11 @@ def same_verdicts(local: Path, slurm: Path) -> None:
     pairs = {name: pd.read_parquet(run / "detect" / "extracted.parquet") for name, run in (("local", local), ("SLURM", slurm))}
     keyed = {name: {(r.prompt_id, int(r.sample), r.train_key): r.distance for r in t.itertuples()} for name, t in pairs.items()}
     unexplained = {
-        pair: (name, distance) for name, other in (("local", "SLURM"), ("SLURM", "local"))
-        for pair, distance in keyed[name].items() if pair not in keyed[other] and distance <= delta - GREY_LEVEL / 255
-    }  # fmt: skip
+        pair: (name, distance)
+        for name, other in (("local", "SLURM"), ("SLURM", "local"))
+        for pair, distance in keyed[name].items()
+        if pair not in keyed[other] and distance <= delta - GREY_LEVEL / 255
+    }
     expect(not unexplained, f"pairs matched in one run only, farther than one grey level from the threshold: {unexplained}")
     borderline = {pair[0] for pair in set(keyed["local"]) ^ set(keyed["SLURM"])}
     columns = ["prompt_id", "extracted"]
@@ -231,12 +256,21 @@ class Audits:
         stage = self.stages[module]
         earlier = list(self.stages)[: list(self.stages).index(module)]
         refilled = [self.stages[m].label for m in earlier if self.stages[m].refilled]
-        note = (f"\n(stages refilled from the local run's outputs after failing or differing under SLURM: {', '.join(refilled)}; "
-                "this stage started from the same inputs as locally)") if refilled else ""  # fmt: skip
+        note = (
+            (
+                f"\n(stages refilled from the local run's outputs after failing or differing under SLURM: {', '.join(refilled)}; "
+                "this stage started from the same inputs as locally)"
+            )
+            if refilled
+            else ""
+        )
         if not stage.ok:
             pytest.fail(f"SLURM stage {stage.label} failed:\n" + "\n\n".join(stage.failures) + note, pytrace=False)
         if stage.mismatch is not None:
-            pytest.fail(f"SLURM stage {stage.label} ran, but its outputs differ from the local run's: {stage.mismatch}{note}", pytrace=False)
+            pytest.fail(
+                f"SLURM stage {stage.label} ran, but its outputs differ from the local run's: {stage.mismatch}{note}",
+                pytrace=False,
+            )
 
 
 def tail(text: str, chars: int = 4000) -> str:
@@ -307,7 +341,9 @@ def run_array(module: str, overrides: list[str], sweep_dir: Path, stage: StageRu
     except subprocess.TimeoutExpired as err:
         cancel_arrays(sweep_dir)
         output = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else str(err.stderr or "")
-        stage.failures.append(f"{command}\ntimed out after {STAGE_TIMEOUT} s; its stderr:\n{tail(output, 2000)}\n{submitit_logs(sweep_dir)}")
+        stage.failures.append(
+            f"{command}\ntimed out after {STAGE_TIMEOUT} s; its stderr:\n{tail(output, 2000)}\n{submitit_logs(sweep_dir)}"
+        )
         return
     if done.returncode != 0:
         stage.failures.append(
@@ -359,7 +395,11 @@ def audits(slurm_cluster, tmp_path_factory) -> Audits:
         folder = OUTPUTS[module][0]
         missing = missing_outputs(module, slurm)
         if stage.ok and missing:
-            left = sorted(str(p.relative_to(slurm / folder)) for p in (slurm / folder).rglob("*") if p.is_file()) if (slurm / folder).is_dir() else []
+            left = (
+                sorted(str(p.relative_to(slurm / folder)) for p in (slurm / folder).rglob("*") if p.is_file())
+                if (slurm / folder).is_dir()
+                else []
+            )
             stage.failures.append(
                 f"every array exited 0, but {', '.join(missing)} is missing from {slurm} (a local run writes it); "
                 f"the SLURM run left in {folder}/: {left[:40]}\nthe tasks' logs:\n"
@@ -419,7 +459,9 @@ def test_dedup_array_tasks_each_ran_their_rank(audits):
     of phase=train did the training."""
     stage = audits.stages["pipeline.dedup"]
     if stage.refilled:
-        pytest.fail("the dedup arrays failed or differed (see test_dedup_phase_by_phase_as_arrays); nothing to check", pytrace=False)
+        pytest.fail(
+            "the dedup arrays failed or differed (see test_dedup_phase_by_phase_as_arrays); nothing to check", pytrace=False
+        )
     stats = [json.loads((audits.slurm / "dedup" / "stats" / f"train_{r}.json").read_text()) for r in range(WORLD_SIZE)]
     assert [s["units"] for s in stats] == [1] + [0] * (WORLD_SIZE - 1)
     for phase in ("train", "index", "search"):
@@ -441,13 +483,29 @@ def test_dedup_phases_chained_from_one_command(slurm_cluster, tmp_path):
     from pipeline.demo.dataset import build_demo_dataset
 
     build_demo_dataset(tmp_path / "data", bands=CHAINED_BANDS)
-    common = ["embedder=thumbnail", "top_k=5", "progress=false", f"data.path={tmp_path / 'data' / 'images'}",
-              f"data.ground_truth={tmp_path / 'data' / 'ground_truth.parquet'}"]  # fmt: skip
+    common = [
+        "embedder=thumbnail",
+        "top_k=5",
+        "progress=false",
+        f"data.path={tmp_path / 'data' / 'images'}",
+        f"data.ground_truth={tmp_path / 'data' / 'ground_truth.parquet'}",
+    ]
     local = run_command(["-m", "pipeline.dedup", *common, f"run_dir={tmp_path / 'local'}"], STAGE_TIMEOUT)
     assert local.returncode == 0, tail(local.stderr)
     launcher = [arg for arg in LAUNCHER if not arg.startswith("world_size=")]
-    done = run_command(["-m", "pipeline.dedup", *common, f"run_dir={tmp_path / 'slurm'}", "phase=all", f"world_size={WORLD_SIZE}",
-                        "submit=slurm", *launcher], 120)  # fmt: skip
+    done = run_command(
+        [
+            "-m",
+            "pipeline.dedup",
+            *common,
+            f"run_dir={tmp_path / 'slurm'}",
+            "phase=all",
+            f"world_size={WORLD_SIZE}",
+            "submit=slurm",
+            *launcher,
+        ],
+        120,
+    )
     assert done.returncode == 0, tail(done.stderr)
     jobs = re.findall(r"^dedup: phase=(\w+): SLURM array job (\d+)", done.stdout, re.MULTILINE)
     assert [phase for phase, _ in jobs] == DEDUP_PHASES, done.stdout

@@ -48,11 +48,17 @@ def test_dedup_on_precomputed_embeddings_needs_no_ground_truth(tmp_path):
     (folder / "metadata").mkdir()
     vectors = np.eye(4, dtype=np.float16)[[0, 0, 1, 2, 3, 3]]
     np.save(folder / "img_emb" / "img_emb_0.npy", vectors)
-    pd.DataFrame({"key": [f"k{i}" for i in range(6)], "caption": list("aabcdd")}).to_parquet(folder / "metadata" / "metadata_0.parquet")
+    pd.DataFrame({"key": [f"k{i}" for i in range(6)], "caption": list("aabcdd")}).to_parquet(
+        folder / "metadata" / "metadata_0.parquet"
+    )
     done = run_stage(
-        "pipeline.dedup", "embedder=precomputed", f"embeddings_dir={folder}", f"run_dir={tmp_path / 'run'}", "progress=false",
+        "pipeline.dedup",
+        "embedder=precomputed",
+        f"embeddings_dir={folder}",
+        f"run_dir={tmp_path / 'run'}",
+        "progress=false",
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     selected = pd.read_parquet(tmp_path / "run" / "dedup" / "selected.parquet")
     assert sorted(selected["caption"]) == ["a", "d"] and selected["dup_count"].tolist() == [2, 2]
@@ -105,7 +111,12 @@ def test_adaptive_settings_name_their_key():
     from pipeline.rule import rule_from_config
 
     # The near-copy rule adaptive sampling uses is the one every stage reads (conf/rule.yaml).
-    cfg = OmegaConf.create({"metric": {"_target_": "pipeline.metrics.TiledL2"}, "rule": {"threshold": "abc", "min_clique": 10, "max_clique_steps": 10}})
+    cfg = OmegaConf.create(
+        {
+            "metric": {"_target_": "pipeline.metrics.TiledL2"},
+            "rule": {"threshold": "abc", "min_clique": 10, "max_clique_steps": 10},
+        }
+    )
     with pytest.raises(ConfigError, match=r"^rule\.threshold: expected a number, got 'abc'"):
         rule_from_config(cfg)
     with pytest.raises(ConfigError, match=r"^adaptive\.threshold: moved"):

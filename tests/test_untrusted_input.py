@@ -341,8 +341,9 @@ def test_a_200_mb_caption_in_a_small_tar_is_rejected_without_being_held(tmp_path
         tar.addfile(info, io.BufferedReader(Repeated(caption_size)))
     assert shard.stat().st_size < 2_000_000
 
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(shard)], capture_output=True, text=True, timeout=300,
-                          cwd=REPO, env=stage_env())  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(shard)], capture_output=True, text=True, timeout=300, cwd=REPO, env=stage_env()
+    )
 
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.splitlines()[-1])

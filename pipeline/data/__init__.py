@@ -126,9 +126,16 @@ def open_dataset(
             raise DataConfigError(f"data.{key}: not set; pick a conf/data/*.yaml or pass data.{key}=...")
     options = {k: v for k, v in values.items() if k not in NON_READER_KEYS}
     return iter_records(
-        values["format"], values["path"], rank=rank, world_size=world_size, rejects=rejects, decode=decode,
-        progress=progress, require_nonempty=require_nonempty, **options,
-    )  # fmt: skip
+        values["format"],
+        values["path"],
+        rank=rank,
+        world_size=world_size,
+        rejects=rejects,
+        decode=decode,
+        progress=progress,
+        require_nonempty=require_nonempty,
+        **options,
+    )
 
 
 def _plain(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -179,9 +179,7 @@ def caption_or_reject(
     return caption
 
 
-def decode_or_reject(
-    data: bytes | None | Callable[[], bytes], key: str, source: str, rejects: RejectLog
-) -> Image.Image | None:
+def decode_or_reject(data: bytes | None | Callable[[], bytes], key: str, source: str, rejects: RejectLog) -> Image.Image | None:
     """Decode ``data`` (bytes, or a function that reads them) to RGB, or reject the record."""
     try:
         raw = data() if callable(data) else data

@@ -83,14 +83,14 @@ def iter_files(
     return _iter_files(root, rank, world_size, rejects, decode, limits)
 
 
-def _iter_files(
-    root: Path, rank: int, world_size: int, rejects: RejectLog, decode: bool, limits: TextLimits
-) -> Iterator[Record]:
+def _iter_files(root: Path, rank: int, world_size: int, rejects: RejectLog, decode: bool, limits: TextLimits) -> Iterator[Record]:
     index = 0  # records seen so far, in the walk's order (the same on every rank)
 
     def unlisted(folder: Path, err: OSError) -> None:
         if owns(index, rank, world_size):  # one rank reports it
-            rejects.add(f"{folder.relative_to(root).as_posix()}/*", str(folder), f"unreadable file: cannot list the folder: {err}")
+            rejects.add(
+                f"{folder.relative_to(root).as_posix()}/*", str(folder), f"unreadable file: cannot list the folder: {err}"
+            )
 
     for folder, names in walk_sorted(root, on_error=unlisted):
         groups = group_by_stem(names)
@@ -116,7 +116,9 @@ def _read_record(
         return None
     image_path = folder / images[0]
     for extra in images[1:]:
-        rejects.add(key, str(folder / extra), f"duplicate key: {extra} and {images[0]} share the key {key!r}; only {images[0]} is read")
+        rejects.add(
+            key, str(folder / extra), f"duplicate key: {extra} and {images[0]} share the key {key!r}; only {images[0]} is read"
+        )
 
     if "txt" not in group:
         rejects.add(key, str(image_path), f"missing caption: no {stem}.txt")

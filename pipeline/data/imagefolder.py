@@ -104,7 +104,9 @@ def find_captions(root: Path, captions: str | None) -> Path:
             "(or set data.captions to the captions file)"
         )
     if len(found) > 1:
-        raise DataConfigError(f"data.captions: {root} has both {' and '.join(CAPTION_FILES)}; set data.captions to the one to read")
+        raise DataConfigError(
+            f"data.captions: {root} has both {' and '.join(CAPTION_FILES)}; set data.captions to the one to read"
+        )
     return found[0]
 
 
@@ -161,9 +163,13 @@ def _rows(path: Path, limits: TextLimits) -> Iterator[tuple[str, dict | None, st
         for line_number, raw in enumerate(_lines(f, _row_limit(limits)), 1):
             label = f"line {line_number}"
             if isinstance(raw, TooLarge):
-                yield label, None, (
-                    f"oversized row: {label} holds more than {raw.size} bytes, more than a row within "
-                    "data.max_caption_bytes and data.max_metadata_bytes can take"
+                yield (
+                    label,
+                    None,
+                    (
+                        f"oversized row: {label} holds more than {raw.size} bytes, more than a row within "
+                        "data.max_caption_bytes and data.max_metadata_bytes can take"
+                    ),
                 )
                 continue
             if line_number == 1:
@@ -189,9 +195,15 @@ def _not_utf8(label: str, fields: dict) -> str:
 
 
 def _iter_imagefolder(
-    root: Path, captions_path: Path, columns: tuple[str, str], limits: TextLimits,
-    rank: int, world_size: int, rejects: RejectLog, decode: bool,
-) -> Iterator[Record]:  # fmt: skip
+    root: Path,
+    captions_path: Path,
+    columns: tuple[str, str],
+    limits: TextLimits,
+    rank: int,
+    world_size: int,
+    rejects: RejectLog,
+    decode: bool,
+) -> Iterator[Record]:
     file_column = columns[0]
     listed: set[str] = set()  # every listed path, all ranks' (to find unlisted images)
     keys: set[str] = set()
@@ -229,10 +241,11 @@ def _iter_imagefolder(
         # unlisted: this one reject says it instead).
         if owns(index, rank, world_size):
             rejects.add(
-                f"{captions_path.name}:*", str(captions_path),
+                f"{captions_path.name}:*",
+                str(captions_path),
                 f"unreadable caption: {err}; the rows after the first {index} are lost: at least 1 row "
                 "(the rest of the file cannot be read to count them)",
-            )  # fmt: skip
+            )
         return
 
     for folder, names in walk_sorted(root):
@@ -244,7 +257,11 @@ def _iter_imagefolder(
                 continue
             index += 1
             if owns(index - 1, rank, world_size):
-                rejects.add(posixpath.splitext(rel)[0], str(folder / name), f"missing caption: {rel} is not listed in {captions_path.name}")
+                rejects.add(
+                    posixpath.splitext(rel)[0],
+                    str(folder / name),
+                    f"missing caption: {rel} is not listed in {captions_path.name}",
+                )
 
 
 def _relative_path(value) -> str | None:
@@ -258,9 +275,16 @@ def _relative_path(value) -> str | None:
 
 
 def _make_record(
-    root: Path, rel: str, key: str, fields: dict, columns: tuple[str, str], limits: TextLimits,
-    source: str, rejects: RejectLog, decode: bool,
-) -> Record | None:  # fmt: skip
+    root: Path,
+    rel: str,
+    key: str,
+    fields: dict,
+    columns: tuple[str, str],
+    limits: TextLimits,
+    source: str,
+    rejects: RejectLog,
+    decode: bool,
+) -> Record | None:
     file_column, caption_column = columns
     empty = f"{caption_column!r} is empty or absent"
     caption = caption_or_reject(fields.get(caption_column), key, source, rejects, empty, limits.caption)

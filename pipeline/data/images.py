@@ -33,10 +33,7 @@ def decode_image(data: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise BadImage(
-                        f"oversized image: {img.width}x{img.height} pixels is above the "
-                        f"limit of {MAX_IMAGE_PIXELS}"
-                    )
+                    raise BadImage(f"oversized image: {img.width}x{img.height} pixels is above the limit of {MAX_IMAGE_PIXELS}")
                 img.load()  # forces the full decode, so truncation is caught here
                 return to_rgb(img)
     except BadImage:

@@ -134,9 +134,15 @@ def resolve_columns(shards: list[Path], image_column: str, caption_column: str |
 
 
 def _iter_parquet(
-    files: list[Path], columns: Columns, rank: int, world_size: int, rejects: RejectLog, decode: bool, batch_size: int,
+    files: list[Path],
+    columns: Columns,
+    rank: int,
+    world_size: int,
+    rejects: RejectLog,
+    decode: bool,
+    batch_size: int,
     limits: TextLimits,
-) -> Iterator[Record]:  # fmt: skip
+) -> Iterator[Record]:
     # With world_size 1 here every row of ``files`` is ours (the split was by file).
     rank = rank if world_size > 1 else 0
     offset = 0  # rows in the files before this one, the same on every rank
@@ -158,11 +164,7 @@ def _iter_parquet(
             offset += n_rows
             continue
         key_column = columns.key if columns.key in schema.names else None
-        wanted = [
-            f.name
-            for f in schema
-            if f.name in (columns.image, columns.caption, key_column) or not is_image_type(f.type)
-        ]
+        wanted = [f.name for f in schema if f.name in (columns.image, columns.caption, key_column) or not is_image_type(f.type)]
         row = 0
         seen: set[str] = set()
         try:
@@ -196,8 +198,12 @@ def _iter_parquet(
 
 def _text_bytes(column: pa.Array) -> pa.Array | None:
     """The size in bytes of each value of a string or binary column (0 for null); None for other types."""
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
-            or pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):  # fmt: skip
+    if not (
+        pa.types.is_string(column.type)
+        or pa.types.is_large_string(column.type)
+        or pa.types.is_binary(column.type)
+        or pa.types.is_large_binary(column.type)
+    ):
         return None
     return pc.fill_null(pc.binary_length(column), 0).cast(pa.int64())
 
@@ -221,11 +227,13 @@ def _drop_oversized(batch: pa.RecordBatch, columns: Columns, limits: TextLimits)
     if not pc.any(over).as_py():
         return batch, [None] * batch.num_rows
     reasons = [
-        TooLarge(c).reason("caption", "max_caption_bytes", limits.caption) if c > limits.caption
-        else TooLarge(m).reason("metadata", "max_metadata_bytes", limits.metadata) if m > limits.metadata
+        TooLarge(c).reason("caption", "max_caption_bytes", limits.caption)
+        if c > limits.caption
+        else TooLarge(m).reason("metadata", "max_metadata_bytes", limits.metadata)
+        if m > limits.metadata
         else None
         for c, m in zip(caption.to_pylist(), meta.to_pylist())
-    ]  # fmt: skip
+    ]
     for i, name in enumerate(names):
         if name == columns.caption or (name in meta_names and _text_bytes(batch.column(i)) is not None):
             column = batch.column(i)

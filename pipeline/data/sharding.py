@@ -59,9 +59,7 @@ def owned_count(start: int, count: int, rank: int, world_size: int) -> int:
     return max(0, (start + count - first + world_size - 1) // world_size)
 
 
-def add_lost(
-    rejects: RejectLog, key: str, source: str, reason: str, start: int, count: int, rank: int, world_size: int
-) -> None:
+def add_lost(rejects: RejectLog, key: str, source: str, reason: str, start: int, count: int, rank: int, world_size: int) -> None:
     """Log the records numbered ``start`` to ``start + count - 1``, lost together, that ``rank`` owns.
 
     For a shard that broke part-way: one entry on each rank that owns some of them, with its

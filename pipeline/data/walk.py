@@ -7,9 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
-def walk_sorted(
-    root: str | Path, on_error: Callable[[Path, OSError], None] | None = None
-) -> Iterator[tuple[Path, list[str]]]:
+def walk_sorted(root: str | Path, on_error: Callable[[Path, OSError], None] | None = None) -> Iterator[tuple[Path, list[str]]]:
     """Yield ``(folder, sorted names of its files)`` for ``root`` and every folder below it.
 
     Folders come depth-first in name order, so only one folder's listing is in memory at a
@@ -52,9 +50,4 @@ def list_files(root: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     For shard files (``.tar``, ``.parquet``): there are few of them, so a list is fine.
     """
     suffixes = tuple(s.lower() for s in suffixes)
-    return [
-        folder / name
-        for folder, names in walk_sorted(root)
-        for name in names
-        if name.lower().endswith(suffixes)
-    ]
+    return [folder / name for folder, names in walk_sorted(root) for name in names if name.lower().endswith(suffixes)]

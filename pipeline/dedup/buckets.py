@@ -80,7 +80,9 @@ def train_centroids(rows: EmbeddingRows, settings: IndexSettings) -> np.ndarray:
     return kmeans_centroids(unit_rows(rows.take(sample)), nlist, settings, rows.n)
 
 
-def write_buckets(index_dir: str | Path, rank: int, world_size: int, stored: np.ndarray, first_row: int, assign: np.ndarray, nlist: int) -> list[int]:
+def write_buckets(
+    index_dir: str | Path, rank: int, world_size: int, stored: np.ndarray, first_row: int, assign: np.ndarray, nlist: int
+) -> list[int]:
     """Write index task ``rank``'s bucket files for every owner (see the module doc).
 
     ``stored``: (m, dim) rows ``first_row .. first_row + m - 1`` as stored; ``assign``: int32
@@ -111,7 +113,11 @@ def write_buckets(index_dir: str | Path, rank: int, world_size: int, stored: np.
 def _write_rows(path: Path, stored: np.ndarray, local: np.ndarray) -> None:
     """``stored[local]`` as an .npy file, copied a chunk at a time (never all copies at once)."""
     with open(path, "wb") as f:
-        header = {"descr": np.lib.format.dtype_to_descr(stored.dtype), "fortran_order": False, "shape": (len(local), stored.shape[1])}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(stored.dtype),
+            "fortran_order": False,
+            "shape": (len(local), stored.shape[1]),
+        }
         np.lib.format.write_array_header_1_0(f, header)
         for lo in range(0, len(local), WRITE_CHUNK):
             f.write(np.ascontiguousarray(stored[local[lo : lo + WRITE_CHUNK]]).tobytes())
@@ -123,8 +129,14 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def join_buckets(
-    index_dir: str | Path, owner: int, world_size: int, nlist: int, threshold: float, k: int | None,
-    threads: int | None = None, progress: bool = False,
+    index_dir: str | Path,
+    owner: int,
+    world_size: int,
+    nlist: int,
+    threshold: float,
+    k: int | None,
+    threads: int | None = None,
+    progress: bool = False,
 ) -> Pairs:
     """Search task ``owner``'s pairs: every query of its cells against the cells' members,
     capped to each query's ``k`` most similar (within these cells), sorted by query."""

@@ -11,9 +11,7 @@ from pipeline.data import Record
 from pipeline.embedders.base import Embedder
 
 
-def embed_records(
-    records: Iterable[Record], embedder: Embedder, batch_size: int = 256
-) -> tuple[np.ndarray, pd.DataFrame]:
+def embed_records(records: Iterable[Record], embedder: Embedder, batch_size: int = 256) -> tuple[np.ndarray, pd.DataFrame]:
     """Embed a stream of records in batches.
 
     Returns ``(embeddings, metadata)``: float16 ``(N, dim)`` unit rows (float16 halves the

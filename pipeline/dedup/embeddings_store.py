@@ -92,7 +92,11 @@ def read_metadata(root: str | Path, shards: list[int] | None = None, columns=REQ
     duplicated = metadata["key"].duplicated()
     if duplicated.any():
         example = metadata.loc[duplicated, "key"].iloc[0]
-        log.warning("embeddings_dir: %d keys occur more than once (e.g. %r); groups.parquet will repeat them", int(duplicated.sum()), example)
+        log.warning(
+            "embeddings_dir: %d keys occur more than once (e.g. %r); groups.parquet will repeat them",
+            int(duplicated.sum()),
+            example,
+        )
     return metadata
 
 

@@ -83,7 +83,9 @@ class UnionFind:
         return self.parent
 
 
-def stream_components(n: int, pair_files: list[Path], k: int | None, scratch: Path, chunk_rows: int = GROUP_CHUNK_ROWS) -> tuple[np.ndarray, int]:
+def stream_components(
+    n: int, pair_files: list[Path], k: int | None, scratch: Path, chunk_rows: int = GROUP_CHUNK_ROWS
+) -> tuple[np.ndarray, int]:
     """Connected components over the pair files, out of core: ``(labels, pairs)``.
 
     The files (structured, sorted by query; :func:`~pipeline.dedup.buckets.write_pairs`) are
@@ -121,7 +123,9 @@ def group_pairs(metadata: pd.DataFrame, pairs: Pairs, top_k: int, min_group_size
     return group_labels(metadata, connected_groups(len(metadata), pairs.i, pairs.j), top_k, min_group_size)
 
 
-def group_labels(metadata: pd.DataFrame, labels: np.ndarray, top_k: int, min_group_size: int = 2) -> tuple[pd.DataFrame, pd.DataFrame]:
+def group_labels(
+    metadata: pd.DataFrame, labels: np.ndarray, top_k: int, min_group_size: int = 2
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """:func:`group_pairs` from each row's component label (int, any values below ``len(metadata)``)."""
     order = record_order(metadata["key"], metadata["caption"])
     keys, captions = metadata["key"].to_numpy()[order], metadata["caption"].to_numpy()[order]
@@ -178,10 +182,12 @@ def record_order(keys: Sequence[str], captions: Sequence[str]) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    table = pa.table({
-        "key": pa.array(pd.Series(keys, dtype=str).to_numpy(), pa.large_string()),
-        "caption": pa.array(pd.Series(captions, dtype=str).to_numpy(), pa.large_string()),
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "key": pa.array(pd.Series(keys, dtype=str).to_numpy(), pa.large_string()),
+            "caption": pa.array(pd.Series(captions, dtype=str).to_numpy(), pa.large_string()),
+        }
+    )
     return pc.sort_indices(table, sort_keys=[("key", "ascending"), ("caption", "ascending")]).to_numpy().astype(np.int64)
 
 

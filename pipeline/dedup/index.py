@@ -284,17 +284,25 @@ def kmeans_centroids(sample: np.ndarray, nlist: int, settings: IndexSettings, n:
     sample = _as_float32(sample)
     dim = sample.shape[1]
     kmeans = faiss.Kmeans(
-        dim, nlist, niter=settings.niter, seed=settings.seed, spherical=True, verbose=False,
+        dim,
+        nlist,
+        niter=settings.niter,
+        seed=settings.seed,
+        spherical=True,
+        verbose=False,
         # Fewer than faiss's advised 39 points per centroid is fine here: the cells only
         # need to be compact, not optimal, and recall is governed by nprobe.
-        min_points_per_centroid=1, max_points_per_centroid=max(1, len(sample) // nlist + 1),
-    )  # fmt: skip
+        min_points_per_centroid=1,
+        max_points_per_centroid=max(1, len(sample) // nlist + 1),
+    )
     log.info("index: k-means, %d cells from %d of %d rows", nlist, len(sample), n or len(sample))
     kmeans.train(sample)
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
-def assign_cells(centroids: np.ndarray, vectors: np.ndarray, nprobe: int, step: int = 65536, progress: bool = False) -> np.ndarray:
+def assign_cells(
+    centroids: np.ndarray, vectors: np.ndarray, nprobe: int, step: int = 65536, progress: bool = False
+) -> np.ndarray:
     """int32 (len(vectors), nprobe): each row's ``nprobe`` most similar centroids (float32
     (nlist, dim)), most similar first; ``vectors``: (N, dim) unit rows, ``step`` rows at a time."""
     import faiss
@@ -366,8 +374,12 @@ def cell_pairs(
 
 
 def join_cell(
-    q_rows: np.ndarray, queries: Callable[[np.ndarray], np.ndarray], m_rows: np.ndarray, members: Callable[[np.ndarray], np.ndarray],
-    threshold: float, k: int | None,
+    q_rows: np.ndarray,
+    queries: Callable[[np.ndarray], np.ndarray],
+    m_rows: np.ndarray,
+    members: Callable[[np.ndarray], np.ndarray],
+    threshold: float,
+    k: int | None,
 ) -> list[Pairs]:
     """The pairs of one cell: queries (global rows ``q_rows``, ascending) against its members
     (global rows ``m_rows``, ascending), one matrix product per block of at most

@@ -72,8 +72,9 @@ def locked_task(task: Task, config: dict, phase: str, rank: int, wait_s: float =
             time.sleep(2)
 
 
-def submit_slurm(task: Task, config: dict, phases: Sequence[str], world_size: int, launcher: Mapping[str, Any],
-                 folder: Path) -> dict[str, str]:  # fmt: skip
+def submit_slurm(
+    task: Task, config: dict, phases: Sequence[str], world_size: int, launcher: Mapping[str, Any], folder: Path
+) -> dict[str, str]:
     """One array per phase, each after the previous one (afterok); returns ``{phase: job id}``."""
     import submitit
 
@@ -84,17 +85,27 @@ def submit_slurm(task: Task, config: dict, phases: Sequence[str], world_size: in
     jobs: dict[str, str] = {}
     previous = None
     for phase in phases:
-        executor = submitit.AutoExecutor(folder=folder / phase / "%j", cluster="slurm",
-                                         slurm_max_num_timeout=launcher.get("max_num_timeout", 0))  # fmt: skip
+        executor = submitit.AutoExecutor(
+            folder=folder / phase / "%j", cluster="slurm", slurm_max_num_timeout=launcher.get("max_num_timeout", 0)
+        )
         dependency = {"dependency": f"afterok:{previous}", "kill-on-invalid-dep": "yes"} if previous else {}
-        executor.update_parameters(**{k if k in BASE_KEYS else f"slurm_{k}": v for k, v in params.items()},
-                                   name=f"dedup_{phase}", slurm_additional_parameters={**extra, **dependency})  # fmt: skip
+        executor.update_parameters(
+            **{k if k in BASE_KEYS else f"slurm_{k}": v for k, v in params.items()},
+            name=f"dedup_{phase}",
+            slurm_additional_parameters={**extra, **dependency},
+        )
         ranks = list(range(world_size))
-        array = executor.map_array(locked_task, [task] * world_size, [config] * world_size, [phase] * world_size, ranks,
-                                   [LOCK_WAIT_S] * world_size)  # fmt: skip
+        array = executor.map_array(
+            locked_task, [task] * world_size, [config] * world_size, [phase] * world_size, ranks, [LOCK_WAIT_S] * world_size
+        )
         previous = jobs[phase] = str(array[0].job_id).split("_")[0]
-        log.info("phase=%s: SLURM array job %s (%d tasks)%s", phase, previous, world_size,
-                 f" after {jobs[phases[phases.index(phase) - 1]]}" if dependency else "")  # fmt: skip
+        log.info(
+            "phase=%s: SLURM array job %s (%d tasks)%s",
+            phase,
+            previous,
+            world_size,
+            f" after {jobs[phases[phases.index(phase) - 1]]}" if dependency else "",
+        )
     return jobs
 
 

@@ -88,23 +88,39 @@ class Embed(Phase):
     def run(self, units: list[Unit], ctx: StepContext) -> None:
         dedup = self.dedup
         if dedup.embedder is None:
-            raise ValueError("embedder: none configured; pick one (embedder=thumbnail, embedder=open_clip) or pass embeddings_dir=...")
+            raise ValueError(
+                "embedder: none configured; pick one (embedder=thumbnail, embedder=open_clip) or pass embeddings_dir=..."
+            )
         if dedup.data is None:
             raise ValueError("data: no data set configured; pick a conf/data/*.yaml (data=files data.path=...)")
         from pipeline.data import open_dataset
 
         for unit in units:
             with ctx.track_time("embed"):
-                records = open_dataset(dedup.data, rank=ctx.rank, world_size=ctx.world_size, rejects=ctx.rejects, progress=ctx.progress)
+                records = open_dataset(
+                    dedup.data, rank=ctx.rank, world_size=ctx.world_size, rejects=ctx.rejects, progress=ctx.progress
+                )
                 embeddings, metadata = embed_records(records, dedup.embedder, dedup.settings.batch_size)
                 write_shard(dedup.out / EMBEDDINGS, ctx.rank, embeddings, metadata)
             ctx.stat("rows", len(metadata))
-            ctx.done(unit, {
-                "rows": len(metadata), "rejected": len(ctx.rejects), "rejects_by_reason": dict(ctx.rejects.reasons),
-                "embedder": dedup.embedder.name, "dim": int(dedup.embedder.dim), "seconds": ctx.seconds["embed"],
-            })  # fmt: skip
-            log.info("embed: shard %d: %d images embedded in %.1f s; %s", ctx.rank, len(metadata), ctx.seconds["embed"],
-                     ctx.rejects.summary())  # fmt: skip
+            ctx.done(
+                unit,
+                {
+                    "rows": len(metadata),
+                    "rejected": len(ctx.rejects),
+                    "rejects_by_reason": dict(ctx.rejects.reasons),
+                    "embedder": dedup.embedder.name,
+                    "dim": int(dedup.embedder.dim),
+                    "seconds": ctx.seconds["embed"],
+                },
+            )
+            log.info(
+                "embed: shard %d: %d images embedded in %.1f s; %s",
+                ctx.rank,
+                len(metadata),
+                ctx.seconds["embed"],
+                ctx.rejects.summary(),
+            )
 
 
 class Train(Phase):
@@ -140,11 +156,21 @@ class Train(Phase):
                 centroids = train_centroids(rows, index)
                 path = dedup.out / "index" / "centroids.npy"
                 atomic_write(path, lambda tmp: save_npy(tmp, centroids))
-                info.update(nlist=len(centroids), nprobe=min(index.nprobe, len(centroids)), centroids=centroids_digest(centroids),
-                            sample_rows=len(training_sample(rows.n, index)), path=str(path))  # fmt: skip
+                info.update(
+                    nlist=len(centroids),
+                    nprobe=min(index.nprobe, len(centroids)),
+                    centroids=centroids_digest(centroids),
+                    sample_rows=len(training_sample(rows.n, index)),
+                    path=str(path),
+                )
         info["seconds"] = info["train_seconds"] = ctx.seconds["train"]
         ctx.done(unit, info)  # after the centroids: the marker holds their digest
-        log.info("train: %s on %d rows (%.1f s)", f"{info['nlist']} cells" if kind == "ivf" else "exact search, no cells", rows.n, info["seconds"])
+        log.info(
+            "train: %s on %d rows (%.1f s)",
+            f"{info['nlist']} cells" if kind == "ivf" else "exact search, no cells",
+            rows.n,
+            info["seconds"],
+        )
 
 
 class Index(Phase):
@@ -178,9 +204,13 @@ class Index(Phase):
         try:
             centroids = load_centroids(dedup.out)
         except (OSError, ValueError) as err:
-            raise RuntimeError(f"phase=index: {index_dir / 'centroids.npy'} is unreadable ({err}); run phase=train again") from err
+            raise RuntimeError(
+                f"phase=index: {index_dir / 'centroids.npy'} is unreadable ({err}); run phase=train again"
+            ) from err
         if centroids_digest(centroids) != train["centroids"] or centroids.shape[1] != rows.dim:
-            raise RuntimeError(f"phase=index: {index_dir / 'centroids.npy'} is not what phase=train recorded; run phase=train again")
+            raise RuntimeError(
+                f"phase=index: {index_dir / 'centroids.npy'} is not what phase=train recorded; run phase=train again"
+            )
         nlist, nprobe = len(centroids), min(dedup.settings.index.nprobe, len(centroids))
         stored = rows.read(start, stop)  # this rank's rows, float16: N / world_size x dim x 2 bytes
         assign = assign_cells(centroids, UnitView(stored), nprobe, progress=ctx.progress)
@@ -211,14 +241,31 @@ class Search(Phase):
                         f"phase=index: its {ctx.world_size} tasks bucketed rows by cells {digests}, phase=train's are "
                         f"{dedup.cells_digest()}; run phase=index again"
                     )
-                pairs = join_buckets(dedup.out / "index", ctx.rank, ctx.world_size, index[0]["nlist"], settings.threshold,
-                                     settings.k, settings.index.threads, ctx.progress)  # fmt: skip
+                pairs = join_buckets(
+                    dedup.out / "index",
+                    ctx.rank,
+                    ctx.world_size,
+                    index[0]["nlist"],
+                    settings.threshold,
+                    settings.k,
+                    settings.index.threads,
+                    ctx.progress,
+                )
                 queries = sum(m["bucket_entries"][ctx.rank] for m in index)
             else:
                 rows = dedup.rows("search")
                 start, stop = shard_bounds(rows.n, ctx.rank, ctx.world_size)
-                pairs = exact_pairs_blocked(lambda lo, hi: unit_rows(rows.read(lo, hi)), rows.n, settings.threshold, settings.k,
-                                            start, stop, settings.index.query_batch, DATABASE_BLOCK, ctx.progress)  # fmt: skip
+                pairs = exact_pairs_blocked(
+                    lambda lo, hi: unit_rows(rows.read(lo, hi)),
+                    rows.n,
+                    settings.threshold,
+                    settings.k,
+                    start,
+                    stop,
+                    settings.index.query_batch,
+                    DATABASE_BLOCK,
+                    ctx.progress,
+                )
                 queries = stop - start
             write_pairs(dedup.out / "pairs" / f"pairs_{ctx.rank}.npy", pairs)
         ctx.stat("pairs", len(pairs))
@@ -261,23 +308,50 @@ class Group(Phase):
             with scratch_folder(out) as scratch:
                 pair_files = [out / "pairs" / f"pairs_{r}.npy" for r in range(dedup.world_size)]
                 labels, n_pairs = stream_components(rows.n, pair_files, dedup.settings.k, scratch / "pairs", chunk)
-                selected, counts, sort = write_groups(dedup.embeddings_root, dedup.shards(), labels, dedup.settings.top_k,
-                                                      dedup.settings.min_group_size, out / GROUPS, scratch / "records",
-                                                      chunk)  # fmt: skip
+                selected, counts, sort = write_groups(
+                    dedup.embeddings_root,
+                    dedup.shards(),
+                    labels,
+                    dedup.settings.top_k,
+                    dedup.settings.min_group_size,
+                    out / GROUPS,
+                    scratch / "records",
+                    chunk,
+                )
             del labels
             if sort.duplicate_keys:
-                log.warning("embeddings_dir: %d keys occur more than once (e.g. %r); groups.parquet will repeat them",
-                            sort.duplicate_keys, sort.example)  # fmt: skip
+                log.warning(
+                    "embeddings_dir: %d keys occur more than once (e.g. %r); groups.parquet will repeat them",
+                    sort.duplicate_keys,
+                    sort.example,
+                )
             write_parquet(selected, out / SELECTED)
-        summary = build_summary(out, dedup.settings, counts, selected, n_pairs, self._rejects(), self._embedder(),
-                                dedup.marker("index_0"), dedup.world_size,
-                                phase_seconds(out, dedup.precomputed is not None, ctx.seconds["group"]))  # fmt: skip
+        summary = build_summary(
+            out,
+            dedup.settings,
+            counts,
+            selected,
+            n_pairs,
+            self._rejects(),
+            self._embedder(),
+            dedup.marker("index_0"),
+            dedup.world_size,
+            phase_seconds(out, dedup.precomputed is not None, ctx.seconds["group"]),
+        )
         if self.ground_truth is not None:  # a labelled sample: reads the groups' keys and ids back
             summary["evaluation"] = evaluation(out, self.ground_truth, selected)
         write_json(summary, out / SUMMARY)
         ctx.stat("pairs", n_pairs)
-        ctx.done(unit, {"seconds": ctx.seconds["group"], "chunk_rows": chunk, "record_buckets": sort.buckets,
-                        "records_held_max": sort.max_bucket, "duplicate_keys": sort.duplicate_keys})  # fmt: skip
+        ctx.done(
+            unit,
+            {
+                "seconds": ctx.seconds["group"],
+                "chunk_rows": chunk,
+                "record_buckets": sort.buckets,
+                "records_held_max": sort.max_bucket,
+                "duplicate_keys": sort.duplicate_keys,
+            },
+        )
         self.summary = summary
 
     def _rejects(self) -> list[dict]:

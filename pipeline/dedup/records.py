@@ -59,7 +59,9 @@ SAMPLES_PER_BUCKET = 64
 SCHEMA = pa.schema([("key", pa.large_string()), ("caption", pa.large_string()), ("row", pa.int64())])
 
 
-def iter_metadata(root: str | Path, shards: list[int], chunk_rows: int, keys_only: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+def iter_metadata(
+    root: str | Path, shards: list[int], chunk_rows: int, keys_only: bool = False
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """``(keys, captions)`` of the metadata files of ``shards`` in row order, ``chunk_rows`` at a
     time (object arrays of str), converted as :func:`~pipeline.dedup.embeddings_store.read_metadata`
     converts them (key as str, a missing caption as ""). ``keys_only``: captions are None."""
@@ -109,8 +111,14 @@ def sort_records(root: str | Path, shards: list[int], n: int, chunk_rows: int, s
         bucket = np.searchsorted(splitters, keys, side="right") if len(splitters) else np.zeros(len(keys), np.int64)
         order = np.argsort(bucket, kind="stable")
         bounds = np.searchsorted(bucket[order], np.arange(stats.buckets + 1))
-        table = pa.table([pa.array(keys[order], pa.large_string()), pa.array(captions[order], pa.large_string()),
-                          pa.array(seen + order.astype(np.int64), pa.int64())], schema=SCHEMA)  # fmt: skip
+        table = pa.table(
+            [
+                pa.array(keys[order], pa.large_string()),
+                pa.array(captions[order], pa.large_string()),
+                pa.array(seen + order.astype(np.int64), pa.int64()),
+            ],
+            schema=SCHEMA,
+        )
         path = scratch / f"run_{len(runs)}.arrow"
         _write_ipc(path, table)
         runs.append((path, bounds))
@@ -194,8 +202,14 @@ class GroupCounts:
 
 
 def write_groups(
-    root: str | Path, shards: list[int], labels: np.ndarray, top_k: int, min_group_size: int, groups_path: Path,
-    scratch: Path, chunk_rows: int,
+    root: str | Path,
+    shards: list[int],
+    labels: np.ndarray,
+    top_k: int,
+    min_group_size: int,
+    groups_path: Path,
+    scratch: Path,
+    chunk_rows: int,
 ) -> tuple[pd.DataFrame, GroupCounts, SortStats]:
     """Write ``groups.parquet`` (what :func:`~pipeline.dedup.grouping.group_table` gives for all
     records in (key, caption) order) from flat union-find ``labels`` (each row's smallest row);
@@ -237,7 +251,9 @@ def write_groups(
             gid[lone] = len(roots) + singles + np.arange(int(lone.sum()))
             singles += int(lone.sum())
             # Arrow throughout (no Python string per record): the same values as group_table's frame.
-            out = pa.table({"key": table["key"], "group_id": pa.array(gid), "caption": table["caption"], "group_size": pa.array(size)})
+            out = pa.table(
+                {"key": table["key"], "group_id": pa.array(gid), "caption": table["caption"], "group_size": pa.array(size)}
+            )
             del table
             writer.add(out)
             keep = gid < chosen
@@ -248,8 +264,14 @@ def write_groups(
         shutil.rmtree(scratch, ignore_errors=True)
         writer.discard()  # a failure's partial file; nothing once closed
     columns = ["key", "group_id", "caption", "group_size"]
-    members = pd.concat(picked, ignore_index=True) if picked else pd.DataFrame({c: pd.Series([], dtype=object if c in ("key", "caption") else np.int64) for c in columns})
-    counts = GroupCounts(records=n, groups=len(roots) + n_single, duplicate_groups=len(roots), records_in_duplicate_groups=int(sizes.sum()))
+    members = (
+        pd.concat(picked, ignore_index=True)
+        if picked
+        else pd.DataFrame({c: pd.Series([], dtype=object if c in ("key", "caption") else np.int64) for c in columns})
+    )
+    counts = GroupCounts(
+        records=n, groups=len(roots) + n_single, duplicate_groups=len(roots), records_in_duplicate_groups=int(sizes.sum())
+    )
     return select_top(members, top_k, min_group_size), counts, stats
 
 

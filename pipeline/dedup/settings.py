@@ -120,8 +120,11 @@ def embedder_identity(embedder_cfg) -> dict:
 
     values = OmegaConf.to_container(embedder_cfg, resolve=True)
     identity = {k: v for k, v in values.items() if k not in ("device", "batch_size", "num_workers", "threshold", "cache_dir")}
-    local = {k: digest_of(tree_identity(Path(v).expanduser())) for k, v in identity.items()
-             if isinstance(v, str) and v and Path(v).expanduser().exists()}  # fmt: skip
+    local = {
+        k: digest_of(tree_identity(Path(v).expanduser()))
+        for k, v in identity.items()
+        if isinstance(v, str) and v and Path(v).expanduser().exists()
+    }
     if local:
         identity["local_files"] = local
     return identity

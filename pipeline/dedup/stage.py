@@ -55,7 +55,14 @@ from pipeline.dedup.inputs import writes_into
 from pipeline.dedup.launch import hydra_launcher, run_local, submit_slurm
 from pipeline.dedup.memory import peak_rss_mib, reset_peak_rss
 from pipeline.dedup.phases import Embed, Group, Index, Search, Train
-from pipeline.dedup.settings import PHASES, SINGLE_TASK_PHASES, DedupSettings, RunSettings, embedder_identity, settings_from_config
+from pipeline.dedup.settings import (
+    PHASES,
+    SINGLE_TASK_PHASES,
+    DedupSettings,
+    RunSettings,
+    embedder_identity,
+    settings_from_config,
+)
 from pipeline.dedup.summary import DedupSummary, format_summary, stored_summary
 from pipeline.dedup.units import DedupRun
 from pipeline.embedders.base import Embedder
@@ -128,8 +135,10 @@ def run_dedup(
         run_step(steps[name], out, rank=rank, world_size=world_size, progress=progress)
 
     # 4. Record this task's peak memory
-    write_json({"phase": phase, "rank": rank, "world_size": world_size, "pid": os.getpid(),
-                "peak_rss_mib": peak_rss_mib()}, out / "memory" / f"{phase}_{rank}.json")  # fmt: skip
+    write_json(
+        {"phase": phase, "rank": rank, "world_size": world_size, "pid": os.getpid(), "peak_rss_mib": peak_rss_mib()},
+        out / "memory" / f"{phase}_{rank}.json",
+    )
 
     # 5. The summary: this process's grouping, or the stored one
     if phase not in ("all", "group") or rank != 0:
@@ -168,7 +177,9 @@ def run(cfg: DictConfig) -> DedupSummary:
     embedder = None
     if not how.embeddings_dir and how.phase in ("all", "embed"):
         if "_target_" not in cfg.embedder:
-            raise ConfigError(f"embedder={cfg.embedder.get('name', '?')} reads precomputed embeddings: pass embeddings_dir=<folder>")
+            raise ConfigError(
+                f"embedder={cfg.embedder.get('name', '?')} reads precomputed embeddings: pass embeddings_dir=<folder>"
+            )
         embedder = hydra.utils.instantiate(cfg.embedder)
     data = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=False) if cfg.get("data") else None
     ground_truth = (data or {}).get("ground_truth") if how.evaluate else None
@@ -179,10 +190,19 @@ def run(cfg: DictConfig) -> DedupSummary:
 
     # 4. Run the phase(s) for this rank
     summary.report = run_dedup(
-        out, settings, data=data, embedder=embedder, embedder_id=embedder_identity(cfg.embedder),
-        embeddings_dir=how.embeddings_dir, phase=how.phase, rank=how.rank, world_size=how.world_size,
-        ground_truth=ground_truth, progress=how.progress, group_chunk_rows=how.group_chunk_rows,
-    )  # fmt: skip
+        out,
+        settings,
+        data=data,
+        embedder=embedder,
+        embedder_id=embedder_identity(cfg.embedder),
+        embeddings_dir=how.embeddings_dir,
+        phase=how.phase,
+        rank=how.rank,
+        world_size=how.world_size,
+        ground_truth=ground_truth,
+        progress=how.progress,
+        group_chunk_rows=how.group_chunk_rows,
+    )
 
     # 5. Say what was found
     if summary.report is not None:

@@ -69,9 +69,18 @@ def phase_seconds(out: Path, precomputed: bool, group_seconds: float) -> dict[st
     return timing
 
 
-def build_summary(out: Path, settings: DedupSettings, counts: GroupCounts, selected: pd.DataFrame, n_pairs: int,
-                  rejects: Iterable[Mapping[str, Any]], embedder: dict, index_info: Mapping[str, Any], world_size: int,
-                  timing: dict[str, float]) -> dict:  # fmt: skip
+def build_summary(
+    out: Path,
+    settings: DedupSettings,
+    counts: GroupCounts,
+    selected: pd.DataFrame,
+    n_pairs: int,
+    rejects: Iterable[Mapping[str, Any]],
+    embedder: dict,
+    index_info: Mapping[str, Any],
+    world_size: int,
+    timing: dict[str, float],
+) -> dict:
     """``summary.json``'s content. ``rejects``: the merged rejects' entries (one may stand for
     several records, ``count``); ``index_info``: the index_0 marker (resolved kind, nlist, nprobe)."""
     largest = selected.head(10) if len(selected) else selected
@@ -99,13 +108,17 @@ def build_summary(out: Path, settings: DedupSettings, counts: GroupCounts, selec
             "k": settings.k,
             "top_k": settings.top_k,
             "min_group_size": settings.min_group_size,
-            "index": {**settings.index.to_dict(), "resolved_kind": index_info.get("kind"),
-                      "nlist": index_info.get("nlist"), "nprobe_used": index_info.get("nprobe")},
+            "index": {
+                **settings.index.to_dict(),
+                "resolved_kind": index_info.get("kind"),
+                "nlist": index_info.get("nlist"),
+                "nprobe_used": index_info.get("nprobe"),
+            },
             "world_size": world_size,
         },
         "timing_seconds": timing,
         "outputs": {name: str(out / name) for name in OUTPUTS},
-    }  # fmt: skip
+    }
 
 
 def evaluation(out: Path, ground_truth: str | Path, selected: pd.DataFrame) -> dict:

@@ -49,8 +49,17 @@ class DedupRun:
         group_chunk_rows: the group phase's queries per step and records per sort bucket (>= 1).
     """
 
-    def __init__(self, out: Path, settings: DedupSettings, data: Mapping[str, Any] | None, embedder: Embedder | None,
-                 embedder_id: Any, embeddings_dir: str | Path | None, world_size: int, group_chunk_rows: int):  # fmt: skip
+    def __init__(
+        self,
+        out: Path,
+        settings: DedupSettings,
+        data: Mapping[str, Any] | None,
+        embedder: Embedder | None,
+        embedder_id: Any,
+        embeddings_dir: str | Path | None,
+        world_size: int,
+        group_chunk_rows: int,
+    ):
         self.out = out
         self.settings = settings
         self.data = data
@@ -91,8 +100,16 @@ class DedupRun:
 
     def embed_unit(self, rank: int) -> Unit:
         data = {k: v for k, v in dict(self.data or {}).items() if k != "ground_truth"}
-        return Unit(f"embed_{rank}", {"data": data, "data_files": self.data_identity(), "embedder": self.embedder_id,
-                                      "rank": rank, "world_size": self.world_size})  # fmt: skip
+        return Unit(
+            f"embed_{rank}",
+            {
+                "data": data,
+                "data_files": self.data_identity(),
+                "embedder": self.embedder_id,
+                "rank": rank,
+                "world_size": self.world_size,
+            },
+        )
 
     def embed_units(self) -> list[Unit]:
         """One per rank; none with precomputed embeddings."""
@@ -106,8 +123,10 @@ class DedupRun:
             if self.precomputed is None:
                 self._embeddings_settings = {"embed": [u.digest for u in self.embed_units()]}
             else:
-                self._embeddings_settings = {"embeddings_dir": str(self.precomputed.resolve()),
-                                             "files": embedding_files_identity(self.precomputed, self.shards())}  # fmt: skip
+                self._embeddings_settings = {
+                    "embeddings_dir": str(self.precomputed.resolve()),
+                    "files": embedding_files_identity(self.precomputed, self.shards()),
+                }
         return self._embeddings_settings
 
     def train_unit(self) -> Unit:
@@ -122,8 +141,14 @@ class DedupRun:
     def index_unit(self, rank: int) -> Unit:
         # The train unit's digest and the centroids' own: retraining (new settings, or cells
         # trained again on another kind of CPU) redoes every index task.
-        settings = {"train": self.train_unit().digest, "cells": self.cells_digest(), "embeddings": self.embeddings_settings(),
-                    "index": self.settings.index.to_dict(), "rank": rank, "world_size": self.world_size}  # fmt: skip
+        settings = {
+            "train": self.train_unit().digest,
+            "cells": self.cells_digest(),
+            "embeddings": self.embeddings_settings(),
+            "index": self.settings.index.to_dict(),
+            "rank": rank,
+            "world_size": self.world_size,
+        }
         return Unit(f"index_{rank}", settings)
 
     def index_units(self) -> list[Unit]:
@@ -132,7 +157,9 @@ class DedupRun:
     def search_unit(self, rank: int) -> Unit:
         s = self.settings
         index = [u.digest for u in self.index_units()]
-        return Unit(f"search_{rank}", {"index": index, "threshold": s.threshold, "k": s.k, "rank": rank, "world_size": self.world_size})
+        return Unit(
+            f"search_{rank}", {"index": index, "threshold": s.threshold, "k": s.k, "rank": rank, "world_size": self.world_size}
+        )
 
     def search_units(self) -> list[Unit]:
         return [self.search_unit(r) for r in range(self.world_size)]
@@ -160,7 +187,9 @@ class DedupRun:
         """The train marker, or one line saying to run phase=train first."""
         unit = self.train_unit()
         if not all_done(self.out, [unit]):
-            state = "is missing" if read_marker(self.out, "train") is None else "was written with other embeddings or index settings"
+            state = (
+                "is missing" if read_marker(self.out, "train") is None else "was written with other embeddings or index settings"
+            )
             raise RuntimeError(
                 f"phase={phase} needs the IVF cells trained once: run phase=train first (one task, rank 0; "
                 f"{marker_path(self.out, 'train')} {state})"

@@ -27,9 +27,21 @@ log = logging.getLogger(__name__)
 
 # Photographs bundled with scikit-image (no download). chelsea and cat are the same picture.
 SKIMAGE_PHOTOS = (
-    "astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field",
-    "immunohistochemistry", "moon", "clock", "retina", "colorwheel", "brick", "logo",
-)  # fmt: skip
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "coins",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "clock",
+    "retina",
+    "colorwheel",
+    "brick",
+    "logo",
+)
 
 DEFAULT_BANDS = {"heavy": (6, 150), "high": (6, 40), "mid": (8, 10), "low": (12, 3), "single": (900, 1)}
 
@@ -304,7 +316,9 @@ def main() -> None:
             caption_variant_rate=config_number(cfg, "caption_variant_rate", minimum=0, maximum=1),
         )
         print(summarize(ground_truth))
-        print(f"demo data set written to {Path(cfg.out_dir) / 'images'} (ground truth: {Path(cfg.out_dir) / 'ground_truth.parquet'})")
+        print(
+            f"demo data set written to {Path(cfg.out_dir) / 'images'} (ground truth: {Path(cfg.out_dir) / 'ground_truth.parquet'})"
+        )
 
     _run()
 

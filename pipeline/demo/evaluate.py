@@ -82,10 +82,16 @@ def evaluate(cfg: EvalConfig) -> pd.DataFrame:
     picked = pick_originals(ground_truth, cfg.originals_per_band, cfg.seed)
     rows = picked.loc[picked.index.repeat(cfg.seeds)].reset_index(drop=True)
     rows["seed"] = np.tile(np.arange(cfg.seeds), len(picked)) + cfg.seed * 1000
-    samples = sample_images(pipe, rows.original_caption.tolist(), rows.seed.tolist(), cfg.steps, cfg.guidance_scale, cfg.batch_size)
+    samples = sample_images(
+        pipe, rows.original_caption.tolist(), rows.seed.tolist(), cfg.steps, cfg.guidance_scale, cfg.batch_size
+    )
     # The model saw the originals downsampled to its resolution; compare at that resolution.
     originals = {
-        oid: np.asarray(Image.open(data_dir / "originals" / f"{oid}.png").convert("RGB").resize((resolution, resolution), Image.Resampling.BOX))
+        oid: np.asarray(
+            Image.open(data_dir / "originals" / f"{oid}.png")
+            .convert("RGB")
+            .resize((resolution, resolution), Image.Resampling.BOX)
+        )
         for oid in picked.original_id
     }
     targets = np.stack([originals[oid] for oid in rows.original_id])
@@ -97,7 +103,11 @@ def evaluate(cfg: EvalConfig) -> pd.DataFrame:
         images = np.stack([training_image(data_dir / "images", key, resolution) for key in copies.key])
         distances = cfg.rule.distances(samples[index], images)  # (samples of this original, its training copies)
         best = distances.argmin(axis=1)
-        nearest.append(pd.DataFrame({"distance": distances[np.arange(len(index)), best], "nearest_key": copies.key.to_numpy()[best]}, index=index))
+        nearest.append(
+            pd.DataFrame(
+                {"distance": distances[np.arange(len(index)), best], "nearest_key": copies.key.to_numpy()[best]}, index=index
+            )
+        )
     rows = rows.join(pd.concat(nearest))
     rows["reproduced"] = rows.distance < cfg.rule.threshold
     return rows
@@ -107,7 +117,9 @@ def training_image(images_dir: Path, key: str, resolution: int) -> np.ndarray:
     """A training record's image as the model saw it: resized to ``resolution`` (uint8 (R, R, 3))."""
     matches = [p for p in images_dir.glob(f"{key}.*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"}]
     if not matches:
-        raise FileNotFoundError(f"{images_dir}: no image for training record {key!r} of the ground truth; rebuild with `make demo-data`")
+        raise FileNotFoundError(
+            f"{images_dir}: no image for training record {key!r} of the ground truth; rebuild with `make demo-data`"
+        )
     with Image.open(matches[0]) as image:
         return np.asarray(image.convert("RGB").resize((resolution, resolution), Image.Resampling.BOX))
 
@@ -118,7 +130,9 @@ def summarize(rows: pd.DataFrame, threshold: float = 0.15) -> pd.DataFrame:
     table = (
         rows.groupby(["band", "dup_count"])
         .agg(
-            samples=("distance", "size"), reproduced=("reproduced", "mean"), median_distance=("distance", "median"),
+            samples=("distance", "size"),
+            reproduced=("reproduced", "mean"),
+            median_distance=("distance", "median"),
             reproduced_original=("distance_original", lambda d: float((d < threshold).mean())),
             median_distance_original=("distance_original", "median"),
         )
@@ -178,8 +192,13 @@ def main() -> None:
         rows.drop(columns=["original_caption"]).to_csv(out_dir / "memorization.csv", index=False)
         info_path = Path(config.model_dir) / "training.json"
         step = json.loads(info_path.read_text()).get("steps", "?") if info_path.exists() else "?"
-        plot(table, out_dir / "memorization.png", rule.threshold, f"demo model at step {step}: reproduction vs duplication",
-             rule.metric.display_label)
+        plot(
+            table,
+            out_dir / "memorization.png",
+            rule.threshold,
+            f"demo model at step {step}: reproduction vs duplication",
+            rule.metric.display_label,
+        )
         print(table.to_string(index=False))
         print(f"written {out_dir / 'memorization.csv'} and {out_dir / 'memorization.png'}")
 

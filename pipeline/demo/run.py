@@ -76,8 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     print("\nAgainst the demo set's ground truth (planted = the heavily duplicated originals):")
     print(per_band.to_string(index=False))
     print("other: prompts not extracted with a sample within the threshold of another caption's training image;")
-    print("reproduction: the band's samples within the threshold of one of their caption's training images, with a 95% Wilson interval;"
-          f"\ndemo_eval: the share `make demo-eval` measured with other seeds ({MEASURED})" if measured is not None else "")
+    print(
+        "reproduction: the band's samples within the threshold of one of their caption's training images, with a 95% Wilson interval;"
+        f"\ndemo_eval: the share `make demo-eval` measured with other seeds ({MEASURED})"
+        if measured is not None
+        else ""
+    )
     print(format_summary(summary))
     print(f"\nReport: {RunLayout(RUN_DIR).report_page.resolve()}")
 

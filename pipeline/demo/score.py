@@ -64,7 +64,9 @@ def score_run(
     selected = pd.read_parquet(layout.dedup_selected)
     memorized = pd.read_parquet(layout.memorized)
     verified = "best_train_key" in memorized.columns
-    columns = ["prompt_id", "flagged", "clique_size"] + (["best_train_key", "samples_matched", "n_samples", "extracted"] if verified else [])
+    columns = ["prompt_id", "flagged", "clique_size"] + (
+        ["best_train_key", "samples_matched", "n_samples", "extracted"] if verified else []
+    )
     columns += [c for c in ["samples_matched_other"] if verified and c in memorized.columns]
     table = prompt_originals(selected, ground_truth).merge(memorized[columns], on="prompt_id", how="inner")
     truth = ground_truth.set_index("key")
@@ -77,7 +79,9 @@ def score_run(
     else:
         table["extracted"], table["samples_matched"], table["n_samples"] = False, 0, 0
     # Prompts not extracted whose samples reproduce another caption's training image.
-    other = table["samples_matched_other"].fillna(0) if "samples_matched_other" in table.columns else pd.Series(0, index=table.index)
+    other = (
+        table["samples_matched_other"].fillna(0) if "samples_matched_other" in table.columns else pd.Series(0, index=table.index)
+    )
     table["other"] = ~table["extracted"] & (other > 0)
     table["planted"] = table.true_dup_count.fillna(0) >= planted_min_copies
     flag_p, flag_r = _precision_recall(table.flagged.astype(bool), table.planted)
@@ -96,11 +100,18 @@ def score_run(
     }
     per_band = (
         table.groupby(["band", "true_dup_count"], dropna=False)
-        .agg(prompts=("prompt_id", "size"), flagged=("flagged", "sum"), extracted=("extracted", "sum"), other=("other", "sum"),
-             median_clique=("clique_size", "median"), matched=("samples_matched", "sum"), samples=("n_samples", "sum"))
+        .agg(
+            prompts=("prompt_id", "size"),
+            flagged=("flagged", "sum"),
+            extracted=("extracted", "sum"),
+            other=("other", "sum"),
+            median_clique=("clique_size", "median"),
+            matched=("samples_matched", "sum"),
+            samples=("n_samples", "sum"),
+        )
         .reset_index()
         .sort_values("true_dup_count", ascending=False)
-    )  # fmt: skip
+    )
     if verified:
         intervals = [wilson_interval(int(k), int(n)) for k, n in zip(per_band["matched"], per_band["samples"])]
         per_band["reproduction"] = [
@@ -110,7 +121,9 @@ def score_run(
     if measured is not None and {"band", "reproduced"} <= set(measured.columns):
         rates = measured.groupby("band")["reproduced"].agg(["sum", "size"])
         per_band["demo_eval"] = [
-            f"{rates.loc[band, 'sum'] / rates.loc[band, 'size']:.2f} (of {int(rates.loc[band, 'size'])})" if band in rates.index else "n/a"
+            f"{rates.loc[band, 'sum'] / rates.loc[band, 'size']:.2f} (of {int(rates.loc[band, 'size'])})"
+            if band in rates.index
+            else "n/a"
             for band in per_band["band"]
         ]
     return summary, per_band.drop(columns=["matched", "samples"])

@@ -173,14 +173,22 @@ def train(cfg: TrainConfig) -> Path:
         info = json.loads((out_dir / "training.json").read_text()) if (out_dir / "training.json").exists() else {}
         step, elapsed, history = info.get("steps", 0), info.get("train_seconds", 0.0), info.get("history", [])
         started_from = f"shipped weights at step {step} (fresh optimizer)"
-    print(f"training {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M-parameter UNet on {len(captions)} images "
-          f"({len(unique)} captions) from {started_from}, to step {cfg.steps}", flush=True)
+    print(
+        f"training {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M-parameter UNet on {len(captions)} images "
+        f"({len(unique)} captions) from {started_from}, to step {cfg.steps}",
+        flush=True,
+    )
 
     def save(final: bool = False) -> None:
         info = {
-            "command": (f"python -m pipeline.demo.train steps={cfg.steps}"
-                        + (f" decay_start={cfg.decay_start} decay_steps={cfg.decay_steps} decay_to={cfg.decay_to}"
-                           if cfg.decay_start else "")),
+            "command": (
+                f"python -m pipeline.demo.train steps={cfg.steps}"
+                + (
+                    f" decay_start={cfg.decay_start} decay_steps={cfg.decay_steps} decay_to={cfg.decay_to}"
+                    if cfg.decay_start
+                    else ""
+                )
+            ),
             "commit": git_commit(),
             "steps": step,
             "train_seconds": round(elapsed, 1),
@@ -201,8 +209,13 @@ def train(cfg: TrainConfig) -> Path:
         tmp = state_path.with_suffix(".tmp")
         torch.save(
             {
-                "unet": unet.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "ema": ema.state_dict(), "generator": generator.get_state(), "step": step, "elapsed": elapsed,
+                "unet": unet.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "ema": ema.state_dict(),
+                "generator": generator.get_state(),
+                "step": step,
+                "elapsed": elapsed,
                 "history": history,
             },
             tmp,
@@ -262,8 +275,7 @@ def load_checkpoint(path: Path) -> dict:
     except pickle.UnpicklingError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"{path}: not a training state this trainer wrote ({first_line}); "
-            "delete it to warm-start from the shipped weights"
+            f"{path}: not a training state this trainer wrote ({first_line}); delete it to warm-start from the shipped weights"
         ) from None
 
 

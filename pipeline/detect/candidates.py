@@ -39,7 +39,9 @@ class EmbeddingIndex:
         self.keys = keys
         self.dim = vectors.shape[1]
         # What a verdict found through this index depends on: its keys and vectors.
-        self.identity = digest_of([len(keys), hashlib.sha1(vectors.tobytes()).hexdigest(), hashlib.sha1(json.dumps(keys).encode()).hexdigest()])
+        self.identity = digest_of(
+            [len(keys), hashlib.sha1(vectors.tobytes()).hexdigest(), hashlib.sha1(json.dumps(keys).encode()).hexdigest()]
+        )
         self.index = faiss.IndexFlatIP(self.dim)
         self.index.add(vectors)
 

@@ -42,10 +42,20 @@ log = logging.getLogger(__name__)
 PROMPT_RESULTS = "prompts"
 
 MEMORIZED_COLUMNS = [
-    "prompt_id", "caption", "n_samples", "n_rejected", "clique_size", "flagged", "members",
-    "member_files", "representative", "representative_file", "max_pair_distance",
-    "median_pair_distance", "clique_exact",
-]  # fmt: skip
+    "prompt_id",
+    "caption",
+    "n_samples",
+    "n_rejected",
+    "clique_size",
+    "flagged",
+    "members",
+    "member_files",
+    "representative",
+    "representative_file",
+    "max_pair_distance",
+    "median_pair_distance",
+    "clique_exact",
+]
 
 
 def find_memorized(distances: np.ndarray, threshold: float, min_clique: int, max_steps: int | None = None) -> dict[str, Any]:
@@ -71,8 +81,12 @@ def detect_prompt(
     samples, images = load_samples(generations_dir, listed, rejects)
     verdict = rule.verdict(rule.distances(images) if images else np.zeros((0, 0)))
     if not verdict["clique_exact"]:
-        log.warning("prompt %s: the clique search stopped after rule.max_clique_steps=%d; clique_size %d is a lower bound",
-                    prompt_id, rule.max_clique_steps, verdict["clique_size"])
+        log.warning(
+            "prompt %s: the clique search stopped after rule.max_clique_steps=%d; clique_size %d is a lower bound",
+            prompt_id,
+            rule.max_clique_steps,
+            verdict["clique_size"],
+        )
     positions = verdict.pop("members")
     position = verdict.pop("representative")
     return {
@@ -105,13 +119,19 @@ def screenable_prompts(generations_dir: Path, rejects: RejectLog | None = None) 
         generator_ids = table["prompt_id"].astype(str)
         counts = pd.to_numeric(table["n_samples"], errors="coerce")
         complete = {
-            pid for pid, n in zip(generator_ids, counts)
+            pid
+            for pid, n in zip(generator_ids, counts)
             if unsafe_name(pid) is None and n == n and prompt_done(generations_dir, pid, int(n))
-        }  # fmt: skip
+        }
         waiting = prompts["prompt_id"].isin(set(generator_ids) - complete)
         if waiting.any():
-            log.warning("%d of %d prompts in %s are not complete yet (still being generated): not screened this time, "
-                        "rerun detect when the generator has finished", int(waiting.sum()), len(prompts), generations_dir)
+            log.warning(
+                "%d of %d prompts in %s are not complete yet (still being generated): not screened this time, "
+                "rerun detect when the generator has finished",
+                int(waiting.sum()),
+                len(prompts),
+                generations_dir,
+            )
             prompts = prompts[~waiting].reset_index(drop=True)
     return prompts, table
 
@@ -146,8 +166,15 @@ class ScreenPrompts:
 
     name = "detect"
 
-    def __init__(self, generations_dir: Path, out_dir: Path, prompts: pd.DataFrame, generator_table: pd.DataFrame,
-                 rule: NearCopyRule, progress: bool):  # fmt: skip
+    def __init__(
+        self,
+        generations_dir: Path,
+        out_dir: Path,
+        prompts: pd.DataFrame,
+        generator_table: pd.DataFrame,
+        rule: NearCopyRule,
+        progress: bool,
+    ):
         self.generations_dir = generations_dir
         self.out_dir = out_dir
         self.results_dir = out_dir / PROMPT_RESULTS
@@ -177,8 +204,11 @@ class ScreenPrompts:
         return [self.out_dir / MEMORIZED, self.out_dir / SUMMARY]
 
     def finish_settings(self) -> dict[str, Any]:
-        return {"carry": {pid: self.carry.get(pid) for pid in self.captions}, "generations_dir": str(self.generations_dir.resolve()),
-                "other_rule": self.other_rule}  # fmt: skip
+        return {
+            "carry": {pid: self.carry.get(pid) for pid in self.captions},
+            "generations_dir": str(self.generations_dir.resolve()),
+            "other_rule": self.other_rule,
+        }
 
     def finish(self, ctx: StepContext) -> None:
         """Every prompt's row, with ``dup_count`` and ``keys`` from the generator's table, as
@@ -190,9 +220,13 @@ class ScreenPrompts:
         memorized = prompt_columns(memorized)
         write_parquet(memorized, self.out_dir / MEMORIZED)
         summary = {
-            "generations_dir": str(self.generations_dir.resolve()), "settings": self.rule.describe(), "prompts": len(memorized),
-            "flagged": int(memorized["flagged"].sum()), "samples": int(memorized["n_samples"].sum()),
-            "rejected_samples": int(memorized["n_rejected"].sum()), "stopped_under_another_rule": self.other_rule,
-        }  # fmt: skip
+            "generations_dir": str(self.generations_dir.resolve()),
+            "settings": self.rule.describe(),
+            "prompts": len(memorized),
+            "flagged": int(memorized["flagged"].sum()),
+            "samples": int(memorized["n_samples"].sum()),
+            "rejected_samples": int(memorized["n_rejected"].sum()),
+            "stopped_under_another_rule": self.other_rule,
+        }
         write_json(summary, self.out_dir / SUMMARY)
         log.info("%d of %d prompts flagged; wrote %s", summary["flagged"], len(memorized), self.out_dir / MEMORIZED)

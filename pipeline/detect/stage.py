@@ -134,26 +134,34 @@ def run_detect(
             "%d prompt(s) were stopped by adaptive sampling on a verdict taken with another near-copy rule than this "
             "detector's (%s), e.g. %s: their verdicts here may differ from a full run's; rerun the generator without "
             "adaptive sampling (or with the detector's rule) to complete them",
-            len(step.other_rule), json.dumps(rule.describe()), step.other_rule[0],
-        )  # fmt: skip
+            len(step.other_rule),
+            json.dumps(rule.describe()),
+            step.other_rule[0],
+        )
     ctx = run_step(step, step.results_dir, rank=rank, world_size=world_size, progress=progress, logs_dir=out_dir)
     if not ctx.all_done:
-        log.info("not every prompt is screened yet (other shards); memorized.parquet is written by the shard "
-                 "that finishes last, or by a rerun with world_size=1")
+        log.info(
+            "not every prompt is screened yet (other shards); memorized.parquet is written by the shard "
+            "that finishes last, or by a rerun with world_size=1"
+        )
         return None
     return pd.read_parquet(out_dir / MEMORIZED)
 
 
-def record_verification(summary_path: Path, memorized: pd.DataFrame, extracted: pd.DataFrame, delta: float,
-                        rule: NearCopyRule) -> dict[str, Any]:  # fmt: skip
+def record_verification(
+    summary_path: Path, memorized: pd.DataFrame, extracted: pd.DataFrame, delta: float, rule: NearCopyRule
+) -> dict[str, Any]:
     """Add verification's counts and threshold to ``summary.json`` (under ``verification``),
     where the report reads them; returns them."""
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     verification = {
-        "delta": delta, "metric": rule.metric.describe(), "extracted": int(memorized["extracted"].sum()),
-        "samples_matched": int(memorized["samples_matched"].sum()), "pairs": len(extracted),
+        "delta": delta,
+        "metric": rule.metric.describe(),
+        "extracted": int(memorized["extracted"].sum()),
+        "samples_matched": int(memorized["samples_matched"].sum()),
+        "pairs": len(extracted),
         "samples_matched_other": int(memorized["samples_matched_other"].sum()),
-    }  # fmt: skip
+    }
     write_json({**summary, "verification": verification}, summary_path)
     return verification
 
@@ -182,24 +190,36 @@ def run(cfg: DictConfig) -> DetectSummary:
         print("no training set given (data=...): verification skipped")
         return summary
     memorized, extracted = run_verify(
-        memorized, cfg.generations_dir, out_dir, data=OmegaConf.to_container(data, resolve=True),
-        dedup_dir=verify.dedup_dir, embedder_factory=EmbedderOnFirstUse(rule.metric, cfg.get("embedder")),
-        n_candidates=verify.n_candidates, max_candidates=verify.max_candidates, delta=delta, exhaustive=verify.exhaustive,
-        metric=rule.metric, progress=cfg.progress,
-    )  # fmt: skip
+        memorized,
+        cfg.generations_dir,
+        out_dir,
+        data=OmegaConf.to_container(data, resolve=True),
+        dedup_dir=verify.dedup_dir,
+        embedder_factory=EmbedderOnFirstUse(rule.metric, cfg.get("embedder")),
+        n_candidates=verify.n_candidates,
+        max_candidates=verify.max_candidates,
+        delta=delta,
+        exhaustive=verify.exhaustive,
+        metric=rule.metric,
+        progress=cfg.progress,
+    )
     write_prompt_table(memorized, summary.memorized_path)
 
     # 4. The summary's verification part (the report reads the verification threshold from there).
     counts = record_verification(summary.summary_path, memorized, extracted, delta, rule)
     summary.extracted, summary.samples_matched = counts["extracted"], counts["samples_matched"]
     summary.memorized_table, summary.extracted_pairs = memorized, extracted
-    print(f"{summary.extracted} of {len(memorized)} prompts extracted: a sample within {delta:g} of one of "
-          f"their caption's training images ({summary.samples_matched} samples in all) -> {summary.extracted_path}")
+    print(
+        f"{summary.extracted} of {len(memorized)} prompts extracted: a sample within {delta:g} of one of "
+        f"their caption's training images ({summary.samples_matched} samples in all) -> {summary.extracted_path}"
+    )
     other = ~memorized["extracted"] & (memorized["samples_matched_other"] > 0)
     if other.any():
-        print(f"{int(other.sum())} more prompt(s) not extracted have {int(memorized.loc[other, 'samples_matched_other'].sum())} "
-              f"sample(s) within {delta:g} of another caption's training image (samples_matched_other; in_group false "
-              f"in {EXTRACTED})")  # fmt: skip
+        print(
+            f"{int(other.sum())} more prompt(s) not extracted have {int(memorized.loc[other, 'samples_matched_other'].sum())} "
+            f"sample(s) within {delta:g} of another caption's training image (samples_matched_other; in_group false "
+            f"in {EXTRACTED})"
+        )
     return summary
 
 

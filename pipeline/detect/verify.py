@@ -146,13 +146,23 @@ class _Matches:
         best = self.best()
         if best is not None:
             side, i = best
-            row = {"best_sample": self.prompt.samples[i].index, "best_sample_file": self.prompt.samples[i].file,
-                   "best_train_key": self.best_key[side][i], "best_distance": float(self.best_distance[side, i])}  # fmt: skip
+            row = {
+                "best_sample": self.prompt.samples[i].index,
+                "best_sample_file": self.prompt.samples[i].file,
+                "best_train_key": self.best_key[side][i],
+                "best_distance": float(self.best_distance[side, i]),
+            }
         else:
             row = {"best_sample": None, "best_sample_file": "", "best_train_key": "", "best_distance": float("nan")}
-        return {"prompt_id": self.prompt.prompt_id, "extracted": matched > 0, "samples_matched": matched,
-                "samples_matched_other": matched_other, "samples_verified": len(self.prompt.samples),
-                "n_candidates": self.n_candidates, **row}  # fmt: skip
+        return {
+            "prompt_id": self.prompt.prompt_id,
+            "extracted": matched > 0,
+            "samples_matched": matched,
+            "samples_matched_other": matched_other,
+            "samples_verified": len(self.prompt.samples),
+            "n_candidates": self.n_candidates,
+            **row,
+        }
 
 
 def run_verify(
@@ -204,19 +214,37 @@ def run_verify(
     index = EmbeddingIndex.load(dedup_dir / "embeddings") if dedup_dir is not None else None
     scan_all = exhaustive is True or (exhaustive == "auto" and not any(groups.values()) and index is None)
     common = {
-        "data": {k: str(v) for k, v in data.items()}, "training_set": training_set_identity(data),
-        "dedup_dir": str(dedup_dir), "index": None if index is None else index.identity,
-        "n_candidates": int(n_candidates), "max_candidates": int(max_candidates), "delta": float(delta),
-        "scan_all": scan_all, "metric": metric.describe(),
+        "data": {k: str(v) for k, v in data.items()},
+        "training_set": training_set_identity(data),
+        "dedup_dir": str(dedup_dir),
+        "index": None if index is None else index.identity,
+        "n_candidates": int(n_candidates),
+        "max_candidates": int(max_candidates),
+        "delta": float(delta),
+        "scan_all": scan_all,
+        "metric": metric.describe(),
         # What a prompt's result holds: 2 = extracted by its own training images, the others'
         # counted apart (results of the earlier version are redone, not reused).
         "results_version": 3,
-    }  # fmt: skip
+    }
     step = _VerifyStep(
-        memorized, generations_dir, out_dir, common, groups, index, data=data, embedder_factory=embedder_factory,
-        n_candidates=int(n_candidates), max_candidates=int(max_candidates), delta=float(delta), scan_all=scan_all,
-        metric=metric, progress=progress, batch_size=int(batch_size), prompts_per_pass=int(prompts_per_pass),
-    )  # fmt: skip
+        memorized,
+        generations_dir,
+        out_dir,
+        common,
+        groups,
+        index,
+        data=data,
+        embedder_factory=embedder_factory,
+        n_candidates=int(n_candidates),
+        max_candidates=int(max_candidates),
+        delta=float(delta),
+        scan_all=scan_all,
+        metric=metric,
+        progress=progress,
+        batch_size=int(batch_size),
+        prompts_per_pass=int(prompts_per_pass),
+    )
     work_dir = out_dir / VERIFY_DIR
     # Its rejects and stats go with the detector's (one rejects.jsonl and stats.json per stage).
     run_step(step, work_dir, progress=progress, logs_dir=out_dir)
@@ -239,11 +267,16 @@ def run_verify(
     # Whether the closest training image is one of the prompt's own duplicate group (null where
     # the prompt has none): a sample can reproduce another caption's training image too.
     table["best_in_group"] = pd.array(
-        [None if not groups.get(pid) or not key else key in groups[pid] for pid, key in zip(table["prompt_id"], table["best_train_key"])],
+        [
+            None if not groups.get(pid) or not key else key in groups[pid]
+            for pid, key in zip(table["prompt_id"], table["best_train_key"])
+        ],
         dtype="boolean",
     )
     extracted = pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame(columns=list(EXTRACTED_COLUMNS))
-    extracted = extracted.astype({"sample": int, "distance": float, "in_group": "boolean"}).sort_values(["prompt_id", "sample", "distance"], kind="stable")
+    extracted = extracted.astype({"sample": int, "distance": float, "in_group": "boolean"}).sort_values(
+        ["prompt_id", "sample", "distance"], kind="stable"
+    )
     write_parquet(extracted.reset_index(drop=True), out_dir / EXTRACTED)
     return table[[*base.columns, *VERIFICATION_COLUMNS]], extracted
 
@@ -254,9 +287,23 @@ class _VerifyStep:
 
     name = "verify"
 
-    def __init__(self, memorized: pd.DataFrame, generations_dir: Path, out_dir: Path, common: dict[str, Any],
-                 groups: dict[str, list[str]], index: EmbeddingIndex | None, **options: Any):  # fmt: skip
-        self.generations_dir, self.out_dir, self.groups, self.index, self.options = generations_dir, out_dir, groups, index, options
+    def __init__(
+        self,
+        memorized: pd.DataFrame,
+        generations_dir: Path,
+        out_dir: Path,
+        common: dict[str, Any],
+        groups: dict[str, list[str]],
+        index: EmbeddingIndex | None,
+        **options: Any,
+    ):
+        self.generations_dir, self.out_dir, self.groups, self.index, self.options = (
+            generations_dir,
+            out_dir,
+            groups,
+            index,
+            options,
+        )
         self.work_dir = out_dir / VERIFY_DIR
         # A prompt is decided by its samples' bytes, its duplicate group and the shared settings
         # (the training set's and the embedding index's identities among them).
@@ -274,7 +321,11 @@ class _VerifyStep:
 
     def run(self, units: list[Unit], ctx: StepContext) -> None:
         o = self.options
-        passes = [units] if o["scan_all"] else [units[i : i + o["prompts_per_pass"]] for i in range(0, len(units), o["prompts_per_pass"])]
+        passes = (
+            [units]
+            if o["scan_all"]
+            else [units[i : i + o["prompts_per_pass"]] for i in range(0, len(units), o["prompts_per_pass"])]
+        )
         bar = tqdm(total=len(units), desc="verify", unit="prompt", disable=not o["progress"])
         for chunk in passes:
             prompts = [self._load(unit.name, ctx.rejects) for unit in chunk]
@@ -283,7 +334,9 @@ class _VerifyStep:
                 self._scan(matches, ctx.rejects)
             else:
                 candidates = self._candidates(prompts)
-                images = fetch_training_images(o["data"], {k for keys in candidates.values() for k in keys}, ctx.rejects, o["progress"])
+                images = fetch_training_images(
+                    o["data"], {k for keys in candidates.values() for k in keys}, ctx.rejects, o["progress"]
+                )
                 for p in prompts:
                     keys = [k for k in candidates[p.prompt_id] if k in images]
                     matches[p.prompt_id].add(keys, [images[k] for k in keys], o["metric"])
@@ -310,7 +363,9 @@ class _VerifyStep:
         if self.index is not None and o["n_candidates"] > 0 and any(p.images for p in prompts):
             embedder = o["embedder_factory"]() if o["embedder_factory"] is not None else None
             if embedder is None:
-                log.warning("dedup embeddings found but no embedder configured (embedder=...): nearest-neighbour candidates skipped")
+                log.warning(
+                    "dedup embeddings found but no embedder configured (embedder=...): nearest-neighbour candidates skipped"
+                )
         for p in prompts:
             if embedder is not None and p.images:
                 nearest = self.index.search(embed_images(p.images, embedder), o["n_candidates"])
@@ -332,8 +387,12 @@ class _VerifyStep:
             for m in matches.values():
                 m.add(keys, images, o["metric"])
 
-        for record in tqdm(open_dataset(o["data"], rejects=rejects, progress=False), desc="verify (all training images)",
-                           unit="image", disable=not o["progress"]):  # fmt: skip
+        for record in tqdm(
+            open_dataset(o["data"], rejects=rejects, progress=False),
+            desc="verify (all training images)",
+            unit="image",
+            disable=not o["progress"],
+        ):
             keys.append(record.key)
             images.append(record.image)
             if len(keys) == o["batch_size"]:

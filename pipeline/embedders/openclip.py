@@ -89,7 +89,9 @@ class OpenClipEmbedder(Embedder):
         self.name = f"open_clip:{model_name}:{weights}"
         self.dim = self._output_dim()
         if pretrained is None:
-            log.warning("embedder: open_clip %s has random weights (pretrained=null): fine for tests, useless for an audit", model_name)
+            log.warning(
+                "embedder: open_clip %s has random weights (pretrained=null): fine for tests, useless for an audit", model_name
+            )
 
     def _output_dim(self) -> int:
         dim = getattr(self.model.visual, "output_dim", None)

@@ -53,7 +53,6 @@ neighbouring colours and directions still reach 0.84-0.9; a flat grey field (the
 an iso-luminant gradient) matches other flat pictures of similar brightness.
 """
 
-
 from __future__ import annotations
 
 import numpy as np
@@ -203,10 +202,14 @@ class RobustEmbedder(PerImageEmbedder):
         if inset < 0:
             raise ValueError(f"embedder.inset: must be >= 0, got {inset}")
         if whiten < 0 or stats_weight < 0 or chroma_weight_smooth + stats_weight >= 1:
-            raise ValueError(f"embedder.whiten, embedder.stats_weight: must be >= 0 (stats_weight + chroma_weight_smooth < 1), "
-                             f"got {whiten}, {stats_weight}")
+            raise ValueError(
+                f"embedder.whiten, embedder.stats_weight: must be >= 0 (stats_weight + chroma_weight_smooth < 1), "
+                f"got {whiten}, {stats_weight}"
+            )
         if grey_chroma <= 0 or mean_width <= 0 or contrast_width <= 0:
-            raise ValueError(f"embedder.grey_chroma, mean_width, contrast_width: must be > 0, got {grey_chroma}, {mean_width}, {contrast_width}")
+            raise ValueError(
+                f"embedder.grey_chroma, mean_width, contrast_width: must be > 0, got {grey_chroma}, {mean_width}, {contrast_width}"
+            )
         if clip is not None and clip <= 0:
             raise ValueError(f"embedder.clip: must be > 0 or null, got {clip}")
         self.side, self.keep, self.chroma_keep = int(side), int(keep), int(chroma_keep)
@@ -223,7 +226,9 @@ class RobustEmbedder(PerImageEmbedder):
         self._dct = dct_matrix(self.side).astype(np.float32)
         self._luma_index = _split(self.side, self.keep, drop_dc=True)
         self._chroma_index = _split(self.side, self.chroma_keep, drop_dc=False)
-        self.dim = _dim(self._luma_index) + 1 + 2 * _dim(self._chroma_index) + len(self._mean_centres) + len(self._contrast_centres)
+        self.dim = (
+            _dim(self._luma_index) + 1 + 2 * _dim(self._chroma_index) + len(self._mean_centres) + len(self._contrast_centres)
+        )
         v, u = np.mgrid[0 : self.side, 0 : self.side]
         self._gain = ((1.0 + np.sqrt(u**2 + v**2)) ** self.whiten).astype(np.float32)
         self.name = f"robust{self.side}-{self.keep}-{self.chroma_keep}-w{self.whiten:g}"
@@ -268,8 +273,9 @@ class RobustEmbedder(PerImageEmbedder):
         weight = self.chroma_weight + (self.chroma_weight_smooth - self.chroma_weight) * smooth
         stats_w = self.stats_weight * smooth
         stats = self._stats(float(luma.mean()), contrast)
-        vector = np.concatenate([np.sqrt(max(0.0, 1 - weight - stats_w)) * fade * luma_part,
-                                 np.sqrt(weight) * chroma_part, np.sqrt(stats_w) * stats])  # fmt: skip
+        vector = np.concatenate(
+            [np.sqrt(max(0.0, 1 - weight - stats_w)) * fade * luma_part, np.sqrt(weight) * chroma_part, np.sqrt(stats_w) * stats]
+        )
         norm = np.linalg.norm(vector)
         if norm < 1e-9:
             vector = np.zeros(self.dim, np.float32)

@@ -90,7 +90,26 @@ def denoiser_for(pipe, height: int | None, width: int | None, steps: int, guidan
 
 
 __all__ = [
-    "DENOISERS", "FAMILIES", "FLUX", "OTHER", "PIXART", "PIXART_TOKENS", "SD", "SD3", "SDXL", "Conditioning", "Denoiser",
-    "Encoder", "Family", "FluxDenoiser", "PixArtDenoiser", "StableDiffusion3Denoiser", "StableDiffusionDenoiser",
-    "StableDiffusionXLDenoiser", "denoiser_for", "family_of", "flux_sequence_length", "pipeline_name",
-]  # fmt: skip
+    "DENOISERS",
+    "FAMILIES",
+    "FLUX",
+    "OTHER",
+    "PIXART",
+    "PIXART_TOKENS",
+    "SD",
+    "SD3",
+    "SDXL",
+    "Conditioning",
+    "Denoiser",
+    "Encoder",
+    "Family",
+    "FluxDenoiser",
+    "PixArtDenoiser",
+    "StableDiffusion3Denoiser",
+    "StableDiffusionDenoiser",
+    "StableDiffusionXLDenoiser",
+    "denoiser_for",
+    "family_of",
+    "flux_sequence_length",
+    "pipeline_name",
+]

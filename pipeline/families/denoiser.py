@@ -41,7 +41,6 @@ so that the prescreen's scores mean the same for every family.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from pipeline.families.family import Encoder

@@ -28,17 +28,22 @@ def flux_sequence_length(pipe) -> int:
 
 def encode(pipe, caption: str, cfg: bool, negative_prompt: str | None) -> dict[str, torch.Tensor]:
     prompt_embeds, pooled, _text_ids = pipe.encode_prompt(
-        prompt=caption, prompt_2=None, device=pipe._execution_device, num_images_per_prompt=1,
+        prompt=caption,
+        prompt_2=None,
+        device=pipe._execution_device,
+        num_images_per_prompt=1,
         max_sequence_length=flux_sequence_length(pipe),
-    )  # fmt: skip
+    )
     return named(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled)
 
 
 def no_negative_prompt(pipe, settings) -> None:
     """Raises a ValueError naming ``negative_prompt`` when one is set."""
     if settings.negative_prompt is not None:
-        raise ValueError("negative_prompt: FLUX pipelines run no classifier-free guidance (the guidance scale is "
-                         "embedded, or absent for schnell), so a negative prompt would be ignored; leave it null")  # fmt: skip
+        raise ValueError(
+            "negative_prompt: FLUX pipelines run no classifier-free guidance (the guidance scale is "
+            "embedded, or absent for schnell), so a negative prompt would be ignored; leave it null"
+        )
 
 
 class FluxDenoiser(Denoiser):
@@ -72,9 +77,12 @@ class FluxDenoiser(Denoiser):
             sigmas = None
         _, h, w = self.latent_shape()
         mu = calculate_shift(
-            (h // 2) * (w // 2), scheduler.config.get("base_image_seq_len", 256), scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.15),
-        )  # fmt: skip
+            (h // 2) * (w // 2),
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
         timesteps, _ = retrieve_timesteps(scheduler, self.steps, self.device, sigmas=sigmas, mu=mu)
         return timesteps
 
@@ -94,13 +102,23 @@ class FluxDenoiser(Denoiser):
             scale = 3.5 if self.guidance_scale is None else float(self.guidance_scale)  # FluxPipeline's default
             guidance = torch.full([len(x)], scale, device=self.device, dtype=torch.float32)
         out = self.module(
-            hidden_states=x, timestep=t.expand(len(x)).to(x.dtype) / 1000, guidance=guidance,
-            pooled_projections=conditioning["pooled_prompt_embeds"], encoder_hidden_states=prompt_embeds,
-            txt_ids=text_ids, img_ids=image_ids, return_dict=False,
-        )[0]  # fmt: skip
+            hidden_states=x,
+            timestep=t.expand(len(x)).to(x.dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=conditioning["pooled_prompt_embeds"],
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
         return self.pipe._unpack_latents(out, self.height, self.width, self.pipe.vae_scale_factor).float()
 
 
-FLUX = Family("flux", encode, uses_cfg=lambda pipe, scale: False,
-              call_options=lambda pipe: {"max_sequence_length": flux_sequence_length(pipe)}, check=no_negative_prompt,
-              denoiser=FluxDenoiser)  # fmt: skip
+FLUX = Family(
+    "flux",
+    encode,
+    uses_cfg=lambda pipe, scale: False,
+    call_options=lambda pipe: {"max_sequence_length": flux_sequence_length(pipe)},
+    check=no_negative_prompt,
+    denoiser=FluxDenoiser,
+)

@@ -25,11 +25,20 @@ def encode(pipe, caption: str, cfg: bool, negative_prompt: str | None) -> dict[s
     the audit asks about; diffusers' default cleaning rewrites it only where the optional
     packages bs4 and ftfy are installed, which would make the pixels depend on them."""
     positive, mask, negative, negative_mask = pipe.encode_prompt(
-        caption, do_classifier_free_guidance=cfg, negative_prompt=negative_prompt or "", num_images_per_prompt=1,
-        device=pipe._execution_device, clean_caption=False, max_sequence_length=PIXART_TOKENS,
-    )  # fmt: skip
-    return named(prompt_embeds=positive, prompt_attention_mask=mask, negative_prompt_embeds=negative,
-                 negative_prompt_attention_mask=negative_mask)  # fmt: skip
+        caption,
+        do_classifier_free_guidance=cfg,
+        negative_prompt=negative_prompt or "",
+        num_images_per_prompt=1,
+        device=pipe._execution_device,
+        clean_caption=False,
+        max_sequence_length=PIXART_TOKENS,
+    )
+    return named(
+        prompt_embeds=positive,
+        prompt_attention_mask=mask,
+        negative_prompt_embeds=negative,
+        negative_prompt_attention_mask=negative_mask,
+    )
 
 
 class PixArtDenoiser(Denoiser):
@@ -43,9 +52,14 @@ class PixArtDenoiser(Denoiser):
 
     def predict(self, x, t, conditioning):
         timestep = (t[None] if t.dim() == 0 else t).to(self.device).expand(len(x))
-        out = self.module(x, encoder_hidden_states=conditioning["prompt_embeds"],
-                          encoder_attention_mask=conditioning["prompt_attention_mask"], timestep=timestep,
-                          added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]  # fmt: skip
+        out = self.module(
+            x,
+            encoder_hidden_states=conditioning["prompt_embeds"],
+            encoder_attention_mask=conditioning["prompt_attention_mask"],
+            timestep=timestep,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )[0]
         channels = self.module.config.in_channels
         if self.module.config.out_channels // 2 == channels:  # learned sigma: the sampler uses the first half
             out = out[:, :channels]
@@ -57,6 +71,14 @@ class PixArtDenoiser(Denoiser):
 # sample would be an interpolation, not the model's output, at any size not in the table (at the
 # default 1024x1024, binning changes nothing). negative_prompt=None because the pipeline
 # refuses its default "" together with negative embeddings.
-PIXART = Family("pixart", encode, call_options=lambda pipe: {
-    "use_resolution_binning": False, "negative_prompt": None, "clean_caption": False, "max_sequence_length": PIXART_TOKENS,
-}, denoiser=PixArtDenoiser)  # fmt: skip
+PIXART = Family(
+    "pixart",
+    encode,
+    call_options=lambda pipe: {
+        "use_resolution_binning": False,
+        "negative_prompt": None,
+        "clean_caption": False,
+        "max_sequence_length": PIXART_TOKENS,
+    },
+    denoiser=PixArtDenoiser,
+)

@@ -38,9 +38,12 @@ class StableDiffusion3Denoiser(Denoiser):
             _, h, w = self.latent_shape()
             patch = self.module.config.patch_size
             kwargs["mu"] = calculate_shift(
-                (h // patch) * (w // patch), scheduler.config.get("base_image_seq_len", 256), scheduler.config.get("max_image_seq_len", 4096),
-                scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.16),
-            )  # fmt: skip
+                (h // patch) * (w // patch),
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
+            )
         timesteps, _ = retrieve_timesteps(scheduler, self.steps, self.device, **kwargs)
         return timesteps
 
@@ -49,8 +52,13 @@ class StableDiffusion3Denoiser(Denoiser):
         return self.draw(seeds).to(self.device, self.dtype)
 
     def predict(self, x, t, conditioning):
-        out = self.module(hidden_states=x, timestep=t.expand(len(x)), encoder_hidden_states=conditioning["prompt_embeds"],
-                          pooled_projections=conditioning["pooled_prompt_embeds"], return_dict=False)[0]  # fmt: skip
+        out = self.module(
+            hidden_states=x,
+            timestep=t.expand(len(x)),
+            encoder_hidden_states=conditioning["prompt_embeds"],
+            pooled_projections=conditioning["pooled_prompt_embeds"],
+            return_dict=False,
+        )[0]
         return out.float()
 
 

@@ -21,13 +21,21 @@ def encode_pooled(pipe, caption: str, cfg: bool, negative_prompt: str | None, **
     second (and third) text encoder get the same caption, as when only ``prompt`` is passed
     (``more_prompts``: SD3's required ``prompt_2=None, prompt_3=None``)."""
     positive, negative, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=caption, device=pipe._execution_device, num_images_per_prompt=1,
-        do_classifier_free_guidance=cfg, negative_prompt=negative_prompt, **more_prompts,
-    )  # fmt: skip
+        prompt=caption,
+        device=pipe._execution_device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=cfg,
+        negative_prompt=negative_prompt,
+        **more_prompts,
+    )
     if not cfg:
         negative = negative_pooled = None
-    return named(prompt_embeds=positive, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
-                 negative_pooled_prompt_embeds=negative_pooled)  # fmt: skip
+    return named(
+        prompt_embeds=positive,
+        negative_prompt_embeds=negative,
+        pooled_prompt_embeds=pooled,
+        negative_pooled_prompt_embeds=negative_pooled,
+    )
 
 
 class StableDiffusionXLDenoiser(Denoiser):

@@ -23,15 +23,20 @@ def unet_uses_cfg(pipe, guidance_scale: float) -> bool:
 def refuse_guidance_embedding(pipe) -> None:
     """Raises a one-line ValueError naming ``model.path`` for a UNet with a guidance embedding."""
     if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
-        raise ValueError(f"model.path={pipeline_name(pipe)}: the prescreen cannot score a UNet with a guidance "
-                         "embedding (time_cond_proj_dim, e.g. LCM): it has no unconditional prediction to compare with")  # fmt: skip
+        raise ValueError(
+            f"model.path={pipeline_name(pipe)}: the prescreen cannot score a UNet with a guidance "
+            "embedding (time_cond_proj_dim, e.g. LCM): it has no unconditional prediction to compare with"
+        )
 
 
 def encode(pipe, caption: str, cfg: bool, negative_prompt: str | None) -> dict[str, torch.Tensor]:
     positive, negative = pipe.encode_prompt(
-        prompt=caption, device=pipe._execution_device, num_images_per_prompt=1,
-        do_classifier_free_guidance=cfg, negative_prompt=negative_prompt,
-    )  # fmt: skip
+        prompt=caption,
+        device=pipe._execution_device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=cfg,
+        negative_prompt=negative_prompt,
+    )
     return named(prompt_embeds=positive, negative_prompt_embeds=negative if cfg else None)
 
 

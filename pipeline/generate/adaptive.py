@@ -133,8 +133,10 @@ class AdaptiveSettings:
         if self.near_training is not None and not float(self.near_training) > 0:
             raise ValueError(f"adaptive.near_training: must be a positive distance or null, got {self.near_training}")
         if self.near_training is not None and not self.stop_when_extracted:
-            raise ValueError("adaptive.near_training: compares samples with the training images, which only "
-                             "adaptive.stop_when_extracted brings: set it true too")
+            raise ValueError(
+                "adaptive.near_training: compares samples with the training images, which only "
+                "adaptive.stop_when_extracted brings: set it true too"
+            )
         if not isinstance(self.rule, NearCopyRule):
             raise TypeError(f"rule: expected a NearCopyRule, got {type(self.rule).__name__}")
 
@@ -239,12 +241,21 @@ def check_round(images: Images, settings: AdaptiveSettings, n_samples: int | Non
         return RoundCheck(FLAGGED, size)
     made = len(images) if made is None else int(made)
     remaining = None if n_samples is None else int(n_samples) - made
-    if settings.stop_when_out_of_reach and verdict["clique_exact"] and remaining is not None and size + remaining < rule.min_clique:
+    if (
+        settings.stop_when_out_of_reach
+        and verdict["clique_exact"]
+        and remaining is not None
+        and size + remaining < rule.min_clique
+    ):
         return RoundCheck(OUT_OF_REACH, size)
     # The rate is that of the samples read (the clique is among them); the budget left counts from
     # the samples made.
-    if (settings.stop_when_unlikely and verdict["clique_exact"] and remaining is not None
-            and unlikely_to_complete(size, len(images), remaining, rule.min_clique)):  # fmt: skip
+    if (
+        settings.stop_when_unlikely
+        and verdict["clique_exact"]
+        and remaining is not None
+        and unlikely_to_complete(size, len(images), remaining, rule.min_clique)
+    ):
         return RoundCheck(UNLIKELY, size)
     return RoundCheck(CONTINUE, size)
 
@@ -285,7 +296,14 @@ def next_round_end(made: int, check: RoundCheck, n_samples: int, settings: Adapt
         # The first count at which the bound stops the prompt if its clique does not grow (the
         # bound falls as samples come and the budget shrinks); none before the budget: no entry.
         # The samples are counted as made, whatever some unreadable ones would change.
-        first = next((k for k in range(made + 1, n_samples) if unlikely_to_complete(check.clique_size, k, n_samples - k, settings.rule.min_clique)), None)
+        first = next(
+            (
+                k
+                for k in range(made + 1, n_samples)
+                if unlikely_to_complete(check.clique_size, k, n_samples - k, settings.rule.min_clique)
+            ),
+            None,
+        )
         if first is not None:
             decisive.append(first)
     if not decisive:
@@ -295,7 +313,11 @@ def next_round_end(made: int, check: RoundCheck, n_samples: int, settings: Adapt
 
 
 def adaptive_outcome(
-    first: Callable[[int], Images], n_samples: int, settings: AdaptiveSettings, matches: Matches | None = None, near: Near | None = None
+    first: Callable[[int], Images],
+    n_samples: int,
+    settings: AdaptiveSettings,
+    matches: Matches | None = None,
+    near: Near | None = None,
 ) -> tuple[int, str | None]:
     """What adaptive sampling makes of one prompt: ``(samples made, stop reason)``.
 
@@ -333,8 +355,10 @@ def adaptive_settings(values: Mapping[str, Any] | None, rule: NearCopyRule | Non
     if unknown:
         key = unknown[0]
         if key in MOVED_KEYS:
-            raise ConfigError(f"adaptive.{key}: moved: the near-copy rule is configured once for every stage; "
-                              f"set {MOVED_KEYS[key]} (conf/rule.yaml, conf/metric/)")
+            raise ConfigError(
+                f"adaptive.{key}: moved: the near-copy rule is configured once for every stage; "
+                f"set {MOVED_KEYS[key]} (conf/rule.yaml, conf/metric/)"
+            )
         raise ConfigError(f"adaptive.{key}: unknown key; the adaptive section takes {', '.join(known)}")
     section = OmegaConf.create({"adaptive": values})  # so that errors name adaptive.<key>
     parsed: dict[str, Any] = {}

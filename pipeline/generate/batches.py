@@ -28,9 +28,19 @@ class SampleBatches:
     ``on_batch(tasks)`` is called after each batch is handed to the writers.
     """
 
-    def __init__(self, pipe, settings: SamplingSettings, out_dir: Path, scheduler: RoundScheduler, ctx: StepContext, *,
-                 batch_size: int, png_workers: int, png_compress_level: int,
-                 on_batch: Callable[[list[SampleTask]], None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        pipe,
+        settings: SamplingSettings,
+        out_dir: Path,
+        scheduler: RoundScheduler,
+        ctx: StepContext,
+        *,
+        batch_size: int,
+        png_workers: int,
+        png_compress_level: int,
+        on_batch: Callable[[list[SampleTask]], None] | None = None,
+    ):
         self.pipe, self.settings, self.out_dir, self.scheduler, self.ctx = pipe, settings, out_dir, scheduler, ctx
         self.batch_size, self.png_workers, self.png_compress_level = batch_size, png_workers, png_compress_level
         self.on_batch = on_batch
@@ -38,8 +48,9 @@ class SampleBatches:
         self.queued_per_caption: Counter[str] = Counter()
         self.pending: list[tuple[str, Future]] = []  # (prompt_id, its PNG's write)
         self.made = 0  # images sampled and handed to the writers
-        self.bar = tqdm(total=0, unit="img", desc=f"generate {ctx.rank}/{ctx.world_size}", disable=not ctx.progress,
-                        dynamic_ncols=True)  # fmt: skip
+        self.bar = tqdm(
+            total=0, unit="img", desc=f"generate {ctx.rank}/{ctx.world_size}", disable=not ctx.progress, dynamic_ncols=True
+        )
 
     def enqueue(self, tasks: list[SampleTask]) -> None:
         self.queue.extend(tasks)

@@ -29,8 +29,17 @@ class PromptSamples:
     counts the prompts stopped per stop reason of :mod:`pipeline.generate.adaptive`.
     """
 
-    def __init__(self, out_dir: Path, ctx: StepContext, units: Sequence[Unit], *, n_samples: int,
-                 adaptive: AdaptiveSettings | None, matcher: GroupMatcher | None, groups: dict[str, list[str]]):  # fmt: skip
+    def __init__(
+        self,
+        out_dir: Path,
+        ctx: StepContext,
+        units: Sequence[Unit],
+        *,
+        n_samples: int,
+        adaptive: AdaptiveSettings | None,
+        matcher: GroupMatcher | None,
+        groups: dict[str, list[str]],
+    ):
         self.out_dir, self.ctx, self.n_samples, self.adaptive = out_dir, ctx, n_samples, adaptive
         self.matcher, self.groups = matcher, groups
         self.units = {unit.name: unit for unit in units}
@@ -40,9 +49,14 @@ class PromptSamples:
     def scheduler(self) -> RoundScheduler:
         """A round scheduler over these prompts' samples: every one of its callbacks is a method here."""
         return RoundScheduler(
-            self.n_samples, self.adaptive, missing=self.missing, read=self.read_back, on_finish=self.finish,
-            matches=self.matches, near=self.near,
-        )  # fmt: skip
+            self.n_samples,
+            self.adaptive,
+            missing=self.missing,
+            read=self.read_back,
+            on_finish=self.finish,
+            matches=self.matches,
+            near=self.near,
+        )
 
     def missing(self, prompt_id: str, start: int, end: int) -> list[int]:
         """Indexes in ``[start, end)`` of the prompt's samples with no PNG yet."""
@@ -81,9 +95,12 @@ class PromptSamples:
         # ``stopped_early`` means "stopped with no sign of memorization" (what a shortcut can
         # miss); a prompt stopped because it is already flagged has stop_reason "flagged".
         info: dict[str, Any] = {
-            "n_samples": self.n_samples, "n_generated": made, "stopped_early": reason == NO_SIGN, "stop_reason": reason,
+            "n_samples": self.n_samples,
+            "n_generated": made,
+            "stopped_early": reason == NO_SIGN,
+            "stop_reason": reason,
             "rank": self.ctx.rank,
-        }  # fmt: skip
+        }
         if reason is not None:
             info["adaptive"] = self.adaptive.describe()
             self.stops[reason] += 1

@@ -43,9 +43,21 @@ from pipeline.prompts import Prompt
 SETTINGS_FILE = GENERATION_SETTINGS
 # Recipe fields that change what a sample looks like: a run directory holds one value of each.
 PIXEL_KEYS = (
-    "model", "pipeline_class", "scheduler", "scheduler_config", "steps", "guidance_scale", "height", "width",
-    "negative_prompt", "dtype", "generator_device", "base_seed", "seed_rule", "model_identity",
-)  # fmt: skip
+    "model",
+    "pipeline_class",
+    "scheduler",
+    "scheduler_config",
+    "steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "negative_prompt",
+    "dtype",
+    "generator_device",
+    "base_seed",
+    "seed_rule",
+    "model_identity",
+)
 
 
 def recipe_json(obj: Any) -> str:
@@ -111,8 +123,16 @@ def check_settings(out_dir: Path, run_recipe: dict[str, Any]) -> None:
         write_json(wanted, path)
 
 
-def prompt_rows(prompts: Sequence[Prompt], index_of: dict[str, int], run_recipe: dict[str, Any], *, n_samples: int,
-                base_seed: int, adaptive: AdaptiveSettings | None, digests: dict[str, str]) -> list[dict[str, Any]]:  # fmt: skip
+def prompt_rows(
+    prompts: Sequence[Prompt],
+    index_of: dict[str, int],
+    run_recipe: dict[str, Any],
+    *,
+    n_samples: int,
+    base_seed: int,
+    adaptive: AdaptiveSettings | None,
+    digests: dict[str, str],
+) -> list[dict[str, Any]]:
     """The recipe row of each of ``prompts`` (a shard's ``prompts.parquet`` rows before their
     sampling state): the prompt (``prompt_index``: its position in ``index_of``, the whole
     list), its ``n_samples`` seeds (:func:`pipeline.generate.sampling.sample_seed`), the run's

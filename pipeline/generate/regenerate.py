@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("generations_dir", type=Path, help="the generator's folder (holds prompts.parquet)")
     parser.add_argument("prompt_id")
     parser.add_argument("index", type=int, help="the sample's index within its prompt (00012.png is 12)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the PNG (default: regenerated_<prompt_id>_<index>.png)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write the PNG (default: regenerated_<prompt_id>_<index>.png)"
+    )
     parser.add_argument("--device", default=None, help="override the recorded device, e.g. cpu")
     parser.add_argument("--model-path", default=None, help="override the recorded model path (the model moved)")
     args = parser.parse_args(argv)
@@ -113,8 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     stored = sample_path(args.generations_dir, args.prompt_id, args.index)
     if stored.is_file():
         difference = np.abs(np.asarray(Image.open(stored).convert("RGB"), dtype=np.int16) - image.astype(np.int16))
-        print(f"largest difference from the stored {stored}: {int(difference.max())} grey level(s) "
-              f"({float((difference > 1).mean()):.2%} of values differ by more than one)")
+        print(
+            f"largest difference from the stored {stored}: {int(difference.max())} grey level(s) "
+            f"({float((difference > 1).mean()):.2%} of values differ by more than one)"
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pipeline.generate.adaptive import CONTINUE, AdaptiveSettings, Images, check_round, held_by_training, next_round_end, round_ends
+from pipeline.generate.adaptive import (
+    CONTINUE,
+    AdaptiveSettings,
+    Images,
+    check_round,
+    held_by_training,
+    next_round_end,
+    round_ends,
+)
 from pipeline.generate.sampling import SampleTask
 from pipeline.generations import EXTRACTED
 

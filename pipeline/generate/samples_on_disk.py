@@ -49,8 +49,11 @@ def refuse_changed_prompts(out_dir: Path, prompts: Sequence[Prompt], records: di
     if not changed:
         return
     p, then = changed[0]
-    what = f"another caption ({display_text(then, 80)!r} then, {display_text(p.caption, 80)!r} now)" if then != p.caption \
+    what = (
+        f"another caption ({display_text(then, 80)!r} then, {display_text(p.caption, 80)!r} now)"
+        if then != p.caption
         else "another recipe"
+    )
     more = f" ({len(changed)} prompts in all)" if len(changed) > 1 else ""
     raise ValueError(
         f"prompts: prompt {p.prompt_id}{more}: its samples in {out_dir / p.prompt_id} were made from {what}; "

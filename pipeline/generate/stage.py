@@ -187,21 +187,39 @@ def generate(
     refuse_changed_prompts(out_dir, mine, records)
     record_prompts(out_dir, mine, records)
     digests = {pid: record["digest"] for pid, record in records.items()}
-    rows = prompt_rows(mine, {p.prompt_id: i for i, p in enumerate(prompts)}, run_recipe, n_samples=n_samples,
-                       base_seed=base_seed, adaptive=adaptive, digests=digests)  # fmt: skip
+    rows = prompt_rows(
+        mine,
+        {p.prompt_id: i for i, p in enumerate(prompts)},
+        run_recipe,
+        n_samples=n_samples,
+        base_seed=base_seed,
+        adaptive=adaptive,
+        digests=digests,
+    )
     if adaptive is not None and adaptive.stop_when_extracted:
         without = sum(not row["keys"] for row in rows)
         if without:
-            log.info("generate: %d of %d prompts carry no training keys (no duplicate group): stop_when_extracted cannot "
-                     "stop them", without, len(rows))
+            log.info(
+                "generate: %d of %d prompts carry no training keys (no duplicate group): stop_when_extracted cannot stop them",
+                without,
+                len(rows),
+            )
 
     # 3. Sample this shard's prompts through the executor.
     step = GenerateStep(
-        pipe, rows, out_dir, settings=settings, n_samples=n_samples, batch_size=batch_size, adaptive=adaptive,
-        png_workers=png_workers, png_compress_level=png_compress_level, on_batch=on_batch,
+        pipe,
+        rows,
+        out_dir,
+        settings=settings,
+        n_samples=n_samples,
+        batch_size=batch_size,
+        adaptive=adaptive,
+        png_workers=png_workers,
+        png_compress_level=png_compress_level,
+        on_batch=on_batch,
         matcher=matcher if adaptive is not None and adaptive.stop_when_extracted else None,
         every_prompt=[(p.prompt_id, digests[p.prompt_id], None if p.keys is None else list(p.keys)) for p in prompts],
-    )  # fmt: skip
+    )
     ctx = run_step(step, out_dir, rank=rank, world_size=world_size, progress=progress, logs_dir=out_dir / LOGS_DIR)
 
     # 4. This shard's prompts as they now stand, and the union of every shard's so far (safe at any time).
@@ -209,17 +227,34 @@ def generate(
     consolidate_prompts(out_dir)
     stops = step.stops
     summary = GenerationSummary(
-        len(mine), ctx.skipped, step.made, step.seconds,
-        stops[NO_SIGN], stops[FLAGGED], stops[OUT_OF_REACH], len(step.rejected), stops[EXTRACTED], stops[UNLIKELY],
-    )  # fmt: skip
+        len(mine),
+        ctx.skipped,
+        step.made,
+        step.seconds,
+        stops[NO_SIGN],
+        stops[FLAGGED],
+        stops[OUT_OF_REACH],
+        len(step.rejected),
+        stops[EXTRACTED],
+        stops[UNLIKELY],
+    )
     if step.rejected:
-        log.warning("generate: %d sample(s) could not be read back and were left out of adaptive sampling's checks: %s",
-                    len(step.rejected), ctx.rejects.summary())
-    log.info("generate: made %d images in %.1f s (%.2f images/s)%s", step.made, step.seconds, summary.images_per_s,
-             f"; {stops[NO_SIGN]} prompts stopped early with no near-copy pair, {stops[FLAGGED]} once flagged, "
-             f"{stops[OUT_OF_REACH]} once a clique was out of reach, {stops[EXTRACTED]} once extracted, "
-             f"{stops[UNLIKELY]} once a clique was unlikely"
-             if adaptive is not None else "")
+        log.warning(
+            "generate: %d sample(s) could not be read back and were left out of adaptive sampling's checks: %s",
+            len(step.rejected),
+            ctx.rejects.summary(),
+        )
+    log.info(
+        "generate: made %d images in %.1f s (%.2f images/s)%s",
+        step.made,
+        step.seconds,
+        summary.images_per_s,
+        f"; {stops[NO_SIGN]} prompts stopped early with no near-copy pair, {stops[FLAGGED]} once flagged, "
+        f"{stops[OUT_OF_REACH]} once a clique was out of reach, {stops[EXTRACTED]} once extracted, "
+        f"{stops[UNLIKELY]} once a clique was unlikely"
+        if adaptive is not None
+        else "",
+    )
     return summary
 
 
@@ -239,8 +274,10 @@ def run(cfg) -> GenerationSummary:
     # 2. The near-copy rule and the training images adaptive sampling stops on.
     data = cfg.get("data")
     if adaptive.enabled and adaptive.stop_when_extracted and data is None:
-        raise ConfigError("adaptive.stop_when_extracted: needs a training set to compare samples with: set data= (data=demo, "
-                          "data=files data.path=...)")
+        raise ConfigError(
+            "adaptive.stop_when_extracted: needs a training set to compare samples with: set data= (data=demo, "
+            "data=files data.path=...)"
+        )
     matcher = None
     if adaptive.enabled:  # the near-copy rule matters (and its metric is built) only then
         adaptive = replace(adaptive, rule=rule_from_config(cfg))
@@ -253,17 +290,37 @@ def run(cfg) -> GenerationSummary:
     # 3. Read the prompts and load the model (every model.* loading key, as the prescreen loads it).
     prompts = read_prompts(cfg.prompts, caption_column=cfg.caption_column, limit=options.max_prompts)
     device = resolve_device(speed.device)
-    runtime = make_runtime(device, speed.dtype, attention=speed.attention, fuse_qkv=speed.fuse_qkv,
-                           channels_last=speed.channels_last, tf32=speed.tf32, compile=speed.compile)  # fmt: skip
+    runtime = make_runtime(
+        device,
+        speed.dtype,
+        attention=speed.attention,
+        fuse_qkv=speed.fuse_qkv,
+        channels_last=speed.channels_last,
+        tf32=speed.tf32,
+        compile=speed.compile,
+    )
     pipe = load_model(cfg.model, runtime, device=device)
 
     # 4. Sample this shard's prompts.
     summary = generate(
-        pipe, prompts, cfg.out_dir, model=cfg.model.path, settings=sampling, runtime=runtime, n_samples=options.n_samples,
-        base_seed=options.seed, batch_size=options.batch_size, rank=rank, world_size=world_size,
-        png_workers=options.png_workers, png_compress_level=options.png_compress_level, progress=options.progress,
-        adaptive=adaptive, matcher=matcher, model_revision=cfg.model.get("revision"),
-    )  # fmt: skip
+        pipe,
+        prompts,
+        cfg.out_dir,
+        model=cfg.model.path,
+        settings=sampling,
+        runtime=runtime,
+        n_samples=options.n_samples,
+        base_seed=options.seed,
+        batch_size=options.batch_size,
+        rank=rank,
+        world_size=world_size,
+        png_workers=options.png_workers,
+        png_compress_level=options.png_compress_level,
+        progress=options.progress,
+        adaptive=adaptive,
+        matcher=matcher,
+        model_revision=cfg.model.get("revision"),
+    )
 
     # 5. The budget, over every prompt of the folder so far (other shards' too).
     budget_cfg = cfg.get("budget") or {}

@@ -38,10 +38,22 @@ class GenerateStep:
     # Every rank's rejects, also those of runs with another world_size: prompts outlive it.
     rejects_per_world_size = False
 
-    def __init__(self, pipe, rows: list[dict[str, Any]], out_dir: Path, *, settings: SamplingSettings, n_samples: int,
-                 batch_size: int, adaptive: AdaptiveSettings | None, png_workers: int, png_compress_level: int,
-                 on_batch: Callable[[list[SampleTask]], None] | None, matcher: GroupMatcher | None = None,
-                 every_prompt: Sequence[tuple[str, str, list[str] | None]] = ()):  # fmt: skip
+    def __init__(
+        self,
+        pipe,
+        rows: list[dict[str, Any]],
+        out_dir: Path,
+        *,
+        settings: SamplingSettings,
+        n_samples: int,
+        batch_size: int,
+        adaptive: AdaptiveSettings | None,
+        png_workers: int,
+        png_compress_level: int,
+        on_batch: Callable[[list[SampleTask]], None] | None,
+        matcher: GroupMatcher | None = None,
+        every_prompt: Sequence[tuple[str, str, list[str] | None]] = (),
+    ):
         self.pipe, self.rows, self.out_dir, self.settings = pipe, rows, out_dir, settings
         # (prompt_id, prompt digest, keys) of every rank's prompts, in prompt-list order.
         self.every_prompt = list(every_prompt) or [(row["prompt_id"], row["prompt_digest"], row["keys"]) for row in rows]
@@ -69,8 +81,10 @@ class GenerateStep:
         # stop_when_extracted decides by the prompt's training images: its keys decide its stop.
         extracted_stops = self.adaptive is not None and self.adaptive.stop_when_extracted
         return [
-            Unit(prompt_id, {"n_samples": self.n_samples, "adaptive": adaptive, "prompt": digest,
-                             "keys": keys if extracted_stops else None})  # fmt: skip
+            Unit(
+                prompt_id,
+                {"n_samples": self.n_samples, "adaptive": adaptive, "prompt": digest, "keys": keys if extracted_stops else None},
+            )
             for prompt_id, digest, keys in self.every_prompt
         ]
 
@@ -83,7 +97,9 @@ class GenerateStep:
             return False
         if marker.get("stop_reason") is not None and settings.get("keys") != unit.settings["keys"]:
             return False  # a stop taken against other training images
-        return marker_complete(marker, self.n_samples, self.adaptive, any_rule=False) and samples_present(self.out_dir, unit.name, marker)
+        return marker_complete(marker, self.n_samples, self.adaptive, any_rule=False) and samples_present(
+            self.out_dir, unit.name, marker
+        )
 
     def write_shard_file(self, rank: int, world_size: int) -> None:
         """The recipe rows plus each prompt's state (samples made so far, stopped early or not)
@@ -105,24 +121,37 @@ class GenerateStep:
         rows = {row["prompt_id"]: row for row in self.rows}
         # 1. The prompts' samples on disk and the checks on them, behind their round scheduler.
         groups = {pid: normalise_keys(row.get("keys")) or [] for pid, row in rows.items()}
-        self.samples = PromptSamples(self.out_dir, ctx, units, n_samples=self.n_samples, adaptive=self.adaptive,
-                                     matcher=self.matcher, groups=groups)  # fmt: skip
+        self.samples = PromptSamples(
+            self.out_dir, ctx, units, n_samples=self.n_samples, adaptive=self.adaptive, matcher=self.matcher, groups=groups
+        )
         scheduler = self.samples.scheduler()
         batches = SampleBatches(
-            self.pipe, self.settings, self.out_dir, scheduler, ctx, batch_size=self.batch_size, png_workers=self.png_workers,
-            png_compress_level=self.png_compress_level, on_batch=self.on_batch,
-        )  # fmt: skip
+            self.pipe,
+            self.settings,
+            self.out_dir,
+            scheduler,
+            ctx,
+            batch_size=self.batch_size,
+            png_workers=self.png_workers,
+            png_compress_level=self.png_compress_level,
+            on_batch=self.on_batch,
+        )
         # 2. The recipe on disk before sampling starts, whatever happens next.
         self.write_shard_file(ctx.rank, ctx.world_size)
         # 3. Every prompt's first round (a prompt its samples on disk already decide finishes here).
         for unit in units:
             batches.enqueue(scheduler.start(unit.name, rows[unit.name]["caption"], rows[unit.name]["seeds"]))
         log.info(
-            "generate: shard %d/%d: %d prompts to sample, %d images to make%s", ctx.rank, ctx.world_size, len(units),
-            len(batches.queue), f" in the first round (adaptive: rounds end at {scheduler.ends}"
+            "generate: shard %d/%d: %d prompts to sample, %d images to make%s",
+            ctx.rank,
+            ctx.world_size,
+            len(units),
+            len(batches.queue),
+            f" in the first round (adaptive: rounds end at {scheduler.ends}"
             + (", or sooner where a stop on the verdict could apply)" if self.adaptive.needs_clique else ")")
-            if self.adaptive is not None else "",
-        )  # fmt: skip
+            if self.adaptive is not None
+            else "",
+        )
         # 4. Sample, write, and queue each prompt's next round until every prompt is finished.
         try:
             with ctx.track_time("sampling"):

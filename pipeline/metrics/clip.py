@@ -31,8 +31,10 @@ class ClipDistance(Metric):
 
     def __post_init__(self):
         if self.embedder is None:
-            raise ConfigError("embedder: metric=clip needs an embedder; pass embedder=<name> "
-                              "(+embedder=<name> in a stage without one; see conf/embedder/)")
+            raise ConfigError(
+                "embedder: metric=clip needs an embedder; pass embedder=<name> "
+                "(+embedder=<name> in a stage without one; see conf/embedder/)"
+            )
         if not isinstance(self.embedder, Embedder):
             raise ConfigError(f"embedder: metric=clip needs an Embedder, got {type(self.embedder).__name__}")
         object.__setattr__(self, "batch_size", checked_int("batch_size", self.batch_size, minimum=1))

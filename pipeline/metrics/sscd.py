@@ -178,8 +178,10 @@ class SSCDDistance(Metric):
             output = self._model((nchw - mean) / std)
         if not isinstance(output, torch.Tensor) or output.ndim != 2 or output.shape[0] != len(images):
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise ConfigError(f"metric.path: {self.path} gives {shape} for {len(images)} images, "
-                              "expected (images, dim) descriptors; is it an SSCD TorchScript model?")  # fmt: skip
+            raise ConfigError(
+                f"metric.path: {self.path} gives {shape} for {len(images)} images, "
+                "expected (images, dim) descriptors; is it an SSCD TorchScript model?"
+            )
         return [row.copy() for row in output.to(torch.float32).cpu().numpy()]  # copies: a cached row holds no batch
 
     def _remember(self, key: bytes, descriptor: np.ndarray) -> None:

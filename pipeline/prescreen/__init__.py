@@ -22,6 +22,18 @@ from pipeline.prescreen.settings import PrescreenSettings
 from pipeline.prescreen.stage import PrescreenSummary, run
 
 __all__ = [
-    "PrescreenSettings", "PrescreenSummary", "choose_kept", "denoiser_scores", "heavy_prompt_aucs", "latent_shape", "prescreen",
-    "rank_scores", "robust_z", "roc_auc", "run", "score_prompts", "text_conditional_noise_norm", "unet_evaluations",
-]  # fmt: skip
+    "PrescreenSettings",
+    "PrescreenSummary",
+    "choose_kept",
+    "denoiser_scores",
+    "heavy_prompt_aucs",
+    "latent_shape",
+    "prescreen",
+    "rank_scores",
+    "robust_z",
+    "roc_auc",
+    "run",
+    "score_prompts",
+    "text_conditional_noise_norm",
+    "unet_evaluations",
+]

@@ -12,6 +12,7 @@ import pandas as pd
 
 from pipeline.prescreen.scores import SCORES
 
+
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve of ``scores`` for telling ``positive`` from the rest."""
     from sklearn.metrics import roc_auc_score

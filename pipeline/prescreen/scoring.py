@@ -163,8 +163,9 @@ def score_prompts(pipe, prompts: list[Prompt], settings: PrescreenSettings, prog
     return score_table(prompts, columns, levels)
 
 
-def score_table(prompts: list[Prompt], columns: dict[str, np.ndarray] | None = None,
-                levels: np.ndarray | None = None) -> pd.DataFrame:  # fmt: skip
+def score_table(
+    prompts: list[Prompt], columns: dict[str, np.ndarray] | None = None, levels: np.ndarray | None = None
+) -> pd.DataFrame:
     """:func:`score_prompts`' table for ``prompts``: the :data:`SCORE_COLUMNS` from ``columns``
     (one float per prompt each; NaN for a column not given) and :data:`LEVEL_COLUMN` from
     ``levels`` (prompts, levels), or null."""

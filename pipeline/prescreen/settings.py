@@ -92,5 +92,14 @@ def prescreen_settings(cfg) -> PrescreenSettings:
 # The settings that decide a prompt's score (not which prompts are kept: changing those redoes
 # only the ranking).
 SCORE_SETTINGS = (
-    "seeds", "steps", "batch_size", "base_seed", "height", "width", "score", "anisotropy_weight", "guidance_scale", "levels"
-)  # fmt: skip
+    "seeds",
+    "steps",
+    "batch_size",
+    "base_seed",
+    "height",
+    "width",
+    "score",
+    "anisotropy_weight",
+    "guidance_scale",
+    "levels",
+)

@@ -88,8 +88,10 @@ def writes_into_inputs(out_dir: str | Path, prompts: str | Path, model_path: str
     if model_path:
         model = Path(os.path.realpath(Path(str(model_path)).expanduser()))
         if model.is_dir() and (out == model or model in out.parents):
-            return (f"model.path: {model_path} holds the prescreen's output folder {out_dir}; inputs are read-only: "
-                    "choose a run_dir outside it")
+            return (
+                f"model.path: {model_path} holds the prescreen's output folder {out_dir}; inputs are read-only: "
+                "choose a run_dir outside it"
+            )
     return None
 
 
@@ -124,8 +126,9 @@ def run(cfg) -> PrescreenSummary:
 
     # 4. Score this rank's share; the rank that completes the last share ranks every prompt and
     #    writes the outputs (the step's finish).
-    step = ScorePrompts(cfg, prompts, settings, layout, world_size=world_size, progress=bool(cfg.progress),
-                        heavy_dup_count=heavy_dup_count)  # fmt: skip
+    step = ScorePrompts(
+        cfg, prompts, settings, layout, world_size=world_size, progress=bool(cfg.progress), heavy_dup_count=heavy_dup_count
+    )
     ctx = run_step(step, layout.prescreen, rank=rank, world_size=world_size)
 
     # 5. Say what this rank did, and return the ranked table when every prompt is ranked.
@@ -133,8 +136,10 @@ def run(cfg) -> PrescreenSummary:
     if not ctx.all_done:
         markers = {unit.name: read_marker(layout.prescreen, unit.name) or {} for unit in step.units()}
         waiting = [unit.name for unit in step.units() if markers[unit.name].get("digest") != unit.digest]
-        print(f"prescreen [rank {rank}/{world_size}]: scores written; the rank that finishes last ranks every prompt "
-              f"(waiting for {', '.join(waiting[:10])}{', ...' if len(waiting) > 10 else ''})")  # fmt: skip
+        print(
+            f"prescreen [rank {rank}/{world_size}]: scores written; the rank that finishes last ranks every prompt "
+            f"(waiting for {', '.join(waiting[:10])}{', ...' if len(waiting) > 10 else ''})"
+        )
     elif table is None:  # ranked by an earlier run (or another rank) from the same scores
         print(f"prescreen: every prompt already scored and ranked with these settings -> {layout.prescreen_scores}")
         table = pd.read_parquet(layout.prescreen_scores)

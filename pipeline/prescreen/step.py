@@ -68,8 +68,16 @@ class ScorePrompts:
 
     name = "prescreen"
 
-    def __init__(self, cfg, prompts: list[Prompt], settings: PrescreenSettings, layout: RunLayout, world_size: int = 1,
-                 progress: bool = True, heavy_dup_count: int = 100):  # fmt: skip
+    def __init__(
+        self,
+        cfg,
+        prompts: list[Prompt],
+        settings: PrescreenSettings,
+        layout: RunLayout,
+        world_size: int = 1,
+        progress: bool = True,
+        heavy_dup_count: int = 100,
+    ):
         from omegaconf import OmegaConf
 
         self.cfg = cfg
@@ -206,12 +214,19 @@ def print_ranking(table: pd.DataFrame, summary: dict, heavy_dup_count: int, layo
     shown["prompt_id"] = shown["prompt_id"].map(lambda v: display_text(v, 20))  # untrusted: bounded, no controls
     shown["caption"] = shown["caption"].map(lambda v: display_text(v, 60))
     print(shown.to_string(index=False))
-    print(f"prescreen: {summary['kept']} of {summary['prompts']} prompts kept by the {score} score, "
-          f"{summary['unet_evaluations']} denoiser evaluations in {summary['seconds']:.1f} s")  # fmt: skip
+    print(
+        f"prescreen: {summary['kept']} of {summary['prompts']} prompts kept by the {score} score, "
+        f"{summary['unet_evaluations']} denoiser evaluations in {summary['seconds']:.1f} s"
+    )
     for name in SCORES:
         aucs = {side: summary.get(f"roc_auc_{name}_{side}") for side in ("heavy_vs_singletons", "heavy_vs_rest")}
         if any(value is not None for value in aucs.values()):
-            print(f"prescreen: ROC AUC of the {name} score for dup_count >= {heavy_dup_count}: "
-                  + ", ".join(f"{'vs singletons' if side == 'heavy_vs_singletons' else 'vs every other prompt'} {value:.3f}"
-                              for side, value in aucs.items() if value is not None))  # fmt: skip
+            print(
+                f"prescreen: ROC AUC of the {name} score for dup_count >= {heavy_dup_count}: "
+                + ", ".join(
+                    f"{'vs singletons' if side == 'heavy_vs_singletons' else 'vs every other prompt'} {value:.3f}"
+                    for side, value in aucs.items()
+                    if value is not None
+                )
+            )
     print(f"written {layout.prescreen_scores}; generate from {layout.prescreen_selected}")

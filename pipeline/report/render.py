@@ -92,16 +92,26 @@ def report_context(results: RunResults, title: str, thumbnails: int, thumb_size:
     rates = rates_by_duplicates(results)
     rule = results.summary.get("settings") or {}
     return dict(
-        title=title, summary=_run_summary(results.memorized, verified),
+        title=title,
+        summary=_run_summary(results.memorized, verified),
         settings={key: rule.get(key, "?") for key in ("min_clique", "threshold", "metric")},
-        delta=_number(results.delta, "g"), metric=results.metric_name, budget=read_budget(results.generations_dir),
-        plot=png_data_uri(plot_rates(rates, verified)) if rates is not None else None, verified=verified,
-        cards=cards, hidden_cards=max(0, len(extracted) - len(cards)),
-        other_cards=other_cards, hidden_other_cards=max(0, len(others) - len(other_cards)),
-        table=rows, has_score="score" in table.columns, has_z="robust_z" in table.columns,
-        flagged=flagged_shown, hidden_flagged=max(0, len(flagged) - len(flagged_shown)),
-        thumb_size=thumb_size, card_size=card_size,
-    )  # fmt: skip
+        delta=_number(results.delta, "g"),
+        metric=results.metric_name,
+        budget=read_budget(results.generations_dir),
+        plot=png_data_uri(plot_rates(rates, verified)) if rates is not None else None,
+        verified=verified,
+        cards=cards,
+        hidden_cards=max(0, len(extracted) - len(cards)),
+        other_cards=other_cards,
+        hidden_other_cards=max(0, len(others) - len(other_cards)),
+        table=rows,
+        has_score="score" in table.columns,
+        has_z="robust_z" in table.columns,
+        flagged=flagged_shown,
+        hidden_flagged=max(0, len(flagged) - len(flagged_shown)),
+        thumb_size=thumb_size,
+        card_size=card_size,
+    )
 
 
 def _anchors(table: pd.DataFrame, entries: list[dict[str, Any]]) -> dict[str, str]:
@@ -125,23 +135,42 @@ def _card(results: RunResults, anchor: str, row: dict[str, Any], pairs: pd.DataF
     """One card: the best sample beside the training image it reproduces, the evidence around
     them, and the first ``PAIRS_SHOWN`` of the prompt's matching ``pairs`` (by distance)."""
     return {
-        "anchor": anchor, "prompt_id": shown(row["prompt_id"], NAME_LIMIT), "caption": shown(row["caption"], CAPTION_LIMIT),
-        "sample_uri": thumbnail_uri(results.evidence_path(row["prompt_id"], row["best_sample_file"], row.get("best_sample_sha1")), size)
-        if row["best_sample_file"] else None,
+        "anchor": anchor,
+        "prompt_id": shown(row["prompt_id"], NAME_LIMIT),
+        "caption": shown(row["caption"], CAPTION_LIMIT),
+        "sample_uri": thumbnail_uri(
+            results.evidence_path(row["prompt_id"], row["best_sample_file"], row.get("best_sample_sha1")), size
+        )
+        if row["best_sample_file"]
+        else None,
         "match_uri": thumbnail_uri(results.match_path(row["prompt_id"]), size),
-        "best_sample": _count(row["best_sample"]), "sample_file": shown(row["best_sample_file"], NAME_LIMIT, full=False),
-        "seed": _count(row["seed"]), "command": row["command"],
-        "distance": _number(row["best_distance"]), "train_key": shown(row["best_train_key"], NAME_LIMIT),
+        "best_sample": _count(row["best_sample"]),
+        "sample_file": shown(row["best_sample_file"], NAME_LIMIT, full=False),
+        "seed": _count(row["seed"]),
+        "command": row["command"],
+        "distance": _number(row["best_distance"]),
+        "train_key": shown(row["best_train_key"], NAME_LIMIT),
         "in_group": _maybe(row.get("best_in_group", pd.NA)),
-        "dup_count": _count(row["dup_count"]), "clique_size": int(row["clique_size"]), "n_samples": int(row["n_samples"]),
-        "flagged": bool(row["flagged"]), "samples_verified": int(row["samples_verified"]),
-        "n_candidates": int(row["n_candidates"]), "extracted": bool(row["extracted"]), "rate": _reproduction(row),
+        "dup_count": _count(row["dup_count"]),
+        "clique_size": int(row["clique_size"]),
+        "n_samples": int(row["n_samples"]),
+        "flagged": bool(row["flagged"]),
+        "samples_verified": int(row["samples_verified"]),
+        "n_candidates": int(row["n_candidates"]),
+        "extracted": bool(row["extracted"]),
+        "rate": _reproduction(row),
         "matched_other": int(row["samples_matched_other"]),
-        "pairs": [{"sample": int(p["sample"]), "train_key": shown(p["train_key"], NAME_LIMIT, full=False),
-                   "distance": _number(p["distance"]), "in_group": _maybe(p.get("in_group", pd.NA))}
-                  for p in pairs.head(PAIRS_SHOWN).to_dict("records")],
+        "pairs": [
+            {
+                "sample": int(p["sample"]),
+                "train_key": shown(p["train_key"], NAME_LIMIT, full=False),
+                "distance": _number(p["distance"]),
+                "in_group": _maybe(p.get("in_group", pd.NA)),
+            }
+            for p in pairs.head(PAIRS_SHOWN).to_dict("records")
+        ],
         "more_pairs": max(0, len(pairs) - PAIRS_SHOWN),
-    }  # fmt: skip
+    }
 
 
 def _flagged_entry(
@@ -157,30 +186,40 @@ def _flagged_entry(
         for i, (f, s) in enumerate(zip(files[:thumbnails], samples[:thumbnails]))
     ]
     return {
-        "anchor": anchor, "card": card,
+        "anchor": anchor,
+        "card": card,
         # A prompt with a card shows its whole caption and id there, once.
         "prompt_id": shown(row["prompt_id"], NAME_LIMIT, full=card is None),
         "caption": shown(row["caption"], CAPTION_LIMIT, full=card is None),
-        "clique_size": int(row["clique_size"]), "n_samples": int(row["n_samples"]), "clique_exact": bool(row["clique_exact"]),
-        "max_pair_distance": _number(row["max_pair_distance"]), "median_pair_distance": _number(row["median_pair_distance"]),
-        "dup_count": _count(row["dup_count"]), "thumbs": thumbs, "extracted": bool(row.get("extracted", False)),
+        "clique_size": int(row["clique_size"]),
+        "n_samples": int(row["n_samples"]),
+        "clique_exact": bool(row["clique_exact"]),
+        "max_pair_distance": _number(row["max_pair_distance"]),
+        "median_pair_distance": _number(row["median_pair_distance"]),
+        "dup_count": _count(row["dup_count"]),
+        "thumbs": thumbs,
+        "extracted": bool(row.get("extracted", False)),
         "best_distance": _number(row.get("best_distance")),
         "train_key": shown(row.get("best_train_key", ""), NAME_LIMIT, full=False),
-    }  # fmt: skip
+    }
 
 
 def _table_row(row: dict[str, Any], link: str | None, verified: bool) -> dict[str, Any]:
     """A row of the table of every prompt (a row of :func:`prompt_table`); ``link``: the anchor it points to."""
     return {
         "link": link,
-        "prompt_id": display_text(row["prompt_id"], NAME_LIMIT), "caption": display_text(row["caption"], TABLE_CAPTION_LIMIT),
-        "dup_count": _number(row["dup_count"], "d"), "score": _number(row.get("score"), ".3g"),
+        "prompt_id": display_text(row["prompt_id"], NAME_LIMIT),
+        "caption": display_text(row["caption"], TABLE_CAPTION_LIMIT),
+        "dup_count": _number(row["dup_count"], "d"),
+        "score": _number(row.get("score"), ".3g"),
         "robust_z": _number(row.get("robust_z"), ".2f"),
-        "clique": f"{int(row['clique_size'])}/{int(row['n_samples'])}", "flagged": bool(row["flagged"]),
-        "extracted": bool(row.get("extracted", False)), "matched_other": int(row.get("samples_matched_other", 0) or 0),
+        "clique": f"{int(row['clique_size'])}/{int(row['n_samples'])}",
+        "flagged": bool(row["flagged"]),
+        "extracted": bool(row.get("extracted", False)),
+        "matched_other": int(row.get("samples_matched_other", 0) or 0),
         "rate": _reproduction(row) if verified else "",
         "best_distance": _number(row.get("best_distance")),
-    }  # fmt: skip
+    }
 
 
 def _run_summary(memorized: pd.DataFrame, verified: bool) -> dict[str, Any]:
@@ -199,10 +238,11 @@ def _run_summary(memorized: pd.DataFrame, verified: bool) -> dict[str, Any]:
         summary.update(
             extracted=int(memorized["extracted"].sum()),
             extracted_flagged=int((memorized["extracted"] & memorized["flagged"]).sum()),
-            samples_verified=int(memorized["samples_verified"].sum()), rate=_rate(matched, samples, low, high),
+            samples_verified=int(memorized["samples_verified"].sum()),
+            rate=_rate(matched, samples, low, high),
             other_prompts=int((~memorized["extracted"] & (memorized["samples_matched_other"] > 0)).sum()),
             other_samples=int(memorized["samples_matched_other"].sum()),
-        )  # fmt: skip
+        )
     return summary
 
 

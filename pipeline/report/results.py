@@ -216,9 +216,12 @@ def load_run(detect_dir: str | Path) -> RunResults:
         memorized = _typed_verification(memorized, memorized_path)
         extracted = _matching_pairs(extracted_path, memorized)
     elif extracted_path.exists():
-        log.warning("%s exists but %s has no verification columns (an older verification, or detection rerun "
-                    "without a training set since): ignoring it; rerun `python -m pipeline.detect data=...` to verify",
-                    extracted_path, memorized_path)  # fmt: skip
+        log.warning(
+            "%s exists but %s has no verification columns (an older verification, or detection rerun "
+            "without a training set since): ignoring it; rerun `python -m pipeline.detect data=...` to verify",
+            extracted_path,
+            memorized_path,
+        )
     generations = generations_dir(detect_dir, summary)
     prescreen = _prescreen_scores(prescreen_scores_path(detect_dir))
     return RunResults(memorized, extracted, summary, detect_dir, generations, prescreen, _recorded_seeds(generations))
@@ -229,8 +232,10 @@ def _typed_verification(memorized: pd.DataFrame, path: Path) -> pd.DataFrame:
     "", NaN; ``best_sample`` and ``best_in_group`` stay nullable). All or none of them must be there."""
     missing = [c for c in VERIFICATION_COLUMNS if c not in memorized.columns]
     if missing:
-        raise ValueError(f"{path}: has verification column 'extracted' but not {missing}: written by another "
-                         "version of the detector? rerun `python -m pipeline.detect data=...`")  # fmt: skip
+        raise ValueError(
+            f"{path}: has verification column 'extracted' but not {missing}: written by another "
+            "version of the detector? rerun `python -m pipeline.detect data=...`"
+        )
     out = memorized.copy()
     for column, kind in VERIFICATION_COLUMNS.items():
         values = out[column]
@@ -254,11 +259,21 @@ def _matching_pairs(path: Path, memorized: pd.DataFrame) -> pd.DataFrame:
     reproducing another caption's training image (``samples_matched_other``), by prompt then
     distance; an empty table (with a warning) when the file is missing."""
     if not path.exists():
-        log.warning("%s is missing although %s holds verification results: the cards list no "
-                    "matching samples beyond the best one", path, MEMORIZED)  # fmt: skip
-        return pd.DataFrame({"prompt_id": pd.Series(dtype=str), "sample": pd.Series(dtype=int),
-                             "sample_file": pd.Series(dtype=str), "train_key": pd.Series(dtype=str),
-                             "distance": pd.Series(dtype=float), "in_group": pd.Series(dtype="boolean")})  # fmt: skip
+        log.warning(
+            "%s is missing although %s holds verification results: the cards list no matching samples beyond the best one",
+            path,
+            MEMORIZED,
+        )
+        return pd.DataFrame(
+            {
+                "prompt_id": pd.Series(dtype=str),
+                "sample": pd.Series(dtype=int),
+                "sample_file": pd.Series(dtype=str),
+                "train_key": pd.Series(dtype=str),
+                "distance": pd.Series(dtype=float),
+                "in_group": pd.Series(dtype="boolean"),
+            }
+        )
     pairs = pd.read_parquet(path)
     missing = [c for c in EXTRACTED_COLUMNS if c not in pairs.columns]
     if missing:
@@ -270,9 +285,15 @@ def _matching_pairs(path: Path, memorized: pd.DataFrame) -> pd.DataFrame:
     if not keep.all():
         # The memorized table is the verdict; rows it does not back come from an earlier
         # verification (detection or verification rerun since) and must not pass for this one's.
-        log.warning("%s: ignoring %d row(s): %d of prompts not in %s, %d of prompts it does not mark "
-                    "extracted (an earlier verification?); rerun `python -m pipeline.detect data=...` to verify again",
-                    path, int((~keep).sum()), int((~listed).sum()), MEMORIZED, int((listed & ~keep).sum()))  # fmt: skip
+        log.warning(
+            "%s: ignoring %d row(s): %d of prompts not in %s, %d of prompts it does not mark "
+            "extracted (an earlier verification?); rerun `python -m pipeline.detect data=...` to verify again",
+            path,
+            int((~keep).sum()),
+            int((~listed).sum()),
+            MEMORIZED,
+            int((listed & ~keep).sum()),
+        )
     return pairs[keep].sort_values(["prompt_id", "distance", "sample"], kind="stable").reset_index(drop=True)
 
 
@@ -302,8 +323,12 @@ def _recorded_seeds(generations: Path) -> dict[str, list[int]]:
         # The report reads the generator's folder and writes nothing into it.
         table = load_prompts(generations, write=False)
     except Exception as err:  # another tool's folder: a table we cannot read means no recipe, not no report
-        log.warning("report: cannot read %s's %s (%s); no seeds or regeneration commands shown",
-                    display_text(generations, None), PROMPTS_TABLE, display_text(err, None))  # fmt: skip
+        log.warning(
+            "report: cannot read %s's %s (%s); no seeds or regeneration commands shown",
+            display_text(generations, None),
+            PROMPTS_TABLE,
+            display_text(err, None),
+        )
         return {}
     if not {"prompt_id", "seeds"} <= set(table.columns):
         return {}

@@ -35,8 +35,15 @@ def prompt_table(results: RunResults) -> pd.DataFrame:
     """
     columns = ["prompt_id", "caption", "dup_count", "n_samples", "clique_size", "flagged"]
     if results.verified:
-        columns += ["extracted", "samples_matched", "samples_verified", "reproduction_rate", "reproduction_ci_low",
-                    "reproduction_ci_high", "best_distance"]  # fmt: skip
+        columns += [
+            "extracted",
+            "samples_matched",
+            "samples_verified",
+            "reproduction_rate",
+            "reproduction_ci_low",
+            "reproduction_ci_high",
+            "best_distance",
+        ]
     table = results.memorized[columns].copy()
     if results.prescreen is not None:
         table = table.merge(results.prescreen, on="prompt_id", how="left")
@@ -57,14 +64,20 @@ def extracted_prompts(results: RunResults, other: bool = False) -> pd.DataFrame:
         return results.memorized.iloc[0:0].assign(seed=pd.Series(dtype="Int64"), command=pd.Series(dtype=object))
     memorized = results.memorized
     if other:
-        table = _sort(memorized[~memorized["extracted"] & (memorized["samples_matched_other"] > 0)],
-                      [("samples_matched_other", False), ("best_distance", True), ("prompt_id", True)])  # fmt: skip
+        table = _sort(
+            memorized[~memorized["extracted"] & (memorized["samples_matched_other"] > 0)],
+            [("samples_matched_other", False), ("best_distance", True), ("prompt_id", True)],
+        )
     else:
-        table = _sort(memorized[memorized["extracted"]],
-                      [("reproduction_rate", False), ("best_distance", True), ("prompt_id", True)])  # fmt: skip
+        table = _sort(
+            memorized[memorized["extracted"]], [("reproduction_rate", False), ("best_distance", True), ("prompt_id", True)]
+        )
     table["seed"] = pd.array([results.seed(p, s) for p, s in zip(table["prompt_id"], table["best_sample"])], dtype="Int64")
-    table["command"] = pd.Series([results.regenerate_command(p, s) for p, s in zip(table["prompt_id"], table["best_sample"])],
-                                 index=table.index, dtype=object)  # fmt: skip
+    table["command"] = pd.Series(
+        [results.regenerate_command(p, s) for p, s in zip(table["prompt_id"], table["best_sample"])],
+        index=table.index,
+        dtype=object,
+    )
     return table
 
 
