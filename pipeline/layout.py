@@ -164,8 +164,10 @@ VERIFICATION_COLUMNS: dict[str, str] = {
     "best_train_key": "str",
     "best_distance": "float",
     "best_in_group": "boolean",
-    "best_sample_sha1": "str",
 }
+# Beside them, when verification recorded it: the SHA-1 of the best sample's bytes as verified
+# (the report refuses to show that file once it holds other bytes).
+EVIDENCE_DIGEST = "best_sample_sha1"
 # extracted.parquet: a row per (sample, training image) pair within the verification threshold;
 # in_group: whether the image is one of the prompt's duplicate group (null: the prompt has none).
 EXTRACTED_COLUMNS = ("prompt_id", "sample", "sample_file", "train_key", "distance", "in_group")

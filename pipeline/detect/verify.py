@@ -52,7 +52,7 @@ from pipeline.embedders.base import Embedder
 from pipeline.executor import StepContext, Unit, run_step
 from pipeline.generations import Sample, list_samples, load_samples, samples_identity
 from pipeline.io import atomic_write, write_json, write_parquet
-from pipeline.layout import EXTRACTED, EXTRACTED_COLUMNS, MATCHES, VERIFICATION_COLUMNS, VERIFY
+from pipeline.layout import EVIDENCE_DIGEST, EXTRACTED, EXTRACTED_COLUMNS, MATCHES, VERIFICATION_COLUMNS, VERIFY
 from pipeline.metrics import Metric, TiledL2
 from pipeline.stats import wilson_interval
 from pipeline.training_images import fetch_training_images, fit_batch, fit_to, sample_distances, training_set_identity  # noqa: F401
@@ -254,9 +254,9 @@ def run_verify(
         rows.append(json.loads((work_dir / PROMPT_RESULTS / f"{pid}.json").read_text(encoding="utf-8")))
         pairs.append(pd.read_parquet(work_dir / PROMPT_RESULTS / f"{pid}.parquet"))
     derived = ("reproduction_rate", "reproduction_ci_low", "reproduction_ci_high", "best_in_group")
-    verified = pd.DataFrame(rows, columns=["prompt_id", *[c for c in VERIFICATION_COLUMNS if c not in derived]])
+    verified = pd.DataFrame(rows, columns=["prompt_id", *[c for c in VERIFICATION_COLUMNS if c not in derived], EVIDENCE_DIGEST])
     # An earlier verification's columns are replaced, not merged beside this one's.
-    base = memorized.drop(columns=[c for c in VERIFICATION_COLUMNS if c in memorized.columns])
+    base = memorized.drop(columns=[c for c in [*VERIFICATION_COLUMNS, EVIDENCE_DIGEST] if c in memorized.columns])
     table = base.merge(verified, on="prompt_id", how="left")
     n = table["n_samples"].astype(int)
     table["reproduction_rate"] = np.where(n > 0, table["samples_matched"] / n.where(n > 0, 1), np.nan)
@@ -278,7 +278,7 @@ def run_verify(
         ["prompt_id", "sample", "distance"], kind="stable"
     )
     write_parquet(extracted.reset_index(drop=True), out_dir / EXTRACTED)
-    return table[[*base.columns, *VERIFICATION_COLUMNS]], extracted
+    return table[[*base.columns, *VERIFICATION_COLUMNS, EVIDENCE_DIGEST]], extracted
 
 
 class _VerifyStep:
@@ -417,6 +417,6 @@ class _VerifyStep:
         # The digest of the best sample's bytes as verified: the report shows that file as
         # evidence, and refuses when it no longer holds these bytes.
         digests = {name: sha1 for name, sha1 in unit.settings["files"]}
-        result["best_sample_sha1"] = digests.get(Path(result["best_sample_file"]).name) if result["best_sample_file"] else None
+        result[EVIDENCE_DIGEST] = digests.get(Path(result["best_sample_file"]).name) if result["best_sample_file"] else None
         write_json(result, self.work_dir / PROMPT_RESULTS / f"{unit.name}.json")
         ctx.done(unit, {"samples_matched": result["samples_matched"]})

@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.io import atomic_write
-from pipeline.layout import EXTRACTED_COLUMNS
+from pipeline.layout import EVIDENCE_DIGEST, EXTRACTED_COLUMNS
 from pipeline.report.figures import plot_rates, png_data_uri, thumbnail_uri
 from pipeline.report.results import RunResults, read_budget
 from pipeline.report.tables import extracted_prompts, flagged_prompts, prompt_table, rates_by_duplicates
@@ -139,7 +139,7 @@ def _card(results: RunResults, anchor: str, row: dict[str, Any], pairs: pd.DataF
         "prompt_id": shown(row["prompt_id"], NAME_LIMIT),
         "caption": shown(row["caption"], CAPTION_LIMIT),
         "sample_uri": thumbnail_uri(
-            results.evidence_path(row["prompt_id"], row["best_sample_file"], row.get("best_sample_sha1")), size
+            results.evidence_path(row["prompt_id"], row["best_sample_file"], row.get(EVIDENCE_DIGEST)), size
         )
         if row["best_sample_file"]
         else None,
