@@ -25,7 +25,6 @@ from .test_dedup import SMALL_BANDS
 from .test_embedders import TINY_CONFIG
 from .test_generate import model_dir  # noqa: F401  (fixture: a tiny random diffusers folder)
 
-
 # What a CPU test shrinks, per stage, after the README's own overrides (later ones win).
 SHRINK = {
     "dedup": ["progress=false", "top_k=10"],
