@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import filecmp
 import json
 import logging
 import os
@@ -23,8 +24,10 @@ def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
 
     A reader never sees a half-written file: either the old file (or none) or the new one. The
-    file gets the mode that the umask gives any new file. An ``OSError`` of the block or the
-    move names ``path`` as its file when it named none or the temporary file.
+    file gets the mode that the umask gives any new file. A file that already holds exactly the
+    new bytes is left as it is (its modification time too), so that a rerun which recomputes the
+    same result does not make the stages after it redo their work. An ``OSError`` of the block
+    or the move names ``path`` as its file when it named none or the temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +40,8 @@ def atomic_path(path: str | Path):
         os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        if not _same_bytes(tmp, path):
+            os.replace(tmp, path)
     except OSError as err:
         # Name the file meant, not the temporary one (or none: a full disk fails a write()
         # without a file name).
@@ -47,6 +51,14 @@ def atomic_path(path: str | Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _same_bytes(new: str | Path, old: Path) -> bool:
+    """Whether the file ``old`` exists and holds exactly the bytes of ``new``."""
+    try:
+        return old.is_file() and os.path.getsize(new) == old.stat().st_size and filecmp.cmp(new, old, shallow=False)
+    except OSError:
+        return False
 
 
 def current_umask() -> int:

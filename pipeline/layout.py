@@ -56,6 +56,7 @@ STATS = "stats.json"
 GENERATION_SETTINGS = "settings.json"  # generations/: the pixel-deciding settings of its samples (the first run's)
 GENERATION_LOGS = ".logs"  # generations/: its executor's rejects/ and stats/ (its sub-folders are prompts)
 PRESCREEN_RANK_SCORES = "scores/scores_{rank}.parquet"  # one rank's raw prescreen scores, under the prescreen folder
+SCREENED = "screened.parquet"  # detect/prompts/: the screening verdicts alone, before verification joins them
 
 
 @dataclass(frozen=True)

@@ -372,3 +372,27 @@ def test_the_report_refuses_to_show_a_sample_that_changed_since_it_was_verified(
     Image.fromarray(255 - images[1]).save(generations / "p" / "00001.png")
     with pytest.raises(ValueError, match=r"sample p/00001\.png of prompt p is not the one the detector verified"):
         run_report(run_dir / "detect", tmp_path / "again.html", title="audit")
+
+
+def test_an_unchanged_rerun_of_detect_and_report_touches_no_artifact(tmp_path):
+    from pipeline.detect.stage import run as detect
+    from pipeline.report.stage import run as report
+
+    from .conftest import compose_config
+
+    rng = np.random.default_rng(4)
+    run_dir = tmp_path / "run"
+    (run_dir / "generations" / "p").mkdir(parents=True)
+    images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(run_dir / "generations" / "p" / f"{i:05d}.png")
+    train = training_set(tmp_path / "train", {"t": images[0]})
+    overrides = [f"run_dir={run_dir}", "data=files", f"data.path={train}", "progress=false"]
+    detect(compose_config("detect", overrides))
+    assert report(compose_config("report", [f"run_dir={run_dir}"])).written
+    artifacts = {p: p.stat().st_mtime_ns for p in (run_dir / "detect").glob("*.*")} | {
+        p: p.stat().st_mtime_ns for p in (run_dir / "report").glob("*.html")
+    }
+    detect(compose_config("detect", overrides))
+    assert not report(compose_config("report", [f"run_dir={run_dir}"])).written
+    assert {p: p.stat().st_mtime_ns for p in artifacts} == artifacts

@@ -33,7 +33,7 @@ from pipeline.generations import (
     stored_rule,
 )
 from pipeline.io import unsafe_name, write_json, write_parquet
-from pipeline.layout import MEMORIZED, SUMMARY, carried, prompt_columns
+from pipeline.layout import SCREENED, SUMMARY, carried, prompt_columns
 from pipeline.rule import NearCopyRule
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class ScreenPrompts:
             ctx.done(unit)
 
     def outputs(self) -> list[Path]:
-        return [self.out_dir / MEMORIZED, self.out_dir / SUMMARY]
+        return [self.results_dir / SCREENED, self.results_dir / SUMMARY]
 
     def finish_settings(self) -> dict[str, Any]:
         return {
@@ -211,14 +211,15 @@ class ScreenPrompts:
         }
 
     def finish(self, ctx: StepContext) -> None:
-        """Every prompt's row, with ``dup_count`` and ``keys`` from the generator's table, as
-        ``memorized.parquet`` (a prompt table), and the counts in ``summary.json``."""
+        """Every prompt's row, with ``dup_count`` and ``keys`` from the generator's table (a
+        prompt table), and its counts, in the step's own folder: the stage joins verification to
+        them and writes ``memorized.parquet`` and ``summary.json`` (:func:`run_detect`)."""
         rows = [json.loads((self.results_dir / f"{unit.name}.json").read_text(encoding="utf-8")) for unit in self.all_units]
         memorized = pd.DataFrame(rows, columns=MEMORIZED_COLUMNS).sort_values("prompt_id", kind="stable").reset_index(drop=True)
         memorized["dup_count"] = [self.carry.get(pid, {}).get("dup_count") for pid in memorized["prompt_id"]]
         memorized["keys"] = [self.carry.get(pid, {}).get("keys") for pid in memorized["prompt_id"]]
         memorized = prompt_columns(memorized)
-        write_parquet(memorized, self.out_dir / MEMORIZED)
+        write_parquet(memorized, self.results_dir / SCREENED)
         summary = {
             "generations_dir": str(self.generations_dir.resolve()),
             "settings": self.rule.describe(),
@@ -228,5 +229,5 @@ class ScreenPrompts:
             "rejected_samples": int(memorized["n_rejected"].sum()),
             "stopped_under_another_rule": self.other_rule,
         }
-        write_json(summary, self.out_dir / SUMMARY)
-        log.info("%d of %d prompts flagged; wrote %s", summary["flagged"], len(memorized), self.out_dir / MEMORIZED)
+        write_json(summary, self.results_dir / SUMMARY)
+        log.info("%d of %d prompts flagged", summary["flagged"], len(memorized))

@@ -39,11 +39,11 @@ from pipeline.cli import CONF_DIR, ConfigError, setting, settings_from, stage_ma
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
 from pipeline.detect.candidates import EmbedderOnFirstUse
-from pipeline.detect.screen import ScreenPrompts, find_memorized, screenable_prompts, stopped_under_another_rule
+from pipeline.detect.screen import PROMPT_RESULTS, ScreenPrompts, find_memorized, screenable_prompts, stopped_under_another_rule
 from pipeline.detect.verify import run_verify
 from pipeline.executor import run_step
 from pipeline.io import write_json
-from pipeline.layout import EXTRACTED, MEMORIZED, PROMPTS_TABLE, SUMMARY, write_prompt_table
+from pipeline.layout import EXTRACTED, MEMORIZED, PROMPTS_TABLE, SCREENED, SUMMARY, read_prompt_table, write_prompt_table
 from pipeline.rule import NearCopyRule, rule_from_config
 
 __all__ = ["DetectSummary", "VerifySettings", "find_memorized", "main", "run", "run_detect", "stopped_under_another_rule"]
@@ -103,8 +103,10 @@ def run_detect(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    write: bool = True,
 ) -> pd.DataFrame | None:
-    """Screen this shard's prompts with ``rule``; once every shard is done, ``memorized.parquet``.
+    """Screen this shard's prompts with ``rule``; once every shard is done, ``memorized.parquet``
+    and ``summary.json`` (``write=False``: the caller writes them, with verification's columns).
 
     Runs through the stage executor (:mod:`pipeline.executor`, :class:`ScreenPrompts`): each
     finished prompt is stored as ``<out_dir>/prompts/<prompt_id>.json`` with a completion
@@ -145,15 +147,24 @@ def run_detect(
             "that finishes last, or by a rerun with world_size=1"
         )
         return None
-    return pd.read_parquet(out_dir / MEMORIZED)
+    memorized = read_prompt_table(step.results_dir / SCREENED)
+    if write:  # unchanged content leaves the files untouched (pipeline.io.atomic_path)
+        write_prompt_table(memorized, out_dir / MEMORIZED)
+        write_json(screen_summary(out_dir), out_dir / SUMMARY)
+    return memorized
+
+
+def screen_summary(out_dir: Path) -> dict[str, Any]:
+    """The screening's counts and settings, as its finish wrote them."""
+    return json.loads((out_dir / PROMPT_RESULTS / SUMMARY).read_text(encoding="utf-8"))
 
 
 def record_verification(
     summary_path: Path, memorized: pd.DataFrame, extracted: pd.DataFrame, delta: float, rule: NearCopyRule
 ) -> dict[str, Any]:
-    """Add verification's counts and threshold to ``summary.json`` (under ``verification``),
-    where the report reads them; returns them."""
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    """``summary.json``: the screening's counts with verification's counts and threshold under
+    ``verification``, where the report reads them; returns the latter."""
+    summary = screen_summary(summary_path.parent)
     verification = {
         "delta": delta,
         "metric": rule.metric.describe(),
@@ -178,14 +189,16 @@ def run(cfg: DictConfig) -> DetectSummary:
     summary = DetectSummary(out_dir)
 
     # 2. Screen this shard's prompts; memorized.parquet once every shard's are screened.
-    memorized = run_detect(cfg.generations_dir, out_dir, rule, rank=cfg.rank, world_size=cfg.world_size, progress=cfg.progress)
+    data = cfg.get("data")
+    memorized = run_detect(
+        cfg.generations_dir, out_dir, rule, rank=cfg.rank, world_size=cfg.world_size, progress=cfg.progress, write=data is None
+    )
     if memorized is None:
         return summary
     summary.prompts, summary.flagged, summary.memorized_table = len(memorized), int(memorized["flagged"].sum()), memorized
     print(f"{summary.flagged} of {len(memorized)} prompts flagged -> {summary.memorized_path}")
 
     # 3. Verify every prompt's samples against the training set, when one is given.
-    data = cfg.get("data")
     if data is None:
         print("no training set given (data=...): verification skipped")
         return summary
