@@ -123,7 +123,7 @@ def run(cfg: DictConfig) -> ReportSummary:
     # 3. Say what it holds.
     marker = read_marker(out.parent, step.name) or {}
     summary = ReportSummary(out=out, written=ctx.completed > 0, **(marker.get("counts") or {}))
-    print(f"report written to {out}")
+    print(f"report written to {out}" if summary.written else f"report up to date (its inputs are unchanged): {out}")
     return summary
 
 
