@@ -46,7 +46,6 @@ one process writes a rank's units and markers at a time.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -60,7 +59,8 @@ from typing import Any, Protocol
 
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
-from pipeline.io import atomic_write, marker_path, unsafe_name, write_json
+from pipeline.identity import digest_of
+from pipeline.io import atomic_write, marker_path, read_json_object, unsafe_name, write_json
 from pipeline.layout import REJECTS, STATS
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,7 @@ log = logging.getLogger(__name__)
 
 def settings_digest(settings: Any) -> str:
     """A short, stable digest of JSON-able ``settings`` (key order does not matter)."""
-    canonical = json.dumps(settings, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha1(canonical.encode("utf-8")).hexdigest()[:16]
+    return digest_of(settings)
 
 
 @dataclass(frozen=True)
@@ -177,12 +176,7 @@ def read_marker(out_dir: str | Path, name: str) -> dict | None:
     """A unit's marker as written by :meth:`StepContext.done`, or None: absent, unreadable (a
     folder, not UTF-8), not JSON, or JSON but not an object (``[]``, ``"x"``); a unit whose
     marker reads as None is not done."""
-    path = marker_path(out_dir, name)
-    try:
-        marker = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) else None
+    return read_json_object(marker_path(out_dir, name))
 
 
 def all_done(out_dir: str | Path, units: Iterable[Unit]) -> bool:
@@ -356,11 +350,8 @@ def merge_stats(logs_dir: str | Path, step: str, world_size: int) -> dict[str, A
         "timers": Counter(),
     }
     for rank in range(world_size):
-        try:
-            stats = json.loads((logs_dir / "stats" / f"{step}_{rank}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(stats, dict):
+        stats = read_json_object(logs_dir / "stats" / f"{step}_{rank}.json")
+        if stats is None:
             continue
         for key in ("units", "skipped", "done", "rejected", "seconds"):
             merged[key] += stats.get(key) or 0
@@ -369,11 +360,7 @@ def merge_stats(logs_dir: str | Path, step: str, world_size: int) -> dict[str, A
             merged[key].update(stats.get(key) or {})
     merged = {k: dict(v) if isinstance(v, Counter) else v for k, v in merged.items()}
     path = logs_dir / STATS
-    try:
-        everything = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        everything = {}
-    everything = everything if isinstance(everything, dict) else {}
+    everything = read_json_object(path) or {}
     everything[step] = merged
     write_json(everything, path)
     return merged

@@ -24,7 +24,7 @@ from pipeline.clique import MAX_STEPS
 from pipeline.data.images import BadImage, decode_image
 from pipeline.data.rejects import RejectLog
 from pipeline.identity import digest_of, files_digest
-from pipeline.io import is_done, marker_path, unsafe_name, write_json, write_parquet
+from pipeline.io import marker_path, read_json_object, unsafe_name, write_json, write_parquet
 from pipeline.layout import PROMPTS_TABLE
 
 log = logging.getLogger(__name__)
@@ -272,15 +272,8 @@ def shard_file(out_dir: str | Path, rank: int, world_size: int) -> Path:
 
 def marker_info(out_dir: Path, prompt_id: str) -> dict[str, Any] | None:
     """The completion marker's content for ``prompt_id``, or None when it has none that is a
-    JSON object (absent, a folder, not UTF-8, not JSON, ``[]``): then the prompt is not done.
-    An empty file reads as ``{}``."""
-    if not is_done(out_dir, prompt_id):
-        return None
-    try:
-        info = json.loads(marker_path(out_dir, prompt_id).read_text(encoding="utf-8") or "{}")
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
+    JSON object (absent, a folder, empty, not UTF-8, not JSON, ``[]``): then the prompt is not done."""
+    return read_json_object(marker_path(out_dir, prompt_id))
 
 
 def prompt_done(out_dir: Path, prompt_id: str, n_samples: int, adaptive: Any = None, *, any_rule: bool = True) -> bool:
@@ -339,11 +332,7 @@ def prompt_record_path(out_dir: str | Path, prompt_id: str) -> Path:
 def read_prompt_record(out_dir: str | Path, prompt_id: str) -> dict[str, Any] | None:
     """The prompt's record (``caption``, ``negative_prompt``, ``recipe`` and their ``digest``),
     or None when it has none or it is not a JSON object."""
-    try:
-        value = json.loads(prompt_record_path(out_dir, prompt_id).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+    return read_json_object(prompt_record_path(out_dir, prompt_id))
 
 
 def prompt_record(caption: str, negative_prompt: Any, recipe_digest: str) -> dict[str, Any]:

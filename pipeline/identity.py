@@ -12,6 +12,7 @@ Nothing here writes anywhere: inputs are read-only to every stage.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -68,9 +69,8 @@ def tree_identity(root: str | Path, skip_hidden: bool = True) -> list[list[Any]]
 
 
 def digest_of(value: Any) -> str:
-    """A short digest of a JSON-able ``value`` (a tree identity, a list of file identities)."""
-    import json
-
+    """A short, stable digest of a JSON-able ``value`` (key order does not matter): a unit's
+    settings, a tree identity, a list of file identities."""
     canonical = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha1(canonical.encode("utf-8")).hexdigest()[:16]
 

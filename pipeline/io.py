@@ -125,6 +125,16 @@ def unsafe_name(name: object) -> str | None:
     return None
 
 
+def read_json_object(path: str | Path) -> dict[str, Any] | None:
+    """The JSON object in the file at ``path``, or None: absent, unreadable (a folder, not
+    UTF-8), not JSON, or JSON but not an object (``[]``, ``"x"``, ``5``)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def marker_path(directory: str | Path, name: str) -> Path:
     """Where the completion marker of unit ``name`` (a shard, a prompt) lives."""
     return Path(directory) / ".done" / f"{name}.json"
