@@ -2,7 +2,7 @@
 
 One audit is one run directory (``run_dir``, ``outputs/<run_name>`` by default)::
 
-    dedup/        selected.parquet (prompt table), groups.parquet, embeddings/, summary.json
+    dedup/        selected.parquet (prompt table), groups.parquet, embeddings/, locations/, summary.json
     prescreen/    prescreen.parquet (scores), selected.parquet (prompt table), summary.json
     generations/  <prompt_id>/<index>.png, prompts.parquet (prompt table + recipe), budget.json
     detect/       memorized.parquet (prompt table + clique verdict + reproduction rate), extracted.parquet
@@ -42,6 +42,7 @@ DEDUP, PRESCREEN, GENERATIONS, DETECT, REPORT = "dedup", "prescreen", "generatio
 SELECTED = "selected.parquet"  # a prompt table: the duplicate finder's ranking, or the prescreen's kept prompts
 GROUPS = "groups.parquet"
 EMBEDDINGS = "embeddings"
+LOCATIONS = "locations"  # dedup/: the training set's location index (pipeline.data.locations)
 SCORES_TABLE = "prescreen.parquet"
 PROMPTS_TABLE = "prompts.parquet"  # the generator's prompt table (recipes)
 BUDGET = "budget.json"

@@ -9,6 +9,7 @@ Diffusion's training data was prepared, then measured with the near-copy rule's 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,13 @@ from PIL import Image, ImageOps
 from pipeline.data import open_dataset
 from pipeline.data.files import IMAGE_SUFFIXES
 from pipeline.data.images import BadImage, decode_image
+from pipeline.data.locations import LocationIndex, read_located
 from pipeline.data.paths import UnsafePath, path_under
 from pipeline.data.rejects import RejectLog
 from pipeline.identity import digest_of, tree_identity
 from pipeline.metrics import Metric
+
+log = logging.getLogger(__name__)
 
 
 def fit_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -36,9 +40,14 @@ def fetch_training_images(
 ) -> dict[str, Image.Image]:
     """Decode the training images with the given keys from the data set ``data`` (a ``data`` config).
 
-    The ``files`` layout is opened by key directly (``<path>/<key>.jpg``); other formats, and
-    keys not found that way, are collected while streaming the data set once. Keys not found at
-    all, or that do not decode, go to ``rejects``.
+    With a location index (``data.locations``: the folder the duplicate finder's embed or locate
+    phase wrote, describing this data set; :mod:`pipeline.data.locations`) exactly the wanted
+    records are read, a seek, a row group or a file each: the time grows with the number of
+    keys, not with the training set. A key the index does not hold is not in the set (or was
+    rejected when it was read), and one whose bytes changed since indexing is rejected. Without
+    an index, the ``files`` layout is opened by key directly (``<path>/<key>.jpg``) and other
+    formats are streamed once to collect the keys; a log line says so, once per data set. Keys
+    not found at all, or that do not decode, go to ``rejects``.
 
     Keys come from another tool's prompt table and are not trusted: in the ``files`` layout a
     key whose file would lie outside ``data.path`` (see :func:`pipeline.data.paths.path_under`:
@@ -48,6 +57,24 @@ def fetch_training_images(
     """
     rejects = rejects if rejects is not None else RejectLog()
     wanted = set(keys)
+    if not wanted:
+        return {}
+    index, why_not = LocationIndex.open(data.get("locations"), data)
+    data = {k: v for k, v in data.items() if k != "locations"}
+    if index is not None:
+        located = index.lookup(wanted)
+        for key in sorted(wanted - located.keys()):
+            rejects.add(key, str(index.folder), "missing training image: no record with this key in the location index")
+        found = read_located(data, {k: loc for k, loc in located.items() if loc is not None}, rejects)
+        unlocated = {k for k, loc in located.items() if loc is None}  # a compressed tar's: streamed
+        return {**found, **(_fetch_streaming(data, unlocated, rejects, progress) if unlocated else {})}
+    if data.get("format") != "files":
+        _say_streaming(data, why_not)
+    return _fetch_streaming(data, wanted, rejects, progress)
+
+
+def _fetch_streaming(data: Mapping[str, Any], wanted: set[str], rejects: RejectLog, progress: bool) -> dict[str, Image.Image]:
+    """``wanted`` from the ``files`` layout by path, the rest by streaming the data set once."""
     found: dict[str, Image.Image] = {}
     refused: set[str] = set()
     if data.get("format") == "files" and data.get("path"):
@@ -81,6 +108,22 @@ def fetch_training_images(
     for key in sorted(remaining):
         rejects.add(key, str(data.get("path")), "missing training image: no record with this key in the data set")
     return found
+
+
+_STREAMING_SAID: set[tuple[str, str]] = set()
+
+
+def _say_streaming(data: Mapping[str, Any], why_not: str) -> None:
+    """One log line per data set and reason: training images are found by reading the whole set."""
+    said = (str(data.get("path")), why_not)
+    if said not in _STREAMING_SAID:
+        _STREAMING_SAID.add(said)
+        log.info(
+            "training images: %s, so %s is streamed to find them (the time grows with the set; the duplicate "
+            "finder's embed or locate phase writes an index: data.locations=<dedup>/locations)",
+            why_not,
+            data.get("path"),
+        )
 
 
 def _files_image(root: Path, key: str) -> Path | None:

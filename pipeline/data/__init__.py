@@ -47,8 +47,9 @@ READERS: dict[str, Callable[..., Iterator[Record]]] = {
     "imagefolder": iter_imagefolder,
 }
 
-# Keys of a ``data`` config group that describe the data set but are not reader options.
-NON_READER_KEYS = frozenset({"format", "path", "ground_truth", "name"})
+# Keys of a ``data`` config group that describe the data set but are not reader options
+# (``locations``: the folder of its location index, :mod:`pipeline.data.locations`).
+NON_READER_KEYS = frozenset({"format", "path", "ground_truth", "name", "locations"})
 _COMMON_ARGS = frozenset({"path", "root", "rank", "world_size", "rejects", "decode"})
 
 

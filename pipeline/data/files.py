@@ -28,6 +28,7 @@ from pipeline.data.assemble import (
     read_at_most,
 )
 from pipeline.data.errors import DataConfigError
+from pipeline.data.location import Location, relative_file, sha1_of
 from pipeline.data.record import Record
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard, owns
@@ -145,9 +146,25 @@ def _read_record(
         if meta is None:
             return None
 
-    image = None
+    return read_image_record(root, image_path, key, caption, meta, rejects, decode)
+
+
+def read_image_record(
+    root: Path, image_path: Path, key: str, caption: str, meta: dict, rejects: RejectLog, decode: bool
+) -> Record | None:
+    """The record of an image file under ``root``, located by its path (its bytes read and
+    decoded when ``decode``, else only its size taken); None when it is rejected."""
+    image, data = None, None
+    try:
+        if decode:
+            data = image_path.read_bytes()
+        size = len(data) if data is not None else image_path.stat().st_size
+    except OSError as err:
+        rejects.add(key, str(image_path), f"unreadable file: {err}")
+        return None
     if decode:
-        image = decode_or_reject(image_path.read_bytes, key, str(image_path), rejects)
+        image = decode_or_reject(data, key, str(image_path), rejects)
         if image is None:
             return None
-    return Record(key=key, caption=caption, image=image, meta=meta)
+    location = Location(relative_file(root, image_path), size=size, sha1=sha1_of(data))
+    return Record(key=key, caption=caption, image=image, meta=meta, location=location)

@@ -42,12 +42,11 @@ from pipeline.data.assemble import (
     TextLimits,
     TooLarge,
     caption_or_reject,
-    decode_or_reject,
     text_size,
     utf8_problem,
 )
 from pipeline.data.errors import DataConfigError
-from pipeline.data.files import IMAGE_SUFFIXES
+from pipeline.data.files import IMAGE_SUFFIXES, read_image_record
 from pipeline.data.paths import UnsafePath, path_under
 from pipeline.data.record import Record
 from pipeline.data.rejects import RejectLog
@@ -303,9 +302,4 @@ def _make_record(
     if not image_path.is_file():
         rejects.add(key, str(image_path), "unreadable file: no such file")
         return None
-    image = None
-    if decode:
-        image = decode_or_reject(image_path.read_bytes, key, str(image_path), rejects)
-        if image is None:
-            return None
-    return Record(key=key, caption=caption, image=image, meta=meta)
+    return read_image_record(root, image_path, key, caption, meta, rejects, decode)

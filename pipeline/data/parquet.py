@@ -22,9 +22,10 @@ breaks part-way, and "at least 1" when even its footer (the row count) is unread
 
 from __future__ import annotations
 
+import bisect
 import operator
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,6 +42,7 @@ from pipeline.data.assemble import (
     utf8_problem,
 )
 from pipeline.data.errors import DataConfigError
+from pipeline.data.location import Location, data_root, relative_file, sha1_of
 from pipeline.data.record import Record
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import add_lost, check_shard, owns, split_files
@@ -91,7 +93,8 @@ def iter_parquet(
     rejects = rejects if rejects is not None else RejectLog()
     columns = resolve_columns(shards, image_column, caption_column, key_column)
     files, by_record = split_files(shards, rank, world_size)
-    return _iter_parquet(files, columns, rank, world_size if by_record else 1, rejects, decode, batch_size, limits)
+    root = data_root(path)
+    return _iter_parquet(files, root, columns, rank, world_size if by_record else 1, rejects, decode, batch_size, limits)
 
 
 def is_image_type(type_: pa.DataType) -> bool:
@@ -135,6 +138,7 @@ def resolve_columns(shards: list[Path], image_column: str, caption_column: str |
 
 def _iter_parquet(
     files: list[Path],
+    root: Path,
     columns: Columns,
     rank: int,
     world_size: int,
@@ -157,6 +161,11 @@ def _iter_parquet(
             add_lost(rejects, f"{stem}/*", str(shard), reason, offset, 1, rank, world_size)
             continue
         n_rows = parquet_file.metadata.num_rows
+        file = relative_file(root, shard)
+        # The first row of each row group: a row's location is its group and its place in it.
+        group_starts = [0]
+        for i in range(parquet_file.metadata.num_row_groups - 1):
+            group_starts.append(group_starts[-1] + parquet_file.metadata.row_group(i).num_rows)
         missing = [c for c in (columns.image, columns.caption) if c not in schema.names]
         if missing:
             reason = f"unreadable file: no column {missing[0]!r}; its {n_rows} rows are skipped"
@@ -187,7 +196,9 @@ def _iter_parquet(
                         kind = "unreadable caption" if column == columns.caption else "unreadable metadata"
                         rejects.add(key, source, f"{kind}: not valid UTF-8 (column {column!r}: {problem})")
                     else:
-                        record = _make_record(key, values, columns, source, rejects, decode)
+                        group = bisect.bisect_right(group_starts, row_index) - 1
+                        place = Location(file, offset=group, row=row_index - group_starts[group])
+                        record = _make_record(key, values, columns, source, rejects, decode, place)
                         if record is not None:
                             yield record
         except READ_ERRORS as err:
@@ -272,7 +283,9 @@ def _key(values: dict, key_column: str | None, stem: str, row: int) -> str:
     return f"{stem}/{row}"
 
 
-def _make_record(key: str, values: dict, columns: Columns, source: str, rejects: RejectLog, decode: bool) -> Record | None:
+def _make_record(
+    key: str, values: dict, columns: Columns, source: str, rejects: RejectLog, decode: bool, place: Location
+) -> Record | None:
     image = values[columns.image]
     if isinstance(image, dict):  # Hugging Face Image struct
         image = image.get("bytes")
@@ -293,4 +306,5 @@ def _make_record(key: str, values: dict, columns: Columns, source: str, rejects:
         if decoded is None:
             return None
     meta = {k: v for k, v in values.items() if k not in (columns.image, columns.caption, columns.key)}
-    return Record(key=key, caption=caption, image=decoded, meta=meta)
+    location = replace(place, size=len(image), sha1=sha1_of(image))
+    return Record(key=key, caption=caption, image=decoded, meta=meta, location=location)

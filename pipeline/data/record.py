@@ -7,6 +7,8 @@ from typing import Any
 
 from PIL import Image
 
+from pipeline.data.location import Location
+
 
 @dataclass
 class Record:
@@ -24,12 +26,15 @@ class Record:
             to decode images (e.g. when embeddings are precomputed).
         meta: whatever else the data set stores for the record (img2dataset's ``.json``,
             the other parquet columns or captions-file fields).
+        location: where the image's bytes lie (:class:`~pipeline.data.location.Location`),
+            or None when they cannot be read alone (a compressed tar).
     """
 
     key: str
     caption: str
     image: Image.Image | None
     meta: dict[str, Any] = field(default_factory=dict)
+    location: Location | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         # A key made of a file or tar member name may hold bytes that are not UTF-8 (read as

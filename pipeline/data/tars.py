@@ -41,6 +41,7 @@ from pipeline.data.assemble import (
     decode_or_reject,
     parse_meta,
 )
+from pipeline.data.location import Location, data_root, relative_file, sha1_of
 from pipeline.data.record import Record
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import add_lost, check_shard, owns, split_files
@@ -73,24 +74,26 @@ def iter_webdataset(
     shards = find_shards(path, TAR_SUFFIXES, "webdataset")
     rejects = rejects if rejects is not None else RejectLog()
     files, by_record = split_files(shards, rank, world_size)
-    return _iter_tars(files, rank, world_size if by_record else 1, rejects, decode, limits)
+    return _iter_tars(files, data_root(path), rank, world_size if by_record else 1, rejects, decode, limits)
 
 
 def _iter_tars(
-    files: list[Path], rank: int, world_size: int, rejects: RejectLog, decode: bool, limits: TextLimits
+    files: list[Path], root: Path, rank: int, world_size: int, rejects: RejectLog, decode: bool, limits: TextLimits
 ) -> Iterator[Record]:
     # With world_size 1 here every record of ``files`` is ours (the split was by file).
     rank = rank if world_size > 1 else 0
     index = 0  # records seen so far over all files, the same on every rank
     for tar_path in files:
         stem = shard_stem(tar_path, TAR_SUFFIXES)
+        # A compressed tar cannot be read at an offset: its records have no location.
+        file = relative_file(root, tar_path) if tar_path.name.lower().endswith(".tar") else None
         seen: set[str] = set()  # keys of this shard so far (every rank tracks all)
         seen_all = 0  # records of this shard, all ranks'
         for sample in _tar_samples(tar_path, decode, limits):
             if isinstance(sample, _Break):  # the shard broke; the rest of it is lost
                 _add_break(tar_path, stem, sample, seen_all, index, rank, world_size, rejects)
                 break
-            tar_key, members = sample
+            tar_key, members, spans = sample
             seen_all += 1
             index += 1
             duplicate = tar_key in seen
@@ -103,6 +106,10 @@ def _iter_tars(
                 continue
             record = _make_record(key, members, f"{tar_path}:{tar_key}", rejects, decode, limits)
             if record is not None:
+                if file is not None:
+                    ext = next(ext for ext in IMAGE_EXTENSIONS if ext in members)
+                    offset, size = spans[ext]
+                    record.location = Location(file, offset=offset, size=size, sha1=sha1_of(members[ext]))
                 yield record
 
 
@@ -132,8 +139,9 @@ class _TarInfo(tarfile.TarInfo):
 
 def _tar_samples(
     tar_path: Path, read_images: bool, limits: TextLimits
-) -> Iterator[tuple[str, dict[str, bytes | TooLarge | None]] | _Break]:
-    """Yield ``(key, {extension: bytes})`` per record in tar order; a ``_Break`` ends a damaged shard.
+) -> Iterator[tuple[str, dict[str, bytes | TooLarge | None], dict[str, tuple[int, int]]] | _Break]:
+    """Yield ``(key, {extension: bytes}, {extension: (data offset, size)})`` per record in tar
+    order; a ``_Break`` ends a damaged shard.
 
     Image bytes are only read when ``read_images``, and members that are not an image, a
     ``.txt`` or a ``.json`` never (the value is ``None``). A ``.txt`` or ``.json`` above its
@@ -141,7 +149,7 @@ def _tar_samples(
     break, the record being read is not yielded: it may lack members.
     """
     text_limits = {"txt": limits.caption, "json": limits.metadata}
-    key, members = None, {}
+    key, members, spans = None, {}, {}
     try:
         with tarfile.open(tar_path, mode="r|*", tarinfo=_TarInfo) as tar:
             for member in tar:
@@ -154,9 +162,10 @@ def _tar_samples(
                 member_key = posixpath.join(folder, name)
                 if member_key != key:
                     if key is not None:
-                        yield key, members
-                    key, members = member_key, {}
+                        yield key, members, spans
+                    key, members, spans = member_key, {}, {}
                 extension = extension.lower()
+                spans[extension] = (member.offset_data, member.size)
                 if extension in IMAGE_EXTENSIONS:
                     members[extension] = tar.extractfile(member).read() if read_images else None
                 elif extension in text_limits:
@@ -170,7 +179,7 @@ def _tar_samples(
         yield _Break(f"{tar_path} is damaged ({type(err).__name__}: {err})", key)
         return
     if key is not None:
-        yield key, members
+        yield key, members, spans
 
 
 def _add_break(

@@ -1,7 +1,9 @@
-"""The duplicate finder's five phases, each a step of the stage executor (:mod:`pipeline.executor`).
+"""The duplicate finder's phases, each a step of the stage executor (:mod:`pipeline.executor`).
 
 1. :class:`Embed`, one unit per rank (none with precomputed embeddings): embeds shard ``rank``
-   of the data set into ``embeddings/`` (clip-retrieval layout);
+   of the data set into ``embeddings/`` (clip-retrieval layout) and writes its records'
+   locations into ``locations/`` (:mod:`pipeline.data.locations`); with precomputed
+   embeddings and ``locate=true``, :class:`Locate` writes the locations alone;
 2. :class:`Train`, one unit (rank 0): for IVF, the cells by spherical k-means on a sample of the
    rows, ``index/centroids.npy`` (exact search: only the marker, saying so);
 3. :class:`Index`, one unit per rank: rows ``shard_bounds(N, rank, world_size)`` assigned to the
@@ -20,11 +22,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.data.locations import MANIFEST, RANK_FILE, location_table, write_manifest, write_rank_file
 from pipeline.dedup.buckets import centroids_digest, join_buckets, train_centroids, write_buckets, write_pairs
 from pipeline.dedup.embedding import embed_records
 from pipeline.dedup.embeddings_store import unit_rows, write_shard
@@ -36,7 +40,7 @@ from pipeline.dedup.summary import OUTPUTS, build_summary, evaluation, phase_sec
 from pipeline.dedup.units import DedupRun, shard_bounds
 from pipeline.executor import StepContext, Unit
 from pipeline.io import atomic_write, write_json, write_parquet
-from pipeline.layout import EMBEDDINGS, GROUPS, REJECTS, SELECTED, SUMMARY
+from pipeline.layout import EMBEDDINGS, GROUPS, LOCATIONS, REJECTS, SELECTED, SUMMARY
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +104,12 @@ class Embed(Phase):
                 records = open_dataset(
                     dedup.data, rank=ctx.rank, world_size=ctx.world_size, rejects=ctx.rejects, progress=ctx.progress
                 )
-                embeddings, metadata = embed_records(records, dedup.embedder, dedup.settings.batch_size)
+                located: list[tuple[str, Any]] = []
+                embeddings, metadata = embed_records(
+                    noting_locations(records, located), dedup.embedder, dedup.settings.batch_size
+                )
                 write_shard(dedup.out / EMBEDDINGS, ctx.rank, embeddings, metadata)
+                write_rank_file(dedup.out / LOCATIONS, ctx.rank, location_table(located))
             ctx.stat("rows", len(metadata))
             ctx.done(
                 unit,
@@ -121,6 +129,59 @@ class Embed(Phase):
                 ctx.seconds["embed"],
                 ctx.rejects.summary(),
             )
+
+    def is_complete(self, unit: Unit, marker: dict) -> bool:
+        """The same settings, and the shard's location file is there (an older run's shard without one is redone)."""
+        rank = int(unit.settings["rank"])
+        return marker.get("digest") == unit.digest and (self.dedup.out / LOCATIONS / RANK_FILE.format(rank=rank)).is_file()
+
+    def outputs(self) -> list[Path]:
+        return [self.dedup.out / LOCATIONS / MANIFEST] if self.units() else []
+
+    def finish(self, ctx: StepContext) -> None:
+        """Every rank's locations are written: the index's manifest (:mod:`pipeline.data.locations`)."""
+        if self.units():
+            write_manifest(self.dedup.out / LOCATIONS, self.dedup.data, ctx.world_size)
+
+
+def noting_locations(records: Iterable[Any], located: list[tuple[str, Any]]) -> Iterator[Any]:
+    """``records`` as they come, each one's key and location appended to ``located``."""
+    for record in records:
+        located.append((record.key, record.location))
+        yield record
+
+
+class Locate(Embed):
+    """Phase 1b, one unit per rank with precomputed embeddings and ``locate=true`` (none
+    otherwise): the location index of shard ``rank`` of the data set, its images not decoded."""
+
+    name = "locate"
+
+    def units(self) -> list[Unit]:
+        return self.dedup.locate_units()
+
+    def run(self, units: list[Unit], ctx: StepContext) -> None:
+        dedup = self.dedup
+        if dedup.data is None or not dedup.data.get("path"):
+            raise ValueError("data.path: locate=true indexes a data set; pick a conf/data/*.yaml and data.path=...")
+        from pipeline.data import open_dataset
+
+        for unit in units:
+            with ctx.track_time("locate"):
+                records = open_dataset(
+                    dedup.data,
+                    rank=ctx.rank,
+                    world_size=ctx.world_size,
+                    rejects=ctx.rejects,
+                    progress=ctx.progress,
+                    decode=False,
+                    require_nonempty=False,
+                )
+                table = location_table((record.key, record.location) for record in records)
+                write_rank_file(dedup.out / LOCATIONS, ctx.rank, table)
+            ctx.stat("rows", table.num_rows)
+            ctx.done(unit, {"rows": table.num_rows, "rejected": len(ctx.rejects), "seconds": ctx.seconds["locate"]})
+            log.info("locate: shard %d: %d records located in %.1f s", ctx.rank, table.num_rows, ctx.seconds["locate"])
 
 
 class Train(Phase):

@@ -18,7 +18,7 @@ from pipeline.dedup.index import IndexSettings
 from pipeline.identity import digest_of, tree_identity
 
 # The phases in order; ``all`` runs them one after the other.
-PHASES = ("embed", "train", "index", "search", "group")
+PHASES = ("embed", "locate", "train", "index", "search", "group")
 # Phases that run on rank 0 only (one task); the other ranks of an array do nothing.
 SINGLE_TASK_PHASES = ("train", "group")
 # How a command runs its phases: this process (null), every rank as processes here (local),
@@ -83,6 +83,8 @@ class RunSettings:
         submit: None (this process runs ``phase`` for ``rank``), ``local`` or ``slurm`` (every
             rank of every phase, chained; see :mod:`pipeline.dedup.launch`).
         embeddings_dir: precomputed embeddings (clip-retrieval layout), or None.
+        locate: with ``embeddings_dir``, also write the location index of ``data`` (phase
+            ``locate``; the embed phase writes it otherwise).
         group_chunk_rows: the group phase's queries per step and records per sort bucket.
         evaluate: score the groups against ``data.ground_truth`` when there is one.
         progress: progress bars.
@@ -93,6 +95,7 @@ class RunSettings:
     world_size: int = setting(minimum=1)
     submit: str | None = setting(choices=SUBMIT, default=None)
     embeddings_dir: str | None = None
+    locate: bool = False
     group_chunk_rows: int = setting(minimum=1, default=1 << 18)
     evaluate: bool = True
     progress: bool = True

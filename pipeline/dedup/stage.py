@@ -54,7 +54,7 @@ from pipeline.dedup.grouping import GROUP_CHUNK_ROWS
 from pipeline.dedup.inputs import writes_into
 from pipeline.dedup.launch import hydra_launcher, run_local, submit_slurm
 from pipeline.dedup.memory import peak_rss_mib, reset_peak_rss
-from pipeline.dedup.phases import Embed, Group, Index, Search, Train
+from pipeline.dedup.phases import Embed, Group, Index, Locate, Search, Train
 from pipeline.dedup.settings import (
     PHASES,
     SINGLE_TASK_PHASES,
@@ -87,6 +87,7 @@ def run_dedup(
     ground_truth: str | Path | None = None,
     progress: bool = True,
     group_chunk_rows: int = GROUP_CHUNK_ROWS,
+    locate: bool = False,
 ) -> dict | None:
     """Run ``phase`` of the duplicate finder for ``rank`` of ``world_size`` in this process.
 
@@ -98,6 +99,7 @@ def run_dedup(
         embeddings_dir: a clip-retrieval folder of precomputed embeddings to use instead.
         ground_truth: a parquet with ``key`` and ``original_id``: evaluate the groups.
         group_chunk_rows: the group phase's queries per step and records per sort bucket (its memory, not its result).
+        locate: with ``embeddings_dir``, write the location index of ``data`` (phase locate).
 
     Returns ``summary.json``'s content (for ``all`` and ``group`` on rank 0), else None.
     """
@@ -115,15 +117,23 @@ def run_dedup(
     if ground_truth is not None and not Path(ground_truth).exists():
         raise FileNotFoundError(f"data.ground_truth: {ground_truth} does not exist")
     out = Path(out_dir)
-    data_path = None if embeddings_dir else (data or {}).get("path")  # precomputed: the data set is not read
+    # Precomputed embeddings: the data set is not read, unless its locations are indexed.
+    data_path = None if embeddings_dir and not locate else (data or {}).get("path")
     problem = writes_into(out, {"data.path": data_path, "embeddings_dir": embeddings_dir})
     if problem:
         raise ValueError(problem)
 
     # 2. The phases, sharing one run's units and settings
-    dedup = DedupRun(out, settings, data, embedder, embedder_id, embeddings_dir, world_size, int(group_chunk_rows))
+    dedup = DedupRun(out, settings, data, embedder, embedder_id, embeddings_dir, world_size, int(group_chunk_rows), locate)
     group = Group(dedup, ground_truth)
-    steps = {"embed": Embed(dedup), "train": Train(dedup), "index": Index(dedup), "search": Search(dedup), "group": group}
+    steps = {
+        "embed": Embed(dedup),
+        "locate": Locate(dedup),
+        "train": Train(dedup),
+        "index": Index(dedup),
+        "search": Search(dedup),
+        "group": group,
+    }
 
     # 3. Run this rank's share of each phase in order
     for name in PHASES if phase == "all" else (phase,):
@@ -158,6 +168,8 @@ def run(cfg: DictConfig) -> DedupSummary:
     out = Path(str(cfg.out_dir))
     summary = DedupSummary(how.phase, how.rank, how.world_size, out, out / GROUPS, out / SELECTED)
     phases = list(PHASES) if how.phase == "all" else [how.phase]
+    if how.phase == "all" and not (how.embeddings_dir and how.locate):
+        phases.remove("locate")  # the embed phase writes the locations
 
     # 2. Arrays: every rank of every phase, each phase once the previous one is complete
     if how.submit is not None:
@@ -202,6 +214,7 @@ def run(cfg: DictConfig) -> DedupSummary:
         ground_truth=ground_truth,
         progress=how.progress,
         group_chunk_rows=how.group_chunk_rows,
+        locate=how.locate,
     )
 
     # 5. Say what was found

@@ -54,14 +54,15 @@ class DedupSummary:
 
 def phase_seconds(out: Path, precomputed: bool, group_seconds: float) -> dict[str, float]:
     """Each phase's compute time summed over ranks (not wall time), from the merged ``stats.json``
-    (the embed phase left out for precomputed embeddings), then ``total``."""
+    (the embed phase left out for precomputed embeddings, the locate phase otherwise), then ``total``."""
     try:
         stats = json.loads((out / STATS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         stats = {}
     stats = stats if isinstance(stats, dict) else {}
     timing = {}
-    for phase in PHASES[1 if precomputed else 0 : -1]:
+    # Precomputed embeddings: no embed phase, maybe a locate phase; else the embed phase locates.
+    for phase in [p for p in PHASES[:-1] if p != ("embed" if precomputed else "locate")]:
         entry = stats.get(phase)
         timing[phase] = float(((entry or {}).get("timers") or {}).get(phase, 0.0)) if isinstance(entry, dict) else 0.0
     timing["group"] = group_seconds

@@ -6,6 +6,7 @@ change decides:
 
 * ``embed_<rank>``: the data set's config and files (names, sizes, modification times), the
   embedder's identity, ``rank`` and ``world_size``;
+* ``locate_<rank>`` (precomputed embeddings, ``locate=true``): the same without the embedder;
 * ``train``: the embeddings (the embed units' digests, or the precomputed files) and the index
   settings, not ``world_size``;
 * ``index_<rank>``: the train unit and the centroids' own digest, the embeddings, the index
@@ -47,6 +48,7 @@ class DedupRun:
         embedder_id: what identifies the embedding (a changed id redoes it).
         embeddings_dir: a clip-retrieval folder of precomputed embeddings, or None.
         group_chunk_rows: the group phase's queries per step and records per sort bucket (>= 1).
+        locate: with ``embeddings_dir``, write the location index of ``data`` (phase locate).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class DedupRun:
         embeddings_dir: str | Path | None,
         world_size: int,
         group_chunk_rows: int,
+        locate: bool = False,
     ):
         self.out = out
         self.settings = settings
@@ -68,6 +71,7 @@ class DedupRun:
         self.precomputed = Path(embeddings_dir) if embeddings_dir else None
         self.world_size = world_size
         self.group_chunk_rows = group_chunk_rows
+        self.locate = bool(locate)
         self._rows: EmbeddingRows | None = None
         self._data_identity: dict | None = None
         self._embeddings_settings: dict | None = None
@@ -99,7 +103,7 @@ class DedupRun:
         return self._data_identity
 
     def embed_unit(self, rank: int) -> Unit:
-        data = {k: v for k, v in dict(self.data or {}).items() if k != "ground_truth"}
+        data = {k: v for k, v in dict(self.data or {}).items() if k not in ("ground_truth", "locations")}
         return Unit(
             f"embed_{rank}",
             {
@@ -114,6 +118,13 @@ class DedupRun:
     def embed_units(self) -> list[Unit]:
         """One per rank; none with precomputed embeddings."""
         return [] if self.precomputed is not None else [self.embed_unit(r) for r in range(self.world_size)]
+
+    def locate_units(self) -> list[Unit]:
+        """One per rank with precomputed embeddings and ``locate``; none otherwise (the embed
+        units write the locations of the records they read)."""
+        if self.precomputed is None or not self.locate:
+            return []
+        return [Unit(f"locate_{r}", {**self.embed_unit(r).settings, "embedder": None}) for r in range(self.world_size)]
 
     def embeddings_settings(self) -> dict:
         """What identifies the embeddings the later phases read: the embed units' digests, or

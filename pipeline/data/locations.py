@@ -1,0 +1,236 @@
+"""A training set's location index: key -> where its image bytes lie, and reads by key through it.
+
+The duplicate finder writes it while its embed phase reads every record anyway (or its
+``locate`` phase, for a set whose embeddings were precomputed), one file per rank::
+
+    <folder>/locations_<rank>.parquet   key, file, offset, row, size, sha1 (sorted by key)
+    <folder>/index.json                 the data set it describes: format, root, image column;
+                                        the rank files
+
+Each rank file is sorted by key and written in row groups of :data:`ROW_GROUP_ROWS` rows, so
+that :meth:`LocationIndex.lookup` reads only the footers and the row groups whose key range
+(parquet's min/max statistics) holds a wanted key: its cost grows with the number of keys
+wanted, not with the training set. :func:`read_located` then reads exactly those images: a
+seek into a tar, one parquet row group, one file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.data.images import BadImage, decode_image
+from pipeline.data.location import Location, data_root, sha1_of
+from pipeline.data.paths import UnsafePath, path_under
+from pipeline.data.rejects import RejectLog
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "index.json"
+RANK_FILE = "locations_{rank}.parquet"
+ROW_GROUP_ROWS = 8192
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("file", pa.string()),
+        ("offset", pa.int64()),
+        ("row", pa.int64()),
+        ("size", pa.int64()),
+        ("sha1", pa.string()),
+    ]
+)
+LOCATION_FIELDS = ("file", "offset", "row", "size", "sha1")
+INDEXED_FORMATS = ("files", "webdataset", "parquet", "imagefolder")
+
+
+def location_table(located: Iterable[tuple[str, Location | None]]) -> pa.Table:
+    """A rank's records as a table sorted by key (:data:`SCHEMA`); a record without a location
+    (a compressed tar's) has a null ``file``: it is in the set, to be found by streaming."""
+    rows = sorted(((key, loc) for key, loc in located), key=lambda row: row[0])
+    blank = Location(None)  # type: ignore[arg-type]
+    rows = [(key, loc or blank) for key, loc in rows]
+    return pa.table(
+        {
+            "key": [k for k, _ in rows],
+            "file": [loc.file for _, loc in rows],
+            "offset": [loc.offset for _, loc in rows],
+            "row": [loc.row for _, loc in rows],
+            "size": [loc.size for _, loc in rows],
+            "sha1": [loc.sha1 for _, loc in rows],
+        },
+        schema=SCHEMA,
+    )
+
+
+def write_rank_file(folder: Path, rank: int, table: pa.Table) -> Path:
+    """Write rank ``rank``'s table atomically into ``folder``; returns its path."""
+    from pipeline.io import atomic_write
+
+    path = Path(folder) / RANK_FILE.format(rank=rank)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, write_statistics=True))
+    return path
+
+
+def describe(data: Mapping[str, Any]) -> dict[str, Any]:
+    """What an index must match to be read for ``data`` (a ``data`` config): the format, the
+    data set's root (resolved) and, for parquet, the image column."""
+    described = {"format": data.get("format"), "root": str(data_root(str(data.get("path"))).resolve())}
+    if data.get("format") == "parquet":
+        described["image_column"] = data.get("image_column") or "jpg"
+    return described
+
+
+def write_manifest(folder: Path, data: Mapping[str, Any], world_size: int) -> Path:
+    """Write ``index.json`` for ranks ``0..world_size-1`` and remove rank files beyond them
+    (an earlier run's with more ranks)."""
+    from pipeline.io import write_json
+
+    folder = Path(folder)
+    for stale in folder.glob(RANK_FILE.format(rank="*")):
+        suffix = stale.name.removeprefix("locations_").removesuffix(".parquet")
+        if not suffix.isdigit() or int(suffix) >= world_size:
+            stale.unlink(missing_ok=True)
+    files = [RANK_FILE.format(rank=r) for r in range(world_size)]
+    rows = sum(pq.ParquetFile(folder / name).metadata.num_rows for name in files)
+    manifest = {**describe(data), "files": files, "rows": rows}
+    write_json(manifest, folder / MANIFEST)
+    return folder / MANIFEST
+
+
+class LocationIndex:
+    """The location index in ``folder`` (see the module doc); open it with :meth:`open`."""
+
+    def __init__(self, folder: Path, manifest: Mapping[str, Any]):
+        self.folder = Path(folder)
+        self.manifest = dict(manifest)
+        self.files = [self.folder / name for name in manifest["files"]]
+
+    @classmethod
+    def open(cls, folder: str | Path | None, data: Mapping[str, Any]) -> tuple[LocationIndex | None, str]:
+        """The index in ``folder`` when it describes the data set ``data``, and why not otherwise
+        (``(None, reason)``; the reason is ``""`` with an index)."""
+        if not folder:
+            return None, "no location index given"
+        folder = Path(str(folder))
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, f"no location index in {folder}"
+        if data.get("format") not in INDEXED_FORMATS or not data.get("path"):
+            return None, f"the data set's format {data.get('format')!r} has no location index"
+        wanted = describe(data)
+        differs = [name for name, value in wanted.items() if manifest.get(name) != value]
+        if differs:
+            name = differs[0]
+            return None, f"the location index in {folder} describes {name} {manifest.get(name)!r}, not {wanted[name]!r}"
+        if not isinstance(files, list) or not all(isinstance(f, str) and "/" not in f for f in files):
+            return None, f"the location index in {folder} lists no usable files"
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            return None, f"the location index in {folder} lacks {missing[0]}"
+        return cls(folder, manifest), ""
+
+    def lookup(self, keys: Iterable[str]) -> dict[str, Location | None]:
+        """The locations of those of ``keys`` that are indexed (None for a record that has no
+        location: found by streaming); reads only the row groups whose key range holds one of them."""
+        wanted = sorted(set(map(str, keys)))
+        found: dict[str, Location] = {}
+        if not wanted:
+            return found
+        wanted_array = pa.array(wanted, pa.string())
+        for path in self.files:
+            parquet = pq.ParquetFile(path)
+            key_column = parquet.schema_arrow.get_field_index("key")
+            for group in range(parquet.metadata.num_row_groups):
+                stats = parquet.metadata.row_group(group).column(key_column).statistics
+                if stats is not None and stats.has_min_max:
+                    low, high = bisect.bisect_left(wanted, stats.min), bisect.bisect_right(wanted, stats.max)
+                    if low == high:
+                        continue
+                table = parquet.read_row_group(group)
+                table = table.filter(pc.is_in(table.column("key"), value_set=wanted_array))
+                for row in table.to_pylist():
+                    located = row["file"] is not None
+                    found[row["key"]] = Location(**{k: row[k] for k in LOCATION_FIELDS}) if located else None
+            if len(found) == len(wanted):
+                break
+        return found
+
+
+def read_located(data: Mapping[str, Any], located: Mapping[str, Location], rejects: RejectLog) -> dict[str, Any]:
+    """Decode the images at ``located`` (key -> location, from :meth:`LocationIndex.lookup`) in
+    the data set ``data``: key -> RGB ``PIL.Image``.
+
+    Tar members are read by seek, parquet rows a row group at a time (each group once), other
+    formats file by file. A file gone, bytes whose size or SHA-1 differ from the index's (the
+    set changed since it was indexed), or bytes that do not decode go to ``rejects`` with the
+    reason; the image is then left out.
+    """
+    root = data_root(str(data["path"]))
+    fmt = data.get("format")
+    found: dict[str, Any] = {}
+    by_file: dict[str, list[tuple[str, Location]]] = {}
+    for key, loc in located.items():
+        by_file.setdefault(loc.file, []).append((key, loc))
+    for file, entries in sorted(by_file.items()):
+        try:
+            path = path_under(root, file)
+            blobs = _read_blobs(path, fmt, entries, data)
+        except (OSError, UnsafePath, pa.ArrowException) as err:
+            for key, _ in entries:
+                rejects.add(key, str(root / file), f"missing training image: its indexed file cannot be read ({err})")
+            continue
+        for key, loc in entries:
+            blob = blobs.get(key)
+            source = f"{root / file}" + (f":{loc.offset}" if fmt == "webdataset" else "")
+            problem = _changed(blob, loc)
+            if problem:
+                rejects.add(key, source, f"training image changed since it was indexed: {problem}; rerun the duplicate finder")
+                continue
+            try:
+                found[key] = decode_image(blob)
+            except BadImage as err:
+                rejects.add(key, source, str(err))
+    return found
+
+
+def _changed(blob: bytes | None, loc: Location) -> str:
+    if blob is None:
+        return "no image bytes at its location"
+    if loc.size >= 0 and len(blob) != loc.size:
+        return f"{len(blob)} bytes where the index says {loc.size}"
+    if loc.sha1 is not None and sha1_of(blob) != loc.sha1:
+        return "its bytes' SHA-1 differs from the index's"
+    return ""
+
+
+def _read_blobs(path: Path, fmt: str, entries: list[tuple[str, Location]], data: Mapping[str, Any]) -> dict[str, bytes | None]:
+    """The image bytes of ``entries`` (all in the file at ``path``), key -> bytes (None: none there)."""
+    if fmt == "webdataset":
+        out: dict[str, bytes | None] = {}
+        with path.open("rb") as f:
+            for key, loc in sorted(entries, key=lambda e: e[1].offset):
+                f.seek(loc.offset)
+                out[key] = f.read(max(loc.size, 0))
+        return out
+    if fmt == "parquet":
+        column = data.get("image_column") or "jpg"
+        parquet = pq.ParquetFile(path)
+        out = {}
+        for group in sorted({loc.offset for _, loc in entries}):
+            values = parquet.read_row_group(group, columns=[column]).column(column)
+            for key, loc in entries:
+                if loc.offset == group:
+                    value = values[loc.row].as_py() if 0 <= loc.row < len(values) else None
+                    out[key] = value.get("bytes") if isinstance(value, dict) else value
+        return out
+    return {key: path.read_bytes() for key, _ in entries}  # files, imagefolder: one file per key

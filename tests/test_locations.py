@@ -1,0 +1,136 @@
+"""The location index: every format's records located, an index written per rank, training
+images fetched by key through it with exactly the bytes the stream gives, and changes caught."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import shutil
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.data import RejectLog, iter_records
+from pipeline.data.location import Location
+from pipeline.data.locations import (
+    ROW_GROUP_ROWS,
+    LocationIndex,
+    location_table,
+    write_manifest,
+    write_rank_file,
+)
+from pipeline.training_images import fetch_training_images
+from tests.test_data import FORMATS, good_samples, jpeg_bytes, write_dataset
+
+
+def build_index(fmt: str, path, folder, world_size: int = 1, decode: bool = True) -> dict:
+    data = {"format": fmt, "path": str(path)}
+    for rank in range(world_size):
+        records = iter_records(fmt, path, rank=rank, world_size=world_size, decode=decode)
+        write_rank_file(folder, rank, location_table((r.key, r.location) for r in records))
+    write_manifest(folder, data, world_size)
+    return {**data, "locations": str(folder)}
+
+
+def pixels(images: dict) -> dict:
+    return {key: np.asarray(image) for key, image in images.items()}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_fetch_by_location_equals_the_stream(fmt, world_size, tmp_path):
+    samples = good_samples(12, n_shards=2)
+    path = write_dataset(fmt, tmp_path / fmt, samples, n_shards=2)
+    data = build_index(fmt, path, tmp_path / "locations", world_size)
+    wanted = [samples[i].dataset_key for i in (0, 3, 7, 11)] + ["00000/not-a-key"]
+
+    indexed_rejects, streamed_rejects = RejectLog(), RejectLog()
+    indexed = fetch_training_images(data, wanted, indexed_rejects)
+    streamed = fetch_training_images({"format": fmt, "path": str(path)}, wanted, streamed_rejects)
+
+    assert sorted(indexed) == sorted(wanted[:-1])
+    # The very same decoded pixels: the same bytes are decoded either way.
+    assert {k: v.tobytes() for k, v in pixels(indexed).items()} == {k: v.tobytes() for k, v in pixels(streamed).items()}
+    assert [e["key"] for e in indexed_rejects.entries] == ["00000/not-a-key"]
+    assert "no record with this key in the location index" in indexed_rejects.entries[0]["reason"]
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_lookup_reads_only_the_row_groups_holding_wanted_keys(fmt, tmp_path, monkeypatch):
+    n = 3 * ROW_GROUP_ROWS + 5  # four row groups in the one rank file
+    keys = [f"{i:09d}" for i in range(n)]
+    table = location_table((k, Location("f", i)) for i, k in enumerate(keys))
+    folder = tmp_path / "locations"
+    write_rank_file(folder, 0, table)
+    assert pq.ParquetFile(folder / "locations_0.parquet").metadata.num_row_groups == 4
+    (tmp_path / "set").mkdir()
+    write_manifest(folder, {"format": fmt, "path": str(tmp_path / "set")}, 1)
+    index, why = LocationIndex.open(folder, {"format": fmt, "path": str(tmp_path / "set")})
+    assert index is not None, why
+    read = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, *a, **k: read.append(i) or original(self, i, *a, **k))
+
+    found = index.lookup([keys[5], keys[ROW_GROUP_ROWS * 3 + 1]])
+
+    assert {k: loc.offset for k, loc in found.items()} == {keys[5]: 5, keys[ROW_GROUP_ROWS * 3 + 1]: ROW_GROUP_ROWS * 3 + 1}
+    assert read == [0, 3]  # the two groups whose key range holds a wanted key, no other
+
+
+def test_changed_tar_member_is_rejected_not_served(tmp_path):
+    samples = good_samples(4)
+    path = write_dataset("webdataset", tmp_path / "wds", samples)
+    data = build_index("webdataset", path, tmp_path / "locations")
+    # The shard rewritten in place with a different picture of the same size under one key.
+    tar_path = path / "00000.tar"
+    changed = jpeg_bytes((250, 0, 0))
+    members = []
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            members.append((member, tar.extractfile(member).read()))
+    with tarfile.open(tar_path, "w") as tar:
+        for member, blob in members:
+            if member.name == f"{samples[1].key}.jpg":
+                blob = changed
+                member.size = len(blob)
+            tar.addfile(member, io.BytesIO(blob))
+    rejects = RejectLog()
+
+    found = fetch_training_images(data, [samples[0].dataset_key, samples[1].dataset_key, samples[2].dataset_key], rejects)
+
+    assert samples[1].dataset_key not in found
+    reasons = {e["key"]: e["reason"] for e in rejects.entries}
+    assert "changed since it was indexed" in reasons[samples[1].dataset_key]
+
+
+def test_index_of_another_data_set_is_not_used(tmp_path, caplog):
+    samples = good_samples(4)
+    path = write_dataset("parquet", tmp_path / "a", samples)
+    other = write_dataset("parquet", tmp_path / "b", samples)
+    data = build_index("parquet", path, tmp_path / "locations")
+    data_b = {**data, "path": str(other)}
+    index, why = LocationIndex.open(data_b["locations"], data_b)
+    assert index is None and "describes root" in why
+    with caplog.at_level(logging.INFO, logger="pipeline.training_images"):
+        found = fetch_training_images(data_b, [samples[0].dataset_key])
+    assert list(found) == [samples[0].dataset_key]  # streamed instead
+    assert any("streamed" in r.getMessage() for r in caplog.records)
+
+
+def test_compressed_tar_records_are_indexed_unlocated_and_streamed(tmp_path):
+    samples = good_samples(6, n_shards=2)
+    path = write_dataset("webdataset", tmp_path / "wds", samples, n_shards=2)
+    with (path / "00001.tar").open("rb") as src, gzip.open(path / "00001.tar.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    (path / "00001.tar").unlink()
+    assert all((r.location is None) == r.key.startswith("00001/") for r in iter_records("webdataset", path))
+    data = build_index("webdataset", path, tmp_path / "locations")
+    wanted = [s.dataset_key for s in samples]
+    rejects = RejectLog()
+
+    found = fetch_training_images(data, wanted, rejects)
+
+    assert sorted(found) == sorted(wanted) and not rejects.entries
