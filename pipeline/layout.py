@@ -49,6 +49,7 @@ BUDGET = "budget.json"
 MEMORIZED = "memorized.parquet"
 EXTRACTED = "extracted.parquet"
 MATCHES = "matches"
+DOWNLOAD_LIST = "candidates.parquet"  # detect/: url, caption, key of the training images verification needs
 VERIFY = "verify"
 REPORT_PAGE = "index.html"
 SUMMARY = "summary.json"

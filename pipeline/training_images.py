@@ -20,10 +20,11 @@ from PIL import Image, ImageOps
 from pipeline.data import open_dataset
 from pipeline.data.files import IMAGE_SUFFIXES
 from pipeline.data.images import BadImage, decode_image
-from pipeline.data.locations import LocationIndex, read_located
+from pipeline.data.locations import MANIFEST, LocationIndex, read_located
 from pipeline.data.paths import UnsafePath, path_under
 from pipeline.data.rejects import RejectLog
 from pipeline.identity import digest_of, tree_identity
+from pipeline.layout import LOCATIONS
 from pipeline.metrics import Metric
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,20 @@ def fetch_training_images(
     return _fetch_streaming(data, wanted, rejects, progress)
 
 
+def with_location_index(data: Mapping[str, Any], dedup_dir: str | Path | None) -> dict[str, Any]:
+    """``data`` with ``locations`` set to the duplicate finder's index in ``dedup_dir`` when it
+    has one and ``data`` names none (an explicit ``data.locations`` is kept)."""
+    data = dict(data)
+    if not data.get("locations") and dedup_dir is not None and (Path(dedup_dir) / LOCATIONS / MANIFEST).is_file():
+        data["locations"] = str(Path(dedup_dir) / LOCATIONS)
+    return data
+
+
 def _fetch_streaming(data: Mapping[str, Any], wanted: set[str], rejects: RejectLog, progress: bool) -> dict[str, Image.Image]:
     """``wanted`` from the ``files`` layout by path, the rest by streaming the data set once."""
     found: dict[str, Image.Image] = {}
     refused: set[str] = set()
-    if data.get("format") == "files" and data.get("path"):
+    if data.get("format") == "files" and data.get("path") and not data.get("key_table"):  # keys are paths
         root = Path(data["path"])
         for key in sorted(wanted):
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import logging
 import shutil
 import tarfile
@@ -71,8 +72,8 @@ def test_lookup_reads_only_the_row_groups_holding_wanted_keys(fmt, tmp_path, mon
     index, why = LocationIndex.open(folder, {"format": fmt, "path": str(tmp_path / "set")})
     assert index is not None, why
     read = []
-    original = pq.ParquetFile.read_row_group
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, *a, **k: read.append(i) or original(self, i, *a, **k))
+    original = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", lambda self, i, *a, **k: read.extend(i) or original(self, i, *a, **k))
 
     found = index.lookup([keys[5], keys[ROW_GROUP_ROWS * 3 + 1]])
 
@@ -134,3 +135,87 @@ def test_compressed_tar_records_are_indexed_unlocated_and_streamed(tmp_path):
     found = fetch_training_images(data, wanted, rejects)
 
     assert sorted(found) == sorted(wanted) and not rejects.entries
+
+
+def robust_embedder():
+    import hydra
+
+    from tests.conftest import compose_config
+
+    return hydra.utils.instantiate(compose_config("dedup").embedder)
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_embed_phase_writes_the_index_per_rank_and_fetches_use_it(fmt, tmp_path, caplog):
+    from pipeline.dedup.settings import DedupSettings
+    from pipeline.dedup.stage import run_dedup
+    from pipeline.training_images import with_location_index
+
+    samples = good_samples(10, n_shards=2)
+    path = write_dataset(fmt, tmp_path / fmt, samples, n_shards=2)
+    data = {"format": fmt, "path": str(path)}
+    out = tmp_path / "dedup"
+    for rank in range(2):  # an array of two embed tasks
+        run_dedup(
+            out, DedupSettings(threshold=0.86), data=data, embedder=robust_embedder(), phase="embed", rank=rank, world_size=2
+        )
+    assert sorted(p.name for p in (out / "locations").iterdir()) == ["index.json", "locations_0.parquet", "locations_1.parquet"]
+    manifest = json.loads((out / "locations" / "index.json").read_text())
+    assert manifest["rows"] == 10 and manifest["format"] == fmt
+
+    located = with_location_index(data, out)
+    assert located["locations"] == str(out / "locations")
+    wanted = [s.dataset_key for s in samples[::3]]
+    with caplog.at_level(logging.INFO, logger="pipeline.training_images"):
+        by_index = fetch_training_images(located, wanted)
+    assert not any("streamed" in r.getMessage() for r in caplog.records)
+    by_stream = fetch_training_images(data, wanted)
+    assert {k: v.tobytes() for k, v in pixels(by_index).items()} == {k: v.tobytes() for k, v in pixels(by_stream).items()}
+    assert sorted(by_index) == sorted(wanted)
+
+
+def test_locate_phase_indexes_a_set_whose_embeddings_were_precomputed(tmp_path):
+    from pipeline.dedup.embeddings_store import write_shard
+    from pipeline.dedup.settings import DedupSettings
+    from pipeline.dedup.stage import run_dedup
+
+    samples = good_samples(6)
+    path = write_dataset("webdataset", tmp_path / "wds", samples)
+    import pandas as pd
+
+    vectors = np.eye(6, 8, dtype=np.float32)
+    write_shard(tmp_path / "emb", 0, vectors, pd.DataFrame({"key": [s.dataset_key for s in samples], "caption": ["c"] * 6}))
+    data = {"format": "webdataset", "path": str(path)}
+    out = tmp_path / "dedup"
+    run_dedup(out, DedupSettings(threshold=0.9), data=data, embeddings_dir=tmp_path / "emb", locate=True, phase="all")
+    index, why = LocationIndex.open(out / "locations", data)
+    assert index is not None, why
+    assert sorted(index.lookup([s.dataset_key for s in samples])) == sorted(s.dataset_key for s in samples)
+    # Without locate=true, precomputed embeddings index nothing.
+    run_dedup(tmp_path / "dedup2", DedupSettings(threshold=0.9), data=data, embeddings_dir=tmp_path / "emb", phase="all")
+    assert not (tmp_path / "dedup2" / "locations").exists()
+
+
+def test_verification_reads_through_the_duplicate_finders_index(tmp_path, monkeypatch):
+    import pipeline.training_images as training_images
+    from pipeline.detect.verify import run_verify
+    from tests.test_detect import build_run, detect
+
+    run = build_run(tmp_path)
+    run_dir, train = run["run_dir"], run["train"]
+    memorized = detect(run)
+    data = {"format": "files", "path": str(train)}
+    streamed, _ = run_verify(memorized, run_dir / "generations", tmp_path / "streamed", data, progress=False)
+    build_index("files", train, run_dir / "dedup" / "locations")
+
+    def no_stream(*args, **kwargs):
+        raise AssertionError("the training set was read without its location index")
+
+    monkeypatch.setattr(training_images, "_fetch_streaming", no_stream)
+    indexed, _ = run_verify(
+        memorized, run_dir / "generations", tmp_path / "indexed", data, dedup_dir=run_dir / "dedup", progress=False
+    )
+
+    columns = ["prompt_id", "extracted", "samples_matched", "best_train_key", "best_distance"]
+    assert indexed[columns].equals(streamed[columns])
+    assert indexed["extracted"].any()

@@ -33,6 +33,7 @@ from pipeline.data.errors import DataConfigError, EmptyDatasetError
 from pipeline.data.files import iter_files
 from pipeline.data.imagefolder import iter_imagefolder
 from pipeline.data.images import BadImage, decode_image
+from pipeline.data.key_table import read_key_table, rekey_by_url
 from pipeline.data.parquet import iter_parquet
 from pipeline.data.progress import with_progress
 from pipeline.data.record import Record
@@ -48,8 +49,9 @@ READERS: dict[str, Callable[..., Iterator[Record]]] = {
 }
 
 # Keys of a ``data`` config group that describe the data set but are not reader options
-# (``locations``: the folder of its location index, :mod:`pipeline.data.locations`).
-NON_READER_KEYS = frozenset({"format", "path", "ground_truth", "name", "locations"})
+# (``locations``: the folder of its location index, :mod:`pipeline.data.locations`;
+# ``key_table``: records keyed by URL from another list, :mod:`pipeline.data.key_table`).
+NON_READER_KEYS = frozenset({"format", "path", "ground_truth", "name", "locations", "key_table"})
 _COMMON_ARGS = frozenset({"path", "root", "rank", "world_size", "rejects", "decode"})
 
 
@@ -117,8 +119,9 @@ def open_dataset(
 ) -> Iterator[Record]:
     """:func:`iter_records` for a ``data`` config group (``conf/data/*.yaml``, a dict or DictConfig).
 
-    ``data.format`` and ``data.path`` are required; ``ground_truth`` and ``name`` are
-    ignored; every other key is a reader option (a key the format does not take raises).
+    ``data.format`` and ``data.path`` are required; ``ground_truth``, ``name`` and ``locations``
+    are ignored; ``key_table`` keys each record by its URL (:mod:`pipeline.data.key_table`);
+    every other key is a reader option (a key the format does not take raises).
     Progress is on by default, as a stage wants it.
     """
     values = _plain(data)
@@ -126,7 +129,9 @@ def open_dataset(
         if values.get(key) in (None, "", "???"):
             raise DataConfigError(f"data.{key}: not set; pick a conf/data/*.yaml or pass data.{key}=...")
     options = {k: v for k, v in values.items() if k not in NON_READER_KEYS}
-    return iter_records(
+    keys_by_url = read_key_table(values["key_table"]) if values.get("key_table") else None
+    rejects = rejects if rejects is not None else RejectLog()
+    records = iter_records(
         values["format"],
         values["path"],
         rank=rank,
@@ -137,6 +142,7 @@ def open_dataset(
         require_nonempty=require_nonempty,
         **options,
     )
+    return records if keys_by_url is None else rekey_by_url(records, keys_by_url, rejects)
 
 
 def _plain(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "index.json"
 RANK_FILE = "locations_{rank}.parquet"
-ROW_GROUP_ROWS = 8192
+ROW_GROUP_ROWS = 1024
 SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -150,17 +150,20 @@ class LocationIndex:
         for path in self.files:
             parquet = pq.ParquetFile(path)
             key_column = parquet.schema_arrow.get_field_index("key")
+            groups = []
             for group in range(parquet.metadata.num_row_groups):
                 stats = parquet.metadata.row_group(group).column(key_column).statistics
                 if stats is not None and stats.has_min_max:
-                    low, high = bisect.bisect_left(wanted, stats.min), bisect.bisect_right(wanted, stats.max)
-                    if low == high:
-                        continue
-                table = parquet.read_row_group(group)
-                table = table.filter(pc.is_in(table.column("key"), value_set=wanted_array))
-                for row in table.to_pylist():
-                    located = row["file"] is not None
-                    found[row["key"]] = Location(**{k: row[k] for k in LOCATION_FIELDS}) if located else None
+                    if bisect.bisect_left(wanted, stats.min) == bisect.bisect_right(wanted, stats.max):
+                        continue  # no wanted key in this group's range
+                groups.append(group)
+            if not groups:
+                continue
+            table = parquet.read_row_groups(groups)
+            table = table.filter(pc.is_in(table.column("key"), value_set=wanted_array))
+            for row in table.to_pylist():
+                located = row["file"] is not None
+                found[row["key"]] = Location(**{k: row[k] for k in LOCATION_FIELDS}) if located else None
             if len(found) == len(wanted):
                 break
         return found

@@ -20,7 +20,10 @@ with its 95% Wilson interval, ``samples_matched_other`` (samples reproducing onl
 training images) and the best match), ``extracted.parquet`` (a row per sample and
 training image within the threshold) and ``matches/`` (when a training set is given),
 ``summary.json``, ``rejects.jsonl`` (unreadable samples; ``rejects_<rank>.jsonl`` per shard),
-and per-prompt results under ``prompts/`` so that a rerun skips finished prompts.
+and per-prompt results under ``prompts/`` so that a rerun skips finished prompts. Without a
+training set, when the duplicate finder read embeddings whose metadata holds URLs (LAION's),
+``candidates.parquet`` lists the images verification needs (``url``, ``caption``, ``key``;
+:mod:`pipeline.detect.download_list`) for img2dataset to download.
 """
 
 from __future__ import annotations
@@ -39,11 +42,22 @@ from pipeline.cli import CONF_DIR, ConfigError, setting, settings_from, stage_ma
 from pipeline.data.rejects import RejectLog
 from pipeline.data.sharding import check_shard
 from pipeline.detect.candidates import EmbedderOnFirstUse
+from pipeline.detect.download_list import has_urls, write_download_list
 from pipeline.detect.screen import PROMPT_RESULTS, ScreenPrompts, find_memorized, screenable_prompts, stopped_under_another_rule
 from pipeline.detect.verify import run_verify
 from pipeline.executor import run_step
 from pipeline.io import write_json
-from pipeline.layout import EXTRACTED, MEMORIZED, PROMPTS_TABLE, SCREENED, SUMMARY, read_prompt_table, write_prompt_table
+from pipeline.layout import (
+    DOWNLOAD_LIST,
+    EMBEDDINGS,
+    EXTRACTED,
+    MEMORIZED,
+    PROMPTS_TABLE,
+    SCREENED,
+    SUMMARY,
+    read_prompt_table,
+    write_prompt_table,
+)
 from pipeline.rule import NearCopyRule, rule_from_config
 
 __all__ = ["DetectSummary", "VerifySettings", "find_memorized", "main", "run", "run_detect", "stopped_under_another_rule"]
@@ -55,11 +69,12 @@ log = logging.getLogger(__name__)
 class VerifySettings:
     """The ``verify.*`` keys: where candidates come from and what counts as a reproduction."""
 
-    dedup_dir: str | None = setting()  # the duplicate finder's folder (embeddings/)
+    dedup_dir: str | None = setting()  # the duplicate finder's folder (embeddings/, locations/)
     n_candidates: int = setting(minimum=0)  # nearest training images by embedding, per sample
     max_candidates: int = setting(minimum=1)  # candidates per prompt, its group first
     delta: float | None = setting(minimum=0)  # None: the rule's threshold
     exhaustive: bool | str = setting()  # true, false or auto (only when dedup_dir has nothing)
+    embeddings_dir: str | None = setting(default=None)  # the precomputed embeddings it read, if any
 
     def __post_init__(self):
         if self.exhaustive not in (True, False, "auto"):
@@ -200,7 +215,26 @@ def run(cfg: DictConfig) -> DetectSummary:
 
     # 3. Verify every prompt's samples against the training set, when one is given.
     if data is None:
-        print("no training set given (data=...): verification skipped")
+        embeddings_dir = verify.embeddings_dir or (Path(verify.dedup_dir) / EMBEDDINGS if verify.dedup_dir else None)
+        if not has_urls(embeddings_dir):
+            print("no training set given (data=...): verification skipped")
+            return summary
+        # Metadata with URLs but no images (LAION's): list the images verification needs.
+        listed = write_download_list(
+            memorized,
+            cfg.generations_dir,
+            embeddings_dir,
+            out_dir / DOWNLOAD_LIST,
+            EmbedderOnFirstUse(rule.metric, cfg.get("embedder")),
+            verify.n_candidates,
+            verify.max_candidates,
+        )
+        print(
+            f"no training set given (data=...): verification skipped; the {len(listed)} training images it needs "
+            f"for the {len(memorized)} prompts are listed in {out_dir / DOWNLOAD_LIST} (url, caption, key): download "
+            "them with img2dataset and rerun with data=<format> data.path=<download> "
+            f"data.key_table={out_dir / DOWNLOAD_LIST}"
+        )
         return summary
     memorized, extracted = run_verify(
         memorized,
@@ -208,6 +242,7 @@ def run(cfg: DictConfig) -> DetectSummary:
         out_dir,
         data=OmegaConf.to_container(data, resolve=True),
         dedup_dir=verify.dedup_dir,
+        embeddings_dir=verify.embeddings_dir,
         embedder_factory=EmbedderOnFirstUse(rule.metric, cfg.get("embedder")),
         n_candidates=verify.n_candidates,
         max_candidates=verify.max_candidates,

@@ -52,10 +52,17 @@ from pipeline.embedders.base import Embedder
 from pipeline.executor import StepContext, Unit, run_step
 from pipeline.generations import Sample, list_samples, load_samples, samples_identity
 from pipeline.io import atomic_write, write_json, write_parquet
-from pipeline.layout import EVIDENCE_DIGEST, EXTRACTED, EXTRACTED_COLUMNS, MATCHES, VERIFICATION_COLUMNS, VERIFY
+from pipeline.layout import EMBEDDINGS, EVIDENCE_DIGEST, EXTRACTED, EXTRACTED_COLUMNS, MATCHES, VERIFICATION_COLUMNS, VERIFY
 from pipeline.metrics import Metric, TiledL2
 from pipeline.stats import wilson_interval
-from pipeline.training_images import fetch_training_images, fit_batch, fit_to, sample_distances, training_set_identity  # noqa: F401
+from pipeline.training_images import (  # noqa: F401
+    fetch_training_images,
+    fit_batch,
+    fit_to,
+    sample_distances,
+    training_set_identity,
+    with_location_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +89,41 @@ class PromptSamples:
     prompt_id: str
     samples: list[Sample]
     images: list[np.ndarray]
+
+
+def embedding_index(dedup_dir: str | Path | None, embeddings_dir: str | Path | None = None) -> EmbeddingIndex | None:
+    """The training set's embeddings to find nearest neighbours in: ``embeddings_dir`` (the
+    precomputed ones the duplicate finder read) or ``<dedup_dir>/embeddings``; None without either."""
+    if embeddings_dir is not None:
+        return EmbeddingIndex.load(embeddings_dir)
+    return EmbeddingIndex.load(Path(dedup_dir) / EMBEDDINGS) if dedup_dir is not None else None
+
+
+def prompt_candidates(
+    prompts: Sequence[PromptSamples],
+    groups: Mapping[str, list[str]],
+    index: EmbeddingIndex | None,
+    embedder_factory: Callable[[], Embedder | None] | None,
+    n_candidates: int,
+    max_candidates: int,
+) -> dict[str, list[str]]:
+    """Each prompt's candidate training keys: its duplicate group (``groups``), then its samples'
+    nearest training images in ``index`` (rank by rank: every sample's nearest, then every
+    sample's second ...), at most ``max_candidates``, without repeats. The embedder is built
+    (``embedder_factory()``) only when there are samples to embed and an index to search."""
+    found = {p.prompt_id: list(dict.fromkeys(groups.get(p.prompt_id, []))) for p in prompts}
+    embedder = None
+    if index is not None and n_candidates > 0 and any(p.images for p in prompts):
+        embedder = embedder_factory() if embedder_factory is not None else None
+        if embedder is None:
+            log.warning("dedup embeddings found but no embedder configured (embedder=...): nearest-neighbour candidates skipped")
+    for p in prompts:
+        if embedder is not None and p.images:
+            nearest = index.search(embed_images(p.images, embedder), n_candidates)
+            for rank in range(max(map(len, nearest), default=0)):
+                found[p.prompt_id] += [keys[rank] for keys in nearest if rank < len(keys)]
+        found[p.prompt_id] = list(dict.fromkeys(found[p.prompt_id]))[:max_candidates]
+    return found
 
 
 class _Matches:
@@ -171,6 +213,7 @@ def run_verify(
     out_dir: str | Path,
     data: Mapping[str, Any],
     dedup_dir: str | Path | None = None,
+    embeddings_dir: str | Path | None = None,
     embedder_factory: Callable[[], Embedder | None] | None = None,
     n_candidates: int = 20,
     max_candidates: int = 256,
@@ -185,7 +228,8 @@ def run_verify(
 
     Candidates per prompt: its duplicate group (``keys``, carried from the duplicate finder),
     then the ``n_candidates`` nearest training images of each sample by embedding (a faiss
-    index over ``<dedup_dir>/embeddings/``), at most ``max_candidates`` in all; or, with
+    index over ``<dedup_dir>/embeddings/``, or ``embeddings_dir``: the precomputed embeddings
+    the duplicate finder read), at most ``max_candidates`` in all; or, with
     ``exhaustive`` true (``"auto"``: when neither offers any), every training image, streamed
     once. A sample within ``delta`` of a training image (the rule's ``metric``) reproduces it;
     the prompt is extracted when that image is one of its own (its group, or any image for a
@@ -211,10 +255,12 @@ def run_verify(
     metric = metric if metric is not None else TiledL2()
     dedup_dir = Path(dedup_dir) if dedup_dir is not None else None
     groups = group_candidates(memorized)
-    index = EmbeddingIndex.load(dedup_dir / "embeddings") if dedup_dir is not None else None
+    index = embedding_index(dedup_dir, embeddings_dir)
+    data = with_location_index(data, dedup_dir)
     scan_all = exhaustive is True or (exhaustive == "auto" and not any(groups.values()) and index is None)
     common = {
-        "data": {k: str(v) for k, v in data.items()},
+        # Where images are read from does not decide a verdict: the location index is left out.
+        "data": {k: str(v) for k, v in data.items() if k != "locations"},
         "training_set": training_set_identity(data),
         "dedup_dir": str(dedup_dir),
         "index": None if index is None else index.identity,
@@ -355,24 +401,8 @@ class _VerifyStep:
         return PromptSamples(prompt_id, samples, images)
 
     def _candidates(self, prompts: list[PromptSamples]) -> dict[str, list[str]]:
-        """Each prompt's duplicate group, then its samples' nearest training images by embedding
-        (rank by rank: every sample's nearest, then every sample's second ...), at most ``max_candidates``."""
         o = self.options
-        found = {p.prompt_id: list(dict.fromkeys(self.groups.get(p.prompt_id, []))) for p in prompts}
-        embedder = None
-        if self.index is not None and o["n_candidates"] > 0 and any(p.images for p in prompts):
-            embedder = o["embedder_factory"]() if o["embedder_factory"] is not None else None
-            if embedder is None:
-                log.warning(
-                    "dedup embeddings found but no embedder configured (embedder=...): nearest-neighbour candidates skipped"
-                )
-        for p in prompts:
-            if embedder is not None and p.images:
-                nearest = self.index.search(embed_images(p.images, embedder), o["n_candidates"])
-                for rank in range(max(map(len, nearest), default=0)):
-                    found[p.prompt_id] += [keys[rank] for keys in nearest if rank < len(keys)]
-            found[p.prompt_id] = list(dict.fromkeys(found[p.prompt_id]))[: o["max_candidates"]]
-        return found
+        return prompt_candidates(prompts, self.groups, self.index, o["embedder_factory"], o["n_candidates"], o["max_candidates"])
 
     def _scan(self, matches: dict[str, _Matches], rejects: RejectLog) -> None:
         """Stream the whole training set once, comparing every batch with every prompt's samples."""

@@ -82,7 +82,7 @@ from pipeline.layout import GENERATION_LOGS
 from pipeline.models import Runtime, load_model, make_runtime, resolve_device
 from pipeline.prompts import Prompt, read_prompts, shard_prompts
 from pipeline.rule import rule_from_config
-from pipeline.training_images import GroupMatcher, training_set_identity
+from pipeline.training_images import GroupMatcher, training_set_identity, with_location_index
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def run(cfg) -> GenerationSummary:
         adaptive = replace(adaptive, rule=rule_from_config(cfg))
         if adaptive.stop_when_extracted:
             # Verification's threshold is the rule's here (the detector's verify.delta defaults to it too).
-            data = OmegaConf.to_container(data, resolve=True)
+            data = with_location_index(OmegaConf.to_container(data, resolve=True), cfg.get("dedup_dir"))
             matcher = GroupMatcher(data, adaptive.rule.metric, adaptive.rule.threshold)
             adaptive = replace(adaptive, training_set=training_set_identity(data))
 
