@@ -219,3 +219,27 @@ def test_verification_reads_through_the_duplicate_finders_index(tmp_path, monkey
     columns = ["prompt_id", "extracted", "samples_matched", "best_train_key", "best_distance"]
     assert indexed[columns].equals(streamed[columns])
     assert indexed["extracted"].any()
+
+
+@pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])
+def test_key_table_keys_records_by_url_and_rejects_the_unlisted(fmt, tmp_path):
+    import pandas as pd
+
+    from pipeline.data import open_dataset
+    from tests.test_data import url
+
+    samples = good_samples(5)
+    path = write_dataset(fmt, tmp_path / fmt, samples)
+    listed = pd.DataFrame({"url": [url(s) for s in samples[:3]], "caption": ["c"] * 3, "key": ["a/1", "b/2", "c/3"]})
+    listed.to_parquet(tmp_path / "candidates.parquet")
+    rejects = RejectLog()
+
+    records = list(
+        open_dataset(
+            {"format": fmt, "path": str(path), "key_table": str(tmp_path / "candidates.parquet")}, rejects=rejects, progress=False
+        )
+    )
+
+    assert sorted(r.key for r in records) == ["a/1", "b/2", "c/3"]
+    assert sorted(e["key"] for e in rejects.entries) == sorted(s.dataset_key for s in samples[3:])
+    assert all(e["reason"].startswith("not listed") for e in rejects.entries)
