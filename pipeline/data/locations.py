@@ -3,7 +3,7 @@
 The duplicate finder writes it while its embed phase reads every record anyway (or its
 ``locate`` phase, for a set whose embeddings were precomputed), one file per rank::
 
-    <folder>/locations_<rank>.parquet   key, file, offset, row, size, sha1 (sorted by key)
+    <folder>/locations_<rank>.parquet   key, file, offset, row, size, sha1 (20 bytes); sorted by key
     <folder>/index.json                 the data set it describes: format, root, image column;
                                         the rank files
 
@@ -44,10 +44,9 @@ SCHEMA = pa.schema(
         ("offset", pa.int64()),
         ("row", pa.int64()),
         ("size", pa.int64()),
-        ("sha1", pa.string()),
+        ("sha1", pa.binary(20)),  # 20 bytes, not 40 hex characters: a lookup reads a quarter as much
     ]
 )
-LOCATION_FIELDS = ("file", "offset", "row", "size", "sha1")
 INDEXED_FORMATS = ("files", "webdataset", "parquet", "imagefolder")
 
 
@@ -64,7 +63,7 @@ def location_table(located: Iterable[tuple[str, Location | None]]) -> pa.Table:
             "offset": [loc.offset for _, loc in rows],
             "row": [loc.row for _, loc in rows],
             "size": [loc.size for _, loc in rows],
-            "sha1": [loc.sha1 for _, loc in rows],
+            "sha1": [None if loc.sha1 is None else bytes.fromhex(loc.sha1) for _, loc in rows],
         },
         schema=SCHEMA,
     )
@@ -148,7 +147,7 @@ class LocationIndex:
             return found
         wanted_array = pa.array(wanted, pa.string())
         for path in self.files:
-            parquet = pq.ParquetFile(path)
+            parquet = pq.ParquetFile(path, read_dictionary=["file"])  # a shard's name once, not per row
             key_column = parquet.schema_arrow.get_field_index("key")
             groups = []
             for group in range(parquet.metadata.num_row_groups):
@@ -162,8 +161,11 @@ class LocationIndex:
             table = parquet.read_row_groups(groups)
             table = table.filter(pc.is_in(table.column("key"), value_set=wanted_array))
             for row in table.to_pylist():
-                located = row["file"] is not None
-                found[row["key"]] = Location(**{k: row[k] for k in LOCATION_FIELDS}) if located else None
+                if row["file"] is None:
+                    found[row["key"]] = None
+                    continue
+                sha1 = None if row["sha1"] is None else row["sha1"].hex()
+                found[row["key"]] = Location(row["file"], row["offset"], row["row"], row["size"], sha1)
             if len(found) == len(wanted):
                 break
         return found
