@@ -243,3 +243,58 @@ def test_key_table_keys_records_by_url_and_rejects_the_unlisted(fmt, tmp_path):
     assert sorted(r.key for r in records) == ["a/1", "b/2", "c/3"]
     assert sorted(e["key"] for e in rejects.entries) == sorted(s.dataset_key for s in samples[3:])
     assert all(e["reason"].startswith("not listed") for e in rejects.entries)
+
+
+def test_adaptive_sampling_reads_each_prompts_group_through_the_index(tmp_path, monkeypatch):
+    """The generator's stop_when_extracted fetches the prompts' training images by location
+    (never by streaming the set) when the duplicate finder's folder has an index."""
+    import pandas as pd
+
+    import pipeline.training_images as training_images
+    from pipeline.generate import run as run_generate
+    from tests.conftest import SHIPPED_DEMO_MODEL, compose_config
+
+    samples = good_samples(8)
+    train = write_dataset("webdataset", tmp_path / "train", samples)
+    build_index("webdataset", train, tmp_path / "run" / "dedup" / "locations")
+    prompts = pd.DataFrame(
+        {
+            "prompt_id": ["00000", "00001"],
+            "caption": ["a red barn", "a blue cat"],
+            "dup_count": [3, 2],
+            "keys": [[s.dataset_key for s in samples[:3]], [s.dataset_key for s in samples[3:5]]],
+        }
+    )
+    prompts.to_parquet(tmp_path / "prompts.parquet")
+    fetched = []
+    original = training_images.read_located
+
+    def counting(data, located, rejects):
+        fetched.append(sorted(located))
+        return original(data, located, rejects)
+
+    def no_stream(*args, **kwargs):
+        raise AssertionError("the training set was streamed although it has a location index")
+
+    monkeypatch.setattr(training_images, "read_located", counting)
+    monkeypatch.setattr(training_images, "_fetch_streaming", no_stream)
+    cfg = compose_config(
+        "generate",
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"prompts={tmp_path / 'prompts.parquet'}",
+            f"model.path={SHIPPED_DEMO_MODEL}",
+            "model.steps=2",
+            "n_samples=8",
+            "adaptive.enabled=true",
+            "adaptive.first_round=4",
+            "adaptive.stop_when_extracted=true",
+            "data=webdataset",
+            f"data.path={train}",
+            "progress=false",
+        ],
+    )
+    run_generate(cfg)
+
+    # Each prompt's group read once (kept for its later rounds), by location.
+    assert sorted(map(tuple, fetched)) == sorted(tuple(sorted(k)) for k in prompts["keys"])
