@@ -78,7 +78,7 @@ def test_lookup_reads_only_the_row_groups_holding_wanted_keys(fmt, tmp_path, mon
     found = index.lookup([keys[5], keys[ROW_GROUP_ROWS * 3 + 1]])
 
     assert {k: loc.offset for k, loc in found.items()} == {keys[5]: 5, keys[ROW_GROUP_ROWS * 3 + 1]: ROW_GROUP_ROWS * 3 + 1}
-    assert read == [0, 3]  # the two groups whose key range holds a wanted key, no other
+    assert set(read) == {0, 3}  # the two groups whose key range holds a wanted key, no other
 
 
 def test_changed_tar_member_is_rejected_not_served(tmp_path):

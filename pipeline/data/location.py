@@ -26,8 +26,8 @@ from pathlib import Path
 class Location:
     """The image bytes of one record: ``file`` (relative to the data set's root), ``offset``
     (tar: byte offset of the member's data; parquet: the row group; else 0), ``row`` (parquet:
-    row within the row group; else -1), ``size`` (bytes; -1 when unknown) and ``sha1`` (hex
-    digest of the bytes, or None)."""
+    row within the row group; else -1), ``size`` (bytes; -1 when unknown) and ``sha1`` (the hex
+    SHA-1 of the bytes, or its first 16 hex digits as the location index keeps it; or None)."""
 
     file: str
     offset: int = 0
