@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -71,6 +72,9 @@ def test_lookup_reads_only_the_row_groups_holding_wanted_keys(fmt, tmp_path, mon
     write_manifest(folder, {"format": fmt, "path": str(tmp_path / "set")}, 1)
     index, why = LocationIndex.open(folder, {"format": fmt, "path": str(tmp_path / "set")})
     assert index is not None, why
+    by_directory = index.lookup([keys[5], keys[ROW_GROUP_ROWS * 3 + 1], "absent"])
+    for part in ("hash", "entries", "names"):  # without its directory the rank file is read
+        (folder / f"locations_0.{part}.npy").unlink()
     read = []
     original = pq.ParquetFile.read_row_groups
     monkeypatch.setattr(pq.ParquetFile, "read_row_groups", lambda self, i, *a, **k: read.extend(i) or original(self, i, *a, **k))
@@ -79,6 +83,7 @@ def test_lookup_reads_only_the_row_groups_holding_wanted_keys(fmt, tmp_path, mon
 
     assert {k: loc.offset for k, loc in found.items()} == {keys[5]: 5, keys[ROW_GROUP_ROWS * 3 + 1]: ROW_GROUP_ROWS * 3 + 1}
     assert set(read) == {0, 3}  # the two groups whose key range holds a wanted key, no other
+    assert found == by_directory
 
 
 def test_changed_tar_member_is_rejected_not_served(tmp_path):
@@ -159,7 +164,9 @@ def test_embed_phase_writes_the_index_per_rank_and_fetches_use_it(fmt, tmp_path,
         run_dedup(
             out, DedupSettings(threshold=0.86), data=data, embedder=robust_embedder(), phase="embed", rank=rank, world_size=2
         )
-    assert sorted(p.name for p in (out / "locations").iterdir()) == ["index.json", "locations_0.parquet", "locations_1.parquet"]
+    listed = sorted(p.name for p in (out / "locations").iterdir() if not p.name.endswith(".npy"))
+    assert listed == ["index.json", "locations_0.parquet", "locations_1.parquet"]
+    assert (out / "locations" / "locations_1.hash.npy").is_file()
     manifest = json.loads((out / "locations" / "index.json").read_text())
     assert manifest["rows"] == 10 and manifest["format"] == fmt
 
@@ -298,3 +305,34 @@ def test_adaptive_sampling_reads_each_prompts_group_through_the_index(tmp_path, 
 
     # Each prompt's group read once (kept for its later rounds), by location.
     assert sorted(map(tuple, fetched)) == sorted(tuple(sorted(k)) for k in prompts["keys"])
+
+
+def test_directory_lookup_equals_the_rank_files(tmp_path):
+    """Every key, and keys that are not there, found alike through the directory and the parquet
+    file; a rank with a file name too long for the directory is read from its parquet file."""
+    rng = np.random.default_rng(0)
+    keys = [f"{rng.integers(0, 10**9):09d}/{i}" for i in range(5000)]
+    located = [
+        (k, None if i % 97 == 0 else Location(f"shard_{i % 7}.tar", i, -1, i % 300, None if i % 5 else f"{i:040x}"))
+        for i, k in enumerate(keys)
+    ]
+    long_name = [("z" * 20, Location("d/" * 600 + "x.jpg", 0, -1, 1, None))]
+    folder = tmp_path / "locations"
+    write_rank_file(folder, 0, location_table(located))
+    write_rank_file(folder, 1, location_table(long_name))
+    (tmp_path / "set").mkdir()
+    data = {"format": "webdataset", "path": str(tmp_path / "set")}
+    write_manifest(folder, data, 2)
+    assert (folder / "locations_0.hash.npy").is_file() and not (folder / "locations_1.hash.npy").exists()
+    index, _ = LocationIndex.open(folder, data)
+    wanted = keys[::3] + ["missing", "z" * 20]
+
+    fast = index.lookup(wanted)
+    for part in ("hash", "entries", "names"):
+        (folder / f"locations_0.{part}.npy").unlink()
+    slow = index.lookup(wanted)
+
+    assert fast == slow
+    expected = {k: (loc if loc is None or loc.sha1 is None else replace(loc, sha1=loc.sha1[:16])) for k, loc in located[::3]}
+    assert {k: v for k, v in fast.items() if k != "z" * 20} == expected
+    assert fast["z" * 20].file == "d/" * 600 + "x.jpg"

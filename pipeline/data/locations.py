@@ -7,16 +7,20 @@ The duplicate finder writes it while its embed phase reads every record anyway (
     <folder>/index.json                 the data set it describes: format, root, image column;
                                         the rank files
 
-Each rank file is sorted by key and written in row groups of :data:`ROW_GROUP_ROWS` rows, so
-that :meth:`LocationIndex.lookup` reads only the footers and the row groups whose key range
-(parquet's min/max statistics) holds a wanted key: its cost grows with the number of keys
-wanted, not with the training set. :func:`read_located` then reads exactly those images: a
+Beside each rank file, a directory for lookups by key (numpy arrays read as memory maps):
+``locations_<rank>.hash.npy`` (each key's 64-bit hash, sorted), ``.entries.npy`` (the rows in
+that order, with a second 64-bit hash of the key to confirm it) and ``.names.npy`` (the files
+the rows name). :meth:`LocationIndex.lookup` binary-searches it: a few pages per key wanted,
+whatever the training set's size. Without it (a file name above :data:`MAX_NAME_BYTES`), the
+rank file is read instead: it is sorted by key in row groups of :data:`ROW_GROUP_ROWS` rows,
+and only the groups whose key range (parquet's min/max statistics) holds a wanted key are read. :func:`read_located` then reads exactly those images: a
 seek into a tar, one parquet row group, one file.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping
@@ -38,6 +42,12 @@ log = logging.getLogger(__name__)
 MANIFEST = "index.json"
 RANK_FILE = "locations_{rank}.parquet"
 ROW_GROUP_ROWS = 1024
+DIRECTORY = ("hash", "entries", "names")  # locations_<rank>.<part>.npy
+MAX_NAME_BYTES = 1024  # a file name longer than this leaves a rank without a directory
+ENTRY = np.dtype(
+    [("check", "<u8"), ("file", "<i8"), ("offset", "<i8"), ("row", "<i8"), ("size", "<i8"), ("sha1", "S8"), ("flags", "u1")]
+)
+LOCATED, DIGESTED = 1, 2  # ENTRY flags: the record has a location; its digest is known
 SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -83,7 +93,54 @@ def write_rank_file(folder: Path, rank: int, table: pa.Table) -> Path:
         "compression": {name: "NONE" if name == "sha1_prefix" else "SNAPPY" for name in SCHEMA.names},
     }
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, write_statistics=True, **options))
+    _write_directory(path, table)
     return path
+
+
+def key_hashes(keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent 64-bit hashes of each key (the halves of its 128-bit BLAKE2b): uint64 (N,) each."""
+    digests = b"".join(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest() for key in keys)
+    halves = np.frombuffer(digests, dtype="<u8").reshape(-1, 2) if keys else np.zeros((0, 2), "<u8")
+    return halves[:, 0].copy(), halves[:, 1].copy()
+
+
+def _directory_path(path: Path, part: str) -> Path:
+    return path.with_name(path.name.replace(".parquet", f".{part}.npy"))
+
+
+def _write_directory(path: Path, table: pa.Table) -> None:
+    """The lookup directory of the rank file at ``path`` (see the module doc); none, and any old
+    one removed, when a file name is longer than :data:`MAX_NAME_BYTES`."""
+    from pipeline.io import atomic_write
+
+    for part in DIRECTORY:
+        _directory_path(path, part).unlink(missing_ok=True)
+    files = table.column("file")
+    names = pc.unique(files.drop_null())
+    longest = max((len(n.encode("utf-8", "surrogatepass")) for n in names.to_pylist()), default=1)
+    if longest > MAX_NAME_BYTES:
+        return
+    order_hash, check = key_hashes(table.column("key").to_pylist())
+    entries = np.zeros(table.num_rows, ENTRY)
+    entries["check"] = check
+    entries["file"] = pc.fill_null(pc.index_in(files, value_set=names), -1).to_numpy()
+    for name in ("offset", "row", "size"):
+        entries[name] = table.column(name).to_numpy()
+    sha1 = table.column("sha1_prefix")
+    entries["sha1"] = [b"" if value is None else value for value in sha1.to_pylist()]
+    entries["flags"] = np.where(files.is_valid().to_numpy(zero_copy_only=False), LOCATED, 0) | np.where(
+        sha1.is_valid().to_numpy(zero_copy_only=False), DIGESTED, 0
+    )
+    order = np.argsort(order_hash, kind="stable")
+    encoded = np.array([n.encode("utf-8", "surrogatepass") for n in names.to_pylist()], dtype=f"S{max(longest, 1)}")
+    # The rank file's name is the directory's: parts are written first, the hashes last.
+    for part, array in (("names", encoded), ("entries", entries[order]), ("hash", order_hash[order])):
+        atomic_write(_directory_path(path, part), lambda tmp, a=array: _save(tmp, a))
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
+        np.save(f, array, allow_pickle=False)
 
 
 def describe(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -105,6 +162,8 @@ def write_manifest(folder: Path, data: Mapping[str, Any], world_size: int) -> Pa
         suffix = stale.name.removeprefix("locations_").removesuffix(".parquet")
         if not suffix.isdigit() or int(suffix) >= world_size:
             stale.unlink(missing_ok=True)
+            for part in DIRECTORY:
+                _directory_path(stale, part).unlink(missing_ok=True)
     files = [RANK_FILE.format(rank=r) for r in range(world_size)]
     rows = sum(pq.ParquetFile(folder / name).metadata.num_rows for name in files)
     manifest = {**describe(data), "files": files, "rows": rows}
@@ -154,7 +213,14 @@ class LocationIndex:
         if not wanted:
             return found
         wanted_array = pa.array(wanted, pa.string())
+        hashes = None
         for path in self.files:
+            if all(_directory_path(path, part).is_file() for part in DIRECTORY):
+                hashes = hashes if hashes is not None else key_hashes(wanted)
+                found.update(_search_directory(path, wanted, *hashes))
+                if len(found) == len(wanted):
+                    break
+                continue
             parquet = pq.ParquetFile(path, read_dictionary=["file"])  # a shard's name once, not per row
             key_column = parquet.schema_arrow.get_field_index("key")
             groups = []
@@ -192,6 +258,28 @@ class LocationIndex:
             if len(found) == len(wanted):
                 break
         return found
+
+
+def _search_directory(path: Path, wanted: list[str], high: np.ndarray, low: np.ndarray) -> dict[str, Location | None]:
+    """Binary search of ``wanted`` (with their :func:`key_hashes`) in the directory of the rank
+    file at ``path``, its arrays memory-mapped: a few pages read per key."""
+    hashes = np.load(_directory_path(path, "hash"), mmap_mode="r", allow_pickle=False)
+    entries = np.load(_directory_path(path, "entries"), mmap_mode="r", allow_pickle=False)
+    names = np.load(_directory_path(path, "names"), mmap_mode="r", allow_pickle=False)
+    found: dict[str, Location | None] = {}
+    for key, first, second, at in zip(wanted, high, low, np.searchsorted(hashes, high)):
+        while at < len(hashes) and hashes[at] == first:
+            entry = entries[at]
+            if entry["check"] == second:
+                if not entry["flags"] & LOCATED:
+                    found[key] = None
+                else:
+                    sha1 = bytes(entry["sha1"]).ljust(8, b"\0").hex() if entry["flags"] & DIGESTED else None
+                    name = bytes(names[entry["file"]]).decode("utf-8", "surrogatepass")
+                    found[key] = Location(name, int(entry["offset"]), int(entry["row"]), int(entry["size"]), sha1)
+                break
+            at += 1
+    return found
 
 
 def read_located(data: Mapping[str, Any], located: Mapping[str, Location], rejects: RejectLog) -> dict[str, Any]:
@@ -253,12 +341,16 @@ def _read_blobs(path: Path, fmt: str, entries: list[tuple[str, Location]], data:
     if fmt == "parquet":
         column = data.get("image_column") or "jpg"
         parquet = pq.ParquetFile(path)
+        groups = sorted({loc.offset for _, loc in entries if 0 <= loc.offset < parquet.metadata.num_row_groups})
+        # The groups holding a wanted row, in one read of the image column (one thread: small groups).
+        values = parquet.read_row_groups(groups, columns=[column], use_threads=False).column(column) if groups else None
+        start, sizes = {}, 0
+        for group in groups:
+            start[group], sizes = sizes, sizes + parquet.metadata.row_group(group).num_rows
         out = {}
-        for group in sorted({loc.offset for _, loc in entries}):
-            values = parquet.read_row_group(group, columns=[column]).column(column)
-            for key, loc in entries:
-                if loc.offset == group:
-                    value = values[loc.row].as_py() if 0 <= loc.row < len(values) else None
-                    out[key] = value.get("bytes") if isinstance(value, dict) else value
+        for key, loc in entries:
+            inside = loc.offset in start and 0 <= loc.row < parquet.metadata.row_group(loc.offset).num_rows
+            value = values[start[loc.offset] + loc.row].as_py() if inside else None
+            out[key] = value.get("bytes") if isinstance(value, dict) else value
         return out
     return {key: path.read_bytes() for key, _ in entries}  # files, imagefolder: one file per key
