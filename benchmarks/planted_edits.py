@@ -243,6 +243,73 @@ def distinct_gradients(rng: np.random.Generator, count: int) -> list[Image.Image
     return images
 
 
+def stripes(rng: np.random.Generator) -> Image.Image:
+    """A sinusoidal stripe texture: one sinusoid (two, crossed, for a quarter of them) of random
+    direction, 2-10 periods across the longest side and random phase, between two random colours."""
+    w, h = random_size(rng)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32) / max(w, h)
+    t = np.zeros((h, w), np.float32)
+    waves = 2 if rng.uniform() < 0.25 else 1
+    for _ in range(waves):
+        angle, periods = rng.uniform(0, np.pi), rng.uniform(2, 10)
+        t += np.sin(2 * np.pi * periods * (x * np.cos(angle) + y * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
+    t = (t / waves + 1) / 2
+    a, b = rng.integers(0, 256, size=(2, 3)).astype(np.float32)
+    return Image.fromarray(np.clip(a + t[..., None] * (b - a), 0, 255).astype(np.uint8))
+
+
+def line_drawing(rng: np.random.Generator) -> Image.Image:
+    """A line drawing: 6-20 thin dark strokes (lines, arcs, ellipses, polylines) on a light ground."""
+    w, h = random_size(rng)
+    ground = tuple(int(c) for c in rng.integers(225, 256, size=3))
+    ink = tuple(int(c) for c in rng.integers(0, 70, size=3))
+    image = Image.new("RGB", (w, h), ground)
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(6, 21))):
+        width = int(rng.integers(1, 4))
+        points = [(int(rng.integers(0, w)), int(rng.integers(0, h))) for _ in range(2)]
+        box = (min(p[0] for p in points), min(p[1] for p in points), max(p[0] for p in points), max(p[1] for p in points))
+        roll = rng.uniform()
+        if roll < 0.35:
+            draw.line(points, fill=ink, width=width)
+        elif roll < 0.6:
+            draw.arc(box, int(rng.integers(0, 360)), int(rng.integers(0, 360)), fill=ink, width=width)
+        elif roll < 0.8:
+            draw.ellipse(box, outline=ink, width=width)
+        else:
+            line = [(int(rng.integers(0, w)), int(rng.integers(0, h))) for _ in range(int(rng.integers(3, 7)))]
+            draw.line(line, fill=ink, width=width, joint="curve")
+    return image
+
+
+def screenshot(rng: np.random.Generator) -> Image.Image:
+    """A screenshot of text: a coloured title bar, then 6-16 lines of made-up words in a
+    small font, on a light or dark ground."""
+    w, h = random_size(rng, 320, 640)
+    dark = rng.uniform() < 0.3
+    ground = tuple(int(c) for c in (rng.integers(20, 60, size=3) if dark else rng.integers(235, 256, size=3)))
+    ink = tuple(int(c) for c in (rng.integers(190, 256, size=3) if dark else rng.integers(0, 60, size=3)))
+    image = Image.new("RGB", (w, h), ground)
+    draw = ImageDraw.Draw(image)
+    bar = int(rng.integers(18, 40))
+    draw.rectangle((0, 0, w, bar), fill=tuple(int(c) for c in rng.integers(0, 256, size=3)))
+    size = int(rng.integers(11, 20))
+    font = ImageFont.load_default(size=size)
+    y = bar + int(rng.integers(6, 20))
+    for _ in range(int(rng.integers(6, 17))):
+        if y > h - size:
+            break
+        line = " ".join(made_up_word(rng) for _ in range(int(rng.integers(2, 9))))
+        draw.text((int(rng.integers(8, 30)), y), line, fill=ink, font=font)
+        y += int(size * rng.uniform(1.3, 2.2))
+    return image
+
+
+# Picture kinds a planted set may add (``extra_kinds``), with the share of originals each takes.
+EXTRA_KINDS = {"stripes": 0.08, "drawing": 0.08, "screenshot": 0.08}
+KIND_MAKERS = {"stripes": stripes, "drawing": line_drawing, "screenshot": screenshot}
+
+
 def decode(data: bytes) -> Image.Image:
     """Encoded bytes as the data layer reads them (8-bit RGB)."""
     from pipeline.data import decode_image
@@ -250,12 +317,18 @@ def decode(data: bytes) -> Image.Image:
     return decode_image(data)
 
 
-def make_originals(rng: np.random.Generator, n: int) -> list[Original]:
-    """``n`` originals: hard negatives (tiles, posters, gradients) and photo-like pictures, shuffled."""
+def make_originals(rng: np.random.Generator, n: int, extra_kinds: tuple[str, ...] = ()) -> list[Original]:
+    """``n`` originals: hard negatives (tiles, posters, gradients), each of ``extra_kinds``
+    (:data:`EXTRA_KINDS`) and photo-like pictures, shuffled."""
+    unknown = set(extra_kinds) - set(EXTRA_KINDS)
+    if unknown:
+        raise ValueError(f"unknown picture kinds {sorted(unknown)}; known: {sorted(EXTRA_KINDS)}")
     counts = {kind: int(round(share * n)) for kind, share in HARD_NEGATIVE_SHARES.items()}
     images: list[tuple[str, Image.Image]] = [("tile", im) for im in tiles(rng, counts["tile"])]
     images += [("poster", im) for im in posters(rng, counts["poster"])]
     images += [("gradient", gradient(rng)) for _ in range(counts["gradient"])]
+    for kind in extra_kinds:
+        images += [(kind, KIND_MAKERS[kind](rng)) for _ in range(int(round(EXTRA_KINDS[kind] * n)))]
     # Each photograph once ("cat" is "chelsea"): two crops of one photograph may overlap.
     photos = [name for name in SKIMAGE_PHOTOS if name != "cat"]
     rng.shuffle(photos)
@@ -396,12 +469,13 @@ def build_records(
     light: int = 30,
     light_copies: tuple[int, int] = (2, 6),
     rates: dict[str, float] | None = None,
+    extra_kinds: tuple[str, ...] = (),
 ) -> list[PlantedRecord]:
     """Every record of a planted set, in random order (not yet resized by img2dataset)."""
     if heavy + light > n_originals:
         raise ValueError(f"heavy + light originals ({heavy} + {light}) exceed the {n_originals} originals")
     rng = np.random.default_rng(seed)
-    originals = make_originals(rng, n_originals)
+    originals = make_originals(rng, n_originals, extra_kinds)
     chosen = rng.permutation(n_originals)
     for index in chosen[:heavy]:
         originals[index].copies = int(rng.integers(heavy_copies[0], heavy_copies[1] + 1))
@@ -514,9 +588,10 @@ def build_planted(
     per_shard: int = 10000,
     rates: dict[str, float] | None = None,
     formats: tuple[str, ...] = FORMATS,
+    extra_kinds: tuple[str, ...] = (),
 ) -> dict[str, Path]:
     """Build a planted set into ``out_dir`` (see the module doc); returns ``{format: path}``."""
-    records = build_records(seed, n_originals, heavy, light=light, rates=rates)
+    records = build_records(seed, n_originals, heavy, light=light, rates=rates, extra_kinds=extra_kinds)
     return write_planted(out_dir, records, per_shard, formats)
 
 
