@@ -290,7 +290,7 @@ def test_sharded_phases_give_the_same_groups(small_demo, small_run, tmp_path):
     run_dedup(out, settings, phase="train", rank=0, **common)
     with pytest.raises(RuntimeError, match="index"):
         run_dedup(out, settings, phase="search", rank=0, **common)
-    for phase in ("index", "search"):
+    for phase in ("index", "search", "verify"):
         for rank in (0, 1):
             run_dedup(out, settings, phase=phase, rank=rank, **common)
     assert run_dedup(out, settings, phase="group", rank=1, **common) is None  # rank 0's job
@@ -318,7 +318,7 @@ def test_world_size_does_not_change_groups_or_selection(small_demo, small_run, t
     common = dict(data=files_data(small_demo), embedder=embedder, world_size=2, progress=False)
     summaries = [
         run_dedup(sharded, settings, phase=phase, rank=rank, **common)
-        for phase in ("embed", "train", "index", "search", "group")
+        for phase in ("embed", "train", "index", "search", "verify", "group")
         for rank in (0, 1)
     ]
     two = summaries[-2]  # group on rank 0
@@ -559,7 +559,7 @@ def test_cells_are_trained_once_and_index_tasks_only_load_them(small_run, tmp_pa
         for name in ("train_centroids", "kmeans_centroids", "train_cells"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, no_kmeans)
-    for phase in ("index", "search", "group"):
+    for phase in ("index", "search", "verify", "group"):
         for rank in (0, 1):
             run_dedup(out, settings, phase=phase, rank=rank, **common)
     markers = [json.loads((out / ".done" / f"index_{r}.json").read_text()) for r in (0, 1)]
