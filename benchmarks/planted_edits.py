@@ -605,18 +605,41 @@ def data_config(out_dir: str | Path, fmt: str) -> dict:
 
 
 def score_with_dedup(
-    out_dir: str | Path, fmt: str, embedder, threshold: float | None = None, run_dir: str | Path | None = None
+    out_dir: str | Path,
+    fmt: str,
+    embedder,
+    threshold: float | None = None,
+    run_dir: str | Path | None = None,
+    verify: bool = True,
+    candidate_threshold: float | None = None,
 ) -> dict:
-    """Run the dedup stage on one format; returns its summary's ``evaluation`` plus timing."""
+    """Run the dedup stage on one format; returns its summary's ``evaluation`` plus timing and,
+    when verifying, the verify phase's counts (``verification``).
+
+    ``verify``: candidates from the embedder at ``candidate_threshold`` (default: the
+    embedder's), each verified from both images (the stage's default); else pairs at
+    ``threshold`` (default: the embedder's) taken as they are."""
+    from pipeline.dedup.settings import VerifyStage
     from pipeline.dedup.stage import DedupSettings, run_dedup
 
     data = data_config(out_dir, fmt)
     run_dir = Path(run_dir) if run_dir else Path(out_dir) / "runs" / fmt
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    settings = DedupSettings(threshold=embedder.threshold if threshold is None else threshold, top_k=50, min_group_size=2)
+    candidates = getattr(embedder, "candidate_threshold", None) if candidate_threshold is None else candidate_threshold
+    settings = DedupSettings(
+        threshold=embedder.threshold if threshold is None else threshold,
+        top_k=50,
+        min_group_size=2,
+        verify=VerifyStage(enabled=verify, candidate_threshold=candidates),
+    )
     summary = run_dedup(run_dir, settings, data=data, embedder=embedder, ground_truth=data["ground_truth"], progress=False)
-    return {**summary["evaluation"], "records": summary["records_read"], "timing": summary["timing_seconds"]}
+    return {
+        **summary["evaluation"],
+        "records": summary["records_read"],
+        "timing": summary["timing_seconds"],
+        "verification": summary.get("verification"),
+    }
 
 
 def embed_format(out_dir: str | Path, fmt: str, embedder) -> tuple[np.ndarray, list[str], float]:
@@ -652,6 +675,143 @@ def scores_at(vectors: np.ndarray, keys: list[str], truth: pd.DataFrame, thresho
     return out
 
 
+# ----------------------------------------------------------------------------------------
+# The sweep: candidate thresholds x verifier settings
+
+
+def planted_images(records: list[PlantedRecord]) -> list[Image.Image]:
+    """The records' pictures as img2dataset writes them and the data layer reads them back."""
+    return [decode(img2dataset_resize(r.jpeg)[0]) for r in records]
+
+
+def measure_candidates(
+    images: list[Image.Image], embedder, loosest: float, k: int | None = 32, settings=None, progress: bool = False
+) -> dict:
+    """Every candidate pair at ``loosest`` (exact search, each image's ``k`` most similar, as
+    the stage's search keeps them) and the verifier's scores of each: ``{"i", "j",
+    "similarity", "verdicts"}`` (``verdicts[e]``: :func:`~pipeline.dedup.pair_verify.measure`'s
+    list for pair ``e``)."""
+    from tqdm.auto import tqdm
+
+    from pipeline.dedup.pair_verify import VerifySettings, measure, prepare
+
+    settings = settings or VerifySettings()
+    vectors = embedder.embed(images).astype(np.float32)
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -2.0)
+    keep = sims >= loosest
+    if k is not None and k < len(images) - 1:
+        kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1 : k]
+        keep &= sims >= kth
+    keep |= keep.T  # a pair is a candidate when either image keeps the other
+    i, j = np.nonzero(np.triu(keep, 1))
+    prepared = [prepare(im, settings) for im in images]
+    start = time.perf_counter()
+    pairs = tqdm(list(zip(i, j)), desc="measuring candidates", disable=not progress, mininterval=10.0)
+    verdicts = [measure(prepared[a], prepared[b], settings) for a, b in pairs]
+    seconds = time.perf_counter() - start
+    return {"i": i, "j": j, "similarity": sims[i, j], "verdicts": verdicts, "seconds_per_pair": seconds / max(len(i), 1)}
+
+
+def sweep_scores(measured: dict, labels: list[str], thresholds, variants: dict) -> pd.DataFrame:
+    """Pair precision and recall for each candidate threshold and verifier variant
+    (``{name: VerifySettings}``; ``None`` names the embedder alone, no verification): groups are
+    connected components of the candidates at the threshold that the variant accepts.
+
+    A variant re-decides the scores :func:`measure_candidates` measured (each orientation's
+    best alignment under the settings it measured with): exact for those settings' own
+    thresholds, and for a variant that changes only thresholds, what its alignment would find
+    unless another alignment of the pair scores differently under it."""
+    from pipeline.dedup.grouping import connected_groups, pair_scores
+    from pipeline.dedup.pair_verify import decide
+
+    rows = []
+    n = len(labels)
+    for name, settings in variants.items():
+        if settings is None:
+            accepted = np.ones(len(measured["i"]), dtype=bool)
+        else:
+            accepted = np.array([any(decide(v, settings) for v in vs) for vs in measured["verdicts"]], dtype=bool)
+        for threshold in thresholds:
+            chosen = accepted & (measured["similarity"] >= threshold)
+            groups = connected_groups(n, measured["i"][chosen], measured["j"][chosen])
+            score = pair_scores(groups.tolist(), labels)
+            rows.append(
+                {"variant": name, "threshold": float(threshold), "precision": score["precision"], "recall": score["recall"]}
+            )
+    return pd.DataFrame(rows)
+
+
+def passing_window(table: pd.DataFrame, target: float = 0.95) -> tuple[float, float] | None:
+    """The widest run of consecutive thresholds of ``table`` (one variant) where precision and
+    recall are both >= ``target``: ``(lowest, highest)``, or None when no threshold passes."""
+    table = table.sort_values("threshold")
+    best, run = None, []
+    for row in table.itertuples():
+        if row.precision >= target and row.recall >= target:
+            run.append(row.threshold)
+            if best is None or run[-1] - run[0] > best[1] - best[0]:
+                best = (run[0], run[-1])
+        else:
+            run = []
+    return best
+
+
+# Candidate thresholds the sweep scores, and the verifier variants: the defaults, then one
+# setting at a time moved either way.
+SWEEP_THRESHOLDS = tuple(round(0.5 + 0.02 * i, 2) for i in range(21))
+SWEEP_CHANGES = {
+    "min_structure": (0.5, 0.7),
+    "min_tone": (0.85, 0.95),
+    "max_colour": (0.2, 0.4),
+    "max_changed": (0.02, 0.08),
+    "max_brightness_ratio": (1.3, 1.8),
+    "max_contrast_ratio": (1.6, 3.0),
+}
+
+
+def sweep_variants() -> dict:
+    """``{name: VerifySettings or None}``: the embedder alone, the defaults, and each of
+    :data:`SWEEP_CHANGES` applied alone."""
+    import dataclasses
+
+    from pipeline.dedup.pair_verify import VerifySettings
+
+    base = VerifySettings()
+    variants = {"embedder alone": None, "verified (defaults)": base}
+    for name, values in SWEEP_CHANGES.items():
+        for value in values:
+            variants[f"{name}={value}"] = dataclasses.replace(base, **{name: value})
+    return variants
+
+
+def run_sweep(seed: int, n_originals: int, heavy: int, light: int, kinds: tuple[str, ...], out: str | None) -> pd.DataFrame:
+    """Build a planted set in memory, measure its candidates and print the sweep (see :func:`sweep_scores`)."""
+    from pipeline.embedders.robust import RobustEmbedder
+
+    start = time.perf_counter()
+    records = build_records(seed, n_originals, heavy, light=light, extra_kinds=kinds)
+    images = planted_images(records)
+    labels = [r.original_id for r in records]
+    embedder = RobustEmbedder()
+    measured = measure_candidates(images, embedder, min(SWEEP_THRESHOLDS), progress=True)
+    table = sweep_scores(measured, labels, SWEEP_THRESHOLDS, sweep_variants())
+    table.insert(0, "seed", seed)
+    table.insert(1, "kinds", ",".join(kinds) or "-")
+    print(
+        f"seed {seed}, {len(records)} records, kinds +{','.join(kinds) or '-'}: {len(measured['i'])} candidates at "
+        f"{min(SWEEP_THRESHOLDS)}, {1000 * measured['seconds_per_pair']:.1f} ms per pair ({time.perf_counter() - start:.0f} s)"
+    )
+    for name, part in table.groupby("variant", sort=False):
+        window = passing_window(part)
+        cells = " ".join(f"{p:.3f}/{r:.3f}" for p, r in zip(part["precision"], part["recall"]))
+        print(f"  {name:<28} window {window}  P/R by threshold: {cells}")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_json(out, orient="records", lines=True)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="data/planted", help="folder for the set (each format a sub-folder)")
@@ -663,11 +823,21 @@ def main() -> None:
     parser.add_argument("--no-build", action="store_true", help="score the set already in --out")
     parser.add_argument("--no-score", action="store_true", help="only build")
     parser.add_argument("--thresholds", type=float, nargs="*", default=[], help="also score these thresholds (exact search)")
+    parser.add_argument("--kinds", default="", help=f"picture kinds to add, comma-separated: {', '.join(EXTRA_KINDS)}")
+    parser.add_argument("--no-verify", action="store_true", help="score the embedder's pairs as they are (no pair verification)")
+    parser.add_argument(
+        "--sweep", action="store_true", help="build in memory and score candidate thresholds x verifier settings (no files)"
+    )
+    parser.add_argument("--sweep-out", default=None, help="with --sweep: write the table here (JSON lines)")
     args = parser.parse_args()
+    kinds = tuple(k for k in args.kinds.split(",") if k)
 
+    if args.sweep:
+        run_sweep(args.seed, args.originals, args.heavy, args.light, kinds, args.sweep_out)
+        return
     if not args.no_build:
         start = time.perf_counter()
-        build_planted(args.out, args.seed, args.originals, args.heavy, args.light, args.per_shard)
+        build_planted(args.out, args.seed, args.originals, args.heavy, args.light, args.per_shard, extra_kinds=kinds)
         truth = pd.read_parquet(Path(args.out) / "files_ground_truth.parquet")
         print(
             f"planted set: {len(truth)} records from {truth.original_id.nunique()} originals "
@@ -681,13 +851,22 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         embedder = instantiate(compose(config_name="dedup").embedder)  # the stage's default embedder
     print(f"embedder {embedder.name}, threshold {embedder.threshold}")
+    if not args.no_verify:
+        print(f"pairs verified: candidates at {embedder.candidate_threshold}")
     for fmt in FORMATS:
-        ev = score_with_dedup(args.out, fmt, embedder)
+        ev = score_with_dedup(args.out, fmt, embedder, verify=not args.no_verify)
         rate = ev["records"] / ev["timing"]["embed"] if ev["timing"].get("embed") else float("nan")
+        verified = ev.get("verification") or {}
         print(
             f"  {fmt:<10} pair precision {ev['precision']:.4f}, recall {ev['recall']:.4f} "
             f"({ev['correct_pairs']} of {ev['predicted_pairs']} predicted / {ev['true_pairs']} true pairs; "
-            f"{ev['records']} records, {rate:.0f} images/s read + embedded)"
+            f"{ev['records']} records, {rate:.0f} images/s read + embedded"
+            + (
+                f"; {verified['candidates']} candidates, {verified['candidates_per_record']:.2f} per record, "
+                f"{verified['compared']} compared at {1000 * verified['seconds_per_pair']:.1f} ms per pair)"
+                if verified
+                else ")"
+            )
         )
         if args.thresholds:
             vectors, keys, _ = embed_format(args.out, fmt, embedder)

@@ -70,6 +70,9 @@ class VerifySettings:
     detail_floor: float = 0.01
     max_colour: float = 0.5
     colour_floor: float = 0.02
+    flat_floor: float = 0.01
+    max_brightness_ratio: float = 1.5
+    max_contrast_ratio: float = 2.2
     change_level: float = 0.12
     max_changed: float = 0.08
     max_rotation: float = 8.0
@@ -120,6 +123,9 @@ class Verdict:
     colour: float = float("nan")
     detail: float = float("nan")
     changed: float = float("nan")
+    contrast: float = float("nan")
+    contrast_ratio: float = float("nan")
+    brightness_ratio: float = float("nan")
     mirrored: bool = False
     rotation: float = float("nan")
     scale: tuple[float, float] = (float("nan"), float("nan"))
@@ -276,6 +282,8 @@ def _scores(a: Prepared, b: Prepared, warp: np.ndarray, mirrored: bool, inner: n
     gain = cov / max(((luma_b - mb) ** 2 * valid).sum(), 1e-12)
     residual = _blur((a.luma - ma - gain * (luma_b - mb)) * valid, 1.5)
     changed = float(((np.abs(residual) > settings.change_level) * valid).sum() / total)
+    std_a, std_b = _std(a.tone, valid), _std(warped(b.tone), valid)
+    mb_raw = (warped(b.luma) * valid).sum() / total
     rotation, scale = _warp_shape(warp)
     verdict = Verdict(
         match=False,
@@ -284,6 +292,9 @@ def _scores(a: Prepared, b: Prepared, warp: np.ndarray, mirrored: bool, inner: n
         colour=colour,
         detail=min(_std(a.detail, valid), _std(detail_b, valid)),
         changed=changed,
+        contrast=min(std_a, std_b),
+        contrast_ratio=_ratio(std_a, std_b),
+        brightness_ratio=_ratio(float(ma), float(mb_raw)),
         mirrored=mirrored,
         rotation=rotation,
         scale=scale,
@@ -296,10 +307,15 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
     """Whether ``verdict``'s scores make one picture under ``settings``' thresholds."""
     if verdict.detail >= settings.detail_floor:
         shape_ok = verdict.structure >= settings.min_structure
-    else:
+    elif verdict.contrast >= settings.flat_floor:
         shape_ok = verdict.tone >= settings.min_tone
+    else:  # flat luminance (one colour, or colours of one luminance): its correlation is noise
+        shape_ok = True
     colour_ok = math.isnan(verdict.colour) or verdict.colour <= settings.max_colour
-    return shape_ok and colour_ok and verdict.changed <= settings.max_changed
+    levels_ok = verdict.brightness_ratio <= settings.max_brightness_ratio and (
+        verdict.contrast < settings.flat_floor or verdict.contrast_ratio <= settings.max_contrast_ratio
+    )
+    return shape_ok and colour_ok and levels_ok and verdict.changed <= settings.max_changed
 
 
 def compare(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings()) -> Verdict:
@@ -310,6 +326,12 @@ def compare(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings(
     if not verdicts:
         return Verdict(match=False)
     return max(verdicts, key=lambda v: (v.match, v.structure))
+
+
+def _ratio(x: float, y: float) -> float:
+    """``max(x, y) / min(x, y)`` (>= 1; inf when the smaller is 0)."""
+    low, high = min(x, y), max(x, y)
+    return high / low if low > 1e-9 else float("inf")
 
 
 def _std(x: np.ndarray, weight: np.ndarray) -> float:

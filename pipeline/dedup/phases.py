@@ -326,6 +326,7 @@ class Verify(Phase):
             "verified": counts.verified,
             "unfetched": counts.unfetched,
             "skipped": counts.skipped,
+            "compared": counts.candidates - counts.unfetched - counts.skipped,
             "images": counts.images,
             "chunks": counts.chunks,
             "candidates_per_record": counts.candidates / max(stop - start, 1),
@@ -416,6 +417,7 @@ class Group(Phase):
             dedup.world_size,
             phase_seconds(out, dedup.precomputed is not None, ctx.seconds["group"]),
         )
+        summary["verification"] = self._verification(rows.n)
         if self.ground_truth is not None:  # a labelled sample: reads the groups' keys and ids back
             summary["evaluation"] = evaluation(out, self.ground_truth, selected)
         write_json(summary, out / SUMMARY)
@@ -431,6 +433,25 @@ class Group(Phase):
             },
         )
         self.summary = summary
+
+    def _verification(self, n: int) -> dict:
+        """The verify phase's counts over its tasks (``enabled: false`` and the pairs' threshold when off)."""
+        dedup = self.dedup
+        if not dedup.verifying:
+            return {"enabled": False, "threshold": dedup.search_threshold}
+        markers = [dedup.marker(u.name) for u in dedup.verify_units()]
+        total = {
+            key: sum(int(m.get(key, 0)) for m in markers)
+            for key in ("candidates", "verified", "compared", "skipped", "unfetched")
+        }
+        seconds = sum(float(m.get("seconds_per_pair", 0.0)) * int(m.get("compared", 0)) for m in markers)
+        return {
+            "enabled": True,
+            "candidate_threshold": dedup.search_threshold,
+            **total,
+            "candidates_per_record": total["candidates"] / max(n, 1),
+            "seconds_per_pair": seconds / total["compared"] if total["compared"] else 0.0,
+        }
 
     def _rejects(self) -> list[dict]:
         """The records the embed phase rejected: its merged rejects (none read from precomputed embeddings)."""
