@@ -716,25 +716,36 @@ def measure_candidates(
 def sweep_scores(measured: dict, labels: list[str], thresholds, variants: dict) -> pd.DataFrame:
     """Pair precision and recall for each candidate threshold and verifier variant
     (``{name: VerifySettings}``; ``None`` names the embedder alone, no verification): groups are
-    connected components of the candidates at the threshold that the variant accepts.
+    connected components of the candidates at the threshold that the variant accepts, the
+    ambiguous ones only where they are a grey image's best (as the stage joins them).
 
     A variant re-decides the scores :func:`measure_candidates` measured (each orientation's
     best alignment under the settings it measured with): exact for those settings' own
     thresholds, and for a variant that changes only thresholds, what its alignment would find
     unless another alignment of the pair scores differently under it."""
     from pipeline.dedup.grouping import connected_groups, pair_scores
-    from pipeline.dedup.pair_verify import decide
+    from pipeline.dedup.pair_verify import ambiguous, decide
+    from pipeline.dedup.verification import AMBIGUOUS, best_for_grey
 
     rows = []
-    n = len(labels)
+    n, i, j = len(labels), measured["i"], measured["j"]
     for name, settings in variants.items():
-        if settings is None:
-            accepted = np.ones(len(measured["i"]), dtype=bool)
-        else:
-            accepted = np.array([any(decide(v, settings) for v in vs) for vs in measured["verdicts"]], dtype=bool)
+        accepted = np.ones(len(i), dtype=bool)
+        unsure = np.zeros(len(i), dtype=bool)
+        table = np.zeros(len(i), dtype=AMBIGUOUS)
+        table["i"], table["j"] = i, j
+        if settings is not None:  # as compare() decides: a matching orientation first, then the higher structure
+            for e, verdicts in enumerate(measured["verdicts"]):
+                best = max(verdicts, key=lambda v: (decide(v, settings), v.structure), default=None)
+                accepted[e] = best is not None and decide(best, settings)
+                if accepted[e] and ambiguous(best, settings):
+                    unsure[e] = True
+                    table[e] = (i[e], j[e], best.tone, *best.grey)
         for threshold in thresholds:
-            chosen = accepted & (measured["similarity"] >= threshold)
-            groups = connected_groups(n, measured["i"][chosen], measured["j"][chosen])
+            chosen = accepted & ~unsure & (measured["similarity"] >= threshold)
+            candidates = np.flatnonzero(unsure & (measured["similarity"] >= threshold))
+            chosen[candidates[best_for_grey(table[candidates])]] = True
+            groups = connected_groups(n, i[chosen], j[chosen])
             score = pair_scores(groups.tolist(), labels)
             rows.append(
                 {"variant": name, "threshold": float(threshold), "precision": score["precision"], "recall": score["recall"]}

@@ -181,12 +181,30 @@ def test_verified_components_do_not_depend_on_the_chunks():
             fetched.append(len(wanted))
             return {k: images[keys.index(k)] for k in wanted}
 
-        kept, counts = verify_candidates(pairs, key_of, fetch, VerifySettings(), chunk)
+        kept, unsure, counts = verify_candidates(pairs, key_of, fetch, VerifySettings(), chunk)
+        assert len(unsure) == 0  # photographs: detail enough to decide
         assert max(fetched) <= chunk and counts.candidates == len(i) and counts.unfetched == 0
         groups = connected_groups(n, kept.i, kept.j)
         assert len(set(zip(groups.tolist(), truth.tolist()))) == len(set(truth.tolist())) == len(set(groups.tolist()))
         results.append(groups)
-    kept, counts = verify_candidates(
+    kept, _, counts = verify_candidates(
         pairs, key_of, lambda wanted: {k: images[keys.index(k)] for k in wanted if k != "k6"}, VerifySettings(), n
     )
     assert counts.unfetched == n - 1 and 6 not in set(kept.i.tolist()) | set(kept.j.tolist())
+
+
+def test_a_grey_image_joins_only_its_best_ambiguous_matches():
+    """Grey image 0 matches 1 and 3 at 0.99 (a tie: both count) and 2 at 0.9 (does not count);
+    grey 4's only match counts although image 5 (in colour) has a better one; a pair of two
+    images in colour never counts, one of two grey images does. The choice does not depend on
+    the rows' order."""
+    from pipeline.dedup.verification import AMBIGUOUS, best_for_grey
+
+    rows = [(0, 1, 0.99, True, False), (0, 2, 0.9, True, False), (3, 0, 0.99, False, True), (4, 5, 0.8, True, False)]
+    rows += [(5, 6, 0.95, False, False), (7, 8, 0.5, True, True)]
+    table = np.array(rows, dtype=AMBIGUOUS)
+    expected = [True, False, True, True, False, True]
+    assert best_for_grey(table).tolist() == expected
+    order = np.random.default_rng(0).permutation(len(table))
+    assert best_for_grey(table[order]).tolist() == [expected[k] for k in order]
+    assert best_for_grey(table[:0]).tolist() == []

@@ -114,8 +114,11 @@ class Verdict:
     """What :func:`compare` found: ``match``, and the best alignment's scores (``structure``,
     ``tone``: correlations in [-1, 1]; ``colour``: residual share in [0, inf), NaN when either
     image is grey; ``detail``: the lesser standard deviation of the two high-passed
-    luminances), whether the second image was ``mirrored``, and the warp's ``rotation``
-    (degrees) and ``scale`` (per axis)."""
+    luminances; ``changed``: the share of the overlap whose luminance differs by more than
+    ``change_level`` after one gain and offset; ``contrast``: the lesser standard deviation of
+    the two low-passed luminances; ``contrast_ratio``, ``brightness_ratio``: the larger over the
+    smaller of the two, >= 1), which image is ``grey`` (first, second), whether the second
+    image was ``mirrored``, and the warp's ``rotation`` (degrees) and ``scale`` (per axis)."""
 
     match: bool
     structure: float = float("nan")
@@ -126,6 +129,7 @@ class Verdict:
     contrast: float = float("nan")
     contrast_ratio: float = float("nan")
     brightness_ratio: float = float("nan")
+    grey: tuple[bool, bool] = (False, False)
     mirrored: bool = False
     rotation: float = float("nan")
     scale: tuple[float, float] = (float("nan"), float("nan"))
@@ -295,6 +299,7 @@ def _scores(a: Prepared, b: Prepared, warp: np.ndarray, mirrored: bool, inner: n
         contrast=min(std_a, std_b),
         contrast_ratio=_ratio(std_a, std_b),
         brightness_ratio=_ratio(float(ma), float(mb_raw)),
+        grey=(not a.coloured, not b.coloured),
         mirrored=mirrored,
         rotation=rotation,
         scale=scale,
@@ -316,6 +321,14 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
         verdict.contrast < settings.flat_floor or verdict.contrast_ratio <= settings.max_contrast_ratio
     )
     return shape_ok and colour_ok and levels_ok and verdict.changed <= settings.max_changed
+
+
+def ambiguous(verdict: Verdict, settings: VerifySettings) -> bool:
+    """Whether a matching ``verdict`` leaves open which picture it is a copy of: one image is
+    grey (no colour to compare) and the pair has little detail (a smooth picture). A grey copy
+    of a gradient matches every gradient whose luminance runs alike, so such a pair counts only
+    when it is the grey image's best (:func:`pipeline.dedup.verification.best_for_grey`)."""
+    return any(verdict.grey) and verdict.detail < settings.detail_floor
 
 
 def compare(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings()) -> Verdict:

@@ -32,12 +32,12 @@ from pipeline.dedup.buckets import centroids_digest, join_buckets, train_centroi
 from pipeline.dedup.embedding import embed_records
 from pipeline.dedup.embeddings_store import metadata_path, unit_rows, write_shard
 from pipeline.dedup.grouping import stream_components
-from pipeline.dedup.index import DATABASE_BLOCK, assign_cells, exact_pairs_blocked, training_sample
+from pipeline.dedup.index import DATABASE_BLOCK, Pairs, assign_cells, exact_pairs_blocked, training_sample
 from pipeline.dedup.records import write_groups
 from pipeline.dedup.scratch import scratch_folder
 from pipeline.dedup.summary import OUTPUTS, build_summary, evaluation, phase_seconds
 from pipeline.dedup.units import DedupRun, shard_bounds
-from pipeline.dedup.verification import keys_of_rows, owned_candidates, verify_candidates
+from pipeline.dedup.verification import AMBIGUOUS, best_for_grey, keys_of_rows, owned_candidates, verify_candidates
 from pipeline.executor import StepContext, Unit
 from pipeline.io import atomic_write, write_json, write_parquet
 from pipeline.layout import EMBEDDINGS, GROUPS, REJECTS, SELECTED, SUMMARY
@@ -309,7 +309,7 @@ class Verify(Phase):
             def fetch(keys: list[str]) -> dict:
                 return fetch_training_images(dedup.data, keys, rejects=missing)
 
-            verified, counts = verify_candidates(
+            verified, unsure, counts = verify_candidates(
                 candidates,
                 lambda part: keys_of_rows(metadata, rows.offsets, part),
                 fetch,
@@ -318,6 +318,7 @@ class Verify(Phase):
                 ctx.progress,
             )
             write_pairs(dedup.out / "verified" / f"pairs_{ctx.rank}.npy", verified)
+            atomic_write(dedup.out / "verified" / f"ambiguous_{ctx.rank}.npy", lambda tmp: save_npy(tmp, unsure))
         ctx.stat("candidates", counts.candidates)
         ctx.stat("verified", counts.verified)
         info = {
@@ -326,6 +327,7 @@ class Verify(Phase):
             "verified": counts.verified,
             "unfetched": counts.unfetched,
             "skipped": counts.skipped,
+            "ambiguous": counts.ambiguous,
             "compared": counts.candidates - counts.unfetched - counts.skipped,
             "images": counts.images,
             "chunks": counts.chunks,
@@ -386,7 +388,11 @@ class Group(Phase):
         with ctx.track_time("group"):
             rows = dedup.rows("group")  # the row count (and the shards' shapes checked), no rows read
             with scratch_folder(out) as scratch:
-                labels, n_pairs = stream_components(rows.n, dedup.pair_files(), k, scratch / "pairs", chunk)
+                pair_files = dedup.pair_files()
+                if dedup.verifying:  # each grey smooth image's best ambiguous matches join too
+                    pair_files.append(scratch / "ambiguous.npy")
+                    write_pairs(pair_files[-1], self._chosen_ambiguous())
+                labels, n_pairs = stream_components(rows.n, pair_files, k, scratch / "pairs", chunk)
                 selected, counts, sort = write_groups(
                     dedup.embeddings_root,
                     dedup.shards(),
@@ -433,6 +439,14 @@ class Group(Phase):
             },
         )
         self.summary = summary
+
+    def _chosen_ambiguous(self) -> Pairs:
+        """The ambiguous matches of every verify task that are a grey image's best
+        (:func:`~pipeline.dedup.verification.best_for_grey`); held whole (a few per grey smooth image)."""
+        files = [self.dedup.out / "verified" / f"ambiguous_{r}.npy" for r in range(self.dedup.world_size)]
+        table = np.concatenate([np.load(path) for path in files]) if files else np.zeros(0, AMBIGUOUS)
+        chosen = table[best_for_grey(table)]
+        return Pairs(chosen["i"], chosen["j"], chosen["score"])
 
     def _verification(self, n: int) -> dict:
         """The verify phase's counts over its tasks (``enabled: false`` and the pairs' threshold when off)."""

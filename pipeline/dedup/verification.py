@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from pipeline.dedup.buckets import read_pairs
 from pipeline.dedup.index import Pairs
-from pipeline.dedup.pair_verify import VerifySettings, compare, prepare
+from pipeline.dedup.pair_verify import VerifySettings, ambiguous, compare, prepare
 
 Fetch = Callable[[list[str]], Mapping[str, Image.Image]]
 
@@ -73,13 +73,15 @@ def pair_chunks(i: np.ndarray, j: np.ndarray, chunk_images: int) -> Iterable[sli
 class VerifyCounts:
     """What one task's verification did: ``candidates`` (its pairs), ``verified`` (kept),
     ``unfetched`` (pairs not verified: an image could not be fetched), ``skipped`` (pairs not
-    compared: their rows were joined by verified pairs already), ``images`` fetched,
+    compared: their rows were joined by verified pairs already), ``ambiguous`` (matches kept
+    apart: see :func:`best_for_grey`), ``images`` fetched,
     ``chunks``, ``seconds`` (fetching, preparing, comparing) and ``compare_seconds``."""
 
     candidates: int = 0
     verified: int = 0
     unfetched: int = 0
     skipped: int = 0
+    ambiguous: int = 0
     images: int = 0
     chunks: int = 0
     seconds: float = 0.0
@@ -117,6 +119,31 @@ class _Components:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
+# An ambiguous match (:func:`~pipeline.dedup.pair_verify.ambiguous`): a pair, its score (the
+# tone correlation), and which of its images are grey.
+AMBIGUOUS = np.dtype([("i", "<i8"), ("j", "<i8"), ("score", "<f4"), ("grey_i", "?"), ("grey_j", "?")])
+
+
+def best_for_grey(table: np.ndarray) -> np.ndarray:
+    """Which ambiguous matches (``AMBIGUOUS`` rows) count: those that are the best (highest
+    score, ties all kept) of a grey image among all its ambiguous matches. bool, one per row.
+
+    Depends only on the set of rows, not on their order nor on how they were split over tasks."""
+    if len(table) == 0:
+        return np.zeros(0, dtype=bool)
+    ends = np.concatenate([table["i"][table["grey_i"]], table["j"][table["grey_j"]]])
+    scores = np.concatenate([table["score"][table["grey_i"]], table["score"][table["grey_j"]]])
+    rows, inverse = np.unique(ends, return_inverse=True)
+    best = np.full(len(rows), -np.inf, dtype=np.float64)
+    np.maximum.at(best, inverse, scores)
+
+    def is_best(end: np.ndarray, grey: np.ndarray) -> np.ndarray:
+        at = np.clip(np.searchsorted(rows, end), 0, max(len(rows) - 1, 0))
+        return grey & (rows[at] == end) & (table["score"] >= best[at])
+
+    return is_best(table["i"], table["grey_i"]) | is_best(table["j"], table["grey_j"])
+
+
 def verify_candidates(
     pairs: Pairs,
     key_of: Callable[[np.ndarray], list[str]],
@@ -124,13 +151,16 @@ def verify_candidates(
     settings: VerifySettings,
     chunk_images: int,
     progress: bool = False,
-) -> tuple[Pairs, VerifyCounts]:
+) -> tuple[Pairs, np.ndarray, VerifyCounts]:
     """The candidate ``pairs`` that :func:`~pipeline.dedup.pair_verify.compare` finds to be one
-    picture, in their order, and what it took.
+    picture, in their order; the ambiguous matches among them (``AMBIGUOUS`` rows: a grey image
+    of a smooth picture, :func:`~pipeline.dedup.pair_verify.ambiguous`), kept apart for
+    :func:`best_for_grey`; and what it took.
 
     Within each chunk the pairs are compared most similar first, and a pair whose rows are
     already joined by pairs verified before it (in this call) is not compared: it would change
-    no connected component. The kept pairs therefore span the same components as every
+    no connected component (an ambiguous match joins nothing here: a grey smooth image's
+    pairs are all ambiguous, so none of its pairs is skipped). The kept pairs therefore span the same components as every
     matching pair would, whatever the chunks; which pairs are kept may differ.
 
     ``key_of(rows)``: the keys of rows (int64); ``fetch(keys)``: ``{key: image}`` for the keys it
@@ -138,6 +168,7 @@ def verify_candidates(
     """
     counts = VerifyCounts(candidates=len(pairs))
     joined = _Components()
+    unsure: list[tuple] = []
     keep = np.zeros(len(pairs), dtype=bool)
     started = time.perf_counter()
     bar = tqdm(total=len(pairs), desc="verifying pairs", unit="pair", disable=not progress, mininterval=1.0)
@@ -160,16 +191,23 @@ def verify_candidates(
             if joined.same(int(pairs.i[e]), int(pairs.j[e])):
                 counts.skipped += 1
                 continue
-            keep[e] = compare(a, b, settings).match
-            if keep[e]:
-                joined.join(int(pairs.i[e]), int(pairs.j[e]))
+            verdict = compare(a, b, settings)
+            if not verdict.match:
+                continue
+            if ambiguous(verdict, settings):
+                unsure.append((int(pairs.i[e]), int(pairs.j[e]), verdict.tone, *verdict.grey))
+                continue
+            keep[e] = True
+            joined.join(int(pairs.i[e]), int(pairs.j[e]))
         counts.compare_seconds += time.perf_counter() - compared
         bar.update(part.stop - part.start)
         del prepared
     bar.close()
     counts.seconds = time.perf_counter() - started
     counts.verified = int(keep.sum())
-    return Pairs(pairs.i[keep], pairs.j[keep], pairs.similarity[keep]), counts
+    counts.ambiguous = len(unsure)
+    table = np.array(sorted(unsure), dtype=AMBIGUOUS)
+    return Pairs(pairs.i[keep], pairs.j[keep], pairs.similarity[keep]), table, counts
 
 
 def keys_of_rows(metadata_files: list[Path], offsets: np.ndarray, rows: np.ndarray) -> list[str]:
