@@ -210,10 +210,18 @@ def _ecc(template: np.ndarray, moving: np.ndarray, warp: np.ndarray, motion: int
     return (found, float(score)) if np.isfinite(found).all() else None
 
 
+def _to_full(warp: np.ndarray) -> np.ndarray:
+    """A warp found at half resolution, for full resolution (pixel centres: ``x_full = 2 x_half + 0.5``)."""
+    full = warp.astype(np.float64).copy()
+    full[:, 2] = 2 * warp[:, 2] + 0.5 - warp[:, :2] @ np.full(2, 0.5)
+    return full.astype(np.float32)
+
+
 def _alignments(template: np.ndarray, moving: np.ndarray, settings: VerifySettings) -> Iterator[np.ndarray]:
     """Plausible warps (2 x 3, float32, ECC's convention: template pixel -> moving pixel) that
     may align ``moving`` onto ``template`` (both float32 square): the identity and the phase
-    correlation's shift, each refined to an affine warp by ECC and as it is. The unrefined
+    correlation's shift, each refined to an affine warp by ECC and as it is, and the identity
+    refined at half resolution first. The unrefined
     starts are kept: on a texture with structure in one direction only (stripes) the affine
     warp is ill-posed and may wander along the stripes. Lazily: the likeliest first."""
     import cv2
@@ -222,6 +230,18 @@ def _alignments(template: np.ndarray, moving: np.ndarray, settings: VerifySettin
     refined = _ecc(template, moving, identity, cv2.MOTION_AFFINE)
     if refined is not None and _plausible(refined[0], settings):
         yield refined[0]
+    # Coarse to fine: at half resolution the basin of convergence is twice as wide.
+    half = template.shape[0] // 2
+    coarse = _ecc(
+        cv2.resize(template, (half, half), interpolation=cv2.INTER_AREA),
+        cv2.resize(moving, (half, half), interpolation=cv2.INTER_AREA),
+        identity,
+        cv2.MOTION_AFFINE,
+    )
+    if coarse is not None:
+        refined = _ecc(template, moving, _to_full(coarse[0]), cv2.MOTION_AFFINE)
+        if refined is not None and _plausible(refined[0], settings):
+            yield refined[0]
     side = template.shape[0]
     window = cv2.createHanningWindow((side, side), cv2.CV_64F)
     (dx, dy), _ = cv2.phaseCorrelate(template.astype(np.float64), moving.astype(np.float64), window)
