@@ -10,23 +10,37 @@ through and comparing what is left:
    ``side x side`` (the aspect ratio is dropped: a crop or a bar changes it), split into
    luminance and chroma (Cb, Cr).
 2. :func:`compare`, per pair, for the second image as it is and mirrored: its luminance is
-   aligned onto the first's by OpenCV's ECC maximisation (:func:`cv2.findTransformECC`, an
-   affine warp, coarse to fine from the identity and from a few shifted starts), the warp
-   refused unless it is a plausible edit (rotation up to ``max_rotation`` degrees, each
-   axis scaled within ``max_scale``, shifted by at most ``max_shift`` of the side); then, over
-   the pixels both images cover:
+   aligned onto the first's (:func:`_alignments`: OpenCV's ECC maximisation,
+   :func:`cv2.findTransformECC`, of an affine warp from the identity, at full and half
+   resolution, and from the phase correlation's shift, :func:`cv2.phaseCorrelate`; the
+   unrefined starts too), a warp refused unless it is a plausible edit (rotation up to
+   ``max_rotation`` degrees, each axis scaled within ``max_scale``, shifted by at most
+   ``max_shift`` of the side); then, over the pixels both images cover:
 
    * structure: the correlation of the two luminances after a high-pass (a Gaussian blur of
      ``side / 16`` px subtracted), so that a smooth ramp that any ramp resembles counts for
      nothing, and brightness, contrast and greyscale changes cancel;
    * tone: the correlation of the two low-passed luminances, for pictures with little detail;
+   * change: the share of the overlap where the luminances, one fitted to the other by a gain
+     and an offset, still differ by more than ``change_level`` (a title, a block of another
+     colour: what a global correlation averages away);
+   * levels: the ratios of the two mean luminances and of the two contrasts (brightness and
+     contrast edits change them by at most about 1.3 each);
    * colour, where both images have colour (a mean chroma of at least ``colour_floor``): the
      chroma of one fitted to the other's by one gain (brightness and contrast scale chroma),
      and the residual's share of the first's chroma.
 
-   The pair is one picture when its structure correlation reaches ``min_structure`` (with
-   little detail in either: its tone correlation reaches ``min_tone``) and, with colour, its
-   colour residual is at most ``max_colour``.
+   :func:`decide`: the pair is one picture when its structure correlation reaches
+   ``min_structure`` (with little detail, below ``detail_floor``: its tone correlation reaches
+   ``min_tone``; with flat luminance, below ``flat_floor``, neither counts), at most
+   ``max_changed`` of it changed, its levels within ``max_brightness_ratio`` and
+   ``max_contrast_ratio`` (contrast not compared between flat pictures whose colours were),
+   and, with colour, its colour residual is at most ``max_colour``.
+
+A match between a grey image and a smooth picture is :func:`ambiguous`: without colour or
+detail, a grey copy of one gradient matches every gradient whose luminance runs alike. The
+stage keeps such a match only where it is the grey image's best
+(:func:`pipeline.dedup.verification.best_for_grey`).
 
 Everything here is a pure function of two images: no files, no configuration.
 """
@@ -57,8 +71,15 @@ class VerifySettings:
         min_tone: low-pass luminance correlation in [-1, 1] a copy of a picture with little detail reaches.
         detail_floor: standard deviation of the high-passed luminance (in [0, 1] units) below
             which a picture has little detail.
+        flat_floor: standard deviation of the low-passed luminance (in [0, 1] units) below
+            which a picture's luminance is flat.
         max_colour: colour residual in [0, 1] (share of the chroma not explained) a copy stays within.
         colour_floor: mean chroma magnitude (in [0, 1] units) above which an image has colour.
+        max_brightness_ratio, max_contrast_ratio: the larger of the two images' mean luminances
+            (contrasts) over the smaller stays within this, >= 1.
+        change_level: a luminance difference (in [0, 1] units, after a gain and an offset)
+            that counts as a change.
+        max_changed: share of the overlap in [0, 1] a copy may change (a watermark, JPEG rings).
         max_rotation: degrees of rotation an alignment may apply, >= 0.
         max_scale: each axis may be scaled by a factor within [1 / max_scale, max_scale], >= 1.
         max_shift: share of the side an alignment may shift by, in [0, 1].
@@ -85,13 +106,14 @@ class VerifySettings:
         for name in ("min_structure", "min_tone"):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"verify.{name}: must be a correlation in [-1, 1], got {getattr(self, name)}")
-        for name in ("max_colour", "max_shift", "detail_floor", "colour_floor"):
+        for name in ("max_colour", "max_shift", "detail_floor", "colour_floor", "flat_floor", "change_level", "max_changed"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"verify.{name}: must be in [0, 1], got {getattr(self, name)}")
         if self.max_rotation < 0:
             raise ValueError(f"verify.max_rotation: must be >= 0 degrees, got {self.max_rotation}")
-        if self.max_scale < 1:
-            raise ValueError(f"verify.max_scale: must be >= 1, got {self.max_scale}")
+        for name in ("max_scale", "max_brightness_ratio", "max_contrast_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"verify.{name}: must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
