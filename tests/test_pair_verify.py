@@ -17,6 +17,7 @@ from pipeline.dedup.pair_verify import VerifySettings, compare, decide, measure,
 from pipeline.dedup.settings import settings_from_config, verify_from_config
 from pipeline.dedup.verification import owned_candidates, pair_chunks, verify_candidates
 
+from .conftest import compose_config
 from .test_planted_edits import planted
 
 
@@ -208,3 +209,14 @@ def test_a_grey_image_joins_only_its_best_ambiguous_matches():
     order = np.random.default_rng(0).permutation(len(table))
     assert best_for_grey(table[order]).tolist() == [expected[k] for k in order]
     assert best_for_grey(table[:0]).tolist() == []
+
+
+def test_the_stage_config_holds_the_verifiers_defaults():
+    """conf/dedup.yaml's verifier settings are VerifySettings' defaults (those the planted-edits
+    sweep reports as the defaults), and its candidate threshold is the default embedder's."""
+    from pipeline.embedders.robust import RobustEmbedder
+
+    stage = settings_from_config(compose_config("dedup")).verify
+    assert stage.pair == VerifySettings() and stage.enabled is None
+    assert stage.candidate_threshold == RobustEmbedder().candidate_threshold
+    assert settings_from_config(compose_config("dedup", ["embedder=thumbnail"])).verify.candidate_threshold is None

@@ -87,9 +87,9 @@ class VerifySettings:
 
     side: int = 96
     min_structure: float = 0.5
-    min_tone: float = 0.9
+    min_tone: float = 0.95
     detail_floor: float = 0.01
-    max_colour: float = 0.5
+    max_colour: float = 0.4
     colour_floor: float = 0.02
     flat_floor: float = 0.01
     max_brightness_ratio: float = 1.5

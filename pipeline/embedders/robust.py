@@ -190,7 +190,7 @@ class RobustEmbedder(PerImageEmbedder):
         mean_width: float = 0.12,
         contrast_width: float = 0.4,
         threshold: float | None = 0.86,
-        candidate_threshold: float | None = 0.7,
+        candidate_threshold: float | None = 0.6,
     ):
         if not 2 <= keep <= side:
             raise ValueError(f"embedder.keep: must be 2..side ({side}), got {keep}")
