@@ -327,6 +327,27 @@ def test_verify_array_with_two_images_a_chunk_gives_the_groups_of_one_process(sm
     assert summary["verification"]["enabled"] and summary["verification"]["candidates"] == single["candidates"]
 
 
+def test_verifying_searches_at_the_candidate_threshold(small_demo, small_run, tmp_path):
+    """The search proposes every pair at or above verify.candidate_threshold (below
+    ``threshold``); without verification it keeps to ``threshold``."""
+    embedder = ThumbnailEmbedder()
+    loose = embedder.threshold - 0.1
+    for verify, floor in (
+        (VerifyStage(candidate_threshold=loose), loose),
+        (VerifyStage(enabled=False, candidate_threshold=loose), embedder.threshold),
+    ):
+        out = tmp_path / f"verify_{verify.enabled}" / "dedup"
+        shutil.copytree(small_run[0] / "embeddings", out / "embeddings")
+        settings = DedupSettings(threshold=embedder.threshold, k=None, top_k=4, verify=verify)
+        run_dedup(out, settings, data=files_data(small_demo), embedder=embedder, phase="all", progress=False)
+        pairs = np.load(out / "pairs" / "pairs_0.npy")
+        vectors = read_embeddings(out / "embeddings")
+        sims = vectors @ vectors.T
+        np.fill_diagonal(sims, -2)
+        assert pairs["similarity"].min() >= floor - 1e-3
+        assert len(pairs) == int((sims >= floor).sum()) > 0
+
+
 def test_a_changed_verifier_setting_redoes_verify_and_group_only(small_demo, small_run, tmp_path):
     out = tmp_path / "dedup"
     shutil.copytree(small_run[0], out)

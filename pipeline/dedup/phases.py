@@ -250,7 +250,7 @@ class Search(Phase):
                     ctx.rank,
                     ctx.world_size,
                     index[0]["nlist"],
-                    settings.threshold,
+                    dedup.search_threshold,
                     settings.k,
                     settings.index.threads,
                     ctx.progress,
@@ -262,7 +262,7 @@ class Search(Phase):
                 pairs = exact_pairs_blocked(
                     lambda lo, hi: unit_rows(rows.read(lo, hi)),
                     rows.n,
-                    settings.threshold,
+                    dedup.search_threshold,
                     settings.k,
                     start,
                     stop,
