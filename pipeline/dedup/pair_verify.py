@@ -209,6 +209,7 @@ def _warp_shape(warp: np.ndarray) -> tuple[float, tuple[float, float]]:
 
 
 def _plausible(warp: np.ndarray, settings: VerifySettings) -> bool:
+    """Whether ``warp`` is an edit a copy goes through: small rotation, scale and shift (of the centre)."""
     rotation, (sx, sy) = _warp_shape(warp)
     limit = settings.max_scale
     shift = np.abs(warp[:, 2] - (np.eye(2) - warp[:, :2]) @ np.full(2, (settings.side - 1) / 2)).max()
@@ -243,9 +244,9 @@ def _alignments(template: np.ndarray, moving: np.ndarray, settings: VerifySettin
     """Plausible warps (2 x 3, float32, ECC's convention: template pixel -> moving pixel) that
     may align ``moving`` onto ``template`` (both float32 square): the identity and the phase
     correlation's shift, each refined to an affine warp by ECC and as it is, and the identity
-    refined at half resolution first. The unrefined
-    starts are kept: on a texture with structure in one direction only (stripes) the affine
-    warp is ill-posed and may wander along the stripes. Lazily: the likeliest first."""
+    refined at half resolution first. The unrefined starts are kept: on a texture with
+    structure in one direction only (stripes) the affine warp is ill-posed and may wander along
+    the stripes. Lazily: the likeliest first."""
     import cv2
 
     identity = np.eye(2, 3, dtype=np.float32)
