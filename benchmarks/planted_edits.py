@@ -28,10 +28,20 @@ square, JPEG quality 95) and is written in img2dataset's layouts, with its sidec
 ``<format>_ground_truth.parquet`` beside them has ``key`` and ``original_id`` (what the dedup
 stage's ``data.ground_truth`` scores against) plus ``kind``, ``edits``, ``dup_count``.
 
+``--kinds stripes,drawing,screenshot`` adds picture kinds (:data:`EXTRA_KINDS`, 8% of the
+originals each): sinusoidal stripe textures, line drawings, screenshots of text.
+
 Scoring (without ``--no-score``) runs the dedup stage (:func:`pipeline.dedup.stage.run_dedup`,
 the same code as ``python -m pipeline.dedup``) on each format with the default offline
-embedder and prints pair precision and recall; ``--thresholds`` also prints them for other
-thresholds from the same embeddings (exact search, connected components), for calibration.
+embedder, its candidate pairs verified from both images (``--no-verify``: the embedder's pairs
+at its threshold), and prints pair precision and recall, candidates per record and the
+verifier's cost per pair; ``--thresholds`` also prints the embedder alone at other thresholds
+from the same embeddings (exact search, connected components), for calibration.
+
+``--sweep`` builds the set in memory only and prints pair precision and recall over candidate
+thresholds 0.50-0.90 for the embedder alone and for the verifier with its defaults and with
+each setting moved either way (:data:`SWEEP_CHANGES`), with the widest run of thresholds where
+both stay >= 0.95 (:func:`passing_window`).
 """
 
 from __future__ import annotations
