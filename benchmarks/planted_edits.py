@@ -28,10 +28,20 @@ square, JPEG quality 95) and is written in img2dataset's layouts, with its sidec
 ``<format>_ground_truth.parquet`` beside them has ``key`` and ``original_id`` (what the dedup
 stage's ``data.ground_truth`` scores against) plus ``kind``, ``edits``, ``dup_count``.
 
+``--kinds stripes,drawing,screenshot`` adds picture kinds (:data:`EXTRA_KINDS`, 8% of the
+originals each): sinusoidal stripe textures, line drawings, screenshots of text.
+
 Scoring (without ``--no-score``) runs the dedup stage (:func:`pipeline.dedup.stage.run_dedup`,
 the same code as ``python -m pipeline.dedup``) on each format with the default offline
-embedder and prints pair precision and recall; ``--thresholds`` also prints them for other
-thresholds from the same embeddings (exact search, connected components), for calibration.
+embedder, its candidate pairs verified from both images (``--no-verify``: the embedder's pairs
+at its threshold), and prints pair precision and recall, candidates per record and the
+verifier's cost per pair; ``--thresholds`` also prints the embedder alone at other thresholds
+from the same embeddings (exact search, connected components), for calibration.
+
+``--sweep`` builds the set in memory only and prints pair precision and recall over candidate
+thresholds 0.50-0.90 for the embedder alone and for the verifier with its defaults and with
+each setting moved either way (:data:`SWEEP_CHANGES`), with the widest run of thresholds where
+both stay >= 0.95 (:func:`passing_window`).
 """
 
 from __future__ import annotations
@@ -243,6 +253,73 @@ def distinct_gradients(rng: np.random.Generator, count: int) -> list[Image.Image
     return images
 
 
+def stripes(rng: np.random.Generator) -> Image.Image:
+    """A sinusoidal stripe texture: one sinusoid (two, crossed, for a quarter of them) of random
+    direction, 2-10 periods across the longest side and random phase, between two random colours."""
+    w, h = random_size(rng)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32) / max(w, h)
+    t = np.zeros((h, w), np.float32)
+    waves = 2 if rng.uniform() < 0.25 else 1
+    for _ in range(waves):
+        angle, periods = rng.uniform(0, np.pi), rng.uniform(2, 10)
+        t += np.sin(2 * np.pi * periods * (x * np.cos(angle) + y * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
+    t = (t / waves + 1) / 2
+    a, b = rng.integers(0, 256, size=(2, 3)).astype(np.float32)
+    return Image.fromarray(np.clip(a + t[..., None] * (b - a), 0, 255).astype(np.uint8))
+
+
+def line_drawing(rng: np.random.Generator) -> Image.Image:
+    """A line drawing: 6-20 thin dark strokes (lines, arcs, ellipses, polylines) on a light ground."""
+    w, h = random_size(rng)
+    ground = tuple(int(c) for c in rng.integers(225, 256, size=3))
+    ink = tuple(int(c) for c in rng.integers(0, 70, size=3))
+    image = Image.new("RGB", (w, h), ground)
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(6, 21))):
+        width = int(rng.integers(1, 4))
+        points = [(int(rng.integers(0, w)), int(rng.integers(0, h))) for _ in range(2)]
+        box = (min(p[0] for p in points), min(p[1] for p in points), max(p[0] for p in points), max(p[1] for p in points))
+        roll = rng.uniform()
+        if roll < 0.35:
+            draw.line(points, fill=ink, width=width)
+        elif roll < 0.6:
+            draw.arc(box, int(rng.integers(0, 360)), int(rng.integers(0, 360)), fill=ink, width=width)
+        elif roll < 0.8:
+            draw.ellipse(box, outline=ink, width=width)
+        else:
+            line = [(int(rng.integers(0, w)), int(rng.integers(0, h))) for _ in range(int(rng.integers(3, 7)))]
+            draw.line(line, fill=ink, width=width, joint="curve")
+    return image
+
+
+def screenshot(rng: np.random.Generator) -> Image.Image:
+    """A screenshot of text: a coloured title bar, then 6-16 lines of made-up words in a
+    small font, on a light or dark ground."""
+    w, h = random_size(rng, 320, 640)
+    dark = rng.uniform() < 0.3
+    ground = tuple(int(c) for c in (rng.integers(20, 60, size=3) if dark else rng.integers(235, 256, size=3)))
+    ink = tuple(int(c) for c in (rng.integers(190, 256, size=3) if dark else rng.integers(0, 60, size=3)))
+    image = Image.new("RGB", (w, h), ground)
+    draw = ImageDraw.Draw(image)
+    bar = int(rng.integers(18, 40))
+    draw.rectangle((0, 0, w, bar), fill=tuple(int(c) for c in rng.integers(0, 256, size=3)))
+    size = int(rng.integers(11, 20))
+    font = ImageFont.load_default(size=size)
+    y = bar + int(rng.integers(6, 20))
+    for _ in range(int(rng.integers(6, 17))):
+        if y > h - size:
+            break
+        line = " ".join(made_up_word(rng) for _ in range(int(rng.integers(2, 9))))
+        draw.text((int(rng.integers(8, 30)), y), line, fill=ink, font=font)
+        y += int(size * rng.uniform(1.3, 2.2))
+    return image
+
+
+# Picture kinds a planted set may add (``extra_kinds``), with the share of originals each takes.
+EXTRA_KINDS = {"stripes": 0.08, "drawing": 0.08, "screenshot": 0.08}
+KIND_MAKERS = {"stripes": stripes, "drawing": line_drawing, "screenshot": screenshot}
+
+
 def decode(data: bytes) -> Image.Image:
     """Encoded bytes as the data layer reads them (8-bit RGB)."""
     from pipeline.data import decode_image
@@ -250,12 +327,18 @@ def decode(data: bytes) -> Image.Image:
     return decode_image(data)
 
 
-def make_originals(rng: np.random.Generator, n: int) -> list[Original]:
-    """``n`` originals: hard negatives (tiles, posters, gradients) and photo-like pictures, shuffled."""
+def make_originals(rng: np.random.Generator, n: int, extra_kinds: tuple[str, ...] = ()) -> list[Original]:
+    """``n`` originals: hard negatives (tiles, posters, gradients), each of ``extra_kinds``
+    (:data:`EXTRA_KINDS`) and photo-like pictures, shuffled."""
+    unknown = set(extra_kinds) - set(EXTRA_KINDS)
+    if unknown:
+        raise ValueError(f"unknown picture kinds {sorted(unknown)}; known: {sorted(EXTRA_KINDS)}")
     counts = {kind: int(round(share * n)) for kind, share in HARD_NEGATIVE_SHARES.items()}
     images: list[tuple[str, Image.Image]] = [("tile", im) for im in tiles(rng, counts["tile"])]
     images += [("poster", im) for im in posters(rng, counts["poster"])]
     images += [("gradient", gradient(rng)) for _ in range(counts["gradient"])]
+    for kind in extra_kinds:
+        images += [(kind, KIND_MAKERS[kind](rng)) for _ in range(int(round(EXTRA_KINDS[kind] * n)))]
     # Each photograph once ("cat" is "chelsea"): two crops of one photograph may overlap.
     photos = [name for name in SKIMAGE_PHOTOS if name != "cat"]
     rng.shuffle(photos)
@@ -396,12 +479,13 @@ def build_records(
     light: int = 30,
     light_copies: tuple[int, int] = (2, 6),
     rates: dict[str, float] | None = None,
+    extra_kinds: tuple[str, ...] = (),
 ) -> list[PlantedRecord]:
     """Every record of a planted set, in random order (not yet resized by img2dataset)."""
     if heavy + light > n_originals:
         raise ValueError(f"heavy + light originals ({heavy} + {light}) exceed the {n_originals} originals")
     rng = np.random.default_rng(seed)
-    originals = make_originals(rng, n_originals)
+    originals = make_originals(rng, n_originals, extra_kinds)
     chosen = rng.permutation(n_originals)
     for index in chosen[:heavy]:
         originals[index].copies = int(rng.integers(heavy_copies[0], heavy_copies[1] + 1))
@@ -514,9 +598,10 @@ def build_planted(
     per_shard: int = 10000,
     rates: dict[str, float] | None = None,
     formats: tuple[str, ...] = FORMATS,
+    extra_kinds: tuple[str, ...] = (),
 ) -> dict[str, Path]:
     """Build a planted set into ``out_dir`` (see the module doc); returns ``{format: path}``."""
-    records = build_records(seed, n_originals, heavy, light=light, rates=rates)
+    records = build_records(seed, n_originals, heavy, light=light, rates=rates, extra_kinds=extra_kinds)
     return write_planted(out_dir, records, per_shard, formats)
 
 
@@ -530,18 +615,41 @@ def data_config(out_dir: str | Path, fmt: str) -> dict:
 
 
 def score_with_dedup(
-    out_dir: str | Path, fmt: str, embedder, threshold: float | None = None, run_dir: str | Path | None = None
+    out_dir: str | Path,
+    fmt: str,
+    embedder,
+    threshold: float | None = None,
+    run_dir: str | Path | None = None,
+    verify: bool = True,
+    candidate_threshold: float | None = None,
 ) -> dict:
-    """Run the dedup stage on one format; returns its summary's ``evaluation`` plus timing."""
+    """Run the dedup stage on one format; returns its summary's ``evaluation`` plus timing and,
+    when verifying, the verify phase's counts (``verification``).
+
+    ``verify``: candidates from the embedder at ``candidate_threshold`` (default: the
+    embedder's), each verified from both images (the stage's default); else pairs at
+    ``threshold`` (default: the embedder's) taken as they are."""
+    from pipeline.dedup.settings import VerifyStage
     from pipeline.dedup.stage import DedupSettings, run_dedup
 
     data = data_config(out_dir, fmt)
     run_dir = Path(run_dir) if run_dir else Path(out_dir) / "runs" / fmt
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    settings = DedupSettings(threshold=embedder.threshold if threshold is None else threshold, top_k=50, min_group_size=2)
+    candidates = getattr(embedder, "candidate_threshold", None) if candidate_threshold is None else candidate_threshold
+    settings = DedupSettings(
+        threshold=embedder.threshold if threshold is None else threshold,
+        top_k=50,
+        min_group_size=2,
+        verify=VerifyStage(enabled=verify, candidate_threshold=candidates),
+    )
     summary = run_dedup(run_dir, settings, data=data, embedder=embedder, ground_truth=data["ground_truth"], progress=False)
-    return {**summary["evaluation"], "records": summary["records_read"], "timing": summary["timing_seconds"]}
+    return {
+        **summary["evaluation"],
+        "records": summary["records_read"],
+        "timing": summary["timing_seconds"],
+        "verification": summary.get("verification"),
+    }
 
 
 def embed_format(out_dir: str | Path, fmt: str, embedder) -> tuple[np.ndarray, list[str], float]:
@@ -577,6 +685,154 @@ def scores_at(vectors: np.ndarray, keys: list[str], truth: pd.DataFrame, thresho
     return out
 
 
+# ----------------------------------------------------------------------------------------
+# The sweep: candidate thresholds x verifier settings
+
+
+def planted_images(records: list[PlantedRecord]) -> list[Image.Image]:
+    """The records' pictures as img2dataset writes them and the data layer reads them back."""
+    return [decode(img2dataset_resize(r.jpeg)[0]) for r in records]
+
+
+def measure_candidates(
+    images: list[Image.Image], embedder, loosest: float, k: int | None = 32, settings=None, progress: bool = False
+) -> dict:
+    """Every candidate pair at ``loosest`` (exact search, each image's ``k`` most similar, as
+    the stage's search keeps them) and the verifier's scores of each: ``{"i", "j",
+    "similarity", "verdicts"}`` (``verdicts[e]``: :func:`~pipeline.dedup.pair_verify.measure`'s
+    list for pair ``e``)."""
+    from tqdm.auto import tqdm
+
+    from pipeline.dedup.pair_verify import VerifySettings, measure, prepare
+
+    settings = settings or VerifySettings()
+    vectors = embedder.embed(images).astype(np.float32)
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -2.0)
+    keep = sims >= loosest
+    if k is not None and k < len(images) - 1:
+        kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1 : k]
+        keep &= sims >= kth
+    keep |= keep.T  # a pair is a candidate when either image keeps the other
+    i, j = np.nonzero(np.triu(keep, 1))
+    prepared = [prepare(im, settings) for im in images]
+    start = time.perf_counter()
+    pairs = tqdm(list(zip(i, j)), desc="measuring candidates", disable=not progress, mininterval=10.0)
+    verdicts = [measure(prepared[a], prepared[b], settings) for a, b in pairs]
+    seconds = time.perf_counter() - start
+    return {"i": i, "j": j, "similarity": sims[i, j], "verdicts": verdicts, "seconds_per_pair": seconds / max(len(i), 1)}
+
+
+def sweep_scores(measured: dict, labels: list[str], thresholds, variants: dict) -> pd.DataFrame:
+    """Pair precision and recall for each candidate threshold and verifier variant
+    (``{name: VerifySettings}``; ``None`` names the embedder alone, no verification): groups are
+    connected components of the candidates at the threshold that the variant accepts, the
+    ambiguous ones only where they are a grey image's best (as the stage joins them).
+
+    A variant re-decides the scores :func:`measure_candidates` measured (each orientation's
+    best alignment under the settings it measured with): exact for those settings' own
+    thresholds, and for a variant that changes only thresholds, what its alignment would find
+    unless another alignment of the pair scores differently under it."""
+    from pipeline.dedup.grouping import connected_groups, pair_scores
+    from pipeline.dedup.pair_verify import ambiguous, decide
+    from pipeline.dedup.verification import AMBIGUOUS, best_for_grey
+
+    rows = []
+    n, i, j = len(labels), measured["i"], measured["j"]
+    for name, settings in variants.items():
+        accepted = np.ones(len(i), dtype=bool)
+        unsure = np.zeros(len(i), dtype=bool)
+        table = np.zeros(len(i), dtype=AMBIGUOUS)
+        table["i"], table["j"] = i, j
+        if settings is not None:  # as compare() decides: a matching orientation first, then the higher structure
+            for e, verdicts in enumerate(measured["verdicts"]):
+                best = max(verdicts, key=lambda v: (decide(v, settings), v.structure), default=None)
+                accepted[e] = best is not None and decide(best, settings)
+                if accepted[e] and ambiguous(best, settings):
+                    unsure[e] = True
+                    table[e] = (i[e], j[e], best.tone, *best.grey)
+        for threshold in thresholds:
+            chosen = accepted & ~unsure & (measured["similarity"] >= threshold)
+            candidates = np.flatnonzero(unsure & (measured["similarity"] >= threshold))
+            chosen[candidates[best_for_grey(table[candidates])]] = True
+            groups = connected_groups(n, i[chosen], j[chosen])
+            score = pair_scores(groups.tolist(), labels)
+            rows.append(
+                {"variant": name, "threshold": float(threshold), "precision": score["precision"], "recall": score["recall"]}
+            )
+    return pd.DataFrame(rows)
+
+
+def passing_window(table: pd.DataFrame, target: float = 0.95) -> tuple[float, float] | None:
+    """The widest run of consecutive thresholds of ``table`` (one variant) where precision and
+    recall are both >= ``target``: ``(lowest, highest)``, or None when no threshold passes."""
+    table = table.sort_values("threshold")
+    best, run = None, []
+    for row in table.itertuples():
+        if row.precision >= target and row.recall >= target:
+            run.append(row.threshold)
+            if best is None or run[-1] - run[0] > best[1] - best[0]:
+                best = (run[0], run[-1])
+        else:
+            run = []
+    return best
+
+
+# Candidate thresholds the sweep scores, and the verifier variants: the defaults, then one
+# setting at a time moved either way.
+SWEEP_THRESHOLDS = tuple(round(0.5 + 0.02 * i, 2) for i in range(21))
+SWEEP_CHANGES = {
+    "min_structure": (0.4, 0.6),
+    "min_tone": (0.9, 0.98),
+    "max_colour": (0.3, 0.5),
+    "max_changed": (0.04, 0.12),
+    "max_brightness_ratio": (1.3, 1.8),
+    "max_contrast_ratio": (1.6, 3.0),
+}
+
+
+def sweep_variants() -> dict:
+    """``{name: VerifySettings or None}``: the embedder alone, the defaults, and each of
+    :data:`SWEEP_CHANGES` applied alone."""
+    import dataclasses
+
+    from pipeline.dedup.pair_verify import VerifySettings
+
+    base = VerifySettings()
+    variants = {"embedder alone": None, "verified (defaults)": base}
+    for name, values in SWEEP_CHANGES.items():
+        for value in values:
+            variants[f"{name}={value}"] = dataclasses.replace(base, **{name: value})
+    return variants
+
+
+def run_sweep(seed: int, n_originals: int, heavy: int, light: int, kinds: tuple[str, ...], out: str | None) -> pd.DataFrame:
+    """Build a planted set in memory, measure its candidates and print the sweep (see :func:`sweep_scores`)."""
+    from pipeline.embedders.robust import RobustEmbedder
+
+    start = time.perf_counter()
+    records = build_records(seed, n_originals, heavy, light=light, extra_kinds=kinds)
+    images = planted_images(records)
+    labels = [r.original_id for r in records]
+    embedder = RobustEmbedder()
+    measured = measure_candidates(images, embedder, min(SWEEP_THRESHOLDS), progress=True)
+    table = sweep_scores(measured, labels, SWEEP_THRESHOLDS, sweep_variants())
+    table.insert(0, "seed", seed)
+    table.insert(1, "kinds", ",".join(kinds) or "-")
+    print(
+        f"seed {seed}, {len(records)} records, kinds +{','.join(kinds) or '-'}: {len(measured['i'])} candidates at "
+        f"{min(SWEEP_THRESHOLDS)}, {1000 * measured['seconds_per_pair']:.1f} ms per pair ({time.perf_counter() - start:.0f} s)"
+    )
+    for name, part in table.groupby("variant", sort=False):
+        window = passing_window(part)
+        cells = " ".join(f"{p:.3f}/{r:.3f}" for p, r in zip(part["precision"], part["recall"]))
+        print(f"  {name:<28} window {window}  P/R by threshold: {cells}")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_json(out, orient="records", lines=True)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="data/planted", help="folder for the set (each format a sub-folder)")
@@ -588,11 +844,21 @@ def main() -> None:
     parser.add_argument("--no-build", action="store_true", help="score the set already in --out")
     parser.add_argument("--no-score", action="store_true", help="only build")
     parser.add_argument("--thresholds", type=float, nargs="*", default=[], help="also score these thresholds (exact search)")
+    parser.add_argument("--kinds", default="", help=f"picture kinds to add, comma-separated: {', '.join(EXTRA_KINDS)}")
+    parser.add_argument("--no-verify", action="store_true", help="score the embedder's pairs as they are (no pair verification)")
+    parser.add_argument(
+        "--sweep", action="store_true", help="build in memory and score candidate thresholds x verifier settings (no files)"
+    )
+    parser.add_argument("--sweep-out", default=None, help="with --sweep: write the table here (JSON lines)")
     args = parser.parse_args()
+    kinds = tuple(k for k in args.kinds.split(",") if k)
 
+    if args.sweep:
+        run_sweep(args.seed, args.originals, args.heavy, args.light, kinds, args.sweep_out)
+        return
     if not args.no_build:
         start = time.perf_counter()
-        build_planted(args.out, args.seed, args.originals, args.heavy, args.light, args.per_shard)
+        build_planted(args.out, args.seed, args.originals, args.heavy, args.light, args.per_shard, extra_kinds=kinds)
         truth = pd.read_parquet(Path(args.out) / "files_ground_truth.parquet")
         print(
             f"planted set: {len(truth)} records from {truth.original_id.nunique()} originals "
@@ -606,13 +872,22 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         embedder = instantiate(compose(config_name="dedup").embedder)  # the stage's default embedder
     print(f"embedder {embedder.name}, threshold {embedder.threshold}")
+    if not args.no_verify:
+        print(f"pairs verified: candidates at {embedder.candidate_threshold}")
     for fmt in FORMATS:
-        ev = score_with_dedup(args.out, fmt, embedder)
+        ev = score_with_dedup(args.out, fmt, embedder, verify=not args.no_verify)
         rate = ev["records"] / ev["timing"]["embed"] if ev["timing"].get("embed") else float("nan")
+        verified = ev.get("verification") or {}
         print(
             f"  {fmt:<10} pair precision {ev['precision']:.4f}, recall {ev['recall']:.4f} "
             f"({ev['correct_pairs']} of {ev['predicted_pairs']} predicted / {ev['true_pairs']} true pairs; "
-            f"{ev['records']} records, {rate:.0f} images/s read + embedded)"
+            f"{ev['records']} records, {rate:.0f} images/s read + embedded"
+            + (
+                f"; {verified['candidates']} candidates, {verified['candidates_per_record']:.2f} per record, "
+                f"{verified['compared']} compared at {1000 * verified['seconds_per_pair']:.1f} ms per pair)"
+                if verified
+                else ")"
+            )
         )
         if args.thresholds:
             vectors, keys, _ = embed_format(args.out, fmt, embedder)

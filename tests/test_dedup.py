@@ -18,6 +18,8 @@ from pipeline.dedup.buckets import join_buckets, read_pairs, write_buckets, writ
 from pipeline.dedup.embeddings_store import read_embeddings, read_metadata, unit_rows, write_shard
 from pipeline.dedup.grouping import UnionFind, connected_groups, evaluate_groups, group_table, pair_scores, select_top
 from pipeline.dedup.index import IndexSettings, cell_pairs, exact_pairs, exact_pairs_blocked, find_pairs, train_cells
+from pipeline.dedup.pair_verify import VerifySettings
+from pipeline.dedup.settings import VerifyStage
 from pipeline.demo.dataset import build_demo_dataset
 from pipeline.embedders.thumbnail import ThumbnailEmbedder
 
@@ -290,7 +292,7 @@ def test_sharded_phases_give_the_same_groups(small_demo, small_run, tmp_path):
     run_dedup(out, settings, phase="train", rank=0, **common)
     with pytest.raises(RuntimeError, match="index"):
         run_dedup(out, settings, phase="search", rank=0, **common)
-    for phase in ("index", "search"):
+    for phase in ("index", "search", "verify"):
         for rank in (0, 1):
             run_dedup(out, settings, phase=phase, rank=rank, **common)
     assert run_dedup(out, settings, phase="group", rank=1, **common) is None  # rank 0's job
@@ -303,6 +305,80 @@ def test_sharded_phases_give_the_same_groups(small_demo, small_run, tmp_path):
     assert summary["records_read"] == len(single)
     with pytest.raises(ValueError, match="world_size"):
         run_dedup(out, settings, phase="all", **common)
+
+
+def test_verify_array_with_two_images_a_chunk_gives_the_groups_of_one_process(small_demo, small_run, tmp_path):
+    """Pairs verified by 2 tasks, each holding 2 images at a time, give the single run's groups;
+    each task fetched its images a pair at a time and verified only its own share."""
+    embedder = ThumbnailEmbedder()
+    settings = DedupSettings(threshold=embedder.threshold, top_k=4, verify=VerifyStage(chunk_images=2))
+    out = tmp_path / "dedup"
+    common = dict(data=files_data(small_demo), embedder=embedder, world_size=2, progress=False)
+    for phase in ("embed", "train", "index", "search", "verify", "group"):
+        for rank in (0, 1):
+            run_dedup(out, settings, phase=phase, rank=rank, **common)
+    assert partition(pd.read_parquet(out / "groups.parquet")) == partition(pd.read_parquet(small_run[0] / "groups.parquet"))
+    markers = [json.loads((out / ".done" / f"verify_{r}.json").read_text()) for r in (0, 1)]
+    single = json.loads((small_run[0] / ".done" / "verify_0.json").read_text())
+    assert sum(m["candidates"] for m in markers) == single["candidates"] > 0
+    for m in markers:
+        assert m["chunks"] >= m["compared"] > 0  # at most 2 images a chunk: one pair each
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["verification"]["enabled"] and summary["verification"]["candidates"] == single["candidates"]
+
+
+def test_verifying_searches_at_the_candidate_threshold(small_demo, small_run, tmp_path):
+    """The search proposes every pair at or above verify.candidate_threshold (below
+    ``threshold``); without verification it keeps to ``threshold``."""
+    embedder = ThumbnailEmbedder()
+    loose = embedder.threshold - 0.1
+    for verify, floor in (
+        (VerifyStage(candidate_threshold=loose), loose),
+        (VerifyStage(enabled=False, candidate_threshold=loose), embedder.threshold),
+    ):
+        out = tmp_path / f"verify_{verify.enabled}" / "dedup"
+        shutil.copytree(small_run[0] / "embeddings", out / "embeddings")
+        settings = DedupSettings(threshold=embedder.threshold, k=None, top_k=4, verify=verify)
+        run_dedup(out, settings, data=files_data(small_demo), embedder=embedder, phase="all", progress=False)
+        pairs = np.load(out / "pairs" / "pairs_0.npy")
+        vectors = read_embeddings(out / "embeddings")
+        sims = vectors @ vectors.T
+        np.fill_diagonal(sims, -2)
+        assert pairs["similarity"].min() >= floor - 1e-3
+        assert len(pairs) == int((sims >= floor).sum()) > 0
+
+
+def test_a_changed_verifier_setting_redoes_verify_and_group_only(small_demo, small_run, tmp_path):
+    out = tmp_path / "dedup"
+    shutil.copytree(small_run[0], out)
+    embedder = ThumbnailEmbedder()
+    stricter = VerifyStage(pair=VerifySettings(min_structure=1.0, min_tone=1.0, max_colour=0.0, max_changed=0.0))
+    settings = DedupSettings(threshold=embedder.threshold, top_k=4, verify=stricter)
+    summary = run_dedup(out, settings, data=files_data(small_demo), embedder=embedder, progress=False)
+    done = [json.loads((out / "stats" / f"{p}_0.json").read_text())["done"] for p in ("embed", "search", "verify", "group")]
+    assert done == [0, 0, 1, 1]
+    # No pair of distinct images passes correlations of exactly 1 with nothing changed.
+    assert (
+        summary["verification"]["verified"] < json.loads((small_run[0] / "summary.json").read_text())["verification"]["verified"]
+    )
+
+
+def test_precomputed_embeddings_without_images_are_not_verified(small_run, tmp_path, caplog):
+    embedder = ThumbnailEmbedder()
+    settings = DedupSettings(threshold=embedder.threshold, top_k=4)
+    with caplog.at_level("INFO", logger="pipeline.dedup.phases"):
+        summary = run_dedup(tmp_path / "dedup", settings, embeddings_dir=small_run[0] / "embeddings", progress=False)
+    assert summary["verification"] == {"enabled": False, "threshold": embedder.threshold}
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verify: off")]
+    assert lines == [
+        f"verify: off (precomputed embeddings and no images); groups join the embedder's pairs at threshold {embedder.threshold:.3f}"
+    ]
+    with pytest.raises(ValueError, match="verify.enabled: verifying pairs needs their images"):
+        run_dedup(
+            tmp_path / "again",
+            DedupSettings(threshold=0.9, verify=VerifyStage(enabled=True)),
+            embeddings_dir=small_run[0] / "embeddings",
+        )
 
 
 def test_world_size_does_not_change_groups_or_selection(small_demo, small_run, tmp_path):
@@ -318,7 +394,7 @@ def test_world_size_does_not_change_groups_or_selection(small_demo, small_run, t
     common = dict(data=files_data(small_demo), embedder=embedder, world_size=2, progress=False)
     summaries = [
         run_dedup(sharded, settings, phase=phase, rank=rank, **common)
-        for phase in ("embed", "train", "index", "search", "group")
+        for phase in ("embed", "train", "index", "search", "verify", "group")
         for rank in (0, 1)
     ]
     two = summaries[-2]  # group on rank 0
@@ -559,7 +635,7 @@ def test_cells_are_trained_once_and_index_tasks_only_load_them(small_run, tmp_pa
         for name in ("train_centroids", "kmeans_centroids", "train_cells"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, no_kmeans)
-    for phase in ("index", "search", "group"):
+    for phase in ("index", "search", "verify", "group"):
         for rank in (0, 1):
             run_dedup(out, settings, phase=phase, rank=rank, **common)
     markers = [json.loads((out / ".done" / f"index_{r}.json").read_text()) for r in (0, 1)]

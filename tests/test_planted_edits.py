@@ -141,3 +141,39 @@ def test_trim_borders_finds_nested_bars():
     assert trim_borders(picture) == (0, 40, 0, 60)
     flat = np.ones((30, 30, 3))  # all white: nothing to keep, so nothing cut
     assert trim_borders(flat) == (0, 30, 0, 30)
+
+
+def test_passing_window_is_the_widest_run_of_passing_thresholds():
+    table = pd.DataFrame(
+        {
+            "threshold": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+            "precision": [0.90, 0.96, 0.97, 0.99, 0.99, 0.99],
+            "recall": [0.99, 0.99, 0.98, 0.94, 0.96, 0.96],
+        }
+    )
+    assert planted.passing_window(table) == (0.6, 0.7)
+    assert planted.passing_window(table.assign(recall=0.5)) is None
+
+
+def test_sweep_scores_the_embedder_alone_as_exact_search_does():
+    """The sweep's "embedder alone" rows are the pairs at each threshold, grouped: what
+    scores_at computes from the same embeddings; verified rows never join a pair the embedder
+    did not propose, so their predicted pairs are at most the embedder's own."""
+    records = planted.build_records(seed=5, n_originals=40, heavy=1, heavy_copies=(8, 10), light=3, extra_kinds=("stripes",))
+    images = planted.planted_images(records)
+    labels = [r.original_id for r in records]
+    embedder = RobustEmbedder()
+    thresholds = (0.6, 0.8, 0.9)
+    measured = planted.measure_candidates(images, embedder, min(thresholds))
+    table = planted.sweep_scores(
+        measured, labels, thresholds, {"alone": None, "verified": planted.sweep_variants()["verified (defaults)"]}
+    )
+    keys = [str(k) for k in range(len(records))]
+    truth = pd.DataFrame({"key": keys, "original_id": labels})
+    expected = planted.scores_at(embedder.embed(images), keys, truth, thresholds)
+    alone = table[table["variant"] == "alone"].set_index("threshold")
+    for threshold, score in expected.items():
+        assert alone.loc[threshold, "precision"] == pytest.approx(score["precision"])
+        assert alone.loc[threshold, "recall"] == pytest.approx(score["recall"])
+    verified = table[table["variant"] == "verified"].set_index("threshold")
+    assert (verified["recall"] <= alone["recall"] + 1e-12).all()

@@ -69,7 +69,7 @@ LAUNCHER = [
     f"hydra.launcher.partition={PARTITION}",
     "hydra.launcher.timeout_min=30",
 ]
-DEDUP_PHASES = ["embed", "train", "index", "search", "group"]
+DEDUP_PHASES = ["embed", "train", "index", "search", "verify", "group"]
 # What each stage leaves in the run directory when it has finished (detect runs with data=demo,
 # so it verifies too); the folder is what gets copied from the local run when a stage fails.
 OUTPUTS = {

@@ -10,8 +10,11 @@
    cells and written to bucket files by cell (:mod:`pipeline.dedup.buckets`; exact: nothing);
 4. :class:`Search`, one unit per rank: IVF, the pairs of the cells rank ``rank`` owns; exact,
    query rows of shard ``rank`` against all rows; ``pairs/pairs_<rank>.npy``;
-5. :class:`Group`, one unit (rank 0): connected components over the pair files, ``groups.parquet``,
-   ``selected.parquet`` and ``summary.json``.
+5. :class:`Verify`, one unit per rank when verifying (none otherwise): the candidate pairs
+   whose smaller row is in shard ``rank``, each decided from both images
+   (:mod:`pipeline.dedup.verification`); ``verified/pairs_<rank>.npy``;
+6. :class:`Group`, one unit (rank 0): connected components over the pair files (the verified
+   ones when verifying), ``groups.parquet``, ``selected.parquet`` and ``summary.json``.
 
 Each phase times its work with ``ctx.track_time(<phase>)`` (merged into ``stats.json``) and
 records what it did in its units' markers. A phase run before the one it reads refuses with
@@ -31,13 +34,14 @@ import numpy as np
 from pipeline.data.locations import MANIFEST, RANK_FILE, location_table, write_manifest, write_rank_file
 from pipeline.dedup.buckets import centroids_digest, join_buckets, train_centroids, write_buckets, write_pairs
 from pipeline.dedup.embedding import embed_records
-from pipeline.dedup.embeddings_store import unit_rows, write_shard
+from pipeline.dedup.embeddings_store import metadata_path, unit_rows, write_shard
 from pipeline.dedup.grouping import stream_components
-from pipeline.dedup.index import DATABASE_BLOCK, assign_cells, exact_pairs_blocked, training_sample
+from pipeline.dedup.index import DATABASE_BLOCK, Pairs, assign_cells, exact_pairs_blocked, training_sample
 from pipeline.dedup.records import write_groups
 from pipeline.dedup.scratch import scratch_folder
 from pipeline.dedup.summary import OUTPUTS, build_summary, evaluation, phase_seconds
 from pipeline.dedup.units import DedupRun, shard_bounds
+from pipeline.dedup.verification import AMBIGUOUS, best_for_grey, keys_of_rows, owned_candidates, verify_candidates
 from pipeline.executor import StepContext, Unit
 from pipeline.io import atomic_write, write_json, write_parquet
 from pipeline.layout import EMBEDDINGS, GROUPS, LOCATIONS, REJECTS, SELECTED, SUMMARY
@@ -307,7 +311,7 @@ class Search(Phase):
                     ctx.rank,
                     ctx.world_size,
                     index[0]["nlist"],
-                    settings.threshold,
+                    dedup.search_threshold,
                     settings.k,
                     settings.index.threads,
                     ctx.progress,
@@ -319,7 +323,7 @@ class Search(Phase):
                 pairs = exact_pairs_blocked(
                     lambda lo, hi: unit_rows(rows.read(lo, hi)),
                     rows.n,
-                    settings.threshold,
+                    dedup.search_threshold,
                     settings.k,
                     start,
                     stop,
@@ -334,8 +338,84 @@ class Search(Phase):
         log.info("search: rank %d: %d queries, %d pairs (%.1f s)", ctx.rank, queries, len(pairs), ctx.seconds["search"])
 
 
+class Verify(Phase):
+    """Phase 5, one unit per rank when verifying (none otherwise): the candidate pairs whose
+    smaller row is in shard ``rank``, each decided from both images, fetched by key a chunk at a
+    time (:mod:`pipeline.dedup.verification`); ``verified/pairs_<rank>.npy``."""
+
+    name = "verify"
+
+    def units(self) -> list[Unit]:
+        dedup = self.dedup
+        if not dedup.verifying:
+            why = "precomputed embeddings and no images" if dedup.precomputed is not None else "verify.enabled=false"
+            log.info("verify: off (%s); groups join the embedder's pairs at threshold %.3f", why, dedup.search_threshold)
+        return dedup.verify_units()
+
+    def run(self, units: list[Unit], ctx: StepContext) -> None:
+        from pipeline.data.rejects import RejectLog
+        from pipeline.training_images import fetch_training_images, with_location_index
+
+        dedup, verify = self.dedup, self.dedup.settings.verify
+        (unit,) = units
+        dedup.require(dedup.search_units(), "verify")
+        with ctx.track_time("verify"):
+            rows = dedup.rows("verify")
+            start, stop = shard_bounds(rows.n, ctx.rank, ctx.world_size)
+            search_files = [dedup.out / "pairs" / f"pairs_{r}.npy" for r in range(dedup.world_size)]
+            candidates = owned_candidates(search_files, rows.n, start, stop, dedup.settings.k, dedup.group_chunk_rows)
+            metadata = [metadata_path(dedup.embeddings_root, shard) for shard in dedup.shards()]
+            missing = RejectLog()
+
+            def fetch(keys: list[str]) -> dict:
+                # The embed phase's location index: each chunk's images read by key, not by streaming the set.
+                return fetch_training_images(with_location_index(dedup.data, dedup.out), keys, rejects=missing)
+
+            verified, unsure, counts = verify_candidates(
+                candidates,
+                lambda part: keys_of_rows(metadata, rows.offsets, part),
+                fetch,
+                verify.pair,
+                verify.chunk_images,
+                ctx.progress,
+            )
+            write_pairs(dedup.out / "verified" / f"pairs_{ctx.rank}.npy", verified)
+            atomic_write(dedup.out / "verified" / f"ambiguous_{ctx.rank}.npy", lambda tmp: save_npy(tmp, unsure))
+        ctx.stat("candidates", counts.candidates)
+        ctx.stat("verified", counts.verified)
+        info = {
+            "rows": stop - start,
+            "candidates": counts.candidates,
+            "verified": counts.verified,
+            "unfetched": counts.unfetched,
+            "skipped": counts.skipped,
+            "ambiguous": counts.ambiguous,
+            "compared": counts.candidates - counts.unfetched - counts.skipped,
+            "images": counts.images,
+            "chunks": counts.chunks,
+            "candidates_per_record": counts.candidates / max(stop - start, 1),
+            "seconds_per_pair": counts.seconds_per_pair,
+            "compare_seconds": counts.compare_seconds,
+            "seconds": ctx.seconds["verify"],
+        }
+        ctx.done(unit, info)
+        if counts.unfetched:
+            log.warning(
+                "verify: rank %d: %d candidate pairs left unverified: an image could not be fetched", ctx.rank, counts.unfetched
+            )
+        log.info(
+            "verify: rank %d: %d of %d candidate pairs verified (%.2f candidates per record, %.1f ms per pair, %.1f s)",
+            ctx.rank,
+            counts.verified,
+            counts.candidates,
+            info["candidates_per_record"],
+            1000 * counts.seconds_per_pair,
+            info["seconds"],
+        )
+
+
 class Group(Phase):
-    """Phase 5, one unit on rank 0: connected components, ``groups.parquet``, the selection and
+    """Phase 6, one unit on rank 0: connected components, ``groups.parquet``, the selection and
     ``summary.json`` (evaluated against ``ground_truth`` when given).
 
     Bounded: one int64 per row (the union-find), a chunk of pairs, a bucket of records of the
@@ -364,11 +444,17 @@ class Group(Phase):
         (unit,) = units
         out, chunk = dedup.out, dedup.group_chunk_rows
         dedup.require(dedup.search_units(), "group")
+        dedup.require(dedup.verify_units(), "group")
+        # Verified pairs were capped to each query's k best already (phase=verify).
+        k = None if dedup.verifying else dedup.settings.k
         with ctx.track_time("group"):
             rows = dedup.rows("group")  # the row count (and the shards' shapes checked), no rows read
             with scratch_folder(out) as scratch:
-                pair_files = [out / "pairs" / f"pairs_{r}.npy" for r in range(dedup.world_size)]
-                labels, n_pairs = stream_components(rows.n, pair_files, dedup.settings.k, scratch / "pairs", chunk)
+                pair_files = dedup.pair_files()
+                if dedup.verifying:  # each grey smooth image's best ambiguous matches join too
+                    pair_files.append(scratch / "ambiguous.npy")
+                    write_pairs(pair_files[-1], self._chosen_ambiguous())
+                labels, n_pairs = stream_components(rows.n, pair_files, k, scratch / "pairs", chunk)
                 selected, counts, sort = write_groups(
                     dedup.embeddings_root,
                     dedup.shards(),
@@ -399,6 +485,7 @@ class Group(Phase):
             dedup.world_size,
             phase_seconds(out, dedup.precomputed is not None, ctx.seconds["group"]),
         )
+        summary["verification"] = self._verification(rows.n)
         if self.ground_truth is not None:  # a labelled sample: reads the groups' keys and ids back
             summary["evaluation"] = evaluation(out, self.ground_truth, selected)
         write_json(summary, out / SUMMARY)
@@ -414,6 +501,33 @@ class Group(Phase):
             },
         )
         self.summary = summary
+
+    def _chosen_ambiguous(self) -> Pairs:
+        """The ambiguous matches of every verify task that are a grey image's best
+        (:func:`~pipeline.dedup.verification.best_for_grey`); held whole (a few per grey smooth image)."""
+        files = [self.dedup.out / "verified" / f"ambiguous_{r}.npy" for r in range(self.dedup.world_size)]
+        table = np.concatenate([np.load(path) for path in files]) if files else np.zeros(0, AMBIGUOUS)
+        chosen = table[best_for_grey(table)]
+        return Pairs(chosen["i"], chosen["j"], chosen["score"])
+
+    def _verification(self, n: int) -> dict:
+        """The verify phase's counts over its tasks (``enabled: false`` and the pairs' threshold when off)."""
+        dedup = self.dedup
+        if not dedup.verifying:
+            return {"enabled": False, "threshold": dedup.search_threshold}
+        markers = [dedup.marker(u.name) for u in dedup.verify_units()]
+        total = {
+            key: sum(int(m.get(key, 0)) for m in markers)
+            for key in ("candidates", "verified", "compared", "skipped", "unfetched")
+        }
+        seconds = sum(float(m.get("seconds_per_pair", 0.0)) * int(m.get("compared", 0)) for m in markers)
+        return {
+            "enabled": True,
+            "candidate_threshold": dedup.search_threshold,
+            **total,
+            "candidates_per_record": total["candidates"] / max(n, 1),
+            "seconds_per_pair": seconds / total["compared"] if total["compared"] else 0.0,
+        }
 
     def _rejects(self) -> list[dict]:
         """The records the embed phase rejected: its merged rejects (none read from precomputed embeddings)."""

@@ -15,15 +15,48 @@ from pathlib import Path
 
 from pipeline.cli import ConfigError, setting, settings_from
 from pipeline.dedup.index import IndexSettings
+from pipeline.dedup.pair_verify import VerifySettings
 from pipeline.identity import digest_of, tree_identity
 
 # The phases in order; ``all`` runs them one after the other.
-PHASES = ("embed", "locate", "train", "index", "search", "group")
+PHASES = ("embed", "locate", "train", "index", "search", "verify", "group")
 # Phases that run on rank 0 only (one task); the other ranks of an array do nothing.
 SINGLE_TASK_PHASES = ("train", "group")
 # How a command runs its phases: this process (null), every rank as processes here (local),
 # or one SLURM array per phase, each after the previous one (slurm).
 SUBMIT = (None, "local", "slurm")
+
+
+@dataclass
+class VerifyStage:
+    """Whether and how candidate pairs are verified from both images (``verify:`` in ``conf/dedup.yaml``).
+
+    Attributes:
+        enabled: True, False, or None (on when the stage embeds the images itself; off with
+            precomputed embeddings, whose images it may not have).
+        candidate_threshold: the cosine similarity in [-1, 1] at or above which the search
+            proposes a candidate pair when verifying (chosen for recall: the verifier restores
+            precision); None: ``threshold``.
+        chunk_images: images a verify task holds at once, >= 2 (its memory, not its result).
+        pair: the verifier's own settings (:class:`~pipeline.dedup.pair_verify.VerifySettings`).
+    """
+
+    enabled: bool | None = None
+    candidate_threshold: float | None = None
+    chunk_images: int = 2048
+    pair: VerifySettings = field(default_factory=VerifySettings)
+
+    def __post_init__(self):
+        if self.candidate_threshold is not None and not -1.0 <= float(self.candidate_threshold) <= 1.0:
+            raise ValueError(
+                f"verify.candidate_threshold: must be a cosine similarity in [-1, 1], got {self.candidate_threshold}"
+            )
+        if self.chunk_images < 2:
+            raise ValueError(f"verify.chunk_images: must be >= 2 (a pair's two images), got {self.chunk_images}")
+
+    def decides(self) -> dict:
+        """What decides a verified pair (the verify units' settings; not ``chunk_images``)."""
+        return {"candidate_threshold": self.candidate_threshold, "pair": self.pair.to_dict()}
 
 
 @dataclass
@@ -37,6 +70,7 @@ class DedupSettings:
         min_group_size: a group needs this many members (>= 1) to be selected.
         batch_size: images per embedding call, >= 1.
         index: how pairs are searched.
+        verify: whether and how candidate pairs are verified from both images.
     """
 
     threshold: float | None
@@ -45,6 +79,7 @@ class DedupSettings:
     min_group_size: int = 2
     batch_size: int = 256
     index: IndexSettings = field(default_factory=IndexSettings)
+    verify: VerifyStage = field(default_factory=VerifyStage)
 
     def __post_init__(self):
         if self.threshold is None or not -1.0 <= float(self.threshold) <= 1.0:
@@ -111,18 +146,50 @@ def settings_from_config(cfg) -> DedupSettings:
     if "seed" not in cfg.index:
         index = dataclasses.replace(index, seed=cfg.get("seed", 0))
     # The ranges are DedupSettings' to check; a null threshold gets its hint there.
-    return DedupSettings(**dataclasses.asdict(settings_from(GroupSettings, cfg)), index=index)
+    return DedupSettings(**dataclasses.asdict(settings_from(GroupSettings, cfg)), index=index, verify=verify_from_config(cfg))
+
+
+@dataclass
+class VerifyKeys:
+    """The keys of ``verify:`` besides the verifier's own (read apart: :class:`VerifyStage`)."""
+
+    enabled: bool | None = None
+    candidate_threshold: float | None = setting(minimum=-1.0, maximum=1.0, default=None)
+    chunk_images: int = setting(minimum=2, default=2048)
+
+
+def verify_from_config(cfg) -> VerifyStage:
+    """:class:`VerifyStage` from the config's ``verify:`` (absent: the defaults); an unknown key
+    or a wrong value raises a ConfigError naming its key."""
+    block = cfg.get("verify") if hasattr(cfg, "get") else None
+    if block is None:
+        return VerifyStage()
+    own = {f.name for f in dataclasses.fields(VerifyKeys)}
+    known = own | {f.name for f in dataclasses.fields(VerifySettings)}
+    unknown = set(block) - known
+    if unknown:
+        raise ConfigError(f"verify: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    keys = settings_from(VerifyKeys, cfg, "verify.")
+    try:
+        pair = settings_from(VerifySettings, cfg, "verify.")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return VerifyStage(keys.enabled, keys.candidate_threshold, keys.chunk_images, pair)
 
 
 def embedder_identity(embedder_cfg) -> dict:
-    """The embedder's config minus what does not change the vectors (device, batching, threshold),
+    """The embedder's config minus what does not change the vectors (device, batching, thresholds),
     plus, under ``local_files``, the identity of each value naming a local file or folder (e.g.
     ``pretrained=/weights/ViT-L-14.pt``): its files' names, sizes and modification times, so
     weights replaced in place redo the embedding."""
     from omegaconf import OmegaConf
 
     values = OmegaConf.to_container(embedder_cfg, resolve=True)
-    identity = {k: v for k, v in values.items() if k not in ("device", "batch_size", "num_workers", "threshold", "cache_dir")}
+    identity = {
+        k: v
+        for k, v in values.items()
+        if k not in ("device", "batch_size", "num_workers", "threshold", "candidate_threshold", "cache_dir")
+    }
     local = {
         k: digest_of(tree_identity(Path(v).expanduser()))
         for k, v in identity.items()

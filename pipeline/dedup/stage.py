@@ -19,12 +19,13 @@ Reads the data set through the data layer and writes ``<run_dir>/dedup/``:
 * ``rejects.jsonl`` (records skipped, with the reason), ``stats.json`` and ``summary.json``;
 * ``memory/<phase>_<rank>.json``: the peak resident memory of the task that ran that phase for
   that rank (``peak_rss_mib``), to size array tasks;
-* ``index/`` (the IVF cells and bucket files) and ``pairs/pairs_<rank>.npy``, the intermediate
-  files; ``group_tmp.<host>.<pid>.*/``, the group phase's scratch, removed when it ends.
+* ``index/`` (the IVF cells and bucket files), ``pairs/pairs_<rank>.npy`` (candidate pairs)
+  and ``verified/pairs_<rank>.npy`` (those verified from both images), the intermediate files; ``group_tmp.<host>.<pid>.*/``, the group phase's scratch, removed when it ends.
 
 Nothing is written into ``data.path`` or ``embeddings_dir``: an output folder inside either is refused.
 
-The work runs in five phases (:mod:`pipeline.dedup.phases`: embed, train, index, search, group),
+The work runs in six phases (:mod:`pipeline.dedup.phases`: embed, train, index, search, verify,
+group),
 each a step of the stage executor whose units are skipped when their markers say they are done
 with the same settings (:mod:`pipeline.dedup.units`): a rerun resumes, and a changed setting
 redoes the phases it decides. ``phase=all`` runs them in order: in this process
@@ -54,7 +55,7 @@ from pipeline.dedup.grouping import GROUP_CHUNK_ROWS
 from pipeline.dedup.inputs import writes_into
 from pipeline.dedup.launch import hydra_launcher, run_local, submit_slurm
 from pipeline.dedup.memory import peak_rss_mib, reset_peak_rss
-from pipeline.dedup.phases import Embed, Group, Index, Locate, Search, Train
+from pipeline.dedup.phases import Embed, Group, Index, Locate, Search, Train, Verify
 from pipeline.dedup.settings import (
     PHASES,
     SINGLE_TASK_PHASES,
@@ -110,7 +111,8 @@ def run_dedup(
     if phase == "all" and world_size != 1:
         raise ValueError(
             f"phase=all runs every phase in this process and needs world_size=1; with world_size={world_size} pass "
-            "submit=local or submit=slurm, or run phase=embed, phase=train, phase=index, phase=search, phase=group in turn"
+            "submit=local or submit=slurm, or run phase=embed, phase=train, phase=index, phase=search, phase=verify, "
+            "phase=group in turn"
         )
     if int(group_chunk_rows) < 1:
         raise ValueError(f"group_chunk_rows: must be >= 1, got {group_chunk_rows}")
@@ -132,6 +134,7 @@ def run_dedup(
         "train": Train(dedup),
         "index": Index(dedup),
         "search": Search(dedup),
+        "verify": Verify(dedup),
         "group": group,
     }
 

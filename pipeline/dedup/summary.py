@@ -116,6 +116,11 @@ def build_summary(
                 "nprobe_used": index_info.get("nprobe"),
             },
             "world_size": world_size,
+            "verify": {
+                "enabled": settings.verify.enabled,
+                "candidate_threshold": settings.verify.candidate_threshold,
+                "pair": settings.verify.pair.to_dict(),
+            },
         },
         "timing_seconds": timing,
         "outputs": {name: str(out / name) for name in OUTPUTS},
@@ -153,6 +158,15 @@ def format_summary(summary: dict) -> str:
     for group in summary["largest_groups"][:5]:
         lines.append(f"  {display_text(group['prompt_id'], 20)}  x{group['dup_count']:<5d} {display_text(group['caption'], 70)}")
     lines.append(f"  {summary['selected']} groups selected -> {summary['outputs'][SELECTED]}")
+    verification = summary.get("verification") or {}
+    if verification.get("enabled"):
+        lines.append(
+            f"  verified: {verification['verified']} of {verification['candidates']} candidate pairs at similarity >= "
+            f"{verification['candidate_threshold']:.3f} ({verification['candidates_per_record']:.2f} per record; "
+            f"{verification['compared']} compared, {1000 * verification['seconds_per_pair']:.1f} ms per pair)"
+        )
+    elif verification:
+        lines.append(f"  pairs not verified (no images): embedder pairs at similarity >= {verification['threshold']:.3f}")
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["timing_seconds"].items()))
     if "evaluation" in summary:
         ev = summary["evaluation"]

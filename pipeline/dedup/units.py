@@ -1,4 +1,4 @@
-"""The units of the duplicate finder's five phases and what decides each one's result.
+"""The units of the duplicate finder's six phases and what decides each one's result.
 
 Every phase is a step of the stage executor (:mod:`pipeline.executor`); its units' markers
 (``<dedup>/.done/<unit>.json``) hold the settings below, so that a rerun redoes exactly what a
@@ -11,8 +11,12 @@ change decides:
   settings, not ``world_size``;
 * ``index_<rank>``: the train unit and the centroids' own digest, the embeddings, the index
   settings, ``rank`` and ``world_size``;
-* ``search_<rank>``: every index unit, ``threshold``, ``k``, ``rank`` and ``world_size``;
-* ``group``: every search unit, ``top_k``, ``min_group_size`` (and, precomputed, the metadata files).
+* ``search_<rank>``: every index unit, the search threshold (``verify.candidate_threshold``
+  when verifying, else ``threshold``), ``k``, ``rank`` and ``world_size``;
+* ``verify_<rank>`` (when verifying): every search unit, the verifier's settings, ``rank`` and
+  ``world_size`` (the images are those the embed units read: their digests are in the search units');
+* ``group``: every search unit and verify unit, ``top_k``, ``min_group_size`` (and, precomputed,
+  the metadata files).
 
 :class:`DedupRun` holds what the phases of one run share and checks their order: a phase run
 before the one it reads refuses with one line naming the phase to run first.
@@ -75,6 +79,22 @@ class DedupRun:
         self._rows: EmbeddingRows | None = None
         self._data_identity: dict | None = None
         self._embeddings_settings: dict | None = None
+        enabled = settings.verify.enabled
+        # Verifying needs the images: the stage's own data set, or one named beside precomputed embeddings.
+        self.verifying = (self.precomputed is None) if enabled is None else bool(enabled)
+        if self.verifying and self.precomputed is not None and not (data or {}).get("path"):
+            raise ValueError(
+                "verify.enabled: verifying pairs needs their images; name the data set the embeddings come from "
+                "(data=... data.path=...) or pass verify.enabled=false"
+            )
+
+    @property
+    def search_threshold(self) -> float:
+        """The search's threshold: the loose candidate threshold when verifying, else ``threshold``."""
+        verify = self.settings.verify
+        if self.verifying and verify.candidate_threshold is not None:
+            return float(verify.candidate_threshold)
+        return float(self.settings.threshold)
 
     # Where things are ---------------------------------------------------------------------
 
@@ -169,15 +189,34 @@ class DedupRun:
         s = self.settings
         index = [u.digest for u in self.index_units()]
         return Unit(
-            f"search_{rank}", {"index": index, "threshold": s.threshold, "k": s.k, "rank": rank, "world_size": self.world_size}
+            f"search_{rank}",
+            {"index": index, "threshold": self.search_threshold, "k": s.k, "rank": rank, "world_size": self.world_size},
         )
 
     def search_units(self) -> list[Unit]:
         return [self.search_unit(r) for r in range(self.world_size)]
 
+    def verify_unit(self, rank: int) -> Unit:
+        searches = [u.digest for u in self.search_units()]
+        settings = {"search": searches, "verify": self.settings.verify.decides(), "rank": rank, "world_size": self.world_size}
+        if self.precomputed is not None:  # the images come from a data set the embed units do not cover
+            settings["data_files"] = self.data_identity()
+        return Unit(f"verify_{rank}", settings)
+
+    def verify_units(self) -> list[Unit]:
+        """One per rank when verifying; none otherwise."""
+        return [self.verify_unit(r) for r in range(self.world_size)] if self.verifying else []
+
+    def pair_files(self) -> list[Path]:
+        """The pairs the group phase joins: the verified pairs when verifying, else the search's."""
+        folder = "verified" if self.verifying else "pairs"
+        return [self.out / folder / f"pairs_{r}.npy" for r in range(self.world_size)]
+
     def group_unit(self) -> Unit:
         searches = [u.digest for u in self.search_units()]
         settings = {"search": searches, "top_k": self.settings.top_k, "min_group_size": self.settings.min_group_size}
+        if self.verifying:
+            settings["verify"] = [u.digest for u in self.verify_units()]
         if self.precomputed is not None:  # the keys and captions listed; the embed units cover the stage's own
             settings["metadata"] = metadata_identity(self.precomputed, self.shards())
         return Unit("group", settings)

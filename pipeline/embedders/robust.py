@@ -164,6 +164,8 @@ class RobustEmbedder(PerImageEmbedder):
             luminance part fades (quadratically): under it the structure is mostly JPEG noise;
             such a flat picture counts as smooth.
         threshold: cosine similarity at or above which two images count as near-duplicates.
+        candidate_threshold: the looser similarity at or above which a pair is a candidate for
+            the pair verifier (:mod:`pipeline.dedup.pair_verify`), chosen for recall.
 
     ``embed`` returns float32 ``(N, dim)`` rows of unit norm.
     """
@@ -188,6 +190,7 @@ class RobustEmbedder(PerImageEmbedder):
         mean_width: float = 0.12,
         contrast_width: float = 0.4,
         threshold: float | None = 0.86,
+        candidate_threshold: float | None = 0.6,
     ):
         if not 2 <= keep <= side:
             raise ValueError(f"embedder.keep: must be 2..side ({side}), got {keep}")
@@ -223,6 +226,7 @@ class RobustEmbedder(PerImageEmbedder):
         self._mean_centres = np.arange(-0.1, 1.1001, self.mean_width / 2, dtype=np.float32)
         self._contrast_centres = np.arange(np.log(0.002), np.log(0.6) + 1e-3, self.contrast_width / 2, dtype=np.float32)
         self.threshold = threshold
+        self.candidate_threshold = candidate_threshold
         self._dct = dct_matrix(self.side).astype(np.float32)
         self._luma_index = _split(self.side, self.keep, drop_dc=True)
         self._chroma_index = _split(self.side, self.chroma_keep, drop_dc=False)

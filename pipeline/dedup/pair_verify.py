@@ -1,0 +1,403 @@
+"""The pair verifier: decides from both images whether a candidate pair is one picture.
+
+The embedder's search proposes candidate pairs at a loose threshold (for recall); each
+candidate is then decided here, from the two images, undoing what copies on the web go
+through and comparing what is left:
+
+1. :func:`prepare`, per image: reduced to at most 128 px a side, uniform black or white bars
+   cut from every side (letterboxes, img2dataset's white padding; the embedder's
+   :func:`~pipeline.embedders.robust.trim_borders`) and 2 px more past each cut, resized to
+   ``side x side`` (the aspect ratio is dropped: a crop or a bar changes it), split into
+   luminance and chroma (Cb, Cr).
+2. :func:`compare`, per pair, for the second image as it is and mirrored: its luminance is
+   aligned onto the first's (:func:`_alignments`: OpenCV's ECC maximisation,
+   :func:`cv2.findTransformECC`, of an affine warp from the identity, at full and half
+   resolution, and from the phase correlation's shift, :func:`cv2.phaseCorrelate`; the
+   unrefined starts too), a warp refused unless it is a plausible edit (rotation up to
+   ``max_rotation`` degrees, each axis scaled within ``max_scale``, shifted by at most
+   ``max_shift`` of the side); then, over the pixels both images cover:
+
+   * structure: the correlation of the two luminances after a high-pass (a Gaussian blur of
+     ``side / 16`` px subtracted), so that a smooth ramp that any ramp resembles counts for
+     nothing, and brightness, contrast and greyscale changes cancel;
+   * tone: the correlation of the two low-passed luminances, for pictures with little detail;
+   * change: the share of the overlap where the luminances, one fitted to the other by a gain
+     and an offset, still differ by more than ``change_level`` (a title, a block of another
+     colour: what a global correlation averages away);
+   * levels: the ratios of the two mean luminances and of the two contrasts (brightness and
+     contrast edits change them by at most about 1.3 each);
+   * colour, where both images have colour (a mean chroma of at least ``colour_floor``): the
+     chroma of one fitted to the other's by one gain (brightness and contrast scale chroma),
+     and the residual's share of the first's chroma.
+
+   :func:`decide`: the pair is one picture when its structure correlation reaches
+   ``min_structure`` (with little detail, below ``detail_floor``: its tone correlation reaches
+   ``min_tone``; with flat luminance, below ``flat_floor``, neither counts), at most
+   ``max_changed`` of it changed, its levels within ``max_brightness_ratio`` and
+   ``max_contrast_ratio`` (contrast not compared between flat pictures whose colours were),
+   and, with colour, its colour residual is at most ``max_colour``.
+
+A match between a grey image and a smooth picture is :func:`ambiguous`: without colour or
+detail, a grey copy of one gradient matches every gradient whose luminance runs alike. The
+stage keeps such a match only where it is the grey image's best
+(:func:`pipeline.dedup.verification.best_for_grey`).
+
+Everything here is a pure function of two images: no files, no configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+from pipeline.embedders.robust import trim_borders
+
+_WORK_SIDE = 128  # images are reduced to this before the border cut (as the embedder does)
+_WARP_FLAGS = 1 | 16  # cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP: the warp maps the template's pixels
+_INSET = 2  # pixels cut past a border: where a bar met the picture is a blend of both
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """How the verifier decides a pair (see the module doc).
+
+    Attributes:
+        side: pixels of the square both images are compared at, >= 32.
+        min_structure: high-pass luminance correlation in [-1, 1] a copy reaches.
+        min_tone: low-pass luminance correlation in [-1, 1] a copy of a picture with little detail reaches.
+        detail_floor: standard deviation of the high-passed luminance (in [0, 1] units) below
+            which a picture has little detail.
+        flat_floor: standard deviation of the low-passed luminance (in [0, 1] units) below
+            which a picture's luminance is flat.
+        max_colour: colour residual in [0, 1] (share of the chroma not explained) a copy stays within.
+        colour_floor: mean chroma magnitude (in [0, 1] units) above which an image has colour.
+        max_brightness_ratio, max_contrast_ratio: the larger of the two images' mean luminances
+            (contrasts) over the smaller stays within this, >= 1.
+        change_level: a luminance difference (in [0, 1] units, after a gain and an offset)
+            that counts as a change.
+        max_changed: share of the overlap in [0, 1] a copy may change (a watermark, JPEG rings).
+        max_rotation: degrees of rotation an alignment may apply, >= 0.
+        max_scale: each axis may be scaled by a factor within [1 / max_scale, max_scale], >= 1.
+        max_shift: share of the side an alignment may shift by, in [0, 1].
+    """
+
+    side: int = 96
+    min_structure: float = 0.5
+    min_tone: float = 0.95
+    detail_floor: float = 0.01
+    max_colour: float = 0.4
+    colour_floor: float = 0.02
+    flat_floor: float = 0.01
+    max_brightness_ratio: float = 1.5
+    max_contrast_ratio: float = 2.2
+    change_level: float = 0.12
+    max_changed: float = 0.08
+    max_rotation: float = 8.0
+    max_scale: float = 1.35
+    max_shift: float = 0.2
+
+    def __post_init__(self):
+        if self.side < 32:
+            raise ValueError(f"verify.side: must be >= 32 pixels, got {self.side}")
+        for name in ("min_structure", "min_tone"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"verify.{name}: must be a correlation in [-1, 1], got {getattr(self, name)}")
+        for name in ("max_colour", "max_shift", "detail_floor", "colour_floor", "flat_floor", "change_level", "max_changed"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"verify.{name}: must be in [0, 1], got {getattr(self, name)}")
+        if self.max_rotation < 0:
+            raise ValueError(f"verify.max_rotation: must be >= 0 degrees, got {self.max_rotation}")
+        for name in ("max_scale", "max_brightness_ratio", "max_contrast_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"verify.{name}: must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Prepared:
+    """One image made ready for :func:`compare`: float32 ``(side, side)`` luminance and its
+    high-pass and low-pass parts, float32 ``(side, side, 2)`` chroma, and whether it has colour."""
+
+    luma: np.ndarray
+    detail: np.ndarray
+    tone: np.ndarray
+    chroma: np.ndarray
+    coloured: bool
+
+
+@dataclass
+class Verdict:
+    """What :func:`compare` found: ``match``, and the best alignment's scores (``structure``,
+    ``tone``: correlations in [-1, 1]; ``colour``: residual share in [0, inf), NaN when either
+    image is grey; ``detail``: the lesser standard deviation of the two high-passed
+    luminances; ``changed``: the share of the overlap whose luminance differs by more than
+    ``change_level`` after one gain and offset; ``contrast``: the lesser standard deviation of
+    the two low-passed luminances; ``contrast_ratio``, ``brightness_ratio``: the larger over the
+    smaller of the two, >= 1), which image is ``grey`` (first, second), whether the second
+    image was ``mirrored``, and the warp's ``rotation`` (degrees) and ``scale`` (per axis)."""
+
+    match: bool
+    structure: float = float("nan")
+    tone: float = float("nan")
+    colour: float = float("nan")
+    detail: float = float("nan")
+    changed: float = float("nan")
+    contrast: float = float("nan")
+    contrast_ratio: float = float("nan")
+    brightness_ratio: float = float("nan")
+    grey: tuple[bool, bool] = (False, False)
+    mirrored: bool = False
+    rotation: float = float("nan")
+    scale: tuple[float, float] = (float("nan"), float("nan"))
+
+
+def _blur(array: np.ndarray, sigma: float) -> np.ndarray:
+    import cv2
+
+    return cv2.GaussianBlur(array, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+
+
+def prepare(image: Image.Image, settings: VerifySettings = VerifySettings()) -> Prepared:
+    """``image`` trimmed of black or white bars, resized to ``settings.side`` square and split
+    into luminance (its detail and tone) and chroma (see the module doc)."""
+    image = image.convert("RGB")
+    scale = _WORK_SIDE / max(image.size)
+    if scale < 1:
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BOX, reducing_gap=2.0
+        )
+    top, bottom, left, right = trim_borders(np.asarray(image, dtype=np.float32) / 255.0)
+    top, left = top + (_INSET if top > 0 else 0), left + (_INSET if left > 0 else 0)
+    bottom -= _INSET if bottom < image.height else 0
+    right -= _INSET if right < image.width else 0
+    if bottom - top < 4 or right - left < 4:  # nothing left: keep the whole image
+        top, bottom, left, right = 0, image.height, 0, image.width
+    side = settings.side
+    small = image.crop((left, top, right, bottom)).resize((side, side), Image.Resampling.BICUBIC)
+    rgb = np.asarray(small, dtype=np.float32) / 255.0
+    luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    chroma = np.stack([(rgb[..., 2] - luma) * 0.564, (rgb[..., 0] - luma) * 0.713], axis=-1).astype(np.float32)
+    tone = _blur(luma, side / 16)
+    coloured = float(np.sqrt((chroma**2).sum(axis=-1)).mean()) >= settings.colour_floor
+    return Prepared(luma=luma, detail=luma - tone, tone=tone, chroma=chroma, coloured=coloured)
+
+
+def _correlation(x: np.ndarray, y: np.ndarray, weight: np.ndarray) -> float:
+    """Weighted Pearson correlation of ``x`` and ``y`` (same shape), 0 when either is flat."""
+    total = weight.sum()
+    if total <= 0:
+        return 0.0
+    mx, my = (x * weight).sum() / total, (y * weight).sum() / total
+    dx, dy = x - mx, y - my
+    sxy = (weight * dx * dy).sum()
+    sxx, syy = (weight * dx * dx).sum(), (weight * dy * dy).sum()
+    if sxx <= 1e-12 or syy <= 1e-12:
+        return 0.0
+    return float(sxy / math.sqrt(sxx * syy))
+
+
+def _warp_shape(warp: np.ndarray) -> tuple[float, tuple[float, float]]:
+    """Rotation (degrees) and per-axis scales of a 2 x 3 affine warp's linear part."""
+    a, b, c, d = float(warp[0, 0]), float(warp[0, 1]), float(warp[1, 0]), float(warp[1, 1])
+    return math.degrees(math.atan2(c - b, a + d)), (math.hypot(a, c), math.hypot(b, d))
+
+
+def _plausible(warp: np.ndarray, settings: VerifySettings) -> bool:
+    """Whether ``warp`` is an edit a copy goes through: small rotation, scale and shift (of the centre)."""
+    rotation, (sx, sy) = _warp_shape(warp)
+    limit = settings.max_scale
+    shift = np.abs(warp[:, 2] - (np.eye(2) - warp[:, :2]) @ np.full(2, (settings.side - 1) / 2)).max()
+    return (
+        abs(rotation) <= settings.max_rotation
+        and 1 / limit <= sx <= limit
+        and 1 / limit <= sy <= limit
+        and shift <= settings.max_shift * settings.side
+    )
+
+
+def _ecc(template: np.ndarray, moving: np.ndarray, warp: np.ndarray, motion: int) -> tuple[np.ndarray, float] | None:
+    """One ECC maximisation from ``warp``; None when it does not converge."""
+    import cv2
+
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-5)
+    try:
+        score, found = cv2.findTransformECC(template, moving, warp.astype(np.float32).copy(), motion, criteria, None, 3)
+    except cv2.error:
+        return None
+    return (found, float(score)) if np.isfinite(found).all() else None
+
+
+def _to_full(warp: np.ndarray) -> np.ndarray:
+    """A warp found at half resolution, for full resolution (pixel centres: ``x_full = 2 x_half + 0.5``)."""
+    full = warp.astype(np.float64).copy()
+    full[:, 2] = 2 * warp[:, 2] + 0.5 - warp[:, :2] @ np.full(2, 0.5)
+    return full.astype(np.float32)
+
+
+def _alignments(template: np.ndarray, moving: np.ndarray, settings: VerifySettings) -> Iterator[np.ndarray]:
+    """Plausible warps (2 x 3, float32, ECC's convention: template pixel -> moving pixel) that
+    may align ``moving`` onto ``template`` (both float32 square): the identity and the phase
+    correlation's shift, each refined to an affine warp by ECC and as it is, and the identity
+    refined at half resolution first. The unrefined starts are kept: on a texture with
+    structure in one direction only (stripes) the affine warp is ill-posed and may wander along
+    the stripes. Lazily: the likeliest first."""
+    import cv2
+
+    identity = np.eye(2, 3, dtype=np.float32)
+    refined = _ecc(template, moving, identity, cv2.MOTION_AFFINE)
+    if refined is not None and _plausible(refined[0], settings):
+        yield refined[0]
+    # Coarse to fine: at half resolution the basin of convergence is twice as wide.
+    half = template.shape[0] // 2
+    coarse = _ecc(
+        cv2.resize(template, (half, half), interpolation=cv2.INTER_AREA),
+        cv2.resize(moving, (half, half), interpolation=cv2.INTER_AREA),
+        identity,
+        cv2.MOTION_AFFINE,
+    )
+    if coarse is not None:
+        refined = _ecc(template, moving, _to_full(coarse[0]), cv2.MOTION_AFFINE)
+        if refined is not None and _plausible(refined[0], settings):
+            yield refined[0]
+    side = template.shape[0]
+    window = cv2.createHanningWindow((side, side), cv2.CV_64F)
+    (dx, dy), _ = cv2.phaseCorrelate(template.astype(np.float64), moving.astype(np.float64), window)
+    shifted = np.array([[1, 0, dx], [0, 1, dy]], np.float32)
+    refined = _ecc(template, moving, shifted, cv2.MOTION_AFFINE)
+    for warp in (None if refined is None else refined[0], shifted, identity):
+        if warp is not None and _plausible(warp, settings):
+            yield warp
+
+
+def measure(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings(), stop_at_match: bool = False) -> list[Verdict]:
+    """The scores of ``b`` aligned onto ``a`` (from :func:`prepare` with the same ``settings``),
+    as it is and mirrored: one :class:`Verdict` per orientation that aligned plausibly (0-2),
+    each decided by ``settings`` (:func:`decide` decides them again under other thresholds).
+    ``stop_at_match``: return as soon as one orientation matches (what :func:`compare` needs)."""
+    side = settings.side
+    inner = np.zeros((side, side), np.float32)
+    margin = max(2, side // 24)
+    inner[margin:-margin, margin:-margin] = 1.0
+    verdicts = []
+    for mirrored in (False, True):
+        luma = b.luma[:, ::-1].copy() if mirrored else b.luma
+        best: Verdict | None = None
+        for warp in _alignments(a.luma, luma, settings):
+            verdict = _scores(a, b, warp, mirrored, inner, settings)
+            if best is None or (verdict.match, verdict.structure) > (best.match, best.structure):
+                best = verdict
+            if stop_at_match and best.match:
+                break
+        if best is not None:
+            verdicts.append(best)
+            if stop_at_match and best.match:
+                break
+    return verdicts
+
+
+def _scores(a: Prepared, b: Prepared, warp: np.ndarray, mirrored: bool, inner: np.ndarray, settings: VerifySettings) -> Verdict:
+    """The :class:`Verdict` of ``b`` (mirrored or not) warped onto ``a`` by ``warp``."""
+    side = settings.side
+
+    def warped(array: np.ndarray) -> np.ndarray:
+        import cv2
+
+        array = array[:, ::-1].copy() if mirrored else array
+        return cv2.warpAffine(array, warp, (side, side), flags=_WARP_FLAGS, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+    valid = (warped(np.ones((side, side), np.float32)) * inner > 0.999).astype(np.float32)
+    detail_b = warped(b.detail)
+    colour = float("nan")
+    if a.coloured and b.coloured:
+        ca = a.chroma * valid[..., None]
+        cb = np.stack([warped(b.chroma[..., c]) for c in range(2)], axis=-1) * valid[..., None]
+        gain = float((ca * cb).sum() / max((cb * cb).sum(), 1e-12))
+        gain = min(max(gain, 0.5), 2.0)
+        colour = float(np.sqrt(((ca - gain * cb) ** 2).sum() / max((ca * ca).sum(), 1e-12)))
+    # Where the luminances differ after one gain and offset fitted over the overlap: a local
+    # change (a title, a block of another colour) that a global correlation averages away.
+    luma_b = warped(b.luma)
+    total = max(valid.sum(), 1.0)
+    ma, mb = (a.luma * valid).sum() / total, (luma_b * valid).sum() / total
+    cov = ((a.luma - ma) * (luma_b - mb) * valid).sum()
+    gain = cov / max(((luma_b - mb) ** 2 * valid).sum(), 1e-12)
+    residual = _blur((a.luma - ma - gain * (luma_b - mb)) * valid, 1.5)
+    changed = float(((np.abs(residual) > settings.change_level) * valid).sum() / total)
+    std_a, std_b = _std(a.tone, valid), _std(warped(b.tone), valid)
+    mb_raw = (warped(b.luma) * valid).sum() / total
+    rotation, scale = _warp_shape(warp)
+    verdict = Verdict(
+        match=False,
+        structure=_correlation(a.detail, detail_b, valid),
+        tone=_correlation(a.tone, warped(b.tone), valid),
+        colour=colour,
+        detail=min(_std(a.detail, valid), _std(detail_b, valid)),
+        changed=changed,
+        contrast=min(std_a, std_b),
+        contrast_ratio=_ratio(std_a, std_b),
+        brightness_ratio=_ratio(float(ma), float(mb_raw)),
+        grey=(not a.coloured, not b.coloured),
+        mirrored=mirrored,
+        rotation=rotation,
+        scale=scale,
+    )
+    verdict.match = decide(verdict, settings)
+    return verdict
+
+
+def decide(verdict: Verdict, settings: VerifySettings) -> bool:
+    """Whether ``verdict``'s scores make one picture under ``settings``' thresholds."""
+    if verdict.detail >= settings.detail_floor:
+        shape_ok = verdict.structure >= settings.min_structure
+    elif verdict.contrast >= settings.flat_floor:
+        shape_ok = verdict.tone >= settings.min_tone
+    else:  # flat luminance (one colour, or colours of one luminance): its correlation is noise
+        shape_ok = True
+    colour_ok = math.isnan(verdict.colour) or verdict.colour <= settings.max_colour
+    levels_ok = verdict.brightness_ratio <= settings.max_brightness_ratio and (
+        verdict.contrast < settings.flat_floor or verdict.contrast_ratio <= settings.max_contrast_ratio
+    )
+    return shape_ok and colour_ok and levels_ok and verdict.changed <= settings.max_changed
+
+
+def ambiguous(verdict: Verdict, settings: VerifySettings) -> bool:
+    """Whether a matching ``verdict`` leaves open which picture it is a copy of: one image is
+    grey (no colour to compare) and the pair has little detail (a smooth picture). A grey copy
+    of a gradient matches every gradient whose luminance runs alike, so such a pair counts only
+    when it is the grey image's best (:func:`pipeline.dedup.verification.best_for_grey`)."""
+    return any(verdict.grey) and verdict.detail < settings.detail_floor
+
+
+def compare(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings()) -> Verdict:
+    """Whether ``a`` and ``b`` (from :func:`prepare` with the same ``settings``) are one picture:
+    the better of :func:`measure`'s orientations (a match first, then the higher structure);
+    ``match=False`` and NaN scores when neither aligned plausibly."""
+    verdicts = measure(a, b, settings, stop_at_match=True)
+    if not verdicts:
+        return Verdict(match=False)
+    return max(verdicts, key=lambda v: (v.match, v.structure))
+
+
+def _ratio(x: float, y: float) -> float:
+    """``max(x, y) / min(x, y)`` (>= 1; inf when the smaller is 0)."""
+    low, high = min(x, y), max(x, y)
+    return high / low if low > 1e-9 else float("inf")
+
+
+def _std(x: np.ndarray, weight: np.ndarray) -> float:
+    total = weight.sum()
+    if total <= 0:
+        return 0.0
+    mean = (x * weight).sum() / total
+    return float(math.sqrt((weight * (x - mean) ** 2).sum() / total))
+
+
+def verify_pair(image_a: Image.Image, image_b: Image.Image, settings: VerifySettings = VerifySettings()) -> Verdict:
+    """:func:`compare` of two images (each prepared here; prepare them once to compare many pairs)."""
+    return compare(prepare(image_a, settings), prepare(image_b, settings), settings)

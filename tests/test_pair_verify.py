@@ -1,0 +1,222 @@
+"""The pair verifier (pipeline/dedup/pair_verify.py) and the verify phase's work
+(pipeline/dedup/verification.py): two images decided alone, and a task's share of the pairs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image, ImageOps
+
+from pipeline.cli import ConfigError
+from pipeline.dedup.index import Pairs
+from pipeline.dedup.pair_verify import VerifySettings, compare, decide, measure, prepare, verify_pair
+from pipeline.dedup.settings import settings_from_config, verify_from_config
+from pipeline.dedup.verification import owned_candidates, pair_chunks, verify_candidates
+
+from .conftest import compose_config
+from .test_planted_edits import planted
+
+
+def stored(image: Image.Image, quality: int = 95) -> Image.Image:
+    """``image`` as img2dataset stores it and the data layer reads it back."""
+    return planted.decode(planted.img2dataset_resize(planted.jpeg_bytes(image, quality))[0])
+
+
+@pytest.fixture(scope="module")
+def pictures() -> list[Image.Image]:
+    rng = np.random.default_rng(11)
+    return [planted.photo_like(rng, planted.random_size(rng)) for _ in range(3)] + [planted.skimage_crop(rng, "astronaut")]
+
+
+def test_an_image_is_its_own_copy(pictures):
+    """The same pixels align by the identity: every correlation 1, nothing changed, colour residual 0."""
+    for picture in pictures:
+        verdict = verify_pair(picture, picture)
+        assert verdict.match and not verdict.mirrored
+        assert verdict.structure == pytest.approx(1.0, abs=1e-4) and verdict.changed == 0.0
+        assert verdict.colour == pytest.approx(0.0, abs=1e-4)
+
+
+def test_a_mirrored_copy_matches_mirrored(pictures):
+    """The mirrored orientation is the one that matches: unmirrored, a photograph is another picture."""
+    for picture in pictures:
+        verdict = verify_pair(picture, ImageOps.mirror(picture))
+        assert verdict.match and verdict.mirrored
+
+
+def test_a_greyscale_copy_is_judged_without_colour(pictures):
+    for picture in pictures:
+        verdict = verify_pair(picture, ImageOps.grayscale(picture).convert("RGB"))
+        assert verdict.match and math.isnan(verdict.colour)
+
+
+def test_letterbox_bars_are_cut(pictures):
+    """Black bars inside img2dataset's white border: both cut, so the copy aligns by the identity."""
+    for picture in pictures:
+        w, h = picture.size
+        boxed = Image.new("RGB", (w, h + h // 3), (0, 0, 0))
+        boxed.paste(picture, (0, h // 6))
+        verdict = verify_pair(stored(picture), stored(boxed))
+        assert verdict.match, verdict
+
+
+def test_other_pictures_do_not_match(pictures):
+    """Distinct pictures of one kind: no pair is one picture."""
+    for a in range(len(pictures)):
+        for b in range(a + 1, len(pictures)):
+            assert not verify_pair(stored(pictures[a]), stored(pictures[b])).match
+
+
+def test_look_alikes_that_fool_the_embedder_are_told_apart():
+    """Posters of one template (only the title and one block differ), tiles of one picture and
+    gradients of distinct colours: the embedder puts some of them above its threshold; the
+    verifier must refuse every pair."""
+    rng = np.random.default_rng(4)
+    for images in (planted.posters(rng, 6), planted.tiles(rng, 9), planted.distinct_gradients(rng, 8)):
+        prepared = [prepare(stored(im)) for im in images]
+        for a in range(len(prepared)):
+            for b in range(a + 1, len(prepared)):
+                assert not compare(prepared[a], prepared[b]).match, (a, b)
+
+
+def test_decide_reproduces_the_verdicts_own_match(pictures):
+    """:func:`decide` under the settings a verdict was measured with gives its ``match``; under
+    a colour limit of 0 a pair with any colour residual is refused."""
+    settings = VerifySettings()
+    verdicts = measure(prepare(pictures[0]), prepare(ImageOps.mirror(pictures[1])))
+    verdicts += measure(prepare(pictures[0]), prepare(ImageOps.mirror(pictures[0])))
+    assert verdicts
+    for verdict in verdicts:
+        assert decide(verdict, settings) == verdict.match
+        if verdict.colour > 0:
+            assert not decide(verdict, dataclasses.replace(settings, max_colour=0.0))
+
+
+def test_settings_out_of_range_name_their_key():
+    with pytest.raises(ValueError, match="verify.min_structure"):
+        VerifySettings(min_structure=2.0)
+    with pytest.raises(ValueError, match="verify.side"):
+        VerifySettings(side=8)
+    base = {"threshold": 0.9, "k": 32, "top_k": 5, "min_group_size": 2, "batch_size": 8, "index": {}}
+    with pytest.raises(ConfigError, match="verify.max_colour"):
+        settings_from_config(OmegaConf.create({**base, "verify": {"max_colour": 3.0}}))
+    with pytest.raises(ConfigError, match=r"verify: unknown keys \['min_structur'\]"):
+        verify_from_config(OmegaConf.create({"verify": {"min_structur": 0.5}}))
+    with pytest.raises(ConfigError, match="verify.chunk_images"):
+        verify_from_config(OmegaConf.create({"verify": {"chunk_images": 1}}))
+    stage = verify_from_config(OmegaConf.create({"verify": {"enabled": False, "min_structure": 0.7}}))
+    assert stage.enabled is False and stage.pair.min_structure == 0.7
+
+
+# ----------------------------------------------------------------------------------------
+# A task's share of the pairs
+
+
+def write_pair_file(path, i, j, sim):
+    from pipeline.dedup.buckets import write_pairs
+
+    write_pairs(path, Pairs(np.asarray(i, np.int64), np.asarray(j, np.int64), np.asarray(sim, np.float32)))
+
+
+def test_every_candidate_pair_is_owned_by_one_task_once(tmp_path):
+    """Pairs in both directions and split over files: the tasks' shares partition the undirected pairs."""
+    rng = np.random.default_rng(0)
+    n = 50
+    i, j = rng.integers(0, n, 400), rng.integers(0, n, 400)
+    i, j = i[i != j], j[i != j]
+    sim = rng.uniform(0.5, 1.0, len(i)).astype(np.float32)
+    files = [tmp_path / "a.npy", tmp_path / "b.npy"]
+    half = len(i) // 2
+    write_pair_file(files[0], i[:half], j[:half], sim[:half])
+    write_pair_file(files[1], j[half:], i[half:], sim[half:])  # the other direction
+    expected = {(min(a, b), max(a, b)) for a, b in zip(i.tolist(), j.tolist())}
+    for world_size in (1, 3):
+        shares = []
+        for rank in range(world_size):
+            lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+            pairs = owned_candidates(files, n, lo, hi, k=None, chunk_rows=7)
+            assert (pairs.i < pairs.j).all() and ((pairs.i >= lo) & (pairs.i < hi)).all()
+            shares.extend(zip(pairs.i.tolist(), pairs.j.tolist()))
+        assert len(shares) == len(set(shares)) and set(shares) == expected
+
+
+def test_chunks_hold_at_most_chunk_images_images():
+    rng = np.random.default_rng(1)
+    i, j = rng.integers(0, 40, 300), rng.integers(0, 40, 300)
+    for limit in (2, 3, 10):
+        covered = 0
+        for part in pair_chunks(i, j, limit):
+            assert len(set(i[part]) | set(j[part])) <= limit
+            covered += part.stop - part.start
+        assert covered == len(i)
+
+
+def test_verified_components_do_not_depend_on_the_chunks():
+    """Copies and strangers in one list of candidates: the components of the kept pairs are
+    those of every matching pair, however many images a chunk holds; a pair whose image
+    cannot be fetched is counted and not kept."""
+    from pipeline.dedup.grouping import connected_groups
+
+    rng = np.random.default_rng(2)
+    originals = [planted.photo_like(rng, planted.random_size(rng)) for _ in range(3)]
+    images = [stored(im) for im in originals] + [stored(ImageOps.mirror(im), 60) for im in originals]
+    images += [stored(ImageOps.grayscale(originals[0]).convert("RGB"))]
+    keys = [f"k{r}" for r in range(len(images))]
+    n = len(images)
+    i, j = np.triu_indices(n, 1)
+    pairs = Pairs(i.astype(np.int64), j.astype(np.int64), np.linspace(1.0, 0.5, len(i)).astype(np.float32))
+    truth = connected_groups(n, [0, 1, 2, 0], [3, 4, 5, 6])
+
+    def key_of(rows):
+        return [keys[r] for r in rows]
+
+    results = []
+    for chunk in (2, 3, n):
+        fetched = []
+
+        def fetch(wanted, fetched=fetched):
+            fetched.append(len(wanted))
+            return {k: images[keys.index(k)] for k in wanted}
+
+        kept, unsure, counts = verify_candidates(pairs, key_of, fetch, VerifySettings(), chunk)
+        assert len(unsure) == 0  # photographs: detail enough to decide
+        assert max(fetched) <= chunk and counts.candidates == len(i) and counts.unfetched == 0
+        groups = connected_groups(n, kept.i, kept.j)
+        assert len(set(zip(groups.tolist(), truth.tolist()))) == len(set(truth.tolist())) == len(set(groups.tolist()))
+        results.append(groups)
+    kept, _, counts = verify_candidates(
+        pairs, key_of, lambda wanted: {k: images[keys.index(k)] for k in wanted if k != "k6"}, VerifySettings(), n
+    )
+    assert counts.unfetched == n - 1 and 6 not in set(kept.i.tolist()) | set(kept.j.tolist())
+
+
+def test_a_grey_image_joins_only_its_best_ambiguous_matches():
+    """Grey image 0 matches 1 and 3 at 0.99 (a tie: both count) and 2 at 0.9 (does not count);
+    grey 4's only match counts although image 5 (in colour) has a better one; a pair of two
+    images in colour never counts, one of two grey images does. The choice does not depend on
+    the rows' order."""
+    from pipeline.dedup.verification import AMBIGUOUS, best_for_grey
+
+    rows = [(0, 1, 0.99, True, False), (0, 2, 0.9, True, False), (3, 0, 0.99, False, True), (4, 5, 0.8, True, False)]
+    rows += [(5, 6, 0.95, False, False), (7, 8, 0.5, True, True)]
+    table = np.array(rows, dtype=AMBIGUOUS)
+    expected = [True, False, True, True, False, True]
+    assert best_for_grey(table).tolist() == expected
+    order = np.random.default_rng(0).permutation(len(table))
+    assert best_for_grey(table[order]).tolist() == [expected[k] for k in order]
+    assert best_for_grey(table[:0]).tolist() == []
+
+
+def test_the_stage_config_holds_the_verifiers_defaults():
+    """conf/dedup.yaml's verifier settings are VerifySettings' defaults (those the planted-edits
+    sweep reports as the defaults), and its candidate threshold is the default embedder's."""
+    from pipeline.embedders.robust import RobustEmbedder
+
+    stage = settings_from_config(compose_config("dedup")).verify
+    assert stage.pair == VerifySettings() and stage.enabled is None
+    assert stage.candidate_threshold == RobustEmbedder().candidate_threshold
+    assert settings_from_config(compose_config("dedup", ["embedder=thumbnail"])).verify.candidate_threshold is None
