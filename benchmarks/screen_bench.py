@@ -73,11 +73,13 @@ from pipeline.generate.sampling import SamplingSettings
 from pipeline.generations import load_prompts, sample_path
 from pipeline.io import write_json
 from pipeline.models import Runtime, load_model, resolve_device
-from pipeline.prescreen import PrescreenSettings, heavy_prompt_aucs, prescreen, unet_evaluations
-from pipeline.prescreen.scores import SCORES
+from pipeline.prescreen import PrescreenSettings, heavy_prompt_aucs, prescreen, roc_auc, unet_evaluations
+from pipeline.prescreen.own_images import keys_to_fetch
+from pipeline.prescreen.scores import SCORES, TEXT_SCORES
+from pipeline.prescreen.scoring import table_evaluations
 from pipeline.prompts import Prompt, read_prompts
 from pipeline.rule import NearCopyRule
-from pipeline.training_images import GroupMatcher
+from pipeline.training_images import GroupMatcher, fetch_training_images
 
 TINY_BANDS = {"heavy": (2, 8), "mid": (2, 3), "single": (6, 1)}
 TINY_DEFAULTS = dict(
@@ -340,6 +342,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(on the demo model it keeps the 10- and 40-copy prompts the first step misses), or wen (the first step alone), or anisotropy",
     )
     parser.add_argument(
+        "--text-score",
+        choices=TEXT_SCORES,
+        default="wen_levels",
+        help="own_images: the caption-only score beside it (prescreen.text_score)",
+    )
+    parser.add_argument(
+        "--images", type=int, default=2, help="own_images: training images of each prompt's group scored (prescreen.images)"
+    )
+    parser.add_argument(
+        "--image-levels",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[0.04],
+        help="own_images: noise levels of the training images, fractions of the schedule (prescreen.image_levels)",
+    )
+    parser.add_argument(
+        "--image-draws", type=int, default=2, help="own_images: noise draws per image and level (prescreen.image_draws)"
+    )
+    parser.add_argument(
         "--levels",
         type=lambda v: [float(x) for x in v.split(",")],
         default=[0.125],
@@ -476,9 +496,19 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
         width=args.size,
         score=args.score,
         levels=tuple(args.levels),
+        text_score=args.text_score,
+        images=args.images,
+        image_levels=tuple(args.image_levels),
+        image_draws=args.image_draws,
     )
     started = time.perf_counter()
-    scores = prescreen(pipe, prompts, ps, progress=args.progress)
+    training = None
+    if ps.score == "own_images":
+        if data is None:
+            raise SystemExit(f"--score own_images: needs the training images, {args.data}/images")
+        # Fetching each prompt's training images is part of the prescreen's time.
+        training = fetch_training_images(data, keys_to_fetch([p.keys for p in prompts], ps.images))
+    scores = prescreen(pipe, prompts, ps, progress=args.progress, images=training)
     prescreen_s = time.perf_counter() - started
     kept = set(scores.loc[scores.kept, "prompt_id"])
 
@@ -514,7 +544,7 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
     screened_s = prescreen_s + screened["generate_s"] + screened["detect_s"]
 
     brute_budget = generation_budget(brute["table"])
-    screened_budget = generation_budget(screened["table"], {"prompts": n, "unet_evaluations": unet_evaluations(n, ps)})
+    screened_budget = generation_budget(screened["table"], {"prompts": n, "unet_evaluations": table_evaluations(scores, ps)})
     assert brute_budget["unet_evaluations"] == brute_force_evaluations(len(sampled), args.n_samples, args.steps, args.guidance)
     # Brute force's cost on every prompt: exact, not estimated (prompts x samples x steps x 2).
     brute_evaluations = brute_force_evaluations(n, args.n_samples, args.steps, args.guidance)
@@ -587,9 +617,16 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
         ([f"top {args.keep_fraction:.0%}"] if args.keep_fraction is not None else [])
         + ([f"robust z >= {args.keep_z:g}"] if args.keep_z is not None else [])
     )
-    score_name = (
-        f"{args.score} at levels {', '.join(f'{v:g}' for v in ps.level_values())}" if args.score == "wen_levels" else args.score
+    text_name = ps.caption_score + (
+        f" at levels {', '.join(f'{v:g}' for v in ps.level_values())}" if ps.caption_score == "wen_levels" else ""
     )
+    score_name = text_name
+    if args.score == "own_images":
+        score_name = (
+            f"own_images ({ps.images} images at levels {', '.join(f'{v:g}' for v in ps.image_levels)}, {ps.image_draws} draws; "
+            f"{int(scores.own_images.sum())} images, {table_evaluations(scores, ps) - unet_evaluations(n, ps.text_settings())} "
+            f"evaluations) or {text_name}"
+        )
     print(
         f"(b): prescreen {score_name}, {args.prescreen_seeds} seeds, keep {keep_rule} ({len(kept)} prompts); adaptive rounds {rule.first_round} "
         f"x{rule.growth:g}, go on with >= {rule.min_close_pairs} near-copy pair(s)"
@@ -638,6 +675,25 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
             f"{sorted(set(missed['adaptive']['missed']) & set(replay.loc[replay.stop_reason == 'unlikely', 'prompt_id']))})"
             if rule.stop_when_unlikely
             else ")"
+        )
+    )
+    by_band = band_aucs(scores)
+    for column, aucs_of in by_band.items():
+        print(
+            f"prescreen ROC AUC of the {AUC_COLUMNS[column]} vs singletons, by dup_count: "
+            + ", ".join(f"{count} copies {fmt(value)}" for count, value in aucs_of.items())
+        )
+    z_columns = [c for c in ("z_text", "z_own_images") if c in scores.columns]
+    found_rows = scores[scores.prompt_id.isin(brute["found"])].sort_values("prompt_id")
+    print(
+        "(a)'s found prompts in the prescreen (z: "
+        + ("text / own images" if len(z_columns) == 2 else "score")
+        + "; * not kept): "
+        + ", ".join(
+            f"{r.prompt_id} ({r.dup_count}) "
+            + "/".join(fmt(float(getattr(r, c)), 1) for c in (z_columns or ["robust_z"]))
+            + ("" if r.kept else "*")
+            for r in found_rows.itertuples()
         )
     )
     limit = args.max_fraction
@@ -695,10 +751,35 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
         "floor_fraction": floor,
         "roc_auc_heavy_vs_singletons": auc,
         "roc_auc_heavy_vs_rest": aucs["heavy_vs_rest"],
+        "roc_auc_by_dup_count": by_band,
+        "prescreen_score": ps.score,
         "missed": {name: missed[name]["missed"] for name in ("prescreen", "adaptive", "both")},
         "targets": targets,
         "out": str(out),
     }
+
+
+# The score columns of a ranked prescreen table whose band AUCs are printed, and their names.
+AUC_COLUMNS = {"score": "ranked score", "z_text": "text-only part", "score_own_images": "own_images part"}
+
+
+def band_aucs(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """ROC AUC of each score column (:data:`AUC_COLUMNS`, those the table has) for telling the
+    prompts of each ``dup_count`` above 1 from the singletons (``dup_count`` 1): ``{column:
+    {str(dup_count): auc}}``, taken over the prompts with a finite score (NaN where a side is empty)."""
+    dup = scores.dup_count.to_numpy(dtype=float, na_value=math.nan)
+    out = {}
+    for column in AUC_COLUMNS:
+        if column not in scores.columns:
+            continue
+        values = scores[column].to_numpy(dtype=float)
+        finite = np.isfinite(values) & np.isfinite(dup)
+        out[column] = {}
+        for count in sorted({int(d) for d in dup[finite] if d > 1}):
+            band, single = finite & (dup == count), finite & (dup <= 1)
+            both = band | single
+            out[column][str(count)] = roc_auc(values[both], band[both]) if band.any() and single.any() else float("nan")
+    return out
 
 
 def worst_of(runs: list[dict]) -> dict:
