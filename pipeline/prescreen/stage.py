@@ -6,7 +6,10 @@ prediction, ``|| f(x_T, c) - f(x_T, "") ||``, already at the first sampling step
 (``prescreen.score=wen``, the default). Asthana & Belagiannis (ICLR 2026) add the alignment of
 that guidance direction with the unconditional prediction at a low-noise timestep, on the same
 pure-noise input (``prescreen.score=anisotropy``); :mod:`pipeline.prescreen.scores` has both
-formulas. Every model family is scored (SD 1.x/2.x, SDXL, SD3, FLUX dev/schnell, PixArt-Sigma):
+formulas. ``prescreen.score=own_images`` (with ``data=``, the training set) also scores each
+caption against its own training images, its duplicate group's ``keys``: how much the caption
+lowers the denoising error on them against the empty caption (:mod:`pipeline.prescreen.own_images`),
+and ranks by the larger robust z of that and of a caption-only score. Every model family is scored (SD 1.x/2.x, SDXL, SD3, FLUX dev/schnell, PixArt-Sigma):
 :mod:`pipeline.prescreen.denoisers` prepares each one's first step as its pipeline does.
 
 Cost, in denoiser evaluations (one image each): Wen's score is one conditional evaluation per
