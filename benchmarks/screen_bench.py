@@ -435,6 +435,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="an empty or new folder for both runs' outputs (default: a temporary one)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument(
+        "--prescreen-only",
+        action="store_true",
+        help="only the prescreen, per seed: prompts kept, evaluations, ROC AUCs by dup_count, each duplicated prompt's z (no sampling)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a tiny random model and demo set: a check that runs in seconds")
     parser.add_argument(
         "--delta",
@@ -511,6 +516,8 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
     scores = prescreen(pipe, prompts, ps, progress=args.progress, images=training)
     prescreen_s = time.perf_counter() - started
     kept = set(scores.loc[scores.kept, "prompt_id"])
+    if args.prescreen_only:
+        return prescreen_figures(scores, ps, seed, prescreen_s)
 
     # (a) brute force, on every prompt, or on every duplicated prompt and a random share of the
     # singletons, or (a partial check) on the kept prompts only
@@ -759,6 +766,43 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
     }
 
 
+def prescreen_figures(scores: pd.DataFrame, ps: PrescreenSettings, seed: int, seconds: float) -> dict:
+    """``--prescreen-only``: print and return one seed's prescreen figures (no sampling): the
+    prompts kept, the evaluations (and their share of brute force's), the ROC AUCs by dup_count
+    (:func:`band_aucs`) and each duplicated prompt's z values, kept or not."""
+    evaluations = table_evaluations(scores, ps)
+    kept = sorted(scores.loc[scores.kept, "prompt_id"])
+    z_columns = [c for c in ("z_text", "z_own_images") if c in scores.columns] or ["robust_z"]
+    duplicated = scores[scores.dup_count.fillna(0) > 1].sort_values("prompt_id")
+    singles = scores[scores.dup_count.fillna(0) <= 1]
+    print(
+        f"prescreen seed {seed}: {len(scores)} prompts, {len(kept)} kept ({int(singles.kept.sum())} of {len(singles)} "
+        f"singletons), {evaluations:,} evaluations in {seconds:.1f} s"
+    )
+    by_band = band_aucs(scores)
+    for column, aucs_of in by_band.items():
+        print(
+            f"  ROC AUC of the {AUC_COLUMNS[column]} vs singletons: "
+            + ", ".join(f"{c} copies {fmt(v)}" for c, v in aucs_of.items())
+        )
+    print(
+        f"  duplicated prompts ({'/'.join(z_columns)}; * not kept): "
+        + ", ".join(
+            f"{r.prompt_id[-2:]}({r.dup_count}) "
+            + "/".join(fmt(float(getattr(r, c)), 1) for c in z_columns)
+            + ("" if r.kept else "*")
+            for r in duplicated.itertuples()
+        )
+    )
+    return {
+        "seed": seed,
+        "prompts": len(scores),
+        "kept": kept,
+        "prescreen_evaluations": evaluations,
+        "roc_auc_by_dup_count": by_band,
+    }
+
+
 # The score columns of a ranked prescreen table whose band AUCs are printed, and their names.
 AUC_COLUMNS = {"score": "ranked score", "z_text": "text-only part", "score_own_images": "own_images part"}
 
@@ -848,6 +892,10 @@ def main(argv=None) -> dict:
     for seed in seeds:
         folder = out if len(seeds) == 1 else out / f"seed_{seed}"
         runs.append(one_seed(pipe, first if seed == seeds[0] else prompts_for(seed), folder, args, runtime, device, data, seed))
+    if args.prescreen_only:
+        result = {"runs": runs}
+        print("RESULT " + json.dumps(_plain(result)))
+        return result
     worst = worst_of(runs)
     if len(runs) > 1:
         print(
