@@ -353,7 +353,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--image-levels",
         type=lambda v: [float(x) for x in v.split(",")],
-        default=[0.04],
+        default=[0.04, 0.125],
         help="own_images: noise levels of the training images, fractions of the schedule (prescreen.image_levels)",
     )
     parser.add_argument(
@@ -804,7 +804,7 @@ def prescreen_figures(scores: pd.DataFrame, ps: PrescreenSettings, seed: int, se
 
 
 # The score columns of a ranked prescreen table whose band AUCs are printed, and their names.
-AUC_COLUMNS = {"score": "ranked score", "z_text": "text-only part", "score_own_images": "own_images part"}
+AUC_COLUMNS = {"score": "ranked score", "z_text": "text-only part", "z_own_images": "own_images part"}
 
 
 def band_aucs(scores: pd.DataFrame) -> dict[str, dict[str, float]]:

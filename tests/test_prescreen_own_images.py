@@ -157,7 +157,7 @@ def test_keep_rule_keeps_what_the_text_score_keeps_and_own_image_outliers():
     own[11] = np.nan  # no image
     wen[11] = 30
     columns = {"score_wen": wen, "score_own_images": own, "own_images": np.where(np.isnan(own), 0, 1)}
-    table = score_table(prompts, columns)
+    table = score_table(prompts, columns, image_levels=own[:, None])
     text_only = rank_scores(score_table(prompts, {"score": wen, "score_wen": wen}), PrescreenSettings(min_robust_z=3.0))
     both = rank_scores(table, PrescreenSettings(score="own_images", text_score="wen", min_robust_z=3.0))
     assert set(text_only.prompt_id[text_only.kept]) == {"p3", "p11"}

@@ -9,14 +9,15 @@ that loss-based membership inference on diffusion models reads (Carlini et al., 
 memorized together with that image predicts its noise far better than the empty caption does;
 an ordinary pair gains little. The score of a prompt is::
 
-    own_images = log( sum E_u / sum E_c )
+    own_images(level) = log( sum E_u / sum E_c )
 
-the sums over up to ``prescreen.images`` of its group's images (the first ones of its ``keys``
-that the training set holds), the noise levels ``prescreen.image_levels`` (fractions of the
-sampling schedule, 0 its first, noisiest timestep) and ``prescreen.image_draws`` noise draws
-each. Range: any real number; 0 when the caption predicts no better than the empty caption,
-higher when it predicts better. The ranking standardises it over the prompts that have one
-(robust z, :func:`pipeline.prescreen.keep.robust_z`).
+at each noise level of ``prescreen.image_levels`` (fractions of the sampling schedule, 0 its
+first, noisiest timestep), the sums over up to ``prescreen.images`` of its group's images (the
+first ones of its ``keys`` that the training set holds) and ``prescreen.image_draws`` noise
+draws each. Range: any real number; 0 when the caption predicts no better than the empty
+caption, higher when it predicts better. The ranking standardises each level's scores over the
+prompts that have one (robust z, :func:`pipeline.prescreen.keep.robust_z`) and keeps the
+largest over levels, as ``wen_levels`` does with its levels.
 
 What the denoiser sees is each family's training objective (:meth:`pipeline.families.denoiser.Denoiser.noised`:
 noise, velocity or sample prediction on a DDPM schedule; the velocity of rectified flow), on the
@@ -87,12 +88,12 @@ def own_image_errors(
     slots: int,
     batch_size: int,
 ) -> np.ndarray:
-    """The summed squared errors of each prompt's predictions on its images.
+    """The summed squared errors of each prompt's predictions on its images, per noise level.
 
     ``conditions[i]``: prompt ``i``'s conditioning (batch 1); ``images[i]``: its training images
-    (at most ``slots``; none: zeros). Returns float64 (prompts, 2): the sum over its images,
-    ``levels`` and ``draws`` of the mean squared error of the caption's prediction (column 0) and
-    of the empty caption's (column 1) against the training target.
+    (at most ``slots``; none: zeros). Returns float64 (prompts, len(levels), 2): at each level,
+    the sum over its images and ``draws`` of the mean squared error of the caption's prediction
+    ([..., 0]) and of the empty caption's ([..., 1]) against the training target.
     """
     if any(len(group) > slots for group in images):
         raise ValueError(f"prescreen.images: a prompt has more than {slots} images")
@@ -101,8 +102,8 @@ def own_image_errors(
     noises = {
         (d, j): denoiser.draw([base_seed + d * slots + j])[0] for d in range(int(draws)) for j in range(slots)
     }  # float32 (C, h, w) on the CPU
-    errors = np.zeros((len(images), 2))
-    rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (prompt, input, target, t)
+    errors = np.zeros((len(images), len(steps), 2))
+    rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []  # (prompt, input, target, t, level)
 
     def flush():
         if not rows:
@@ -119,7 +120,7 @@ def own_image_errors(
                 part = {name: v[index] for name, v in conditioning.items()}
                 predicted = denoiser.predict(x[index], rows[at[0]][3], part)
                 mse = (predicted - target[index]).pow(2).flatten(1).mean(dim=1).double().cpu().numpy()
-                np.add.at(errors[:, column], [rows[k][0] for k in at], mse)
+                np.add.at(errors[:, :, column], ([rows[k][0] for k in at], [rows[k][4] for k in at]), mse)
         rows.clear()
 
     for i, group in enumerate(images):
@@ -127,10 +128,10 @@ def own_image_errors(
             continue
         latents = denoiser.encode_images(pixels_of(group, denoiser.height, denoiser.width)).cpu()
         for j, clean in enumerate(latents):
-            for t in steps:
+            for level, t in enumerate(steps):
                 for d in range(int(draws)):
                     x, target = denoiser.noised(clean[None], noises[(d, j)][None], t)
-                    rows.append((i, x, target, t))
+                    rows.append((i, x, target, t, level))
                     if len(rows) >= batch_size:
                         flush()
     flush()
@@ -138,10 +139,10 @@ def own_image_errors(
 
 
 def own_image_score(errors: np.ndarray) -> np.ndarray:
-    """(prompts,) ``log(E_u / E_c)`` from :func:`own_image_errors`' (prompts, 2) sums; NaN for a
-    prompt with no image (both sums 0)."""
+    """``log(E_u / E_c)`` from sums of errors (..., 2) (:func:`own_image_errors`' (prompts, levels,
+    2)), shape (...); NaN where there was no image (both sums 0)."""
     errors = np.asarray(errors, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        score = np.log(errors[:, 1]) - np.log(errors[:, 0])
-    score[(errors[:, 0] == 0) & (errors[:, 1] == 0)] = np.nan
+        score = np.log(errors[..., 1]) - np.log(errors[..., 0])
+    score[(errors[..., 0] == 0) & (errors[..., 1] == 0)] = np.nan
     return score

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.prescreen.keep import choose_kept, robust_z
 from pipeline.prescreen.scores import strongest_outlier
-from pipeline.prescreen.scoring import LEVEL_COLUMN, score_prompts
+from pipeline.prescreen.scoring import IMAGE_LEVEL_COLUMN, LEVEL_COLUMN, score_prompts
 from pipeline.prescreen.settings import PrescreenSettings
 from pipeline.prompts import Prompt
 
@@ -32,13 +32,15 @@ def text_z(table: pd.DataFrame, settings: PrescreenSettings) -> np.ndarray:
     return robust_z(table["score" if settings.score != "own_images" else f"score_{score}"].to_numpy(dtype=np.float64))
 
 
-def own_images_z(scores: np.ndarray) -> np.ndarray:
-    """(rows,) :func:`robust_z` of the own_images scores over the prompts that have one (not
-    NaN); NaN for the others."""
-    scores = np.asarray(scores, dtype=np.float64)
-    out = np.full(len(scores), np.nan)
-    present = ~np.isnan(scores)
-    out[present] = robust_z(scores[present])
+def own_images_z(levels: np.ndarray) -> np.ndarray:
+    """(rows,) the own_images score's robust z: the largest over its levels (columns of ``levels``,
+    (rows, levels) log ratios) of :func:`robust_z` taken over the prompts that have images (rows
+    with no NaN); NaN for the others."""
+    levels = np.asarray(levels, dtype=np.float64).reshape(len(levels), -1)
+    out = np.full(len(levels), np.nan)
+    present = ~np.isnan(levels).any(axis=1)
+    if present.any():
+        out[present] = strongest_outlier(levels[present], robust_z)
     return out
 
 
@@ -56,7 +58,8 @@ def rank_scores(table: pd.DataFrame, settings: PrescreenSettings) -> pd.DataFram
         table["score"] = text_z(table, settings)
     elif settings.score == "own_images":
         table["z_text"] = text_z(table, settings)
-        table["z_own_images"] = own_images_z(table["score_own_images"].to_numpy(dtype=np.float64))
+        levels = [list(row) if row is not None else [np.nan] for row in table[IMAGE_LEVEL_COLUMN]]
+        table["z_own_images"] = own_images_z(np.array(levels, dtype=np.float64)) if len(table) else np.zeros(0)
         table["score"] = np.fmax(table["z_text"].to_numpy(), table["z_own_images"].to_numpy())
     # wen_levels' and own_images' scores are already robust z values; standardising again would
     # measure them against the bulk's maxima, not against each score's bulk.

@@ -37,10 +37,13 @@ from pipeline.prompts import Prompt
 
 # The per-prompt numbers of a score table, after prompt_id, caption and dup_count, and the
 # per-level norms of score=wen_levels (a list per prompt; null under the other scores).
-# score_own_images and own_images: the own_images score (log ratio) and the number of the
-# prompt's training images it was taken on (NaN and 0 under the other scores).
+# score_own_images and own_images: the own_images score (log ratio, mean over its levels) and the
+# number of the prompt's training images it was taken on (NaN and 0 under the other scores);
+# IMAGE_LEVEL_COLUMN: its log ratio at each of image_levels (a list per prompt; null under the
+# other scores, NaN entries for a prompt with no image).
 SCORE_COLUMNS = ("score", "score_std", "score_wen", "score_anisotropy", "alignment", "score_own_images", "own_images")
 LEVEL_COLUMN = "level_norms"
+IMAGE_LEVEL_COLUMN = "own_image_levels"
 
 
 def latent_shape(pipe, height: int | None, width: int | None) -> tuple[int, int, int]:
@@ -191,24 +194,29 @@ def score_prompts(
         columns.update(score=chosen.mean(axis=1), score_std=chosen.std(axis=1))
     if "anisotropy" in per_seed:
         columns.update(score_anisotropy=per_seed["anisotropy"].mean(axis=1), alignment=per_seed["alignment"].mean(axis=1))
+    image_levels = None
     if settings.score == "own_images":
         groups = [[images[k] for k in chosen_keys(p.keys, images or {}, settings.images)] for p in prompts]
-        columns.update(own_image_columns(pipe, prompts, groups, settings, progress))
+        image_levels = own_image_levels(pipe, prompts, groups, settings, progress)
+        with np.errstate(all="ignore"):  # a prompt with no image: NaN at every level
+            columns["score_own_images"] = image_levels.mean(axis=1)
+        columns["own_images"] = np.array([len(g) for g in groups], dtype=np.float64)
     levels = per_seed["levels"].mean(axis=1) if "levels" in per_seed else None
-    return score_table(prompts, columns, levels)
+    return score_table(prompts, columns, levels, image_levels)
 
 
-def own_image_columns(
+def own_image_levels(
     pipe, prompts: list[Prompt], groups: list[list[Image.Image]], settings: PrescreenSettings, progress: bool = True
-) -> dict[str, np.ndarray]:
-    """score_own_images and own_images of ``prompts`` scored on ``groups`` (each prompt's training
-    images, at most ``settings.images``; :mod:`pipeline.prescreen.own_images`)."""
+) -> np.ndarray:
+    """float64 (prompts, len(image_levels)): the own_images log ratio of each prompt scored on
+    ``groups`` (its training images, at most ``settings.images``; NaN for none) at each level
+    (:mod:`pipeline.prescreen.own_images`)."""
     denoiser = denoiser_for(pipe, settings.height, settings.width, settings.steps, settings.guidance_scale)
     with_images = [i for i, group in enumerate(groups) if group]
     conditions = {}
     for i in tqdm(with_images, desc="prescreen: captions", unit="prompt", disable=not progress):
         conditions[i] = denoiser.condition(prompts[i].caption)
-    errors = np.zeros((len(prompts), 2))
+    errors = np.zeros((len(prompts), len(settings.image_levels), 2))
     if with_images:
         errors[with_images] = own_image_errors(
             denoiser,
@@ -220,15 +228,19 @@ def own_image_columns(
             settings.images,
             settings.batch_size,
         )
-    return {"score_own_images": own_image_score(errors), "own_images": np.array([len(g) for g in groups], dtype=np.float64)}
+    return own_image_score(errors)
 
 
 def score_table(
-    prompts: list[Prompt], columns: dict[str, np.ndarray] | None = None, levels: np.ndarray | None = None
+    prompts: list[Prompt],
+    columns: dict[str, np.ndarray] | None = None,
+    levels: np.ndarray | None = None,
+    image_levels: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """:func:`score_prompts`' table for ``prompts``: the :data:`SCORE_COLUMNS` from ``columns``
-    (one float per prompt each; NaN for a column not given) and :data:`LEVEL_COLUMN` from
-    ``levels`` (prompts, levels), or null."""
+    (one float per prompt each; NaN for a column not given), :data:`LEVEL_COLUMN` from ``levels``
+    (prompts, levels) and :data:`IMAGE_LEVEL_COLUMN` from ``image_levels`` (prompts, image
+    levels), or null."""
     columns = columns or {}
     table = pd.DataFrame(
         {
@@ -239,6 +251,9 @@ def score_table(
     )
     for name in SCORE_COLUMNS:
         table[name] = np.asarray(columns[name], dtype=np.float64) if name in columns else np.full(len(prompts), np.nan)
-    rows = [None] * len(prompts) if levels is None else [[float(v) for v in row] for row in np.asarray(levels, dtype=np.float64)]
-    table[LEVEL_COLUMN] = pd.Series(rows, index=table.index, dtype=object)
+    for name, values in ((LEVEL_COLUMN, levels), (IMAGE_LEVEL_COLUMN, image_levels)):
+        rows = (
+            [None] * len(prompts) if values is None else [[float(v) for v in row] for row in np.asarray(values, dtype=np.float64)]
+        )
+        table[name] = pd.Series(rows, index=table.index, dtype=object)
     return table

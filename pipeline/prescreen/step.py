@@ -22,7 +22,14 @@ from pipeline.prescreen.evaluation import score_aucs
 from pipeline.prescreen.own_images import chosen_keys, keys_to_fetch
 from pipeline.prescreen.ranking import rank_scores
 from pipeline.prescreen.scores import SCORES
-from pipeline.prescreen.scoring import LEVEL_COLUMN, SCORE_COLUMNS, score_prompts, score_table, table_evaluations
+from pipeline.prescreen.scoring import (
+    IMAGE_LEVEL_COLUMN,
+    LEVEL_COLUMN,
+    SCORE_COLUMNS,
+    score_prompts,
+    score_table,
+    table_evaluations,
+)
 from pipeline.prescreen.settings import PrescreenSettings, score_settings
 from pipeline.prompts import Prompt, shard_prompts
 from pipeline.text import display_text
@@ -207,7 +214,7 @@ class ScorePrompts:
 def merged_scores(out_dir: Path, prompts: list[Prompt], world_size: int) -> pd.DataFrame:
     """Every rank's raw scores as one table in the prompt list's order (as one process scores
     them), checked to hold each prompt exactly once."""
-    columns = ["prompt_id", *SCORE_COLUMNS, LEVEL_COLUMN]
+    columns = ["prompt_id", *SCORE_COLUMNS, LEVEL_COLUMN, IMAGE_LEVEL_COLUMN]
     # A column a scorer did not write (own_images' beside another score's table) is NaN.
     frames = [pd.read_parquet(scores_path(out_dir, rank)).reindex(columns=columns) for rank in range(world_size)]
     scores = pd.concat(frames, ignore_index=True)
@@ -219,11 +226,12 @@ def merged_scores(out_dir: Path, prompts: list[Prompt], world_size: int) -> pd.D
             f"({len(scores)} rows): another run may be writing there; rerun to rescore"
         )
     by_id = scores.set_index("prompt_id")
-    levels = by_id.loc[ids, LEVEL_COLUMN].tolist()
-    level_norms = None
-    if not any(v is None for v in levels):
-        level_norms = np.array([list(v) for v in levels], dtype=np.float64).reshape(len(ids), -1)
-    return score_table(prompts, {name: by_id.loc[ids, name].to_numpy() for name in SCORE_COLUMNS}, level_norms)
+    lists = []
+    for name in (LEVEL_COLUMN, IMAGE_LEVEL_COLUMN):
+        values = by_id.loc[ids, name].tolist()
+        present = not any(v is None or (isinstance(v, float) and np.isnan(v)) for v in values)
+        lists.append(np.array([list(v) for v in values], dtype=np.float64).reshape(len(ids), -1) if present else None)
+    return score_table(prompts, {name: by_id.loc[ids, name].to_numpy() for name in SCORE_COLUMNS}, *lists)
 
 
 def write_outputs(table: pd.DataFrame, summary: dict, prompts: list[Prompt], layout: RunLayout) -> None:
