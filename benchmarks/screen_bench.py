@@ -690,11 +690,11 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
             f"prescreen ROC AUC of the {AUC_COLUMNS[column]} vs singletons, by dup_count: "
             + ", ".join(f"{count} copies {fmt(value)}" for count, value in aucs_of.items())
         )
-    z_columns = [c for c in ("z_text", "z_own_images") if c in scores.columns]
+    z_columns = [c for c in ("z_text", "z_own_images", "z_both") if c in scores.columns]
     found_rows = scores[scores.prompt_id.isin(brute["found"])].sort_values("prompt_id")
     print(
         "(a)'s found prompts in the prescreen (z: "
-        + ("text / own images" if len(z_columns) == 2 else "score")
+        + ("/".join(z_columns) if z_columns else "score")
         + "; * not kept): "
         + ", ".join(
             f"{r.prompt_id} ({r.dup_count}) "
@@ -772,7 +772,7 @@ def prescreen_figures(scores: pd.DataFrame, ps: PrescreenSettings, seed: int, se
     (:func:`band_aucs`) and each duplicated prompt's z values, kept or not."""
     evaluations = table_evaluations(scores, ps)
     kept = sorted(scores.loc[scores.kept, "prompt_id"])
-    z_columns = [c for c in ("z_text", "z_own_images") if c in scores.columns] or ["robust_z"]
+    z_columns = [c for c in ("z_text", "z_own_images", "z_both") if c in scores.columns] or ["robust_z"]
     duplicated = scores[scores.dup_count.fillna(0) > 1].sort_values("prompt_id")
     singles = scores[scores.dup_count.fillna(0) <= 1]
     print(

@@ -143,27 +143,28 @@ def test_every_evaluation_is_counted(tiny):
 
 
 def test_keep_rule_keeps_what_the_text_score_keeps_and_own_image_outliers():
-    """Under own_images a prompt is kept when its text z or its own-image z reaches the cut: the
-    text score's kept set is kept whatever the own-image scores; a prompt with no image is
-    ranked by its text z."""
-    rng = np.random.default_rng(0)
-    n = 40
+    """Under own_images a prompt is kept when its text z, its own-image z or the robust z of their
+    sum reaches the cut: the text score's kept set is kept whatever the own-image scores; a
+    prompt with no image is ranked by its text z."""
+    n = 41
     prompts = [Prompt(f"p{i}", f"c{i}", 1, None) for i in range(n)]
-    wen = rng.normal(10, 1, n)
-    wen[3] = 30  # a text outlier
-    own = rng.normal(0.1, 0.01, n)
-    own[7] = 0.5  # an own-image outlier
-    own[3] = 0.1
-    own[11] = np.nan  # no image
-    wen[11] = 30
+    # Two independent orderings of the same spread: no bulk prompt is high on both.
+    spread = np.linspace(-1.0, 1.0, n - 4)
+    wen = np.concatenate([10 + spread, [30.0, 10.0, 30.0, 10.0]])
+    own = np.concatenate([0.1 + 0.1 * spread[::-1], [0.1, 0.5, np.nan, 0.1]])
+    mad_wen, mad_own = 1.4826 * np.median(np.abs(spread)), 0.14826 * np.median(np.abs(spread))
+    wen[-1] = 10 + 2.4 * mad_wen  # p40: robust z about 2.4 on both, under the cut of 3 on each
+    own[-1] = 0.1 + 2.4 * mad_own
     columns = {"score_wen": wen, "score_own_images": own, "own_images": np.where(np.isnan(own), 0, 1)}
     table = score_table(prompts, columns, image_levels=own[:, None])
     text_only = rank_scores(score_table(prompts, {"score": wen, "score_wen": wen}), PrescreenSettings(min_robust_z=3.0))
     both = rank_scores(table, PrescreenSettings(score="own_images", text_score="wen", min_robust_z=3.0))
-    assert set(text_only.prompt_id[text_only.kept]) == {"p3", "p11"}
-    assert set(both.prompt_id[both.kept]) == {"p3", "p7", "p11"}
-    row = both.set_index("prompt_id").loc["p11"]
-    assert np.isnan(row.z_own_images) and row.score == row.z_text
+    assert set(text_only.prompt_id[text_only.kept]) == {"p37", "p39"}
+    assert set(both.prompt_id[both.kept]) == {"p37", "p38", "p39", "p40"}
+    row = both.set_index("prompt_id").loc["p39"]
+    assert np.isnan(row.z_own_images) and np.isnan(row.z_both) and row.score == row.z_text
+    row = both.set_index("prompt_id").loc["p40"]
+    assert max(row.z_text, row.z_own_images) < 3.0 <= row.z_both == row.score
 
 
 # --- the stage -----------------------------------------------------------------------------------

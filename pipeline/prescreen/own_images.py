@@ -22,9 +22,11 @@ largest over levels, as ``wen_levels`` does with its levels.
 What the denoiser sees is each family's training objective (:meth:`pipeline.families.denoiser.Denoiser.noised`:
 noise, velocity or sample prediction on a DDPM schedule; the velocity of rectified flow), on the
 image fitted to the model's resolution (:func:`pipeline.training_images.fit_to`) and encoded by its
-VAE (:meth:`pipeline.families.denoiser.Denoiser.encode_images`). The noise of draw ``d`` for a
-prompt's ``j``-th image is drawn from ``torch.Generator().manual_seed(base_seed + d * images + j)``:
-the same for every prompt, so scores differ through the caption and the images only.
+VAE (:meth:`pipeline.families.denoiser.Denoiser.encode_images`). The noise of draw ``d`` is
+drawn from ``torch.Generator().manual_seed(base_seed + d)``, the same for every image of every
+prompt: how hard a noise draw makes the task shifts every prompt's errors alike, so a prompt
+scored on several images is compared with one scored on one on equal terms, and scores differ
+through the caption and the images only.
 
 Cost, in denoiser evaluations (one image each): 2 (caption and empty caption) per image, level
 and draw, ``2 * images_used * levels * draws`` per prompt (:func:`image_evaluations`); a prompt
@@ -99,9 +101,7 @@ def own_image_errors(
         raise ValueError(f"prescreen.images: a prompt has more than {slots} images")
     steps = [denoiser.timesteps[i] for i in level_indexes(len(denoiser.timesteps), levels)]
     empty = denoiser.unconditional()
-    noises = {
-        (d, j): denoiser.draw([base_seed + d * slots + j])[0] for d in range(int(draws)) for j in range(slots)
-    }  # float32 (C, h, w) on the CPU
+    noises = denoiser.draw([base_seed + d for d in range(int(draws))])  # float32 (draws, C, h, w) on the CPU
     errors = np.zeros((len(images), len(steps), 2))
     rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []  # (prompt, input, target, t, level)
 
@@ -127,10 +127,10 @@ def own_image_errors(
         if not group:
             continue
         latents = denoiser.encode_images(pixels_of(group, denoiser.height, denoiser.width)).cpu()
-        for j, clean in enumerate(latents):
+        for clean in latents:
             for level, t in enumerate(steps):
                 for d in range(int(draws)):
-                    x, target = denoiser.noised(clean[None], noises[(d, j)][None], t)
+                    x, target = denoiser.noised(clean[None], noises[d][None], t)
                     rows.append((i, x, target, t, level))
                     if len(rows) >= batch_size:
                         flush()

@@ -44,15 +44,28 @@ def own_images_z(levels: np.ndarray) -> np.ndarray:
     return out
 
 
+def combined_z(z_text: np.ndarray, z_own: np.ndarray) -> np.ndarray:
+    """(rows,) :func:`robust_z` of ``z_text + z_own`` over the rows that have both (Stouffer's sum:
+    a prompt moderately high on both scores stands out; standardised again since the two are
+    not independent); NaN where ``z_own`` is."""
+    total = np.asarray(z_text, dtype=np.float64) + np.asarray(z_own, dtype=np.float64)
+    out = np.full(len(total), np.nan)
+    present = ~np.isnan(total)
+    if present.any():
+        out[present] = robust_z(total[present])
+    return out
+
+
 def rank_scores(table: pd.DataFrame, settings: PrescreenSettings) -> pd.DataFrame:
     """``table`` (:func:`score_prompts`' columns, in the prompt list's order) with robust_z
     (:func:`robust_z` of the score over every row; for ``wen_levels``, whose score is already
     the largest of the levels' robust z, the score itself), kept (:func:`choose_kept`) and rank
     (0 = highest), highest score first (ties in the prompt list's order).
 
-    ``own_images``: the score is the larger of the text score's robust z (:func:`text_z`) and the
-    own_images score's (:func:`own_images_z`; the text one alone for a prompt with no image),
-    also written as ``z_text`` and ``z_own_images``; robust_z is the score itself."""
+    ``own_images``: the score is the largest of the text score's robust z (:func:`text_z`), the
+    own_images score's (:func:`own_images_z`) and that of their sum (:func:`combined_z`); the
+    text one alone for a prompt with no image. Written also as ``z_text``, ``z_own_images`` and
+    ``z_both``; robust_z is the score itself."""
     table = table.copy()
     if settings.score == "wen_levels":
         table["score"] = text_z(table, settings)
@@ -60,7 +73,10 @@ def rank_scores(table: pd.DataFrame, settings: PrescreenSettings) -> pd.DataFram
         table["z_text"] = text_z(table, settings)
         levels = [list(row) if row is not None else [np.nan] for row in table[IMAGE_LEVEL_COLUMN]]
         table["z_own_images"] = own_images_z(np.array(levels, dtype=np.float64)) if len(table) else np.zeros(0)
-        table["score"] = np.fmax(table["z_text"].to_numpy(), table["z_own_images"].to_numpy())
+        table["z_both"] = combined_z(table["z_text"].to_numpy(), table["z_own_images"].to_numpy())
+        table["score"] = np.fmax(
+            np.fmax(table["z_text"].to_numpy(), table["z_own_images"].to_numpy()), table["z_both"].to_numpy()
+        )
     # wen_levels' and own_images' scores are already robust z values; standardising again would
     # measure them against the bulk's maxima, not against each score's bulk.
     already_z = settings.score in ("wen_levels", "own_images")
