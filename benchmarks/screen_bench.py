@@ -337,9 +337,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--score",
         choices=SCORES,
-        default="wen_levels",
-        help="the prescreen's score (prescreen.score): wen_levels, Wen's norm at --levels, the strongest outlier "
-        "(on the demo model it keeps the 10- and 40-copy prompts the first step misses), or wen (the first step alone), or anisotropy",
+        default="own_images",
+        help="the prescreen's score (prescreen.score): own_images, each caption against its own training images "
+        "(the prompt's keys; --images, --image-levels, --image-draws) beside --text-score, or wen_levels, Wen's norm at "
+        "--levels, the strongest outlier (on the demo model it keeps the 10- and 40-copy prompts the first step misses), "
+        "or wen (the first step alone), or anisotropy",
     )
     parser.add_argument(
         "--text-score",
@@ -348,7 +350,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="own_images: the caption-only score beside it (prescreen.text_score)",
     )
     parser.add_argument(
-        "--images", type=int, default=2, help="own_images: training images of each prompt's group scored (prescreen.images)"
+        "--images",
+        type=int,
+        default=8,
+        help="own_images: training images of each prompt's group scored (prescreen.images): 8, with one draw each "
+        "(a duplicated prompt's score averages over its images; a singleton's single image costs 4 evaluations)",
     )
     parser.add_argument(
         "--image-levels",
@@ -357,7 +363,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="own_images: noise levels of the training images, fractions of the schedule (prescreen.image_levels)",
     )
     parser.add_argument(
-        "--image-draws", type=int, default=2, help="own_images: noise draws per image and level (prescreen.image_draws)"
+        "--image-draws", type=int, default=1, help="own_images: noise draws per image and level (prescreen.image_draws)"
     )
     parser.add_argument(
         "--levels",

@@ -17,7 +17,9 @@ first ones of its ``keys`` that the training set holds) and ``prescreen.image_dr
 draws each. Range: any real number; 0 when the caption predicts no better than the empty
 caption, higher when it predicts better. The ranking standardises each level's scores over the
 prompts that have one (robust z, :func:`pipeline.prescreen.keep.robust_z`) and keeps the
-largest over levels, as ``wen_levels`` does with its levels.
+largest over levels, as ``wen_levels`` does with its levels; a prompt's keep score is the
+largest of that, the caption-only score's robust z and the robust z of their sum
+(:func:`pipeline.prescreen.ranking.rank_scores`).
 
 What the denoiser sees is each family's training objective (:meth:`pipeline.families.denoiser.Denoiser.noised`:
 noise, velocity or sample prediction on a DDPM schedule; the velocity of rectified flow), on the
