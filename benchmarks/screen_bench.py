@@ -743,6 +743,7 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
             "seconds": screened_s,
             "samples": screened_budget["samples"],
             "prescreen_evaluations": screened_budget["prescreen_evaluations"],
+            "prescreen_images": int(scores.own_images.fillna(0).sum()),
             "kept": sorted(kept),
             "stopped_early": screened_budget["prompts_stopped_early"],
             "stopped_flagged": screened_budget["prompts_stopped_flagged"],
