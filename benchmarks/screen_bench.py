@@ -270,6 +270,57 @@ def store_samples(cache: Path, generations: Path, made: int, seconds: float) -> 
     return per_sample, total - int(made)
 
 
+def adaptive_rule(args, data: dict | None) -> AdaptiveSettings:
+    """The screened run's adaptive sampling; the stops comparing samples with training images only
+    where the demo set gives them."""
+    extracting = args.stop_when_extracted and data is not None
+    return AdaptiveSettings(
+        enabled=True,
+        first_round=args.first_round,
+        growth=args.growth,
+        min_close_pairs=args.min_close_pairs,
+        stop_when_flagged=args.stop_when_flagged,
+        stop_when_out_of_reach=args.stop_when_out_of_reach,
+        stop_when_extracted=extracting,
+        stop_when_unlikely=args.stop_when_unlikely,
+        near_training=args.near_training if extracting else None,
+        rule=near_copy_rule(args),
+    )
+
+
+def screened_figures(pipe, prompts, scores, ps, out: Path, args, runtime, data, seed: int, prescreen_s: float) -> dict:
+    """``--screened-only``: run (b) alone (no brute force): print and return its evaluations and
+    their share of brute force's (exact: prompts x samples x steps x 2), the prompts it found
+    (each also found by brute force, whose samples (b)'s are the first of), and the time. Recall
+    is not measured."""
+    n = len(prompts)
+    kept = set(scores.loc[scores.kept, "prompt_id"])
+    screened = audit(
+        pipe, [p for p in prompts if p.prompt_id in kept], out / "screened", args, runtime, adaptive_rule(args, data), data, seed
+    )
+    budget = generation_budget(screened["table"], {"prompts": n, "unet_evaluations": table_evaluations(scores, ps)})
+    brute_evaluations = brute_force_evaluations(n, args.n_samples, args.steps, args.guidance)
+    fraction = budget["unet_evaluations"] / brute_evaluations
+    seconds = prescreen_s + screened["generate_s"] + screened["detect_s"]
+    print(
+        f"screened seed {seed}: {n} prompts, {len(kept)} kept, {budget['samples']} samples; {budget['unet_evaluations']:,} UNet "
+        f"evaluations (prescreen {budget['prescreen_evaluations']:,}) of brute force's {brute_evaluations:,} = {fmt(fraction, 4)}; "
+        f"found {len(screened['found'])}: {', '.join(sorted(screened['found']))}; {seconds:.0f} s (recall not measured)"
+    )
+    return {
+        "seed": seed,
+        "prompts": n,
+        "kept": sorted(kept),
+        "samples": budget["samples"],
+        "unet_evaluations": budget["unet_evaluations"],
+        "prescreen_evaluations": budget["prescreen_evaluations"],
+        "brute_force_evaluations": brute_evaluations,
+        "evaluation_fraction": fraction,
+        "found": sorted(screened["found"]),
+        "seconds": seconds,
+    }
+
+
 def near_copy_rule(args) -> NearCopyRule:
     """The one near-copy rule of both runs: the detector's, and adaptive sampling's (tiled L2)."""
     return NearCopyRule(threshold=args.threshold, min_clique=args.min_clique)
@@ -446,6 +497,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="only the prescreen, per seed: prompts kept, evaluations, ROC AUCs by dup_count, each duplicated prompt's z (no sampling)",
     )
+    parser.add_argument(
+        "--screened-only",
+        action="store_true",
+        help="the prescreen and (b) alone, per seed: its exact evaluation fraction and the prompts it found (no brute "
+        "force, so no recall)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a tiny random model and demo set: a check that runs in seconds")
     parser.add_argument(
         "--delta",
@@ -524,6 +581,9 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
     kept = set(scores.loc[scores.kept, "prompt_id"])
     if args.prescreen_only:
         return prescreen_figures(scores, ps, seed, prescreen_s)
+    if args.screened_only:
+        prescreen_figures(scores, ps, seed, prescreen_s)
+        return screened_figures(pipe, prompts, scores, ps, out, args, runtime, data, seed, prescreen_s)
 
     # (a) brute force, on every prompt, or on every duplicated prompt and a random share of the
     # singletons, or (a partial check) on the kept prompts only
@@ -537,20 +597,7 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
     brute_s = brute_measured_s * n / len(sampled)
 
     # (b) adaptive sampling of the kept prompts
-    # Both compare samples with training images: only where the demo set gives them.
-    extracting = args.stop_when_extracted and data is not None
-    rule = AdaptiveSettings(
-        enabled=True,
-        first_round=args.first_round,
-        growth=args.growth,
-        min_close_pairs=args.min_close_pairs,
-        stop_when_flagged=args.stop_when_flagged,
-        stop_when_out_of_reach=args.stop_when_out_of_reach,
-        stop_when_extracted=extracting,
-        stop_when_unlikely=args.stop_when_unlikely,
-        near_training=args.near_training if extracting else None,
-        rule=near_copy_rule(args),
-    )
+    rule = adaptive_rule(args, data)
     screened = audit(
         pipe, [p for p in prompts if p.prompt_id in kept], out / "screened", args, runtime, adaptive=rule, data=data, seed=seed
     )
@@ -899,7 +946,7 @@ def main(argv=None) -> dict:
     for seed in seeds:
         folder = out if len(seeds) == 1 else out / f"seed_{seed}"
         runs.append(one_seed(pipe, first if seed == seeds[0] else prompts_for(seed), folder, args, runtime, device, data, seed))
-    if args.prescreen_only:
+    if args.prescreen_only or args.screened_only:
         result = {"runs": runs}
         print("RESULT " + json.dumps(_plain(result)))
         return result
