@@ -73,11 +73,13 @@ from pipeline.generate.sampling import SamplingSettings
 from pipeline.generations import load_prompts, sample_path
 from pipeline.io import write_json
 from pipeline.models import Runtime, load_model, resolve_device
-from pipeline.prescreen import PrescreenSettings, heavy_prompt_aucs, prescreen, unet_evaluations
-from pipeline.prescreen.scores import SCORES
+from pipeline.prescreen import PrescreenSettings, heavy_prompt_aucs, prescreen, roc_auc, unet_evaluations
+from pipeline.prescreen.own_images import keys_to_fetch
+from pipeline.prescreen.scores import SCORES, TEXT_SCORES
+from pipeline.prescreen.scoring import table_evaluations
 from pipeline.prompts import Prompt, read_prompts
 from pipeline.rule import NearCopyRule
-from pipeline.training_images import GroupMatcher
+from pipeline.training_images import GroupMatcher, fetch_training_images
 
 TINY_BANDS = {"heavy": (2, 8), "mid": (2, 3), "single": (6, 1)}
 TINY_DEFAULTS = dict(
@@ -268,6 +270,57 @@ def store_samples(cache: Path, generations: Path, made: int, seconds: float) -> 
     return per_sample, total - int(made)
 
 
+def adaptive_rule(args, data: dict | None) -> AdaptiveSettings:
+    """The screened run's adaptive sampling; the stops comparing samples with training images only
+    where the demo set gives them."""
+    extracting = args.stop_when_extracted and data is not None
+    return AdaptiveSettings(
+        enabled=True,
+        first_round=args.first_round,
+        growth=args.growth,
+        min_close_pairs=args.min_close_pairs,
+        stop_when_flagged=args.stop_when_flagged,
+        stop_when_out_of_reach=args.stop_when_out_of_reach,
+        stop_when_extracted=extracting,
+        stop_when_unlikely=args.stop_when_unlikely,
+        near_training=args.near_training if extracting else None,
+        rule=near_copy_rule(args),
+    )
+
+
+def screened_figures(pipe, prompts, scores, ps, out: Path, args, runtime, data, seed: int, prescreen_s: float) -> dict:
+    """``--screened-only``: run (b) alone (no brute force): print and return its evaluations and
+    their share of brute force's (exact: prompts x samples x steps x 2), the prompts it found
+    (each also found by brute force, whose samples (b)'s are the first of), and the time. Recall
+    is not measured."""
+    n = len(prompts)
+    kept = set(scores.loc[scores.kept, "prompt_id"])
+    screened = audit(
+        pipe, [p for p in prompts if p.prompt_id in kept], out / "screened", args, runtime, adaptive_rule(args, data), data, seed
+    )
+    budget = generation_budget(screened["table"], {"prompts": n, "unet_evaluations": table_evaluations(scores, ps)})
+    brute_evaluations = brute_force_evaluations(n, args.n_samples, args.steps, args.guidance)
+    fraction = budget["unet_evaluations"] / brute_evaluations
+    seconds = prescreen_s + screened["generate_s"] + screened["detect_s"]
+    print(
+        f"screened seed {seed}: {n} prompts, {len(kept)} kept, {budget['samples']} samples; {budget['unet_evaluations']:,} UNet "
+        f"evaluations (prescreen {budget['prescreen_evaluations']:,}) of brute force's {brute_evaluations:,} = {fmt(fraction, 4)}; "
+        f"found {len(screened['found'])}: {', '.join(sorted(screened['found']))}; {seconds:.0f} s (recall not measured)"
+    )
+    return {
+        "seed": seed,
+        "prompts": n,
+        "kept": sorted(kept),
+        "samples": budget["samples"],
+        "unet_evaluations": budget["unet_evaluations"],
+        "prescreen_evaluations": budget["prescreen_evaluations"],
+        "brute_force_evaluations": brute_evaluations,
+        "evaluation_fraction": fraction,
+        "found": sorted(screened["found"]),
+        "seconds": seconds,
+    }
+
+
 def near_copy_rule(args) -> NearCopyRule:
     """The one near-copy rule of both runs: the detector's, and adaptive sampling's (tiled L2)."""
     return NearCopyRule(threshold=args.threshold, min_clique=args.min_clique)
@@ -336,8 +389,32 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--score",
         choices=SCORES,
         default="wen_levels",
-        help="the prescreen's score (prescreen.score): wen_levels, Wen's norm at --levels, the strongest outlier "
-        "(on the demo model it keeps the 10- and 40-copy prompts the first step misses), or wen (the first step alone), or anisotropy",
+        help="the prescreen's score (prescreen.score): wen_levels, Wen's norm at --levels, the strongest outlier (on "
+        "the demo model it keeps the 10- and 40-copy prompts the first step misses), or own_images, each caption against "
+        "its own training images (the prompt's keys; --images, --image-levels, --image-draws) beside --text-score (more "
+        "evaluations at 120 prompts: 6.5%% of brute force's against 4.8-5.2%%), or wen (the first step alone), or anisotropy",
+    )
+    parser.add_argument(
+        "--text-score",
+        choices=TEXT_SCORES,
+        default="wen_levels",
+        help="own_images: the caption-only score beside it (prescreen.text_score)",
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=8,
+        help="own_images: training images of each prompt's group scored (prescreen.images): 8, with one draw each "
+        "(a duplicated prompt's score averages over its images; a singleton's single image costs 4 evaluations)",
+    )
+    parser.add_argument(
+        "--image-levels",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[0.04, 0.125],
+        help="own_images: noise levels of the training images, fractions of the schedule (prescreen.image_levels)",
+    )
+    parser.add_argument(
+        "--image-draws", type=int, default=1, help="own_images: noise draws per image and level (prescreen.image_draws)"
     )
     parser.add_argument(
         "--levels",
@@ -415,6 +492,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="an empty or new folder for both runs' outputs (default: a temporary one)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument(
+        "--prescreen-only",
+        action="store_true",
+        help="only the prescreen, per seed: prompts kept, evaluations, ROC AUCs by dup_count, each duplicated prompt's z (no sampling)",
+    )
+    parser.add_argument(
+        "--screened-only",
+        action="store_true",
+        help="the prescreen and (b) alone, per seed: its exact evaluation fraction and the prompts it found (no brute "
+        "force, so no recall)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a tiny random model and demo set: a check that runs in seconds")
     parser.add_argument(
         "--delta",
@@ -476,11 +564,26 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
         width=args.size,
         score=args.score,
         levels=tuple(args.levels),
+        text_score=args.text_score,
+        images=args.images,
+        image_levels=tuple(args.image_levels),
+        image_draws=args.image_draws,
     )
     started = time.perf_counter()
-    scores = prescreen(pipe, prompts, ps, progress=args.progress)
+    training = None
+    if ps.score == "own_images":
+        if data is None:
+            raise SystemExit(f"--score own_images: needs the training images, {args.data}/images")
+        # Fetching each prompt's training images is part of the prescreen's time.
+        training = fetch_training_images(data, keys_to_fetch([p.keys for p in prompts], ps.images))
+    scores = prescreen(pipe, prompts, ps, progress=args.progress, images=training)
     prescreen_s = time.perf_counter() - started
     kept = set(scores.loc[scores.kept, "prompt_id"])
+    if args.prescreen_only:
+        return prescreen_figures(scores, ps, seed, prescreen_s)
+    if args.screened_only:
+        prescreen_figures(scores, ps, seed, prescreen_s)
+        return screened_figures(pipe, prompts, scores, ps, out, args, runtime, data, seed, prescreen_s)
 
     # (a) brute force, on every prompt, or on every duplicated prompt and a random share of the
     # singletons, or (a partial check) on the kept prompts only
@@ -494,27 +597,14 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
     brute_s = brute_measured_s * n / len(sampled)
 
     # (b) adaptive sampling of the kept prompts
-    # Both compare samples with training images: only where the demo set gives them.
-    extracting = args.stop_when_extracted and data is not None
-    rule = AdaptiveSettings(
-        enabled=True,
-        first_round=args.first_round,
-        growth=args.growth,
-        min_close_pairs=args.min_close_pairs,
-        stop_when_flagged=args.stop_when_flagged,
-        stop_when_out_of_reach=args.stop_when_out_of_reach,
-        stop_when_extracted=extracting,
-        stop_when_unlikely=args.stop_when_unlikely,
-        near_training=args.near_training if extracting else None,
-        rule=near_copy_rule(args),
-    )
+    rule = adaptive_rule(args, data)
     screened = audit(
         pipe, [p for p in prompts if p.prompt_id in kept], out / "screened", args, runtime, adaptive=rule, data=data, seed=seed
     )
     screened_s = prescreen_s + screened["generate_s"] + screened["detect_s"]
 
     brute_budget = generation_budget(brute["table"])
-    screened_budget = generation_budget(screened["table"], {"prompts": n, "unet_evaluations": unet_evaluations(n, ps)})
+    screened_budget = generation_budget(screened["table"], {"prompts": n, "unet_evaluations": table_evaluations(scores, ps)})
     assert brute_budget["unet_evaluations"] == brute_force_evaluations(len(sampled), args.n_samples, args.steps, args.guidance)
     # Brute force's cost on every prompt: exact, not estimated (prompts x samples x steps x 2).
     brute_evaluations = brute_force_evaluations(n, args.n_samples, args.steps, args.guidance)
@@ -587,9 +677,16 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
         ([f"top {args.keep_fraction:.0%}"] if args.keep_fraction is not None else [])
         + ([f"robust z >= {args.keep_z:g}"] if args.keep_z is not None else [])
     )
-    score_name = (
-        f"{args.score} at levels {', '.join(f'{v:g}' for v in ps.level_values())}" if args.score == "wen_levels" else args.score
+    text_name = ps.caption_score + (
+        f" at levels {', '.join(f'{v:g}' for v in ps.level_values())}" if ps.caption_score == "wen_levels" else ""
     )
+    score_name = text_name
+    if args.score == "own_images":
+        score_name = (
+            f"own_images ({ps.images} images at levels {', '.join(f'{v:g}' for v in ps.image_levels)}, {ps.image_draws} draws; "
+            f"{int(scores.own_images.sum())} images, {table_evaluations(scores, ps) - unet_evaluations(n, ps.text_settings())} "
+            f"evaluations) or {text_name}"
+        )
     print(
         f"(b): prescreen {score_name}, {args.prescreen_seeds} seeds, keep {keep_rule} ({len(kept)} prompts); adaptive rounds {rule.first_round} "
         f"x{rule.growth:g}, go on with >= {rule.min_close_pairs} near-copy pair(s)"
@@ -640,6 +737,25 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
             else ")"
         )
     )
+    by_band = band_aucs(scores)
+    for column, aucs_of in by_band.items():
+        print(
+            f"prescreen ROC AUC of the {AUC_COLUMNS[column]} vs singletons, by dup_count: "
+            + ", ".join(f"{count} copies {fmt(value)}" for count, value in aucs_of.items())
+        )
+    z_columns = [c for c in ("z_text", "z_own_images", "z_both") if c in scores.columns]
+    found_rows = scores[scores.prompt_id.isin(brute["found"])].sort_values("prompt_id")
+    print(
+        "(a)'s found prompts in the prescreen (z: "
+        + ("/".join(z_columns) if z_columns else "score")
+        + "; * not kept): "
+        + ", ".join(
+            f"{r.prompt_id} ({r.dup_count}) "
+            + "/".join(fmt(float(getattr(r, c)), 1) for c in (z_columns or ["robust_z"]))
+            + ("" if r.kept else "*")
+            for r in found_rows.itertuples()
+        )
+    )
     limit = args.max_fraction
     targets = {  # None: undefined on this run (no heavy prompt, or nothing found by brute force)
         "roc_auc>=0.95": None if math.isnan(auc) else bool(auc >= 0.95),
@@ -674,6 +790,7 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
             "seconds": screened_s,
             "samples": screened_budget["samples"],
             "prescreen_evaluations": screened_budget["prescreen_evaluations"],
+            "prescreen_images": int(scores.own_images.fillna(0).sum()),
             "kept": sorted(kept),
             "stopped_early": screened_budget["prompts_stopped_early"],
             "stopped_flagged": screened_budget["prompts_stopped_flagged"],
@@ -695,10 +812,72 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
         "floor_fraction": floor,
         "roc_auc_heavy_vs_singletons": auc,
         "roc_auc_heavy_vs_rest": aucs["heavy_vs_rest"],
+        "roc_auc_by_dup_count": by_band,
+        "prescreen_score": ps.score,
         "missed": {name: missed[name]["missed"] for name in ("prescreen", "adaptive", "both")},
         "targets": targets,
         "out": str(out),
     }
+
+
+def prescreen_figures(scores: pd.DataFrame, ps: PrescreenSettings, seed: int, seconds: float) -> dict:
+    """``--prescreen-only``: print and return one seed's prescreen figures (no sampling): the
+    prompts kept, the evaluations (and their share of brute force's), the ROC AUCs by dup_count
+    (:func:`band_aucs`) and each duplicated prompt's z values, kept or not."""
+    evaluations = table_evaluations(scores, ps)
+    kept = sorted(scores.loc[scores.kept, "prompt_id"])
+    z_columns = [c for c in ("z_text", "z_own_images", "z_both") if c in scores.columns] or ["robust_z"]
+    duplicated = scores[scores.dup_count.fillna(0) > 1].sort_values("prompt_id")
+    singles = scores[scores.dup_count.fillna(0) <= 1]
+    print(
+        f"prescreen seed {seed}: {len(scores)} prompts, {len(kept)} kept ({int(singles.kept.sum())} of {len(singles)} "
+        f"singletons), {evaluations:,} evaluations in {seconds:.1f} s"
+    )
+    by_band = band_aucs(scores)
+    for column, aucs_of in by_band.items():
+        print(
+            f"  ROC AUC of the {AUC_COLUMNS[column]} vs singletons: "
+            + ", ".join(f"{c} copies {fmt(v)}" for c, v in aucs_of.items())
+        )
+    print(
+        f"  duplicated prompts ({'/'.join(z_columns)}; * not kept): "
+        + ", ".join(
+            f"{r.prompt_id[-2:]}({r.dup_count}) "
+            + "/".join(fmt(float(getattr(r, c)), 1) for c in z_columns)
+            + ("" if r.kept else "*")
+            for r in duplicated.itertuples()
+        )
+    )
+    return {
+        "seed": seed,
+        "prompts": len(scores),
+        "kept": kept,
+        "prescreen_evaluations": evaluations,
+        "roc_auc_by_dup_count": by_band,
+    }
+
+
+# The score columns of a ranked prescreen table whose band AUCs are printed, and their names.
+AUC_COLUMNS = {"score": "ranked score", "z_text": "text-only part", "z_own_images": "own_images part"}
+
+
+def band_aucs(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """ROC AUC of each score column (:data:`AUC_COLUMNS`, those the table has) for telling the
+    prompts of each ``dup_count`` above 1 from the singletons (``dup_count`` 1): ``{column:
+    {str(dup_count): auc}}``, taken over the prompts with a finite score (NaN where a side is empty)."""
+    dup = scores.dup_count.to_numpy(dtype=float, na_value=math.nan)
+    out = {}
+    for column in AUC_COLUMNS:
+        if column not in scores.columns:
+            continue
+        values = scores[column].to_numpy(dtype=float)
+        finite = np.isfinite(values) & np.isfinite(dup)
+        out[column] = {}
+        for count in sorted({int(d) for d in dup[finite] if d > 1}):
+            band, single = finite & (dup == count), finite & (dup <= 1)
+            both = band | single
+            out[column][str(count)] = roc_auc(values[both], band[both]) if band.any() and single.any() else float("nan")
+    return out
 
 
 def worst_of(runs: list[dict]) -> dict:
@@ -767,6 +946,10 @@ def main(argv=None) -> dict:
     for seed in seeds:
         folder = out if len(seeds) == 1 else out / f"seed_{seed}"
         runs.append(one_seed(pipe, first if seed == seeds[0] else prompts_for(seed), folder, args, runtime, device, data, seed))
+    if args.prescreen_only or args.screened_only:
+        result = {"runs": runs}
+        print("RESULT " + json.dumps(_plain(result)))
+        return result
     worst = worst_of(runs)
     if len(runs) > 1:
         print(

@@ -279,6 +279,8 @@ def test_an_unknown_score_is_a_config_error_naming_the_key(tmp_path):
     from pipeline.cli import ConfigError
     from pipeline.prescreen.settings import prescreen_settings
 
-    with pytest.raises(ConfigError, match=r"^prescreen\.score: must be one of wen, anisotropy, wen_levels; got 'norm'"):
+    with pytest.raises(
+        ConfigError, match=r"^prescreen\.score: must be one of wen, anisotropy, wen_levels, own_images; got 'norm'"
+    ):
         prescreen_settings(compose_config("prescreen", ["prescreen.score=norm"]))
     assert prescreen_settings(compose_config("prescreen", [])).score == "wen"

@@ -24,7 +24,8 @@ def tiny_run(bench, tmp_path_factory):
     brute force flag prompts, so that every shortcut has something to miss. Their distances to
     the training images are 0.47 and more: a verification threshold of 0.5 extracts few."""
     out = tmp_path_factory.mktemp("screen") / "run"
-    result = bench.main(["--tiny", "--threshold", "0.757", "--min-clique", "2", "--delta", "0.5", "--out", str(out)])
+    args = ["--tiny", "--score", "own_images", "--threshold", "0.757", "--min-clique", "2", "--delta", "0.5", "--out", str(out)]
+    result = bench.main(args)
     return result, out
 
 
@@ -36,8 +37,11 @@ def test_budget_figures_follow_from_the_runs(tiny_run):
     screened = result["screened"]
     table = pd.read_parquet(out / "screened" / "generations" / "prompts.parquet")
     assert sorted(table.prompt_id) == screened["kept"] and len(screened["kept"]) == n // 2  # keep 50% (--tiny: no z cut)
-    # wen_levels at its one default level (0.125): 2 seeds a prompt, and 2 unconditional ones for all
-    assert screened["prescreen_evaluations"] == (n + 1) * 2
+    # own_images: its text score, wen_levels at its one default level (0.125), 2 seeds a prompt and 2
+    # unconditional ones for all; then each training image scored, with and without the caption,
+    # at the 2 default image levels, one draw each (every tiny prompt has its copies as keys).
+    assert 0 < screened["prescreen_images"] <= 8 * n
+    assert screened["prescreen_evaluations"] == (n + 1) * 2 + 2 * 2 * 1 * screened["prescreen_images"]
     assert screened["unet_evaluations"] == screened["prescreen_evaluations"] + int(table.n_generated.sum()) * steps * 2
     assert result["evaluation_fraction"] == pytest.approx(
         screened["unet_evaluations"] / result["brute_force"]["unet_evaluations"]

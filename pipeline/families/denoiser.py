@@ -53,6 +53,15 @@ def pipeline_name(pipe) -> str:
     return str(getattr(pipe, "name_or_path", None) or type(pipe).__name__)
 
 
+def flow_noised(denoiser: Denoiser, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    """(model input, target) of a rectified-flow model at timestep ``t`` (sigma ``t / num_train_timesteps``,
+    the flow-matching schedulers' timesteps being sigmas x that): ``(1 - s) x0 + s noise`` and ``noise - x0``,
+    in latent layout (B, C, H/f, W/f)."""
+    sigma = float(t) / float(denoiser.pipe.scheduler.config.num_train_timesteps)
+    x = (1.0 - sigma) * latents + sigma * noise
+    return x.to(denoiser.device, denoiser.dtype), (noise - latents).to(denoiser.device)
+
+
 def _positive(encoded: Conditioning) -> Conditioning:
     return {name: t for name, t in encoded.items() if not name.startswith("negative_")}
 
@@ -146,3 +155,38 @@ class Denoiser:
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         raise NotImplementedError
+
+    # --- training images: the denoising loss (the prescreen's own_images score) ------------
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Clean latents (B, C, H/f, W/f), float32, of images ``pixels`` (B, 3, H, W) in [-1, 1] at
+        :attr:`height` x :attr:`width`, as the model was trained on them: the VAE encoder's mean
+        (an ``AutoencoderTiny``'s latents), minus the VAE's ``shift_factor`` (where it has one),
+        times its ``scaling_factor``; the pixels themselves for a pipeline with no VAE."""
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None:
+            return pixels.float()
+        out = vae.encode(pixels.to(self.device, vae.dtype))
+        latents = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents.float() - shift) * float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)).float()
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training objective at timestep ``t``: (model input, target) for clean ``latents`` and
+        ``noise`` (both float32 (B, C, H/f, W/f)); ``predict(input, t, c)`` is compared with the target.
+
+        Here (the UNet families and PixArt, DDPM-type schedules with ``alphas_cumprod``): input
+        ``sqrt(a) x0 + sqrt(1 - a) noise`` with ``a = alphas_cumprod[t]`` (the scheduler's
+        ``add_noise``, or an Euler-type scheduler's ``x0 + sigma noise`` after its ``scale_model_input``,
+        the same; a fractional timestep rounded to the nearest trained one), target the noise (``epsilon``), ``sqrt(a) noise - sqrt(1 - a) x0``
+        (``v_prediction``) or ``x0`` (``sample``), as the scheduler's ``prediction_type`` says.
+        """
+        scheduler = self.pipe.scheduler
+        alpha = scheduler.alphas_cumprod.to(torch.float32)[int(round(float(t)))]
+        signal, sigma = alpha.sqrt(), (1 - alpha).sqrt()
+        x = signal * latents + sigma * noise
+        kind = scheduler.config.get("prediction_type", "epsilon")
+        targets = {"epsilon": noise, "v_prediction": signal * noise - sigma * latents, "sample": latents}
+        if kind not in targets:
+            raise ValueError(f"model.path={pipeline_name(self.pipe)}: no denoising target for prediction_type {kind!r}")
+        return x.to(self.device, self.dtype), targets[kind].to(self.device)

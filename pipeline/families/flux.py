@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.families.denoiser import Denoiser
+from pipeline.families.denoiser import Denoiser, flow_noised
 from pipeline.families.family import Family, named
 
 
@@ -90,6 +90,14 @@ class FluxDenoiser(Denoiser):
         channels, h, w = self.latent_shape()
         noise = self.draw(seeds).to(self.device, self.dtype)
         return self.pipe._pack_latents(noise, len(seeds), channels, h, w)
+
+    def noised(self, latents, noise, t):
+        """Rectified flow as SD3 (:func:`pipeline.families.denoiser.flow_noised`), the input packed into
+        2x2 patches as :meth:`initial_noise` packs it; the target stays in latent layout, as
+        :meth:`predict` unpacks its output."""
+        x, target = flow_noised(self, latents, noise, t)
+        channels, h, w = self.latent_shape()
+        return self.pipe._pack_latents(x, len(x), channels, h, w), target
 
     def predict(self, x, t, conditioning):
         _, h, w = self.latent_shape()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.families.denoiser import Denoiser
+from pipeline.families.denoiser import Denoiser, flow_noised
 from pipeline.families.family import Family
 from pipeline.families.sdxl import encode_pooled
 
@@ -46,6 +46,11 @@ class StableDiffusion3Denoiser(Denoiser):
             )
         timesteps, _ = retrieve_timesteps(scheduler, self.steps, self.device, **kwargs)
         return timesteps
+
+    def noised(self, latents, noise, t):
+        """Rectified flow: input ``(1 - s) x0 + s noise`` with ``s = t / num_train_timesteps`` (the
+        scheduler's ``scale_noise``), target the velocity ``noise - x0``."""
+        return flow_noised(self, latents, noise, t)
 
     def initial_noise(self, seeds):
         # prepare_latents draws plain N(0, I) latents (sigma 1 at the first step); no scaling.

@@ -3,7 +3,8 @@
 :mod:`pipeline.prescreen.stage`, the stage; :mod:`pipeline.prescreen.step`, its executor step;
 :mod:`pipeline.prescreen.settings`, its config group; :mod:`pipeline.prescreen.denoisers`, each
 family's first step; :mod:`pipeline.prescreen.scores`, the scores' formulas;
-:mod:`pipeline.prescreen.scoring`, scoring prompts with the denoiser; :mod:`pipeline.prescreen.keep`,
+:mod:`pipeline.prescreen.scoring`, scoring prompts with the denoiser;
+:mod:`pipeline.prescreen.own_images`, the score of each caption against its own training images; :mod:`pipeline.prescreen.keep`,
 the keep rule; :mod:`pipeline.prescreen.ranking`, ranking every prompt;
 :mod:`pipeline.prescreen.evaluation`, the ROC AUCs).
 """

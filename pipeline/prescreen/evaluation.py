@@ -48,12 +48,16 @@ def score_aucs(table: pd.DataFrame, heavy_dup_count: int, chosen: str | None = N
     """ROC AUCs (:func:`heavy_prompt_aucs`) of the ranked score and of each score the table holds.
 
     Keys ``roc_auc_heavy_vs_singletons`` / ``roc_auc_heavy_vs_rest`` for the ``score`` column
-    (the chosen one), ``roc_auc_<wen|anisotropy>_<side>`` for ``score_wen`` / ``score_anisotropy``,
+    (the chosen one), ``roc_auc_<wen|anisotropy|own_images>_<side>`` for ``score_wen`` /
+    ``score_anisotropy`` / ``score_own_images`` (the last only where every prompt has one),
+    ``roc_auc_text_<side>`` for the caption-only part of a ranked ``own_images`` table (``z_text``),
     and ``roc_auc_<chosen>_<side>`` for a ``chosen`` score held only in ``score`` (``wen_levels``);
     only the finite ones (none where ``dup_count`` is unknown or a score was not computed).
     """
     dup_counts = table.dup_count.to_numpy(dtype=float, na_value=np.nan)
     columns = {"": "score", **{f"{name}_": f"score_{name}" for name in SCORES if f"score_{name}" in table.columns}}
+    if "z_text" in table.columns:
+        columns["text_"] = "z_text"
     if chosen is not None and f"score_{chosen}" not in table.columns:  # a score with no column of its own (wen_levels)
         columns[f"{chosen}_"] = "score"
     out = {}

@@ -37,8 +37,8 @@ def choose_kept(scores: np.ndarray, settings: PrescreenSettings) -> np.ndarray:
     """Boolean mask (len(scores),) of prompts to keep: the top ``keep_top`` (or ``keep_fraction``)
     by score, and, when ``score_threshold`` / ``min_robust_z`` are set, only those reaching them.
 
-    ``score="wen_levels"`` scores are robust z values already, compared to ``min_robust_z`` as
-    they are. A rule that keeps nothing by construction (none set, ``keep_fraction`` outside
+    ``score="wen_levels"`` and ``"own_images"`` scores are robust z values already, compared to
+    ``min_robust_z`` as they are. A rule that keeps nothing by construction (none set, ``keep_fraction`` outside
     (0, 1], ``keep_top`` below 0) raises a ValueError naming the key, for any ``scores``.
     """
     top = settings.keep_top
@@ -58,5 +58,6 @@ def choose_kept(scores: np.ndarray, settings: PrescreenSettings) -> np.ndarray:
     if settings.score_threshold is not None:
         keep &= scores >= settings.score_threshold
     if settings.min_robust_z is not None:
-        keep &= (scores if settings.score == "wen_levels" else robust_z(scores)) >= settings.min_robust_z
+        already_z = settings.score in ("wen_levels", "own_images")
+        keep &= (scores if already_z else robust_z(scores)) >= settings.min_robust_z
     return keep

@@ -6,39 +6,99 @@ every rank has scored its share, :class:`pipeline.prescreen.step.ScorePrompts`),
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from pipeline.prescreen.keep import choose_kept, robust_z
 from pipeline.prescreen.scores import strongest_outlier
-from pipeline.prescreen.scoring import LEVEL_COLUMN, score_prompts
+from pipeline.prescreen.scoring import IMAGE_LEVEL_COLUMN, LEVEL_COLUMN, score_prompts
 from pipeline.prescreen.settings import PrescreenSettings
 from pipeline.prompts import Prompt
+
+
+def text_z(table: pd.DataFrame, settings: PrescreenSettings) -> np.ndarray:
+    """(rows,) the robust z of the caption-only score (:attr:`PrescreenSettings.caption_score`):
+    for ``wen_levels`` the largest of its levels' robust z (:func:`strongest_outlier`), else
+    :func:`robust_z` of its column (``score``, or under ``own_images`` ``score_<text_score>``)."""
+    score = settings.caption_score
+    if not len(table):
+        return np.zeros(0)
+    if score == "wen_levels":
+        norms = np.array([list(row) for row in table[LEVEL_COLUMN]], dtype=np.float64).reshape(len(table), -1)
+        return strongest_outlier(norms, robust_z)
+    return robust_z(table["score" if settings.score != "own_images" else f"score_{score}"].to_numpy(dtype=np.float64))
+
+
+def own_images_z(levels: np.ndarray) -> np.ndarray:
+    """(rows,) the own_images score's robust z: the largest over its levels (columns of ``levels``,
+    (rows, levels) log ratios) of :func:`robust_z` taken over the prompts that have images (rows
+    with no NaN); NaN for the others."""
+    levels = np.asarray(levels, dtype=np.float64).reshape(len(levels), -1)
+    out = np.full(len(levels), np.nan)
+    present = ~np.isnan(levels).any(axis=1)
+    if present.any():
+        out[present] = strongest_outlier(levels[present], robust_z)
+    return out
+
+
+def combined_z(z_text: np.ndarray, z_own: np.ndarray) -> np.ndarray:
+    """(rows,) :func:`robust_z` of ``z_text + z_own`` over the rows that have both (Stouffer's sum:
+    a prompt moderately high on both scores stands out; standardised again since the two are
+    not independent); NaN where ``z_own`` is."""
+    total = np.asarray(z_text, dtype=np.float64) + np.asarray(z_own, dtype=np.float64)
+    out = np.full(len(total), np.nan)
+    present = ~np.isnan(total)
+    if present.any():
+        out[present] = robust_z(total[present])
+    return out
 
 
 def rank_scores(table: pd.DataFrame, settings: PrescreenSettings) -> pd.DataFrame:
     """``table`` (:func:`score_prompts`' columns, in the prompt list's order) with robust_z
     (:func:`robust_z` of the score over every row; for ``wen_levels``, whose score is already
     the largest of the levels' robust z, the score itself), kept (:func:`choose_kept`) and rank
-    (0 = highest), highest score first (ties in the prompt list's order)."""
+    (0 = highest), highest score first (ties in the prompt list's order).
+
+    ``own_images``: the score is the largest of the text score's robust z (:func:`text_z`), the
+    own_images score's (:func:`own_images_z`) and that of their sum (:func:`combined_z`); the
+    text one alone for a prompt with no image. Written also as ``z_text``, ``z_own_images`` and
+    ``z_both``; robust_z is the score itself."""
     table = table.copy()
     if settings.score == "wen_levels":
-        norms = np.array([list(row) for row in table[LEVEL_COLUMN]], dtype=np.float64).reshape(len(table), -1)
-        table["score"] = strongest_outlier(norms, robust_z) if len(table) else np.zeros(0)
-    # wen_levels' score is already a robust z (the largest of the levels'); standardising it again
-    # would measure it against the bulk's maxima, not against each level's bulk.
-    table["robust_z"] = table["score"].to_numpy() if settings.score == "wen_levels" else robust_z(table.score.to_numpy())
+        table["score"] = text_z(table, settings)
+    elif settings.score == "own_images":
+        table["z_text"] = text_z(table, settings)
+        levels = [list(row) if row is not None else [np.nan] for row in table[IMAGE_LEVEL_COLUMN]]
+        table["z_own_images"] = own_images_z(np.array(levels, dtype=np.float64)) if len(table) else np.zeros(0)
+        table["z_both"] = combined_z(table["z_text"].to_numpy(), table["z_own_images"].to_numpy())
+        table["score"] = np.fmax(
+            np.fmax(table["z_text"].to_numpy(), table["z_own_images"].to_numpy()), table["z_both"].to_numpy()
+        )
+    # wen_levels' and own_images' scores are already robust z values; standardising again would
+    # measure them against the bulk's maxima, not against each score's bulk.
+    already_z = settings.score in ("wen_levels", "own_images")
+    table["robust_z"] = table["score"].to_numpy() if already_z else robust_z(table.score.to_numpy())
     table["kept"] = choose_kept(table.score.to_numpy(), settings)
     table = table.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     table["rank"] = np.arange(len(table))
     return table
 
 
-def prescreen(pipe, prompts: list[Prompt], settings: PrescreenSettings, progress: bool = True) -> pd.DataFrame:
+def prescreen(
+    pipe,
+    prompts: list[Prompt],
+    settings: PrescreenSettings,
+    progress: bool = True,
+    images: Mapping[str, Image.Image] | None = None,
+) -> pd.DataFrame:
     """Score and rank ``prompts``; one row per prompt, highest score first.
 
     Columns: prompt_id, caption, dup_count, score (``settings.score``'s, mean over seeds),
-    score_std, score_wen, score_anisotropy, alignment (:func:`score_prompts`), robust_z
-    (:func:`robust_z` of the score), rank (0 = highest), kept.
+    score_std, score_wen, score_anisotropy, alignment, score_own_images, own_images
+    (:func:`score_prompts`; ``images``: training images by key, for ``score=own_images``),
+    robust_z (:func:`robust_z` of the score), rank (0 = highest), kept.
     """
-    return rank_scores(score_prompts(pipe, prompts, settings, progress), settings)
+    return rank_scores(score_prompts(pipe, prompts, settings, progress, images), settings)

@@ -55,8 +55,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# The prescreen.score values and the table column each ranks by.
-SCORES = ("wen", "anisotropy", "wen_levels")
+# The prescreen.score values and the table column each ranks by; the first three read the
+# caption alone (TEXT_SCORES), own_images also each prompt's own training images
+# (:mod:`pipeline.prescreen.own_images`), with one of them beside it.
+TEXT_SCORES = ("wen", "anisotropy", "wen_levels")
+SCORES = (*TEXT_SCORES, "own_images")
 
 
 def conditional_difference_norm(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:

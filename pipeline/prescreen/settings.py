@@ -8,13 +8,16 @@ whose message starts with its key (``prescreen.seeds: must be at least 1, got -1
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 from pipeline.cli import ConfigError, setting, settings_from
-from pipeline.prescreen.scores import SCORES
+from pipeline.prescreen.scores import SCORES, TEXT_SCORES
 
 DEFAULT_LEVELS = (0.125,)
+# score=own_images: where each training image is noised, fractions of the schedule (0: its first,
+# noisiest timestep).
+DEFAULT_IMAGE_LEVELS = (0.04, 0.125)
 
 
 @dataclass
@@ -28,6 +31,13 @@ class PrescreenSettings:
     ``levels``: where ``"wen_levels"`` takes Wen's norm, fractions of the schedule in [0, 1] (0:
     its first timestep; see :mod:`pipeline.prescreen.scores`), a tuple of floats once built (a
     single number counts as one level, null as the default).
+
+    ``score="own_images"`` (:mod:`pipeline.prescreen.own_images`) ranks by two scores together:
+    ``text_score`` (one of :data:`pipeline.prescreen.scores.TEXT_SCORES`, on every prompt) and
+    the caption's denoising gain on up to ``images`` of the prompt's own training images (its
+    ``keys``; a prompt with none is ranked by the text score alone), each noised at
+    ``image_levels`` (fractions of the schedule, as ``levels``) with ``image_draws`` noise draws.
+    Each is standardised over the prompts (robust z) and the prompt's score is the larger.
 
     The keep rule (:func:`pipeline.prescreen.keep.choose_kept`): the ``keep_top`` highest-scoring
     prompts (or the top ``keep_fraction`` of them), and/or those scoring at least
@@ -45,27 +55,45 @@ class PrescreenSettings:
     min_robust_z: float | None = None
     height: int | None = setting(minimum=1, default=None)
     width: int | None = setting(minimum=1, default=None)
-    score: Literal["wen", "anisotropy", "wen_levels"] = "wen"  # SCORES: checked by __post_init__, naming the key
+    score: Literal["wen", "anisotropy", "wen_levels", "own_images"] = "wen"  # SCORES: checked by __post_init__, naming the key
     anisotropy_weight: float = 2.0
     guidance_scale: float | None = None
     levels: Sequence[float] | None = DEFAULT_LEVELS
+    text_score: Literal["wen", "anisotropy", "wen_levels"] = "wen_levels"  # TEXT_SCORES, checked by __post_init__
+    images: int = setting(minimum=1, default=8)
+    image_levels: Sequence[float] | None = DEFAULT_IMAGE_LEVELS
+    image_draws: int = setting(minimum=1, default=1)
 
     def __post_init__(self):
         if self.score not in SCORES:
             raise ConfigError(f"prescreen.score: must be one of {', '.join(SCORES)}; got {self.score!r}")
         self.score = str(self.score)
+        if self.text_score not in TEXT_SCORES:
+            raise ConfigError(f"prescreen.text_score: must be one of {', '.join(TEXT_SCORES)}; got {self.text_score!r}")
+        self.text_score = str(self.text_score)
         self.levels = levels_tuple(self.levels)
+        self.image_levels = levels_tuple(self.image_levels, "image_levels", DEFAULT_IMAGE_LEVELS)
+
+    @property
+    def caption_score(self) -> str:
+        """The score read from the caption alone: ``score``, or ``text_score`` under ``own_images``."""
+        return self.text_score if self.score == "own_images" else self.score
+
+    def text_settings(self) -> PrescreenSettings:
+        """These settings with ``score`` the caption-only one (:attr:`caption_score`)."""
+        return replace(self, score=self.caption_score)
 
     def level_values(self) -> list[float]:
         """The noise levels ``score="wen_levels"`` evaluates: ``levels``, distinct, in increasing order."""
         return sorted({float(v) for v in self.levels})
 
 
-def levels_tuple(value) -> tuple[float, ...]:
-    """``prescreen.levels`` as a tuple of fractions of the schedule in [0, 1]: a list of numbers,
-    or one number; None gives :data:`DEFAULT_LEVELS`. Anything else raises a ConfigError naming the key."""
+def levels_tuple(value, key: str = "levels", default: tuple[float, ...] = DEFAULT_LEVELS) -> tuple[float, ...]:
+    """``prescreen.<key>`` (``levels``, ``image_levels``) as a tuple of fractions of the schedule in
+    [0, 1]: a list of numbers, or one number; None gives ``default``. Anything else raises a
+    ConfigError naming the key."""
     if value is None:
-        return DEFAULT_LEVELS
+        return default
     if isinstance(value, (int, float)):
         values = [value]
     elif isinstance(value, str) or not hasattr(value, "__iter__"):
@@ -74,7 +102,7 @@ def levels_tuple(value) -> tuple[float, ...]:
         values = list(value)
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in values):
         raise ConfigError(
-            f"prescreen.levels: a list of fractions of the schedule in [0, 1] (0: the first timestep), got {value!r}"
+            f"prescreen.{key}: a list of fractions of the schedule in [0, 1] (0: the first timestep), got {value!r}"
         )
     return tuple(float(v) for v in values)
 
@@ -103,3 +131,13 @@ SCORE_SETTINGS = (
     "guidance_scale",
     "levels",
 )
+# The settings that decide a prompt's own_images score besides those (with score=own_images only,
+# so that the other scores' units keep their digests).
+OWN_IMAGE_SETTINGS = ("text_score", "images", "image_levels", "image_draws")
+
+
+def score_settings(settings: PrescreenSettings) -> dict:
+    """The settings a prompt's score depends on (:data:`SCORE_SETTINGS`, and
+    :data:`OWN_IMAGE_SETTINGS` under ``score=own_images``), tuples as lists: a unit's settings."""
+    names = SCORE_SETTINGS + (OWN_IMAGE_SETTINGS if settings.score == "own_images" else ())
+    return {name: list(v) if isinstance(v := getattr(settings, name), tuple) else v for name in names}

@@ -6,7 +6,10 @@ prediction, ``|| f(x_T, c) - f(x_T, "") ||``, already at the first sampling step
 (``prescreen.score=wen``, the default). Asthana & Belagiannis (ICLR 2026) add the alignment of
 that guidance direction with the unconditional prediction at a low-noise timestep, on the same
 pure-noise input (``prescreen.score=anisotropy``); :mod:`pipeline.prescreen.scores` has both
-formulas. Every model family is scored (SD 1.x/2.x, SDXL, SD3, FLUX dev/schnell, PixArt-Sigma):
+formulas. ``prescreen.score=own_images`` (with ``data=``, the training set) also scores each
+caption against its own training images, its duplicate group's ``keys``: how much the caption
+lowers the denoising error on them against the empty caption (:mod:`pipeline.prescreen.own_images`),
+and ranks by the larger robust z of that and of a caption-only score. Every model family is scored (SD 1.x/2.x, SDXL, SD3, FLUX dev/schnell, PixArt-Sigma):
 :mod:`pipeline.prescreen.denoisers` prepares each one's first step as its pipeline does.
 
 Cost, in denoiser evaluations (one image each): Wen's score is one conditional evaluation per
@@ -46,7 +49,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.cli import CONF_DIR, ConfigError, config_int, stage_main
 from pipeline.executor import read_marker, run_step
@@ -114,6 +117,13 @@ def run(cfg) -> PrescreenSummary:
     heavy_dup_count = config_int(cfg, "heavy_dup_count")
     rank, world_size = check_shard(cfg.rank, cfg.world_size)
 
+    data = cfg.get("data")
+    if settings.score == "own_images" and data is None:
+        raise ConfigError(
+            "prescreen.score: own_images scores each caption against its own training images: set data= "
+            "(data=demo, data=files data.path=...), or choose a caption-only score (wen, wen_levels, anisotropy)"
+        )
+
     # 2. Place the outputs under <run_dir>/prescreen, never over an input.
     layout = RunLayout(cfg.run_dir)
     prompts_path = cfg.prompts or str(layout.dedup_selected)
@@ -127,7 +137,14 @@ def run(cfg) -> PrescreenSummary:
     # 4. Score this rank's share; the rank that completes the last share ranks every prompt and
     #    writes the outputs (the step's finish).
     step = ScorePrompts(
-        cfg, prompts, settings, layout, world_size=world_size, progress=bool(cfg.progress), heavy_dup_count=heavy_dup_count
+        cfg,
+        prompts,
+        settings,
+        layout,
+        world_size=world_size,
+        progress=bool(cfg.progress),
+        heavy_dup_count=heavy_dup_count,
+        data=None if data is None else OmegaConf.to_container(data, resolve=True),
     )
     ctx = run_step(step, layout.prescreen, rank=rank, world_size=world_size)
 

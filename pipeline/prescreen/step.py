@@ -19,10 +19,18 @@ from pipeline.executor import StepContext, Unit, read_marker, settings_digest
 from pipeline.identity import model_identity
 from pipeline.layout import PRESCREEN_RANK_SCORES, SUMMARY, RunLayout
 from pipeline.prescreen.evaluation import score_aucs
+from pipeline.prescreen.own_images import chosen_keys, keys_to_fetch
 from pipeline.prescreen.ranking import rank_scores
 from pipeline.prescreen.scores import SCORES
-from pipeline.prescreen.scoring import LEVEL_COLUMN, SCORE_COLUMNS, score_prompts, score_table, unet_evaluations
-from pipeline.prescreen.settings import SCORE_SETTINGS, PrescreenSettings
+from pipeline.prescreen.scoring import (
+    IMAGE_LEVEL_COLUMN,
+    LEVEL_COLUMN,
+    SCORE_COLUMNS,
+    score_prompts,
+    score_table,
+    table_evaluations,
+)
+from pipeline.prescreen.settings import PrescreenSettings, score_settings
 from pipeline.prompts import Prompt, shard_prompts
 from pipeline.text import display_text
 
@@ -39,9 +47,13 @@ def load_prescreen_model(cfg):
     return load_model(cfg.model, make_runtime(device, cfg.dtype, fuse_qkv=False), device=device)
 
 
-def prompts_digest(prompts: list[Prompt]) -> str:
-    """A digest of the prompt ids and captions a unit scores, in order (for its marker)."""
-    return settings_digest([[p.prompt_id, p.caption] for p in prompts])
+def prompts_digest(prompts: list[Prompt], images: int | None = None) -> str:
+    """A digest of the prompt ids and captions a unit scores, in order (for its marker); with
+    ``images`` (``score=own_images``), also of the training keys each may be scored on (the
+    first ``images`` of its ``keys``)."""
+    if images is None:
+        return settings_digest([[p.prompt_id, p.caption] for p in prompts])
+    return settings_digest([[p.prompt_id, p.caption, chosen_keys(p.keys, None, images)] for p in prompts])
 
 
 def scores_path(out_dir: str | Path, rank: int) -> Path:
@@ -59,7 +71,9 @@ class ScorePrompts:
     (:func:`pipeline.identity.model_identity`: weights replaced in place rescore), the device and
     dtype, the scoring settings (:data:`pipeline.prescreen.settings.SCORE_SETTINGS`) and a digest
     of the prompt ids and captions it scores (a score depends on nothing else of a prompt:
-    ``dup_count`` and ``keys`` are read afresh by :meth:`finish`). Its marker also records the
+    ``dup_count`` and ``keys`` are read afresh by :meth:`finish`; under ``score=own_images`` the
+    keys it is scored on count too, and the identity of the training set ``data``, the files
+    under its path: :func:`pipeline.training_images.training_set_identity`). Its marker also records the
     denoiser evaluations (the key ``unet_evaluations``, which the budget reads, whatever the
     denoiser) and the seconds the scoring took (summed into the summary).
 
@@ -77,6 +91,7 @@ class ScorePrompts:
         world_size: int = 1,
         progress: bool = True,
         heavy_dup_count: int = 100,
+        data: dict | None = None,
     ):
         from omegaconf import OmegaConf
 
@@ -88,6 +103,7 @@ class ScorePrompts:
         self.world_size = world_size
         self.progress = progress
         self.heavy_dup_count = heavy_dup_count
+        self.data = data
         self.table: pd.DataFrame | None = None
         model = OmegaConf.to_container(cfg.model, resolve=True)
         self.base = {
@@ -96,8 +112,13 @@ class ScorePrompts:
             "model_files": model_identity(model.get("path") or "", model.get("revision")),
             "device": str(cfg.device),
             "dtype": str(cfg.dtype),
-            "prescreen": {name: list(v) if isinstance(v := getattr(settings, name), tuple) else v for name in SCORE_SETTINGS},
+            "prescreen": score_settings(settings),
         }
+        if settings.score == "own_images":
+            from pipeline.training_images import training_set_identity
+
+            # Read before the images are: a set changed while they are read differs next time.
+            self.base["training_set"] = {"data": data, "files": training_set_identity(data or {})}
         self._shares: dict[tuple[int, int], list[Prompt]] = {}
 
     def share(self, rank: int, world_size: int) -> list[Prompt]:
@@ -111,7 +132,8 @@ class ScorePrompts:
 
     def unit(self, rank: int, world_size: int) -> Unit:
         share = self.share(rank, world_size)
-        scored = {"rank": rank, "world_size": world_size, "prompts": len(share), "prompt_ids": prompts_digest(share)}
+        images = self.settings.images if self.settings.score == "own_images" else None
+        scored = {"rank": rank, "world_size": world_size, "prompts": len(share), "prompt_ids": prompts_digest(share, images)}
         return Unit(f"scores_{rank}", {**self.base, **scored})
 
     def run(self, units, ctx: StepContext) -> None:
@@ -119,13 +141,32 @@ class ScorePrompts:
 
         share = self.share(ctx.rank, ctx.world_size)
         pipe = load_prescreen_model(self.cfg) if share else None  # a rank with no prompt loads nothing
+        images = self.training_images(share) if share and self.settings.score == "own_images" else None
         for unit in units:
             with ctx.track_time("scoring"):
-                scores = score_prompts(pipe, share, self.settings, self.progress) if share else score_table([])
+                scores = score_prompts(pipe, share, self.settings, self.progress, images) if share else score_table([])
             write_parquet(scores, scores_path(ctx.out_dir, ctx.rank))
-            evaluations = unet_evaluations(len(share), self.settings)
+            evaluations = table_evaluations(scores, self.settings)
             ctx.stat("unet_evaluations", evaluations)
             ctx.done(unit, {"prompts": len(share), "unet_evaluations": evaluations, "seconds": round(ctx.seconds["scoring"], 2)})
+
+    def training_images(self, share: list[Prompt]) -> dict:
+        """The training images ``share`` is scored on under ``own_images`` (the first
+        ``prescreen.images`` keys of each prompt), by key; prints one line when some are missing."""
+        from pipeline.data.rejects import RejectLog
+        from pipeline.training_images import fetch_training_images
+
+        wanted = keys_to_fetch([p.keys for p in share], self.settings.images)
+        rejects = RejectLog()
+        images = fetch_training_images(self.data, wanted, rejects=rejects, progress=self.progress) if wanted else {}
+        without = sum(1 for p in share if not chosen_keys(p.keys, images, self.settings.images))
+        if len(images) < len(wanted) or without:
+            print(
+                f"prescreen: {len(wanted) - len(images)} of {len(wanted)} training images not found in data.path="
+                f"{self.data.get('path')}; {without} of {len(share)} prompts have no image and are ranked by "
+                f"the {self.settings.text_score} score alone"
+            )
+        return images
 
     def outputs(self) -> list[Path]:
         return [self.layout.prescreen_scores, self.layout.prescreen_selected, self.out_dir / SUMMARY]
@@ -173,8 +214,9 @@ class ScorePrompts:
 def merged_scores(out_dir: Path, prompts: list[Prompt], world_size: int) -> pd.DataFrame:
     """Every rank's raw scores as one table in the prompt list's order (as one process scores
     them), checked to hold each prompt exactly once."""
-    columns = ["prompt_id", *SCORE_COLUMNS, LEVEL_COLUMN]
-    frames = [pd.read_parquet(scores_path(out_dir, rank), columns=columns) for rank in range(world_size)]
+    columns = ["prompt_id", *SCORE_COLUMNS, LEVEL_COLUMN, IMAGE_LEVEL_COLUMN]
+    # A column a scorer did not write (own_images' beside another score's table) is NaN.
+    frames = [pd.read_parquet(scores_path(out_dir, rank)).reindex(columns=columns) for rank in range(world_size)]
     scores = pd.concat(frames, ignore_index=True)
     scores["prompt_id"] = scores["prompt_id"].astype(str)
     ids = [p.prompt_id for p in prompts]
@@ -184,11 +226,12 @@ def merged_scores(out_dir: Path, prompts: list[Prompt], world_size: int) -> pd.D
             f"({len(scores)} rows): another run may be writing there; rerun to rescore"
         )
     by_id = scores.set_index("prompt_id")
-    levels = by_id.loc[ids, LEVEL_COLUMN].tolist()
-    level_norms = None
-    if not any(v is None for v in levels):
-        level_norms = np.array([list(v) for v in levels], dtype=np.float64).reshape(len(ids), -1)
-    return score_table(prompts, {name: by_id.loc[ids, name].to_numpy() for name in SCORE_COLUMNS}, level_norms)
+    lists = []
+    for name in (LEVEL_COLUMN, IMAGE_LEVEL_COLUMN):
+        values = by_id.loc[ids, name].tolist()
+        present = not any(v is None or (isinstance(v, float) and np.isnan(v)) for v in values)
+        lists.append(np.array([list(v) for v in values], dtype=np.float64).reshape(len(ids), -1) if present else None)
+    return score_table(prompts, {name: by_id.loc[ids, name].to_numpy() for name in SCORE_COLUMNS}, *lists)
 
 
 def write_outputs(table: pd.DataFrame, summary: dict, prompts: list[Prompt], layout: RunLayout) -> None:
@@ -218,7 +261,7 @@ def print_ranking(table: pd.DataFrame, summary: dict, heavy_dup_count: int, layo
         f"prescreen: {summary['kept']} of {summary['prompts']} prompts kept by the {score} score, "
         f"{summary['unet_evaluations']} denoiser evaluations in {summary['seconds']:.1f} s"
     )
-    for name in SCORES:
+    for name in (*SCORES, "text"):
         aucs = {side: summary.get(f"roc_auc_{name}_{side}") for side in ("heavy_vs_singletons", "heavy_vs_rest")}
         if any(value is not None for value in aucs.values()):
             print(
