@@ -154,11 +154,13 @@ class ScorePrompts:
         """The training images ``share`` is scored on under ``own_images`` (the first
         ``prescreen.images`` keys of each prompt), by key; prints one line when some are missing."""
         from pipeline.data.rejects import RejectLog
-        from pipeline.training_images import fetch_training_images
+        from pipeline.training_images import fetch_training_images, with_location_index
 
         wanted = keys_to_fetch([p.keys for p in share], self.settings.images)
         rejects = RejectLog()
-        images = fetch_training_images(self.data, wanted, rejects=rejects, progress=self.progress) if wanted else {}
+        # Through the run's location index when the duplicate finder wrote one (read by key, not streamed).
+        data = with_location_index(self.data, self.layout.dedup)
+        images = fetch_training_images(data, wanted, rejects=rejects, progress=self.progress) if wanted else {}
         without = sum(1 for p in share if not chosen_keys(p.keys, images, self.settings.images))
         if len(images) < len(wanted) or without:
             print(
