@@ -87,6 +87,17 @@ def write_parquet(df, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
+def write_npy(array, path: str | Path) -> Path:
+    """Write a numpy array as ``.npy`` atomically."""
+    import numpy as np
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save given a name would add ".npy" to it
+            np.save(f, array)
+
+    return atomic_write(path, save)
+
+
 def write_json(obj: Any, path: str | Path) -> Path:
     """Write ``obj`` as indented JSON atomically."""
     text = json.dumps(obj, indent=2, sort_keys=True, default=str)

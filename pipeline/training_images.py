@@ -61,7 +61,6 @@ def fetch_training_images(
     if not wanted:
         return {}
     index, why_not = LocationIndex.open(data.get("locations"), data)
-    data = {k: v for k, v in data.items() if k != "locations"}
     if index is not None:
         located = index.lookup(wanted)
         for key in sorted(wanted - located.keys()):

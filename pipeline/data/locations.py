@@ -36,6 +36,7 @@ from pipeline.data.images import BadImage, decode_image
 from pipeline.data.location import Location, data_root, sha1_of
 from pipeline.data.paths import UnsafePath, path_under
 from pipeline.data.rejects import RejectLog
+from pipeline.io import atomic_write, write_json, write_npy
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,6 @@ def location_table(located: Iterable[tuple[str, Location | None]]) -> pa.Table:
 
 def write_rank_file(folder: Path, rank: int, table: pa.Table) -> Path:
     """Write rank ``rank``'s table atomically into ``folder``; returns its path."""
-    from pipeline.io import atomic_write
-
     path = Path(folder) / RANK_FILE.format(rank=rank)
     # Dictionary encoding only where values repeat (shard names); digests are not compressed.
     options = {
@@ -111,8 +110,6 @@ def _directory_path(path: Path, part: str) -> Path:
 def _write_directory(path: Path, table: pa.Table) -> None:
     """The lookup directory of the rank file at ``path`` (see the module doc); none, and any old
     one removed, when a file name is longer than :data:`MAX_NAME_BYTES`."""
-    from pipeline.io import atomic_write
-
     for part in DIRECTORY:
         _directory_path(path, part).unlink(missing_ok=True)
     files = table.column("file")
@@ -135,12 +132,7 @@ def _write_directory(path: Path, table: pa.Table) -> None:
     encoded = np.array([n.encode("utf-8", "surrogatepass") for n in names.to_pylist()], dtype=f"S{max(longest, 1)}")
     # The rank file's name is the directory's: parts are written first, the hashes last.
     for part, array in (("names", encoded), ("entries", entries[order]), ("hash", order_hash[order])):
-        atomic_write(_directory_path(path, part), lambda tmp, a=array: _save(tmp, a))
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
-        np.save(f, array, allow_pickle=False)
+        write_npy(array, _directory_path(path, part))
 
 
 def describe(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -155,8 +147,6 @@ def describe(data: Mapping[str, Any]) -> dict[str, Any]:
 def write_manifest(folder: Path, data: Mapping[str, Any], world_size: int) -> Path:
     """Write ``index.json`` for ranks ``0..world_size-1`` and remove rank files beyond them
     (an earlier run's with more ranks)."""
-    from pipeline.io import write_json
-
     folder = Path(folder)
     for stale in folder.glob(RANK_FILE.format(rank="*")):
         suffix = stale.name.removeprefix("locations_").removesuffix(".parquet")
@@ -207,57 +197,43 @@ class LocationIndex:
 
     def lookup(self, keys: Iterable[str]) -> dict[str, Location | None]:
         """The locations of those of ``keys`` that are indexed (None for a record that has no
-        location: found by streaming); reads only the row groups whose key range holds one of them."""
+        location: found by streaming), through each rank's directory, or its rank file where it
+        has none."""
         wanted = sorted(set(map(str, keys)))
-        found: dict[str, Location] = {}
-        if not wanted:
-            return found
-        wanted_array = pa.array(wanted, pa.string())
-        hashes = None
+        found: dict[str, Location | None] = {}
+        hashes = key_hashes(wanted) if wanted else None
         for path in self.files:
-            if all(_directory_path(path, part).is_file() for part in DIRECTORY):
-                hashes = hashes if hashes is not None else key_hashes(wanted)
-                found.update(_search_directory(path, wanted, *hashes))
-                if len(found) == len(wanted):
-                    break
-                continue
-            parquet = pq.ParquetFile(path, read_dictionary=["file"])  # a shard's name once, not per row
-            key_column = parquet.schema_arrow.get_field_index("key")
-            groups = []
-            for group in range(parquet.metadata.num_row_groups):
-                stats = parquet.metadata.row_group(group).column(key_column).statistics
-                if stats is not None and stats.has_min_max:
-                    if bisect.bisect_left(wanted, stats.min) == bisect.bisect_right(wanted, stats.max):
-                        continue  # no wanted key in this group's range
-                groups.append(group)
-            if not groups:
-                continue
-            # Keys first (a small column); the rest only of the groups that hold a wanted key.
-            # One thread: a thousand small groups cost more to hand out than to read.
-            keys_read = parquet.read_row_groups(groups, columns=["key"], use_threads=False).column("key")
-            hits = np.flatnonzero(pc.is_in(keys_read, value_set=wanted_array).to_numpy(zero_copy_only=False))
-            if not len(hits):
-                continue
-            sizes = np.array([parquet.metadata.row_group(g).num_rows for g in groups])
-            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-            slot = np.searchsorted(starts, hits, side="right") - 1
-            matched = sorted(set(slot.tolist()))
-            payload = [name for name in SCHEMA.names if name != "key"]  # the keys are known from the first read
-            table = parquet.read_row_groups([groups[i] for i in matched], columns=payload, use_threads=False)
-            # Row numbers of the hits within the matched groups, read in that order.
-            matched_starts = np.concatenate([[0], np.cumsum(sizes[matched])[:-1]])
-            place = {g: start for g, start in zip(matched, matched_starts)}
-            rows = [int(place[g] + (h - starts[g])) for g, h in zip(slot.tolist(), hits.tolist())]
-            hit_keys = keys_read.take(pa.array(hits, pa.int64())).to_pylist()
-            for key, row in zip(hit_keys, table.take(pa.array(rows, pa.int64())).to_pylist()):
-                if row["file"] is None:
-                    found[key] = None
-                    continue
-                sha1 = None if row["sha1_prefix"] is None else row["sha1_prefix"].hex()
-                found[key] = Location(row["file"], row["offset"], row["row"], row["size"], sha1)
             if len(found) == len(wanted):
                 break
+            if all(_directory_path(path, part).is_file() for part in DIRECTORY):
+                found.update(_search_directory(path, wanted, *hashes))
+            else:
+                found.update(_search_rank_file(path, wanted))
         return found
+
+
+def _search_rank_file(path: Path, wanted: list[str]) -> dict[str, Location | None]:
+    """``wanted`` (sorted) in the rank file at ``path``: only the row groups whose key range
+    (parquet's min/max statistics) holds one of them are read."""
+    parquet = pq.ParquetFile(path, read_dictionary=["file"])  # a shard's name once, not per row
+    key_column = parquet.schema_arrow.get_field_index("key")
+    groups = []
+    for group in range(parquet.metadata.num_row_groups):
+        stats = parquet.metadata.row_group(group).column(key_column).statistics
+        if stats is not None and stats.has_min_max:
+            if bisect.bisect_left(wanted, stats.min) == bisect.bisect_right(wanted, stats.max):
+                continue  # no wanted key in this group's range
+        groups.append(group)
+    if not groups:
+        return {}
+    table = parquet.read_row_groups(groups, use_threads=False)  # one thread: small groups
+    table = table.filter(pc.is_in(table.column("key"), value_set=pa.array(wanted, pa.string())))
+    found: dict[str, Location | None] = {}
+    for row in table.to_pylist():
+        sha1 = None if row["sha1_prefix"] is None else row["sha1_prefix"].hex()
+        located = row["file"] is not None
+        found[row["key"]] = Location(row["file"], row["offset"], row["row"], row["size"], sha1) if located else None
+    return found
 
 
 def _search_directory(path: Path, wanted: list[str], high: np.ndarray, low: np.ndarray) -> dict[str, Location | None]:

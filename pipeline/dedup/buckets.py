@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from pipeline.dedup.embeddings_store import EmbeddingRows, unit_rows
 from pipeline.dedup.index import IndexSettings, Pairs, _cpus, cap_per_query, join_cell, kmeans_centroids, training_sample
-from pipeline.io import atomic_write
+from pipeline.io import atomic_write, write_npy
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def write_buckets(
         entries["row"], entries["cell"], entries["home"] = rows[chosen], cells[chosen], home[chosen]
         local = rows[chosen] - first_row
         atomic_write(rows_path, lambda tmp, local=local: _write_rows(tmp, stored, local))
-        atomic_write(entries_path, lambda tmp, entries=entries: _save_npy(tmp, entries))
+        write_npy(entries, entries_path)
         counts.append(len(chosen))
     return counts
 
@@ -121,11 +121,6 @@ def _write_rows(path: Path, stored: np.ndarray, local: np.ndarray) -> None:
         np.lib.format.write_array_header_1_0(f, header)
         for lo in range(0, len(local), WRITE_CHUNK):
             f.write(np.ascontiguousarray(stored[local[lo : lo + WRITE_CHUNK]]).tobytes())
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
-        np.save(f, array)
 
 
 def join_buckets(
@@ -186,7 +181,7 @@ def write_pairs(path: str | Path, pairs: Pairs) -> None:
     pairs = sort_by_query(pairs)
     table = np.empty(len(pairs), dtype=PAIR)
     table["i"], table["j"], table["similarity"] = pairs.i, pairs.j, pairs.similarity
-    atomic_write(path, lambda tmp: _save_npy(tmp, table))
+    write_npy(table, path)
 
 
 def read_pairs(paths: list[Path], lo: int, hi: int, k: int | None) -> Pairs:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.io import atomic_write, write_parquet
+from pipeline.io import write_npy, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,8 @@ def write_shard(root: str | Path, shard: int, embeddings: np.ndarray, metadata: 
     missing = [c for c in REQUIRED_COLUMNS if c not in metadata.columns]
     if missing:
         raise ValueError(f"shard {shard}: metadata lacks columns {missing}")
-    atomic_write(embedding_path(root, shard), lambda tmp: _save_npy(tmp, embeddings.astype(np.float16)))
+    write_npy(embeddings.astype(np.float16), embedding_path(root, shard))
     write_parquet(metadata.reset_index(drop=True), metadata_path(root, shard))
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    # Through a file object: np.save given a name would append ".npy" to the temporary name.
-    with open(path, "wb") as f:
-        np.save(f, array)
 
 
 def list_shards(root: str | Path) -> list[int]:

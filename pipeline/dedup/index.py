@@ -248,21 +248,16 @@ class Cells:
         return self.assign.shape[1]
 
     def save(self, directory: str | Path) -> None:
-        from pipeline.io import atomic_write
+        from pipeline.io import write_npy
 
         directory = Path(directory)
         for name, array in (("centroids", self.centroids), ("assign", self.assign)):
-            atomic_write(directory / f"{name}.npy", lambda tmp, a=array: _save_npy(tmp, a))
+            write_npy(array, directory / f"{name}.npy")
 
     @classmethod
     def load(cls, directory: str | Path) -> Cells:
         directory = Path(directory)
         return cls(np.load(directory / "centroids.npy"), np.load(directory / "assign.npy"))
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a name
-        np.save(f, array)
 
 
 def training_sample(n: int, settings: IndexSettings) -> np.ndarray:

@@ -43,7 +43,7 @@ from pipeline.dedup.summary import OUTPUTS, build_summary, evaluation, phase_sec
 from pipeline.dedup.units import DedupRun, shard_bounds
 from pipeline.dedup.verification import AMBIGUOUS, best_for_grey, keys_of_rows, owned_candidates, verify_candidates
 from pipeline.executor import StepContext, Unit
-from pipeline.io import atomic_write, write_json, write_parquet
+from pipeline.io import write_json, write_npy, write_parquet
 from pipeline.layout import EMBEDDINGS, GROUPS, LOCATIONS, REJECTS, SELECTED, SUMMARY
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,6 @@ log = logging.getLogger(__name__)
 def load_centroids(out_dir: Path) -> np.ndarray:
     """``<dedup>/index/centroids.npy``, as phase=train wrote it: float32 (nlist, dim)."""
     return np.load(Path(out_dir) / "index" / "centroids.npy")
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
-        np.save(f, array)
 
 
 class UnitView:
@@ -139,12 +134,17 @@ class Embed(Phase):
         rank = int(unit.settings["rank"])
         return marker.get("digest") == unit.digest and (self.dedup.out / LOCATIONS / RANK_FILE.format(rank=rank)).is_file()
 
+    def locates(self) -> bool:
+        """Whether this phase writes the location index (the embed phase does unless the
+        embeddings are precomputed)."""
+        return self.dedup.precomputed is None
+
     def outputs(self) -> list[Path]:
-        return [self.dedup.out / LOCATIONS / MANIFEST] if self.units() else []
+        return [self.dedup.out / LOCATIONS / MANIFEST] if self.locates() else []
 
     def finish(self, ctx: StepContext) -> None:
         """Every rank's locations are written: the index's manifest (:mod:`pipeline.data.locations`)."""
-        if self.units():
+        if self.locates():
             write_manifest(self.dedup.out / LOCATIONS, self.dedup.data, ctx.world_size)
 
 
@@ -163,6 +163,9 @@ class Locate(Embed):
 
     def units(self) -> list[Unit]:
         return self.dedup.locate_units()
+
+    def locates(self) -> bool:
+        return self.dedup.precomputed is not None and self.dedup.locate
 
     def run(self, units: list[Unit], ctx: StepContext) -> None:
         dedup = self.dedup
@@ -220,7 +223,7 @@ class Train(Phase):
                 # Only the sample is held: train_size (default 32 x nlist) rows of float32.
                 centroids = train_centroids(rows, index)
                 path = dedup.out / "index" / "centroids.npy"
-                atomic_write(path, lambda tmp: save_npy(tmp, centroids))
+                write_npy(centroids, path)
                 info.update(
                     nlist=len(centroids),
                     nprobe=min(index.nprobe, len(centroids)),
@@ -279,7 +282,7 @@ class Index(Phase):
         nlist, nprobe = len(centroids), min(dedup.settings.index.nprobe, len(centroids))
         stored = rows.read(start, stop)  # this rank's rows, float16: N / world_size x dim x 2 bytes
         assign = assign_cells(centroids, UnitView(stored), nprobe, progress=ctx.progress)
-        atomic_write(index_dir / f"assign_{ctx.rank}.npy", lambda tmp: save_npy(tmp, assign))
+        write_npy(assign, index_dir / f"assign_{ctx.rank}.npy")
         entries = write_buckets(index_dir, ctx.rank, ctx.world_size, stored, start, assign, nlist)
         return {"nlist": nlist, "nprobe": nprobe, "centroids": centroids_digest(centroids), "bucket_entries": entries}
 
@@ -380,7 +383,7 @@ class Verify(Phase):
                 ctx.progress,
             )
             write_pairs(dedup.out / "verified" / f"pairs_{ctx.rank}.npy", verified)
-            atomic_write(dedup.out / "verified" / f"ambiguous_{ctx.rank}.npy", lambda tmp: save_npy(tmp, unsure))
+            write_npy(unsure, dedup.out / "verified" / f"ambiguous_{ctx.rank}.npy")
         ctx.stat("candidates", counts.candidates)
         ctx.stat("verified", counts.verified)
         info = {

@@ -44,12 +44,11 @@ from pipeline.data.sharding import check_shard
 from pipeline.detect.candidates import EmbedderOnFirstUse
 from pipeline.detect.download_list import has_urls, write_download_list
 from pipeline.detect.screen import PROMPT_RESULTS, ScreenPrompts, find_memorized, screenable_prompts, stopped_under_another_rule
-from pipeline.detect.verify import run_verify
+from pipeline.detect.verify import embeddings_folder, run_verify
 from pipeline.executor import run_step
 from pipeline.io import write_json
 from pipeline.layout import (
     DOWNLOAD_LIST,
-    EMBEDDINGS,
     EXTRACTED,
     MEMORIZED,
     PROMPTS_TABLE,
@@ -215,7 +214,7 @@ def run(cfg: DictConfig) -> DetectSummary:
 
     # 3. Verify every prompt's samples against the training set, when one is given.
     if data is None:
-        embeddings_dir = verify.embeddings_dir or (Path(verify.dedup_dir) / EMBEDDINGS if verify.dedup_dir else None)
+        embeddings_dir = embeddings_folder(verify.dedup_dir, verify.embeddings_dir)
         if not has_urls(embeddings_dir):
             print("no training set given (data=...): verification skipped")
             return summary

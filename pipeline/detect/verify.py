@@ -91,12 +91,18 @@ class PromptSamples:
     images: list[np.ndarray]
 
 
+def embeddings_folder(dedup_dir: str | Path | None, embeddings_dir: str | Path | None = None) -> Path | None:
+    """Where the training set's embeddings are: ``embeddings_dir`` (the precomputed ones the
+    duplicate finder read) or ``<dedup_dir>/embeddings``; None without either."""
+    if embeddings_dir:
+        return Path(embeddings_dir)
+    return Path(dedup_dir) / EMBEDDINGS if dedup_dir is not None else None
+
+
 def embedding_index(dedup_dir: str | Path | None, embeddings_dir: str | Path | None = None) -> EmbeddingIndex | None:
-    """The training set's embeddings to find nearest neighbours in: ``embeddings_dir`` (the
-    precomputed ones the duplicate finder read) or ``<dedup_dir>/embeddings``; None without either."""
-    if embeddings_dir is not None:
-        return EmbeddingIndex.load(embeddings_dir)
-    return EmbeddingIndex.load(Path(dedup_dir) / EMBEDDINGS) if dedup_dir is not None else None
+    """A nearest-neighbour index over :func:`embeddings_folder`'s embeddings; None without any."""
+    folder = embeddings_folder(dedup_dir, embeddings_dir)
+    return EmbeddingIndex.load(folder) if folder is not None else None
 
 
 def prompt_candidates(
