@@ -627,8 +627,9 @@ def score_with_dedup(
     when verifying, the verify phase's counts (``verification``).
 
     ``verify``: candidates from the embedder at ``candidate_threshold`` (default: the
-    embedder's), each verified from both images (the stage's default); else pairs at
-    ``threshold`` (default: the embedder's) taken as they are."""
+    embedder's) and each image's nearest down to the embedder's ``candidate_floor``, each
+    verified from both images (the stage's default); else pairs at ``threshold`` (default: the
+    embedder's) taken as they are."""
     from pipeline.dedup.settings import VerifyStage
     from pipeline.dedup.stage import DedupSettings, run_dedup
 
@@ -641,7 +642,9 @@ def score_with_dedup(
         threshold=embedder.threshold if threshold is None else threshold,
         top_k=50,
         min_group_size=2,
-        verify=VerifyStage(enabled=verify, candidate_threshold=candidates),
+        verify=VerifyStage(
+            enabled=verify, candidate_threshold=candidates, candidate_floor=getattr(embedder, "candidate_floor", None)
+        ),
     )
     summary = run_dedup(run_dir, settings, data=data, embedder=embedder, ground_truth=data["ground_truth"], progress=False)
     return {
@@ -695,12 +698,21 @@ def planted_images(records: list[PlantedRecord]) -> list[Image.Image]:
 
 
 def measure_candidates(
-    images: list[Image.Image], embedder, loosest: float, k: int | None = 32, settings=None, progress: bool = False
+    images: list[Image.Image],
+    embedder,
+    loosest: float,
+    k: int | None = 32,
+    settings=None,
+    progress: bool = False,
+    neighbours: int = 0,
+    floor: float | None = None,
 ) -> dict:
     """Every candidate pair at ``loosest`` (exact search, each image's ``k`` most similar, as
-    the stage's search keeps them) and the verifier's scores of each: ``{"i", "j",
-    "similarity", "verdicts"}`` (``verdicts[e]``: :func:`~pipeline.dedup.pair_verify.measure`'s
-    list for pair ``e``)."""
+    the stage's search keeps them), plus each image's ``neighbours`` most similar down to
+    ``floor`` (as ``verify.candidate_neighbours`` and ``candidate_floor`` add them), and the
+    verifier's scores of each: ``{"i", "j", "similarity", "neighbour", "verdicts"}``
+    (``neighbour``: the pair is among either image's ``neighbours`` nearest at ``floor`` or
+    above; ``verdicts[e]``: :func:`~pipeline.dedup.pair_verify.measure`'s list for pair ``e``)."""
     from tqdm.auto import tqdm
 
     from pipeline.dedup.pair_verify import VerifySettings, measure, prepare
@@ -713,21 +725,35 @@ def measure_candidates(
     if k is not None and k < len(images) - 1:
         kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1 : k]
         keep &= sims >= kth
+    near = np.zeros_like(keep)
+    if neighbours and floor is not None:
+        nearest = np.argsort(-sims, axis=1)[:, :neighbours]
+        near[np.arange(len(sims))[:, None], nearest] = True
+        near &= sims >= floor
     keep |= keep.T  # a pair is a candidate when either image keeps the other
-    i, j = np.nonzero(np.triu(keep, 1))
+    near |= near.T
+    i, j = np.nonzero(np.triu(keep | near, 1))
     prepared = [prepare(im, settings) for im in images]
     start = time.perf_counter()
     pairs = tqdm(list(zip(i, j)), desc="measuring candidates", disable=not progress, mininterval=10.0)
     verdicts = [measure(prepared[a], prepared[b], settings) for a, b in pairs]
     seconds = time.perf_counter() - start
-    return {"i": i, "j": j, "similarity": sims[i, j], "verdicts": verdicts, "seconds_per_pair": seconds / max(len(i), 1)}
+    return {
+        "i": i,
+        "j": j,
+        "similarity": sims[i, j],
+        "neighbour": near[i, j],
+        "verdicts": verdicts,
+        "seconds_per_pair": seconds / max(len(i), 1),
+    }
 
 
 def sweep_scores(measured: dict, labels: list[str], thresholds, variants: dict) -> pd.DataFrame:
     """Pair precision and recall for each candidate threshold and verifier variant
     (``{name: VerifySettings}``; ``None`` names the embedder alone, no verification): groups are
-    connected components of the candidates at the threshold that the variant accepts, the
-    ambiguous ones only where they are a grey image's best (as the stage joins them).
+    connected components of the candidates at the threshold (or among an image's nearest:
+    ``measured["neighbour"]``) that the variant accepts, the ambiguous ones only where they are
+    a grey image's best (as the stage joins them).
 
     A variant re-decides the scores :func:`measure_candidates` measured (each orientation's
     best alignment under the settings it measured with): exact for those settings' own
@@ -751,9 +777,11 @@ def sweep_scores(measured: dict, labels: list[str], thresholds, variants: dict) 
                 if accepted[e] and ambiguous(best, settings):
                     unsure[e] = True
                     table[e] = (i[e], j[e], best.tone, *best.grey)
+        near = measured.get("neighbour", np.zeros(len(i), dtype=bool)) if settings is not None else np.zeros(len(i), dtype=bool)
         for threshold in thresholds:
-            chosen = accepted & ~unsure & (measured["similarity"] >= threshold)
-            candidates = np.flatnonzero(unsure & (measured["similarity"] >= threshold))
+            candidate = (measured["similarity"] >= threshold) | near
+            chosen = accepted & ~unsure & candidate
+            candidates = np.flatnonzero(unsure & candidate)
             chosen[candidates[best_for_grey(table[candidates])]] = True
             groups = connected_groups(n, i[chosen], j[chosen])
             score = pair_scores(groups.tolist(), labels)
@@ -782,7 +810,7 @@ def passing_window(table: pd.DataFrame, target: float = 0.95) -> tuple[float, fl
 # setting at a time moved either way.
 SWEEP_THRESHOLDS = tuple(round(0.5 + 0.02 * i, 2) for i in range(21))
 SWEEP_CHANGES = {
-    "min_structure": (0.4, 0.6),
+    "min_structure": (0.5, 0.7),
     "min_tone": (0.9, 0.98),
     "max_colour": (0.3, 0.5),
     "max_changed": (0.04, 0.12),
@@ -806,8 +834,13 @@ def sweep_variants() -> dict:
     return variants
 
 
-def run_sweep(seed: int, n_originals: int, heavy: int, light: int, kinds: tuple[str, ...], out: str | None) -> pd.DataFrame:
-    """Build a planted set in memory, measure its candidates and print the sweep (see :func:`sweep_scores`)."""
+def run_sweep(
+    seed: int, n_originals: int, heavy: int, light: int, kinds: tuple[str, ...], out: str | None, neighbours: int | None = None
+) -> pd.DataFrame:
+    """Build a planted set in memory, measure its candidates and print the sweep (see
+    :func:`sweep_scores`); ``neighbours``: each image's nearest proposed as candidates (default
+    the stage's ``verify.candidate_neighbours``; 0: candidates at the threshold only)."""
+    from pipeline.dedup.settings import VerifyStage
     from pipeline.embedders.robust import RobustEmbedder
 
     start = time.perf_counter()
@@ -815,7 +848,14 @@ def run_sweep(seed: int, n_originals: int, heavy: int, light: int, kinds: tuple[
     images = planted_images(records)
     labels = [r.original_id for r in records]
     embedder = RobustEmbedder()
-    measured = measure_candidates(images, embedder, min(SWEEP_THRESHOLDS), progress=True)
+    measured = measure_candidates(
+        images,
+        embedder,
+        min(SWEEP_THRESHOLDS),
+        progress=True,
+        neighbours=VerifyStage().candidate_neighbours if neighbours is None else neighbours,
+        floor=embedder.candidate_floor,
+    )
     table = sweep_scores(measured, labels, SWEEP_THRESHOLDS, sweep_variants())
     table.insert(0, "seed", seed)
     table.insert(1, "kinds", ",".join(kinds) or "-")
@@ -850,11 +890,17 @@ def main() -> None:
         "--sweep", action="store_true", help="build in memory and score candidate thresholds x verifier settings (no files)"
     )
     parser.add_argument("--sweep-out", default=None, help="with --sweep: write the table here (JSON lines)")
+    parser.add_argument(
+        "--candidate-neighbours",
+        type=int,
+        default=None,
+        help="with --sweep: each image's nearest proposed (default: the stage's)",
+    )
     args = parser.parse_args()
     kinds = tuple(k for k in args.kinds.split(",") if k)
 
     if args.sweep:
-        run_sweep(args.seed, args.originals, args.heavy, args.light, kinds, args.sweep_out)
+        run_sweep(args.seed, args.originals, args.heavy, args.light, kinds, args.sweep_out, args.candidate_neighbours)
         return
     if not args.no_build:
         start = time.perf_counter()

@@ -31,11 +31,12 @@ through and comparing what is left:
      and the residual's share of the first's chroma.
 
    :func:`decide`: the pair is one picture when its structure correlation reaches
-   ``min_structure`` (with little detail, below ``detail_floor``: its tone correlation reaches
-   ``min_tone``; with flat luminance, below ``flat_floor``, neither counts), at most
-   ``max_changed`` of it changed, its levels within ``max_brightness_ratio`` and
-   ``max_contrast_ratio`` (contrast not compared between flat pictures whose colours were),
-   and, with colour, its colour residual is at most ``max_colour``.
+   ``min_structure`` (``min_structure_toned`` with a tone correlation of ``min_tone``; with
+   little detail, below ``detail_floor``: its tone correlation reaches ``min_tone``; with both
+   luminances flat, below ``flat_floor``, or nearly flat and of one colour, neither counts), at
+   most ``max_changed`` of it changed, its levels within ``max_brightness_ratio`` and
+   ``max_contrast_ratio`` (contrasts compared where they stand above noise), and, with colour,
+   its colour residual is at most ``max_colour``.
 
 A match between a grey image and a smooth picture is :func:`ambiguous`: without colour or
 detail, a grey copy of one gradient matches every gradient whose luminance runs alike. The
@@ -68,11 +69,16 @@ class VerifySettings:
     Attributes:
         side: pixels of the square both images are compared at, >= 32.
         min_structure: high-pass luminance correlation in [-1, 1] a copy reaches.
+        min_structure_toned: the structure correlation in [-1, 1] enough where the tone
+            correlation reaches ``min_tone``.
         min_tone: low-pass luminance correlation in [-1, 1] a copy of a picture with little detail reaches.
         detail_floor: standard deviation of the high-passed luminance (in [0, 1] units) below
             which a picture has little detail.
         flat_floor: standard deviation of the low-passed luminance (in [0, 1] units) below
             which a picture's luminance is flat.
+        near_flat_floor: the larger of two such standard deviations below which two pictures
+            without detail are nearly flat: colour alone decides, within ``near_flat_colour``
+            (colour residual in [0, 1]).
         max_colour: colour residual in [0, 1] (share of the chroma not explained) a copy stays within.
         colour_floor: mean chroma magnitude (in [0, 1] units) above which an image has colour.
         max_brightness_ratio, max_contrast_ratio: the larger of the two images' mean luminances
@@ -86,12 +92,15 @@ class VerifySettings:
     """
 
     side: int = 96
-    min_structure: float = 0.5
+    min_structure: float = 0.7
+    min_structure_toned: float = 0.3
     min_tone: float = 0.95
     detail_floor: float = 0.01
     max_colour: float = 0.4
     colour_floor: float = 0.02
     flat_floor: float = 0.01
+    near_flat_floor: float = 0.03
+    near_flat_colour: float = 0.2
     max_brightness_ratio: float = 1.5
     max_contrast_ratio: float = 2.2
     change_level: float = 0.12
@@ -103,10 +112,20 @@ class VerifySettings:
     def __post_init__(self):
         if self.side < 32:
             raise ValueError(f"verify.side: must be >= 32 pixels, got {self.side}")
-        for name in ("min_structure", "min_tone"):
+        for name in ("min_structure", "min_structure_toned", "min_tone"):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"verify.{name}: must be a correlation in [-1, 1], got {getattr(self, name)}")
-        for name in ("max_colour", "max_shift", "detail_floor", "colour_floor", "flat_floor", "change_level", "max_changed"):
+        for name in (
+            "max_colour",
+            "max_shift",
+            "detail_floor",
+            "colour_floor",
+            "flat_floor",
+            "near_flat_floor",
+            "near_flat_colour",
+            "change_level",
+            "max_changed",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"verify.{name}: must be in [0, 1], got {getattr(self, name)}")
         if self.max_rotation < 0:
@@ -352,18 +371,46 @@ def _scores(a: Prepared, b: Prepared, warp: np.ndarray, mirrored: bool, inner: n
 
 
 def decide(verdict: Verdict, settings: VerifySettings) -> bool:
-    """Whether ``verdict``'s scores make one picture under ``settings``' thresholds."""
+    """Whether ``verdict``'s scores make one picture under ``settings``' thresholds.
+
+    Shape, by how much the two images hold:
+
+    * detail in both (``detail_floor``): the structure correlation reaches ``min_structure``,
+      or ``min_structure_toned`` where the tone correlation also reaches ``min_tone`` (near the
+      floor, JPEG noise is a good part of the detail, and the tone still tells);
+    * no detail, both luminances flat (``flat_floor``): nothing (colour and brightness decide);
+    * nearly flat (the larger contrast below ``near_flat_floor``) and both in colour: nothing,
+      where the colour residual is within ``near_flat_colour`` (a saturated colour clipped by a
+      brightness edit gives a flat picture a little contrast; only colour can then tell);
+    * otherwise the tone correlation reaches ``min_tone``, and the contrasts' ratio stays
+      within ``max_contrast_ratio`` (a copy keeps its luminance contrast: greyscale keeps
+      luminance). With detail, contrasts are compared only where both stand above
+      ``flat_floor``: below it the low-passed luminance is noise or a texture's residue.
+    """
+    if not math.isfinite(verdict.structure):
+        return False
+    larger_contrast = verdict.contrast * verdict.contrast_ratio if math.isfinite(verdict.contrast_ratio) else math.inf
+    coloured = not math.isnan(verdict.colour)
+    contrast_ok = verdict.contrast_ratio <= settings.max_contrast_ratio
     if verdict.detail >= settings.detail_floor:
-        shape_ok = verdict.structure >= settings.min_structure
-    elif verdict.contrast >= settings.flat_floor:
+        shape_ok = verdict.structure >= settings.min_structure or (
+            verdict.structure >= settings.min_structure_toned and verdict.tone >= settings.min_tone
+        )
+        contrast_ok = contrast_ok or verdict.contrast < settings.flat_floor
+    elif larger_contrast < settings.flat_floor or (
+        larger_contrast < settings.near_flat_floor and coloured and verdict.colour <= settings.near_flat_colour
+    ):
+        shape_ok, contrast_ok = True, True
+    else:
         shape_ok = verdict.tone >= settings.min_tone
-    else:  # flat luminance (one colour, or colours of one luminance): its correlation is noise
-        shape_ok = True
-    colour_ok = math.isnan(verdict.colour) or verdict.colour <= settings.max_colour
-    levels_ok = verdict.brightness_ratio <= settings.max_brightness_ratio and (
-        verdict.contrast < settings.flat_floor or verdict.contrast_ratio <= settings.max_contrast_ratio
+    colour_ok = not coloured or verdict.colour <= settings.max_colour
+    return (
+        shape_ok
+        and contrast_ok
+        and colour_ok
+        and verdict.brightness_ratio <= settings.max_brightness_ratio
+        and verdict.changed <= settings.max_changed
     )
-    return shape_ok and colour_ok and levels_ok and verdict.changed <= settings.max_changed
 
 
 def ambiguous(verdict: Verdict, settings: VerifySettings) -> bool:

@@ -366,7 +366,16 @@ class Verify(Phase):
             rows = dedup.rows("verify")
             start, stop = shard_bounds(rows.n, ctx.rank, ctx.world_size)
             search_files = [dedup.out / "pairs" / f"pairs_{r}.npy" for r in range(dedup.world_size)]
-            candidates = owned_candidates(search_files, rows.n, start, stop, dedup.settings.k, dedup.group_chunk_rows)
+            candidates = owned_candidates(
+                search_files,
+                rows.n,
+                start,
+                stop,
+                dedup.settings.k,
+                dedup.group_chunk_rows,
+                dedup.candidate_threshold if verify.neighbours else None,
+                verify.neighbours,
+            )
             metadata = [metadata_path(dedup.embeddings_root, shard) for shard in dedup.shards()]
             missing = RejectLog()
 
@@ -526,7 +535,9 @@ class Group(Phase):
         seconds = sum(float(m.get("seconds_per_pair", 0.0)) * int(m.get("compared", 0)) for m in markers)
         return {
             "enabled": True,
-            "candidate_threshold": dedup.search_threshold,
+            "candidate_threshold": dedup.candidate_threshold,
+            "candidate_neighbours": dedup.settings.verify.neighbours,
+            "candidate_floor": dedup.search_threshold,
             **total,
             "candidates_per_record": total["candidates"] / max(n, 1),
             "seconds_per_pair": seconds / total["compared"] if total["compared"] else 0.0,

@@ -37,6 +37,11 @@ class VerifyStage:
         candidate_threshold: the cosine similarity in [-1, 1] at or above which the search
             proposes a candidate pair when verifying (chosen for recall: the verifier restores
             precision); None: ``threshold``.
+        candidate_neighbours: each image's this many most similar images are candidates too,
+            however similar, down to ``candidate_floor`` (>= 0): a copy the embedder places far
+            (a texture it cannot describe) is still its copies' nearest.
+        candidate_floor: the cosine similarity in [-1, 1] below which no neighbour is a
+            candidate; None: no neighbour candidates (only ``candidate_threshold``).
         chunk_images: images a verify task holds at once, >= 2 (its memory, not its result).
         pair: the verifier's own settings (:class:`~pipeline.dedup.pair_verify.VerifySettings`).
     """
@@ -45,6 +50,8 @@ class VerifyStage:
     candidate_threshold: float | None = None
     chunk_images: int = 2048
     pair: VerifySettings = field(default_factory=VerifySettings)
+    candidate_neighbours: int = 8
+    candidate_floor: float | None = None
 
     def __post_init__(self):
         if self.candidate_threshold is not None and not -1.0 <= float(self.candidate_threshold) <= 1.0:
@@ -53,10 +60,24 @@ class VerifyStage:
             )
         if self.chunk_images < 2:
             raise ValueError(f"verify.chunk_images: must be >= 2 (a pair's two images), got {self.chunk_images}")
+        if self.candidate_neighbours < 0:
+            raise ValueError(f"verify.candidate_neighbours: must be >= 0, got {self.candidate_neighbours}")
+        if self.candidate_floor is not None and not -1.0 <= float(self.candidate_floor) <= 1.0:
+            raise ValueError(f"verify.candidate_floor: must be a cosine similarity in [-1, 1], got {self.candidate_floor}")
+
+    @property
+    def neighbours(self) -> int:
+        """Neighbours per image proposed below ``candidate_threshold`` (0 without a floor)."""
+        return self.candidate_neighbours if self.candidate_floor is not None else 0
 
     def decides(self) -> dict:
         """What decides a verified pair (the verify units' settings; not ``chunk_images``)."""
-        return {"candidate_threshold": self.candidate_threshold, "pair": self.pair.to_dict()}
+        return {
+            "candidate_threshold": self.candidate_threshold,
+            "candidate_neighbours": self.neighbours,
+            "candidate_floor": self.candidate_floor if self.neighbours else None,
+            "pair": self.pair.to_dict(),
+        }
 
 
 @dataclass
@@ -156,6 +177,8 @@ class VerifyKeys:
     enabled: bool | None = None
     candidate_threshold: float | None = setting(minimum=-1.0, maximum=1.0, default=None)
     chunk_images: int = setting(minimum=2, default=2048)
+    candidate_neighbours: int = setting(minimum=0, default=8)
+    candidate_floor: float | None = setting(minimum=-1.0, maximum=1.0, default=None)
 
 
 def verify_from_config(cfg) -> VerifyStage:
@@ -174,7 +197,9 @@ def verify_from_config(cfg) -> VerifyStage:
         pair = settings_from(VerifySettings, cfg, "verify.")
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    return VerifyStage(keys.enabled, keys.candidate_threshold, keys.chunk_images, pair)
+    return VerifyStage(
+        keys.enabled, keys.candidate_threshold, keys.chunk_images, pair, keys.candidate_neighbours, keys.candidate_floor
+    )
 
 
 def embedder_identity(embedder_cfg) -> dict:
@@ -188,7 +213,7 @@ def embedder_identity(embedder_cfg) -> dict:
     identity = {
         k: v
         for k, v in values.items()
-        if k not in ("device", "batch_size", "num_workers", "threshold", "candidate_threshold", "cache_dir")
+        if k not in ("device", "batch_size", "num_workers", "threshold", "candidate_threshold", "candidate_floor", "cache_dir")
     }
     local = {
         k: digest_of(tree_identity(Path(v).expanduser()))

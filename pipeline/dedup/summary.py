@@ -119,6 +119,8 @@ def build_summary(
             "verify": {
                 "enabled": settings.verify.enabled,
                 "candidate_threshold": settings.verify.candidate_threshold,
+                "candidate_neighbours": settings.verify.neighbours,
+                "candidate_floor": settings.verify.candidate_floor,
                 "pair": settings.verify.pair.to_dict(),
             },
         },
@@ -162,7 +164,13 @@ def format_summary(summary: dict) -> str:
     if verification.get("enabled"):
         lines.append(
             f"  verified: {verification['verified']} of {verification['candidates']} candidate pairs at similarity >= "
-            f"{verification['candidate_threshold']:.3f} ({verification['candidates_per_record']:.2f} per record; "
+            f"{verification['candidate_threshold']:.3f}"
+            + (
+                f" or among an image's {verification['candidate_neighbours']} nearest at >= {verification['candidate_floor']:.3f}"
+                if verification.get("candidate_neighbours")
+                else ""
+            )
+            + f" ({verification['candidates_per_record']:.2f} per record; "
             f"{verification['compared']} compared, {1000 * verification['seconds_per_pair']:.1f} ms per pair)"
         )
     elif verification:

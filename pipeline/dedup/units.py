@@ -11,8 +11,9 @@ change decides:
   settings, not ``world_size``;
 * ``index_<rank>``: the train unit and the centroids' own digest, the embeddings, the index
   settings, ``rank`` and ``world_size``;
-* ``search_<rank>``: every index unit, the search threshold (``verify.candidate_threshold``
-  when verifying, else ``threshold``), ``k``, ``rank`` and ``world_size``;
+* ``search_<rank>``: every index unit, the search threshold (``verify.candidate_threshold``,
+  or ``verify.candidate_floor`` where lower, when verifying; else ``threshold``), ``k``,
+  ``rank`` and ``world_size``;
 * ``verify_<rank>`` (when verifying): every search unit, the verifier's settings, ``rank`` and
   ``world_size`` (the images are those the embed units read: their digests are in the search units');
 * ``group``: every search unit and verify unit, ``top_k``, ``min_group_size`` (and, precomputed,
@@ -89,12 +90,20 @@ class DedupRun:
             )
 
     @property
-    def search_threshold(self) -> float:
-        """The search's threshold: the loose candidate threshold when verifying, else ``threshold``."""
+    def candidate_threshold(self) -> float:
+        """The similarity at or above which every pair found is a candidate when verifying."""
         verify = self.settings.verify
-        if self.verifying and verify.candidate_threshold is not None:
-            return float(verify.candidate_threshold)
-        return float(self.settings.threshold)
+        return float(verify.candidate_threshold if verify.candidate_threshold is not None else self.settings.threshold)
+
+    @property
+    def search_threshold(self) -> float:
+        """The search's threshold: when verifying, the loose candidate threshold (or the
+        neighbours' floor, where lower); else ``threshold``."""
+        verify = self.settings.verify
+        if not self.verifying:
+            return float(self.settings.threshold)
+        threshold = self.candidate_threshold
+        return min(threshold, float(verify.candidate_floor)) if verify.neighbours else threshold
 
     # Where things are ---------------------------------------------------------------------
 

@@ -37,12 +37,32 @@ from pipeline.dedup.pair_verify import VerifySettings, ambiguous, compare, prepa
 Fetch = Callable[[list[str]], Mapping[str, Image.Image]]
 
 
-def owned_candidates(pair_files: list[Path], n: int, lo: int, hi: int, k: int | None, chunk_rows: int) -> Pairs:
+def owned_candidates(
+    pair_files: list[Path],
+    n: int,
+    lo: int,
+    hi: int,
+    k: int | None,
+    chunk_rows: int,
+    threshold: float | None = None,
+    neighbours: int = 0,
+) -> Pairs:
     """The candidate pairs ``(i, j)``, ``i < j``, with ``lo <= i < hi``, each once, sorted by
-    ``(i, j)``; ``similarity`` the pair's (the larger where its two directions differ)."""
+    ``(i, j)``; ``similarity`` the pair's (the larger where its two directions differ).
+
+    With ``threshold``, a pair the search found is a candidate when its similarity reaches it
+    or when either image has the other among its ``neighbours`` most similar (the search's
+    own threshold, lower, is then the neighbours' floor); without, every pair found is one."""
     parts = []
     for start in range(0, n, chunk_rows):
         found = read_pairs(pair_files, start, min(start + chunk_rows, n), k)
+        if threshold is not None and len(found):
+            order = np.lexsort((-found.similarity, found.i))
+            qi, sim = found.i[order], found.similarity[order]
+            first = np.r_[0, np.flatnonzero(np.diff(qi)) + 1]
+            rank = np.arange(len(qi)) - np.repeat(first, np.diff(np.r_[first, len(qi)]))
+            keep = order[(sim >= threshold) | (rank < neighbours)]
+            found = Pairs(found.i[keep], found.j[keep], found.similarity[keep])
         low, high = np.minimum(found.i, found.j), np.maximum(found.i, found.j)
         mine = (low >= lo) & (low < hi) & (low != high)
         parts.append(Pairs(low[mine], high[mine], found.similarity[mine]))

@@ -166,6 +166,9 @@ class RobustEmbedder(PerImageEmbedder):
         threshold: cosine similarity at or above which two images count as near-duplicates.
         candidate_threshold: the looser similarity at or above which a pair is a candidate for
             the pair verifier (:mod:`pipeline.dedup.pair_verify`), chosen for recall.
+        candidate_floor: the similarity down to which an image's nearest neighbours are
+            candidates too (``verify.candidate_neighbours``): the copies of a texture, whose
+            low frequencies a crop reshuffles, lie far apart but are each other's nearest.
 
     ``embed`` returns float32 ``(N, dim)`` rows of unit norm.
     """
@@ -191,6 +194,7 @@ class RobustEmbedder(PerImageEmbedder):
         contrast_width: float = 0.4,
         threshold: float | None = 0.86,
         candidate_threshold: float | None = 0.6,
+        candidate_floor: float | None = 0.4,
     ):
         if not 2 <= keep <= side:
             raise ValueError(f"embedder.keep: must be 2..side ({side}), got {keep}")
@@ -227,6 +231,7 @@ class RobustEmbedder(PerImageEmbedder):
         self._contrast_centres = np.arange(np.log(0.002), np.log(0.6) + 1e-3, self.contrast_width / 2, dtype=np.float32)
         self.threshold = threshold
         self.candidate_threshold = candidate_threshold
+        self.candidate_floor = candidate_floor
         self._dct = dct_matrix(self.side).astype(np.float32)
         self._luma_index = _split(self.side, self.keep, drop_dc=True)
         self._chroma_index = _split(self.side, self.chroma_keep, drop_dc=False)
