@@ -28,8 +28,10 @@ square, JPEG quality 95) and is written in img2dataset's layouts, with its sidec
 ``<format>_ground_truth.parquet`` beside them has ``key`` and ``original_id`` (what the dedup
 stage's ``data.ground_truth`` scores against) plus ``kind``, ``edits``, ``dup_count``.
 
-``--kinds stripes,drawing,screenshot`` adds picture kinds (:data:`EXTRA_KINDS`, 8% of the
-originals each): sinusoidal stripe textures, line drawings, screenshots of text.
+``--kinds stripes,drawing,screenshot,chart,pattern`` adds picture kinds (:data:`EXTRA_KINDS`,
+8% of the originals each): sinusoidal stripe textures, line drawings, screenshots of text,
+bar and line charts, wallpapers of one repeated motif. ``--recolour R`` turns the hue of a
+share ``R`` of the copies by 5-20 degrees and scales their saturation.
 
 Scoring (without ``--no-score``) runs the dedup stage (:func:`pipeline.dedup.stage.run_dedup`,
 the same code as ``python -m pipeline.dedup``) on each format with the default offline
@@ -315,9 +317,63 @@ def screenshot(rng: np.random.Generator) -> Image.Image:
     return image
 
 
+def chart(rng: np.random.Generator) -> Image.Image:
+    """A chart: axes, grid lines, 4-14 bars of random heights and colours or 1-3 polylines,
+    numbered ticks and a title of made-up words, on a white or light ground."""
+    w, h = random_size(rng, 300, 640)
+    ground = tuple(int(c) for c in rng.integers(240, 256, size=3))
+    image = Image.new("RGB", (w, h), ground)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=int(rng.integers(10, 16)))
+    left, right, top, bottom = int(w * 0.12), int(w * 0.95), int(h * 0.15), int(h * 0.85)
+    draw.text(
+        (left, int(h * 0.03)), " ".join(made_up_word(rng) for _ in range(int(rng.integers(2, 6)))), fill=(20, 20, 20), font=font
+    )
+    for k in range(int(rng.integers(3, 7))):
+        y = bottom - (bottom - top) * k / 5
+        draw.line((left, y, right, y), fill=(215, 215, 215), width=1)
+        draw.text((4, y - 6), str(int(k * rng.integers(5, 50))), fill=(60, 60, 60), font=font)
+    draw.line((left, top, left, bottom), fill=(0, 0, 0), width=2)
+    draw.line((left, bottom, right, bottom), fill=(0, 0, 0), width=2)
+    if rng.uniform() < 0.5:
+        n = int(rng.integers(4, 15))
+        width = (right - left) / n
+        for b in range(n):
+            height = float(rng.uniform(0.05, 1.0)) * (bottom - top)
+            fill = tuple(int(c) for c in rng.integers(0, 220, size=3))
+            draw.rectangle((left + b * width + 2, bottom - height, left + (b + 0.8) * width, bottom), fill=fill)
+    else:
+        for _ in range(int(rng.integers(1, 4))):
+            xs = np.linspace(left, right, int(rng.integers(5, 30)))
+            ys = bottom - np.clip(np.cumsum(rng.normal(0, 0.1, len(xs))) + rng.uniform(0.2, 0.8), 0, 1) * (bottom - top)
+            fill = tuple(int(c) for c in rng.integers(0, 200, size=3))
+            draw.line(list(zip(xs.tolist(), ys.tolist())), fill=fill, width=int(rng.integers(1, 4)))
+    return image
+
+
+def pattern(rng: np.random.Generator) -> Image.Image:
+    """A wallpaper: one random motif (2-5 shapes on a ground, 24-96 px) repeated edge to
+    edge, its rows offset by half a motif for half of them."""
+    w, h = random_size(rng)
+    side = int(rng.integers(24, 97))
+    motif = Image.new("RGB", (side, side), tuple(int(c) for c in rng.integers(0, 256, size=3)))
+    draw = ImageDraw.Draw(motif)
+    for _ in range(int(rng.integers(2, 6))):
+        box = sorted(rng.integers(0, side, size=2).tolist()), sorted(rng.integers(0, side, size=2).tolist())
+        fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        shape = (box[0][0], box[1][0], box[0][1] + 1, box[1][1] + 1)
+        (draw.ellipse if rng.uniform() < 0.5 else draw.rectangle)(shape, fill=fill)
+    image = Image.new("RGB", (w, h))
+    offset = side // 2 if rng.uniform() < 0.5 else 0
+    for row, y in enumerate(range(0, h, side)):
+        for x in range(-side, w, side):
+            image.paste(motif, (x + (offset if row % 2 else 0), y))
+    return image
+
+
 # Picture kinds a planted set may add (``extra_kinds``), with the share of originals each takes.
-EXTRA_KINDS = {"stripes": 0.08, "drawing": 0.08, "screenshot": 0.08}
-KIND_MAKERS = {"stripes": stripes, "drawing": line_drawing, "screenshot": screenshot}
+EXTRA_KINDS = {"stripes": 0.08, "drawing": 0.08, "screenshot": 0.08, "chart": 0.08, "pattern": 0.08}
+KIND_MAKERS = {"stripes": stripes, "drawing": line_drawing, "screenshot": screenshot, "chart": chart, "pattern": pattern}
 
 
 def decode(data: bytes) -> Image.Image:
@@ -401,6 +457,16 @@ def rotate(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return rotated.crop((dx, dy, w - dx, h - dy))
 
 
+def recolour(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """``image`` with its hue turned by 5-20 degrees either way and its saturation scaled by 0.7-1.3."""
+    hue, saturation, value = image.convert("HSV").split()
+    turn = int(round(float(rng.uniform(5, 20)) * rng.choice([-1, 1]) * 256 / 360))
+    hue = hue.point(lambda x: (x + turn) % 256)
+    factor = float(rng.uniform(0.7, 1.3))
+    saturation = saturation.point(lambda x: min(255, round(x * factor)))
+    return Image.merge("HSV", (hue, saturation, value)).convert("RGB")
+
+
 def edit_copy(
     image: Image.Image, rng: np.random.Generator, rates: dict[str, float] | None = None
 ) -> tuple[Image.Image, list[str], int]:
@@ -429,6 +495,9 @@ def edit_copy(
         image = ImageEnhance.Brightness(image).enhance(float(rng.uniform(0.7, 1.3)))
         image = ImageEnhance.Contrast(image).enhance(float(rng.uniform(0.7, 1.3)))
         applied.append("brightness_contrast")
+    if "recolour" in rates and rng.uniform() < rates["recolour"]:  # drawn only when asked: other sets stay as they were
+        image = recolour(image, rng)
+        applied.append("recolour")
     if rng.uniform() < rates.get("greyscale", 0):
         image = ImageOps.grayscale(image).convert("RGB")
         applied.append("greyscale")
@@ -835,7 +904,14 @@ def sweep_variants() -> dict:
 
 
 def run_sweep(
-    seed: int, n_originals: int, heavy: int, light: int, kinds: tuple[str, ...], out: str | None, neighbours: int | None = None
+    seed: int,
+    n_originals: int,
+    heavy: int,
+    light: int,
+    kinds: tuple[str, ...],
+    out: str | None,
+    neighbours: int | None = None,
+    rates: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """Build a planted set in memory, measure its candidates and print the sweep (see
     :func:`sweep_scores`); ``neighbours``: each image's nearest proposed as candidates (default
@@ -844,7 +920,7 @@ def run_sweep(
     from pipeline.embedders.robust import RobustEmbedder
 
     start = time.perf_counter()
-    records = build_records(seed, n_originals, heavy, light=light, extra_kinds=kinds)
+    records = build_records(seed, n_originals, heavy, light=light, rates=rates, extra_kinds=kinds)
     images = planted_images(records)
     labels = [r.original_id for r in records]
     embedder = RobustEmbedder()
@@ -891,6 +967,9 @@ def main() -> None:
     )
     parser.add_argument("--sweep-out", default=None, help="with --sweep: write the table here (JSON lines)")
     parser.add_argument(
+        "--recolour", type=float, default=0.0, help="share of copies whose hue is turned 5-20 degrees (default none)"
+    )
+    parser.add_argument(
         "--candidate-neighbours",
         type=int,
         default=None,
@@ -898,13 +977,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     kinds = tuple(k for k in args.kinds.split(",") if k)
+    rates = {**EDIT_RATES, "recolour": args.recolour} if args.recolour else None
 
     if args.sweep:
-        run_sweep(args.seed, args.originals, args.heavy, args.light, kinds, args.sweep_out, args.candidate_neighbours)
+        run_sweep(args.seed, args.originals, args.heavy, args.light, kinds, args.sweep_out, args.candidate_neighbours, rates)
         return
     if not args.no_build:
         start = time.perf_counter()
-        build_planted(args.out, args.seed, args.originals, args.heavy, args.light, args.per_shard, extra_kinds=kinds)
+        build_planted(args.out, args.seed, args.originals, args.heavy, args.light, args.per_shard, rates, extra_kinds=kinds)
         truth = pd.read_parquet(Path(args.out) / "files_ground_truth.parquet")
         print(
             f"planted set: {len(truth)} records from {truth.original_id.nunique()} originals "
