@@ -691,12 +691,14 @@ def score_with_dedup(
     run_dir: str | Path | None = None,
     verify: bool = True,
     candidate_threshold: float | None = None,
+    candidate_neighbours: int | None = None,
 ) -> dict:
     """Run the dedup stage on one format; returns its summary's ``evaluation`` plus timing and,
     when verifying, the verify phase's counts (``verification``).
 
     ``verify``: candidates from the embedder at ``candidate_threshold`` (default: the
-    embedder's) and each image's nearest down to the embedder's ``candidate_floor``, each
+    embedder's) and each image's ``candidate_neighbours`` nearest (default: the stage's) down
+    to the embedder's ``candidate_floor``, each
     verified from both images (the stage's default); else pairs at ``threshold`` (default: the
     embedder's) taken as they are."""
     from pipeline.dedup.settings import VerifyStage
@@ -712,7 +714,10 @@ def score_with_dedup(
         top_k=50,
         min_group_size=2,
         verify=VerifyStage(
-            enabled=verify, candidate_threshold=candidates, candidate_floor=getattr(embedder, "candidate_floor", None)
+            enabled=verify,
+            candidate_threshold=candidates,
+            candidate_floor=getattr(embedder, "candidate_floor", None),
+            **({} if candidate_neighbours is None else {"candidate_neighbours": candidate_neighbours}),
         ),
     )
     summary = run_dedup(run_dir, settings, data=data, embedder=embedder, ground_truth=data["ground_truth"], progress=False)

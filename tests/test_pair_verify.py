@@ -220,3 +220,73 @@ def test_the_stage_config_holds_the_verifiers_defaults():
     assert stage.pair == VerifySettings() and stage.enabled is None
     assert stage.candidate_threshold == RobustEmbedder().candidate_threshold
     assert settings_from_config(compose_config("dedup", ["embedder=thumbnail"])).verify.candidate_threshold is None
+
+
+def test_each_images_nearest_are_candidates_down_to_the_floor(tmp_path):
+    """A pair below the candidate threshold is a candidate when it is either image's nearest
+    (``neighbours`` 1), whichever direction the search wrote it in; not otherwise."""
+    files = [tmp_path / "pairs.npy"]
+    # (query, neighbour, similarity): each query's list as the search writes it (the floor is the search's own).
+    rows = [
+        (0, 1, 0.9),
+        (0, 2, 0.45),
+        (0, 3, 0.42),
+        (2, 0, 0.45),
+        (3, 5, 0.5),
+        (3, 0, 0.42),
+        (4, 5, 0.41),
+        (5, 3, 0.5),
+        (5, 4, 0.41),
+    ]
+    write_pair_file(files[0], *zip(*rows))
+    found = owned_candidates(files, 6, 0, 6, k=None, chunk_rows=4, threshold=0.6, neighbours=1)
+    assert set(zip(found.i.tolist(), found.j.tolist())) == {(0, 1), (0, 2), (3, 5), (4, 5)}
+    found = owned_candidates(files, 6, 0, 6, k=None, chunk_rows=4, threshold=0.6, neighbours=0)
+    assert set(zip(found.i.tolist(), found.j.tolist())) == {(0, 1)}
+    found = owned_candidates(files, 6, 0, 6, k=None, chunk_rows=4)
+    assert len(found) == 5
+
+
+def test_a_texture_the_embedder_scatters_is_grouped_through_its_copies_nearest(tmp_path):
+    """Crops of a brick texture: a crop reshuffles its low frequencies, so the embedder places
+    the copies far apart (similarities around 0-0.6), yet each copy's nearest is another copy;
+    with the stage's defaults (each image's 8 nearest down to the floor are candidates) the
+    verifier joins every copy and nothing else; with candidates at the threshold alone it
+    does not."""
+    import skimage.data
+
+    rng = np.random.default_rng(3)
+    brick = Image.fromarray(skimage.data.brick()).convert("RGB")
+    records = [planted.PlantedRecord(planted.jpeg_bytes(brick, 95), "a brick wall", "brick", "texture", 13, ["original"])]
+    for _ in range(12):
+        copy, applied, quality = planted.edit_copy(brick, rng, {"crop": 1.0})
+        records.append(planted.PlantedRecord(planted.jpeg_bytes(copy, quality), "a brick wall", "brick", "texture", 13, applied))
+    for k in range(24):
+        picture = planted.photo_like(rng, planted.random_size(rng))
+        records.append(
+            planted.PlantedRecord(planted.jpeg_bytes(picture, 95), f"photo {k}", f"photo-{k}", "photo", 1, ["original"])
+        )
+    planted.write_planted(tmp_path, records, formats=("files",))
+    from pipeline.embedders.robust import RobustEmbedder
+
+    embedder = RobustEmbedder()
+    found = planted.score_with_dedup(tmp_path, "files", embedder, run_dir=tmp_path / "runs" / "defaults")
+    assert found["precision"] == 1.0 and found["recall"] == 1.0, found
+    alone = planted.score_with_dedup(tmp_path, "files", embedder, run_dir=tmp_path / "runs" / "alone", candidate_neighbours=0)
+    assert alone["recall"] < 1.0, alone
+
+
+def test_a_flat_field_is_not_a_copy_of_a_picture_with_contrast():
+    """A flat grey field and a grey ramp of the same mean: neither has detail, and only one is
+    flat; a copy keeps its luminance contrast (greyscale keeps luminance), so they differ. Two
+    flat fields of one brightness, with nothing else to tell them apart, match."""
+    rng = np.random.default_rng(0)
+    flat = np.full((200, 300), 120.0) + rng.normal(0, 0.5, (200, 300))
+    ramp = np.linspace(80, 160, 200)[:, None] + np.zeros((1, 300))
+
+    def grey(array):
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).convert("RGB")
+
+    verdict = verify_pair(stored(grey(flat)), stored(grey(ramp)))
+    assert not verdict.match, verdict
+    assert verify_pair(stored(grey(flat)), stored(grey(flat + 2.0))).match
