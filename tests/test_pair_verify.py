@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from pipeline.cli import ConfigError
 from pipeline.dedup.index import Pairs
@@ -290,3 +290,18 @@ def test_a_flat_field_is_not_a_copy_of_a_picture_with_contrast():
     verdict = verify_pair(stored(grey(flat)), stored(grey(ramp)))
     assert not verdict.match, verdict
     assert verify_pair(stored(grey(flat)), stored(grey(flat + 2.0))).match
+
+
+def test_a_drawing_on_a_light_ground_keeps_its_ground():
+    """A drawing on a near-white ground, stored as img2dataset stores it (centred on pure
+    white): only the padding is cut, not the drawing's own ground up to its first stroke
+    (which a crop changes from copy to copy): what is compared is the whole drawing."""
+    drawing = Image.new("RGB", (400, 300), (244, 246, 243))
+    ImageDraw.Draw(drawing).ellipse((170, 120, 230, 180), outline=(20, 20, 20), width=3)
+    settings = VerifySettings()
+    side = settings.side
+    whole = np.asarray(drawing.convert("L").resize((side, side), Image.Resampling.BICUBIC), np.float32) / 255
+    prepared = prepare(stored(drawing), settings).luma
+    # The inset cuts 2 px of 128 past the padding: the kept part lies within 4% of the whole.
+    inner = slice(side // 12, side - side // 12)
+    assert np.corrcoef(prepared[inner, inner].ravel(), whole[inner, inner].ravel())[0, 1] > 0.8

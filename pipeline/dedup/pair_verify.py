@@ -6,7 +6,9 @@ through and comparing what is left:
 
 1. :func:`prepare`, per image: reduced to at most 128 px a side, uniform black or white bars
    cut from every side (letterboxes, img2dataset's white padding; the embedder's
-   :func:`~pipeline.embedders.robust.trim_borders`) and 2 px more past each cut, resized to
+   :func:`~pipeline.embedders.robust.trim_borders`), each axis's two sides by the lesser of
+   their runs (bars are centred; the rest is the picture's own light or dark ground) and 2 px
+   more past each cut, resized to
    ``side x side`` (the aspect ratio is dropped: a crop or a bar changes it), split into
    luminance and chroma (Cb, Cr).
 2. :func:`compare`, per pair, for the second image as it is and mirrored: its luminance is
@@ -60,6 +62,7 @@ from pipeline.embedders.robust import trim_borders
 _WORK_SIDE = 128  # images are reduced to this before the border cut (as the embedder does)
 _WARP_FLAGS = 1 | 16  # cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP: the warp maps the template's pixels
 _INSET = 2  # pixels cut past a border: where a bar met the picture is a blend of both
+_BAR_TOL, _BAR_EXTREME = 0.03, 0.04  # a bar's pixels within 0.03 of its colour, itself within 0.04 of black or white
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,8 @@ class VerifySettings:
         side: pixels of the square both images are compared at, >= 32.
         min_structure: high-pass luminance correlation in [-1, 1] a copy reaches.
         min_structure_toned: the structure correlation in [-1, 1] enough where the tone
-            correlation reaches ``min_tone``.
+            correlation reaches ``min_tone`` and the detail stays below ``toned_detail``
+            (standard deviation, in [0, 1] units).
         min_tone: low-pass luminance correlation in [-1, 1] a copy of a picture with little detail reaches.
         detail_floor: standard deviation of the high-passed luminance (in [0, 1] units) below
             which a picture has little detail.
@@ -83,6 +87,8 @@ class VerifySettings:
         colour_floor: mean chroma magnitude (in [0, 1] units) above which an image has colour.
         max_brightness_ratio, max_contrast_ratio: the larger of the two images' mean luminances
             (contrasts) over the smaller stays within this, >= 1.
+        max_texture_ratio: the larger of the two images' median high-pass magnitudes over the
+            smaller stays within this, >= 1.
         change_level: a luminance difference (in [0, 1] units, after a gain and an offset)
             that counts as a change.
         max_changed: share of the overlap in [0, 1] a copy may change (a watermark, JPEG rings).
@@ -94,6 +100,7 @@ class VerifySettings:
     side: int = 96
     min_structure: float = 0.7
     min_structure_toned: float = 0.3
+    toned_detail: float = 0.025
     min_tone: float = 0.95
     detail_floor: float = 0.01
     max_colour: float = 0.4
@@ -103,6 +110,7 @@ class VerifySettings:
     near_flat_colour: float = 0.2
     max_brightness_ratio: float = 1.5
     max_contrast_ratio: float = 2.2
+    max_texture_ratio: float = 3.0
     change_level: float = 0.12
     max_changed: float = 0.08
     max_rotation: float = 8.0
@@ -123,6 +131,7 @@ class VerifySettings:
             "flat_floor",
             "near_flat_floor",
             "near_flat_colour",
+            "toned_detail",
             "change_level",
             "max_changed",
         ):
@@ -130,7 +139,7 @@ class VerifySettings:
                 raise ValueError(f"verify.{name}: must be in [0, 1], got {getattr(self, name)}")
         if self.max_rotation < 0:
             raise ValueError(f"verify.max_rotation: must be >= 0 degrees, got {self.max_rotation}")
-        for name in ("max_scale", "max_brightness_ratio", "max_contrast_ratio"):
+        for name in ("max_scale", "max_brightness_ratio", "max_contrast_ratio", "max_texture_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"verify.{name}: must be >= 1, got {getattr(self, name)}")
 
@@ -157,8 +166,9 @@ class Verdict:
     image is grey; ``detail``: the lesser standard deviation of the two high-passed
     luminances; ``changed``: the share of the overlap whose luminance differs by more than
     ``change_level`` after one gain and offset; ``contrast``: the lesser standard deviation of
-    the two low-passed luminances; ``contrast_ratio``, ``brightness_ratio``: the larger over the
-    smaller of the two, >= 1), which image is ``grey`` (first, second), whether the second
+    the two low-passed luminances; ``contrast_ratio``, ``brightness_ratio``, ``detail_ratio``
+    (standard deviations of the high-passed luminances), ``texture_ratio`` (their median
+    magnitudes): the larger over the smaller of the two, >= 1), which image is ``grey`` (first, second), whether the second
     image was ``mirrored``, and the warp's ``rotation`` (degrees) and ``scale`` (per axis)."""
 
     match: bool
@@ -170,6 +180,9 @@ class Verdict:
     contrast: float = float("nan")
     contrast_ratio: float = float("nan")
     brightness_ratio: float = float("nan")
+    detail_ratio: float = float("nan")
+    texture_ratio: float = float("nan")
+    tiles: np.ndarray | None = None
     grey: tuple[bool, bool] = (False, False)
     mirrored: bool = False
     rotation: float = float("nan")
@@ -191,7 +204,13 @@ def prepare(image: Image.Image, settings: VerifySettings = VerifySettings()) -> 
         image = image.resize(
             (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BOX, reducing_gap=2.0
         )
-    top, bottom, left, right = trim_borders(np.asarray(image, dtype=np.float32) / 255.0)
+    # Bars are pure black or white (padding, letterboxes); a light or dark ground is the picture's.
+    top, bottom, left, right = trim_borders(np.asarray(image, dtype=np.float32) / 255.0, tol=_BAR_TOL, extreme=_BAR_EXTREME)
+    # Bars are centred (img2dataset's padding, letterboxes): cut each axis's two sides alike,
+    # by the lesser run. What a side holds beyond that is a light or dark picture's own ground
+    # (a drawing, a chart), which a crop changes from copy to copy.
+    vertical, horizontal = min(top, image.height - bottom), min(left, image.width - right)
+    top, bottom, left, right = vertical, image.height - vertical, horizontal, image.width - horizontal
     top, left = top + (_INSET if top > 0 else 0), left + (_INSET if left > 0 else 0)
     bottom -= _INSET if bottom < image.height else 0
     right -= _INSET if right < image.width else 0
@@ -292,6 +311,43 @@ def _alignments(template: np.ndarray, moving: np.ndarray, settings: VerifySettin
     for warp in (None if refined is None else refined[0], shifted, identity):
         if warp is not None and _plausible(warp, settings):
             yield warp
+    # Rotation and scale from the magnitude spectra (Fourier-Mellin): for periodic pictures
+    # (stripes), where a scaled copy's pattern drifts by whole periods and ECC settles on the
+    # wrong one.
+    rotated = _spectral_warp(template, moving, window)
+    if rotated is None:
+        return
+    refined = _ecc(template, moving, rotated, cv2.MOTION_AFFINE)
+    for warp in (None if refined is None else refined[0], rotated):
+        if warp is not None and _plausible(warp, settings):
+            yield warp
+
+
+def _spectral_warp(template: np.ndarray, moving: np.ndarray, window: np.ndarray) -> np.ndarray | None:
+    """The rotation and scale about the centre that the log-polar magnitude spectra's phase
+    correlation finds (a spectrum is blind to shifts), then the shift the images' own phase
+    correlation finds once that is undone: a 2 x 3 float32 warp, ECC's convention; None when
+    the spectra give no estimate within a factor of 2 in scale."""
+    import cv2
+
+    side = template.shape[0]
+
+    def log_polar_spectrum(image: np.ndarray) -> np.ndarray:
+        spectrum = np.log1p(np.abs(np.fft.fftshift(np.fft.fft2((image - image.mean()) * window))))
+        flags = cv2.WARP_POLAR_LOG | cv2.INTER_LINEAR | cv2.WARP_FILL_OUTLIERS
+        return cv2.warpPolar(spectrum, (side, side), (side / 2, side / 2), side / 2, flags)
+
+    (dx, dy), _ = cv2.phaseCorrelate(log_polar_spectrum(template), log_polar_spectrum(moving))
+    log_scale = -dx * math.log(side / 2) / side  # columns are log radii; a spectrum scales inversely
+    if not (math.isfinite(dy) and abs(log_scale) <= math.log(2.0)):  # a flat spectrum: no estimate
+        return None
+    angle = (-dy * 360.0 / side + 90.0) % 180.0 - 90.0  # rows are angles; a spectrum repeats every 180 degrees
+    scale = math.exp(log_scale)
+    warp = cv2.getRotationMatrix2D(((side - 1) / 2, (side - 1) / 2), angle, scale)
+    aligned = cv2.warpAffine(moving, warp.astype(np.float32), (side, side), flags=_WARP_FLAGS, borderMode=cv2.BORDER_REFLECT)
+    (sx, sy), _ = cv2.phaseCorrelate(template.astype(np.float64), aligned.astype(np.float64), window)
+    warp[:, 2] += warp[:, :2] @ np.array([sx, sy])
+    return warp.astype(np.float32)
 
 
 def measure(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings(), stop_at_match: bool = False) -> list[Verdict]:
@@ -357,6 +413,9 @@ def _scores(a: Prepared, b: Prepared, warp: np.ndarray, mirrored: bool, inner: n
         tone=_correlation(a.tone, warped(b.tone), valid),
         colour=colour,
         detail=min(_std(a.detail, valid), _std(detail_b, valid)),
+        detail_ratio=_ratio(_std(a.detail, valid), _std(detail_b, valid)),
+        texture_ratio=_ratio(_median_abs(a.detail, valid), _median_abs(detail_b, valid)),
+        tiles=_tiles(a.detail, detail_b, valid),
         changed=changed,
         contrast=min(std_a, std_b),
         contrast_ratio=_ratio(std_a, std_b),
@@ -376,8 +435,9 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
     Shape, by how much the two images hold:
 
     * detail in both (``detail_floor``): the structure correlation reaches ``min_structure``,
-      or ``min_structure_toned`` where the tone correlation also reaches ``min_tone`` (near the
-      floor, JPEG noise is a good part of the detail, and the tone still tells);
+      or, with detail below ``toned_detail``, ``min_structure_toned`` where the tone
+      correlation also reaches ``min_tone`` (near the floor, JPEG noise is a good part of the
+      detail, and the tone still tells);
     * no detail, both luminances flat (``flat_floor``): nothing (colour and brightness decide);
     * nearly flat (the larger contrast below ``near_flat_floor``) and both in colour: nothing,
       where the colour residual is within ``near_flat_colour`` (a saturated colour clipped by a
@@ -386,6 +446,10 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
       within ``max_contrast_ratio`` (a copy keeps its luminance contrast: greyscale keeps
       luminance). With detail, contrasts are compared only where both stand above
       ``flat_floor``: below it the low-passed luminance is noise or a texture's residue.
+
+    In every case the typical detail (the median high-pass magnitude, which a watermark or a
+    title over a small part leaves as it is) of one image is at most ``max_texture_ratio``
+    times the other's: a smooth picture is no copy of a busy one.
     """
     if not math.isfinite(verdict.structure):
         return False
@@ -394,7 +458,9 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
     contrast_ok = verdict.contrast_ratio <= settings.max_contrast_ratio
     if verdict.detail >= settings.detail_floor:
         shape_ok = verdict.structure >= settings.min_structure or (
-            verdict.structure >= settings.min_structure_toned and verdict.tone >= settings.min_tone
+            verdict.detail < settings.toned_detail
+            and verdict.structure >= settings.min_structure_toned
+            and verdict.tone >= settings.min_tone
         )
         contrast_ok = contrast_ok or verdict.contrast < settings.flat_floor
     elif larger_contrast < settings.flat_floor or (
@@ -410,6 +476,7 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
         and colour_ok
         and verdict.brightness_ratio <= settings.max_brightness_ratio
         and verdict.changed <= settings.max_changed
+        and not verdict.texture_ratio > settings.max_texture_ratio
     )
 
 
@@ -435,6 +502,28 @@ def _ratio(x: float, y: float) -> float:
     """``max(x, y) / min(x, y)`` (>= 1; inf when the smaller is 0)."""
     low, high = min(x, y), max(x, y)
     return high / low if low > 1e-9 else float("inf")
+
+
+def _tiles(x: np.ndarray, y: np.ndarray, valid: np.ndarray, grid: int = 4) -> np.ndarray:
+    """Per tile of a ``grid x grid`` split of the overlap (tiles at least half covered):
+    float32 ``(tiles, 3)`` rows of the two detail standard deviations and their correlation."""
+    side = x.shape[0]
+    rows = []
+    for r in range(grid):
+        for c in range(grid):
+            part = (slice(r * side // grid, (r + 1) * side // grid), slice(c * side // grid, (c + 1) * side // grid))
+            weight = valid[part]
+            if weight.mean() < 0.5:
+                continue
+            rows.append((_std(x[part], weight), _std(y[part], weight), _correlation(x[part], y[part], weight)))
+    return np.asarray(rows, np.float32).reshape(-1, 3)
+
+
+def _median_abs(x: np.ndarray, weight: np.ndarray) -> float:
+    """The median of ``|x|`` where ``weight`` > 0.5 (0 when nothing is): the typical detail,
+    which a watermark or a title over a small part leaves as it is."""
+    values = np.abs(x[weight > 0.5])
+    return float(np.median(values)) if values.size else 0.0
 
 
 def _std(x: np.ndarray, weight: np.ndarray) -> float:

@@ -50,7 +50,7 @@ class VerifyStage:
     candidate_threshold: float | None = None
     chunk_images: int = 2048
     pair: VerifySettings = field(default_factory=VerifySettings)
-    candidate_neighbours: int = 8
+    candidate_neighbours: int = 16
     candidate_floor: float | None = None
 
     def __post_init__(self):
@@ -177,7 +177,7 @@ class VerifyKeys:
     enabled: bool | None = None
     candidate_threshold: float | None = setting(minimum=-1.0, maximum=1.0, default=None)
     chunk_images: int = setting(minimum=2, default=2048)
-    candidate_neighbours: int = setting(minimum=0, default=8)
+    candidate_neighbours: int = setting(minimum=0, default=16)
     candidate_floor: float | None = setting(minimum=-1.0, maximum=1.0, default=None)
 
 

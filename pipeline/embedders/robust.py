@@ -74,13 +74,16 @@ def dct_matrix(n: int) -> np.ndarray:
     return d
 
 
-def trim_borders(rgb: np.ndarray, tol: float = 0.06, max_share: float = 0.45, rounds: int = 3) -> tuple[int, int, int, int]:
+def trim_borders(
+    rgb: np.ndarray, tol: float = 0.06, max_share: float = 0.45, rounds: int = 3, extreme: float = 0.12
+) -> tuple[int, int, int, int]:
     """The box ``(top, bottom, left, right)`` (rows/columns kept: ``rgb[top:bottom, left:right]``)
     left when uniform black or white bars are cut from each side of ``rgb`` (float ``(H, W, 3)``
     in [0, 1]).
 
     A line (row or column) at an edge is a bar when 95% of its pixels are within ``tol`` of
-    the line's median colour, and that colour is near black or near white (letterbox bars,
+    the line's median colour, and that colour is near black or near white (its mean level
+    within ``extreme`` of 0 or 1; letterbox bars,
     img2dataset's white padding, a rotated copy's black or white corners do not qualify as they
     hold picture). Bars of different colours nest (black bars padded with white by img2dataset),
     so the cut repeats up to ``rounds`` times. No side loses more than ``max_share`` of the image:
@@ -92,29 +95,29 @@ def trim_borders(rgb: np.ndarray, tol: float = 0.06, max_share: float = 0.45, ro
         before = (top, bottom, left, right)
         box = rgb[top:bottom, left:right]
         columns = box.transpose(1, 0, 2)
-        top += _side_run(box, tol, max_share * h - top)
-        bottom -= _side_run(box[::-1], tol, max_share * h - (h - bottom))
-        left += _side_run(columns, tol, max_share * w - left)
-        right -= _side_run(columns[::-1], tol, max_share * w - (w - right))
+        top += _side_run(box, tol, max_share * h - top, extreme)
+        bottom -= _side_run(box[::-1], tol, max_share * h - (h - bottom), extreme)
+        left += _side_run(columns, tol, max_share * w - left, extreme)
+        right -= _side_run(columns[::-1], tol, max_share * w - (w - right), extreme)
         if (top, bottom, left, right) == before:
             break
     return top, bottom, left, right
 
 
-def _side_run(lines: np.ndarray, tol: float, limit: float) -> int:
+def _side_run(lines: np.ndarray, tol: float, limit: float, extreme: float = 0.12) -> int:
     """The bar run at one side, or 0 when it would pass ``limit`` (a mostly flat picture, not a bar)."""
     limit = int(max(limit, 0))
-    run = _bar_run(lines, tol, limit + 1)
+    run = _bar_run(lines, tol, limit + 1, extreme=extreme)
     return run if run <= limit and run < len(lines) else 0
 
 
-def _bar_run(lines: np.ndarray, tol: float, limit: float, chunk: int = 8) -> int:
+def _bar_run(lines: np.ndarray, tol: float, limit: float, chunk: int = 8, extreme: float = 0.12) -> int:
     """How many leading rows of ``lines`` (float ``(n, m, 3)``) form one bar (see :func:`trim_borders`).
 
     Looked at ``chunk`` lines at a time: most edges are no bar, and that shows in the first line.
     """
     count = int(min(max(limit, 0), len(lines)))
-    if count == 0 or 0.12 <= lines[0].mean() <= 0.88:  # cheap: most edges are no bar
+    if count == 0 or extreme <= lines[0].mean() <= 1 - extreme:  # cheap: most edges are no bar
         return 0
     first = None
     for start in range(0, count, chunk):
@@ -125,7 +128,7 @@ def _bar_run(lines: np.ndarray, tol: float, limit: float, chunk: int = 8) -> int
         # is a blend of both over a pixel or two at its ends.
         flat = (np.abs(head - median[:, None, :]).max(axis=2) <= tol).mean(axis=1) >= 0.95
         level = median.mean(axis=1)
-        black_or_white = ((level < 0.12) | (level > 0.88)) & (np.ptp(median, axis=1) <= 0.1)
+        black_or_white = ((level < extreme) | (level > 1 - extreme)) & (np.ptp(median, axis=1) <= 0.1)
         same_colour = np.abs(median - first).max(axis=1) <= tol  # another colour: the next round's bar
         bar = flat & black_or_white & same_colour
         if not bar.all():
