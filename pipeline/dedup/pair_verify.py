@@ -88,7 +88,8 @@ class VerifySettings:
         max_brightness_ratio, max_contrast_ratio: the larger of the two images' mean luminances
             (contrasts) over the smaller stays within this, >= 1.
         max_texture_ratio: the larger of the two images' median high-pass magnitudes over the
-            smaller stays within this, >= 1.
+            smaller stays within this, >= 1, where the larger reaches ``texture_floor`` (in
+            [0, 1] units).
         change_level: a luminance difference (in [0, 1] units, after a gain and an offset)
             that counts as a change.
         max_changed: share of the overlap in [0, 1] a copy may change (a watermark, JPEG rings).
@@ -111,6 +112,7 @@ class VerifySettings:
     max_brightness_ratio: float = 1.5
     max_contrast_ratio: float = 2.2
     max_texture_ratio: float = 3.0
+    texture_floor: float = 0.005
     change_level: float = 0.12
     max_changed: float = 0.08
     max_rotation: float = 8.0
@@ -132,6 +134,7 @@ class VerifySettings:
             "near_flat_floor",
             "near_flat_colour",
             "toned_detail",
+            "texture_floor",
             "change_level",
             "max_changed",
         ):
@@ -168,7 +171,9 @@ class Verdict:
     ``change_level`` after one gain and offset; ``contrast``: the lesser standard deviation of
     the two low-passed luminances; ``contrast_ratio``, ``brightness_ratio``, ``detail_ratio``
     (standard deviations of the high-passed luminances), ``texture_ratio`` (their median
-    magnitudes): the larger over the smaller of the two, >= 1), which image is ``grey`` (first, second), whether the second
+    magnitudes): the larger over the smaller of the two, >= 1; ``texture``: the larger median
+    magnitude; ``tiles``: per tile of a 4 x 4 split, the two detail standard deviations and
+    their correlation), which image is ``grey`` (first, second), whether the second
     image was ``mirrored``, and the warp's ``rotation`` (degrees) and ``scale`` (per axis)."""
 
     match: bool
@@ -181,6 +186,7 @@ class Verdict:
     contrast_ratio: float = float("nan")
     brightness_ratio: float = float("nan")
     detail_ratio: float = float("nan")
+    texture: float = float("nan")
     texture_ratio: float = float("nan")
     tiles: np.ndarray | None = None
     grey: tuple[bool, bool] = (False, False)
@@ -414,6 +420,7 @@ def _scores(a: Prepared, b: Prepared, warp: np.ndarray, mirrored: bool, inner: n
         colour=colour,
         detail=min(_std(a.detail, valid), _std(detail_b, valid)),
         detail_ratio=_ratio(_std(a.detail, valid), _std(detail_b, valid)),
+        texture=max(_median_abs(a.detail, valid), _median_abs(detail_b, valid)),
         texture_ratio=_ratio(_median_abs(a.detail, valid), _median_abs(detail_b, valid)),
         tiles=_tiles(a.detail, detail_b, valid),
         changed=changed,
@@ -447,9 +454,10 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
       luminance). With detail, contrasts are compared only where both stand above
       ``flat_floor``: below it the low-passed luminance is noise or a texture's residue.
 
-    In every case the typical detail (the median high-pass magnitude, which a watermark or a
-    title over a small part leaves as it is) of one image is at most ``max_texture_ratio``
-    times the other's: a smooth picture is no copy of a busy one.
+    In every case, where one image's typical detail (the median high-pass magnitude, which a
+    watermark or a title over a small part leaves as it is) reaches ``texture_floor``, the
+    other's is at least its ``1 / max_texture_ratio``: a smooth picture is no copy of a busy
+    one (below the floor both are smooth, and the ratio of two noises says nothing).
     """
     if not math.isfinite(verdict.structure):
         return False
@@ -476,7 +484,7 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
         and colour_ok
         and verdict.brightness_ratio <= settings.max_brightness_ratio
         and verdict.changed <= settings.max_changed
-        and not verdict.texture_ratio > settings.max_texture_ratio
+        and not (verdict.texture >= settings.texture_floor and verdict.texture_ratio > settings.max_texture_ratio)
     )
 
 

@@ -57,7 +57,7 @@ def owned_candidates(
     for start in range(0, n, chunk_rows):
         found = read_pairs(pair_files, start, min(start + chunk_rows, n), k)
         if threshold is not None and len(found):
-            order = np.lexsort((-found.similarity, found.i))
+            order = np.lexsort((found.j, -found.similarity, found.i))  # ties by row: the same in any split
             qi, sim = found.i[order], found.similarity[order]
             first = np.r_[0, np.flatnonzero(np.diff(qi)) + 1]
             rank = np.arange(len(qi)) - np.repeat(first, np.diff(np.r_[first, len(qi)]))
