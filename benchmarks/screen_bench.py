@@ -18,7 +18,10 @@ Two audits of the same prompts on the same model, in one process:
     is within the threshold of one of the prompt's training images, or, unless
     ``--no-stop-when-unlikely``, whose clique's growth bound falls short (a heuristic, see
     :mod:`pipeline.generate.adaptive`); rounds end early where those stops could first apply),
-    then the detector.
+    then the detector. The defaults score with ``own_images`` (each caption also against its own
+    training images) and sample the kept prompts in tiers (:func:`sampling_tiers`): caption-only
+    z >= ``--strong-z`` from one sample, held until extracted; kept on own-image evidence alone,
+    with 10 or more copies, from ``--image-first-round``; the rest from ``--first-round``.
 
 Both runs are verified against the demo set's images (each prompt's candidates: the images of
 its original's copies, from the ground truth), so a prompt is *found* when flagged or
@@ -313,6 +316,9 @@ STANDARD, STRONG, IMAGE_ONLY = "standard", "strong", "image_only"
 STRONG_Z = 5.0
 STRONG_FIRST_ROUND = 1
 IMAGE_FIRST_ROUND = 8
+# The training copies (``dup_count``, the duplicate group's size) from which a prompt kept on its
+# own-image evidence alone gets IMAGE_FIRST_ROUND; a smaller group is sampled as STANDARD.
+IMAGE_MIN_COPIES = 10
 # adaptive.near_training at this distance holds every prompt with a sample: tiled L2 between
 # images in [0, 1] is at most 1.
 HOLD_ALWAYS = 1.0
@@ -324,15 +330,17 @@ def sampling_tiers(scores: pd.DataFrame, args) -> dict[str, str]:
     STRONG: its caption-only robust z (``z_text`` under ``--score own_images``, else
     ``robust_z``) is at least ``--strong-z`` (None: no prompt is); IMAGE_ONLY (``--score
     own_images`` only): kept, with its caption-only z below ``--keep-z`` (kept on its own-image
-    evidence); STANDARD: the other kept prompts. Every kept prompt has exactly one tier.
+    evidence) and a duplicate group of at least ``--image-min-copies`` (``dup_count``; unknown:
+    not); STANDARD: the other kept prompts. Every kept prompt has exactly one tier.
     """
     kept = scores[scores.kept]
     text = kept["z_text" if "z_text" in kept.columns else "robust_z"].to_numpy(dtype=float)
+    copies = kept["dup_count"].to_numpy(dtype=float, na_value=0.0) if "dup_count" in kept.columns else np.zeros(len(kept))
     tiers = {}
-    for prompt_id, z in zip(kept.prompt_id, text):
+    for prompt_id, z, n in zip(kept.prompt_id, text, copies):
         if args.strong_z is not None and z >= args.strong_z:
             tiers[str(prompt_id)] = STRONG
-        elif "z_text" in kept.columns and args.keep_z is not None and not z >= args.keep_z:
+        elif "z_text" in kept.columns and args.keep_z is not None and not z >= args.keep_z and n >= args.image_min_copies:
             tiers[str(prompt_id)] = IMAGE_ONLY
         else:
             tiers[str(prompt_id)] = STANDARD
@@ -483,10 +491,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--score",
         choices=SCORES,
         default="own_images",
-        help="the prescreen's score (prescreen.score): wen_levels, Wen's norm at --levels, the strongest outlier (on "
-        "the demo model it keeps the 10- and 40-copy prompts the first step misses), or own_images, each caption against "
-        "its own training images (the prompt's keys; --images, --image-levels, --image-draws) beside --text-score (more "
-        "evaluations at 120 prompts: 6.5%% of brute force's against 4.8-5.2%%), or wen (the first step alone), or anisotropy",
+        help="the prescreen's score (prescreen.score): own_images (default), each caption against its own training "
+        "images (the prompt's keys; --images, --image-levels, --image-draws) beside --text-score, which keeps orig-00006 "
+        "(40 copies) where the text score alone drops it; wen_levels, Wen's norm at --levels, the strongest outlier (on "
+        "the demo model it keeps the 10- and 40-copy prompts the first step misses); wen (the first step alone); anisotropy",
     )
     parser.add_argument(
         "--text-score",
@@ -498,8 +506,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--images",
         type=int,
         default=2,
-        help="own_images: training images of each prompt's group scored (prescreen.images): 8, with one draw each "
-        "(a duplicated prompt's score averages over its images; a singleton's single image costs 4 evaluations)",
+        help="own_images: training images of each prompt's group scored (prescreen.images): 2, at one level and one draw "
+        "(4 evaluations a duplicated prompt, 2 a singleton; more images or levels cost more and kept orig-00006 no more often)",
     )
     parser.add_argument(
         "--image-levels",
@@ -543,6 +551,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=IMAGE_FIRST_ROUND,
         help="adaptive (--score own_images): the first round of the prompts kept on their own-image evidence alone "
         "(caption-only z below --keep-z): weakly memorized prompts, whose first near sample can come late",
+    )
+    parser.add_argument(
+        "--image-min-copies",
+        type=int,
+        default=IMAGE_MIN_COPIES,
+        help="adaptive: the duplicate group size (dup_count) from which a prompt kept on its own-image evidence alone "
+        "gets --image-first-round; smaller groups (no prompt of fewer than 10 copies is found on the demo model) get "
+        "--first-round",
     )
     parser.add_argument(
         "--growth",

@@ -192,9 +192,10 @@ def test_sampling_tiers_give_each_kept_prompt_one_rule(bench):
     the image-only tier's starts with --image-first-round; the rest is the standard rule's."""
     scores = pd.DataFrame(
         {
-            "prompt_id": ["a", "b", "c", "d", "e"],
-            "z_text": [9.0, 5.0, 2.5, 1.0, 0.5],
-            "kept": [True, True, True, True, False],
+            "prompt_id": ["a", "b", "c", "d", "e", "f"],
+            "dup_count": pd.array([150, 40, 10, 40, 40, 3], dtype="Int64"),
+            "z_text": [9.0, 5.0, 2.5, 1.0, 0.5, 1.0],
+            "kept": [True, True, True, True, False, True],
         }
     )
     args = bench.parse_args(["--score", "own_images"])
@@ -203,7 +204,11 @@ def test_sampling_tiers_give_each_kept_prompt_one_rule(bench):
         "b": bench.STRONG,
         "c": bench.STANDARD,
         "d": bench.IMAGE_ONLY,
+        "f": bench.STANDARD,  # a group under --image-min-copies: the standard first round
     }
+    assert bench.sampling_tiers(scores, bench.parse_args(["--score", "own_images", "--image-min-copies", "1"]))["f"] == (
+        bench.IMAGE_ONLY
+    )
     args_no_strong = bench.parse_args(["--score", "own_images", "--strong-z", "none"])
     assert set(bench.sampling_tiers(scores, args_no_strong).values()) == {bench.STANDARD, bench.IMAGE_ONLY}
     # A text-only score has no own-image evidence: its kept prompts are strong or standard.
