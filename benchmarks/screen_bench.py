@@ -18,7 +18,10 @@ Two audits of the same prompts on the same model, in one process:
     is within the threshold of one of the prompt's training images, or, unless
     ``--no-stop-when-unlikely``, whose clique's growth bound falls short (a heuristic, see
     :mod:`pipeline.generate.adaptive`); rounds end early where those stops could first apply),
-    then the detector.
+    then the detector. The defaults score with ``own_images`` (each caption also against its own
+    training images) and sample the kept prompts in tiers (:func:`sampling_tiers`): caption-only
+    z >= ``--strong-z`` from one sample, held until extracted; kept on own-image evidence alone,
+    with 10 or more copies, from ``--image-first-round``; the rest from ``--first-round``.
 
 Both runs are verified against the demo set's images (each prompt's candidates: the images of
 its original's copies, from the ground truth), so a prompt is *found* when flagged or
@@ -57,6 +60,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +233,40 @@ def audit(
     }
 
 
+def screened_audit(
+    pipe,
+    prompts: list[Prompt],
+    tiers: Mapping[str, str],
+    rules: Mapping[str, AdaptiveSettings],
+    out: Path,
+    args,
+    runtime,
+    data,
+    seed: int,
+) -> dict:
+    """(b)'s sampling: each tier's kept prompts (``tiers``: prompt id to tier, the kept prompts
+    only) through :func:`audit` with its tier's adaptive rule, into ``out/<tier>``; returns
+    :func:`audit`'s figures over every tier (tables concatenated, sets and times added up). A
+    sample is fixed by its seed, the prompt and its index, so every tier's samples are still
+    brute force's first ones."""
+    parts = []
+    for tier, rule in rules.items():
+        chosen = [p for p in prompts if tiers.get(p.prompt_id) == tier]
+        if chosen:
+            parts.append(audit(pipe, chosen, out / tier, args, runtime, adaptive=rule, data=data, seed=seed))
+    if not parts:
+        parts.append(audit(pipe, [], out / STANDARD, args, runtime, adaptive=rules[STANDARD], data=data, seed=seed))
+    merged = {
+        "table": pd.concat([part["table"] for part in parts], ignore_index=True),
+        "memorized": pd.concat([part["memorized"] for part in parts], ignore_index=True),
+    }
+    for key in ("flagged", "extracted", "found"):
+        merged[key] = set().union(*(part[key] for part in parts))
+    for key in ("images", "reused", "generate_s", "detect_s"):
+        merged[key] = sum(part[key] for part in parts)
+    return merged
+
+
 def reuse_samples(cache: Path, generations: Path, prompts: list[Prompt], n_samples: int) -> None:
     """Hard-link the brute-force samples ``cache`` holds for ``prompts`` into a new ``generations``
     folder, with the settings they were made with: :func:`generate` then makes only the missing
@@ -270,6 +309,59 @@ def store_samples(cache: Path, generations: Path, made: int, seconds: float) -> 
     return per_sample, total - int(made)
 
 
+# Sampling tiers of the screened run: which adaptive rule samples a kept prompt (see sampling_tiers).
+STANDARD, STRONG, IMAGE_ONLY = "standard", "strong", "image_only"
+# A caption-only robust z from which a kept prompt is sampled as STRONG; the first round of those,
+# and that of the prompts kept on their own-image evidence alone.
+STRONG_Z = 5.0
+STRONG_FIRST_ROUND = 1
+IMAGE_FIRST_ROUND = 8
+# The training copies (``dup_count``, the duplicate group's size) from which a prompt kept on its
+# own-image evidence alone gets IMAGE_FIRST_ROUND; a smaller group is sampled as STANDARD.
+IMAGE_MIN_COPIES = 10
+# adaptive.near_training at this distance holds every prompt with a sample: tiled L2 between
+# images in [0, 1] is at most 1.
+HOLD_ALWAYS = 1.0
+
+
+def sampling_tiers(scores: pd.DataFrame, args) -> dict[str, str]:
+    """The sampling tier of each kept prompt of a ranked prescreen table: ``{prompt_id: tier}``.
+
+    STRONG: its caption-only robust z (``z_text`` under ``--score own_images``, else
+    ``robust_z``) is at least ``--strong-z`` (None: no prompt is); IMAGE_ONLY (``--score
+    own_images`` only): kept, with its caption-only z below ``--keep-z`` (kept on its own-image
+    evidence) and a duplicate group of at least ``--image-min-copies`` (``dup_count``; unknown:
+    not); STANDARD: the other kept prompts. Every kept prompt has exactly one tier.
+    """
+    kept = scores[scores.kept]
+    text = kept["z_text" if "z_text" in kept.columns else "robust_z"].to_numpy(dtype=float)
+    copies = kept["dup_count"].to_numpy(dtype=float, na_value=0.0) if "dup_count" in kept.columns else np.zeros(len(kept))
+    tiers = {}
+    for prompt_id, z, n in zip(kept.prompt_id, text, copies):
+        if args.strong_z is not None and z >= args.strong_z:
+            tiers[str(prompt_id)] = STRONG
+        elif "z_text" in kept.columns and args.keep_z is not None and not z >= args.keep_z and n >= args.image_min_copies:
+            tiers[str(prompt_id)] = IMAGE_ONLY
+        else:
+            tiers[str(prompt_id)] = STANDARD
+    return tiers
+
+
+def tier_rules(args, data: dict | None) -> dict[str, AdaptiveSettings]:
+    """The adaptive rule of each sampling tier (:func:`sampling_tiers`): STANDARD's is
+    :func:`adaptive_rule`'s; STRONG's starts with ``--strong-first-round`` samples (at least 2
+    without the stop once extracted) and, with that stop, is held past the stops on the flag (no near-copy pair, out of reach,
+    unlikely) until extracted, flagged or out of budget (``near_training`` at
+    :data:`HOLD_ALWAYS`: a prompt that far above the bulk is memorized, and its first samples
+    showing nothing does not say otherwise); IMAGE_ONLY's starts with ``--image-first-round``."""
+    standard = adaptive_rule(args, data)
+    if standard.stop_when_extracted:
+        strong = replace(standard, first_round=args.strong_first_round, near_training=HOLD_ALWAYS)
+    else:  # nothing holds a prompt on one sample: its first round needs a pair
+        strong = replace(standard, first_round=max(2, args.strong_first_round))
+    return {STANDARD: standard, STRONG: strong, IMAGE_ONLY: replace(standard, first_round=args.image_first_round)}
+
+
 def adaptive_rule(args, data: dict | None) -> AdaptiveSettings:
     """The screened run's adaptive sampling; the stops comparing samples with training images only
     where the demo set gives them."""
@@ -295,9 +387,8 @@ def screened_figures(pipe, prompts, scores, ps, out: Path, args, runtime, data, 
     is not measured."""
     n = len(prompts)
     kept = set(scores.loc[scores.kept, "prompt_id"])
-    screened = audit(
-        pipe, [p for p in prompts if p.prompt_id in kept], out / "screened", args, runtime, adaptive_rule(args, data), data, seed
-    )
+    tiers = sampling_tiers(scores, args)
+    screened = screened_audit(pipe, prompts, tiers, tier_rules(args, data), out / "screened", args, runtime, data, seed)
     budget = generation_budget(screened["table"], {"prompts": n, "unet_evaluations": table_evaluations(scores, ps)})
     brute_evaluations = brute_force_evaluations(n, args.n_samples, args.steps, args.guidance)
     fraction = budget["unet_evaluations"] / brute_evaluations
@@ -317,6 +408,9 @@ def screened_figures(pipe, prompts, scores, ps, out: Path, args, runtime, data, 
         "brute_force_evaluations": brute_evaluations,
         "evaluation_fraction": fraction,
         "found": sorted(screened["found"]),
+        "tiers": tiers,
+        "n_generated": dict(zip(screened["table"].prompt_id, screened["table"].n_generated.astype(int))),
+        "stop_reason": dict(zip(screened["table"].prompt_id, screened["table"].stop_reason)),
         "seconds": seconds,
     }
 
@@ -332,13 +426,19 @@ def delta(args) -> float:
 
 
 def adaptive_alone(
-    generations: Path, table: pd.DataFrame, rule: AdaptiveSettings, matcher: GroupMatcher | None = None
+    generations: Path,
+    table: pd.DataFrame,
+    rule: AdaptiveSettings,
+    matcher: GroupMatcher | None = None,
+    rules: Mapping[str, AdaptiveSettings] | None = None,
 ) -> pd.DataFrame:
     """What adaptive sampling would have done to every prompt, replayed on brute-force samples
-    (``matcher``: the training images, for ``stop_when_extracted``, compared with each prompt's ``keys``)."""
+    (``matcher``: the training images, for ``stop_when_extracted``, compared with each prompt's ``keys``),
+    under ``rule``, or ``rules[prompt_id]`` where given (a kept prompt's sampling tier)."""
     rows = []
     keys = dict(zip(table.prompt_id, table["keys"])) if "keys" in table.columns else {}
     for prompt_id, n in zip(table.prompt_id, table.n_samples):
+        rule_of = (rules or {}).get(prompt_id, rule)
         group = [str(k) for k in keys.get(prompt_id)] if keys.get(prompt_id) is not None else []
         matches = near = None
         if matcher is not None and group:
@@ -346,10 +446,12 @@ def adaptive_alone(
             def matches(start, end, pid=prompt_id, group=group):
                 return matcher.any_match(read_samples(generations, pid, end, start=start), group)
 
-            def near(end, pid=prompt_id, group=group):
-                return matcher.any_match(read_samples(generations, pid, end), group, within=rule.near_training)
+            def near(end, pid=prompt_id, group=group, within=rule_of.near_training):
+                return matcher.any_match(read_samples(generations, pid, end), group, within=within)
 
-        made, reason = adaptive_outcome(lambda k, pid=prompt_id: read_samples(generations, pid, k), int(n), rule, matches, near)
+        made, reason = adaptive_outcome(
+            lambda k, pid=prompt_id: read_samples(generations, pid, k), int(n), rule_of, matches, near
+        )
         rows.append({"prompt_id": prompt_id, "n_generated": made, "stopped_early": reason == NO_SIGN, "stop_reason": reason})
     return pd.DataFrame(rows)
 
@@ -388,11 +490,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--score",
         choices=SCORES,
-        default="wen_levels",
-        help="the prescreen's score (prescreen.score): wen_levels, Wen's norm at --levels, the strongest outlier (on "
-        "the demo model it keeps the 10- and 40-copy prompts the first step misses), or own_images, each caption against "
-        "its own training images (the prompt's keys; --images, --image-levels, --image-draws) beside --text-score (more "
-        "evaluations at 120 prompts: 6.5%% of brute force's against 4.8-5.2%%), or wen (the first step alone), or anisotropy",
+        default="own_images",
+        help="the prescreen's score (prescreen.score): own_images (default), each caption against its own training "
+        "images (the prompt's keys; --images, --image-levels, --image-draws) beside --text-score, which keeps orig-00006 "
+        "(40 copies) where the text score alone drops it; wen_levels, Wen's norm at --levels, the strongest outlier (on "
+        "the demo model it keeps the 10- and 40-copy prompts the first step misses); wen (the first step alone); anisotropy",
     )
     parser.add_argument(
         "--text-score",
@@ -403,14 +505,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--images",
         type=int,
-        default=8,
-        help="own_images: training images of each prompt's group scored (prescreen.images): 8, with one draw each "
-        "(a duplicated prompt's score averages over its images; a singleton's single image costs 4 evaluations)",
+        default=2,
+        help="own_images: training images of each prompt's group scored (prescreen.images): 2, at one level and one draw "
+        "(4 evaluations a duplicated prompt, 2 a singleton; more images or levels cost more and kept orig-00006 no more often)",
     )
     parser.add_argument(
         "--image-levels",
         type=lambda v: [float(x) for x in v.split(",")],
-        default=[0.04, 0.125],
+        default=[0.08],
         help="own_images: noise levels of the training images, fractions of the schedule (prescreen.image_levels)",
     )
     parser.add_argument(
@@ -430,7 +532,41 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="adaptive: samples in the first round: 4 (a prompt kept is mostly extracted within its first 4 "
         "samples, or held by --near-training; every singleton kept costs this many)",
     )
-    parser.add_argument("--growth", type=float, default=1.5, help="adaptive: round growth factor")
+    parser.add_argument(
+        "--strong-z",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=STRONG_Z,
+        help="adaptive: kept prompts whose caption-only robust z is at least this are sampled in first rounds of "
+        "--strong-first-round (they are extracted in their first samples); none: every kept prompt gets --first-round",
+    )
+    parser.add_argument(
+        "--strong-first-round",
+        type=int,
+        default=STRONG_FIRST_ROUND,
+        help="adaptive: the first round of the prompts at or above --strong-z",
+    )
+    parser.add_argument(
+        "--image-first-round",
+        type=int,
+        default=IMAGE_FIRST_ROUND,
+        help="adaptive (--score own_images): the first round of the prompts kept on their own-image evidence alone "
+        "(caption-only z below --keep-z): weakly memorized prompts, whose first near sample can come late",
+    )
+    parser.add_argument(
+        "--image-min-copies",
+        type=int,
+        default=IMAGE_MIN_COPIES,
+        help="adaptive: the duplicate group size (dup_count) from which a prompt kept on its own-image evidence alone "
+        "gets --image-first-round; smaller groups (no prompt of fewer than 10 copies is found on the demo model) get "
+        "--first-round",
+    )
+    parser.add_argument(
+        "--growth",
+        type=float,
+        default=1.01,
+        help="adaptive: round growth factor: 1.01, rounds of one sample after the first (ceil(k x 1.01) = k + 1 "
+        "below 100 samples), so that a prompt stops at the sample that extracts it",
+    )
     parser.add_argument(
         "--min-close-pairs",
         type=int,
@@ -598,9 +734,8 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
 
     # (b) adaptive sampling of the kept prompts
     rule = adaptive_rule(args, data)
-    screened = audit(
-        pipe, [p for p in prompts if p.prompt_id in kept], out / "screened", args, runtime, adaptive=rule, data=data, seed=seed
-    )
+    tiers, rules = sampling_tiers(scores, args), tier_rules(args, data)
+    screened = screened_audit(pipe, prompts, tiers, rules, out / "screened", args, runtime, data, seed)
     screened_s = prescreen_s + screened["generate_s"] + screened["detect_s"]
 
     brute_budget = generation_budget(brute["table"])
@@ -610,7 +745,9 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
     brute_evaluations = brute_force_evaluations(n, args.n_samples, args.steps, args.guidance)
     assert screened_budget["brute_force_evaluations"] == brute_evaluations
     matcher = GroupMatcher(data, rule.rule.metric, delta(args)) if rule.stop_when_extracted else None
-    replay = adaptive_alone(out / "brute" / "generations", brute["table"], rule, matcher)
+    replay = adaptive_alone(
+        out / "brute" / "generations", brute["table"], rule, matcher, {pid: rules[tier] for pid, tier in tiers.items()}
+    )
     missed = missed_by_shortcuts(brute["memorized"], scores, replay)
     dup_counts = scores.dup_count.to_numpy(dtype=float, na_value=math.nan)
     aucs = heavy_prompt_aucs(scores.score.to_numpy(), dup_counts, args.heavy_dup_count)
@@ -697,6 +834,14 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
         + (
             f", held while a sample is within {rule.near_training:g} of a training image"
             if rule.near_training is not None
+            else ""
+        )
+        + (
+            f"; tiers (prompts): {', '.join(f'{t} {sum(v == t for v in tiers.values())}' for t in rules)}; strong "
+            f"(caption-only z >= {args.strong_z:g}): first round {rules[STRONG].first_round}"
+            + (", held until extracted, flagged or out of budget" if rules[STRONG].near_training == HOLD_ALWAYS else "")
+            + f"; image_only (kept on own-image evidence alone): first round {rules[IMAGE_ONLY].first_round}"
+            if args.strong_z is not None or args.score == "own_images"
             else ""
         )
         + f"; detector clique >= {args.min_clique}"
@@ -792,6 +937,8 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
             "prescreen_evaluations": screened_budget["prescreen_evaluations"],
             "prescreen_images": int(scores.own_images.fillna(0).sum()),
             "kept": sorted(kept),
+            "tiers": tiers,
+            "n_generated": dict(zip(screened["table"].prompt_id, screened["table"].n_generated.astype(int))),
             "stopped_early": screened_budget["prompts_stopped_early"],
             "stopped_flagged": screened_budget["prompts_stopped_flagged"],
             "stopped_out_of_reach": screened_budget["prompts_stopped_out_of_reach"],

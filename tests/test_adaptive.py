@@ -332,6 +332,25 @@ def test_near_training_holds_a_prompt_past_the_stops_on_the_flag_until_a_match()
     assert adaptive_outcome(first, 40, settings, matches, None) == (4, NO_SIGN)
 
 
+def test_a_first_round_of_one_sample_needs_near_training_and_is_held_by_it():
+    """One sample has no pair: a first round of 1 is refused unless near_training can hold the
+    prompt. With it, a first sample near a training image holds the prompt on to the match (or the
+    budget); a first sample that is not near stops it there, as no near-copy pair would."""
+    with pytest.raises(ValueError, match="adaptive.first_round: .*near_training"):
+        AdaptiveSettings(first_round=1, growth=1.5, stop_when_extracted=True)
+    settings = AdaptiveSettings(first_round=1, growth=1.5, stop_when_extracted=True, near_training=0.25)
+    assert round_ends(8, settings) == [1, 2, 3, 5, 8]
+    images = _diverse(8, np.random.default_rng(6))
+
+    def first(k):
+        return images[:k]
+
+    assert adaptive_outcome(first, 8, settings, lambda start, end: False, lambda end: False) == (1, NO_SIGN)
+    assert adaptive_outcome(first, 8, settings, lambda start, end: end >= 3, lambda end: True) == (3, EXTRACTED)
+    assert adaptive_outcome(first, 8, settings, lambda start, end: start == 0, lambda end: True) == (1, EXTRACTED)
+    assert adaptive_outcome(first, 8, settings, lambda start, end: False, lambda end: True) == (8, None)
+
+
 def test_near_training_never_overrides_the_flag():
     rng = np.random.default_rng(6)
     rule = AdaptiveSettings(

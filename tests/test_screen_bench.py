@@ -35,20 +35,21 @@ def test_budget_figures_follow_from_the_runs(tiny_run):
     n, samples, steps = result["prompts"], result["n_samples"], result["steps"]
     assert result["brute_force"]["unet_evaluations"] == n * samples * steps * 2  # guidance 5: two UNet calls a step
     screened = result["screened"]
-    table = pd.read_parquet(out / "screened" / "generations" / "prompts.parquet")
+    # Each sampling tier's prompts are generated into their own folder, out/screened/<tier>/.
+    table = pd.concat([pd.read_parquet(path) for path in sorted((out / "screened").glob("*/generations/prompts.parquet"))])
     assert sorted(table.prompt_id) == screened["kept"] and len(screened["kept"]) == n // 2  # keep 50% (--tiny: no z cut)
     # own_images: its text score, wen_levels at its one default level (0.125), 2 seeds a prompt and 2
-    # unconditional ones for all; then each training image scored, with and without the caption,
-    # at the 2 default image levels, one draw each (every tiny prompt has its copies as keys).
-    assert 0 < screened["prescreen_images"] <= 8 * n
-    assert screened["prescreen_evaluations"] == (n + 1) * 2 + 2 * 2 * 1 * screened["prescreen_images"]
+    # unconditional ones for all; then each training image (at most 2 a prompt) scored, with and
+    # without the caption, at the one default image level, one draw (every tiny prompt has its copies as keys).
+    assert 0 < screened["prescreen_images"] <= 2 * n
+    assert screened["prescreen_evaluations"] == (n + 1) * 2 + 2 * 1 * 1 * screened["prescreen_images"]
     assert screened["unet_evaluations"] == screened["prescreen_evaluations"] + int(table.n_generated.sum()) * steps * 2
     assert result["evaluation_fraction"] == pytest.approx(
         screened["unet_evaluations"] / result["brute_force"]["unet_evaluations"]
     )
-    # Rounds end at 2, 4, 6 samples (or sooner where a stop on the verdict could apply); a prompt
-    # stopped before the budget did so for a reason.
-    assert set(table.n_generated) <= set(range(2, samples + 1))
+    # Rounds end at 2, 4, 6 samples (1, 2, 4, 6 for a strong prompt, or sooner where a stop on the
+    # verdict could apply); a prompt stopped before the budget did so for a reason.
+    assert set(table.n_generated) <= set(range(1, samples + 1))
     assert screened["stopped_early"] == int(table.stopped_early.sum()) == int((table.stop_reason == "no_close_pairs").sum())
     assert screened["stopped_flagged"] == int((table.stop_reason == "flagged").sum())
     assert screened["stopped_out_of_reach"] == int((table.stop_reason == "out_of_reach").sum())
@@ -64,7 +65,7 @@ def test_budget_figures_follow_from_the_runs(tiny_run):
 @pytest.mark.slow
 def test_screened_samples_are_the_brute_force_samples(tiny_run):
     _, out = tiny_run
-    screened = sorted((out / "screened" / "generations").glob("*/*.png"))
+    screened = sorted((out / "screened").glob("*/generations/*/*.png"))
     assert screened
     for path in screened:
         twin = out / "brute" / "generations" / path.parent.name / path.name
@@ -181,3 +182,49 @@ def test_brute_cache_reuses_brute_force_samples_across_prompt_mixes(bench, tmp_p
         twin = tmp_path / "c" / "brute" / "generations" / path.parent.name / path.name
         np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(twin)), err_msg=str(path))
     assert second["brute_force"]["found"] == fresh["brute_force"]["found"]
+
+
+def test_sampling_tiers_give_each_kept_prompt_one_rule(bench):
+    """Each kept prompt gets exactly one tier: strong from the caption-only z at --strong-z,
+    image_only when kept with a caption-only z below --keep-z (own-image evidence alone),
+    standard otherwise; prompts not kept get none. The strong tier's rule starts with
+    --strong-first-round samples and holds a prompt until extracted, flagged or out of budget;
+    the image-only tier's starts with --image-first-round; the rest is the standard rule's."""
+    scores = pd.DataFrame(
+        {
+            "prompt_id": ["a", "b", "c", "d", "e", "f"],
+            "dup_count": pd.array([150, 40, 10, 40, 40, 3], dtype="Int64"),
+            "z_text": [9.0, 5.0, 2.5, 1.0, 0.5, 1.0],
+            "kept": [True, True, True, True, False, True],
+        }
+    )
+    args = bench.parse_args(["--score", "own_images"])
+    assert bench.sampling_tiers(scores, args) == {
+        "a": bench.STRONG,
+        "b": bench.STRONG,
+        "c": bench.STANDARD,
+        "d": bench.IMAGE_ONLY,
+        "f": bench.STANDARD,  # a group under --image-min-copies: the standard first round
+    }
+    assert bench.sampling_tiers(scores, bench.parse_args(["--score", "own_images", "--image-min-copies", "1"]))["f"] == (
+        bench.IMAGE_ONLY
+    )
+    args_no_strong = bench.parse_args(["--score", "own_images", "--strong-z", "none"])
+    assert set(bench.sampling_tiers(scores, args_no_strong).values()) == {bench.STANDARD, bench.IMAGE_ONLY}
+    # A text-only score has no own-image evidence: its kept prompts are strong or standard.
+    text_only = scores.rename(columns={"z_text": "robust_z"})
+    assert set(bench.sampling_tiers(text_only, bench.parse_args(["--score", "wen_levels"])).values()) == {
+        bench.STRONG,
+        bench.STANDARD,
+    }
+    rules = bench.tier_rules(args, {"format": "files", "path": "unused"})
+    standard = bench.adaptive_rule(args, {"format": "files", "path": "unused"})
+    assert rules[bench.STANDARD] == standard
+    assert rules[bench.STRONG].first_round == args.strong_first_round
+    assert rules[bench.STRONG].near_training == bench.HOLD_ALWAYS == 1.0  # tiled L2 of [0, 1] images is at most 1
+    assert rules[bench.IMAGE_ONLY].first_round == args.image_first_round
+    for tier in (bench.STRONG, bench.IMAGE_ONLY):
+        assert rules[tier].rule == standard.rule and rules[tier].growth == standard.growth
+    # Without training images nothing can hold a prompt: the strong tier's first round needs a pair.
+    unheld = bench.tier_rules(args, None)[bench.STRONG]
+    assert unheld.near_training is None and unheld.first_round == max(2, args.strong_first_round)

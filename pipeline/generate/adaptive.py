@@ -96,6 +96,9 @@ HELD_BY_TRAINING = (NO_SIGN, OUT_OF_REACH, UNLIKELY)
 @dataclass(frozen=True)
 class AdaptiveSettings:
     """``first_round`` samples first; then rounds growing by ``growth`` up to the full budget.
+    ``first_round`` is at least 2 (a near-copy pair needs two samples), or 1 with
+    ``near_training`` (one sample near a training image holds the prompt; with none, the
+    prompt stops after it unless extracted).
 
     Sampling continues after a round while the samples so far have at least
     ``min_close_pairs`` near-copy pairs under ``rule`` (the detector's), and, with
@@ -124,8 +127,11 @@ class AdaptiveSettings:
     rule: NearCopyRule = field(default_factory=NearCopyRule)
 
     def __post_init__(self):
-        if self.first_round < 2:
-            raise ValueError(f"adaptive.first_round: need at least 2 samples to compare, got {self.first_round}")
+        if self.first_round < 1 or (self.first_round < 2 and self.near_training is None):
+            raise ValueError(
+                "adaptive.first_round: need at least 2 samples to compare (1 only with adaptive.near_training, which "
+                f"can hold a prompt on one sample near a training image), got {self.first_round}"
+            )
         if self.growth <= 1:
             raise ValueError(f"adaptive.growth: must be above 1, got {self.growth}")
         if self.min_close_pairs < 1:

@@ -16,8 +16,8 @@ from pipeline.prescreen.scores import SCORES, TEXT_SCORES
 
 DEFAULT_LEVELS = (0.125,)
 # score=own_images: where each training image is noised, fractions of the schedule (0: its first,
-# noisiest timestep).
-DEFAULT_IMAGE_LEVELS = (0.04, 0.125)
+# noisiest timestep): 0.08, the third timestep of a 25-step schedule (docs/screening.md).
+DEFAULT_IMAGE_LEVELS = (0.08,)
 
 
 @dataclass
@@ -60,7 +60,7 @@ class PrescreenSettings:
     guidance_scale: float | None = None
     levels: Sequence[float] | None = DEFAULT_LEVELS
     text_score: Literal["wen", "anisotropy", "wen_levels"] = "wen_levels"  # TEXT_SCORES, checked by __post_init__
-    images: int = setting(minimum=1, default=8)
+    images: int = setting(minimum=1, default=2)
     image_levels: Sequence[float] | None = DEFAULT_IMAGE_LEVELS
     image_draws: int = setting(minimum=1, default=1)
 
