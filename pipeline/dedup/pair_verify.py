@@ -169,11 +169,9 @@ class Verdict:
     image is grey; ``detail``: the lesser standard deviation of the two high-passed
     luminances; ``changed``: the share of the overlap whose luminance differs by more than
     ``change_level`` after one gain and offset; ``contrast``: the lesser standard deviation of
-    the two low-passed luminances; ``contrast_ratio``, ``brightness_ratio``, ``detail_ratio``
-    (standard deviations of the high-passed luminances), ``texture_ratio`` (their median
-    magnitudes): the larger over the smaller of the two, >= 1; ``texture``: the larger median
-    magnitude; ``tiles``: per tile of a 4 x 4 split, the two detail standard deviations and
-    their correlation), which image is ``grey`` (first, second), whether the second
+    the two low-passed luminances; ``contrast_ratio``, ``brightness_ratio``, ``texture_ratio``
+    (the median magnitudes of the high-passed luminances): the larger over the smaller of the
+    two, >= 1; ``texture``: the larger median magnitude), which image is ``grey`` (first, second), whether the second
     image was ``mirrored``, and the warp's ``rotation`` (degrees) and ``scale`` (per axis)."""
 
     match: bool
@@ -185,10 +183,8 @@ class Verdict:
     contrast: float = float("nan")
     contrast_ratio: float = float("nan")
     brightness_ratio: float = float("nan")
-    detail_ratio: float = float("nan")
     texture: float = float("nan")
     texture_ratio: float = float("nan")
-    tiles: np.ndarray | None = None
     grey: tuple[bool, bool] = (False, False)
     mirrored: bool = False
     rotation: float = float("nan")
@@ -410,23 +406,22 @@ def _scores(a: Prepared, b: Prepared, warp: np.ndarray, mirrored: bool, inner: n
     gain = cov / max(((luma_b - mb) ** 2 * valid).sum(), 1e-12)
     residual = _blur((a.luma - ma - gain * (luma_b - mb)) * valid, 1.5)
     changed = float(((np.abs(residual) > settings.change_level) * valid).sum() / total)
-    std_a, std_b = _std(a.tone, valid), _std(warped(b.tone), valid)
-    mb_raw = (warped(b.luma) * valid).sum() / total
+    tone_b = warped(b.tone)
+    std_a, std_b = _std(a.tone, valid), _std(tone_b, valid)
+    texture_a, texture_b = _median_abs(a.detail, valid), _median_abs(detail_b, valid)
     rotation, scale = _warp_shape(warp)
     verdict = Verdict(
         match=False,
         structure=_correlation(a.detail, detail_b, valid),
-        tone=_correlation(a.tone, warped(b.tone), valid),
+        tone=_correlation(a.tone, tone_b, valid),
         colour=colour,
         detail=min(_std(a.detail, valid), _std(detail_b, valid)),
-        detail_ratio=_ratio(_std(a.detail, valid), _std(detail_b, valid)),
-        texture=max(_median_abs(a.detail, valid), _median_abs(detail_b, valid)),
-        texture_ratio=_ratio(_median_abs(a.detail, valid), _median_abs(detail_b, valid)),
-        tiles=_tiles(a.detail, detail_b, valid),
+        texture=max(texture_a, texture_b),
+        texture_ratio=_ratio(texture_a, texture_b),
         changed=changed,
         contrast=min(std_a, std_b),
         contrast_ratio=_ratio(std_a, std_b),
-        brightness_ratio=_ratio(float(ma), float(mb_raw)),
+        brightness_ratio=_ratio(float(ma), float(mb)),
         grey=(not a.coloured, not b.coloured),
         mirrored=mirrored,
         rotation=rotation,
@@ -510,21 +505,6 @@ def _ratio(x: float, y: float) -> float:
     """``max(x, y) / min(x, y)`` (>= 1; inf when the smaller is 0)."""
     low, high = min(x, y), max(x, y)
     return high / low if low > 1e-9 else float("inf")
-
-
-def _tiles(x: np.ndarray, y: np.ndarray, valid: np.ndarray, grid: int = 4) -> np.ndarray:
-    """Per tile of a ``grid x grid`` split of the overlap (tiles at least half covered):
-    float32 ``(tiles, 3)`` rows of the two detail standard deviations and their correlation."""
-    side = x.shape[0]
-    rows = []
-    for r in range(grid):
-        for c in range(grid):
-            part = (slice(r * side // grid, (r + 1) * side // grid), slice(c * side // grid, (c + 1) * side // grid))
-            weight = valid[part]
-            if weight.mean() < 0.5:
-                continue
-            rows.append((_std(x[part], weight), _std(y[part], weight), _correlation(x[part], y[part], weight)))
-    return np.asarray(rows, np.float32).reshape(-1, 3)
 
 
 def _median_abs(x: np.ndarray, weight: np.ndarray) -> float:
