@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.embedders.robust import RobustEmbedder, trim_borders
+from pipeline.embedders.robust import PolarSpectrum, RobustEmbedder, picture_box, trim_borders
 
 from .conftest import REPO
 
@@ -141,6 +141,77 @@ def test_trim_borders_finds_nested_bars():
     assert trim_borders(picture) == (0, 40, 0, 60)
     flat = np.ones((30, 30, 3))  # all white: nothing to keep, so nothing cut
     assert trim_borders(flat) == (0, 30, 0, 30)
+
+
+def test_trim_borders_cuts_through_the_blended_line_between_nested_bars():
+    """Black letterbox bars inside white padding, reduced in size off the pixel grid: the line
+    where the two bars meet is mid-grey. The cut goes through it to the picture on both sides."""
+    rng = np.random.default_rng(6)
+    image = np.ones((100, 80, 3))
+    image[20:80] = 0.0  # black bars 20-30 and 70-80 inside white padding
+    image[30:70] = rng.uniform(0.2, 0.8, size=(40, 80, 3))
+    image[19] = image[80] = 0.5  # the blended lines
+    assert trim_borders(image)[:2] == (30, 70)
+
+
+def test_picture_box_cuts_bars_centred_and_keeps_a_pictures_own_ground():
+    """Padding is centred (one pixel more on one side when odd); a light ground that reaches
+    further on one side than the other is the picture's own and is not cut past the lesser run
+    (plus 2 pixels of slack)."""
+    rng = np.random.default_rng(7)
+    image = np.ones((60, 81, 3))  # white padding: 10 px left, 11 px right
+    image[:, 10:70] = rng.uniform(0.2, 0.8, size=(60, 60, 3))
+    assert picture_box(image, 0.06, 0.12, inset=0) == (0, 60, 10, 70)
+    drawing = np.full((60, 80, 3), 0.97)  # a near-white ground, a stroke near the left edge only
+    drawing[5:55, 6:10] = 0.3
+    drawing[5:55, 60:64] = 0.3  # the ground runs 6 columns on the left, 16 on the right
+    assert trim_borders(drawing) == (5, 55, 6, 64)
+    assert picture_box(drawing, 0.06, 0.12, inset=0) == (5, 55, 6, 80 - 8), "the right side cuts at most the left's run + 2"
+
+
+def _stripe_copies(rng: np.random.Generator, originals: int, copies: int) -> tuple[list, list[int]]:
+    """Sinusoidal stripe textures, each with copies rotated, cropped and captioned, all as
+    img2dataset stores them; and each image's original."""
+    images, labels = [], []
+    rates = {"rotate": 1.0, "crop": 1.0, "text": 1.0}
+    for index in range(originals):
+        original = planted.stripes(rng)
+        for k in range(copies + 1):
+            picture, quality = (original, 95) if k == 0 else planted.edit_copy(original, rng, rates)[::2]
+            images.append(planted.decode(planted.img2dataset_resize(planted.jpeg_bytes(picture, quality))[0]))
+            labels.append(index)
+    return images, labels
+
+
+def test_copies_of_a_stripe_texture_are_each_others_nearest():
+    """A crop or a rotation of a few degrees reshuffles a stripe texture's low frequencies
+    (2-10 periods), not its spectrum's peaks: every copy's nearest image is another copy of
+    its original, at a similarity the search keeps as a candidate (the candidate floor)."""
+    embedder = RobustEmbedder()
+    images, labels = _stripe_copies(np.random.default_rng(11), originals=8, copies=4)
+    vectors = embedder.embed(images)
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -2.0)
+    nearest = sims.argmax(axis=1)
+    labels = np.array(labels)
+    assert (labels[nearest] == labels).all(), np.flatnonzero(labels[nearest] != labels)
+    assert sims.max(axis=1).min() >= embedder.candidate_floor, np.round(sims.max(axis=1), 3)
+
+
+def test_polar_spectrum_is_shift_and_mirror_invariant_and_tells_stripes_from_photos():
+    """The description of a periodic picture: a circular shift and a horizontal mirror leave it
+    as it is (up to the window's edge effects); stripes are periodic, a photo-like picture is not."""
+    from PIL import Image, ImageOps
+
+    spectrum = PolarSpectrum()
+    rng = np.random.default_rng(12)
+    stripes = planted.stripes(rng).resize((256, 256))
+    base, periodicity = spectrum(stripes)
+    mirrored, _ = spectrum(ImageOps.mirror(stripes))
+    shifted, _ = spectrum(Image.fromarray(np.roll(np.asarray(stripes), 37, axis=1)))
+    assert float(base @ mirrored) > 0.99 and float(base @ shifted) > 0.9
+    assert periodicity > 0.8
+    assert spectrum(planted.photo_like(rng, (256, 256)))[1] < 0.6
 
 
 def test_passing_window_is_the_widest_run_of_passing_thresholds():

@@ -4,9 +4,9 @@ The embedder's search proposes candidate pairs at a loose threshold (for recall)
 candidate is then decided here, from the two images, undoing what copies on the web go
 through and comparing what is left:
 
-1. :func:`prepare`, per image: reduced to at most 128 px a side, uniform black or white bars
+1. :func:`prepare`, per image: reduced to at most 128 px a side, pure black or white bars
    cut from every side (letterboxes, img2dataset's white padding; the embedder's
-   :func:`~pipeline.embedders.robust.trim_borders`), each axis's two sides by the lesser of
+   :func:`~pipeline.embedders.robust.picture_box`), each axis's two sides by the lesser of
    their runs (bars are centred; the rest is the picture's own light or dark ground) and 2 px
    more past each cut, resized to
    ``side x side`` (the aspect ratio is dropped: a crop or a bar changes it), split into
@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from pipeline.embedders.robust import trim_borders
+from pipeline.embedders.robust import picture_box
 
 _WORK_SIDE = 128  # images are reduced to this before the border cut (as the embedder does)
 _WARP_FLAGS = 1 | 16  # cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP: the warp maps the template's pixels
@@ -207,17 +207,7 @@ def prepare(image: Image.Image, settings: VerifySettings = VerifySettings()) -> 
             (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BOX, reducing_gap=2.0
         )
     # Bars are pure black or white (padding, letterboxes); a light or dark ground is the picture's.
-    top, bottom, left, right = trim_borders(np.asarray(image, dtype=np.float32) / 255.0, tol=_BAR_TOL, extreme=_BAR_EXTREME)
-    # Bars are centred (img2dataset's padding, letterboxes): cut each axis's two sides alike,
-    # by the lesser run. What a side holds beyond that is a light or dark picture's own ground
-    # (a drawing, a chart), which a crop changes from copy to copy.
-    vertical, horizontal = min(top, image.height - bottom), min(left, image.width - right)
-    top, bottom, left, right = vertical, image.height - vertical, horizontal, image.width - horizontal
-    top, left = top + (_INSET if top > 0 else 0), left + (_INSET if left > 0 else 0)
-    bottom -= _INSET if bottom < image.height else 0
-    right -= _INSET if right < image.width else 0
-    if bottom - top < 4 or right - left < 4:  # nothing left: keep the whole image
-        top, bottom, left, right = 0, image.height, 0, image.width
+    top, bottom, left, right = picture_box(np.asarray(image, dtype=np.float32) / 255.0, _BAR_TOL, _BAR_EXTREME, _INSET)
     side = settings.side
     small = image.crop((left, top, right, bottom)).resize((side, side), Image.Resampling.BICUBIC)
     rgb = np.asarray(small, dtype=np.float32) / 255.0
