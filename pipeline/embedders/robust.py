@@ -311,7 +311,11 @@ class RobustEmbedder(PerImageEmbedder):
         )
         v, u = np.mgrid[0 : self.side, 0 : self.side]
         self._gain = ((1.0 + np.sqrt(u**2 + v**2)) ** self.whiten).astype(np.float32)
-        self.periodic_weight, self.periodic_from, self.periodic_full = float(periodic_weight), float(periodic_from), float(periodic_full)
+        self.periodic_weight, self.periodic_from, self.periodic_full = (
+            float(periodic_weight),
+            float(periodic_from),
+            float(periodic_full),
+        )
         self._spectrum = PolarSpectrum()
         self.dim += self._spectrum.dim
         self.name = f"robust{self.side}-{self.keep}-{self.chroma_keep}-w{self.whiten:g}-p{self.periodic_weight:g}"
@@ -425,7 +429,7 @@ class PolarSpectrum:
 
     Periodicity, in [0, 1]: the share of the power (the mean aside) in the ``peaks`` strongest
     coefficients within ``low``-``high``: about 0.8-1 for sinusoidal stripes, 0.5 or less for
-    photographs, drawings, posters and text; near 0 for smooth gradients (their power lies
+    photographs, drawings, posters and text (on the planted sets, up to 0.6); near 0 for smooth gradients (their power lies
     below ``low``).
     """
 
