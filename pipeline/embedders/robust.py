@@ -145,8 +145,8 @@ def _uniform(line: np.ndarray, tol: float) -> bool:
 def picture_box(rgb: np.ndarray, tol: float, extreme: float, inset: int) -> tuple[int, int, int, int]:
     """The box ``(top, bottom, left, right)`` of the picture inside ``rgb`` (float ``(H, W, 3)``
     in [0, 1]): the bars :func:`trim_borders` finds, each axis's two sides cut by the lesser of
-    their two runs (up to 2 pixels more: odd padding), and ``inset`` pixels more past each cut; the whole image when less than
-    4 x 4 pixels would be left.
+    their two runs (up to 2 pixels more: odd padding), and ``inset`` pixels more past each
+    cut; the whole image when less than 4 x 4 pixels would be left.
 
     Bars are centred (img2dataset's padding, letterboxes), so the lesser run is the bar; what a
     side holds beyond it is a light or dark picture's own ground (a drawing, a chart), which
@@ -420,17 +420,18 @@ class PolarSpectrum:
 
     The luminance and chroma (Cb, Cr), resized to ``side x side`` (aspect dropped), each less
     its mean and windowed (Hann); their power spectra summed (stripes between two colours of
-    one luminance are stripes of chroma; a grey copy keeps the luminance's) and folded onto one quadrant (``|fx|, |fy|``: a horizontal mirror and
-    the spectrum's own symmetry map onto it); the power between ``low`` and ``high`` cycles
+    one luminance are stripes of chroma; a grey copy keeps the luminance's) and folded onto
+    one quadrant (``|fx|, |fy|``: a horizontal mirror and the spectrum's own symmetry map onto
+    it); the power between ``low`` and ``high`` cycles
     per side pooled into soft bins (Gaussian in the angle, every ``angle_step`` degrees over
     0-90, and in log2 of the frequency, every ``octave_step`` octaves): a shift changes no
     power, a rotation of a few degrees or a crop of a few percent moves a peak by less than a
     bin. The bins' square roots (so one peak does not take all the similarity), unit norm.
 
     Periodicity, in [0, 1]: the share of the power (the mean aside) in the ``peaks`` strongest
-    coefficients within ``low``-``high``: about 0.8-1 for sinusoidal stripes, 0.5 or less for
-    photographs, drawings, posters and text (on the planted sets, up to 0.6); near 0 for smooth gradients (their power lies
-    below ``low``).
+    coefficients within ``low``-``high``: about 0.8-1 for sinusoidal stripes, mostly 0.5 or
+    less for photographs, drawings, posters and text (on the planted sets, up to 0.6); near 0
+    for smooth gradients (their power lies below ``low``).
     """
 
     def __init__(
