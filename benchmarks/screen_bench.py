@@ -716,12 +716,11 @@ def fmt(value, digits: int = 3) -> str:
     return f"{value:,}"
 
 
-def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, device, data: dict | None, seed: int) -> dict:
-    """Brute force against prescreen + adaptive sampling on ``prompts`` with ``seed``; prints the
-    comparison and returns its figures (JSON-ready after :func:`_plain`)."""
-    n = len(prompts)
-    # (b)'s prescreen first: --brute-kept-only needs its choice (it sees no sample of either run).
-    ps = PrescreenSettings(
+def bench_prescreen_settings(args, seed: int) -> PrescreenSettings:
+    """(b)'s prescreen settings: the prescreen's own (:class:`PrescreenSettings`, the defaults of
+    ``conf/prescreen.yaml`` where no option sets them: the robust z against the singleton
+    prompts, ``reference_singletons``) with this benchmark's options and ``seed``."""
+    return PrescreenSettings(
         seeds=args.prescreen_seeds,
         steps=args.steps,
         keep_fraction=args.keep_fraction,
@@ -737,6 +736,14 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
         image_levels=tuple(args.image_levels),
         image_draws=args.image_draws,
     )
+
+
+def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, device, data: dict | None, seed: int) -> dict:
+    """Brute force against prescreen + adaptive sampling on ``prompts`` with ``seed``; prints the
+    comparison and returns its figures (JSON-ready after :func:`_plain`)."""
+    n = len(prompts)
+    # (b)'s prescreen first: --brute-kept-only needs its choice (it sees no sample of either run).
+    ps = bench_prescreen_settings(args, seed)
     started = time.perf_counter()
     training = None
     if ps.score == "own_images":

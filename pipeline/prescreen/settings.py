@@ -41,7 +41,8 @@ class PrescreenSettings:
     the caption's denoising gain on up to ``images`` of the prompt's own training images (its
     ``keys``; a prompt with none is ranked by the text score alone), each noised at
     ``image_levels`` (fractions of the schedule, as ``levels``) with ``image_draws`` noise draws.
-    Each is standardised over the prompts (robust z) and the prompt's score is the larger.
+    Each is standardised over the prompts (robust z) and the prompt's score is the largest of the
+    two and of their sum's robust z.
 
     The keep rule (:func:`pipeline.prescreen.keep.choose_kept`): the ``keep_top`` highest-scoring
     prompts (or the top ``keep_fraction`` of them), and/or those scoring at least
