@@ -362,9 +362,11 @@ def tier_rules(args, data: dict | None) -> dict[str, AdaptiveSettings]:
     stop once extracted, is held past the stops on the flag (no near-copy pair, out of reach,
     unlikely) until extracted, flagged or out of budget (``near_training`` at
     :data:`HOLD_ALWAYS`: a prompt that far above the bulk is memorized, and its first samples
-    showing nothing does not say otherwise); WEAK's starts with ``--weak-first-round``; FEW's
-    with ``--few-first-round``, held as STANDARD's (a sample within ``--near-training``). Without
-    the stop once extracted nothing holds a prompt on one sample, so a first round is at least 2."""
+    showing nothing does not say otherwise); WEAK's starts with ``--weak-first-round`` and has
+    no stop on an unlikely clique (a weakly memorized prompt is found by a late extraction, which
+    the clique's growth bound does not foresee); FEW's starts with ``--few-first-round``, held
+    as STANDARD's (a sample within ``--near-training``). Without the stop once extracted nothing
+    holds a prompt on one sample, so a first round is at least 2."""
     standard = adaptive_rule(args, data)
     if standard.stop_when_extracted:
         strong = replace(standard, first_round=args.strong_first_round, near_training=HOLD_ALWAYS)
@@ -374,7 +376,7 @@ def tier_rules(args, data: dict | None) -> dict[str, AdaptiveSettings]:
         few = replace(standard, first_round=max(2, args.few_first_round))
     if few.first_round < 2 and few.near_training is None:
         few = replace(few, first_round=2)
-    weak = replace(standard, first_round=args.weak_first_round)
+    weak = replace(standard, first_round=args.weak_first_round, stop_when_unlikely=False)
     return {STANDARD: standard, STRONG: strong, WEAK: weak, FEW: few}
 
 
@@ -882,6 +884,7 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
         + f"): first round {rules[STRONG].first_round}"
         + (", held until extracted, flagged or out of budget" if rules[STRONG].near_training == HOLD_ALWAYS else "")
         + f"; weak (other groups of {args.min_copies} or more): first round {rules[WEAK].first_round}"
+        + ("" if rules[WEAK].stop_when_unlikely else ", no stop on an unlikely clique")
         + f"; detector clique >= {args.min_clique}"
         + ("; verified against each prompt's training images" if data is not None else "; no verification (no training images)")
     )

@@ -190,7 +190,7 @@ def test_sampling_tiers_give_each_kept_prompt_one_rule(bench):
     weak for the other groups of --min-copies or more, standard when the group size is unknown;
     prompts not kept get none. The strong tier's rule starts with --strong-first-round samples
     and holds a prompt until extracted, flagged or out of budget; the weak tier's starts with
-    --weak-first-round; the few_copies tier's with --few-first-round, held as the standard rule
+    --weak-first-round, without the stop on an unlikely clique; the few_copies tier's with --few-first-round, held as the standard rule
     holds; the rest is the standard rule's."""
     scores = pd.DataFrame(
         {
@@ -222,10 +222,12 @@ def test_sampling_tiers_give_each_kept_prompt_one_rule(bench):
     assert rules[bench.STRONG].first_round == args.strong_first_round
     assert rules[bench.STRONG].near_training == bench.HOLD_ALWAYS == 1.0  # tiled L2 of [0, 1] images is at most 1
     assert rules[bench.WEAK].first_round == args.weak_first_round
+    assert standard.stop_when_unlikely and not rules[bench.WEAK].stop_when_unlikely
     assert rules[bench.FEW].first_round == args.few_first_round
     assert rules[bench.FEW].near_training == standard.near_training is not None
     for tier in (bench.STRONG, bench.WEAK, bench.FEW):
         assert rules[tier].rule == standard.rule and rules[tier].growth == standard.growth
+        assert rules[tier].stop_when_extracted == standard.stop_when_extracted
     # Without training images nothing can hold a prompt: a first round needs a pair.
     unheld = bench.tier_rules(args, None)
     assert unheld[bench.STRONG].near_training is None and unheld[bench.STRONG].first_round == max(2, args.strong_first_round)
