@@ -64,12 +64,19 @@ def test_budget_figures_follow_from_the_runs(tiny_run):
 
 @pytest.mark.slow
 def test_screened_samples_are_the_brute_force_samples(tiny_run):
+    """Each screened sample is brute force's sample of the same prompt and index: the same seed,
+    so the same initial noise. Made in a batch of another size (a first round of one sample
+    against brute force's batches), the float arithmetic may differ in its last bits, which can
+    move a pixel across a rounding boundary: at most one grey level. A sample of another seed
+    (the tiny model's samples are near-binary noise) differs by far more."""
     _, out = tiny_run
     screened = sorted((out / "screened").glob("*/generations/*/*.png"))
     assert screened
     for path in screened:
         twin = out / "brute" / "generations" / path.parent.name / path.name
-        np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(twin)), err_msg=str(path))
+        a = np.asarray(Image.open(path), dtype=np.int16)
+        b = np.asarray(Image.open(twin), dtype=np.int16)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1, str(path)
 
 
 @pytest.mark.slow
