@@ -10,7 +10,9 @@ Two audits of the same prompts on the same model, in one process:
 (a) brute force (Carlini et al.): every prompt gets ``--n-samples`` samples, then the detector;
 (b) the Wen et al. first-step prescreen scores every prompt (``seeds`` UNet evaluations each,
     plus ``seeds`` unconditional ones shared by all); the outliers (robust z-score >=
-    ``--keep-z``, and/or the top ``--keep-fraction``) are sampled with adaptive sampling (rounds
+    ``--keep-z``, ``--singleton-keep-z`` for singleton prompts, each z against the singleton
+    prompts' median and MAD: :mod:`pipeline.prescreen.keep`; and/or the top
+    ``--keep-fraction``) are sampled with adaptive sampling (rounds
     of ``--first-round``, x``--growth``, ...; a prompt stops after a round whose samples have no
     near-copy pair, or, unless ``--no-stop-when-flagged``, whose samples already hold a clique
     of ``--min-clique``, or, unless ``--no-stop-when-out-of-reach``, whose remaining budget can
@@ -19,9 +21,10 @@ Two audits of the same prompts on the same model, in one process:
     ``--no-stop-when-unlikely``, whose clique's growth bound falls short (a heuristic, see
     :mod:`pipeline.generate.adaptive`); rounds end early where those stops could first apply),
     then the detector. The defaults score with ``own_images`` (each caption also against its own
-    training images) and sample the kept prompts in tiers (:func:`sampling_tiers`): caption-only
-    z >= ``--strong-z`` from one sample, held until extracted; kept on own-image evidence alone,
-    with 10 or more copies, from ``--image-first-round``; the rest from ``--first-round``.
+    training images) and sample the kept prompts in tiers (:func:`sampling_tiers`): groups of
+    fewer than ``--min-copies`` copies from ``--few-first-round`` (one sample); caption-only z >=
+    ``--strong-z`` from one sample, held until extracted; the other groups of ``--min-copies`` or
+    more from ``--weak-first-round``; prompts of unknown group size from ``--first-round``.
 
 Both runs are verified against the demo set's images (each prompt's candidates: the images of
 its original's copies, from the ground truth), so a prompt is *found* when flagged or
@@ -95,10 +98,12 @@ TINY_DEFAULTS = dict(
     min_clique=3,
     keep_fraction=0.5,
     keep_z=None,
+    singleton_keep_z=None,
     prescreen_seeds=2,
     first_round=2,
     growth=2.0,
     heavy_dup_count=TINY_BANDS["heavy"][1],
+    min_copies=TINY_BANDS["heavy"][1],
 )
 
 
@@ -310,15 +315,16 @@ def store_samples(cache: Path, generations: Path, made: int, seconds: float) -> 
 
 
 # Sampling tiers of the screened run: which adaptive rule samples a kept prompt (see sampling_tiers).
-STANDARD, STRONG, IMAGE_ONLY = "standard", "strong", "image_only"
-# A caption-only robust z from which a kept prompt is sampled as STRONG; the first round of those,
-# and that of the prompts kept on their own-image evidence alone.
+STANDARD, STRONG, WEAK, FEW = "standard", "strong", "weak", "few_copies"
+# A caption-only robust z (against the singleton prompts) from which a kept prompt of a large
+# group is sampled as STRONG; the first rounds of STRONG, WEAK and FEW.
 STRONG_Z = 5.0
 STRONG_FIRST_ROUND = 1
-IMAGE_FIRST_ROUND = 8
-# The training copies (``dup_count``, the duplicate group's size) from which a prompt kept on its
-# own-image evidence alone gets IMAGE_FIRST_ROUND; a smaller group is sampled as STANDARD.
-IMAGE_MIN_COPIES = 10
+WEAK_FIRST_ROUND = 8
+FEW_FIRST_ROUND = 1
+# The training copies (``dup_count``, the duplicate group's size) from which a kept prompt is
+# sampled as STRONG or WEAK; a smaller group is FEW.
+MIN_COPIES = 10
 # adaptive.near_training at this distance holds every prompt with a sample: tiled L2 between
 # images in [0, 1] is at most 1.
 HOLD_ALWAYS = 1.0
@@ -327,21 +333,24 @@ HOLD_ALWAYS = 1.0
 def sampling_tiers(scores: pd.DataFrame, args) -> dict[str, str]:
     """The sampling tier of each kept prompt of a ranked prescreen table: ``{prompt_id: tier}``.
 
-    STRONG: its caption-only robust z (``z_text`` under ``--score own_images``, else
-    ``robust_z``) is at least ``--strong-z`` (None: no prompt is); IMAGE_ONLY (``--score
-    own_images`` only): kept, with its caption-only z below ``--keep-z`` (kept on its own-image
-    evidence) and a duplicate group of at least ``--image-min-copies`` (``dup_count``; unknown:
-    not); STANDARD: the other kept prompts. Every kept prompt has exactly one tier.
+    FEW: a duplicate group (``dup_count``) known and smaller than ``--min-copies``; STRONG: its
+    caption-only robust z (``z_text`` under ``--score own_images``, else ``robust_z``) is at
+    least ``--strong-z`` (None: no prompt is); WEAK: the other prompts of ``--min-copies`` or
+    more copies; STANDARD: the rest (group size unknown). Every kept prompt has exactly one tier.
     """
     kept = scores[scores.kept]
     text = kept["z_text" if "z_text" in kept.columns else "robust_z"].to_numpy(dtype=float)
-    copies = kept["dup_count"].to_numpy(dtype=float, na_value=0.0) if "dup_count" in kept.columns else np.zeros(len(kept))
+    copies = (
+        kept["dup_count"].to_numpy(dtype=float, na_value=np.nan) if "dup_count" in kept.columns else np.full(len(kept), np.nan)
+    )
     tiers = {}
     for prompt_id, z, n in zip(kept.prompt_id, text, copies):
-        if args.strong_z is not None and z >= args.strong_z:
+        if not np.isnan(n) and n < args.min_copies:
+            tiers[str(prompt_id)] = FEW
+        elif args.strong_z is not None and z >= args.strong_z:
             tiers[str(prompt_id)] = STRONG
-        elif "z_text" in kept.columns and args.keep_z is not None and not z >= args.keep_z and n >= args.image_min_copies:
-            tiers[str(prompt_id)] = IMAGE_ONLY
+        elif not np.isnan(n):
+            tiers[str(prompt_id)] = WEAK
         else:
             tiers[str(prompt_id)] = STANDARD
     return tiers
@@ -349,17 +358,26 @@ def sampling_tiers(scores: pd.DataFrame, args) -> dict[str, str]:
 
 def tier_rules(args, data: dict | None) -> dict[str, AdaptiveSettings]:
     """The adaptive rule of each sampling tier (:func:`sampling_tiers`): STANDARD's is
-    :func:`adaptive_rule`'s; STRONG's starts with ``--strong-first-round`` samples (at least 2
-    without the stop once extracted) and, with that stop, is held past the stops on the flag (no near-copy pair, out of reach,
+    :func:`adaptive_rule`'s; STRONG's starts with ``--strong-first-round`` samples and, with the
+    stop once extracted, is held past the stops on the flag (no near-copy pair, out of reach,
     unlikely) until extracted, flagged or out of budget (``near_training`` at
     :data:`HOLD_ALWAYS`: a prompt that far above the bulk is memorized, and its first samples
-    showing nothing does not say otherwise); IMAGE_ONLY's starts with ``--image-first-round``."""
+    showing nothing does not say otherwise); WEAK's starts with ``--weak-first-round`` and has
+    no stop on an unlikely clique (a weakly memorized prompt is found by a late extraction, which
+    the clique's growth bound does not foresee); FEW's starts with ``--few-first-round``, held
+    as STANDARD's (a sample within ``--near-training``). Without the stop once extracted nothing
+    holds a prompt on one sample, so a first round is at least 2."""
     standard = adaptive_rule(args, data)
     if standard.stop_when_extracted:
         strong = replace(standard, first_round=args.strong_first_round, near_training=HOLD_ALWAYS)
+        few = replace(standard, first_round=args.few_first_round)
     else:  # nothing holds a prompt on one sample: its first round needs a pair
         strong = replace(standard, first_round=max(2, args.strong_first_round))
-    return {STANDARD: standard, STRONG: strong, IMAGE_ONLY: replace(standard, first_round=args.image_first_round)}
+        few = replace(standard, first_round=max(2, args.few_first_round))
+    if few.first_round < 2 and few.near_training is None:
+        few = replace(few, first_round=2)
+    weak = replace(standard, first_round=args.weak_first_round, stop_when_unlikely=False)
+    return {STANDARD: standard, STRONG: strong, WEAK: weak, FEW: few}
 
 
 def adaptive_rule(args, data: dict | None) -> AdaptiveSettings:
@@ -474,11 +492,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-z",
         type=lambda v: None if v.lower() == "none" else float(v),
-        default=2.0,
-        help="prescreen: keep prompts whose robust z-score is at least this (wen_levels: the largest of its "
-        "levels' z). 2, well below the usual outlier cut of 3.5: a prompt missed costs recall, one kept "
-        "costs a first round of --first-round samples; the weakest prompts brute force extracts on the demo "
-        "model score 2.3-2.7 at 120 prompts; with --keep-fraction, both must hold",
+        default=2.5,
+        help="prescreen: keep prompts whose robust z-score is at least this (prescreen.min_robust_z; each z against "
+        "the singleton prompts' median and MAD, so a cut means the same at 120 prompts as at 932; own_images: the "
+        "largest of its z values). 2.5: the weakest prompt brute force extracts on the demo model, orig-00006 (40 "
+        "copies), scores 3.2-5.1 at seeds 0-2; with --keep-fraction, both must hold",
+    )
+    parser.add_argument(
+        "--singleton-keep-z",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=3.5,
+        help="prescreen: the cut for singleton prompts (dup_count 1) instead of --keep-z (prescreen.singleton_min_robust_z; "
+        "none: --keep-z). 3.5: of 900 singletons it keeps 6-12 where 2.5 keeps 30-40, and no singleton is found by "
+        "brute force on the demo model",
     )
     parser.add_argument(
         "--prescreen-seeds",
@@ -536,8 +562,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--strong-z",
         type=lambda v: None if v.lower() == "none" else float(v),
         default=STRONG_Z,
-        help="adaptive: kept prompts whose caption-only robust z is at least this are sampled in first rounds of "
-        "--strong-first-round (they are extracted in their first samples); none: every kept prompt gets --first-round",
+        help="adaptive: kept prompts of --min-copies or more copies whose caption-only robust z is at least this are "
+        "sampled in first rounds of --strong-first-round and held until extracted (they are extracted in their first "
+        "samples); none: no prompt is",
     )
     parser.add_argument(
         "--strong-first-round",
@@ -546,19 +573,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="adaptive: the first round of the prompts at or above --strong-z",
     )
     parser.add_argument(
-        "--image-first-round",
+        "--weak-first-round",
         type=int,
-        default=IMAGE_FIRST_ROUND,
-        help="adaptive (--score own_images): the first round of the prompts kept on their own-image evidence alone "
-        "(caption-only z below --keep-z): weakly memorized prompts, whose first near sample can come late",
+        default=WEAK_FIRST_ROUND,
+        help="adaptive: the first round of the kept prompts of --min-copies or more copies below --strong-z: weakly "
+        "memorized prompts, whose first sample near a training copy can come late (orig-00006's 7th at seed 1)",
     )
     parser.add_argument(
-        "--image-min-copies",
+        "--few-first-round",
         type=int,
-        default=IMAGE_MIN_COPIES,
-        help="adaptive: the duplicate group size (dup_count) from which a prompt kept on its own-image evidence alone "
-        "gets --image-first-round; smaller groups (no prompt of fewer than 10 copies is found on the demo model) get "
-        "--first-round",
+        default=FEW_FIRST_ROUND,
+        help="adaptive: the first round of the kept prompts of fewer than --min-copies copies (singletons among them): "
+        "one sample, held on by --near-training when it comes near a training image",
+    )
+    parser.add_argument(
+        "--min-copies",
+        type=int,
+        default=MIN_COPIES,
+        help="adaptive: the duplicate group size (dup_count) from which a kept prompt is sampled as strong or weak; "
+        "smaller groups (no prompt of fewer than 10 copies is found on the demo model) get --few-first-round",
     )
     parser.add_argument(
         "--growth",
@@ -685,16 +718,16 @@ def fmt(value, digits: int = 3) -> str:
     return f"{value:,}"
 
 
-def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, device, data: dict | None, seed: int) -> dict:
-    """Brute force against prescreen + adaptive sampling on ``prompts`` with ``seed``; prints the
-    comparison and returns its figures (JSON-ready after :func:`_plain`)."""
-    n = len(prompts)
-    # (b)'s prescreen first: --brute-kept-only needs its choice (it sees no sample of either run).
-    ps = PrescreenSettings(
+def bench_prescreen_settings(args, seed: int) -> PrescreenSettings:
+    """(b)'s prescreen settings: the prescreen's own (:class:`PrescreenSettings`, the defaults of
+    ``conf/prescreen.yaml`` where no option sets them: the robust z against the singleton
+    prompts, ``reference_singletons``) with this benchmark's options and ``seed``."""
+    return PrescreenSettings(
         seeds=args.prescreen_seeds,
         steps=args.steps,
         keep_fraction=args.keep_fraction,
         min_robust_z=args.keep_z,
+        singleton_min_robust_z=args.singleton_keep_z,
         base_seed=seed,
         height=args.size,
         width=args.size,
@@ -705,6 +738,14 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
         image_levels=tuple(args.image_levels),
         image_draws=args.image_draws,
     )
+
+
+def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, device, data: dict | None, seed: int) -> dict:
+    """Brute force against prescreen + adaptive sampling on ``prompts`` with ``seed``; prints the
+    comparison and returns its figures (JSON-ready after :func:`_plain`)."""
+    n = len(prompts)
+    # (b)'s prescreen first: --brute-kept-only needs its choice (it sees no sample of either run).
+    ps = bench_prescreen_settings(args, seed)
     started = time.perf_counter()
     training = None
     if ps.score == "own_images":
@@ -813,6 +854,7 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
     keep_rule = " and ".join(
         ([f"top {args.keep_fraction:.0%}"] if args.keep_fraction is not None else [])
         + ([f"robust z >= {args.keep_z:g}"] if args.keep_z is not None else [])
+        + ([f"singletons' robust z >= {args.singleton_keep_z:g}"] if args.singleton_keep_z is not None else [])
     )
     text_name = ps.caption_score + (
         f" at levels {', '.join(f'{v:g}' for v in ps.level_values())}" if ps.caption_score == "wen_levels" else ""
@@ -836,14 +878,13 @@ def one_seed(pipe, prompts: list[Prompt], out: Path, args, runtime: Runtime, dev
             if rule.near_training is not None
             else ""
         )
-        + (
-            f"; tiers (prompts): {', '.join(f'{t} {sum(v == t for v in tiers.values())}' for t in rules)}; strong "
-            f"(caption-only z >= {args.strong_z:g}): first round {rules[STRONG].first_round}"
-            + (", held until extracted, flagged or out of budget" if rules[STRONG].near_training == HOLD_ALWAYS else "")
-            + f"; image_only (kept on own-image evidence alone): first round {rules[IMAGE_ONLY].first_round}"
-            if args.strong_z is not None or args.score == "own_images"
-            else ""
-        )
+        + f"; tiers (prompts): {', '.join(f'{t} {sum(v == t for v in tiers.values())}' for t in rules)}; "
+        + f"few_copies (groups under {args.min_copies} copies): first round {rules[FEW].first_round}; strong ("
+        + (f"caption-only z >= {args.strong_z:g}" if args.strong_z is not None else "none")
+        + f"): first round {rules[STRONG].first_round}"
+        + (", held until extracted, flagged or out of budget" if rules[STRONG].near_training == HOLD_ALWAYS else "")
+        + f"; weak (other groups of {args.min_copies} or more): first round {rules[WEAK].first_round}"
+        + ("" if rules[WEAK].stop_when_unlikely else ", no stop on an unlikely clique")
         + f"; detector clique >= {args.min_clique}"
         + ("; verified against each prompt's training images" if data is not None else "; no verification (no training images)")
     )

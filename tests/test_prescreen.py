@@ -1,6 +1,7 @@
 """The first-step prescreen score (Wen et al.) on the shipped demo model."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -315,3 +316,82 @@ def test_prescreen_levels_config_errors_name_the_key():
     for bad in ([2.0], ["a"], [], "0.25", [True]):
         with pytest.raises(ConfigError, match="prescreen.levels"):
             prescreen_settings(OmegaConf.create({"prescreen": {"levels": bad}}))
+
+
+def singleton_bulk_table(n_singletons: int, n_duplicated: int, score: str = "wen"):
+    """A raw score table (:func:`pipeline.prescreen.scoring.score_table`) of ``n_singletons``
+    singleton prompts (``dup_count`` 1, scores a fixed spread around 10) followed by
+    ``n_duplicated`` prompts of 40 copies scoring far above them."""
+    from pipeline.prescreen.scoring import score_table
+
+    bulk = 10 + np.linspace(-1.0, 1.0, n_singletons)
+    high = np.linspace(14.0, 30.0, n_duplicated)
+    values = np.concatenate([bulk, high])
+    prompts = [Prompt(f"s{i}", f"single {i}", 1) for i in range(n_singletons)]
+    prompts += [Prompt(f"d{i}", f"copied {i}", 40) for i in range(n_duplicated)]
+    if score == "wen_levels":
+        return score_table(prompts, {"score_wen": values}, levels=values[:, None])
+    return score_table(prompts, {"score": values, "score_wen": values})
+
+
+@pytest.mark.parametrize("score", ["wen", "wen_levels"])
+def test_robust_z_is_taken_against_the_singletons_whatever_the_share_of_duplicated_prompts(score):
+    """With at least ``reference_singletons`` singleton prompts, every robust z is standardised
+    against their median and MAD: a prompt's z, and so the kept set among the singletons, does
+    not change when more duplicated prompts join the list."""
+    from pipeline.prescreen import rank_scores, robust_z
+
+    settings = PrescreenSettings(score=score, keep_fraction=None, min_robust_z=0.9)
+    few = rank_scores(singleton_bulk_table(40, 2, score), settings).set_index("prompt_id")
+    many = rank_scores(singleton_bulk_table(40, 40, score), settings).set_index("prompt_id")
+    singles = [f"s{i}" for i in range(40)]
+    np.testing.assert_allclose(many.loc[singles, "robust_z"], few.loc[singles, "robust_z"], rtol=0, atol=1e-12)
+    bulk = 10 + np.linspace(-1.0, 1.0, 40)
+    np.testing.assert_allclose(few.loc[singles, "robust_z"], robust_z(bulk), rtol=0, atol=1e-12)
+    assert set(few.index[few.kept]) & set(singles) == set(many.index[many.kept]) & set(singles) != set()
+    # Standardised over every prompt instead, the duplicated prompts move the singletons' z.
+    every = rank_scores(singleton_bulk_table(40, 40, score), replace(settings, reference_singletons=None))
+    assert not np.allclose(every.set_index("prompt_id").loc[singles, "robust_z"], few.loc[singles, "robust_z"])
+
+
+def test_too_few_singletons_standardise_against_every_prompt():
+    """Fewer singleton prompts than ``reference_singletons``: the robust z is over every prompt."""
+    from pipeline.prescreen import rank_scores, robust_z
+
+    table = singleton_bulk_table(10, 5)
+    ranked = rank_scores(table, PrescreenSettings(keep_fraction=None, min_robust_z=3.5, reference_singletons=11))
+    by_id = ranked.set_index("prompt_id").loc[table.prompt_id]
+    np.testing.assert_allclose(by_id.robust_z, robust_z(table.score.to_numpy()), rtol=0, atol=1e-12)
+    at_ten = rank_scores(table, PrescreenSettings(keep_fraction=None, min_robust_z=3.5, reference_singletons=10))
+    reference = table.dup_count.to_numpy() == 1
+    np.testing.assert_allclose(
+        at_ten.set_index("prompt_id").loc[table.prompt_id].robust_z, robust_z(table.score.to_numpy(), reference), atol=1e-12
+    )
+
+
+def test_robust_z_reference_rows_set_the_scale():
+    from pipeline.prescreen import robust_z
+    from pipeline.prescreen.keep import reference_rows, singleton_rows
+
+    scores = np.array([1.0, 2.0, 3.0, 50.0, 60.0])
+    reference = np.array([True, True, True, False, False])
+    # median 2, MAD 1 over the reference rows; every row on that scale.
+    np.testing.assert_allclose(robust_z(scores, reference), (scores - 2.0) / 1.4826)
+    np.testing.assert_allclose(robust_z(scores, np.zeros(5, dtype=bool)), robust_z(scores))
+    with pytest.raises(ValueError, match="reference"):
+        robust_z(scores, reference[:3])
+    counts = pd.array([1, 1, None, 3, 1], dtype="Int64")
+    assert singleton_rows(counts).tolist() == [True, True, False, False, True]
+    assert reference_rows(counts, 3).tolist() == [True, True, False, False, True]
+    assert reference_rows(counts, 4) is None and reference_rows(counts, None) is None
+
+
+def test_singletons_have_their_own_cut():
+    """``singleton_min_robust_z`` applies to the singleton prompts (``dup_count`` 1) alone; the
+    others keep ``min_robust_z``; unset, every prompt has ``min_robust_z``."""
+    z = np.array([2.6, 3.0, 3.6, 2.6, 3.0, 2.0])
+    dup_count = pd.array([1, 1, 1, 3, 40, None], dtype="Int64")
+    settings = PrescreenSettings(score="wen_levels", keep_fraction=None, min_robust_z=2.5, singleton_min_robust_z=3.5)
+    assert choose_kept(z, settings, dup_count).tolist() == [False, False, True, True, True, False]
+    assert choose_kept(z, replace(settings, singleton_min_robust_z=None), dup_count).tolist() == [True] * 5 + [False]
+    assert choose_kept(z, settings).tolist() == [True] * 5 + [False]  # no dup_count: no prompt is a singleton

@@ -232,3 +232,27 @@ def test_changed_training_image_is_rescored(tiny, tmp_path):
     changed = stage.run(compose_config("prescreen", overrides)).table.set_index("prompt_id")
     assert changed.loc["p0", "score_own_images"] != first.loc["p0", "score_own_images"]
     assert changed.loc["p1", "score_own_images"] == first.loc["p1", "score_own_images"]
+
+
+def test_own_image_and_sum_z_are_taken_against_the_singletons():
+    """Under own_images every z (text, own images, their sum) is standardised against the
+    singleton prompts when there are at least ``reference_singletons``: adding duplicated
+    prompts that score high on both leaves every singleton's z values, and its keep, unchanged."""
+
+    def table(n_duplicated):
+        n = 40
+        spread = np.linspace(-1.0, 1.0, n)
+        wen = np.concatenate([10 + spread, np.linspace(15, 30, n_duplicated)])
+        own = np.concatenate([0.1 + 0.1 * spread[::-1], np.linspace(0.5, 2.0, n_duplicated)])
+        prompts = [Prompt(f"s{i}", f"c{i}", 1, (f"k{i}",)) for i in range(n)]
+        prompts += [Prompt(f"d{i}", f"d{i}", 40, (f"m{i}",)) for i in range(n_duplicated)]
+        columns = {"score_wen": wen, "score_own_images": own, "own_images": np.ones(len(prompts))}
+        return score_table(prompts, columns, image_levels=own[:, None])
+
+    settings = PrescreenSettings(score="own_images", text_score="wen", keep_fraction=None, min_robust_z=1.0)
+    few = rank_scores(table(2), settings).set_index("prompt_id")
+    many = rank_scores(table(40), settings).set_index("prompt_id")
+    singles = [f"s{i}" for i in range(40)]
+    for column in ("z_text", "z_own_images", "z_both", "kept"):
+        np.testing.assert_allclose(many.loc[singles, column].astype(float), few.loc[singles, column].astype(float), atol=1e-12)
+    assert many.loc[[f"d{i}" for i in range(40)], "kept"].all()

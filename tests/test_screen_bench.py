@@ -64,12 +64,19 @@ def test_budget_figures_follow_from_the_runs(tiny_run):
 
 @pytest.mark.slow
 def test_screened_samples_are_the_brute_force_samples(tiny_run):
+    """Each screened sample is brute force's sample of the same prompt and index: the same seed,
+    so the same initial noise. Made in a batch of another size (a first round of one sample
+    against brute force's batches), the float arithmetic may differ in its last bits, which can
+    move a pixel across a rounding boundary: at most one grey level. A sample of another seed
+    (the tiny model's samples are near-binary noise) differs by far more."""
     _, out = tiny_run
     screened = sorted((out / "screened").glob("*/generations/*/*.png"))
     assert screened
     for path in screened:
         twin = out / "brute" / "generations" / path.parent.name / path.name
-        np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(twin)), err_msg=str(path))
+        a = np.asarray(Image.open(path), dtype=np.int16)
+        b = np.asarray(Image.open(twin), dtype=np.int16)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1, str(path)
 
 
 @pytest.mark.slow
@@ -185,46 +192,66 @@ def test_brute_cache_reuses_brute_force_samples_across_prompt_mixes(bench, tmp_p
 
 
 def test_sampling_tiers_give_each_kept_prompt_one_rule(bench):
-    """Each kept prompt gets exactly one tier: strong from the caption-only z at --strong-z,
-    image_only when kept with a caption-only z below --keep-z (own-image evidence alone),
-    standard otherwise; prompts not kept get none. The strong tier's rule starts with
-    --strong-first-round samples and holds a prompt until extracted, flagged or out of budget;
-    the image-only tier's starts with --image-first-round; the rest is the standard rule's."""
+    """Each kept prompt gets exactly one tier: few_copies when its duplicate group is known and
+    smaller than --min-copies (whatever its z), strong from the caption-only z at --strong-z,
+    weak for the other groups of --min-copies or more, standard when the group size is unknown;
+    prompts not kept get none. The strong tier's rule starts with --strong-first-round samples
+    and holds a prompt until extracted, flagged or out of budget; the weak tier's starts with
+    --weak-first-round, without the stop on an unlikely clique; the few_copies tier's with --few-first-round, held as the standard rule
+    holds; the rest is the standard rule's."""
     scores = pd.DataFrame(
         {
-            "prompt_id": ["a", "b", "c", "d", "e", "f"],
-            "dup_count": pd.array([150, 40, 10, 40, 40, 3], dtype="Int64"),
-            "z_text": [9.0, 5.0, 2.5, 1.0, 0.5, 1.0],
-            "kept": [True, True, True, True, False, True],
+            "prompt_id": ["a", "b", "c", "d", "e", "f", "g", "h"],
+            "dup_count": pd.array([150, 40, 10, 40, 40, 3, 1, None], dtype="Int64"),
+            "z_text": [9.0, 5.0, 2.5, 1.0, 0.5, 8.0, 1.0, 2.0],
+            "kept": [True, True, True, True, False, True, True, True],
         }
     )
     args = bench.parse_args(["--score", "own_images"])
     assert bench.sampling_tiers(scores, args) == {
         "a": bench.STRONG,
         "b": bench.STRONG,
-        "c": bench.STANDARD,
-        "d": bench.IMAGE_ONLY,
-        "f": bench.STANDARD,  # a group under --image-min-copies: the standard first round
+        "c": bench.WEAK,
+        "d": bench.WEAK,
+        "f": bench.FEW,  # a group under --min-copies, however high its z
+        "g": bench.FEW,
+        "h": bench.STANDARD,  # group size unknown
     }
-    assert bench.sampling_tiers(scores, bench.parse_args(["--score", "own_images", "--image-min-copies", "1"]))["f"] == (
-        bench.IMAGE_ONLY
-    )
+    assert bench.sampling_tiers(scores, bench.parse_args(["--score", "own_images", "--min-copies", "1"]))["f"] == bench.STRONG
     args_no_strong = bench.parse_args(["--score", "own_images", "--strong-z", "none"])
-    assert set(bench.sampling_tiers(scores, args_no_strong).values()) == {bench.STANDARD, bench.IMAGE_ONLY}
-    # A text-only score has no own-image evidence: its kept prompts are strong or standard.
+    assert set(bench.sampling_tiers(scores, args_no_strong).values()) == {bench.WEAK, bench.FEW, bench.STANDARD}
+    # A text-only score's table has robust_z for the caption-only z.
     text_only = scores.rename(columns={"z_text": "robust_z"})
-    assert set(bench.sampling_tiers(text_only, bench.parse_args(["--score", "wen_levels"])).values()) == {
-        bench.STRONG,
-        bench.STANDARD,
-    }
+    assert bench.sampling_tiers(text_only, bench.parse_args(["--score", "wen_levels"])) == bench.sampling_tiers(scores, args)
     rules = bench.tier_rules(args, {"format": "files", "path": "unused"})
     standard = bench.adaptive_rule(args, {"format": "files", "path": "unused"})
     assert rules[bench.STANDARD] == standard
     assert rules[bench.STRONG].first_round == args.strong_first_round
     assert rules[bench.STRONG].near_training == bench.HOLD_ALWAYS == 1.0  # tiled L2 of [0, 1] images is at most 1
-    assert rules[bench.IMAGE_ONLY].first_round == args.image_first_round
-    for tier in (bench.STRONG, bench.IMAGE_ONLY):
+    assert rules[bench.WEAK].first_round == args.weak_first_round
+    assert standard.stop_when_unlikely and not rules[bench.WEAK].stop_when_unlikely
+    assert rules[bench.FEW].first_round == args.few_first_round
+    assert rules[bench.FEW].near_training == standard.near_training is not None
+    for tier in (bench.STRONG, bench.WEAK, bench.FEW):
         assert rules[tier].rule == standard.rule and rules[tier].growth == standard.growth
-    # Without training images nothing can hold a prompt: the strong tier's first round needs a pair.
-    unheld = bench.tier_rules(args, None)[bench.STRONG]
-    assert unheld.near_training is None and unheld.first_round == max(2, args.strong_first_round)
+        assert rules[tier].stop_when_extracted == standard.stop_when_extracted
+    # Without training images nothing can hold a prompt: a first round needs a pair.
+    unheld = bench.tier_rules(args, None)
+    assert unheld[bench.STRONG].near_training is None and unheld[bench.STRONG].first_round == max(2, args.strong_first_round)
+    assert unheld[bench.FEW].near_training is None and unheld[bench.FEW].first_round == max(2, args.few_first_round)
+
+
+def test_the_keep_rule_is_the_prescreens(bench):
+    """(b)'s prescreen is the pipeline's: --keep-z and --singleton-keep-z are
+    prescreen.min_robust_z and prescreen.singleton_min_robust_z, and what no option sets (the
+    robust z's reference, reference_singletons) is conf/prescreen.yaml's default."""
+    from omegaconf import OmegaConf
+
+    from .conftest import CONF
+
+    args = bench.parse_args(["--keep-z", "2.25", "--singleton-keep-z", "3.75"])
+    settings = bench.bench_prescreen_settings(args, seed=4)
+    assert (settings.min_robust_z, settings.singleton_min_robust_z, settings.base_seed) == (2.25, 3.75, 4)
+    conf = OmegaConf.load(CONF / "prescreen.yaml").prescreen
+    assert settings.reference_singletons == conf.reference_singletons is not None
+    assert bench.bench_prescreen_settings(bench.parse_args(["--singleton-keep-z", "none"]), 0).singleton_min_robust_z is None

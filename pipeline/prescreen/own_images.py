@@ -16,7 +16,8 @@ first, noisiest timestep), the sums over up to ``prescreen.images`` of its group
 first ones of its ``keys`` that the training set holds) and ``prescreen.image_draws`` noise
 draws each. Range: any real number; 0 when the caption predicts no better than the empty
 caption, higher when it predicts better. The ranking standardises each level's scores over the
-prompts that have one (robust z, :func:`pipeline.prescreen.keep.robust_z`) and keeps the
+prompts that have one (robust z, :func:`pipeline.prescreen.keep.robust_z`, against the singleton
+prompts among them when there are ``prescreen.reference_singletons`` of them) and keeps the
 largest over levels, as ``wen_levels`` does with its levels; a prompt's keep score is the
 largest of that, the caption-only score's robust z and the robust z of their sum
 (:func:`pipeline.prescreen.ranking.rank_scores`).

@@ -40,7 +40,8 @@ noise levels of the schedule (``prescreen.levels``, fractions of its length: 0 i
 noisiest timestep, where Wen et al. take it; 0.125 the timestep an eighth of the way; default
 0.125 alone: on the demo model, 0.25 added never raised the score of a weakly memorized prompt,
 at twice the cost), each level's norms standardised over the audit's prompts
-(:func:`pipeline.prescreen.keep.robust_z`), and the largest of those z values kept: a prompt
+(:func:`pipeline.prescreen.keep.robust_z`, against its singleton prompts when it has enough),
+and the largest of those z values kept: a prompt
 that is an outlier at any one level ranks high. Why: on the demo model some prompts that brute
 force extracts (10 and 40 training copies, 4 to 10 of 24 samples) have an ordinary first-step
 norm (robust z 0 to 1) but stand out an eighth of the way into the schedule (z 4 to 10 over 16

@@ -18,6 +18,10 @@ DEFAULT_LEVELS = (0.125,)
 # score=own_images: where each training image is noised, fractions of the schedule (0: its first,
 # noisiest timestep): 0.08, the third timestep of a 25-step schedule (docs/screening.md).
 DEFAULT_IMAGE_LEVELS = (0.08,)
+# The singleton prompts a list needs for the robust z to be taken against them (else against
+# every prompt): the MAD of 30 draws of a normal bulk estimates its scale within about 20%
+# (one standard error), where 10 would leave it within 40%.
+DEFAULT_REFERENCE_SINGLETONS = 30
 
 
 @dataclass
@@ -37,12 +41,17 @@ class PrescreenSettings:
     the caption's denoising gain on up to ``images`` of the prompt's own training images (its
     ``keys``; a prompt with none is ranked by the text score alone), each noised at
     ``image_levels`` (fractions of the schedule, as ``levels``) with ``image_draws`` noise draws.
-    Each is standardised over the prompts (robust z) and the prompt's score is the larger.
+    Each is standardised over the prompts (robust z) and the prompt's score is the largest of the
+    two and of their sum's robust z.
 
     The keep rule (:func:`pipeline.prescreen.keep.choose_kept`): the ``keep_top`` highest-scoring
     prompts (or the top ``keep_fraction`` of them), and/or those scoring at least
     ``score_threshold``, and/or those whose robust z-score (distance from the median score in
-    scaled median absolute deviations) is at least ``min_robust_z``.
+    scaled median absolute deviations) is at least ``min_robust_z``; a singleton prompt
+    (``dup_count`` 1) must reach ``singleton_min_robust_z`` instead, when that is set. Every
+    robust z is taken against the singleton prompts' median and MAD when the list has at least
+    ``reference_singletons`` of them, else against every prompt (None: always every prompt; see
+    :mod:`pipeline.prescreen.keep`).
     """
 
     seeds: int = setting(minimum=1, default=4)
@@ -53,6 +62,8 @@ class PrescreenSettings:
     keep_fraction: float | None = None  # its range, (0, 1], is checked by choose_kept
     score_threshold: float | None = None
     min_robust_z: float | None = None
+    singleton_min_robust_z: float | None = None
+    reference_singletons: int | None = setting(minimum=1, default=DEFAULT_REFERENCE_SINGLETONS)
     height: int | None = setting(minimum=1, default=None)
     width: int | None = setting(minimum=1, default=None)
     score: Literal["wen", "anisotropy", "wen_levels", "own_images"] = "wen"  # SCORES: checked by __post_init__, naming the key
