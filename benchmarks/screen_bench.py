@@ -491,7 +491,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep-fraction", type=float, default=None, help="prescreen: share of prompts kept for sampling")
     parser.add_argument(
         "--keep-z",
-        type=lambda v: None if v.lower() == "none" else float(v),
+        type=float_or_none,
         default=2.5,
         help="prescreen: keep prompts whose robust z-score is at least this (prescreen.min_robust_z; each z against "
         "the singleton prompts' median and MAD, so a cut means the same at 120 prompts as at 932; own_images: the "
@@ -500,7 +500,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--singleton-keep-z",
-        type=lambda v: None if v.lower() == "none" else float(v),
+        type=float_or_none,
         default=3.5,
         help="prescreen: the cut for singleton prompts (dup_count 1) instead of --keep-z (prescreen.singleton_min_robust_z; "
         "none: --keep-z). 3.5: of 900 singletons it keeps 6-12 where 2.5 keeps 30-40, and no singleton is found by "
@@ -560,7 +560,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--strong-z",
-        type=lambda v: None if v.lower() == "none" else float(v),
+        type=float_or_none,
         default=STRONG_Z,
         help="adaptive: kept prompts of --min-copies or more copies whose caption-only robust z is at least this are "
         "sampled in first rounds of --strong-first-round and held until extracted (they are extracted in their first "
@@ -632,7 +632,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--near-training",
-        type=lambda v: None if v.lower() == "none" else float(v),
+        type=float_or_none,
         default=0.25,
         help="adaptive: hold a prompt with a sample within this of one of its training images past the stops on "
         "the flag (adaptive.near_training; needs stop once extracted; none: off)",
@@ -1083,6 +1083,11 @@ def worst_of(runs: list[dict]) -> dict:
         "seed_highest_fraction": max(runs, key=lambda r: r["evaluation_fraction"])["seed"],
         "targets": targets,
     }
+
+
+def float_or_none(value: str) -> float | None:
+    """An option's value: a float, or None for "none" (any case)."""
+    return None if value.lower() == "none" else float(value)
 
 
 def main(argv=None) -> dict:
