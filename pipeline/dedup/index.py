@@ -135,15 +135,23 @@ class Pairs:
         return set(zip(lo.tolist(), hi.tolist()))
 
 
+def query_ranks(pairs: Pairs) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, rank)``: the pairs' order by query, most similar first (ties: lower row first,
+    so any split of the pairs ranks alike), and each ordered pair's rank among its query's
+    neighbours (0: the most similar); int64 ``(len(pairs),)`` each."""
+    order = np.lexsort((pairs.j, -pairs.similarity, pairs.i))
+    i = pairs.i[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(i)) + 1]
+    rank = np.arange(len(i)) - np.repeat(starts, np.diff(np.r_[starts, len(i)]))
+    return order, rank
+
+
 def cap_per_query(pairs: Pairs, k: int | None) -> Pairs:
     """Keep each query's ``k`` most similar neighbours (ties: lower row first); None keeps all."""
     if k is None or len(pairs) == 0:
         return pairs
-    order = np.lexsort((pairs.j, -pairs.similarity, pairs.i))
-    i = pairs.i[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(i)) + 1]
-    rank_in_query = np.arange(len(i)) - np.repeat(starts, np.diff(np.r_[starts, len(i)]))
-    keep = order[rank_in_query < k]
+    order, rank = query_ranks(pairs)
+    keep = order[rank < k]
     return Pairs(pairs.i[keep], pairs.j[keep], pairs.similarity[keep])
 
 

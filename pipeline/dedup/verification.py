@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.dedup.buckets import read_pairs
-from pipeline.dedup.index import Pairs
+from pipeline.dedup.index import Pairs, query_ranks
 from pipeline.dedup.pair_verify import VerifySettings, ambiguous, compare, prepare
 
 Fetch = Callable[[list[str]], Mapping[str, Image.Image]]
@@ -57,11 +57,8 @@ def owned_candidates(
     for start in range(0, n, chunk_rows):
         found = read_pairs(pair_files, start, min(start + chunk_rows, n), k)
         if threshold is not None and len(found):
-            order = np.lexsort((found.j, -found.similarity, found.i))  # ties by row: the same in any split
-            qi, sim = found.i[order], found.similarity[order]
-            first = np.r_[0, np.flatnonzero(np.diff(qi)) + 1]
-            rank = np.arange(len(qi)) - np.repeat(first, np.diff(np.r_[first, len(qi)]))
-            keep = order[(sim >= threshold) | (rank < neighbours)]
+            order, rank = query_ranks(found)
+            keep = order[(found.similarity[order] >= threshold) | (rank < neighbours)]
             found = Pairs(found.i[keep], found.j[keep], found.similarity[keep])
         low, high = np.minimum(found.i, found.j), np.maximum(found.i, found.j)
         mine = (low >= lo) & (low < hi) & (low != high)
