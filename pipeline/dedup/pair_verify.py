@@ -57,9 +57,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from pipeline.embedders.robust import picture_box
+from pipeline.embedders.robust import picture
 
-_WORK_SIDE = 128  # images are reduced to this before the border cut (as the embedder does)
 _WARP_FLAGS = 1 | 16  # cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP: the warp maps the template's pixels
 _INSET = 2  # pixels cut past a border: where a bar met the picture is a blend of both
 _BAR_TOL, _BAR_EXTREME = 0.03, 0.04  # a bar's pixels within 0.03 of its colour, itself within 0.04 of black or white
@@ -200,16 +199,9 @@ def _blur(array: np.ndarray, sigma: float) -> np.ndarray:
 def prepare(image: Image.Image, settings: VerifySettings = VerifySettings()) -> Prepared:
     """``image`` trimmed of black or white bars, resized to ``settings.side`` square and split
     into luminance (its detail and tone) and chroma (see the module doc)."""
-    image = image.convert("RGB")
-    scale = _WORK_SIDE / max(image.size)
-    if scale < 1:
-        image = image.resize(
-            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BOX, reducing_gap=2.0
-        )
     # Bars are pure black or white (padding, letterboxes); a light or dark ground is the picture's.
-    top, bottom, left, right = picture_box(np.asarray(image, dtype=np.float32) / 255.0, _BAR_TOL, _BAR_EXTREME, _INSET)
     side = settings.side
-    small = image.crop((left, top, right, bottom)).resize((side, side), Image.Resampling.BICUBIC)
+    small = picture(image, _BAR_TOL, _BAR_EXTREME, _INSET).resize((side, side), Image.Resampling.BICUBIC)
     rgb = np.asarray(small, dtype=np.float32) / 255.0
     luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     chroma = np.stack([(rgb[..., 2] - luma) * 0.564, (rgb[..., 0] - luma) * 0.713], axis=-1).astype(np.float32)

@@ -93,7 +93,7 @@ def dct_matrix(n: int) -> np.ndarray:
 
 
 def trim_borders(
-    rgb: np.ndarray, tol: float = 0.06, max_share: float = 0.45, rounds: int = 3, extreme: float = 0.12
+    rgb: np.ndarray, tol: float = 0.06, max_share: float = 0.45, rounds: int = 3, extreme: float = _BAR_EXTREME
 ) -> tuple[int, int, int, int]:
     """The box ``(top, bottom, left, right)`` (rows/columns kept: ``rgb[top:bottom, left:right]``)
     left when uniform black or white bars are cut from each side of ``rgb`` (float ``(H, W, 3)``
@@ -122,7 +122,7 @@ def trim_borders(
     return top, bottom, left, right
 
 
-def _side_run(lines: np.ndarray, tol: float, limit: float, extreme: float = 0.12) -> int:
+def _side_run(lines: np.ndarray, tol: float, limit: float, extreme: float = _BAR_EXTREME) -> int:
     """The bar run at one side, or 0 when it would pass ``limit`` (a mostly flat picture, not a bar).
 
     One uniform line of any colour before a bar counts with it: where two nested bars meet
@@ -131,15 +131,19 @@ def _side_run(lines: np.ndarray, tol: float, limit: float, extreme: float = 0.12
     """
     limit = int(max(limit, 0))
     run = _bar_run(lines, tol, limit + 1, extreme=extreme)
-    if run == 0 and len(lines) > 2 and _uniform(lines[0], tol):
+    if run == 0 and len(lines) > 2 and _uniform_lines(lines[:1], tol)[1][0]:
         after = _bar_run(lines[1:], tol, limit, extreme=extreme)
         run = 1 + after if after > 0 else 0
     return run if run <= limit and run < len(lines) else 0
 
 
-def _uniform(line: np.ndarray, tol: float) -> bool:
-    """Whether 95% of a line's pixels (float ``(m, 3)``) lie within ``tol`` of its median colour."""
-    return bool((np.abs(line - np.median(line, axis=0)).max(axis=1) <= tol).mean() >= 0.95)
+def _uniform_lines(lines: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each line's colour (its median, float ``(n, 3)``) and whether the line is uniform (bool
+    ``(n,)``): 95% of its pixels within ``tol`` of that colour, not all, since the line where a
+    bar meets the next one (or the picture) is a blend of both over a pixel or two at its ends.
+    ``lines``: float ``(n, m, 3)``."""
+    median = np.median(lines, axis=1)
+    return median, (np.abs(lines - median[:, None, :]).max(axis=2) <= tol).mean(axis=1) >= 0.95
 
 
 def picture_box(rgb: np.ndarray, tol: float, extreme: float, inset: int) -> tuple[int, int, int, int]:
@@ -167,7 +171,21 @@ def picture_box(rgb: np.ndarray, tol: float, extreme: float, inset: int) -> tupl
     return top, bottom, left, right
 
 
-def _bar_run(lines: np.ndarray, tol: float, limit: float, chunk: int = 8, extreme: float = 0.12) -> int:
+def picture(image: Image.Image, tol: float, extreme: float, inset: int) -> Image.Image:
+    """``image`` as RGB, reduced to at most ``_WORK_SIDE`` (128) pixels a side (Pillow's
+    ``reducing_gap`` shrinks a big image by integer factors first, which is fast), cut to its
+    :func:`picture_box` (bars found at that size)."""
+    image = image.convert("RGB")
+    scale = _WORK_SIDE / max(image.size)
+    if scale < 1:
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BOX, reducing_gap=2.0
+        )
+    top, bottom, left, right = picture_box(np.asarray(image, dtype=np.float32) / 255.0, tol, extreme, inset)
+    return image.crop((left, top, right, bottom))
+
+
+def _bar_run(lines: np.ndarray, tol: float, limit: float, chunk: int = 8, extreme: float = _BAR_EXTREME) -> int:
     """How many leading rows of ``lines`` (float ``(n, m, 3)``) form one bar (see :func:`trim_borders`).
 
     Looked at ``chunk`` lines at a time: most edges are no bar, and that shows in the first line.
@@ -178,11 +196,8 @@ def _bar_run(lines: np.ndarray, tol: float, limit: float, chunk: int = 8, extrem
     first = None
     for start in range(0, count, chunk):
         head = lines[start : min(count, start + chunk)]
-        median = np.median(head, axis=1)  # (lines, 3): each line's colour
+        median, flat = _uniform_lines(head, tol)
         first = median[0] if first is None else first
-        # 95% of the pixels, not all: the line where a bar meets the next one (or the picture)
-        # is a blend of both over a pixel or two at its ends.
-        flat = (np.abs(head - median[:, None, :]).max(axis=2) <= tol).mean(axis=1) >= 0.95
         level = median.mean(axis=1)
         black_or_white = ((level < extreme) | (level > 1 - extreme)) & (np.ptp(median, axis=1) <= 0.1)
         same_colour = np.abs(median - first).max(axis=1) <= tol  # another colour: the next round's bar
@@ -322,15 +337,8 @@ class RobustEmbedder(PerImageEmbedder):
 
     def embed_one(self, image: Image.Image) -> np.ndarray:
         """The embedding of one image: float32 ``(dim,)``, unit norm."""
-        image = image.convert("RGB")
-        scale = _WORK_SIDE / max(image.size)
-        if scale < 1:
-            image = image.resize(
-                (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BOX, reducing_gap=2.0
-            )
-        rgb = np.asarray(image, dtype=np.float32) / 255.0
-        top, bottom, left, right = picture_box(rgb, self.trim_tol, _BAR_EXTREME, self.inset)
-        small = image.crop((left, top, right, bottom)).resize((self.side, self.side), Image.Resampling.BOX)
+        trimmed = picture(image, self.trim_tol, _BAR_EXTREME, self.inset)
+        small = trimmed.resize((self.side, self.side), Image.Resampling.BOX)
         rgb = np.asarray(small, dtype=np.float32) / 255.0
         luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         cb = (rgb[..., 2] - luma) * 0.564
@@ -366,7 +374,7 @@ class RobustEmbedder(PerImageEmbedder):
         # A periodic texture (stripes, a wallpaper): its low frequencies are what a crop or a
         # rotation reshuffles, its spectrum's peaks are not; the more periodic, the more the
         # spectrum weighs (nothing below periodic_from: other pictures are described as before).
-        spectrum, periodicity = self._spectrum(image.crop((left, top, right, bottom)))
+        spectrum, periodicity = self._spectrum(trimmed)
         share = self.periodic_weight * float(
             np.clip((periodicity - self.periodic_from) / (self.periodic_full - self.periodic_from), 0.0, 1.0)
         )
