@@ -884,7 +884,7 @@ def passing_window(table: pd.DataFrame, target: float = 0.95) -> tuple[float, fl
 # setting at a time moved either way.
 SWEEP_THRESHOLDS = tuple(round(0.5 + 0.02 * i, 2) for i in range(21))
 SWEEP_CHANGES = {
-    "min_structure": (0.5, 0.7),
+    "min_structure": (0.6, 0.8),
     "min_tone": (0.9, 0.98),
     "max_colour": (0.3, 0.5),
     "max_changed": (0.04, 0.12),
