@@ -170,8 +170,9 @@ class Verdict:
     ``change_level`` after one gain and offset; ``contrast``: the lesser standard deviation of
     the two low-passed luminances; ``contrast_ratio``, ``brightness_ratio``, ``texture_ratio``
     (the median magnitudes of the high-passed luminances): the larger over the smaller of the
-    two, >= 1; ``texture``: the larger median magnitude), which image is ``grey`` (first, second), whether the second
-    image was ``mirrored``, and the warp's ``rotation`` (degrees) and ``scale`` (per axis)."""
+    two, >= 1; ``texture``: the larger median magnitude), which image is ``grey`` (first,
+    second), whether the second image was ``mirrored``, and the warp's ``rotation`` (degrees)
+    and ``scale`` (per axis)."""
 
     match: bool
     structure: float = float("nan")
