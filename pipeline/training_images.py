@@ -10,6 +10,7 @@ Diffusion's training data was prepared, then measured with the near-copy rule's 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ def fit_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Center-crop ``image`` to the aspect ratio of ``size`` = (height, width) and resize to it."""
     height, width = size
     return ImageOps.fit(image.convert("RGB"), (width, height), method=Image.Resampling.BICUBIC)
+
+
+def _decoded_bytes(image: Image.Image | None) -> int:
+    """Bytes a decoded image holds (0 for None)."""
+    return 0 if image is None else image.width * image.height * len(image.getbands())
 
 
 def fetch_training_images(
@@ -182,27 +188,68 @@ def sample_distances(samples: np.ndarray, training: Sequence[Image.Image], metri
 
 
 class GroupMatcher:
-    """Whether samples reproduce one of a prompt's own training images, fetching each key once.
+    """Whether samples reproduce one of a prompt's own training images, fetching each key once
+    while it is kept.
 
     ``data``: a ``data`` config (the training set); ``metric``: the near-copy rule's;
     ``threshold``: a sample within it of a training image reproduces that image (verification's
-    ``delta``). Images are kept once fetched (a prompt's group is compared round after round);
-    keys that cannot be read are recorded in ``rejects`` once and count as no image.
+    ``delta``). Images are kept once fetched (a prompt's group is compared round after round)
+    until :meth:`forget` drops them or, with ``max_bytes``, until the decoded images kept
+    exceed it: then the least recently used ones are dropped first (never those of the current
+    call) and fetched again when asked for. Keys that cannot be read are recorded in
+    ``rejects`` once and count as no image.
     """
 
-    def __init__(self, data: Mapping[str, Any], metric: Metric, threshold: float, rejects: RejectLog | None = None):
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        metric: Metric,
+        threshold: float,
+        rejects: RejectLog | None = None,
+        max_bytes: int | None = None,
+    ):
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes: must be >= 0 or None, got {max_bytes}")
         self.data, self.metric, self.threshold = data, metric, float(threshold)
         self.rejects = rejects if rejects is not None else RejectLog()
-        self._images: dict[str, Image.Image | None] = {}
+        self.max_bytes = max_bytes
+        self._images: OrderedDict[str, Image.Image | None] = OrderedDict()  # least recently used first
+        self._bytes = 0
+
+    @property
+    def bytes_kept(self) -> int:
+        """Decoded bytes of the training images kept now."""
+        return self._bytes
 
     def images(self, keys: Iterable[str]) -> list[Image.Image]:
-        """The readable training images of ``keys`` (fetched in one pass the first time)."""
+        """The readable training images of ``keys`` (fetched in one pass where not kept)."""
         keys = [str(k) for k in keys]
         new = [k for k in dict.fromkeys(keys) if k not in self._images]
         if new:
             found = fetch_training_images(self.data, new, self.rejects)
-            self._images.update({k: found.get(k) for k in new})
-        return [self._images[k] for k in keys if self._images[k] is not None]
+            for key in new:
+                image = found.get(key)
+                self._images[key] = image
+                self._bytes += _decoded_bytes(image)
+        for key in keys:
+            self._images.move_to_end(key)
+        wanted = [self._images[k] for k in keys if self._images[k] is not None]
+        self._evict(set(keys))
+        return wanted
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Drop the training images of ``keys`` (a finished prompt's group); unknown keys are ignored."""
+        for key in keys:
+            image = self._images.pop(str(key), None)
+            self._bytes -= _decoded_bytes(image)
+
+    def _evict(self, keep: set[str]) -> None:
+        if self.max_bytes is None:
+            return
+        for key in [k for k, image in self._images.items() if image is not None and k not in keep]:
+            if self._bytes <= self.max_bytes:
+                break
+            self._bytes -= _decoded_bytes(self._images.pop(key))
 
     def any_match(self, samples: np.ndarray | Sequence[np.ndarray], keys: Iterable[str], within: float | None = None) -> bool:
         """Whether one of ``samples`` (uint8 (N, H, W, 3), or a list of such images of any sizes)

@@ -275,6 +275,49 @@ def test_group_matcher_compares_samples_with_the_groups_training_images(tmp_path
     assert [e["key"] for e in matcher.rejects.entries] == ["missing"]
 
 
+def test_group_matcher_keeps_at_most_max_bytes_and_forgets(tmp_path):
+    """With ``max_bytes`` the least recently compared images are dropped past it (never those of
+    the call at hand, so a group larger than the budget still compares), read again when next
+    asked for, with the same answers; :meth:`forget` drops a group's images."""
+    from PIL import Image
+
+    from pipeline.metrics import TiledL2
+    from pipeline.training_images import GroupMatcher, fit_to
+
+    rng = np.random.default_rng(1)
+    pictures = {key: rng.integers(0, 256, size=(48, 40, 3), dtype=np.uint8) for key in ("a", "b", "c")}
+    for key, array in pictures.items():
+        Image.fromarray(array).save(tmp_path / f"{key}.png")
+    one = 48 * 40 * 3  # decoded RGB bytes of one image
+    samples = {key: np.asarray(fit_to(Image.fromarray(array), (32, 32)))[None] for key, array in pictures.items()}
+    matcher = GroupMatcher({"format": "files", "path": str(tmp_path)}, TiledL2(), threshold=0.15, max_bytes=2 * one)
+    for key in ("a", "b", "c"):
+        assert matcher.any_match(samples[key], [key])
+        assert matcher.bytes_kept <= 2 * one
+    assert list(matcher._images) == ["b", "c"]  # "a", the least recently compared, went first
+    assert matcher.any_match(samples["a"], ["a"]) and not matcher.any_match(samples["a"], ["b"])
+    assert list(matcher._images) == ["a", "b"]
+    tight = GroupMatcher({"format": "files", "path": str(tmp_path)}, TiledL2(), threshold=0.15, max_bytes=0)
+    assert tight.any_match(samples["c"], ["a", "b", "c"]) and tight.bytes_kept == 3 * one
+    assert tight.any_match(samples["a"], ["a"]) and list(tight._images) == ["a"]
+    matcher.forget(["a", "b", "never-fetched"])
+    assert not matcher._images and matcher.bytes_kept == 0
+    with pytest.raises(ValueError, match="max_bytes"):
+        GroupMatcher({"format": "files", "path": str(tmp_path)}, TiledL2(), threshold=0.15, max_bytes=-1)
+
+
+def test_training_cache_mb_must_be_a_size(tmp_path):
+    from pipeline.cli import ConfigError
+    from pipeline.generate import run as run_stage
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n", encoding="utf-8")
+    overrides = [f"run_dir={tmp_path}", f"prompts={prompts}", "adaptive.enabled=true", "adaptive.stop_when_extracted=true"]
+    cfg = compose_config("generate", [*overrides, f"+data.path={tmp_path}", "+data.format=files", "training_cache_mb=-5"])
+    with pytest.raises(ConfigError, match=r"^training_cache_mb: must be a number of MiB >= 0 or null, got -5$"):
+        run_stage(cfg)
+
+
 def test_stop_when_extracted_without_a_training_set_is_a_config_error(tmp_path):
     from pipeline.cli import ConfigError
     from pipeline.generate import run as run_stage

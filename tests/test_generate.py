@@ -710,6 +710,8 @@ def test_stop_when_extracted_stops_at_the_round_holding_a_training_copy_as_its_r
     with caplog.at_level(logging.INFO, logger="pipeline.generate.stage"):
         summary = run(pipe, model_dir, out, prompts=prompts, n_samples=FULL, batch_size=4, adaptive=rule, matcher=matcher)
     assert "1 of 3 prompts carry no training keys" in caplog.text
+    # Every prompt finished, so no group's training images are kept any more.
+    assert not matcher._images and matcher.bytes_kept == 0
     table = pd.read_parquet(out / PROMPTS_FILE).set_index("prompt_id")
     expected = {keep: (2, EXTRACTED), copied: (2, EXTRACTED), bare: (2, NO_SIGN)}
     replay_matcher = GroupMatcher(data, rule.rule.metric, rule.rule.threshold)

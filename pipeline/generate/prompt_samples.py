@@ -5,6 +5,7 @@ training images, and its completion marker once it needs no more samples."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ class PromptSamples:
     ``adaptive.stop_when_extracted`` and ``adaptive.near_training`` (None: neither applies).
     A sample that cannot be read back is left out of the checks, as the detector leaves it
     out, and recorded once in ``ctx.rejects`` (its key in :attr:`rejected`); :attr:`stops`
-    counts the prompts stopped per stop reason of :mod:`pipeline.generate.adaptive`.
+    counts the prompts stopped per stop reason of :mod:`pipeline.generate.adaptive`. A finished
+    prompt's training images are dropped from ``matcher`` once no unfinished prompt of
+    ``units`` shares them.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class PromptSamples:
         self.units = {unit.name: unit for unit in units}
         self.stops = dict.fromkeys(STOP_REASONS, 0)
         self.rejected: set[str] = set()
+        self._users = Counter(key for name in self.units for key in dict.fromkeys(groups.get(name) or []))
 
     def scheduler(self) -> RoundScheduler:
         """A round scheduler over these prompts' samples: every one of its callbacks is a method here."""
@@ -105,3 +109,7 @@ class PromptSamples:
             info["adaptive"] = self.adaptive.describe()
             self.stops[reason] += 1
         self.ctx.done(self.units[prompt_id], info)
+        if self.matcher is not None:
+            keys = list(dict.fromkeys(self.groups.get(prompt_id) or []))
+            self._users.subtract(keys)
+            self.matcher.forget([key for key in keys if self._users[key] <= 0])

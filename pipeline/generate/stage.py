@@ -239,7 +239,11 @@ def run(cfg) -> GenerationSummary:
         if adaptive.stop_when_extracted:
             # Verification's threshold is the rule's here (the detector's verify.delta defaults to it too).
             data = with_location_index(OmegaConf.to_container(data, resolve=True), cfg.get("dedup_dir"))
-            matcher = GroupMatcher(data, adaptive.rule.metric, adaptive.rule.threshold)
+            cache_mb = cfg.get("training_cache_mb")
+            if cache_mb is not None and (isinstance(cache_mb, bool) or not isinstance(cache_mb, int | float) or cache_mb < 0):
+                raise ConfigError(f"training_cache_mb: must be a number of MiB >= 0 or null, got {cache_mb!r}")
+            max_bytes = None if cache_mb is None else int(cache_mb * 2**20)
+            matcher = GroupMatcher(data, adaptive.rule.metric, adaptive.rule.threshold, max_bytes=max_bytes)
             adaptive = replace(adaptive, training_set=training_set_identity(data))
 
     # 3. Read the prompts and load the model (every model.* loading key, as the prescreen loads it).
