@@ -468,7 +468,7 @@ def test_verification_uses_the_embedding_index(run):
         np.save(dedup / "embeddings" / "img_emb" / f"img_emb_{rank}.npy", embedder.embed(images[part]).astype(np.float16))
         pd.DataFrame({"key": records[part]}).to_parquet(dedup / "embeddings" / "metadata" / f"metadata_{rank}.parquet")
     index = EmbeddingIndex.load(dedup / "embeddings")
-    assert len(index.keys) == len(records) == 20
+    assert len(index) == len(records) == 20
     table, _ = verify(run, memorized, dedup_dir=dedup, embedder_factory=lambda: embedder, n_candidates=1, exhaustive=False)
     # Each sample's nearest training image: a planted copy's is its original.
     assert table.loc["00000", "best_train_key"] == ORIGINAL_KEY["00000"]

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.rejects import RejectLog
 from pipeline.detect.candidates import EmbeddingIndex, group_candidates
-from pipeline.detect.verify import PromptSamples, prompt_candidates
+from pipeline.detect.verify import PromptSamples, candidate_lists, nearest_keys, sample_vectors
 from pipeline.embedders.base import Embedder
 from pipeline.generations import list_samples, load_samples
 from pipeline.io import write_parquet
@@ -52,15 +52,16 @@ def candidate_keys(
 ) -> dict[str, list[str]]:
     """Every screened prompt's candidate keys, as verification would choose them."""
     groups = group_candidates(memorized)
-    found: dict[str, list[str]] = {}
-    for pid in memorized["prompt_id"].astype(str):
+    prompt_ids = list(memorized["prompt_id"].astype(str))
+    vectors: dict = {}
+    no_embedder = False
+    for pid in prompt_ids:  # one prompt's images at a time; their embeddings kept
         samples, images = load_samples(generations_dir, list_samples(generations_dir, pid, rejects), rejects)
-        found.update(
-            prompt_candidates(
-                [PromptSamples(pid, samples, images)], groups, index, embedder_factory, n_candidates, max_candidates
-            )
-        )
-    return found
+        if not no_embedder:
+            vectors.update(sample_vectors([PromptSamples(pid, samples, images)], index, embedder_factory, n_candidates))
+        no_embedder = index is not None and n_candidates > 0 and bool(images) and pid not in vectors  # warned once
+    nearest = nearest_keys(vectors, index, n_candidates) if index is not None else {}
+    return candidate_lists(prompt_ids, groups, nearest, max_candidates)
 
 
 def url_list(keys: set[str], embeddings_dir: str | Path) -> pd.DataFrame:

@@ -116,20 +116,51 @@ def prompt_candidates(
     """Each prompt's candidate training keys: its duplicate group (``groups``), then its samples'
     nearest training images in ``index`` (rank by rank: every sample's nearest, then every
     sample's second ...), at most ``max_candidates``, without repeats. The embedder is built
-    (``embedder_factory()``) only when there are samples to embed and an index to search."""
-    found = {p.prompt_id: list(dict.fromkeys(groups.get(p.prompt_id, []))) for p in prompts}
-    embedder = None
-    if index is not None and n_candidates > 0 and any(p.images for p in prompts):
-        embedder = embedder_factory() if embedder_factory is not None else None
-        if embedder is None:
-            log.warning("dedup embeddings found but no embedder configured (embedder=...): nearest-neighbour candidates skipped")
-    for p in prompts:
-        if embedder is not None and p.images:
-            nearest = index.search(embed_images(p.images, embedder), n_candidates)
-            for rank in range(max(map(len, nearest), default=0)):
-                found[p.prompt_id] += [keys[rank] for keys in nearest if rank < len(keys)]
-        found[p.prompt_id] = list(dict.fromkeys(found[p.prompt_id]))[:max_candidates]
-    return found
+    (``embedder_factory()``) only when there are samples to embed and an index to search; the
+    index is searched once for every prompt's samples (a search reads every shard)."""
+    vectors = sample_vectors(prompts, index, embedder_factory, n_candidates)
+    nearest = nearest_keys(vectors, index, n_candidates) if index is not None else {}
+    return candidate_lists([p.prompt_id for p in prompts], groups, nearest, max_candidates)
+
+
+def sample_vectors(
+    prompts: Sequence[PromptSamples],
+    index: EmbeddingIndex | None,
+    embedder_factory: Callable[[], Embedder | None] | None,
+    n_candidates: int,
+) -> dict[str, np.ndarray]:
+    """The embeddings (float ``(n_samples, dim)``) of each prompt's readable samples, for the
+    prompts that have some; empty without an index, candidates or an embedder (which a
+    warning names)."""
+    if index is None or n_candidates <= 0 or not any(p.images for p in prompts):
+        return {}
+    embedder = embedder_factory() if embedder_factory is not None else None
+    if embedder is None:
+        log.warning("dedup embeddings found but no embedder configured (embedder=...): nearest-neighbour candidates skipped")
+        return {}
+    return {p.prompt_id: embed_images(p.images, embedder) for p in prompts if p.images}
+
+
+def nearest_keys(vectors: Mapping[str, np.ndarray], index: EmbeddingIndex, n_candidates: int) -> dict[str, list[str]]:
+    """Each prompt's samples' ``n_candidates`` nearest training keys in ``index``, rank by rank
+    (every sample's nearest, then every sample's second ...), from one search for all of them."""
+    names = [name for name, v in vectors.items() if len(v)]
+    if not names or n_candidates <= 0:
+        return {}
+    found = index.search(np.concatenate([vectors[name] for name in names]), n_candidates)
+    bounds = np.cumsum([0] + [len(vectors[name]) for name in names])
+    out = {}
+    for name, lo, hi in zip(names, bounds[:-1], bounds[1:]):
+        nearest = found[lo:hi]
+        out[name] = [keys[rank] for rank in range(max(map(len, nearest), default=0)) for keys in nearest if rank < len(keys)]
+    return out
+
+
+def candidate_lists(
+    prompt_ids: Sequence[str], groups: Mapping[str, list[str]], nearest: Mapping[str, list[str]], max_candidates: int
+) -> dict[str, list[str]]:
+    """Each prompt's duplicate group, then its ``nearest`` keys, without repeats, at most ``max_candidates``."""
+    return {pid: list(dict.fromkeys([*groups.get(pid, []), *nearest.get(pid, [])]))[:max_candidates] for pid in prompt_ids}
 
 
 class _Matches:
