@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
             "blocks_seconds": round(blocks["load_s"] + blocks["search_s"], 2),
             "flat_peak_mib": round(flat["peak_mib"]),
             "blocks_peak_mib": round(blocks["peak_mib"]),
-            "peak_ratio": round(flat["peak_mib"] / blocks["peak_mib"], 2),
+            "peak_ratio": round(max(flat["peak_mib"], 1.0) / max(blocks["peak_mib"], 1.0), 2),  # 1 MiB: below it, noise
             "time_ratio": round((flat["load_s"] + flat["search_s"]) / (blocks["load_s"] + blocks["search_s"]), 2),
             "same_keys": same,
         }
