@@ -28,9 +28,10 @@ square, JPEG quality 95) and is written in img2dataset's layouts, with its sidec
 ``<format>_ground_truth.parquet`` beside them has ``key`` and ``original_id`` (what the dedup
 stage's ``data.ground_truth`` scores against) plus ``kind``, ``edits``, ``dup_count``.
 
-``--kinds stripes,drawing,screenshot,chart,pattern`` adds picture kinds (:data:`EXTRA_KINDS`,
-8% of the originals each): sinusoidal stripe textures, line drawings, screenshots of text,
-bar and line charts, wallpapers of one repeated motif. ``--recolour R`` turns the hue of a
+``--kinds stripes,drawing,screenshot,chart,pattern,map,mosaic,logo`` adds picture kinds
+(:data:`EXTRA_KINDS`, 6-8% of the originals each): sinusoidal stripe textures, line drawings,
+screenshots of text, bar and line charts, wallpapers of one repeated motif, street maps,
+mosaics of flat Voronoi cells, logos of flat shapes and a word. ``--recolour R`` turns the hue of a
 share ``R`` of the copies by 5-20 degrees and scales their saturation.
 
 Scoring (without ``--no-score``) runs the dedup stage (:func:`pipeline.dedup.stage.run_dedup`,
@@ -371,9 +372,103 @@ def pattern(rng: np.random.Generator) -> Image.Image:
     return image
 
 
+def street_map(rng: np.random.Generator) -> Image.Image:
+    """A street map: a pale ground, 2-6 parks and lakes (flat green and blue polygons), 8-30
+    roads (polylines, a grey casing under a white or yellow fill, 2-12 px) and 3-10 labels of
+    made-up words."""
+    w, h = random_size(rng, 300, 640)
+    image = Image.new("RGB", (w, h), tuple(int(c) for c in rng.integers(228, 246, size=3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(2, 7))):
+        cx, cy, r = float(rng.uniform(0, w)), float(rng.uniform(0, h)), float(rng.uniform(20, 0.3 * min(w, h)))
+        angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(5, 10))))
+        radii = r * rng.uniform(0.6, 1.2, len(angles))
+        points = list(zip((cx + radii * np.cos(angles)).tolist(), (cy + radii * np.sin(angles)).tolist()))
+        water = rng.uniform() < 0.4
+        draw.polygon(points, fill=(160, 200, 235) if water else (190, 225, 175))
+    for _ in range(int(rng.integers(8, 31))):
+        width = int(rng.integers(2, 13))
+        points = [(int(rng.integers(-20, w + 20)), int(rng.integers(-20, h + 20))) for _ in range(int(rng.integers(2, 5)))]
+        draw.line(points, fill=(170, 170, 170), width=width + 2, joint="curve")
+        draw.line(points, fill=(255, 255, 255) if rng.uniform() < 0.75 else (250, 220, 120), width=width, joint="curve")
+    font = ImageFont.load_default(size=int(rng.integers(10, 16)))
+    for _ in range(int(rng.integers(3, 11))):
+        draw.text((int(rng.integers(0, w - 40)), int(rng.integers(0, h - 12))), made_up_word(rng), fill=(70, 70, 70), font=font)
+    return image
+
+
+def mosaic(rng: np.random.Generator) -> Image.Image:
+    """A mosaic: the Voronoi cells of 20-150 random points, each a flat random colour, with dark
+    grout 1-3 px wide where cells meet."""
+    w, h = random_size(rng)
+    n = int(rng.integers(20, 151))
+    seeds = np.stack([rng.uniform(0, w, n), rng.uniform(0, h, n)], axis=1)
+    colours = rng.integers(0, 256, size=(n, 3)).astype(np.uint8)
+    ys, xs = np.mgrid[0:h, 0:w]
+    nearest = np.zeros((h, w), dtype=np.int32)
+    best = np.full((h, w), np.inf)
+    for i, (sx, sy) in enumerate(seeds):
+        d = (xs - sx) ** 2 + (ys - sy) ** 2
+        closer = d < best
+        nearest[closer], best[closer] = i, d[closer]
+    pixels = colours[nearest]
+    edge = np.zeros((h, w), dtype=bool)
+    edge[:, 1:] |= nearest[:, 1:] != nearest[:, :-1]
+    edge[1:, :] |= nearest[1:, :] != nearest[:-1, :]
+    grout = Image.fromarray(edge.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * int(rng.integers(0, 2)) + 1))
+    pixels[np.asarray(grout) > 0] = rng.integers(20, 70, size=3).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def logo(rng: np.random.Generator) -> Image.Image:
+    """A logo: 1-3 flat shapes (circle, square, triangle, ring) and a made-up word of 3-9
+    letters in a large font, in 1-3 colours on a flat white or coloured ground."""
+    w, h = random_size(rng, 240, 480)
+    ground = (255, 255, 255) if rng.uniform() < 0.6 else tuple(int(c) for c in rng.integers(0, 256, size=3))
+    image = Image.new("RGB", (w, h), ground)
+    draw = ImageDraw.Draw(image)
+    palette = [tuple(int(c) for c in rng.integers(0, 256, size=3)) for _ in range(int(rng.integers(1, 4)))]
+    side = min(w, h)
+    for _ in range(int(rng.integers(1, 4))):
+        r = float(rng.uniform(0.1, 0.3)) * side
+        cx, cy = float(rng.uniform(r, w - r)), float(rng.uniform(r, h * 0.6))
+        fill = palette[int(rng.integers(len(palette)))]
+        roll = rng.uniform()
+        if roll < 0.3:
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif roll < 0.55:
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif roll < 0.8:
+            draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+        else:
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=max(2, int(r / 4)))
+    word = made_up_word(rng)[:9].upper()
+    font = ImageFont.load_default(size=int(rng.integers(24, 56)))
+    draw.text((int(w * rng.uniform(0.05, 0.3)), int(h * rng.uniform(0.65, 0.8))), word, fill=palette[0], font=font)
+    return image
+
+
 # Picture kinds a planted set may add (``extra_kinds``), with the share of originals each takes.
-EXTRA_KINDS = {"stripes": 0.08, "drawing": 0.08, "screenshot": 0.08, "chart": 0.08, "pattern": 0.08}
-KIND_MAKERS = {"stripes": stripes, "drawing": line_drawing, "screenshot": screenshot, "chart": chart, "pattern": pattern}
+EXTRA_KINDS = {
+    "stripes": 0.08,
+    "drawing": 0.08,
+    "screenshot": 0.08,
+    "chart": 0.08,
+    "pattern": 0.08,
+    "map": 0.06,
+    "mosaic": 0.06,
+    "logo": 0.06,
+}
+KIND_MAKERS = {
+    "stripes": stripes,
+    "drawing": line_drawing,
+    "screenshot": screenshot,
+    "chart": chart,
+    "pattern": pattern,
+    "map": street_map,
+    "mosaic": mosaic,
+    "logo": logo,
+}
 
 
 def decode(data: bytes) -> Image.Image:

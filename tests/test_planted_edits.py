@@ -248,3 +248,14 @@ def test_sweep_scores_the_embedder_alone_as_exact_search_does():
         assert alone.loc[threshold, "recall"] == pytest.approx(score["recall"])
     verified = table[table["variant"] == "verified"].set_index("threshold")
     assert (verified["recall"] <= alone["recall"] + 1e-12).all()
+
+
+@pytest.mark.parametrize("kind", sorted(planted.EXTRA_KINDS))
+def test_every_picture_kind_is_a_seeded_rgb_picture(kind):
+    """Each kind a set may add draws an RGB picture, its longest side at least 240 px
+    (``random_size``), the same one for the same seed, another for another seed."""
+    one, again, other = (planted.KIND_MAKERS[kind](np.random.default_rng(seed)) for seed in (3, 3, 4))
+    assert one.mode == "RGB" and max(one.size) >= 240
+    assert np.array_equal(np.asarray(one), np.asarray(again))
+    assert one.size != other.size or not np.array_equal(np.asarray(one), np.asarray(other))
+    assert len(np.unique(np.asarray(one).reshape(-1, 3), axis=0)) >= 2  # a picture, not a flat field
