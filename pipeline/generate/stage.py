@@ -58,7 +58,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.budget import format_budget, write_generation_budget
-from pipeline.cli import CONF_DIR, ConfigError, settings_from, stage_main
+from pipeline.cli import CONF_DIR, ConfigError, config_number, settings_from, stage_main
 from pipeline.data.sharding import check_shard
 from pipeline.executor import run_step
 from pipeline.generate.adaptive import AdaptiveSettings, adaptive_settings
@@ -239,9 +239,7 @@ def run(cfg) -> GenerationSummary:
         if adaptive.stop_when_extracted:
             # Verification's threshold is the rule's here (the detector's verify.delta defaults to it too).
             data = with_location_index(OmegaConf.to_container(data, resolve=True), cfg.get("dedup_dir"))
-            cache_mb = cfg.get("training_cache_mb")
-            if cache_mb is not None and (isinstance(cache_mb, bool) or not isinstance(cache_mb, int | float) or cache_mb < 0):
-                raise ConfigError(f"training_cache_mb: must be a number of MiB >= 0 or null, got {cache_mb!r}")
+            cache_mb = config_number(cfg, "training_cache_mb", minimum=0, optional=True)
             max_bytes = None if cache_mb is None else int(cache_mb * 2**20)
             matcher = GroupMatcher(data, adaptive.rule.metric, adaptive.rule.threshold, max_bytes=max_bytes)
             adaptive = replace(adaptive, training_set=training_set_identity(data))
