@@ -155,8 +155,8 @@ def run_stage(vectors: np.ndarray, args) -> float:
 
     import pandas as pd
 
+    from pipeline.data.embeddings_store import write_shard
     from pipeline.dedup import DedupSettings, run_dedup
-    from pipeline.dedup.embeddings_store import write_shard
 
     with tempfile.TemporaryDirectory(prefix="dedup_bench_") as tmp:
         keys = [f"{i:09d}" for i in range(len(vectors))]
@@ -197,7 +197,7 @@ def write_planted_shards(
     The same recipe as :func:`planted_embeddings`. Returns the labels, int64 (n,)."""
     import pandas as pd
 
-    from pipeline.dedup.embeddings_store import write_shard
+    from pipeline.data.embeddings_store import write_shard
 
     rng = np.random.default_rng(seed)
     group_sizes = planted_group_sizes(rng, n, dup_share, max_group)
@@ -326,7 +326,7 @@ def exact_recall(embeddings: Path, labels: np.ndarray, threshold: float, queries
     the share whose rows share a group: ``(recall, exact pairs)``."""
     import faiss
 
-    from pipeline.dedup.embeddings_store import EmbeddingRows, unit_rows
+    from pipeline.data.embeddings_store import EmbeddingRows, unit_rows
 
     rows = EmbeddingRows(embeddings)
     sample = np.sort(np.random.default_rng(seed).choice(rows.n, min(queries, rows.n), replace=False))

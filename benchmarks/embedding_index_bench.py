@@ -73,18 +73,15 @@ def run_method(method: str, root: Path, queries: np.ndarray, k: int) -> dict:
     (MiB), and the keys found."""
     import faiss
 
+    from pipeline.data.embeddings_store import embedding_path, list_shards, metadata_path
     from pipeline.detect.candidates import EmbeddingIndex
 
     base_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the imports'
     start = time.perf_counter()
     if method == "flat":
-        parts = sorted((root / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-        vectors = np.concatenate([np.load(p).astype(np.float32) for p in parts])
-        keys = [
-            key
-            for p in parts
-            for key in pd.read_parquet(root / "metadata" / f"metadata_{p.stem.rsplit('_', 1)[1]}.parquet")["key"]
-        ]
+        shards = list_shards(root)
+        vectors = np.concatenate([np.load(embedding_path(root, s)).astype(np.float32) for s in shards])
+        keys = [key for s in shards for key in pd.read_parquet(metadata_path(root, s), columns=["key"])["key"]]
         index = faiss.IndexFlatIP(vectors.shape[1])
         index.add(vectors)
         loaded = time.perf_counter()

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.data.embeddings_store import read_embeddings, read_metadata, unit_rows, write_shard
 from pipeline.dedup import DedupSettings, format_summary, run_dedup, shard_bounds
 from pipeline.dedup.buckets import join_buckets, read_pairs, write_buckets, write_pairs
-from pipeline.dedup.embeddings_store import read_embeddings, read_metadata, unit_rows, write_shard
 from pipeline.dedup.grouping import UnionFind, connected_groups, evaluate_groups, group_table, pair_scores, select_top
 from pipeline.dedup.index import IndexSettings, cell_pairs, exact_pairs, exact_pairs_blocked, find_pairs, train_cells
 from pipeline.dedup.pair_verify import VerifySettings
@@ -660,7 +660,7 @@ def test_group_sorts_records_out_of_core_with_the_same_bytes(tmp_path, monkeypat
     """With buckets of 250 records, the group phase never holds all keys and captions (nor
     reads them whole) and writes exactly the in-memory path's groups.parquet and selection, byte for byte:
     repeated keys, missing and non-ASCII captions, singletons selected (min_group_size=1)."""
-    import pipeline.dedup.embeddings_store as store_module
+    import pipeline.data.embeddings_store as store_module
     from pipeline.dedup.grouping import group_labels, stream_components
 
     rng = np.random.default_rng(7)

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.data.embeddings_store import write_shard
 from pipeline.dedup.buckets import WRITE_CHUNK, read_pairs
-from pipeline.dedup.embeddings_store import write_shard
 from pipeline.dedup.grouping import pair_scores
 from pipeline.dedup.records import PARQUET_ROW_GROUP
 from tests.conftest import REPO, stage_env

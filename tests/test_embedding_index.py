@@ -75,7 +75,7 @@ def test_load_checks_the_shards(tmp_path):
     assert EmbeddingIndex.load(tmp_path) is None  # no embeddings
     _write_shards(tmp_path / "a", [4, 3], dim=5, rng=rng)
     np.save(tmp_path / "a" / "img_emb" / "img_emb_1.npy", np.ones((3, 6), np.float16))
-    with pytest.raises(ValueError, match=r"shards of different dimensions \[5, 6\]"):
+    with pytest.raises(ValueError, match=r"img_emb_1.npy has dimension 6, other shards 5$"):
         EmbeddingIndex.load(tmp_path / "a")
     _write_shards(tmp_path / "b", [4], dim=5, rng=rng)
     pd.DataFrame({"key": ["x"]}).to_parquet(tmp_path / "b" / "metadata" / "metadata_0.parquet")
@@ -106,5 +106,5 @@ def test_a_truncated_shard_is_refused_in_one_line(tmp_path):
     part = tmp_path / "img_emb" / "img_emb_0.npy"
     index = EmbeddingIndex.load(tmp_path, block_rows=4)
     part.write_bytes(part.read_bytes()[:-8])  # 8 bytes: the last row (4 float16 values) is gone
-    with pytest.raises(ValueError, match=r"img_emb_0.npy: ends after 20 of 24 values"):
+    with pytest.raises(ValueError, match=r"img_emb_0.npy is unreadable: mmap length is greater than file size$"):
         index.search(np.ones((1, 4), np.float32), 2)

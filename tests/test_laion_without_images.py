@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline.dedup.embeddings_store import write_shard
+from pipeline.data.embeddings_store import write_shard
 from pipeline.detect.stage import run as run_detect_stage
 from tests.conftest import compose_config
 from tests.test_detect import PLANTED, build_run

@@ -182,7 +182,7 @@ def test_embed_phase_writes_the_index_per_rank_and_fetches_use_it(fmt, tmp_path,
 
 
 def test_locate_phase_indexes_a_set_whose_embeddings_were_precomputed(tmp_path):
-    from pipeline.dedup.embeddings_store import write_shard
+    from pipeline.data.embeddings_store import write_shard
     from pipeline.dedup.settings import DedupSettings
     from pipeline.dedup.stage import run_dedup
 

@@ -15,6 +15,9 @@ as a whole (``oversized caption``/``oversized metadata``), and a file or tar mem
 its limit is never read (see :mod:`pipeline.data.assemble`). Both are options of every
 reader, so ``data.max_caption_bytes=...`` sets them from the config.
 
+Embeddings on disk in clip-retrieval's layout (what the duplicate finder writes and reads,
+and the detector searches) are :mod:`pipeline.data.embeddings_store`'s.
+
 Stages call :func:`iter_records` (or :func:`open_dataset` with the ``data`` config group):
 wrong arguments raise at once, naming the config key (``data.format``, ``data.path``,
 ``data.caption_column``, ``rank``...); a shard that yields no record at all raises

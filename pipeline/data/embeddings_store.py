@@ -151,7 +151,7 @@ class EmbeddingRows:
             path = embedding_path(self.root, shard)
             if not path.exists():
                 raise FileNotFoundError(f"embeddings_dir: {path} is missing")
-            array = np.load(path, mmap_mode="r")
+            array = _open(path)
             if array.ndim != 2:
                 raise ValueError(f"embeddings_dir: {path} holds an array of shape {array.shape}, not (rows, dim)")
             if dim is not None and array.shape[1] != dim:
@@ -179,7 +179,7 @@ class EmbeddingRows:
         for s, shard in enumerate(self.shards):
             lo, hi = max(start, self.offsets[s]), min(stop, self.offsets[s + 1])
             if lo < hi:
-                array = np.load(embedding_path(self.root, shard), mmap_mode="r")
+                array = _open(embedding_path(self.root, shard))
                 out[lo - start : hi - start] = array[lo - self.offsets[s] : hi - self.offsets[s]]
                 del array  # unmapped: its pages leave this process's resident set
         return out
@@ -191,7 +191,16 @@ class EmbeddingRows:
         shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
         for s in np.unique(shard_of):
             where = np.flatnonzero(shard_of == s)
-            array = np.load(embedding_path(self.root, self.shards[s]), mmap_mode="r")
+            array = _open(embedding_path(self.root, self.shards[s]))
             out[where] = array[rows[where] - self.offsets[s]]
             del array
         return out
+
+
+def _open(path: Path) -> np.ndarray:
+    """The ``.npy`` at ``path``, memory-mapped; a file that does not hold what its header says
+    (cut short, say) is refused in one line naming it."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError as error:
+        raise ValueError(f"embeddings_dir: {path} is unreadable: {error}") from None

@@ -6,7 +6,7 @@
 * :mod:`~pipeline.dedup.units`: the phases' units, the settings that decide each, and their order;
 * :mod:`~pipeline.dedup.launch`: every phase as an array from one command (local processes, or SLURM arrays chained by afterok);
 * :mod:`~pipeline.dedup.embedding`: images to embeddings, a batch at a time;
-* :mod:`~pipeline.dedup.embeddings_store`: embeddings on disk, per shard;
+* :mod:`~pipeline.data.embeddings_store` (shared with the detector): embeddings on disk, per shard;
 * :mod:`~pipeline.dedup.index`: the faiss index and its near-duplicate pair search;
 * :mod:`~pipeline.dedup.buckets`: the array phases' IVF search: rows bucketed by cell on disk, each task joining its own cells;
 * :mod:`~pipeline.dedup.pair_verify`: the pair verifier: two images aligned and compared, one picture or not;

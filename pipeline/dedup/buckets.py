@@ -41,7 +41,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from pipeline.dedup.embeddings_store import EmbeddingRows, unit_rows
+from pipeline.data.embeddings_store import EmbeddingRows, unit_rows
 from pipeline.dedup.index import IndexSettings, Pairs, _cpus, cap_per_query, join_cell, kmeans_centroids, training_sample
 from pipeline.io import atomic_write, write_npy
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.dedup.embeddings_store import embedding_path, metadata_path
+from pipeline.data.embeddings_store import embedding_path, metadata_path
 from pipeline.identity import digest_of, file_identity, tree_identity
 
 

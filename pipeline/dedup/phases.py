@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.embeddings_store import metadata_path, unit_rows, write_shard
 from pipeline.data.locations import MANIFEST, RANK_FILE, location_table, write_manifest, write_rank_file
 from pipeline.dedup.buckets import centroids_digest, join_buckets, train_centroids, write_buckets, write_pairs
 from pipeline.dedup.embedding import embed_records
-from pipeline.dedup.embeddings_store import metadata_path, unit_rows, write_shard
 from pipeline.dedup.grouping import stream_components
 from pipeline.dedup.index import DATABASE_BLOCK, Pairs, assign_cells, exact_pairs_blocked, training_sample
 from pipeline.dedup.records import write_groups

@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dedup.embeddings_store import REQUIRED_COLUMNS, embedding_path, metadata_path
+from pipeline.data.embeddings_store import REQUIRED_COLUMNS, embedding_path, metadata_path
 from pipeline.dedup.grouping import group_table, select_top
 from pipeline.io import atomic_write, current_umask, write_parquet
 
@@ -63,7 +63,7 @@ def iter_metadata(
     root: str | Path, shards: list[int], chunk_rows: int, keys_only: bool = False
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """``(keys, captions)`` of the metadata files of ``shards`` in row order, ``chunk_rows`` at a
-    time (object arrays of str), converted as :func:`~pipeline.dedup.embeddings_store.read_metadata`
+    time (object arrays of str), converted as :func:`~pipeline.data.embeddings_store.read_metadata`
     converts them (key as str, a missing caption as ""). ``keys_only``: captions are None."""
     root = Path(root)
     for shard in shards:

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.dedup.embeddings_store import EmbeddingRows, list_shards
+from pipeline.data.embeddings_store import EmbeddingRows, list_shards
 from pipeline.dedup.inputs import data_identity, embedding_files_identity, metadata_identity
 from pipeline.dedup.settings import DedupSettings
 from pipeline.embedders.base import Embedder

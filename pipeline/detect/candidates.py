@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from pipeline.data.embeddings_store import EmbeddingRows, embedding_path, list_shards, metadata_path
 from pipeline.embedders.base import Embedder
 from pipeline.identity import digest_of, file_identity
 from pipeline.layout import normalise_keys
@@ -28,86 +27,49 @@ def group_candidates(prompts: pd.DataFrame) -> dict[str, list[str]]:
     return {str(pid): normalise_keys(group) or [] for pid, group in zip(prompts["prompt_id"], keys)}
 
 
-@dataclass(frozen=True)
-class EmbeddingShard:
-    """One shard of precomputed embeddings: ``vectors`` (``.npy``, ``(rows, dim)``, any float
-    dtype) and ``metadata`` (``.parquet`` with a ``key`` column, one row per vector)."""
-
-    vectors: Path
-    metadata: Path
-    rows: int
-
-
-def _blocks(path: Path, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    """``(first row, float32 block)`` of at most ``rows`` rows of the 2-D ``.npy`` at ``path``,
-    read with plain file reads (a memory map would keep every page it touched resident)."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        if fortran or len(shape) != 2 or dtype.hasobject:
-            raise ValueError(f"{path}: embeddings must be a C-ordered 2-D numeric array, got shape {shape}")
-        total, dim = shape
-        for start in range(0, total, rows):
-            count = min(rows, total - start)
-            block = np.fromfile(f, dtype=dtype, count=count * dim)
-            if block.size != count * dim:
-                raise ValueError(f"{path}: ends after {start * dim + block.size} of {total * dim} values")
-            yield start, block.reshape(count, dim).astype(np.float32, copy=False)
-
-
 class EmbeddingIndex:
     """Exact inner-product search over the duplicate finder's (unit-length) embeddings, read
-    shard by shard and, within a shard, ``block_rows`` rows at a time (default: 256 MiB of
-    float32 vectors) straight from the file.
+    ``block_rows`` rows at a time (default: 256 MiB of float32 vectors) through
+    :class:`~pipeline.data.embeddings_store.EmbeddingRows`, whose reads leave no page of the
+    shards resident.
 
-    Memory holds one block of float32 vectors (``block_rows x dim``), the queries and their
-    running best ``k``, whatever the number of embeddings; a shard's keys are read only when
-    a search returns one of its rows. The search is exact: each query's ``k`` best
-    similarities are those one flat index over every embedding finds (shards in rank order;
-    among equal similarities, earlier blocks first).
+    Memory holds one block of vectors (``block_rows x dim``, as stored and as float32), the
+    queries and their running best ``k``, whatever the number of embeddings; a shard's keys
+    are read only when a search returns one of its rows. The search is exact: each query's
+    ``k`` best similarities are those one flat index over every embedding finds (shards in
+    order; among equal similarities, earlier blocks first).
     """
 
-    def __init__(self, shards: list[EmbeddingShard], dim: int, block_rows: int | None = None):
+    def __init__(self, rows: EmbeddingRows, block_rows: int | None = None):
         if block_rows is not None and block_rows < 1:
             raise ValueError(f"block_rows: must be >= 1, got {block_rows}")
-        self.shards, self.dim = shards, int(dim)
+        self.rows, self.dim = rows, rows.dim
         self.block_rows = int(block_rows) if block_rows is not None else max(1, (256 << 20) // (4 * self.dim))
-        self.size = sum(shard.rows for shard in shards)
         # What a verdict found through this index depends on: its files (names, sizes, times).
-        self.identity = digest_of([[file_identity(s.vectors), file_identity(s.metadata)] for s in shards])
+        self.identity = digest_of(
+            [[file_identity(embedding_path(rows.root, s)), file_identity(metadata_path(rows.root, s))] for s in rows.shards]
+        )
 
     def __len__(self) -> int:
-        return self.size
+        return self.rows.n
 
     @classmethod
     def load(cls, embeddings_dir: str | Path, block_rows: int | None = None) -> EmbeddingIndex | None:
-        """The shards ``img_emb/img_emb_<rank>.npy`` + ``metadata/metadata_<rank>.parquet``
-        (column ``key``) under ``embeddings_dir``, checked (shapes, row counts, one dimension)
-        without reading their vectors. Returns ``None`` when the folder has no embeddings."""
+        """The shards ``img_emb/img_emb_<n>.npy`` + ``metadata/metadata_<n>.parquet`` (column
+        ``key``) under ``embeddings_dir``, checked (shapes, row counts, one dimension) without
+        reading their vectors. Returns ``None`` when the folder has no embeddings."""
         root = Path(embeddings_dir)
-        parts = sorted((root / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-        if not parts:
+        shards = list_shards(root)
+        if not shards:
             return None
-        shards, dims = [], set()
-        for part in parts:
-            rank = part.stem.rsplit("_", 1)[1]
-            meta_path = root / "metadata" / f"metadata_{rank}.parquet"
-            if not meta_path.exists():
-                raise FileNotFoundError(f"{part} has no metadata file {meta_path}")
-            meta = pq.ParquetFile(meta_path)
-            if "key" not in meta.schema_arrow.names:
-                raise ValueError(f"{meta_path}: no 'key' column (columns: {meta.schema_arrow.names})")
-            vectors = np.load(part, mmap_mode="r")
-            if vectors.ndim != 2:
-                raise ValueError(f"{part}: embeddings must be a 2-D array (rows, dim), got shape {vectors.shape}")
-            if len(vectors) != meta.metadata.num_rows:
-                raise ValueError(f"{part} has {len(vectors)} rows but {meta_path} has {meta.metadata.num_rows}")
-            dims.add(int(vectors.shape[1]))
-            shards.append(EmbeddingShard(part, meta_path, len(vectors)))
-        if len(dims) > 1:
-            raise ValueError(f"{root}: shards of different dimensions {sorted(dims)}")
-        return cls(shards, dims.pop(), block_rows=block_rows)
+        for shard in shards:
+            meta = metadata_path(root, shard)
+            if not meta.exists():
+                raise FileNotFoundError(f"{embedding_path(root, shard)} has no metadata file {meta}")
+            columns = pq.read_schema(meta).names
+            if "key" not in columns:
+                raise ValueError(f"{meta}: no 'key' column (columns: {columns})")
+        return cls(EmbeddingRows(root, shards), block_rows=block_rows)
 
     def search(self, queries: np.ndarray, k: int) -> list[list[str]]:
         """The keys of the ``k`` nearest embeddings of each query row (float ``(n, dim)``), nearest first."""
@@ -119,33 +81,31 @@ class EmbeddingIndex:
                 f"embedder: gives {queries.shape[-1]}-dimensional embeddings but the duplicate finder's "
                 f"index has {self.dim}; use the embedder the dedup stage used"
             )
-        k = min(int(k), self.size)
+        k = min(int(k), self.rows.n)
         if k <= 0 or not len(queries):
             return [[] for _ in range(len(queries))]
         best_sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
         best_ids = np.full((len(queries), k), -1, dtype=np.int64)
-        offset = 0
-        for shard in self.shards:
-            for start, block in _blocks(shard.vectors, self.block_rows):
-                sims, ids = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
-                ids = np.where(ids >= 0, ids + offset + start, -1)
-                # Earlier rows first, so a stable sort keeps the lower row among equal similarities.
-                sims, ids = np.concatenate([best_sims, sims], axis=1), np.concatenate([best_ids, ids], axis=1)
-                order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-                best_sims, best_ids = np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
-            offset += shard.rows
+        for start in range(0, self.rows.n, self.block_rows):
+            block = self.rows.read(start, start + self.block_rows).astype(np.float32)
+            sims, ids = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+            ids = np.where(ids >= 0, ids + start, -1)
+            # Earlier rows first, so a stable sort keeps the lower row among equal similarities.
+            sims, ids = np.concatenate([best_sims, sims], axis=1), np.concatenate([best_ids, ids], axis=1)
+            order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+            best_sims, best_ids = np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
         return self._keys(best_ids)
 
     def _keys(self, ids: np.ndarray) -> list[list[str]]:
         """The keys of global row ids (``-1``: none), read from the shards that hold them."""
         keys = np.full(ids.shape, None, dtype=object)
-        offset = 0
-        for shard in self.shards:
-            inside = (ids >= offset) & (ids < offset + shard.rows)
+        offsets = self.rows.offsets
+        for s, shard in enumerate(self.rows.shards):
+            inside = (ids >= offsets[s]) & (ids < offsets[s + 1])
             if inside.any():
-                column = pq.read_table(shard.metadata, columns=["key"]).column("key").to_pandas().astype(str).to_numpy()
-                keys[inside] = column[ids[inside] - offset]
-            offset += shard.rows
+                meta = metadata_path(self.rows.root, shard)
+                column = pq.read_table(meta, columns=["key"]).column("key").to_pandas().astype(str).to_numpy()
+                keys[inside] = column[ids[inside] - offsets[s]]
         return [[key for key in row if key is not None] for row in keys]
 
 
