@@ -456,10 +456,8 @@ def test_exhaustive_verification_matches_an_independent_per_pair_reference(run):
     assert table["best_in_group"].isna().all()  # no group to be in
 
 
-def test_verification_uses_the_embedding_index(run):
-    memorized = detect(run).assign(keys=None)  # no duplicate group: the index alone gives candidates
-    embedder = CentredPixels()
-    dedup = run["run_dir"] / "dedup2"
+def embedding_shards(run, embedder, dedup):
+    """The training set's embeddings as two shards under ``<dedup>/embeddings``; their keys."""
     records = sorted(p.relative_to(run["train"]).with_suffix("").as_posix() for p in run["train"].rglob("*.jpg"))
     images = [Image.open(run["train"] / f"{key}.jpg") for key in records]
     for rank, part in enumerate((slice(0, 12), slice(12, None))):
@@ -467,6 +465,14 @@ def test_verification_uses_the_embedding_index(run):
         (dedup / "embeddings" / "metadata").mkdir(parents=True, exist_ok=True)
         np.save(dedup / "embeddings" / "img_emb" / f"img_emb_{rank}.npy", embedder.embed(images[part]).astype(np.float16))
         pd.DataFrame({"key": records[part]}).to_parquet(dedup / "embeddings" / "metadata" / f"metadata_{rank}.parquet")
+    return records
+
+
+def test_verification_uses_the_embedding_index(run):
+    memorized = detect(run).assign(keys=None)  # no duplicate group: the index alone gives candidates
+    embedder = CentredPixels()
+    dedup = run["run_dir"] / "dedup2"
+    records = embedding_shards(run, embedder, dedup)
     index = EmbeddingIndex.load(dedup / "embeddings")
     assert len(index) == len(records) == 20
     table, _ = verify(run, memorized, dedup_dir=dedup, embedder_factory=lambda: embedder, n_candidates=1, exhaustive=False)
@@ -480,6 +486,29 @@ def test_verification_uses_the_embedding_index(run):
     assert (capped["n_candidates"] <= 2).all()
     with pytest.raises(ValueError, match="embedder"):
         index.search(np.ones((1, 5), dtype=np.float32), 3)
+
+
+def test_verification_searches_the_embedding_index_once_whatever_the_passes(run, monkeypatch):
+    memorized = detect(run).assign(keys=None)
+    embedder = CentredPixels()
+    dedup = run["run_dir"] / "dedup3"
+    embedding_shards(run, embedder, dedup)
+    searches = []
+    search = EmbeddingIndex.search
+
+    def counted(self, queries, k):
+        searches.append(len(queries))
+        return search(self, queries, k)
+
+    monkeypatch.setattr(EmbeddingIndex, "search", counted)
+    options = {"dedup_dir": dedup, "embedder_factory": lambda: embedder, "n_candidates": 2, "exhaustive": False}
+    one_by_one, pairs = verify(run, memorized, prompts_per_pass=1, **options)
+    # A search reads every shard: one for every prompt's samples, not one per pass of one prompt.
+    assert searches == [len(memorized) * SAMPLES]
+    shutil.rmtree(run["run_dir"] / "detect" / "verify")
+    together, together_pairs = verify(run, memorized, prompts_per_pass=64, **options)
+    pd.testing.assert_frame_equal(one_by_one, together)
+    pd.testing.assert_frame_equal(pairs, together_pairs)
 
 
 def test_verification_is_reused_when_nothing_changed(run):

@@ -4,7 +4,7 @@ Users often hold LAION's metadata (url, caption, key) and its precomputed CLIP e
 not the images. The duplicate finder runs on the embeddings alone; the detector then lists,
 for every screened prompt, the candidates verification would compare its samples with (its
 duplicate group, then its samples' nearest training images by embedding:
-:func:`pipeline.detect.verify.prompt_candidates`), with their URL and caption from the
+:func:`pipeline.detect.verify.nearest_by_prompt`), with their URL and caption from the
 embeddings' metadata, as ``candidates.parquet`` (``url``, ``caption``, ``key``): the input of
 img2dataset. The download, read with ``data.key_table=<that list>`` (each record keyed by its
 URL, :mod:`pipeline.data.key_table`), is then the training set the detector verifies against.
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.rejects import RejectLog
 from pipeline.detect.candidates import EmbeddingIndex, group_candidates
-from pipeline.detect.verify import PromptSamples, candidate_lists, nearest_keys, sample_vectors
+from pipeline.detect.verify import PromptSamples, candidate_lists, nearest_by_prompt
 from pipeline.embedders.base import Embedder
 from pipeline.generations import list_samples, load_samples
 from pipeline.io import write_parquet
@@ -53,14 +53,12 @@ def candidate_keys(
     """Every screened prompt's candidate keys, as verification would choose them."""
     groups = group_candidates(memorized)
     prompt_ids = list(memorized["prompt_id"].astype(str))
-    vectors: dict = {}
-    no_embedder = False
-    for pid in prompt_ids:  # one prompt's images at a time; their embeddings kept
-        samples, images = load_samples(generations_dir, list_samples(generations_dir, pid, rejects), rejects)
-        if not no_embedder:
-            vectors.update(sample_vectors([PromptSamples(pid, samples, images)], index, embedder_factory, n_candidates))
-        no_embedder = index is not None and n_candidates > 0 and bool(images) and pid not in vectors  # warned once
-    nearest = nearest_keys(vectors, index, n_candidates) if index is not None else {}
+
+    def load(prompt_id: str) -> PromptSamples:
+        samples, images = load_samples(generations_dir, list_samples(generations_dir, prompt_id, rejects), rejects)
+        return PromptSamples(prompt_id, samples, images)
+
+    nearest = nearest_by_prompt(prompt_ids, load, index, embedder_factory, n_candidates)
     return candidate_lists(prompt_ids, groups, nearest, max_candidates)
 
 

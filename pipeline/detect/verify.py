@@ -105,40 +105,39 @@ def embedding_index(dedup_dir: str | Path | None, embeddings_dir: str | Path | N
     return EmbeddingIndex.load(folder) if folder is not None else None
 
 
-def prompt_candidates(
-    prompts: Sequence[PromptSamples],
-    groups: Mapping[str, list[str]],
+def nearest_by_prompt(
+    prompt_ids: Sequence[str],
+    load: Callable[[str], PromptSamples],
     index: EmbeddingIndex | None,
     embedder_factory: Callable[[], Embedder | None] | None,
     n_candidates: int,
-    max_candidates: int,
+    progress: bool = False,
 ) -> dict[str, list[str]]:
-    """Each prompt's candidate training keys: its duplicate group (``groups``), then its samples'
-    nearest training images in ``index`` (rank by rank: every sample's nearest, then every
-    sample's second ...), at most ``max_candidates``, without repeats. The embedder is built
-    (``embedder_factory()``) only when there are samples to embed and an index to search; the
-    index is searched once for every prompt's samples (a search reads every shard)."""
-    vectors = sample_vectors(prompts, index, embedder_factory, n_candidates)
-    nearest = nearest_keys(vectors, index, n_candidates) if index is not None else {}
-    return candidate_lists([p.prompt_id for p in prompts], groups, nearest, max_candidates)
+    """Each prompt's samples' ``n_candidates`` nearest training keys in ``index``, rank by rank
+    (:func:`nearest_keys`), from one search for every prompt: a search reads every shard of the
+    index, so it is made once however the prompts are split later.
 
-
-def sample_vectors(
-    prompts: Sequence[PromptSamples],
-    index: EmbeddingIndex | None,
-    embedder_factory: Callable[[], Embedder | None] | None,
-    n_candidates: int,
-) -> dict[str, np.ndarray]:
-    """The embeddings (float ``(n_samples, dim)``) of each prompt's readable samples, for the
-    prompts that have some; empty without an index, candidates or an embedder (which a
-    warning names)."""
-    if index is None or n_candidates <= 0 or not any(p.images for p in prompts):
+    The prompts are read one at a time (``load(prompt_id)``) and only their samples' embeddings
+    kept (float32 ``(n_samples, dim)`` each). The embedder is built (``embedder_factory()``)
+    at the first prompt with samples. Empty without an index, candidates or an embedder (which
+    a warning names)."""
+    if index is None or n_candidates <= 0:
         return {}
-    embedder = embedder_factory() if embedder_factory is not None else None
-    if embedder is None:
-        log.warning("dedup embeddings found but no embedder configured (embedder=...): nearest-neighbour candidates skipped")
-        return {}
-    return {p.prompt_id: embed_images(p.images, embedder) for p in prompts if p.images}
+    embedder: Embedder | None = None
+    vectors: dict[str, np.ndarray] = {}
+    for prompt_id in tqdm(prompt_ids, desc="embedding samples", unit="prompt", disable=not progress):
+        prompt = load(prompt_id)
+        if not prompt.images:
+            continue
+        if embedder is None:
+            embedder = embedder_factory() if embedder_factory is not None else None
+            if embedder is None:
+                log.warning(
+                    "dedup embeddings found but no embedder configured (embedder=...): nearest-neighbour candidates skipped"
+                )
+                return {}
+        vectors[prompt_id] = embed_images(prompt.images, embedder)
+    return nearest_keys(vectors, index, n_candidates)
 
 
 def nearest_keys(vectors: Mapping[str, np.ndarray], index: EmbeddingIndex, n_candidates: int) -> dict[str, list[str]]:
@@ -409,6 +408,21 @@ class _VerifyStep:
             if o["scan_all"]
             else [units[i : i + o["prompts_per_pass"]] for i in range(0, len(units), o["prompts_per_pass"])]
         )
+        # Every prompt's nearest training images from one search: each pass reading the index
+        # again would read every embedding shard once per pass. Samples unreadable here are
+        # logged when their pass reads them.
+        nearest = (
+            {}
+            if o["scan_all"]
+            else nearest_by_prompt(
+                [unit.name for unit in units],
+                lambda prompt_id: self._load(prompt_id, RejectLog()),
+                self.index,
+                o["embedder_factory"],
+                o["n_candidates"],
+                progress=o["progress"],
+            )
+        )
         bar = tqdm(total=len(units), desc="verify", unit="prompt", disable=not o["progress"])
         for chunk in passes:
             prompts = [self._load(unit.name, ctx.rejects) for unit in chunk]
@@ -416,7 +430,7 @@ class _VerifyStep:
             if o["scan_all"]:
                 self._scan(matches, ctx.rejects)
             else:
-                candidates = self._candidates(prompts)
+                candidates = candidate_lists([p.prompt_id for p in prompts], self.groups, nearest, o["max_candidates"])
                 images = fetch_training_images(
                     o["data"], {k for keys in candidates.values() for k in keys}, ctx.rejects, o["progress"]
                 )
@@ -436,10 +450,6 @@ class _VerifyStep:
     def _load(self, prompt_id: str, rejects: RejectLog) -> PromptSamples:
         samples, images = load_samples(self.generations_dir, list_samples(self.generations_dir, prompt_id, rejects), rejects)
         return PromptSamples(prompt_id, samples, images)
-
-    def _candidates(self, prompts: list[PromptSamples]) -> dict[str, list[str]]:
-        o = self.options
-        return prompt_candidates(prompts, self.groups, self.index, o["embedder_factory"], o["n_candidates"], o["max_candidates"])
 
     def _scan(self, matches: dict[str, _Matches], rejects: RejectLog) -> None:
         """Stream the whole training set once, comparing every batch with every prompt's samples."""
