@@ -305,3 +305,62 @@ def test_a_drawing_on_a_light_ground_keeps_its_ground():
     # The inset cuts 2 px of 128 past the padding: the kept part lies within 4% of the whole.
     inner = slice(side // 12, side - side // 12)
     assert np.corrcoef(prepared[inner, inner].ravel(), whole[inner, inner].ravel())[0, 1] > 0.8
+
+
+def wallpaper(seed: int, ground: tuple[int, int, int] = (225, 110, 235), motif: int = 24) -> Image.Image:
+    """A 640 x 427 wallpaper: a ``motif`` px tile of three random shapes on ``ground``, repeated,
+    every other row offset by half a tile (at the verifier's 96 px its period is under 4 px)."""
+    rng = np.random.default_rng(seed)
+    tile = Image.new("RGB", (motif, motif), ground)
+    draw = ImageDraw.Draw(tile)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, motif - 6, size=2).tolist()
+        x1, y1 = x0 + int(rng.integers(3, 7)), y0 + int(rng.integers(3, 7))
+        (draw.ellipse if rng.uniform() < 0.5 else draw.rectangle)(
+            (x0, y0, x1, y1), fill=tuple(rng.integers(0, 256, size=3).tolist())
+        )
+    image = Image.new("RGB", (640, 427))
+    for row, y in enumerate(range(0, 427, motif)):
+        for x in range(-motif, 640, motif):
+            image.paste(tile, (x + (motif // 2 if row % 2 else 0), y))
+    return image
+
+
+def cropped_copy(image: Image.Image) -> Image.Image:
+    """A web copy: 7% cut from the left and 3% from the bottom (the aspect changes), shrunk to
+    40%, saved at JPEG quality 50, then stored as img2dataset stores it."""
+    w, h = image.size
+    small = image.crop((round(0.07 * w), 0, w, h - round(0.03 * h))).resize(
+        (round(0.4 * w), round(0.4 * h)), Image.Resampling.LANCZOS
+    )
+    return stored(planted.decode(planted.jpeg_bytes(small, 50)))
+
+
+def test_a_wallpapers_cropped_copy_is_matched_on_its_lattice():
+    """A fine wallpaper's copy, cropped unevenly and shrunk: at 96 px its motif is lost, at
+    ``lattice_side`` (192) aligned on the spectral peaks it is the same picture; another
+    motif on the same ground and lattice is not. A photograph is no lattice (no extra cost)."""
+    original, other = stored(wallpaper(1)), cropped_copy(wallpaper(2))
+    copy = cropped_copy(wallpaper(1))
+    settings = VerifySettings()
+    assert prepare(copy, settings).lattice is not None and prepare(original, settings).lattice is not None
+    verdict = verify_pair(original, copy, settings)
+    assert verdict.match and verdict.structure >= settings.min_structure
+    assert not verify_pair(original, copy, dataclasses.replace(settings, lattice_side=0)).match
+    assert not verify_pair(original, other, settings).match
+    rng = np.random.default_rng(11)
+    assert prepare(planted.photo_like(rng, (400, 300)), settings).lattice is None
+
+
+def test_a_wallpapers_copy_is_its_candidate_through_the_lattice_share():
+    """The embedder proposes the copy: its low frequencies are JPEG noise and a crop reshuffles
+    them, its spectrum's sharp peaks (the lattice share) stay; without that share's ramp the
+    two are unrelated."""
+    from pipeline.embedders.robust import RobustEmbedder
+
+    pair = [stored(wallpaper(1)), cropped_copy(wallpaper(1))]
+    embedder = RobustEmbedder()
+    a, b = embedder.embed(pair)
+    assert float(a @ b) >= embedder.candidate_floor
+    a, b = RobustEmbedder(lattice_from=0.98, lattice_full=0.99).embed(pair)
+    assert float(a @ b) < embedder.candidate_floor

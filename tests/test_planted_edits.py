@@ -206,9 +206,9 @@ def test_polar_spectrum_is_shift_and_mirror_invariant_and_tells_stripes_from_pho
     spectrum = PolarSpectrum()
     rng = np.random.default_rng(12)
     stripes = planted.stripes(rng).resize((256, 256))
-    base, periodicity = spectrum(stripes)
-    mirrored, _ = spectrum(ImageOps.mirror(stripes))
-    shifted, _ = spectrum(Image.fromarray(np.roll(np.asarray(stripes), 37, axis=1)))
+    base, periodicity, _ = spectrum(stripes)
+    mirrored, _, _ = spectrum(ImageOps.mirror(stripes))
+    shifted, _, _ = spectrum(Image.fromarray(np.roll(np.asarray(stripes), 37, axis=1)))
     assert float(base @ mirrored) > 0.99 and float(base @ shifted) > 0.9
     assert periodicity > 0.8
     assert spectrum(planted.photo_like(rng, (256, 256)))[1] < 0.6

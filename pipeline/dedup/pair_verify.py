@@ -52,12 +52,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from PIL import Image
 
-from pipeline.embedders.robust import picture
+from pipeline.embedders.robust import picture, sharp_peaks
 
 _WARP_FLAGS = 1 | 16  # cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP: the warp maps the template's pixels
 _INSET = 2  # pixels cut past a border: where a bar met the picture is a blend of both
@@ -95,6 +95,12 @@ class VerifySettings:
         max_rotation: degrees of rotation an alignment may apply, >= 0.
         max_scale: each axis may be scaled by a factor within [1 / max_scale, max_scale], >= 1.
         max_shift: share of the side an alignment may shift by, in [0, 1].
+        lattice_side: pixels of the square a lattice (a wallpaper: :func:`lattice_alignments`)
+            is compared at too, from a working copy of 4/3 that: at ``side`` its fine motif is
+            lost; 0 for none.
+        min_lattice: the share of the luminance's power in [0, 1] in sharp spectral peaks
+            finer than 16 px at ``lattice_side`` (:func:`lattice_share`) from which an image
+            counts as a lattice.
     """
 
     side: int = 96
@@ -117,10 +123,14 @@ class VerifySettings:
     max_rotation: float = 8.0
     max_scale: float = 1.35
     max_shift: float = 0.2
+    lattice_side: int = 192
+    min_lattice: float = 0.2
 
     def __post_init__(self):
         if self.side < 32:
             raise ValueError(f"verify.side: must be >= 32 pixels, got {self.side}")
+        if self.lattice_side and self.lattice_side < self.side:
+            raise ValueError(f"verify.lattice_side: must be 0 (off) or >= side ({self.side}), got {self.lattice_side}")
         for name in ("min_structure", "min_structure_toned", "min_tone"):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"verify.{name}: must be a correlation in [-1, 1], got {getattr(self, name)}")
@@ -136,6 +146,7 @@ class VerifySettings:
             "texture_floor",
             "change_level",
             "max_changed",
+            "min_lattice",
         ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"verify.{name}: must be in [0, 1], got {getattr(self, name)}")
@@ -152,13 +163,15 @@ class VerifySettings:
 @dataclass
 class Prepared:
     """One image made ready for :func:`compare`: float32 ``(side, side)`` luminance and its
-    high-pass and low-pass parts, float32 ``(side, side, 2)`` chroma, and whether it has colour."""
+    high-pass and low-pass parts, float32 ``(side, side, 2)`` chroma, whether it has colour,
+    and, for a lattice (``min_lattice``), the same at ``lattice_side`` (else None)."""
 
     luma: np.ndarray
     detail: np.ndarray
     tone: np.ndarray
     chroma: np.ndarray
     coloured: bool
+    lattice: Prepared | None = None
 
 
 @dataclass
@@ -199,10 +212,37 @@ def _blur(array: np.ndarray, sigma: float) -> np.ndarray:
 
 def prepare(image: Image.Image, settings: VerifySettings = VerifySettings()) -> Prepared:
     """``image`` trimmed of black or white bars, resized to ``settings.side`` square and split
-    into luminance (its detail and tone) and chroma (see the module doc)."""
+    into luminance (its detail and tone) and chroma (see the module doc); a lattice is also
+    prepared at ``settings.lattice_side``."""
     # Bars are pure black or white (padding, letterboxes); a light or dark ground is the picture's.
-    side = settings.side
-    small = picture(image, _BAR_TOL, _BAR_EXTREME, _INSET).resize((side, side), Image.Resampling.BICUBIC)
+    prepared = _split(picture(image, _BAR_TOL, _BAR_EXTREME, _INSET), settings.side, settings)
+    if settings.lattice_side:
+        work = round(settings.lattice_side * 4 / 3)
+        large = picture(image, _BAR_TOL, _BAR_EXTREME, _INSET * work // 128, work_side=work)
+        fine = _split(large, settings.lattice_side, settings)
+        if lattice_share(fine.luma) >= settings.min_lattice:
+            prepared.lattice = fine
+    return prepared
+
+
+def lattice_share(luma: np.ndarray) -> float:
+    """The share of the power (the mean aside) of ``luma`` (float32 ``(n, n)``, Hann-windowed)
+    in sharp spectral peaks (:func:`~pipeline.embedders.robust.sharp_peaks`) at ``n / 16``
+    cycles per side or more, in [0, 1]: most of a fine wallpaper's, next to none of a
+    photograph's or of stripes of a few periods."""
+    n = luma.shape[0]
+    window = np.outer(np.hanning(n), np.hanning(n))
+    power = np.abs(np.fft.fftshift(np.fft.fft2((luma - luma.mean()) * window))) ** 2
+    fy, fx = np.mgrid[:n, :n] - n // 2
+    total = float(power.sum())
+    if total < 1e-12:
+        return 0.0
+    return float(power[sharp_peaks(power) & (fx**2 + fy**2 >= (n / 16) ** 2)].sum() / total)
+
+
+def _split(trimmed: Image.Image, side: int, settings: VerifySettings) -> Prepared:
+    """``trimmed`` resized to ``side`` square, as luminance (detail and tone) and chroma."""
+    small = trimmed.resize((side, side), Image.Resampling.BICUBIC)
     rgb = np.asarray(small, dtype=np.float32) / 255.0
     luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     chroma = np.stack([(rgb[..., 2] - luma) * 0.564, (rgb[..., 0] - luma) * 0.713], axis=-1).astype(np.float32)
@@ -335,15 +375,114 @@ def _spectral_warp(template: np.ndarray, moving: np.ndarray, window: np.ndarray)
     return warp.astype(np.float32)
 
 
+def _inner(side: int) -> np.ndarray:
+    """float32 ``(side, side)``: 1 inside a margin of ``max(2, side // 24)`` px, where a warped image's edge does not reach."""
+    inner = np.zeros((side, side), np.float32)
+    margin = max(2, side // 24)
+    inner[margin:-margin, margin:-margin] = 1.0
+    return inner
+
+
+def lattice_peaks(image: np.ndarray, count: int = 10) -> np.ndarray:
+    """The ``count`` strongest sharp peaks (:func:`~pipeline.embedders.robust.sharp_peaks`) of
+    the Hann-windowed spectrum of ``image`` (float32 ``(n, n)``) at ``n / 16`` cycles per side
+    or more (a period of at most 16 px at ``n``, 8 px at half of it: a motif the comparison at
+    ``side`` loses; coarser stripes it keeps), one of each symmetric pair: float64 ``(m, 2)``
+    frequencies ``(fx, fy)`` in cycles per side (refined between bins by a parabola),
+    strongest first; ``m <= count``."""
+    n = image.shape[0]
+    window = np.outer(np.hanning(n), np.hanning(n))
+    magnitude = np.abs(np.fft.fftshift(np.fft.fft2((image - image.mean()) * window)))
+    fy, fx = np.mgrid[:n, :n] - n // 2
+    keep = sharp_peaks(magnitude**2) & (fx**2 + fy**2 >= (n / 16) ** 2) & ((fy > 0) | ((fy == 0) & (fx > 0)))
+    rows, cols = np.nonzero(keep)
+    order = np.argsort(-magnitude[rows, cols])[:count]
+
+    def vertex(low: float, mid: float, high: float) -> float:
+        curve = low - 2 * mid + high
+        return 0.5 * (low - high) / curve if curve < 0 else 0.0
+
+    peaks = []
+    for r, c in zip(rows[order], cols[order]):
+        dx = vertex(magnitude[r, c - 1], magnitude[r, c], magnitude[r, c + 1]) if 0 < c < n - 1 else 0.0
+        dy = vertex(magnitude[r - 1, c], magnitude[r, c], magnitude[r + 1, c]) if 0 < r < n - 1 else 0.0
+        peaks.append((c - n // 2 + dx, r - n // 2 + dy))
+    return np.array(peaks, dtype=np.float64).reshape(-1, 2)
+
+
+def lattice_alignments(
+    template: np.ndarray, moving: np.ndarray, settings: VerifySettings, count: int = 2
+) -> Iterator[np.ndarray]:
+    """Plausible warps (2 x 3 float32, ECC's convention) aligning ``moving`` onto ``template``
+    (high-passed float32 ``(side, side)``, ``settings.side``) where the template is a lattice:
+    two or more sharp spectral peaks (:func:`lattice_peaks`) in different directions.
+
+    The linear part is found on the spectra, which a shift leaves alone: where ``template(x) =
+    moving(L x)``, a template peak ``p`` stands in the moving spectrum at ``L^-T p``. Each
+    rotation (every degree up to ``max_rotation``) and per-axis scale (every 1% within
+    ``max_scale``) is scored by the moving log-spectrum at the template's peaks so mapped, the
+    best 8 refined on a finer grid, the best ``count`` kept. Each is shifted by the images'
+    cross-correlation peak (a phase correlation whitens the spectrum, and on a lattice the
+    noise between its harmonics then decides) and refined by ECC; both are yielded, the
+    unrefined first. A lattice repeats: a shift by whole periods aligns it as well, and a
+    crop's shift of a wallpaper is one."""
+    import cv2
+    from scipy.ndimage import map_coordinates
+
+    side = template.shape[0]
+    peaks = lattice_peaks(template)
+    if len(peaks) < 2:
+        return
+    unit = peaks / np.linalg.norm(peaks, axis=1, keepdims=True)
+    if np.abs(unit[0, 0] * unit[1:, 1] - unit[0, 1] * unit[1:, 0]).max() < 0.3:  # stripes: one direction only
+        return
+    window = np.outer(np.hanning(side), np.hanning(side))
+    moving_fft = np.fft.fft2((moving - moving.mean()) * window)
+    spectrum = _blur(np.log1p(np.abs(np.fft.fftshift(moving_fft))).astype(np.float32), 0.7)
+    template_spectrum = np.log1p(np.abs(np.fft.fftshift(np.fft.fft2((template - template.mean()) * window))))
+    weights = map_coordinates(template_spectrum, [peaks[:, 1] + side // 2, peaks[:, 0] + side // 2], order=1)
+
+    def score(angles: np.ndarray, sx: np.ndarray, sy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        r, x, y = (g.ravel() for g in np.meshgrid(np.radians(angles), sx, sy, indexing="ij"))
+        cos, sin = np.cos(r), np.sin(r)
+        linear = np.stack([np.stack([cos * x, -sin * y], -1), np.stack([sin * x, cos * y], -1)], -2)
+        moved = np.einsum("nij,kj->nki", np.linalg.inv(np.transpose(linear, (0, 2, 1))), peaks)
+        values = map_coordinates(spectrum, [moved[..., 1].ravel() + side // 2, moved[..., 0].ravel() + side // 2], order=1)
+        return linear, values.reshape(moved.shape[:2]) @ weights
+
+    limit = math.log(settings.max_scale)
+    scales = np.exp(np.arange(-limit, limit + 1e-9, 0.01))
+    linear, values = score(np.arange(-settings.max_rotation, settings.max_rotation + 1e-9, 1.0), scales, scales)
+    refined = []
+    for top in linear[np.argsort(-values)[:8]]:
+        (rotation, (sx, sy)), fine = _warp_shape(np.hstack([top, np.zeros((2, 1))])), np.arange(-3, 4)
+        found, found_values = score(rotation + 0.25 * fine, sx * np.exp(0.002 * fine), sy * np.exp(0.002 * fine))
+        refined.append((float(found_values.max()), found[int(found_values.argmax())]))
+    refined.sort(key=lambda pair: -pair[0])
+    centre = np.full(2, (side - 1) / 2)
+    template_fft = np.fft.fft2((template - template.mean()) * window)
+    for _, top in refined[:count]:
+        warp = np.hstack([top, ((np.eye(2) - top) @ centre)[:, None]]).astype(np.float32)
+        aligned = cv2.warpAffine(moving, warp, (side, side), flags=_WARP_FLAGS, borderMode=cv2.BORDER_REFLECT)
+        correlation = np.real(np.fft.ifft2(np.fft.fft2((aligned - aligned.mean()) * window) * np.conj(template_fft)))
+        r, c = np.unravel_index(int(np.argmax(correlation)), correlation.shape)
+        shift = np.array([(c + side // 2) % side - side // 2, (r + side // 2) % side - side // 2], np.float32)
+        warp[:, 2] += warp[:, :2] @ shift
+        if _plausible(warp, settings):
+            yield warp
+        ecc = _ecc(template, moving, warp, cv2.MOTION_AFFINE)
+        if ecc is not None and _plausible(ecc[0], settings):
+            yield ecc[0]
+
+
 def measure(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings(), stop_at_match: bool = False) -> list[Verdict]:
     """The scores of ``b`` aligned onto ``a`` (from :func:`prepare` with the same ``settings``),
     as it is and mirrored: one :class:`Verdict` per orientation that aligned plausibly (0-2),
     each decided by ``settings`` (:func:`decide` decides them again under other thresholds).
     ``stop_at_match``: return as soon as one orientation matches (what :func:`compare` needs)."""
-    side = settings.side
-    inner = np.zeros((side, side), np.float32)
-    margin = max(2, side // 24)
-    inner[margin:-margin, margin:-margin] = 1.0
+    inner = _inner(settings.side)
+    both = settings.lattice_side and a.lattice is not None and b.lattice is not None
+    lattice = replace(settings, side=settings.lattice_side) if both else None
     verdicts = []
     for mirrored in (False, True):
         luma = b.luma[:, ::-1].copy() if mirrored else b.luma
@@ -354,6 +493,16 @@ def measure(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings(
                 best = verdict
             if stop_at_match and best.match:
                 break
+        if lattice is not None and (best is None or not best.match):
+            # A fine periodic motif: compared at lattice_side, aligned on its spectral peaks.
+            fine_a, fine_b = a.lattice, b.lattice
+            detail = fine_b.detail[:, ::-1].copy() if mirrored else fine_b.detail
+            for warp in lattice_alignments(fine_a.detail, detail, lattice):
+                verdict = _scores(fine_a, fine_b, warp, mirrored, _inner(lattice.side), lattice)
+                if best is None or (verdict.match, verdict.structure) > (best.match, best.structure):
+                    best = verdict
+                if stop_at_match and best.match:
+                    break
         if best is not None:
             verdicts.append(best)
             if stop_at_match and best.match:

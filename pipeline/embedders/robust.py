@@ -41,7 +41,9 @@ change it); split into luminance and chroma (Cb, Cr).
   Its share of the squared norm follows the picture's periodicity: none below
   ``periodic_from`` (0.6: photographs, drawings, posters, text and gradients stay below it on
   the planted sets, so they are described as without it), up to ``periodic_weight`` (0.7) from
-  ``periodic_full`` (0.8: sinusoidal stripes).
+  ``periodic_full`` (0.8: sinusoidal stripes); or its lattice share, from ``lattice_from``
+  (0.15) to ``lattice_full`` (0.3): a wallpaper of a fine motif, whose low frequencies are
+  little more than JPEG noise and whose power spreads over many sharp harmonics.
 
 Calibration (``benchmarks/planted_edits.py``: the dedup stage's grouping, exact search, k = 32,
 connected components; 2-core AMD EPYC shared with other jobs). Pair precision / recall,
@@ -171,12 +173,12 @@ def picture_box(rgb: np.ndarray, tol: float, extreme: float, inset: int) -> tupl
     return top, bottom, left, right
 
 
-def picture(image: Image.Image, tol: float, extreme: float, inset: int) -> Image.Image:
-    """``image`` as RGB, reduced to at most ``_WORK_SIDE`` (128) pixels a side (Pillow's
+def picture(image: Image.Image, tol: float, extreme: float, inset: int, work_side: int = _WORK_SIDE) -> Image.Image:
+    """``image`` as RGB, reduced to at most ``work_side`` (default 128) pixels a side (Pillow's
     ``reducing_gap`` shrinks a big image by integer factors first, which is fast), cut to its
-    :func:`picture_box` (bars found at that size)."""
+    :func:`picture_box` (bars found at that size, ``inset`` in its pixels)."""
     image = image.convert("RGB")
-    scale = _WORK_SIDE / max(image.size)
+    scale = work_side / max(image.size)
     if scale < 1:
         image = image.resize(
             (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BOX, reducing_gap=2.0
@@ -247,6 +249,8 @@ class RobustEmbedder(PerImageEmbedder):
             (:class:`PolarSpectrum`) in a fully periodic picture.
         periodic_from, periodic_full: the periodicity (0..1) at which that share starts to
             grow from 0, and at which it reaches ``periodic_weight``.
+        lattice_from, lattice_full: the same for the lattice share (0..1, the power in sharp
+            spectral peaks, :class:`PolarSpectrum`); the larger of the two ramps decides.
 
     ``embed`` returns float32 ``(N, dim)`` rows of unit norm.
     """
@@ -276,6 +280,8 @@ class RobustEmbedder(PerImageEmbedder):
         periodic_weight: float = 0.7,
         periodic_from: float = 0.6,
         periodic_full: float = 0.8,
+        lattice_from: float = 0.15,
+        lattice_full: float = 0.3,
     ):
         if not 2 <= keep <= side:
             raise ValueError(f"embedder.keep: must be 2..side ({side}), got {keep}")
@@ -305,6 +311,10 @@ class RobustEmbedder(PerImageEmbedder):
                 "embedder.periodic_weight, periodic_from, periodic_full: need 0 <= periodic_weight < 1 and "
                 f"0 <= periodic_from < periodic_full <= 1, got {periodic_weight}, {periodic_from}, {periodic_full}"
             )
+        if not 0 <= lattice_from < lattice_full <= 1:
+            raise ValueError(
+                f"embedder.lattice_from, lattice_full: need 0 <= lattice_from < lattice_full <= 1, got {lattice_from}, {lattice_full}"
+            )
         self.side, self.keep, self.chroma_keep = int(side), int(keep), int(chroma_keep)
         self.chroma_weight, self.chroma_weight_smooth = float(chroma_weight), float(chroma_weight_smooth)
         self.smooth_from, self.inset, self.luma_floor = float(smooth_from), int(inset), float(luma_floor)
@@ -331,9 +341,13 @@ class RobustEmbedder(PerImageEmbedder):
             float(periodic_from),
             float(periodic_full),
         )
+        self.lattice_from, self.lattice_full = float(lattice_from), float(lattice_full)
         self._spectrum = PolarSpectrum()
         self.dim += self._spectrum.dim
-        self.name = f"robust{self.side}-{self.keep}-{self.chroma_keep}-w{self.whiten:g}-p{self.periodic_weight:g}"
+        self.name = (
+            f"robust{self.side}-{self.keep}-{self.chroma_keep}-w{self.whiten:g}-p{self.periodic_weight:g}"
+            f"-l{self.lattice_from:g}-{self.lattice_full:g}-s{self._spectrum.side}"
+        )
 
     def embed_one(self, image: Image.Image) -> np.ndarray:
         """The embedding of one image: float32 ``(dim,)``, unit norm."""
@@ -374,9 +388,18 @@ class RobustEmbedder(PerImageEmbedder):
         # A periodic texture (stripes, a wallpaper): its low frequencies are what a crop or a
         # rotation reshuffles, its spectrum's peaks are not; the more periodic, the more the
         # spectrum weighs (nothing below periodic_from: other pictures are described as before).
-        spectrum, periodicity = self._spectrum(trimmed)
+        # A wallpaper's power spreads over many harmonics: its lattice share says it is periodic
+        # where the strongest coefficients' share does not.
+        spectrum, periodicity, lattice = self._spectrum(trimmed)
         share = self.periodic_weight * float(
-            np.clip((periodicity - self.periodic_from) / (self.periodic_full - self.periodic_from), 0.0, 1.0)
+            np.clip(
+                max(
+                    (periodicity - self.periodic_from) / (self.periodic_full - self.periodic_from),
+                    (lattice - self.lattice_from) / (self.lattice_full - self.lattice_from),
+                ),
+                0.0,
+                1.0,
+            )
         )
         return np.concatenate([np.sqrt(1 - share) * vector, np.sqrt(share) * spectrum]).astype(np.float32)
 
@@ -422,6 +445,17 @@ class RobustEmbedder(PerImageEmbedder):
         return np.concatenate([even, outer / max(n, 1e-9)])
 
 
+def sharp_peaks(power: np.ndarray, contrast: float = 10.0) -> np.ndarray:
+    """Where a power spectrum (float ``(n, n)``, any layout) has a sharp peak: a local maximum
+    (3 x 3) above ``contrast`` times the median of its 5 x 5 neighbourhood. Bool ``(n, n)``.
+    A lattice's harmonics are such peaks; a photograph's smooth 1/f fall-off has none."""
+    import cv2
+
+    power = power.astype(np.float32)
+    local_max = cv2.dilate(power, np.ones((3, 3), np.uint8))
+    return (power >= local_max) & (power > contrast * cv2.medianBlur(power, 5))
+
+
 class PolarSpectrum:
     """A shift- and mirror-invariant description of a picture's periodic structure, and how
     periodic it is.
@@ -435,18 +469,24 @@ class PolarSpectrum:
     0-90, and in log2 of the frequency, every ``octave_step`` octaves): a shift changes no
     power, a rotation of a few degrees or a crop of a few percent moves a peak by less than a
     bin. The bins' square roots (so one peak does not take all the similarity), unit norm.
+    ``high`` (48 cycles per side) reaches a wallpaper's fine motif, a few pixels wide at 128 px.
 
-    Periodicity, in [0, 1]: the share of the power (the mean aside) in the ``peaks`` strongest
-    coefficients within ``low``-``high``: about 0.8-1 for sinusoidal stripes, mostly 0.5 or
-    less for photographs, drawings, posters and text (on the planted sets, up to 0.6); near 0
-    for smooth gradients (their power lies below ``low``).
+    Two measures of periodicity, each in [0, 1], of the power (the mean aside):
+
+    * periodicity: the share in the ``peaks`` strongest coefficients within ``low``-``high``:
+      about 0.8-1 for sinusoidal stripes, mostly 0.5 or less for photographs, drawings, posters
+      and text (on the planted sets, up to 0.6); near 0 for smooth gradients (their power lies
+      below ``low``);
+    * lattice: the share in sharp peaks within ``low``-``high`` (:func:`sharp_peaks`): a
+      wallpaper spreads its power over many harmonics, each a sharp peak (0.2-0.4 on the planted
+      sets); photographs and drawings have next to none, text and charts up to about 0.2.
     """
 
     def __init__(
         self,
-        side: int = 64,
+        side: int = 128,
         low: float = 1.5,
-        high: float = 24.0,
+        high: float = 48.0,
         angle_step: float = 7.5,
         angle_width: float = 6.0,
         octave_step: float = 0.25,
@@ -459,8 +499,13 @@ class PolarSpectrum:
         self.side, self.peaks = side, peaks
         self._band = (radius >= low) & (radius <= high)
         self._ac = radius > 0
-        angle = np.degrees(np.arctan2(np.abs(fy), np.abs(fx)))[self._band]
-        octave = np.log2(radius[self._band])
+        # Each band coefficient's place on the folded quadrant (|fx|, |fy|), where it is binned:
+        # the binning then weighs a quarter as many coefficients.
+        folded = (np.abs(fy) * (side // 2 + 1) + np.abs(fx)).astype(np.int64)
+        places, self._fold = np.unique(np.broadcast_to(folded, radius.shape)[self._band], return_inverse=True)
+        fold_y, fold_x = np.divmod(places, side // 2 + 1)
+        angle = np.degrees(np.arctan2(fold_y, fold_x))
+        octave = np.log2(np.hypot(fold_x, fold_y))
         angles = np.arange(0.0, 90.0 + 1e-6, angle_step)
         octaves = np.arange(np.log2(low), np.log2(high) + 1e-6, octave_step)
         self._by_angle = np.exp(-0.5 * ((angle[:, None] - angles[None]) / angle_width) ** 2).astype(np.float32)
@@ -468,9 +513,9 @@ class PolarSpectrum:
         self._window = np.outer(np.hanning(side), np.hanning(side)).astype(np.float32)
         self.dim = len(angles) * len(octaves)
 
-    def __call__(self, image: Image.Image) -> tuple[np.ndarray, float]:
-        """``(description, periodicity)``: float32 ``(dim,)`` of unit norm (zeros for a flat
-        picture), and a float in [0, 1]."""
+    def __call__(self, image: Image.Image) -> tuple[np.ndarray, float, float]:
+        """``(description, periodicity, lattice)``: float32 ``(dim,)`` of unit norm (zeros for a
+        flat picture), and two floats in [0, 1]."""
         small = np.asarray(image.convert("RGB").resize((self.side, self.side), Image.Resampling.BOX), dtype=np.float32) / 255.0
         luma = small @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         power = np.zeros((self.side, self.side), np.float64)
@@ -479,11 +524,15 @@ class PolarSpectrum:
         band = power[self._band].astype(np.float32)
         total = float(power[self._ac].sum())
         if total < 1e-9:
-            return np.zeros(self.dim, np.float32), 0.0
+            return np.zeros(self.dim, np.float32), 0.0, 0.0
         periodicity = float(np.sort(band)[::-1][: self.peaks].sum() / total)
-        bins = np.sqrt(np.maximum((self._by_angle * band[:, None]).T @ self._by_octave, 0.0)).ravel()
+        # Centred, so that the median around a peak sees its own neighbourhood, not the far side.
+        shifted = np.fft.fftshift(power)
+        lattice = float(shifted[sharp_peaks(shifted) & np.fft.fftshift(self._band)].sum() / total)
+        quadrant = np.bincount(self._fold, weights=band, minlength=len(self._by_angle)).astype(np.float32)
+        bins = np.sqrt(np.maximum((self._by_angle * quadrant[:, None]).T @ self._by_octave, 0.0)).ravel()
         norm = float(np.linalg.norm(bins))
-        return (bins / norm if norm > 1e-12 else bins).astype(np.float32), min(periodicity, 1.0)
+        return (bins / norm if norm > 1e-12 else bins).astype(np.float32), min(periodicity, 1.0), min(lattice, 1.0)
 
 
 _TRIU_WEIGHTS: dict[int, np.ndarray] = {}
