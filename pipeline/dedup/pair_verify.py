@@ -40,6 +40,14 @@ through and comparing what is left:
    ``max_contrast_ratio`` (contrasts compared where they stand above noise), and, with colour,
    its colour residual is at most ``max_colour``.
 
+A wallpaper of a fine motif (a period of a few pixels at ``side``) loses its motif at ``side``,
+and a crop's uneven scale leaves no start from which ECC finds the lattice. Where both images
+are lattices (:func:`lattice_share`, at least ``min_lattice`` of the luminance's power in sharp
+spectral peaks finer than 16 px at ``lattice_side``), a pair that does not match at ``side`` is
+compared again at ``lattice_side`` (192 px, from a 256 px working copy), aligned by
+:func:`lattice_alignments` (the linear part from the spectral peaks, the shift from the
+cross-correlation, then ECC) and decided by the same rules.
+
 A match between a grey image and a smooth picture is :func:`ambiguous`: without colour or
 detail, a grey copy of one gradient matches every gradient whose luminance runs alike. The
 stage keeps such a match only where it is the grey image's best
