@@ -213,20 +213,6 @@ def test_embedder_weights_replaced_in_place_change_its_identity(tmp_path):
     assert "device" not in first  # where it runs does not change the vectors
 
 
-def test_an_embedders_name_is_part_of_its_identity():
-    """What the code fixes beyond the config (the robust embedder's spectrum, say) shows in the
-    built embedder's name: another name redoes the embedding under the same config."""
-    from omegaconf import OmegaConf
-
-    from pipeline.embedders.robust import RobustEmbedder
-
-    config = OmegaConf.create({"_target_": "pipeline.embedders.robust.RobustEmbedder"})
-    built = RobustEmbedder()
-    assert embedder_identity(config, built)["embedder_name"] == built.name
-    assert embedder_identity(config, built) != embedder_identity(config, RobustEmbedder(lattice_full=0.5))
-    assert "embedder_name" not in embedder_identity(config)  # precomputed embeddings: no embedder built
-
-
 def dead_pid() -> int:
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     return int(done.stdout)

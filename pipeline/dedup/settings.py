@@ -202,12 +202,11 @@ def verify_from_config(cfg) -> VerifyStage:
     )
 
 
-def embedder_identity(embedder_cfg, embedder=None) -> dict:
+def embedder_identity(embedder_cfg) -> dict:
     """The embedder's config minus what does not change the vectors (device, batching, thresholds),
     plus, under ``local_files``, the identity of each value naming a local file or folder (e.g.
     ``pretrained=/weights/ViT-L-14.pt``): its files' names, sizes and modification times, so
-    weights replaced in place redo the embedding; and, under ``embedder_name``, the built
-    ``embedder``'s ``name`` (which names what its code fixes beyond its config)."""
+    weights replaced in place redo the embedding."""
     from omegaconf import OmegaConf
 
     values = OmegaConf.to_container(embedder_cfg, resolve=True)
@@ -223,6 +222,4 @@ def embedder_identity(embedder_cfg, embedder=None) -> dict:
     }
     if local:
         identity["local_files"] = local
-    if getattr(embedder, "name", None) is not None:
-        identity["embedder_name"] = str(embedder.name)
     return identity

@@ -209,7 +209,7 @@ def run(cfg: DictConfig) -> DedupSummary:
         settings,
         data=data,
         embedder=embedder,
-        embedder_id=embedder_identity(cfg.embedder, embedder),
+        embedder_id=embedder_identity(cfg.embedder),
         embeddings_dir=how.embeddings_dir,
         phase=how.phase,
         rank=how.rank,
