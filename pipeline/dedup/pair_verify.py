@@ -227,32 +227,52 @@ def prepare(image: Image.Image, settings: VerifySettings = VerifySettings()) -> 
     if settings.lattice_side:
         work = round(settings.lattice_side * 4 / 3)
         large = picture(image, _BAR_TOL, _BAR_EXTREME, _INSET * work // 128, work_side=work)
-        fine = _split(large, settings.lattice_side, settings)
-        if lattice_share(fine.luma) >= settings.min_lattice:
-            prepared.lattice = fine
+        fine = large.resize((settings.lattice_side, settings.lattice_side), Image.Resampling.BICUBIC)
+        # Only a lattice is split further (its detail, tone and chroma): most images are none.
+        if lattice_share(_luminance(np.asarray(fine, dtype=np.float32) / 255.0)) >= settings.min_lattice:
+            prepared.lattice = _split(fine, settings.lattice_side, settings)
     return prepared
+
+
+def _centred_power(image: np.ndarray) -> np.ndarray:
+    """The power spectrum of ``image`` (float ``(n, n)``) less its mean, Hann-windowed, with
+    the zero frequency at ``(n // 2, n // 2)``: float64 ``(n, n)``."""
+    n = image.shape[0]
+    window = np.outer(np.hanning(n), np.hanning(n))
+    return np.abs(np.fft.fftshift(np.fft.fft2((image - image.mean()) * window))) ** 2
+
+
+def _fine_peaks(power: np.ndarray) -> np.ndarray:
+    """Bool ``(n, n)``: the sharp peaks (:func:`~pipeline.embedders.robust.sharp_peaks`) of a
+    centred power spectrum (:func:`_centred_power`) at ``n / 16`` cycles per side or more (a
+    period of at most 16 px at ``n``, 8 px at half of it: a motif the comparison at ``side``
+    loses; stripes of a few periods it keeps)."""
+    n = power.shape[0]
+    fy, fx = np.mgrid[:n, :n] - n // 2
+    return sharp_peaks(power) & (fx**2 + fy**2 >= (n / 16) ** 2)
 
 
 def lattice_share(luma: np.ndarray) -> float:
     """The share of the power (the mean aside) of ``luma`` (float32 ``(n, n)``, Hann-windowed)
-    in sharp spectral peaks (:func:`~pipeline.embedders.robust.sharp_peaks`) at ``n / 16``
-    cycles per side or more, in [0, 1]: most of a fine wallpaper's, next to none of a
-    photograph's or of stripes of a few periods."""
-    n = luma.shape[0]
-    window = np.outer(np.hanning(n), np.hanning(n))
-    power = np.abs(np.fft.fftshift(np.fft.fft2((luma - luma.mean()) * window))) ** 2
-    fy, fx = np.mgrid[:n, :n] - n // 2
+    in its fine sharp spectral peaks (:func:`_fine_peaks`), in [0, 1]: most of a fine
+    wallpaper's, next to none of a photograph's or of stripes of a few periods."""
+    power = _centred_power(luma)
     total = float(power.sum())
     if total < 1e-12:
         return 0.0
-    return float(power[sharp_peaks(power) & (fx**2 + fy**2 >= (n / 16) ** 2)].sum() / total)
+    return float(power[_fine_peaks(power)].sum() / total)
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """float32 ``(h, w)`` luminance (BT.601) of float32 ``(h, w, 3)`` RGB in [0, 1]."""
+    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def _split(trimmed: Image.Image, side: int, settings: VerifySettings) -> Prepared:
     """``trimmed`` resized to ``side`` square, as luminance (detail and tone) and chroma."""
     small = trimmed.resize((side, side), Image.Resampling.BICUBIC)
     rgb = np.asarray(small, dtype=np.float32) / 255.0
-    luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    luma = _luminance(rgb)
     chroma = np.stack([(rgb[..., 2] - luma) * 0.564, (rgb[..., 0] - luma) * 0.713], axis=-1).astype(np.float32)
     tone = _blur(luma, side / 16)
     coloured = float(np.sqrt((chroma**2).sum(axis=-1)).mean()) >= settings.colour_floor
@@ -391,18 +411,15 @@ def _inner(side: int) -> np.ndarray:
     return inner
 
 
-def lattice_peaks(image: np.ndarray, count: int = 10) -> np.ndarray:
-    """The ``count`` strongest sharp peaks (:func:`~pipeline.embedders.robust.sharp_peaks`) of
-    the Hann-windowed spectrum of ``image`` (float32 ``(n, n)``) at ``n / 16`` cycles per side
-    or more (a period of at most 16 px at ``n``, 8 px at half of it: a motif the comparison at
-    ``side`` loses; coarser stripes it keeps), one of each symmetric pair: float64 ``(m, 2)``
-    frequencies ``(fx, fy)`` in cycles per side (refined between bins by a parabola),
-    strongest first; ``m <= count``."""
-    n = image.shape[0]
-    window = np.outer(np.hanning(n), np.hanning(n))
-    magnitude = np.abs(np.fft.fftshift(np.fft.fft2((image - image.mean()) * window)))
+def lattice_peaks(power: np.ndarray, count: int = 10) -> np.ndarray:
+    """The ``count`` strongest fine sharp peaks (:func:`_fine_peaks`) of a centred power
+    spectrum (float ``(n, n)``, :func:`_centred_power`), one of each symmetric pair: float64
+    ``(m, 2)`` frequencies ``(fx, fy)`` in cycles per side (refined between bins by a parabola
+    of the magnitude), strongest first; ``m <= count``."""
+    n = power.shape[0]
+    magnitude = np.sqrt(power)
     fy, fx = np.mgrid[:n, :n] - n // 2
-    keep = sharp_peaks(magnitude**2) & (fx**2 + fy**2 >= (n / 16) ** 2) & ((fy > 0) | ((fy == 0) & (fx > 0)))
+    keep = _fine_peaks(power) & ((fy > 0) | ((fy == 0) & (fx > 0)))
     rows, cols = np.nonzero(keep)
     order = np.argsort(-magnitude[rows, cols])[:count]
 
@@ -438,16 +455,17 @@ def lattice_alignments(
     from scipy.ndimage import map_coordinates
 
     side = template.shape[0]
-    peaks = lattice_peaks(template)
+    window = np.outer(np.hanning(side), np.hanning(side))
+    template_fft = np.fft.fft2((template - template.mean()) * window)
+    template_power = np.abs(np.fft.fftshift(template_fft)) ** 2
+    peaks = lattice_peaks(template_power)
     if len(peaks) < 2:
         return
     unit = peaks / np.linalg.norm(peaks, axis=1, keepdims=True)
     if np.abs(unit[0, 0] * unit[1:, 1] - unit[0, 1] * unit[1:, 0]).max() < 0.3:  # stripes: one direction only
         return
-    window = np.outer(np.hanning(side), np.hanning(side))
-    moving_fft = np.fft.fft2((moving - moving.mean()) * window)
-    spectrum = _blur(np.log1p(np.abs(np.fft.fftshift(moving_fft))).astype(np.float32), 0.7)
-    template_spectrum = np.log1p(np.abs(np.fft.fftshift(np.fft.fft2((template - template.mean()) * window))))
+    spectrum = _blur(np.log1p(np.sqrt(_centred_power(moving))).astype(np.float32), 0.7)
+    template_spectrum = np.log1p(np.sqrt(template_power))
     weights = map_coordinates(template_spectrum, [peaks[:, 1] + side // 2, peaks[:, 0] + side // 2], order=1)
 
     def score(angles: np.ndarray, sx: np.ndarray, sy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -468,7 +486,6 @@ def lattice_alignments(
         refined.append((float(found_values.max()), found[int(found_values.argmax())]))
     refined.sort(key=lambda pair: -pair[0])
     centre = np.full(2, (side - 1) / 2)
-    template_fft = np.fft.fft2((template - template.mean()) * window)
     for _, top in refined[:count]:
         warp = np.hstack([top, ((np.eye(2) - top) @ centre)[:, None]]).astype(np.float32)
         aligned = cv2.warpAffine(moving, warp, (side, side), flags=_WARP_FLAGS, borderMode=cv2.BORDER_REFLECT)
@@ -491,6 +508,7 @@ def measure(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings(
     inner = _inner(settings.side)
     both = settings.lattice_side and a.lattice is not None and b.lattice is not None
     lattice = replace(settings, side=settings.lattice_side) if both else None
+    lattice_inner = _inner(settings.lattice_side) if both else None
     verdicts = []
     for mirrored in (False, True):
         luma = b.luma[:, ::-1].copy() if mirrored else b.luma
@@ -506,7 +524,7 @@ def measure(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings(
             fine_a, fine_b = a.lattice, b.lattice
             detail = fine_b.detail[:, ::-1].copy() if mirrored else fine_b.detail
             for warp in lattice_alignments(fine_a.detail, detail, lattice):
-                verdict = _scores(fine_a, fine_b, warp, mirrored, _inner(lattice.side), lattice)
+                verdict = _scores(fine_a, fine_b, warp, mirrored, lattice_inner, lattice)
                 if best is None or (verdict.match, verdict.structure) > (best.match, best.structure):
                     best = verdict
                 if stop_at_match and best.match:
