@@ -985,6 +985,7 @@ SWEEP_CHANGES = {
     "max_changed": (0.04, 0.12),
     "max_brightness_ratio": (1.3, 1.8),
     "max_contrast_ratio": (1.6, 3.0),
+    "max_aspect_ratio": (1.6, 3.0),
 }
 
 

@@ -364,3 +364,23 @@ def test_a_wallpapers_copy_is_its_candidate_through_the_lattice_share():
     assert float(a @ b) >= embedder.candidate_floor
     a, b = RobustEmbedder(lattice_from=0.98, lattice_full=0.99).embed(pair)
     assert float(a @ b) < embedder.candidate_floor
+
+
+def test_a_wide_and_a_tall_texture_that_agree_once_squared_are_two_pictures():
+    """A sinusoidal stripe texture drawn wide (300 x 180) and another drawn tall (180 x 300),
+    the second grey, whose squares are the same stripes: without the aspect check they match
+    (nothing else tells a grey copy apart); with the default ``max_aspect_ratio`` (2) they are
+    two pictures (aspects 5/3 and 3/5: 25/9 apart, by arithmetic). A cropped copy of the wide
+    one (7% of its width and 3% of its height cut, a 1.04 change) still matches."""
+    y, x = np.mgrid[0:400, 0:400].astype(np.float32) / 400
+    stripes = (np.sin(2 * np.pi * 5 * (x * np.cos(0.6) + y * np.sin(0.6))) + 1) / 2
+    red, green = np.array([200.0, 40, 40]), np.array([40.0, 190, 60])
+    square = Image.fromarray((red + stripes[..., None] * (green - red)).astype(np.uint8))
+    wide = square.resize((300, 180), Image.Resampling.LANCZOS)
+    tall = ImageOps.grayscale(square).convert("RGB").resize((180, 300), Image.Resampling.LANCZOS)
+    settings = VerifySettings()
+    unchecked = verify_pair(stored(wide), stored(tall), dataclasses.replace(settings, max_aspect_ratio=10.0))
+    assert unchecked.match, unchecked
+    verdict = verify_pair(stored(wide), stored(tall), settings)
+    assert not verdict.match and verdict.aspect_ratio > settings.max_aspect_ratio, verdict
+    assert verify_pair(stored(wide), cropped_copy(wide), settings).match

@@ -9,8 +9,9 @@ through and comparing what is left:
    :func:`~pipeline.embedders.robust.picture_box`), each axis's two sides by the lesser of
    their runs (bars are centred; the rest is the picture's own light or dark ground) and 2 px
    more past each cut, resized to
-   ``side x side`` (the aspect ratio is dropped: a crop or a bar changes it), split into
-   luminance and chroma (Cb, Cr).
+   ``side x side``, split into luminance and chroma (Cb, Cr). The aspect ratio (width over
+   height) of what is left is kept apart: a crop of up to 8% a side or a bar cut with some of
+   a light ground changes it by up to about 1.3, and the comparison is of the squares.
 2. :func:`compare`, per pair, for the second image as it is and mirrored: its luminance is
    aligned onto the first's (:func:`_alignments`: OpenCV's ECC maximisation,
    :func:`cv2.findTransformECC`, of an affine warp from the identity, at full and half
@@ -37,8 +38,10 @@ through and comparing what is left:
    little detail, below ``detail_floor``: its tone correlation reaches ``min_tone``; with both
    luminances flat, below ``flat_floor``, or nearly flat and of one colour, neither counts), at
    most ``max_changed`` of it changed, its levels within ``max_brightness_ratio`` and
-   ``max_contrast_ratio`` (contrasts compared where they stand above noise), and, with colour,
-   its colour residual is at most ``max_colour``.
+   ``max_contrast_ratio`` (contrasts compared where they stand above noise), their aspect
+   ratios within ``max_aspect_ratio`` (two textures of one direction and frequency once
+   squared, one drawn wide and one tall, are two pictures), and, with colour, its colour
+   residual is at most ``max_colour``.
 
 A wallpaper of a fine motif (a period of a few pixels at ``side``) loses its motif at ``side``,
 and a crop's uneven scale leaves no start from which ECC finds the lattice. Where both images
@@ -94,6 +97,8 @@ class VerifySettings:
         colour_floor: mean chroma magnitude (in [0, 1] units) above which an image has colour.
         max_brightness_ratio, max_contrast_ratio: the larger of the two images' mean luminances
             (contrasts) over the smaller stays within this, >= 1.
+        max_aspect_ratio: the larger of the two trimmed pictures' aspect ratios (width over
+            height) over the smaller stays within this, >= 1.
         max_texture_ratio: the larger of the two images' median high-pass magnitudes over the
             smaller stays within this, >= 1, where the larger reaches ``texture_floor`` (in
             [0, 1] units).
@@ -125,6 +130,7 @@ class VerifySettings:
     max_brightness_ratio: float = 1.5
     max_contrast_ratio: float = 2.2
     max_texture_ratio: float = 3.0
+    max_aspect_ratio: float = 2.0
     texture_floor: float = 0.005
     change_level: float = 0.12
     max_changed: float = 0.08
@@ -160,7 +166,7 @@ class VerifySettings:
                 raise ValueError(f"verify.{name}: must be in [0, 1], got {getattr(self, name)}")
         if self.max_rotation < 0:
             raise ValueError(f"verify.max_rotation: must be >= 0 degrees, got {self.max_rotation}")
-        for name in ("max_scale", "max_brightness_ratio", "max_contrast_ratio", "max_texture_ratio"):
+        for name in ("max_scale", "max_brightness_ratio", "max_contrast_ratio", "max_texture_ratio", "max_aspect_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"verify.{name}: must be >= 1, got {getattr(self, name)}")
 
@@ -172,13 +178,14 @@ class VerifySettings:
 class Prepared:
     """One image made ready for :func:`compare`: float32 ``(side, side)`` luminance and its
     high-pass and low-pass parts, float32 ``(side, side, 2)`` chroma, whether it has colour,
-    and, for a lattice (``min_lattice``), the same at ``lattice_side`` (else None)."""
+    the trimmed picture's ``aspect`` (width over height, > 0) before it was squared, and, for a lattice (``min_lattice``), the same at ``lattice_side`` (else None)."""
 
     luma: np.ndarray
     detail: np.ndarray
     tone: np.ndarray
     chroma: np.ndarray
     coloured: bool
+    aspect: float = 1.0
     lattice: Prepared | None = None
 
 
@@ -191,7 +198,8 @@ class Verdict:
     ``change_level`` after one gain and offset; ``contrast``: the lesser standard deviation of
     the two low-passed luminances; ``contrast_ratio``, ``brightness_ratio``, ``texture_ratio``
     (the median magnitudes of the high-passed luminances): the larger over the smaller of the
-    two, >= 1; ``texture``: the larger median magnitude), which image is ``grey`` (first,
+    two, >= 1; ``texture``: the larger median magnitude; ``aspect_ratio``: the larger of the
+    two trimmed pictures' aspect ratios over the smaller, >= 1), which image is ``grey`` (first,
     second), whether the second image was ``mirrored``, and the warp's ``rotation`` (degrees)
     and ``scale`` (per axis)."""
 
@@ -206,6 +214,7 @@ class Verdict:
     brightness_ratio: float = float("nan")
     texture: float = float("nan")
     texture_ratio: float = float("nan")
+    aspect_ratio: float = float("nan")
     grey: tuple[bool, bool] = (False, False)
     mirrored: bool = False
     rotation: float = float("nan")
@@ -276,7 +285,8 @@ def _split(trimmed: Image.Image, side: int, settings: VerifySettings) -> Prepare
     chroma = np.stack([(rgb[..., 2] - luma) * 0.564, (rgb[..., 0] - luma) * 0.713], axis=-1).astype(np.float32)
     tone = _blur(luma, side / 16)
     coloured = float(np.sqrt((chroma**2).sum(axis=-1)).mean()) >= settings.colour_floor
-    return Prepared(luma=luma, detail=luma - tone, tone=tone, chroma=chroma, coloured=coloured)
+    aspect = trimmed.width / trimmed.height
+    return Prepared(luma=luma, detail=luma - tone, tone=tone, chroma=chroma, coloured=coloured, aspect=aspect)
 
 
 def _correlation(x: np.ndarray, y: np.ndarray, weight: np.ndarray) -> float:
@@ -580,6 +590,7 @@ def _scores(a: Prepared, b: Prepared, warp: np.ndarray, mirrored: bool, inner: n
         contrast=min(std_a, std_b),
         contrast_ratio=_ratio(std_a, std_b),
         brightness_ratio=_ratio(float(ma), float(mb)),
+        aspect_ratio=_ratio(a.aspect, b.aspect),
         grey=(not a.coloured, not b.coloured),
         mirrored=mirrored,
         rotation=rotation,
@@ -607,7 +618,8 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
       luminance). With detail, contrasts are compared only where both stand above
       ``flat_floor``: below it the low-passed luminance is noise or a texture's residue.
 
-    In every case, where one image's typical detail (the median high-pass magnitude, which a
+    In every case, the two trimmed pictures' aspect ratios are within ``max_aspect_ratio`` of
+    each other (a copy keeps its picture's shape up to a crop), and where one image's typical detail (the median high-pass magnitude, which a
     watermark or a title over a small part leaves as it is) reaches ``texture_floor``, the
     other's is at least its ``1 / max_texture_ratio``: a smooth picture is no copy of a busy
     one (below the floor both are smooth, and the ratio of two noises says nothing).
@@ -637,6 +649,7 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
         and colour_ok
         and verdict.brightness_ratio <= settings.max_brightness_ratio
         and verdict.changed <= settings.max_changed
+        and not verdict.aspect_ratio > settings.max_aspect_ratio  # NaN (unmeasured) refuses nothing
         and not (verdict.texture >= settings.texture_floor and verdict.texture_ratio > settings.max_texture_ratio)
     )
 
