@@ -929,7 +929,7 @@ def sweep_scores(measured: dict, labels: list[str], thresholds, variants: dict) 
     thresholds, and for a variant that changes only thresholds, what its alignment would find
     unless another alignment of the pair scores differently under it."""
     from pipeline.dedup.grouping import connected_groups, pair_scores
-    from pipeline.dedup.pair_verify import ambiguous, decide
+    from pipeline.dedup.pair_verify import ambiguity_score, ambiguous, decide
     from pipeline.dedup.verification import AMBIGUOUS, best_for_grey
 
     rows = []
@@ -945,7 +945,7 @@ def sweep_scores(measured: dict, labels: list[str], thresholds, variants: dict) 
                 accepted[e] = best is not None and decide(best, settings)
                 if accepted[e] and ambiguous(best, settings):
                     unsure[e] = True
-                    table[e] = (i[e], j[e], best.tone, *best.grey)
+                    table[e] = (i[e], j[e], ambiguity_score(best, settings), *best.grey)
         near = measured.get("neighbour", np.zeros(len(i), dtype=bool)) if settings is not None else np.zeros(len(i), dtype=bool)
         for threshold in thresholds:
             candidate = (measured["similarity"] >= threshold) | near
@@ -986,6 +986,8 @@ SWEEP_CHANGES = {
     "max_brightness_ratio": (1.3, 1.8),
     "max_contrast_ratio": (1.6, 3.0),
     "max_aspect_ratio": (1.6, 3.0),
+    "min_tone_faint": (0.95, 0.99),
+    "vivid_chroma": (0.02, 0.08),
 }
 
 

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from pipeline.cli import ConfigError
 from pipeline.dedup.index import Pairs
-from pipeline.dedup.pair_verify import VerifySettings, compare, decide, measure, prepare, verify_pair
+from pipeline.dedup.pair_verify import VerifySettings, ambiguous, compare, decide, measure, prepare, verify_pair
 from pipeline.dedup.settings import settings_from_config, verify_from_config
 from pipeline.dedup.verification import owned_candidates, pair_chunks, verify_candidates
 
@@ -156,10 +156,11 @@ def test_chunks_hold_at_most_chunk_images_images():
 
 
 def test_verified_components_do_not_depend_on_the_chunks():
-    """Copies and strangers in one list of candidates: the components of the kept pairs are
-    those of every matching pair, however many images a chunk holds; a pair whose image
-    cannot be fetched is counted and not kept."""
+    """Copies and strangers in one list of candidates: the components of the kept pairs and
+    the grey image's best ambiguous matches are those of every matching pair, however many
+    images a chunk holds; a pair whose image cannot be fetched is counted and not kept."""
     from pipeline.dedup.grouping import connected_groups
+    from pipeline.dedup.verification import best_for_grey
 
     rng = np.random.default_rng(2)
     originals = [planted.photo_like(rng, planted.random_size(rng)) for _ in range(3)]
@@ -183,9 +184,12 @@ def test_verified_components_do_not_depend_on_the_chunks():
             return {k: images[keys.index(k)] for k in wanted}
 
         kept, unsure, counts = verify_candidates(pairs, key_of, fetch, VerifySettings(), chunk)
-        assert len(unsure) == 0  # photographs: detail enough to decide
+        # The grey copy's matches with pictures in colour are ambiguous (only those, and all
+        # of them: a pair with a grey image is always compared); its best is its original.
+        assert sorted(zip(unsure["i"].tolist(), unsure["j"].tolist())) == [(0, 6), (3, 6)]
         assert max(fetched) <= chunk and counts.candidates == len(i) and counts.unfetched == 0
-        groups = connected_groups(n, kept.i, kept.j)
+        best = unsure[best_for_grey(unsure)]
+        groups = connected_groups(n, np.r_[kept.i, best["i"]], np.r_[kept.j, best["j"]])
         assert len(set(zip(groups.tolist(), truth.tolist()))) == len(set(truth.tolist())) == len(set(groups.tolist()))
         results.append(groups)
     kept, _, counts = verify_candidates(
@@ -384,3 +388,64 @@ def test_a_wide_and_a_tall_texture_that_agree_once_squared_are_two_pictures():
     verdict = verify_pair(stored(wide), stored(tall), settings)
     assert not verdict.match and verdict.aspect_ratio > settings.max_aspect_ratio, verdict
     assert verify_pair(stored(wide), cropped_copy(wide), settings).match
+
+
+def stripe_texture(angle: float, periods: float, low, high, size=(320, 240)) -> Image.Image:
+    """A sinusoidal stripe texture: ``periods`` periods across the width, at ``angle`` radians,
+    from colour ``low`` to ``high``."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32) / w
+    t = (np.sin(2 * np.pi * periods * (x * np.cos(angle) + y * np.sin(angle))) + 1) / 2
+    return Image.fromarray((np.array(low, np.float32) + t[..., None] * (np.subtract(high, low))).astype(np.uint8))
+
+
+def test_a_grey_copy_joins_the_one_picture_it_matches_best():
+    """A grey copy of a red and green stripe texture matches its original and, in luminance,
+    a purple and blue texture whose stripes are 2 degrees and 4% finer apart: both matches are
+    ambiguous (no colour to tell), only the better scored counts (one picture, whichever it
+    is), so the two textures stay apart; the two in colour do not match at all."""
+    from pipeline.dedup.grouping import connected_groups
+    from pipeline.dedup.verification import best_for_grey
+
+    original = stripe_texture(0.6, 5.0, (200, 40, 40), (40, 190, 60))
+    other = stripe_texture(0.6 + math.radians(2), 5.2, (150, 60, 100), (60, 150, 200))
+    grey = ImageOps.grayscale(original).convert("RGB")
+    images = [stored(original), stored(other), stored(grey, 60)]
+    settings = VerifySettings()
+    with_other = verify_pair(images[2], images[1], settings)
+    assert with_other.match and ambiguous(with_other, settings)  # in luminance, the other texture is a copy too
+    assert not verify_pair(images[0], images[1], settings).match
+    pairs = Pairs(np.array([0, 0, 1], np.int64), np.array([1, 2, 2], np.int64), np.ones(3, np.float32))
+    keys = ["a", "b", "c"]
+    kept, unsure, _ = verify_candidates(
+        pairs, lambda rows: [keys[r] for r in rows], lambda wanted: {k: images[keys.index(k)] for k in wanted}, settings, 3
+    )
+    assert len(kept) == 0 and len(unsure) == 2
+    counts = best_for_grey(unsure)
+    assert counts.sum() == 1 and unsure["score"][counts][0] == unsure["score"].max()
+    groups = connected_groups(3, unsure["i"][counts], unsure["j"][counts])
+    assert groups[0] != groups[1]
+
+
+def test_tiles_of_one_smooth_picture_are_told_apart_by_their_faint_texture():
+    """Two side by side tiles of one smooth picture (a brightness ramp and faint blobs), each
+    with its own faint texture (a high-pass standard deviation near 0.009 at 96 px, between
+    ``faint_floor`` and ``detail_floor``): their tones run alike (a ramp resembles any ramp,
+    correlation 0.95-0.98), their textures do not correlate, so they are two pictures; a
+    shrunk JPEG copy of one still matches it."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:720, 0:900].astype(np.float32)
+    blobs = cv2.GaussianBlur(rng.normal(0, 1, (720, 900)).astype(np.float32), (0, 0), 40)
+    texture = cv2.GaussianBlur(rng.normal(0, 1, (720, 900)).astype(np.float32), (0, 0), 3)
+    luminance = 60 + 120 * x / 900 + 40 * y / 720 + blobs * (3.0 / blobs.std()) + texture * (2.5 / texture.std())
+    big = Image.fromarray(np.clip(np.stack([luminance * 1.1, luminance * 0.9, luminance * 0.7], -1), 0, 255).astype(np.uint8))
+    left, right = big.crop((0, 0, 300, 240)), big.crop((300, 0, 600, 240))
+    settings = VerifySettings()
+    verdict = verify_pair(stored(left), stored(right), settings)
+    assert not verdict.match and settings.faint_floor <= verdict.detail < settings.detail_floor, verdict
+    # Without the faint texture's rule, the tone alone decides, and it matches.
+    assert verify_pair(stored(left), stored(right), dataclasses.replace(settings, min_tone_faint=settings.min_tone)).match
+    small = left.resize((200, 160), Image.Resampling.LANCZOS)
+    assert verify_pair(stored(left), stored(planted.decode(planted.jpeg_bytes(small, 50))), settings).match

@@ -51,10 +51,12 @@ compared again at ``lattice_side`` (192 px, from a 256 px working copy), aligned
 :func:`lattice_alignments` (the linear part from the spectral peaks, the shift from the
 cross-correlation, then ECC) and decided by the same rules.
 
-A match between a grey image and a smooth picture is :func:`ambiguous`: without colour or
-detail, a grey copy of one gradient matches every gradient whose luminance runs alike. The
-stage keeps such a match only where it is the grey image's best
-(:func:`pipeline.dedup.verification.best_for_grey`).
+A match of a grey image with a picture of vivid colour, or of a grey image with little
+detail, is :func:`ambiguous`: without colour, a grey copy of one gradient matches every gradient whose
+luminance runs alike, and a grey copy of a sinusoidal stripe texture every stripe texture of a
+similar direction and frequency. The stage keeps such a match only where it is the grey
+image's best (:func:`ambiguity_score`; :func:`pipeline.dedup.verification.best_for_grey`):
+a grey copy is a copy of one picture.
 
 Everything here is a pure function of two images: no files, no configuration.
 """
@@ -88,6 +90,11 @@ class VerifySettings:
         min_tone: low-pass luminance correlation in [-1, 1] a copy of a picture with little detail reaches.
         detail_floor: standard deviation of the high-passed luminance (in [0, 1] units) below
             which a picture has little detail.
+        faint_floor: such a standard deviation, below ``detail_floor``, from which a picture
+            with little detail still has a faint texture of its own (JPEG noise stays below):
+            its tone correlation must then reach ``min_tone_faint``, or its structure
+            correlation ``min_structure_toned``.
+        min_tone_faint: tone correlation in [-1, 1] enough alone where the detail is faint.
         flat_floor: standard deviation of the low-passed luminance (in [0, 1] units) below
             which a picture's luminance is flat.
         near_flat_floor: the larger of two such standard deviations below which two pictures
@@ -95,6 +102,8 @@ class VerifySettings:
             (colour residual in [0, 1]).
         max_colour: colour residual in [0, 1] (share of the chroma not explained) a copy stays within.
         colour_floor: mean chroma magnitude (in [0, 1] units) above which an image has colour.
+        vivid_chroma: mean chroma magnitude (in [0, 1] units) from which an image's colour tells
+            it from pictures of a like luminance: a grey image's match with it is :func:`ambiguous`.
         max_brightness_ratio, max_contrast_ratio: the larger of the two images' mean luminances
             (contrasts) over the smaller stays within this, >= 1.
         max_aspect_ratio: the larger of the two trimmed pictures' aspect ratios (width over
@@ -122,8 +131,11 @@ class VerifySettings:
     toned_detail: float = 0.025
     min_tone: float = 0.95
     detail_floor: float = 0.01
+    faint_floor: float = 0.007
+    min_tone_faint: float = 0.98
     max_colour: float = 0.4
     colour_floor: float = 0.02
+    vivid_chroma: float = 0.04
     flat_floor: float = 0.01
     near_flat_floor: float = 0.03
     near_flat_colour: float = 0.2
@@ -145,14 +157,16 @@ class VerifySettings:
             raise ValueError(f"verify.side: must be >= 32 pixels, got {self.side}")
         if self.lattice_side and self.lattice_side < self.side:
             raise ValueError(f"verify.lattice_side: must be 0 (off) or >= side ({self.side}), got {self.lattice_side}")
-        for name in ("min_structure", "min_structure_toned", "min_tone"):
+        for name in ("min_structure", "min_structure_toned", "min_tone", "min_tone_faint"):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"verify.{name}: must be a correlation in [-1, 1], got {getattr(self, name)}")
         for name in (
             "max_colour",
             "max_shift",
             "detail_floor",
+            "faint_floor",
             "colour_floor",
+            "vivid_chroma",
             "flat_floor",
             "near_flat_floor",
             "near_flat_colour",
@@ -178,13 +192,15 @@ class VerifySettings:
 class Prepared:
     """One image made ready for :func:`compare`: float32 ``(side, side)`` luminance and its
     high-pass and low-pass parts, float32 ``(side, side, 2)`` chroma, whether it has colour,
-    the trimmed picture's ``aspect`` (width over height, > 0) before it was squared, and, for a lattice (``min_lattice``), the same at ``lattice_side`` (else None)."""
+    its mean chroma magnitude ``chroma_level`` (in [0, 1] units), the trimmed picture's
+    ``aspect`` (width over height, > 0) before it was squared, and, for a lattice (``min_lattice``), the same at ``lattice_side`` (else None)."""
 
     luma: np.ndarray
     detail: np.ndarray
     tone: np.ndarray
     chroma: np.ndarray
     coloured: bool
+    chroma_level: float = 0.0
     aspect: float = 1.0
     lattice: Prepared | None = None
 
@@ -199,7 +215,8 @@ class Verdict:
     the two low-passed luminances; ``contrast_ratio``, ``brightness_ratio``, ``texture_ratio``
     (the median magnitudes of the high-passed luminances): the larger over the smaller of the
     two, >= 1; ``texture``: the larger median magnitude; ``aspect_ratio``: the larger of the
-    two trimmed pictures' aspect ratios over the smaller, >= 1), which image is ``grey`` (first,
+    two trimmed pictures' aspect ratios over the smaller, >= 1; ``chroma``: the larger of the
+    two images' mean chroma magnitudes), which image is ``grey`` (first,
     second), whether the second image was ``mirrored``, and the warp's ``rotation`` (degrees)
     and ``scale`` (per axis)."""
 
@@ -215,6 +232,7 @@ class Verdict:
     texture: float = float("nan")
     texture_ratio: float = float("nan")
     aspect_ratio: float = float("nan")
+    chroma: float = float("nan")
     grey: tuple[bool, bool] = (False, False)
     mirrored: bool = False
     rotation: float = float("nan")
@@ -284,9 +302,11 @@ def _split(trimmed: Image.Image, side: int, settings: VerifySettings) -> Prepare
     luma = _luminance(rgb)
     chroma = np.stack([(rgb[..., 2] - luma) * 0.564, (rgb[..., 0] - luma) * 0.713], axis=-1).astype(np.float32)
     tone = _blur(luma, side / 16)
-    coloured = float(np.sqrt((chroma**2).sum(axis=-1)).mean()) >= settings.colour_floor
+    level = float(np.sqrt((chroma**2).sum(axis=-1)).mean())
     aspect = trimmed.width / trimmed.height
-    return Prepared(luma=luma, detail=luma - tone, tone=tone, chroma=chroma, coloured=coloured, aspect=aspect)
+    return Prepared(
+        luma=luma, detail=luma - tone, tone=tone, chroma=chroma, coloured=level >= settings.colour_floor, chroma_level=level, aspect=aspect
+    )
 
 
 def _correlation(x: np.ndarray, y: np.ndarray, weight: np.ndarray) -> float:
@@ -591,6 +611,7 @@ def _scores(a: Prepared, b: Prepared, warp: np.ndarray, mirrored: bool, inner: n
         contrast_ratio=_ratio(std_a, std_b),
         brightness_ratio=_ratio(float(ma), float(mb)),
         aspect_ratio=_ratio(a.aspect, b.aspect),
+        chroma=max(a.chroma_level, b.chroma_level),
         grey=(not a.coloured, not b.coloured),
         mirrored=mirrored,
         rotation=rotation,
@@ -616,7 +637,10 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
     * otherwise the tone correlation reaches ``min_tone``, and the contrasts' ratio stays
       within ``max_contrast_ratio`` (a copy keeps its luminance contrast: greyscale keeps
       luminance). With detail, contrasts are compared only where both stand above
-      ``flat_floor``: below it the low-passed luminance is noise or a texture's residue.
+      ``flat_floor``: below it the low-passed luminance is noise or a texture's residue;
+    * without detail but with a faint texture (``faint_floor``), moreover, the tone correlation
+      reaches ``min_tone_faint`` or the structure correlation ``min_structure_toned``: the
+      tiles of one smooth picture have tones that run alike, and textures that do not.
 
     In every case, the two trimmed pictures' aspect ratios are within ``max_aspect_ratio`` of
     each other (a copy keeps its picture's shape up to a crop), and where one image's typical detail (the median high-pass magnitude, which a
@@ -642,6 +666,8 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
         shape_ok, contrast_ok = True, True
     else:
         shape_ok = verdict.tone >= settings.min_tone
+    if verdict.detail < settings.detail_floor and verdict.detail >= settings.faint_floor:
+        shape_ok = shape_ok and (verdict.tone >= settings.min_tone_faint or verdict.structure >= settings.min_structure_toned)
     colour_ok = not coloured or verdict.colour <= settings.max_colour
     return (
         shape_ok
@@ -655,11 +681,23 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
 
 
 def ambiguous(verdict: Verdict, settings: VerifySettings) -> bool:
-    """Whether a matching ``verdict`` leaves open which picture it is a copy of: one image is
-    grey (no colour to compare) and the pair has little detail (a smooth picture). A grey copy
-    of a gradient matches every gradient whose luminance runs alike, so such a pair counts only
-    when it is the grey image's best (:func:`pipeline.dedup.verification.best_for_grey`)."""
-    return any(verdict.grey) and verdict.detail < settings.detail_floor
+    """Whether a matching ``verdict`` leaves open which picture it is a copy of: exactly one
+    image is grey and the other's colour is vivid (``vivid_chroma``: what would tell it from
+    pictures of a like luminance, the grey image lacks), or one is grey and the pair has
+    little detail (a smooth picture). A grey copy of a gradient matches every gradient whose
+    luminance runs alike, and a grey copy of a stripe texture every stripe texture of a similar
+    direction and frequency, so such a pair counts only when it is the grey image's best by
+    :func:`ambiguity_score` (:func:`pipeline.dedup.verification.best_for_grey`)."""
+    vivid = verdict.grey[0] != verdict.grey[1] and verdict.chroma >= settings.vivid_chroma
+    return vivid or (any(verdict.grey) and verdict.detail < settings.detail_floor)
+
+
+def ambiguity_score(verdict: Verdict, settings: VerifySettings) -> float:
+    """How well an :func:`ambiguous` match fits, to rank a grey image's matches: the structure
+    correlation in [-1, 1] where the pair has detail (``detail_floor``), else the tone
+    correlation less 2, in [-3, -1] (a match on detail outranks one on tone alone; without
+    detail the structure correlation is noise)."""
+    return verdict.structure if verdict.detail >= settings.detail_floor else verdict.tone - 2.0
 
 
 def compare(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings()) -> Verdict:

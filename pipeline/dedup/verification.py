@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from pipeline.dedup.buckets import read_pairs
 from pipeline.dedup.index import Pairs, query_ranks
-from pipeline.dedup.pair_verify import VerifySettings, ambiguous, compare, prepare
+from pipeline.dedup.pair_verify import VerifySettings, ambiguity_score, ambiguous, compare, prepare
 
 Fetch = Callable[[list[str]], Mapping[str, Image.Image]]
 
@@ -136,8 +136,8 @@ class _Components:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-# An ambiguous match (:func:`~pipeline.dedup.pair_verify.ambiguous`): a pair, its score (the
-# tone correlation), and which of its images are grey.
+# An ambiguous match (:func:`~pipeline.dedup.pair_verify.ambiguous`): a pair, its score
+# (:func:`~pipeline.dedup.pair_verify.ambiguity_score`), and which of its images are grey.
 AMBIGUOUS = np.dtype([("i", "<i8"), ("j", "<i8"), ("score", "<f4"), ("grey_i", "?"), ("grey_j", "?")])
 
 
@@ -171,13 +171,14 @@ def verify_candidates(
 ) -> tuple[Pairs, np.ndarray, VerifyCounts]:
     """The candidate ``pairs`` that :func:`~pipeline.dedup.pair_verify.compare` finds to be one
     picture, in their order; the ambiguous matches among them (``AMBIGUOUS`` rows: a grey image
-    of a smooth picture, :func:`~pipeline.dedup.pair_verify.ambiguous`), kept apart for
-    :func:`best_for_grey`; and what it took.
+    with one in colour, or of a smooth picture, :func:`~pipeline.dedup.pair_verify.ambiguous`),
+    kept apart for :func:`best_for_grey`; and what it took.
 
-    Within each chunk the pairs are compared most similar first, and a pair whose rows are
-    already joined by pairs verified before it (in this call) is not compared: it would change
-    no connected component (an ambiguous match joins nothing here: a grey smooth image's
-    pairs are all ambiguous, so none of its pairs is skipped). The kept pairs therefore span the same components as every
+    Within each chunk the pairs are compared most similar first, and a pair of two images in
+    colour whose rows are already joined by pairs verified before it (in this call) is not
+    compared: it would change no connected component. A pair with a grey image is always
+    compared (its match may be ambiguous, and which is the grey image's best depends on all
+    of them). The kept pairs and ambiguous matches therefore span the same components as every
     matching pair would, whatever the chunks; which pairs are kept may differ.
 
     ``key_of(rows)``: the keys of rows (int64); ``fetch(keys)``: ``{key: image}`` for the keys it
@@ -199,20 +200,21 @@ def verify_candidates(
         counts.chunks += 1
         compared = time.perf_counter()
         # The likeliest first: once two rows are joined by verified pairs, a pair between them
-        # changes no group and is not compared.
+        # changes no group and is not compared, unless an image is grey: its match may be
+        # ambiguous, and which of those is its best depends on all of them.
         for e in part.start + np.argsort(-pairs.similarity[part], kind="stable"):
             a, b = prepared.get(int(pairs.i[e])), prepared.get(int(pairs.j[e]))
             if a is None or b is None:
                 counts.unfetched += 1
                 continue
-            if joined.same(int(pairs.i[e]), int(pairs.j[e])):
+            if a.coloured and b.coloured and joined.same(int(pairs.i[e]), int(pairs.j[e])):
                 counts.skipped += 1
                 continue
             verdict = compare(a, b, settings)
             if not verdict.match:
                 continue
             if ambiguous(verdict, settings):
-                unsure.append((int(pairs.i[e]), int(pairs.j[e]), verdict.tone, *verdict.grey))
+                unsure.append((int(pairs.i[e]), int(pairs.j[e]), ambiguity_score(verdict, settings), *verdict.grey))
                 continue
             keep[e] = True
             joined.join(int(pairs.i[e]), int(pairs.j[e]))
