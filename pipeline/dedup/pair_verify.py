@@ -305,7 +305,13 @@ def _split(trimmed: Image.Image, side: int, settings: VerifySettings) -> Prepare
     level = float(np.sqrt((chroma**2).sum(axis=-1)).mean())
     aspect = trimmed.width / trimmed.height
     return Prepared(
-        luma=luma, detail=luma - tone, tone=tone, chroma=chroma, coloured=level >= settings.colour_floor, chroma_level=level, aspect=aspect
+        luma=luma,
+        detail=luma - tone,
+        tone=tone,
+        chroma=chroma,
+        coloured=level >= settings.colour_floor,
+        chroma_level=level,
+        aspect=aspect,
     )
 
 
