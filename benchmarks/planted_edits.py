@@ -988,6 +988,7 @@ SWEEP_CHANGES = {
     "max_aspect_ratio": (1.6, 3.0),
     "min_tone_faint": (0.95, 0.99),
     "vivid_chroma": (0.02, 0.08),
+    "min_local_structure": (0.0, 0.5),
 }
 
 

@@ -449,3 +449,35 @@ def test_tiles_of_one_smooth_picture_are_told_apart_by_their_faint_texture():
     assert verify_pair(stored(left), stored(right), dataclasses.replace(settings, min_tone_faint=settings.min_tone)).match
     small = left.resize((200, 160), Image.Resampling.LANCZOS)
     assert verify_pair(stored(left), stored(planted.decode(planted.jpeg_bytes(small, 50))), settings).match
+
+
+def line_chart(seed: int) -> Image.Image:
+    """A 480 x 360 grey line chart: thick axes, a grid and a title shared by every seed, and
+    one thin line of its own (a random walk drawn from ``seed``)."""
+    image = Image.new("RGB", (480, 360), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((60, 10, 300, 30), fill=(40, 40, 40))  # the title bar
+    for k in range(5):
+        draw.line((60, 300 - 60 * k, 460, 300 - 60 * k), fill=(215, 215, 215), width=1)
+    draw.line((60, 50, 60, 300), fill=(0, 0, 0), width=4)
+    draw.line((60, 300, 460, 300), fill=(0, 0, 0), width=4)
+    rng = np.random.default_rng(seed)
+    xs = np.linspace(64, 456, 25)
+    ys = 300 - np.clip(np.cumsum(rng.normal(0, 0.12, len(xs))) + rng.uniform(0.3, 0.7), 0, 1) * 240
+    draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(90, 90, 90), width=2)
+    return image
+
+
+def test_line_charts_of_one_layout_are_told_apart_tile_by_tile():
+    """Two grey line charts of one layout whose lines differ correlate overall (the axes and
+    the title bar carry most of the detail) but not in the tiles the lines cross: two
+    pictures; a shrunk JPEG copy of one still matches it."""
+    settings = VerifySettings()
+    a, b = stored(line_chart(3)), stored(line_chart(4))
+    overall = verify_pair(a, b, dataclasses.replace(settings, min_local_structure=-1.0))
+    assert overall.match, overall  # without the tiles, one picture
+    verdict = verify_pair(a, b, settings)
+    assert not verdict.match and verdict.local_structure < settings.min_local_structure, verdict
+    small = line_chart(3).resize((300, 225), Image.Resampling.LANCZOS)
+    copy = verify_pair(a, stored(planted.decode(planted.jpeg_bytes(small, 50))), settings)
+    assert copy.match and copy.local_structure >= settings.min_local_structure, copy

@@ -106,6 +106,10 @@ class VerifySettings:
             it from pictures of a like luminance: a grey image's match with it is :func:`ambiguous`.
         max_brightness_ratio, max_contrast_ratio: the larger of the two images' mean luminances
             (contrasts) over the smaller stays within this, >= 1.
+        min_local_structure: where neither image's colour is vivid (``vivid_chroma``) and the
+            pair has detail, the 25th percentile in [-1, 1] of the structure correlations over a
+            4 x 4 grid of tiles (those with detail) reaches this: charts of one layout correlate
+            on their shared axes and grid, not in the tiles their lines cross.
         max_aspect_ratio: the larger of the two trimmed pictures' aspect ratios (width over
             height) over the smaller stays within this, >= 1.
         max_texture_ratio: the larger of the two images' median high-pass magnitudes over the
@@ -143,6 +147,7 @@ class VerifySettings:
     max_contrast_ratio: float = 2.2
     max_texture_ratio: float = 3.0
     max_aspect_ratio: float = 2.0
+    min_local_structure: float = 0.3
     texture_floor: float = 0.005
     change_level: float = 0.12
     max_changed: float = 0.08
@@ -157,7 +162,7 @@ class VerifySettings:
             raise ValueError(f"verify.side: must be >= 32 pixels, got {self.side}")
         if self.lattice_side and self.lattice_side < self.side:
             raise ValueError(f"verify.lattice_side: must be 0 (off) or >= side ({self.side}), got {self.lattice_side}")
-        for name in ("min_structure", "min_structure_toned", "min_tone", "min_tone_faint"):
+        for name in ("min_structure", "min_structure_toned", "min_tone", "min_tone_faint", "min_local_structure"):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"verify.{name}: must be a correlation in [-1, 1], got {getattr(self, name)}")
         for name in (
@@ -216,7 +221,9 @@ class Verdict:
     (the median magnitudes of the high-passed luminances): the larger over the smaller of the
     two, >= 1; ``texture``: the larger median magnitude; ``aspect_ratio``: the larger of the
     two trimmed pictures' aspect ratios over the smaller, >= 1; ``chroma``: the larger of the
-    two images' mean chroma magnitudes), which image is ``grey`` (first,
+    two images' mean chroma magnitudes; ``local_structure``: the 25th percentile of the
+    structure correlations over a 4 x 4 grid of tiles with detail, NaN without such a tile),
+    which image is ``grey`` (first,
     second), whether the second image was ``mirrored``, and the warp's ``rotation`` (degrees)
     and ``scale`` (per axis)."""
 
@@ -233,6 +240,7 @@ class Verdict:
     texture_ratio: float = float("nan")
     aspect_ratio: float = float("nan")
     chroma: float = float("nan")
+    local_structure: float = float("nan")
     grey: tuple[bool, bool] = (False, False)
     mirrored: bool = False
     rotation: float = float("nan")
@@ -327,6 +335,33 @@ def _correlation(x: np.ndarray, y: np.ndarray, weight: np.ndarray) -> float:
     if sxx <= 1e-12 or syy <= 1e-12:
         return 0.0
     return float(sxy / math.sqrt(sxx * syy))
+
+
+def _local_structure(x: np.ndarray, y: np.ndarray, weight: np.ndarray, floor: float, grid: int = 4) -> float:
+    """The 25th percentile of the structure correlations of ``x`` and ``y`` (float ``(side,
+    side)`` high-passed luminances) over a ``grid x grid`` of tiles, counting the tiles that
+    ``weight`` covers at least half of and where either standard deviation reaches ``floor``;
+    NaN when none does. A copy correlates in most of its tiles (a watermark or a title takes a
+    few); a picture of the same layout only in those its shared axes or frame cross."""
+    t = x.shape[0] // grid
+    n = t * grid
+
+    def tiles(a: np.ndarray) -> np.ndarray:  # (grid * grid, t * t)
+        return a[:n, :n].reshape(grid, t, grid, t).transpose(0, 2, 1, 3).reshape(grid * grid, t * t)
+
+    xs, ys, ws = tiles(x), tiles(y), tiles(weight)
+    total = ws.sum(axis=1)
+    covered = total >= 0.5 * t * t
+    total = np.maximum(total, 1e-12)[:, None]
+    dx = xs - (xs * ws).sum(axis=1, keepdims=True) / total
+    dy = ys - (ys * ws).sum(axis=1, keepdims=True) / total
+    sxx, syy, sxy = (ws * dx * dx).sum(axis=1), (ws * dy * dy).sum(axis=1), (ws * dx * dy).sum(axis=1)
+    detailed = np.maximum(sxx, syy) / total[:, 0] >= floor**2
+    kept = covered & detailed
+    if not kept.any():
+        return float("nan")
+    correlations = np.where((sxx > 1e-12) & (syy > 1e-12), sxy / np.sqrt(np.maximum(sxx * syy, 1e-24)), 0.0)
+    return float(np.percentile(correlations[kept], 25))
 
 
 def _warp_shape(warp: np.ndarray) -> tuple[float, tuple[float, float]]:
@@ -607,6 +642,7 @@ def _scores(a: Prepared, b: Prepared, warp: np.ndarray, mirrored: bool, inner: n
     verdict = Verdict(
         match=False,
         structure=_correlation(a.detail, detail_b, valid),
+        local_structure=_local_structure(a.detail, detail_b, valid, settings.detail_floor),
         tone=_correlation(a.tone, tone_b, valid),
         colour=colour,
         detail=min(_std(a.detail, valid), _std(detail_b, valid)),
@@ -635,7 +671,9 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
     * detail in both (``detail_floor``): the structure correlation reaches ``min_structure``,
       or, with detail below ``toned_detail``, ``min_structure_toned`` where the tone
       correlation also reaches ``min_tone`` (near the floor, JPEG noise is a good part of the
-      detail, and the tone still tells);
+      detail, and the tone still tells); where neither image's colour is vivid
+      (``vivid_chroma``), the tiles' structure correlations' 25th percentile also reaches
+      ``min_local_structure`` (charts of one layout share axes and a grid);
     * no detail, both luminances flat (``flat_floor``): nothing (colour and brightness decide);
     * nearly flat (the larger contrast below ``near_flat_floor``) and both in colour: nothing,
       where the colour residual is within ``near_flat_colour`` (a saturated colour clipped by a
@@ -666,6 +704,8 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
             and verdict.tone >= settings.min_tone
         )
         contrast_ok = contrast_ok or verdict.contrast < settings.flat_floor
+        if verdict.chroma < settings.vivid_chroma and verdict.local_structure < settings.min_local_structure:
+            shape_ok = False  # no colour to tell: the detail must agree tile by tile, not only overall
     elif larger_contrast < settings.flat_floor or (
         larger_contrast < settings.near_flat_floor and coloured and verdict.colour <= settings.near_flat_colour
     ):
