@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from pipeline.dedup.buckets import read_pairs
 from pipeline.dedup.index import Pairs, query_ranks
-from pipeline.dedup.pair_verify import VerifySettings, ambiguity_score, ambiguous, compare, prepare
+from pipeline.dedup.pair_verify import Prepared, VerifySettings, ambiguity_score, ambiguous, compare, prepare
 
 Fetch = Callable[[list[str]], Mapping[str, Image.Image]]
 
@@ -161,6 +161,14 @@ def best_for_grey(table: np.ndarray) -> np.ndarray:
     return is_best(table["i"], table["grey_i"]) | is_best(table["j"], table["grey_j"])
 
 
+def _grey_and_vivid(a: Prepared, b: Prepared, settings: VerifySettings) -> bool:
+    """Whether one of two prepared images is grey and the other of vivid colour (their match,
+    if any, is :func:`~pipeline.dedup.pair_verify.ambiguous`)."""
+    return (not a.coloured and b.chroma_level >= settings.vivid_chroma) or (
+        not b.coloured and a.chroma_level >= settings.vivid_chroma
+    )
+
+
 def verify_candidates(
     pairs: Pairs,
     key_of: Callable[[np.ndarray], list[str]],
@@ -174,12 +182,13 @@ def verify_candidates(
     with one in colour, or of a smooth picture, :func:`~pipeline.dedup.pair_verify.ambiguous`),
     kept apart for :func:`best_for_grey`; and what it took.
 
-    Within each chunk the pairs are compared most similar first, and a pair of two images in
-    colour whose rows are already joined by pairs verified before it (in this call) is not
-    compared: it would change no connected component. A pair with a grey image is always
-    compared (its match may be ambiguous, and which is the grey image's best depends on all
-    of them). The kept pairs and ambiguous matches therefore span the same components as every
-    matching pair would, whatever the chunks; which pairs are kept may differ.
+    Within each chunk the pairs are compared most similar first, and a pair whose rows are
+    already joined by pairs verified before it (in this call) is not compared: it would change
+    no connected component. A grey image and one of vivid colour are always compared (their
+    match is ambiguous, and which is the grey image's best depends on all of them; a grey
+    image's matches with a smooth picture, ambiguous too, are compared unless joined already).
+    The kept pairs and ambiguous matches therefore span the same components as every matching
+    pair would, whatever the chunks; which pairs are kept may differ.
 
     ``key_of(rows)``: the keys of rows (int64); ``fetch(keys)``: ``{key: image}`` for the keys it
     found. At most ``chunk_images`` images are held at once.
@@ -200,14 +209,14 @@ def verify_candidates(
         counts.chunks += 1
         compared = time.perf_counter()
         # The likeliest first: once two rows are joined by verified pairs, a pair between them
-        # changes no group and is not compared, unless an image is grey: its match may be
-        # ambiguous, and which of those is its best depends on all of them.
+        # changes no group and is not compared, unless it is a grey image and one of vivid
+        # colour: its match is ambiguous, and which is the grey image's best depends on all.
         for e in part.start + np.argsort(-pairs.similarity[part], kind="stable"):
             a, b = prepared.get(int(pairs.i[e])), prepared.get(int(pairs.j[e]))
             if a is None or b is None:
                 counts.unfetched += 1
                 continue
-            if a.coloured and b.coloured and joined.same(int(pairs.i[e]), int(pairs.j[e])):
+            if not _grey_and_vivid(a, b, settings) and joined.same(int(pairs.i[e]), int(pairs.j[e])):
                 counts.skipped += 1
                 continue
             verdict = compare(a, b, settings)
