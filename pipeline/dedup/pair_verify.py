@@ -585,9 +585,7 @@ def measure(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings(
         luma = b.luma[:, ::-1].copy() if mirrored else b.luma
         best: Verdict | None = None
         for warp in _alignments(a.luma, luma, settings):
-            verdict = _scores(a, b, warp, mirrored, inner, settings)
-            if best is None or (verdict.match, verdict.structure) > (best.match, best.structure):
-                best = verdict
+            best = _better(best, _scores(a, b, warp, mirrored, inner, settings))
             if stop_at_match and best.match:
                 break
         if lattice is not None and (best is None or not best.match):
@@ -595,9 +593,7 @@ def measure(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings(
             fine_a, fine_b = a.lattice, b.lattice
             detail = fine_b.detail[:, ::-1].copy() if mirrored else fine_b.detail
             for warp in lattice_alignments(fine_a.detail, detail, lattice):
-                verdict = _scores(fine_a, fine_b, warp, mirrored, lattice_inner, lattice)
-                if best is None or (verdict.match, verdict.structure) > (best.match, best.structure):
-                    best = verdict
+                best = _better(best, _scores(fine_a, fine_b, warp, mirrored, lattice_inner, lattice))
                 if stop_at_match and best.match:
                     break
         if best is not None:
@@ -605,6 +601,16 @@ def measure(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings(
             if stop_at_match and best.match:
                 break
     return verdicts
+
+
+def _rank(verdict: Verdict) -> tuple[bool, float]:
+    """How verdicts of one pair compare: a match first, then the higher structure."""
+    return verdict.match, verdict.structure
+
+
+def _better(best: Verdict | None, verdict: Verdict) -> Verdict:
+    """The better of ``best`` (None: none yet) and ``verdict`` by :func:`_rank` (``best`` on a tie)."""
+    return verdict if best is None or _rank(verdict) > _rank(best) else best
 
 
 def _scores(a: Prepared, b: Prepared, warp: np.ndarray, mirrored: bool, inner: np.ndarray, settings: VerifySettings) -> Verdict:
@@ -712,7 +718,7 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
         shape_ok, contrast_ok = True, True
     else:
         shape_ok = verdict.tone >= settings.min_tone
-    if verdict.detail < settings.detail_floor and verdict.detail >= settings.faint_floor:
+    if settings.faint_floor <= verdict.detail < settings.detail_floor:
         shape_ok = shape_ok and (verdict.tone >= settings.min_tone_faint or verdict.structure >= settings.min_structure_toned)
     colour_ok = not coloured or verdict.colour <= settings.max_colour
     return (
@@ -734,8 +740,16 @@ def ambiguous(verdict: Verdict, settings: VerifySettings) -> bool:
     luminance runs alike, and a grey copy of a stripe texture every stripe texture of a similar
     direction and frequency, so such a pair counts only when it is the grey image's best by
     :func:`ambiguity_score` (:func:`pipeline.dedup.verification.best_for_grey`)."""
-    vivid = verdict.grey[0] != verdict.grey[1] and verdict.chroma >= settings.vivid_chroma
+    vivid = grey_and_vivid(verdict.grey, verdict.chroma, settings)
     return vivid or (any(verdict.grey) and verdict.detail < settings.detail_floor)
+
+
+def grey_and_vivid(grey: tuple[bool, bool], chroma: float, settings: VerifySettings) -> bool:
+    """Whether exactly one of two images is grey (``grey``: first, second) and the pair's larger
+    mean chroma magnitude, ``chroma``, reaches ``vivid_chroma`` (the other image's colour is
+    vivid): what makes a match :func:`ambiguous` whatever its detail. Known before comparing
+    (from two :class:`Prepared`), so the stage always compares such a pair."""
+    return grey[0] != grey[1] and chroma >= settings.vivid_chroma
 
 
 def ambiguity_score(verdict: Verdict, settings: VerifySettings) -> float:
@@ -753,7 +767,7 @@ def compare(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings(
     verdicts = measure(a, b, settings, stop_at_match=True)
     if not verdicts:
         return Verdict(match=False)
-    return max(verdicts, key=lambda v: (v.match, v.structure))
+    return max(verdicts, key=_rank)
 
 
 def _ratio(x: float, y: float) -> float:

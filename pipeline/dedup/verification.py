@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from pipeline.dedup.buckets import read_pairs
 from pipeline.dedup.index import Pairs, query_ranks
-from pipeline.dedup.pair_verify import Prepared, VerifySettings, ambiguity_score, ambiguous, compare, prepare
+from pipeline.dedup.pair_verify import VerifySettings, ambiguity_score, ambiguous, compare, grey_and_vivid, prepare
 
 Fetch = Callable[[list[str]], Mapping[str, Image.Image]]
 
@@ -161,14 +161,6 @@ def best_for_grey(table: np.ndarray) -> np.ndarray:
     return is_best(table["i"], table["grey_i"]) | is_best(table["j"], table["grey_j"])
 
 
-def _grey_and_vivid(a: Prepared, b: Prepared, settings: VerifySettings) -> bool:
-    """Whether one of two prepared images is grey and the other of vivid colour (their match,
-    if any, is :func:`~pipeline.dedup.pair_verify.ambiguous`)."""
-    return (not a.coloured and b.chroma_level >= settings.vivid_chroma) or (
-        not b.coloured and a.chroma_level >= settings.vivid_chroma
-    )
-
-
 def verify_candidates(
     pairs: Pairs,
     key_of: Callable[[np.ndarray], list[str]],
@@ -216,7 +208,8 @@ def verify_candidates(
             if a is None or b is None:
                 counts.unfetched += 1
                 continue
-            if not _grey_and_vivid(a, b, settings) and joined.same(int(pairs.i[e]), int(pairs.j[e])):
+            ambiguous_pair = grey_and_vivid((not a.coloured, not b.coloured), max(a.chroma_level, b.chroma_level), settings)
+            if not ambiguous_pair and joined.same(int(pairs.i[e]), int(pairs.j[e])):
                 counts.skipped += 1
                 continue
             verdict = compare(a, b, settings)
