@@ -979,12 +979,12 @@ def passing_window(table: pd.DataFrame, target: float = 0.95) -> tuple[float, fl
 # setting at a time moved either way.
 SWEEP_THRESHOLDS = tuple(round(0.5 + 0.02 * i, 2) for i in range(21))
 SWEEP_CHANGES = {
-    "min_structure": (0.6, 0.8),
+    "min_structure": (0.45, 0.65),
     "min_tone": (0.9, 0.98),
     "max_colour": (0.3, 0.5),
     "max_changed": (0.04, 0.12),
-    "max_brightness_ratio": (1.3, 1.8),
-    "max_contrast_ratio": (1.6, 3.0),
+    "max_brightness_ratio": (1.4, 1.8),
+    "max_contrast_ratio": (2.2, 3.0),
     "max_aspect_ratio": (1.6, 3.0),
     "min_tone_faint": (0.95, 0.99),
     "vivid_chroma": (0.02, 0.08),

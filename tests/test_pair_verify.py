@@ -481,3 +481,25 @@ def test_line_charts_of_one_layout_are_told_apart_tile_by_tile():
     small = line_chart(3).resize((300, 225), Image.Resampling.LANCZOS)
     copy = verify_pair(a, stored(planted.decode(planted.jpeg_bytes(small, 50))), settings)
     assert copy.match and copy.local_structure >= settings.min_local_structure, copy
+
+
+def test_a_gradient_of_one_luminance_is_matched_by_its_colour():
+    """A gradient between two colours of nearly one luminance, and a copy with a thin white rule
+    across it: the copy's contrast comes from the rule alone (the original's is below
+    ``near_flat_floor``, the copy's above it) and its tone does not correlate, so colour
+    decides; a gradient of the same shape between two other colours is another picture."""
+    rng = np.random.default_rng(0)
+    colours = np.array([planted.colour_of_luminance(rng, 0.35), planted.colour_of_luminance(rng, 0.38)], np.float32)
+    original = planted.gradient(rng, colours)
+    others = np.array([planted.colour_of_luminance(rng, 0.35), planted.colour_of_luminance(rng, 0.38)], np.float32)
+    other = planted.gradient(np.random.default_rng(0), others)  # the same geometry, other colours
+    ruled = original.copy()
+    w, h = ruled.size
+    ImageDraw.Draw(ruled).rectangle((0, h // 12, w, h // 12 + max(2, h // 40)), fill=(255, 255, 255))
+    settings = VerifySettings()
+    a, b, c = stored(original), stored(ruled, 70), stored(other)
+    verdict = verify_pair(a, b, settings)
+    larger = verdict.contrast * verdict.contrast_ratio
+    assert verdict.contrast < settings.near_flat_floor <= larger and verdict.tone < settings.min_tone  # what makes the case
+    assert verdict.match and verdict.colour <= settings.near_flat_colour
+    assert not verify_pair(a, c, settings).match and not verify_pair(b, c, settings).match

@@ -36,7 +36,7 @@ through and comparing what is left:
    :func:`decide`: the pair is one picture when its structure correlation reaches
    ``min_structure`` (``min_structure_toned`` with a tone correlation of ``min_tone``; with
    little detail, below ``detail_floor``: its tone correlation reaches ``min_tone``; with both
-   luminances flat, below ``flat_floor``, or nearly flat and of one colour, neither counts), at
+   luminances flat, below ``flat_floor``, or one nearly flat and both of one colour, neither counts), at
    most ``max_changed`` of it changed, its levels within ``max_brightness_ratio`` and
    ``max_contrast_ratio`` (contrasts compared where they stand above noise), their aspect
    ratios within ``max_aspect_ratio`` (two textures of one direction and frequency once
@@ -97,9 +97,9 @@ class VerifySettings:
         min_tone_faint: tone correlation in [-1, 1] enough alone where the detail is faint.
         flat_floor: standard deviation of the low-passed luminance (in [0, 1] units) below
             which a picture's luminance is flat.
-        near_flat_floor: the larger of two such standard deviations below which two pictures
-            without detail are nearly flat: colour alone decides, within ``near_flat_colour``
-            (colour residual in [0, 1]).
+        near_flat_floor: the standard deviation below which a picture's luminance is nearly
+            flat: where one of two pictures without detail is, colour alone decides, within
+            ``near_flat_colour`` (colour residual in [0, 1]).
         max_colour: colour residual in [0, 1] (share of the chroma not explained) a copy stays within.
         colour_floor: mean chroma magnitude (in [0, 1] units) above which an image has colour.
         vivid_chroma: mean chroma magnitude (in [0, 1] units) from which an image's colour tells
@@ -130,7 +130,7 @@ class VerifySettings:
     """
 
     side: int = 96
-    min_structure: float = 0.7
+    min_structure: float = 0.55
     min_structure_toned: float = 0.3
     toned_detail: float = 0.025
     min_tone: float = 0.95
@@ -143,8 +143,8 @@ class VerifySettings:
     flat_floor: float = 0.01
     near_flat_floor: float = 0.03
     near_flat_colour: float = 0.2
-    max_brightness_ratio: float = 1.5
-    max_contrast_ratio: float = 2.2
+    max_brightness_ratio: float = 1.6
+    max_contrast_ratio: float = 2.6
     max_texture_ratio: float = 3.0
     max_aspect_ratio: float = 2.0
     min_local_structure: float = 0.3
@@ -681,9 +681,11 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
       (``vivid_chroma``), the tiles' structure correlations' 25th percentile also reaches
       ``min_local_structure`` (charts of one layout share axes and a grid);
     * no detail, both luminances flat (``flat_floor``): nothing (colour and brightness decide);
-    * nearly flat (the larger contrast below ``near_flat_floor``) and both in colour: nothing,
-      where the colour residual is within ``near_flat_colour`` (a saturated colour clipped by a
-      brightness edit gives a flat picture a little contrast; only colour can then tell);
+    * one nearly flat (the smaller contrast below ``near_flat_floor``) and both in colour:
+      nothing, where the colour residual is within ``near_flat_colour``. A nearly flat
+      luminance's tone and contrast are set by what little else the picture holds (a saturated
+      colour clipped by a brightness edit, what a bar cut leaves of a bar, a thin rule or a
+      watermark across a gradient of one luminance); only colour can then tell;
     * otherwise the tone correlation reaches ``min_tone``, and the contrasts' ratio stays
       within ``max_contrast_ratio`` (a copy keeps its luminance contrast: greyscale keeps
       luminance). With detail, contrasts are compared only where both stand above
@@ -713,7 +715,7 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
         if verdict.chroma < settings.vivid_chroma and verdict.local_structure < settings.min_local_structure:
             shape_ok = False  # no colour to tell: the detail must agree tile by tile, not only overall
     elif larger_contrast < settings.flat_floor or (
-        larger_contrast < settings.near_flat_floor and coloured and verdict.colour <= settings.near_flat_colour
+        verdict.contrast < settings.near_flat_floor and coloured and verdict.colour <= settings.near_flat_colour
     ):
         shape_ok, contrast_ok = True, True
     else:
