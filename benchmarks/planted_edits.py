@@ -28,10 +28,10 @@ square, JPEG quality 95) and is written in img2dataset's layouts, with its sidec
 ``<format>_ground_truth.parquet`` beside them has ``key`` and ``original_id`` (what the dedup
 stage's ``data.ground_truth`` scores against) plus ``kind``, ``edits``, ``dup_count``.
 
-``--kinds stripes,drawing,screenshot,chart,pattern,map,mosaic,logo`` adds picture kinds
+``--kinds stripes,drawing,screenshot,chart,pattern,map,mosaic,logo,product`` adds picture kinds
 (:data:`EXTRA_KINDS`, 6-8% of the originals each): sinusoidal stripe textures, line drawings,
 screenshots of text, bar and line charts, wallpapers of one repeated motif, street maps,
-mosaics of flat Voronoi cells, logos of flat shapes and a word. ``--recolour R`` turns the hue of a
+mosaics of flat Voronoi cells, logos of flat shapes and a word, product shots on white. ``--recolour R`` turns the hue of a
 share ``R`` of the copies by 5-20 degrees and scales their saturation.
 
 Scoring (without ``--no-score``) runs the dedup stage (:func:`pipeline.dedup.stage.run_dedup`,
@@ -448,6 +448,42 @@ def logo(rng: np.random.Generator) -> Image.Image:
     return image
 
 
+def product(rng: np.random.Generator) -> Image.Image:
+    """A product shot: one object (a shaded ellipse or rounded box of a random colour, often with
+    a smaller part on top and a label band) on a pure white ground, a soft grey shadow beneath,
+    the object taking 35-75% of the shorter side; white reaches the picture's edges, as on a
+    shop's page."""
+    w, h = random_size(rng)
+    ground = np.full((h, w, 3), 255.0, dtype=np.float32)
+    side = min(w, h)
+    ow, oh = float(rng.uniform(0.35, 0.75)) * side, float(rng.uniform(0.35, 0.75)) * side
+    cx, cy = w / 2 + float(rng.uniform(-0.1, 0.1)) * w, h / 2 + float(rng.uniform(-0.05, 0.1)) * h
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    u, v = (xs - cx) / (ow / 2), (ys - cy) / (oh / 2)
+    power = 2.0 if rng.uniform() < 0.5 else float(rng.uniform(4, 8))  # an ellipse or a rounded box
+    body = (np.abs(u) ** power + np.abs(v) ** power) <= 1.0
+    shadow = np.exp(-(((xs - cx) / (ow * 0.6)) ** 2 + ((ys - (cy + oh * 0.52)) / (oh * 0.08)) ** 2))
+    ground *= 1.0 - 0.35 * shadow[..., None]
+    colour = rng.integers(20, 236, size=3).astype(np.float32)
+    light = np.clip(1.15 - 0.35 * (u + 0.4 * v) - 0.15 * np.sqrt(np.clip(u * u + v * v, 0, 1)), 0.55, 1.3)
+    shaded = np.clip(colour[None, None] * light[..., None], 0, 255)
+    highlight = np.exp(-(((u + 0.35) / 0.18) ** 2 + ((v + 0.3) / 0.35) ** 2))[..., None]
+    shaded = shaded * (1 - 0.6 * highlight) + 250.0 * 0.6 * highlight
+    ground[body] = shaded[body]
+    if rng.uniform() < 0.6:  # a label band across the body
+        band = body & (np.abs(v - float(rng.uniform(-0.2, 0.2))) < float(rng.uniform(0.12, 0.25)))
+        ground[band] = rng.integers(0, 256, size=3).astype(np.float32) * light[band][:, None] ** 0.5
+    image = Image.fromarray(ground.astype(np.uint8))
+    if rng.uniform() < 0.5:  # a cap or lid
+        draw = ImageDraw.Draw(image)
+        cw, ch = ow * float(rng.uniform(0.2, 0.5)), oh * float(rng.uniform(0.08, 0.18))
+        top = cy - oh / 2 - ch * 0.6
+        draw.rounded_rectangle(
+            (cx - cw / 2, top, cx + cw / 2, top + ch), radius=ch / 3, fill=tuple(int(c) for c in rng.integers(0, 200, size=3))
+        )
+    return image.filter(ImageFilter.GaussianBlur(0.6))
+
+
 # Picture kinds a planted set may add (``extra_kinds``), with the share of originals each takes.
 EXTRA_KINDS = {
     "stripes": 0.08,
@@ -458,6 +494,7 @@ EXTRA_KINDS = {
     "map": 0.06,
     "mosaic": 0.06,
     "logo": 0.06,
+    "product": 0.06,
 }
 KIND_MAKERS = {
     "stripes": stripes,
@@ -468,6 +505,7 @@ KIND_MAKERS = {
     "map": street_map,
     "mosaic": mosaic,
     "logo": logo,
+    "product": product,
 }
 
 
