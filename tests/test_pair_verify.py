@@ -489,10 +489,11 @@ def test_a_gradient_of_one_luminance_is_matched_by_its_colour():
     ``near_flat_floor``, the copy's above it) and its tone does not correlate, so colour
     decides; a gradient of the same shape between two other colours is another picture."""
     rng = np.random.default_rng(0)
-    colours = np.array([planted.colour_of_luminance(rng, 0.35), planted.colour_of_luminance(rng, 0.38)], np.float32)
-    original = planted.gradient(rng, colours)
-    others = np.array([planted.colour_of_luminance(rng, 0.35), planted.colour_of_luminance(rng, 0.38)], np.float32)
-    other = planted.gradient(np.random.default_rng(0), others)  # the same geometry, other colours
+    colours, others = (
+        np.array([planted.colour_of_luminance(rng, 0.35), planted.colour_of_luminance(rng, 0.38)], np.float32) for _ in range(2)
+    )
+    original = planted.gradient(np.random.default_rng(1), colours)
+    other = planted.gradient(np.random.default_rng(1), others)  # one seed: the same size and direction, other colours
     ruled = original.copy()
     w, h = ruled.size
     ImageDraw.Draw(ruled).rectangle((0, h // 12, w, h // 12 + max(2, h // 40)), fill=(255, 255, 255))
