@@ -1027,6 +1027,7 @@ SWEEP_CHANGES = {
     "min_tone_faint": (0.95, 0.99),
     "vivid_chroma": (0.02, 0.08),
     "min_local_structure": (0.0, 0.5),
+    "min_structure_ground": (0.6, 0.8),
 }
 
 

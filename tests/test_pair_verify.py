@@ -504,3 +504,53 @@ def test_a_gradient_of_one_luminance_is_matched_by_its_colour():
     assert verdict.contrast < settings.near_flat_floor <= larger and verdict.tone < settings.min_tone  # what makes the case
     assert verdict.match and verdict.colour <= settings.near_flat_colour
     assert not verify_pair(a, c, settings).match and not verify_pair(b, c, settings).match
+
+
+def test_a_product_shot_on_white_is_matched_on_its_ground_whatever_ground_its_copy_keeps():
+    """A product shot on white and a cropped greyscale copy padded with white above and below:
+    the bar cut takes as much of the white as reaches each side, so the two trimmed pictures
+    differ in shape beyond any plausible warp and do not match (the case); centred on their
+    ground, they are one picture. Other product shots (one maker, other seeds) stay apart."""
+    original = planted.product(np.random.default_rng(0))
+    w, h = original.size
+    box = (int(0.07 * w), int(0.02 * h), w - int(0.06 * w), h - int(0.05 * h))
+    cropped = ImageOps.grayscale(original.crop(box)).convert("RGB")
+    padded = Image.new("RGB", (cropped.width, int(cropped.height * 1.5)), (255, 255, 255))
+    padded.paste(cropped, (0, int(cropped.height * 0.25)))
+    settings = VerifySettings()
+    trimmed_only = dataclasses.replace(settings, ground_view=False)
+    a, b = stored(original), stored(padded, 60)
+    pa, pb = prepare(a, settings), prepare(b, settings)
+    assert pa.ground is not None and pb.ground is not None
+    assert max(pa.aspect, pb.aspect) / min(pa.aspect, pb.aspect) > settings.max_aspect_ratio  # what makes the case
+    assert not verify_pair(a, b, trimmed_only).match
+    verdict = compare(pa, pb, settings)
+    assert verdict.match and verdict.view == "ground" and verdict.structure >= settings.min_structure_ground
+    others = [prepare(stored(planted.product(np.random.default_rng(seed))), settings) for seed in range(1, 8)]
+    for prepared in [pa, *others]:
+        for other in others:
+            if other is not prepared:
+                assert not compare(prepared, other, settings).match
+
+
+def test_only_a_picture_on_a_plain_black_or_white_ground_has_a_ground_view(pictures):
+    """A photograph's edges hold picture, and a grey ground is no bar's colour; a shape off
+    centre on black or on white has one (the bar cut, centred, leaves it ground), and its shape is the content's whatever the ground around it (the same
+    product shot padded with more white on one side gives the same aspect, up to the resampling
+    of the working copy: within 10%). Off with ``ground_view=False``."""
+    # (A picture cut by the bars down to its content on most of its edges has none: the bar cut
+    # then leaves little ground to vary, and no edge tells the ground's colour.)
+    settings = VerifySettings()
+    for picture in pictures:
+        assert prepare(stored(picture), settings).ground is None
+    for ground, has_view in (((0, 0, 0), True), ((255, 255, 255), True), ((128, 128, 128), False)):
+        shape = Image.new("RGB", (300, 200), ground)
+        ImageDraw.Draw(shape).ellipse((40, 30, 160, 130), fill=(200, 60, 40))
+        assert (prepare(shape, settings).ground is not None) == has_view, ground
+    product = planted.product(np.random.default_rng(0))
+    wider = Image.new("RGB", (product.width * 3 // 2, product.height), (255, 255, 255))
+    wider.paste(product, (product.width // 2, 0))
+    views = [prepare(stored(image), settings).ground for image in (product, wider)]
+    assert views[0] is not None and views[1] is not None
+    assert views[0].aspect == pytest.approx(views[1].aspect, rel=0.1)
+    assert prepare(stored(product), dataclasses.replace(settings, ground_view=False)).ground is None

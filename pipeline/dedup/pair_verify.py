@@ -51,6 +51,15 @@ compared again at ``lattice_side`` (192 px, from a 256 px working copy), aligned
 :func:`lattice_alignments` (the linear part from the spectral peaks, the shift from the
 cross-correlation, then ECC) and decided by the same rules.
 
+A picture on a plain near-black or near-white ground (a product shot, a logo or a drawing on
+white) loses to the bar cut as much of its ground as reaches each side, and how much reaches
+a side depends on each copy's crop, padding, shadow and brightness: two copies' trimmed
+pictures may then differ in shape beyond any plausible warp. Where both images have a plain
+ground and the trimmed pictures do not match, the pair is compared again on their
+ground views (:func:`ground_view`: each picture's content, centred on its ground at its own scale, in a
+square a few times its spread) by the same rules with ``min_structure_ground`` in place of
+``min_structure``.
+
 A match of a grey image with a picture of vivid colour, or of a grey image with little
 detail, is :func:`ambiguous`: without colour, a grey copy of one gradient matches every gradient whose
 luminance runs alike, and a grey copy of a sinusoidal stripe texture every stripe texture of a
@@ -75,6 +84,13 @@ from pipeline.embedders.robust import picture, sharp_peaks
 _WARP_FLAGS = 1 | 16  # cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP: the warp maps the template's pixels
 _INSET = 2  # pixels cut past a border: where a bar met the picture is a blend of both
 _BAR_TOL, _BAR_EXTREME = 0.03, 0.04  # a bar's pixels within 0.03 of its colour, itself within 0.04 of black or white
+# The ground view (:func:`ground_view`): a plain ground is near black or white (its mean level
+# within _GROUND_EXTREME of 0 or 1), and _GROUND_SHARE of the picture's outer two pixels on every
+# side lie within _GROUND_TOL of its colour (a shadow or a watermark may reach an edge).
+_GROUND_EXTREME, _GROUND_TOL, _GROUND_SHARE = 0.04, 0.08, 0.75
+_GROUND_NOISE = 0.04  # a luminance this close to the ground's is ground (JPEG noise, a faint shadow's rim)
+_GROUND_SPAN = 2.0  # the ground view's half side, in radii of gyration of the content (a disc's fits with room)
+_GROUND_WORK_SIDE = 256  # pixels a side of the working copy the ground view is cut from
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,11 @@ class VerifySettings:
             on their shared axes and grid, not in the tiles their lines cross.
         max_aspect_ratio: the larger of the two trimmed pictures' aspect ratios (width over
             height) over the smaller stays within this, >= 1.
+        ground_view: whether a picture on a plain near-black or near-white ground is also
+            compared with its content centred on that ground (:func:`ground_view`) where the
+            trimmed pictures do not match.
+        min_structure_ground: the structure correlation in [-1, 1] a match of two ground views
+            reaches, in place of ``min_structure`` (a second look at a pair is held to more).
         max_texture_ratio: the larger of the two images' median high-pass magnitudes over the
             smaller stays within this, >= 1, where the larger reaches ``texture_floor`` (in
             [0, 1] units).
@@ -156,13 +177,22 @@ class VerifySettings:
     max_shift: float = 0.2
     lattice_side: int = 192
     min_lattice: float = 0.2
+    ground_view: bool = True
+    min_structure_ground: float = 0.7
 
     def __post_init__(self):
         if self.side < 32:
             raise ValueError(f"verify.side: must be >= 32 pixels, got {self.side}")
         if self.lattice_side and self.lattice_side < self.side:
             raise ValueError(f"verify.lattice_side: must be 0 (off) or >= side ({self.side}), got {self.lattice_side}")
-        for name in ("min_structure", "min_structure_toned", "min_tone", "min_tone_faint", "min_local_structure"):
+        for name in (
+            "min_structure",
+            "min_structure_toned",
+            "min_tone",
+            "min_tone_faint",
+            "min_local_structure",
+            "min_structure_ground",
+        ):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"verify.{name}: must be a correlation in [-1, 1], got {getattr(self, name)}")
         for name in (
@@ -198,7 +228,10 @@ class Prepared:
     """One image made ready for :func:`compare`: float32 ``(side, side)`` luminance and its
     high-pass and low-pass parts, float32 ``(side, side, 2)`` chroma, whether it has colour,
     its mean chroma magnitude ``chroma_level`` (in [0, 1] units), the trimmed picture's
-    ``aspect`` (width over height, > 0) before it was squared, and, for a lattice (``min_lattice``), the same at ``lattice_side`` (else None)."""
+    ``aspect`` (width over height, > 0) before it was squared, for a lattice (``min_lattice``)
+    the same at ``lattice_side`` (else None), and for a picture on a plain ground its
+    :func:`ground_view` (else None; its ``aspect`` is its content's spread across over its
+    spread down)."""
 
     luma: np.ndarray
     detail: np.ndarray
@@ -208,6 +241,7 @@ class Prepared:
     chroma_level: float = 0.0
     aspect: float = 1.0
     lattice: Prepared | None = None
+    ground: Prepared | None = None
 
 
 @dataclass
@@ -224,8 +258,9 @@ class Verdict:
     two images' mean chroma magnitudes; ``local_structure``: the 25th percentile of the
     structure correlations over a 4 x 4 grid of tiles with detail, NaN without such a tile),
     which image is ``grey`` (first,
-    second), whether the second image was ``mirrored``, and the warp's ``rotation`` (degrees)
-    and ``scale`` (per axis)."""
+    second), whether the second image was ``mirrored``, the warp's ``rotation`` (degrees)
+    and ``scale`` (per axis), and the ``view`` compared: ``"trimmed"`` (the pictures, bars
+    cut), ``"lattice"`` (the same at ``lattice_side``) or ``"ground"`` (:func:`ground_view`)."""
 
     match: bool
     structure: float = float("nan")
@@ -245,6 +280,7 @@ class Verdict:
     mirrored: bool = False
     rotation: float = float("nan")
     scale: tuple[float, float] = (float("nan"), float("nan"))
+    view: str = "trimmed"
 
 
 def _blur(array: np.ndarray, sigma: float) -> np.ndarray:
@@ -256,17 +292,75 @@ def _blur(array: np.ndarray, sigma: float) -> np.ndarray:
 def prepare(image: Image.Image, settings: VerifySettings = VerifySettings()) -> Prepared:
     """``image`` trimmed of black or white bars, resized to ``settings.side`` square and split
     into luminance (its detail and tone) and chroma (see the module doc); a lattice is also
-    prepared at ``settings.lattice_side``."""
+    prepared at ``settings.lattice_side``, and a picture on a plain ground as its
+    :func:`ground_view` (with ``settings.ground_view``)."""
     # Bars are pure black or white (padding, letterboxes); a light or dark ground is the picture's.
     prepared = _split(picture(image, _BAR_TOL, _BAR_EXTREME, _INSET), settings.side, settings)
+    large: dict[int, Image.Image] = {}  # working copies by side, cut of their bars
+
+    def working(side: int) -> Image.Image:
+        if side not in large:
+            large[side] = picture(image, _BAR_TOL, _BAR_EXTREME, _INSET * side // 128, work_side=side)
+        return large[side]
+
     if settings.lattice_side:
-        work = round(settings.lattice_side * 4 / 3)
-        large = picture(image, _BAR_TOL, _BAR_EXTREME, _INSET * work // 128, work_side=work)
-        fine = large.resize((settings.lattice_side, settings.lattice_side), Image.Resampling.BICUBIC)
+        fine = working(round(settings.lattice_side * 4 / 3)).resize(
+            (settings.lattice_side, settings.lattice_side), Image.Resampling.BICUBIC
+        )
         # Only a lattice is split further (its detail, tone and chroma): most images are none.
         if lattice_share(_luminance(np.asarray(fine, dtype=np.float32) / 255.0)) >= settings.min_lattice:
             prepared.lattice = _split(fine, settings.lattice_side, settings)
+    if settings.ground_view:
+        prepared.ground = ground_view(working(_GROUND_WORK_SIDE), settings)
     return prepared
+
+
+def ground_view(trimmed: Image.Image, settings: VerifySettings = VerifySettings()) -> Prepared | None:
+    """``trimmed`` (a picture, bars cut) re-framed on its plain ground, or None where it has none.
+
+    A product shot, a logo or a drawing on white: how much of its ground the bar cut takes
+    depends on each copy's crop, padding, shadow and brightness, so two copies' trimmed
+    pictures may differ in shape beyond any plausible warp. A picture has a plain ground when
+    the outer two pixels of every side mostly (``_GROUND_SHARE``) lie within ``_GROUND_TOL`` of
+    one near-black or near-white colour; its content is where the blurred luminance departs
+    from the ground's by more than ``_GROUND_NOISE``, weighted by how far. The view is a square
+    of the ground's colour centred on the content's centre of mass, ``_GROUND_SPAN`` radii of
+    gyration to each side, holding ``trimmed`` at its own scale: it is the same for any amount
+    of ground around the content, and keeps the content's shape (no axis is stretched). Its
+    ``aspect`` is the content's spread across over its spread down. None, too, for a picture
+    whose content is empty or spreads over less than a pixel.
+    """
+    rgb = np.asarray(trimmed.convert("RGB"), dtype=np.float32) / 255.0
+    h, w = rgb.shape[:2]
+    if h < 8 or w < 8:
+        return None
+    ring = np.concatenate(
+        [rgb[:2].reshape(-1, 3), rgb[-2:].reshape(-1, 3), rgb[2:-2, :2].reshape(-1, 3), rgb[2:-2, -2:].reshape(-1, 3)]
+    )
+    ground = np.median(ring, axis=0)
+    level = float(ground.mean())
+    if _GROUND_EXTREME <= level <= 1 - _GROUND_EXTREME or np.ptp(ground) > 0.1:
+        return None
+    if (np.abs(ring - ground).max(axis=1) <= _GROUND_TOL).mean() < _GROUND_SHARE:
+        return None
+    departure = np.abs(_blur(_luminance(rgb), 1.0) - float(_luminance(ground[None])[0]))
+    weight = np.where(departure > _GROUND_NOISE, departure, 0.0)
+    total = float(weight.sum())
+    if total <= 0:
+        return None
+    ys, xs = np.mgrid[:h, :w]
+    cy, cx = float((weight * ys).sum() / total), float((weight * xs).sum() / total)
+    spread_y = math.sqrt(float((weight * (ys - cy) ** 2).sum() / total))
+    spread_x = math.sqrt(float((weight * (xs - cx) ** 2).sum() / total))
+    half = _GROUND_SPAN * math.hypot(spread_x, spread_y)
+    if half < 2:
+        return None
+    size = int(round(2 * half))
+    canvas = Image.new("RGB", (size, size), tuple(int(round(float(c) * 255)) for c in ground))
+    canvas.paste(trimmed.convert("RGB"), (int(round(half - cx)), int(round(half - cy))))
+    view = _split(canvas, settings.side, settings)
+    view.aspect = spread_x / max(spread_y, 1e-6)
+    return view
 
 
 def _centred_power(image: np.ndarray) -> np.ndarray:
@@ -574,8 +668,20 @@ def lattice_alignments(
 def measure(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings(), stop_at_match: bool = False) -> list[Verdict]:
     """The scores of ``b`` aligned onto ``a`` (from :func:`prepare` with the same ``settings``),
     as it is and mirrored: one :class:`Verdict` per orientation that aligned plausibly (0-2),
-    each decided by ``settings`` (:func:`decide` decides them again under other thresholds).
+    each decided by ``settings`` (:func:`decide` decides them again under other thresholds);
+    where none of them matches and both images have a :func:`ground_view`, those of the ground
+    views follow (0-2 more, ``view="ground"``).
     ``stop_at_match``: return as soon as one orientation matches (what :func:`compare` needs)."""
+    verdicts = _measure_views(a, b, settings, stop_at_match)
+    if a.ground is not None and b.ground is not None and not any(v.match for v in verdicts):
+        verdicts += _measure_views(a.ground, b.ground, settings, stop_at_match, view="ground")
+    return verdicts
+
+
+def _measure_views(
+    a: Prepared, b: Prepared, settings: VerifySettings, stop_at_match: bool, view: str = "trimmed"
+) -> list[Verdict]:
+    """:func:`measure` of the two views ``a`` and ``b`` (and their lattices), called ``view``."""
     inner = _inner(settings.side)
     both = settings.lattice_side and a.lattice is not None and b.lattice is not None
     lattice = replace(settings, side=settings.lattice_side) if both else None
@@ -585,7 +691,7 @@ def measure(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings(
         luma = b.luma[:, ::-1].copy() if mirrored else b.luma
         best: Verdict | None = None
         for warp in _alignments(a.luma, luma, settings):
-            best = _better(best, _scores(a, b, warp, mirrored, inner, settings))
+            best = _better(best, _scores(a, b, warp, mirrored, inner, settings, view))
             if stop_at_match and best.match:
                 break
         if lattice is not None and (best is None or not best.match):
@@ -593,7 +699,7 @@ def measure(a: Prepared, b: Prepared, settings: VerifySettings = VerifySettings(
             fine_a, fine_b = a.lattice, b.lattice
             detail = fine_b.detail[:, ::-1].copy() if mirrored else fine_b.detail
             for warp in lattice_alignments(fine_a.detail, detail, lattice):
-                best = _better(best, _scores(fine_a, fine_b, warp, mirrored, lattice_inner, lattice))
+                best = _better(best, _scores(fine_a, fine_b, warp, mirrored, lattice_inner, lattice, "lattice"))
                 if stop_at_match and best.match:
                     break
         if best is not None:
@@ -613,8 +719,10 @@ def _better(best: Verdict | None, verdict: Verdict) -> Verdict:
     return verdict if best is None or _rank(verdict) > _rank(best) else best
 
 
-def _scores(a: Prepared, b: Prepared, warp: np.ndarray, mirrored: bool, inner: np.ndarray, settings: VerifySettings) -> Verdict:
-    """The :class:`Verdict` of ``b`` (mirrored or not) warped onto ``a`` by ``warp``."""
+def _scores(
+    a: Prepared, b: Prepared, warp: np.ndarray, mirrored: bool, inner: np.ndarray, settings: VerifySettings, view: str
+) -> Verdict:
+    """The :class:`Verdict` of ``b`` (mirrored or not) warped onto ``a`` by ``warp``, ``view`` naming what they are."""
     side = settings.side
 
     def warped(array: np.ndarray) -> np.ndarray:
@@ -664,6 +772,7 @@ def _scores(a: Prepared, b: Prepared, warp: np.ndarray, mirrored: bool, inner: n
         mirrored=mirrored,
         rotation=rotation,
         scale=scale,
+        view=view,
     )
     verdict.match = decide(verdict, settings)
     return verdict
@@ -674,7 +783,8 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
 
     Shape, by how much the two images hold:
 
-    * detail in both (``detail_floor``): the structure correlation reaches ``min_structure``,
+    * detail in both (``detail_floor``): the structure correlation reaches ``min_structure``
+      (``min_structure_ground`` where both are :func:`ground_view` images: a second look is held to more),
       or, with detail below ``toned_detail``, ``min_structure_toned`` where the tone
       correlation also reaches ``min_tone`` (near the floor, JPEG noise is a good part of the
       detail, and the tone still tells); where neither image's colour is vivid
@@ -706,7 +816,8 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
     coloured = not math.isnan(verdict.colour)
     contrast_ok = verdict.contrast_ratio <= settings.max_contrast_ratio
     if verdict.detail >= settings.detail_floor:
-        shape_ok = verdict.structure >= settings.min_structure or (
+        min_structure = settings.min_structure_ground if verdict.view == "ground" else settings.min_structure
+        shape_ok = verdict.structure >= min_structure or (
             verdict.detail < settings.toned_detail
             and verdict.structure >= settings.min_structure_toned
             and verdict.tone >= settings.min_tone
