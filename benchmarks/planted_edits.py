@@ -28,10 +28,11 @@ square, JPEG quality 95) and is written in img2dataset's layouts, with its sidec
 ``<format>_ground_truth.parquet`` beside them has ``key`` and ``original_id`` (what the dedup
 stage's ``data.ground_truth`` scores against) plus ``kind``, ``edits``, ``dup_count``.
 
-``--kinds stripes,drawing,screenshot,chart,pattern,map,mosaic,logo,product`` adds picture kinds
+``--kinds stripes,drawing,screenshot,chart,pattern,map,mosaic,logo,product,clipart`` adds picture kinds
 (:data:`EXTRA_KINDS`, 6-8% of the originals each): sinusoidal stripe textures, line drawings,
 screenshots of text, bar and line charts, wallpapers of one repeated motif, street maps,
-mosaics of flat Voronoi cells, logos of flat shapes and a word, product shots on white. ``--recolour R`` turns the hue of a
+mosaics of flat Voronoi cells, logos of flat shapes and a word, product shots on white, clip
+art of outlined flat shapes on white. ``--recolour R`` turns the hue of a
 share ``R`` of the copies by 5-20 degrees and scales their saturation.
 
 Scoring (without ``--no-score``) runs the dedup stage (:func:`pipeline.dedup.stage.run_dedup`,
@@ -484,6 +485,40 @@ def product(rng: np.random.Generator) -> Image.Image:
     return image.filter(ImageFilter.GaussianBlur(0.6))
 
 
+def clipart(rng: np.random.Generator) -> Image.Image:
+    """Clip art: a figure of 3-6 overlapping flat shapes (ellipses, rounded boxes, polygons),
+    each of a flat colour outlined in dark grey, somewhere off centre on white, with a short
+    word under it half the time."""
+    w, h = random_size(rng)
+    image = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    side = min(w, h)
+    cx, cy = w * float(rng.uniform(0.3, 0.7)), h * float(rng.uniform(0.3, 0.6))
+    reach = side * float(rng.uniform(0.15, 0.3))
+    outline = tuple(int(c) for c in rng.integers(0, 70, size=3))
+    width = max(2, int(side / 120))
+    for _ in range(int(rng.integers(3, 7))):
+        x, y = cx + float(rng.uniform(-1, 1)) * reach, cy + float(rng.uniform(-1, 1)) * reach
+        rx, ry = float(rng.uniform(0.2, 0.6)) * reach, float(rng.uniform(0.2, 0.6)) * reach
+        fill = tuple(int(c) for c in rng.integers(30, 250, size=3))
+        roll = rng.uniform()
+        if roll < 0.4:
+            draw.ellipse((x - rx, y - ry, x + rx, y + ry), fill=fill, outline=outline, width=width)
+        elif roll < 0.7:
+            draw.rounded_rectangle(
+                (x - rx, y - ry, x + rx, y + ry), radius=min(rx, ry) / 3, fill=fill, outline=outline, width=width
+            )
+        else:
+            corners = int(rng.integers(3, 7))
+            angles = np.sort(rng.uniform(0, 2 * np.pi, size=corners))
+            points = [(x + rx * float(np.cos(t)), y + ry * float(np.sin(t))) for t in angles]
+            draw.polygon(points, fill=fill, outline=outline, width=width)
+    if rng.uniform() < 0.5:
+        font = ImageFont.load_default(size=max(10, int(side * rng.uniform(0.06, 0.1))))
+        draw.text((cx - reach, min(h - side * 0.12, cy + reach * 1.5)), made_up_word(rng), fill=outline, font=font)
+    return image
+
+
 # Picture kinds a planted set may add (``extra_kinds``), with the share of originals each takes.
 EXTRA_KINDS = {
     "stripes": 0.08,
@@ -495,6 +530,7 @@ EXTRA_KINDS = {
     "mosaic": 0.06,
     "logo": 0.06,
     "product": 0.06,
+    "clipart": 0.06,
 }
 KIND_MAKERS = {
     "stripes": stripes,
@@ -506,6 +542,7 @@ KIND_MAKERS = {
     "mosaic": mosaic,
     "logo": logo,
     "product": product,
+    "clipart": clipart,
 }
 
 
