@@ -28,11 +28,11 @@ square, JPEG quality 95) and is written in img2dataset's layouts, with its sidec
 ``<format>_ground_truth.parquet`` beside them has ``key`` and ``original_id`` (what the dedup
 stage's ``data.ground_truth`` scores against) plus ``kind``, ``edits``, ``dup_count``.
 
-``--kinds stripes,drawing,screenshot,chart,pattern,map,mosaic,logo,product,clipart`` adds picture kinds
+``--kinds stripes,drawing,screenshot,chart,pattern,map,mosaic,logo,product,clipart,badge`` adds picture kinds
 (:data:`EXTRA_KINDS`, 6-8% of the originals each): sinusoidal stripe textures, line drawings,
 screenshots of text, bar and line charts, wallpapers of one repeated motif, street maps,
 mosaics of flat Voronoi cells, logos of flat shapes and a word, product shots on white, clip
-art of outlined flat shapes on white. ``--recolour R`` turns the hue of a
+art of outlined flat shapes on white, badges with a word on a plain ground. ``--recolour R`` turns the hue of a
 share ``R`` of the copies by 5-20 degrees and scales their saturation.
 
 Scoring (without ``--no-score``) runs the dedup stage (:func:`pipeline.dedup.stage.run_dedup`,
@@ -519,6 +519,35 @@ def clipart(rng: np.random.Generator) -> Image.Image:
     return image
 
 
+def badge(rng: np.random.Generator) -> Image.Image:
+    """A badge: a circle, rounded box or shield of a flat colour with a rim of another and a
+    short word across it, somewhere off centre on a plain ground of a random colour (white a
+    third of the time), as a sticker or an icon is shown."""
+    w, h = random_size(rng, 240, 520)
+    ground = (255, 255, 255) if rng.uniform() < 1 / 3 else tuple(int(c) for c in rng.integers(0, 256, size=3))
+    image = Image.new("RGB", (w, h), ground)
+    draw = ImageDraw.Draw(image)
+    r = float(rng.uniform(0.2, 0.35)) * min(w, h)
+    cx, cy = float(rng.uniform(r * 1.1, w - r * 1.1)), float(rng.uniform(r * 1.1, h - r * 1.1))
+    fill, rim = (tuple(int(c) for c in rng.integers(0, 256, size=3)) for _ in range(2))
+    rim_width = max(3, int(r * rng.uniform(0.06, 0.15)))
+    roll = rng.uniform()
+    if roll < 0.4:
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, outline=rim, width=rim_width)
+    elif roll < 0.7:
+        draw.rounded_rectangle(
+            (cx - r, cy - r * 0.7, cx + r, cy + r * 0.7), radius=r / 4, fill=fill, outline=rim, width=rim_width
+        )
+    else:
+        shield = [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r * 0.2), (cx, cy + r), (cx - r, cy + r * 0.2)]
+        draw.polygon(shield, fill=fill, outline=rim, width=rim_width)
+    word = made_up_word(rng)[:6].upper()
+    font = ImageFont.load_default(size=max(10, int(r * rng.uniform(0.3, 0.5))))
+    left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
+    draw.text((cx - (right - left) / 2, cy - (bottom - top) / 2 - top), word, fill=rim, font=font)
+    return image
+
+
 # Picture kinds a planted set may add (``extra_kinds``), with the share of originals each takes.
 EXTRA_KINDS = {
     "stripes": 0.08,
@@ -531,6 +560,7 @@ EXTRA_KINDS = {
     "logo": 0.06,
     "product": 0.06,
     "clipart": 0.06,
+    "badge": 0.06,
 }
 KIND_MAKERS = {
     "stripes": stripes,
@@ -543,6 +573,7 @@ KIND_MAKERS = {
     "logo": logo,
     "product": product,
     "clipart": clipart,
+    "badge": badge,
 }
 
 

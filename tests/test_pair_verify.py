@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from pipeline.cli import ConfigError
 from pipeline.dedup.index import Pairs
@@ -533,20 +533,21 @@ def test_a_product_shot_on_white_is_matched_on_its_ground_whatever_ground_its_co
                 assert not compare(prepared, other, settings).match
 
 
-def test_only_a_picture_on_a_plain_black_or_white_ground_has_a_ground_view(pictures):
-    """A photograph's edges hold picture, and a grey ground is no bar's colour; a shape off
-    centre on black or on white has one (the bar cut, centred, leaves it ground), and its shape is the content's whatever the ground around it (the same
-    product shot padded with more white on one side gives the same aspect, up to the resampling
-    of the working copy: within 10%). Off with ``ground_view=False``."""
+def test_only_a_picture_on_a_plain_ground_has_a_ground_view(pictures):
+    """A photograph's edges hold picture; a shape off centre on a ground of one colour, black,
+    white or grey, has one (the bar cut, centred, leaves it some of a black or white ground,
+    all of a grey one), and its shape is the content's whatever the ground around it (the same
+    product shot padded with more white on one side gives the same aspect, up to the
+    resampling of the working copy: within 10%). Off with ``ground_view=False``."""
     # (A picture cut by the bars down to its content on most of its edges has none: the bar cut
     # then leaves little ground to vary, and no edge tells the ground's colour.)
     settings = VerifySettings()
     for picture in pictures:
         assert prepare(stored(picture), settings).ground is None
-    for ground, has_view in (((0, 0, 0), True), ((255, 255, 255), True), ((128, 128, 128), False)):
+    for ground in ((0, 0, 0), (255, 255, 255), (128, 128, 128)):
         shape = Image.new("RGB", (300, 200), ground)
         ImageDraw.Draw(shape).ellipse((40, 30, 160, 130), fill=(200, 60, 40))
-        assert (prepare(shape, settings).ground is not None) == has_view, ground
+        assert prepare(shape, settings).ground is not None, ground
     product = planted.product(np.random.default_rng(0))
     wider = Image.new("RGB", (product.width * 3 // 2, product.height), (255, 255, 255))
     wider.paste(product, (product.width // 2, 0))
@@ -554,3 +555,17 @@ def test_only_a_picture_on_a_plain_black_or_white_ground_has_a_ground_view(pictu
     assert views[0] is not None and views[1] is not None
     assert views[0].aspect == pytest.approx(views[1].aspect, rel=0.1)
     assert prepare(stored(product), dataclasses.replace(settings, ground_view=False)).ground is None
+
+
+def test_a_copy_whose_white_ground_an_edit_made_grey_is_matched_on_its_ground():
+    """A brightness and contrast edit (0.85 and 0.8) turns a product shot's white ground light
+    grey: no bar, so the copy keeps all of its ground while the original loses most of its white
+    to the bar cut, and the trimmed pictures do not match (the case); their ground views,
+    each centred on its content, do."""
+    original = planted.product(np.random.default_rng(2))
+    dimmed = ImageEnhance.Contrast(ImageEnhance.Brightness(original).enhance(0.85)).enhance(0.8)
+    settings = VerifySettings()
+    a, b = stored(original), stored(dimmed, 70)
+    assert not verify_pair(a, b, dataclasses.replace(settings, ground_view=False)).match
+    verdict = verify_pair(a, b, settings)
+    assert verdict.match and verdict.view == "ground"

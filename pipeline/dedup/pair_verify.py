@@ -51,12 +51,13 @@ compared again at ``lattice_side`` (192 px, from a 256 px working copy), aligned
 :func:`lattice_alignments` (the linear part from the spectral peaks, the shift from the
 cross-correlation, then ECC) and decided by the same rules.
 
-A picture on a plain near-black or near-white ground (a product shot, a logo or a drawing on
-white) loses to the bar cut as much of its ground as reaches each side, and how much reaches
-a side depends on each copy's crop, padding, shadow and brightness: two copies' trimmed
-pictures may then differ in shape beyond any plausible warp. Where both images have a plain
-ground and the trimmed pictures do not match, the pair is compared again on their
-ground views (:func:`ground_view`: each picture's content, centred on its ground at its own scale, in a
+A picture on a plain ground (a product shot, a logo or a drawing on white) loses to the bar
+cut as much of its ground as reaches each side where the ground is white, and none of it
+where a brightness or contrast edit has made it grey; how much reaches a side depends on each
+copy's crop, padding, shadow and brightness too. Two copies' trimmed pictures may then
+differ in shape and scale beyond any plausible warp. Where both images have a plain ground
+and the trimmed pictures do not match, the pair is compared again on their ground views
+(:func:`ground_view`: each picture's content, centred on its ground at its own scale, in a
 square a few times its spread) by the same rules with ``min_structure_ground`` in place of
 ``min_structure``.
 
@@ -84,10 +85,10 @@ from pipeline.embedders.robust import picture, sharp_peaks
 _WARP_FLAGS = 1 | 16  # cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP: the warp maps the template's pixels
 _INSET = 2  # pixels cut past a border: where a bar met the picture is a blend of both
 _BAR_TOL, _BAR_EXTREME = 0.03, 0.04  # a bar's pixels within 0.03 of its colour, itself within 0.04 of black or white
-# The ground view (:func:`ground_view`): a plain ground is near black or white (its mean level
-# within _GROUND_EXTREME of 0 or 1), and _GROUND_SHARE of the picture's outer two pixels on every
-# side lie within _GROUND_TOL of its colour (a shadow or a watermark may reach an edge).
-_GROUND_EXTREME, _GROUND_TOL, _GROUND_SHARE = 0.04, 0.08, 0.75
+# The ground view (:func:`ground_view`): a picture has a plain ground where _GROUND_SHARE of its
+# outer two pixels on every side lie within _GROUND_TOL of their median colour (a shadow or a
+# watermark may reach an edge).
+_GROUND_TOL, _GROUND_SHARE = 0.08, 0.75
 _GROUND_NOISE = 0.04  # a luminance this close to the ground's is ground (JPEG noise, a faint shadow's rim)
 _GROUND_SPAN = 2.0  # the ground view's half side, in radii of gyration of the content (a disc's fits with room)
 _GROUND_WORK_SIDE = 256  # pixels a side of the working copy the ground view is cut from
@@ -128,7 +129,7 @@ class VerifySettings:
             on their shared axes and grid, not in the tiles their lines cross.
         max_aspect_ratio: the larger of the two trimmed pictures' aspect ratios (width over
             height) over the smaller stays within this, >= 1.
-        ground_view: whether a picture on a plain near-black or near-white ground is also
+        ground_view: whether a picture on a plain ground (of any one colour) is also
             compared with its content centred on that ground (:func:`ground_view`) where the
             trimmed pictures do not match.
         min_structure_ground: the structure correlation in [-1, 1] a match of two ground views
@@ -319,10 +320,11 @@ def ground_view(trimmed: Image.Image, settings: VerifySettings = VerifySettings(
     """``trimmed`` (a picture, bars cut) re-framed on its plain ground, or None where it has none.
 
     A product shot, a logo or a drawing on white: how much of its ground the bar cut takes
-    depends on each copy's crop, padding, shadow and brightness, so two copies' trimmed
-    pictures may differ in shape beyond any plausible warp. A picture has a plain ground when
+    depends on each copy's crop, padding, shadow and brightness (a ground a brightness or
+    contrast edit made grey is no bar, and none of it goes), so two copies' trimmed pictures
+    may differ in shape and scale beyond any plausible warp. A picture has a plain ground when
     the outer two pixels of every side mostly (``_GROUND_SHARE``) lie within ``_GROUND_TOL`` of
-    one near-black or near-white colour; its content is where the blurred luminance departs
+    one colour, their median; its content is where the blurred luminance departs
     from the ground's by more than ``_GROUND_NOISE``, weighted by how far. The view is a square
     of the ground's colour centred on the content's centre of mass, ``_GROUND_SPAN`` radii of
     gyration to each side, holding ``trimmed`` at its own scale: it is the same for any amount
@@ -338,9 +340,6 @@ def ground_view(trimmed: Image.Image, settings: VerifySettings = VerifySettings(
         [rgb[:2].reshape(-1, 3), rgb[-2:].reshape(-1, 3), rgb[2:-2, :2].reshape(-1, 3), rgb[2:-2, -2:].reshape(-1, 3)]
     )
     ground = np.median(ring, axis=0)
-    level = float(ground.mean())
-    if _GROUND_EXTREME <= level <= 1 - _GROUND_EXTREME or np.ptp(ground) > 0.1:
-        return None
     if (np.abs(ring - ground).max(axis=1) <= _GROUND_TOL).mean() < _GROUND_SHARE:
         return None
     departure = np.abs(_blur(_luminance(rgb), 1.0) - float(_luminance(ground[None])[0]))
