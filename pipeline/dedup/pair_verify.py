@@ -332,7 +332,8 @@ def ground_view(trimmed: Image.Image, settings: VerifySettings = VerifySettings(
     ``aspect`` is the content's spread across over its spread down. None, too, for a picture
     whose content is empty or spreads over less than a pixel.
     """
-    rgb = np.asarray(trimmed.convert("RGB"), dtype=np.float32) / 255.0
+    trimmed = trimmed.convert("RGB")
+    rgb = np.asarray(trimmed, dtype=np.float32) / 255.0
     h, w = rgb.shape[:2]
     if h < 8 or w < 8:
         return None
@@ -356,7 +357,7 @@ def ground_view(trimmed: Image.Image, settings: VerifySettings = VerifySettings(
         return None
     size = int(round(2 * half))
     canvas = Image.new("RGB", (size, size), tuple(int(round(float(c) * 255)) for c in ground))
-    canvas.paste(trimmed.convert("RGB"), (int(round(half - cx)), int(round(half - cy))))
+    canvas.paste(trimmed, (int(round(half - cx)), int(round(half - cy))))
     view = _split(canvas, settings.side, settings)
     view.aspect = spread_x / max(spread_y, 1e-6)
     return view
