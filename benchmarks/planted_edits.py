@@ -28,11 +28,12 @@ square, JPEG quality 95) and is written in img2dataset's layouts, with its sidec
 ``<format>_ground_truth.parquet`` beside them has ``key`` and ``original_id`` (what the dedup
 stage's ``data.ground_truth`` scores against) plus ``kind``, ``edits``, ``dup_count``.
 
-``--kinds stripes,drawing,screenshot,chart,pattern,map,mosaic,logo,product,clipart,badge`` adds picture kinds
+``--kinds stripes,drawing,screenshot,chart,pattern,map,mosaic,logo,product,clipart,badge,meme`` adds picture kinds
 (:data:`EXTRA_KINDS`, 6-8% of the originals each): sinusoidal stripe textures, line drawings,
 screenshots of text, bar and line charts, wallpapers of one repeated motif, street maps,
 mosaics of flat Voronoi cells, logos of flat shapes and a word, product shots on white, clip
-art of outlined flat shapes on white, badges with a word on a plain ground. ``--recolour R`` turns the hue of a
+art of outlined flat shapes on white, badges with a word on a plain ground, photographs under a
+band of caption text. ``--recolour R`` turns the hue of a
 share ``R`` of the copies by 5-20 degrees and scales their saturation.
 
 Scoring (without ``--no-score``) runs the dedup stage (:func:`pipeline.dedup.stage.run_dedup`,
@@ -548,6 +549,25 @@ def badge(rng: np.random.Generator) -> Image.Image:
     return image
 
 
+def meme(rng: np.random.Generator) -> Image.Image:
+    """A captioned photograph, as memes and news posts are shared: a photo-like picture under a
+    band of white (or, a third of the time, black) 15-30% of the height holding one or two lines
+    of a few words in the other colour."""
+    w, h = random_size(rng)
+    band = int(h * rng.uniform(0.15, 0.3))
+    image = Image.new("RGB", (w, h), (255, 255, 255))
+    paper, ink = ((0, 0, 0), (255, 255, 255)) if rng.uniform() < 1 / 3 else ((255, 255, 255), (0, 0, 0))
+    image.paste(paper, (0, 0, w, band))
+    image.paste(photo_like(rng, (w, h - band)), (0, band))
+    draw = ImageDraw.Draw(image)
+    lines = int(rng.integers(1, 3))
+    font = ImageFont.load_default(size=max(10, int(band / (lines + 1.2))))
+    for line in range(lines):
+        words = " ".join(made_up_word(rng) for _ in range(int(rng.integers(2, 5))))
+        draw.text((w * float(rng.uniform(0.03, 0.15)), band * (0.12 + line / (lines + 0.4))), words, fill=ink, font=font)
+    return image
+
+
 # Picture kinds a planted set may add (``extra_kinds``), with the share of originals each takes.
 EXTRA_KINDS = {
     "stripes": 0.08,
@@ -561,6 +581,7 @@ EXTRA_KINDS = {
     "product": 0.06,
     "clipart": 0.06,
     "badge": 0.06,
+    "meme": 0.06,
 }
 KIND_MAKERS = {
     "stripes": stripes,
@@ -574,6 +595,7 @@ KIND_MAKERS = {
     "product": product,
     "clipart": clipart,
     "badge": badge,
+    "meme": meme,
 }
 
 
@@ -1096,6 +1118,7 @@ SWEEP_CHANGES = {
     "vivid_chroma": (0.02, 0.08),
     "min_local_structure": (0.0, 0.5),
     "min_structure_ground": (0.6, 0.8),
+    "texture_structure": (0.65, 0.85),
 }
 
 

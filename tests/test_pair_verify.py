@@ -569,3 +569,29 @@ def test_a_copy_whose_white_ground_an_edit_made_grey_is_matched_on_its_ground():
     assert not verify_pair(a, b, dataclasses.replace(settings, ground_view=False)).match
     verdict = verify_pair(a, b, settings)
     assert verdict.match and verdict.view == "ground"
+
+
+def test_a_rotated_badge_whose_tilted_edges_spread_detail_is_matched():
+    """A badge is flat colour: its median high-pass magnitude is nearly nothing. Rotated two or
+    three degrees on white and letterboxed, its copy's tilted edges against the white spread
+    detail over much of the picture, a texture ratio above ``max_texture_ratio``; where the
+    structure correlation reaches ``texture_structure`` that ratio refuses nothing. Different
+    badges still do not match."""
+    settings = VerifySettings()
+    ratio_decides = dataclasses.replace(settings, texture_structure=1.0)
+    rng = np.random.default_rng(15)
+    badges = [planted.badge(rng) for _ in range(10)]
+    gained = []
+    for badge in badges:
+        for angle in (2.0, -3.0):
+            turned = badge.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=(255, 255, 255))
+            a, b = stored(badge), stored(planted.letterbox(turned, rng, (255, 255, 255)), 70)
+            verdict = verify_pair(a, b, settings)
+            if verdict.match and not verify_pair(a, b, ratio_decides).match:
+                gained.append(verdict)
+    assert gained, "premise: the texture ratio alone refuses some rotated badges"
+    for verdict in gained:
+        assert verdict.structure >= settings.texture_structure and verdict.texture_ratio > settings.max_texture_ratio
+    prepared = [prepare(stored(badge), settings) for badge in badges]
+    matched = [(i, j) for i in range(10) for j in range(i + 1, 10) if compare(prepared[i], prepared[j], settings).match]
+    assert not matched, matched

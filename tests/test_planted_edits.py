@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import ImageEnhance
 
-from pipeline.embedders.robust import PolarSpectrum, RobustEmbedder, picture_box, trim_borders
+from pipeline.embedders.robust import PolarSpectrum, RobustEmbedder, picture_box, plain_ground_box, trim_borders
 
 from .conftest import REPO
 
@@ -167,6 +168,50 @@ def test_picture_box_cuts_bars_centred_and_keeps_a_pictures_own_ground():
     drawing[5:55, 60:64] = 0.3  # the ground runs 6 columns on the left, 16 on the right
     assert trim_borders(drawing) == (5, 55, 6, 64)
     assert picture_box(drawing, 0.06, 0.12, inset=0) == (5, 55, 6, 80 - 8), "the right side cuts at most the left's run + 2"
+
+
+def test_plain_ground_box_cuts_a_ground_of_any_colour_centred():
+    """A ground of one colour, whatever colour, is cut as bars are: each axis's two sides by the
+    lesser of their runs (the content stays where it is within what is left). No ground: a
+    photograph; bands of two colours (a header and a footer); a low-contrast picture whose
+    flat stretches reach the edges (its content departs from them by less than 0.25)."""
+    rng = np.random.default_rng(8)
+    for ground in (0.97, 0.72, (0.8, 0.2, 0.1)):
+        image = np.empty((60, 90, 3))
+        image[:] = ground
+        image[12:40, 20:50] = rng.uniform(0.0, 1.0, size=(28, 30, 3))  # ground: 12 above, 20 below, 20 left, 40 right
+        assert plain_ground_box(image, 0.06) == (12, 48, 20, 70), ground
+    photo = rng.uniform(0.0, 1.0, size=(60, 90, 3))
+    assert plain_ground_box(photo, 0.06) == (0, 60, 0, 90)
+    bands = np.full((60, 90, 3), 0.9)
+    bands[30:] = 0.5  # a light band above, a dark one below, content across both
+    bands[20:40, 10:80] = rng.uniform(0.0, 1.0, size=(20, 70, 3))
+    assert plain_ground_box(bands, 0.06) == (0, 60, 0, 90)
+    faint = np.full((60, 90, 3), 0.5)
+    faint[12:40, 20:50] += rng.uniform(-0.2, 0.2, size=(28, 30, 1))
+    assert plain_ground_box(faint, 0.06) == (0, 60, 0, 90)
+
+
+def test_a_copy_whose_white_ground_an_edit_made_grey_stays_a_candidate():
+    """Clip art off centre on white, and a copy a brightness edit made darker (its white ground
+    a grey no bar cut takes), letterboxed on white: without the plain-ground cut the copy's
+    content fills another share of the picture than the original's, and some pairs fall far below
+    the candidate threshold; with it, each copy stays a candidate of its original."""
+    rng = np.random.default_rng(12)
+    originals = [planted.clipart(rng) for _ in range(8)]
+    copies = []
+    for original in originals:
+        dimmed = ImageEnhance.Brightness(original).enhance(0.8)  # white to 204/255: no bar (needs > 0.88)
+        copies.append(planted.letterbox(dimmed, rng, (255, 255, 255)))
+    stored = [planted.decode(planted.img2dataset_resize(planted.jpeg_bytes(im, 90))[0]) for im in originals + copies]
+    with_cut = RobustEmbedder().embed(stored)
+    without = RobustEmbedder(plain_ground=False).embed(stored)
+    n = len(originals)
+    kept = np.einsum("id,id->i", with_cut[:n], with_cut[n:])
+    lost = np.einsum("id,id->i", without[:n], without[n:])
+    threshold = RobustEmbedder().candidate_threshold
+    assert (lost < threshold - 0.2).sum() >= 2, f"premise: the copies fall apart without the cut {np.round(lost, 3)}"
+    assert kept.min() >= threshold, np.round(kept, 3)
 
 
 def _stripe_copies(rng: np.random.Generator, originals: int, copies: int) -> tuple[list, list[int]]:

@@ -136,7 +136,10 @@ class VerifySettings:
             reaches, in place of ``min_structure`` (a second look at a pair is held to more).
         max_texture_ratio: the larger of the two images' median high-pass magnitudes over the
             smaller stays within this, >= 1, where the larger reaches ``texture_floor`` (in
-            [0, 1] units).
+            [0, 1] units) and the structure correlation stays below ``texture_structure``.
+        texture_structure: the structure correlation in [-1, 1] from which the texture ratio
+            refuses nothing: detail that agrees this well is one picture's, and what one copy
+            adds everywhere is grain (a rotation's resampling, JPEG noise on a flat ground).
         change_level: a luminance difference (in [0, 1] units, after a gain and an offset)
             that counts as a change.
         max_changed: share of the overlap in [0, 1] a copy may change (a watermark, JPEG rings).
@@ -168,6 +171,7 @@ class VerifySettings:
     max_brightness_ratio: float = 1.6
     max_contrast_ratio: float = 2.6
     max_texture_ratio: float = 3.0
+    texture_structure: float = 0.75
     max_aspect_ratio: float = 2.0
     min_local_structure: float = 0.3
     texture_floor: float = 0.005
@@ -193,6 +197,7 @@ class VerifySettings:
             "min_tone_faint",
             "min_local_structure",
             "min_structure_ground",
+            "texture_structure",
         ):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"verify.{name}: must be a correlation in [-1, 1], got {getattr(self, name)}")
@@ -808,7 +813,10 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
     each other (a copy keeps its picture's shape up to a crop), and where one image's typical detail (the median high-pass magnitude, which a
     watermark or a title over a small part leaves as it is) reaches ``texture_floor``, the
     other's is at least its ``1 / max_texture_ratio``: a smooth picture is no copy of a busy
-    one (below the floor both are smooth, and the ratio of two noises says nothing).
+    one (below the floor both are smooth, and the ratio of two noises says nothing). Where the
+    structure correlation reaches ``texture_structure`` the ratio refuses nothing: a busy
+    picture's detail does not correlate that well with a smooth one's, and a ratio beside it
+    is grain one copy added (a badge rotated, a flat ground re-encoded).
     """
     if not math.isfinite(verdict.structure):
         return False
@@ -841,7 +849,11 @@ def decide(verdict: Verdict, settings: VerifySettings) -> bool:
         and verdict.brightness_ratio <= settings.max_brightness_ratio
         and verdict.changed <= settings.max_changed
         and not verdict.aspect_ratio > settings.max_aspect_ratio  # NaN (unmeasured) refuses nothing
-        and not (verdict.texture >= settings.texture_floor and verdict.texture_ratio > settings.max_texture_ratio)
+        and not (
+            verdict.texture >= settings.texture_floor
+            and verdict.texture_ratio > settings.max_texture_ratio
+            and verdict.structure < settings.texture_structure
+        )
     )
 
 
