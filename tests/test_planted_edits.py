@@ -190,6 +190,10 @@ def test_plain_ground_box_cuts_a_ground_of_any_colour_centred():
     faint = np.full((60, 90, 3), 0.5)
     faint[12:40, 20:50] += rng.uniform(-0.2, 0.2, size=(28, 30, 1))
     assert plain_ground_box(faint, 0.06) == (0, 60, 0, 90)
+    ramp = 0.3 + 0.3 * (1 - np.abs(np.linspace(-1.0, 1.0, 60)))  # lighter in the middle, 0.3 at both edges
+    ramp = np.repeat(ramp[:, None, None], 90, axis=1).repeat(3, axis=2)
+    ramp[12:40, 20:50] = rng.uniform(0.0, 1.0, size=(28, 30, 3))  # rows drift out of tolerance before the content
+    assert plain_ground_box(ramp, 0.06)[:2] == (0, 60), "a gradient is no ground"
 
 
 def test_a_copy_whose_white_ground_an_edit_made_grey_stays_a_candidate():

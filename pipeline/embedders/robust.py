@@ -208,9 +208,9 @@ def plain_ground_box(
     none.
 
     A plain ground is a run of uniform lines (95% of their pixels within ``tol`` of their
-    median) of one colour at a side, ended by
-    a line that is not uniform (the content begins: a ground that drifts into another level is a
-    gradient, and where it ends depends on a copy's contrast), at both sides of an axis in one
+    median) of one colour at a side, ended by a line that is not uniform (the content begins: a
+    ground that drifts into another colour is a gradient, and where it ends depends on a copy's
+    contrast), at both sides of an axis in one
     colour (a header above and a footer below are no ground) and on both axes in one colour
     where both have one; the content departs from it by at least ``min_departure`` somewhere
     (a low-contrast picture's flat stretches are no ground). Each axis's two sides are cut by
