@@ -585,9 +585,10 @@ def test_a_rotated_badge_whose_tilted_edges_spread_detail_is_matched():
     for badge in badges:
         for angle in (2.0, -3.0):
             turned = badge.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=(255, 255, 255))
-            a, b = stored(badge), stored(planted.letterbox(turned, rng, (255, 255, 255)), 70)
-            verdict = verify_pair(a, b, settings)
-            if verdict.match and not verify_pair(a, b, ratio_decides).match:
+            a = prepare(stored(badge), settings)
+            b = prepare(stored(planted.letterbox(turned, rng, (255, 255, 255)), 70), settings)
+            verdict = compare(a, b, settings)
+            if verdict.match and not compare(a, b, ratio_decides).match:
                 gained.append(verdict)
     assert gained, "premise: the texture ratio alone refuses some rotated badges"
     for verdict in gained:

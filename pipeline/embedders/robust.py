@@ -181,17 +181,24 @@ def picture_box(rgb: np.ndarray, tol: float, extreme: float, inset: int) -> tupl
     return top, bottom, left, right
 
 
-def picture(image: Image.Image, tol: float, extreme: float, inset: int, work_side: int = _WORK_SIDE) -> Image.Image:
+def picture(
+    image: Image.Image, tol: float, extreme: float, inset: int, work_side: int = _WORK_SIDE, plain_ground: bool = False
+) -> Image.Image:
     """``image`` as RGB, reduced to at most ``work_side`` (default 128) pixels a side (Pillow's
     ``reducing_gap`` shrinks a big image by integer factors first, which is fast), cut to its
-    :func:`picture_box` (bars found at that size, ``inset`` in its pixels)."""
+    :func:`picture_box` (bars found at that size, ``inset`` in its pixels) and, with
+    ``plain_ground``, to its :func:`plain_ground_box` within that (its lines within ``tol``)."""
     image = image.convert("RGB")
     scale = work_side / max(image.size)
     if scale < 1:
         image = image.resize(
             (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BOX, reducing_gap=2.0
         )
-    top, bottom, left, right = picture_box(np.asarray(image, dtype=np.float32) / 255.0, tol, extreme, inset)
+    rgb = np.asarray(image, dtype=np.float32) / 255.0
+    top, bottom, left, right = picture_box(rgb, tol, extreme, inset)
+    if plain_ground:
+        inner_top, inner_bottom, inner_left, inner_right = plain_ground_box(rgb[top:bottom, left:right], tol)
+        top, bottom, left, right = top + inner_top, top + inner_bottom, left + inner_left, left + inner_right
     return image.crop((left, top, right, bottom))
 
 
@@ -210,10 +217,10 @@ def plain_ground_box(
     A plain ground is a run of uniform lines (95% of their pixels within ``tol`` of their
     median) of one colour at a side, ended by a line that is not uniform (the content begins: a
     ground that drifts into another colour is a gradient, and where it ends depends on a copy's
-    contrast), at both sides of an axis in one
-    colour (a header above and a footer below are no ground) and on both axes in one colour
-    where both have one; the content departs from it by at least ``min_departure`` somewhere
-    (a low-contrast picture's flat stretches are no ground). Each axis's two sides are cut by
+    contrast), at both sides of an axis in one colour (a header above and a footer below are
+    no ground) and on both axes in one colour where both have one; the content departs from
+    it by at least ``min_departure`` somewhere (a low-contrast picture's flat stretches are no
+    ground). Each axis's two sides are cut by
     the lesser of their runs, as bars are. A picture on white loses its ground to the bar cut;
     one whose white a brightness or contrast edit made grey, or whose ground is coloured (a
     badge), keeps it, and its content would fill a different share of it from copy to copy. No
@@ -425,10 +432,7 @@ class RobustEmbedder(PerImageEmbedder):
 
     def embed_one(self, image: Image.Image) -> np.ndarray:
         """The embedding of one image: float32 ``(dim,)``, unit norm."""
-        trimmed = picture(image, self.trim_tol, _BAR_EXTREME, self.inset)
-        if self.plain_ground:
-            top, bottom, left, right = plain_ground_box(np.asarray(trimmed, dtype=np.float32) / 255.0, self.trim_tol)
-            trimmed = trimmed.crop((left, top, right, bottom))
+        trimmed = picture(image, self.trim_tol, _BAR_EXTREME, self.inset, plain_ground=self.plain_ground)
         small = trimmed.resize((self.side, self.side), Image.Resampling.BOX)
         rgb = np.asarray(small, dtype=np.float32) / 255.0
         luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
